@@ -1,0 +1,315 @@
+"""The reconcile run: fetch → trust → load → render → scan → plan → apply → report.
+
+``reconcile_once(config, options)`` is one run of SPEC §4 for this host's
+node. It holds the ``state_dir`` lock for the whole run, computes everything
+up to the plan before anything on disk changes (an invalid repository
+changes nothing), and always ends with a report — also for a failed run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .apply import ApplyResult, RunContext, apply_plan
+from .config import AgentConfig
+from .errors import ConfigError, LockError, ReconcilerError, UntrustedCommitError
+from .facts import gather_facts
+from .inventory import Node, effective_node, load_inventory
+from .plan import Plan, exclude_matcher, make_plan
+from .render import TargetState, render_target
+from .report import build_report, commit_report, write_last_run
+from .scan import ActualFile, host_path, scan
+from .source import (
+    GitSnapshot,
+    SourceInfo,
+    check_descends,
+    fetch,
+    open_state_repo,
+    push_ref,
+    remote_url,
+    report_ref,
+)
+from .state import LocalState, load_state, save_state
+from .system import DryRunSystem, RealSystem, System
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOptions:
+    """RunOptions are the per-run flags of ``pull`` (SPEC §3)."""
+
+    dry_run: bool = False
+    state: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class RunOutcome:
+    """RunOutcome is a finished run: its report and what the CLI prints from it."""
+
+    report: dict[str, Any]
+    plan: Plan | None = None
+    target: TargetState | None = None
+    actual: Mapping[PurePosixPath, ActualFile] = field(default_factory=dict)
+    report_commit: str | None = None
+    pushed: bool | None = None
+    push_error: str | None = None
+
+    @property
+    def result(self) -> str:
+        """``ok`` | ``changed`` | ``drift`` | ``failed`` (SPEC §6)."""
+        return str(self.report["result"])
+
+
+@contextmanager
+def state_lock(state_dir: Path, timeout: float) -> Iterator[None]:
+    """Hold ``<state_dir>/lock`` (flock) for one run; wait up to ``timeout`` seconds.
+
+    Raises LockError ``another run holds the lock (pid N)`` (SPEC §6).
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise LockError(
+                        f"{path}: another run holds the lock (pid {holder}) — "
+                        "wait for it or raise lock_timeout"
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def new_run_id(now: dt.datetime) -> str:
+    """A sortable, unique run id such as ``20261121T140501Z-3fa2``."""
+    return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+
+
+def read_exclude_file(path: str | None) -> list[str]:
+    """Lines of the host-local exclude file (SPEC §2 ``exclude_file``); [] if absent."""
+    if not path:
+        return []
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the exclude file: {exc.strerror}") from exc
+
+
+def _suspension(node: Node, now: dt.datetime) -> Mapping[str, Any] | None:
+    """The node's ``suspended:`` if still in force (SPEC §4), else None."""
+    if not node.suspended:
+        return None
+    until = node.suspended.get("until")
+    if until:
+        try:
+            end = dt.datetime.fromisoformat(str(until).replace("Z", "+00:00"))
+        except ValueError:
+            return node.suspended  # unreadable end: stay suspended, fail safe
+        if end.tzinfo is None:
+            end = end.replace(tzinfo=dt.UTC)
+        if end <= now:
+            return None
+    return node.suspended
+
+
+def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> RunOutcome:
+    """One reconcile run for ``config.node`` (SPEC §4).
+
+    Raises ConfigError (no repo) and LockError; every other failure ends in
+    a report with result ``failed`` and the error text.
+    """
+    options = options or RunOptions()
+    if not config.repo:
+        raise ConfigError("config: repo is not set — pass --repo URL or set repo: in the config")
+    url = remote_url(config.repo)
+    state_dir = Path(config.state_dir)
+    root = Path(config.root)
+    with state_lock(state_dir, config.lock_timeout):
+        return _run(config, options, url, state_dir, root)
+
+
+def _run(
+    config: AgentConfig, options: RunOptions, url: str, state_dir: Path, root: Path
+) -> RunOutcome:
+    started = dt.datetime.now(dt.UTC)
+    run_id = new_run_id(started)
+    facts = gather_facts()
+    errors: list[str] = []
+    repo = open_state_repo(state_dir)
+    previous = load_state(state_dir)
+    info = SourceInfo(url=url, branch=config.branch, commit="", fetched=False)
+    plan: Plan | None = None
+    target: TargetState | None = None
+    actual: dict[PurePosixPath, ActualFile] = {}
+    applied: ApplyResult | None = None
+    applied_commit = previous.applied_commit
+    suspended: Mapping[str, Any] | None = None
+    mode = config.mode
+    captures: dict[PurePosixPath, bytes] = {}
+
+    try:
+        fetched = fetch(repo, url, config.branch, config.node)
+        if fetched.error:
+            errors.append(fetched.error + " — enforcing the last fetched commit")
+            log.warning("%s", fetched.error)
+        info = SourceInfo(
+            url=url, branch=config.branch, commit=fetched.commit, fetched=fetched.fetched
+        )
+        commit = fetched.commit
+        if not config.allow_rewind:
+            try:
+                check_descends(repo, commit, previous.applied_commit)
+            except UntrustedCommitError as exc:
+                errors.append(str(exc))
+                assert previous.applied_commit is not None
+                commit = previous.applied_commit  # keep enforcing the last good commit
+        snapshot = GitSnapshot(
+            repo, commit, SourceInfo(url=url, branch=config.branch, commit=commit)
+        )
+        inventory = load_inventory(snapshot)
+        node = effective_node(inventory, snapshot, config.node, options.state)
+        suspended = _suspension(node, started)
+        if suspended:
+            mode = "audit"  # fetch and report, change nothing
+        target = render_target(snapshot, node, facts)
+        paths = list(target.files) + [
+            PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
+        ]
+        actual = scan(root, paths, previous.managed)
+        excludes = exclude_matcher([*node.exclude, *read_exclude_file(config.exclude_file)])
+        plan = make_plan(target, actual, previous, excludes, mode)
+        errors.extend(plan.errors)
+        captures = _captures(plan, target, previous, actual, root)
+
+        system: System = DryRunSystem() if options.dry_run else RealSystem()
+        ctx = RunContext(
+            node=config.node,
+            state=node.state,
+            commit=commit,
+            run_id=run_id,
+            root=root,
+            state_dir=state_dir,
+        )
+        applied = apply_plan(plan, target, actual, previous, snapshot, system, ctx)
+        errors.extend(applied.errors)
+        pending = any(
+            c.reason != "drift" and c.path not in applied.applied for c in plan.changes
+        )
+        if not errors and not pending:
+            applied_commit = commit
+        if not options.dry_run:
+            save_state(
+                state_dir,
+                LocalState(
+                    node=config.node,
+                    applied_commit=applied_commit,
+                    managed=applied.managed,
+                    created_dirs=tuple(sorted(applied.created_dirs)),
+                ),
+            )
+    except ReconcilerError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        errors.append(str(exc))
+        log.debug("run failed", exc_info=True)
+
+    report = build_report(
+        node=config.node,
+        run_id=run_id,
+        started_at=started,
+        finished_at=dt.datetime.now(dt.UTC),
+        source=info,
+        applied_commit=applied_commit,
+        mode=mode,
+        plan=plan,
+        applied=applied.applied if applied else set(),
+        scripts=applied.scripts if applied else [],
+        errors=errors,
+        facts=facts,
+        dry_run=options.dry_run,
+        suspended=suspended,
+    )
+    outcome = RunOutcome(report=report, plan=plan, target=target, actual=actual)
+    if options.dry_run:
+        return outcome  # --dry-run: plan and report to stdout only (SPEC §3)
+    outcome.report_commit = commit_report(
+        repo,
+        report,
+        captures,
+        heartbeat_s=config.report.heartbeat,
+        now=dt.datetime.now(dt.UTC),
+    )
+    if config.report.push:
+        outcome.pushed, outcome.push_error = _push(repo, url, config.node)
+    write_last_run(
+        state_dir,
+        report,
+        report_commit=outcome.report_commit,
+        pushed=outcome.pushed,
+        push_error=outcome.push_error,
+    )
+    return outcome
+
+
+def _push(repo: Any, url: str, node: str) -> tuple[bool, str | None]:
+    """Push the report branch if it is ahead of the server; never fails the run."""
+    ref = report_ref(node)
+    local = repo.references.get(ref)
+    remote = repo.references.get(f"refs/remotes/origin/reports/{node}")
+    if local is None or (remote is not None and remote.target == local.target):
+        return True, None
+    try:
+        push_ref(repo, url, ref)
+    except ReconcilerError as exc:
+        log.warning("%s", exc)
+        return False, str(exc)
+    repo.references.create(f"refs/remotes/origin/reports/{node}", local.target, force=True)
+    return True, None
+
+
+def _captures(
+    plan: Plan,
+    target: TargetState,
+    previous: LocalState,
+    actual: Mapping[PurePosixPath, ActualFile],
+    root: Path,
+) -> dict[PurePosixPath, bytes]:
+    """Content of each drifted regular file as found, before repair; never secrets (SPEC §5)."""
+    out: dict[PurePosixPath, bytes] = {}
+    for item in plan.drift:
+        if item.kind not in ("content", "mode", "owner") or item.path in out:
+            continue
+        t = target.files.get(item.path)
+        m = previous.managed.get(str(item.path))
+        if (t is not None and t.secret) or (m is not None and m.secret):
+            continue
+        if actual[item.path].kind != "file":
+            continue
+        try:
+            out[item.path] = host_path(root, item.path).read_bytes()
+        except OSError:
+            continue
+    return out

@@ -1,0 +1,301 @@
+"""Apply stage: a Plan and the app scripts, executed through a System (SPEC §4 step 6).
+
+Takes the Plan, the TargetState, the ActualState, the previous LocalState and
+a :class:`~reconciler.system.System`; produces an ApplyResult: which changes
+were applied, the script runs, errors, and the new LocalState records.
+
+Order, app by app in node order: pre scripts (only if the app has changes to
+apply), writes, deletions, post scripts (if the app changed, or always with
+``post_always``). A pre-script failure stops the run before that app's files
+are touched; later apps are not applied either. A post-script failure fails
+the run but later apps still converge. Every path's previous content is
+copied to ``<state_dir>/backups/<run-id>/`` before it changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .plan import Change, Plan
+from .render import AppSettings, TargetState
+from .scan import ActualFile, host_path
+from .source import GIT_FILEMODE_EXEC, Snapshot
+from .state import LocalState, ManagedFile
+from .system import ScriptRun, System
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunContext:
+    """RunContext is what scripts and backups need to know about the run (SPEC §4)."""
+
+    node: str
+    state: str
+    commit: str
+    run_id: str
+    root: Path
+    state_dir: Path
+
+
+@dataclass(slots=True, kw_only=True)
+class ApplyResult:
+    """ApplyResult is what the apply stage did: applied paths, scripts, errors, new state."""
+
+    applied: set[PurePosixPath] = field(default_factory=set)
+    scripts: list[ScriptRun] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    managed: dict[str, ManagedFile] = field(default_factory=dict)
+    created_dirs: set[str] = field(default_factory=set)
+    stopped: bool = False  # a pre script failed: later apps were not applied
+
+
+def backup_root(state_dir: Path, run_id: str) -> Path:
+    """``<state_dir>/backups/<run-id>``: previous contents of every changed path."""
+    return state_dir / "backups" / run_id
+
+
+def _script_failure(run: ScriptRun) -> str:
+    last = run.output_tail.strip().splitlines()[-1:] or [""]
+    how = f"timed out after {run.duration_s:.0f}s" if run.timed_out else f"exited {run.exit_code}"
+    tail = f" — last output: {last[0][:200]!r}" if last[0] else ""
+    return f"scripts/{run.phase}/{run.app}/{run.name}: {how}{tail}"
+
+
+def _run_scripts(
+    phase: str,
+    app: AppSettings,
+    changed: list[PurePosixPath],
+    ctx: RunContext,
+    snapshot: Snapshot,
+    system: System,
+) -> list[ScriptRun]:
+    """Run ``scripts/<phase>/<app>/*`` executables in lexical order; stop at a failure."""
+    base = f"scripts/{phase}/{app.name}"
+    entries = list(snapshot.walk(base))
+    if not entries:
+        return []
+    workdir = ctx.state_dir / "run" / ctx.run_id / phase / app.name
+    if not system.dry_run:
+        for entry in entries:
+            target = workdir / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target.write_bytes(snapshot.read(f"{base}/{entry.path}"))
+            os.chmod(target, 0o700 if entry.filemode == GIT_FILEMODE_EXEC else 0o600)
+    env = dict(os.environ)
+    env.update(
+        RECONCILER_NODE=ctx.node,
+        RECONCILER_STATE=app.state,
+        RECONCILER_APP=app.name,
+        RECONCILER_COMMIT=ctx.commit,
+        RECONCILER_ROOT=str(ctx.root),
+        RECONCILER_CHANGED="".join(f"{p}\n" for p in changed),
+        RECONCILER_RUN_ID=ctx.run_id,
+        RECONCILER_PHASE=phase,
+    )
+    runs: list[ScriptRun] = []
+    for entry in entries:
+        if "/" in entry.path or entry.filemode != GIT_FILEMODE_EXEC:
+            continue  # helpers a script may source, not scripts themselves
+        run = system.run_script(
+            phase=phase,
+            app=app.name,
+            name=entry.path,
+            directory=workdir,
+            env=env,
+            timeout=app.timeout,
+        )
+        runs.append(run)
+        if not run.ok:
+            break
+    return runs
+
+
+def _execute(
+    change: Change,
+    actual: ActualFile,
+    ctx: RunContext,
+    system: System,
+    created: set[str],
+) -> None:
+    """Carry out one change; raises OSError on failure."""
+    host = host_path(ctx.root, change.path)
+    backup = backup_root(ctx.state_dir, ctx.run_id).joinpath(*change.path.parts[1:])
+    if change.action in ("create", "update"):
+        assert change.target is not None
+        for made in system.make_dirs(host.parent):
+            created.add("/" + os.path.relpath(made, ctx.root))
+        if actual.kind in ("file", "symlink"):
+            system.backup(host, backup)
+        t = change.target
+        system.write_file(host, t.content, t.mode, change.uid, change.gid)
+    elif change.action in ("chmod", "chown"):
+        assert change.target is not None
+        if actual.mode != change.target.mode:
+            system.chmod(host, change.target.mode)
+        if (change.uid is not None and change.uid != actual.uid) or (
+            change.gid is not None and change.gid != actual.gid
+        ):
+            system.chown(host, change.uid, change.gid)
+    elif change.action == "delete":
+        system.backup(host, backup)
+        system.remove(host)
+
+
+def _prune_dirs(
+    deleted: list[PurePosixPath], created: set[str], ctx: RunContext, system: System
+) -> None:
+    """Remove directories reconciler created that a prune left empty (SPEC §6)."""
+    candidates = {str(p) for d in deleted for p in d.parents if str(p) in created}
+    for directory in sorted(candidates, key=lambda p: -p.count("/")):
+        if system.remove_empty_dir(host_path(ctx.root, PurePosixPath(directory))):
+            created.discard(directory)
+
+
+def _record(path: Path, t_sha: str, app: str, target: object) -> ManagedFile:
+    st = os.lstat(path)
+    return ManagedFile(
+        sha256=t_sha,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+        ino=st.st_ino,
+        app=app,
+        owner=getattr(target, "owner", None),
+        group=getattr(target, "group", None),
+        secret=bool(getattr(target, "secret", False)),
+        policy=str(getattr(target, "policy", "enforce")),
+    )
+
+
+def apply_plan(
+    plan: Plan,
+    target: TargetState,
+    actual: Mapping[PurePosixPath, ActualFile],
+    previous: LocalState,
+    snapshot: Snapshot,
+    system: System,
+    ctx: RunContext,
+) -> ApplyResult:
+    """Execute ``plan`` app by app through ``system``; see the module docstring.
+
+    Never raises for a failed write or script: failures land in
+    ``ApplyResult.errors`` (one line each) so the run can still report.
+    """
+    result = ApplyResult(created_dirs=set(previous.created_dirs))
+    apps = list(target.apps)
+    known = {a.name for a in apps}
+    for change in plan.changes:  # deletions of apps the node no longer has: no scripts
+        if change.app not in known:
+            known.add(change.app)
+            apps.append(AppSettings(name=change.app, state=ctx.state, timeout=0))
+    removed_apps = known - {a.name for a in target.apps}
+    deleted: list[PurePosixPath] = []
+
+    for app in apps:
+        todo = [c for c in plan.changes if c.app == app.name and c.apply]
+        if not todo and not app.post_always:
+            continue
+        changed = [c.path for c in todo]
+        scripted = app.name not in removed_apps
+        if todo and scripted:
+            runs = _run_scripts("pre", app, changed, ctx, snapshot, system)
+            result.scripts.extend(runs)
+            failed = next((r for r in runs if not r.ok), None)
+            if failed is not None:
+                result.errors.append(
+                    f"{_script_failure(failed)} — app {app.name} and the apps after it "
+                    "were not applied"
+                )
+                result.stopped = True
+                break
+        for change in sorted(todo, key=lambda c: c.action == "delete"):
+            try:
+                _execute(change, actual[change.path], ctx, system, result.created_dirs)
+            except OSError as exc:
+                result.errors.append(
+                    f"{change.path}: {change.action} failed: {exc.strerror or exc} — "
+                    "fix the cause; the next run retries"
+                )
+                continue
+            if not system.dry_run:
+                result.applied.add(change.path)
+                if change.action == "delete":
+                    deleted.append(change.path)
+        if scripted and (todo or app.post_always):
+            runs = _run_scripts("post", app, changed, ctx, snapshot, system)
+            result.scripts.extend(runs)
+            failed = next((r for r in runs if not r.ok), None)
+            if failed is not None:
+                result.errors.append(_script_failure(failed))
+
+    if deleted:
+        _prune_dirs(deleted, result.created_dirs, ctx, system)
+    result.managed = _new_records(plan, target, actual, previous, result, ctx)
+    return result
+
+
+def _new_records(
+    plan: Plan,
+    target: TargetState,
+    actual: Mapping[PurePosixPath, ActualFile],
+    previous: LocalState,
+    result: ApplyResult,
+    ctx: RunContext,
+) -> dict[str, ManagedFile]:
+    """What reconciler now manages: written paths re-stat'ed, in-sync paths as found.
+
+    A path whose drift was left alone (audit, ignore-drift, failure) keeps
+    its previous record, so the drift is still drift next time.
+    """
+    from .plan import sha256
+
+    planned = {c.path: c for c in plan.changes}
+    excluded = set(plan.excluded)
+    managed: dict[str, ManagedFile] = {}
+    for path, t in target.files.items():
+        key = str(path)
+        if path in excluded:
+            continue
+        old = previous.managed.get(key)
+        a = actual.get(path)
+        t_sha = sha256(t.content)
+        if path in result.applied:
+            managed[key] = _record(host_path(ctx.root, path), t_sha, t.app, t)
+        elif path not in planned and a is not None and a.kind == "file":
+            if a.sha256 == t_sha and a.mode == t.mode:
+                managed[key] = ManagedFile(
+                    sha256=t_sha,
+                    mode=a.mode,
+                    uid=a.uid,
+                    gid=a.gid,
+                    size=a.size,
+                    mtime_ns=a.mtime_ns,
+                    ctime_ns=a.ctime_ns,
+                    ino=a.ino,
+                    app=t.app,
+                    owner=t.owner,
+                    group=t.group,
+                    secret=t.secret,
+                    policy=t.policy,
+                )
+            elif old is not None:
+                managed[key] = old
+        elif old is not None:
+            managed[key] = old
+    for key, old in previous.managed.items():
+        path = PurePosixPath(key)
+        if path in target.files or path in excluded or key in managed:
+            continue
+        change = planned.get(path)
+        if change is not None and path not in result.applied:
+            managed[key] = old  # delete pending (audit, failure): still ours
+    return managed

@@ -1,0 +1,406 @@
+"""Command line (SPEC §3): argparse subcommands; the only place that exits or configures logging.
+
+``main(argv) -> int`` is what the console script calls and what tests call
+directly. Errors are printed as one line on stderr (no traceback unless
+``--debug``); exit codes: 0 ok, 1 the run failed, 2 bad usage or
+configuration, 3 with ``--detailed-exitcode`` when the run found changes or
+drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from . import __version__
+from .errors import ReconcilerError, UsageError
+
+log = logging.getLogger("reconciler")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} — see {self.prog} --help")
+
+
+def _common() -> argparse.ArgumentParser:
+    """Flags every subcommand takes; they come after the subcommand (SPEC §6)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("configuration (a flag wins over the config file)")
+    g.add_argument("--config", metavar="PATH", help="agent configuration file")
+    g.add_argument("--repo", help="desired-state repository URL or path")
+    g.add_argument("--branch")
+    g.add_argument("--node", help="this host's node name (default: short hostname)")
+    g.add_argument("--root", help="destinations are rooted here (default /)")
+    g.add_argument("--state-dir", dest="state_dir")
+    g.add_argument("--mode", choices=("enforce", "audit"))
+    g.add_argument("--exclude-file", dest="exclude_file")
+    g.add_argument("--interval")
+    g.add_argument("--splay")
+    g.add_argument("--lock-timeout", dest="lock_timeout")
+    g.add_argument("--boot-timeout", dest="boot_timeout")
+    g.add_argument(
+        "--allow-rewind", dest="allow_rewind", action="store_const", const=True, default=None
+    )
+    o = p.add_argument_group("output")
+    o.add_argument("--format", choices=("text", "json"), default="text")
+    o.add_argument("--verbose", "-v", action="store_true", help="log every write and script")
+    o.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line of SPEC §3 implemented so far."""
+    common = _common()
+    parser = _Parser(prog="reconciler", description="Pull-based GitOps agent for Linux servers.")
+    parser.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    pull = sub.add_parser("pull", parents=[common], help="one reconcile run for this node")
+    pull.add_argument("--dry-run", action="store_true", help="plan and report to stdout only")
+    pull.add_argument("--state", help="apply state S for this run")
+    pull.add_argument("--boot", action="store_true", help="first run at boot")
+    pull.add_argument("--detailed-exitcode", action="store_true", help="exit 3 on changes/drift")
+
+    diff = sub.add_parser("diff", parents=[common], help="print the plan as unified diffs")
+    diff.add_argument("--state", help="diff against state S")
+
+    render = sub.add_parser("render", parents=[common], help="target state of a node")
+    render.add_argument("node_name", nargs="?", metavar="NODE")
+    render.add_argument("--out", metavar="DIR", help="write the files under DIR")
+    render.add_argument("--state", help="render state S")
+
+    sub.add_parser("validate", parents=[common], help="check a desired-state repository")
+    sub.add_parser("hosts", parents=[common], help="nodes and meta-nodes with members")
+    sub.add_parser("status", parents=[common], help="this host's last run")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .config import SCALAR_KEYS, load_config
+
+    overrides = {k: getattr(args, k, None) for k in SCALAR_KEYS}
+    return load_config(args.config, overrides)
+
+
+def _emit_json(data: Any, out: TextIO) -> None:
+    json.dump(data, out, indent=2)
+    out.write("\n")
+
+
+# ------------------------------------------------------------------- pull/diff
+
+_SYMBOL = {"create": "+", "update": "~", "delete": "-", "chmod": "m", "chown": "o"}
+
+
+def _print_run(outcome: Any, out: TextIO) -> None:
+    report = outcome.report
+    src = report["source"]
+    commit = (src["commit"] or "none")[:12]
+    fetched = "" if src["fetched"] else ", NOT fetched: using the last fetched commit"
+    out.write(f"{report['node']}: {src['branch']} at {commit}{fetched}\n")
+    if report.get("suspended"):
+        out.write(f"  suspended: {report['suspended'].get('reason', '')} — nothing is changed\n")
+    for c in report["changes"]:
+        status = "" if c["applied"] else "  (not applied)"
+        reason = c["reason"]
+        kinds = [d["kind"] for d in report["drift"] if d["path"] == c["path"]]
+        if kinds:
+            reason += f": {', '.join(kinds)}"
+        detail = f"  {c['detail']}" if c.get("detail") else ""
+        out.write(
+            f"  {_SYMBOL.get(c['action'], '?')} {c['action']:<6} {c['path']}  "
+            f"[{c['app']}, {reason}]{detail}{status}\n"
+        )
+    planned = {c["path"] for c in report["changes"]}
+    for d in report["drift"]:
+        if d["path"] not in planned:
+            out.write(f"  ! drift  {d['path']}  [{d['kind']}, left alone by policy]\n")
+    for s in report["scripts"]:
+        state = "timed out" if s["timed_out"] else f"exit {s['exit_code']}"
+        if s["exit_code"] is None and not s["timed_out"]:
+            state = "not run (dry-run)"
+        out.write(f"  > {s['phase']:<4} {s['app']}/{s['name']}: {state} ({s['duration_s']}s)\n")
+    changed = sum(1 for c in report["changes"] if c["applied"])
+    drifted = len({d["path"] for d in report["drift"]})
+    line = f"result: {report['result']} ({changed} changed, {drifted} drifted)"
+    if report.get("dry_run"):
+        line += " — dry-run, nothing changed"
+    elif outcome.report_commit:
+        line += f"; report {outcome.report_commit[:12]} on reports/{report['node']}"
+        if outcome.pushed is False:
+            line += " (push failed: queued for the next run)"
+    else:
+        line += "; report unchanged, no commit"
+    out.write(line + "\n")
+
+
+def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .agent import RunOptions, reconcile_once
+
+    config = _config(args)
+    outcome = reconcile_once(config, RunOptions(dry_run=args.dry_run, state=args.state))
+    if args.format == "json":
+        _emit_json(outcome.report, out)
+    else:
+        _print_run(outcome, out)
+    for error in outcome.report["errors"]:
+        err.write(f"reconciler: {error}\n")
+    if outcome.result == "failed":
+        return 1
+    if args.detailed_exitcode and outcome.result in ("changed", "drift"):
+        return 3
+    return 0
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def unified_diff(path: str, old: bytes | None, new: bytes | None, *, secret: bool) -> str:
+    """A unified diff of one destination; secrets and binaries by hash only (SPEC §6)."""
+    a, b = f"a{path}", f"b{path}"
+    if old is None:
+        a = "/dev/null"
+    if new is None:
+        b = "/dev/null"
+    if secret:
+        old_h = _digest(old) if old is not None else "(none)"
+        new_h = _digest(new) if new is not None else "(none)"
+        return f"--- {a}\n+++ {b}\nsecret {path}: {old_h} → {new_h}\n"
+    try:
+        old_text = (old or b"").decode("utf-8").splitlines(keepends=True)
+        new_text = (new or b"").decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError:
+        return f"Binary files {a} and {b} differ\n"
+    lines = difflib.unified_diff(old_text, new_text, a, b)
+    return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+                   for line in lines)
+
+
+def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .agent import RunOptions, reconcile_once
+    from .scan import host_path
+
+    config = _config(args)
+    outcome = reconcile_once(config, RunOptions(dry_run=True, state=args.state))
+    for error in outcome.report["errors"]:
+        err.write(f"reconciler: {error}\n")
+    if outcome.plan is None or outcome.target is None:
+        return 1
+    root = Path(config.root)
+    chunks = []
+    for change in outcome.plan.changes:
+        t = outcome.target.files.get(change.path)
+        secret = bool(t and t.secret)
+        old: bytes | None = None
+        if outcome.actual[change.path].kind == "file":
+            old = host_path(root, change.path).read_bytes()
+        new = t.content if (t is not None and change.action != "delete") else None
+        if change.action in ("chmod", "chown"):
+            chunks.append(f"{change.action} {change.path}: {change.detail}\n")
+            continue
+        chunks.append(unified_diff(str(change.path), old, new, secret=secret))
+    if args.format == "json":
+        _emit_json({"report": outcome.report, "diff": "".join(chunks)}, out)
+    else:
+        out.write("".join(chunks))
+        if not chunks:
+            out.write(f"{config.node}: no changes\n")
+    return 1 if outcome.result == "failed" else 0
+
+
+# ------------------------------------------------------ working-tree commands
+
+
+def _tree(args: argparse.Namespace) -> Any:
+    from .source import DirSnapshot
+
+    path = Path(args.repo or ".")
+    if not path.is_dir():
+        raise UsageError(f"--repo {path}: not a directory — give a working tree of the repository")
+    return DirSnapshot(path.resolve())
+
+
+def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .facts import gather_facts
+    from .inventory import effective_node, load_inventory
+    from .render import render_target
+    from .system import atomic_write
+
+    snapshot = _tree(args)
+    name = args.node_name or args.node or _config(args).node
+    inventory = load_inventory(snapshot)
+    node = effective_node(inventory, snapshot, name, args.state)
+    target = render_target(snapshot, node, gather_facts())
+    if args.out:
+        base = Path(args.out)
+        for path, t in target.files.items():
+            dest = base.joinpath(*path.parts[1:])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(dest, t.content, mode=t.mode)
+    rows = [
+        {
+            "path": str(t.path),
+            "mode": f"{t.mode:04o}",
+            "owner": t.owner,
+            "group": t.group,
+            "size": len(t.content),
+            "sha256": hashlib.sha256(t.content).hexdigest(),
+            "app": t.app,
+            "template": t.template,
+            "secret": t.secret,
+            "policy": t.policy,
+        }
+        for t in target.files.values()
+    ]
+    if args.format == "json":
+        _emit_json({"node": name, "state": node.state, "files": rows}, out)
+        return 0
+    for r in rows:
+        owner = f"{r['owner'] or '-'}:{r['group'] or '-'}"
+        out.write(f"{r['mode']} {owner:<14} {r['path']}  [{r['app']}]\n")
+    where = f" into {args.out}" if args.out else ""
+    out.write(f"{name}: {len(rows)} files rendered{where}\n")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .facts import gather_facts
+    from .inventory import effective_node, inventory_problems
+    from .render import render_target
+
+    snapshot = _tree(args)
+    inventory, problems = inventory_problems(snapshot)
+    rendered = 0
+    if inventory is not None:
+        facts = gather_facts()
+        for name in inventory.nodes:
+            try:
+                node = effective_node(inventory, snapshot, name)
+                rendered += len(render_target(snapshot, node, facts).files)
+            except ReconcilerError as exc:
+                problems.append(f"{exc} [node {name}]")
+    if args.format == "json":
+        _emit_json({"ok": not problems, "problems": problems, "files_rendered": rendered}, out)
+    else:
+        for problem in problems:
+            err.write(f"{problem}\n")
+        if inventory is not None and not problems:
+            out.write(
+                f"ok: {len(inventory.nodes)} nodes, {len(inventory.meta_nodes)} meta-nodes, "
+                f"{rendered} files rendered\n"
+            )
+        else:
+            out.write(f"{len(problems)} problem(s)\n")
+    return 1 if problems else 0
+
+
+def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .inventory import load_inventory
+
+    snapshot = _tree(args)
+    inventory = load_inventory(snapshot)
+    data = {
+        "nodes": [
+            {"name": n, "meta_nodes": inventory.containing(n)} for n in inventory.nodes
+        ],
+        "meta_nodes": [
+            {
+                "name": m,
+                "include_nodes": list(inventory.files[m].data["include_nodes"]),
+                "members": inventory.members(m),
+            }
+            for m in inventory.meta_nodes
+        ],
+    }
+    if args.format == "json":
+        _emit_json(data, out)
+        return 0
+    for n in data["nodes"]:
+        out.write(f"node  {n['name']:<20} in {', '.join(n['meta_nodes']) or '-'}\n")
+    for m in data["meta_nodes"]:
+        out.write(f"meta  {m['name']:<20} = {', '.join(m['members'])}\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .report import read_last_run
+
+    config = _config(args)
+    last = read_last_run(Path(config.state_dir))
+    if last is None:
+        if args.format == "json":
+            _emit_json({"node": config.node, "last_run": None}, out)
+        else:
+            out.write(f"{config.node}: no run yet (state dir {config.state_dir})\n")
+        return 0
+    if args.format == "json":
+        _emit_json(last, out)
+        return 0
+    changed = sum(1 for c in last["changes"] if c["applied"])
+    drifted = len({d["path"] for d in last["drift"]})
+    out.write(
+        f"node:       {last['node']}\n"
+        f"last run:   {last['finished_at']} ({last['run_id']})\n"
+        f"result:     {last['result']} ({changed} changed, {drifted} drifted)\n"
+        f"source:     {last['source']['url']} {last['source']['branch']} "
+        f"{(last['source']['commit'] or 'none')[:12]}"
+        f"{'' if last['source']['fetched'] else ' (not fetched)'}\n"
+        f"applied:    {(last.get('applied_commit') or 'none')[:12]}\n"
+        f"report:     {(last.get('report_commit') or 'unchanged')[:12]}"
+        f"{' (push pending)' if last.get('pushed') is False else ''}\n"
+    )
+    for error in last["errors"]:
+        out.write(f"error:      {error}\n")
+    return 0
+
+
+COMMANDS = {
+    "pull": cmd_pull,
+    "diff": cmd_diff,
+    "render": cmd_render,
+    "validate": cmd_validate,
+    "hosts": cmd_hosts,
+    "status": cmd_status,
+}
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the command line; return the exit code (SPEC §3). Never raises."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    debug = False
+    try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        level = logging.DEBUG if debug else logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(
+            level=level, stream=err, format="reconciler: %(levelname)s %(name)s: %(message)s"
+        )
+        return COMMANDS[args.command](args, out, err)
+    except ReconcilerError as exc:
+        if debug:
+            log.exception("failed")
+        err.write(f"reconciler: {exc}\n")
+        return exc.exit_code
+    except SystemExit as exc:  # argparse's --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        err.write("reconciler: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if debug:
+            raise
+        err.write(f"reconciler: internal error: {type(exc).__name__}: {exc} — rerun with --debug\n")
+        return 1

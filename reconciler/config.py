@@ -1,0 +1,245 @@
+"""Agent configuration: ``/etc/reconciler/config.yaml`` plus flags → AgentConfig.
+
+Stage 0 of a run. Takes the YAML file named by ``--config``, by
+``RECONCILER_CONFIG`` or the default path, and the command-line overrides;
+produces one frozen :class:`AgentConfig`. Rules from SPEC §2: every top-level
+scalar key has a flag of the same name, a flag wins over the file, unknown
+keys and wrong types are :class:`ConfigError` (exit 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/reconciler/config.yaml")
+MODES = ("enforce", "audit")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object, *, key: str) -> float:
+    """Return seconds for ``30s``, ``5m``, ``1h``, ``1d``, ``250ms`` or a bare number.
+
+    Raises ConfigError naming ``key`` for anything else (SPEC §2 durations).
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"config: {key}: expected a duration like 30s, 5m or 1h, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"config: {key}: a duration cannot be negative — got {value}")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ConfigError(f"config: {key}: expected a duration like 30s, 5m or 1h, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """Credentials for the desired-state repository (SPEC §2 ``auth``)."""
+
+    ssh_key: str | None = None
+    known_hosts: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyConfig:
+    """Commit verification settings (SPEC §2 ``verify``, §4 step 2)."""
+
+    allowed_signers: str | None = None
+    gpg_keyring: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportConfig:
+    """Where and when reports go (SPEC §2 ``report``, §5)."""
+
+    push: bool = True
+    heartbeat: float = 86400.0
+    webhook: str | None = None
+    notify_on: tuple[str, ...] = ("drift", "failed")
+    ping_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """Prometheus textfile output (SPEC §2 ``metrics``)."""
+
+    textfile: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackupsConfig:
+    """Backup retention (SPEC §2 ``backups``)."""
+
+    keep: int = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """The agent's whole configuration after file, environment and flags are merged."""
+
+    repo: str | None = None
+    branch: str = "main"
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    root: str = "/"
+    state_dir: str = "/var/lib/reconciler"
+    mode: str = "enforce"
+    interval: float = 300.0
+    splay: float = 30.0
+    exclude_file: str = "/etc/reconciler/exclude"
+    lock_timeout: float = 60.0
+    boot_timeout: float = 300.0
+    allow_rewind: bool = False
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    backups: BackupsConfig = field(default_factory=BackupsConfig)
+
+
+SCALAR_KEYS: tuple[str, ...] = (
+    "repo",
+    "branch",
+    "node",
+    "root",
+    "state_dir",
+    "mode",
+    "interval",
+    "splay",
+    "exclude_file",
+    "lock_timeout",
+    "boot_timeout",
+    "allow_rewind",
+)
+_DURATION_KEYS = frozenset({"interval", "splay", "lock_timeout", "boot_timeout", "heartbeat"})
+_NESTED: dict[str, type[Any]] = {
+    "auth": AuthConfig,
+    "verify": VerifyConfig,
+    "report": ReportConfig,
+    "metrics": MetricsConfig,
+    "backups": BackupsConfig,
+}
+
+
+def _coerce(key: str, value: object, default: object) -> object:
+    """Check ``value`` against the type of ``default``; durations become seconds."""
+    if key in _DURATION_KEYS:
+        return parse_duration(value, key=key)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config: {key}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ConfigError(f"config: {key}: expected a non-negative integer, got {value!r}")
+    if isinstance(default, tuple):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"config: {key}: expected a list of strings, got {value!r}")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"config: {key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _section(cls: type[Any], name: str, raw: object) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: {name}: expected a mapping, got {type(raw).__name__}")
+    defaults = cls()
+    known = {f.name for f in fields(cls)}
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                f"config: unknown key {name}.{key} — known keys: {', '.join(sorted(known))}"
+            )
+        values[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key))
+    return cls(**values)
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    """Parse the YAML configuration file at ``path`` into a mapping.
+
+    Raises ConfigError when the file is unreadable, not YAML, or not a mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    try:
+        data = yaml.load(text, Loader=yaml.CSafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML — {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping of keys")
+    return data
+
+
+def load_config(
+    path: str | None = None,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Build the AgentConfig from a file and flag overrides.
+
+    ``path``: ``--config``; else ``RECONCILER_CONFIG``; else the default path
+    if it exists (a missing default file means all defaults). ``overrides``:
+    top-level scalar keys from flags, ``None`` values ignored; they win over
+    the file (SPEC §2). Raises ConfigError for unknown keys, wrong types, a
+    bad ``mode``, or an explicitly named file that cannot be read.
+    """
+    env = os.environ if environ is None else environ
+    chosen = path or env.get("RECONCILER_CONFIG")
+    raw: dict[str, object] = {}
+    if chosen:
+        raw = read_config_file(Path(chosen))
+    elif DEFAULT_CONFIG_PATH.exists():
+        raw = read_config_file(DEFAULT_CONFIG_PATH)
+    where = chosen or str(DEFAULT_CONFIG_PATH)
+
+    config = AgentConfig()
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        if key in _NESTED:
+            values[key] = _section(_NESTED[key], key, value)
+        elif key in SCALAR_KEYS:
+            values[key] = _coerce(key, value, getattr(config, key))
+        else:
+            known = ", ".join(sorted((*SCALAR_KEYS, *_NESTED)))
+            raise ConfigError(f"{where}: unknown key {key!r} — known keys: {known}")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in SCALAR_KEYS:
+            raise ConfigError(f"--{key.replace('_', '-')}: not a configuration key")
+        values[key] = _coerce(key, value, getattr(config, key))
+    config = replace(config, **values)
+    if config.mode not in MODES:
+        raise ConfigError(f"{where}: mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
+    if not config.node or "/" in config.node or config.node.startswith(("_", ".")):
+        raise ConfigError(f"{where}: node: {config.node!r} is not a valid node name")
+    return config

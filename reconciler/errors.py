@@ -1,0 +1,75 @@
+"""The whole exception hierarchy of reconciler.
+
+Every error a user can cause or meet is one of these; the CLI prints
+``str(error)`` as one line on stderr and exits with ``error.exit_code``
+(SPEC §3). Third-party errors (pygit2, Jinja2, YAML, OSError) are converted in
+the stage that imports the library, with ``raise … from exc``.
+
+::
+
+    ReconcilerError                 exit 1 unless stated
+    ├── UsageError                  exit 2: bad command line
+    ├── ConfigError                 exit 2: bad agent configuration (SPEC §2)
+    ├── SourceError                 fetch, push or trust failed (SPEC §4 steps 1–2)
+    │   └── UntrustedCommitError    a commit refused by the trust checks
+    ├── InventoryError              hosts/ or app.yaml invalid (SPEC §1, §6)
+    ├── RenderError                 a template failed to render
+    ├── PathError                   a destination escapes the root or is unusable
+    ├── ApplyError                  a write, delete, chmod or chown failed
+    ├── ScriptError                 a pre/post script failed or timed out
+    └── LockError                   another run holds the state_dir lock
+
+Messages read ``"{where}: {problem} — {what to do}"``.
+"""
+
+from __future__ import annotations
+
+
+class ReconcilerError(Exception):
+    """Base of every error reconciler reports to a user; carries its exit code."""
+
+    exit_code: int = 1
+
+
+class UsageError(ReconcilerError):
+    """The command line is wrong (SPEC §3: exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(ReconcilerError):
+    """The agent configuration is wrong (SPEC §2: unknown keys, wrong types; exit 2)."""
+
+    exit_code = 2
+
+
+class SourceError(ReconcilerError):
+    """Fetching, reading or pushing the desired-state repository failed."""
+
+
+class UntrustedCommitError(SourceError):
+    """A fetched commit was refused by a trust check (rewind, signature; SPEC §4 step 2)."""
+
+
+class InventoryError(ReconcilerError):
+    """A host file or app.yaml is invalid, or a node cannot be resolved (SPEC §1, §6)."""
+
+
+class RenderError(ReconcilerError):
+    """A template could not be rendered (syntax, undefined variable, bad include)."""
+
+
+class PathError(ReconcilerError):
+    """A destination path escapes the root or cannot be written safely (SPEC §6)."""
+
+
+class ApplyError(ReconcilerError):
+    """A change could not be applied to disk."""
+
+
+class ScriptError(ReconcilerError):
+    """A pre or post script exited non-zero or timed out."""
+
+
+class LockError(ReconcilerError):
+    """Another run holds the lock of the state directory (SPEC §6)."""

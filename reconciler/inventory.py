@@ -1,0 +1,474 @@
+"""Load stage: ``hosts/*.yaml`` of a Snapshot → Inventory → effective Node.
+
+Takes a :class:`~reconciler.source.Snapshot`; produces an :class:`Inventory`
+(every host file parsed and checked against ``repo-layout/schemas``) and,
+for one node name, the effective :class:`Node` by the merge rules of SPEC §1:
+``_defaults``, then every meta-node containing the node in topological order
+of the include graph (ties by file name), then the node's own file.
+
+Every host file is checked on every run, because an invalid file could be a
+meta-node of any node (SPEC §6: fail closed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from .errors import InventoryError
+from .source import Snapshot
+
+DEFAULTS = "_defaults"
+DEFAULT_STATE = "default"
+
+
+# ------------------------------------------------------------------ schemas
+
+
+@cache
+def _validators() -> tuple[Any, Any]:
+    """The (node, app) JSON-Schema validators, built once per process."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    base = resources.files("reconciler") / "schemas"
+    node_schema = json.loads((base / "node.schema.json").read_text(encoding="utf-8"))
+    app_schema = json.loads((base / "app.schema.json").read_text(encoding="utf-8"))
+    registry: Registry[Any] = Registry().with_resources(
+        [
+            ("node.schema.json", Resource.from_contents(node_schema)),
+            ("app.schema.json", Resource.from_contents(app_schema)),
+        ]
+    )
+    cls = jsonschema.Draft202012Validator
+    return cls(node_schema, registry=registry), cls(app_schema, registry=registry)
+
+
+def _normalise(value: Any) -> Any:
+    """YAML timestamps become ISO strings, so data stays JSON-shaped."""
+    if isinstance(value, dict):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return value
+
+
+def _yaml_line(text: str, path: Iterable[str | int]) -> int | None:
+    """1-based line of the YAML node (or mapping key) at ``path``, if it can be found."""
+    try:
+        node = yaml.compose(text, Loader=yaml.CSafeLoader)
+    except yaml.YAMLError:
+        return None
+    if node is None:
+        return None
+    mark = node.start_mark
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    mark, node = key.start_mark, value
+                    break
+            else:
+                break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+            mark = node.start_mark
+        else:
+            break
+    return int(mark.line) + 1
+
+
+def _dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_message(error: Any) -> str:
+    """One readable sentence for a jsonschema ValidationError."""
+    path = list(error.absolute_path)
+    where = _dotted(path)
+    if error.validator == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(known))
+        hint = f" — known keys: {', '.join(known)}" if known else ""
+        return f"{where + ': ' if where else ''}unknown key {', '.join(map(repr, extra))}{hint}"
+    if path and path[-1] == "mode" and isinstance(error.instance, int):
+        return (
+            f"{where}: mode must be a quoted octal string such as \"0640\" — quote it "
+            f"(YAML reads an unquoted mode as the number {error.instance})"
+        )
+    if error.validator == "pattern" and path and path[-1] == "mode":
+        return f"{where}: mode {error.instance!r} is not an octal mode such as \"0640\""
+    if error.validator == "oneOf" and len(path) == 2 and path[0] == "apps":
+        return f"{where}: an app is a name or a one-key mapping {{app: state}}, got {error.instance!r}"
+    if error.validator == "pattern" and isinstance(error.instance, str):
+        return f"{where}: {error.instance!r} is not a valid name or path here"
+    return f"{where + ': ' if where else ''}{error.message}"
+
+
+def _schema_problems(validator: Any, data: Any, text: str, path: str) -> list[str]:
+    problems = []
+    for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):
+        line = _yaml_line(text, error.absolute_path)
+        where = f"{path}:{line}" if line else path
+        problems.append(f"{where}: {_schema_message(error)}")
+    return problems
+
+
+def parse_yaml(text: bytes, path: str) -> Any:
+    """Parse YAML bytes with the C loader; InventoryError names ``path`` and line."""
+    try:
+        return _normalise(yaml.load(text, Loader=yaml.CSafeLoader))
+    except UnicodeDecodeError as exc:
+        raise InventoryError(f"{path}: not UTF-8 text — save it as UTF-8") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InventoryError(f"{where}: invalid YAML: {problem} — fix the syntax") from exc
+
+
+def load_app_config(snapshot: Snapshot, app: str) -> Mapping[str, Any]:
+    """Parse and check ``templates/<app>/app.yaml``; {} when there is none.
+
+    Raises InventoryError naming the file and line (SPEC §1 app.yaml).
+    """
+    path = f"templates/{app}/app.yaml"
+    try:
+        raw = snapshot.read(path)
+    except KeyError:
+        return {}
+    data = parse_yaml(raw, path)
+    if data is None:
+        return {}
+    problems = _schema_problems(_validators()[1], data, raw.decode("utf-8", "replace"), path)
+    if problems:
+        raise InventoryError(f"{problems[0]} — see repo-layout/README.md")
+    return data  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------- inventory
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostFile:
+    """A HostFile is one parsed and schema-checked file of ``hosts/``."""
+
+    name: str
+    path: str
+    data: Mapping[str, Any]
+
+    @property
+    def is_meta(self) -> bool:
+        """True for a meta-node (a file with ``include_nodes``)."""
+        return "include_nodes" in self.data
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inventory:
+    """An Inventory is every host file of a repository and its include graph."""
+
+    files: Mapping[str, HostFile]
+    defaults: HostFile | None = None
+
+    @property
+    def nodes(self) -> list[str]:
+        """Names of nodes (not meta-nodes), sorted."""
+        return sorted(n for n, f in self.files.items() if not f.is_meta)
+
+    @property
+    def meta_nodes(self) -> list[str]:
+        """Names of meta-nodes, sorted."""
+        return sorted(n for n, f in self.files.items() if f.is_meta)
+
+    def members(self, name: str) -> list[str]:
+        """Every node (not meta-node) that ``name`` stands for, in include order.
+
+        A node stands for itself. Raises InventoryError for an unknown name.
+        """
+        if name not in self.files:
+            raise InventoryError(f"hosts/{name}.yaml: no such node or meta-node")
+        out: list[str] = []
+
+        def visit(n: str) -> None:
+            f = self.files[n]
+            if not f.is_meta:
+                if n not in out:
+                    out.append(n)
+                return
+            for child in f.data["include_nodes"]:
+                visit(child)
+
+        visit(name)
+        return out
+
+    def containing(self, name: str) -> list[str]:
+        """Meta-nodes that contain ``name`` directly or transitively, outer first.
+
+        Order: topological order of the include graph (a meta-node after every
+        meta-node that includes it), ties broken by file name (SPEC §6).
+        """
+        parents: dict[str, set[str]] = {}
+        for meta, f in self.files.items():
+            for child in f.data.get("include_nodes", ()):
+                parents.setdefault(child, set()).add(meta)
+        ancestors: set[str] = set()
+        todo = [name]
+        while todo:
+            for p in parents.get(todo.pop(), ()):
+                if p not in ancestors:
+                    ancestors.add(p)
+                    todo.append(p)
+        indegree = {
+            a: sum(1 for p in parents.get(a, ()) if p in ancestors) for a in ancestors
+        }
+        ready = [a for a, d in indegree.items() if d == 0]
+        heapq.heapify(ready)
+        order: list[str] = []
+        while ready:
+            meta = heapq.heappop(ready)
+            order.append(meta)
+            for child in self.files[meta].data["include_nodes"]:
+                if child in indegree:
+                    indegree[child] -= 1
+                    if indegree[child] == 0:
+                        heapq.heappush(ready, child)
+        return order
+
+
+def _check_graph(files: Mapping[str, HostFile]) -> list[str]:
+    problems: list[str] = []
+    for name, f in sorted(files.items()):
+        for child in f.data.get("include_nodes", ()):
+            if child == DEFAULTS or child not in files:
+                problems.append(
+                    f"{f.path}: include_nodes: unknown node {child!r} — "
+                    f"create hosts/{child}.yaml or remove it from the list"
+                )
+    if problems:
+        return problems
+    state: dict[str, int] = {}  # 1 = on the DFS stack, 2 = done
+
+    def visit(n: str, stack: list[str]) -> None:
+        state[n] = 1
+        for child in files[n].data.get("include_nodes", ()):
+            if state.get(child) == 1:
+                cycle = [*stack[stack.index(child) :], child]
+                problems.append(
+                    f"{files[child].path}: include_nodes: cycle {' → '.join(cycle)} — "
+                    "remove one of these includes"
+                )
+            elif child not in state:
+                visit(child, [*stack, child])
+        state[n] = 2
+
+    for name in sorted(files):
+        if name not in state:
+            visit(name, [name])
+    return problems
+
+
+def inventory_problems(snapshot: Snapshot) -> tuple[Inventory | None, list[str]]:
+    """Parse and check every file of ``hosts/``; return the inventory and all problems.
+
+    The inventory is None when any problem was found. Used by ``validate``,
+    which reports every problem at once, and by :func:`load_inventory`.
+    """
+    problems: list[str] = []
+    files: dict[str, HostFile] = {}
+    defaults: HostFile | None = None
+    node_validator = _validators()[0]
+    if not snapshot.is_dir("hosts"):
+        return None, ["hosts/: missing — a desired-state repository needs hosts/<node>.yaml"]
+    for name, is_dir in snapshot.listdir("hosts"):
+        if is_dir or not name.endswith(".yaml"):
+            continue
+        path = f"hosts/{name}"
+        stem = name[: -len(".yaml")]
+        raw = snapshot.read(path)
+        try:
+            data = parse_yaml(raw, path)
+        except InventoryError as exc:
+            problems.append(str(exc))
+            continue
+        data = {} if data is None else data
+        found = _schema_problems(node_validator, data, raw.decode("utf-8", "replace"), path)
+        if stem == DEFAULTS and isinstance(data, dict) and "include_nodes" in data:
+            found.append(f"{path}: include_nodes is not allowed in _defaults — move it to a meta-node")
+        if stem != DEFAULTS and not stem[:1].isalnum():
+            found.append(f"{path}: a node name must start with a letter or digit — rename the file")
+        if found:
+            problems.extend(found)
+            continue
+        host = HostFile(name=stem, path=path, data=data)
+        if stem == DEFAULTS:
+            defaults = host
+        else:
+            files[stem] = host
+    if not problems:
+        problems.extend(_check_graph(files))
+    if problems:
+        return None, problems
+    return Inventory(files=files, defaults=defaults), []
+
+
+def load_inventory(snapshot: Snapshot) -> Inventory:
+    """Parse and check every host file; raise InventoryError with the first problem."""
+    inventory, problems = inventory_problems(snapshot)
+    if inventory is None:
+        more = f" (and {len(problems) - 1} more problems; run reconciler validate)" if len(
+            problems
+        ) > 1 else ""
+        raise InventoryError(problems[0] + more)
+    return inventory
+
+
+# --------------------------------------------------------------------- node
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppRef:
+    """An AppRef is one app of a node, in the state it runs in, and who set that."""
+
+    name: str
+    state: str
+    origin: str  # host file that listed the app
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Node:
+    """A Node is the effective definition of one server after the merge of SPEC §1."""
+
+    name: str
+    state: str
+    apps: tuple[AppRef, ...]
+    vars: Mapping[str, Any]
+    exclude: tuple[str, ...]
+    files: Mapping[str, Mapping[str, Any]]
+    suspended: Mapping[str, Any] | None
+    meta_nodes: tuple[str, ...]
+    sources: tuple[str, ...] = field(default=())
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge recursively; any other value in ``over`` replaces (SPEC §1 vars)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def effective_node(
+    inventory: Inventory, snapshot: Snapshot, name: str, state_override: str | None = None
+) -> Node:
+    """Merge ``_defaults``, containing meta-nodes and ``hosts/<name>.yaml`` into a Node.
+
+    ``state_override`` (``pull --state``) replaces the node-level state; a
+    per-app state written in a host file still wins (SPEC §6). Raises
+    InventoryError for an unknown node, a meta-node name, a missing app, an
+    app with neither ``default/`` nor the state's directory, or a state that
+    no app of the node has (a typo must not silently become ``default``).
+    """
+    host = inventory.files.get(name)
+    if host is None:
+        raise InventoryError(
+            f"hosts/{name}.yaml: node {name!r} is not defined — add hosts/{name}.yaml "
+            "or set node: in the agent configuration"
+        )
+    if host.is_meta:
+        raise InventoryError(
+            f"{host.path}: {name!r} is a meta-node — --node must name a node, not a meta-node"
+        )
+    metas = inventory.containing(name)
+    chain = [
+        *([inventory.defaults] if inventory.defaults else []),
+        *(inventory.files[m] for m in metas),
+        host,
+    ]
+    state, state_origin = DEFAULT_STATE, "the built-in default"
+    apps: dict[str, tuple[str | None, str]] = {}
+    variables: dict[str, Any] = {}
+    exclude: list[str] = []
+    files: dict[str, Mapping[str, Any]] = {}
+    suspended: Mapping[str, Any] | None = None
+    for f in chain:
+        d = f.data
+        if "state" in d:
+            state, state_origin = d["state"], f.path
+        for item in d.get("apps", ()):
+            app, app_state = (item, None) if isinstance(item, str) else next(iter(item.items()))
+            previous = apps.get(app)
+            if app_state is None and previous is not None:
+                continue  # a plain later mention keeps an earlier explicit state
+            apps[app] = (app_state, f.path if previous is None else previous[1])
+        variables = deep_merge(variables, d.get("vars", {}))
+        exclude.extend(p for p in d.get("exclude", ()) if p not in exclude)
+        files.update(d.get("files", {}))
+        if "suspended" in d:
+            suspended = d["suspended"]
+    if state_override is not None:
+        state, state_origin = state_override, "--state"
+    refs = tuple(
+        AppRef(name=app, state=app_state or state, origin=origin)
+        for app, (app_state, origin) in apps.items()
+    )
+    _check_apps(snapshot, name, refs, state, state_origin)
+    return Node(
+        name=name,
+        state=state,
+        apps=refs,
+        vars=variables,
+        exclude=tuple(exclude),
+        files=files,
+        suspended=suspended,
+        meta_nodes=tuple(metas),
+        sources=tuple(f.path for f in chain),
+    )
+
+
+def _check_apps(
+    snapshot: Snapshot, node: str, apps: tuple[AppRef, ...], state: str, state_origin: str
+) -> None:
+    by_state: dict[str, list[AppRef]] = {}
+    for app in apps:
+        base = f"templates/{app.name}"
+        if not snapshot.is_dir(base):
+            raise InventoryError(
+                f"{app.origin}: app {app.name!r} of node {node} does not exist — "
+                f"create {base}/ or remove it from apps"
+            )
+        has_default = snapshot.is_dir(f"{base}/{DEFAULT_STATE}")
+        has_state = snapshot.is_dir(f"{base}/{app.state}")
+        if not (has_default or has_state):
+            raise InventoryError(
+                f"{app.origin}: app {app.name!r} of node {node} has neither "
+                f"{base}/{DEFAULT_STATE}/ nor {base}/{app.state}/ — create one of them"
+            )
+        by_state.setdefault(app.state, []).append(app)
+    for app_state, members in by_state.items():
+        if app_state == DEFAULT_STATE:
+            continue
+        if not any(snapshot.is_dir(f"templates/{a.name}/{app_state}") for a in members):
+            origin = state_origin if app_state == state else members[0].origin
+            raise InventoryError(
+                f"{origin}: state {app_state!r} of node {node}: no app of the node has a "
+                f"{app_state}/ directory ({', '.join(a.name for a in members)}) — "
+                "check the spelling of the state"
+            )

@@ -1,0 +1,271 @@
+"""Plan stage: target state vs actual state, minus excludes → Plan (SPEC §4 step 5).
+
+Takes the TargetState, the ActualState, the LocalState of the last run, the
+exclude patterns and the agent mode; produces a Plan: one Change per path
+that must change, each saying whether it comes from the desired state
+(``desired``), repairs drift (``drift``) or both (``conflict``: the repository
+changed *and* the disk was edited; the repository wins in enforce mode), and
+whether it will be applied. Pure: reads nothing but the user and group
+databases.
+
+Policies (SPEC §1 app.yaml): ``enforce`` repairs drift; ``audit`` reports
+drift and never repairs it; ``create-only`` writes only a missing file and
+never reports drift; ``ignore-drift`` writes on desired changes only.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import pwd
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from .errors import InventoryError
+from .render import TargetFile, TargetState
+from .scan import ActualFile
+from .state import LocalState, ManagedFile
+
+ACTIONS = ("create", "update", "delete", "chmod", "chown")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Change:
+    """A Change is one path's step from actual to target state."""
+
+    path: PurePosixPath
+    action: str  # one of ACTIONS
+    reason: str  # desired | drift | conflict
+    app: str
+    kinds: tuple[str, ...] = ()  # drift kinds found at this path
+    target: TargetFile | None = None  # None for delete
+    apply: bool = True  # False in audit mode/policy: reported, not done
+    uid: int | None = None  # resolved owner/group, when metadata sets them
+    gid: int | None = None
+    detail: str = ""  # e.g. "mode 0644 → 0640"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriftItem:
+    """A DriftItem is one way a managed path differs from what reconciler last wrote."""
+
+    path: PurePosixPath
+    kind: str  # content | mode | owner | missing | type
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A Plan is every change, drift found, excluded path and per-path error of a run."""
+
+    changes: tuple[Change, ...]
+    drift: tuple[DriftItem, ...]
+    excluded: tuple[PurePosixPath, ...]
+    errors: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing needs to change."""
+        return not self.changes
+
+
+def exclude_matcher(patterns: Iterable[str]) -> Any:
+    """Compile gitignore-style patterns on destination paths (SPEC §1 ``exclude``, §2)."""
+    import pathspec
+
+    lines = [p.strip() for p in patterns if p.strip() and not p.lstrip().startswith("#")]
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def sha256(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def resolve_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, int | None]]:
+    """uid/gid of every owner/group named in metadata, by name on this host.
+
+    Raises InventoryError for an unknown user or group, before anything is
+    written (issue #3: resolve names up front).
+    """
+    out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
+    for path, t in target.files.items():
+        uid = gid = None
+        if t.owner is not None:
+            try:
+                uid = int(t.owner) if t.owner.isdigit() else pwd.getpwnam(t.owner).pw_uid
+            except KeyError:
+                raise InventoryError(
+                    f"{path}: owner {t.owner!r} does not exist on this host (node "
+                    f"{target.node}, {t.template}) — create the user or change files: owner"
+                ) from None
+        if t.group is not None:
+            try:
+                gid = int(t.group) if t.group.isdigit() else grp.getgrnam(t.group).gr_gid
+            except KeyError:
+                raise InventoryError(
+                    f"{path}: group {t.group!r} does not exist on this host (node "
+                    f"{target.node}, {t.template}) — create the group or change files: group"
+                ) from None
+        out[path] = (uid, gid)
+    return out
+
+
+def _reason(drifted: bool, desired_changed: bool) -> str:
+    if drifted and desired_changed:
+        return "conflict"
+    return "drift" if drifted else "desired"
+
+
+def _plan_target(
+    t: TargetFile,
+    a: ActualFile,
+    m: ManagedFile | None,
+    ids: tuple[int | None, int | None],
+    mode: str,
+) -> tuple[Change | None, list[DriftItem]]:
+    """The change (if any) and drift for one target path. See the module docstring."""
+    tsha = sha256(t.content)
+    uid, gid = ids
+    policy = t.policy
+    kinds: list[str] = []
+    action: str | None = None
+    desired_changed = False
+    details: list[str] = []
+
+    if a.kind == "missing":
+        if policy == "create-only" or m is None:
+            action, desired_changed = "create", True
+        elif policy == "ignore-drift":
+            if m.sha256 != tsha or m.mode != t.mode:
+                action, desired_changed = "create", True
+        else:
+            action, desired_changed = "create", m.sha256 != tsha
+            kinds.append("missing")
+    elif policy == "create-only":
+        return None, []
+    elif a.kind != "file":
+        desired_changed = m is None or m.sha256 != tsha
+        if policy == "ignore-drift" and not desired_changed:
+            return None, []
+        action = "update"
+        details.append(f"replace {a.kind} with a file")
+        if policy != "ignore-drift":
+            kinds.append("type")
+    else:
+        if a.sha256 != tsha:
+            desired_changed = m is None or m.sha256 != tsha
+            drifted = m is not None and a.sha256 != m.sha256
+            if policy == "ignore-drift" and not desired_changed:
+                pass
+            else:
+                action = "update"
+                if drifted and policy != "ignore-drift":
+                    kinds.append("content")
+        if a.mode != t.mode:
+            mode_desired = m is None or m.mode != t.mode
+            mode_drift = m is not None and a.mode != m.mode
+            if not (policy == "ignore-drift" and not mode_desired):
+                action = action or "chmod"
+                desired_changed = desired_changed or mode_desired
+                details.append(f"mode {a.mode:04o} → {t.mode:04o}")
+                if mode_drift and policy != "ignore-drift":
+                    kinds.append("mode")
+        if (uid is not None and a.uid != uid) or (gid is not None and a.gid != gid):
+            owner_desired = m is None or m.owner != t.owner or m.group != t.group
+            owner_drift = m is not None and ((uid is not None and a.uid != m.uid) or (
+                gid is not None and a.gid != m.gid
+            ))
+            if not (policy == "ignore-drift" and not owner_desired):
+                action = action or "chown"
+                desired_changed = desired_changed or owner_desired
+                details.append(f"owner {a.uid}:{a.gid} → {uid if uid is not None else a.uid}:"
+                               f"{gid if gid is not None else a.gid}")
+                if owner_drift and policy != "ignore-drift":
+                    kinds.append("owner")
+
+    drift = [DriftItem(path=t.path, kind=k) for k in kinds]
+    if action is None:
+        return None, drift
+    reason = _reason(bool(kinds), desired_changed)
+    apply = mode == "enforce" and not (policy == "audit" and kinds)
+    change = Change(
+        path=t.path,
+        action=action,
+        reason=reason,
+        app=t.app,
+        kinds=tuple(kinds),
+        target=t,
+        apply=apply,
+        uid=uid,
+        gid=gid,
+        detail="; ".join(details),
+    )
+    return change, drift
+
+
+def make_plan(
+    target: TargetState,
+    actual: Mapping[PurePosixPath, ActualFile],
+    previous: LocalState,
+    excludes: Any,
+    mode: str,
+) -> Plan:
+    """Compute the Plan of SPEC §4 step 5.
+
+    ``actual`` must hold every target path and every previously managed
+    path; ``excludes`` is an :func:`exclude_matcher`; ``mode`` is ``enforce``
+    or ``audit`` (audit: every change reported with ``apply=False``).
+    Raises InventoryError for an unknown owner or group.
+    """
+    ids = resolve_ids(target)
+    changes: list[Change] = []
+    drift: list[DriftItem] = []
+    excluded: list[PurePosixPath] = []
+    errors: list[str] = []
+
+    def is_excluded(path: PurePosixPath) -> bool:
+        return bool(excludes.match_file(str(path).lstrip("/")))
+
+    for path, t in target.files.items():
+        if is_excluded(path):
+            excluded.append(path)
+            continue
+        a = actual[path]
+        if a.kind == "unsafe":
+            errors.append(f"{path}: refused — {a.problem} (nothing written there)")
+            continue
+        change, found = _plan_target(t, a, previous.managed.get(str(path)), ids[path], mode)
+        drift.extend(found)
+        if change is not None:
+            changes.append(change)
+
+    for key, m in sorted(previous.managed.items()):
+        path = PurePosixPath(key)
+        if path in target.files:
+            continue
+        if is_excluded(path):
+            excluded.append(path)
+            continue
+        a = actual[path]
+        if a.kind != "file":
+            continue  # gone, or replaced by something that is not ours: forget it
+        kinds: tuple[str, ...] = ("content",) if a.sha256 != m.sha256 else ()
+        drift.extend(DriftItem(path=path, kind=k) for k in kinds)
+        changes.append(
+            Change(
+                path=path,
+                action="delete",
+                reason=_reason(bool(kinds), True),
+                app=m.app,
+                kinds=kinds,
+                apply=mode == "enforce" and m.policy != "audit",
+            )
+        )
+    return Plan(
+        changes=tuple(changes),
+        drift=tuple(drift),
+        excluded=tuple(sorted(set(excluded))),
+        errors=tuple(errors),
+    )

@@ -1,0 +1,291 @@
+"""Render stage: a Node and a Snapshot → TargetState (SPEC §1).
+
+Takes the effective :class:`~reconciler.inventory.Node`, the snapshot it came
+from, facts and source info; produces a :class:`TargetState`: every
+destination path of the node with its content, mode, owner, group, policy and
+secrecy. ``templates/<app>/default/**`` is overlaid by
+``templates/<app>/<state>/**``; ``.j2`` files are rendered with Jinja2
+(StrictUndefined) straight from the snapshot, anything else is copied byte
+for byte. Jinja2 is imported here only, so a run that renders nothing never
+pays for it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from .errors import InventoryError, PathError, RenderError
+from .inventory import DEFAULT_STATE, Node, load_app_config
+from .source import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
+
+POLICIES = ("enforce", "audit", "create-only", "ignore-drift")
+DEFAULT_SCRIPT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetFile:
+    """A TargetFile is the content, mode and owner that a destination path should have."""
+
+    path: PurePosixPath  # absolute destination path as the host sees it, e.g. /etc/motd
+    content: bytes
+    mode: int  # permission bits, e.g. 0o644
+    owner: str | None
+    group: str | None
+    secret: bool
+    policy: str  # one of POLICIES
+    app: str
+    template: str  # repository path it came from, e.g. templates/motd/default/etc/motd.j2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppSettings:
+    """AppSettings are an app's script settings from ``app.yaml`` (SPEC §1)."""
+
+    name: str
+    state: str
+    timeout: float = DEFAULT_SCRIPT_TIMEOUT
+    post_always: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetState:
+    """A TargetState is every file a node should have, in app order, plus app settings."""
+
+    node: str
+    files: Mapping[PurePosixPath, TargetFile]
+    apps: tuple[AppSettings, ...]
+
+
+def dest_path(relative: str, *, where: str) -> PurePosixPath:
+    """Turn a path below a state directory into an absolute destination path.
+
+    Refuses empty, ``.`` and ``..`` components and NUL bytes: such a path
+    could escape the root (SPEC §4). Raises PathError naming ``where``.
+    """
+    parts = relative.split("/")
+    if not relative or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise PathError(
+            f"{where}: destination /{relative} escapes or is not a plain path — "
+            "rename the template"
+        )
+    return PurePosixPath("/", *parts)
+
+
+def _compile(patterns: Mapping[str, Mapping[str, Any]]) -> list[tuple[Any, Mapping[str, Any]]]:
+    """gitignore-style globs of ``files:`` compiled once: [(spec, metadata)]."""
+    import pathspec
+
+    return [(pathspec.GitIgnoreSpec.from_lines([p]), v) for p, v in patterns.items()]
+
+
+def parse_mode(text: str, *, where: str) -> int:
+    """``"0640"`` → 0o640; PathError naming ``where`` for anything else (SPEC §6)."""
+    try:
+        mode = int(text, 8)
+    except (TypeError, ValueError):
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise InventoryError(f"{where}: mode {text!r} is not an octal mode such as \"0640\"")
+    return mode
+
+
+def _collect(snapshot: Snapshot, node: Node) -> dict[PurePosixPath, tuple[str, str, int]]:
+    """dest → (app, repository path, git file mode), overlay and conflicts resolved."""
+    out: dict[PurePosixPath, tuple[str, str, int]] = {}
+    for app in node.apps:
+        states = [DEFAULT_STATE] if app.state == DEFAULT_STATE else [DEFAULT_STATE, app.state]
+        per_app: dict[PurePosixPath, tuple[str, int]] = {}
+        for state in states:
+            base = f"templates/{app.name}/{state}"
+            seen: dict[PurePosixPath, str] = {}
+            for entry in snapshot.walk(base):
+                repo_path = f"{base}/{entry.path}"
+                rel = entry.path[:-3] if entry.path.endswith(".j2") else entry.path
+                dest = dest_path(rel, where=repo_path)
+                if entry.filemode == GIT_FILEMODE_LINK:
+                    raise RenderError(
+                        f"{repo_path}: symlinks are not supported in templates — "
+                        "commit a regular file instead"
+                    )
+                if dest in seen:
+                    raise RenderError(
+                        f"{repo_path}: {seen[dest]} produces the same destination {dest} — "
+                        "keep only one of them"
+                    )
+                seen[dest] = repo_path
+                per_app[dest] = (repo_path, entry.filemode)
+        for dest, (repo_path, filemode) in sorted(per_app.items()):
+            if dest in out:
+                other = out[dest]
+                raise InventoryError(
+                    f"{repo_path}: apps {other[0]!r} ({other[1]}) and {app.name!r} of node "
+                    f"{node.name} both produce {dest} — keep it in one app"
+                )
+            out[dest] = (app.name, repo_path, filemode)
+    return out
+
+
+def load_app_settings(snapshot: Snapshot, node: Node) -> tuple[AppSettings, ...]:
+    """AppSettings for every app of ``node``, in node order (SPEC §1 ``scripts``)."""
+    out = []
+    for app in node.apps:
+        scripts = load_app_config(snapshot, app.name).get("scripts", {})
+        out.append(
+            AppSettings(
+                name=app.name,
+                state=app.state,
+                timeout=float(scripts.get("timeout", DEFAULT_SCRIPT_TIMEOUT)),
+                post_always=bool(scripts.get("post_always", False)),
+            )
+        )
+    return tuple(out)
+
+
+def _metadata(
+    app_globs: list[tuple[Any, Mapping[str, Any]]],
+    node_globs: list[tuple[Any, Mapping[str, Any]]],
+    node: Node,
+    app: str,
+    dest: PurePosixPath,
+) -> tuple[dict[str, Any], str]:
+    """Metadata of ``dest``: app.yaml globs in order, then the node's ``files:``."""
+    meta: dict[str, Any] = {}
+    where = f"templates/{app}/app.yaml"
+    rel = str(dest).lstrip("/")
+    for spec, values in app_globs:
+        if spec.match_file(rel):
+            meta.update(values)
+    for spec, values in node_globs:
+        if spec.match_file(rel):
+            meta.update(values)
+            where = f"files: of node {node.name}"
+    return meta, where
+
+
+def template_context(
+    node: Node, facts: Mapping[str, Any], info: SourceInfo
+) -> dict[str, Any]:
+    """The Jinja2 context of SPEC §1: vars at top level, plus node, facts and source."""
+    context = dict(node.vars)
+    context["node"] = {
+        "name": node.name,
+        "state": node.state,
+        "apps": [a.name for a in node.apps],
+        "meta_nodes": list(node.meta_nodes),
+    }
+    context["facts"] = dict(facts)
+    context["source"] = {"url": info.url, "branch": info.branch, "commit": info.commit}
+    return context
+
+
+def _environment(snapshot: Snapshot) -> Any:
+    import jinja2
+
+    class SnapshotLoader(jinja2.BaseLoader):
+        """Templates by name relative to ``templates/``, read from the snapshot."""
+
+        def get_source(
+            self, environment: jinja2.Environment, template: str
+        ) -> tuple[str, str, Any]:
+            pieces = jinja2.loaders.split_template_path(template)  # refuses ".."
+            path = "templates/" + "/".join(pieces)
+            try:
+                data = snapshot.read(path)
+            except KeyError:
+                raise jinja2.TemplateNotFound(template) from None
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RenderError(f"{path}: a .j2 template must be UTF-8 text") from exc
+            return text, path, lambda: True
+
+    return jinja2.Environment(
+        loader=SnapshotLoader(),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _render_error(exc: Exception, repo_path: str, node: str, snapshot: Snapshot) -> RenderError:
+    """Name the template and line of a Jinja2 failure, with the offending line."""
+    import jinja2
+
+    where, line = repo_path, None
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        where, line = exc.filename or repo_path, exc.lineno
+        problem = f"syntax error: {exc.message}"
+    else:
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if frame.filename.startswith("templates/"):
+                where, line = frame.filename, frame.lineno
+                break
+        if isinstance(exc, jinja2.UndefinedError):
+            problem = f"{exc.message} (node {node}) — define it in vars or guard it with 'is defined'"
+        elif isinstance(exc, jinja2.TemplateNotFound):
+            problem = f"template {exc.name!r} not found — paths are relative to templates/"
+        else:
+            problem = f"{type(exc).__name__}: {exc}"
+    text = ""
+    if line:
+        try:
+            source_line = snapshot.read(where).decode("utf-8").splitlines()[line - 1].strip()
+            text = f' [line {line}: "{source_line[:120]}"]'
+        except (KeyError, IndexError, UnicodeDecodeError):
+            pass
+    prefix = f"{where}:{line}" if line else where
+    if where != repo_path:
+        text += f" (included from {repo_path})"
+    return RenderError(f"{prefix}: {problem}{text}")
+
+
+def render_target(
+    snapshot: Snapshot, node: Node, facts: Mapping[str, Any]
+) -> TargetState:
+    """Render every file of ``node`` from ``snapshot``.
+
+    Returns the TargetState in node app order. Raises RenderError (template
+    syntax, undefined variable, missing include), InventoryError (two apps
+    produce one path, bad metadata) or PathError (a destination that escapes
+    the root). Nothing is written anywhere.
+    """
+    sources = _collect(snapshot, node)
+    context = template_context(node, facts, snapshot.info)
+    env = None
+    app_globs = {
+        a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
+    }
+    node_globs = _compile(node.files)
+    files: dict[PurePosixPath, TargetFile] = {}
+    for dest, (app, repo_path, filemode) in sources.items():
+        if repo_path.endswith(".j2"):
+            if env is None:
+                env = _environment(snapshot)
+            name = repo_path[len("templates/") :]
+            try:
+                content = env.get_template(name).render(context).encode("utf-8")
+            except RenderError:
+                raise
+            except Exception as exc:  # Jinja2 raises many types; all are the author's error
+                raise _render_error(exc, repo_path, node.name, snapshot) from exc
+        else:
+            content = snapshot.read(repo_path)
+        meta, where = _metadata(app_globs[app], node_globs, node, app, dest)
+        default_mode = 0o755 if filemode == GIT_FILEMODE_EXEC else 0o644
+        mode = parse_mode(meta["mode"], where=where) if "mode" in meta else default_mode
+        files[dest] = TargetFile(
+            path=dest,
+            content=content,
+            mode=mode,
+            owner=meta.get("owner"),
+            group=meta.get("group"),
+            secret=bool(meta.get("secret", False)),
+            policy=meta.get("policy", "enforce"),
+            app=app,
+            template=repo_path,
+        )
+    return TargetState(node=node.name, files=files, apps=load_app_settings(snapshot, node))

@@ -1,0 +1,232 @@
+"""Report stage: the record of a run → last-run.json and a commit on reports/<node>.
+
+Takes everything the run found and did; produces the report mapping of SPEC
+§5, writes ``<state_dir>/last-run.json``, commits ``report.json`` plus
+``drift/<dest-path>`` captures to ``refs/heads/reports/<node>`` in the local
+bare repository, and pushes that ref. The local ref is the queue: a push
+that fails leaves the commits there and the next run pushes them all.
+
+A new commit is made only when the report differs from the previous one in
+what matters (result, source commit, changes, drift, excluded, errors,
+scripts' exit codes) or when the heartbeat has passed (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pygit2
+
+from . import __version__
+from .errors import SourceError
+from .plan import Plan
+from .source import SourceInfo, remote_report_ref, report_ref
+from .system import ScriptRun, atomic_write
+
+log = logging.getLogger(__name__)
+
+RESULTS = ("ok", "changed", "drift", "failed")
+
+
+def utc_iso(moment: dt.datetime) -> str:
+    """ISO 8601 UTC with a Z suffix, second precision."""
+    return moment.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def run_result(*, errors: Sequence[str], plan: Plan | None) -> str:
+    """SPEC §6: failed if anything failed; else drift; else changed (applied or pending); else ok."""
+    if errors:
+        return "failed"
+    if plan is not None and plan.drift:
+        return "drift"
+    if plan is not None and plan.changes:
+        return "changed"
+    return "ok"
+
+
+def build_report(
+    *,
+    node: str,
+    run_id: str,
+    started_at: dt.datetime,
+    finished_at: dt.datetime,
+    source: SourceInfo,
+    applied_commit: str | None,
+    mode: str,
+    plan: Plan | None,
+    applied: set[PurePosixPath],
+    scripts: Sequence[ScriptRun],
+    errors: Sequence[str],
+    facts: Mapping[str, Any],
+    dry_run: bool = False,
+    suspended: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The report mapping of SPEC §5 (keys in the order of the SPEC)."""
+    changes = []
+    drift = []
+    excluded: list[str] = []
+    if plan is not None:
+        changes = [
+            {
+                "path": str(c.path),
+                "action": c.action,
+                "reason": c.reason,
+                "applied": c.path in applied,
+                "app": c.app,
+                **({"detail": c.detail} if c.detail else {}),
+            }
+            for c in plan.changes
+        ]
+        drift = [{"path": str(d.path), "kind": d.kind} for d in plan.drift]
+        excluded = [str(p) for p in plan.excluded]
+    return {
+        "node": node,
+        "run_id": run_id,
+        "started_at": utc_iso(started_at),
+        "finished_at": utc_iso(finished_at),
+        "source": {
+            "url": source.url,
+            "branch": source.branch,
+            "commit": source.commit,
+            "fetched": source.fetched,
+        },
+        "applied_commit": applied_commit,
+        "mode": mode,
+        "dry_run": dry_run,
+        "suspended": dict(suspended) if suspended else None,
+        "result": run_result(errors=errors, plan=plan),
+        "changes": changes,
+        "drift": drift,
+        "excluded": excluded,
+        "scripts": [
+            {
+                "phase": s.phase,
+                "app": s.app,
+                "name": s.name,
+                "exit_code": s.exit_code,
+                "timed_out": s.timed_out,
+                "duration_s": s.duration_s,
+                "output_tail": s.output_tail,
+            }
+            for s in scripts
+        ],
+        "errors": list(errors),
+        "facts": dict(facts),
+        "reconciler_version": __version__,
+    }
+
+
+def significant(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a report whose change makes a new commit (SPEC §5)."""
+    return {
+        "result": report.get("result"),
+        "commit": (report.get("source") or {}).get("commit"),
+        "applied_commit": report.get("applied_commit"),
+        "changes": report.get("changes"),
+        "drift": report.get("drift"),
+        "excluded": report.get("excluded"),
+        "errors": report.get("errors"),
+        "suspended": report.get("suspended"),
+        "scripts": [
+            (s.get("phase"), s.get("app"), s.get("name"), s.get("exit_code"))
+            for s in report.get("scripts", ())
+        ],
+    }
+
+
+def commit_message(report: Mapping[str, Any]) -> str:
+    """``<node>: <result> at <short commit> (<n> changed, <m> drifted)`` (SPEC §5)."""
+    commit = (report["source"]["commit"] or "none")[:7]
+    changed = sum(1 for c in report["changes"] if c["applied"])
+    drifted = len({d["path"] for d in report["drift"]})
+    return f"{report['node']}: {report['result']} at {commit} ({changed} changed, {drifted} drifted)"
+
+
+def write_last_run(state_dir: Path, report: Mapping[str, Any], **extra: Any) -> None:
+    """``<state_dir>/last-run.json``, owner-readable only."""
+    data = {**report, **extra}
+    atomic_write(state_dir / "last-run.json", json.dumps(data, indent=2).encode(), mode=0o600)
+
+
+def read_last_run(state_dir: Path) -> dict[str, Any] | None:
+    """The last run's report from ``<state_dir>/last-run.json``, or None."""
+    try:
+        data = json.loads((state_dir / "last-run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{state_dir / 'last-run.json'}: unreadable ({exc})") from exc
+    return data if isinstance(data, dict) else None
+
+
+def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
+    """Where the next report commit goes: the local queue, or the fetched remote tip."""
+    local = repo.references.get(report_ref(node))
+    remote = repo.references.get(remote_report_ref(node))
+    if local is None:
+        return repo[remote.target] if remote is not None else None
+    if remote is not None and local.target != remote.target:
+        try:
+            ahead = repo.descendant_of(local.target, remote.target)
+        except pygit2.GitError:
+            ahead = False
+        if not ahead:
+            # Someone else moved our branch (a state_dir reset, a manual fix):
+            # continue from theirs rather than fight over the ref.
+            log.warning("reports/%s diverged from the server; continuing from its tip", node)
+            return repo[remote.target]  # type: ignore[no-any-return]
+    return repo[local.target]  # type: ignore[no-any-return]
+
+
+def commit_report(
+    repo: pygit2.Repository,
+    report: Mapping[str, Any],
+    captures: Mapping[PurePosixPath, bytes],
+    *,
+    heartbeat_s: float,
+    now: dt.datetime,
+) -> str | None:
+    """Commit ``report.json`` and ``drift/`` captures on ``reports/<node>``.
+
+    Returns the new commit id, or None when the report adds nothing that
+    matters and the heartbeat has not passed. ``captures`` maps drifted
+    destination paths to their content as found (never secrets: the caller
+    leaves them out).
+    """
+    node = report["node"]
+    parent = _parent(repo, node)
+    if parent is not None:
+        try:
+            previous = json.loads(parent.tree["report.json"].data)
+        except (KeyError, ValueError):
+            previous = None
+        age = now.timestamp() - parent.commit_time
+        if previous is not None and significant(previous) == significant(report):
+            if age < heartbeat_s:
+                return None
+    index = pygit2.Index()
+    blob = repo.create_blob(json.dumps(report, indent=2, sort_keys=False).encode() + b"\n")
+    index.add(pygit2.IndexEntry("report.json", blob, pygit2.GIT_FILEMODE_BLOB))
+    for path, content in sorted(captures.items()):
+        entry = pygit2.IndexEntry(
+            "drift" + str(path), repo.create_blob(content), pygit2.GIT_FILEMODE_BLOB
+        )
+        index.add(entry)
+    tree = index.write_tree(repo)
+    when = int(now.timestamp())
+    signature = pygit2.Signature("reconciler", f"reconciler@{node}", when, 0)
+    commit = repo.create_commit(
+        None,
+        signature,
+        signature,
+        commit_message(report),
+        tree,
+        [parent.id] if parent is not None else [],
+    )
+    repo.references.create(report_ref(node), commit, force=True)
+    return str(commit)

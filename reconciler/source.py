@@ -1,0 +1,306 @@
+"""Source stage: the desired-state repository, fetched and read through pygit2.
+
+Takes the agent configuration; produces a :class:`Snapshot` — a read-only
+view of one commit's tree (``GitSnapshot``) or of a working tree on disk
+(``DirSnapshot``, for ``render``/``validate``/``hosts --repo DIR``, SPEC §6).
+Later stages read templates, host files and scripts only through a Snapshot,
+so they never know which of the two they have.
+
+The fetch goes into a bare repository ``<state_dir>/repo.git`` (SPEC §4 step 1):
+only the configured branch and this node's report branch are fetched, and the
+fetch never looks at the repository's content, so a broken node definition
+cannot stop the host from fetching the commit that repairs it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import pygit2
+
+from .errors import ConfigError, SourceError, UntrustedCommitError
+
+GIT_FILEMODE_LINK = 0o120000
+GIT_FILEMODE_EXEC = 0o100755
+GIT_FILEMODE_BLOB = 0o100644
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceInfo:
+    """Where a snapshot came from: SPEC §1 template context ``source`` and §5 ``source``."""
+
+    url: str
+    branch: str
+    commit: str  # full 40-hex, or "" for a working tree
+    fetched: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    """A file in a snapshot: repository-relative posix path and git file mode."""
+
+    path: str
+    filemode: int
+
+
+class Snapshot(Protocol):
+    """A read-only view of a desired-state repository (a commit or a working tree).
+
+    Paths are repository-relative posix strings such as ``hosts/web1.yaml``.
+    """
+
+    info: SourceInfo
+
+    def read(self, path: str) -> bytes:
+        """Return the bytes of the file at ``path``; KeyError if there is none."""
+        ...
+
+    def is_dir(self, path: str) -> bool:
+        """True if ``path`` is a directory (a tree)."""
+        ...
+
+    def listdir(self, path: str) -> list[tuple[str, bool]]:
+        """Sorted (name, is_dir) pairs directly under ``path``; [] if it is missing."""
+        ...
+
+    def walk(self, path: str) -> Iterator[Entry]:
+        """Every file under ``path`` recursively, paths relative to ``path``, sorted."""
+        ...
+
+
+class GitSnapshot:
+    """A Snapshot of one commit's tree in a pygit2 repository; no working tree needed."""
+
+    def __init__(self, repo: pygit2.Repository, commit: str, info: SourceInfo) -> None:
+        self._repo = repo
+        self._tree = repo[commit].peel(pygit2.Tree)
+        self.info = info
+
+    def _lookup(self, path: str) -> pygit2.Object | None:
+        path = path.strip("/")
+        if not path:
+            return self._tree
+        try:
+            return self._tree[path]  # type: ignore[no-any-return]
+        except KeyError:
+            return None
+
+    def read(self, path: str) -> bytes:
+        obj = self._lookup(path)
+        if not isinstance(obj, pygit2.Blob):
+            raise KeyError(path)
+        return bytes(obj.data)
+
+    def is_dir(self, path: str) -> bool:
+        return isinstance(self._lookup(path), pygit2.Tree)
+
+    def listdir(self, path: str) -> list[tuple[str, bool]]:
+        obj = self._lookup(path)
+        if not isinstance(obj, pygit2.Tree):
+            return []
+        return sorted((e.name, e.type_str == "tree") for e in obj)
+
+    def walk(self, path: str) -> Iterator[Entry]:
+        obj = self._lookup(path)
+        if not isinstance(obj, pygit2.Tree):
+            return
+        yield from self._walk(obj, "")
+
+    def _walk(self, tree: pygit2.Tree, prefix: str) -> Iterator[Entry]:
+        for entry in sorted(tree, key=lambda e: e.name):
+            rel = f"{prefix}{entry.name}"
+            if entry.type_str == "tree":
+                yield from self._walk(self._repo[entry.id], rel + "/")
+            elif entry.type_str == "blob":
+                yield Entry(path=rel, filemode=entry.filemode)
+            # submodules (type "commit") carry no content: ignored.
+
+
+class DirSnapshot:
+    """A Snapshot of a working tree on disk (``--repo DIR``), read as files (SPEC §6)."""
+
+    def __init__(self, root: Path, info: SourceInfo | None = None) -> None:
+        self._root = root
+        self.info = info or SourceInfo(url=str(root), branch="", commit="")
+
+    def _path(self, path: str) -> Path:
+        return self._root / path.strip("/")
+
+    def read(self, path: str) -> bytes:
+        try:
+            return self._path(path).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise KeyError(path) from exc
+
+    def is_dir(self, path: str) -> bool:
+        return self._path(path).is_dir()
+
+    def listdir(self, path: str) -> list[tuple[str, bool]]:
+        base = self._path(path)
+        try:
+            names = os.listdir(base)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted((n, (base / n).is_dir()) for n in names if n != ".git")
+
+    def walk(self, path: str) -> Iterator[Entry]:
+        base = self._path(path)
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if d != ".git")
+            rel_dir = os.path.relpath(dirpath, base)
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                st = os.lstat(full)
+                if stat.S_ISLNK(st.st_mode):
+                    filemode = GIT_FILEMODE_LINK
+                elif st.st_mode & 0o111:
+                    filemode = GIT_FILEMODE_EXEC
+                else:
+                    filemode = GIT_FILEMODE_BLOB
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                yield Entry(path=rel.replace(os.sep, "/"), filemode=filemode)
+
+
+# --------------------------------------------------------------------- fetch
+
+
+def remote_url(repo: str) -> str:
+    """Normalise ``--repo``: a URL stays; a local path becomes absolute.
+
+    Raises ConfigError for schemes reconciler cannot use safely yet (SPEC §2).
+    """
+    scheme = urlsplit(repo).scheme
+    if scheme in ("file", "git", "http", "https"):
+        return repo
+    if scheme == "ssh" or (":" in repo and "@" in repo.split(":", 1)[0]):
+        # pygit2 accepts every SSH host key unless we pin it (NOTES.md); SSH
+        # sources arrive together with host-key pinning, not before.
+        raise ConfigError(
+            f"repo: {repo}: SSH sources are not supported in this version — "
+            "use file://, git:// or https://"
+        )
+    if scheme and len(scheme) > 1:
+        raise ConfigError(f"repo: {repo}: unsupported URL scheme {scheme!r}")
+    return str(Path(repo).resolve())
+
+
+def open_state_repo(state_dir: Path) -> pygit2.Repository:
+    """Open (or create) the bare repository ``<state_dir>/repo.git``."""
+    path = state_dir / "repo.git"
+    try:
+        if path.exists():
+            return pygit2.Repository(str(path))
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return pygit2.init_repository(str(path), bare=True)
+    except pygit2.GitError as exc:
+        raise SourceError(
+            f"{path}: cannot open the local repository: {exc} — remove it to re-clone"
+        ) from exc
+
+
+def tracking_ref(branch: str) -> str:
+    """The local ref that holds the fetched head of ``branch``."""
+    return f"refs/remotes/origin/{branch}"
+
+
+def report_ref(node: str) -> str:
+    """The report branch of ``node`` (SPEC §5)."""
+    return f"refs/heads/reports/{node}"
+
+
+def remote_report_ref(node: str) -> str:
+    """The local ref that holds the fetched remote report branch of ``node``."""
+    return f"refs/remotes/origin/reports/{node}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchResult:
+    """Outcome of a fetch: the commit to use and whether it is fresh (SPEC §4 step 1)."""
+
+    commit: str
+    fetched: bool
+    error: str | None = None
+    received_bytes: int = 0
+
+
+def fetch(repo: pygit2.Repository, url: str, branch: str, node: str) -> FetchResult:
+    """Fetch ``branch`` and ``reports/<node>`` from ``url`` into ``repo``.
+
+    On failure, fall back to the last fetched commit with ``fetched=False``
+    and the error text (SPEC §4 step 1). Raises SourceError when nothing was
+    ever fetched or the branch does not exist on the remote.
+    """
+    refspecs = [
+        f"+refs/heads/{branch}:{tracking_ref(branch)}",
+        f"+{report_ref(node)}:{remote_report_ref(node)}",
+    ]
+    remote = repo.remotes.create_anonymous(url)
+    error: str | None = None
+    received = 0
+    try:
+        progress = remote.fetch(refspecs)
+        received = int(progress.received_bytes)
+    except (pygit2.GitError, OSError) as exc:
+        error = f"{url}: fetch failed: {exc}"
+    try:
+        commit = str(repo.references[tracking_ref(branch)].target)
+    except KeyError:
+        if error is not None:
+            raise SourceError(f"{error} — and no earlier fetch to fall back on") from None
+        raise SourceError(
+            f"{url}: branch {branch!r} not found — check --branch and --repo"
+        ) from None
+    return FetchResult(commit=commit, fetched=error is None, error=error, received_bytes=received)
+
+
+def check_descends(repo: pygit2.Repository, commit: str, last_applied: str | None) -> None:
+    """Refuse ``commit`` unless it is ``last_applied`` or descends from it (SPEC §4 step 2).
+
+    Raises UntrustedCommitError naming both commits and the way out.
+    """
+    if not last_applied or commit == last_applied:
+        return
+    try:
+        ok = repo.descendant_of(commit, last_applied)
+    except (pygit2.GitError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise UntrustedCommitError(
+            f"untrusted commit {commit}: it does not descend from the last applied commit "
+            f"{last_applied} (branch rewound) — if that is intended, run once with "
+            "--allow-rewind"
+        )
+
+
+class _PushCallbacks(pygit2.RemoteCallbacks):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.rejected: dict[str, str] = {}
+
+    def push_update_reference(self, refname: str, message: str | None) -> None:
+        if message:
+            self.rejected[refname] = message
+
+
+def push_ref(repo: pygit2.Repository, url: str, ref: str) -> None:
+    """Push local ``ref`` to the same name at ``url``.
+
+    Raises SourceError when the transport fails or the server rejects the ref.
+    """
+    remote = repo.remotes.create_anonymous(url)
+    callbacks = _PushCallbacks()
+    try:
+        remote.push([f"{ref}:{ref}"], callbacks=callbacks)
+    except (pygit2.GitError, OSError) as exc:
+        raise SourceError(f"{url}: push of {ref} failed: {exc} — it is retried next run") from exc
+    if callbacks.rejected:
+        why = "; ".join(f"{r}: {m}" for r, m in callbacks.rejected.items())
+        raise SourceError(f"{url}: push rejected ({why}) — it is retried next run")

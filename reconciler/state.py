@@ -1,0 +1,98 @@
+"""Local state: what the last run wrote, kept in ``<state_dir>/state.json``.
+
+Read before scan, written after apply. For every managed path it keeps the
+sha256 (never the content: chezmoi's rule, so a secret never lands in
+``state_dir`` in clear), mode, owner and a stat signature, so that drift —
+"a managed path whose actual state differs from what reconciler last wrote"
+(SPEC vocabulary) — can be told apart from a change of the desired state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import SourceError
+from .system import atomic_write
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManagedFile:
+    """A ManagedFile is what reconciler last wrote at a path, and how it looked on disk."""
+
+    sha256: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    app: str
+    owner: str | None = None
+    group: str | None = None
+    secret: bool = False
+    policy: str = "enforce"
+
+    def signature(self) -> tuple[int, int, int, int]:
+        """The stat signature that lets a no-change scan skip hashing."""
+        return (self.size, self.mtime_ns, self.ctime_ns, self.ino)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalState:
+    """LocalState is the applied commit and the managed paths of the last run."""
+
+    node: str = ""
+    applied_commit: str | None = None
+    managed: Mapping[str, ManagedFile] = field(default_factory=dict)
+    created_dirs: tuple[str, ...] = ()
+
+
+def state_path(state_dir: Path) -> Path:
+    """``<state_dir>/state.json``."""
+    return state_dir / "state.json"
+
+
+def load_state(state_dir: Path) -> LocalState:
+    """Read the local state; an empty LocalState when there is none yet.
+
+    Raises SourceError when the file exists but cannot be parsed, rather than
+    silently forgetting every managed path (which would stop prunes).
+    """
+    path = state_path(state_dir)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return LocalState()
+    except (OSError, ValueError) as exc:
+        raise SourceError(
+            f"{path}: unreadable local state ({exc}) — move it away to start afresh"
+        ) from exc
+    try:
+        return LocalState(
+            node=raw.get("node", ""),
+            applied_commit=raw.get("applied_commit"),
+            managed={p: ManagedFile(**m) for p, m in raw.get("managed", {}).items()},
+            created_dirs=tuple(raw.get("created_dirs", ())),
+        )
+    except TypeError as exc:
+        raise SourceError(
+            f"{path}: local state has an unknown shape ({exc}) — move it away to start afresh"
+        ) from exc
+
+
+def save_state(state_dir: Path, state: LocalState) -> None:
+    """Write the local state atomically, readable by its owner only."""
+    data = {
+        "version": STATE_VERSION,
+        "node": state.node,
+        "applied_commit": state.applied_commit,
+        "managed": {p: asdict(m) for p, m in sorted(state.managed.items())},
+        "created_dirs": sorted(state.created_dirs),
+    }
+    atomic_write(state_path(state_dir), json.dumps(data, indent=1).encode(), mode=0o600)

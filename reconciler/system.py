@@ -1,0 +1,299 @@
+"""System: every effect on the host goes through here (chezmoi's ``System`` idea).
+
+``RealSystem`` writes, deletes, backs up and runs scripts; ``DryRunSystem``
+does none of it and only says what it would do, so ``--dry-run`` is a
+different System rather than ``if dry_run:`` branches in the apply stage.
+Every write and every script run is logged once at INFO here.
+
+Writes are atomic (SPEC §4 step 6): a temp file in the destination's own
+directory, written, fchmod/fchown'd, fsync'd, renamed over the destination,
+then the directory fsync'd — a reader or a crash sees the old file or the new
+one, never a mix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TAIL_LINES = 20
+OUTPUT_TAIL_BYTES = 4096
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: Path,
+    content: bytes,
+    *,
+    mode: int = 0o644,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> None:
+    """Write ``content`` to ``path`` atomically with ``mode`` (and owner, if given).
+
+    The parent directory must exist. Raises OSError; on failure the temp file
+    is removed and ``path`` is untouched.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".reconciler-tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            if uid is not None or gid is not None:
+                os.fchown(fh.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScriptRun:
+    """A ScriptRun is the outcome of one pre or post script (SPEC §4, §5 ``scripts``)."""
+
+    phase: str  # pre | post
+    app: str
+    name: str
+    exit_code: int | None  # None: not run (dry-run) or killed by the timeout
+    duration_s: float
+    output_tail: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the script exited 0 (or was not run)."""
+        return not self.timed_out and self.exit_code in (0, None)
+
+
+class System(Protocol):
+    """Every effect on the host: files under the root, backups, script runs."""
+
+    dry_run: bool
+
+    def make_dirs(self, path: Path) -> list[Path]:
+        """Create missing directories down to ``path`` with mode 0755; return those made."""
+        ...
+
+    def write_file(
+        self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
+    ) -> None:
+        """Atomically replace ``path`` (a file, a symlink or nothing) with ``content``."""
+        ...
+
+    def chmod(self, path: Path, mode: int) -> None:
+        """Set permission bits of ``path``."""
+        ...
+
+    def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
+        """Set owner and/or group of ``path``."""
+        ...
+
+    def remove(self, path: Path) -> None:
+        """Remove a file, a symlink or an empty directory."""
+        ...
+
+    def remove_empty_dir(self, path: Path) -> bool:
+        """Remove ``path`` if it is an empty directory; True if removed."""
+        ...
+
+    def backup(self, path: Path, dest: Path) -> None:
+        """Copy ``path`` (file or symlink, with its mode) to ``dest`` before it changes."""
+        ...
+
+    def run_script(
+        self,
+        *,
+        phase: str,
+        app: str,
+        name: str,
+        directory: Path,
+        env: dict[str, str],
+        timeout: float,
+    ) -> ScriptRun:
+        """Run ``directory/name`` with cwd ``directory`` and ``env``; never raises for exit codes."""
+        ...
+
+
+class RealSystem:
+    """RealSystem applies changes to the disk and runs scripts."""
+
+    dry_run = False
+
+    def make_dirs(self, path: Path) -> list[Path]:
+        missing: list[Path] = []
+        current = path
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for directory in reversed(missing):
+            os.mkdir(directory, 0o755)
+            os.chmod(directory, 0o755)  # mkdir's mode is filtered by the umask
+            log.info("mkdir %s", directory)
+        if missing:
+            fsync_dir(missing[-1].parent)
+        return list(reversed(missing))
+
+    def write_file(
+        self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
+    ) -> None:
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            self.remove(path)
+        atomic_write(path, content, mode=mode, uid=uid, gid=gid)
+        log.info("wrote %s (%d bytes, mode %04o)", path, len(content), mode)
+
+    def chmod(self, path: Path, mode: int) -> None:
+        os.chmod(path, mode, follow_symlinks=False)
+        log.info("chmod %04o %s", mode, path)
+
+    def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+        log.info("chown %s:%s %s", uid, gid, path)
+
+    def remove(self, path: Path) -> None:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+        fsync_dir(path.parent)
+        log.info("removed %s", path)
+
+    def remove_empty_dir(self, path: Path) -> bool:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return False
+        log.info("removed empty directory %s", path)
+        return True
+
+    def backup(self, path: Path, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.copy2(path, dest, follow_symlinks=False)
+
+    def run_script(
+        self,
+        *,
+        phase: str,
+        app: str,
+        name: str,
+        directory: Path,
+        env: dict[str, str],
+        timeout: float,
+    ) -> ScriptRun:
+        started = time.monotonic()
+        log.info("running %s script %s/%s", phase, app, name)
+        try:
+            proc = subprocess.Popen(
+                [str(directory / name)],
+                cwd=directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # so a timeout kills the script's children too
+            )
+        except OSError as exc:
+            return ScriptRun(
+                phase=phase,
+                app=app,
+                name=name,
+                exit_code=127,
+                duration_s=round(time.monotonic() - started, 3),
+                output_tail=f"cannot execute: {exc.strerror}",
+            )
+        timed_out = False
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        tail_bytes = output[-OUTPUT_TAIL_BYTES:]
+        tail = "\n".join(tail_bytes.decode("utf-8", "replace").splitlines()[-OUTPUT_TAIL_LINES:])
+        run = ScriptRun(
+            phase=phase,
+            app=app,
+            name=name,
+            exit_code=None if timed_out else proc.returncode,
+            duration_s=round(time.monotonic() - started, 3),
+            output_tail=tail,
+            timed_out=timed_out,
+        )
+        log.info(
+            "%s script %s/%s: %s in %.2fs",
+            phase,
+            app,
+            name,
+            "timed out" if timed_out else f"exit {proc.returncode}",
+            run.duration_s,
+        )
+        return run
+
+
+class DryRunSystem:
+    """DryRunSystem changes nothing and runs nothing; it logs what it would do."""
+
+    dry_run = True
+
+    def make_dirs(self, path: Path) -> list[Path]:
+        return []
+
+    def write_file(
+        self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
+    ) -> None:
+        log.info("would write %s (%d bytes, mode %04o)", path, len(content), mode)
+
+    def chmod(self, path: Path, mode: int) -> None:
+        log.info("would chmod %04o %s", mode, path)
+
+    def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
+        log.info("would chown %s:%s %s", uid, gid, path)
+
+    def remove(self, path: Path) -> None:
+        log.info("would remove %s", path)
+
+    def remove_empty_dir(self, path: Path) -> bool:
+        return False
+
+    def backup(self, path: Path, dest: Path) -> None:
+        pass
+
+    def run_script(
+        self,
+        *,
+        phase: str,
+        app: str,
+        name: str,
+        directory: Path,
+        env: dict[str, str],
+        timeout: float,
+    ) -> ScriptRun:
+        log.info("would run %s script %s/%s", phase, app, name)
+        return ScriptRun(
+            phase=phase, app=app, name=name, exit_code=None, duration_s=0.0, output_tail=""
+        )
