@@ -122,21 +122,37 @@ def build_report(
 
 
 def significant(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a report whose change makes a new commit (SPEC §5)."""
+    """The state a report describes; a change in it makes a new commit (SPEC §5).
+
+    ``ok`` and ``changed`` are one class here: a run that converged the disk
+    (``changed``) followed by a run that found it still converged (``ok``)
+    at the same commit is not news, so the second run makes no commit (issue
+    #2: "a second run with nothing changed: no new report commit"). What the
+    run *did* is news on its own: see :func:`eventful`.
+    """
+    result = report.get("result")
     return {
-        "result": report.get("result"),
+        "result": "converged" if result in ("ok", "changed") else result,
         "commit": (report.get("source") or {}).get("commit"),
         "applied_commit": report.get("applied_commit"),
-        "changes": report.get("changes"),
+        "pending": [c for c in report.get("changes", ()) if not c.get("applied")],
         "drift": report.get("drift"),
         "excluded": report.get("excluded"),
         "errors": report.get("errors"),
         "suspended": report.get("suspended"),
-        "scripts": [
+        "failed_scripts": [
             (s.get("phase"), s.get("app"), s.get("name"), s.get("exit_code"))
             for s in report.get("scripts", ())
+            if s.get("exit_code") != 0
         ],
     }
+
+
+def eventful(report: Mapping[str, Any]) -> bool:
+    """True when the run changed something on the host or ran scripts: always recorded."""
+    return any(c.get("applied") for c in report.get("changes", ())) or bool(
+        report.get("scripts")
+    )
 
 
 def commit_message(report: Mapping[str, Any]) -> str:
@@ -206,9 +222,9 @@ def commit_report(
         except (KeyError, ValueError):
             previous = None
         age = now.timestamp() - parent.commit_time
-        if previous is not None and significant(previous) == significant(report):
-            if age < heartbeat_s:
-                return None
+        quiet = not eventful(report) and significant(previous or {}) == significant(report)
+        if previous is not None and quiet and age < heartbeat_s:
+            return None
     index = pygit2.Index()
     blob = repo.create_blob(json.dumps(report, indent=2, sort_keys=False).encode() + b"\n")
     index.add(pygit2.IndexEntry("report.json", blob, pygit2.GIT_FILEMODE_BLOB))
