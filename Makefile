@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m reconciler.demo
+	bash demo/demo.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check reconciler tests

@@ -215,9 +215,7 @@ def _run(
         )
         applied = apply_plan(plan, target, actual, previous, snapshot, system, ctx)
         errors.extend(applied.errors)
-        pending = any(
-            c.reason != "drift" and c.path not in applied.applied for c in plan.changes
-        )
+        pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
         if not errors and not pending:
             applied_commit = commit
         if not options.dry_run:

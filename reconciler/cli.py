@@ -30,9 +30,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} — see {self.prog} --help")
 
 
-def _common() -> argparse.ArgumentParser:
+def _common() -> _Parser:
     """Flags every subcommand takes; they come after the subcommand (SPEC §6)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     g = p.add_argument_group("configuration (a flag wins over the config file)")
     g.add_argument("--config", metavar="PATH", help="agent configuration file")
     g.add_argument("--repo", help="desired-state repository URL or path")
@@ -182,8 +182,9 @@ def unified_diff(path: str, old: bytes | None, new: bytes | None, *, secret: boo
     except UnicodeDecodeError:
         return f"Binary files {a} and {b} differ\n"
     lines = difflib.unified_diff(old_text, new_text, a, b)
-    return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
-                   for line in lines)
+    return "".join(
+        line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines
+    )
 
 
 def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -310,9 +311,7 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     snapshot = _tree(args)
     inventory = load_inventory(snapshot)
     data = {
-        "nodes": [
-            {"name": n, "meta_nodes": inventory.containing(n)} for n in inventory.nodes
-        ],
+        "nodes": [{"name": n, "meta_nodes": inventory.containing(n)} for n in inventory.nodes],
         "meta_nodes": [
             {
                 "name": m,

@@ -237,7 +237,7 @@ def load_config(
         if key not in SCALAR_KEYS:
             raise ConfigError(f"--{key.replace('_', '-')}: not a configuration key")
         values[key] = _coerce(key, value, getattr(config, key))
-    config = replace(config, **values)
+    config = replace(config, **values)  # type: ignore[arg-type]
     if config.mode not in MODES:
         raise ConfigError(f"{where}: mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
     if not config.node or "/" in config.node or config.node.startswith(("_", ".")):

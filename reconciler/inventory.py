@@ -108,13 +108,15 @@ def _schema_message(error: Any) -> str:
         return f"{where + ': ' if where else ''}unknown key {', '.join(map(repr, extra))}{hint}"
     if path and path[-1] == "mode" and isinstance(error.instance, int):
         return (
-            f"{where}: mode must be a quoted octal string such as \"0640\" — quote it "
+            f'{where}: mode must be a quoted octal string such as "0640" — quote it '
             f"(YAML reads an unquoted mode as the number {error.instance})"
         )
     if error.validator == "pattern" and path and path[-1] == "mode":
-        return f"{where}: mode {error.instance!r} is not an octal mode such as \"0640\""
+        return f'{where}: mode {error.instance!r} is not an octal mode such as "0640"'
     if error.validator == "oneOf" and len(path) == 2 and path[0] == "apps":
-        return f"{where}: an app is a name or a one-key mapping {{app: state}}, got {error.instance!r}"
+        return (
+            f"{where}: an app is a name or a one-key mapping {{app: state}}, got {error.instance!r}"
+        )
     if error.validator == "pattern" and isinstance(error.instance, str):
         return f"{where}: {error.instance!r} is not a valid name or path here"
     return f"{where + ': ' if where else ''}{error.message}"
@@ -233,9 +235,7 @@ class Inventory:
                 if p not in ancestors:
                     ancestors.add(p)
                     todo.append(p)
-        indegree = {
-            a: sum(1 for p in parents.get(a, ()) if p in ancestors) for a in ancestors
-        }
+        indegree = {a: sum(1 for p in parents.get(a, ()) if p in ancestors) for a in ancestors}
         ready = [a for a, d in indegree.items() if d == 0]
         heapq.heapify(ready)
         order: list[str] = []
@@ -252,7 +252,7 @@ class Inventory:
 
 def _check_graph(files: Mapping[str, HostFile]) -> list[str]:
     problems: list[str] = []
-    for name, f in sorted(files.items()):
+    for f in files.values():
         for child in f.data.get("include_nodes", ()):
             if child == DEFAULTS or child not in files:
                 problems.append(
@@ -308,7 +308,9 @@ def inventory_problems(snapshot: Snapshot) -> tuple[Inventory | None, list[str]]
         data = {} if data is None else data
         found = _schema_problems(node_validator, data, raw.decode("utf-8", "replace"), path)
         if stem == DEFAULTS and isinstance(data, dict) and "include_nodes" in data:
-            found.append(f"{path}: include_nodes is not allowed in _defaults — move it to a meta-node")
+            found.append(
+                f"{path}: include_nodes is not allowed in _defaults — move it to a meta-node"
+            )
         if stem != DEFAULTS and not stem[:1].isalnum():
             found.append(f"{path}: a node name must start with a letter or digit — rename the file")
         if found:
@@ -330,9 +332,11 @@ def load_inventory(snapshot: Snapshot) -> Inventory:
     """Parse and check every host file; raise InventoryError with the first problem."""
     inventory, problems = inventory_problems(snapshot)
     if inventory is None:
-        more = f" (and {len(problems) - 1} more problems; run reconciler validate)" if len(
-            problems
-        ) > 1 else ""
+        more = (
+            f" (and {len(problems) - 1} more problems; run reconciler validate)"
+            if len(problems) > 1
+            else ""
+        )
         raise InventoryError(problems[0] + more)
     return inventory
 

@@ -174,14 +174,16 @@ def _plan_target(
                     kinds.append("mode")
         if (uid is not None and a.uid != uid) or (gid is not None and a.gid != gid):
             owner_desired = m is None or m.owner != t.owner or m.group != t.group
-            owner_drift = m is not None and ((uid is not None and a.uid != m.uid) or (
-                gid is not None and a.gid != m.gid
-            ))
+            owner_drift = m is not None and (
+                (uid is not None and a.uid != m.uid) or (gid is not None and a.gid != m.gid)
+            )
             if not (policy == "ignore-drift" and not owner_desired):
                 action = action or "chown"
                 desired_changed = desired_changed or owner_desired
-                details.append(f"owner {a.uid}:{a.gid} → {uid if uid is not None else a.uid}:"
-                               f"{gid if gid is not None else a.gid}")
+                details.append(
+                    f"owner {a.uid}:{a.gid} → {uid if uid is not None else a.uid}:"
+                    f"{gid if gid is not None else a.gid}"
+                )
                 if owner_drift and policy != "ignore-drift":
                     kinds.append("owner")
 

@@ -69,8 +69,7 @@ def dest_path(relative: str, *, where: str) -> PurePosixPath:
     parts = relative.split("/")
     if not relative or any(p in ("", ".", "..") or "\0" in p for p in parts):
         raise PathError(
-            f"{where}: destination /{relative} escapes or is not a plain path — "
-            "rename the template"
+            f"{where}: destination /{relative} escapes or is not a plain path — rename the template"
         )
     return PurePosixPath("/", *parts)
 
@@ -89,7 +88,7 @@ def parse_mode(text: str, *, where: str) -> int:
     except (TypeError, ValueError):
         mode = -1
     if not 0 <= mode <= 0o7777:
-        raise InventoryError(f"{where}: mode {text!r} is not an octal mode such as \"0640\"")
+        raise InventoryError(f'{where}: mode {text!r} is not an octal mode such as "0640"')
     return mode
 
 
@@ -166,9 +165,7 @@ def _metadata(
     return meta, where
 
 
-def template_context(
-    node: Node, facts: Mapping[str, Any], info: SourceInfo
-) -> dict[str, Any]:
+def template_context(node: Node, facts: Mapping[str, Any], info: SourceInfo) -> dict[str, Any]:
     """The Jinja2 context of SPEC §1: vars at top level, plus node, facts and source."""
     context = dict(node.vars)
     context["node"] = {
@@ -225,7 +222,9 @@ def _render_error(exc: Exception, repo_path: str, node: str, snapshot: Snapshot)
                 where, line = frame.filename, frame.lineno
                 break
         if isinstance(exc, jinja2.UndefinedError):
-            problem = f"{exc.message} (node {node}) — define it in vars or guard it with 'is defined'"
+            problem = (
+                f"{exc.message} (node {node}) — define it in vars or guard it with 'is defined'"
+            )
         elif isinstance(exc, jinja2.TemplateNotFound):
             problem = f"template {exc.name!r} not found — paths are relative to templates/"
         else:
@@ -243,9 +242,7 @@ def _render_error(exc: Exception, repo_path: str, node: str, snapshot: Snapshot)
     return RenderError(f"{prefix}: {problem}{text}")
 
 
-def render_target(
-    snapshot: Snapshot, node: Node, facts: Mapping[str, Any]
-) -> TargetState:
+def render_target(snapshot: Snapshot, node: Node, facts: Mapping[str, Any]) -> TargetState:
     """Render every file of ``node`` from ``snapshot``.
 
     Returns the TargetState in node app order. Raises RenderError (template

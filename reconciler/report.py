@@ -150,9 +150,7 @@ def significant(report: Mapping[str, Any]) -> dict[str, Any]:
 
 def eventful(report: Mapping[str, Any]) -> bool:
     """True when the run changed something on the host or ran scripts: always recorded."""
-    return any(c.get("applied") for c in report.get("changes", ())) or bool(
-        report.get("scripts")
-    )
+    return any(c.get("applied") for c in report.get("changes", ())) or bool(report.get("scripts"))
 
 
 def commit_message(report: Mapping[str, Any]) -> str:
@@ -160,7 +158,9 @@ def commit_message(report: Mapping[str, Any]) -> str:
     commit = (report["source"]["commit"] or "none")[:7]
     changed = sum(1 for c in report["changes"] if c["applied"])
     drifted = len({d["path"] for d in report["drift"]})
-    return f"{report['node']}: {report['result']} at {commit} ({changed} changed, {drifted} drifted)"
+    return (
+        f"{report['node']}: {report['result']} at {commit} ({changed} changed, {drifted} drifted)"
+    )
 
 
 def write_last_run(state_dir: Path, report: Mapping[str, Any], **extra: Any) -> None:
@@ -185,7 +185,7 @@ def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
     local = repo.references.get(report_ref(node))
     remote = repo.references.get(remote_report_ref(node))
     if local is None:
-        return repo[remote.target] if remote is not None else None
+        return repo[remote.target].peel(pygit2.Commit) if remote is not None else None
     if remote is not None and local.target != remote.target:
         try:
             ahead = repo.descendant_of(local.target, remote.target)
@@ -195,8 +195,8 @@ def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
             # Someone else moved our branch (a state_dir reset, a manual fix):
             # continue from theirs rather than fight over the ref.
             log.warning("reports/%s diverged from the server; continuing from its tip", node)
-            return repo[remote.target]  # type: ignore[no-any-return]
-    return repo[local.target]  # type: ignore[no-any-return]
+            return repo[remote.target].peel(pygit2.Commit)
+    return repo[local.target].peel(pygit2.Commit)
 
 
 def commit_report(
@@ -218,7 +218,7 @@ def commit_report(
     parent = _parent(repo, node)
     if parent is not None:
         try:
-            previous = json.loads(parent.tree["report.json"].data)
+            previous = json.loads(parent.tree["report.json"].peel(pygit2.Blob).data)
         except (KeyError, ValueError):
             previous = None
         age = now.timestamp() - parent.commit_time
@@ -227,10 +227,10 @@ def commit_report(
             return None
     index = pygit2.Index()
     blob = repo.create_blob(json.dumps(report, indent=2, sort_keys=False).encode() + b"\n")
-    index.add(pygit2.IndexEntry("report.json", blob, pygit2.GIT_FILEMODE_BLOB))
+    index.add(pygit2.IndexEntry("report.json", blob, pygit2.enums.FileMode.BLOB))
     for path, content in sorted(captures.items()):
         entry = pygit2.IndexEntry(
-            "drift" + str(path), repo.create_blob(content), pygit2.GIT_FILEMODE_BLOB
+            "drift" + str(path), repo.create_blob(content), pygit2.enums.FileMode.BLOB
         )
         index.add(entry)
     tree = index.write_tree(repo)

@@ -87,7 +87,7 @@ class GitSnapshot:
         if not path:
             return self._tree
         try:
-            return self._tree[path]  # type: ignore[no-any-return]
+            return self._tree[path]
         except KeyError:
             return None
 
@@ -104,7 +104,7 @@ class GitSnapshot:
         obj = self._lookup(path)
         if not isinstance(obj, pygit2.Tree):
             return []
-        return sorted((e.name, e.type_str == "tree") for e in obj)
+        return sorted((e.name or "", e.type_str == "tree") for e in obj)
 
     def walk(self, path: str) -> Iterator[Entry]:
         obj = self._lookup(path)
@@ -113,10 +113,10 @@ class GitSnapshot:
         yield from self._walk(obj, "")
 
     def _walk(self, tree: pygit2.Tree, prefix: str) -> Iterator[Entry]:
-        for entry in sorted(tree, key=lambda e: e.name):
+        for entry in sorted(tree, key=lambda e: e.name or ""):
             rel = f"{prefix}{entry.name}"
             if entry.type_str == "tree":
-                yield from self._walk(self._repo[entry.id], rel + "/")
+                yield from self._walk(self._repo[entry.id].peel(pygit2.Tree), rel + "/")
             elif entry.type_str == "blob":
                 yield Entry(path=rel, filemode=entry.filemode)
             # submodules (type "commit") carry no content: ignored.
@@ -280,7 +280,7 @@ def check_descends(repo: pygit2.Repository, commit: str, last_applied: str | Non
         )
 
 
-class _PushCallbacks(pygit2.RemoteCallbacks):  # type: ignore[misc]
+class _PushCallbacks(pygit2.RemoteCallbacks):
     def __init__(self) -> None:
         super().__init__()
         self.rejected: dict[str, str] = {}

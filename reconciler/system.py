@@ -13,6 +13,7 @@ one, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -64,10 +65,8 @@ def atomic_write(
             os.fsync(fh.fileno())
         os.rename(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     fsync_dir(path.parent)
 
@@ -171,7 +170,9 @@ class RealSystem:
         log.info("chmod %04o %s", mode, path)
 
     def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+        os.chown(
+            path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False
+        )
         log.info("chown %s:%s %s", uid, gid, path)
 
     def remove(self, path: Path) -> None:
