@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from typing import Any
 
 from .apply import ApplyResult, RunContext, apply_plan
 from .config import AgentConfig
-from .errors import ConfigError, LockError, ReconcilerError, UntrustedCommitError
+from .errors import ConfigError, LockError, ReconcilerError, SourceError, UntrustedCommitError
 from .facts import gather_facts
 from .inventory import Node, effective_node, load_inventory
 from .plan import Plan, exclude_matcher, make_plan
@@ -30,6 +31,7 @@ from .render import TargetState, render_target
 from .report import build_report, commit_report, write_last_run
 from .scan import ActualFile, host_path, scan
 from .source import (
+    FetchResult,
     GitSnapshot,
     SourceInfo,
     check_descends,
@@ -51,6 +53,7 @@ class RunOptions:
 
     dry_run: bool = False
     state: str | None = None
+    boot: bool = False  # retry the fetch with back-off for config.boot_timeout
 
 
 @dataclass(slots=True, kw_only=True)
@@ -145,8 +148,10 @@ def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> Ru
     if not config.repo:
         raise ConfigError("config: repo is not set — pass --repo URL or set repo: in the config")
     url = remote_url(config.repo)
-    state_dir = Path(config.state_dir)
-    root = Path(config.root)
+    # Absolute: scripts run with cwd set to their own directory, and
+    # RECONCILER_ROOT must mean the same thing there.
+    state_dir = Path(os.path.abspath(config.state_dir))
+    root = Path(os.path.abspath(config.root))
     with state_lock(state_dir, config.lock_timeout):
         return _run(config, options, url, state_dir, root)
 
@@ -171,7 +176,7 @@ def _run(
     captures: dict[PurePosixPath, bytes] = {}
 
     try:
-        fetched = fetch(repo, url, config.branch, config.node)
+        fetched = _fetch(repo, url, config, boot=options.boot)
         if fetched.error:
             errors.append(fetched.error + " — enforcing the last fetched commit")
             log.warning("%s", fetched.error)
@@ -213,7 +218,10 @@ def _run(
             root=root,
             state_dir=state_dir,
         )
-        applied = apply_plan(plan, target, actual, previous, snapshot, system, ctx)
+        try:
+            applied = apply_plan(plan, target, actual, previous, snapshot, system, ctx)
+        finally:
+            shutil.rmtree(state_dir / "run" / run_id, ignore_errors=True)
         errors.extend(applied.errors)
         pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
         if not errors and not pending:
@@ -262,6 +270,7 @@ def _run(
     )
     if config.report.push:
         outcome.pushed, outcome.push_error = _push(repo, url, config.node)
+    prune_backups(state_dir, config.backups.keep)
     write_last_run(
         state_dir,
         report,
@@ -270,6 +279,42 @@ def _run(
         push_error=outcome.push_error,
     )
     return outcome
+
+
+BOOT_BACKOFF_CAP_S = 30.0
+
+
+def _fetch(repo: Any, url: str, config: AgentConfig, *, boot: bool) -> FetchResult:
+    """Fetch once, or with ``boot`` retry with capped exponential back-off until
+    the fetch succeeds or ``boot_timeout`` has passed (SPEC §3 ``pull --boot``:
+    at boot the network and the git server may come late)."""
+    deadline = time.monotonic() + (config.boot_timeout if boot else 0.0)
+    delay = 1.0
+    while True:
+        try:
+            result = fetch(repo, url, config.branch, config.node)
+            if result.fetched or time.monotonic() >= deadline:
+                return result
+            reason = result.error
+        except SourceError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            reason = str(exc)
+        wait = min(delay, BOOT_BACKOFF_CAP_S, max(0.0, deadline - time.monotonic()))
+        log.warning("boot: %s — retrying in %.0fs", reason, wait)
+        time.sleep(wait)
+        delay *= 2
+
+
+def prune_backups(state_dir: Path, keep: int) -> None:
+    """Keep the backups of the last ``keep`` runs (SPEC §2 ``backups.keep``)."""
+    base = state_dir / "backups"
+    try:
+        runs = sorted(p for p in base.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return
+    for old in runs[: max(0, len(runs) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _push(repo: Any, url: str, node: str) -> tuple[bool, str | None]:

@@ -129,6 +129,8 @@ def _print_run(outcome: Any, out: TextIO) -> None:
         if s["exit_code"] is None and not s["timed_out"]:
             state = "not run (dry-run)"
         out.write(f"  > {s['phase']:<4} {s['app']}/{s['name']}: {state} ({s['duration_s']}s)\n")
+    if report["excluded"]:
+        out.write(f"  excluded ({len(report['excluded'])}): {', '.join(report['excluded'])}\n")
     changed = sum(1 for c in report["changes"] if c["applied"])
     drifted = len({d["path"] for d in report["drift"]})
     line = f"result: {report['result']} ({changed} changed, {drifted} drifted)"
@@ -147,7 +149,8 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .agent import RunOptions, reconcile_once
 
     config = _config(args)
-    outcome = reconcile_once(config, RunOptions(dry_run=args.dry_run, state=args.state))
+    options = RunOptions(dry_run=args.dry_run, state=args.state, boot=args.boot)
+    outcome = reconcile_once(config, options)
     if args.format == "json":
         _emit_json(outcome.report, out)
     else:

@@ -295,6 +295,9 @@ def inventory_problems(snapshot: Snapshot) -> tuple[Inventory | None, list[str]]
     if not snapshot.is_dir("hosts"):
         return None, ["hosts/: missing — a desired-state repository needs hosts/<node>.yaml"]
     for name, is_dir in snapshot.listdir("hosts"):
+        if not is_dir and name.endswith(".yml"):
+            problems.append(f"hosts/{name}: host files end in .yaml — rename it")
+            continue
         if is_dir or not name.endswith(".yaml"):
             continue
         path = f"hosts/{name}"
