@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .plan import Change, Plan
-from .render import AppSettings, TargetState
+from .render import AppSettings, TargetFile, TargetState
 from .scan import ActualFile, host_path
 from .source import GIT_FILEMODE_EXEC, Snapshot
 from .state import LocalState, ManagedFile
@@ -48,6 +49,7 @@ class ApplyResult:
     """ApplyResult is what the apply stage did: applied paths, scripts, errors, new state."""
 
     applied: set[PurePosixPath] = field(default_factory=set)
+    records: dict[str, ManagedFile] = field(default_factory=dict)  # stat right after the change
     scripts: list[ScriptRun] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     managed: dict[str, ManagedFile] = field(default_factory=dict)
@@ -134,6 +136,7 @@ def _execute(
             system.backup(host, backup)
         t = change.target
         system.write_file(host, t.content, t.mode, change.uid, change.gid)
+        created.discard(str(change.path))  # a created directory replaced by a file
     elif change.action in ("chmod", "chown"):
         assert change.target is not None
         if actual.mode != change.target.mode:
@@ -147,6 +150,21 @@ def _execute(
         system.remove(host)
 
 
+def _in_the_way(
+    writes: list[Change], deletes: list[Change], done: set[PurePosixPath]
+) -> list[Change]:
+    """Deletions that must precede ``writes``: a pruned file where a directory is
+    wanted, or pruned files inside a directory that becomes a file. They run
+    with the writing app, whichever app they belonged to."""
+    out = []
+    for d in deletes:
+        if d.path in done:
+            continue
+        if any(d.path in w.path.parents or w.path in d.path.parents for w in writes):
+            out.append(d)
+    return out
+
+
 def _prune_dirs(
     deleted: list[PurePosixPath], created: set[str], ctx: RunContext, system: System
 ) -> None:
@@ -157,10 +175,14 @@ def _prune_dirs(
             created.discard(directory)
 
 
-def _record(path: Path, t_sha: str, app: str, target: object) -> ManagedFile:
+def _record(path: Path, target: TargetFile) -> ManagedFile:
+    """What reconciler just wrote at ``path``: target hash plus the file's stat."""
+    from .plan import sha256
+
+    recorded_ns = time.time_ns()
     st = os.lstat(path)
     return ManagedFile(
-        sha256=t_sha,
+        sha256=sha256(target.content),
         mode=stat.S_IMODE(st.st_mode),
         uid=st.st_uid,
         gid=st.st_gid,
@@ -168,11 +190,12 @@ def _record(path: Path, t_sha: str, app: str, target: object) -> ManagedFile:
         mtime_ns=st.st_mtime_ns,
         ctime_ns=st.st_ctime_ns,
         ino=st.st_ino,
-        app=app,
-        owner=getattr(target, "owner", None),
-        group=getattr(target, "group", None),
-        secret=bool(getattr(target, "secret", False)),
-        policy=str(getattr(target, "policy", "enforce")),
+        app=target.app,
+        owner=target.owner,
+        group=target.group,
+        secret=target.secret,
+        policy=target.policy,
+        recorded_ns=recorded_ns,
     )
 
 
@@ -199,6 +222,8 @@ def apply_plan(
             apps.append(AppSettings(name=change.app, state=ctx.state, timeout=0))
     removed_apps = known - {a.name for a in target.apps}
     deleted: list[PurePosixPath] = []
+    deletes = [c for c in plan.changes if c.action == "delete" and c.apply]
+    done: set[PurePosixPath] = set()
 
     for app in apps:
         todo = [c for c in plan.changes if c.app == app.name and c.apply]
@@ -217,7 +242,16 @@ def apply_plan(
                 )
                 result.stopped = True
                 break
-        for change in sorted(todo, key=lambda c: c.action == "delete"):
+        writes = [c for c in todo if c.action != "delete"]
+        steps = [
+            *_in_the_way(writes, deletes, done),
+            *writes,
+            *(c for c in todo if c.action == "delete" and c.path not in done),
+        ]
+        for change in steps:
+            if change.path in done:
+                continue
+            done.add(change.path)
             try:
                 _execute(change, actual[change.path], ctx, system, result.created_dirs)
             except OSError as exc:
@@ -230,6 +264,12 @@ def apply_plan(
                 result.applied.add(change.path)
                 if change.action == "delete":
                     deleted.append(change.path)
+                elif change.target is not None:
+                    # Before the post scripts run: if one edits the file, the
+                    # next scan must see a different signature (drift), not ours.
+                    result.records[str(change.path)] = _record(
+                        host_path(ctx.root, change.path), change.target
+                    )
         if scripted and (todo or app.post_always):
             runs = _run_scripts("post", app, changed, ctx, snapshot, system)
             result.scripts.extend(runs)
@@ -268,8 +308,8 @@ def _new_records(
         old = previous.managed.get(key)
         a = actual.get(path)
         t_sha = sha256(t.content)
-        if path in result.applied:
-            managed[key] = _record(host_path(ctx.root, path), t_sha, t.app, t)
+        if key in result.records:
+            managed[key] = result.records[key]
         elif path not in planned and a is not None and a.kind == "file":
             if a.sha256 == t_sha and a.mode == t.mode:
                 managed[key] = ManagedFile(
@@ -286,6 +326,7 @@ def _new_records(
                     group=t.group,
                     secret=t.secret,
                     policy=t.policy,
+                    recorded_ns=a.scanned_ns,
                 )
             elif old is not None:
                 managed[key] = old

@@ -138,7 +138,7 @@ _NESTED: dict[str, type[Any]] = {
 
 def _coerce(key: str, value: object, default: object) -> object:
     """Check ``value`` against the type of ``default``; durations become seconds."""
-    if key in _DURATION_KEYS:
+    if key.rsplit(".", 1)[-1] in _DURATION_KEYS:
         return parse_duration(value, key=key)
     if isinstance(default, bool):
         if isinstance(value, bool):

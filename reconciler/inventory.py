@@ -125,7 +125,11 @@ def _schema_message(error: Any) -> str:
 def _schema_problems(validator: Any, data: Any, text: str, path: str) -> list[str]:
     problems = []
     for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):
-        line = _yaml_line(text, error.absolute_path)
+        at = list(error.absolute_path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            at += extra[:1]  # the line of the unknown key, not of its mapping
+        line = _yaml_line(text, at)
         where = f"{path}:{line}" if line else path
         problems.append(f"{where}: {_schema_message(error)}")
     return problems
@@ -236,24 +240,28 @@ class Inventory:
                     ancestors.add(p)
                     todo.append(p)
         indegree = {a: sum(1 for p in parents.get(a, ()) if p in ancestors) for a in ancestors}
-        ready = [a for a, d in indegree.items() if d == 0]
+        # Ties by file name (SPEC §6): "web-eu.yaml" < "web.yaml", unlike the stems.
+        ready = [(self.files[a].path, a) for a, d in indegree.items() if d == 0]
         heapq.heapify(ready)
         order: list[str] = []
         while ready:
-            meta = heapq.heappop(ready)
+            _, meta = heapq.heappop(ready)
             order.append(meta)
             for child in self.files[meta].data["include_nodes"]:
                 if child in indegree:
                     indegree[child] -= 1
                     if indegree[child] == 0:
-                        heapq.heappush(ready, child)
+                        heapq.heappush(ready, (self.files[child].path, child))
         return order
 
 
-def _check_graph(files: Mapping[str, HostFile]) -> list[str]:
+def _check_graph(files: Mapping[str, HostFile], present: set[str]) -> list[str]:
+    """Unknown includes and cycles among the parsed files; ``present``: every stem in hosts/."""
     problems: list[str] = []
     for f in files.values():
         for child in f.data.get("include_nodes", ()):
+            if child in present and child not in files:
+                continue  # that file has its own problem already
             if child == DEFAULTS or child not in files:
                 problems.append(
                     f"{f.path}: include_nodes: unknown node {child!r} — "
@@ -272,7 +280,7 @@ def _check_graph(files: Mapping[str, HostFile]) -> list[str]:
                     f"{files[child].path}: include_nodes: cycle {' → '.join(cycle)} — "
                     "remove one of these includes"
                 )
-            elif child not in state:
+            elif child not in state and child in files:
                 visit(child, [*stack, child])
         state[n] = 2
 
@@ -324,8 +332,8 @@ def inventory_problems(snapshot: Snapshot) -> tuple[Inventory | None, list[str]]
             defaults = host
         else:
             files[stem] = host
-    if not problems:
-        problems.extend(_check_graph(files))
+    present = {n[: -len(".yaml")] for n, d in snapshot.listdir("hosts") if not d}
+    problems.extend(_check_graph(files, present))
     if problems:
         return None, problems
     return Inventory(files=files, defaults=defaults), []

@@ -207,6 +207,21 @@ def _plan_target(
     return change, drift
 
 
+def _pruned(
+    blocker: PurePosixPath | None,
+    target: TargetState,
+    previous: LocalState,
+    is_excluded: Any,
+) -> bool:
+    """True when ``blocker`` is a managed file this run deletes."""
+    return (
+        blocker is not None
+        and str(blocker) in previous.managed
+        and blocker not in target.files
+        and not is_excluded(blocker)
+    )
+
+
 def make_plan(
     target: TargetState,
     actual: Mapping[PurePosixPath, ActualFile],
@@ -235,9 +250,17 @@ def make_plan(
             excluded.append(path)
             continue
         a = actual[path]
+        if a.kind == "unsafe" and _pruned(a.blocker, target, previous, is_excluded):
+            # A file that reconciler manages and this run prunes stands where a
+            # directory is now wanted: apply deletes it first (file → dir swap).
+            a = ActualFile(path=path, kind="missing")
         if a.kind == "unsafe":
             errors.append(f"{path}: refused — {a.problem} (nothing written there)")
             continue
+        if a.kind == "dir" and str(path) in previous.created_dirs:
+            # A directory reconciler made for files it now prunes: the swap
+            # dir → file is a desired change, not drift of kind "type".
+            a = ActualFile(path=path, kind="missing")
         change, found = _plan_target(t, a, previous.managed.get(str(path)), ids[path], mode)
         drift.extend(found)
         if change is not None:

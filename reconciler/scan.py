@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -40,6 +41,8 @@ class ActualFile:
     ino: int = 0
     sha256: str | None = None  # regular files only
     problem: str | None = None  # why the path is unsafe
+    blocker: PurePosixPath | None = None  # a parent that is a file or device, not a dir
+    scanned_ns: int = 0  # wall clock just before the lstat
 
     def signature(self) -> tuple[int, int, int, int]:
         """Stat signature comparable with ManagedFile.signature()."""
@@ -66,15 +69,17 @@ class _ParentCheck:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.real_root = os.path.realpath(root)
-        self._cache: dict[Path, str | None] = {}
+        self._cache: dict[Path, tuple[str | None, PurePosixPath | None]] = {}
 
-    def problem(self, dest: PurePosixPath) -> str | None:
+    def problem(self, dest: PurePosixPath) -> tuple[str | None, PurePosixPath | None]:
+        """(why writing ``dest`` is unsafe, the parent that is not a directory)."""
         parent = host_path(self.root, dest).parent
         if parent in self._cache:
             return self._cache[parent]
         found: str | None = None
+        blocker: PurePosixPath | None = None
         current = self.root
-        for part in dest.parts[1:-1]:
+        for depth, part in enumerate(dest.parts[1:-1], start=2):
             current = current / part
             try:
                 st = os.lstat(current)
@@ -94,19 +99,21 @@ class _ParentCheck:
                     break
             elif not stat.S_ISDIR(st.st_mode):
                 found = f"parent /{os.path.relpath(current, self.root)} is not a directory"
+                blocker = PurePosixPath(*dest.parts[:depth])
                 break
-        self._cache[parent] = found
-        return found
+        self._cache[parent] = (found, blocker)
+        return found, blocker
 
 
 def scan_path(
     root: Path, dest: PurePosixPath, known: ManagedFile | None, parents: _ParentCheck
 ) -> ActualFile:
     """Look at one destination path; hash it only when its stat signature is new."""
-    problem = parents.problem(dest)
+    problem, blocker = parents.problem(dest)
     if problem:
-        return ActualFile(path=dest, kind="unsafe", problem=problem)
+        return ActualFile(path=dest, kind="unsafe", problem=problem, blocker=blocker)
     path = host_path(root, dest)
+    scanned_ns = time.time_ns()
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -125,10 +132,11 @@ def scan_path(
         mtime_ns=st.st_mtime_ns,
         ctime_ns=st.st_ctime_ns,
         ino=st.st_ino,
+        scanned_ns=scanned_ns,
     )
     if kind != "file":
         return actual
-    if known is not None and known.signature() == actual.signature():
+    if known is not None and known.settled() and known.signature() == actual.signature():
         digest = known.sha256
     else:
         digest = file_sha256(path)

@@ -154,9 +154,12 @@ class DirSnapshot:
         if not base.is_dir():
             return
         for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if d != ".git")
+            # os.walk lists a symlink to a directory among dirnames and does
+            # not enter it; report it as a link, as a commit's tree would.
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            dirnames[:] = sorted(d for d in dirnames if d != ".git" and d not in links)
             rel_dir = os.path.relpath(dirpath, base)
-            for name in sorted(filenames):
+            for name in sorted([*filenames, *links]):
                 full = os.path.join(dirpath, name)
                 st = os.lstat(full)
                 if stat.S_ISLNK(st.st_mode):

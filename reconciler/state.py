@@ -18,6 +18,7 @@ from .errors import SourceError
 from .system import atomic_write
 
 STATE_VERSION = 1
+RACY_WINDOW_NS = 100_000_000  # 100 ms: above the kernel's coarse clock tick
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,10 +38,21 @@ class ManagedFile:
     group: str | None = None
     secret: bool = False
     policy: str = "enforce"
+    recorded_ns: int = 0  # wall clock when the stat was taken
 
     def signature(self) -> tuple[int, int, int, int]:
         """The stat signature that lets a no-change scan skip hashing."""
         return (self.size, self.mtime_ns, self.ctime_ns, self.ino)
+
+    def settled(self) -> bool:
+        """True when the signature can be trusted without hashing.
+
+        File timestamps come from a coarse clock: an edit of the same size
+        within one tick of our write keeps the same signature. Like git's
+        "racily clean" index entries, a record taken less than RACY_WINDOW_NS
+        after the file last changed is re-hashed on the next scan.
+        """
+        return self.ctime_ns < self.recorded_ns - RACY_WINDOW_NS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,267 @@
+"""Property: scan → plan → apply converges, touches no excluded path, never leaves the root.
+
+Hypothesis draws target states (nested paths from a small alphabet, text and
+binary content, modes, policies) and actual states under a real temp root
+(missing, wrong content, wrong mode, a symlink pointing outside the root, an
+empty directory), plus exclude patterns. A second phase moves to another
+target state from the disk the first left behind, with fresh perturbations,
+so deletions of paths no longer in the target are exercised too.
+
+After each apply: a fresh scan + plan with the new LocalState has no changes
+and no drift (the must-have "run twice" property, STYLE.md); excluded paths
+are byte-identical; nothing outside the root changed; a target below a
+symlinked directory that leads outside the root is refused, not written.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reconciler.apply import ApplyResult, RunContext, apply_plan
+from reconciler.plan import Plan, exclude_matcher, make_plan
+from reconciler.render import AppSettings, TargetFile, TargetState
+from reconciler.scan import scan
+from reconciler.source import DirSnapshot
+from reconciler.state import LocalState
+from reconciler.system import RealSystem
+from tests.conftest import tree_snapshot
+
+P = PurePosixPath
+DIRS = ("a", "b")  # directory names and file names never coincide: no file/dir clashes
+FILES = ("x", "y.conf", "z.bin")
+MODES = (0o644, 0o600, 0o755, 0o640)
+POLICIES = ("enforce", "enforce", "ignore-drift", "create-only")
+SITUATIONS = ("missing", "correct", "wrong_content", "wrong_mode", "symlink", "empty_dir")
+REFUSED = "link/x"  # root/link is a symlink to a directory outside the root
+APPS = (AppSettings(name="alpha", state="default"), AppSettings(name="beta", state="default"))
+
+rel_paths = st.builds(
+    lambda dirs, name: "/".join([*dirs, name]),
+    st.lists(st.sampled_from(DIRS), max_size=3),
+    st.sampled_from(FILES),
+)
+contents = st.one_of(st.text(max_size=30).map(str.encode), st.binary(max_size=30))
+entries = st.tuples(contents, st.sampled_from(MODES), st.sampled_from(POLICIES))
+specs = st.dictionaries(rel_paths, entries, max_size=8)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One target state, the disk perturbations before it, and its exclude patterns."""
+
+    spec: dict[str, tuple[bytes, int, str]]
+    situations: dict[str, str]
+    patterns: tuple[str, ...]
+
+
+@st.composite
+def phases(draw: st.DrawFn, previous: frozenset[str] = frozenset()) -> Phase:
+    spec = draw(specs)
+    paths = sorted(set(spec) | previous)
+    situations = {p: draw(st.sampled_from(SITUATIONS)) for p in paths}
+    candidates = [f"/{p}" for p in paths] + sorted(
+        {"/" + p.rsplit("/", 1)[0] + "/" for p in paths if "/" in p}
+    )
+    patterns = draw(st.lists(st.sampled_from(candidates), max_size=3, unique=True)) if paths else []
+    return Phase(spec=spec, situations=situations, patterns=tuple(patterns))
+
+
+def is_excluded(rel: str, patterns: tuple[str, ...]) -> bool:
+    """Independent oracle for the patterns drawn above: exact paths and directory prefixes."""
+    return any(("/" + rel).startswith(p) if p.endswith("/") else "/" + rel == p for p in patterns)
+
+
+def target_of(spec: dict[str, tuple[bytes, int, str]]) -> TargetState:
+    files = {}
+    for rel, (content, mode, policy) in {**spec, REFUSED: (b"never\n", 0o644, "enforce")}.items():
+        app = "alpha" if rel.startswith("a") else "beta"
+        files[P("/" + rel)] = TargetFile(
+            path=P("/" + rel),
+            content=content,
+            mode=mode,
+            owner=None,
+            group=None,
+            secret=False,
+            policy=policy,
+            app=app,
+            template=f"templates/{app}/default/{rel}",
+        )
+    return TargetState(node="prop", files=files, apps=APPS)
+
+
+def entry(path: Path) -> tuple[str, int, bytes | str] | None:
+    """What sits at ``path``: kind, mode, content or link target; None when nothing."""
+    try:
+        st_ = path.lstat()
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st_.st_mode):
+        return ("link", 0, os.readlink(path))
+    if stat.S_ISDIR(st_.st_mode):
+        return ("dir", stat.S_IMODE(st_.st_mode), "")
+    return ("file", stat.S_IMODE(st_.st_mode), path.read_bytes())
+
+
+def clear(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        path.rmdir()
+
+
+def perturb(
+    root: Path, rel: str, situation: str, want: tuple[bytes, int, str] | None, victim: Path
+) -> None:
+    """Put the drawn actual state at ``rel``; ``want`` is its target entry, if any."""
+    host = root / rel
+    clear(host)
+    if situation == "missing":
+        return
+    host.parent.mkdir(parents=True, exist_ok=True)
+    content, mode = (want[0], want[1]) if want else (b"previous\n", 0o644)
+    if situation == "symlink":
+        os.symlink(victim, host)
+    elif situation == "empty_dir":
+        host.mkdir()
+    else:
+        if situation == "wrong_content":
+            content += b"\x00drift"  # longer: the stat signature changes too
+        if situation == "wrong_mode":
+            mode = MODES[(MODES.index(mode) + 1) % len(MODES)] if mode in MODES else 0o600
+        host.write_bytes(content)
+        host.chmod(mode)
+
+
+def fresh_plan(root: Path, target: TargetState, managed: dict, patterns) -> Plan:
+    state = LocalState(node="prop", managed=managed)
+    paths = set(target.files) | {P(k) for k in managed}
+    actual = scan(root, sorted(paths), managed)
+    return make_plan(target, actual, state, exclude_matcher(patterns), "enforce")
+
+
+def run_phase(
+    base: Path, phase: Phase, previous: LocalState, run_id: str
+) -> tuple[ApplyResult, dict[str, object], TargetState]:
+    root, outside = base / "root", base / "outside"
+    victim = outside / "victim"
+    for rel, situation in phase.situations.items():
+        perturb(root, rel, situation, phase.spec.get(rel), victim)
+
+    target = target_of(phase.spec)
+    before = {rel: entry(root / rel) for rel in phase.situations}
+    outside_before = tree_snapshot(outside)
+    beside_before = (base / "beside-root.txt").read_bytes()
+    unrelated_before = tree_snapshot(root / "keep")
+
+    paths = set(target.files) | {P(k) for k in previous.managed}
+    actual = scan(root, sorted(paths), previous.managed)
+    plan = make_plan(target, actual, previous, exclude_matcher(phase.patterns), "enforce")
+    ctx = RunContext(
+        node="prop",
+        state="default",
+        commit="0" * 40,
+        run_id=run_id,
+        root=root,
+        state_dir=base / "state",
+    )
+    result = apply_plan(
+        plan, target, actual, previous, DirSnapshot(base / "empty-repo"), RealSystem(), ctx
+    )
+
+    # the path below the symlinked directory is refused and never written
+    assert any(e.startswith(f"/{REFUSED}: refused") for e in plan.errors), plan.errors
+    assert P("/" + REFUSED) not in {c.path for c in plan.changes}
+    assert result.errors == [], result.errors
+    # nothing outside the root changed; unmanaged files inside it neither
+    assert tree_snapshot(outside) == outside_before
+    assert (base / "beside-root.txt").read_bytes() == beside_before
+    assert tree_snapshot(root / "keep") == unrelated_before
+
+    after = {rel: entry(root / rel) for rel in phase.situations}
+    for rel in phase.situations:
+        if is_excluded(rel, phase.patterns):
+            assert after[rel] == before[rel], f"excluded {rel} changed"
+            continue
+        want = phase.spec.get(rel)
+        if want is None:  # managed before, gone from the target now
+            managed_before = "/" + rel in previous.managed
+            if managed_before and before[rel] is not None and before[rel][0] == "file":
+                assert after[rel] is None, f"{rel} should have been deleted"
+            elif not managed_before:
+                assert after[rel] == before[rel]
+            continue
+        content, mode, policy = want
+        exact = ("file", mode, content)
+        if policy == "enforce" or (policy == "create-only" and before[rel] is None):
+            assert after[rel] == exact, (rel, policy, phase.situations[rel], before[rel])
+        elif policy == "create-only":
+            assert after[rel] == before[rel], (rel, policy)
+        else:  # ignore-drift: desired changes written, drift left alone
+            assert after[rel] in (exact, before[rel]), (rel, policy)
+            if "/" + rel not in previous.managed:
+                assert after[rel] == exact, (rel, policy)
+
+    again = fresh_plan(root, target, result.managed, phase.patterns)
+    assert again.changes == (), [(c.path, c.action, c.reason, c.kinds) for c in again.changes]
+    assert again.drift == ()
+    assert [e.split(":")[0] for e in again.errors] == [f"/{REFUSED}"]
+    return result, before, target
+
+
+def make_base(base: Path) -> None:
+    (base / "root" / "keep").mkdir(parents=True)
+    (base / "root" / "keep" / "unrelated.txt").write_bytes(b"not managed\n")
+    (base / "outside").mkdir()
+    (base / "outside" / "victim").write_bytes(b"outside the root\n")
+    (base / "beside-root.txt").write_bytes(b"sentinel\n")
+    (base / "empty-repo").mkdir()
+    os.symlink(base / "outside", base / "root" / "link")
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_apply_converges_respects_excludes_and_stays_in_root(data):
+    first = data.draw(phases(), label="first")
+    with tempfile.TemporaryDirectory(prefix="reconciler-prop-") as tmp:
+        base = Path(tmp)
+        make_base(base)
+        result, _, _ = run_phase(base, first, LocalState(node="prop"), "run-1")
+
+        managed = frozenset(k.lstrip("/") for k in result.managed)
+        second = data.draw(phases(managed), label="second")
+        previous = LocalState(
+            node="prop", managed=result.managed, created_dirs=tuple(result.created_dirs)
+        )
+        run_phase(base, second, previous, "run-2")
+
+
+def test_example_second_run_after_convergence_changes_nothing():
+    """Pinned example: every situation at once, then an immediate re-run with no perturbation."""
+    spec = {
+        f"a/{name}": (f"content of {name}\n".encode(), mode, "enforce")
+        for name, mode in zip(FILES, MODES, strict=False)
+    }
+    spec["b/a/x"] = (b"\x00\x01binary\xff", 0o755, "enforce")
+    situations = dict(zip(sorted(spec), SITUATIONS[2:], strict=False))
+    with tempfile.TemporaryDirectory(prefix="reconciler-prop-") as tmp:
+        base = Path(tmp)
+        make_base(base)
+        result, _, _ = run_phase(base, Phase(spec, situations, ()), LocalState(), "run-1")
+        snapshot = tree_snapshot(base / "root")
+        inodes = {p: os.lstat(base / "root" / p).st_ino for p in snapshot}
+        previous = LocalState(managed=result.managed, created_dirs=tuple(result.created_dirs))
+        second, _, _ = run_phase(base, Phase(spec, {}, ()), previous, "run-2")
+        assert second.applied == set()
+        assert tree_snapshot(base / "root") == snapshot
+        assert {p: os.lstat(base / "root" / p).st_ino for p in snapshot} == inodes

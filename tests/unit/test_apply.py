@@ -1,0 +1,180 @@
+"""Apply stage through RealSystem on a real temp root (SPEC §4 step 6, §6).
+
+The scripts live in a real desired-state directory read with DirSnapshot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from reconciler.apply import ApplyResult, RunContext, apply_plan
+from reconciler.plan import Plan, exclude_matcher, make_plan
+from reconciler.render import AppSettings, TargetFile, TargetState
+from reconciler.scan import scan
+from reconciler.source import DirSnapshot
+from reconciler.state import LocalState
+from reconciler.system import RealSystem
+from tests.unit.helpers import write_repo
+
+P = PurePosixPath
+
+
+def tfile(path: str, content: bytes, app: str = "app", mode: int = 0o644) -> TargetFile:
+    return TargetFile(
+        path=P(path),
+        content=content,
+        mode=mode,
+        owner=None,
+        group=None,
+        secret=False,
+        policy="enforce",
+        app=app,
+        template=f"templates/{app}/default{path}",
+    )
+
+
+def target_of(*files: TargetFile, apps: tuple[str, ...] = ("app",)) -> TargetState:
+    return TargetState(
+        node="n",
+        files={f.path: f for f in files},
+        apps=tuple(AppSettings(name=a, state="default", timeout=10) for a in apps),
+    )
+
+
+def reconcile(
+    tmp_path: Path, target: TargetState, previous: LocalState, repo: DirSnapshot, run_id: str
+) -> tuple[Plan, ApplyResult, LocalState]:
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    paths = set(target.files) | {P(k) for k in previous.managed}
+    actual = scan(root, sorted(paths), previous.managed)
+    plan = make_plan(target, actual, previous, exclude_matcher([]), "enforce")
+    ctx = RunContext(
+        node="n",
+        state="default",
+        commit="0" * 40,
+        run_id=run_id,
+        root=root,
+        state_dir=tmp_path / "state",
+    )
+    result = apply_plan(plan, target, actual, previous, repo, RealSystem(), ctx)
+    new = LocalState(node="n", managed=result.managed, created_dirs=tuple(result.created_dirs))
+    return plan, result, new
+
+
+def test_second_run_is_a_no_op(tmp_path):
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    target = target_of(tfile("/etc/a.conf", b"a\n"), tfile("/etc/deep/b.conf", b"b\n"))
+    _, first, state = reconcile(tmp_path, target, LocalState(), repo, "run-1")
+    assert first.applied == {P("/etc/a.conf"), P("/etc/deep/b.conf")}
+    plan, second, _ = reconcile(tmp_path, target, state, repo, "run-2")
+    assert plan.changes == () and second.applied == set()
+
+
+def test_previous_content_is_backed_up_under_the_run_id(tmp_path):
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "a.conf").write_bytes(b"hand written\n")
+    reconcile(tmp_path, target_of(tfile("/etc/a.conf", b"new\n")), LocalState(), repo, "r1")
+    assert (root / "etc" / "a.conf").read_bytes() == b"new\n"
+    assert (tmp_path / "state" / "backups" / "r1" / "etc" / "a.conf").read_bytes() == (
+        b"hand written\n"
+    )
+
+
+def test_failing_pre_script_leaves_that_app_and_later_apps_untouched(tmp_path):
+    repo = write_repo(
+        tmp_path / "repo",
+        {"scripts/pre/second/10-fail": "#!/bin/sh\necho refusing\nexit 4\n"},
+        executable=("scripts/pre/second/10-fail",),
+    )
+    target = target_of(
+        tfile("/etc/first", b"1\n", app="first"),
+        tfile("/etc/second", b"2\n", app="second"),
+        tfile("/etc/third", b"3\n", app="third"),
+        apps=("first", "second", "third"),
+    )
+    _, result, _ = reconcile(tmp_path, target, LocalState(), repo, "r1")
+    root = tmp_path / "root"
+    assert (root / "etc" / "first").read_bytes() == b"1\n"
+    assert not (root / "etc" / "second").exists()
+    assert not (root / "etc" / "third").exists()
+    assert result.stopped
+    assert any("scripts/pre/second/10-fail" in e and "exited 4" in e for e in result.errors)
+
+
+def test_scripts_see_the_changed_paths_and_root(tmp_path):
+    repo = write_repo(
+        tmp_path / "repo",
+        {
+            "scripts/post/app/10-env": (
+                '#!/bin/sh\nprintf \'%s|%s|%s\' "$RECONCILER_APP" "$RECONCILER_ROOT" '
+                '"$RECONCILER_CHANGED"\n'
+            )
+        },
+        executable=("scripts/post/app/10-env",),
+    )
+    target = target_of(tfile("/etc/a.conf", b"a\n"), tfile("/etc/b.conf", b"b\n"))
+    _, result, _ = reconcile(tmp_path, target, LocalState(), repo, "r1")
+    [run] = result.scripts
+    assert run.output_tail == f"app|{tmp_path / 'root'}|/etc/a.conf\n/etc/b.conf"
+
+
+def test_a_post_script_that_edits_a_managed_file_leaves_drift_visible(tmp_path):
+    """Drift is "a managed path whose actual state differs from what reconciler last wrote".
+
+    A post script (or anything between the write and the end of the run) that
+    rewrites a managed file must not make the edit invisible: the next plan
+    has to see that the disk no longer holds what reconciler wrote.
+    """
+    repo = write_repo(
+        tmp_path / "repo",
+        {
+            "scripts/post/app/10-mangle": (
+                '#!/bin/sh\nprintf "rewritten by a post script\\n" > '
+                '"${RECONCILER_ROOT%/}/etc/app.conf"\n'
+            )
+        },
+        executable=("scripts/post/app/10-mangle",),
+    )
+    target = target_of(tfile("/etc/app.conf", b"desired\n"))
+    _, result, state = reconcile(tmp_path, target, LocalState(), repo, "r1")
+    assert result.errors == []
+    on_disk = (tmp_path / "root" / "etc" / "app.conf").read_bytes()
+    assert on_disk == b"rewritten by a post script\n"
+
+    plan, _, _ = reconcile(tmp_path, target, state, repo, "r2")
+
+    assert [(c.path, c.action, c.kinds) for c in plan.changes] == [
+        (P("/etc/app.conf"), "update", ("content",))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        pytest.param(("/etc/foo.d/one", "/etc/foo.d/two"), ("/etc/foo.d",), id="dir-becomes-file"),
+        pytest.param(("/etc/foo.d",), ("/etc/foo.d/one",), id="file-becomes-dir"),
+    ],
+)
+def test_swapping_a_file_and_a_directory_converges_in_one_run(tmp_path, before, after):
+    """A repository change that turns managed files into a same-named file (or back).
+
+    Everything is decided before anything changes (SPEC §4); an operator
+    expects one run to converge, as Puppet or Ansible would.
+    """
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    first = target_of(*(tfile(p, f"{p}\n".encode()) for p in before))
+    _, _, state = reconcile(tmp_path, first, LocalState(), repo, "r1")
+    second = target_of(*(tfile(p, f"{p}\n".encode()) for p in after))
+
+    plan, result, state = reconcile(tmp_path, second, state, repo, "r2")
+
+    assert plan.errors == ()
+    assert result.errors == []
+    root = tmp_path / "root"
+    for p in after:
+        assert root.joinpath(p.lstrip("/")).read_bytes() == f"{p}\n".encode()
