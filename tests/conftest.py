@@ -160,7 +160,9 @@ class Fleet:
 
     def report_blob(self, node: str, path: str) -> bytes:
         proc = subprocess.run(
-            ["git", "show", f"reports/{node}:{path}"], cwd=self.bare, capture_output=True,
+            ["git", "show", f"reports/{node}:{path}"],
+            cwd=self.bare,
+            capture_output=True,
             check=True,
         )
         return proc.stdout
@@ -197,7 +199,9 @@ class Host:
     exclude_file: Path
     url: str
 
-    def run(self, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, command: str, *args: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         """``reconciler COMMAND --repo URL --node N --root R --state-dir S … ARGS`` as a subprocess."""
         argv = [
             sys.executable,

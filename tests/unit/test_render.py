@@ -221,9 +221,7 @@ def test_app_yaml_globs_follow_gitignore_rules(tmp_path):
         tmp_path,
         {
             "templates/a/app.yaml": (
-                "files:\n"
-                '  /etc/a/*.conf: {mode: "0600"}\n'
-                '  /etc/b/*: {mode: "0640"}\n'
+                'files:\n  /etc/a/*.conf: {mode: "0600"}\n  /etc/b/*: {mode: "0640"}\n'
             ),
             "templates/a/default/etc/a/top.conf": "top\n",
             "templates/a/default/etc/a/sub/deep.conf": "deep\n",

@@ -1,0 +1,118 @@
+"""Small helpers shared by the integration tests (no fixtures; those live in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from tests.conftest import GIT_ENV, Fleet, Host, git
+
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def pull_report(host: Host, *args: str, expect: int = 0) -> dict:
+    """``pull --format json ARGS``; assert the exit code and return the printed report."""
+    proc = host.run("pull", "--format", "json", *args)
+    assert proc.returncode == expect, (proc.returncode, proc.stderr, proc.stdout[-2000:])
+    return json.loads(proc.stdout)
+
+
+def changes(report: dict) -> dict[str, dict]:
+    """Report changes keyed by destination path."""
+    return {c["path"]: c for c in report["changes"]}
+
+
+def drift_kinds(report: dict) -> dict[str, set[str]]:
+    """Report drift as destination path → set of kinds."""
+    out: dict[str, set[str]] = {}
+    for d in report["drift"]:
+        out.setdefault(d["path"], set()).add(d["kind"])
+    return out
+
+
+def mode_of(path: Path) -> int:
+    return path.lstat().st_mode & 0o7777
+
+
+def report_history(fleet: Fleet, node: str) -> str:
+    """``git log -p`` of reports/<node> on the server: every report and capture ever pushed."""
+    return git(
+        "log", "-p", "--binary", "--format=%H %s", f"refs/heads/reports/{node}", cwd=fleet.bare
+    )
+
+
+def all_objects_text(bare: Path) -> bytes:
+    """Every blob reachable in ``bare``, concatenated: for 'this text is nowhere' checks."""
+    listing = subprocess.run(
+        ["git", "rev-list", "--objects", "--all"], cwd=bare, capture_output=True, check=True
+    ).stdout.decode()
+    ids = [line.split()[0] for line in listing.splitlines() if line.strip()]
+    if not ids:
+        return b""
+    proc = subprocess.run(
+        ["git", "cat-file", "--batch"],
+        cwd=bare,
+        input="\n".join(ids).encode() + b"\n",
+        capture_output=True,
+        check=True,
+    )
+    return proc.stdout
+
+
+def assert_clean_error(stderr: str, *must_name: str) -> list[str]:
+    """stderr holds only one-line errors (no traceback), each naming every ``must_name``."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, "expected an error on stderr"
+    for line in lines:
+        for name in must_name:
+            assert name in line, f"{name!r} not named in stderr line {line!r}"
+    return lines
+
+
+def git_stdin(*args: str, cwd: Path, stdin: str) -> str:
+    """The git CLI with ``stdin`` fed to it (``mktree``)."""
+    proc = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        env={**os.environ, **GIT_ENV},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, f"git {' '.join(args)} failed: {proc.stderr}"
+    return proc.stdout
+
+
+def replace_tree_entry(fleet: Fleet, directory: str, entry_line: str, message: str) -> str:
+    """Commit (with git plumbing) HEAD's tree plus ``entry_line`` in ``directory``; push it.
+
+    ``entry_line`` is an ``ls-tree`` line such as ``"040000 tree <id>\\t.."``: this is
+    how a tree with entries that ``git add`` refuses (``..``) gets into the repository.
+    """
+
+    def rebuild(tree: str, parts: list[str]) -> str:
+        listing = git("ls-tree", tree, cwd=fleet.work).splitlines()
+        if not parts:
+            lines = [*listing, entry_line]
+            return git_stdin("mktree", cwd=fleet.work, stdin="\n".join(lines) + "\n").strip()
+        head, *rest = parts
+        out = []
+        for line in listing:
+            meta, name = line.split("\t", 1)
+            if name == head:
+                mode, kind, oid = meta.split()
+                line = f"{mode} {kind} {rebuild(oid, rest)}\t{name}"
+            out.append(line)
+        return git_stdin("mktree", cwd=fleet.work, stdin="\n".join(out) + "\n").strip()
+
+    tree = rebuild("HEAD^{tree}", [p for p in directory.split("/") if p]).strip()
+    commit = git("commit-tree", tree, "-p", "HEAD", "-m", message, cwd=fleet.work).strip()
+    git("update-ref", "HEAD", commit, cwd=fleet.work)
+    git("push", "-q", "origin", "HEAD:refs/heads/main", cwd=fleet.work)
+    return commit

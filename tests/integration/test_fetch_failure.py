@@ -1,0 +1,47 @@
+"""Fetch failure (SPEC §4 step 1): keep enforcing the last fetched commit, say so, lose no report."""
+
+from __future__ import annotations
+
+from tests.conftest import Host, free_port, tree_snapshot
+from tests.integration._helpers import assert_clean_error, drift_kinds
+
+
+def test_unreachable_repo_still_repairs_drift_from_the_last_fetched_commit(fleet, make_host):
+    host = make_host("web1")
+    assert host.pull().returncode == 0
+    good = tree_snapshot(host.root)
+    head = fleet.head()
+    offline = Host(
+        node=host.node,
+        root=host.root,
+        state_dir=host.state_dir,
+        exclude_file=host.exclude_file,
+        url=f"git://127.0.0.1:{free_port()}/x.git",  # nothing listens there
+    )
+    host.path("/etc/motd").write_text("edited while the git server is down\n")
+    commits = fleet.report_log("web1")
+
+    code, report = offline.pull_json()
+
+    # Drift is repaired from the last fetched commit...
+    assert tree_snapshot(host.root) == good
+    assert drift_kinds(report) == {"/etc/motd": {"content"}}
+    assert report["source"]["fetched"] is False
+    assert report["source"]["commit"] == head
+    assert report["applied_commit"] == head
+    # ...and the run says the fetch failed: result failed, exit 1, one line on stderr.
+    assert report["result"] == "failed"
+    assert code == 1
+    assert any("fetch" in e and offline.url in e for e in report["errors"])
+    proc = offline.pull()
+    assert proc.returncode == 1
+    assert_clean_error(proc.stderr, offline.url)
+    assert "NOT fetched" in proc.stdout
+    # The report could not be pushed; the server has not seen it yet.
+    assert fleet.report_log("web1") == commits
+
+    # Back online: the queued report reaches the server (no report is lost).
+    assert host.pull().returncode == 0
+    log = fleet.report_log("web1")
+    assert any(s.startswith("web1: failed at ") for s in log)
+    assert log[-1] == commits[-1]
