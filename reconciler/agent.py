@@ -178,8 +178,8 @@ def _run(
     try:
         fetched = _fetch(repo, url, config, boot=options.boot)
         if fetched.error:
+            # Reported once, as an error of the run (printed by the CLI), not logged too.
             errors.append(fetched.error + " — enforcing the last fetched commit")
-            log.warning("%s", fetched.error)
         info = SourceInfo(
             url=url, branch=config.branch, commit=fetched.commit, fetched=fetched.fetched
         )

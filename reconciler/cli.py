@@ -27,7 +27,7 @@ log = logging.getLogger("reconciler")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} — see {self.prog} --help")
+        raise UsageError(f"{message} — see {self.prog} --help")
 
 
 def _common() -> _Parser:

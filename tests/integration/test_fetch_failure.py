@@ -36,6 +36,7 @@ def test_unreachable_repo_still_repairs_drift_from_the_last_fetched_commit(fleet
     proc = offline.pull()
     assert proc.returncode == 1
     assert_clean_error(proc.stderr, offline.url)
+    fetch_lines = [line for line in proc.stderr.splitlines() if "fetch failed" in line]
     assert "NOT fetched" in proc.stdout
     # The report could not be pushed; the server has not seen it yet.
     assert fleet.report_log("web1") == commits
@@ -45,3 +46,5 @@ def test_unreachable_repo_still_repairs_drift_from_the_last_fetched_commit(fleet
     log = fleet.report_log("web1")
     assert any(s.startswith("web1: failed at ") for s in log)
     assert log[-1] == commits[-1]
+    # One failure, one line: the fetch error is not printed twice (log warning + error).
+    assert len(fetch_lines) == 1, fetch_lines
