@@ -26,6 +26,7 @@ from .config import AgentConfig
 from .errors import ConfigError, LockError, ReconcilerError, SourceError, UntrustedCommitError
 from .facts import gather_facts
 from .inventory import Node, effective_node, load_inventory
+from .journal import Journal, Manifest, Recovery, make_entries, recover
 from .plan import Plan, exclude_matcher, make_plan
 from .render import TargetState, render_target
 from .report import build_report, commit_report, write_last_run
@@ -165,6 +166,9 @@ def _run(
     errors: list[str] = []
     repo = open_state_repo(state_dir)
     previous = load_state(state_dir)
+    recovery: Recovery | None = None
+    if not options.dry_run:
+        previous, recovery = recover(state_dir, root, previous)
     info = SourceInfo(url=url, branch=config.branch, commit="", fetched=False)
     plan: Plan | None = None
     target: TargetState | None = None
@@ -210,6 +214,19 @@ def _run(
         captures = _captures(plan, target, previous, actual, root)
 
         system: System = DryRunSystem() if options.dry_run else RealSystem()
+        to_apply = [c for c in plan.changes if c.apply]
+        journal = None
+        if to_apply and not options.dry_run:
+            journal = Journal(
+                state_dir=state_dir,
+                manifest=Manifest(
+                    run_id=run_id,
+                    kind="run",
+                    commit=commit,
+                    previous_commit=previous.applied_commit,
+                    entries=make_entries(to_apply, actual, previous, root),
+                ),
+            )
         ctx = RunContext(
             node=config.node,
             state=node.state,
@@ -219,7 +236,17 @@ def _run(
             state_dir=state_dir,
         )
         try:
-            applied = apply_plan(plan, target, actual, previous, snapshot, system, ctx)
+            applied = apply_plan(
+                plan,
+                target,
+                actual,
+                previous,
+                snapshot,
+                system,
+                ctx,
+                journal=journal,
+                force_post=recovery.post_pending if recovery else None,
+            )
         finally:
             shutil.rmtree(state_dir / "run" / run_id, ignore_errors=True)
         errors.extend(applied.errors)
@@ -236,6 +263,8 @@ def _run(
                     created_dirs=tuple(sorted(applied.created_dirs)),
                 ),
             )
+            if journal is not None:
+                journal.finish()  # only now: the local state matches the disk
     except ReconcilerError as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -257,6 +286,8 @@ def _run(
         facts=facts,
         dry_run=options.dry_run,
         suspended=suspended,
+        recovered=recovery.to_report() if recovery else None,
+        rolled_back=applied.rolled_back if applied else set(),
     )
     outcome = RunOutcome(report=report, plan=plan, target=target, actual=actual)
     if options.dry_run:

@@ -9,7 +9,8 @@ apply), writes, deletions, post scripts (if the app changed, or always with
 ``post_always``). A pre-script failure stops the run before that app's files
 are touched; later apps are not applied either. A post-script failure fails
 the run but later apps still converge. Every path's previous content is
-copied to ``<state_dir>/backups/<run-id>/`` before it changes.
+copied durably to ``<state_dir>/backups/<run-id>/files/`` before it changes,
+and the run is journaled (``journal.py``) so a crash can be recovered.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .journal import Journal, backup_file, backups_dir, restore_entry
 from .plan import Change, Plan
 from .render import AppSettings, TargetFile, TargetState
 from .scan import ActualFile, host_path
@@ -50,16 +52,12 @@ class ApplyResult:
 
     applied: set[PurePosixPath] = field(default_factory=set)
     records: dict[str, ManagedFile] = field(default_factory=dict)  # stat right after the change
+    rolled_back: set[PurePosixPath] = field(default_factory=set)  # on_post_failure: rollback
     scripts: list[ScriptRun] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     managed: dict[str, ManagedFile] = field(default_factory=dict)
     created_dirs: set[str] = field(default_factory=set)
     stopped: bool = False  # a pre script failed: later apps were not applied
-
-
-def backup_root(state_dir: Path, run_id: str) -> Path:
-    """``<state_dir>/backups/<run-id>``: previous contents of every changed path."""
-    return state_dir / "backups" / run_id
 
 
 def _script_failure(run: ScriptRun) -> str:
@@ -127,13 +125,17 @@ def _execute(
 ) -> None:
     """Carry out one change; raises OSError on failure."""
     host = host_path(ctx.root, change.path)
-    backup = backup_root(ctx.state_dir, ctx.run_id).joinpath(*change.path.parts[1:])
+    backup = backup_file(ctx.state_dir, ctx.run_id, change.path)
     if change.action in ("create", "update"):
         assert change.target is not None
         for made in system.make_dirs(host.parent):
             created.add("/" + os.path.relpath(made, ctx.root))
-        if actual.kind in ("file", "symlink"):
+        if actual.kind == "file":
             system.backup(host, backup)
+        elif actual.kind == "dir" and os.path.lexists(host):
+            # A directory where a file is wanted (drift of kind "type"): moved
+            # whole into the backups, never deleted (issue #3).
+            system.move(host, backup)
         t = change.target
         system.write_file(host, t.content, t.mode, change.uid, change.gid)
         created.discard(str(change.path))  # a created directory replaced by a file
@@ -148,6 +150,34 @@ def _execute(
     elif change.action == "delete":
         system.backup(host, backup)
         system.remove(host)
+
+
+def _roll_back_app(
+    app: str,
+    journal: Journal | None,
+    result: ApplyResult,
+    ctx: RunContext,
+    system: System,
+) -> list[str]:
+    """Restore ``app``'s files changed by this run from its backups (``on_post_failure``)."""
+    if journal is None:
+        return []
+    restored = []
+    run_dir = backups_dir(ctx.state_dir, ctx.run_id)
+    for entry in reversed(journal.manifest.entries):
+        path = PurePosixPath(entry.path)
+        if entry.app != app or path not in result.applied:
+            continue
+        try:
+            restore_entry(entry, run_dir, ctx.root, system)
+        except OSError as exc:
+            result.errors.append(f"{path}: rollback failed: {exc.strerror or exc}")
+            continue
+        result.applied.discard(path)
+        result.records.pop(entry.path, None)
+        result.rolled_back.add(path)
+        restored.append(entry.path)
+    return restored
 
 
 def _in_the_way(
@@ -207,12 +237,19 @@ def apply_plan(
     snapshot: Snapshot,
     system: System,
     ctx: RunContext,
+    *,
+    journal: Journal | None = None,
+    force_post: Mapping[str, tuple[str, ...]] | None = None,
 ) -> ApplyResult:
     """Execute ``plan`` app by app through ``system``; see the module docstring.
 
-    Never raises for a failed write or script: failures land in
-    ``ApplyResult.errors`` (one line each) so the run can still report.
+    ``journal`` (None for a dry-run) is begun before the first change and
+    marked per app; ``force_post`` names apps whose post scripts an
+    interrupted run still owes, with their changed paths. Never raises for a
+    failed write or script: failures land in ``ApplyResult.errors`` (one line
+    each) so the run can still report.
     """
+    force_post = force_post or {}
     result = ApplyResult(created_dirs=set(previous.created_dirs))
     apps = list(target.apps)
     known = {a.name for a in apps}
@@ -225,11 +262,14 @@ def apply_plan(
     deletes = [c for c in plan.changes if c.action == "delete" and c.apply]
     done: set[PurePosixPath] = set()
 
+    if journal is not None:
+        journal.begin()
     for app in apps:
         todo = [c for c in plan.changes if c.app == app.name and c.apply]
-        if not todo and not app.post_always:
+        owed = [PurePosixPath(p) for p in force_post.get(app.name, ())]
+        if not todo and not app.post_always and not owed:
             continue
-        changed = [c.path for c in todo]
+        changed = [*(c.path for c in todo), *(p for p in owed if p not in {c.path for c in todo})]
         scripted = app.name not in removed_apps
         if todo and scripted:
             runs = _run_scripts("pre", app, changed, ctx, snapshot, system)
@@ -242,6 +282,8 @@ def apply_plan(
                 )
                 result.stopped = True
                 break
+        if todo and journal is not None:
+            journal.mark("files", app.name)
         writes = [c for c in todo if c.action != "delete"]
         steps = [
             *_in_the_way(writes, deletes, done),
@@ -270,12 +312,18 @@ def apply_plan(
                     result.records[str(change.path)] = _record(
                         host_path(ctx.root, change.path), change.target
                     )
-        if scripted and (todo or app.post_always):
+        if scripted and (todo or app.post_always or owed):
             runs = _run_scripts("post", app, changed, ctx, snapshot, system)
             result.scripts.extend(runs)
             failed = next((r for r in runs if not r.ok), None)
             if failed is not None:
-                result.errors.append(_script_failure(failed))
+                message = _script_failure(failed)
+                if app.on_post_failure == "rollback":
+                    restored = _roll_back_app(app.name, journal, result, ctx, system)
+                    message += f" — app {app.name} rolled back ({len(restored)} paths restored)"
+                result.errors.append(message)
+        if journal is not None and (todo or owed):
+            journal.mark("done", app.name)
 
     if deleted:
         _prune_dirs(deleted, result.created_dirs, ctx, system)

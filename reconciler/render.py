@@ -49,6 +49,7 @@ class AppSettings:
     state: str
     timeout: float = DEFAULT_SCRIPT_TIMEOUT
     post_always: bool = False
+    on_post_failure: str = "fail"  # fail | rollback (issue #3)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +140,7 @@ def load_app_settings(snapshot: Snapshot, node: Node) -> tuple[AppSettings, ...]
                 state=app.state,
                 timeout=float(scripts.get("timeout", DEFAULT_SCRIPT_TIMEOUT)),
                 post_always=bool(scripts.get("post_always", False)),
+                on_post_failure=str(scripts.get("on_post_failure", "fail")),
             )
         )
     return tuple(out)

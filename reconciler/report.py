@@ -65,6 +65,8 @@ def build_report(
     facts: Mapping[str, Any],
     dry_run: bool = False,
     suspended: Mapping[str, Any] | None = None,
+    recovered: Mapping[str, Any] | None = None,
+    rolled_back: set[PurePosixPath] | None = None,
 ) -> dict[str, Any]:
     """The report mapping of SPEC §5 (keys in the order of the SPEC)."""
     changes = []
@@ -78,6 +80,7 @@ def build_report(
                 "reason": c.reason,
                 "applied": c.path in applied,
                 "app": c.app,
+                **({"rolled_back": True} if rolled_back and c.path in rolled_back else {}),
                 **({"detail": c.detail} if c.detail else {}),
             }
             for c in plan.changes
@@ -99,6 +102,7 @@ def build_report(
         "mode": mode,
         "dry_run": dry_run,
         "suspended": dict(suspended) if suspended else None,
+        "recovered": dict(recovered) if recovered else None,
         "result": run_result(errors=errors, plan=plan),
         "changes": changes,
         "drift": drift,
@@ -140,6 +144,7 @@ def significant(report: Mapping[str, Any]) -> dict[str, Any]:
         "excluded": report.get("excluded"),
         "errors": report.get("errors"),
         "suspended": report.get("suspended"),
+        "recovered": report.get("recovered"),
         "failed_scripts": [
             (s.get("phase"), s.get("app"), s.get("name"), s.get("exit_code"))
             for s in report.get("scripts", ())

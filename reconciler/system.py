@@ -121,7 +121,15 @@ class System(Protocol):
         ...
 
     def backup(self, path: Path, dest: Path) -> None:
-        """Copy ``path`` (file or symlink, with its mode) to ``dest`` before it changes."""
+        """Durably copy regular file ``path`` (with its mode) to ``dest`` before it changes."""
+        ...
+
+    def move(self, path: Path, dest: Path) -> None:
+        """Move ``path`` (e.g. a directory in the way) to ``dest``."""
+        ...
+
+    def make_symlink(self, path: Path, link: str) -> None:
+        """Atomically make ``path`` a symlink to ``link`` (rollback of a replaced link)."""
         ...
 
     def run_script(
@@ -194,7 +202,23 @@ class RealSystem:
 
     def backup(self, path: Path, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.copy2(path, dest, follow_symlinks=False)
+        with open(path, "rb") as fh:
+            content = fh.read()
+        # Durable before the original is replaced: a crash must never lose both.
+        atomic_write(dest, content, mode=stat.S_IMODE(os.lstat(path).st_mode) & 0o700 | 0o600)
+
+    def move(self, path: Path, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.move(path, dest)
+        fsync_dir(path.parent)
+        log.info("moved %s to %s", path, dest)
+
+    def make_symlink(self, path: Path, link: str) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.reconciler-tmp")
+        os.symlink(link, tmp)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        log.info("symlinked %s -> %s", path, link)
 
     def run_script(
         self,
@@ -283,6 +307,12 @@ class DryRunSystem:
 
     def backup(self, path: Path, dest: Path) -> None:
         pass
+
+    def move(self, path: Path, dest: Path) -> None:
+        log.info("would move %s to %s", path, dest)
+
+    def make_symlink(self, path: Path, link: str) -> None:
+        log.info("would symlink %s -> %s", path, link)
 
     def run_script(
         self,

@@ -36,9 +36,9 @@ def test_removed_app_is_deleted_with_backups_and_its_created_dirs_pruned(fleet, 
     assert not host.path("/etc/postgresql/15").exists()  # created by reconciler, now empty
     assert host.path("/etc/postgresql").is_dir()  # was there before: kept
 
-    backups = host.state_dir / "backups" / report["run_id"]
+    backups = host.state_dir / "backups" / report["run_id"] / "files"
     assert (backups / PG.lstrip("/") / "pg_hba.conf").read_bytes() == hba
-    assert mode_of(backups / PG.lstrip("/") / "pg_hba.conf") == 0o640  # no wider than it was
+    assert mode_of(backups / PG.lstrip("/") / "pg_hba.conf") == 0o600  # root only (issue #3)
     assert (backups / PG.lstrip("/") / "postgresql.conf").read_bytes() == conf
 
     # Pruned paths are no longer managed: the next run is a no-op.
@@ -59,5 +59,5 @@ def test_removed_template_file_is_deleted_and_its_nonempty_dir_kept(fleet, make_
     ]
     assert not host.path("/etc/nginx/conf.d/app.conf").exists()
     assert host.path("/etc/nginx/conf.d/default.conf").is_file()
-    backup = host.state_dir / "backups" / report["run_id"] / "etc/nginx/conf.d/app.conf"
+    backup = host.state_dir / "backups" / report["run_id"] / "files/etc/nginx/conf.d/app.conf"
     assert backup.read_bytes() == before

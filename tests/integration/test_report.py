@@ -119,6 +119,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(fleet, make_host):
     )
     fleet.commit("web1: 6 workers")
     before = tree_snapshot(host.root)
+    backups_before = sorted(p.name for p in (host.state_dir / "backups").iterdir())
 
     proc = host.pull("--dry-run", "--format", "json")
 
@@ -131,9 +132,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(fleet, make_host):
     assert tree_snapshot(host.root) == before
     assert fleet.report_log("web1") == commits
     assert (host.state_dir / "last-run.json").read_bytes() == last_run
-    assert not (host.state_dir / "backups").exists() or not any(
-        (host.state_dir / "backups").iterdir()
-    )
+    assert sorted(p.name for p in (host.state_dir / "backups").iterdir()) == backups_before
 
 
 def test_status_shows_the_last_run_and_diff_shows_drift_without_changing_anything(fleet, make_host):

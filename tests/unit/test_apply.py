@@ -80,7 +80,7 @@ def test_previous_content_is_backed_up_under_the_run_id(tmp_path):
     (root / "etc" / "a.conf").write_bytes(b"hand written\n")
     reconcile(tmp_path, target_of(tfile("/etc/a.conf", b"new\n")), LocalState(), repo, "r1")
     assert (root / "etc" / "a.conf").read_bytes() == b"new\n"
-    assert (tmp_path / "state" / "backups" / "r1" / "etc" / "a.conf").read_bytes() == (
+    assert (tmp_path / "state" / "backups" / "r1" / "files" / "etc" / "a.conf").read_bytes() == (
         b"hand written\n"
     )
 

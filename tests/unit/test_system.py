@@ -158,14 +158,16 @@ def test_remove_and_remove_empty_dir(tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
-def test_backup_copies_content_and_mode(tmp_path):
+@pytest.mark.parametrize(("mode", "kept"), [(0o640, 0o600), (0o755, 0o700), (0o444, 0o600)])
+def test_backup_copies_content_and_is_readable_by_its_owner_only(tmp_path, mode, kept):
+    """Issue #3: backups are root-only; the original mode is kept in the journal."""
     src = tmp_path / "src"
     src.write_bytes(b"\x00previous\n")
-    src.chmod(0o640)
+    src.chmod(mode)
     dest = tmp_path / "backups" / "run" / "etc" / "src"
     RealSystem().backup(src, dest)
     assert dest.read_bytes() == b"\x00previous\n"
-    assert mode_of(dest) == 0o640
+    assert mode_of(dest) == kept
 
 
 # ----------------------------------------------------------------- scripts

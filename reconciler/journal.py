@@ -1,0 +1,340 @@
+"""Crash safety: the journal of a run, recovery from an interrupted one, restores.
+
+Part of the apply stage (SPEC §4: "a run interrupted at any point leaves every
+file either wholly old or wholly new, and the next run finishes or undoes
+it"). Takes the Plan and the ActualState; produces, before the first change,
+``<state_dir>/journal.json`` — the manifest of every change: how the path
+looked before, where its backup is, what the new content hashes to — and a
+``journal.log`` of app phases, both fsync'd. Each file write itself is atomic
+(``system.atomic_write``), so a crash leaves a path old or new, never partial.
+
+On the next start, :func:`recover` finds the journal and rolls forward, as
+dpkg does with half-configured packages: stray temp files are removed, the
+local state learns which paths already hold their new content (so they are
+not mistaken for drift), and apps whose files changed but whose post scripts
+never completed get them run again by the new run. When a run ends normally
+the manifest moves to ``backups/<run-id>/manifest.json``, where ``rollback``
+finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import ApplyError
+from .scan import ActualFile, file_sha256, host_path
+from .state import LocalState, ManagedFile
+from .system import System, atomic_write, fsync_dir
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "journal.json"
+JOURNAL_LOG = "journal.log"
+MANIFEST = "manifest.json"
+TEMP_SUFFIX = ".reconciler-tmp"
+
+
+def backups_dir(state_dir: Path, run_id: str) -> Path:
+    """``<state_dir>/backups/<run-id>``: the manifest and ``files/`` of one run."""
+    return state_dir / "backups" / run_id
+
+
+def backup_file(state_dir: Path, run_id: str, path: PurePosixPath) -> Path:
+    """Where the previous content of ``path`` is kept for run ``run_id``."""
+    return backups_dir(state_dir, run_id).joinpath("files", *path.parts[1:])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JournalEntry:
+    """A JournalEntry is one planned change and how its path looked before it."""
+
+    path: str
+    action: str
+    app: str
+    before: str  # missing | file | symlink | dir | other
+    mode: int = 0
+    uid: int = -1
+    gid: int = -1
+    link: str | None = None  # symlink target, when before == "symlink"
+    new_sha256: str | None = None  # None for delete
+    new_mode: int | None = None
+    record: dict[str, Any] | None = None  # the managed record before the run
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """A Manifest is the journal of one run: its entries and where it came from."""
+
+    run_id: str
+    kind: str  # run | rollback
+    commit: str
+    previous_commit: str | None
+    entries: tuple[JournalEntry, ...]
+    interrupted: bool = False
+    rolled_back_by: str | None = None
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        return json.dumps(data, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        data = json.loads(raw)
+        data["entries"] = tuple(JournalEntry(**e) for e in data.get("entries", ()))
+        return cls(**data)
+
+
+def make_entries(
+    changes: Iterable[Any],
+    actual: Mapping[PurePosixPath, ActualFile],
+    previous: LocalState,
+    root: Path,
+) -> tuple[JournalEntry, ...]:
+    """One JournalEntry per change to apply (``changes``: plan Changes)."""
+    from .plan import sha256
+
+    out = []
+    for c in changes:
+        a = actual[c.path]
+        record = previous.managed.get(str(c.path))
+        link = None
+        if a.kind == "symlink":
+            try:
+                link = os.readlink(host_path(root, c.path))
+            except OSError:
+                link = None
+        out.append(
+            JournalEntry(
+                path=str(c.path),
+                action=c.action,
+                app=c.app,
+                before=a.kind,
+                mode=a.mode,
+                uid=a.uid,
+                gid=a.gid,
+                link=link,
+                new_sha256=sha256(c.target.content) if c.target is not None else None,
+                new_mode=c.target.mode if c.target is not None else None,
+                record=asdict(record) if record is not None else None,
+            )
+        )
+    return tuple(out)
+
+
+@dataclass(slots=True, kw_only=True)
+class Journal:
+    """Journal is the on-disk record of the run in progress (mutable, one per run)."""
+
+    state_dir: Path
+    manifest: Manifest
+    _log: Any = field(default=None, repr=False)
+
+    def begin(self) -> None:
+        """Write the manifest durably, before the first change (SPEC §4)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(self.state_dir / JOURNAL, self.manifest.to_json(), mode=0o600)
+        fd = os.open(self.state_dir / JOURNAL_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._log = os.fdopen(fd, "a", encoding="utf-8")
+
+    def mark(self, phase: str, app: str) -> None:
+        """Record durably that ``app`` reached ``phase`` (``files`` | ``done``)."""
+        if self._log is None:
+            return
+        self._log.write(f"{phase} {app}\n")
+        self._log.flush()
+        os.fsync(self._log.fileno())
+
+    def finish(self) -> None:
+        """The run ended: keep the manifest with the run's backups, drop the journal."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        _archive(self.state_dir, self.manifest)
+
+
+def _archive(state_dir: Path, manifest: Manifest) -> None:
+    target = backups_dir(state_dir, manifest.run_id)
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(target / MANIFEST, manifest.to_json(), mode=0o600)
+    for name in (JOURNAL, JOURNAL_LOG):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state_dir / name)
+    fsync_dir(state_dir)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recovery:
+    """A Recovery is what the start of a run repaired after an interrupted run."""
+
+    run_id: str
+    commit: str
+    temp_files_removed: tuple[str, ...]
+    rolled_forward: tuple[str, ...]  # paths that already held their new content
+    post_pending: Mapping[str, tuple[str, ...]]  # app → its changed paths
+
+    def to_report(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "commit": self.commit,
+            "temp_files_removed": list(self.temp_files_removed),
+            "rolled_forward": list(self.rolled_forward),
+            "post_scripts_rerun": sorted(self.post_pending),
+        }
+
+
+def _phases(state_dir: Path) -> dict[str, set[str]]:
+    phases: dict[str, set[str]] = {}
+    try:
+        text = (state_dir / JOURNAL_LOG).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return phases
+    for line in text.splitlines():
+        phase, _, app = line.partition(" ")
+        if app:
+            phases.setdefault(app, set()).add(phase)
+    return phases
+
+
+def recover(
+    state_dir: Path, root: Path, previous: LocalState
+) -> tuple[LocalState, Recovery | None]:
+    """Finish an interrupted run's bookkeeping before a new run plans (SPEC §4).
+
+    Returns the LocalState to plan against (records rolled forward for paths
+    that hold their new content, dropped for paths already deleted) and the
+    Recovery to report, or ``(previous, None)`` when the last run ended.
+    Raises ApplyError when the journal is unreadable.
+    """
+    path = state_dir / JOURNAL
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return previous, None
+    try:
+        manifest = Manifest.from_json(raw)
+    except (ValueError, TypeError) as exc:
+        raise ApplyError(
+            f"{path}: unreadable journal of an interrupted run ({exc}) — inspect it, "
+            "then move it away"
+        ) from exc
+    phases = _phases(state_dir)
+    removed: list[str] = []
+    forward: list[str] = []
+    managed = dict(previous.managed)
+    pending: dict[str, list[str]] = {}
+    for e in manifest.entries:
+        dest = PurePosixPath(e.path)
+        host = host_path(root, dest)
+        for stray in _temp_files(host):
+            try:
+                os.unlink(stray)
+                removed.append("/" + os.path.relpath(stray, root))
+            except OSError:
+                pass
+        app_phases = phases.get(e.app, set())
+        if "files" in app_phases and "done" not in app_phases:
+            pending.setdefault(e.app, []).append(e.path)
+        if e.action == "delete":
+            if not os.path.lexists(host):
+                managed.pop(e.path, None)
+                forward.append(e.path)
+            continue
+        try:
+            st = os.lstat(host)
+        except OSError:
+            continue
+        if not os.path.isfile(host) or os.path.islink(host):
+            continue
+        if file_sha256(host) != e.new_sha256:
+            continue
+        base = ManagedFile(**e.record) if e.record else None
+        managed[e.path] = ManagedFile(
+            sha256=e.new_sha256,
+            mode=st.st_mode & 0o7777,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            ino=st.st_ino,
+            app=e.app,
+            owner=base.owner if base else None,
+            group=base.group if base else None,
+            secret=base.secret if base else False,
+            policy=base.policy if base else "enforce",
+            recorded_ns=time.time_ns(),
+        )
+        forward.append(e.path)
+    _archive(
+        state_dir,
+        Manifest(**{**asdict(manifest), "entries": manifest.entries, "interrupted": True}),
+    )
+    recovery = Recovery(
+        run_id=manifest.run_id,
+        commit=manifest.commit,
+        temp_files_removed=tuple(removed),
+        rolled_forward=tuple(forward),
+        post_pending={a: tuple(p) for a, p in pending.items()},
+    )
+    log.warning(
+        "recovered from interrupted run %s: %d temp files removed, %d paths rolled forward, "
+        "post scripts pending for %s",
+        manifest.run_id,
+        len(removed),
+        len(forward),
+        ", ".join(sorted(pending)) or "no app",
+    )
+    state = LocalState(
+        node=previous.node,
+        applied_commit=previous.applied_commit,
+        managed=managed,
+        created_dirs=previous.created_dirs,
+    )
+    return state, recovery
+
+
+def _temp_files(host: Path) -> list[Path]:
+    """Temp files an interrupted atomic write may have left beside ``host``."""
+    try:
+        names = os.listdir(host.parent)
+    except OSError:
+        return []
+    prefix = f".{host.name}."
+    return [host.parent / n for n in names if n.startswith(prefix) and n.endswith(TEMP_SUFFIX)]
+
+
+# ------------------------------------------------------------------ restore
+
+
+def restore_entry(entry: JournalEntry, run_dir: Path, root: Path, system: System) -> None:
+    """Put ``entry.path`` back as it was before its run (rollback primitive).
+
+    Raises OSError when a backup is missing or the write fails.
+    """
+    dest = PurePosixPath(entry.path)
+    host = host_path(root, dest)
+    saved = run_dir.joinpath("files", *dest.parts[1:])
+    if entry.before == "missing":
+        if os.path.lexists(host):
+            system.remove(host)
+    elif entry.before == "file":
+        content = saved.read_bytes()
+        uid = entry.uid if entry.uid >= 0 else None
+        gid = entry.gid if entry.gid >= 0 else None
+        system.make_dirs(host.parent)
+        system.write_file(host, content, entry.mode, uid, gid)
+    elif entry.before == "symlink" and entry.link is not None:
+        system.make_dirs(host.parent)
+        system.make_symlink(host, entry.link)
+    elif entry.before == "dir":
+        if os.path.lexists(host):
+            system.remove(host)
+        system.move(saved, host)
