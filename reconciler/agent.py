@@ -30,6 +30,7 @@ from .journal import Journal, Manifest, Recovery, make_entries, recover
 from .plan import Plan, exclude_matcher, make_plan
 from .render import TargetState, render_target
 from .report import build_report, commit_report, write_last_run
+from .rollback import read_hold, release_hold, rollback
 from .scan import ActualFile, host_path, scan
 from .source import (
     FetchResult,
@@ -55,6 +56,7 @@ class RunOptions:
     dry_run: bool = False
     state: str | None = None
     boot: bool = False  # retry the fetch with back-off for config.boot_timeout
+    release_hold: bool = False  # apply even the commit a rollback is holding back
 
 
 @dataclass(slots=True, kw_only=True)
@@ -195,12 +197,13 @@ def _run(
                 errors.append(str(exc))
                 assert previous.applied_commit is not None
                 commit = previous.applied_commit  # keep enforcing the last good commit
+        held = _hold(state_dir, commit, options)
         snapshot = GitSnapshot(
             repo, commit, SourceInfo(url=url, branch=config.branch, commit=commit)
         )
         inventory = load_inventory(snapshot)
         node = effective_node(inventory, snapshot, config.node, options.state)
-        suspended = _suspension(node, started)
+        suspended = _suspension(node, started) or held
         if suspended:
             mode = "audit"  # fetch and report, change nothing
         target = render_target(snapshot, node, facts)
@@ -310,6 +313,83 @@ def _run(
         push_error=outcome.push_error,
     )
     return outcome
+
+
+def _hold(state_dir: Path, commit: str, options: RunOptions) -> dict[str, Any] | None:
+    """A rollback's hold on ``commit`` as a ``suspended`` mapping, or None.
+
+    The hold lifts itself when another commit arrives, or with
+    ``--release-hold`` (rollback.py).
+    """
+    hold = read_hold(state_dir)
+    if hold is None:
+        return None
+    if hold.get("commit") == commit and not options.release_hold:
+        return {
+            "reason": f"held after rollback of run {hold.get('rolled_back_run')}: commit "
+            f"{commit[:12]} is not re-applied — push a fix, or pull --release-hold",
+            "until": None,
+        }
+    if not options.dry_run:
+        release_hold(state_dir)
+        log.warning(
+            "rollback hold lifted: %s", "released" if options.release_hold else "new commit"
+        )
+    return None
+
+
+def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True) -> RunOutcome:
+    """``reconciler rollback [RUN_ID]``: restore a run's backups and report it (issue #3)."""
+    state_dir = Path(os.path.abspath(config.state_dir))
+    root = Path(os.path.abspath(config.root))
+    with state_lock(state_dir, config.lock_timeout):
+        started = dt.datetime.now(dt.UTC)
+        own_id = new_run_id(started)
+        chosen, own, errors = rollback(state_dir, root, config.node, run_id, own_id, hold=hold)
+        url = remote_url(config.repo) if config.repo else ""
+        report = build_report(
+            node=config.node,
+            run_id=own_id,
+            started_at=started,
+            finished_at=dt.datetime.now(dt.UTC),
+            source=SourceInfo(url=url, branch=config.branch, commit=chosen.commit, fetched=False),
+            applied_commit=chosen.previous_commit,
+            mode=config.mode,
+            plan=None,
+            applied=set(),
+            scripts=[],
+            errors=errors,
+            facts=gather_facts(),
+        )
+        failed = {e.split(":", 1)[0] for e in errors}
+        report["changes"] = [
+            {
+                "path": e.path,
+                "action": e.action,
+                "reason": "rollback",
+                "applied": e.path not in failed,
+                "app": e.app,
+            }
+            for e in own.entries
+        ]
+        report["rollback"] = {"run_id": chosen.run_id, "hold": hold}
+        if not errors:
+            report["result"] = "changed"
+        outcome = RunOutcome(report=report)
+        repo = open_state_repo(state_dir)
+        outcome.report_commit = commit_report(
+            repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
+        )
+        if config.report.push and url:
+            outcome.pushed, outcome.push_error = _push(repo, url, config.node)
+        write_last_run(
+            state_dir,
+            report,
+            report_commit=outcome.report_commit,
+            pushed=outcome.pushed,
+            push_error=outcome.push_error,
+        )
+        return outcome
 
 
 BOOT_BACKOFF_CAP_S = 30.0

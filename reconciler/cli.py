@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--state", help="apply state S for this run")
     pull.add_argument("--boot", action="store_true", help="first run at boot")
     pull.add_argument("--detailed-exitcode", action="store_true", help="exit 3 on changes/drift")
+    pull.add_argument(
+        "--release-hold", action="store_true", help="re-apply the commit a rollback held back"
+    )
 
     diff = sub.add_parser("diff", parents=[common], help="print the plan as unified diffs")
     diff.add_argument("--state", help="diff against state S")
@@ -81,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("validate", parents=[common], help="check a desired-state repository")
     sub.add_parser("hosts", parents=[common], help="nodes and meta-nodes with members")
     sub.add_parser("status", parents=[common], help="this host's last run")
+    sub.add_parser("backups", parents=[common], help="runs whose backups are kept")
+    rollback = sub.add_parser("rollback", parents=[common], help="restore a run's backups")
+    rollback.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the last run")
+    rollback.add_argument(
+        "--no-hold", dest="hold", action="store_false", help="let the next run re-apply at once"
+    )
     return parser
 
 
@@ -149,7 +158,9 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .agent import RunOptions, reconcile_once
 
     config = _config(args)
-    options = RunOptions(dry_run=args.dry_run, state=args.state, boot=args.boot)
+    options = RunOptions(
+        dry_run=args.dry_run, state=args.state, boot=args.boot, release_hold=args.release_hold
+    )
     outcome = reconcile_once(config, options)
     if args.format == "json":
         _emit_json(outcome.report, out)
@@ -366,6 +377,53 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .rollback import list_backups, read_hold
+
+    config = _config(args)
+    state_dir = Path(config.state_dir)
+    rows = list_backups(state_dir)
+    hold = read_hold(state_dir)
+    if args.format == "json":
+        _emit_json({"backups": rows, "hold": hold}, out)
+        return 0
+    for r in rows:
+        flags = [f for f in ("interrupted" if r["interrupted"] else "",) if f]
+        if r["rolled_back_by"]:
+            flags.append(f"rolled back by {r['rolled_back_by']}")
+        out.write(
+            f"{r['run_id']}  {r['kind']:<8} {r['commit'][:12]:<12} {r['paths']:>5} paths"
+            f"{'  (' + ', '.join(flags) + ')' if flags else ''}\n"
+        )
+    if not rows:
+        out.write(f"no backups kept in {state_dir / 'backups'}\n")
+    if hold:
+        out.write(
+            f"hold: commit {str(hold.get('commit'))[:12]} is not re-applied "
+            f"(rollback {hold.get('rollback_run')})\n"
+        )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .agent import rollback_once
+
+    config = _config(args)
+    outcome = rollback_once(config, args.run_id, hold=args.hold)
+    if args.format == "json":
+        _emit_json(outcome.report, out)
+    else:
+        rolled = outcome.report["rollback"]["run_id"]
+        for c in outcome.report["changes"]:
+            mark = "" if c["applied"] else "  (FAILED)"
+            out.write(f"  restored {c['path']}{mark}\n")
+        out.write(f"rolled back run {rolled}: {len(outcome.report['changes'])} paths restored")
+        out.write("; held until a new commit arrives\n" if args.hold else "\n")
+    for error in outcome.report["errors"]:
+        err.write(f"reconciler: {error}\n")
+    return 1 if outcome.report["errors"] else 0
+
+
 COMMANDS = {
     "pull": cmd_pull,
     "diff": cmd_diff,
@@ -373,6 +431,8 @@ COMMANDS = {
     "validate": cmd_validate,
     "hosts": cmd_hosts,
     "status": cmd_status,
+    "backups": cmd_backups,
+    "rollback": cmd_rollback,
 }
 
 

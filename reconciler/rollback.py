@@ -1,0 +1,202 @@
+"""Rollback: put back the files of a past run from its backups (issue #3).
+
+Takes the manifests that every applying run leaves in
+``<state_dir>/backups/<run-id>/manifest.json``; produces a rollback run that
+restores each path of the chosen run to how it was before (content, mode,
+owner; a created file is removed, a replaced symlink or directory comes
+back), journaled and backed up itself so a rollback can be rolled back too,
+and reported like any run.
+
+After a rollback the host *holds*: runs keep fetching and reporting but do
+not re-apply the same commit (that would undo the rollback at the next
+timer tick). The hold lifts by itself when a new commit arrives — the fix —
+or with ``pull --release-hold``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import ApplyError, UsageError
+from .journal import (
+    MANIFEST,
+    JournalEntry,
+    Manifest,
+    backups_dir,
+    restore_entry,
+)
+from .scan import file_sha256, host_path, scan
+from .state import LocalState, ManagedFile, load_state, save_state
+from .system import RealSystem, atomic_write
+
+HOLD = "hold.json"
+
+
+def read_manifests(state_dir: Path) -> list[Manifest]:
+    """Every run's manifest under ``<state_dir>/backups``, oldest first."""
+    base = state_dir / "backups"
+    try:
+        runs = sorted(p for p in base.iterdir() if (p / MANIFEST).is_file())
+    except FileNotFoundError:
+        return []
+    out = []
+    for run in runs:
+        try:
+            out.append(Manifest.from_json((run / MANIFEST).read_bytes()))
+        except (OSError, ValueError, TypeError):
+            continue
+    return out
+
+
+def list_backups(state_dir: Path) -> list[dict[str, Any]]:
+    """Rows for ``reconciler backups``: run, kind, commit, paths, flags."""
+    return [
+        {
+            "run_id": m.run_id,
+            "kind": m.kind,
+            "commit": m.commit,
+            "paths": len(m.entries),
+            "interrupted": m.interrupted,
+            "rolled_back_by": m.rolled_back_by,
+        }
+        for m in read_manifests(state_dir)
+    ]
+
+
+def read_hold(state_dir: Path) -> dict[str, Any] | None:
+    """The hold left by a rollback, or None."""
+    try:
+        data = json.loads((state_dir / HOLD).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def release_hold(state_dir: Path) -> bool:
+    """Lift the hold; True if there was one."""
+    try:
+        os.unlink(state_dir / HOLD)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _choose(manifests: list[Manifest], run_id: str | None) -> Manifest:
+    if run_id is not None:
+        for m in manifests:
+            if m.run_id == run_id:
+                return m
+        known = ", ".join(m.run_id for m in manifests[-5:]) or "none"
+        raise UsageError(
+            f"rollback: no backups of run {run_id} — see `reconciler backups` (latest: {known})"
+        )
+    for m in reversed(manifests):
+        if m.kind == "run" and m.rolled_back_by is None:
+            return m
+    raise UsageError("rollback: no run to roll back — `reconciler backups` lists what is kept")
+
+
+def rollback(
+    state_dir: Path, root: Path, node: str, run_id: str | None, new_run_id: str, *, hold: bool
+) -> tuple[Manifest, Manifest, list[str]]:
+    """Restore run ``run_id`` (default: the latest run not rolled back yet).
+
+    The caller holds the state_dir lock. Returns (the rolled-back manifest,
+    the rollback's own manifest, errors). Raises UsageError for an unknown run.
+    """
+    manifests = read_manifests(state_dir)
+    chosen = _choose(manifests, run_id)
+    previous = load_state(state_dir)
+    paths = [PurePosixPath(e.path) for e in chosen.entries]
+    actual = scan(root, paths, previous.managed)
+    system = RealSystem()
+    run_dir = backups_dir(state_dir, chosen.run_id)
+    own_dir = backups_dir(state_dir, new_run_id)
+
+    own_entries = []
+    for e in chosen.entries:
+        a = actual[PurePosixPath(e.path)]
+        link = os.readlink(host_path(root, PurePosixPath(e.path))) if a.kind == "symlink" else None
+        own_entries.append(
+            JournalEntry(
+                path=e.path,
+                action="delete" if e.before == "missing" else "update",
+                app=e.app,
+                before=a.kind,
+                mode=a.mode,
+                uid=a.uid,
+                gid=a.gid,
+                link=link,
+                record=e.record,
+            )
+        )
+    own = Manifest(
+        run_id=new_run_id,
+        kind="rollback",
+        commit=previous.applied_commit or chosen.commit,
+        previous_commit=previous.applied_commit,
+        entries=tuple(own_entries),
+    )
+    own_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(own_dir / MANIFEST, own.to_json(), mode=0o600)
+
+    errors: list[str] = []
+    managed = dict(previous.managed)
+    for e in reversed(chosen.entries):
+        dest = PurePosixPath(e.path)
+        host = host_path(root, dest)
+        try:
+            if actual[dest].kind == "file":
+                system.backup(host, own_dir.joinpath("files", *dest.parts[1:]))
+            restore_entry(e, run_dir, root, system)
+        except OSError as exc:
+            errors.append(f"{e.path}: cannot restore from {run_dir}: {exc.strerror or exc}")
+            continue
+        managed.pop(e.path, None)
+        if e.before == "file" and e.record is not None:
+            st = os.lstat(host)
+            managed[e.path] = replace(
+                ManagedFile(**e.record),
+                sha256=file_sha256(host),
+                mode=st.st_mode & 0o7777,
+                size=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                ctime_ns=st.st_ctime_ns,
+                ino=st.st_ino,
+                recorded_ns=0,  # hash again next time
+            )
+    save_state(
+        state_dir,
+        LocalState(
+            node=node,
+            applied_commit=chosen.previous_commit,
+            managed=managed,
+            created_dirs=previous.created_dirs,
+        ),
+    )
+    atomic_write(
+        run_dir / MANIFEST,
+        replace(chosen, rolled_back_by=new_run_id).to_json(),
+        mode=0o600,
+    )
+    if hold:
+        atomic_write(
+            state_dir / HOLD,
+            json.dumps(
+                {
+                    "commit": chosen.commit,
+                    "rolled_back_run": chosen.run_id,
+                    "rollback_run": new_run_id,
+                    "since": dt.datetime.now(dt.UTC).isoformat(),
+                }
+            ).encode(),
+            mode=0o600,
+        )
+    if errors and len(errors) == len(chosen.entries):
+        raise ApplyError(errors[0])
+    return chosen, own, errors
