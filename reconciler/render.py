@@ -210,8 +210,15 @@ def _environment(snapshot: Snapshot) -> Any:
     )
 
 
-def _render_error(exc: Exception, repo_path: str, node: str, snapshot: Snapshot) -> RenderError:
-    """Name the template and line of a Jinja2 failure, with the offending line."""
+def _render_error(
+    exc: Exception, repo_path: str, node: str, snapshot: Snapshot, secret: bool = False
+) -> RenderError:
+    """Name the template and line of a Jinja2 failure, with the offending line.
+
+    For a ``secret`` destination the source line and the exception text
+    beyond its type are left out: a template may hold a literal secret, and
+    the error lands in reports and logs (issue #3).
+    """
     import jinja2
 
     where, line = repo_path, None
@@ -230,9 +237,9 @@ def _render_error(exc: Exception, repo_path: str, node: str, snapshot: Snapshot)
         elif isinstance(exc, jinja2.TemplateNotFound):
             problem = f"template {exc.name!r} not found — paths are relative to templates/"
         else:
-            problem = f"{type(exc).__name__}: {exc}"
+            problem = type(exc).__name__ if secret else f"{type(exc).__name__}: {exc}"
     text = ""
-    if line:
+    if line and not secret:
         try:
             source_line = snapshot.read(where).decode("utf-8").splitlines()[line - 1].strip()
             text = f' [line {line}: "{source_line[:120]}"]'
@@ -261,6 +268,8 @@ def render_target(snapshot: Snapshot, node: Node, facts: Mapping[str, Any]) -> T
     node_globs = _compile(node.files)
     files: dict[PurePosixPath, TargetFile] = {}
     for dest, (app, repo_path, filemode) in sources.items():
+        meta, where = _metadata(app_globs[app], node_globs, node, app, dest)
+        secret = bool(meta.get("secret", False))
         if repo_path.endswith(".j2"):
             if env is None:
                 env = _environment(snapshot)
@@ -270,10 +279,10 @@ def render_target(snapshot: Snapshot, node: Node, facts: Mapping[str, Any]) -> T
             except RenderError:
                 raise
             except Exception as exc:  # Jinja2 raises many types; all are the author's error
-                raise _render_error(exc, repo_path, node.name, snapshot) from exc
+                error = _render_error(exc, repo_path, node.name, snapshot, secret)
+                raise error from (None if secret else exc)
         else:
             content = snapshot.read(repo_path)
-        meta, where = _metadata(app_globs[app], node_globs, node, app, dest)
         default_mode = 0o755 if filemode == GIT_FILEMODE_EXEC else 0o644
         mode = parse_mode(meta["mode"], where=where) if "mode" in meta else default_mode
         files[dest] = TargetFile(
@@ -282,7 +291,7 @@ def render_target(snapshot: Snapshot, node: Node, facts: Mapping[str, Any]) -> T
             mode=mode,
             owner=meta.get("owner"),
             group=meta.get("group"),
-            secret=bool(meta.get("secret", False)),
+            secret=secret,
             policy=meta.get("policy", "enforce"),
             app=app,
             template=repo_path,
