@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import secrets
@@ -19,19 +21,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .apply import ApplyResult, RunContext, apply_plan
+from . import __version__
 from .config import AgentConfig
 from .errors import ConfigError, LockError, ReconcilerError, SourceError, UntrustedCommitError
 from .facts import gather_facts
-from .inventory import Node, effective_node, load_inventory
 from .journal import Journal, Manifest, Recovery, make_entries, recover
-from .plan import Plan, exclude_matcher, make_plan
-from .render import TargetState, render_target
 from .report import build_report, commit_report, write_last_run
 from .rollback import read_hold, release_hold, rollback
-from .scan import ActualFile, host_path, scan
+from .scan import ActualFile, host_path
 from .source import (
     FetchResult,
     GitSnapshot,
@@ -44,7 +43,12 @@ from .source import (
     report_ref,
 )
 from .state import LocalState, load_state, save_state
-from .system import DryRunSystem, RealSystem, System
+
+if TYPE_CHECKING:
+    from .apply import ApplyResult
+    from .inventory import Node
+    from .plan import Plan
+    from .render import TargetState
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +163,41 @@ def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> Ru
         return _run(config, options, url, state_dir, root)
 
 
+def _fingerprint(
+    config: AgentConfig, options: RunOptions, facts: Mapping[str, Any], exclude_lines: list[str]
+) -> str:
+    """Everything besides the commit and the disk that a run's target depends on."""
+    data = {
+        "node": config.node,
+        "state": options.state,
+        "mode": config.mode,
+        "root": config.root,
+        "exclude": exclude_lines,
+        "facts": facts,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _unchanged(root: Path, previous: LocalState) -> bool:
+    """True when every managed path still has the settled stat signature we recorded."""
+    for key, record in previous.managed.items():
+        if not record.settled():
+            return False
+        try:
+            st = os.lstat(host_path(root, PurePosixPath(key)))
+        except OSError:
+            return False
+        if (
+            (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != record.signature()
+            or st.st_mode & 0o7777 != record.mode
+            or st.st_uid != record.uid
+            or st.st_gid != record.gid
+        ):
+            return False
+    return True
+
+
 def _run(
     config: AgentConfig, options: RunOptions, url: str, state_dir: Path, root: Path
 ) -> RunOutcome:
@@ -172,14 +211,7 @@ def _run(
     if not options.dry_run:
         previous, recovery = recover(state_dir, root, previous)
     info = SourceInfo(url=url, branch=config.branch, commit="", fetched=False)
-    plan: Plan | None = None
-    target: TargetState | None = None
-    actual: dict[PurePosixPath, ActualFile] = {}
-    applied: ApplyResult | None = None
-    applied_commit = previous.applied_commit
-    suspended: Mapping[str, Any] | None = None
-    mode = config.mode
-    captures: dict[PurePosixPath, bytes] = {}
+    run = _Work(applied_commit=previous.applied_commit, mode=config.mode)
 
     try:
         fetched = _fetch(repo, url, config, boot=options.boot)
@@ -198,76 +230,39 @@ def _run(
                 assert previous.applied_commit is not None
                 commit = previous.applied_commit  # keep enforcing the last good commit
         held = _hold(state_dir, commit, options)
-        snapshot = GitSnapshot(
-            repo, commit, SourceInfo(url=url, branch=config.branch, commit=commit)
-        )
-        inventory = load_inventory(snapshot)
-        node = effective_node(inventory, snapshot, config.node, options.state)
-        suspended = _suspension(node, started) or held
-        if suspended:
-            mode = "audit"  # fetch and report, change nothing
-        target = render_target(snapshot, node, facts)
-        paths = list(target.files) + [
-            PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
-        ]
-        actual = scan(root, paths, previous.managed)
-        excludes = exclude_matcher([*node.exclude, *read_exclude_file(config.exclude_file)])
-        plan = make_plan(target, actual, previous, excludes, mode)
-        errors.extend(plan.errors)
-        captures = _captures(plan, target, previous, actual, root)
-
-        system: System = DryRunSystem() if options.dry_run else RealSystem()
-        to_apply = [c for c in plan.changes if c.apply]
-        journal = None
-        if to_apply and not options.dry_run:
-            journal = Journal(
+        exclude_lines = read_exclude_file(config.exclude_file)
+        fingerprint = _fingerprint(config, options, facts, exclude_lines)
+        if (
+            not options.dry_run
+            and recovery is None
+            and held is None
+            and previous.fingerprint == fingerprint
+            and previous.applied_commit == commit
+            and _unchanged(root, previous)
+        ):
+            # SPEC §7 no-op: same commit and inputs as the last clean run and no
+            # managed file touched since — no load, no render, no hashing.
+            run.excluded = previous.excluded
+        else:
+            _full_run(
+                run,
+                config,
+                options,
+                repo=repo,
+                url=url,
+                commit=commit,
+                run_id=run_id,
+                started=started,
+                facts=facts,
+                exclude_lines=exclude_lines,
+                fingerprint=fingerprint,
+                held=held,
+                previous=previous,
+                recovery=recovery,
+                errors=errors,
                 state_dir=state_dir,
-                manifest=Manifest(
-                    run_id=run_id,
-                    kind="run",
-                    commit=commit,
-                    previous_commit=previous.applied_commit,
-                    entries=make_entries(to_apply, actual, previous, root),
-                ),
+                root=root,
             )
-        ctx = RunContext(
-            node=config.node,
-            state=node.state,
-            commit=commit,
-            run_id=run_id,
-            root=root,
-            state_dir=state_dir,
-        )
-        try:
-            applied = apply_plan(
-                plan,
-                target,
-                actual,
-                previous,
-                snapshot,
-                system,
-                ctx,
-                journal=journal,
-                force_post=recovery.post_pending if recovery else None,
-            )
-        finally:
-            shutil.rmtree(state_dir / "run" / run_id, ignore_errors=True)
-        errors.extend(applied.errors)
-        pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
-        if not errors and not pending:
-            applied_commit = commit
-        if not options.dry_run:
-            save_state(
-                state_dir,
-                LocalState(
-                    node=config.node,
-                    applied_commit=applied_commit,
-                    managed=applied.managed,
-                    created_dirs=tuple(sorted(applied.created_dirs)),
-                ),
-            )
-            if journal is not None:
-                journal.finish()  # only now: the local state matches the disk
     except ReconcilerError as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -280,25 +275,27 @@ def _run(
         started_at=started,
         finished_at=dt.datetime.now(dt.UTC),
         source=info,
-        applied_commit=applied_commit,
-        mode=mode,
-        plan=plan,
-        applied=applied.applied if applied else set(),
-        scripts=applied.scripts if applied else [],
+        applied_commit=run.applied_commit,
+        mode=run.mode,
+        plan=run.plan,
+        applied=run.applied.applied if run.applied else set(),
+        scripts=run.applied.scripts if run.applied else [],
         errors=errors,
         facts=facts,
         dry_run=options.dry_run,
-        suspended=suspended,
+        suspended=run.suspended,
         recovered=recovery.to_report() if recovery else None,
-        rolled_back=applied.rolled_back if applied else set(),
+        rolled_back=run.applied.rolled_back if run.applied else set(),
     )
-    outcome = RunOutcome(report=report, plan=plan, target=target, actual=actual)
+    if run.plan is None and run.excluded:
+        report["excluded"] = list(run.excluded)
+    outcome = RunOutcome(report=report, plan=run.plan, target=run.target, actual=run.actual)
     if options.dry_run:
         return outcome  # --dry-run: plan and report to stdout only (SPEC §3)
     outcome.report_commit = commit_report(
         repo,
         report,
-        captures,
+        run.captures,
         heartbeat_s=config.report.heartbeat,
         now=dt.datetime.now(dt.UTC),
     )
@@ -313,6 +310,129 @@ def _run(
         push_error=outcome.push_error,
     )
     return outcome
+
+
+@dataclass(slots=True, kw_only=True)
+class _Work:
+    """What the stages of one run produced so far (the run's only mutable record)."""
+
+    applied_commit: str | None
+    mode: str
+    plan: Plan | None = None
+    target: TargetState | None = None
+    actual: dict[PurePosixPath, ActualFile] = field(default_factory=dict)
+    applied: ApplyResult | None = None
+    suspended: Mapping[str, Any] | None = None
+    captures: dict[PurePosixPath, bytes] = field(default_factory=dict)
+    excluded: tuple[str, ...] = ()
+
+
+def _full_run(
+    run: _Work,
+    config: AgentConfig,
+    options: RunOptions,
+    *,
+    repo: Any,
+    url: str,
+    commit: str,
+    run_id: str,
+    started: dt.datetime,
+    facts: Mapping[str, Any],
+    exclude_lines: list[str],
+    fingerprint: str,
+    held: Mapping[str, Any] | None,
+    previous: LocalState,
+    recovery: Recovery | None,
+    errors: list[str],
+    state_dir: Path,
+    root: Path,
+) -> None:
+    """load → render → scan → plan → apply, filling ``run``; raises ReconcilerError.
+
+    The stages are imported here, not at module level, so that a no-op run
+    never pays for Jinja2, jsonschema or pathspec (SPEC §7).
+    """
+    from .apply import RunContext, apply_plan
+    from .inventory import effective_node, load_inventory
+    from .plan import exclude_matcher, make_plan
+    from .render import render_target
+    from .scan import scan
+    from .system import DryRunSystem, RealSystem, System
+
+    snapshot = GitSnapshot(repo, commit, SourceInfo(url=url, branch=config.branch, commit=commit))
+    inventory = load_inventory(snapshot)
+    node = effective_node(inventory, snapshot, config.node, options.state)
+    run.suspended = _suspension(node, started) or held
+    if run.suspended:
+        run.mode = "audit"  # fetch and report, change nothing
+    run.target = target = render_target(snapshot, node, facts)
+    paths = list(target.files) + [
+        PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
+    ]
+    run.actual = actual = scan(root, paths, previous.managed)
+    excludes = exclude_matcher([*node.exclude, *exclude_lines])
+    run.plan = plan = make_plan(target, actual, previous, excludes, run.mode)
+    errors.extend(plan.errors)
+    run.captures = _captures(plan, target, previous, actual, root)
+
+    system: System = DryRunSystem() if options.dry_run else RealSystem()
+    to_apply = [c for c in plan.changes if c.apply]
+    journal = None
+    if to_apply and not options.dry_run:
+        journal = Journal(
+            state_dir=state_dir,
+            manifest=Manifest(
+                run_id=run_id,
+                kind="run",
+                commit=commit,
+                previous_commit=previous.applied_commit,
+                entries=make_entries(to_apply, actual, previous, root),
+            ),
+        )
+    ctx = RunContext(
+        node=config.node,
+        state=node.state,
+        commit=commit,
+        run_id=run_id,
+        root=root,
+        state_dir=state_dir,
+    )
+    try:
+        run.applied = applied = apply_plan(
+            plan,
+            target,
+            actual,
+            previous,
+            snapshot,
+            system,
+            ctx,
+            journal=journal,
+            force_post=recovery.post_pending if recovery else None,
+        )
+    finally:
+        shutil.rmtree(state_dir / "run" / run_id, ignore_errors=True)
+    errors.extend(applied.errors)
+    pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
+    if not errors and not pending:
+        run.applied_commit = commit
+    if options.dry_run:
+        return
+    # The no-op short cut skips scripts too: never for apps with post_always.
+    always = any(a.post_always for a in target.apps)
+    clean = not errors and not pending and not run.suspended and not always
+    save_state(
+        state_dir,
+        LocalState(
+            node=config.node,
+            applied_commit=run.applied_commit,
+            managed=applied.managed,
+            created_dirs=tuple(sorted(applied.created_dirs)),
+            fingerprint=fingerprint if clean else "",
+            excluded=tuple(str(p) for p in plan.excluded),
+        ),
+    )
+    if journal is not None:
+        journal.finish()  # only now: the local state matches the disk
 
 
 def _hold(state_dir: Path, commit: str, options: RunOptions) -> dict[str, Any] | None:

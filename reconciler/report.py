@@ -18,15 +18,17 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pygit2
 
 from . import __version__
 from .errors import SourceError
-from .plan import Plan
 from .source import SourceInfo, remote_report_ref, report_ref
 from .system import ScriptRun, atomic_write
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 log = logging.getLogger(__name__)
 

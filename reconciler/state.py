@@ -63,6 +63,8 @@ class LocalState:
     applied_commit: str | None = None
     managed: Mapping[str, ManagedFile] = field(default_factory=dict)
     created_dirs: tuple[str, ...] = ()
+    fingerprint: str = ""  # inputs of the last full run besides the commit (agent.py)
+    excluded: tuple[str, ...] = ()  # excluded paths of the last full run
 
 
 def state_path(state_dir: Path) -> Path:
@@ -91,6 +93,8 @@ def load_state(state_dir: Path) -> LocalState:
             applied_commit=raw.get("applied_commit"),
             managed={p: ManagedFile(**m) for p, m in raw.get("managed", {}).items()},
             created_dirs=tuple(raw.get("created_dirs", ())),
+            fingerprint=raw.get("fingerprint", ""),
+            excluded=tuple(raw.get("excluded", ())),
         )
     except TypeError as exc:
         raise SourceError(
@@ -106,5 +110,7 @@ def save_state(state_dir: Path, state: LocalState) -> None:
         "applied_commit": state.applied_commit,
         "managed": {p: asdict(m) for p, m in sorted(state.managed.items())},
         "created_dirs": sorted(state.created_dirs),
+        "fingerprint": state.fingerprint,
+        "excluded": list(state.excluded),
     }
     atomic_write(state_path(state_dir), json.dumps(data, indent=1).encode(), mode=0o600)
