@@ -1,0 +1,78 @@
+"""The no-op short cut (SPEC §7) must never hide a change it skips looking at.
+
+A run skips load, render and hashing when the commit and inputs equal the
+last clean run and no managed file's stat signature moved. These tests
+change exactly one of the things the short cut must notice.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tests.integration._helpers import changes, drift_kinds, pull_report
+
+
+def _converged(make_host, node="web1"):
+    host = make_host(node)
+    pull_report(host)
+    pull_report(host)  # settled: records taken well after the writes
+    return host
+
+
+def test_an_edit_of_the_same_size_right_after_a_run_is_still_drift(make_host):
+    host = _converged(make_host)
+    motd = host.path("/etc/motd")
+    original = motd.read_bytes()
+    pull_report(host)
+    # Same size, same mtime (restored): only the content and ctime differ.
+    st = motd.stat()
+    edited = bytes(b ^ 0x20 if chr(b).isalpha() else b for b in original)
+    motd.write_bytes(edited)
+    os.utime(motd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    report = pull_report(host)
+
+    assert drift_kinds(report) == {"/etc/motd": {"content"}}
+    assert motd.read_bytes() == original
+
+
+def test_a_changed_host_exclude_file_is_honoured_on_an_otherwise_idle_host(make_host):
+    host = _converged(make_host)
+    host.exclude_file.write_text("/etc/issue.net\n")
+
+    report = pull_report(host)
+
+    assert "/etc/issue.net" in report["excluded"]
+    host.path("/etc/issue.net").write_text("local banner\n")
+    report = pull_report(host)
+    assert "/etc/issue.net" not in changes(report)
+    assert host.path("/etc/issue.net").read_text() == "local banner\n"
+
+
+def test_a_removed_managed_file_is_noticed(make_host):
+    host = _converged(make_host)
+    host.path("/etc/issue.net").unlink()
+
+    report = pull_report(host)
+
+    assert drift_kinds(report) == {"/etc/issue.net": {"missing"}}
+    assert host.path("/etc/issue.net").exists()
+
+
+def test_post_always_scripts_run_on_every_run(fleet, make_host, tmp_path):
+    log = tmp_path / "post.log"
+    fleet.write(
+        "templates/motd/app.yaml",
+        fleet.read("templates/motd/app.yaml") + "scripts:\n  post_always: true\n",
+    )
+    fleet.write(
+        "scripts/post/motd/50-log",
+        f'#!/bin/sh\necho "$RECONCILER_RUN_ID" >> {log}\n',
+        executable=True,
+    )
+    fleet.commit("motd: post scripts always")
+    host = make_host("web1")
+    for _ in range(3):
+        pull_report(host)
+
+    assert len(log.read_text().split()) == 3
