@@ -28,6 +28,7 @@ from .config import AgentConfig
 from .errors import ConfigError, LockError, ReconcilerError, SourceError, UntrustedCommitError
 from .facts import gather_facts
 from .journal import Journal, Manifest, Recovery, make_entries, recover
+from .notify import metrics_text, ping, send_webhook, write_metrics
 from .report import build_report, commit_report, write_last_run
 from .rollback import read_hold, release_hold, rollback
 from .scan import ActualFile, host_path
@@ -202,6 +203,9 @@ def _run(
     config: AgentConfig, options: RunOptions, url: str, state_dir: Path, root: Path
 ) -> RunOutcome:
     started = dt.datetime.now(dt.UTC)
+    clock = time.monotonic()
+    if not options.dry_run:
+        ping(config.report.ping_url, "start")
     run_id = new_run_id(started)
     facts = gather_facts()
     errors: list[str] = []
@@ -302,14 +306,60 @@ def _run(
     if config.report.push:
         outcome.pushed, outcome.push_error = _push(repo, url, config.node)
     prune_backups(state_dir, config.backups.keep)
+    _after(config, state_dir, repo, report, outcome, duration_s=time.monotonic() - clock)
+    return outcome
+
+
+def _after(
+    config: AgentConfig,
+    state_dir: Path,
+    repo: Any,
+    report: dict[str, Any],
+    outcome: RunOutcome,
+    *,
+    duration_s: float,
+) -> None:
+    """last-run.json, metrics, webhook and ping: what follows every real run (issue #4)."""
+    from .report import read_last_run
+
+    previous = read_last_run(state_dir) or {}
+    last_success = previous.get("last_success")
+    if report["result"] != "failed":
+        last_success = dt.datetime.fromisoformat(
+            report["finished_at"].replace("Z", "+00:00")
+        ).timestamp()
+    queued = queue_length(repo, config.node)
+    webhook_error = send_webhook(config.report, report)
     write_last_run(
         state_dir,
         report,
         report_commit=outcome.report_commit,
         pushed=outcome.pushed,
         push_error=outcome.push_error,
+        queued=queued,
+        last_success=last_success,
+        duration_s=round(duration_s, 3),
+        webhook_error=webhook_error,
     )
-    return outcome
+    write_metrics(
+        config.metrics.textfile,
+        metrics_text(report, duration_s=duration_s, last_success=last_success, queued=queued),
+    )
+    ping(config.report.ping_url, "fail" if report["result"] == "failed" else "success")
+
+
+def queue_length(repo: Any, node: str) -> int:
+    """Report commits on the local report branch that the server does not have yet."""
+    local = repo.references.get(report_ref(node))
+    if local is None:
+        return 0
+    remote = repo.references.get(f"refs/remotes/origin/reports/{node}")
+    count = 0
+    for commit in repo.walk(local.target):
+        if remote is not None and commit.id == remote.target:
+            break
+        count += 1
+    return count
 
 
 @dataclass(slots=True, kw_only=True)
@@ -502,13 +552,7 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
         )
         if config.report.push and url:
             outcome.pushed, outcome.push_error = _push(repo, url, config.node)
-        write_last_run(
-            state_dir,
-            report,
-            report_commit=outcome.report_commit,
-            pushed=outcome.pushed,
-            push_error=outcome.push_error,
-        )
+        _after(config, state_dir, repo, report, outcome, duration_s=0.0)
         return outcome
 
 

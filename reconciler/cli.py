@@ -53,6 +53,9 @@ def _common() -> _Parser:
     o.add_argument("--format", choices=("text", "json"), default="text")
     o.add_argument("--verbose", "-v", action="store_true", help="log every write and script")
     o.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    o.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: for log shippers"
+    )
     return p
 
 
@@ -85,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("hosts", parents=[common], help="nodes and meta-nodes with members")
     sub.add_parser("status", parents=[common], help="this host's last run")
     sub.add_parser("backups", parents=[common], help="runs whose backups are kept")
+    run = sub.add_parser("run", parents=[common], help="the agent: run now, then periodically")
+    run.add_argument("--max-runs", type=int, help=argparse.SUPPRESS)  # soak benchmark, tests
+    units = sub.add_parser("install-units", parents=[common], help="write the systemd units")
+    units.add_argument("--dest", default="/etc/systemd/system", metavar="DIR")
     rollback = sub.add_parser("rollback", parents=[common], help="restore a run's backups")
     rollback.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the last run")
     rollback.add_argument(
@@ -347,6 +354,7 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .report import read_last_run
+    from .service import read_agent_file
 
     config = _config(args)
     last = read_last_run(Path(config.state_dir))
@@ -357,7 +365,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"{config.node}: no run yet (state dir {config.state_dir})\n")
         return 0
     if args.format == "json":
-        _emit_json(last, out)
+        _emit_json({**last, "agent": read_agent_file(Path(config.state_dir))}, out)
         return 0
     changed = sum(1 for c in last["changes"] if c["applied"])
     drifted = len({d["path"] for d in last["drift"]})
@@ -372,8 +380,50 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         f"report:     {(last.get('report_commit') or 'unchanged')[:12]}"
         f"{' (push pending)' if last.get('pushed') is False else ''}\n"
     )
+    queued = last.get("queued")
+    if queued:
+        out.write(f"queued:     {queued} report commit(s) waiting to be pushed\n")
+    agent = read_agent_file(Path(config.state_dir))
+    if agent:
+        out.write(f"next run:   {agent['next_run_at']} (agent pid {agent['pid']})\n")
+    else:
+        out.write("next run:   no agent running (reconciler run / the timer)\n")
     for error in last["errors"]:
         out.write(f"error:      {error}\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .service import Agent
+
+    agent = Agent(lambda: _config(args))
+    if not agent.config.repo:
+        raise UsageError("run: repo is not set — pass --repo URL or set repo: in the config")
+    agent.install_signal_handlers()
+    return agent.serve(max_runs=args.max_runs)
+
+
+def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import shlex
+    import shutil
+    from importlib import resources
+
+    from .system import atomic_write
+
+    exe = shutil.which("reconciler") or f"{sys.executable} -m reconciler"
+    if args.config:
+        exe += f" --config {shlex.quote(str(Path(args.config).resolve()))}"
+    dest = Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    units = resources.files("reconciler") / "units"
+    for unit in sorted(units.iterdir(), key=lambda u: u.name):
+        text = unit.read_text(encoding="utf-8").replace("{exec}", exe)
+        atomic_write(dest / unit.name, text.encode(), mode=0o644)
+        out.write(f"wrote {dest / unit.name}\n")
+    out.write(
+        "enable one of: systemctl enable --now reconciler-boot.service reconciler.service\n"
+        "           or: systemctl enable --now reconciler-boot.service reconciler-pull.timer\n"
+    )
     return 0
 
 
@@ -424,6 +474,35 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 1 if outcome.report["errors"] else 0
 
 
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: for journald export and log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def _configure_logging(level: int, stream: TextIO, fmt: str) -> None:
+    """One line per event on stderr (journald adds time and unit itself)."""
+    handler = logging.StreamHandler(stream)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("reconciler: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 COMMANDS = {
     "pull": cmd_pull,
     "diff": cmd_diff,
@@ -432,6 +511,8 @@ COMMANDS = {
     "hosts": cmd_hosts,
     "status": cmd_status,
     "backups": cmd_backups,
+    "run": cmd_run,
+    "install-units": cmd_install_units,
     "rollback": cmd_rollback,
 }
 
@@ -446,10 +527,9 @@ def main(
     try:
         args = build_parser().parse_args(argv)
         debug = args.debug
-        level = logging.DEBUG if debug else logging.INFO if args.verbose else logging.WARNING
-        logging.basicConfig(
-            level=level, stream=err, format="reconciler: %(levelname)s %(name)s: %(message)s"
-        )
+        verbose = args.verbose or args.command == "run"  # the agent logs each run
+        level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+        _configure_logging(level, err, args.log_format)
         return COMMANDS[args.command](args, out, err)
     except ReconcilerError as exc:
         if debug:

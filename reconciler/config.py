@@ -71,6 +71,7 @@ class ReportConfig:
     push: bool = True
     heartbeat: float = 86400.0
     webhook: str | None = None
+    webhook_token_file: str | None = None  # bearer token for the webhook (issue #4)
     notify_on: tuple[str, ...] = ("drift", "failed")
     ping_url: str | None = None
 

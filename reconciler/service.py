@@ -1,0 +1,182 @@
+"""The long-running agent: ``reconciler run`` (SPEC §3, issue #4).
+
+Takes a way to load the configuration; runs :func:`reconcile_once` at start,
+then every ``interval`` plus this node's ``splay``, scheduled with the
+``schedule`` library. While the source is unreachable the next attempt comes
+sooner, with capped exponential back-off (15 s, 30 s, … up to ``interval``),
+and the run still enforces the last fetched commit meanwhile.
+
+Signals: SIGTERM/SIGINT end the agent after the current run; SIGHUP reloads
+the configuration (a bad one is logged and the old one kept); SIGUSR1 starts
+a run now. The agent holds no state between runs beyond the configuration:
+each run opens and closes what it needs, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .agent import RunOptions, reconcile_once
+from .config import AgentConfig
+from .errors import ConfigError, ReconcilerError
+from .system import atomic_write
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 15.0
+AGENT_FILE = "agent.json"  # the running agent's pid and next run, for `status`
+
+
+def splay_offset(node: str, splay_s: float) -> float:
+    """A delay in [0, splay) derived from the node name: stable across restarts,
+    spread across the fleet (SPEC §2 ``splay``)."""
+    if splay_s <= 0:
+        return 0.0
+    digest = int.from_bytes(hashlib.sha256(node.encode()).digest()[:8], "big")
+    return (digest / 2**64) * splay_s
+
+
+def backoff_delay(failures: int, interval_s: float) -> float:
+    """Seconds until the next attempt after ``failures`` consecutive fetch failures."""
+    if failures <= 0:
+        return interval_s
+    return min(interval_s, BACKOFF_FIRST_S * float(2 ** (failures - 1)))
+
+
+def read_agent_file(state_dir: Path) -> dict[str, Any] | None:
+    """What the running agent last wrote about itself, or None."""
+    try:
+        data = json.loads((state_dir / AGENT_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Agent:
+    """Agent is the periodic loop; the only object besides a System with mutable state."""
+
+    def __init__(self, load: Callable[[], AgentConfig]) -> None:
+        import schedule
+
+        self._load = load
+        self.config = load()
+        self._scheduler = schedule.Scheduler()
+        self._stop = False
+        self._reload = False
+        self._now = False
+        self._failures = 0
+        self.runs = 0
+
+    # --------------------------------------------------------- signals
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop = True
+        elif signum == signal.SIGHUP:
+            self._reload = True
+        elif signum == signal.SIGUSR1:
+            self._now = True
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop after the current run, SIGHUP reloads, SIGUSR1 runs now."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+
+    # ------------------------------------------------------------ loop
+
+    def _schedule(self) -> None:
+        self._scheduler.clear()
+        delay = backoff_delay(self._failures, self.config.interval)
+        if self._failures == 0:
+            delay += splay_offset(self.config.node, self.config.splay)
+        # schedule takes float seconds at run time (timedelta); its hint says int.
+        self._scheduler.every(max(delay, 0.05)).seconds.do(self._periodic)  # type: ignore[arg-type]
+        self._write_agent_file(delay)
+
+    def _write_agent_file(self, delay: float) -> None:
+        state_dir = Path(self.config.state_dir)
+        next_run = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+        data = {
+            "pid": os.getpid(),
+            "next_run_at": next_run.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            "interval_s": self.config.interval,
+            "failures": self._failures,
+            "runs": self.runs,
+        }
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(state_dir / AGENT_FILE, json.dumps(data).encode(), mode=0o600)
+        except OSError as exc:
+            log.warning("%s: %s", state_dir / AGENT_FILE, exc.strerror)
+
+    def _periodic(self) -> None:
+        self.run_once()
+
+    def run_once(self) -> None:
+        """One reconcile run; never raises (a broken run is logged and reported)."""
+        self.runs += 1
+        try:
+            outcome = reconcile_once(self.config, RunOptions())
+        except ReconcilerError as exc:
+            log.error("%s", exc)
+            self._failures = 0
+        else:
+            report = outcome.report
+            fetched = report["source"]["fetched"]
+            self._failures = 0 if fetched else self._failures + 1
+            log.info(
+                "run %s: %s (%d changed, %d drifted)%s",
+                report["run_id"],
+                report["result"],
+                sum(1 for c in report["changes"] if c["applied"]),
+                len({d["path"] for d in report["drift"]}),
+                "" if fetched else " — source unreachable, retrying with back-off",
+            )
+            for error in report["errors"]:
+                log.error("%s", error)
+        self._schedule()
+
+    def _reload_config(self) -> None:
+        self._reload = False
+        try:
+            self.config = self._load()
+        except ConfigError as exc:
+            log.error("configuration not reloaded, keeping the old one: %s", exc)
+            return
+        log.info("configuration reloaded")
+        self._schedule()
+
+    def serve(self, *, max_runs: int | None = None) -> int:
+        """Run until SIGTERM (or ``max_runs`` runs); return the exit code (0)."""
+        log.info(
+            "agent started: node %s, every %.0fs + %.0fs splay",
+            self.config.node,
+            self.config.interval,
+            splay_offset(self.config.node, self.config.splay),
+        )
+        self.run_once()
+        while not self._stop and (max_runs is None or self.runs < max_runs):
+            if self._reload:
+                self._reload_config()
+            if self._now:
+                self._now = False
+                self.run_once()
+                continue
+            self._scheduler.run_pending()
+            idle = self._scheduler.idle_seconds
+            time.sleep(min(max(idle if idle is not None else 0.2, 0.01), 0.2))
+        log.info("agent stopped after %d runs", self.runs)
+        with contextlib.suppress(OSError):
+            os.unlink(Path(self.config.state_dir) / AGENT_FILE)
+        return 0
