@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument(
         "--no-hold", dest="hold", action="store_false", help="let the next run re-apply at once"
     )
+
+    from .operate import add_commands
+
+    COMMANDS.update(add_commands(sub, common))
     return parser
 
 

@@ -14,7 +14,7 @@ Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
 def add_commands(
-    sub: argparse._SubParsersAction, common: argparse.ArgumentParser
-) -> dict[str, Handler]:  # type: ignore[type-arg]
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> dict[str, Handler]:
     """Add the operator subcommands to ``sub``; return name → handler."""
     return {}
