@@ -542,6 +542,8 @@ def main(
         return exc.exit_code
     except SystemExit as exc:  # argparse's --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+    except BrokenPipeError:  # `reconciler status | head`: the reader left; not an error
+        return 0
     except KeyboardInterrupt:
         err.write("reconciler: interrupted\n")
         return 130

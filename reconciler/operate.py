@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
 def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+    sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
 ) -> dict[str, Handler]:
     """Add the operator subcommands to ``sub``; return name → handler."""
     return {}
