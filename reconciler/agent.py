@@ -44,6 +44,7 @@ from .source import (
     report_ref,
 )
 from .state import LocalState, load_state, save_state
+from .transport import callbacks_for
 
 if TYPE_CHECKING:
     from .apply import ApplyResult
@@ -156,12 +157,13 @@ def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> Ru
     if not config.repo:
         raise ConfigError("config: repo is not set — pass --repo URL or set repo: in the config")
     url = remote_url(config.repo)
+    callbacks = callbacks_for(url, config.auth)  # ConfigError (exit 2) before any work
     # Absolute: scripts run with cwd set to their own directory, and
     # RECONCILER_ROOT must mean the same thing there.
     state_dir = Path(os.path.abspath(config.state_dir))
     root = Path(os.path.abspath(config.root))
     with state_lock(state_dir, config.lock_timeout):
-        return _run(config, options, url, state_dir, root)
+        return _run(config, options, url, state_dir, root, callbacks)
 
 
 def _fingerprint(
@@ -200,7 +202,12 @@ def _unchanged(root: Path, previous: LocalState) -> bool:
 
 
 def _run(
-    config: AgentConfig, options: RunOptions, url: str, state_dir: Path, root: Path
+    config: AgentConfig,
+    options: RunOptions,
+    url: str,
+    state_dir: Path,
+    root: Path,
+    callbacks: Any = None,
 ) -> RunOutcome:
     started = dt.datetime.now(dt.UTC)
     clock = time.monotonic()
@@ -218,7 +225,7 @@ def _run(
     run = _Work(applied_commit=previous.applied_commit, mode=config.mode)
 
     try:
-        fetched = _fetch(repo, url, config, boot=options.boot)
+        fetched = _fetch(repo, url, config, boot=options.boot, callbacks=callbacks)
         if fetched.error:
             # Reported once, as an error of the run (printed by the CLI), not logged too.
             errors.append(fetched.error + " — enforcing the last fetched commit")
@@ -304,7 +311,7 @@ def _run(
         now=dt.datetime.now(dt.UTC),
     )
     if config.report.push:
-        outcome.pushed, outcome.push_error = _push(repo, url, config.node)
+        outcome.pushed, outcome.push_error = _push(repo, url, config.node, callbacks)
     prune_backups(state_dir, config.backups.keep)
     _after(config, state_dir, repo, report, outcome, duration_s=time.monotonic() - clock)
     return outcome
@@ -551,7 +558,8 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
             repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
         )
         if config.report.push and url:
-            outcome.pushed, outcome.push_error = _push(repo, url, config.node)
+            callbacks = callbacks_for(url, config.auth)
+            outcome.pushed, outcome.push_error = _push(repo, url, config.node, callbacks)
         _after(config, state_dir, repo, report, outcome, duration_s=0.0)
         return outcome
 
@@ -559,7 +567,9 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
 BOOT_BACKOFF_CAP_S = 30.0
 
 
-def _fetch(repo: Any, url: str, config: AgentConfig, *, boot: bool) -> FetchResult:
+def _fetch(
+    repo: Any, url: str, config: AgentConfig, *, boot: bool, callbacks: Any = None
+) -> FetchResult:
     """Fetch once, or with ``boot`` retry with capped exponential back-off until
     the fetch succeeds or ``boot_timeout`` has passed (SPEC §3 ``pull --boot``:
     at boot the network and the git server may come late)."""
@@ -567,7 +577,7 @@ def _fetch(repo: Any, url: str, config: AgentConfig, *, boot: bool) -> FetchResu
     delay = 1.0
     while True:
         try:
-            result = fetch(repo, url, config.branch, config.node)
+            result = fetch(repo, url, config.branch, config.node, callbacks)
             if result.fetched or time.monotonic() >= deadline:
                 return result
             reason = result.error
@@ -592,7 +602,7 @@ def prune_backups(state_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _push(repo: Any, url: str, node: str) -> tuple[bool, str | None]:
+def _push(repo: Any, url: str, node: str, callbacks: Any = None) -> tuple[bool, str | None]:
     """Push the report branch if it is ahead of the server; never fails the run."""
     ref = report_ref(node)
     local = repo.references.get(ref)
@@ -600,7 +610,7 @@ def _push(repo: Any, url: str, node: str) -> tuple[bool, str | None]:
     if local is None or (remote is not None and remote.target == local.target):
         return True, None
     try:
-        push_ref(repo, url, ref)
+        push_ref(repo, url, ref, callbacks)
     except ReconcilerError as exc:
         log.warning("%s", exc)
         return False, str(exc)

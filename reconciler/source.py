@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import pygit2
@@ -181,15 +181,10 @@ def remote_url(repo: str) -> str:
     Raises ConfigError for schemes reconciler cannot use safely yet (SPEC §2).
     """
     scheme = urlsplit(repo).scheme
-    if scheme in ("file", "git", "http", "https"):
+    if scheme in ("file", "git", "http", "https", "ssh"):
         return repo
-    if scheme == "ssh" or (":" in repo and "@" in repo.split(":", 1)[0]):
-        # pygit2 accepts every SSH host key unless we pin it (NOTES.md); SSH
-        # sources arrive together with host-key pinning, not before.
-        raise ConfigError(
-            f"repo: {repo}: SSH sources are not supported in this version — "
-            "use file://, git:// or https://"
-        )
+    if ":" in repo and "@" in repo.split(":", 1)[0]:
+        return repo  # scp-like user@host:path (ssh)
     if scheme and len(scheme) > 1:
         raise ConfigError(f"repo: {repo}: unsupported URL scheme {scheme!r}")
     return str(Path(repo).resolve())
@@ -234,12 +229,26 @@ class FetchResult:
     received_bytes: int = 0
 
 
-def fetch(repo: pygit2.Repository, url: str, branch: str, node: str) -> FetchResult:
+def _ref_target(repo: pygit2.Repository, name: str) -> str | None:
+    ref = repo.references.get(name)
+    return str(ref.target) if ref is not None else None
+
+
+def fetch(
+    repo: pygit2.Repository,
+    url: str,
+    branch: str,
+    node: str,
+    callbacks: pygit2.RemoteCallbacks | None = None,
+) -> FetchResult:
     """Fetch ``branch`` and ``reports/<node>`` from ``url`` into ``repo``.
 
-    On failure, fall back to the last fetched commit with ``fetched=False``
-    and the error text (SPEC §4 step 1). Raises SourceError when nothing was
-    ever fetched or the branch does not exist on the remote.
+    First one ref advertisement (ls-remote): when the branch and the report
+    branch are where we have them, nothing is fetched (issue #5: a no-change
+    poll costs one advertisement). On failure, fall back to the last fetched
+    commit with ``fetched=False`` and the error text (SPEC §4 step 1). Raises
+    SourceError when nothing was ever fetched or the branch does not exist.
+    A refused SSH host key is a failure like any other: nothing is fetched.
     """
     refspecs = [
         f"+refs/heads/{branch}:{tracking_ref(branch)}",
@@ -249,8 +258,20 @@ def fetch(repo: pygit2.Repository, url: str, branch: str, node: str) -> FetchRes
     error: str | None = None
     received = 0
     try:
-        progress = remote.fetch(refspecs)
-        received = int(progress.received_bytes)
+        heads = {h.name: str(h.oid) for h in remote.list_heads(callbacks=callbacks)}
+        if f"refs/heads/{branch}" not in heads:
+            raise SourceError(f"{url}: branch {branch!r} not found — check --branch and --repo")
+        up_to_date = heads[f"refs/heads/{branch}"] == _ref_target(repo, tracking_ref(branch))
+        report_tip = heads.get(report_ref(node))
+        if report_tip is not None and report_tip != _ref_target(repo, remote_report_ref(node)):
+            up_to_date = False
+        if not up_to_date:
+            progress = remote.fetch(refspecs, callbacks=callbacks)
+            received = int(progress.received_bytes)
+    except SourceError as exc:
+        if "not found" in str(exc):
+            raise
+        error = str(exc)
     except (pygit2.GitError, OSError) as exc:
         error = f"{url}: fetch failed: {exc}"
     try:
@@ -293,17 +314,39 @@ class _PushCallbacks(pygit2.RemoteCallbacks):
             self.rejected[refname] = message
 
 
-def push_ref(repo: pygit2.Repository, url: str, ref: str) -> None:
-    """Push local ``ref`` to the same name at ``url``.
+PUSH_ATTEMPTS = 3
 
-    Raises SourceError when the transport fails or the server rejects the ref.
+
+def push_ref(
+    repo: pygit2.Repository,
+    url: str,
+    ref: str,
+    callbacks: Any = None,  # transport.Callbacks: collects .rejected
+) -> None:
+    """Push local ``ref`` to the same name at ``url``, retrying with jitter.
+
+    A busy server or a flaky network gets PUSH_ATTEMPTS tries, 0.2–1.5 s
+    apart at random so that a fleet does not retry in step (issue #5).
+    Raises SourceError when every try failed or the server rejects the ref;
+    the commits stay on the local ref and the next run pushes them.
     """
-    remote = repo.remotes.create_anonymous(url)
-    callbacks = _PushCallbacks()
-    try:
-        remote.push([f"{ref}:{ref}"], callbacks=callbacks)
-    except (pygit2.GitError, OSError) as exc:
-        raise SourceError(f"{url}: push of {ref} failed: {exc} — it is retried next run") from exc
-    if callbacks.rejected:
-        why = "; ".join(f"{r}: {m}" for r, m in callbacks.rejected.items())
-        raise SourceError(f"{url}: push rejected ({why}) — it is retried next run")
+    import random
+    import time
+
+    error = ""
+    for attempt in range(PUSH_ATTEMPTS):
+        remote = repo.remotes.create_anonymous(url)
+        cb = callbacks if callbacks is not None else _PushCallbacks()
+        cb.rejected = {}
+        try:
+            remote.push([f"{ref}:{ref}"], callbacks=cb)
+        except (pygit2.GitError, OSError, SourceError) as exc:
+            error = f"{url}: push of {ref} failed: {exc}"
+        else:
+            if not cb.rejected:
+                return
+            why = "; ".join(f"{r}: {m}" for r, m in cb.rejected.items())
+            error = f"{url}: push rejected ({why})"
+        if attempt + 1 < PUSH_ATTEMPTS:
+            time.sleep(random.uniform(0.2, 1.5))
+    raise SourceError(f"{error} — the report stays queued and is pushed next run")

@@ -1,0 +1,269 @@
+"""Transport: how fetch and push authenticate the server and themselves (issue #5).
+
+Takes a remote URL and the ``auth`` section of the agent configuration;
+produces pygit2 RemoteCallbacks that present a deploy key (SSH) or a token
+(HTTPS) and, for SSH, check the server's host key against ``known_hosts``.
+
+Why the host-key check is done here (NOTES.md): with pygit2's default
+callbacks a fetch from a server whose host key does not match known_hosts
+*succeeds* — pygit2's C-level certificate callback returns "accept" for SSH,
+and Python code only ever sees ``certificate=None``. libgit2 does hand the
+key over in C: ``git_cert_hostkey`` carries the SHA-256 of the host key blob
+at bytes 44–75 (libgit2 1.9 layout; pygit2's cdef of the struct is shorter,
+so it is read as bytes). :func:`install_hostkey_check` re-registers that
+callback once per process: for SSH it asks our callbacks object to verify
+the key, and refuses when the object cannot (fail closed, never "accept");
+everything else goes to pygit2's own callback. The pygit2 version range is
+pinned in pyproject.toml because of this layout.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pygit2
+
+from .config import AuthConfig
+from .errors import ConfigError, SourceError
+
+log = logging.getLogger(__name__)
+
+GIT_CERT_SSH_SHA256 = 1 << 2  # git_cert_ssh_t flag: hash_sha256 is filled in
+HOSTKEY_STRUCT_SIZE = 96  # sizeof(git_cert_hostkey) in libgit2 1.9
+SHA256_OFFSET = 44
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    """An Endpoint is a remote URL taken apart: scheme, user, host, port."""
+
+    scheme: str  # ssh | https | http | git | file
+    user: str | None
+    host: str
+    port: int | None
+
+
+_SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+):(?P<path>[^/].*)$")
+
+
+def parse_remote(url: str) -> Endpoint:
+    """Split ``ssh://user@host:port/path``, ``user@host:path`` or an http(s)/git URL."""
+    parts = urlsplit(url)
+    if parts.scheme:
+        return Endpoint(
+            scheme=parts.scheme,
+            user=parts.username,
+            host=parts.hostname or "",
+            port=parts.port,
+        )
+    match = _SCP_LIKE.match(url)
+    if match:
+        return Endpoint(scheme="ssh", user=match.group("user"), host=match.group("host"), port=None)
+    return Endpoint(scheme="file", user=None, host="", port=None)
+
+
+def is_ssh(url: str) -> bool:
+    """True for ``ssh://`` and scp-like ``user@host:path`` remotes."""
+    return parse_remote(url).scheme == "ssh"
+
+
+def host_spec(host: str, port: int | None) -> str:
+    """How known_hosts names a host: ``host``, or ``[host]:port`` off port 22."""
+    return host if port in (None, 22) else f"[{host}]:{port}"
+
+
+def known_host_keys(
+    known_hosts: Path, host: str, port: int | None
+) -> tuple[set[bytes], set[bytes]]:
+    """SHA-256 digests of the keys ``known_hosts`` accepts and revokes for a host.
+
+    Lookup is done by OpenSSH's own ``ssh-keygen -F`` (hashed names, patterns,
+    ``[host]:port``). Raises ConfigError when the file is unreadable or
+    ssh-keygen is missing.
+    """
+    if not known_hosts.is_file():
+        raise ConfigError(f"{known_hosts}: known_hosts file not found — set auth.known_hosts")
+    try:
+        proc = subprocess.run(
+            ["ssh-keygen", "-F", host_spec(host, port), "-f", str(known_hosts)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise ConfigError(
+            "ssh-keygen not found — install the OpenSSH client to use ssh:// sources"
+        ) from None
+    allowed: set[bytes] = set()
+    revoked: set[bytes] = set()
+    for line in proc.stdout.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        marker = None
+        if fields[0].startswith("@"):
+            marker, fields = fields[0], fields[1:]
+        if len(fields) < 3:
+            continue
+        try:
+            blob = base64.b64decode(fields[2], validate=True)
+        except ValueError:
+            continue
+        digest = hashlib.sha256(blob).digest()
+        if marker == "@revoked":
+            revoked.add(digest)
+        elif marker is None:
+            allowed.add(digest)
+        # @cert-authority lines are not supported: they never admit a key.
+    return allowed, revoked
+
+
+def fingerprint(digest: bytes) -> str:
+    """OpenSSH's ``SHA256:…`` rendering of a key digest."""
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class Callbacks(pygit2.RemoteCallbacks):
+    """Callbacks present our credentials and pin the SSH host key; they also
+    collect push rejections."""
+
+    def __init__(self, url: str, auth: AuthConfig) -> None:
+        super().__init__()
+        self.url = url
+        self.auth = auth
+        self.endpoint = parse_remote(url)
+        self.rejected: dict[str, str] = {}
+
+    # -- SSH host key (called from the re-registered C callback) --------
+
+    def check_ssh_hostkey(self, digest: bytes, host: str) -> bool:
+        """Accept ``digest`` only if known_hosts lists it for this host.
+
+        Raises SourceError naming the host, the offered fingerprint and what to
+        do; the message survives pygit2 and reaches the report.
+        """
+        if not self.auth.known_hosts:
+            raise SourceError(
+                f"{self.url}: no auth.known_hosts configured — refusing to trust "
+                f"{host}'s host key {fingerprint(digest)}"
+            )
+        allowed, revoked = known_host_keys(
+            Path(self.auth.known_hosts), self.endpoint.host, self.endpoint.port
+        )
+        spec = host_spec(self.endpoint.host, self.endpoint.port)
+        if digest in revoked:
+            raise SourceError(
+                f"{self.url}: host key {fingerprint(digest)} of {spec} is marked @revoked in "
+                f"{self.auth.known_hosts} — refusing to connect"
+            )
+        if digest in allowed:
+            return True
+        if allowed:
+            raise SourceError(
+                f"{self.url}: HOST KEY CHANGED for {spec}: offered {fingerprint(digest)}, "
+                f"{self.auth.known_hosts} has another — verify the server, then update "
+                "known_hosts (someone may be intercepting the connection)"
+            )
+        raise SourceError(
+            f"{self.url}: unknown host {spec} (key {fingerprint(digest)}) — verify it and add "
+            f"it to {self.auth.known_hosts} (ssh-keyscan -p PORT HOST)"
+        )
+
+    # -- credentials ----------------------------------------------------
+
+    def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
+        if self.endpoint.scheme == "ssh":
+            if not self.auth.ssh_key:
+                raise SourceError(f"{self.url}: auth.ssh_key is not set — configure a deploy key")
+            private = self.auth.ssh_key
+            public = private + ".pub"
+            user = username_from_url or self.endpoint.user or "git"
+            return pygit2.Keypair(user, public if os.path.exists(public) else None, private, "")
+        if self.auth.token_file:
+            try:
+                token = Path(self.auth.token_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SourceError(
+                    f"{self.auth.token_file}: cannot read the token: {exc.strerror}"
+                ) from None
+            user = username_from_url or self.endpoint.user or "x-access-token"
+            return pygit2.UserPass(user, token)
+        return None
+
+    def push_update_reference(self, refname: str, message: str | None) -> None:
+        if message:
+            self.rejected[refname] = message
+
+
+_installed = [False]
+
+
+def install_hostkey_check() -> None:
+    """Route libgit2's certificate callback through :meth:`Callbacks.check_ssh_hostkey`.
+
+    Idempotent. After it, no SSH connection made through pygit2 in this
+    process is accepted without a known_hosts match (see module docstring).
+    """
+    if _installed[0]:
+        return
+    from pygit2 import callbacks as pygit2_callbacks
+    from pygit2._libgit2 import ffi
+    from pygit2._libgit2 import lib as C  # noqa: N812 (libgit2's C namespace)
+
+    original = pygit2_callbacks._certificate_check_cb
+
+    def certificate_check(cert: Any, valid: int, host: Any, payload: Any) -> int:
+        if cert.cert_type != C.GIT_CERT_HOSTKEY_LIBSSH2:
+            return int(original(cert, valid, host, payload))
+        data = ffi.from_handle(payload)
+        try:
+            check = getattr(data, "check_ssh_hostkey", None)
+            if check is None:
+                return int(C.GIT_ECERTIFICATE)  # never accept an unchecked SSH host
+            raw = bytes(ffi.buffer(ffi.cast("unsigned char *", cert), HOSTKEY_STRUCT_SIZE))
+            kinds = int.from_bytes(raw[4:8], sys.byteorder)
+            if not kinds & GIT_CERT_SSH_SHA256:
+                raise SourceError(f"{ffi.string(host).decode()}: no SHA-256 host key hash offered")
+            digest = raw[SHA256_OFFSET : SHA256_OFFSET + 32]
+            ok = check(digest, ffi.string(host).decode())
+            return 0 if ok else int(C.GIT_ECERTIFICATE)
+        except BaseException as exc:  # re-raised by pygit2 after the call returns
+            data._stored_exception = exc
+            return int(C.GIT_EUSER)
+
+    ffi.def_extern(name="_certificate_check_cb")(certificate_check)
+    _installed[0] = True
+
+
+def callbacks_for(url: str, auth: AuthConfig) -> Callbacks:
+    """Callbacks for ``url``; checks the configuration an SSH or token source needs.
+
+    Raises ConfigError (exit 2) for an SSH source without ``auth.ssh_key`` or
+    ``auth.known_hosts``, or a missing CA bundle.
+    """
+    install_hostkey_check()
+    endpoint = parse_remote(url)
+    if endpoint.scheme == "ssh":
+        if not auth.known_hosts:
+            raise ConfigError(
+                f"repo: {url}: an ssh source needs auth.known_hosts (host keys are always "
+                "checked) — add the server's key with ssh-keyscan"
+            )
+        if not auth.ssh_key:
+            raise ConfigError(f"repo: {url}: an ssh source needs auth.ssh_key (a deploy key)")
+    if auth.ca_file:
+        if not Path(auth.ca_file).is_file():
+            raise ConfigError(f"{auth.ca_file}: auth.ca_file not found")
+        pygit2.settings.set_ssl_cert_locations(auth.ca_file, None)
+    return Callbacks(url, auth)
