@@ -45,6 +45,7 @@ from .source import (
 )
 from .state import LocalState, load_state, save_state
 from .transport import callbacks_for
+from .trust import verify_commit
 
 if TYPE_CHECKING:
     from .apply import ApplyResult
@@ -233,13 +234,15 @@ def _run(
             url=url, branch=config.branch, commit=fetched.commit, fetched=fetched.fetched
         )
         commit = fetched.commit
-        if not config.allow_rewind:
-            try:
+        try:
+            verify_commit(repo, commit, config.verify)
+            if not config.allow_rewind:
                 check_descends(repo, commit, previous.applied_commit)
-            except UntrustedCommitError as exc:
-                errors.append(str(exc))
-                assert previous.applied_commit is not None
-                commit = previous.applied_commit  # keep enforcing the last good commit
+        except UntrustedCommitError as exc:
+            if previous.applied_commit is None:
+                raise  # nothing trusted to fall back on: apply nothing (reported once below)
+            errors.append(str(exc))
+            commit = previous.applied_commit  # keep enforcing the last good commit
         held = _hold(state_dir, commit, options)
         exclude_lines = read_exclude_file(config.exclude_file)
         fingerprint = _fingerprint(config, options, facts, exclude_lines)

@@ -1,0 +1,436 @@
+"""Operators' side, read stage: the desired-state repository and its reports, seen from a laptop.
+
+Takes ``--repo URL`` and ``--branch``; fetches the branch and every report
+branch (``refs/heads/reports/*``, SPEC §5) into a cache bare repository —
+``--state-dir`` when given, else ``~/.cache/reconciler/<sha256 of the URL>``
+— and produces one :class:`FleetRow` per node for ``reconciler fleet``
+(SPEC §3; JSON shape of SPEC §6). Nothing here writes to the remote; the
+commands that do (push, suspend, adopt) live in :mod:`reconciler.change`.
+
+A node's last report is the tip of its report branch. Quiet runs make no
+report commit (SPEC §5), so the age of the tip is the time since the last
+run that had news *or* a heartbeat. A node is **stale** when that age exceeds
+``report.heartbeat + 3 × interval`` (defaults 24h + 15m): by then a
+heartbeat commit is three runs overdue. ``fleet --stale-after`` overrides it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pygit2
+
+from .config import AuthConfig
+from .errors import InventoryError, ReconcilerError, SourceError
+from .inventory import Inventory, effective_node, load_inventory
+from .source import GitSnapshot, SourceInfo, remote_url
+
+log = logging.getLogger(__name__)
+
+REPORTS_PREFIX = "refs/remotes/origin/reports/"
+NEVER = "never"
+
+
+# ------------------------------------------------------------------ upstream
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Upstream:
+    """An Upstream is the desired-state repository an operator works on, with its local cache."""
+
+    url: str  # normalised by source.remote_url
+    branch: str
+    repo: pygit2.Repository  # the cache: a bare repository
+    callbacks: pygit2.RemoteCallbacks | None
+
+    @property
+    def tracking(self) -> str:
+        """The cache ref that holds the fetched head of the branch."""
+        return f"refs/remotes/origin/{self.branch}"
+
+    @property
+    def local(self) -> str:
+        """The cache ref of commits made here (``push --no-push``), like a clone's branch."""
+        return f"refs/heads/{self.branch}"
+
+    def info(self, commit: str) -> SourceInfo:
+        """SourceInfo for the template context of a commit of this repository (SPEC §1)."""
+        return SourceInfo(url=self.url, branch=self.branch, commit=commit)
+
+    def snapshot(self, commit: str) -> GitSnapshot:
+        """The tree of ``commit`` as a Snapshot."""
+        return GitSnapshot(self.repo, commit, self.info(commit))
+
+
+def cache_path(url: str, state_dir: str | None) -> Path:
+    """Where the cache bare repository of ``url`` lives: ``<dir>/repo.git``.
+
+    ``state_dir`` (``--state-dir``) wins; else ``$XDG_CACHE_HOME`` or
+    ``~/.cache``, then ``reconciler/<first 16 hex of sha256(url)>``.
+    """
+    if state_dir:
+        return Path(state_dir) / "repo.git"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return base / "reconciler" / digest / "repo.git"
+
+
+def remote_callbacks(url: str, auth: AuthConfig) -> pygit2.RemoteCallbacks | None:
+    """Credentials and host-key pinning for an operator's fetch and push.
+
+    The agent's rules (:func:`reconciler.transport.callbacks_for`), with an
+    operator's defaults: for SSH without ``auth.ssh_key`` the key comes from
+    ssh-agent, and host keys are checked against ``~/.ssh/known_hosts``
+    unless ``auth.known_hosts`` names another file.
+    """
+    from .transport import Callbacks, callbacks_for, install_hostkey_check, is_ssh
+
+    if not is_ssh(url) or auth.ssh_key:
+        return callbacks_for(url, auth)
+
+    class AgentCallbacks(Callbacks):
+        """Callbacks that take the SSH key from ssh-agent."""
+
+        def credentials(
+            self, url: str, username_from_url: str | None, allowed_types: Any
+        ) -> Any:
+            return pygit2.KeypairFromAgent(username_from_url or self.endpoint.user or "git")
+
+    install_hostkey_check()
+    known = auth.known_hosts or str(Path.home() / ".ssh" / "known_hosts")
+    return AgentCallbacks(url, replace(auth, known_hosts=known))
+
+
+def open_upstream(
+    repo: str | None, branch: str, state_dir: str | None, auth: AuthConfig
+) -> Upstream:
+    """Open (or create) the cache of ``--repo`` for ``--branch``; nothing is fetched yet.
+
+    Raises UsageError without a repository, ConfigError for an unusable URL
+    (``source.remote_url``), SourceError when the cache cannot be opened.
+    """
+    from .errors import UsageError
+
+    if not repo:
+        raise UsageError(
+            "--repo: not set — pass the desired-state repository URL (or set repo: in the config)"
+        )
+    url = remote_url(repo)
+    path = cache_path(url, state_dir)
+    try:
+        if path.exists():
+            cache = pygit2.Repository(str(path))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            cache = pygit2.init_repository(str(path), bare=True)
+    except pygit2.GitError as exc:
+        raise SourceError(f"{path}: cannot open the cache: {exc} — remove it to re-fetch") from exc
+    return Upstream(url=url, branch=branch, repo=cache, callbacks=remote_callbacks(url, auth))
+
+
+def fetch_upstream(up: Upstream, *, reports: bool = True) -> str:
+    """Fetch the branch (and with ``reports`` every report branch) into the cache.
+
+    Report branches deleted on the server are pruned from the cache. Returns
+    the fetched head commit (40 hex). Raises SourceError when the fetch fails
+    or the branch does not exist: unlike the agent, an operator gets no
+    stale fallback.
+    """
+    refspecs = [f"+refs/heads/{up.branch}:{up.tracking}"]
+    if reports:
+        refspecs.append(f"+refs/heads/reports/*:{REPORTS_PREFIX}*")
+    try:
+        remote = up.repo.remotes.create_anonymous(up.url)
+        remote.fetch(refspecs, callbacks=up.callbacks, prune=pygit2.enums.FetchPrune.PRUNE)
+    except (pygit2.GitError, OSError) as exc:
+        raise SourceError(f"{up.url}: fetch failed: {exc} — check --repo and the network") from exc
+    head = tracking_head(up)
+    if head is None:
+        raise SourceError(f"{up.url}: branch {up.branch!r} not found — check --branch and --repo")
+    return head
+
+
+def tracking_head(up: Upstream) -> str | None:
+    """The last fetched head of the branch, or None before the first fetch."""
+    ref = up.repo.references.get(up.tracking)
+    return str(ref.target) if ref is not None else None
+
+
+def report_tips(repo: pygit2.Repository) -> dict[str, str]:
+    """node → tip commit of its fetched report branch, sorted by node."""
+    out = {}
+    for name in repo.references:
+        if name.startswith(REPORTS_PREFIX):
+            out[name[len(REPORTS_PREFIX) :]] = str(repo.references[name].target)
+    return dict(sorted(out.items()))
+
+
+def read_report(repo: pygit2.Repository, commit: str) -> dict[str, Any]:
+    """``report.json`` of a report commit (SPEC §5). Raises SourceError if it has none."""
+    try:
+        blob = repo[commit].peel(pygit2.Commit).tree["report.json"]
+        data = json.loads(blob.peel(pygit2.Blob).data)
+    except (KeyError, ValueError) as exc:
+        raise SourceError(
+            f"report commit {commit}: no readable report.json — not a reconciler report branch"
+        ) from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"report commit {commit}: report.json is not an object")
+    return data
+
+
+def report_counts(report: Mapping[str, Any]) -> tuple[int, int]:
+    """(applied changes, distinct drifted paths) of a report, as in its commit message (SPEC §5)."""
+    changed = sum(1 for c in report.get("changes", ()) if c.get("applied"))
+    drifted = len({d.get("path") for d in report.get("drift", ())})
+    return changed, drifted
+
+
+def parse_time(text: object) -> dt.datetime | None:
+    """An ISO 8601 time (``Z`` allowed) as an aware datetime; naive means UTC; None if unreadable."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def in_force(suspended: Mapping[str, Any] | None, now: dt.datetime) -> Mapping[str, Any] | None:
+    """``suspended`` if it has not expired at ``now`` (SPEC §4), else None."""
+    if not suspended:
+        return None
+    until = suspended.get("until")
+    end = parse_time(until) if until else None
+    if end is not None and end <= now:
+        return None
+    return suspended
+
+
+# --------------------------------------------------------------------- fleet
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetRow:
+    """A FleetRow is one node's last report as ``reconciler fleet`` shows it (SPEC §6)."""
+
+    node: str
+    result: str  # ok | changed | drift | failed | never
+    last_run: str | None  # finished_at of the last report, ISO 8601 UTC
+    age_s: int | None  # seconds since last_run
+    commit: str | None  # applied_commit: whose state the disk holds (40 hex)
+    behind: int | None  # commits on the branch head not in ``commit``; None if unknown
+    changed: int
+    drifted: int
+    stale: bool
+    suspended: Mapping[str, Any] | None  # {reason, until?}: from the report or the desired state
+    report_commit: str | None = None
+    errors: tuple[str, ...] = ()
+    defined: bool = True  # has hosts/<node>.yaml at the branch head
+
+    def as_json(self) -> dict[str, Any]:
+        """Exactly the keys of SPEC §6 ``fleet --format json``."""
+        return {
+            "node": self.node,
+            "result": self.result,
+            "last_run": self.last_run,
+            "age_s": self.age_s,
+            "commit": self.commit,
+            "behind": self.behind,
+            "changed": self.changed,
+            "drifted": self.drifted,
+            "stale": self.stale,
+            "suspended": dict(self.suspended) if self.suspended else None,
+        }
+
+
+def default_stale_after(interval_s: float, heartbeat_s: float) -> float:
+    """``heartbeat + 3 × interval``: a heartbeat report is three runs overdue (module docstring)."""
+    return heartbeat_s + 3 * interval_s
+
+
+def behind_count(repo: pygit2.Repository, head: str, applied: str | None) -> int | None:
+    """Commits reachable from ``head`` but not from ``applied``; None when ``applied`` is unknown."""
+    if not applied:
+        return None
+    try:
+        ahead, _ = repo.ahead_behind(head, applied)
+    except (pygit2.GitError, KeyError, ValueError):
+        return None  # a commit the cache does not have (another branch, a rewritten history)
+    return int(ahead)
+
+
+def load_head_inventory(up: Upstream, head: str) -> tuple[Inventory | None, str | None]:
+    """The inventory at the branch head, or (None, the error) when hosts/ is invalid."""
+    try:
+        return load_inventory(up.snapshot(head)), None
+    except ReconcilerError as exc:
+        return None, str(exc)
+
+
+def select_nodes(
+    inventory: Inventory | None, tips: Mapping[str, str], name: str | None
+) -> list[str]:
+    """The nodes ``fleet [NODE|META]`` lists: every defined or reporting node, or a name's members.
+
+    Raises InventoryError for a name that is neither in hosts/ nor reporting.
+    """
+    if name is None:
+        defined = inventory.nodes if inventory is not None else []
+        return sorted({*defined, *tips})
+    if inventory is not None and name in inventory.files:
+        return inventory.members(name)
+    if name in tips:
+        return [name]
+    if inventory is None:
+        raise InventoryError(
+            f"hosts/{name}.yaml: cannot resolve {name!r}: hosts/ at the branch head is invalid "
+            "— run reconciler validate"
+        )
+    raise InventoryError(
+        f"hosts/{name}.yaml: no such node or meta-node, and no report branch reports/{name} — "
+        "check the name (reconciler hosts)"
+    )
+
+
+def fleet_rows(
+    up: Upstream,
+    head: str,
+    nodes: Sequence[str],
+    *,
+    inventory: Inventory | None,
+    now: dt.datetime,
+    stale_after_s: float,
+) -> list[FleetRow]:
+    """One FleetRow per node of ``nodes``, from the fetched report branches.
+
+    ``head`` is the fetched branch head; ``behind`` counts its commits that
+    the applied commit lacks (pygit2 ahead_behind). A node without a report
+    branch is ``never``; its ``suspended`` comes from the desired state.
+    """
+    tips = report_tips(up.repo)
+    snapshot = up.snapshot(head)
+    rows = []
+    for name in nodes:
+        desired: Mapping[str, Any] | None = None
+        defined = inventory is not None and name in inventory.files
+        if inventory is not None and defined:
+            try:
+                desired = in_force(effective_node(inventory, snapshot, name).suspended, now)
+            except ReconcilerError as exc:
+                log.debug("%s: %s", name, exc)
+        tip = tips.get(name)
+        if tip is None:
+            rows.append(
+                FleetRow(
+                    node=name,
+                    result=NEVER,
+                    last_run=None,
+                    age_s=None,
+                    commit=None,
+                    behind=None,
+                    changed=0,
+                    drifted=0,
+                    stale=False,
+                    suspended=desired,
+                    defined=defined,
+                )
+            )
+            continue
+        try:
+            report = read_report(up.repo, tip)
+        except SourceError as exc:
+            report = {"result": "failed", "errors": [str(exc)]}
+        finished = parse_time(report.get("finished_at"))
+        age = int((now - finished).total_seconds()) if finished is not None else None
+        applied = report.get("applied_commit")
+        changed, drifted = report_counts(report)
+        reported = report.get("suspended") or None
+        rows.append(
+            FleetRow(
+                node=name,
+                result=str(report.get("result", "failed")),
+                last_run=report.get("finished_at"),
+                age_s=age,
+                commit=applied,
+                behind=behind_count(up.repo, head, applied),
+                changed=changed,
+                drifted=drifted,
+                stale=age is None or age > stale_after_s,
+                suspended=reported or desired,
+                report_commit=tip,
+                errors=tuple(str(e) for e in report.get("errors", ())),
+                defined=defined,
+            )
+        )
+    return rows
+
+
+def human_age(seconds: int | None) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d`` — the largest whole unit."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def summary(rows: Sequence[FleetRow]) -> str:
+    """``5 nodes: 2 ok, 1 drift, 1 failed, 1 never; 1 stale, 0 suspended``."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.result] = counts.get(r.result, 0) + 1
+    order = ["ok", "changed", "drift", "failed", NEVER]
+    parts = [f"{counts[k]} {k}" for k in [*order, *sorted(set(counts) - set(order))] if k in counts]
+    stale = sum(1 for r in rows if r.stale)
+    suspended = sum(1 for r in rows if r.suspended)
+    return f"{len(rows)} nodes: {', '.join(parts) or 'none'}; {stale} stale, {suspended} suspended"
+
+
+def format_table(rows: Sequence[FleetRow]) -> str:
+    """The text table of ``reconciler fleet``: a header, one line per node, a summary."""
+    header = ("NODE", "RESULT", "LAST RUN", "AGE", "COMMIT", "BEHIND", "CHANGED", "DRIFTED", "")
+    lines: list[tuple[str, ...]] = [header]
+    for r in rows:
+        notes = []
+        if r.stale:
+            notes.append("STALE")
+        if r.suspended:
+            until = r.suspended.get("until")
+            notes.append(
+                f"suspended: {r.suspended.get('reason', '')}" + (f" (until {until})" if until else "")
+            )
+        if not r.defined:
+            notes.append("not in hosts/")
+        if r.result == "failed" and r.errors:
+            notes.append(r.errors[0])
+        lines.append(
+            (
+                r.node,
+                r.result,
+                r.last_run or "-",
+                human_age(r.age_s),
+                (r.commit or "-")[:12],
+                "-" if r.behind is None else str(r.behind),
+                str(r.changed),
+                str(r.drifted),
+                "; ".join(notes),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    text = []
+    for line in lines:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(line[:-1])]
+        text.append(("  ".join(cells) + "  " + line[-1]).rstrip())
+    text.append(summary(rows))
+    return "\n".join(text) + "\n"

@@ -1,0 +1,140 @@
+"""Trust stage: is the fetched commit one we may apply? (SPEC §4 step 2, issue #5)
+
+Takes the local repository, the fetched commit and the ``verify`` settings;
+produces nothing, or raises :class:`UntrustedCommitError` (the caller then
+keeps enforcing the last good commit). Signatures are checked by the tools
+git itself uses — ``ssh-keygen -Y find-principals`` / ``-Y verify`` with
+namespace ``git`` for SSH signatures (``gpg.format=ssh``), and ``gpg
+--verify`` against a dedicated keyring for OpenPGP ones — so the rules
+(validity windows, revocations) are theirs, not a re-implementation.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pygit2
+
+from .config import VerifyConfig
+from .errors import UntrustedCommitError
+
+SSH_ARMOR = b"-----BEGIN SSH SIGNATURE-----"
+PGP_ARMOR = b"-----BEGIN PGP SIGNATURE-----"
+
+
+def _run(argv: list[str], *, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(argv, input=stdin, capture_output=True, timeout=30, check=False)
+    except FileNotFoundError:
+        raise UntrustedCommitError(
+            f"{argv[0]} not found — install it to verify signed commits"
+        ) from None
+
+
+def _verify_ssh(commit: str, signature: bytes, data: bytes, allowed: Path, tmp: Path) -> str:
+    sig = tmp / "commit.sig"
+    sig.write_bytes(signature)
+    found = _run(["ssh-keygen", "-Y", "find-principals", "-s", str(sig), "-f", str(allowed)])
+    principals = found.stdout.decode(errors="replace").split()
+    if found.returncode != 0 or not principals:
+        raise UntrustedCommitError(
+            f"untrusted commit {commit}: signed by a key that is not in {allowed} — sign with an "
+            "allowed key, or add the signer to allowed_signers"
+        )
+    for principal in principals:
+        check = _run(
+            [
+                "ssh-keygen",
+                "-Y",
+                "verify",
+                "-f",
+                str(allowed),
+                "-I",
+                principal,
+                "-n",
+                "git",
+                "-s",
+                str(sig),
+            ],
+            stdin=data,
+        )
+        if check.returncode == 0:
+            return principal
+    raise UntrustedCommitError(
+        f"untrusted commit {commit}: its SSH signature does not verify for "
+        f"{', '.join(principals)} (namespace git) — re-sign the commit"
+    )
+
+
+def _verify_pgp(commit: str, signature: bytes, data: bytes, keyring: Path, tmp: Path) -> str:
+    sig = tmp / "commit.asc"
+    sig.write_bytes(signature)
+    home = tmp / "gnupg"
+    home.mkdir(mode=0o700)
+    check = _run(
+        [
+            "gpg",
+            "--homedir",
+            str(home),
+            "--no-default-keyring",
+            "--keyring",
+            str(keyring),
+            "--batch",
+            "--status-fd",
+            "1",
+            "--verify",
+            str(sig),
+            "-",
+        ],
+        stdin=data,
+    )
+    status = check.stdout.decode(errors="replace")
+    bad = ("BADSIG", "EXPKEYSIG", "REVKEYSIG", "EXPSIG", "ERRSIG")
+    if (
+        check.returncode == 0
+        and "[GNUPG:] VALIDSIG" in status
+        and not any(f"[GNUPG:] {b}" in status for b in bad)
+    ):
+        for line in status.splitlines():
+            if line.startswith("[GNUPG:] GOODSIG"):
+                return line.split(" ", 3)[-1]
+        return "gpg"
+    raise UntrustedCommitError(
+        f"untrusted commit {commit}: its OpenPGP signature does not verify against {keyring} — "
+        "re-sign the commit with a key in the keyring"
+    )
+
+
+def verify_commit(repo: pygit2.Repository, commit: str, verify: VerifyConfig) -> str | None:
+    """Check ``commit``'s signature when verification is configured.
+
+    Returns the signer (principal or GnuPG user id), or None when no
+    verification is configured. Raises UntrustedCommitError naming the commit
+    and what to do for an unsigned commit, an unknown signer or a bad
+    signature (issue #5: "the report says untrusted commit <sha>").
+    """
+    if not verify.allowed_signers and not verify.gpg_keyring:
+        return None
+    obj = repo[commit].peel(pygit2.Commit)
+    signature, data = obj.gpg_signature
+    if not signature:
+        raise UntrustedCommitError(
+            f"untrusted commit {commit}: it is not signed — sign it (git commit -S) with a key "
+            "in verify.allowed_signers"
+        )
+    with tempfile.TemporaryDirectory(prefix="reconciler-verify-") as tmp:
+        if signature.startswith(SSH_ARMOR):
+            if not verify.allowed_signers:
+                raise UntrustedCommitError(
+                    f"untrusted commit {commit}: SSH-signed, but verify.allowed_signers is not set"
+                )
+            return _verify_ssh(commit, signature, data, Path(verify.allowed_signers), Path(tmp))
+        if signature.startswith(PGP_ARMOR):
+            if not verify.gpg_keyring:
+                raise UntrustedCommitError(
+                    f"untrusted commit {commit}: OpenPGP-signed, but verify.gpg_keyring is not set"
+                )
+            return _verify_pgp(commit, signature, data, Path(verify.gpg_keyring), Path(tmp))
+    raise UntrustedCommitError(f"untrusted commit {commit}: unknown signature format")
