@@ -435,7 +435,7 @@ def _full_run(
     errors.extend(plan.errors)
     run.captures = _captures(plan, target, previous, actual, root)
 
-    system: System = DryRunSystem() if options.dry_run else RealSystem()
+    system: System = DryRunSystem() if options.dry_run else RealSystem(batch=True)
     to_apply = [c for c in plan.changes if c.apply]
     journal = None
     if to_apply and not options.dry_run:

@@ -152,6 +152,29 @@ def _execute(
         system.remove(host)
 
 
+def _publish(written: list[Change], system: System, ctx: RunContext, result: ApplyResult) -> None:
+    """Flush an app's staged writes (one durable batch), then record what is on disk.
+
+    Records are taken before the post scripts run: if one edits a file, the
+    next scan must see a different signature (drift), not ours.
+    """
+    try:
+        system.flush()
+    except OSError as exc:
+        for change in written:
+            result.errors.append(
+                f"{change.path}: {change.action} failed: {exc.strerror or exc} — "
+                "fix the cause; the next run retries"
+            )
+        return
+    for change in written:
+        result.applied.add(change.path)
+        if change.target is not None:
+            result.records[str(change.path)] = _record(
+                host_path(ctx.root, change.path), change.target
+            )
+
+
 def _roll_back_app(
     app: str,
     journal: Journal | None,
@@ -177,6 +200,7 @@ def _roll_back_app(
         result.records.pop(entry.path, None)
         result.rolled_back.add(path)
         restored.append(entry.path)
+    system.flush()
     return restored
 
 
@@ -261,6 +285,7 @@ def apply_plan(
     deleted: list[PurePosixPath] = []
     deletes = [c for c in plan.changes if c.action == "delete" and c.apply]
     done: set[PurePosixPath] = set()
+    written: list[Change] = []
 
     if journal is not None:
         journal.begin()
@@ -302,16 +327,15 @@ def apply_plan(
                     "fix the cause; the next run retries"
                 )
                 continue
-            if not system.dry_run:
+            if system.dry_run:
+                continue
+            if change.action == "delete":
                 result.applied.add(change.path)
-                if change.action == "delete":
-                    deleted.append(change.path)
-                elif change.target is not None:
-                    # Before the post scripts run: if one edits the file, the
-                    # next scan must see a different signature (drift), not ours.
-                    result.records[str(change.path)] = _record(
-                        host_path(ctx.root, change.path), change.target
-                    )
+                deleted.append(change.path)
+            else:
+                written.append(change)
+        _publish(written, system, ctx, result)
+        written = []
         if scripted and (todo or app.post_always or owed):
             runs = _run_scripts("post", app, changed, ctx, snapshot, system)
             result.scripts.extend(runs)
