@@ -425,7 +425,13 @@ def _full_run(
     run.suspended = _suspension(node, started) or held
     if run.suspended:
         run.mode = "audit"  # fetch and report, change nothing
-    run.target = target = render_target(snapshot, node, facts)
+    run.target = target = render_target(
+        snapshot,
+        node,
+        facts,
+        cache_dir=state_dir / "jinja-cache",
+        workers=min(os.cpu_count() or 1, 4),
+    )
     paths = list(target.files) + [
         PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
     ]

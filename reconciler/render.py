@@ -15,7 +15,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import InventoryError, PathError, RenderError
@@ -181,7 +181,7 @@ def template_context(node: Node, facts: Mapping[str, Any], info: SourceInfo) -> 
     return context
 
 
-def _environment(snapshot: Snapshot) -> Any:
+def _environment(snapshot: Snapshot, cache_dir: Path | None = None) -> Any:
     import jinja2
 
     class SnapshotLoader(jinja2.BaseLoader):
@@ -202,11 +202,16 @@ def _environment(snapshot: Snapshot) -> Any:
                 raise RenderError(f"{path}: a .j2 template must be UTF-8 text") from exc
             return text, path, lambda: True
 
+    cache = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cache = jinja2.FileSystemBytecodeCache(str(cache_dir))
     return jinja2.Environment(
         loader=SnapshotLoader(),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
+        bytecode_cache=cache,
     )
 
 
@@ -251,38 +256,53 @@ def _render_error(
     return RenderError(f"{prefix}: {problem}{text}")
 
 
-def render_target(snapshot: Snapshot, node: Node, facts: Mapping[str, Any]) -> TargetState:
+PARALLEL_MIN_TEMPLATES = 64  # below this, forking costs more than it saves
+
+
+def render_target(
+    snapshot: Snapshot,
+    node: Node,
+    facts: Mapping[str, Any],
+    *,
+    cache_dir: Path | None = None,
+    workers: int = 1,
+) -> TargetState:
     """Render every file of ``node`` from ``snapshot``.
 
-    Returns the TargetState in node app order. Raises RenderError (template
-    syntax, undefined variable, missing include), InventoryError (two apps
-    produce one path, bad metadata) or PathError (a destination that escapes
-    the root). Nothing is written anywhere.
+    ``cache_dir``: Jinja2 bytecode cache (keyed by template name and source
+    checksum), so only templates whose source changed are compiled again
+    (SPEC §7: compiling is the cost to avoid). ``workers`` > 1 renders in
+    that many forked processes when there are many templates (a cold run
+    compiles on every core). Returns the TargetState in node app order.
+    Raises RenderError (template syntax, undefined variable, missing
+    include), InventoryError (two apps produce one path, bad metadata) or
+    PathError (a destination that escapes the root). Nothing is written
+    outside ``cache_dir``.
     """
     sources = _collect(snapshot, node)
     context = template_context(node, facts, snapshot.info)
-    env = None
     app_globs = {
         a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
     }
     node_globs = _compile(node.files)
+    metas: dict[PurePosixPath, tuple[dict[str, Any], str]] = {
+        dest: _metadata(app_globs[app], node_globs, node, app, dest)
+        for dest, (app, _, _) in sources.items()
+    }
+    jobs = [
+        (dest, repo_path, bool(metas[dest][0].get("secret", False)))
+        for dest, (_, repo_path, _) in sources.items()
+        if repo_path.endswith(".j2")
+    ]
+    job = _RenderJob(snapshot=snapshot, context=context, node=node.name, cache_dir=cache_dir)
+    if workers > 1 and len(jobs) >= PARALLEL_MIN_TEMPLATES:
+        rendered = _render_parallel(job, jobs, workers)
+    else:
+        rendered = job.render(jobs)
     files: dict[PurePosixPath, TargetFile] = {}
     for dest, (app, repo_path, filemode) in sources.items():
-        meta, where = _metadata(app_globs[app], node_globs, node, app, dest)
-        secret = bool(meta.get("secret", False))
-        if repo_path.endswith(".j2"):
-            if env is None:
-                env = _environment(snapshot)
-            name = repo_path[len("templates/") :]
-            try:
-                content = env.get_template(name).render(context).encode("utf-8")
-            except RenderError:
-                raise
-            except Exception as exc:  # Jinja2 raises many types; all are the author's error
-                error = _render_error(exc, repo_path, node.name, snapshot, secret)
-                raise error from (None if secret else exc)
-        else:
-            content = snapshot.read(repo_path)
+        meta, where = metas[dest]
+        content = rendered[dest] if dest in rendered else snapshot.read(repo_path)
         default_mode = 0o755 if filemode == GIT_FILEMODE_EXEC else 0o644
         mode = parse_mode(meta["mode"], where=where) if "mode" in meta else default_mode
         files[dest] = TargetFile(
@@ -291,9 +311,73 @@ def render_target(snapshot: Snapshot, node: Node, facts: Mapping[str, Any]) -> T
             mode=mode,
             owner=meta.get("owner"),
             group=meta.get("group"),
-            secret=secret,
+            secret=bool(meta.get("secret", False)),
             policy=meta.get("policy", "enforce"),
             app=app,
             template=repo_path,
         )
     return TargetState(node=node.name, files=files, apps=load_app_settings(snapshot, node))
+
+
+Job = tuple[PurePosixPath, str, bool]  # destination, template path, secret
+
+
+@dataclass(slots=True, kw_only=True)
+class _RenderJob:
+    """What rendering needs, in one place, so a forked worker inherits it whole."""
+
+    snapshot: Snapshot
+    context: dict[str, Any]
+    node: str
+    cache_dir: Path | None
+    env: Any = None
+
+    def render(self, jobs: list[Job]) -> dict[PurePosixPath, bytes]:
+        """Render ``jobs`` in order; raise the first template's RenderError."""
+        if self.env is None:
+            self.env = _environment(self.snapshot, self.cache_dir)
+        out: dict[PurePosixPath, bytes] = {}
+        for dest, repo_path, secret in jobs:
+            name = repo_path[len("templates/") :]
+            try:
+                out[dest] = self.env.get_template(name).render(self.context).encode("utf-8")
+            except RenderError:
+                raise
+            except Exception as exc:  # Jinja2 raises many types; all are the author's error
+                error = _render_error(exc, repo_path, self.node, self.snapshot, secret)
+                raise error from (None if secret else exc)
+        return out
+
+
+# A forked worker's job: set in the child only, by the pool initializer (fork
+# start method: inherited, never pickled — the snapshot holds a libgit2 handle).
+_worker_job: list[_RenderJob] = []
+
+
+def _worker_init(job: _RenderJob) -> None:
+    _worker_job[:] = [job]
+
+
+def _worker_render(jobs: list[Job]) -> tuple[dict[PurePosixPath, bytes], str | None]:
+    try:
+        return _worker_job[0].render(jobs), None
+    except RenderError as exc:
+        return {}, str(exc)
+
+
+def _render_parallel(job: _RenderJob, jobs: list[Job], workers: int) -> dict[PurePosixPath, bytes]:
+    """Split ``jobs`` over ``workers`` forked processes; the first error in job order wins."""
+    import multiprocessing
+
+    chunks = [jobs[i::workers] for i in range(workers)]
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, initializer=_worker_init, initargs=(job,)) as pool:
+        results = pool.map(_worker_render, chunks)
+    errors = [e for _, e in results if e]
+    if errors:
+        order = {repo_path: i for i, (_, repo_path, _) in enumerate(jobs)}
+        raise RenderError(min(errors, key=lambda e: order.get(e.split(":", 1)[0], len(order))))
+    out: dict[PurePosixPath, bytes] = {}
+    for part, _ in results:
+        out.update(part)
+    return out
