@@ -44,6 +44,7 @@ from .source import (
     report_ref,
 )
 from .state import LocalState, load_state, save_state
+from .system import atomic_write
 from .transport import callbacks_for
 from .trust import verify_commit
 
@@ -420,7 +421,10 @@ def _full_run(
     from .system import DryRunSystem, RealSystem, System
 
     snapshot = GitSnapshot(repo, commit, SourceInfo(url=url, branch=config.branch, commit=commit))
-    inventory = load_inventory(snapshot)
+    cache = _read_inventory_cache(state_dir)
+    before = len(cache)
+    inventory = load_inventory(snapshot, cache)
+    _write_inventory_cache(state_dir, cache, inventory, changed=len(cache) != before)
     node = effective_node(inventory, snapshot, config.node, options.state)
     run.suspended = _suspension(node, started) or held
     if run.suspended:
@@ -625,6 +629,31 @@ def _push(repo: Any, url: str, node: str, callbacks: Any = None) -> tuple[bool, 
         return False, str(exc)
     repo.references.create(f"refs/remotes/origin/reports/{node}", local.target, force=True)
     return True, None
+
+
+INVENTORY_CACHE = "inventory-cache.json"
+
+
+def _read_inventory_cache(state_dir: Path) -> dict[str, Any]:
+    """Checked host files by git blob id (see inventory.inventory_problems)."""
+    try:
+        data = json.loads((state_dir / INVENTORY_CACHE).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_inventory_cache(
+    state_dir: Path, cache: dict[str, Any], inventory: Any, *, changed: bool
+) -> None:
+    """Keep only the blobs of the current hosts/ (the cache never grows past it)."""
+    if not changed:
+        return
+    keep = {id(f.data) for f in inventory.files.values()}
+    if inventory.defaults is not None:
+        keep.add(id(inventory.defaults.data))
+    current = {blob: data for blob, data in cache.items() if id(data) in keep}
+    atomic_write(state_dir / INVENTORY_CACHE, json.dumps(current).encode(), mode=0o600)
 
 
 def _captures(

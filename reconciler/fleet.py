@@ -71,13 +71,15 @@ class Upstream:
 
 
 def cache_path(url: str, state_dir: str | None) -> Path:
-    """Where the cache bare repository of ``url`` lives: ``<dir>/repo.git``.
+    """Where the cache bare repository of ``url`` lives.
 
-    ``state_dir`` (``--state-dir``) wins; else ``$XDG_CACHE_HOME`` or
-    ``~/.cache``, then ``reconciler/<first 16 hex of sha256(url)>``.
+    ``<state_dir>/operator.git`` with ``--state-dir`` (a name the agent's
+    ``repo.git`` never collides with, so an agent's state dir can be
+    shared); else ``$XDG_CACHE_HOME`` or ``~/.cache``, then
+    ``reconciler/<first 16 hex of sha256(url)>/repo.git``.
     """
     if state_dir:
-        return Path(state_dir) / "repo.git"
+        return Path(state_dir) / "operator.git"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
     return base / "reconciler" / digest / "repo.git"
@@ -99,9 +101,7 @@ def remote_callbacks(url: str, auth: AuthConfig) -> pygit2.RemoteCallbacks | Non
     class AgentCallbacks(Callbacks):
         """Callbacks that take the SSH key from ssh-agent."""
 
-        def credentials(
-            self, url: str, username_from_url: str | None, allowed_types: Any
-        ) -> Any:
+        def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
             return pygit2.KeypairFromAgent(username_from_url or self.endpoint.user or "git")
 
     install_hostkey_check()
@@ -408,7 +408,8 @@ def format_table(rows: Sequence[FleetRow]) -> str:
         if r.suspended:
             until = r.suspended.get("until")
             notes.append(
-                f"suspended: {r.suspended.get('reason', '')}" + (f" (until {until})" if until else "")
+                f"suspended: {r.suspended.get('reason', '')}"
+                + (f" (until {until})" if until else "")
             )
         if not r.defined:
             notes.append("not in hosts/")

@@ -1,20 +1,631 @@
 """The operators' side (issue #6): commands run from a laptop holding a clone.
 
 Reads report branches and the desired-state repository; never touches a
-host's root. Subcommands are registered into the CLI by :func:`add_commands`.
+host's root. Subcommands are registered into the CLI by :func:`add_commands`:
+
+=========================  ==================================================
+``fleet [NODE|META]``      every node's last report (SPEC §3, §6); text, json, html
+``log NODE``               a node's report commits
+``show NODE [RUN]``        one report with its drift diffs
+``push NODE STATE``        commit "NODE → STATE" and push; retries a lost race
+``suspend`` · ``resume``   commit or lift ``suspended:`` (SPEC §4)
+``trigger NODE|META``      ``ssh HOST reconciler pull`` for each member, in parallel
+``impact [BASE..HEAD]``    per node, the destination files a range of commits changes
+``adopt NODE PATH``        a captured drifted file back into the desired state, on a branch
+=========================  ==================================================
+
+``--repo`` is the desired-state repository URL or path, fetched into a cache
+(:mod:`reconciler.fleet`) — except for ``impact``, which reads the git
+repository of a local working tree (SPEC §6). Handlers take
+``(args, out, err)``, return the exit code and raise ReconcilerError.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import copy
+import datetime as dt
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TextIO
 
+from .errors import UsageError
+
 Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The agent configuration with flag overrides (same rules as the CLI, SPEC §2)."""
+    from .config import SCALAR_KEYS, load_config
+
+    return load_config(args.config, {k: getattr(args, k, None) for k in SCALAR_KEYS})
+
+
+def _upstream(args: argparse.Namespace) -> Any:
+    from .fleet import open_upstream
+
+    config = _config(args)
+    return open_upstream(config.repo, config.branch, args.state_dir, config.auth)
+
+
+def _emit(data: Any, out: TextIO) -> None:
+    json.dump(data, out, indent=2, ensure_ascii=False)
+    out.write("\n")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --------------------------------------------------------------------- fleet
+
+
+def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler fleet [NODE|META]``: one row per node from the report branches."""
+    from .config import parse_duration
+    from .fleet import (
+        default_stale_after,
+        fetch_upstream,
+        fleet_rows,
+        format_table,
+        load_head_inventory,
+        read_report,
+        report_tips,
+        select_nodes,
+        summary,
+    )
+
+    config = _config(args)
+    up = _upstream(args)
+    head = fetch_upstream(up)
+    inventory, problem = load_head_inventory(up, head)
+    if problem:
+        err.write(f"reconciler: warning: hosts/ at {head[:12]} is invalid: {problem}\n")
+    nodes = select_nodes(inventory, report_tips(up.repo), args.target)
+    stale_after = (
+        parse_duration(args.stale_after, key="--stale-after")
+        if args.stale_after
+        else default_stale_after(config.interval, config.report.heartbeat)
+    )
+    rows = fleet_rows(up, head, nodes, inventory=inventory, now=_now(), stale_after_s=stale_after)
+    if args.format == "json":
+        text = json.dumps({"nodes": [r.as_json() for r in rows]}, indent=2) + "\n"
+    elif args.format == "html":
+        from .history import drift_diffs
+        from .page import fleet_page
+
+        drift = {
+            r.node: drift_diffs(up, r.report_commit, read_report(up.repo, r.report_commit))
+            for r in rows
+            if r.drifted and r.report_commit
+        }
+        metas = {m: inventory.members(m) for m in inventory.meta_nodes} if inventory else {}
+        text = fleet_page(
+            rows,
+            meta_nodes=metas,
+            drift=drift,
+            title=f"Fleet — {up.url} ({up.branch})",
+            subtitle=f"head {head[:12]} · generated {_now():%Y-%m-%d %H:%M:%S} UTC · "
+            + summary(rows),
+        )
+    else:
+        text = format_table(rows)
+    if args.out:
+        from .system import atomic_write
+
+        atomic_write(Path(args.out), text.encode("utf-8"), mode=0o644)
+        err.write(f"wrote {args.out}: {summary(rows)}\n")
+    else:
+        out.write(text)
+    return 0
+
+
+# ------------------------------------------------------------------- history
+
+
+def cmd_log(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler log NODE``: the node's report commits, newest first."""
+    from .fleet import fetch_upstream
+    from .history import format_log, report_log
+
+    up = _upstream(args)
+    fetch_upstream(up)
+    entries = report_log(up, args.target, limit=args.limit)
+    if args.format == "json":
+        _emit({"node": args.target, "reports": [e.as_json() for e in entries]}, out)
+    else:
+        out.write(format_log(args.target, entries))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler show NODE [RUN]``: one report and its drift diffs (desired → host)."""
+    from .fleet import fetch_upstream, read_report
+    from .history import drift_diffs, find_report, format_report
+
+    up = _upstream(args)
+    fetch_upstream(up)
+    commit = find_report(up, args.target, args.run)
+    report = read_report(up.repo, commit)
+    diffs = drift_diffs(up, commit, report)
+    if args.format == "json":
+        _emit(
+            {
+                "report_commit": commit,
+                "report": report,
+                "drift": [
+                    {"path": d.path, "kinds": list(d.kinds), "diff": d.diff, "note": d.note}
+                    for d in diffs
+                ],
+            },
+            out,
+        )
+        return 0
+    out.write(format_report(report, commit))
+    for d in diffs:
+        out.write(f"\ndrift {d.path} [{', '.join(d.kinds)}]\n")
+        if d.diff:
+            out.write(d.diff)
+        if d.note:
+            out.write(f"  ({d.note})\n")
+    return 0
+
+
+# ------------------------------------------------------------ push & friends
+
+
+def _published(args: argparse.Namespace, result: Any, what: str, out: TextIO) -> None:
+    if args.format == "json":
+        _emit(
+            {
+                "commit": result.commit,
+                "pushed": result.pushed,
+                "ref": result.ref,
+                "retries": result.retries,
+                "notes": list(result.notes),
+                "included": list(result.included),
+            },
+            out,
+        )
+        return
+    if result.commit is None:
+        out.write(f"{what}: already so — nothing to commit\n")
+        return
+    for line in result.included:
+        out.write(f"  including unpushed {line}\n")
+    if result.pushed:
+        retried = f" (after {result.retries} retry: the branch had moved)" if result.retries else ""
+        out.write(f"{what}: {result.commit} pushed to {result.ref}{retried}\n")
+    else:
+        out.write(
+            f"{what}: committed {result.commit} on {result.ref} in the cache, not pushed — "
+            "run the command again without --no-push to push it\n"
+        )
+    for note in result.notes:
+        out.write(f"  note: {note}\n")
+
+
+def _with_message(editor: Any, message: str | None) -> Any:
+    if not message:
+        return editor
+
+    def edit(snapshot: Any) -> Any:
+        result = editor(snapshot)
+        return None if result is None else replace(result, message=message)
+
+    return edit
+
+
+def cmd_push(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler push NODE STATE``: set ``state:`` in hosts/NODE.yaml, commit, push."""
+    from .change import commit_and_push, state_checker, state_editor
+
+    up = _upstream(args)
+    result = commit_and_push(
+        up,
+        _with_message(state_editor(args.target, args.state), args.message),
+        check=state_checker(args.target, args.state),
+        push=not args.no_push,
+    )
+    _published(args, result, f"{args.target} → {args.state}", out)
+    return 0
+
+
+def cmd_suspend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler suspend NODE --reason R [--until T]``: commit ``suspended:`` (SPEC §4)."""
+    from .change import commit_and_push, load_checker, parse_until, suspend_editor
+
+    until = parse_until(args.until, _now()) if args.until else None
+    up = _upstream(args)
+    result = commit_and_push(
+        up,
+        _with_message(suspend_editor(args.target, args.reason, until), args.message),
+        check=load_checker([args.target]),
+        push=not args.no_push,
+    )
+    _published(args, result, f"{args.target}: suspended", out)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler resume NODE``: remove ``suspended:`` from hosts/NODE.yaml."""
+    from .change import commit_and_push, load_checker, resume_editor
+
+    up = _upstream(args)
+    result = commit_and_push(
+        up,
+        _with_message(resume_editor(args.target), args.message),
+        check=load_checker([args.target]),
+        push=not args.no_push,
+    )
+    _published(args, result, f"{args.target}: resumed", out)
+    return 0
+
+
+def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler adopt NODE PATH``: a captured drifted file onto a review branch."""
+    from .change import adopt
+
+    up = _upstream(args)
+    a = adopt(up, args.target, args.path, run=args.run, push=not args.no_push)
+    if args.format == "json":
+        _emit(
+            {
+                "node": a.node,
+                "path": a.path,
+                "branch": a.branch,
+                "commit": a.commit,
+                "pushed": a.pushed,
+                "template": a.template,
+                "written": a.written,
+                "report_commit": a.report_commit,
+                "run_id": a.run_id,
+                "users": list(a.users),
+                "diff": a.diff,
+            },
+            out,
+        )
+        return 0
+    out.write(a.diff)
+    where = "pushed" if a.pushed else "committed in the cache, not pushed"
+    out.write(f"{a.node}: {a.path} from run {a.run_id} → {a.written}\n")
+    if a.written != a.template:
+        out.write(
+            f"  {a.template} is a template: merge the differences above into it by hand and "
+            f"delete {a.written} before merging\n"
+        )
+    else:
+        out.write(f"  rendered by: {', '.join(a.users) or a.node}\n")
+    out.write(f"branch {a.branch} at {a.commit}: {where}\n")
+    return 0
+
+
+# ------------------------------------------------------------------- trigger
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TriggerResult:
+    """A TriggerResult is one host's answer to ``trigger``: exit code, time, last output."""
+
+    node: str
+    host: str
+    exit_code: int | None  # None: timed out or ssh could not be started
+    duration_s: float
+    output_tail: str
+
+    @property
+    def ok(self) -> bool:
+        """True when the remote command exited 0."""
+        return self.exit_code == 0
+
+
+def ssh_argv(
+    ssh: str, host: str, command: str, *, user: str | None, options: Sequence[str]
+) -> list[str]:
+    """The OpenSSH command line for one host: batch mode (no prompts), a connect timeout."""
+    argv = [ssh, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    for option in options:
+        argv += ["-o", option]
+    if user:
+        argv += ["-l", user]
+    return [*argv, "--", host, command]
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    kept = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def run_one(node: str, host: str, argv: Sequence[str], timeout: float) -> TriggerResult:
+    """Run ``argv`` (ssh) for one host; never raises."""
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return TriggerResult(
+            node=node,
+            host=host,
+            exit_code=None,
+            duration_s=round(time.monotonic() - start, 2),
+            output_tail=f"timed out after {timeout:.0f}s",
+        )
+    except OSError as exc:
+        return TriggerResult(
+            node=node, host=host, exit_code=None, duration_s=0.0, output_tail=str(exc)
+        )
+    tail = _tail(proc.stdout if proc.returncode == 0 else (proc.stderr or proc.stdout))
+    return TriggerResult(
+        node=node,
+        host=host,
+        exit_code=proc.returncode,
+        duration_s=round(time.monotonic() - start, 2),
+        output_tail=tail,
+    )
+
+
+def cmd_trigger(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler trigger NODE|META``: ask each member host to run now, over SSH, in parallel.
+
+    Host address: the node's ``vars.ssh_host``, else the node name. One line
+    per host as it finishes, then a summary; exit 1 if any host failed.
+    """
+    from .config import parse_duration
+    from .fleet import fetch_upstream
+    from .inventory import effective_node, load_inventory
+
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise UsageError("ssh: the OpenSSH client is not on PATH — install openssh-client")
+    if args.parallel < 1:
+        raise UsageError("--parallel: must be at least 1")
+    timeout = parse_duration(args.timeout, key="--timeout")
+    up = _upstream(args)
+    head = fetch_upstream(up, reports=False)
+    snapshot = up.snapshot(head)
+    inventory = load_inventory(snapshot)
+    jobs = []
+    for node in inventory.members(args.target):
+        host = effective_node(inventory, snapshot, node).vars.get("ssh_host") or node
+        argv = ssh_argv(ssh, str(host), args.command, user=args.ssh_user, options=args.ssh_option)
+        jobs.append((node, str(host), argv))
+    live = err if args.format == "json" else out
+    results: list[TriggerResult] = []
+    with ThreadPoolExecutor(max_workers=min(args.parallel, max(1, len(jobs)))) as pool:
+        futures = [pool.submit(run_one, node, host, argv, timeout) for node, host, argv in jobs]
+        for future in as_completed(futures):
+            r = future.result()
+            results.append(r)
+            state = "ok" if r.ok else ("FAILED" if r.exit_code is not None else "FAILED")
+            code = "" if r.exit_code in (0, None) else f" exit {r.exit_code}"
+            where = r.node if r.host == r.node else f"{r.node} ({r.host})"
+            last = r.output_tail.splitlines()[-1] if r.output_tail else ""
+            live.write(
+                f"{where}: {state}{code} in {r.duration_s:.1f}s{' — ' + last if last else ''}\n"
+            )
+            live.flush()
+    failed = [r for r in results if not r.ok]
+    line = (
+        f"trigger {args.target}: {len(results) - len(failed)} ok, {len(failed)} failed "
+        f"of {len(results)} hosts"
+    )
+    if failed:
+        line += f" (failed: {', '.join(sorted(r.node for r in failed))})"
+    if args.format == "json":
+        _emit(
+            {
+                "command": args.command,
+                "hosts": [
+                    {
+                        "node": r.node,
+                        "host": r.host,
+                        "exit_code": r.exit_code,
+                        "duration_s": r.duration_s,
+                        "output_tail": r.output_tail,
+                    }
+                    for r in sorted(results, key=lambda r: r.node)
+                ],
+                "ok": len(results) - len(failed),
+                "failed": len(failed),
+            },
+            out,
+        )
+        err.write(line + "\n")
+    else:
+        out.write(line + "\n")
+    return 1 if failed else 0
+
+
+# -------------------------------------------------------------------- impact
+
+
+def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler impact [BASE..HEAD]``: per node, destination files a range changes.
+
+    ``--repo DIR`` (default ``.``) is a working tree whose git repository is
+    read; ``--worktree`` compares BASE (default HEAD) with the files on
+    disk instead, before anything is committed. Exit 1 when a node fails
+    to load or render at HEAD.
+    """
+    import pygit2
+
+    from .change import impact, resolve_range
+    from .facts import gather_facts
+    from .source import DirSnapshot, GitSnapshot, SourceInfo
+
+    where = Path(args.repo or ".")
+    found = pygit2.discover_repository(str(where))
+    if found is None:
+        raise UsageError(f"--repo {where}: not inside a git repository — give a working tree")
+    repo = pygit2.Repository(found)
+    try:
+        url = str(repo.remotes["origin"].url)
+    except KeyError:
+        url = str(Path(repo.workdir or repo.path).resolve())
+    branch = "" if repo.head_is_detached or repo.head_is_unborn else repo.head.shorthand
+    if args.worktree:
+        if repo.workdir is None:
+            raise UsageError(f"--repo {where}: a bare repository has no working tree")
+        base_id = resolve_range(repo, args.range or "HEAD")[0]
+        head_snapshot: Any = DirSnapshot(
+            Path(repo.workdir), SourceInfo(url=url, branch=branch, commit="")
+        )
+        label = f"{base_id[:12]}..working tree"
+    else:
+        base_id, head_id = resolve_range(repo, args.range)
+        head_snapshot = GitSnapshot(
+            repo, head_id, SourceInfo(url=url, branch=branch, commit=head_id)
+        )
+        label = f"{base_id[:12]}..{head_id[:12]}"
+    base_snapshot = GitSnapshot(repo, base_id, SourceInfo(url=url, branch=branch, commit=base_id))
+    impacted, unchanged = impact(base_snapshot, head_snapshot, gather_facts())
+    failed = any(n.error and n.error.startswith("HEAD") for n in impacted)
+    if args.format == "json":
+        _emit(
+            {
+                "range": label,
+                "nodes": [
+                    {
+                        "node": n.node,
+                        "error": n.error,
+                        "counts": n.counts(),
+                        "files": [f.as_json(with_diff=not args.stat) for f in n.files],
+                    }
+                    for n in impacted
+                ],
+                "unchanged": unchanged,
+            },
+            out,
+        )
+        return 1 if failed else 0
+    total = len(impacted) + len(unchanged)
+    out.write(f"impact of {label}: {len(impacted)} of {total} nodes change\n")
+    symbol = {"added": "+", "removed": "-", "changed": "~", "mode": "m", "owner": "o"}
+    for n in impacted:
+        if n.error:
+            out.write(f"{n.node}: cannot render at {n.error}\n")
+            continue
+        counts = ", ".join(f"{v} {k}" for k, v in n.counts().items() if v)
+        out.write(f"{n.node}: {counts}\n")
+        if args.stat:
+            continue
+        for f in n.files:
+            mode = ""
+            if f.old_mode != f.new_mode and f.old_mode is not None and f.new_mode is not None:
+                mode = f" (mode {f.old_mode:04o} → {f.new_mode:04o})"
+            secret = " [secret: hashes only]" if f.secret else ""
+            out.write(f"  {symbol[f.change]} {f.path}{mode}{secret}\n")
+        for f in n.files:
+            if f.diff:
+                out.write(f.diff)
+    if unchanged:
+        out.write(f"unchanged: {', '.join(unchanged)}\n")
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------- parsers
 
 
 def add_commands(
     sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
 ) -> dict[str, Handler]:
     """Add the operator subcommands to ``sub``; return name → handler."""
-    return {}
+    fleet = sub.add_parser(
+        "fleet",
+        # A private copy of the common flags: "resolve" edits the parent's
+        # --format action in place, and every other command shares that one.
+        parents=[copy.deepcopy(common)],
+        conflict_handler="resolve",  # --format gains html
+        help="every node's last report, from the reports/* branches",
+    )
+    fleet.add_argument("target", nargs="?", metavar="NODE|META", help="only this node or group")
+    fleet.add_argument("--format", choices=("text", "json", "html"), default="text")
+    fleet.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
+    fleet.add_argument(
+        "--stale-after",
+        metavar="DURATION",
+        help="a report older than this is stale (default: report.heartbeat + 3 × interval)",
+    )
+
+    log = sub.add_parser("log", parents=[common], help="a node's report history")
+    log.add_argument("target", metavar="NODE")
+    log.add_argument("--limit", type=int, default=50, help="at most N reports (default 50)")
+
+    show = sub.add_parser("show", parents=[common], help="one report with its drift diffs")
+    show.add_argument("target", metavar="NODE")
+    show.add_argument(
+        "run", nargs="?", metavar="RUN", help="run id or report commit; default latest"
+    )
+
+    push = sub.add_parser("push", parents=[common], help='commit "NODE → STATE" and push it')
+    push.add_argument("target", metavar="NODE", help="a node or a meta-node")
+    push.add_argument("state", metavar="STATE")
+
+    suspend = sub.add_parser("suspend", parents=[common], help="commit suspended: for a node")
+    suspend.add_argument("target", metavar="NODE", help="a node or a meta-node")
+    suspend.add_argument("--reason", required=True, help="why (shown by fleet and in reports)")
+    suspend.add_argument("--until", help="ISO 8601 time or a duration from now (2d)")
+
+    resume = sub.add_parser("resume", parents=[common], help="lift suspended: for a node")
+    resume.add_argument("target", metavar="NODE", help="a node or a meta-node")
+
+    for p in (push, suspend, resume):
+        p.add_argument("--no-push", action="store_true", help="commit in the cache only")
+        p.add_argument("--message", "-m", help="commit message instead of the default")
+
+    trigger = sub.add_parser("trigger", parents=[common], help="ask hosts to run now, over SSH")
+    trigger.add_argument("target", metavar="NODE|META")
+    trigger.add_argument("--ssh-user", help="remote user (default: ssh's own choice)")
+    trigger.add_argument("--parallel", type=int, default=10, help="hosts at a time (default 10)")
+    trigger.add_argument(
+        "--command", default="reconciler pull", help="remote command (default: reconciler pull)"
+    )
+    trigger.add_argument("--timeout", default="10m", help="per host (default 10m)")
+    trigger.add_argument(
+        "--ssh-option", action="append", default=[], metavar="OPT", help="passed as ssh -o OPT"
+    )
+
+    impact = sub.add_parser(
+        "impact", parents=[common], help="per node, the files a range of commits changes"
+    )
+    impact.add_argument(
+        "range",
+        nargs="?",
+        metavar="BASE..HEAD",
+        help="default HEAD~1..HEAD; A...B from the merge base",
+    )
+    impact.add_argument("--stat", action="store_true", help="counts only, no diffs")
+    impact.add_argument(
+        "--worktree", action="store_true", help="compare BASE (default HEAD) with the files on disk"
+    )
+
+    adopt = sub.add_parser("adopt", parents=[common], help="a captured drifted file onto a branch")
+    adopt.add_argument("target", metavar="NODE")
+    adopt.add_argument("path", metavar="PATH", help="destination path, e.g. /etc/motd")
+    adopt.add_argument("--run", help="take the capture of this run (default: the newest)")
+    adopt.add_argument("--no-push", action="store_true", help="create the branch in the cache only")
+
+    return {
+        "fleet": cmd_fleet,
+        "log": cmd_log,
+        "show": cmd_show,
+        "push": cmd_push,
+        "suspend": cmd_suspend,
+        "resume": cmd_resume,
+        "trigger": cmd_trigger,
+        "impact": cmd_impact,
+        "adopt": cmd_adopt,
+    }

@@ -73,6 +73,10 @@ class Snapshot(Protocol):
         """Every file under ``path`` recursively, paths relative to ``path``, sorted."""
         ...
 
+    def blob_id(self, path: str) -> str | None:
+        """The git blob id of a file (a content key for caches); None in a working tree."""
+        ...
+
 
 class GitSnapshot:
     """A Snapshot of one commit's tree in a pygit2 repository; no working tree needed."""
@@ -99,6 +103,10 @@ class GitSnapshot:
 
     def is_dir(self, path: str) -> bool:
         return isinstance(self._lookup(path), pygit2.Tree)
+
+    def blob_id(self, path: str) -> str | None:
+        obj = self._lookup(path)
+        return str(obj.id) if isinstance(obj, pygit2.Blob) else None
 
     def listdir(self, path: str) -> list[tuple[str, bool]]:
         obj = self._lookup(path)
@@ -140,6 +148,9 @@ class DirSnapshot:
 
     def is_dir(self, path: str) -> bool:
         return self._path(path).is_dir()
+
+    def blob_id(self, path: str) -> str | None:
+        return None  # files on disk may change under us: never cached
 
     def listdir(self, path: str) -> list[tuple[str, bool]]:
         base = self._path(path)

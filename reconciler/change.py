@@ -1,0 +1,848 @@
+"""Operators' side, write stage: changes to the desired-state repository, and their impact.
+
+Takes the cache of :mod:`reconciler.fleet`; produces commits on the branch
+(``push NODE STATE``, ``suspend``, ``resume``) or on a review branch
+(``adopt``), and for ``impact`` the per-node list of destination files that
+a range of commits changes.
+
+Host files are edited **by lines**, never by dumping YAML, so comments and
+layout survive: the top-level ``state:`` line is replaced (or inserted), the
+``suspended:`` block added or removed. Every edit is then re-parsed and must
+differ from the old file in exactly the one key it meant to change, and the
+new tree must load (SPEC §1 rules, including "a state no app has is an
+error", §6). Commits are made with pygit2 in the cache bare repository; a
+push that loses a race (non-fast-forward) is answered by fetching again and
+re-applying the edit to the new head — the edit is recomputed from the new
+file, not replayed as a patch — a few times (Pacha's ``push node state``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import pygit2
+import yaml
+
+from .errors import InventoryError, ReconcilerError, SourceError, UsageError
+from .fleet import Upstream, fetch_upstream, parse_time, tracking_head
+from .history import captures, file_diff, find_report, report_tip
+from .inventory import DEFAULT_STATE, Inventory, effective_node, load_inventory, parse_yaml
+from .plan import exclude_matcher
+from .render import TargetFile, render_target
+from .source import Snapshot
+
+log = logging.getLogger(__name__)
+
+PUSH_ATTEMPTS = 4
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # node.schema.json $defs/name
+_TOP_KEY = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_-]*)[ \t]*:(?=[ \t\r\n]|$)")
+
+
+# ------------------------------------------------------------- line edits
+
+
+def _lines(text: str) -> list[str]:
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    return lines
+
+
+def _top_keys(lines: Sequence[str]) -> list[tuple[int, str]]:
+    """(line index, key) of every top-level mapping key, in file order."""
+    return [(i, m.group("key")) for i, line in enumerate(lines) if (m := _TOP_KEY.match(line))]
+
+
+def _block_end(lines: Sequence[str], start: int) -> int:
+    """Index after the last line of the top-level key at ``start`` (its value's lines).
+
+    A block goes on while lines are indented, blank, column-0 comments or
+    column-0 sequence items (an indentless list); trailing blank and
+    comment lines are left to what follows.
+    """
+    end = start + 1
+    i = start + 1
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if not stripped or line.startswith("#"):
+            i += 1
+            continue
+        if line[0] in " \t" or line.startswith("- ") or stripped == "-":
+            i += 1
+            end = i
+            continue
+        break
+    return end
+
+
+def _yaml_scalar(value: str) -> str:
+    """``value`` as a YAML scalar that reads back as the same string."""
+    try:
+        plain = yaml.safe_load(value)
+    except yaml.YAMLError:
+        plain = None
+    if plain == value and _NAME.match(value):
+        return value
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
+
+
+def _checked(
+    old: str, new: str, path: str, expect: Callable[[dict[str, Any]], dict[str, Any]]
+) -> str:
+    """``new`` if it parses to ``expect(parse(old))``; InventoryError otherwise (SPEC §1)."""
+    before = parse_yaml(old.encode(), path) or {}
+    after = parse_yaml(new.encode(), path) or {}
+    if not isinstance(before, dict) or after != expect(dict(before)):
+        raise InventoryError(
+            f"{path}: the line edit would change more than intended (the file's layout is "
+            "unusual: a flow mapping or a multi-line value) — edit the file by hand"
+        )
+    return new
+
+
+def set_state_text(text: str, state: str, *, path: str) -> str:
+    """Set the top-level ``state:`` of a host file by a line edit, keeping everything else.
+
+    An existing ``state:`` line keeps its trailing comment (at its column
+    when it fits); a missing one is inserted before the first top-level key,
+    or after ``include_nodes`` when that comes first. Raises InventoryError
+    when the result would differ from the old file in anything but
+    ``state``, UsageError for a STATE that is not a valid name.
+    """
+    if not _NAME.match(state):
+        raise UsageError(f"state {state!r}: not a valid state name — letters, digits, . _ -")
+    lines = _lines(text)
+    value = _yaml_scalar(state)
+    keys = _top_keys(lines)
+    found = [i for i, k in keys if k == "state"]
+    if found:
+        i = found[0]
+        if _block_end(lines, i) != i + 1:
+            raise InventoryError(f"{path}:{i + 1}: state: spans several lines — edit it by hand")
+        m = re.match(r"^(state[ \t]*:[ \t]*)([^#\r\n]*?)([ \t]*#[^\r\n]*)?(\r?\n)$", lines[i])
+        if m is None:
+            raise InventoryError(f"{path}:{i + 1}: cannot read the state: line — edit it by hand")
+        head, old_value, comment, eol = m.group(1), m.group(2), m.group(3) or "", m.group(4)
+        if comment:
+            column = len(head) + len(old_value) + len(comment) - len(comment.lstrip())
+            comment = " " * max(1, column - len(head) - len(value)) + comment.lstrip()
+        lines[i] = f"{head}{value}{comment}{eol}"
+    else:
+        at = len(lines)
+        if keys:
+            first, key = keys[0]
+            at = _block_end(lines, first) if key == "include_nodes" else first
+        lines.insert(at, f"state: {value}\n")
+    new = "".join(lines)
+    return _checked(text, new, path, lambda d: {**d, "state": state})
+
+
+def _suspended_block(reason: str, until: str | None) -> list[str]:
+    block = ["suspended:\n", f"  reason: {json.dumps(reason, ensure_ascii=False)}\n"]
+    if until:
+        block.append(f'  until: "{until}"\n')
+    return block
+
+
+def set_suspended_text(text: str, reason: str, until: str | None, *, path: str) -> str:
+    """Add or replace the top-level ``suspended:`` block of a host file (SPEC §1, §4).
+
+    A new block goes at the end of the file after a blank line; an existing
+    one is replaced where it is. Raises InventoryError when anything else
+    would change, UsageError for an empty reason.
+    """
+    if not reason.strip():
+        raise UsageError("--reason: must not be empty — say why the node is suspended")
+    lines = _lines(text)
+    block = _suspended_block(reason, until)
+    found = [i for i, k in _top_keys(lines) if k == "suspended"]
+    if found:
+        i = found[0]
+        lines[i : _block_end(lines, i)] = block
+    else:
+        if lines and lines[-1].strip():
+            lines.append("\n")
+        lines.extend(block)
+    expected = {"reason": reason, **({"until": until} if until else {})}
+    return _checked(text, "".join(lines), path, lambda d: {**d, "suspended": expected})
+
+
+def remove_suspended_text(text: str, *, path: str) -> str:
+    """Remove the top-level ``suspended:`` block; the inverse of :func:`set_suspended_text`.
+
+    Returns ``text`` unchanged when there is no such block. Blank lines left
+    at the end of the file are dropped.
+    """
+    lines = _lines(text)
+    found = [i for i, k in _top_keys(lines) if k == "suspended"]
+    if not found:
+        return text
+    i = found[0]
+    end = _block_end(lines, i)
+    del lines[i:end]
+    if i == len(lines):
+        while lines and not lines[-1].strip():
+            lines.pop()
+    return _checked(
+        text, "".join(lines), path, lambda d: {k: v for k, v in d.items() if k != "suspended"}
+    )
+
+
+def parse_until(value: str, now: dt.datetime) -> str:
+    """``--until``: an ISO 8601 time or a duration from now (``2h``, ``3d``) → ISO 8601 UTC ``Z``.
+
+    Raises UsageError for anything else and for a time in the past.
+    """
+    from .config import parse_duration
+    from .errors import ConfigError
+
+    try:
+        moment = now + dt.timedelta(seconds=parse_duration(value, key="--until"))
+    except ConfigError:
+        parsed = parse_time(value)
+        if parsed is None:
+            raise UsageError(
+                f"--until {value!r}: not a time — give 2026-12-01T00:00:00Z or a duration like 2d"
+            ) from None
+        moment = parsed
+    if moment <= now:
+        raise UsageError(f"--until {value!r}: in the past — give a later time")
+    return moment.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------ commits
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Edit:
+    """An Edit is what one command changes in a tree: repository paths → new content."""
+
+    files: Mapping[str, bytes]
+    message: str
+    notes: tuple[str, ...] = ()
+
+
+# Computes the edit against a snapshot of the base commit; None: nothing to change.
+Editor = Callable[[Snapshot], Edit | None]
+# Checks the new commit's snapshot; returns notes for the operator or raises.
+Checker = Callable[[Snapshot], Sequence[str]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Published:
+    """Published is the outcome of a commit-and-push: which commit, where, after how many tries."""
+
+    commit: str | None  # the new branch head; None when there was nothing to change
+    pushed: bool
+    ref: str
+    retries: int = 0
+    notes: tuple[str, ...] = ()
+    included: tuple[str, ...] = field(default=())  # earlier unpushed local commits pushed too
+
+
+def signature(repo: pygit2.Repository) -> pygit2.Signature:
+    """Author and committer: ``GIT_AUTHOR_NAME/EMAIL``, else git config ``user.name/email``,
+    else ``reconciler <reconciler@HOST>``."""
+    name = os.environ.get("GIT_AUTHOR_NAME")
+    email = os.environ.get("GIT_AUTHOR_EMAIL")
+    config = repo.config
+    for key in ("user.name", "user.email"):
+        try:
+            value = str(config[key])
+        except (KeyError, pygit2.GitError):
+            continue
+        if key == "user.name":
+            name = name or value
+        else:
+            email = email or value
+    return pygit2.Signature(name or "reconciler", email or f"reconciler@{socket.gethostname()}")
+
+
+def write_commit(repo: pygit2.Repository, parent: str, edit: Edit, author: pygit2.Signature) -> str:
+    """A commit on ``parent`` whose tree is the parent's with ``edit.files`` written.
+
+    Existing files keep their git file mode; new ones are 100644. No ref moves.
+    """
+    base = repo[parent].peel(pygit2.Commit)
+    index = pygit2.Index()
+    index.read_tree(base.tree)
+    for path, content in edit.files.items():
+        try:
+            mode = index[path].mode
+        except KeyError:
+            mode = pygit2.enums.FileMode.BLOB
+        index.add(pygit2.IndexEntry(path, repo.create_blob(content), mode))
+    tree = index.write_tree(repo)
+    return str(repo.create_commit(None, author, author, edit.message, tree, [base.id]))
+
+
+def _unpushed(up: Upstream) -> list[pygit2.Commit]:
+    """Commits on the cache's local branch that the fetched head lacks, oldest first."""
+    local = up.repo.references.get(up.local)
+    origin = tracking_head(up)
+    if local is None or origin is None or str(local.target) == origin:
+        return []
+    walker = up.repo.walk(local.target, pygit2.enums.SortMode.TOPOLOGICAL)
+    walker.hide(origin)
+    return list(reversed(list(walker)))
+
+
+def _rebase(up: Upstream, commits: Sequence[pygit2.Commit], onto: str) -> str:
+    """Replay ``commits`` onto ``onto`` by three-way tree merges; the new tip.
+
+    Raises SourceError on a conflict, naming the commit and the way out.
+    """
+    tip = onto
+    author = signature(up.repo)
+    for commit in commits:
+        index = up.repo.merge_trees(
+            commit.parents[0].tree, up.repo[tip].peel(pygit2.Commit).tree, commit.tree
+        )
+        if index.conflicts is not None:
+            raise SourceError(
+                f"{commit.short_id} {commit.message.strip()!r}: conflicts with the new head of "
+                f"{up.branch} — remove the unpushed commit from the cache "
+                f"({up.repo.path}) and re-run"
+            )
+        tree = index.write_tree(up.repo)
+        tip = str(up.repo.create_commit(None, commit.author, author, commit.message, tree, [tip]))
+    return tip
+
+
+def _push(up: Upstream, local_ref: str, remote_ref: str) -> str | None:
+    """Push ``local_ref`` to ``remote_ref`` (never forced); the failure text, or None when it landed."""
+    callbacks = up.callbacks
+    if callbacks is not None and hasattr(callbacks, "rejected"):
+        callbacks.rejected = {}
+    try:
+        up.repo.remotes.create_anonymous(up.url).push(
+            [f"{local_ref}:{remote_ref}"], callbacks=callbacks
+        )
+    except (pygit2.GitError, OSError, SourceError) as exc:
+        return str(exc)
+    rejected = getattr(callbacks, "rejected", None) or {}
+    if rejected:
+        return "; ".join(f"{ref}: {why}" for ref, why in rejected.items())
+    return None
+
+
+def commit_and_push(
+    up: Upstream,
+    editor: Editor,
+    *,
+    check: Checker | None = None,
+    push: bool = True,
+    attempts: int = PUSH_ATTEMPTS,
+) -> Published:
+    """Commit ``editor``'s change on the branch in the cache and push it (non-forced).
+
+    The base is the cache's last fetched head — or the cache's local branch
+    when ``--no-push`` left unpushed commits there; those are pushed too. The
+    cache is fetched first only for ``push=False`` (so the local commit is
+    on a fresh head) or when it was never fetched. When the push is refused
+    because the branch moved, fetch, rebase the earlier unpushed commits,
+    recompute the edit on the new head and try again, ``attempts`` times.
+    Raises SourceError when every try failed or the push fails for another
+    reason, and whatever ``editor`` or ``check`` raise (nothing is pushed).
+    """
+    if not push or tracking_head(up) is None:
+        fetch_upstream(up, reports=False)
+    remote_ref = f"refs/heads/{up.branch}"
+    author = signature(up.repo)
+    error = ""
+    for attempt in range(attempts):
+        origin = tracking_head(up)
+        assert origin is not None  # fetched above
+        pending = _unpushed(up)
+        base = str(pending[-1].id) if pending else origin
+        edit = editor(up.snapshot(base))
+        notes: tuple[str, ...] = ()
+        if edit is None:
+            if not pending:
+                return Published(commit=None, pushed=False, ref=remote_ref, retries=attempt)
+            new = base
+        else:
+            new = write_commit(up.repo, base, edit, author)
+            notes = edit.notes
+            if check is not None:
+                notes = (*notes, *check(up.snapshot(new)))
+        included = tuple(f"{c.short_id} {c.message.strip()}" for c in pending)
+        up.repo.references.create(up.local, new, force=True)
+        if not push:
+            return Published(commit=new, pushed=False, ref=up.local, notes=notes, included=included)
+        error = _push(up, up.local, remote_ref) or ""
+        if not error:
+            up.repo.references.create(up.tracking, new, force=True)
+            return Published(
+                commit=new,
+                pushed=True,
+                ref=remote_ref,
+                retries=attempt,
+                notes=notes,
+                included=included,
+            )
+        fetch_upstream(up, reports=False)
+        moved = tracking_head(up)
+        if moved == origin:
+            break  # not a race: the server refused for another reason
+        log.warning(
+            "%s moved on the server (%s → %s): re-applying the change",
+            up.branch,
+            origin[:12],
+            str(moved)[:12],
+        )
+        assert moved is not None
+        # Earlier unpushed commits are replayed; this command's edit is recomputed on top.
+        tip = _rebase(up, pending, moved) if pending else moved
+        up.repo.references.create(up.local, tip, force=True)
+    raise SourceError(f"{up.url}: push to {up.branch} failed: {error} — fetch and try again")
+
+
+# ----------------------------------------------------------- push / suspend
+
+
+def _host_text(snapshot: Snapshot, name: str) -> tuple[str, str]:
+    path = f"hosts/{name}.yaml"
+    try:
+        return path, snapshot.read(path).decode("utf-8")
+    except KeyError:
+        raise InventoryError(
+            f"{path}: no such node or meta-node — check the name (reconciler hosts)"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise InventoryError(f"{path}: not UTF-8 text — save it as UTF-8") from exc
+
+
+def _members(snapshot: Snapshot, name: str) -> tuple[Inventory, list[str]]:
+    inventory = load_inventory(snapshot)
+    return inventory, inventory.members(name)
+
+
+def state_editor(name: str, state: str) -> Editor:
+    """Edit for ``push NAME STATE``: ``state: STATE`` in ``hosts/NAME.yaml``."""
+
+    def edit(snapshot: Snapshot) -> Edit | None:
+        _members(snapshot, name)  # an invalid or unknown base is refused before any edit
+        path, old = _host_text(snapshot, name)
+        new = set_state_text(old, state, path=path)
+        if new == old:
+            return None
+        return Edit(files={path: new.encode()}, message=f"{name} → {state}")
+
+    return edit
+
+
+def state_checker(name: str, state: str) -> Checker:
+    """Check after ``push``: every member loads in the new tree; notes for members that keep
+    another state (their own file, or a per-app state, wins; SPEC §1)."""
+
+    def check(snapshot: Snapshot) -> list[str]:
+        inventory, members = _members(snapshot, name)
+        notes = []
+        for member in members:
+            node = effective_node(inventory, snapshot, member)  # refuses a state no app has
+            if node.state != state:
+                origin = next(
+                    (s for s in reversed(node.sources) if "state" in _data(inventory, s)), "?"
+                )
+                notes.append(f"{member} stays in state {node.state} (set in {origin})")
+            else:
+                pinned = [a.name for a in node.apps if a.state != state]
+                used = [a.name for a in node.apps if a.state == state]
+                if state != DEFAULT_STATE and used:
+                    notes.append(
+                        f"{member}: {', '.join(used)} in {state}"
+                        + (f"; {', '.join(pinned)} pinned to their own state" if pinned else "")
+                    )
+        return notes
+
+    return check
+
+
+def _data(inventory: Inventory, source: str) -> Mapping[str, Any]:
+    stem = PurePosixPath(source).stem
+    f = inventory.files.get(stem)
+    if f is not None:
+        return f.data
+    if inventory.defaults is not None and inventory.defaults.path == source:
+        return inventory.defaults.data
+    return {}
+
+
+def suspend_editor(name: str, reason: str, until: str | None) -> Editor:
+    """Edit for ``suspend NAME``: the ``suspended:`` block in ``hosts/NAME.yaml``."""
+
+    def edit(snapshot: Snapshot) -> Edit | None:
+        _members(snapshot, name)
+        path, old = _host_text(snapshot, name)
+        new = set_suspended_text(old, reason, until, path=path)
+        if new == old:
+            return None
+        return Edit(files={path: new.encode()}, message=f"{name}: suspend — {reason}")
+
+    return edit
+
+
+def resume_editor(name: str) -> Editor:
+    """Edit for ``resume NAME``: remove ``suspended:`` from ``hosts/NAME.yaml``.
+
+    Raises InventoryError when a member stays suspended through another
+    file, naming that file (lifting it there is a different decision).
+    """
+
+    def edit(snapshot: Snapshot) -> Edit | None:
+        inventory, members = _members(snapshot, name)
+        path, old = _host_text(snapshot, name)
+        new = remove_suspended_text(old, path=path)
+        if new == old:
+            holders = sorted(
+                {
+                    source
+                    for member in members
+                    for source in effective_node(inventory, snapshot, member).sources
+                    if source != path and "suspended" in _data(inventory, source)
+                }
+            )
+            if holders:
+                raise InventoryError(
+                    f"{path}: has no suspended: key, but {', '.join(holders)} suspends "
+                    f"{name} — resume {', '.join(PurePosixPath(h).stem for h in holders)} instead"
+                )
+            return None
+        return Edit(files={path: new.encode()}, message=f"{name}: resume")
+
+    return edit
+
+
+def load_checker(names: Sequence[str]) -> Checker:
+    """Check that the new tree loads and every member of ``names`` resolves (SPEC §1)."""
+
+    def check(snapshot: Snapshot) -> list[str]:
+        for name in names:
+            inventory, members = _members(snapshot, name)
+            for member in members:
+                effective_node(inventory, snapshot, member)
+        return []
+
+    return check
+
+
+# -------------------------------------------------------------------- adopt
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Adoption:
+    """An Adoption is a captured drifted file written back into the desired state on a branch."""
+
+    node: str
+    path: str  # destination path
+    branch: str  # adopt/<node>/<slug>
+    commit: str
+    pushed: bool
+    template: str  # the repository file the node renders ``path`` from
+    written: str  # the repository file written: the template itself, or <template>.adopted
+    report_commit: str
+    run_id: str
+    diff: str  # desired (rendered at the branch head) → captured
+    users: tuple[str, ...]  # nodes that render the same template
+
+
+def slug(path: str) -> str:
+    """``/etc/nginx/nginx.conf`` → ``etc-nginx-nginx.conf``: a branch-name component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.strip("/")).strip("-.") or "root"
+
+
+def _uses_template(snapshot: Snapshot, inventory: Inventory, node: str, template: str) -> bool:
+    """True if ``node`` renders ``template`` (SPEC §1 overlay: the state's file wins)."""
+    parts = template.split("/", 3)
+    if len(parts) < 4 or parts[0] != "templates":
+        return False
+    _, app, state, rel = parts
+    try:
+        refs = effective_node(inventory, snapshot, node).apps
+    except ReconcilerError:
+        return False
+    ref = next((a for a in refs if a.name == app), None)
+    if ref is None:
+        return False
+    if state == ref.state:
+        return True
+    if state != DEFAULT_STATE:
+        return False
+    dest = rel[:-3] if rel.endswith(".j2") else rel
+    base = f"templates/{app}/{ref.state}/{dest}"
+    for candidate in (base, base + ".j2"):
+        try:
+            snapshot.read(candidate)
+            return False  # the node's state overrides the default file
+        except KeyError:
+            continue
+    return True
+
+
+def _capture_report(up: Upstream, node: str, path: str, run: str | None) -> tuple[str, bytes]:
+    """The newest report commit of ``node`` (or ``run``'s) that captured ``path``, and the capture."""
+    tip = find_report(up, node, run) if run else report_tip(up, node)
+    seen_drift = False
+    for commit in up.repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL):
+        found = captures(up.repo, str(commit.id))
+        if path in found:
+            return str(commit.id), found[path]
+        seen_drift = seen_drift or bool(found)
+        if run:
+            break
+    hint = (
+        "secret paths and missing files are never captured"
+        if seen_drift
+        else "no report of this node captured drift"
+    )
+    raise UsageError(
+        f"reports/{node}: no captured drift for {path} ({hint}) — see reconciler show {node}"
+    )
+
+
+def adopt(
+    up: Upstream, node: str, path: str, *, run: str | None = None, push: bool = True
+) -> Adoption:
+    """Write the drifted file captured in ``node``'s reports back into the desired state.
+
+    Commits on the branch head to a new branch ``adopt/<node>/<slug>``:
+    a plain template is replaced by the captured bytes; for a ``.j2``
+    template the capture is written beside it as ``<template>.adopted`` and
+    the diff against the render is returned — a reverse template is never
+    guessed. The desired side is rendered with the report's facts. Pushes
+    the branch unless ``push`` is false. Raises UsageError when nothing was
+    captured for ``path``, InventoryError when the node no longer renders
+    it, SourceError when the push fails (e.g. the branch exists).
+    """
+    from .fleet import read_report
+
+    dest = "/" + path.strip("/")
+    head = fetch_upstream(up)
+    report_commit, captured = _capture_report(up, node, dest, run)
+    report = read_report(up.repo, report_commit)
+    snapshot = up.snapshot(head)
+    inventory = load_inventory(snapshot)
+    target = render_target(
+        snapshot, effective_node(inventory, snapshot, node), report.get("facts") or {}
+    )
+    t: TargetFile | None = target.files.get(PurePosixPath(dest))
+    if t is None:
+        raise InventoryError(
+            f"hosts/{node}.yaml: {node} no longer renders {dest} at {head[:12]} — nothing to adopt"
+        )
+    if t.secret:
+        raise UsageError(f"{dest}: a secret path — its content never leaves the host")
+    diff = file_diff(dest, t.content, captured, secret=False, old_label="desired", new_label="host")
+    if not diff:
+        raise UsageError(f"{dest}: the captured file equals the desired state at {head[:12]}")
+    written = t.template + ".adopted" if t.template.endswith(".j2") else t.template
+    users = tuple(n for n in inventory.nodes if _uses_template(snapshot, inventory, n, t.template))
+    branch = f"adopt/{node}/{slug(dest)}"
+    body = f"Captured on {node} by run {report.get('run_id')} (report {report_commit[:12]}).\n" + (
+        f"{t.template} is a Jinja2 template: the captured file is beside it as\n"
+        f"{written}. Merge what should stay into the template by hand and delete\n"
+        f"{written} before merging: as it is, it would be deployed as {dest}.j2.adopted.\n"
+        if written != t.template
+        else f"Replaces {t.template}, rendered by: {', '.join(users)}.\n"
+    )
+    edit = Edit(
+        files={written: captured}, message=f"{node}: adopt {dest} as found on the host\n\n{body}"
+    )
+    commit = write_commit(up.repo, head, edit, signature(up.repo))
+    local = f"refs/heads/{branch}"
+    up.repo.references.create(local, commit, force=True)
+    pushed = False
+    if push:
+        error = _push(up, local, local)
+        if error:
+            raise SourceError(
+                f"{up.url}: push of {branch} failed: {error} — if the branch exists, "
+                "review or delete it first"
+            )
+        pushed = True
+    return Adoption(
+        node=node,
+        path=dest,
+        branch=branch,
+        commit=commit,
+        pushed=pushed,
+        template=t.template,
+        written=written,
+        report_commit=report_commit,
+        run_id=str(report.get("run_id", "")),
+        diff=diff,
+        users=users,
+    )
+
+
+# ------------------------------------------------------------------- impact
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileImpact:
+    """A FileImpact is one destination path whose target state differs between two commits."""
+
+    path: str
+    change: str  # added | removed | changed | mode | owner
+    old_mode: int | None
+    new_mode: int | None
+    secret: bool
+    diff: str  # unified diff base → head ("" for mode/owner only; hashes for secrets)
+
+    def as_json(self, *, with_diff: bool) -> dict[str, Any]:
+        """JSON shape of one ``impact --format json`` file entry."""
+        data: dict[str, Any] = {
+            "path": self.path,
+            "change": self.change,
+            "old_mode": None if self.old_mode is None else f"{self.old_mode:04o}",
+            "new_mode": None if self.new_mode is None else f"{self.new_mode:04o}",
+            "secret": self.secret,
+        }
+        if with_diff:
+            data["diff"] = self.diff
+        return data
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeImpact:
+    """A NodeImpact is every changed destination of one node, or why it could not be rendered."""
+
+    node: str
+    files: tuple[FileImpact, ...]
+    error: str | None = None  # the node does not load or render at HEAD (or at BASE)
+
+    def counts(self) -> dict[str, int]:
+        """Number of files per kind of change."""
+        out = {k: 0 for k in ("added", "removed", "changed", "mode", "owner")}
+        for f in self.files:
+            out[f.change] += 1
+        return out
+
+
+def _render_all(
+    snapshot: Snapshot, facts: Mapping[str, Any]
+) -> tuple[dict[str, Mapping[PurePosixPath, TargetFile] | str], list[str]]:
+    """node → target files (or the error text), and the node names; "*" holds an inventory error."""
+    try:
+        inventory = load_inventory(snapshot)
+    except ReconcilerError as exc:
+        return {"*": str(exc)}, []
+    out: dict[str, Mapping[PurePosixPath, TargetFile] | str] = {}
+    for name in inventory.nodes:
+        try:
+            node = effective_node(inventory, snapshot, name)
+            files = render_target(snapshot, node, facts).files
+            excluded = exclude_matcher(node.exclude)
+            out[name] = {
+                p: t for p, t in files.items() if not excluded.match_file(str(p).lstrip("/"))
+            }
+        except ReconcilerError as exc:
+            out[name] = str(exc)
+    return out, inventory.nodes
+
+
+def _compare(old: TargetFile | None, new: TargetFile | None) -> FileImpact | None:
+    ref = new or old
+    assert ref is not None
+    secret = bool((old and old.secret) or (new and new.secret))
+    old_mode = old.mode if old else None
+    new_mode = new.mode if new else None
+    if old is None or new is None:
+        kind = "added" if old is None else "removed"
+    elif old.content != new.content:
+        kind = "changed"
+    elif old.mode != new.mode:
+        kind = "mode"
+    elif (old.owner, old.group) != (new.owner, new.group):
+        kind = "owner"
+    else:
+        return None
+    diff = file_diff(
+        str(ref.path),
+        old.content if old else None,
+        new.content if new else None,
+        secret=secret,
+    )
+    return FileImpact(
+        path=str(ref.path),
+        change=kind,
+        old_mode=old_mode,
+        new_mode=new_mode,
+        secret=secret,
+        diff=diff,
+    )
+
+
+def impact(
+    base: Snapshot, head: Snapshot, facts: Mapping[str, Any]
+) -> tuple[list[NodeImpact], list[str]]:
+    """Per node, the destination files whose target state differs between ``base`` and ``head``.
+
+    Every node of either side is rendered with the same ``facts``; paths
+    the node excludes are left out. Returns (impacted nodes, unchanged
+    nodes), both sorted by name. A node that fails to load or render on one
+    side is impacted with ``error`` set and no files.
+    """
+    old, old_names = _render_all(base, facts)
+    new, new_names = _render_all(head, facts)
+    if "*" in new:
+        return [NodeImpact(node="*", files=(), error=f"HEAD: {new['*']}")], []
+    impacted: list[NodeImpact] = []
+    unchanged: list[str] = []
+    for name in sorted({*old_names, *new_names}):
+        before = old["*"] if "*" in old else old.get(name, {})
+        after = new.get(name, {})
+        if isinstance(after, str):
+            impacted.append(NodeImpact(node=name, files=(), error=f"HEAD: {after}"))
+            continue
+        if isinstance(before, str):
+            impacted.append(NodeImpact(node=name, files=(), error=f"BASE: {before}"))
+            continue
+        files = []
+        for path in sorted({*before, *after}):
+            item = _compare(before.get(path), after.get(path))
+            if item is not None:
+                files.append(item)
+        if files:
+            impacted.append(NodeImpact(node=name, files=tuple(files)))
+        else:
+            unchanged.append(name)
+    return impacted, unchanged
+
+
+def resolve_range(repo: pygit2.Repository, spec: str | None) -> tuple[str, str]:
+    """``BASE..HEAD`` (default ``HEAD~1..HEAD``), ``BASE...HEAD`` (from the merge base) or
+    ``BASE`` (``BASE..HEAD``) → two commit ids. Raises UsageError for a revision git cannot
+    resolve."""
+    spec = spec or "HEAD~1..HEAD"
+    if "..." in spec:
+        left, right = spec.split("...", 1)
+        a, b = _rev(repo, left or "HEAD"), _rev(repo, right or "HEAD")
+        merge_base = repo.merge_base(a, b)
+        if merge_base is None:
+            raise UsageError(f"{spec}: {left} and {right} have no common ancestor")
+        return str(merge_base), b
+    if ".." in spec:
+        left, right = spec.split("..", 1)
+        return _rev(repo, left or "HEAD"), _rev(repo, right or "HEAD")
+    return _rev(repo, spec), _rev(repo, "HEAD")
+
+
+def _rev(repo: pygit2.Repository, name: str) -> str:
+    try:
+        return str(repo.revparse_single(name).peel(pygit2.Commit).id)
+    except (KeyError, ValueError, pygit2.GitError, pygit2.InvalidSpecError) as exc:
+        raise UsageError(
+            f"{name}: not a commit in {repo.workdir or repo.path} — check the range"
+        ) from exc

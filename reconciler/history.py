@@ -1,0 +1,325 @@
+"""Operators' side, history: a node's report commits and the drift each one captured.
+
+Takes the cache of :mod:`reconciler.fleet` (report branches fetched under
+``refs/remotes/origin/reports/<node>``); produces :class:`ReportEntry` rows
+for ``reconciler log NODE`` and, for ``reconciler show NODE [RUN]``, one
+report with a :class:`DriftDiff` per drifted path: the content captured on
+the host (``drift/<dest-path>`` in the report commit, SPEC §5) against what
+was desired — the node rendered at the report's ``source.commit`` with the
+report's own ``facts``. Secret paths are never captured; they show a sha256
+prefix of the desired content only (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import pygit2
+
+from .errors import ReconcilerError, SourceError, UsageError
+from .fleet import REPORTS_PREFIX, Upstream, read_report, report_counts
+from .inventory import effective_node, load_inventory
+from .render import TargetState, render_target
+
+DRIFT_DIR = "drift"
+
+
+def digest(data: bytes) -> str:
+    """``sha256:<16 hex>``: how a secret's content is shown (SPEC §6)."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_diff(
+    path: str,
+    old: bytes | None,
+    new: bytes | None,
+    *,
+    secret: bool,
+    old_label: str = "a",
+    new_label: str = "b",
+) -> str:
+    """A unified diff of one destination path; ``None`` is an absent file.
+
+    Secrets show a sha256 prefix of each side only, binaries one line; text
+    that lacks a final newline is marked as git does. Returns "" when both
+    sides are equal.
+    """
+    if old == new:
+        return ""
+    a = f"{old_label}{path}" if old is not None else "/dev/null"
+    b = f"{new_label}{path}" if new is not None else "/dev/null"
+    if secret:
+        old_h = digest(old) if old is not None else "(none)"
+        new_h = digest(new) if new is not None else "(none)"
+        return f"--- {a}\n+++ {b}\nsecret {path}: {old_h} → {new_h}\n"
+    try:
+        old_lines = (old or b"").decode("utf-8").splitlines(keepends=True)
+        new_lines = (new or b"").decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError:
+        return f"Binary files {a} and {b} differ\n"
+    lines = difflib.unified_diff(old_lines, new_lines, a, b)
+    return "".join(
+        line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines
+    )
+
+
+# ----------------------------------------------------------------------- log
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportEntry:
+    """A ReportEntry is one commit of a report branch: which run, when, what it found."""
+
+    commit: str  # the report commit, 40 hex
+    run_id: str
+    finished_at: str
+    result: str
+    source_commit: str | None
+    applied_commit: str | None
+    changed: int
+    drifted: int
+    errors: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON shape of ``log --format json`` rows."""
+        return {
+            "report_commit": self.commit,
+            "run_id": self.run_id,
+            "finished_at": self.finished_at,
+            "result": self.result,
+            "commit": self.source_commit,
+            "applied_commit": self.applied_commit,
+            "changed": self.changed,
+            "drifted": self.drifted,
+            "errors": list(self.errors),
+        }
+
+
+def report_tip(up: Upstream, node: str) -> str:
+    """The fetched tip of ``reports/<node>``; SourceError naming the branch when there is none."""
+    ref = up.repo.references.get(REPORTS_PREFIX + node)
+    if ref is None:
+        raise SourceError(
+            f"reports/{node}: no report branch on {up.url} — the node never reported "
+            "(check the name with reconciler fleet)"
+        )
+    return str(ref.target)
+
+
+def _walk(repo: pygit2.Repository, tip: str) -> Iterator[pygit2.Commit]:
+    yield from repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.TIME)
+
+
+def report_log(up: Upstream, node: str, *, limit: int | None = None) -> list[ReportEntry]:
+    """The report commits of ``node``, newest first, at most ``limit``."""
+    out: list[ReportEntry] = []
+    for commit in _walk(up.repo, report_tip(up, node)):
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            report = read_report(up.repo, str(commit.id))
+        except SourceError:
+            continue  # a hand-made commit without a report: skip it
+        changed, drifted = report_counts(report)
+        out.append(
+            ReportEntry(
+                commit=str(commit.id),
+                run_id=str(report.get("run_id", "")),
+                finished_at=str(report.get("finished_at", "")),
+                result=str(report.get("result", "")),
+                source_commit=(report.get("source") or {}).get("commit"),
+                applied_commit=report.get("applied_commit"),
+                changed=changed,
+                drifted=drifted,
+                errors=tuple(str(e) for e in report.get("errors", ())),
+            )
+        )
+    return out
+
+
+def find_report(up: Upstream, node: str, run: str | None) -> str:
+    """The report commit of ``node`` for ``run``: a run id or a report-commit prefix (≥ 7 hex).
+
+    ``None`` is the latest. Raises UsageError when no report matches.
+    """
+    tip = report_tip(up, node)
+    if run is None:
+        return tip
+    for commit in _walk(up.repo, tip):
+        cid = str(commit.id)
+        if len(run) >= 7 and cid.startswith(run.lower()):
+            return cid
+        try:
+            if read_report(up.repo, cid).get("run_id") == run:
+                return cid
+        except SourceError:
+            continue
+    raise UsageError(
+        f"reports/{node}: no report for run {run!r} — list them with reconciler log {node}"
+    )
+
+
+# ---------------------------------------------------------------------- show
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriftDiff:
+    """A DriftDiff is one drifted path of a report: its kinds and the captured-vs-desired diff."""
+
+    path: str
+    kinds: tuple[str, ...]
+    diff: str  # unified diff desired → found; "" when there is nothing to show
+    note: str  # why there is no diff, or ""
+    captured: bytes | None = None
+
+
+def captures(repo: pygit2.Repository, report_commit: str) -> dict[str, bytes]:
+    """Destination path → content captured in ``drift/`` of a report commit."""
+    tree = repo[report_commit].peel(pygit2.Commit).tree
+    try:
+        drift = tree[DRIFT_DIR]
+    except KeyError:
+        return {}
+    out: dict[str, bytes] = {}
+
+    def visit(t: pygit2.Tree, prefix: str) -> None:
+        for entry in t:
+            path = f"{prefix}/{entry.name}"
+            obj = repo[entry.id]
+            if isinstance(obj, pygit2.Tree):
+                visit(obj, path)
+            elif isinstance(obj, pygit2.Blob):
+                out[path] = bytes(obj.data)
+
+    if isinstance(drift, pygit2.Tree):
+        visit(drift, "")
+    return out
+
+
+def desired_at(up: Upstream, node: str, commit: str, facts: Mapping[str, Any]) -> TargetState:
+    """The target state of ``node`` at ``commit`` rendered with ``facts`` (a report's facts).
+
+    Raises SourceError when the cache lacks the commit, or the inventory and
+    render errors of the load and render stages.
+    """
+    try:
+        up.repo[commit].peel(pygit2.Commit)
+    except (KeyError, ValueError, pygit2.GitError) as exc:
+        raise SourceError(
+            f"commit {commit}: not in the cache of {up.url} — it is not on branch {up.branch}"
+        ) from exc
+    snapshot = up.snapshot(commit)
+    inventory = load_inventory(snapshot)
+    return render_target(snapshot, effective_node(inventory, snapshot, node), facts)
+
+
+def drift_diffs(up: Upstream, report_commit: str, report: Mapping[str, Any]) -> list[DriftDiff]:
+    """One DriftDiff per drifted path of ``report``, in report order.
+
+    The desired side is rendered at the report's ``source.commit`` with its
+    ``facts``; when that fails, each diff's note says why and the capture
+    is still returned.
+    """
+    kinds: dict[str, list[str]] = {}
+    for d in report.get("drift", ()):
+        kinds.setdefault(str(d.get("path")), []).append(str(d.get("kind")))
+    if not kinds:
+        return []
+    found = captures(up.repo, report_commit)
+    source_commit = (report.get("source") or {}).get("commit")
+    target: TargetState | None = None
+    problem = ""
+    if source_commit:
+        try:
+            target = desired_at(up, str(report["node"]), source_commit, report.get("facts") or {})
+        except ReconcilerError as exc:
+            problem = f"desired state not rendered: {exc}"
+    else:
+        problem = "the report names no source commit"
+    out = []
+    for path, path_kinds in kinds.items():
+        captured = found.get(path)
+        t = target.files.get(PurePosixPath(path)) if target is not None else None
+        secret = bool(t and t.secret)
+        note = ""
+        diff = ""
+        if captured is None:
+            if secret:
+                note = f"secret: not captured; desired {digest(t.content)}" if t else "secret"
+            elif "missing" in path_kinds:
+                note = "the file was missing on the host"
+            elif "type" in path_kinds:
+                note = "not a regular file on the host (e.g. a symlink): nothing captured"
+            else:
+                note = "no capture in this report"
+        elif t is None:
+            note = problem or "not in the desired state at the report's commit"
+        else:
+            diff = file_diff(
+                path, t.content, captured, secret=secret, old_label="desired", new_label="host"
+            )
+            if not diff:
+                note = "content as desired; drift in " + ", ".join(
+                    k for k in path_kinds if k != "content"
+                )
+        out.append(
+            DriftDiff(path=path, kinds=tuple(path_kinds), diff=diff, note=note, captured=captured)
+        )
+    return out
+
+
+# ------------------------------------------------------------------ printing
+
+_SYMBOL = {"create": "+", "update": "~", "delete": "-", "chmod": "m", "chown": "o"}
+
+
+def format_report(report: Mapping[str, Any], report_commit: str) -> str:
+    """A report as text: source, result, changes, drift, scripts, errors (SPEC §5 fields)."""
+    src = report.get("source") or {}
+    changed, drifted = report_counts(report)
+    lines = [
+        f"node:      {report.get('node')}",
+        f"run:       {report.get('run_id')}  finished {report.get('finished_at')}",
+        f"report:    {report_commit}",
+        f"source:    {src.get('url')} {src.get('branch')} {src.get('commit')}"
+        + ("" if src.get("fetched", True) else " (NOT fetched: last fetched commit)"),
+        f"applied:   {report.get('applied_commit')}",
+        f"mode:      {report.get('mode')}",
+        f"result:    {report.get('result')} ({changed} changed, {drifted} drifted)",
+    ]
+    suspended = report.get("suspended")
+    if suspended:
+        lines.append(f"suspended: {suspended.get('reason', '')}")
+    for c in report.get("changes", ()):
+        flag = "" if c.get("applied") else "  (not applied)"
+        lines.append(
+            f"  {_SYMBOL.get(c.get('action', ''), '?')} {c.get('action', ''):<6} {c.get('path')}"
+            f"  [{c.get('reason')}]{flag}"
+        )
+    for d in report.get("drift", ()):
+        lines.append(f"  ! drift  {d.get('path')}  [{d.get('kind')}]")
+    for s in report.get("scripts", ()):
+        lines.append(
+            f"  > {s.get('phase')} {s.get('app')}/{s.get('name')}: exit {s.get('exit_code')}"
+        )
+    for e in report.get("errors", ()):
+        lines.append(f"  error: {e}")
+    return "\n".join(lines) + "\n"
+
+
+def format_log(node: str, entries: Sequence[ReportEntry]) -> str:
+    """``reconciler log`` as text: one line per report commit, newest first."""
+    lines = []
+    for e in entries:
+        lines.append(
+            f"{e.commit[:12]}  {e.finished_at:<20}  {e.run_id:<24}  {e.result:<7}  "
+            f"{(e.source_commit or '-')[:12]:<12}  {e.changed} changed, {e.drifted} drifted"
+        )
+    if not lines:
+        lines.append(f"reports/{node}: no reports")
+    return "\n".join(lines) + "\n"
