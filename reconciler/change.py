@@ -33,7 +33,7 @@ import pygit2
 import yaml
 
 from .errors import InventoryError, ReconcilerError, SourceError, UsageError
-from .fleet import Upstream, fetch_upstream, parse_time, tracking_head
+from .fleet import Upstream, fetch_upstream, parse_time, read_report, tracking_head
 from .history import captures, file_diff, find_report, report_tip
 from .inventory import DEFAULT_STATE, Inventory, effective_node, load_inventory, parse_yaml
 from .plan import exclude_matcher
@@ -336,6 +336,27 @@ def _push(up: Upstream, local_ref: str, remote_ref: str) -> str | None:
     return None
 
 
+def _refetch(up: Upstream, pending: Sequence[pygit2.Commit], origin: str) -> bool:
+    """Fetch the branch again; when it moved, replay ``pending`` on the new head.
+
+    True when the head moved (anything computed on ``origin`` is stale).
+    """
+    fetch_upstream(up, reports=False)
+    moved = tracking_head(up)
+    if moved is None or moved == origin:
+        return False
+    log.warning(
+        "%s moved on the server (%s → %s): re-applying the change",
+        up.branch,
+        origin[:12],
+        moved[:12],
+    )
+    # Earlier unpushed commits are replayed; the command's own edit is recomputed on top.
+    tip = _rebase(up, pending, moved) if pending else moved
+    up.repo.references.create(up.local, tip, force=True)
+    return True
+
+
 def commit_and_push(
     up: Upstream,
     editor: Editor,
@@ -346,17 +367,24 @@ def commit_and_push(
 ) -> Published:
     """Commit ``editor``'s change on the branch in the cache and push it (non-forced).
 
-    The base is the cache's last fetched head — or the cache's local branch
-    when ``--no-push`` left unpushed commits there; those are pushed too. The
-    cache is fetched first only for ``push=False`` (so the local commit is
-    on a fresh head) or when it was never fetched. When the push is refused
-    because the branch moved, fetch, rebase the earlier unpushed commits,
-    recompute the edit on the new head and try again, ``attempts`` times.
-    Raises SourceError when every try failed or the push fails for another
-    reason, and whatever ``editor`` or ``check`` raise (nothing is pushed).
+    Optimistic, like git itself: the base is the cache's last fetched head
+    — or the cache's local branch when ``--no-push`` left unpushed commits
+    there; those are pushed too — and the server's fast-forward check is
+    what says the base was stale. When the push is refused because the
+    branch moved: fetch, replay the earlier unpushed commits, recompute the
+    edit on the new head and push again, up to ``attempts`` times. A
+    negative answer from a cache not fetched by this call ("nothing to
+    change", a refused state) is checked again after a fetch before it is
+    believed. The cache is fetched first for ``push=False`` (the local
+    commit then sits on a fresh head) and when it was never fetched.
+    Raises SourceError when every try failed or the server refuses for
+    another reason, and whatever ``editor`` or ``check`` raise on a fresh
+    head (then nothing is pushed).
     """
+    fresh = False
     if not push or tracking_head(up) is None:
         fetch_upstream(up, reports=False)
+        fresh = True
     remote_ref = f"refs/heads/{up.branch}"
     author = signature(up.repo)
     error = ""
@@ -365,17 +393,27 @@ def commit_and_push(
         assert origin is not None  # fetched above
         pending = _unpushed(up)
         base = str(pending[-1].id) if pending else origin
-        edit = editor(up.snapshot(base))
-        notes: tuple[str, ...] = ()
-        if edit is None:
-            if not pending:
-                return Published(commit=None, pushed=False, ref=remote_ref, retries=attempt)
+        try:
+            edit = editor(up.snapshot(base))
+            notes: tuple[str, ...] = ()
             new = base
-        else:
-            new = write_commit(up.repo, base, edit, author)
-            notes = edit.notes
-            if check is not None:
-                notes = (*notes, *check(up.snapshot(new)))
+            if edit is not None:
+                new = write_commit(up.repo, base, edit, author)
+                notes = edit.notes
+                if check is not None:
+                    notes = (*notes, *check(up.snapshot(new)))
+        except ReconcilerError:
+            if not fresh:
+                fresh = True
+                if _refetch(up, pending, origin):
+                    continue
+            raise
+        if edit is None and not pending:
+            if not fresh:
+                fresh = True
+                if _refetch(up, pending, origin):
+                    continue
+            return Published(commit=None, pushed=False, ref=remote_ref, retries=attempt)
         included = tuple(f"{c.short_id} {c.message.strip()}" for c in pending)
         up.repo.references.create(up.local, new, force=True)
         if not push:
@@ -391,20 +429,9 @@ def commit_and_push(
                 notes=notes,
                 included=included,
             )
-        fetch_upstream(up, reports=False)
-        moved = tracking_head(up)
-        if moved == origin:
+        fresh = True
+        if not _refetch(up, pending, origin):
             break  # not a race: the server refused for another reason
-        log.warning(
-            "%s moved on the server (%s → %s): re-applying the change",
-            up.branch,
-            origin[:12],
-            str(moved)[:12],
-        )
-        assert moved is not None
-        # Earlier unpushed commits are replayed; this command's edit is recomputed on top.
-        tip = _rebase(up, pending, moved) if pending else moved
-        up.repo.references.create(up.local, tip, force=True)
     raise SourceError(f"{up.url}: push to {up.branch} failed: {error} — fetch and try again")
 
 
@@ -456,14 +483,17 @@ def state_checker(name: str, state: str) -> Checker:
                     (s for s in reversed(node.sources) if "state" in _data(inventory, s)), "?"
                 )
                 notes.append(f"{member} stays in state {node.state} (set in {origin})")
-            else:
-                pinned = [a.name for a in node.apps if a.state != state]
-                used = [a.name for a in node.apps if a.state == state]
-                if state != DEFAULT_STATE and used:
-                    notes.append(
-                        f"{member}: {', '.join(used)} in {state}"
-                        + (f"; {', '.join(pinned)} pinned to their own state" if pinned else "")
-                    )
+            elif state != DEFAULT_STATE:
+                used = [
+                    a.name
+                    for a in node.apps
+                    if a.state == state and snapshot.is_dir(f"templates/{a.name}/{state}")
+                ]
+                pinned = [f"{a.name}: {a.state}" for a in node.apps if a.state != state]
+                notes.append(
+                    f"{member}: {state}/ templates of {', '.join(used)}"
+                    + (f"; pinned per app: {', '.join(pinned)}" if pinned else "")
+                )
         return notes
 
     return check
@@ -558,8 +588,13 @@ class Adoption:
 
 
 def slug(path: str) -> str:
-    """``/etc/nginx/nginx.conf`` → ``etc-nginx-nginx.conf``: a branch-name component."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.strip("/")).strip("-.") or "root"
+    """``/etc/nginx/nginx.conf`` → ``etc-nginx-nginx.conf``: a valid branch-name component
+    (git check-ref-format: no ``..``, no leading dot, no ``.lock`` suffix)."""
+    text = re.sub(r"[^A-Za-z0-9._-]+|\.{2,}", "-", path.strip("/"))  # ".." is not in a ref
+    text = re.sub(r"-{2,}", "-", text).strip("-.")
+    if text.endswith(".lock"):
+        text += "-"
+    return text or "root"
 
 
 def _uses_template(snapshot: Snapshot, inventory: Inventory, node: str, template: str) -> bool:
@@ -625,8 +660,6 @@ def adopt(
     captured for ``path``, InventoryError when the node no longer renders
     it, SourceError when the push fails (e.g. the branch exists).
     """
-    from .fleet import read_report
-
     dest = "/" + path.strip("/")
     head = fetch_upstream(up)
     report_commit, captured = _capture_report(up, node, dest, run)

@@ -29,7 +29,7 @@ from typing import Any
 import pygit2
 
 from .config import AuthConfig
-from .errors import InventoryError, ReconcilerError, SourceError
+from .errors import InventoryError, ReconcilerError, SourceError, UsageError
 from .inventory import Inventory, effective_node, load_inventory
 from .source import GitSnapshot, SourceInfo, remote_url
 
@@ -117,8 +117,6 @@ def open_upstream(
     Raises UsageError without a repository, ConfigError for an unusable URL
     (``source.remote_url``), SourceError when the cache cannot be opened.
     """
-    from .errors import UsageError
-
     if not repo:
         raise UsageError(
             "--repo: not set — pass the desired-state repository URL (or set repo: in the config)"
@@ -351,7 +349,7 @@ def fleet_rows(
         except SourceError as exc:
             report = {"result": "failed", "errors": [str(exc)]}
         finished = parse_time(report.get("finished_at"))
-        age = int((now - finished).total_seconds()) if finished is not None else None
+        age_f = (now - finished).total_seconds() if finished is not None else None
         applied = report.get("applied_commit")
         changed, drifted = report_counts(report)
         reported = report.get("suspended") or None
@@ -360,12 +358,12 @@ def fleet_rows(
                 node=name,
                 result=str(report.get("result", "failed")),
                 last_run=report.get("finished_at"),
-                age_s=age,
+                age_s=None if age_f is None else int(age_f),
                 commit=applied,
                 behind=behind_count(up.repo, head, applied),
                 changed=changed,
                 drifted=drifted,
-                stale=age is None or age > stale_after_s,
+                stale=age_f is None or age_f > stale_after_s,
                 suspended=reported or desired,
                 report_commit=tip,
                 errors=tuple(str(e) for e in report.get("errors", ())),

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import UsageError
+from .errors import ReconcilerError, UsageError
 
 Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
@@ -399,8 +399,14 @@ def cmd_trigger(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     inventory = load_inventory(snapshot)
     jobs = []
     for node in inventory.members(args.target):
-        host = effective_node(inventory, snapshot, node).vars.get("ssh_host") or node
-        argv = ssh_argv(ssh, str(host), args.command, user=args.ssh_user, options=args.ssh_option)
+        try:
+            host = effective_node(inventory, snapshot, node).vars.get("ssh_host") or node
+        except ReconcilerError as exc:  # a broken node may be the one that needs the fix
+            err.write(f"reconciler: warning: {exc} — reaching {node} by its name\n")
+            host = node
+        argv = ssh_argv(
+            ssh, str(host), args.remote_command, user=args.ssh_user, options=args.ssh_option
+        )
         jobs.append((node, str(host), argv))
     live = err if args.format == "json" else out
     results: list[TriggerResult] = []
@@ -409,7 +415,7 @@ def cmd_trigger(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for future in as_completed(futures):
             r = future.result()
             results.append(r)
-            state = "ok" if r.ok else ("FAILED" if r.exit_code is not None else "FAILED")
+            state = "ok" if r.ok else "FAILED"
             code = "" if r.exit_code in (0, None) else f" exit {r.exit_code}"
             where = r.node if r.host == r.node else f"{r.node} ({r.host})"
             last = r.output_tail.splitlines()[-1] if r.output_tail else ""
@@ -427,7 +433,7 @@ def cmd_trigger(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.format == "json":
         _emit(
             {
-                "command": args.command,
+                "command": args.remote_command,
                 "hosts": [
                     {
                         "node": r.node,
@@ -591,7 +597,10 @@ def add_commands(
     trigger.add_argument("--ssh-user", help="remote user (default: ssh's own choice)")
     trigger.add_argument("--parallel", type=int, default=10, help="hosts at a time (default 10)")
     trigger.add_argument(
-        "--command", default="reconciler pull", help="remote command (default: reconciler pull)"
+        "--command",
+        dest="remote_command",  # "command" is the subcommand's own dest
+        default="reconciler pull",
+        help="remote command (default: reconciler pull)",
     )
     trigger.add_argument("--timeout", default="10m", help="per host (default 10m)")
     trigger.add_argument(

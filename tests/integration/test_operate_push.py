@@ -1,0 +1,161 @@
+"""Operators' side (issue #6): push NODE STATE, suspend and resume against the real git daemon.
+
+Each edit must keep the host file's comments and layout (only the one key
+changes), refuse what the inventory rules refuse, and survive a push race.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import pytest
+
+from tests.conftest import git
+from tests.integration.test_operate_support import operator
+
+
+@pytest.fixture
+def op(fleet, tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Ops Laptop")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "ops@laptop.example")
+    return operator(fleet, tmp_path / "cache")
+
+
+def server_file(fleet, path: str, ref: str = "main") -> str:
+    return git("show", f"{ref}:{path}", cwd=fleet.bare)
+
+
+def server_head(fleet) -> str:
+    return git("rev-parse", "refs/heads/main", cwd=fleet.bare).strip()
+
+
+def changed_lines(old: str, new: str) -> list[str]:
+    return [
+        line
+        for line in difflib.unified_diff(old.splitlines(), new.splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+
+
+def test_push_keeps_comments_and_survives_a_concurrent_push(fleet, op):
+    original = server_file(fleet, "hosts/web1.yaml")
+    start = server_head(fleet)
+
+    # --no-push: a commit in the cache only; the server does not move.
+    local = op("push", "web1", "default", "--no-push")
+    assert local.code == 0, local.err
+    assert "not pushed" in local.out
+    assert server_head(fleet) == start
+
+    # Meanwhile another operator pushes an unrelated change to main.
+    db1 = fleet.read("hosts/db1.yaml").replace("max_connections: 200", "max_connections: 300")
+    fleet.write("hosts/db1.yaml", db1)
+    theirs = fleet.commit("db1: more connections")
+
+    # Our push starts from the cache fetched before their commit: the first
+    # attempt is refused (non-fast-forward); the change is re-applied on top.
+    result = op("push", "web1", "default", "--format", "json")
+
+    assert result.code == 0, result.err
+    data = result.json()
+    assert data["pushed"] is True and data["retries"] == 1
+    head = server_head(fleet)
+    assert head == data["commit"]
+    assert git("rev-parse", "main^", cwd=fleet.bare).strip() == theirs
+    assert git("log", "-1", "--format=%s|%an|%ae", "main", cwd=fleet.bare).strip() == (
+        "web1 → default|Ops Laptop|ops@laptop.example"
+    )
+    assert "max_connections: 300" in server_file(fleet, "hosts/db1.yaml")  # theirs kept
+    new = server_file(fleet, "hosts/web1.yaml")
+    assert changed_lines(original, new) == ["+state: default"]  # comments and layout kept
+    assert new.startswith(original.split("\nvars:")[0])  # inserted after the leading comment
+    assert git("diff", "--name-only", "main^", "main", cwd=fleet.bare).split() == [
+        "hosts/web1.yaml"
+    ]
+
+    # The same command again: nothing to do, nothing committed.
+    again = op("push", "web1", "default")
+    assert again.code == 0, again.err
+    assert "nothing to commit" in again.out
+    assert server_head(fleet) == head
+
+
+def test_push_to_a_meta_node_replaces_only_its_state_line(fleet, op):
+    original = server_file(fleet, "hosts/webservers.yaml")
+
+    result = op("push", "webservers", "default")
+
+    assert result.code == 0, result.err
+    assert "pushed to refs/heads/main" in result.out
+    new = server_file(fleet, "hosts/webservers.yaml")
+    assert changed_lines(original, new) == ["-state: production", "+state: default"]
+    assert git("log", "-1", "--format=%s", "main", cwd=fleet.bare).strip() == "webservers → default"
+
+
+def test_push_refuses_a_state_no_app_has_and_unknown_nodes(fleet, op):
+    start = server_head(fleet)
+
+    typo = op("push", "dhcp", "prodcution")
+    assert typo.code == 1
+    assert "prodcution" in typo.err and "dhcp" in typo.err
+    assert typo.err.count("\n") == 1 and "Traceback" not in typo.err
+
+    unknown = op("push", "nosuch", "default")
+    assert unknown.code == 1 and "hosts/nosuch.yaml" in unknown.err
+
+    bad_name = op("push", "web1", "no/such")
+    assert bad_name.code == 2
+
+    assert server_head(fleet) == start
+
+
+def test_suspend_and_resume_commit_the_suspended_block_and_restore_the_file(fleet, op):
+    original = server_file(fleet, "hosts/dhcp.yaml")
+
+    suspended = op("suspend", "dhcp", "--reason", "disk replacement, ticket 4711", "--until", "2d")
+    assert suspended.code == 0, suspended.err
+    text = server_file(fleet, "hosts/dhcp.yaml")
+    assert text.startswith(original)  # the block is appended; nothing else moves
+    added = text[len(original) :]
+    assert added.startswith('\nsuspended:\n  reason: "disk replacement, ticket 4711"\n  until: "')
+
+    # fleet shows the suspension from the desired state, before the node ever ran.
+    rows = {r["node"]: r for r in op("fleet", "--format", "json").json()["nodes"]}
+    assert rows["dhcp"]["suspended"]["reason"] == "disk replacement, ticket 4711"
+    assert rows["dhcp"]["result"] == "never"
+    assert rows["web1"]["suspended"] is None
+
+    resumed = op("resume", "dhcp")
+    assert resumed.code == 0, resumed.err
+    assert server_file(fleet, "hosts/dhcp.yaml") == original
+    assert git("log", "-2", "--format=%s", "main", cwd=fleet.bare).splitlines() == [
+        "dhcp: resume",
+        "dhcp: suspend — disk replacement, ticket 4711",
+    ]
+    again = op("resume", "dhcp")
+    assert again.code == 0 and "nothing to commit" in again.out
+
+
+def test_resume_of_a_member_names_the_meta_node_that_suspends_it(fleet, op):
+    assert op("suspend", "webservers", "--reason", "kernel rollout").code == 0
+
+    result = op("resume", "web1")
+
+    assert result.code == 1
+    assert "hosts/webservers.yaml" in result.err and "resume webservers" in result.err
+    rows = {r["node"]: r for r in op("fleet", "webservers", "--format", "json").json()["nodes"]}
+    assert rows["web1"]["suspended"] == {"reason": "kernel rollout"}
+    assert rows["web2"]["suspended"] == {"reason": "kernel rollout"}
+
+
+def test_a_refusal_from_a_stale_cache_is_checked_again_after_a_fetch(fleet, op):
+    assert op("fleet").code == 0  # the cache now holds the current head
+    fleet.write("templates/motd/staging/etc/motd.j2", "staging: {{ node.name }}\n")
+    fleet.commit("motd: a staging state")
+
+    # In the cache no app has staging/ yet; on the server one does.
+    result = op("push", "dhcp", "staging")
+
+    assert result.code == 0, result.err
+    assert "pushed to refs/heads/main" in result.out
+    assert "state: staging" in server_file(fleet, "hosts/dhcp.yaml").splitlines()

@@ -1,0 +1,117 @@
+"""Operators' side (issue #6): ``validate`` reports every problem at once, and the
+pre-commit hook documented in docs/operators.md really blocks a bad commit."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from reconciler.cli import main
+from tests.conftest import GIT_ENV, PROJECT, git
+
+
+def validate(work: Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["validate", "--repo", str(work), "--config", "/dev/null"], out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def documented_hook() -> str:
+    doc = (PROJECT / "docs" / "operators.md").read_text()
+    section = doc.split("### pre-commit hook", 1)[1]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match, "docs/operators.md: no sh block under '### pre-commit hook'"
+    return match.group(1)
+
+
+def test_validate_reports_every_host_file_problem_at_once(fleet):
+    fleet.write(
+        "hosts/web1.yaml",
+        fleet.read("hosts/web1.yaml").replace('{mode: "0640", owner: root}', "{mode: 0640}"),
+    )
+    fleet.write("hosts/web2.yaml", fleet.read("hosts/web2.yaml") + "colour: blue\n")
+    fleet.write(
+        "hosts/webservers.yaml",
+        fleet.read("hosts/webservers.yaml").replace("[web1, web2]", "[web1, web2, web9]"),
+    )
+    fleet.write("hosts/db1.yaml", "apps: [postgresql\n")
+
+    code, out, err = validate(fleet.work)
+
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 4, err
+    assert any(line.startswith("hosts/web1.yaml:") and "quote" in line for line in lines)
+    assert any(line.startswith("hosts/web2.yaml:") and "colour" in line for line in lines)
+    assert any(line.startswith("hosts/webservers.yaml") and "web9" in line for line in lines)
+    assert any(line.startswith("hosts/db1.yaml:") and "invalid YAML" in line for line in lines)
+    assert out == "4 problem(s)\n"
+
+
+def test_validate_renders_every_node_and_names_each_failure(fleet):
+    fleet.write("hosts/dhcp.yaml", "state: prodcution\n" + fleet.read("hosts/dhcp.yaml"))
+    fleet.write("templates/nginx/production/etc/nginx/conf.d/app.conf.j2", "{{ nope }}\n")
+
+    code, _, err = validate(fleet.work)
+
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert "prodcution" in lines[0] and "[node dhcp]" in lines[0]
+    for line, node in zip(lines[1:], ("web1", "web2"), strict=True):
+        assert line.startswith("templates/nginx/production/etc/nginx/conf.d/app.conf.j2:1")
+        assert f"[node {node}]" in line
+
+
+def test_the_documented_pre_commit_hook_blocks_an_invalid_commit(fleet, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "reconciler"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m reconciler "$@"\n')
+    shim.chmod(0o755)
+    hook = fleet.work / ".git" / "hooks" / "pre-commit"
+    hook.write_text(documented_hook())
+    hook.chmod(0o755)
+    env = {
+        **os.environ,
+        **GIT_ENV,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(PROJECT),
+        "RECONCILER_CONFIG": "/dev/null",
+    }
+
+    def commit(message: str) -> subprocess.CompletedProcess[str]:
+        git("add", "-A", cwd=fleet.work)
+        return subprocess.run(
+            ["git", "commit", "-q", "-m", message],
+            cwd=fleet.work,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    good = fleet.read("hosts/web2.yaml")
+    fleet.write("hosts/web2.yaml", good + "colour: blue\n")
+    blocked = commit("web2: a typo")
+    assert blocked.returncode != 0
+    assert "hosts/web2.yaml" in blocked.stderr and "colour" in blocked.stderr
+
+    # Only what is staged counts: an invalid file left unstaged does not block.
+    fleet.write("hosts/web2.yaml", good.replace("www2.example.com", "www2.example.org"))
+    git("add", "-A", cwd=fleet.work)
+    fleet.write("hosts/db1.yaml", "apps: [postgresql\n")
+    ok = subprocess.run(
+        ["git", "commit", "-q", "-m", "web2: new alias"],
+        cwd=fleet.work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert git("log", "-1", "--format=%s", cwd=fleet.work).strip() == "web2: new alias"

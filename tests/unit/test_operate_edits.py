@@ -1,0 +1,248 @@
+"""Operators' side (issue #6), pure functions: host-file line edits, diffs, staleness, the page."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reconciler.change import (
+    parse_until,
+    remove_suspended_text,
+    set_state_text,
+    set_suspended_text,
+    slug,
+)
+from reconciler.errors import InventoryError, UsageError
+from reconciler.fleet import (
+    FleetRow,
+    default_stale_after,
+    human_age,
+    in_force,
+    select_nodes,
+    summary,
+)
+from reconciler.history import file_diff
+from reconciler.operate import ssh_argv
+from reconciler.page import fleet_page
+
+HOSTS = Path(__file__).resolve().parents[2] / "hosts"
+NOW = dt.datetime(2026, 11, 21, 12, 0, 0, tzinfo=dt.UTC)
+
+
+# ------------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize(
+    ("old", "state", "new"),
+    [
+        ("state: production\napps: [nginx]\n", "default", "state: default\napps: [nginx]\n"),
+        (
+            "# header\nstate: production   # the web tier\napps: [nginx]\n",
+            "test",
+            "# header\nstate: test         # the web tier\napps: [nginx]\n",
+        ),
+        (
+            "state: a # short\n",
+            "a-much-longer-state",
+            "state: a-much-longer-state # short\n",
+        ),
+        ("# Node web1\nvars:\n  x: 1\n", "default", "# Node web1\nstate: default\nvars:\n  x: 1\n"),
+        (
+            "include_nodes: [web1, web2]\napps: [nginx]\n",
+            "test",
+            "include_nodes: [web1, web2]\nstate: test\napps: [nginx]\n",
+        ),
+        (
+            "include_nodes:\n  - web1\n  - web2\n\n# vars\nvars: {a: 1}\n",
+            "test",
+            "include_nodes:\n  - web1\n  - web2\nstate: test\n\n# vars\nvars: {a: 1}\n",
+        ),
+        (
+            "include_nodes:\n- web1\n- web2\nvars: {a: 1}\n",
+            "test",
+            "include_nodes:\n- web1\n- web2\nstate: test\nvars: {a: 1}\n",
+        ),
+        ("", "test", "state: test\n"),
+        ("# only a comment", "test", "# only a comment\nstate: test\n"),
+        ("state: x\n", "1.0", 'state: "1.0"\n'),
+        ("state: x\n", "yes", 'state: "yes"\n'),
+        ("state: 'x'\r\n", "y", "state: y\r\n"),
+    ],
+)
+def test_set_state_is_a_line_edit(old, state, new):
+    assert set_state_text(old, state, path="hosts/n.yaml") == new
+    assert (yaml.safe_load(new) or {})["state"] == state
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        "state: >\n  production\n",  # a multi-line value
+        "{state: a, apps: [x]}\n",  # a flow mapping: no top-level key lines
+    ],
+)
+def test_set_state_refuses_what_a_line_edit_cannot_do_safely(old):
+    with pytest.raises(InventoryError, match="hosts/n.yaml"):
+        set_state_text(old, "b", path="hosts/n.yaml")
+
+
+@pytest.mark.parametrize("state", ["", "has space", "a/b", "-leading"])
+def test_set_state_refuses_invalid_state_names(state):
+    with pytest.raises(UsageError):
+        set_state_text("state: a\n", state, path="hosts/n.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(HOSTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_host_file_keeps_all_but_one_line(path):
+    old = path.read_text()
+    new = set_state_text(old, "test", path=f"hosts/{path.name}")
+    old_lines, new_lines = old.splitlines(), new.splitlines()
+    changed = [line for line in new_lines if line not in old_lines]
+    assert changed == ["state: test"]
+    assert len(new_lines) - len(old_lines) in (0, 1)
+
+
+# --------------------------------------------------------------- suspended
+
+
+@pytest.mark.parametrize("path", sorted(HOSTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_suspend_then_resume_restores_every_example_host_file(path):
+    old = path.read_text()
+    where = f"hosts/{path.name}"
+    suspended = set_suspended_text(old, "disk: ticket #4711", "2026-12-01T00:00:00Z", path=where)
+    assert suspended.startswith(old)
+    assert yaml.safe_load(suspended)["suspended"] == {
+        "reason": "disk: ticket #4711",
+        "until": "2026-12-01T00:00:00Z",
+    }
+    assert remove_suspended_text(suspended, path=where) == old
+
+
+def test_suspend_replaces_an_existing_block_in_place():
+    old = "state: a\nsuspended:\n  reason: old\n  until: '2020-01-01'\n# apps\napps: [x]\n"
+    new = set_suspended_text(old, "new reason", None, path="hosts/n.yaml")
+    assert new == 'state: a\nsuspended:\n  reason: "new reason"\n# apps\napps: [x]\n'
+    assert remove_suspended_text(new, path="hosts/n.yaml") == "state: a\n# apps\napps: [x]\n"
+    assert remove_suspended_text("state: a\n", path="hosts/n.yaml") == "state: a\n"
+
+
+def test_suspend_needs_a_reason():
+    with pytest.raises(UsageError, match="--reason"):
+        set_suspended_text("state: a\n", "  ", None, path="hosts/n.yaml")
+
+
+def test_until_takes_a_time_or_a_duration_and_refuses_the_past():
+    assert parse_until("2d", NOW) == "2026-11-23T12:00:00Z"
+    assert parse_until("2026-12-01T00:00:00+01:00", NOW) == "2026-11-30T23:00:00Z"
+    with pytest.raises(UsageError, match="in the past"):
+        parse_until("2020-01-01T00:00:00Z", NOW)
+    with pytest.raises(UsageError, match="not a time"):
+        parse_until("next tuesday", NOW)
+
+
+# ------------------------------------------------------------------ small
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/etc/motd", "etc-motd"),
+        ("/etc/nginx/conf.d/app.conf", "etc-nginx-conf.d-app.conf"),
+        ("/srv/a b/..c", "srv-a-b-c"),
+        ("/.hidden/x.lock", "hidden-x.lock-"),
+    ],
+)
+def test_slug(path, expected):
+    assert slug(path) == expected
+
+
+def test_file_diff_shows_secrets_and_binaries_without_content():
+    secret = file_diff("/etc/k", b"old-secret", b"new-secret", secret=True)
+    assert "secret" not in secret.replace("secret /etc/k", "")
+    assert "old-secret" not in secret and "sha256:" in secret
+    assert (
+        file_diff("/x", b"\xff\x00", b"\xfe", secret=False) == "Binary files a/x and b/x differ\n"
+    )
+    assert file_diff("/x", b"same", b"same", secret=False) == ""
+    added = file_diff("/x", None, b"one\ntwo", secret=False)
+    assert added.startswith("--- /dev/null\n+++ b/x\n")
+    assert added.endswith("+two\n\\ No newline at end of file\n")
+
+
+def test_stale_after_defaults_to_an_overdue_heartbeat():
+    assert default_stale_after(300, 86400) == 86400 + 900
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(None, "-"), (5, "5s"), (90, "1m"), (7200, "2h"), (200000, "2d")]
+)
+def test_human_age(seconds, text):
+    assert human_age(seconds) == text
+
+
+def test_a_suspension_expires_at_its_until():
+    assert in_force({"reason": "r", "until": "2026-11-21T11:59:59Z"}, NOW) is None
+    assert in_force({"reason": "r", "until": "2026-11-21T12:00:01Z"}, NOW)
+    assert in_force({"reason": "r"}, NOW)
+    assert in_force(None, NOW) is None
+
+
+def test_select_nodes_without_an_inventory_lists_reporting_nodes():
+    tips = {"web1": "a" * 40, "db1": "b" * 40}
+    assert select_nodes(None, tips, None) == ["db1", "web1"]
+    assert select_nodes(None, tips, "web1") == ["web1"]
+    with pytest.raises(InventoryError, match="reconciler validate"):
+        select_nodes(None, tips, "webservers")
+
+
+def row(node: str, result: str, **kw) -> FleetRow:
+    base = dict(
+        node=node,
+        result=result,
+        last_run=None,
+        age_s=None,
+        commit=None,
+        behind=None,
+        changed=0,
+        drifted=0,
+        stale=False,
+        suspended=None,
+    )
+    return FleetRow(**{**base, **kw})
+
+
+def test_summary_counts_results_in_a_fixed_order():
+    rows = [row("a", "failed"), row("b", "ok", stale=True), row("c", "ok"), row("d", "never")]
+    assert summary(rows) == "4 nodes: 2 ok, 1 failed, 1 never; 1 stale, 0 suspended"
+
+
+def test_the_page_escapes_everything_that_comes_from_reports():
+    evil = "<script>alert(1)</script>"
+    page = fleet_page(
+        [row("web1", "failed", errors=(evil,), suspended={"reason": evil})],
+        meta_nodes={"webservers": ["web1"]},
+        drift={},
+        title=f"Fleet {evil}",
+        subtitle=evil,
+    )
+    assert evil not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("<script>") == 1  # only the page's own
+
+
+def test_ssh_argv_never_prompts_and_ends_options_before_the_host():
+    assert ssh_argv("/usr/bin/ssh", "web1", "reconciler pull", user=None, options=[]) == [
+        "/usr/bin/ssh",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=10",
+        "--",
+        "web1",
+        "reconciler pull",
+    ]
+    argv = ssh_argv("ssh", "h", "c", user="ops", options=["Port=2222"])
+    assert argv[5:] == ["-o", "Port=2222", "-l", "ops", "--", "h", "c"]
