@@ -314,8 +314,12 @@ def _run(
         heartbeat_s=config.report.heartbeat,
         now=dt.datetime.now(dt.UTC),
     )
-    if config.report.push:
+    if config.report.push and info.fetched:
+        # A run that could not fetch would not reach the server to push either:
+        # its report stays queued on the local branch for the next run.
         outcome.pushed, outcome.push_error = _push(repo, url, config.node, callbacks)
+    elif config.report.push:
+        outcome.pushed = False
     prune_backups(state_dir, config.backups.keep)
     _after(config, state_dir, repo, report, outcome, duration_s=time.monotonic() - clock)
     return outcome
@@ -340,7 +344,9 @@ def _after(
             report["finished_at"].replace("Z", "+00:00")
         ).timestamp()
     queued = queue_length(repo, config.node)
-    webhook_error = send_webhook(config.report, report)
+    # Only reports that say something new notify: an outage of the git server
+    # fails every run identically, and must not page someone every interval.
+    webhook_error = send_webhook(config.report, report) if outcome.report_commit else None
     write_last_run(
         state_dir,
         report,

@@ -125,7 +125,12 @@ def _print_run(outcome: Any, out: TextIO) -> None:
     report = outcome.report
     src = report["source"]
     commit = (src["commit"] or "none")[:12]
-    fetched = "" if src["fetched"] else ", NOT fetched: using the last fetched commit"
+    if src["fetched"]:
+        fetched = ""
+    elif src["commit"]:
+        fetched = ", NOT fetched: using the last fetched commit"
+    else:
+        fetched = ", NOT fetched: no commit fetched yet, nothing applied"
     out.write(f"{report['node']}: {src['branch']} at {commit}{fetched}\n")
     if report.get("suspended"):
         out.write(f"  suspended: {report['suspended'].get('reason', '')} — nothing is changed\n")
@@ -178,7 +183,7 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         _print_run(outcome, out)
     for error in outcome.report["errors"]:
-        err.write(f"reconciler: {error}\n")
+        _error_line(err, error, args.log_format)
     if outcome.result == "failed":
         return 1
     if args.detailed_exitcode and outcome.result in ("changed", "drift"):
@@ -415,13 +420,16 @@ def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
     from .system import atomic_write
 
     exe = shutil.which("reconciler") or f"{sys.executable} -m reconciler"
-    if args.config:
-        exe += f" --config {shlex.quote(str(Path(args.config).resolve()))}"
+    # Flags come after the subcommand (SPEC §6): appended to each ExecStart line.
+    extra = f" --config {shlex.quote(str(Path(args.config).resolve()))}" if args.config else ""
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     units = resources.files("reconciler") / "units"
     for unit in sorted(units.iterdir(), key=lambda u: u.name):
         text = unit.read_text(encoding="utf-8").replace("{exec}", exe)
+        text = "\n".join(
+            line + extra if line.startswith("ExecStart=") else line for line in text.split("\n")
+        )
         atomic_write(dest / unit.name, text.encode(), mode=0o644)
         out.write(f"wrote {dest / unit.name}\n")
     out.write(
@@ -478,6 +486,14 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 1 if outcome.report["errors"] else 0
 
 
+def _error_line(err: TextIO, message: str, log_format: str) -> None:
+    """One error on stderr: a plain line, or a JSON object with --log-format json."""
+    if log_format == "json":
+        err.write(json.dumps({"level": "error", "logger": "reconciler", "msg": message}) + "\n")
+    else:
+        err.write(f"reconciler: {message}\n")
+
+
 class _JsonFormatter(logging.Formatter):
     """One JSON object per line: for journald export and log shippers."""
 
@@ -528,9 +544,15 @@ def main(
     out = out or sys.stdout
     err = err or sys.stderr
     debug = False
+    # Known before parsing, so that even a usage error is a JSON line when asked.
+    words = list(sys.argv[1:] if argv is None else argv)
+    pairs = zip(words, [*words[1:], ""], strict=True)
+    wants_json = "--log-format=json" in words or ("--log-format", "json") in pairs
+    log_format = "json" if wants_json else "text"
     try:
         args = build_parser().parse_args(argv)
         debug = args.debug
+        log_format = args.log_format
         verbose = args.verbose or args.command == "run"  # the agent logs each run
         level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
         _configure_logging(level, err, args.log_format)
@@ -538,7 +560,7 @@ def main(
     except ReconcilerError as exc:
         if debug:
             log.exception("failed")
-        err.write(f"reconciler: {exc}\n")
+        _error_line(err, str(exc), log_format)
         return exc.exit_code
     except SystemExit as exc:  # argparse's --help and --version
         return exc.code if isinstance(exc.code, int) else 0

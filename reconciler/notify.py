@@ -91,7 +91,8 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
                     break  # the receiver refuses: retrying will not help
             except Exception as exc:  # connection refused, timeout, TLS …
                 error = f"webhook failed: {type(exc).__name__}"
-            time.sleep(0.5 * 2**attempt)
+            if attempt + 1 < WEBHOOK_ATTEMPTS:
+                time.sleep(0.5 * 2**attempt)
     log.warning("%s (%s)", error, settings.webhook.split("?")[0])
     return error
 

@@ -1,0 +1,377 @@
+"""After a run: webhook, health-check ping and metrics textfile (SPEC §2 ``report``, ``metrics``).
+
+A real HTTP server on 127.0.0.1 records what the agent sends; the metrics
+file is read with the Prometheus client's own parser. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import free_port
+from tests.integration._helpers import HEX40, all_objects_text
+from tests.integration._service import host_argv, reconciler_env, wait_until
+
+# ------------------------------------------------------------------ servers
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class Recorder:
+    """An HTTP server that answers 200 to everything and remembers every request."""
+
+    server: ThreadingHTTPServer
+    requests: list[Request] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def take(self) -> list[Request]:
+        """The requests so far, and forget them."""
+        out, self.requests[:] = list(self.requests), []
+        return out
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    requests: list[Request] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _record(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            requests.append(Request(self.command, self.path, dict(self.headers), body))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        do_GET = do_POST = do_HEAD = _record
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # keep the test output clean
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Recorder(server, requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def hanging_server() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A server that accepts connections and never answers: (base URL, accepted sockets)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def write_config(path: Path, **sections: dict) -> Path:
+    """A --config file (JSON is YAML) with the given sections."""
+    path.write_text(json.dumps(sections, indent=2))
+    return path
+
+
+def notify_config(directory: Path, base_url: str, token: str, ping_url: str | None = None) -> Path:
+    """Webhook (bearer token from a file) and ping under ``base_url``; files in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    token_file = directory / "webhook-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    return write_config(
+        directory / "notify.yaml",
+        report={
+            "webhook": f"{base_url}/hook",
+            "webhook_token_file": str(token_file),
+            "notify_on": ["drift", "failed"],
+            "ping_url": ping_url or f"{base_url}/ping",
+        },
+    )
+
+
+def run(host, *args: str, expect: int = 0, timeout: float = 60):
+    proc = host.run("pull", *args, timeout=timeout)
+    assert proc.returncode == expect, (proc.returncode, proc.stderr, proc.stdout[-2000:])
+    return proc
+
+
+def summary(requests: list[Request]) -> list[tuple[str, str]]:
+    return [(r.method, r.path) for r in requests]
+
+
+def break_node_file(fleet) -> str:
+    fleet.write("hosts/web1.yaml", fleet.read("hosts/web1.yaml") + "apps: [unclosed\n")
+    return fleet.commit("web1: a broken node file")
+
+
+# ------------------------------------------------------------------ webhook and ping
+
+
+def test_webhook_only_for_notify_on_results_with_bearer_token_and_pings_every_run(
+    fleet, make_host, recorder, tmp_path
+):
+    host = make_host("web1")
+    token = "tok-" + secrets.token_hex(12)
+    cfg = notify_config(tmp_path, recorder.url, token)
+    outputs = []
+
+    outputs.append(run(host, "--config", str(cfg)))  # first run: converges, result changed
+    assert host.last_run()["result"] == "changed"
+    assert summary(recorder.take()) == [("GET", "/ping/start"), ("GET", "/ping")]
+
+    motd = host.path("/etc/motd")
+    motd.write_text(motd.read_text() + "hand edit\n")
+    outputs.append(run(host, "--config", str(cfg)))  # drift: in notify_on
+    last = host.last_run()
+    assert last["result"] == "drift"
+    got = recorder.take()
+    assert summary(got) == [("GET", "/ping/start"), ("POST", "/hook"), ("GET", "/ping")]
+    hook = got[1]
+    assert hook.headers.get("Authorization") == f"Bearer {token}"
+    assert hook.headers.get("Content-Type", "").startswith("application/json")
+    payload = hook.json()
+    assert payload["node"] == "web1"
+    assert payload["result"] == "drift"
+    assert payload["changed"] == 1 and payload["drifted"] == 1
+    assert payload["report"]["run_id"] == last["run_id"]
+    assert [d["path"] for d in payload["report"]["drift"]] == ["/etc/motd"]
+    assert last.get("webhook_error") is None
+
+    outputs.append(run(host, "--config", str(cfg)))  # ok: not in notify_on
+    assert host.last_run()["result"] == "ok"
+    assert summary(recorder.take()) == [("GET", "/ping/start"), ("GET", "/ping")]
+
+    # The token goes to the webhook and nowhere else.
+    for proc in outputs:
+        assert token not in proc.stdout and token not in proc.stderr
+    assert token not in (host.state_dir / "last-run.json").read_text()
+    assert token.encode() not in all_objects_text(fleet.bare)  # the report branch
+
+
+def test_failed_run_pings_fail_and_posts_the_failure(fleet, make_host, recorder, tmp_path):
+    host = make_host("web1")
+    break_node_file(fleet)
+    cfg = notify_config(tmp_path, recorder.url, "tok-" + secrets.token_hex(8))
+
+    run(host, "--config", str(cfg), expect=1)
+
+    got = recorder.take()
+    assert summary(got) == [("GET", "/ping/start"), ("POST", "/hook"), ("GET", "/ping/fail")]
+    payload = got[1].json()
+    assert payload["result"] == "failed"
+    assert payload["node"] == "web1"
+    assert any("hosts/web1.yaml" in e for e in payload["errors"]), payload["errors"]
+    assert payload["report"]["errors"] == payload["errors"]
+
+
+def start_pull(host, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        host_argv(host, "pull", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=reconciler_env(),
+    )
+
+
+def test_a_hanging_or_dead_webhook_and_a_dead_ping_do_not_hold_up_or_fail_the_run(
+    fleet, make_host, hanging_server, tmp_path
+):
+    hang_url, accepted = hanging_server
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    # Two hosts, run side by side: web1's webhook never answers, web2's port is closed.
+    hosts = {"hang": make_host("web1"), "dead": make_host("web2")}
+    configs = {
+        "hang": notify_config(tmp_path / "hang", hang_url, "tok", ping_url=f"{dead}/ping"),
+        "dead": notify_config(tmp_path / "dead", dead, "tok"),
+    }
+    converging = [start_pull(host) for host in hosts.values()]  # without notifications
+    for proc in converging:
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+    good = {}
+    for key, host in hosts.items():
+        motd = host.path("/etc/motd")
+        good[key] = motd.read_text()
+        motd.write_text("hand edit\n")
+
+    started = time.monotonic()
+    procs = {k: start_pull(h, "--config", str(configs[k])) for k, h in hosts.items()}
+    took: dict[str, float] = {}
+    try:
+        while len(took) < len(procs) and time.monotonic() - started < 60:
+            for key, proc in procs.items():
+                if key not in took and proc.poll() is not None:
+                    took[key] = time.monotonic() - started
+            time.sleep(0.05)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    outputs = {key: proc.communicate(timeout=10) for key, proc in procs.items()}
+    assert set(took) == set(procs), f"still running after 60s: {set(procs) - set(took)}"
+
+    assert took["hang"] < 20, f"the run took {took['hang']:.1f}s behind a silent webhook"
+    assert took["dead"] < 15, f"the run took {took['dead']:.1f}s with a closed webhook port"
+    assert accepted, "the hanging webhook was never tried"
+    for key, host in hosts.items():
+        stdout, stderr = outputs[key]
+        assert procs[key].returncode == 0, (key, stderr)  # drift, no --detailed-exitcode: 0
+        assert "Traceback" not in stderr
+        assert host.path("/etc/motd").read_text() == good[key]  # the run did its work
+        last = host.last_run()
+        assert last["result"] == "drift", key
+        assert "webhook" in (last.get("webhook_error") or ""), (key, last.get("webhook_error"))
+        assert fleet.report(host.node)["run_id"] == last["run_id"]  # and reported it
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def read_metrics(path: Path) -> dict[str, list]:
+    """Metric family name → samples, parsed by prometheus_client."""
+    families = text_string_to_metric_families(path.read_text())
+    return {f.name: list(f.samples) for f in families}
+
+
+def gauge(metrics: dict[str, list], name: str) -> float:
+    samples = metrics[name]
+    assert len(samples) == 1, samples
+    assert samples[0].labels == {"node": "web1"}, samples[0]
+    return samples[0].value
+
+
+def epoch(iso: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_metrics_textfile_describes_the_last_run_and_keeps_the_last_success(
+    fleet, make_host, tmp_path
+):
+    host = make_host("web1")
+    textfile = tmp_path / "textfile_collector" / "reconciler.prom"
+    textfile.parent.mkdir()
+    cfg = write_config(tmp_path / "metrics.yaml", metrics={"textfile": str(textfile)})
+
+    run(host, "--config", str(cfg))
+    last = host.last_run()
+    m = read_metrics(textfile)
+    finished = epoch(last["finished_at"])
+    assert gauge(m, "reconciler_last_run_timestamp_seconds") == pytest.approx(finished, abs=1)
+    success = gauge(m, "reconciler_last_success_timestamp_seconds")
+    assert success == pytest.approx(finished, abs=1)
+    duration = gauge(m, "reconciler_run_duration_seconds")
+    assert 0 < duration < 60 and math.isfinite(duration)
+    applied = sum(1 for c in last["changes"] if c["applied"])
+    assert applied > 0
+    assert gauge(m, "reconciler_changed_files") == applied
+    assert gauge(m, "reconciler_drifted_files") == 0
+    results = {s.labels["result"]: s.value for s in m["reconciler_run_result"]}
+    assert results == {"ok": 0, "changed": 1, "drift": 0, "failed": 0}
+    (info,) = m["reconciler_source_info"]
+    assert HEX40.match(info.labels["commit"]) and info.labels["commit"] == fleet.head()
+    assert info.labels["branch"] == "main" and info.value == 1
+
+    # Timestamps have second precision: let the clock pass the first run's second,
+    # so that a wrongly updated last_success would show.
+    wait_until(lambda: time.time() >= finished + 1, 2)
+    head = break_node_file(fleet)
+    run(host, "--config", str(cfg), expect=1)
+    m = read_metrics(textfile)
+    assert gauge(m, "reconciler_last_run_timestamp_seconds") > finished
+    assert gauge(m, "reconciler_last_success_timestamp_seconds") == success  # unchanged
+    results = {s.labels["result"]: s.value for s in m["reconciler_run_result"]}
+    assert results == {"ok": 0, "changed": 0, "drift": 0, "failed": 1}
+    assert gauge(m, "reconciler_changed_files") == 0
+    assert m["reconciler_source_info"][0].labels["commit"] == head
+
+    # Written atomically: nothing but the file itself in the collector directory.
+    assert sorted(p.name for p in textfile.parent.iterdir()) == ["reconciler.prom"]
+
+
+# ------------------------------------------------------------------ --log-format json
+
+
+def assert_json_lines(stderr: str) -> list[dict]:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, "expected log lines on stderr"
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON log line: {line!r}") from None
+        assert isinstance(record, dict), line
+        assert record.get("level") and isinstance(record.get("msg"), str), record
+        records.append(record)
+    return records
+
+
+def test_log_format_json_every_stderr_line_is_a_json_object(make_host):
+    host = make_host("web1")
+    proc = run(host, "--verbose", "--log-format", "json")
+    records = assert_json_lines(proc.stderr)
+    assert any("/etc/motd" in r["msg"] for r in records)  # every write is logged
+
+
+def test_log_format_json_also_for_the_errors_of_a_failed_run(fleet, make_host):
+    host = make_host("web1")
+    break_node_file(fleet)
+    proc = run(host, "--verbose", "--log-format", "json", expect=1)
+    records = assert_json_lines(proc.stderr)
+    assert any(r["level"] == "error" and "hosts/web1.yaml" in r["msg"] for r in records), records
