@@ -546,7 +546,7 @@ def main(
     debug = False
     # Known before parsing, so that even a usage error is a JSON line when asked.
     words = list(sys.argv[1:] if argv is None else argv)
-    pairs = zip(words, [*words[1:], ""], strict=True)
+    pairs = zip(words, words[1:], strict=False)
     wants_json = "--log-format=json" in words or ("--log-format", "json") in pairs
     log_format = "json" if wants_json else "text"
     try:

@@ -268,7 +268,9 @@ def fetch(
     remote = repo.remotes.create_anonymous(url)
     error: str | None = None
     received = 0
+    begin = getattr(callbacks, "begin", lambda: None)
     try:
+        begin()
         heads = {h.name: str(h.oid) for h in remote.list_heads(callbacks=callbacks)}
         if f"refs/heads/{branch}" not in heads:
             raise SourceError(f"{url}: branch {branch!r} not found — check --branch and --repo")
@@ -277,6 +279,7 @@ def fetch(
         if report_tip is not None and report_tip != _ref_target(repo, remote_report_ref(node)):
             up_to_date = False
         if not up_to_date:
+            begin()
             progress = remote.fetch(refspecs, callbacks=callbacks)
             received = int(progress.received_bytes)
     except SourceError as exc:
@@ -284,7 +287,8 @@ def fetch(
             raise
         error = str(exc)
     except (pygit2.GitError, OSError) as exc:
-        error = f"{url}: fetch failed: {exc}"
+        explain = getattr(callbacks, "explain", None)
+        error = explain(f"fetch failed: {exc}") if explain else f"{url}: fetch failed: {exc}"
     try:
         commit = str(repo.references[tracking_ref(branch)].target)
     except KeyError:
@@ -348,16 +352,20 @@ def push_ref(
     for attempt in range(PUSH_ATTEMPTS):
         remote = repo.remotes.create_anonymous(url)
         cb = callbacks if callbacks is not None else _PushCallbacks()
+        getattr(cb, "begin", lambda: None)()
         cb.rejected = {}
         try:
             remote.push([f"{ref}:{ref}"], callbacks=cb)
         except (pygit2.GitError, OSError, SourceError) as exc:
             error = f"{url}: push of {ref} failed: {exc}"
+            if "DENIED" in str(exc) or isinstance(exc, SourceError):
+                break  # the server or our own checks said no: retrying cannot help
         else:
             if not cb.rejected:
                 return
             why = "; ".join(f"{r}: {m}" for r, m in cb.rejected.items())
             error = f"{url}: push rejected ({why})"
+            break  # an explicit refusal (permissions, non-fast-forward) is final
         if attempt + 1 < PUSH_ATTEMPTS:
             time.sleep(random.uniform(0.2, 1.5))
     raise SourceError(f"{error} — the report stays queued and is pushed next run")

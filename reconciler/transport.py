@@ -144,6 +144,35 @@ class Callbacks(pygit2.RemoteCallbacks):
         self.auth = auth
         self.endpoint = parse_remote(url)
         self.rejected: dict[str, str] = {}
+        self._offered = 0  # credentials handed out on the current connection
+
+    def begin(self) -> None:
+        """A new connection starts: credentials may be offered once again."""
+        self._offered = 0
+        self.rejected = {}
+
+    def explain(self, text: str) -> str:
+        """Turn a libgit2 transport error into one line saying what to do."""
+        lowered = text.lower()
+        if self.endpoint.scheme == "ssh" and "authentication" in lowered:
+            return (
+                f"{self.url}: authentication refused for deploy key {self.auth.ssh_key} — add "
+                f"{self.auth.ssh_key}.pub to the server's authorized keys for this repository"
+            )
+        if self.endpoint.scheme in ("http", "https") and (
+            "401" in lowered or "authentication" in lowered or "credentials" in lowered
+        ):
+            where = self.auth.token_file or "auth.token_file (not set)"
+            return (
+                f"{self.url}: authentication refused: the server did not accept the token in "
+                f"{where} (401) — replace it"
+            )
+        if "certificate" in lowered and self.endpoint.scheme == "https":
+            return (
+                f"{self.url}: the server's TLS certificate is not trusted — set auth.ca_file "
+                "to the CA bundle that signed it"
+            )
+        return f"{self.url}: {text}"
 
     # -- SSH host key (called from the re-registered C callback) --------
 
@@ -183,6 +212,12 @@ class Callbacks(pygit2.RemoteCallbacks):
     # -- credentials ----------------------------------------------------
 
     def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
+        # libgit2 asks again after every refusal: a second ask on one connection
+        # means the server said no. Stop there rather than replay a bad token
+        # (servers ban clients after a few failed logins).
+        self._offered += 1
+        if self._offered > 1:
+            raise SourceError(self.explain("authentication refused"))
         if self.endpoint.scheme == "ssh":
             if not self.auth.ssh_key:
                 raise SourceError(f"{self.url}: auth.ssh_key is not set — configure a deploy key")
@@ -224,9 +259,13 @@ def install_hostkey_check() -> None:
     original = pygit2_callbacks._certificate_check_cb
 
     def certificate_check(cert: Any, valid: int, host: Any, payload: Any) -> int:
-        if cert.cert_type != C.GIT_CERT_HOSTKEY_LIBSSH2:
-            return int(original(cert, valid, host, payload))
         data = ffi.from_handle(payload)
+        if cert.cert_type != C.GIT_CERT_HOSTKEY_LIBSSH2:
+            if not valid and hasattr(data, "explain"):
+                # An untrusted TLS certificate: refuse with a message that says what to do.
+                data._stored_exception = SourceError(data.explain("certificate not trusted"))
+                return int(C.GIT_EUSER)
+            return int(original(cert, valid, host, payload))
         try:
             check = getattr(data, "check_ssh_hostkey", None)
             if check is None:

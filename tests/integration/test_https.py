@@ -1,0 +1,127 @@
+"""HTTPS source (issue #5, SPEC §2 ``auth.token_file``, ``auth.ca_file``).
+
+A real nginx terminates TLS with a certificate from a CA the test makes with
+openssl, refuses every request whose ``Authorization`` header is not the
+token (401 with ``WWW-Authenticate: Basic``), and hands the rest to ``git
+http-backend`` through fcgiwrap, pushes included (tests/integration/servers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.conftest import Host
+from tests.integration._helpers import all_objects_text
+from tests.integration.servers import (  # noqa: F401 (fixtures)
+    HttpsGitServer,
+    ServerFleet,
+    https_fleet_fixture,
+    https_server_fixture,
+    write_config,
+)
+
+
+def configure(host: Host, server: HttpsGitServer, *, token: str | None = None, ca: bool = True):
+    """Write ``host``'s agent config (auth.token_file, auth.ca_file); return its path."""
+    base = host.root.parent
+    token_file = base / "token"
+    token_file.write_text((token or server.token) + "\n")
+    token_file.chmod(0o600)
+    auth = {"token_file": str(token_file)}
+    if ca:
+        auth["ca_file"] = str(server.ca_file)
+    return str(write_config(base / "config.yaml", auth=auth))
+
+
+def assert_untouched(host: Host, fleet: ServerFleet) -> None:
+    assert list(host.root.iterdir()) == [], "nothing may be written under the root"
+    assert fleet.report_log(host.node) == [], "no report may reach the server"
+
+
+def files_text(directory: Path) -> bytes:
+    """Every regular file under ``directory``, concatenated (the state dir, git objects included)."""
+    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
+
+
+def assert_no_token(token: str, *procs: subprocess.CompletedProcess[str]) -> None:
+    for proc in procs:
+        assert token not in proc.stdout, "token on stdout"
+        assert token not in proc.stderr, "token on stderr"
+
+
+def test_pull_over_https_applies_pushes_the_report_and_never_shows_the_token(
+    https_fleet: ServerFleet, https_server: HttpsGitServer, make_host
+):
+    token = https_server.token
+    host = make_host("db1", url=https_fleet.url)
+    cfg = configure(host, https_server)
+    head = https_fleet.head()
+
+    first = host.run("pull", "--config", cfg, "--format", "json", "--debug", "--verbose")
+
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["source"] == {
+        "url": https_fleet.url,
+        "branch": "main",
+        "commit": head,
+        "fetched": True,
+    }
+    assert report["applied_commit"] == head and report["result"] == "changed"
+    assert host.path("/etc/postgresql/15/main/postgresql.conf").is_file()
+    assert "wrote " in first.stderr  # --verbose/--debug logs were on
+    assert https_fleet.report("db1") == report
+    assert host.last_run()["pushed"] is True
+    # Drift: a second report commit, with the drifted file captured, goes over HTTPS too.
+    host.path("/etc/motd").write_text("drift\n")
+    second = host.run("pull", "--config", cfg, "--format", "json", "--debug")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["result"] == "drift"
+    assert len(https_fleet.report_log("db1")) == 2
+
+    # The token is nowhere: output, debug logs, last-run.json, the state dir, the server.
+    assert_no_token(token, first, second)
+    assert token not in (host.state_dir / "last-run.json").read_text()
+    assert token.encode() not in files_text(host.state_dir)
+    assert token.encode() not in all_objects_text(https_fleet.bare)
+
+
+def test_server_certificate_from_an_unknown_ca_is_refused_without_ca_file(
+    https_fleet: ServerFleet, https_server: HttpsGitServer, make_host
+):
+    host = make_host("db1", url=https_fleet.url)
+    cfg = configure(host, https_server, ca=False)
+
+    proc = host.pull("--config", cfg, "--debug")
+
+    assert proc.returncode == 1, proc.stderr
+    assert "certificate" in proc.stderr.lower(), proc.stderr
+    assert_untouched(host, https_fleet)
+    assert_no_token(https_server.token, proc)  # error paths, with --debug, run with it loaded
+    assert https_server.token.encode() not in files_text(host.state_dir)
+    # SPEC §3: the error says what to do — here, point auth.ca_file at the CA.
+    assert "ca_file" in proc.stderr, proc.stderr
+
+
+def test_wrong_token_is_refused_by_the_server_and_nothing_is_applied(
+    https_fleet: ServerFleet, https_server: HttpsGitServer, make_host
+):
+    host = make_host("db1", url=https_fleet.url)
+    cfg = configure(host, https_server, token="not-the-token")
+    access_log = https_server.base / "nginx-access.log"
+    seen = len(access_log.read_text().splitlines())
+
+    proc = host.pull("--config", cfg)
+
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert_untouched(host, https_fleet)
+    # The error names the token file, so the operator knows what to replace.
+    assert str(host.root.parent / "token") in proc.stderr, proc.stderr
+    # A refused token is not replayed: servers ban clients that fail auth again and
+    # again (GitLab's Rack::Attack: 10 failures a minute), a fleet with an expired
+    # token must not hammer its git server. One challenge + one try per connection.
+    refused = [line for line in access_log.read_text().splitlines()[seen:] if '" 401 ' in line]
+    assert len(refused) <= 4, f"{len(refused)} requests answered 401 in one run"
