@@ -10,7 +10,6 @@ drift.
 from __future__ import annotations
 
 import argparse
-import difflib
 import hashlib
 import json
 import logging
@@ -191,34 +190,9 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
-
-
-def unified_diff(path: str, old: bytes | None, new: bytes | None, *, secret: bool) -> str:
-    """A unified diff of one destination; secrets and binaries by hash only (SPEC §6)."""
-    a, b = f"a{path}", f"b{path}"
-    if old is None:
-        a = "/dev/null"
-    if new is None:
-        b = "/dev/null"
-    if secret:
-        old_h = _digest(old) if old is not None else "(none)"
-        new_h = _digest(new) if new is not None else "(none)"
-        return f"--- {a}\n+++ {b}\nsecret {path}: {old_h} → {new_h}\n"
-    try:
-        old_text = (old or b"").decode("utf-8").splitlines(keepends=True)
-        new_text = (new or b"").decode("utf-8").splitlines(keepends=True)
-    except UnicodeDecodeError:
-        return f"Binary files {a} and {b} differ\n"
-    lines = difflib.unified_diff(old_text, new_text, a, b)
-    return "".join(
-        line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines
-    )
-
-
 def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .agent import RunOptions, reconcile_once
+    from .history import file_diff
     from .scan import host_path
 
     config = _config(args)
@@ -239,7 +213,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if change.action in ("chmod", "chown"):
             chunks.append(f"{change.action} {change.path}: {change.detail}\n")
             continue
-        chunks.append(unified_diff(str(change.path), old, new, secret=secret))
+        chunks.append(file_diff(str(change.path), old, new, secret=secret))
     if args.format == "json":
         _emit_json({"report": outcome.report, "diff": "".join(chunks)}, out)
     else:
