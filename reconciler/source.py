@@ -14,6 +14,7 @@ cannot stop the host from fetching the commit that repairs it.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from urllib.parse import urlsplit
 import pygit2
 
 from .errors import ConfigError, SourceError, UntrustedCommitError
+
+log = logging.getLogger(__name__)
 
 GIT_FILEMODE_LINK = 0o120000
 GIT_FILEMODE_EXEC = 0o100755
@@ -245,6 +248,17 @@ def _ref_target(repo: pygit2.Repository, name: str) -> str | None:
     return str(ref.target) if ref is not None else None
 
 
+NET_ATTEMPTS = 3  # tries of one fetch or push against a busy server or a flaky network
+NET_JITTER_S = (0.2, 1.5)  # random pause between tries, so a fleet does not retry in step
+
+
+def _jitter() -> None:
+    import random
+    import time
+
+    time.sleep(random.uniform(*NET_JITTER_S))
+
+
 def fetch(
     repo: pygit2.Repository,
     url: str,
@@ -256,39 +270,53 @@ def fetch(
 
     First one ref advertisement (ls-remote): when the branch and the report
     branch are where we have them, nothing is fetched (issue #5: a no-change
-    poll costs one advertisement). On failure, fall back to the last fetched
-    commit with ``fetched=False`` and the error text (SPEC §4 step 1). Raises
-    SourceError when nothing was ever fetched or the branch does not exist.
-    A refused SSH host key is a failure like any other: nothing is fetched.
+    poll costs one advertisement). A transport error (connection reset or
+    refused: a server at its connection limit, a flaky network) is tried
+    again up to NET_ATTEMPTS times, NET_JITTER_S apart at random, like a
+    report push (issue #5: 50 hosts at once must all get through); a refusal
+    from our own checks (host key, credentials, TLS certificate) is final at
+    once. On failure, fall back to the last fetched commit with
+    ``fetched=False`` and the error text (SPEC §4 step 1). Raises SourceError
+    when nothing was ever fetched or the branch does not exist.
     """
     refspecs = [
         f"+refs/heads/{branch}:{tracking_ref(branch)}",
         f"+{report_ref(node)}:{remote_report_ref(node)}",
     ]
-    remote = repo.remotes.create_anonymous(url)
     error: str | None = None
     received = 0
     begin = getattr(callbacks, "begin", lambda: None)
-    try:
-        begin()
-        heads = {h.name: str(h.oid) for h in remote.list_heads(callbacks=callbacks)}
-        if f"refs/heads/{branch}" not in heads:
-            raise SourceError(f"{url}: branch {branch!r} not found — check --branch and --repo")
-        up_to_date = heads[f"refs/heads/{branch}"] == _ref_target(repo, tracking_ref(branch))
-        report_tip = heads.get(report_ref(node))
-        if report_tip is not None and report_tip != _ref_target(repo, remote_report_ref(node)):
-            up_to_date = False
-        if not up_to_date:
+    explain = getattr(callbacks, "explain", None)
+    for attempt in range(NET_ATTEMPTS):
+        error = None
+        remote = repo.remotes.create_anonymous(url)
+        try:
             begin()
-            progress = remote.fetch(refspecs, callbacks=callbacks)
-            received = int(progress.received_bytes)
-    except SourceError as exc:
-        if "not found" in str(exc):
-            raise
-        error = str(exc)
-    except (pygit2.GitError, OSError) as exc:
-        explain = getattr(callbacks, "explain", None)
-        error = explain(f"fetch failed: {exc}") if explain else f"{url}: fetch failed: {exc}"
+            heads = {h.name: str(h.oid) for h in remote.list_heads(callbacks=callbacks)}
+            if f"refs/heads/{branch}" not in heads:
+                raise SourceError(f"{url}: branch {branch!r} not found — check --branch and --repo")
+            up_to_date = heads[f"refs/heads/{branch}"] == _ref_target(repo, tracking_ref(branch))
+            report_tip = heads.get(report_ref(node))
+            if report_tip is not None and report_tip != _ref_target(repo, remote_report_ref(node)):
+                up_to_date = False
+            if not up_to_date:
+                begin()
+                progress = remote.fetch(refspecs, callbacks=callbacks)
+                received = int(progress.received_bytes)
+            break
+        except SourceError as exc:
+            if "not found" in str(exc):
+                raise
+            error = str(exc)
+            break  # our own checks refused (host key, credentials): retrying cannot help
+        except (pygit2.GitError, OSError) as exc:
+            plain = f"{url}: fetch failed: {exc}"
+            error = explain(f"fetch failed: {exc}") if explain else plain
+            if error != plain:
+                break  # explained as a refusal (credentials, certificate): final
+            log.info("%s (try %d of %d)", error, attempt + 1, NET_ATTEMPTS)
+            if attempt + 1 < NET_ATTEMPTS:
+                _jitter()
     try:
         commit = str(repo.references[tracking_ref(branch)].target)
     except KeyError:
@@ -329,9 +357,6 @@ class _PushCallbacks(pygit2.RemoteCallbacks):
             self.rejected[refname] = message
 
 
-PUSH_ATTEMPTS = 3
-
-
 def push_ref(
     repo: pygit2.Repository,
     url: str,
@@ -340,16 +365,13 @@ def push_ref(
 ) -> None:
     """Push local ``ref`` to the same name at ``url``, retrying with jitter.
 
-    A busy server or a flaky network gets PUSH_ATTEMPTS tries, 0.2–1.5 s
+    A busy server or a flaky network gets NET_ATTEMPTS tries, NET_JITTER_S
     apart at random so that a fleet does not retry in step (issue #5).
     Raises SourceError when every try failed or the server rejects the ref;
     the commits stay on the local ref and the next run pushes them.
     """
-    import random
-    import time
-
     error = ""
-    for attempt in range(PUSH_ATTEMPTS):
+    for attempt in range(NET_ATTEMPTS):
         remote = repo.remotes.create_anonymous(url)
         cb = callbacks if callbacks is not None else _PushCallbacks()
         getattr(cb, "begin", lambda: None)()
@@ -366,6 +388,6 @@ def push_ref(
             why = "; ".join(f"{r}: {m}" for r, m in cb.rejected.items())
             error = f"{url}: push rejected ({why})"
             break  # an explicit refusal (permissions, non-fast-forward) is final
-        if attempt + 1 < PUSH_ATTEMPTS:
-            time.sleep(random.uniform(0.2, 1.5))
+        if attempt + 1 < NET_ATTEMPTS:
+            _jitter()
     raise SourceError(f"{error} — the report stays queued and is pushed next run")

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -509,6 +510,8 @@ class CountingRelay:
 
     Put in front of ``git daemon`` it measures what a poll costs the server:
     ``to_client`` is what the host received, ``to_server`` what it sent.
+    ``refuse = N`` resets the next N connections at once (RST, the way a git
+    server at its connection limit drops a client); ``refused`` counts them.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -516,6 +519,8 @@ class CountingRelay:
         self.to_client = 0
         self.to_server = 0
         self.connections = 0
+        self.refuse = 0
+        self.refused = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
@@ -536,6 +541,15 @@ class CountingRelay:
                 return
             with self._lock:
                 self.connections += 1
+                drop = self.refuse > 0
+                if drop:
+                    self.refuse -= 1
+                    self.refused += 1
+            if drop:
+                # SO_LINGER 0: close() sends RST, the client sees "connection reset by peer".
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._sockets += [client, upstream]

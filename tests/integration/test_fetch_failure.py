@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from tests.conftest import Host, free_port, tree_snapshot
-from tests.integration._helpers import assert_clean_error, drift_kinds
+from tests.integration._helpers import assert_clean_error, drift_kinds, pull_report
+from tests.integration.servers import CountingRelay
 
 
 def test_unreachable_repo_still_repairs_drift_from_the_last_fetched_commit(fleet, make_host):
@@ -48,3 +49,34 @@ def test_unreachable_repo_still_repairs_drift_from_the_last_fetched_commit(fleet
     assert log[-1] == commits[-1]
     # One failure, one line: the fetch error is not printed twice (log warning + error).
     assert len(fetch_lines) == 1, fetch_lines
+
+
+def test_a_server_dropping_connections_is_tried_again_and_the_run_gets_through(
+    fleet, make_host, git_daemon
+):
+    # A git server at its connection limit resets new clients (git daemon's
+    # --max-connections, issue #5: 50 hosts at once). Two resets in a row must
+    # not cost the host its run: the fetch is tried again after a random pause.
+    relay = CountingRelay(git_daemon.port)
+    host = make_host("web1", url=f"git://127.0.0.1:{relay.port}/{fleet.name}")
+    try:
+        relay.refuse = 2
+        report = pull_report(host)
+        assert relay.refused == 2
+        assert report["source"]["fetched"] is True
+        assert report["result"] == "changed" and report["errors"] == []
+        assert host.path("/etc/motd").is_file()
+        assert fleet.report_log("web1"), "the report was not pushed"
+
+        # Every try refused: the run says the fetch failed after NET_ATTEMPTS tries
+        # and keeps enforcing what it has.
+        relay.refuse = 99
+        relay.refused = 0
+        host.path("/etc/motd").write_text("edited\n")
+        code, report = host.pull_json()
+        assert code == 1 and report["source"]["fetched"] is False
+        assert relay.refused == 3
+        assert drift_kinds(report) == {"/etc/motd": {"content"}}
+        assert "edited" not in host.path("/etc/motd").read_text()
+    finally:
+        relay.close()
