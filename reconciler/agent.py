@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from . import __version__
 from .config import AgentConfig
 from .errors import ConfigError, LockError, ReconcilerError, SourceError, UntrustedCommitError
 from .facts import gather_facts
-from .journal import Journal, Manifest, Recovery, make_entries, recover
+from .journal import Journal, Manifest, Recovery, make_entries, recover, settle_owed
 from .notify import metrics_text, ping, send_webhook, write_metrics
 from .report import build_report, commit_report, write_last_run
 from .rollback import read_hold, release_hold, rollback
@@ -92,6 +93,9 @@ def state_lock(state_dir: Path, timeout: float) -> Iterator[None]:
     Raises LockError ``another run holds the lock (pid N)`` (SPEC §6).
     """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Root only, also when it existed before (issue #3: backups hold old contents).
+    if stat.S_IMODE(os.stat(state_dir).st_mode) & 0o077:
+        os.chmod(state_dir, 0o700)
     path = state_dir / "lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -116,8 +120,12 @@ def state_lock(state_dir: Path, timeout: float) -> Iterator[None]:
 
 
 def new_run_id(now: dt.datetime) -> str:
-    """A sortable, unique run id such as ``20261121T140501Z-3fa2``."""
-    return now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+    """A run id such as ``20261121T140501.123Z-3fa2``: UTC to the millisecond, then
+    random hex. Ids sort in the order runs started (runs on one state_dir are
+    serialised by the lock and last far longer than a millisecond), which
+    ``rollback`` (latest run) and ``backups.keep`` (oldest first) rely on."""
+    utc = now.astimezone(dt.UTC)
+    return f"{utc:%Y%m%dT%H%M%S}.{utc.microsecond // 1000:03d}Z-{secrets.token_hex(2)}"
 
 
 def read_exclude_file(path: str | None) -> list[str]:
@@ -473,6 +481,8 @@ def _full_run(
         root=root,
         state_dir=state_dir,
     )
+    # Post scripts owed by interrupted runs: run only when this run may change things.
+    owed = dict(recovery.post_pending) if recovery and run.mode == "enforce" else {}
     try:
         run.applied = applied = apply_plan(
             plan,
@@ -483,7 +493,7 @@ def _full_run(
             system,
             ctx,
             journal=journal,
-            force_post=recovery.post_pending if recovery else None,
+            force_post=owed,
         )
     finally:
         shutil.rmtree(state_dir / "run" / run_id, ignore_errors=True)
@@ -509,6 +519,10 @@ def _full_run(
     )
     if journal is not None:
         journal.finish()  # only now: the local state matches the disk
+    if recovery is not None and recovery.post_pending and run.mode == "enforce":
+        # Owed post scripts this run reached, or of apps the node no longer runs.
+        gone = set(recovery.post_pending) - {a.name for a in target.apps}
+        settle_owed(state_dir, applied.post_reached | gone)
 
 
 def _hold(state_dir: Path, commit: str, options: RunOptions) -> dict[str, Any] | None:

@@ -58,6 +58,7 @@ class ApplyResult:
     managed: dict[str, ManagedFile] = field(default_factory=dict)
     created_dirs: set[str] = field(default_factory=set)
     stopped: bool = False  # a pre script failed: later apps were not applied
+    post_reached: set[str] = field(default_factory=set)  # apps whose post phase was reached
 
 
 def _script_failure(run: ScriptRun) -> str:
@@ -336,6 +337,7 @@ def apply_plan(
                 written.append(change)
         _publish(written, system, ctx, result)
         written = []
+        result.post_reached.add(app.name)
         if scripted and (todo or app.post_always or owed):
             runs = _run_scripts("post", app, changed, ctx, snapshot, system)
             result.scripts.extend(runs)

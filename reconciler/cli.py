@@ -194,6 +194,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .agent import RunOptions, reconcile_once
     from .history import file_diff
     from .scan import host_path
+    from .state import load_state
 
     config = _config(args)
     outcome = reconcile_once(config, RunOptions(dry_run=True, state=args.state))
@@ -202,10 +203,13 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if outcome.plan is None or outcome.target is None:
         return 1
     root = Path(config.root)
+    # A path that was secret stays secret when it is deleted or stops being one.
+    managed = load_state(Path(config.state_dir)).managed
     chunks = []
     for change in outcome.plan.changes:
         t = outcome.target.files.get(change.path)
-        secret = bool(t and t.secret)
+        m = managed.get(str(change.path))
+        secret = bool(t and t.secret) or bool(m and m.secret)
         old: bytes | None = None
         if outcome.actual[change.path].kind == "file":
             old = host_path(root, change.path).read_bytes()

@@ -15,6 +15,13 @@ not mistaken for drift), and apps whose files changed but whose post scripts
 never completed get them run again by the new run. When a run ends normally
 the manifest moves to ``backups/<run-id>/manifest.json``, where ``rollback``
 finds it.
+
+Recovery itself may be killed. It is idempotent and ordered so that nothing
+it learnt is lost: the rolled-forward local state is saved first, then the
+post scripts still owed go to ``owed.json``, and only then is the journal
+archived. ``owed.json`` is cleared by the run that reaches those apps' post
+scripts (:func:`settle_owed`), so a chain of killed runs still ends with the
+service reloaded.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,14 +38,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ApplyError
-from .scan import ActualFile, file_sha256, host_path
-from .state import LocalState, ManagedFile
+from .scan import ActualFile, file_sha256, host_path, unsafe_parent
+from .state import LocalState, ManagedFile, save_state
 from .system import System, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.json"
 JOURNAL_LOG = "journal.log"
+OWED = "owed.json"  # post scripts that interrupted runs still owe: app -> changed paths
 MANIFEST = "manifest.json"
 TEMP_SUFFIX = ".reconciler-tmp"
 
@@ -67,6 +76,11 @@ class JournalEntry:
     new_sha256: str | None = None  # None for delete
     new_mode: int | None = None
     record: dict[str, Any] | None = None  # the managed record before the run
+    # The target's metadata, so a record rolled forward by recovery keeps it.
+    owner: str | None = None
+    group: str | None = None
+    secret: bool = False
+    policy: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,6 +138,10 @@ def make_entries(
                 new_sha256=sha256(c.target.content) if c.target is not None else None,
                 new_mode=c.target.mode if c.target is not None else None,
                 record=asdict(record) if record is not None else None,
+                owner=c.target.owner if c.target is not None else None,
+                group=c.target.group if c.target is not None else None,
+                secret=bool(c.target.secret) if c.target is not None else False,
+                policy=c.target.policy if c.target is not None else None,
             )
         )
     return tuple(out)
@@ -203,6 +221,42 @@ def _phases(state_dir: Path) -> dict[str, set[str]]:
     return phases
 
 
+def _read_owed(state_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((state_dir / OWED).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ApplyError(
+            f"{state_dir / OWED}: unreadable record of owed post scripts ({exc}) — inspect "
+            "it, run the apps' post scripts by hand, then remove it"
+        ) from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _write_owed(state_dir: Path, runs: list[str], commit: str, apps: Mapping[str, Any]) -> None:
+    if not apps:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state_dir / OWED)
+            fsync_dir(state_dir)
+        return
+    data = {"runs": runs, "commit": commit, "apps": {a: sorted(p) for a, p in apps.items()}}
+    atomic_write(state_dir / OWED, json.dumps(data, indent=1).encode(), mode=0o600)
+
+
+def settle_owed(state_dir: Path, reached: Iterable[str]) -> None:
+    """Forget the owed post scripts of the apps in ``reached`` (their post phase ran).
+
+    Called by the run after its apply; what it did not reach (a pre script
+    stopped it, the node is suspended) stays owed for the next run.
+    """
+    owed = _read_owed(state_dir)
+    if not owed:
+        return
+    apps = {a: p for a, p in owed.get("apps", {}).items() if a not in set(reached)}
+    _write_owed(state_dir, list(owed.get("runs", [])), str(owed.get("commit", "")), apps)
+
+
 def recover(
     state_dir: Path, root: Path, previous: LocalState
 ) -> tuple[LocalState, Recovery | None]:
@@ -210,14 +264,27 @@ def recover(
 
     Returns the LocalState to plan against (records rolled forward for paths
     that hold their new content, dropped for paths already deleted) and the
-    Recovery to report, or ``(previous, None)`` when the last run ended.
-    Raises ApplyError when the journal is unreadable.
+    Recovery to report — which also names post scripts still owed by an
+    earlier recovery whose own run was killed — or ``(previous, None)`` when
+    the last run ended and nothing is owed. The rolled-forward state and the
+    owed post scripts are saved before the journal is archived (see the
+    module docstring). Raises ApplyError when the journal is unreadable.
     """
     path = state_dir / JOURNAL
+    owed = _read_owed(state_dir)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return previous, None
+        if not owed.get("apps"):
+            return previous, None
+        runs = [str(r) for r in owed.get("runs", [])]
+        return previous, Recovery(
+            run_id=runs[-1] if runs else "?",
+            commit=str(owed.get("commit", "")),
+            temp_files_removed=(),
+            rolled_forward=(),
+            post_pending={a: tuple(p) for a, p in owed["apps"].items()},
+        )
     try:
         manifest = Manifest.from_json(raw)
     except (ValueError, TypeError) as exc:
@@ -229,7 +296,7 @@ def recover(
     removed: list[str] = []
     forward: list[str] = []
     managed = dict(previous.managed)
-    pending: dict[str, list[str]] = {}
+    pending: dict[str, set[str]] = {a: set(p) for a, p in owed.get("apps", {}).items()}
     for e in manifest.entries:
         dest = PurePosixPath(e.path)
         host = host_path(root, dest)
@@ -241,7 +308,7 @@ def recover(
                 pass
         app_phases = phases.get(e.app, set())
         if "files" in app_phases and "done" not in app_phases:
-            pending.setdefault(e.app, []).append(e.path)
+            pending.setdefault(e.app, set()).add(e.path)
         if e.action == "delete":
             if not os.path.lexists(host):
                 managed.pop(e.path, None)
@@ -266,13 +333,24 @@ def recover(
             ctime_ns=st.st_ctime_ns,
             ino=st.st_ino,
             app=e.app,
-            owner=base.owner if base else None,
-            group=base.group if base else None,
-            secret=base.secret if base else False,
-            policy=base.policy if base else "enforce",
+            owner=e.owner if e.owner is not None else (base.owner if base else None),
+            group=e.group if e.group is not None else (base.group if base else None),
+            secret=e.secret or (base.secret if base else False),
+            policy=e.policy or (base.policy if base else "enforce"),
             recorded_ns=time.time_ns(),
         )
         forward.append(e.path)
+    state = LocalState(
+        node=previous.node,
+        applied_commit=previous.applied_commit,
+        managed=managed,
+        created_dirs=previous.created_dirs,
+        excluded=previous.excluded,
+    )
+    # Order matters (module docstring): state, then what is owed, then the journal.
+    save_state(state_dir, state)
+    runs = [str(r) for r in owed.get("runs", []) if r != manifest.run_id] + [manifest.run_id]
+    _write_owed(state_dir, runs, manifest.commit, pending)
     _archive(
         state_dir,
         Manifest(**{**asdict(manifest), "entries": manifest.entries, "interrupted": True}),
@@ -282,7 +360,7 @@ def recover(
         commit=manifest.commit,
         temp_files_removed=tuple(removed),
         rolled_forward=tuple(forward),
-        post_pending={a: tuple(p) for a, p in pending.items()},
+        post_pending={a: tuple(sorted(p)) for a, p in pending.items()},
     )
     log.warning(
         "recovered from interrupted run %s: %d temp files removed, %d paths rolled forward, "
@@ -291,12 +369,6 @@ def recover(
         len(removed),
         len(forward),
         ", ".join(sorted(pending)) or "no app",
-    )
-    state = LocalState(
-        node=previous.node,
-        applied_commit=previous.applied_commit,
-        managed=managed,
-        created_dirs=previous.created_dirs,
     )
     return state, recovery
 
@@ -317,18 +389,37 @@ def _temp_files(host: Path) -> list[Path]:
 def restore_entry(entry: JournalEntry, run_dir: Path, root: Path, system: System) -> None:
     """Put ``entry.path`` back as it was before its run (rollback primitive).
 
-    Raises OSError when a backup is missing or the write fails.
+    A ``chmod``/``chown`` entry gets its mode and owner back (its content never
+    changed, so it has no backup file). The parent directories are checked
+    again right before the write: one that now leads outside the root is
+    refused (SPEC §6, a symlink never carries a write outside). Raises
+    OSError when that check fails, a backup is missing or the write fails.
     """
+    import errno
+
     dest = PurePosixPath(entry.path)
+    problem = unsafe_parent(root, dest)
+    if problem:
+        raise OSError(errno.EPERM, f"refused: {problem}")
     host = host_path(root, dest)
     saved = run_dir.joinpath("files", *dest.parts[1:])
+    uid = entry.uid if entry.uid >= 0 else None
+    gid = entry.gid if entry.gid >= 0 else None
+    if entry.action in ("chmod", "chown") and entry.before == "file":
+        st = os.lstat(host)
+        if stat.S_ISREG(st.st_mode):
+            if stat.S_IMODE(st.st_mode) != entry.mode:
+                system.chmod(host, entry.mode)
+            if (uid is not None and uid != st.st_uid) or (gid is not None and gid != st.st_gid):
+                system.chown(host, uid, gid)
+            return
+        # No longer a regular file: nothing of ours to give the old mode back to.
+        raise OSError(errno.ENOENT, f"{entry.path} is no longer a regular file")
     if entry.before == "missing":
         if os.path.lexists(host):
             system.remove(host)
     elif entry.before == "file":
         content = saved.read_bytes()
-        uid = entry.uid if entry.uid >= 0 else None
-        gid = entry.gid if entry.gid >= 0 else None
         system.make_dirs(host.parent)
         system.write_file(host, content, entry.mode, uid, gid)
     elif entry.before == "symlink" and entry.link is not None:

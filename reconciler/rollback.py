@@ -125,7 +125,13 @@ def rollback(
         own_entries.append(
             JournalEntry(
                 path=e.path,
-                action="delete" if e.before == "missing" else "update",
+                action=(
+                    e.action
+                    if e.action in ("chmod", "chown") and a.kind == "file"
+                    else "delete"
+                    if e.before == "missing"
+                    else "update"
+                ),
                 app=e.app,
                 before=a.kind,
                 mode=a.mode,
@@ -150,6 +156,9 @@ def rollback(
     for e in reversed(chosen.entries):
         dest = PurePosixPath(e.path)
         host = host_path(root, dest)
+        if actual[dest].kind == "unsafe":
+            errors.append(f"{e.path}: not restored: {actual[dest].problem}")
+            continue
         try:
             if actual[dest].kind == "file":
                 system.backup(host, own_dir.joinpath("files", *dest.parts[1:]))
@@ -158,7 +167,7 @@ def rollback(
             errors.append(f"{e.path}: cannot restore from {run_dir}: {exc.strerror or exc}")
             continue
         managed.pop(e.path, None)
-        if e.before == "file" and e.record is not None:
+        if e.before == "file" and e.record is not None and os.path.isfile(host):
             st = os.lstat(host)
             managed[e.path] = replace(
                 ManagedFile(**e.record),
@@ -170,11 +179,16 @@ def rollback(
                 ino=st.st_ino,
                 recorded_ns=0,  # hash again next time
             )
+    # The disk holds the commit before the run only when the run rolled back was
+    # the last to apply; after an older run's rollback it is a mix, still
+    # counted as the current commit (held below, so it is not re-applied).
+    current = previous.applied_commit
+    latest = current is None or chosen.commit == current
     save_state(
         state_dir,
         LocalState(
             node=node,
-            applied_commit=chosen.previous_commit,
+            applied_commit=chosen.previous_commit if latest else current,
             managed=managed,
             created_dirs=previous.created_dirs,
         ),
@@ -189,7 +203,8 @@ def rollback(
             state_dir / HOLD,
             json.dumps(
                 {
-                    "commit": chosen.commit,
+                    # The commit a next run would apply again, undoing the rollback.
+                    "commit": current or chosen.commit,
                     "rolled_back_run": chosen.run_id,
                     "rollback_run": new_run_id,
                     "since": dt.datetime.now(dt.UTC).isoformat(),

@@ -105,6 +105,12 @@ class _ParentCheck:
         return found, blocker
 
 
+def unsafe_parent(root: Path, dest: PurePosixPath) -> str | None:
+    """Why writing ``dest`` under ``root`` would leave the root (a parent symlinked
+    outside, or not a directory), checked now; None when it is safe (SPEC §6)."""
+    return _ParentCheck(root).problem(dest)[0]
+
+
 def scan_path(
     root: Path, dest: PurePosixPath, known: ManagedFile | None, parents: _ParentCheck
 ) -> ActualFile:

@@ -224,6 +224,9 @@ class RealSystem:
 
     def flush(self) -> None:
         if not self._staged:
+            if self._dirs:  # backups only (a deletion's): make them durable
+                dirs, self._dirs = self._dirs, set()
+                syncfs(dirs)
             return
         staged, self._staged = self._staged, []
         dirs, self._dirs = self._dirs, set()
@@ -278,7 +281,14 @@ class RealSystem:
         )
         log.info("chown %s:%s %s", uid, gid, path)
 
+    def _backups_durable(self) -> None:
+        """Before a path is removed or moved away, its staged backup must be durable:
+        a crash right after must never lose both (batch mode stages backups unsynced)."""
+        if self._batch and self._dirs:
+            syncfs(self._dirs)
+
     def remove(self, path: Path) -> None:
+        self._backups_durable()
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
             os.rmdir(path)
@@ -310,7 +320,29 @@ class RealSystem:
 
     def move(self, path: Path, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.move(path, dest)
+        self._backups_durable()
+        is_dir = os.path.isdir(path) and not os.path.islink(path)
+        if os.lstat(path).st_dev == os.stat(dest.parent).st_dev:
+            if is_dir and os.path.isdir(dest) and not os.path.islink(dest):
+                # The backups already hold some of its files (pruned just before,
+                # from inside it): merge into them.
+                for child in os.listdir(path):
+                    self.move(path / child, dest / child)
+                os.rmdir(path)
+            else:
+                os.rename(path, dest)
+                fsync_dir(dest.parent)
+        else:
+            # Another filesystem: a copy, made durable, before the original goes.
+            if is_dir:
+                shutil.copytree(path, dest, symlinks=True, dirs_exist_ok=True)
+            else:
+                shutil.copy2(path, dest, follow_symlinks=False)
+            syncfs([dest.parent])
+            if is_dir:
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
         fsync_dir(path.parent)
         log.info("moved %s to %s", path, dest)
 

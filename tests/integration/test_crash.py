@@ -1,0 +1,479 @@
+"""The kill test (SPEC §4): a run killed with SIGKILL at any point leaves every file wholly
+old or wholly new, and the next run finishes it.
+
+A node applies 500 files. Each round publishes a new version of all of them,
+starts ``reconciler pull`` in the background and kills it with SIGKILL: first
+at delays from its start that sweep the whole run (interpreter start-up to
+after the report), then at delays after the journal appears (while temp files
+are staged) and after the first file is replaced (the burst of renames, which
+lasts milliseconds because writes are batched). The run that recovers may be
+killed too (up to three kills in a row, the way a flapping power supply
+would); then a normal run must finish the job and a further run must find
+nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from tests.conftest import GIT_ENV, Fleet, Host, git
+from tests.integration._agent import start
+from tests.integration._helpers import pull_report
+
+FILES = 500
+KILLS = 30
+CHAIN = 3  # kills in a row before a run is let finish
+BULK_DIR = "templates/bulk/default"
+
+# Appends "<run id> <sha256 prefix of every bulk file as the script sees them>".
+MARK_SCRIPT = """#!/bin/sh
+set -eu
+export LC_ALL=C
+sum=$(cat "${{RECONCILER_ROOT%/}}"/srv/bulk/d*/f*.txt | sha256sum | cut -c1-16)
+printf '%s %s\\n' "$RECONCILER_RUN_ID" "$sum" >> '{marks}'
+"""
+
+
+def dest(i: int) -> str:
+    return f"/srv/bulk/d{i % 10}/f{i}.txt"
+
+
+def body(i: int, k: int) -> bytes:
+    """Version ``k`` of file ``i``: a few hundred bytes, unique per file and version."""
+    return f"{i} v{k}\n".encode() + b"." * 300 + b"\n"
+
+
+def version_sum(k: int) -> str:
+    """What MARK_SCRIPT prints when every file is at version ``k``."""
+    ordered = sorted(range(FILES), key=lambda i: dest(i))
+    return hashlib.sha256(b"".join(body(i, k) for i in ordered)).hexdigest()[:16]
+
+
+def import_versions(fleet: Fleet, first: int, last: int) -> list[str]:
+    """Commit versions ``first..last`` of every bulk file on top of HEAD, one commit each.
+
+    ``git fast-import`` builds the ~30 commits of 500 files in a fraction of a
+    second (``git add`` would take ~0.4 s a round); a round then only pushes
+    its commit to ``main``.
+    """
+    parent = fleet.head()
+    chunks: list[bytes] = []
+    for k in range(first, last + 1):
+        message = f"bulk: version {k}".encode()
+        chunks.append(
+            b"commit refs/heads/bulk-versions\n"
+            b"committer Fleet Operator <ops@example.com> 1700000000 +0000\n"
+            + b"data %d\n%s\n" % (len(message), message)
+            + (f"from {parent}\n".encode() if k == first else b"")
+        )
+        for i in range(FILES):
+            data = body(i, k)
+            chunks.append(
+                f"M 100644 inline {BULK_DIR}{dest(i)}\n".encode()
+                + b"data %d\n%s\n" % (len(data), data)
+            )
+    proc = subprocess.run(
+        ["git", "fast-import", "--quiet"],
+        cwd=fleet.work,
+        input=b"".join(chunks),
+        env={**os.environ, **GIT_ENV},
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    commits = git("rev-list", "--reverse", f"{parent}..bulk-versions", cwd=fleet.work).split()
+    assert len(commits) == last - first + 1
+    git("push", "-q", "origin", "bulk-versions:refs/heads/bulk-versions", cwd=fleet.work)
+    return commits
+
+
+def publish(fleet: Fleet, commit: str) -> None:
+    """Move ``main`` on the server to ``commit`` (a fast-forward)."""
+    git("push", "-q", "origin", f"{commit}:refs/heads/main", cwd=fleet.work)
+
+
+def still_old(host: Host, k: int) -> list[int]:
+    """The files at version k, in write order; fails for a file at neither k nor k+1."""
+    old = []
+    for i in ORDER:
+        path = host.path(dest(i))
+        assert path.is_file() and not path.is_symlink(), f"{dest(i)} missing or not a file"
+        data = path.read_bytes()
+        if data == body(i, k):
+            old.append(i)
+        elif data != body(i, k + 1):
+            raise AssertionError(
+                f"{dest(i)} is neither version {k} nor {k + 1}: {data[:40]!r}… ({len(data)} bytes)"
+            )
+    return old
+
+
+def temp_files(base: Path) -> list[str]:
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*.reconciler-tmp"))
+
+
+ORDER = sorted(range(FILES), key=lambda i: PurePosixPath(dest(i)))  # the order runs write in
+
+
+def inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class Timeline:
+    """When things happened in one run, in seconds after its start (None: not seen)."""
+
+    journal: float | None = None  # journal.json written
+    first_rename: float | None = None  # the first file replaced
+    last_rename: float | None = None  # the last file replaced
+    end: float | None = None
+
+
+def watch_unkilled_run(host: Host) -> Timeline:
+    """Run a pull to its end, watching (busy-polling) its journal and files."""
+    journal = host.state_dir / "journal.json"
+    first, last = host.path(dest(ORDER[0])), host.path(dest(ORDER[-1]))
+    before = (inode(journal), inode(first), inode(last))
+    seen = Timeline()
+    proc = start(host, "pull")
+    t0 = time.monotonic()
+    while proc.poll() is None:
+        now = time.monotonic() - t0
+        if seen.journal is None and inode(journal) != before[0]:
+            seen.journal = now
+        if seen.first_rename is None and inode(first) != before[1]:
+            seen.first_rename = now
+        if seen.last_rename is None and inode(last) != before[2]:
+            seen.last_rename = now
+    seen.end = time.monotonic() - t0
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    return seen
+
+
+def run_and_kill(host: Host, delay: float, anchor=None) -> None:
+    """Start a pull and SIGKILL it ``delay`` seconds after it started or, with
+    ``anchor``, ``delay`` seconds after ``anchor()`` first returned True.
+
+    A run that ended before the kill must have succeeded."""
+    proc = start(host, "pull")
+    if anchor is not None:
+        while proc.poll() is None and not anchor():
+            pass  # busy-poll: the write burst of a batch lasts milliseconds
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode in (0, -signal.SIGKILL), (proc.returncode, err, out[-2000:])
+
+
+LANDED = ("before the journal", "journal", "mid-apply", "files done", "after")
+
+
+@dataclass
+class Tally:
+    """Where the kills landed, judged by what was on disk right after each."""
+
+    before_journal: list[str] = field(default_factory=list)  # no journal, no file changed
+    journal_no_files: list[str] = field(default_factory=list)  # journal, every file old
+    mid_apply: list[str] = field(default_factory=list)  # files at both versions
+    files_done: list[str] = field(default_factory=list)  # all new, journal still there
+    after_finish: list[str] = field(default_factory=list)  # all new, journal archived
+    chained: int = 0  # kills of a run that was itself recovering a killed one
+    temp_left_by_kill: int = 0
+    state_dir_temp: set[str] = field(default_factory=set)
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("killed", "recovering", "further"), 0.0)
+    )
+
+    def buckets(self) -> tuple[list[str], ...]:
+        return (
+            self.before_journal,
+            self.journal_no_files,
+            self.mid_apply,
+            self.files_done,
+            self.after_finish,
+        )
+
+    def total(self) -> int:
+        return sum(len(x) for x in self.buckets())
+
+    def summary(self) -> str:
+        return (
+            f"{self.total()} kills ({self.chained} of a recovering run): "
+            f"{len(self.before_journal)} before the journal, "
+            f"{len(self.journal_no_files)} journal written but no file replaced yet, "
+            f"{len(self.mid_apply)} mid-apply (files at both versions), "
+            f"{len(self.files_done)} after the files but before the run ended, "
+            f"{len(self.after_finish)} after the journal was archived; "
+            f"{self.temp_left_by_kill} temp files found under the root right after kills; "
+            f"kill points {dict(zip(LANDED, self.buckets(), strict=True))}; "
+            f"seconds spent { ({k: round(v, 1) for k, v in self.seconds.items()}) }"
+        )
+
+
+class KillPlan:
+    """Kill points: a time sweep of the whole run from its start, then points anchored
+    on the journal (the staging of temp files) and on the first replaced file (the
+    burst of renames). The windows shrink when a kill lands after them: the load
+    of the machine changes how long a run takes."""
+
+    def __init__(self, timeline: Timeline) -> None:
+        end = timeline.end or 1.0
+        self.sweep = [0.0, 0.01, 0.03, 0.06, 0.1, 0.2, 0.3]
+        self.sweep += [end * f for f in (0.3, 0.5, 0.7, 0.9, 1.1)]
+        self.staging = max((timeline.first_rename or end) - (timeline.journal or 0.0), 0.01)
+        self.burst = max((timeline.last_rename or end) - (timeline.first_rename or end), 0.002)
+        self.n = 0
+
+    def next(self, *, recovering: bool) -> tuple[str, float, str | None]:
+        """(label, delay, anchor kind); a recovering run is killed in its renames."""
+        self.n += 1
+        u = (self.n * 0.6180339887) % 1.0
+        if recovering:
+            return f"rename+{self.burst * u:.4f} (recovering run)", self.burst * u, "rename"
+        if self.sweep:
+            delay = self.sweep.pop(0)
+            return f"t+{delay:.2f}", delay, None
+        if self.n % 2 == 0:
+            return f"journal+{self.staging * u:.3f}", self.staging * u, "journal"
+        return f"rename+{self.burst * u:.4f}", self.burst * u, "rename"
+
+    def observe(self, kind: str | None, delay: float, all_new: bool) -> None:
+        """A kill after ``delay`` found every file replaced: the window is shorter."""
+        if not all_new:
+            return
+        if kind == "rename":
+            self.burst = max(min(self.burst, delay * 0.8), 0.001)
+        elif kind == "journal":
+            self.staging = max(min(self.staging, delay * 0.8), 0.005)
+
+
+def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
+    fleet, make_host, tmp_path
+):
+    test_started = time.monotonic()
+    marks = tmp_path / "post-marks"
+    fleet.write("hosts/bulkhost.yaml", "apps: [bulk]\n")
+    fleet.write("scripts/post/bulk/10-mark", MARK_SCRIPT.format(marks=marks), executable=True)
+    for i in range(FILES):
+        fleet.write(f"{BULK_DIR}{dest(i)}", body(i, 0))
+    fleet.commit("bulk app, version 0")
+    versions = [fleet.head(), *import_versions(fleet, 1, KILLS + 2)]  # [v]: version v
+    host = make_host("bulkhost")
+    pull_report(host)
+    assert len(still_old(host, 0)) == FILES
+
+    # An unkilled run that rewrites all 500 files (version 0 → 1), watched.
+    publish(fleet, versions[1])
+    timeline = watch_unkilled_run(host)
+    assert still_old(host, 0) == []
+    assert timeline.journal is not None and timeline.first_rename is not None, timeline
+
+    tally = Tally()
+    plan = KillPlan(timeline)
+    journal = host.state_dir / "journal.json"
+    journal_log = host.state_dir / "journal.log"
+    kills = 0
+    k = 1  # the version on disk before the round
+    while kills < KILLS:
+        publish(fleet, versions[k + 1])
+        old = list(ORDER)  # files still at version k
+        chain = 0  # kills in this round that got into the run
+        while kills < KILLS:
+            old_before = len(old)
+            label, delay, kind = plan.next(recovering=chain > 0)
+            tally.chained += chain > 0
+            journal_ino = inode(journal)
+            anchor_file = host.path(dest(old[0]))
+            anchor_ino = inode(anchor_file)
+            anchor = {
+                None: None,
+                "journal": lambda: inode(journal) not in (None, journal_ino),  # noqa: B023
+                "rename": lambda: inode(anchor_file) != anchor_ino,  # noqa: B023
+            }[kind]
+            t0 = time.monotonic()
+            run_and_kill(host, delay, anchor)
+            tally.seconds["killed"] += time.monotonic() - t0
+            kills += 1
+
+            # As the kill left it: every file whole, old or new.
+            old = still_old(host, k)
+            plan.observe(kind, delay, all_new=not old)
+            tally.temp_left_by_kill += len(temp_files(host.root))
+            killed_run = json.loads(journal.read_bytes())["run_id"] if journal.exists() else None
+            phases = journal_log.read_text().splitlines() if journal_log.exists() else []
+            where = (
+                f"kill {kills} at {label} (round to version {k + 1}): {len(old)} old, "
+                f"{FILES - len(old)} new files, journal phases {phases}"
+            )
+            if killed_run is None and len(old) not in (old_before, 0):
+                raise AssertionError(f"{where}: files changed but no journal to finish the run")
+            if killed_run is None and len(old) == old_before:
+                tally.before_journal.append(label)
+                continue  # it changed nothing: the next run faces the same commit
+            if killed_run is None:
+                tally.after_finish.append(label)
+            elif old and len(old) < FILES:
+                tally.mid_apply.append(label)
+            elif not old:
+                tally.files_done.append(label)
+            else:
+                tally.journal_no_files.append(label)
+            chain += 1
+            if not (old and len(old) < FILES and chain < CHAIN):
+                break  # else kill the run that recovers this one, too
+
+        # The next run finishes the interrupted one.
+        t0 = time.monotonic()
+        recovering = pull_report(host)
+        tally.seconds["recovering"] += time.monotonic() - t0
+        assert recovering["errors"] == [], where
+        assert still_old(host, k) == [], where
+        assert temp_files(host.root) == [], where
+        assert not journal.exists(), where
+        assert recovering["applied_commit"] == versions[k + 1], where
+        tally.state_dir_temp.update(p.name for p in host.state_dir.glob("*.reconciler-tmp"))
+        recovered = recovering["recovered"]
+        if killed_run is None:
+            assert recovered is None, where
+            if not old:  # killed after the run had done all its work
+                assert recovering["changes"] == [], where
+        else:
+            assert recovered is not None, where
+            assert recovered["run_id"] == killed_run, where
+            if "files bulk" in phases and "done bulk" not in phases:
+                assert "bulk" in recovered["post_scripts_rerun"], where
+                runs = [(s["phase"], s["app"], s["name"]) for s in recovering["scripts"]]
+                assert ("post", "bulk", "10-mark") in runs, where
+                assert recovering["run_id"] in marks.read_text(), where
+            if "done bulk" in phases:
+                assert "bulk" not in recovered["post_scripts_rerun"], where
+        # Whatever was killed, the post script last saw the files as they are now.
+        last_mark = marks.read_text().splitlines()[-1].split()
+        assert last_mark[1] == version_sum(k + 1), (where, last_mark)
+
+        if killed_run is not None:
+            # Converged: a further run changes nothing.
+            t0 = time.monotonic()
+            again = pull_report(host)
+            tally.seconds["further"] += time.monotonic() - t0
+            assert again["result"] == "ok", (where, again["changes"], again["drift"])
+            assert again["changes"] == [] and again["recovered"] is None, where
+        k += 1
+
+    tally.seconds["whole test"] = time.monotonic() - test_started
+    print(f"\nan unkilled run of {FILES} changes: {timeline}")
+    print(tally.summary())
+    if tally.state_dir_temp:
+        print(f"temp files left in the state dir: {sorted(tally.state_dir_temp)}")
+    assert tally.total() == KILLS
+    assert len(tally.mid_apply) >= 6, tally.summary()
+    assert len(tally.before_journal) >= 5, tally.summary()
+    assert tally.journal_no_files, tally.summary()
+    assert tally.chained >= 2, tally.summary()
+
+
+# Post script of app `owed`: records its pid, waits while the gate file exists,
+# then appends the run id.
+GATED_POST = """#!/bin/sh
+set -eu
+echo $$ > '{pid}'
+while [ -e '{gate}' ]; do sleep 0.02; done
+printf '%s\\n' "$RECONCILER_RUN_ID" >> '{marks}'
+"""
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def kill_script(pid_file: Path) -> None:
+    """SIGKILL the gated script a killed run left behind (systemd would kill the cgroup)."""
+    pid = int(pid_file.read_text())
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_post_scripts_owed_by_a_killed_run_survive_a_second_kill(fleet, make_host, tmp_path):
+    """Run A is killed after writing app `owed`'s files, before its post script ended.
+
+    Run B recovers A (the post script is now owed) but is killed too, before it
+    reaches that script. Run C must still run it: the files changed and nothing
+    has reloaded the service yet.
+    """
+    marks, gate, pid = tmp_path / "marks", tmp_path / "gate", tmp_path / "pid"
+    slow_gate, slow_pid = tmp_path / "slow-gate", tmp_path / "slow-pid"
+    fleet.write("hosts/owedhost.yaml", "apps: [slow, owed]\n")
+    fleet.write("templates/slow/app.yaml", "scripts: {post_always: true}\n")
+    fleet.write("templates/slow/default/etc/slow.conf", "slow\n")
+    fleet.write(
+        "scripts/post/slow/10-wait",
+        GATED_POST.format(pid=slow_pid, gate=slow_gate, marks=tmp_path / "slow-marks"),
+        executable=True,
+    )
+    for i in range(5):
+        fleet.write(f"templates/owed/default/etc/owed/{i}.conf", f"{i} v0\n")
+    fleet.write(
+        "scripts/post/owed/10-reload",
+        GATED_POST.format(pid=pid, gate=gate, marks=marks),
+        executable=True,
+    )
+    fleet.commit("owed app, version 0")
+    host = make_host("owedhost")
+    pull_report(host)
+    assert len(marks.read_text().splitlines()) == 1
+    pid.unlink()
+
+    for i in range(5):
+        fleet.write(f"templates/owed/default/etc/owed/{i}.conf", f"{i} v1\n")
+    fleet.commit("owed app, version 1")
+
+    # A: killed while its post script of `owed` waits at the gate.
+    gate.touch()
+    a = start(host, "pull")
+    wait_for(pid.exists, "run A's post script of app owed")
+    a.send_signal(signal.SIGKILL)
+    a.communicate(timeout=30)
+    kill_script(pid)
+    pid.unlink()
+    journal = json.loads((host.state_dir / "journal.json").read_bytes())
+    phases = (host.state_dir / "journal.log").read_text().splitlines()
+    assert "files owed" in phases and "done owed" not in phases, phases
+    assert all(host.path(f"/etc/owed/{i}.conf").read_text() == f"{i} v1\n" for i in range(5))
+    assert len(marks.read_text().splitlines()) == 1  # the reload never happened
+    gate.unlink()
+
+    # B: recovers A, then is killed in app `slow`'s post script, before `owed`.
+    slow_gate.touch()
+    slow_pid.unlink()
+    b = start(host, "pull")
+    wait_for(slow_pid.exists, "run B's post script of app slow")
+    b.send_signal(signal.SIGKILL)
+    b.communicate(timeout=30)
+    kill_script(slow_pid)
+    slow_gate.unlink()
+    assert len(marks.read_text().splitlines()) == 1  # still owed
+
+    # C: a normal run.
+    report = pull_report(host)
+
+    ran = [(s["phase"], s["app"], s["name"]) for s in report["scripts"]]
+    assert ("post", "owed", "10-reload") in ran, (
+        f"the post script of app owed that run {journal['run_id']} owed was never run: "
+        f"report of run C: scripts {ran}, recovered {report['recovered']}"
+    )
+    assert report["run_id"] in marks.read_text()
