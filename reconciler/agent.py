@@ -34,6 +34,7 @@ from .report import build_report, commit_report, write_last_run
 from .rollback import read_hold, release_hold, rollback
 from .scan import ActualFile, host_path
 from .source import (
+    NET_ATTEMPTS,
     FetchResult,
     GitSnapshot,
     SourceInfo,
@@ -610,7 +611,14 @@ def _fetch(
     delay = 1.0
     while True:
         try:
-            result = fetch(repo, url, config.branch, config.node, callbacks)
+            result = fetch(
+                repo,
+                url,
+                config.branch,
+                config.node,
+                callbacks,
+                attempts=1 if boot else NET_ATTEMPTS,
+            )
             if result.fetched or time.monotonic() >= deadline:
                 return result
             reason = result.error

@@ -265,6 +265,8 @@ def fetch(
     branch: str,
     node: str,
     callbacks: pygit2.RemoteCallbacks | None = None,
+    *,
+    attempts: int = NET_ATTEMPTS,
 ) -> FetchResult:
     """Fetch ``branch`` and ``reports/<node>`` from ``url`` into ``repo``.
 
@@ -275,7 +277,8 @@ def fetch(
     again up to NET_ATTEMPTS times, NET_JITTER_S apart at random, like a
     report push (issue #5: 50 hosts at once must all get through); a refusal
     from our own checks (host key, credentials, TLS certificate) is final at
-    once. On failure, fall back to the last fetched commit with
+    once. ``attempts=1`` for a caller with its own back-off (``pull --boot``).
+    On failure, fall back to the last fetched commit with
     ``fetched=False`` and the error text (SPEC §4 step 1). Raises SourceError
     when nothing was ever fetched or the branch does not exist.
     """
@@ -287,7 +290,7 @@ def fetch(
     received = 0
     begin = getattr(callbacks, "begin", lambda: None)
     explain = getattr(callbacks, "explain", None)
-    for attempt in range(NET_ATTEMPTS):
+    for attempt in range(attempts):
         error = None
         remote = repo.remotes.create_anonymous(url)
         try:
@@ -314,8 +317,8 @@ def fetch(
             error = explain(f"fetch failed: {exc}") if explain else plain
             if error != plain:
                 break  # explained as a refusal (credentials, certificate): final
-            log.info("%s (try %d of %d)", error, attempt + 1, NET_ATTEMPTS)
-            if attempt + 1 < NET_ATTEMPTS:
+            log.info("%s (try %d of %d)", error, attempt + 1, attempts)
+            if attempt + 1 < attempts:
                 _jitter()
     try:
         commit = str(repo.references[tracking_ref(branch)].target)
