@@ -355,6 +355,14 @@ _worker_job: list[_RenderJob] = []
 
 
 def _worker_init(job: _RenderJob) -> None:
+    import signal
+
+    # A forked worker inherits the agent's handlers (``reconciler run``: SIGTERM
+    # only sets a flag). The pool stops its workers with SIGTERM: with the
+    # inherited handler a worker would live on and the agent would hang in
+    # join, holding the state lock. Workers take the defaults.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
     _worker_job[:] = [job]
 
 
@@ -373,6 +381,8 @@ def _render_parallel(job: _RenderJob, jobs: list[Job], workers: int) -> dict[Pur
     context = multiprocessing.get_context("fork")
     with context.Pool(workers, initializer=_worker_init, initargs=(job,)) as pool:
         results = pool.map(_worker_render, chunks)
+        pool.close()  # workers exit on their own; terminate() at the end finds none
+        pool.join()
     errors = [e for _, e in results if e]
     if errors:
         order = {repo_path: i for i, (_, repo_path, _) in enumerate(jobs)}

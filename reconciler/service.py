@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -100,6 +101,9 @@ class Agent:
         delay = backoff_delay(self._failures, self.config.interval)
         if self._failures == 0:
             delay += splay_offset(self.config.node, self.config.splay)
+        else:
+            # ±20 %: hosts that lost the server together must not come back in step.
+            delay *= random.uniform(0.8, 1.2)
         # schedule takes float seconds at run time (timedelta); its hint says int.
         self._scheduler.every(max(delay, 0.05)).seconds.do(self._periodic)  # type: ignore[arg-type]
         self._write_agent_file(delay)
@@ -130,6 +134,10 @@ class Agent:
             outcome = reconcile_once(self.config, RunOptions())
         except ReconcilerError as exc:
             log.error("%s", exc)
+            self._failures = 0
+        except Exception as exc:  # a bug or the OS (disk full): the agent must live on
+            log.error("run failed unexpectedly: %r — the agent keeps running", exc)
+            log.debug("unexpected error", exc_info=True)
             self._failures = 0
         else:
             report = outcome.report

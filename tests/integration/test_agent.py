@@ -251,3 +251,31 @@ def _is_ancestor(bare, commit: str, tip: str) -> bool:
         ["git", "merge-base", "--is-ancestor", commit, tip], cwd=bare, capture_output=True
     )
     return proc.returncode == 0
+
+
+def test_many_full_runs_with_parallel_render_never_hang_and_sigterm_still_ends_it(
+    fleet, make_host, tmp_path
+):
+    # >= 64 templates: render forks workers (render.PARALLEL_MIN_TEMPLATES). They
+    # must not inherit the agent's flag-only SIGTERM handler, or the pool's
+    # shutdown waits forever with the state lock held (seen in the soak bench).
+    fleet.write("hosts/bulk.yaml", "apps: [many]\nvars: {generation: 0}\n")
+    for i in range(80):
+        fleet.write(
+            f"templates/many/default/srv/many/f{i:02d}.conf.j2",
+            f"# file {i} of {{{{ node.name }}}}\n{{% for k in range(3) %}}k{{{{ k }}}}={i}\n"
+            "{% endfor %}generation={{ generation }}\n",
+        )
+    fleet.commit("bulk: 80 templates")
+    host = make_host("bulk")
+    with running_agent(host, tmp_path / "agent.log", interval="1h") as agent:
+        agent.wait_runs(1, timeout=30)
+        for generation in range(1, 13):
+            fleet.write("hosts/bulk.yaml", f"apps: [many]\nvars: {{generation: {generation}}}\n")
+            fleet.commit(f"bulk: generation {generation}")
+            agent.send(signal.SIGUSR1)
+            runs = agent.wait_runs(generation + 1, timeout=30)
+            assert runs[-1].result == "changed" and runs[-1].changed == 80, runs[-1].line
+        assert host.path("/srv/many/f79.conf").read_text().endswith("generation=12\n")
+        agent.send(signal.SIGTERM)
+        assert agent.proc.wait(timeout=20) == 0, agent.context()
