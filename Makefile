@@ -25,3 +25,25 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (issue 7, SPEC §7); nothing here runs in `make test`.
+# bench/.venv-ansible holds the bench-only tools (ansible-core, matplotlib).
+BENCH_VENV  := bench/.venv-ansible
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+.PHONY: bench bench-soak
+
+$(BENCH_STAMP): bench/requirements.txt
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+# < 10 minutes on 2 cores: table on stdout and in bench/results/ (results.md, scaling.png).
+# BENCH_ANSIBLE=full also runs Ansible's cold apply (~3 more minutes); BENCH_BUDGET=seconds.
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/run.py
+
+# The agent over 1,000 runs: bench/results/soak.md (RSS start, peak, end, trend).
+bench-soak: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/soak.py
