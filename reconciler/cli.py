@@ -182,7 +182,8 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         _print_run(outcome, out)
     for error in outcome.report["errors"]:
-        _error_line(err, error, args.log_format)
+        # SPEC §3: the line names the node too (on a shared log, many hosts' lines mix).
+        _error_line(err, f"node {config.node}: {error}", args.log_format)
     if outcome.result == "failed":
         return 1
     if args.detailed_exitcode and outcome.result in ("changed", "drift"):
@@ -199,7 +200,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     config = _config(args)
     outcome = reconcile_once(config, RunOptions(dry_run=True, state=args.state))
     for error in outcome.report["errors"]:
-        err.write(f"reconciler: {error}\n")
+        err.write(f"reconciler: node {config.node}: {error}\n")
     if outcome.plan is None or outcome.target is None:
         return 1
     root = Path(config.root)
@@ -460,7 +461,7 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(f"rolled back run {rolled}: {len(outcome.report['changes'])} paths restored")
         out.write("; held until a new commit arrives\n" if args.hold else "\n")
     for error in outcome.report["errors"]:
-        err.write(f"reconciler: {error}\n")
+        err.write(f"reconciler: node {config.node}: {error}\n")
     return 1 if outcome.report["errors"] else 0
 
 

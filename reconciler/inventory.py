@@ -363,7 +363,8 @@ def load_inventory(snapshot: Snapshot, cache: dict[str, Any] | None = None) -> I
     inventory, problems = inventory_problems(snapshot, cache)
     if inventory is None:
         more = (
-            f" (and {len(problems) - 1} more problems; run reconciler validate)"
+            f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}; "
+            "run reconciler validate)"
             if len(problems) > 1
             else ""
         )

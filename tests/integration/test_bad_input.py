@@ -134,7 +134,9 @@ def test_invalid_repository_fails_closed_and_changes_nothing(fleet, make_host, s
             proc = host.pull()
 
             assert proc.returncode == 1, (proc.stdout, proc.stderr)
-            assert_clean_error(proc.stderr, *named)
+            lines = assert_clean_error(proc.stderr, *named, "web1")
+            assert len(lines) == 1, lines  # one clear line (SPEC §3), naming file and node
+            assert " — " in lines[0], f"no 'what to do' in {lines[0]!r}"
             assert tree_snapshot(host.root) == before
             assert not (host.root.parent / "escaped-by-dotdot").exists()
             report = fleet.report("web1")
@@ -159,7 +161,8 @@ def test_invalid_file_fails_every_node_even_on_a_first_run(fleet, make_host):
     proc = host.pull()
 
     assert proc.returncode == 1
-    assert_clean_error(proc.stderr, "hosts/dhcp.yaml")
+    lines = assert_clean_error(proc.stderr, "hosts/dhcp.yaml", "node db1")
+    assert len(lines) == 1, lines
     assert tree_snapshot(host.root) == {}
 
 
