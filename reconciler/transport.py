@@ -211,7 +211,22 @@ class Callbacks(pygit2.RemoteCallbacks):
 
     # -- credentials ----------------------------------------------------
 
+    def ssh_user(self, username_from_url: str | None) -> str:
+        """The SSH login: the URL's ``user@``, else ``auth.ssh_user``, else ``git``."""
+        return username_from_url or self.endpoint.user or self.auth.ssh_user or "git"
+
     def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
+        """Answer libgit2's credential ask: a login name, a deploy key or a token.
+
+        For an ``ssh://host/path`` URL without ``user@`` libgit2 first asks for
+        the login name alone (``allowed_types`` is exactly USERNAME), then, on
+        the same connection, for a key. The name is not a secret and is not
+        counted: only keys and tokens are offered once per connection.
+        Raises SourceError on a second ask (the server refused) or when the
+        configuration lacks what the URL's scheme needs.
+        """
+        if allowed_types == pygit2.enums.CredentialType.USERNAME:
+            return pygit2.Username(self.ssh_user(username_from_url))
         # libgit2 asks again after every refusal: a second ask on one connection
         # means the server said no. Stop there rather than replay a bad token
         # (servers ban clients after a few failed logins).
@@ -223,7 +238,7 @@ class Callbacks(pygit2.RemoteCallbacks):
                 raise SourceError(f"{self.url}: auth.ssh_key is not set — configure a deploy key")
             private = self.auth.ssh_key
             public = private + ".pub"
-            user = username_from_url or self.endpoint.user or "git"
+            user = self.ssh_user(username_from_url)
             return pygit2.Keypair(user, public if os.path.exists(public) else None, private, "")
         if self.auth.token_file:
             try:
