@@ -304,10 +304,16 @@ def callbacks_for(url: str, auth: AuthConfig) -> Callbacks:
     """Callbacks for ``url``; checks the configuration an SSH or token source needs.
 
     Raises ConfigError (exit 2) for an SSH source without ``auth.ssh_key`` or
-    ``auth.known_hosts``, or a missing CA bundle.
+    ``auth.known_hosts``, a token with a cleartext ``http://`` URL (anyone on
+    the path could read it and replay it), or a missing CA bundle.
     """
     install_hostkey_check()
     endpoint = parse_remote(url)
+    if endpoint.scheme == "http" and auth.token_file:
+        raise ConfigError(
+            f"repo: {url}: auth.token_file would be sent in cleartext over http:// — use the "
+            "server's https:// URL"
+        )
     if endpoint.scheme == "ssh":
         if not auth.known_hosts:
             raise ConfigError(
