@@ -14,7 +14,8 @@ so it is read as bytes). :func:`install_hostkey_check` re-registers that
 callback once per process: for SSH it asks our callbacks object to verify
 the key, and refuses when the object cannot (fail closed, never "accept");
 everything else goes to pygit2's own callback. The pygit2 version range is
-pinned in pyproject.toml because of this layout.
+pinned in pyproject.toml because of this layout, and on any other libgit2 an
+SSH source is refused (:func:`require_hostkey_layout`) rather than read wrongly.
 """
 
 from __future__ import annotations
@@ -41,6 +42,30 @@ log = logging.getLogger(__name__)
 GIT_CERT_SSH_SHA256 = 1 << 2  # git_cert_ssh_t flag: hash_sha256 is filled in
 HOSTKEY_STRUCT_SIZE = 96  # sizeof(git_cert_hostkey) in libgit2 1.9
 SHA256_OFFSET = 44
+HOSTKEY_LAYOUT_LIBGIT2 = (1, 9)  # the libgit2 minor whose layout the offsets above describe
+
+
+def hostkey_layout_supported(version: tuple[int, ...]) -> bool:
+    """True when libgit2 ``version`` (``pygit2.LIBGIT2_VER``) is the 1.9 series, whose
+    ``git_cert_hostkey`` layout the host-key check reads by offset (module docstring)."""
+    return tuple(version[:2]) == HOSTKEY_LAYOUT_LIBGIT2
+
+
+def require_hostkey_layout(url: str, version: tuple[int, ...] = pygit2.LIBGIT2_VER) -> None:
+    """Refuse an SSH source when libgit2 is not the version the host-key check knows.
+
+    Another libgit2 may lay the struct out differently: reading it by the 1.9
+    offsets would compare the wrong bytes, so SSH fails closed instead (NOTES.md).
+    Raises ConfigError (exit 2) naming the version and the way out.
+    """
+    if not hostkey_layout_supported(version):
+        found = ".".join(str(part) for part in version)
+        want = ".".join(str(part) for part in HOSTKEY_LAYOUT_LIBGIT2)
+        raise ConfigError(
+            f"repo: {url}: pygit2 is built on libgit2 {found}, but the SSH host-key check reads "
+            f"libgit2 {want}'s layout — install the pygit2 version pinned in pyproject.toml for "
+            "ssh:// sources (https://, git:// and file:// sources keep working)"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,6 +310,7 @@ def install_hostkey_check() -> None:
             check = getattr(data, "check_ssh_hostkey", None)
             if check is None:
                 return int(C.GIT_ECERTIFICATE)  # never accept an unchecked SSH host
+            require_hostkey_layout(ffi.string(host).decode())  # never read an unknown layout
             raw = bytes(ffi.buffer(ffi.cast("unsigned char *", cert), HOSTKEY_STRUCT_SIZE))
             kinds = int.from_bytes(raw[4:8], sys.byteorder)
             if not kinds & GIT_CERT_SSH_SHA256:
@@ -304,7 +330,7 @@ def callbacks_for(url: str, auth: AuthConfig) -> Callbacks:
     """Callbacks for ``url``; checks the configuration an SSH or token source needs.
 
     Raises ConfigError (exit 2) for an SSH source without ``auth.ssh_key`` or
-    ``auth.known_hosts``, a token with a cleartext ``http://`` URL (anyone on
+    ``auth.known_hosts`` or on an unknown libgit2 (:func:`require_hostkey_layout`), a token with a cleartext ``http://`` URL (anyone on
     the path could read it and replay it), or a missing CA bundle.
     """
     install_hostkey_check()
@@ -315,6 +341,7 @@ def callbacks_for(url: str, auth: AuthConfig) -> Callbacks:
             "server's https:// URL"
         )
     if endpoint.scheme == "ssh":
+        require_hostkey_layout(url)
         if not auth.known_hosts:
             raise ConfigError(
                 f"repo: {url}: an ssh source needs auth.known_hosts (host keys are always "
