@@ -51,6 +51,7 @@ class AuthConfig:
     """Credentials for the desired-state repository (SPEC §2 ``auth``)."""
 
     ssh_key: str | None = None
+    ssh_user: str | None = None  # for an ssh:// URL without user@ (default "git")
     known_hosts: str | None = None
     token_file: str | None = None
     ca_file: str | None = None

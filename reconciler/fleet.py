@@ -93,10 +93,17 @@ def remote_callbacks(url: str, auth: AuthConfig) -> pygit2.RemoteCallbacks | Non
     ssh-agent, and host keys are checked against ``~/.ssh/known_hosts``
     unless ``auth.known_hosts`` names another file.
     """
-    from .transport import Callbacks, callbacks_for, install_hostkey_check, is_ssh
+    from .transport import (
+        Callbacks,
+        callbacks_for,
+        install_hostkey_check,
+        is_ssh,
+        require_hostkey_layout,
+    )
 
     if not is_ssh(url) or auth.ssh_key:
         return callbacks_for(url, auth)
+    require_hostkey_layout(url)
 
     class AgentCallbacks(Callbacks):
         """Callbacks that take the SSH key from ssh-agent."""

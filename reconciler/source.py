@@ -278,15 +278,17 @@ def fetch(
     report push (issue #5: 50 hosts at once must all get through); a refusal
     from our own checks (host key, credentials, TLS certificate) is final at
     once. ``attempts=1`` for a caller with its own back-off (``pull --boot``).
-    On failure, fall back to the last fetched commit with
+    On failure — the branch missing on the server included (deleted or
+    renamed there) — fall back to the last fetched commit with
     ``fetched=False`` and the error text (SPEC §4 step 1). Raises SourceError
-    when nothing was ever fetched or the branch does not exist.
+    only when nothing was ever fetched.
     """
     refspecs = [
         f"+refs/heads/{branch}:{tracking_ref(branch)}",
         f"+{report_ref(node)}:{remote_report_ref(node)}",
     ]
     error: str | None = None
+    missing = False  # the server answered, but has no such branch (final: not retried)
     received = 0
     begin = getattr(callbacks, "begin", lambda: None)
     explain = getattr(callbacks, "explain", None)
@@ -297,7 +299,11 @@ def fetch(
             begin()
             heads = {h.name: str(h.oid) for h in remote.list_heads(callbacks=callbacks)}
             if f"refs/heads/{branch}" not in heads:
-                raise SourceError(f"{url}: branch {branch!r} not found — check --branch and --repo")
+                missing = True
+                error = (
+                    f"{url}: branch {branch!r} not found on the server — check --branch and --repo"
+                )
+                break
             up_to_date = heads[f"refs/heads/{branch}"] == _ref_target(repo, tracking_ref(branch))
             report_tip = heads.get(report_ref(node))
             if report_tip is not None and report_tip != _ref_target(repo, remote_report_ref(node)):
@@ -308,8 +314,6 @@ def fetch(
                 received = int(progress.received_bytes)
             break
         except SourceError as exc:
-            if "not found" in str(exc):
-                raise
             error = str(exc)
             break  # our own checks refused (host key, credentials): retrying cannot help
         except (pygit2.GitError, OSError) as exc:
@@ -323,10 +327,12 @@ def fetch(
     try:
         commit = str(repo.references[tracking_ref(branch)].target)
     except KeyError:
+        if missing and error is not None:
+            raise SourceError(error) from None  # it already says what to do: check --branch
         if error is not None:
             raise SourceError(f"{error} — and no earlier fetch to fall back on") from None
         raise SourceError(
-            f"{url}: branch {branch!r} not found — check --branch and --repo"
+            f"{url}: branch {branch!r} not found on the server — check --branch and --repo"
         ) from None
     return FetchResult(commit=commit, fetched=error is None, error=error, received_bytes=received)
 

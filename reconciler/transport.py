@@ -14,7 +14,8 @@ so it is read as bytes). :func:`install_hostkey_check` re-registers that
 callback once per process: for SSH it asks our callbacks object to verify
 the key, and refuses when the object cannot (fail closed, never "accept");
 everything else goes to pygit2's own callback. The pygit2 version range is
-pinned in pyproject.toml because of this layout.
+pinned in pyproject.toml because of this layout, and on any other libgit2 an
+SSH source is refused (:func:`require_hostkey_layout`) rather than read wrongly.
 """
 
 from __future__ import annotations
@@ -41,6 +42,30 @@ log = logging.getLogger(__name__)
 GIT_CERT_SSH_SHA256 = 1 << 2  # git_cert_ssh_t flag: hash_sha256 is filled in
 HOSTKEY_STRUCT_SIZE = 96  # sizeof(git_cert_hostkey) in libgit2 1.9
 SHA256_OFFSET = 44
+HOSTKEY_LAYOUT_LIBGIT2 = (1, 9)  # the libgit2 minor whose layout the offsets above describe
+
+
+def hostkey_layout_supported(version: tuple[int, ...]) -> bool:
+    """True when libgit2 ``version`` (``pygit2.LIBGIT2_VER``) is the 1.9 series, whose
+    ``git_cert_hostkey`` layout the host-key check reads by offset (module docstring)."""
+    return tuple(version[:2]) == HOSTKEY_LAYOUT_LIBGIT2
+
+
+def require_hostkey_layout(url: str, version: tuple[int, ...] = pygit2.LIBGIT2_VER) -> None:
+    """Refuse an SSH source when libgit2 is not the version the host-key check knows.
+
+    Another libgit2 may lay the struct out differently: reading it by the 1.9
+    offsets would compare the wrong bytes, so SSH fails closed instead (NOTES.md).
+    Raises ConfigError (exit 2) naming the version and the way out.
+    """
+    if not hostkey_layout_supported(version):
+        found = ".".join(str(part) for part in version)
+        want = ".".join(str(part) for part in HOSTKEY_LAYOUT_LIBGIT2)
+        raise ConfigError(
+            f"repo: {url}: pygit2 is built on libgit2 {found}, but the SSH host-key check reads "
+            f"libgit2 {want}'s layout — install the pygit2 version pinned in pyproject.toml for "
+            "ssh:// sources (https://, git:// and file:// sources keep working)"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,7 +236,22 @@ class Callbacks(pygit2.RemoteCallbacks):
 
     # -- credentials ----------------------------------------------------
 
+    def ssh_user(self, username_from_url: str | None) -> str:
+        """The SSH login: the URL's ``user@``, else ``auth.ssh_user``, else ``git``."""
+        return username_from_url or self.endpoint.user or self.auth.ssh_user or "git"
+
     def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
+        """Answer libgit2's credential ask: a login name, a deploy key or a token.
+
+        For an ``ssh://host/path`` URL without ``user@`` libgit2 first asks for
+        the login name alone (``allowed_types`` is exactly USERNAME), then, on
+        the same connection, for a key. The name is not a secret and is not
+        counted: only keys and tokens are offered once per connection.
+        Raises SourceError on a second ask (the server refused) or when the
+        configuration lacks what the URL's scheme needs.
+        """
+        if allowed_types == pygit2.enums.CredentialType.USERNAME:
+            return pygit2.Username(self.ssh_user(username_from_url))
         # libgit2 asks again after every refusal: a second ask on one connection
         # means the server said no. Stop there rather than replay a bad token
         # (servers ban clients after a few failed logins).
@@ -223,7 +263,7 @@ class Callbacks(pygit2.RemoteCallbacks):
                 raise SourceError(f"{self.url}: auth.ssh_key is not set — configure a deploy key")
             private = self.auth.ssh_key
             public = private + ".pub"
-            user = username_from_url or self.endpoint.user or "git"
+            user = self.ssh_user(username_from_url)
             return pygit2.Keypair(user, public if os.path.exists(public) else None, private, "")
         if self.auth.token_file:
             try:
@@ -270,6 +310,7 @@ def install_hostkey_check() -> None:
             check = getattr(data, "check_ssh_hostkey", None)
             if check is None:
                 return int(C.GIT_ECERTIFICATE)  # never accept an unchecked SSH host
+            require_hostkey_layout(ffi.string(host).decode())  # never read an unknown layout
             raw = bytes(ffi.buffer(ffi.cast("unsigned char *", cert), HOSTKEY_STRUCT_SIZE))
             kinds = int.from_bytes(raw[4:8], sys.byteorder)
             if not kinds & GIT_CERT_SSH_SHA256:
@@ -289,11 +330,18 @@ def callbacks_for(url: str, auth: AuthConfig) -> Callbacks:
     """Callbacks for ``url``; checks the configuration an SSH or token source needs.
 
     Raises ConfigError (exit 2) for an SSH source without ``auth.ssh_key`` or
-    ``auth.known_hosts``, or a missing CA bundle.
+    ``auth.known_hosts`` or on an unknown libgit2 (:func:`require_hostkey_layout`), a token with a cleartext ``http://`` URL (anyone on
+    the path could read it and replay it), or a missing CA bundle.
     """
     install_hostkey_check()
     endpoint = parse_remote(url)
+    if endpoint.scheme == "http" and auth.token_file:
+        raise ConfigError(
+            f"repo: {url}: auth.token_file would be sent in cleartext over http:// — use the "
+            "server's https:// URL"
+        )
     if endpoint.scheme == "ssh":
+        require_hostkey_layout(url)
         if not auth.known_hosts:
             raise ConfigError(
                 f"repo: {url}: an ssh source needs auth.known_hosts (host keys are always "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.conftest import Host, free_port, tree_snapshot
+import json
+
+from tests.conftest import Host, free_port, git, tree_snapshot
 from tests.integration._helpers import assert_clean_error, drift_kinds, pull_report
 from tests.integration.servers import CountingRelay
 
@@ -49,6 +51,41 @@ def test_unreachable_repo_still_repairs_drift_from_the_last_fetched_commit(fleet
     assert log[-1] == commits[-1]
     # One failure, one line: the fetch error is not printed twice (log warning + error).
     assert len(fetch_lines) == 1, fetch_lines
+
+
+def test_branch_deleted_on_the_server_keeps_enforcing_the_last_fetched_commit(fleet, make_host):
+    host = make_host("web1")
+    assert host.pull().returncode == 0
+    good = tree_snapshot(host.root)
+    head = fleet.head()
+    git("update-ref", "-d", "refs/heads/main", cwd=fleet.bare)  # deleted (or renamed) there
+    host.path("/etc/motd").write_text("edited by hand\n")
+
+    proc = host.run("pull", "--format", "json")
+
+    # SPEC §4 step 1: go on with the last fetched commit, and say so.
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert tree_snapshot(host.root) == good
+    assert drift_kinds(report) == {"/etc/motd": {"content"}}
+    assert report["source"]["fetched"] is False
+    assert report["source"]["commit"] == head and report["applied_commit"] == head
+    assert report["result"] == "failed"
+    assert report["errors"] == [
+        f"{host.url}: branch 'main' not found on the server — check --branch and --repo"
+        " — enforcing the last fetched commit"
+    ]
+    assert_clean_error(proc.stderr, host.url, "'main' not found on the server")
+
+
+def test_branch_missing_on_the_server_before_any_fetch_changes_nothing(fleet, make_host):
+    host = make_host("web1")
+
+    proc = host.pull("--branch", "mian")
+
+    assert proc.returncode == 1, proc.stderr
+    assert_clean_error(proc.stderr, host.url, "branch 'mian' not found on the server", "--branch")
+    assert list(host.root.iterdir()) == []
 
 
 def test_a_server_dropping_connections_is_tried_again_and_the_run_gets_through(

@@ -9,11 +9,14 @@ http-backend`` through fcgiwrap, pushes included (tests/integration/servers.py).
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Host
-from tests.integration._helpers import all_objects_text
+from tests.integration._helpers import all_objects_text, assert_clean_error
 from tests.integration.servers import (  # noqa: F401 (fixtures)
     HttpsGitServer,
     ServerFleet,
@@ -125,3 +128,26 @@ def test_wrong_token_is_refused_by_the_server_and_nothing_is_applied(
     # token must not hammer its git server. One challenge + one try per connection.
     refused = [line for line in access_log.read_text().splitlines()[seen:] if '" 401 ' in line]
     assert len(refused) <= 4, f"{len(refused)} requests answered 401 in one run"
+
+
+def test_token_with_a_cleartext_http_url_is_a_config_error_before_connecting(make_host):
+    # A real listener: had reconciler connected, the connection would wait in its backlog.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/fleet.git"
+        host = make_host("db1", url=url)
+        base = host.root.parent
+        token_file = base / "token"
+        token_file.write_text("s3cret-token\n")
+        cfg = str(write_config(base / "config.yaml", auth={"token_file": str(token_file)}))
+
+        proc = host.run("pull", "--config", cfg, timeout=30)
+
+        assert proc.returncode == 2, proc.stderr
+        assert_clean_error(proc.stderr, url, "auth.token_file", "https://")
+        assert_no_token("s3cret-token", proc)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing waits in the backlog: no connection
+            listener.accept()[0].close()
+    assert list(host.root.iterdir()) == []

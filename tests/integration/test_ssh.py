@@ -8,6 +8,7 @@ server's refs (no report pushed).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -165,6 +166,54 @@ def test_deploy_key_not_authorized_by_the_server_fails_with_an_auth_error(
     assert_untouched(host, ssh_fleet)
     # SPEC §3: the error names the file and what to do — which deploy key was refused.
     assert str(tmp_path / "stranger") in proc.stderr, proc.stderr
+
+
+def userless_url(server: SshGitServer, fleet: ServerFleet) -> str:
+    """``ssh://127.0.0.1:PORT/path``: the fleet's URL without ``user@``."""
+    return f"ssh://127.0.0.1:{server.port}{fleet.bare}"
+
+
+def test_url_without_user_logs_in_as_auth_ssh_user_for_fetch_and_report_push(
+    ssh_fleet: ServerFleet, ssh_server: SshGitServer, make_host
+):
+    # No user in the URL: libgit2 first asks for the login name alone, then,
+    # on the same connection, for the key. Both asks must be answered.
+    url = userless_url(ssh_server, ssh_fleet)
+    host = make_host("web1", url=url)
+    base = host.root.parent
+    auth = {
+        "ssh_key": str(ssh_server.deploy_key),
+        "ssh_user": ssh_server.user,
+        "known_hosts": str(ssh_server.known_hosts(base / "known_hosts")),
+    }
+    cfg = str(write_config(base / "config.yaml", auth=auth))
+
+    report = pull_report(host, "--config", cfg)
+
+    assert report["source"]["url"] == url and report["source"]["fetched"] is True
+    assert report["applied_commit"] == ssh_fleet.head() and report["errors"] == []
+    assert ssh_fleet.report("web1") == report  # the push logged in the same way
+    assert host.last_run()["pushed"] is True
+
+
+def test_url_without_user_and_no_ssh_user_logs_in_as_git(
+    ssh_fleet: ServerFleet, ssh_server: SshGitServer, make_host
+):
+    # The test server's account is not called "git": sshd's log shows the
+    # login name reconciler chose, and the refusal is an authentication error.
+    host = make_host("web1", url=userless_url(ssh_server, ssh_fleet))
+    log = ssh_server.sshd.log
+    seen = len(log.read_text(errors="replace"))
+    cfg = configure(host, ssh_server)
+
+    proc = host.pull("--config", cfg)
+
+    assert proc.returncode == 1, proc.stderr
+    assert "authentication refused" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    new = log.read_text(errors="replace")[seen:]
+    assert re.search(r"(Invalid user git |User git from )", new), new
+    assert_untouched(host, ssh_fleet)
 
 
 def test_host_key_changed_after_a_good_pull_keeps_enforcing_the_last_fetched_commit(
