@@ -21,7 +21,12 @@ import pygit2
 import pytest
 
 from tests.conftest import Fleet, Host, git
-from tests.integration.test_operate_support import new_fleet, operator, write_report
+from tests.integration.test_operate_support import (
+    new_fleet,
+    operator,
+    rewrite_report,
+    write_report,
+)
 
 SPEC_ROW_KEYS = {
     "node",
@@ -267,6 +272,49 @@ def test_adopt_a_template_writes_the_capture_beside_it_and_never_reverses_it(sce
 
     nothing = scene.op("adopt", "web1", "/etc/motd")
     assert nothing.code == 2 and "no captured drift" in nothing.err
+
+
+def test_drift_diffs_are_against_the_applied_commit_not_a_refused_source_commit(
+    fleet, make_host, tmp_path
+):
+    host = make_host("db1")
+    assert host.pull().returncode == 0, "first run"
+    motd = host.path("/etc/motd")
+    motd.write_text(motd.read_text() + MOTD_EDIT)
+    assert host.pull().returncode == 0  # drift found, captured, repaired
+    applied = fleet.head()
+    # A commit the host fetched but refused (say, unsigned): its report names it as
+    # source.commit, while the disk (and the drift measurement) stays at applied_commit.
+    untrusted = "Notice from a commit nobody signed."
+    defaults = fleet.read("hosts/_defaults.yaml")
+    fleet.write("hosts/_defaults.yaml", re.sub(r"notice: .*", f"notice: {untrusted}", defaults))
+    refused = fleet.commit("motd: an unsigned notice")
+    rewrite_report(
+        fleet,
+        "db1",
+        lambda r: {**r, "source": {**r["source"], "commit": refused}, "applied_commit": applied},
+    )
+    op = operator(fleet, tmp_path / "cache")
+
+    shown = op("show", "db1", "--format", "json")
+
+    assert shown.code == 0, shown.err
+    data = shown.json()
+    assert data["report"]["source"]["commit"] == refused != data["report"]["applied_commit"]
+    (motd_diff,) = [d["diff"] for d in data["drift"] if d["path"] == "/etc/motd"]
+    changed_lines = [
+        line
+        for line in motd_diff.splitlines()
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    assert changed_lines == ["+" + MOTD_EDIT.strip()], motd_diff  # only the hand edit
+    assert untrusted not in shown.out
+
+    page = tmp_path / "fleet.html"
+    assert op("fleet", "--format", "html", "--out", str(page)).code == 0
+    html = page.read_text()
+    assert MOTD_EDIT.strip() in html
+    assert untrusted not in html
 
 
 # ------------------------------------------------------------------ the page
