@@ -80,6 +80,36 @@ def test_push_keeps_comments_and_survives_a_concurrent_push(fleet, op):
     assert server_head(fleet) == head
 
 
+def test_a_refused_push_is_dropped_from_the_cache_not_pushed_later(fleet, op):
+    start = server_head(fleet)
+    originals = {n: server_file(fleet, f"hosts/{n}.yaml") for n in ("web1", "dhcp")}
+    # The server refuses for a reason other than a race: a protected branch.
+    hook = fleet.bare / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'main is protected: open a merge request' >&2\nexit 1\n")
+    hook.chmod(0o755)
+
+    refused_push = op("push", "web1", "default")
+    refused_suspend = op("suspend", "dhcp", "--reason", "maintenance")
+
+    for refused in (refused_push, refused_suspend):
+        assert refused.code == 1, refused.out
+        assert refused.err.count("\n") == 1 and "Traceback" not in refused.err
+        assert "push to main failed" in refused.err and " — nothing was pushed" in refused.err
+    assert server_head(fleet) == start
+
+    hook.unlink()
+    result = op("push", "web2", "default")
+
+    assert result.code == 0, result.err
+    assert "including unpushed" not in result.out
+    assert git("rev-parse", "main^", cwd=fleet.bare).strip() == start
+    assert git("diff", "--name-only", "main^", "main", cwd=fleet.bare).split() == [
+        "hosts/web2.yaml"
+    ]
+    for node, text in originals.items():
+        assert server_file(fleet, f"hosts/{node}.yaml") == text  # the refused edits stay out
+
+
 def test_push_to_a_meta_node_replaces_only_its_state_line(fleet, op):
     original = server_file(fleet, "hosts/webservers.yaml")
 
