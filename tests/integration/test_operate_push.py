@@ -6,11 +6,14 @@ changes), refuse what the inventory rules refuse, and survive a push race.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
+import time
 
 import pytest
 
 from tests.conftest import git
+from tests.integration._helpers import pull_report
 from tests.integration.test_operate_support import operator
 
 
@@ -164,6 +167,44 @@ def test_suspend_and_resume_commit_the_suspended_block_and_restore_the_file(flee
     ]
     again = op("resume", "dhcp")
     assert again.code == 0 and "nothing to commit" in again.out
+
+
+def test_a_pushed_suspension_holds_the_host_until_it_expires_then_drift_is_repaired(
+    fleet, op, make_host
+):
+    host = make_host("web1")
+    pull_report(host)
+    motd = host.path("/etc/motd")
+    desired = motd.read_text()
+    motd.write_text(desired + "hand edit during the incident\n")
+    until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
+    until_iso = until.isoformat().replace("+00:00", "Z")
+    reason = "incident 99: hands off"
+
+    suspended = op("suspend", "web1", "--reason", reason, "--until", until_iso)
+    assert suspended.code == 0, suspended.err
+
+    held = pull_report(host)
+    assert dt.datetime.now(dt.UTC) < until, "the held run must finish before the suspension ends"
+    assert held["suspended"] == {"reason": reason, "until": until_iso}
+    assert held["mode"] == "audit"
+    assert held["source"]["commit"] == server_head(fleet)  # fetched and reported
+    assert "/etc/motd" in {d["path"] for d in held["drift"]}  # seen, not repaired
+    assert not any(c["applied"] for c in held["changes"])
+    assert motd.read_text().endswith("hand edit during the incident\n")
+    row = op("fleet", "web1", "--format", "json").json()["nodes"][0]
+    assert row["suspended"] == {"reason": reason, "until": until_iso}
+
+    time.sleep(max(0.0, (until - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
+
+    # Expired: neither the last report (made while it held) nor hosts/ show it any more.
+    row = op("fleet", "web1", "--format", "json").json()["nodes"][0]
+    assert row["suspended"] is None
+    repaired = pull_report(host)
+    assert repaired["suspended"] is None and repaired["mode"] != "audit"
+    assert motd.read_text() == desired
+    motd_changes = [c for c in repaired["changes"] if c["path"] == "/etc/motd"]
+    assert motd_changes and motd_changes[0]["reason"] == "drift" and motd_changes[0]["applied"]
 
 
 def test_resume_of_a_member_names_the_meta_node_that_suspends_it(fleet, op):
