@@ -113,6 +113,30 @@ def test_a_refused_push_is_dropped_from_the_cache_not_pushed_later(fleet, op):
         assert server_file(fleet, f"hosts/{node}.yaml") == text  # the refused edits stay out
 
 
+def test_a_concurrent_edit_of_the_same_host_file_is_kept_and_ours_recomputed_on_it(fleet, op):
+    assert op("fleet").code == 0  # the cache holds the current head
+    original = server_file(fleet, "hosts/web1.yaml")
+    # Another operator's clone changes a different line of the same file, and pushes first.
+    theirs_text = original.replace("nginx_workers: 4", "nginx_workers: 6")
+    assert theirs_text != original
+    fleet.write("hosts/web1.yaml", theirs_text)
+    theirs = fleet.commit("web1: more workers")
+
+    result = op("push", "web1", "production", "--format", "json")
+
+    assert result.code == 0, result.err
+    data = result.json()
+    assert data["pushed"] is True and data["retries"] == 1  # refused once, recomputed on theirs
+    assert data["included"] == []
+    assert git("rev-parse", "main^", cwd=fleet.bare).strip() == theirs
+    new = server_file(fleet, "hosts/web1.yaml")
+    assert changed_lines(theirs_text, new) == ["+state: production"]  # ours on top of theirs
+    assert "  nginx_workers: 6" in new.splitlines()  # theirs kept
+    comments = [line for line in original.splitlines() if line.lstrip().startswith("#")]
+    assert comments and all(line in new.splitlines() for line in comments)
+    assert git("log", "-1", "--format=%s", "main", cwd=fleet.bare).strip() == "web1 → production"
+
+
 def test_push_to_a_meta_node_replaces_only_its_state_line(fleet, op):
     original = server_file(fleet, "hosts/webservers.yaml")
 
