@@ -378,9 +378,13 @@ def commit_and_push(
     believed. The cache is fetched first for ``push=False`` (the local
     commit then sits on a fresh head) and when it was never fetched.
     Raises SourceError when every try failed or the server refuses for
-    another reason, and whatever ``editor`` or ``check`` raise on a fresh
-    head (then nothing is pushed).
+    another reason — the cache's local branch is then reset to where it was,
+    so a refused change is not pushed later as an "unpushed" commit — and
+    whatever ``editor`` or ``check`` raise on a fresh head (then nothing is
+    pushed).
     """
+    before = up.repo.references.get(up.local)
+    before_target = str(before.target) if before is not None else None
     fresh = False
     if not push or tracking_head(up) is None:
         fetch_upstream(up, reports=False)
@@ -432,7 +436,21 @@ def commit_and_push(
         fresh = True
         if not _refetch(up, pending, origin):
             break  # not a race: the server refused for another reason
-    raise SourceError(f"{up.url}: push to {up.branch} failed: {error} — fetch and try again")
+    _restore_ref(up.repo, up.local, before_target)
+    raise SourceError(
+        f"{up.url}: push to {up.branch} failed: {error} — nothing was pushed and the change "
+        "was dropped from the cache; fix the cause and run the command again"
+    )
+
+
+def _restore_ref(repo: pygit2.Repository, name: str, target: str | None) -> None:
+    """Point ``name`` at ``target`` again, or delete it when it did not exist (``None``)."""
+    if target is not None:
+        repo.references.create(name, target, force=True)
+        return
+    ref = repo.references.get(name)
+    if ref is not None:
+        ref.delete()
 
 
 # ----------------------------------------------------------- push / suspend

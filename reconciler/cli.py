@@ -284,16 +284,25 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Check a working tree: every host-file problem and every render error at once.
+
+    Host files are checked first (:func:`~reconciler.inventory.check_hosts`);
+    then every node whose own file, meta-nodes and ``_defaults`` are valid is
+    rendered, so an invalid file elsewhere does not hide a broken template.
+    Exit 1 when anything is wrong (SPEC §3, §6).
+    """
     from .facts import gather_facts
-    from .inventory import effective_node, inventory_problems
+    from .inventory import check_hosts, effective_node
     from .render import render_target
 
     snapshot = _tree(args)
-    inventory, problems = inventory_problems(snapshot)
+    check = check_hosts(snapshot)
+    problems = list(check.problems)
+    inventory = check.inventory
     rendered = 0
-    if inventory is not None:
+    if check.renderable:
         facts = gather_facts()
-        for name in inventory.nodes:
+        for name in check.renderable:
             try:
                 node = effective_node(inventory, snapshot, name)
                 rendered += len(render_target(snapshot, node, facts).files)
@@ -304,7 +313,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         for problem in problems:
             err.write(f"{problem}\n")
-        if inventory is not None and not problems:
+        if not problems:
             out.write(
                 f"ok: {len(inventory.nodes)} nodes, {len(inventory.meta_nodes)} meta-nodes, "
                 f"{rendered} files rendered\n"

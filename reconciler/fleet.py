@@ -321,6 +321,8 @@ def fleet_rows(
     ``head`` is the fetched branch head; ``behind`` counts its commits that
     the applied commit lacks (pygit2 ahead_behind). A node without a report
     branch is ``never``; its ``suspended`` comes from the desired state.
+    Otherwise it is the report's suspension, else the desired state's; either
+    only while in force at ``now`` (an expired ``until`` is not shown).
     """
     tips = report_tips(up.repo)
     snapshot = up.snapshot(head)
@@ -359,7 +361,9 @@ def fleet_rows(
         age_f = (now - finished).total_seconds() if finished is not None else None
         applied = report.get("applied_commit")
         changed, drifted = report_counts(report)
-        reported = report.get("suspended") or None
+        # The report says what the host did at that run; an expired suspension is over,
+        # whatever the last report (made while it held) says.
+        reported = in_force(report.get("suspended") or None, now)
         rows.append(
             FleetRow(
                 node=name,

@@ -5,7 +5,9 @@ Takes the cache of :mod:`reconciler.fleet` (report branches fetched under
 for ``reconciler log NODE`` and, for ``reconciler show NODE [RUN]``, one
 report with a :class:`DriftDiff` per drifted path: the content captured on
 the host (``drift/<dest-path>`` in the report commit, SPEC §5) against what
-was desired — the node rendered at the report's ``source.commit`` with the
+was desired — the node rendered at the report's ``applied_commit`` (the
+commit whose state the host enforces, against which it measured drift; the
+fetched ``source.commit`` may have been refused or have failed) with the
 report's own ``facts``. Secret paths are never captured; they show a sha256
 prefix of the desired content only (SPEC §6).
 """
@@ -221,8 +223,10 @@ def desired_at(up: Upstream, node: str, commit: str, facts: Mapping[str, Any]) -
 def drift_diffs(up: Upstream, report_commit: str, report: Mapping[str, Any]) -> list[DriftDiff]:
     """One DriftDiff per drifted path of ``report``, in report order.
 
-    The desired side is rendered at the report's ``source.commit`` with its
-    ``facts``; when that fails, each diff's note says why and the capture
+    The desired side is rendered at the report's ``applied_commit`` with its
+    ``facts``: drift is measured against what the host applies, and
+    ``source.commit`` may be a refused (untrusted, rewound) or failed commit
+    (SPEC §5). When that fails, each diff's note says why and the capture
     is still returned.
     """
     kinds: dict[str, list[str]] = {}
@@ -231,16 +235,16 @@ def drift_diffs(up: Upstream, report_commit: str, report: Mapping[str, Any]) -> 
     if not kinds:
         return []
     found = captures(up.repo, report_commit)
-    source_commit = (report.get("source") or {}).get("commit")
+    applied = report.get("applied_commit")
     target: TargetState | None = None
     problem = ""
-    if source_commit:
+    if applied:
         try:
-            target = desired_at(up, str(report["node"]), source_commit, report.get("facts") or {})
+            target = desired_at(up, str(report["node"]), str(applied), report.get("facts") or {})
         except ReconcilerError as exc:
             problem = f"desired state not rendered: {exc}"
     else:
-        problem = "the report names no source commit"
+        problem = "the report names no applied commit (nothing was ever applied)"
     out = []
     for path, path_kinds in kinds.items():
         captured = found.get(path)
@@ -258,7 +262,7 @@ def drift_diffs(up: Upstream, report_commit: str, report: Mapping[str, Any]) -> 
             else:
                 note = "no capture in this report"
         elif t is None:
-            note = problem or "not in the desired state at the report's commit"
+            note = problem or "not in the desired state at the report's applied commit"
         else:
             diff = file_diff(
                 path, t.content, captured, secret=secret, old_label="desired", new_label="host"

@@ -98,28 +98,38 @@ def _dotted(path: Iterable[str | int]) -> str:
 
 
 def _schema_message(error: Any) -> str:
-    """One readable sentence for a jsonschema ValidationError."""
+    """One readable sentence for a jsonschema ValidationError, ending in what to do."""
     path = list(error.absolute_path)
     where = _dotted(path)
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
-        hint = f" — known keys: {', '.join(known)}" if known else ""
-        return f"{where + ': ' if where else ''}unknown key {', '.join(map(repr, extra))}{hint}"
+        hint = f" or use one of the known keys: {', '.join(known)}" if known else ""
+        return (
+            f"{where + ': ' if where else ''}unknown key {', '.join(map(repr, extra))} — "
+            f"remove it{hint}"
+        )
     if path and path[-1] == "mode" and isinstance(error.instance, int):
         return (
             f'{where}: mode must be a quoted octal string such as "0640" — quote it '
             f"(YAML reads an unquoted mode as the number {error.instance})"
         )
     if error.validator == "pattern" and path and path[-1] == "mode":
-        return f'{where}: mode {error.instance!r} is not an octal mode such as "0640"'
+        return (
+            f'{where}: mode {error.instance!r} is not an octal mode such as "0640" — '
+            "write three or four octal digits in quotes"
+        )
     if error.validator == "oneOf" and len(path) == 2 and path[0] == "apps":
         return (
-            f"{where}: an app is a name or a one-key mapping {{app: state}}, got {error.instance!r}"
+            f"{where}: an app is a name or a one-key mapping {{app: state}}, "
+            f"got {error.instance!r} — write '- app' or '- app: state'"
         )
     if error.validator == "pattern" and isinstance(error.instance, str):
-        return f"{where}: {error.instance!r} is not a valid name or path here"
-    return f"{where + ': ' if where else ''}{error.message}"
+        return (
+            f"{where}: {error.instance!r} is not a valid name or path here — "
+            "see repo-layout/README.md"
+        )
+    return f"{where + ': ' if where else ''}{error.message} — see repo-layout/README.md"
 
 
 def _schema_problems(validator: Any, data: Any, text: str, path: str) -> list[str]:
@@ -163,7 +173,7 @@ def load_app_config(snapshot: Snapshot, app: str) -> Mapping[str, Any]:
         return {}
     problems = _schema_problems(_validators()[1], data, raw.decode("utf-8", "replace"), path)
     if problems:
-        raise InventoryError(f"{problems[0]} — see repo-layout/README.md")
+        raise InventoryError(problems[0])
     return data  # type: ignore[no-any-return]
 
 
@@ -255,17 +265,25 @@ class Inventory:
         return order
 
 
-def _check_graph(files: Mapping[str, HostFile], present: set[str]) -> list[str]:
-    """Unknown includes and cycles among the parsed files; ``present``: every stem in hosts/."""
-    problems: list[str] = []
+def _check_graph(
+    files: Mapping[str, HostFile], present: set[str]
+) -> list[tuple[tuple[str, ...], str]]:
+    """Unknown includes and cycles among the parsed files; ``present``: every stem in hosts/.
+
+    Each problem comes with the stems of the files it makes invalid.
+    """
+    problems: list[tuple[tuple[str, ...], str]] = []
     for f in files.values():
         for child in f.data.get("include_nodes", ()):
             if child in present and child not in files:
                 continue  # that file has its own problem already
             if child == DEFAULTS or child not in files:
                 problems.append(
-                    f"{f.path}: include_nodes: unknown node {child!r} — "
-                    f"create hosts/{child}.yaml or remove it from the list"
+                    (
+                        (f.name,),
+                        f"{f.path}: include_nodes: unknown node {child!r} — "
+                        f"create hosts/{child}.yaml or remove it from the list",
+                    )
                 )
     if problems:
         return problems
@@ -277,8 +295,11 @@ def _check_graph(files: Mapping[str, HostFile], present: set[str]) -> list[str]:
             if state.get(child) == 1:
                 cycle = [*stack[stack.index(child) :], child]
                 problems.append(
-                    f"{files[child].path}: include_nodes: cycle {' → '.join(cycle)} — "
-                    "remove one of these includes"
+                    (
+                        tuple(cycle[:-1]),
+                        f"{files[child].path}: include_nodes: cycle {' → '.join(cycle)} — "
+                        "remove one of these includes",
+                    )
                 )
             elif child not in state and child in files:
                 visit(child, [*stack, child])
@@ -290,26 +311,26 @@ def _check_graph(files: Mapping[str, HostFile], present: set[str]) -> list[str]:
     return problems
 
 
-def inventory_problems(
-    snapshot: Snapshot, cache: dict[str, Any] | None = None
-) -> tuple[Inventory | None, list[str]]:
-    """Parse and check every file of ``hosts/``; return the inventory and all problems.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Scan:
+    """Every file of ``hosts/`` parsed and schema-checked, before the include graph."""
 
-    The inventory is None when any problem was found. Used by ``validate``,
-    which reports every problem at once, and by :func:`load_inventory`.
-    ``cache`` maps git blob ids to already checked file data: a file whose
-    content was checked before is not parsed or validated again (SPEC §7: a
-    repository of 10,000 nodes must not make every run slower). It is
-    updated in place with the files checked now.
-    """
-    problems: list[str] = []
+    files: Mapping[str, HostFile]  # valid files, _defaults excluded
+    defaults: HostFile | None
+    problems: tuple[tuple[str | None, str], ...]  # (stem or None, message)
+    invalid_data: Mapping[str, Any]  # stem → data of a file that parsed but is invalid
+    present: frozenset[str]
+
+
+def _scan_hosts(snapshot: Snapshot, cache: dict[str, Any] | None) -> _Scan:
+    problems: list[tuple[str | None, str]] = []
     files: dict[str, HostFile] = {}
+    invalid_data: dict[str, Any] = {}
     defaults: HostFile | None = None
-    if not snapshot.is_dir("hosts"):
-        return None, ["hosts/: missing — a desired-state repository needs hosts/<node>.yaml"]
-    for name, is_dir in snapshot.listdir("hosts"):
+    listing = snapshot.listdir("hosts")
+    for name, is_dir in listing:
         if not is_dir and name.endswith(".yml"):
-            problems.append(f"hosts/{name}: host files end in .yaml — rename it")
+            problems.append((None, f"hosts/{name}: host files end in .yaml — rename it"))
             continue
         if is_dir or not name.endswith(".yaml"):
             continue
@@ -327,7 +348,7 @@ def inventory_problems(
         try:
             data = parse_yaml(raw, path)
         except InventoryError as exc:
-            problems.append(str(exc))
+            problems.append((stem, str(exc)))
             continue
         data = {} if data is None else data
         node_validator = _validators()[0]
@@ -339,7 +360,8 @@ def inventory_problems(
         if stem != DEFAULTS and not stem[:1].isalnum():
             found.append(f"{path}: a node name must start with a letter or digit — rename the file")
         if found:
-            problems.extend(found)
+            problems.extend((stem, p) for p in found)
+            invalid_data[stem] = data
             continue
         host = HostFile(name=stem, path=path, data=data)
         if cache is not None and blob is not None:
@@ -348,11 +370,126 @@ def inventory_problems(
             defaults = host
         else:
             files[stem] = host
-    present = {n[: -len(".yaml")] for n, d in snapshot.listdir("hosts") if not d}
-    problems.extend(_check_graph(files, present))
+    return _Scan(
+        files=files,
+        defaults=defaults,
+        problems=tuple(problems),
+        invalid_data=invalid_data,
+        present=frozenset(n[: -len(".yaml")] for n, d in listing if not d),
+    )
+
+
+_NO_HOSTS = "hosts/: missing — a desired-state repository needs hosts/<node>.yaml"
+
+
+def inventory_problems(
+    snapshot: Snapshot, cache: dict[str, Any] | None = None
+) -> tuple[Inventory | None, list[str]]:
+    """Parse and check every file of ``hosts/``; return the inventory and all problems.
+
+    The inventory is None when any problem was found: the agent fails closed
+    (SPEC §6). Used by :func:`load_inventory`; ``validate`` uses
+    :func:`check_hosts`, which keeps the usable part. ``cache`` maps git blob
+    ids to already checked file data: a file whose content was checked before
+    is not parsed or validated again (SPEC §7: a repository of 10,000 nodes
+    must not make every run slower). It is updated in place with the files
+    checked now.
+    """
+    if not snapshot.is_dir("hosts"):
+        return None, [_NO_HOSTS]
+    scan = _scan_hosts(snapshot, cache)
+    problems = [message for _, message in scan.problems]
+    problems.extend(message for _, message in _check_graph(scan.files, set(scan.present)))
     if problems:
         return None, problems
-    return Inventory(files=files, defaults=defaults), []
+    return Inventory(files=scan.files, defaults=scan.defaults), []
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostsCheck:
+    """A HostsCheck is every problem of ``hosts/`` and the nodes that can still be checked."""
+
+    inventory: Inventory  # the valid files only (every file when there is no problem)
+    problems: tuple[str, ...]  # each names the node(s) its file affects, where known
+    renderable: tuple[str, ...]  # nodes whose own file, meta-nodes and _defaults are valid
+
+
+def _include_list(data: Any) -> list[str] | None:
+    """``include_nodes`` of possibly invalid file data, when it is a list of names."""
+    if not isinstance(data, dict):
+        return None
+    includes = data.get("include_nodes")
+    if isinstance(includes, list) and all(isinstance(c, str) for c in includes):
+        return includes
+    return None
+
+
+def check_hosts(snapshot: Snapshot) -> HostsCheck:
+    """Check every file of ``hosts/`` for ``validate``: all problems, and what is still usable.
+
+    Unlike :func:`inventory_problems` (the agent's fail-closed rule of SPEC
+    §6), this keeps the valid part of the inventory so that ``validate`` can
+    render every node whose own file, meta-nodes and ``_defaults`` are valid
+    and report all problems at once. A problem of a meta-node file names the
+    nodes it contains (``[nodes web1, web2]``), one of a node file names that
+    node, one of ``_defaults`` says every node. A file that is not even YAML
+    names no node: whether it is a meta-node is unknown, so the nodes it
+    might contain are still rendered.
+    """
+    if not snapshot.is_dir("hosts"):
+        empty = Inventory(files={})
+        return HostsCheck(inventory=empty, problems=(_NO_HOSTS,), renderable=())
+    scan = _scan_hosts(snapshot, None)
+    graph = _check_graph(scan.files, set(scan.present))
+    includes: dict[str, list[str]] = {}
+    for stem, f in scan.files.items():
+        if f.is_meta:
+            includes[stem] = list(f.data["include_nodes"])
+    for stem, data in scan.invalid_data.items():
+        found = _include_list(data)
+        if found is not None and stem != DEFAULTS:
+            includes[stem] = found
+    nodes = sorted(
+        {s for s in scan.files if s not in includes}
+        | {s for s in scan.invalid_data if s not in includes and s != DEFAULTS}
+    )
+
+    def members(stem: str) -> list[str]:
+        out: list[str] = []
+        seen: set[str] = set()
+        todo = [stem]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in includes:
+                todo.extend(reversed(includes[n]))
+            elif n in nodes:
+                out.append(n)
+        return sorted(out)
+
+    def named(stems: Iterable[str | None], message: str) -> str:
+        known = [
+            s for s in stems if s is not None and (s == DEFAULTS or s in includes or s in nodes)
+        ]
+        if not known:
+            return message  # not a host file, or not YAML: what it would contain is unknown
+        if DEFAULTS in known:
+            return f"{message} [every node]"
+        affected = sorted({n for s in known for n in members(s)})
+        if not any(s in includes for s in known):
+            return f"{message} [node {', '.join(affected)}]"
+        return f"{message} [nodes {', '.join(affected) or 'none'}]"
+
+    problems = [named([stem], message) for stem, message in scan.problems]
+    problems.extend(named(stems, message) for stems, message in graph)
+    bad = {s for s, _ in scan.problems if s is not None} | {s for st, _ in graph for s in st}
+    blocked = set(nodes) if DEFAULTS in bad else {n for s in bad for n in members(s)}
+    usable = {s: f for s, f in scan.files.items() if s not in bad}
+    inventory = Inventory(files=usable, defaults=scan.defaults)
+    renderable = tuple(n for n in inventory.nodes if n not in blocked)
+    return HostsCheck(inventory=inventory, problems=tuple(problems), renderable=renderable)
 
 
 def load_inventory(snapshot: Snapshot, cache: dict[str, Any] | None = None) -> Inventory:

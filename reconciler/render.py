@@ -229,7 +229,7 @@ def _render_error(
     where, line = repo_path, None
     if isinstance(exc, jinja2.TemplateSyntaxError):
         where, line = exc.filename or repo_path, exc.lineno
-        problem = f"syntax error: {exc.message}"
+        problem = f"syntax error: {exc.message} — fix the template"
     else:
         for frame in reversed(traceback.extract_tb(exc.__traceback__)):
             if frame.filename.startswith("templates/"):
@@ -243,6 +243,7 @@ def _render_error(
             problem = f"template {exc.name!r} not found — paths are relative to templates/"
         else:
             problem = type(exc).__name__ if secret else f"{type(exc).__name__}: {exc}"
+            problem += " — fix the template or the vars it uses"
     text = ""
     if line and not secret:
         try:

@@ -12,16 +12,24 @@ import datetime as dt
 import os
 import re
 import shutil
+import struct
 import subprocess
 import time
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pygit2
 import pytest
 
-from tests.conftest import Fleet, Host, git
-from tests.integration.test_operate_support import new_fleet, operator, write_report
+from tests.conftest import PROJECT, Fleet, Host, git
+from tests.integration.test_operate_support import (
+    new_fleet,
+    operator,
+    rewrite_report,
+    write_report,
+)
 
 SPEC_ROW_KEYS = {
     "node",
@@ -269,6 +277,49 @@ def test_adopt_a_template_writes_the_capture_beside_it_and_never_reverses_it(sce
     assert nothing.code == 2 and "no captured drift" in nothing.err
 
 
+def test_drift_diffs_are_against_the_applied_commit_not_a_refused_source_commit(
+    fleet, make_host, tmp_path
+):
+    host = make_host("db1")
+    assert host.pull().returncode == 0, "first run"
+    motd = host.path("/etc/motd")
+    motd.write_text(motd.read_text() + MOTD_EDIT)
+    assert host.pull().returncode == 0  # drift found, captured, repaired
+    applied = fleet.head()
+    # A commit the host fetched but refused (say, unsigned): its report names it as
+    # source.commit, while the disk (and the drift measurement) stays at applied_commit.
+    untrusted = "Notice from a commit nobody signed."
+    defaults = fleet.read("hosts/_defaults.yaml")
+    fleet.write("hosts/_defaults.yaml", re.sub(r"notice: .*", f"notice: {untrusted}", defaults))
+    refused = fleet.commit("motd: an unsigned notice")
+    rewrite_report(
+        fleet,
+        "db1",
+        lambda r: {**r, "source": {**r["source"], "commit": refused}, "applied_commit": applied},
+    )
+    op = operator(fleet, tmp_path / "cache")
+
+    shown = op("show", "db1", "--format", "json")
+
+    assert shown.code == 0, shown.err
+    data = shown.json()
+    assert data["report"]["source"]["commit"] == refused != data["report"]["applied_commit"]
+    (motd_diff,) = [d["diff"] for d in data["drift"] if d["path"] == "/etc/motd"]
+    changed_lines = [
+        line
+        for line in motd_diff.splitlines()
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    assert changed_lines == ["+" + MOTD_EDIT.strip()], motd_diff  # only the hand edit
+    assert untrusted not in shown.out
+
+    page = tmp_path / "fleet.html"
+    assert op("fleet", "--format", "html", "--out", str(page)).code == 0
+    html = page.read_text()
+    assert MOTD_EDIT.strip() in html
+    assert untrusted not in html
+
+
 # ------------------------------------------------------------------ the page
 
 
@@ -348,7 +399,17 @@ def test_fleet_page_in_headless_chromium_shows_the_rows_and_filters(scene, tmp_p
     stale = dump_dom(page.as_uri() + "#stale=1", tmp_path / "profile")
     assert visible_rows(stale) == ["mail1"]
 
-    shot = tmp_path / "fleet.png"
+    # The default view: every row and the filter controls.
+    default = dump_dom(page.as_uri(), tmp_path / "profile")
+    assert visible_rows(default) == ["db1", "dhcp", "mail1", "web1", "web2"]
+    for result in ("ok", "changed", "drift", "failed", "never"):
+        assert f'<input type="checkbox" name="result" value="{result}" checked=""' in default
+    assert '<input type="checkbox" id="stale-only"' in default
+    assert re.search(r'<select id="meta">.*<option value="webservers">', default, re.S)
+
+    artifacts = artifacts_dir()
+    shot = artifacts / "fleet-page.png"
+    shutil.copy(page, artifacts / "fleet-page.html")
     proc = subprocess.run(
         [
             *chromium_argv(tmp_path / "profile"),
@@ -362,10 +423,69 @@ def test_fleet_page_in_headless_chromium_shows_the_rows_and_filters(scene, tmp_p
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert shot.stat().st_size > 10_000
-    artifacts = os.environ.get("RECONCILER_TEST_ARTIFACTS")
-    if artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(artifacts) / "fleet-page.png")
-        shutil.copy(page, Path(artifacts) / "fleet-page.html")
+    print(f"fleet page screenshot: {shot}")
+    width, height, colours = png_colours(shot.read_bytes())
+    assert (width, height) == (1200, 800)
+    # What is visible: the dark header and a badge of every result present, in its colour.
+    for name, rgb in PAGE_COLOURS.items():
+        assert colours.get(rgb, 0) >= 50, f"{name} ({rgb}) not visible in {shot}"
+
+
+# CSS colours of page.py, as they must appear in the screenshot.
+PAGE_COLOURS = {
+    "header": (0x1F, 0x29, 0x33),
+    "ok badge": (0x2E, 0x7D, 0x32),
+    "changed badge": (0x15, 0x65, 0xC0),
+    "drift badge": (0xEF, 0x6C, 0x00),
+    "failed badge": (0xC6, 0x28, 0x28),
+    "never badge": (0x75, 0x75, 0x75),
+}
+
+
+def artifacts_dir() -> Path:
+    """Where tests leave files for people: $RECONCILER_TEST_ARTIFACTS, else tests/artifacts/."""
+    path = Path(os.environ.get("RECONCILER_TEST_ARTIFACTS") or PROJECT / "tests" / "artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def png_colours(data: bytes) -> tuple[int, int, Counter[tuple[int, int, int]]]:
+    """Width, height and an RGB histogram of an 8-bit, non-interlaced RGB(A) PNG (stdlib only)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            idat += body
+    width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    assert depth == 8 and colour_type in (2, 6) and interlace == 0, header
+    bpp = 3 if colour_type == 2 else 4
+    raw = zlib.decompress(idat)
+    stride = width * bpp
+    previous = bytearray(stride)
+    colours: Counter[tuple[int, int, int]] = Counter()
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        for i in range(stride):
+            left = line[i - bpp] if i >= bpp else 0
+            up = previous[i]
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                corner = previous[i - bpp] if i >= bpp else 0
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                pred = left if pa <= pb and pa <= pc else (up if pb <= pc else corner)
+                line[i] = (line[i] + pred) & 0xFF
+        colours.update(zip(line[0::bpp], line[1::bpp], line[2::bpp], strict=True))
+        previous = line
+    return width, height, colours

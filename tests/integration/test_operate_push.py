@@ -6,11 +6,14 @@ changes), refuse what the inventory rules refuse, and survive a push race.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
+import time
 
 import pytest
 
 from tests.conftest import git
+from tests.integration._helpers import pull_report
 from tests.integration.test_operate_support import operator
 
 
@@ -80,6 +83,60 @@ def test_push_keeps_comments_and_survives_a_concurrent_push(fleet, op):
     assert server_head(fleet) == head
 
 
+def test_a_refused_push_is_dropped_from_the_cache_not_pushed_later(fleet, op):
+    start = server_head(fleet)
+    originals = {n: server_file(fleet, f"hosts/{n}.yaml") for n in ("web1", "dhcp")}
+    # The server refuses for a reason other than a race: a protected branch.
+    hook = fleet.bare / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'main is protected: open a merge request' >&2\nexit 1\n")
+    hook.chmod(0o755)
+
+    refused_push = op("push", "web1", "default")
+    refused_suspend = op("suspend", "dhcp", "--reason", "maintenance")
+
+    for refused in (refused_push, refused_suspend):
+        assert refused.code == 1, refused.out
+        assert refused.err.count("\n") == 1 and "Traceback" not in refused.err
+        assert "push to main failed" in refused.err and " — nothing was pushed" in refused.err
+    assert server_head(fleet) == start
+
+    hook.unlink()
+    result = op("push", "web2", "default")
+
+    assert result.code == 0, result.err
+    assert "including unpushed" not in result.out
+    assert git("rev-parse", "main^", cwd=fleet.bare).strip() == start
+    assert git("diff", "--name-only", "main^", "main", cwd=fleet.bare).split() == [
+        "hosts/web2.yaml"
+    ]
+    for node, text in originals.items():
+        assert server_file(fleet, f"hosts/{node}.yaml") == text  # the refused edits stay out
+
+
+def test_a_concurrent_edit_of_the_same_host_file_is_kept_and_ours_recomputed_on_it(fleet, op):
+    assert op("fleet").code == 0  # the cache holds the current head
+    original = server_file(fleet, "hosts/web1.yaml")
+    # Another operator's clone changes a different line of the same file, and pushes first.
+    theirs_text = original.replace("nginx_workers: 4", "nginx_workers: 6")
+    assert theirs_text != original
+    fleet.write("hosts/web1.yaml", theirs_text)
+    theirs = fleet.commit("web1: more workers")
+
+    result = op("push", "web1", "production", "--format", "json")
+
+    assert result.code == 0, result.err
+    data = result.json()
+    assert data["pushed"] is True and data["retries"] == 1  # refused once, recomputed on theirs
+    assert data["included"] == []
+    assert git("rev-parse", "main^", cwd=fleet.bare).strip() == theirs
+    new = server_file(fleet, "hosts/web1.yaml")
+    assert changed_lines(theirs_text, new) == ["+state: production"]  # ours on top of theirs
+    assert "  nginx_workers: 6" in new.splitlines()  # theirs kept
+    comments = [line for line in original.splitlines() if line.lstrip().startswith("#")]
+    assert comments and all(line in new.splitlines() for line in comments)
+    assert git("log", "-1", "--format=%s", "main", cwd=fleet.bare).strip() == "web1 → production"
+
+
 def test_push_to_a_meta_node_replaces_only_its_state_line(fleet, op):
     original = server_file(fleet, "hosts/webservers.yaml")
 
@@ -134,6 +191,44 @@ def test_suspend_and_resume_commit_the_suspended_block_and_restore_the_file(flee
     ]
     again = op("resume", "dhcp")
     assert again.code == 0 and "nothing to commit" in again.out
+
+
+def test_a_pushed_suspension_holds_the_host_until_it_expires_then_drift_is_repaired(
+    fleet, op, make_host
+):
+    host = make_host("web1")
+    pull_report(host)
+    motd = host.path("/etc/motd")
+    desired = motd.read_text()
+    motd.write_text(desired + "hand edit during the incident\n")
+    until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
+    until_iso = until.isoformat().replace("+00:00", "Z")
+    reason = "incident 99: hands off"
+
+    suspended = op("suspend", "web1", "--reason", reason, "--until", until_iso)
+    assert suspended.code == 0, suspended.err
+
+    held = pull_report(host)
+    assert dt.datetime.now(dt.UTC) < until, "the held run must finish before the suspension ends"
+    assert held["suspended"] == {"reason": reason, "until": until_iso}
+    assert held["mode"] == "audit"
+    assert held["source"]["commit"] == server_head(fleet)  # fetched and reported
+    assert "/etc/motd" in {d["path"] for d in held["drift"]}  # seen, not repaired
+    assert not any(c["applied"] for c in held["changes"])
+    assert motd.read_text().endswith("hand edit during the incident\n")
+    row = op("fleet", "web1", "--format", "json").json()["nodes"][0]
+    assert row["suspended"] == {"reason": reason, "until": until_iso}
+
+    time.sleep(max(0.0, (until - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
+
+    # Expired: neither the last report (made while it held) nor hosts/ show it any more.
+    row = op("fleet", "web1", "--format", "json").json()["nodes"][0]
+    assert row["suspended"] is None
+    repaired = pull_report(host)
+    assert repaired["suspended"] is None and repaired["mode"] != "audit"
+    assert motd.read_text() == desired
+    motd_changes = [c for c in repaired["changes"] if c["path"] == "/etc/motd"]
+    assert motd_changes and motd_changes[0]["reason"] == "drift" and motd_changes[0]["applied"]
 
 
 def test_resume_of_a_member_names_the_meta_node_that_suspends_it(fleet, op):

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,5 +83,26 @@ def write_report(fleet: Fleet, node: str, report: dict, *, when: int) -> str:
         text=True,
         check=True,
     ).stdout.strip()
+    git("update-ref", f"refs/heads/reports/{node}", commit, cwd=bare)
+    return commit
+
+
+def rewrite_report(fleet: Fleet, node: str, edit: Callable[[dict], dict]) -> str:
+    """A new report commit on top of reports/<node>: report.json passed through ``edit``.
+
+    The rest of the tree (the ``drift/`` captures) is kept as it is. Git
+    plumbing in the served bare repository, like :func:`write_report`.
+    """
+    bare = fleet.bare
+    tip = git("rev-parse", f"refs/heads/reports/{node}", cwd=bare).strip()
+    report = edit(json.loads(git("show", f"{tip}:report.json", cwd=bare)))
+    blob = git_stdin("hash-object", "-w", "--stdin", cwd=bare, stdin=json.dumps(report, indent=2))
+    entries = [
+        line if not line.endswith("\treport.json") else f"100644 blob {blob.strip()}\treport.json"
+        for line in git("ls-tree", tip, cwd=bare).splitlines()
+    ]
+    tree = git_stdin("mktree", cwd=bare, stdin="\n".join(entries) + "\n").strip()
+    message = f"{node}: {report['result']} (rewritten by a test)"
+    commit = git("commit-tree", tree, "-p", tip, "-m", message, cwd=bare).strip()
     git("update-ref", f"refs/heads/reports/{node}", commit, cwd=bare)
     return commit

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from reconciler.cli import main
@@ -20,6 +21,8 @@ from tests.conftest import Fleet
 FAKE_SSH = r"""#!/bin/sh
 # Fake OpenSSH client: record the arguments, then run the remote command here.
 printf '%s\n' "$*" >> "$FAKE_SSH_LOG"
+# A slow network or host: every connection takes this long.
+if [ -n "$FAKE_SSH_SLEEP" ]; then sleep "$FAKE_SSH_SLEEP"; fi
 while [ "$1" != "--" ]; do shift; done
 host=$2
 command=$3
@@ -142,3 +145,37 @@ def test_trigger_json_and_a_custom_command(fleet, tmp_path, monkeypatch):
         ("dhcp", "dhcp", 0, "done")
     ]
     assert err.getvalue().splitlines()[0].startswith("dhcp: ok in ")  # live lines on stderr
+
+
+def test_trigger_reaches_the_hosts_at_the_same_time(fleet, tmp_path, monkeypatch):
+    install_fake_ssh(tmp_path, monkeypatch)
+    monkeypatch.setenv("FAKE_SSH_SLEEP", "1")  # 1 s per host; 4 hosts one after another: 4 s
+    out, err = io.StringIO(), io.StringIO()
+
+    start = time.monotonic()
+    code = main(
+        [
+            "trigger",
+            "all",
+            "--command",
+            "true",
+            "--format",
+            "json",
+            "--repo",
+            fleet.url,
+            "--state-dir",
+            str(tmp_path / "cache"),
+            "--config",
+            "/dev/null",
+        ],
+        out,
+        err,
+    )
+    wall = time.monotonic() - start
+
+    assert code == 0, err.getvalue()
+    hosts = json.loads(out.getvalue())["hosts"]
+    assert sorted(h["node"] for h in hosts) == ["db1", "dhcp", "web1", "web2"]
+    assert all(h["duration_s"] >= 1.0 for h in hosts)  # each really took its second
+    assert sum(h["duration_s"] for h in hosts) >= 4.0
+    assert wall < 2.5, f"4 hosts × 1 s took {wall:.1f}s: not in parallel"

@@ -67,6 +67,57 @@ def test_validate_renders_every_node_and_names_each_failure(fleet):
         assert f"[node {node}]" in line
 
 
+WHAT_TO_DO = re.compile(r"^(?P<what>\S+?):(?P<line>\d+): (?P<problem>.+?) — (?P<todo>.+)$")
+
+
+def test_an_invalid_node_file_does_not_hide_another_nodes_template_error(fleet):
+    fleet.write("hosts/web2.yaml", fleet.read("hosts/web2.yaml") + "colour: blue\n")
+    template = "templates/nginx/production/etc/nginx/conf.d/app.conf.j2"
+    fleet.write(template, "{{ nope }}\n")
+    colour_line = fleet.read("hosts/web2.yaml").splitlines().index("colour: blue") + 1
+
+    code, out, err = validate(fleet.work)
+
+    assert code == 1  # SPEC §3/§6: invalid repository content is exit 1, not usage (2)
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    host = WHAT_TO_DO.match(lines[0])
+    assert host, lines[0]
+    assert (host["what"], int(host["line"])) == ("hosts/web2.yaml", colour_line)
+    assert "unknown key 'colour'" in host["problem"]
+    assert host["todo"].startswith("remove it"), lines[0]
+    assert lines[0].endswith("[node web2]")
+    # web1 shares the broken template and its own chain is valid: it is rendered and named;
+    # web2's own file is invalid, so it is not rendered (its one problem is the file).
+    assert lines[1].startswith(f"{template}:1"), lines[1]
+    assert "nope" in lines[1] and lines[1].endswith("[node web1]")
+    assert out == "2 problem(s)\n"
+
+
+def test_a_meta_node_file_problem_names_its_nodes_and_others_still_render(fleet):
+    meta = fleet.read("hosts/webservers.yaml").replace("state: production", "stat: production")
+    fleet.write("hosts/webservers.yaml", meta)
+    stat_line = meta.splitlines().index("stat: production") + 1
+    pg = "templates/postgresql/default/etc/postgresql/15/main/pg_hba.conf.j2"
+    fleet.write(pg, fleet.read(pg) + "{% if %}\n")
+
+    code, _, err = validate(fleet.work)
+
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    host = WHAT_TO_DO.match(lines[0])
+    assert host, lines[0]
+    assert (host["what"], int(host["line"])) == ("hosts/webservers.yaml", stat_line)
+    assert "unknown key 'stat'" in host["problem"]
+    assert host["todo"].startswith("remove it or use one of the known keys:")
+    assert "state" in host["todo"]
+    assert lines[0].endswith("[nodes web1, web2]")  # the meta-node's members, not web1's file
+    # web1/web2 are not rendered (their chain is invalid); db1 is, and its error is named.
+    assert lines[1].startswith(pg) and lines[1].endswith("[node db1]"), lines[1]
+    assert " — " in lines[1]
+
+
 def test_the_documented_pre_commit_hook_blocks_an_invalid_commit(fleet, tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

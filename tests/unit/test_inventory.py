@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import InventoryError
-from reconciler.inventory import effective_node, inventory_problems, load_inventory
+from reconciler.inventory import (
+    check_hosts,
+    effective_node,
+    inventory_problems,
+    load_inventory,
+)
 from tests.unit.helpers import app_files, node_of, write_repo
 
 
@@ -582,6 +587,47 @@ def test_inventory_problems_reports_every_graph_problem(tmp_path):
     assert len(problems) == 2
     assert "hosts/g1.yaml" in problems[0] and "ghost1" in problems[0]
     assert "hosts/g2.yaml" in problems[1] and "ghost2" in problems[1]
+
+
+@pytest.mark.parametrize(
+    ("files", "suffix", "renderable"),
+    [
+        pytest.param(
+            {"hosts/g.yaml": "include_nodes: [n]\ncolour: 1\n"},
+            "[nodes n]",
+            ["m"],
+            id="meta-node-names-its-members",
+        ),
+        pytest.param(
+            {"hosts/g.yaml": "include_nodes: [g2]\n", "hosts/g2.yaml": "include_nodes: [g, n]\n"},
+            "[nodes n]",
+            ["m"],
+            id="cycle-blocks-the-members",
+        ),
+        pytest.param(
+            {"hosts/g.yaml": "include_nodes: [n, ghost]\n"},
+            "[nodes n]",
+            ["m"],
+            id="unknown-include",
+        ),
+        pytest.param(
+            {"hosts/_defaults.yaml": "colour: 1\n"}, "[every node]", [], id="defaults-block-all"
+        ),
+        pytest.param({"hosts/n.yaml": "apps: [a]\ncolour: 1\n"}, "[node n]", ["m"], id="node-file"),
+        pytest.param({"hosts/x.yaml": "apps: [a\n"}, "", ["m", "n"], id="not-yaml-names-no-node"),
+    ],
+)
+def test_check_hosts_names_affected_nodes_and_keeps_the_valid_part(
+    tmp_path, files, suffix, renderable
+):
+    snap = write_repo(tmp_path, {**_ok_node(), "hosts/m.yaml": "apps: [a]\n", **files})
+    check = check_hosts(snap)
+    assert len(check.problems) == 1, check.problems
+    assert check.problems[0].endswith(suffix) if suffix else "[" not in check.problems[0]
+    assert " — " in check.problems[0]
+    assert list(check.renderable) == renderable
+    # The agent's rule is unchanged: any problem means no inventory at all (SPEC §6).
+    assert inventory_problems(snap)[0] is None
 
 
 def test_a_valid_repository_has_no_problems(tmp_path):

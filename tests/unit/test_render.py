@@ -313,6 +313,7 @@ def test_template_errors_name_the_template_and_line(tmp_path, template, line, ne
     message = str(info.value)
     assert f"templates/a/default/etc/t.conf.j2:{line}" in message
     assert needle in message
+    assert " — " in message  # and what to do
     assert "\n" not in message
 
 
