@@ -518,12 +518,13 @@ def _full_run(
             excluded=tuple(str(p) for p in plan.excluded),
         ),
     )
-    if journal is not None:
-        journal.finish()  # only now: the local state matches the disk
     if recovery is not None and recovery.post_pending and run.mode == "enforce":
         # Owed post scripts this run reached, or of apps the node no longer runs.
+        # Before the journal goes: killed in between, recovery sees "done" there.
         gone = set(recovery.post_pending) - {a.name for a in target.apps}
         settle_owed(state_dir, applied.post_reached | gone)
+    if journal is not None:
+        journal.finish()  # only now: the local state matches the disk
 
 
 def _hold(state_dir: Path, commit: str, options: RunOptions) -> dict[str, Any] | None:

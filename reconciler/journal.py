@@ -296,7 +296,10 @@ def recover(
     removed: list[str] = []
     forward: list[str] = []
     managed = dict(previous.managed)
-    pending: dict[str, set[str]] = {a: set(p) for a, p in owed.get("apps", {}).items()}
+    # Owed post scripts that the journal's run already ran ("done") are paid.
+    pending: dict[str, set[str]] = {
+        a: set(p) for a, p in owed.get("apps", {}).items() if "done" not in phases.get(a, ())
+    }
     for e in manifest.entries:
         dest = PurePosixPath(e.path)
         host = host_path(root, dest)
