@@ -3,15 +3,24 @@
 Takes a finished report; produces a webhook POST (for the results listed in
 ``report.notify_on``), a healthchecks.io-style ping (``/start``, success,
 ``/fail``) and a Prometheus textfile. None of these may block or fail a run:
-every request has a short timeout and bounded retries, and every failure is
-logged once and swallowed.
+each notification has a wall-clock deadline (retries included), and every
+failure is logged once and swallowed.
+
+requests' timeouts are per socket read: a server that sends a byte now and
+then never trips them. So each notification runs in a daemon thread that the
+run waits for at most the deadline; then the thread's sockets are shut down,
+which ends it. Only the body is never read (``stream=True``): the status code
+is all we need.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +32,101 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 2.0
 READ_TIMEOUT_S = 3.0
 WEBHOOK_ATTEMPTS = 3
+WEBHOOK_DEADLINE_S = 10.0  # one notification, all attempts and pauses included
+PING_DEADLINE_S = 5.0  # one ping
 RESULTS = ("ok", "changed", "drift", "failed")
 
 
-def _session() -> Any:
+def _tracking_session(sockets: list[socket.socket]) -> Any:
+    """A requests Session that appends every socket it opens to ``sockets``."""
     import requests  # imported only when there is something to send
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    return requests.Session()
+    class Conn(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            sockets.append(sock)
+            return sock
+
+    class TLSConn(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            sockets.append(sock)
+            return sock
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+    session = requests.Session()
+    adapter = Adapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _within(
+    what: str, deadline_s: float, work: Callable[[Any, Callable[[], float]], str | None]
+) -> str | None:
+    """``work(session, remaining)`` in a daemon thread, cut off after ``deadline_s`` seconds.
+
+    ``remaining()`` is the time left, for ``work`` to bound its timeouts and
+    pauses. Returns what ``work`` returned (None: success, else an error
+    text), or the deadline's error text. Never raises.
+    """
+    sockets: list[socket.socket] = []
+    end = time.monotonic() + deadline_s
+    result: list[str | None] = []
+
+    def remaining() -> float:
+        return end - time.monotonic()
+
+    def target() -> None:
+        try:
+            with _tracking_session(sockets) as session:
+                result.append(work(session, remaining))
+        except Exception as exc:  # requests raises many types; none may fail the run
+            result.append(f"{what} failed: {type(exc).__name__}")
+
+    thread = threading.Thread(target=target, name=f"reconciler-{what}", daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if not thread.is_alive():
+        return result[0] if result else f"{what} failed"
+    for sock in list(sockets):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read: the thread ends
+    thread.join(1.0)  # a name lookup cannot be cut; the daemon thread dies with us
+    return f"{what} gave no complete answer within {deadline_s:.0f}s"
 
 
 def ping(url: str | None, phase: str) -> None:
-    """healthchecks.io convention: ``URL/start``, ``URL`` on success, ``URL/fail``."""
+    """healthchecks.io convention: ``URL/start``, ``URL`` on success, ``URL/fail``.
+
+    At most PING_DEADLINE_S seconds; a failure is logged and swallowed.
+    """
     if not url:
         return
     target = url.rstrip("/") + {"start": "/start", "success": "", "fail": "/fail"}[phase]
-    try:
-        with _session() as session:
-            session.get(target, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
-    except Exception as exc:  # requests raises many types; none may fail the run
-        log.warning("ping %s failed: %s", phase, type(exc).__name__)
+
+    def get(session: Any, remaining: Callable[[], float]) -> str | None:
+        timeout = (min(CONNECT_TIMEOUT_S, remaining()), min(READ_TIMEOUT_S, remaining()))
+        with session.get(target, timeout=timeout, stream=True) as response:
+            status = int(response.status_code)
+        return None if status < 400 else f"ping answered HTTP {status}"
+
+    error = _within("ping", PING_DEADLINE_S, get)
+    if error:
+        log.warning("ping %s failed: %s", phase, error)
 
 
 def webhook_payload(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,10 +147,12 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
     """POST the report to ``settings.webhook`` when its result is in ``notify_on``.
 
     Bearer token from ``settings.webhook_token_file`` (never logged). Returns
-    None on success or when nothing was due, else the last error text.
-    Bounded: at most WEBHOOK_ATTEMPTS × (connect + read timeout) plus back-off.
+    None on success or when nothing was due, else the last error text. Up to WEBHOOK_ATTEMPTS tries (a 5xx
+    or a network error is tried again, a 4xx is final), all within
+    WEBHOOK_DEADLINE_S seconds of wall-clock time.
     """
-    if not settings.webhook or report["result"] not in settings.notify_on:
+    url = settings.webhook
+    if not url or report["result"] not in settings.notify_on:
         return None
     headers = {"User-Agent": "reconciler"}
     if settings.webhook_token_file:
@@ -74,26 +161,34 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
         except OSError as exc:
             return f"{settings.webhook_token_file}: cannot read the webhook token: {exc.strerror}"
         headers["Authorization"] = f"Bearer {token}"
-    error = None
-    with _session() as session:
+    payload = webhook_payload(report)
+
+    def post(session: Any, remaining: Callable[[], float]) -> str | None:
+        error = "webhook failed: deadline passed"
         for attempt in range(WEBHOOK_ATTEMPTS):
+            timeout = (min(CONNECT_TIMEOUT_S, remaining()), min(READ_TIMEOUT_S, remaining()))
             try:
-                response = session.post(
-                    settings.webhook,
-                    json=webhook_payload(report),
-                    headers=headers,
-                    timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-                )
-                if response.status_code < 300:
-                    return None
-                error = f"webhook answered HTTP {response.status_code}"
-                if response.status_code < 500:
-                    break  # the receiver refuses: retrying will not help
+                with session.post(
+                    url, json=payload, headers=headers, timeout=timeout, stream=True
+                ) as response:
+                    status = int(response.status_code)
             except Exception as exc:  # connection refused, timeout, TLS …
                 error = f"webhook failed: {type(exc).__name__}"
-            if attempt + 1 < WEBHOOK_ATTEMPTS:
-                time.sleep(0.5 * 2**attempt)
-    log.warning("%s (%s)", error, settings.webhook.split("?")[0])
+            else:
+                if status < 300:
+                    return None
+                error = f"webhook answered HTTP {status}"
+                if status < 500:
+                    break  # the receiver refuses: retrying will not help
+            pause = 0.5 * 2**attempt
+            if attempt + 1 == WEBHOOK_ATTEMPTS or pause >= remaining():
+                break
+            time.sleep(pause)
+        return error
+
+    error = _within("webhook", WEBHOOK_DEADLINE_S, post)
+    if error:
+        log.warning("%s (%s)", error, url.split("?")[0])
     return error
 
 
