@@ -499,6 +499,10 @@ def _configure_logging(level: int, stream: TextIO, fmt: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # urllib3 (under requests, for webhook and ping) logs request paths at
+    # DEBUG and whole URLs in some warnings; those paths hold the secret of
+    # Slack- or Discord-style webhooks. notify.py logs what matters itself.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 COMMANDS = {

@@ -10,7 +10,9 @@ requests' timeouts are per socket read: a server that sends a byte now and
 then never trips them. So each notification runs in a daemon thread that the
 run waits for at most the deadline; then the thread's sockets are shut down,
 which ends it. Only the body is never read (``stream=True``): the status code
-is all we need.
+is all we need. Webhook and ping URLs carry secrets (Slack and Discord put the
+key in the path; ``user:pass@`` may be there), so logs and errors name only
+``scheme://host[:port]``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import ReportConfig
 from .system import atomic_write
@@ -35,6 +38,17 @@ WEBHOOK_ATTEMPTS = 3
 WEBHOOK_DEADLINE_S = 10.0  # one notification, all attempts and pauses included
 PING_DEADLINE_S = 5.0  # one ping
 RESULTS = ("ok", "changed", "drift", "failed")
+
+
+def origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: what logs and reports may say about it.
+
+    The path, query and ``user:pass@`` are dropped: webhook services put their
+    secret there.
+    """
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}" if parts.scheme and host else "(unparsable URL)"
 
 
 def _tracking_session(sockets: list[socket.socket]) -> Any:
@@ -112,7 +126,7 @@ def _within(
 def ping(url: str | None, phase: str) -> None:
     """healthchecks.io convention: ``URL/start``, ``URL`` on success, ``URL/fail``.
 
-    At most PING_DEADLINE_S seconds; a failure is logged and swallowed.
+    At most PING_DEADLINE_S seconds; a failure is logged (origin only) and swallowed.
     """
     if not url:
         return
@@ -126,7 +140,7 @@ def ping(url: str | None, phase: str) -> None:
 
     error = _within("ping", PING_DEADLINE_S, get)
     if error:
-        log.warning("ping %s failed: %s", phase, error)
+        log.warning("ping %s to %s: %s", phase, origin(url), error)
 
 
 def webhook_payload(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,7 +161,8 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
     """POST the report to ``settings.webhook`` when its result is in ``notify_on``.
 
     Bearer token from ``settings.webhook_token_file`` (never logged). Returns
-    None on success or when nothing was due, else the last error text. Up to WEBHOOK_ATTEMPTS tries (a 5xx
+    None on success or when nothing was due, else the last error text (which
+    names the webhook by its origin only). Up to WEBHOOK_ATTEMPTS tries (a 5xx
     or a network error is tried again, a 4xx is final), all within
     WEBHOOK_DEADLINE_S seconds of wall-clock time.
     """
@@ -188,7 +203,8 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
 
     error = _within("webhook", WEBHOOK_DEADLINE_S, post)
     if error:
-        log.warning("%s (%s)", error, url.split("?")[0])
+        error = f"{error} ({origin(url)})"
+        log.warning("%s", error)
     return error
 
 

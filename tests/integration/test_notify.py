@@ -405,6 +405,56 @@ def test_a_webhook_answering_5xx_is_tried_again_and_the_second_try_counts(
     assert last.get("webhook_error") is None
 
 
+@pytest.mark.parametrize("server", ["dead", "live"])
+def test_webhook_and_ping_urls_appear_only_as_scheme_host_port(
+    fleet, make_host, recorder, tmp_path, server
+):
+    # Slack and Discord put the key in the path; user:pass@ may be in the URL.
+    hostport = (
+        recorder.url if server == "live" else f"http://127.0.0.1:{free_port()}"
+    ).removeprefix("http://")
+    secrets_in_url = {
+        "user": "u" + secrets.token_hex(6),
+        "password": "p" + secrets.token_hex(6),
+        "hook path": "T0/B0/" + secrets.token_hex(8),
+        "ping path": "c" + secrets.token_hex(8),
+    }
+    userinfo = f"{secrets_in_url['user']}:{secrets_in_url['password']}@{hostport}"
+    cfg = write_config(
+        tmp_path / "secret-urls.yaml",
+        report={
+            "webhook": f"http://{userinfo}/services/{secrets_in_url['hook path']}",
+            "notify_on": ["changed", "drift", "failed"],
+            "ping_url": f"http://{userinfo}/ping/{secrets_in_url['ping path']}",
+        },
+    )
+    host = make_host("web1")
+
+    proc = run(host, "--config", str(cfg), "--debug")
+    status = host.run("status", "--format", "json")
+
+    last = host.last_run()
+    assert last["result"] == "changed"
+    if server == "live":
+        assert last.get("webhook_error") is None
+        got = recorder.take()
+        assert f"/services/{secrets_in_url['hook path']}" in {r.path for r in got}  # really used
+    else:
+        assert f"http://{hostport}" in (last.get("webhook_error") or ""), last
+        assert f"webhook failed: ConnectionError (http://{hostport})" in proc.stderr
+        assert f"ping start to http://{hostport}" in proc.stderr
+    places = {
+        "stderr": proc.stderr,
+        "stdout": proc.stdout,
+        "status": status.stdout + status.stderr,
+        "last-run.json": (host.state_dir / "last-run.json").read_text(),
+        "report branch": all_objects_text(fleet.bare).decode(errors="replace"),
+    }
+    for where, text in places.items():
+        for what, secret in secrets_in_url.items():
+            assert secret not in text, f"the {what} of a notification URL is in {where}"
+
+
 # ------------------------------------------------------------------ metrics
 
 
