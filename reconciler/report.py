@@ -130,11 +130,18 @@ def build_report(
 def significant(report: Mapping[str, Any]) -> dict[str, Any]:
     """The state a report describes; a change in it makes a new commit (SPEC §5).
 
+    Only what SPEC §5 lists counts — result, source commit, changes, drift,
+    excluded, errors, scripts' exit codes — plus the states ``applied_commit``,
+    ``suspended`` and ``recovered`` (``fleet`` must see them change). Never
+    ``run_id``, timestamps, durations or output tails.
+
     ``ok`` and ``changed`` are one class here: a run that converged the disk
     (``changed``) followed by a run that found it still converged (``ok``)
     at the same commit is not news, so the second run makes no commit (issue
     #2: "a second run with nothing changed: no new report commit"). What the
-    run *did* is news on its own: see :func:`eventful`.
+    run *did* is news on its own: see :func:`eventful`. Scripts count by
+    their failures: a script that succeeded ran either because of changes
+    (already news) or because of ``post_always`` (every run: never news).
     """
     result = report.get("result")
     return {
@@ -156,8 +163,12 @@ def significant(report: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def eventful(report: Mapping[str, Any]) -> bool:
-    """True when the run changed something on the host or ran scripts: always recorded."""
-    return any(c.get("applied") for c in report.get("changes", ())) or bool(report.get("scripts"))
+    """True when the run changed something on the host: always recorded.
+
+    Scripts that ran are not enough: ``post_always`` runs them every time
+    (SPEC §5: output tails and durations alone never make a commit).
+    """
+    return any(c.get("applied") for c in report.get("changes", ()))
 
 
 def commit_message(report: Mapping[str, Any]) -> str:

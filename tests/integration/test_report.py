@@ -173,3 +173,35 @@ def test_status_shows_the_last_run_and_diff_shows_drift_without_changing_anythin
     assert data["applied_commit"] == fleet.head()
     text = host.run("status").stdout
     assert "drift" in text and "2 drifted" in text
+
+
+def test_post_always_runs_without_changes_make_no_new_report_commit(fleet, make_host, tmp_path):
+    # SPEC §5: run_id, timestamps, durations and output tails alone never make a
+    # commit. A post_always script runs every time, with a new output each time.
+    ran = tmp_path / "post.log"
+    fleet.write(
+        "templates/motd/app.yaml",
+        fleet.read("templates/motd/app.yaml") + "scripts:\n  post_always: true\n",
+    )
+    fleet.write(
+        "scripts/post/motd/50-say",
+        f'#!/bin/sh\necho "run $RECONCILER_RUN_ID at $(date +%s%N)" | tee -a {ran}\n',
+        executable=True,
+    )
+    fleet.commit("motd: a post script that runs every time")
+    host = make_host("web1")
+    assert pull_report(host)["result"] == "changed"
+    log_after_converge = fleet.report_log("web1")
+
+    quiet = [pull_report(host), pull_report(host)]
+
+    assert [r["result"] for r in quiet] == ["ok", "ok"]
+    tails = [s["output_tail"] for r in quiet for s in r["scripts"] if s["name"] == "50-say"]
+    assert len(tails) == 2 and tails[0] != tails[1]  # the script ran, and said something new
+    assert len(ran.read_text().splitlines()) == 3
+    assert fleet.report_log("web1") == log_after_converge  # neither run made a commit
+    assert host.last_run()["report_commit"] is None
+
+    host.path("/etc/motd").write_text("hand edit\n")  # something that matters still commits
+    assert pull_report(host)["result"] == "drift"
+    assert len(fleet.report_log("web1")) == len(log_after_converge) + 1
