@@ -199,7 +199,13 @@ def read_last_run(state_dir: Path) -> dict[str, Any] | None:
 
 
 def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
-    """Where the next report commit goes: the local queue, or the fetched remote tip."""
+    """Where the next report commit goes: the local queue, or the fetched remote tip.
+
+    When the server's branch moved where ours did not lead (another writer,
+    a restore, a push of ours rejected as non-fast-forward), the queued
+    commits are rebuilt on the server's tip (:func:`_requeue`): no report is
+    lost and the next push is a fast-forward.
+    """
     local = repo.references.get(report_ref(node))
     remote = repo.references.get(remote_report_ref(node))
     if local is None:
@@ -210,11 +216,36 @@ def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
         except pygit2.GitError:
             ahead = False
         if not ahead:
-            # Someone else moved our branch (a state_dir reset, a manual fix):
-            # continue from theirs rather than fight over the ref.
-            log.warning("reports/%s diverged from the server; continuing from its tip", node)
-            return repo[remote.target].peel(pygit2.Commit)
+            return _requeue(repo, node, local.target, remote.target)
     return repo[local.target].peel(pygit2.Commit)
+
+
+def _requeue(
+    repo: pygit2.Repository, node: str, local: pygit2.Oid | str, remote: pygit2.Oid | str
+) -> pygit2.Commit:
+    """Replay the local report commits the server lacks, oldest first, on its tip.
+
+    Each keeps its tree (report.json, drift/), message, author and committer;
+    only the parent changes. The local branch then points at the last one.
+    """
+    walker = repo.walk(local, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
+    walker.hide(remote)
+    tip = repo[remote].peel(pygit2.Commit)
+    replayed = 0
+    for commit in walker:
+        new = repo.create_commit(
+            None, commit.author, commit.committer, commit.message, commit.tree_id, [tip.id]
+        )
+        tip = repo[new].peel(pygit2.Commit)
+        replayed += 1
+    repo.references.create(report_ref(node), tip.id, force=True)
+    if replayed:
+        log.warning(
+            "reports/%s moved on the server; %d queued report commit(s) rebuilt on its tip",
+            node,
+            replayed,
+        )
+    return tip
 
 
 def commit_report(

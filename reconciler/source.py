@@ -205,7 +205,15 @@ def remote_url(repo: str) -> str:
 
 
 def open_state_repo(state_dir: Path) -> pygit2.Repository:
-    """Open (or create) the bare repository ``<state_dir>/repo.git``."""
+    """Open (or create) the bare repository ``<state_dir>/repo.git``.
+
+    Turns on libgit2's fsync of objects, packs and refs (a process-wide
+    option; this repository is the only one a run writes): the local report
+    branch is the queue of unpushed reports, and a power loss must not leave
+    it pointing at objects that never reached the disk (SPEC §5: no report
+    is lost). The cost is a few fsyncs per report commit and per fetch.
+    """
+    pygit2.settings.enable_fsync_gitdir(True)
     path = state_dir / "repo.git"
     try:
         if path.exists():

@@ -279,3 +279,57 @@ def test_many_full_runs_with_parallel_render_never_hang_and_sigterm_still_ends_i
         assert host.path("/srv/many/f79.conf").read_text().endswith("generation=12\n")
         agent.send(signal.SIGTERM)
         assert agent.proc.wait(timeout=20) == 0, agent.context()
+
+
+def _server_run_ids(bare) -> list[str]:
+    """run_id of every report.json on the server's reports/web1, oldest first."""
+    out = []
+    for commit in git("rev-list", "--reverse", "refs/heads/reports/web1", cwd=bare).split():
+        shown = subprocess.run(
+            ["git", "show", f"{commit}:report.json"], cwd=bare, capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            out.append(json.loads(shown.stdout)["run_id"])
+    return out
+
+
+def test_queued_reports_are_rebuilt_on_a_report_branch_that_moved_on_the_server(
+    fleet, make_host, tmp_path
+):
+    base = tmp_path / "own-git"
+    bare = base / "fleet.git"
+    git("init", "-q", "--bare", str(bare))
+    git("push", "-q", str(bare), "HEAD:refs/heads/main", cwd=fleet.work)
+    daemon = start_git_daemon(base)
+    try:
+        host = make_host("web1", url=daemon.url("fleet.git"))
+        assert host.pull().returncode == 0  # converged; its report is on the server
+
+        daemon.stop()  # offline: two runs repair drift and queue their reports
+        for i in range(2):
+            host.path("/etc/motd").write_text(f"edited offline {i}\n")
+            host.pull()
+        queued = [_local_report(host, c)["run_id"] for c in _queued_reports(host)]
+        assert len(queued) == 2, queued
+
+        # Meanwhile someone else moves reports/web1 on the server.
+        other = tmp_path / "other"
+        git("clone", "-q", "--branch", "reports/web1", str(bare), str(other))
+        (other / "NOTE").write_text("written by an operator\n")
+        git("add", "NOTE", cwd=other)
+        git("commit", "-q", "-m", "web1: an operator's note", cwd=other)
+        git("push", "-q", "origin", "HEAD:refs/heads/reports/web1", cwd=other)
+        theirs = git("rev-parse", "HEAD", cwd=other).strip()
+
+        daemon = start_git_daemon_on(base, daemon.port)  # back
+        proc = host.pull()
+        assert proc.returncode == 0, proc.stderr
+        assert "rebuilt on its tip" in proc.stderr, proc.stderr
+
+        on_server = _server_run_ids(bare)
+        assert [r for r in on_server if r in queued] == queued, (on_server, queued)  # in order
+        assert on_server[-1] == host.last_run()["run_id"]
+        assert _is_ancestor(bare, theirs, git("rev-parse", "reports/web1", cwd=bare).strip())
+        assert host.last_run()["queued"] == 0 and not _queued_reports(host)
+    finally:
+        daemon.stop()

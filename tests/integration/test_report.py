@@ -6,8 +6,13 @@ import json
 import os
 import platform
 import re
+import shutil
+import subprocess
+
+import pytest
 
 from tests.conftest import git, tree_snapshot
+from tests.integration._agent import reconciler_argv, reconciler_env
 from tests.integration._helpers import HEX40, ISO_UTC, mode_of, pull_report
 
 SPEC_KEYS = {
@@ -205,3 +210,28 @@ def test_post_always_runs_without_changes_make_no_new_report_commit(fleet, make_
     host.path("/etc/motd").write_text("hand edit\n")  # something that matters still commits
     assert pull_report(host)["result"] == "drift"
     assert len(fleet.report_log("web1")) == len(log_after_converge) + 1
+
+
+def test_report_commits_and_refs_of_the_state_repo_are_fsynced(make_host, tmp_path):
+    # The local report branch is the queue of unpushed reports: after a power
+    # loss it must not point at objects that never reached the disk. libgit2
+    # only fsyncs with GIT_OPT_ENABLE_FSYNC_GITDIR; strace shows that it does.
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace not found — install the `strace` package (CI installs it)")
+    host = make_host("web1")
+    trace = tmp_path / "fsync.trace"
+    argv = reconciler_argv(host, "pull")
+    proc = subprocess.run(
+        [strace, "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace), *argv],
+        capture_output=True,
+        text=True,
+        env=reconciler_env(),
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    repo_git = host.state_dir / "repo.git"
+    synced = re.findall(r"fsync\(\d+<([^>]*)>\)", trace.read_text())
+    assert f"{repo_git}/refs/heads/reports/web1.lock" in synced, synced
+    assert any(p.startswith(f"{repo_git}/objects/") for p in synced), synced
