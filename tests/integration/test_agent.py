@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import signal
 import subprocess
 import time
@@ -179,9 +180,21 @@ def _queued_reports(host) -> list[str]:
 
 
 def _local_report(host, commit: str) -> dict:
-    return json.loads(
-        git("--git-dir", str(host.state_dir / "repo.git"), "show", f"{commit}:report.json")
+    return json.loads(_local_blob(host, commit, "report.json"))
+
+
+def _local_blob(host, commit: str, path: str) -> str:
+    proc = subprocess.run(
+        ["git", "--git-dir", str(host.state_dir / "repo.git"), "show", f"{commit}:{path}"],
+        capture_output=True,
+        text=True,
     )
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _local_reports(host) -> list[dict]:
+    """The queued reports (local commits the server does not have), oldest first."""
+    return [_local_report(host, c) for c in _queued_reports(host)]
 
 
 def test_offline_agent_keeps_enforcing_queues_reports_and_pushes_them_all_when_back(
@@ -232,15 +245,34 @@ def test_offline_agent_keeps_enforcing_queues_reports_and_pushes_them_all_when_b
             assert host.last_run()["source"]["fetched"] is False
             assert not any(_is_ancestor(bare, c, server_tip) for c in queued)
 
+            os.killpg(agent.pid, signal.SIGKILL)  # the host restarts, still offline
+            agent.proc.wait(timeout=10)
+        before_kill = [r["run_id"] for r in _local_reports(host)]
+        assert before_kill[: len(queued)] == [r["run_id"] for r in reports]
+
+        with running_agent(host, tmp_path / "agent-again.log", interval="1s") as agent:
+            agent.wait_runs(1)
+            motd.write_text("edited while offline, after the restart\n")
+            wait_until(  # the restarted agent repairs it and queues behind the old queue
+                lambda: any(
+                    "after the restart" in _local_blob(host, c, "drift/etc/motd")
+                    for c in _queued_reports(host)[len(before_kill) :]
+                ),
+                8,
+                agent.context,
+            )
+            queued_ids = [r["run_id"] for r in _local_reports(host)]
+            assert queued_ids[: len(before_kill)] == before_kill, (queued_ids, before_kill)
+
             daemon = start_git_daemon_on(base, daemon.port)  # back, where hosts expect it
 
             def all_landed() -> bool:
-                tip = git("rev-parse", "refs/heads/reports/web1", cwd=bare).strip()
-                return all(_is_ancestor(bare, c, tip) for c in queued)
+                on_server = _server_run_ids(bare)
+                return all(r in on_server for r in queued_ids)
 
             wait_until(all_landed, 10, agent.context)
-            on_server = git("rev-list", "--reverse", "refs/heads/reports/web1", cwd=bare).split()
-            assert [c for c in on_server if c in queued] == queued  # in order, none lost
+            on_server = _server_run_ids(bare)
+            assert [r for r in on_server if r in queued_ids] == queued_ids  # in order, none lost
             wait_until(lambda: host.last_run()["queued"] == 0, 5, agent.context)
     finally:
         daemon.stop()
