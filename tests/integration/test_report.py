@@ -235,3 +235,21 @@ def test_report_commits_and_refs_of_the_state_repo_are_fsynced(make_host, tmp_pa
     synced = re.findall(r"fsync\(\d+<([^>]*)>\)", trace.read_text())
     assert f"{repo_git}/refs/heads/reports/web1.lock" in synced, synced
     assert any(p.startswith(f"{repo_git}/objects/") for p in synced), synced
+
+
+def test_a_ref_lock_left_by_a_killed_run_does_not_stop_later_reports(fleet, make_host):
+    # kill -9 while libgit2 updates a ref leaves <ref>.lock behind; libgit2 then
+    # refuses every later update of that ref: no report would ever be committed.
+    host = make_host("web1")
+    assert host.pull().returncode == 0
+    repo_git = host.state_dir / "repo.git"
+    stale = [repo_git / "refs/heads/reports/web1.lock", repo_git / "packed-refs.lock"]
+    for lock in stale:
+        lock.write_text("0" * 40 + "\n")
+    host.path("/etc/motd").write_text("edited by hand\n")
+
+    report = pull_report(host)
+
+    assert report["result"] == "drift"
+    assert fleet.report("web1")["run_id"] == report["run_id"]
+    assert not any(lock.exists() for lock in stale)
