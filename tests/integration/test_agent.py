@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -128,6 +129,25 @@ def test_status_shows_the_running_agent_and_sigterm_when_idle_exits_at_once(make
     status = host.run("status")
     assert "next run:   no agent running" in status.stdout, status.stdout
     assert json.loads(host.run("status", "--format", "json").stdout)["agent"] is None
+
+
+def test_status_after_the_agent_was_killed_says_it_is_not_running(make_host, tmp_path):
+    host = make_host("web1")
+    with running_agent(host, tmp_path / "agent.log", interval="1h") as agent:
+        agent.wait_runs(1)
+        pid = agent.pid
+        os.killpg(pid, signal.SIGKILL)  # no chance to remove agent.json
+        agent.proc.wait(timeout=10)
+    assert json.loads((host.state_dir / "agent.json").read_text())["pid"] == pid  # stale
+
+    status = host.run("status")
+    assert status.returncode == 0, status.stderr
+    (next_line,) = [line for line in status.stdout.splitlines() if line.startswith("next run:")]
+    assert "agent not running" in next_line and f"pid {pid}" in next_line, status.stdout
+    assert not re.search(r"\d{4}-\d\d-\d\dT", next_line), next_line  # no next run time
+
+    data = json.loads(host.run("status", "--format", "json").stdout)
+    assert data["agent"] is None
 
 
 def test_sigterm_during_a_run_lets_the_run_finish_and_report_then_exits_0(
