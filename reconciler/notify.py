@@ -208,12 +208,22 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
     return error
 
 
+def label_value(value: str) -> str:
+    """A Prometheus label value, quoted: ``\\``, ``"`` and newlines escaped.
+
+    The text exposition format allows those three escapes in label values and
+    nothing else; a branch or node name holding one must not break the file
+    (node_exporter drops a textfile it cannot parse, with every metric in it).
+    """
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
 def metrics_text(
     report: Mapping[str, Any], *, duration_s: float, last_success: float | None, queued: int
 ) -> str:
     """The Prometheus text exposition of one run (node_exporter textfile collector)."""
-    node = report["node"]
-    labels = f'node="{node}"'
+    labels = f"node={label_value(report['node'])}"
     source = report["source"]
     finished = _epoch(report["finished_at"])
     lines = [
@@ -250,13 +260,14 @@ def metrics_text(
         "# HELP reconciler_run_result Result of the last run (1 for the result it had).",
         "# TYPE reconciler_run_result gauge",
         *(
-            f'reconciler_run_result{{{labels},result="{r}"}} {int(report["result"] == r)}'
+            f"reconciler_run_result{{{labels},result={label_value(r)}}} "
+            f"{int(report['result'] == r)}"
             for r in RESULTS
         ),
         "# HELP reconciler_source_info The commit and branch of the last run.",
         "# TYPE reconciler_source_info gauge",
-        f'reconciler_source_info{{{labels},commit="{source["commit"]}",'
-        f'branch="{source["branch"]}"}} 1',
+        f"reconciler_source_info{{{labels},commit={label_value(source['commit'] or '')},"
+        f"branch={label_value(source['branch'])}}} 1",
     ]
     return "\n".join(out) + "\n"
 
