@@ -351,10 +351,15 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .report import read_last_run
-    from .service import read_agent_file
+    from .service import agent_running, read_agent_file
 
     config = _config(args)
     last = read_last_run(Path(config.state_dir))
+    agent = read_agent_file(Path(config.state_dir))
+    # agent.json outlives a killed agent: a dead pid has no next run.
+    stale = agent if agent is not None and not agent_running(agent) else None
+    if stale is not None:
+        agent = None
     if last is None:
         if args.format == "json":
             _emit_json({"node": config.node, "last_run": None}, out)
@@ -362,7 +367,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"{config.node}: no run yet (state dir {config.state_dir})\n")
         return 0
     if args.format == "json":
-        _emit_json({**last, "agent": read_agent_file(Path(config.state_dir))}, out)
+        _emit_json({**last, "agent": agent}, out)
         return 0
     changed = sum(1 for c in last["changes"] if c["applied"])
     drifted = len({d["path"] for d in last["drift"]})
@@ -380,9 +385,13 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     queued = last.get("queued")
     if queued:
         out.write(f"queued:     {queued} report commit(s) waiting to be pushed\n")
-    agent = read_agent_file(Path(config.state_dir))
     if agent:
         out.write(f"next run:   {agent['next_run_at']} (agent pid {agent['pid']})\n")
+    elif stale is not None:
+        out.write(
+            f"next run:   none, agent not running (pid {stale.get('pid')} in agent.json "
+            "is gone) — start reconciler run or the timer\n"
+        )
     else:
         out.write("next run:   no agent running (reconciler run / the timer)\n")
     for error in last["errors"]:
@@ -509,6 +518,10 @@ def _configure_logging(level: int, stream: TextIO, fmt: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # urllib3 (under requests, for webhook and ping) logs request paths at
+    # DEBUG and whole URLs in some warnings; those paths hold the secret of
+    # Slack- or Discord-style webhooks. notify.py logs what matters itself.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 COMMANDS = {

@@ -3,17 +3,29 @@
 Takes a finished report; produces a webhook POST (for the results listed in
 ``report.notify_on``), a healthchecks.io-style ping (``/start``, success,
 ``/fail``) and a Prometheus textfile. None of these may block or fail a run:
-every request has a short timeout and bounded retries, and every failure is
-logged once and swallowed.
+each notification has a wall-clock deadline (retries included), and every
+failure is logged once and swallowed.
+
+requests' timeouts are per socket read: a server that sends a byte now and
+then never trips them. So each notification runs in a daemon thread that the
+run waits for at most the deadline; then the thread's sockets are shut down,
+which ends it. Only the body is never read (``stream=True``): the status code
+is all we need. Webhook and ping URLs carry secrets (Slack and Discord put the
+key in the path; ``user:pass@`` may be there), so logs and errors name only
+``scheme://host[:port]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import ReportConfig
 from .system import atomic_write
@@ -23,25 +35,112 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 2.0
 READ_TIMEOUT_S = 3.0
 WEBHOOK_ATTEMPTS = 3
+WEBHOOK_DEADLINE_S = 10.0  # one notification, all attempts and pauses included
+PING_DEADLINE_S = 5.0  # one ping
 RESULTS = ("ok", "changed", "drift", "failed")
 
 
-def _session() -> Any:
-    import requests  # imported only when there is something to send
+def origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: what logs and reports may say about it.
 
-    return requests.Session()
+    The path, query and ``user:pass@`` are dropped: webhook services put their
+    secret there.
+    """
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}" if parts.scheme and host else "(unparsable URL)"
+
+
+def _tracking_session(sockets: list[socket.socket]) -> Any:
+    """A requests Session that appends every socket it opens to ``sockets``."""
+    import requests  # imported only when there is something to send
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Conn(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            sockets.append(sock)
+            return sock
+
+    class TLSConn(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            sockets.append(sock)
+            return sock
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+    session = requests.Session()
+    adapter = Adapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _within(
+    what: str, deadline_s: float, work: Callable[[Any, Callable[[], float]], str | None]
+) -> str | None:
+    """``work(session, remaining)`` in a daemon thread, cut off after ``deadline_s`` seconds.
+
+    ``remaining()`` is the time left, for ``work`` to bound its timeouts and
+    pauses. Returns what ``work`` returned (None: success, else an error
+    text), or the deadline's error text. Never raises.
+    """
+    sockets: list[socket.socket] = []
+    end = time.monotonic() + deadline_s
+    result: list[str | None] = []
+
+    def remaining() -> float:
+        return end - time.monotonic()
+
+    def target() -> None:
+        try:
+            with _tracking_session(sockets) as session:
+                result.append(work(session, remaining))
+        except Exception as exc:  # requests raises many types; none may fail the run
+            result.append(f"{what} failed: {type(exc).__name__}")
+
+    thread = threading.Thread(target=target, name=f"reconciler-{what}", daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if not thread.is_alive():
+        return result[0] if result else f"{what} failed"
+    for sock in list(sockets):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read: the thread ends
+    thread.join(1.0)  # a name lookup cannot be cut; the daemon thread dies with us
+    return f"{what} gave no complete answer within {deadline_s:.0f}s"
 
 
 def ping(url: str | None, phase: str) -> None:
-    """healthchecks.io convention: ``URL/start``, ``URL`` on success, ``URL/fail``."""
+    """healthchecks.io convention: ``URL/start``, ``URL`` on success, ``URL/fail``.
+
+    At most PING_DEADLINE_S seconds; a failure is logged (origin only) and swallowed.
+    """
     if not url:
         return
     target = url.rstrip("/") + {"start": "/start", "success": "", "fail": "/fail"}[phase]
-    try:
-        with _session() as session:
-            session.get(target, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
-    except Exception as exc:  # requests raises many types; none may fail the run
-        log.warning("ping %s failed: %s", phase, type(exc).__name__)
+
+    def get(session: Any, remaining: Callable[[], float]) -> str | None:
+        timeout = (min(CONNECT_TIMEOUT_S, remaining()), min(READ_TIMEOUT_S, remaining()))
+        with session.get(target, timeout=timeout, stream=True) as response:
+            status = int(response.status_code)
+        return None if status < 400 else f"ping answered HTTP {status}"
+
+    error = _within("ping", PING_DEADLINE_S, get)
+    if error:
+        log.warning("ping %s to %s: %s", phase, origin(url), error)
 
 
 def webhook_payload(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,10 +161,13 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
     """POST the report to ``settings.webhook`` when its result is in ``notify_on``.
 
     Bearer token from ``settings.webhook_token_file`` (never logged). Returns
-    None on success or when nothing was due, else the last error text.
-    Bounded: at most WEBHOOK_ATTEMPTS × (connect + read timeout) plus back-off.
+    None on success or when nothing was due, else the last error text (which
+    names the webhook by its origin only). Up to WEBHOOK_ATTEMPTS tries (a 5xx
+    or a network error is tried again, a 4xx is final), all within
+    WEBHOOK_DEADLINE_S seconds of wall-clock time.
     """
-    if not settings.webhook or report["result"] not in settings.notify_on:
+    url = settings.webhook
+    if not url or report["result"] not in settings.notify_on:
         return None
     headers = {"User-Agent": "reconciler"}
     if settings.webhook_token_file:
@@ -74,35 +176,54 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
         except OSError as exc:
             return f"{settings.webhook_token_file}: cannot read the webhook token: {exc.strerror}"
         headers["Authorization"] = f"Bearer {token}"
-    error = None
-    with _session() as session:
+    payload = webhook_payload(report)
+
+    def post(session: Any, remaining: Callable[[], float]) -> str | None:
+        error = "webhook failed: deadline passed"
         for attempt in range(WEBHOOK_ATTEMPTS):
+            timeout = (min(CONNECT_TIMEOUT_S, remaining()), min(READ_TIMEOUT_S, remaining()))
             try:
-                response = session.post(
-                    settings.webhook,
-                    json=webhook_payload(report),
-                    headers=headers,
-                    timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-                )
-                if response.status_code < 300:
-                    return None
-                error = f"webhook answered HTTP {response.status_code}"
-                if response.status_code < 500:
-                    break  # the receiver refuses: retrying will not help
+                with session.post(
+                    url, json=payload, headers=headers, timeout=timeout, stream=True
+                ) as response:
+                    status = int(response.status_code)
             except Exception as exc:  # connection refused, timeout, TLS …
                 error = f"webhook failed: {type(exc).__name__}"
-            if attempt + 1 < WEBHOOK_ATTEMPTS:
-                time.sleep(0.5 * 2**attempt)
-    log.warning("%s (%s)", error, settings.webhook.split("?")[0])
+            else:
+                if status < 300:
+                    return None
+                error = f"webhook answered HTTP {status}"
+                if status < 500:
+                    break  # the receiver refuses: retrying will not help
+            pause = 0.5 * 2**attempt
+            if attempt + 1 == WEBHOOK_ATTEMPTS or pause >= remaining():
+                break
+            time.sleep(pause)
+        return error
+
+    error = _within("webhook", WEBHOOK_DEADLINE_S, post)
+    if error:
+        error = f"{error} ({origin(url)})"
+        log.warning("%s", error)
     return error
+
+
+def label_value(value: str) -> str:
+    """A Prometheus label value, quoted: ``\\``, ``"`` and newlines escaped.
+
+    The text exposition format allows those three escapes in label values and
+    nothing else; a branch or node name holding one must not break the file
+    (node_exporter drops a textfile it cannot parse, with every metric in it).
+    """
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 def metrics_text(
     report: Mapping[str, Any], *, duration_s: float, last_success: float | None, queued: int
 ) -> str:
     """The Prometheus text exposition of one run (node_exporter textfile collector)."""
-    node = report["node"]
-    labels = f'node="{node}"'
+    labels = f"node={label_value(report['node'])}"
     source = report["source"]
     finished = _epoch(report["finished_at"])
     lines = [
@@ -139,13 +260,14 @@ def metrics_text(
         "# HELP reconciler_run_result Result of the last run (1 for the result it had).",
         "# TYPE reconciler_run_result gauge",
         *(
-            f'reconciler_run_result{{{labels},result="{r}"}} {int(report["result"] == r)}'
+            f"reconciler_run_result{{{labels},result={label_value(r)}}} "
+            f"{int(report['result'] == r)}"
             for r in RESULTS
         ),
         "# HELP reconciler_source_info The commit and branch of the last run.",
         "# TYPE reconciler_source_info gauge",
-        f'reconciler_source_info{{{labels},commit="{source["commit"]}",'
-        f'branch="{source["branch"]}"}} 1',
+        f"reconciler_source_info{{{labels},commit={label_value(source['commit'] or '')},"
+        f"branch={label_value(source['branch'])}}} 1",
     ]
     return "\n".join(out) + "\n"
 

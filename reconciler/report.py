@@ -130,11 +130,18 @@ def build_report(
 def significant(report: Mapping[str, Any]) -> dict[str, Any]:
     """The state a report describes; a change in it makes a new commit (SPEC §5).
 
+    Only what SPEC §5 lists counts — result, source commit, changes, drift,
+    excluded, errors, scripts' exit codes — plus the states ``applied_commit``,
+    ``suspended`` and ``recovered`` (``fleet`` must see them change). Never
+    ``run_id``, timestamps, durations or output tails.
+
     ``ok`` and ``changed`` are one class here: a run that converged the disk
     (``changed``) followed by a run that found it still converged (``ok``)
     at the same commit is not news, so the second run makes no commit (issue
     #2: "a second run with nothing changed: no new report commit"). What the
-    run *did* is news on its own: see :func:`eventful`.
+    run *did* is news on its own: see :func:`eventful`. Scripts count by
+    their failures: a script that succeeded ran either because of changes
+    (already news) or because of ``post_always`` (every run: never news).
     """
     result = report.get("result")
     return {
@@ -156,8 +163,12 @@ def significant(report: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def eventful(report: Mapping[str, Any]) -> bool:
-    """True when the run changed something on the host or ran scripts: always recorded."""
-    return any(c.get("applied") for c in report.get("changes", ())) or bool(report.get("scripts"))
+    """True when the run changed something on the host: always recorded.
+
+    Scripts that ran are not enough: ``post_always`` runs them every time
+    (SPEC §5: output tails and durations alone never make a commit).
+    """
+    return any(c.get("applied") for c in report.get("changes", ()))
 
 
 def commit_message(report: Mapping[str, Any]) -> str:
@@ -188,7 +199,13 @@ def read_last_run(state_dir: Path) -> dict[str, Any] | None:
 
 
 def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
-    """Where the next report commit goes: the local queue, or the fetched remote tip."""
+    """Where the next report commit goes: the local queue, or the fetched remote tip.
+
+    When the server's branch moved where ours did not lead (another writer,
+    a restore, a push of ours rejected as non-fast-forward), the queued
+    commits are rebuilt on the server's tip (:func:`_requeue`): no report is
+    lost and the next push is a fast-forward.
+    """
     local = repo.references.get(report_ref(node))
     remote = repo.references.get(remote_report_ref(node))
     if local is None:
@@ -199,11 +216,36 @@ def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
         except pygit2.GitError:
             ahead = False
         if not ahead:
-            # Someone else moved our branch (a state_dir reset, a manual fix):
-            # continue from theirs rather than fight over the ref.
-            log.warning("reports/%s diverged from the server; continuing from its tip", node)
-            return repo[remote.target].peel(pygit2.Commit)
+            return _requeue(repo, node, local.target, remote.target)
     return repo[local.target].peel(pygit2.Commit)
+
+
+def _requeue(
+    repo: pygit2.Repository, node: str, local: pygit2.Oid | str, remote: pygit2.Oid | str
+) -> pygit2.Commit:
+    """Replay the local report commits the server lacks, oldest first, on its tip.
+
+    Each keeps its tree (report.json, drift/), message, author and committer;
+    only the parent changes. The local branch then points at the last one.
+    """
+    walker = repo.walk(local, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
+    walker.hide(remote)
+    tip = repo[remote].peel(pygit2.Commit)
+    replayed = 0
+    for commit in walker:
+        new = repo.create_commit(
+            None, commit.author, commit.committer, commit.message, commit.tree_id, [tip.id]
+        )
+        tip = repo[new].peel(pygit2.Commit)
+        replayed += 1
+    repo.references.create(report_ref(node), tip.id, force=True)
+    if replayed:
+        log.warning(
+            "reports/%s moved on the server; %d queued report commit(s) rebuilt on its tip",
+            node,
+            replayed,
+        )
+    return tip
 
 
 def commit_report(

@@ -23,7 +23,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -62,6 +62,30 @@ def read_agent_file(state_dir: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def agent_running(agent: Mapping[str, Any]) -> bool:
+    """True when the pid in an agent file is a live ``reconciler`` process.
+
+    agent.json outlives an agent that was killed (kill -9, OOM, power loss):
+    only a live pid may be trusted for the next run. ``os.kill(pid, 0)``
+    checks that it exists; ``/proc/<pid>/cmdline``, where there is one, that
+    it was not reused by some other program.
+    """
+    pid = agent.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user: status run without root
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (or no access): the pid exists, trust it
+    return b"reconciler" in cmdline
 
 
 class Agent:

@@ -205,10 +205,19 @@ def remote_url(repo: str) -> str:
 
 
 def open_state_repo(state_dir: Path) -> pygit2.Repository:
-    """Open (or create) the bare repository ``<state_dir>/repo.git``."""
+    """Open (or create) the bare repository ``<state_dir>/repo.git``.
+
+    Turns on libgit2's fsync of objects, packs and refs (a process-wide
+    option; this repository is the only one a run writes): the local report
+    branch is the queue of unpushed reports, and a power loss must not leave
+    it pointing at objects that never reached the disk (SPEC §5: no report
+    is lost). The cost is a few fsyncs per report commit and per fetch.
+    """
+    pygit2.settings.enable_fsync_gitdir(True)
     path = state_dir / "repo.git"
     try:
         if path.exists():
+            _remove_stale_locks(path)
             return pygit2.Repository(str(path))
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         return pygit2.init_repository(str(path), bare=True)
@@ -216,6 +225,27 @@ def open_state_repo(state_dir: Path) -> pygit2.Repository:
         raise SourceError(
             f"{path}: cannot open the local repository: {exc} — remove it to re-clone"
         ) from exc
+
+
+def _remove_stale_locks(path: Path) -> None:
+    """Remove ``*.lock`` files that a killed run left in ``refs/`` or for ``packed-refs``.
+
+    libgit2 updates a ref through ``<ref>.lock`` and refuses to start while
+    one exists: after a kill -9 in that instant, every later report commit
+    failed. Callers hold the ``state_dir`` lock (agent.py), so no other
+    writer of this repository can be running: any lock here is stale.
+    """
+    candidates = [path / "packed-refs.lock", *(path / "refs").rglob("*.lock")]
+    for lock in candidates:
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise SourceError(
+                f"{lock}: cannot remove a stale lock: {exc.strerror} — remove it by hand"
+            ) from exc
+        log.warning("%s: removed a lock left by an interrupted run", lock)
 
 
 def tracking_ref(branch: str) -> str:

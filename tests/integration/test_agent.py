@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import re
 import signal
 import subprocess
 import time
@@ -129,6 +131,25 @@ def test_status_shows_the_running_agent_and_sigterm_when_idle_exits_at_once(make
     assert json.loads(host.run("status", "--format", "json").stdout)["agent"] is None
 
 
+def test_status_after_the_agent_was_killed_says_it_is_not_running(make_host, tmp_path):
+    host = make_host("web1")
+    with running_agent(host, tmp_path / "agent.log", interval="1h") as agent:
+        agent.wait_runs(1)
+        pid = agent.pid
+        os.killpg(pid, signal.SIGKILL)  # no chance to remove agent.json
+        agent.proc.wait(timeout=10)
+    assert json.loads((host.state_dir / "agent.json").read_text())["pid"] == pid  # stale
+
+    status = host.run("status")
+    assert status.returncode == 0, status.stderr
+    (next_line,) = [line for line in status.stdout.splitlines() if line.startswith("next run:")]
+    assert "agent not running" in next_line and f"pid {pid}" in next_line, status.stdout
+    assert not re.search(r"\d{4}-\d\d-\d\dT", next_line), next_line  # no next run time
+
+    data = json.loads(host.run("status", "--format", "json").stdout)
+    assert data["agent"] is None
+
+
 def test_sigterm_during_a_run_lets_the_run_finish_and_report_then_exits_0(
     fleet, make_host, tmp_path
 ):
@@ -179,9 +200,21 @@ def _queued_reports(host) -> list[str]:
 
 
 def _local_report(host, commit: str) -> dict:
-    return json.loads(
-        git("--git-dir", str(host.state_dir / "repo.git"), "show", f"{commit}:report.json")
+    return json.loads(_local_blob(host, commit, "report.json"))
+
+
+def _local_blob(host, commit: str, path: str) -> str:
+    proc = subprocess.run(
+        ["git", "--git-dir", str(host.state_dir / "repo.git"), "show", f"{commit}:{path}"],
+        capture_output=True,
+        text=True,
     )
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _local_reports(host) -> list[dict]:
+    """The queued reports (local commits the server does not have), oldest first."""
+    return [_local_report(host, c) for c in _queued_reports(host)]
 
 
 def test_offline_agent_keeps_enforcing_queues_reports_and_pushes_them_all_when_back(
@@ -232,15 +265,34 @@ def test_offline_agent_keeps_enforcing_queues_reports_and_pushes_them_all_when_b
             assert host.last_run()["source"]["fetched"] is False
             assert not any(_is_ancestor(bare, c, server_tip) for c in queued)
 
+            os.killpg(agent.pid, signal.SIGKILL)  # the host restarts, still offline
+            agent.proc.wait(timeout=10)
+        before_kill = [r["run_id"] for r in _local_reports(host)]
+        assert before_kill[: len(queued)] == [r["run_id"] for r in reports]
+
+        with running_agent(host, tmp_path / "agent-again.log", interval="1s") as agent:
+            agent.wait_runs(1)
+            motd.write_text("edited while offline, after the restart\n")
+            wait_until(  # the restarted agent repairs it and queues behind the old queue
+                lambda: any(
+                    "after the restart" in _local_blob(host, c, "drift/etc/motd")
+                    for c in _queued_reports(host)[len(before_kill) :]
+                ),
+                8,
+                agent.context,
+            )
+            queued_ids = [r["run_id"] for r in _local_reports(host)]
+            assert queued_ids[: len(before_kill)] == before_kill, (queued_ids, before_kill)
+
             daemon = start_git_daemon_on(base, daemon.port)  # back, where hosts expect it
 
             def all_landed() -> bool:
-                tip = git("rev-parse", "refs/heads/reports/web1", cwd=bare).strip()
-                return all(_is_ancestor(bare, c, tip) for c in queued)
+                on_server = _server_run_ids(bare)
+                return all(r in on_server for r in queued_ids)
 
             wait_until(all_landed, 10, agent.context)
-            on_server = git("rev-list", "--reverse", "refs/heads/reports/web1", cwd=bare).split()
-            assert [c for c in on_server if c in queued] == queued  # in order, none lost
+            on_server = _server_run_ids(bare)
+            assert [r for r in on_server if r in queued_ids] == queued_ids  # in order, none lost
             wait_until(lambda: host.last_run()["queued"] == 0, 5, agent.context)
     finally:
         daemon.stop()
@@ -279,3 +331,57 @@ def test_many_full_runs_with_parallel_render_never_hang_and_sigterm_still_ends_i
         assert host.path("/srv/many/f79.conf").read_text().endswith("generation=12\n")
         agent.send(signal.SIGTERM)
         assert agent.proc.wait(timeout=20) == 0, agent.context()
+
+
+def _server_run_ids(bare) -> list[str]:
+    """run_id of every report.json on the server's reports/web1, oldest first."""
+    out = []
+    for commit in git("rev-list", "--reverse", "refs/heads/reports/web1", cwd=bare).split():
+        shown = subprocess.run(
+            ["git", "show", f"{commit}:report.json"], cwd=bare, capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            out.append(json.loads(shown.stdout)["run_id"])
+    return out
+
+
+def test_queued_reports_are_rebuilt_on_a_report_branch_that_moved_on_the_server(
+    fleet, make_host, tmp_path
+):
+    base = tmp_path / "own-git"
+    bare = base / "fleet.git"
+    git("init", "-q", "--bare", str(bare))
+    git("push", "-q", str(bare), "HEAD:refs/heads/main", cwd=fleet.work)
+    daemon = start_git_daemon(base)
+    try:
+        host = make_host("web1", url=daemon.url("fleet.git"))
+        assert host.pull().returncode == 0  # converged; its report is on the server
+
+        daemon.stop()  # offline: two runs repair drift and queue their reports
+        for i in range(2):
+            host.path("/etc/motd").write_text(f"edited offline {i}\n")
+            host.pull()
+        queued = [_local_report(host, c)["run_id"] for c in _queued_reports(host)]
+        assert len(queued) == 2, queued
+
+        # Meanwhile someone else moves reports/web1 on the server.
+        other = tmp_path / "other"
+        git("clone", "-q", "--branch", "reports/web1", str(bare), str(other))
+        (other / "NOTE").write_text("written by an operator\n")
+        git("add", "NOTE", cwd=other)
+        git("commit", "-q", "-m", "web1: an operator's note", cwd=other)
+        git("push", "-q", "origin", "HEAD:refs/heads/reports/web1", cwd=other)
+        theirs = git("rev-parse", "HEAD", cwd=other).strip()
+
+        daemon = start_git_daemon_on(base, daemon.port)  # back
+        proc = host.pull()
+        assert proc.returncode == 0, proc.stderr
+        assert "rebuilt on its tip" in proc.stderr, proc.stderr
+
+        on_server = _server_run_ids(bare)
+        assert [r for r in on_server if r in queued] == queued, (on_server, queued)  # in order
+        assert on_server[-1] == host.last_run()["run_id"]
+        assert _is_ancestor(bare, theirs, git("rev-parse", "reports/web1", cwd=bare).strip())
+        assert host.last_run()["queued"] == 0 and not _queued_reports(host)
+    finally:
+        daemon.stop()

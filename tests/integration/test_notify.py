@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from reconciler.notify import WEBHOOK_DEADLINE_S
 from tests.conftest import free_port
 from tests.integration._helpers import HEX40, all_objects_text
-from tests.integration._service import host_argv, reconciler_env, wait_until
+from tests.integration._service import host_argv, reconciler_env, running_agent, wait_until
 
 # ------------------------------------------------------------------ servers
 
@@ -45,6 +46,7 @@ class Recorder:
 
     server: ThreadingHTTPServer
     requests: list[Request] = field(default_factory=list)
+    statuses: dict[str, list[int]] = field(default_factory=dict)  # path → answers, then 200
 
     @property
     def url(self) -> str:
@@ -59,13 +61,15 @@ class Recorder:
 @pytest.fixture
 def recorder() -> Iterator[Recorder]:
     requests: list[Request] = []
+    statuses: dict[str, list[int]] = {}
 
     class Handler(BaseHTTPRequestHandler):
         def _record(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             requests.append(Request(self.command, self.path, dict(self.headers), body))
-            self.send_response(200)
+            answers = statuses.get(self.path)
+            self.send_response(answers.pop(0) if answers else 200)
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"ok")
@@ -79,7 +83,7 @@ def recorder() -> Iterator[Recorder]:
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        yield Recorder(server, requests)
+        yield Recorder(server, requests, statuses)
     finally:
         server.shutdown()
         server.server_close()
@@ -113,6 +117,73 @@ def hanging_server() -> Iterator[tuple[str, list[socket.socket]]]:
         thread.join(timeout=5)
         for conn in accepted:
             conn.close()
+        listener.close()
+
+
+@dataclass
+class Trickler:
+    """A server that answers every request a byte a second, forever.
+
+    ``/head/…``: the status line, then a header that never ends. ``/body/…``:
+    status and headers at once, then a body that never ends. ``cut`` counts the
+    connections the client closed while the server was still sending.
+    """
+
+    url: str
+    paths: list[str] = field(default_factory=list)
+    cut: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def trickler() -> Iterator[Trickler]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    state = Trickler(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    threads: list[threading.Thread] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request and not stop.is_set():
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+            path = request.split(b" ", 2)[1].decode()
+            state.paths.append(path)
+            if path.startswith("/head/"):
+                first = b"HTTP/1.1 200 OK\r\nX-Slow: "
+            else:
+                first = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+            try:
+                conn.sendall(first)
+                while not stop.wait(1.0):
+                    conn.sendall(b"a")
+            except OSError:  # the client shut the connection: what a deadline does
+                state.cut.append(path)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=serve, args=(conn,), daemon=True)
+            thread.start()
+            threads.append(thread)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        for thread in threads:
+            thread.join(timeout=5)
         listener.close()
 
 
@@ -276,6 +347,112 @@ def test_a_hanging_or_dead_webhook_and_a_dead_ping_do_not_hold_up_or_fail_the_ru
         assert last["result"] == "drift", key
         assert "webhook" in (last.get("webhook_error") or ""), (key, last.get("webhook_error"))
         assert fleet.report(host.node)["run_id"] == last["run_id"]  # and reported it
+
+
+def test_a_trickling_webhook_is_cut_at_its_deadline_and_a_trickling_body_is_not_awaited(
+    fleet, make_host, trickler, tmp_path
+):
+    # requests' timeouts are per read: a byte a second never trips them. The
+    # webhook's status line never ends (only the deadline can stop it); the
+    # ping's body never ends (the status is all a ping needs: no wait at all).
+    host = make_host("web1")
+    cfg = write_config(
+        tmp_path / "trickle.yaml",
+        report={
+            "webhook": f"{trickler.url}/head/hook",
+            "notify_on": ["changed", "drift", "failed"],
+            "ping_url": f"{trickler.url}/body/ping",
+        },
+    )
+    started = time.monotonic()
+    with running_agent(host, tmp_path / "agent.log", "--config", str(cfg), interval="1h") as agent:
+        (first,) = agent.wait_runs(1, timeout=60)
+        took = time.monotonic() - started
+        assert first.result == "changed", first.line
+        # 10 s webhook deadline; two pings that waited for their bodies would add 2 × 5 s.
+        assert WEBHOOK_DEADLINE_S <= took < WEBHOOK_DEADLINE_S + 6, (took, agent.context())
+        last = host.last_run()
+        assert "no complete answer within 10s" in (last.get("webhook_error") or ""), last
+        assert fleet.report("web1")["run_id"] == first.run_id  # reported before notifying
+        assert sorted(trickler.paths) == ["/body/ping", "/body/ping/start", "/head/hook"]
+        # The agent lives on, and it cut every trickling connection instead of
+        # leaving a thread behind to read a byte a second forever.
+        wait_until(
+            lambda: sorted(trickler.cut) == sorted(trickler.paths),
+            5,
+            lambda: f"cut {trickler.cut} of {trickler.paths}",
+        )
+        assert agent.proc.poll() is None, agent.context()
+    assert "Traceback" not in agent.log()
+
+
+def test_a_webhook_answering_5xx_is_tried_again_and_the_second_try_counts(
+    fleet, make_host, recorder, tmp_path
+):
+    host = make_host("web1")
+    run(host)  # converged, without notifications
+    host.path("/etc/motd").write_text("hand edit\n")
+    recorder.statuses["/hook"] = [503]
+    cfg = notify_config(tmp_path, recorder.url, "tok-" + secrets.token_hex(8))
+
+    run(host, "--config", str(cfg))
+
+    last = host.last_run()
+    assert last["result"] == "drift"
+    hooks = [r for r in recorder.take() if r.path == "/hook"]
+    assert len(hooks) == 2, summary(hooks)  # the 503, then the 200: no third try
+    assert [h.json()["run_id"] for h in hooks] == [last["run_id"]] * 2
+    assert last.get("webhook_error") is None
+
+
+@pytest.mark.parametrize("server", ["dead", "live"])
+def test_webhook_and_ping_urls_appear_only_as_scheme_host_port(
+    fleet, make_host, recorder, tmp_path, server
+):
+    # Slack and Discord put the key in the path; user:pass@ may be in the URL.
+    hostport = (
+        recorder.url if server == "live" else f"http://127.0.0.1:{free_port()}"
+    ).removeprefix("http://")
+    secrets_in_url = {
+        "user": "u" + secrets.token_hex(6),
+        "password": "p" + secrets.token_hex(6),
+        "hook path": "T0/B0/" + secrets.token_hex(8),
+        "ping path": "c" + secrets.token_hex(8),
+    }
+    userinfo = f"{secrets_in_url['user']}:{secrets_in_url['password']}@{hostport}"
+    cfg = write_config(
+        tmp_path / "secret-urls.yaml",
+        report={
+            "webhook": f"http://{userinfo}/services/{secrets_in_url['hook path']}",
+            "notify_on": ["changed", "drift", "failed"],
+            "ping_url": f"http://{userinfo}/ping/{secrets_in_url['ping path']}",
+        },
+    )
+    host = make_host("web1")
+
+    proc = run(host, "--config", str(cfg), "--debug")
+    status = host.run("status", "--format", "json")
+
+    last = host.last_run()
+    assert last["result"] == "changed"
+    if server == "live":
+        assert last.get("webhook_error") is None
+        got = recorder.take()
+        assert f"/services/{secrets_in_url['hook path']}" in {r.path for r in got}  # really used
+    else:
+        assert f"http://{hostport}" in (last.get("webhook_error") or ""), last
+        assert f"webhook failed: ConnectionError (http://{hostport})" in proc.stderr
+        assert f"ping start to http://{hostport}" in proc.stderr
+    places = {
+        "stderr": proc.stderr,
+        "stdout": proc.stdout,
+        "status": status.stdout + status.stderr,
+        "last-run.json": (host.state_dir / "last-run.json").read_text(),
+        "report branch": all_objects_text(fleet.bare).decode(errors="replace"),
+    }
+    for where, text in places.items():
+        for what, secret in secrets_in_url.items():
+            assert secret not in text, f"the {what} of a notification URL is in {where}"
 
 
 # ------------------------------------------------------------------ metrics

@@ -6,8 +6,13 @@ import json
 import os
 import platform
 import re
+import shutil
+import subprocess
+
+import pytest
 
 from tests.conftest import git, tree_snapshot
+from tests.integration._agent import reconciler_argv, reconciler_env
 from tests.integration._helpers import HEX40, ISO_UTC, mode_of, pull_report
 
 SPEC_KEYS = {
@@ -173,3 +178,78 @@ def test_status_shows_the_last_run_and_diff_shows_drift_without_changing_anythin
     assert data["applied_commit"] == fleet.head()
     text = host.run("status").stdout
     assert "drift" in text and "2 drifted" in text
+
+
+def test_post_always_runs_without_changes_make_no_new_report_commit(fleet, make_host, tmp_path):
+    # SPEC §5: run_id, timestamps, durations and output tails alone never make a
+    # commit. A post_always script runs every time, with a new output each time.
+    ran = tmp_path / "post.log"
+    fleet.write(
+        "templates/motd/app.yaml",
+        fleet.read("templates/motd/app.yaml") + "scripts:\n  post_always: true\n",
+    )
+    fleet.write(
+        "scripts/post/motd/50-say",
+        f'#!/bin/sh\necho "run $RECONCILER_RUN_ID at $(date +%s%N)" | tee -a {ran}\n',
+        executable=True,
+    )
+    fleet.commit("motd: a post script that runs every time")
+    host = make_host("web1")
+    assert pull_report(host)["result"] == "changed"
+    log_after_converge = fleet.report_log("web1")
+
+    quiet = [pull_report(host), pull_report(host)]
+
+    assert [r["result"] for r in quiet] == ["ok", "ok"]
+    tails = [s["output_tail"] for r in quiet for s in r["scripts"] if s["name"] == "50-say"]
+    assert len(tails) == 2 and tails[0] != tails[1]  # the script ran, and said something new
+    assert len(ran.read_text().splitlines()) == 3
+    assert fleet.report_log("web1") == log_after_converge  # neither run made a commit
+    assert host.last_run()["report_commit"] is None
+
+    host.path("/etc/motd").write_text("hand edit\n")  # something that matters still commits
+    assert pull_report(host)["result"] == "drift"
+    assert len(fleet.report_log("web1")) == len(log_after_converge) + 1
+
+
+def test_report_commits_and_refs_of_the_state_repo_are_fsynced(make_host, tmp_path):
+    # The local report branch is the queue of unpushed reports: after a power
+    # loss it must not point at objects that never reached the disk. libgit2
+    # only fsyncs with GIT_OPT_ENABLE_FSYNC_GITDIR; strace shows that it does.
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace not found — install the `strace` package (CI installs it)")
+    host = make_host("web1")
+    trace = tmp_path / "fsync.trace"
+    argv = reconciler_argv(host, "pull")
+    proc = subprocess.run(
+        [strace, "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace), *argv],
+        capture_output=True,
+        text=True,
+        env=reconciler_env(),
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    repo_git = host.state_dir / "repo.git"
+    synced = re.findall(r"fsync\(\d+<([^>]*)>\)", trace.read_text())
+    assert f"{repo_git}/refs/heads/reports/web1.lock" in synced, synced
+    assert any(p.startswith(f"{repo_git}/objects/") for p in synced), synced
+
+
+def test_a_ref_lock_left_by_a_killed_run_does_not_stop_later_reports(fleet, make_host):
+    # kill -9 while libgit2 updates a ref leaves <ref>.lock behind; libgit2 then
+    # refuses every later update of that ref: no report would ever be committed.
+    host = make_host("web1")
+    assert host.pull().returncode == 0
+    repo_git = host.state_dir / "repo.git"
+    stale = [repo_git / "refs/heads/reports/web1.lock", repo_git / "packed-refs.lock"]
+    for lock in stale:
+        lock.write_text("0" * 40 + "\n")
+    host.path("/etc/motd").write_text("edited by hand\n")
+
+    report = pull_report(host)
+
+    assert report["result"] == "drift"
+    assert fleet.report("web1")["run_id"] == report["run_id"]
+    assert not any(lock.exists() for lock in stale)

@@ -110,6 +110,21 @@ def test_install_units_writes_units_that_systemd_analyze_verifies(tmp_path):
     assert proc.returncode == 0 and not ours, (proc.returncode, ours or proc.stderr)
 
 
+def test_units_see_the_hosts_own_tmp_and_agent_and_timer_exclude_each_other(tmp_path):
+    dest = tmp_path / "units"
+    install_units(dest)
+    for name in UNITS:
+        service = unit_settings(dest / name).get("Service", {})
+        # A private /tmp would hide managed paths under /tmp and /var/tmp from
+        # the agent (it would write a copy that vanishes with the unit).
+        assert service.get("PrivateTmp", ["no"])[-1] in ("no", "false", "0"), name
+        assert "ProtectSystem" not in service and "ProtectHome" not in service, name
+    agent = unit_settings(dest / "reconciler.service")["Unit"]
+    timer = unit_settings(dest / "reconciler-pull.timer")["Unit"]
+    assert "reconciler-pull.timer" in " ".join(agent.get("Conflicts", [])).split()
+    assert "reconciler.service" in " ".join(timer.get("Conflicts", [])).split()
+
+
 def test_installed_units_run_with_the_config_they_were_installed_with(fleet, tmp_path):
     """``install-units --config PATH``: the units' commands must read that file and work."""
     host = tmp_path / "host"
