@@ -47,7 +47,7 @@ from .source import (
 )
 from .state import LocalState, load_state, save_state
 from .system import atomic_write
-from .transport import callbacks_for
+from .transport import callbacks_for, set_net_timeout
 from .trust import verify_commit
 
 if TYPE_CHECKING:
@@ -169,6 +169,7 @@ def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> Ru
         raise ConfigError("config: repo is not set — pass --repo URL or set repo: in the config")
     url = remote_url(config.repo)
     callbacks = callbacks_for(url, config.auth)  # ConfigError (exit 2) before any work
+    set_net_timeout(config.net_timeout)
     # Absolute: scripts run with cwd set to their own directory, and
     # RECONCILER_ROOT must mean the same thing there.
     state_dir = Path(os.path.abspath(config.state_dir))

@@ -45,6 +45,7 @@ def _common() -> _Parser:
     g.add_argument("--splay")
     g.add_argument("--lock-timeout", dest="lock_timeout")
     g.add_argument("--boot-timeout", dest="boot_timeout")
+    g.add_argument("--net-timeout", dest="net_timeout", help="git connect/read timeout")
     g.add_argument(
         "--allow-rewind", dest="allow_rewind", action="store_const", const=True, default=None
     )

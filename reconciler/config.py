@@ -106,6 +106,10 @@ class AgentConfig:
     exclude_file: str = "/etc/reconciler/exclude"
     lock_timeout: float = 60.0
     boot_timeout: float = 300.0
+    # Connect, and each read or write, on the git connection (not the whole
+    # transfer): a server that accepts and then never answers must not hold
+    # the run — and its lock — forever. An extension of SPEC §2.
+    net_timeout: float = 60.0
     allow_rewind: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
@@ -126,9 +130,12 @@ SCALAR_KEYS: tuple[str, ...] = (
     "exclude_file",
     "lock_timeout",
     "boot_timeout",
+    "net_timeout",
     "allow_rewind",
 )
-_DURATION_KEYS = frozenset({"interval", "splay", "lock_timeout", "boot_timeout", "heartbeat"})
+_DURATION_KEYS = frozenset(
+    {"interval", "splay", "lock_timeout", "boot_timeout", "net_timeout", "heartbeat"}
+)
 _NESTED: dict[str, type[Any]] = {
     "auth": AuthConfig,
     "verify": VerifyConfig,

@@ -326,6 +326,14 @@ def install_hostkey_check() -> None:
     _installed[0] = True
 
 
+def set_net_timeout(seconds: float) -> None:
+    """Bound libgit2's connect and each socket read/write to ``seconds`` (config
+    ``net_timeout``). Process-wide, like every libgit2 option; 0 means no limit."""
+    ms = max(0, int(seconds * 1000))
+    pygit2.settings.server_connect_timeout = ms
+    pygit2.settings.server_timeout = ms
+
+
 def callbacks_for(url: str, auth: AuthConfig) -> Callbacks:
     """Callbacks for ``url``; checks the configuration an SSH or token source needs.
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 
 from tests.conftest import Host, free_port, git, tree_snapshot
 from tests.integration._helpers import assert_clean_error, drift_kinds, pull_report
@@ -117,3 +121,47 @@ def test_a_server_dropping_connections_is_tried_again_and_the_run_gets_through(
         assert "edited" not in host.path("/etc/motd").read_text()
     finally:
         relay.close()
+
+
+def test_a_server_that_accepts_and_never_answers_does_not_hold_the_run(fleet, make_host):
+    # A hung git server (accepts, then silence) must cost a run net_timeout per
+    # try, not forever: the run holds the state lock, every later run would wait.
+    host = make_host("web1")
+    assert host.pull().returncode == 0
+    held: list[socket.socket] = []
+    tarpit = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def accept() -> None:
+        tarpit.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(tarpit.accept()[0])  # never read, never answered
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    hung = Host(
+        node=host.node,
+        root=host.root,
+        state_dir=host.state_dir,
+        exclude_file=host.exclude_file,
+        url=f"git://127.0.0.1:{tarpit.getsockname()[1]}/fleet.git",
+    )
+    host.path("/etc/motd").write_text("edited while the server hangs\n")
+    try:
+        started = time.monotonic()
+        code, report = hung.pull_json("--net-timeout", "1s")
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        tarpit.close()
+
+    assert took < 20, f"a hung server held the run for {took:.0f}s"
+    assert held, "the run never reached the server"
+    assert code == 1 and report["source"]["fetched"] is False
+    assert any("fetch failed" in e for e in report["errors"]), report["errors"]
+    assert drift_kinds(report) == {"/etc/motd": {"content"}}  # still enforced
+    assert "edited" not in host.path("/etc/motd").read_text()
