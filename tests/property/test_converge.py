@@ -147,7 +147,7 @@ def fresh_plan(root: Path, target: TargetState, managed: dict, patterns) -> Plan
 
 
 def run_phase(
-    base: Path, phase: Phase, previous: LocalState, run_id: str
+    base: Path, phase: Phase, previous: LocalState, run_id: str, *, batch: bool = True
 ) -> tuple[ApplyResult, dict[str, object], TargetState]:
     root, outside = base / "root", base / "outside"
     victim = outside / "victim"
@@ -172,7 +172,13 @@ def run_phase(
         state_dir=base / "state",
     )
     result = apply_plan(
-        plan, target, actual, previous, DirSnapshot(base / "empty-repo"), RealSystem(), ctx
+        plan,
+        target,
+        actual,
+        previous,
+        DirSnapshot(base / "empty-repo"),
+        RealSystem(batch=batch),  # batch: the agent's own write path (staged, one flush)
+        ctx,
     )
 
     # the path below the symlinked directory is refused and never written
@@ -226,24 +232,25 @@ def make_base(base: Path) -> None:
 
 
 @settings(
-    max_examples=60,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(data=st.data())
 def test_apply_converges_respects_excludes_and_stays_in_root(data):
     first = data.draw(phases(), label="first")
+    batch = data.draw(st.booleans(), label="batch")
     with tempfile.TemporaryDirectory(prefix="reconciler-prop-") as tmp:
         base = Path(tmp)
         make_base(base)
-        result, _, _ = run_phase(base, first, LocalState(node="prop"), "run-1")
+        result, _, _ = run_phase(base, first, LocalState(node="prop"), "run-1", batch=batch)
 
         managed = frozenset(k.lstrip("/") for k in result.managed)
         second = data.draw(phases(managed), label="second")
         previous = LocalState(
             node="prop", managed=result.managed, created_dirs=tuple(result.created_dirs)
         )
-        run_phase(base, second, previous, "run-2")
+        run_phase(base, second, previous, "run-2", batch=batch)
 
 
 def test_example_second_run_after_convergence_changes_nothing():
