@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
+    # As installed from a wheel: byte-compiled (see run.py).
+    subprocess.run([args.python, "-m", "compileall", "-q", str(PROJECT / "reconciler")],
+                   check=True)  # fmt: skip
     tmp = args.tmp.resolve()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

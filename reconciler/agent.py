@@ -195,12 +195,18 @@ def _fingerprint(
 
 
 def _unchanged(root: Path, previous: LocalState) -> bool:
-    """True when every managed path still has the settled stat signature we recorded."""
+    """True when every managed path still has the settled stat signature we recorded.
+
+    Plain string joins, not pathlib: this loop is the whole cost of a no-op
+    run (SPEC §7), and a PurePosixPath per managed file doubled it. Keys are
+    normalised absolute destination paths (checked when they were rendered).
+    """
+    base = os.fspath(root).rstrip("/")
     for key, record in previous.managed.items():
         if not record.settled():
             return False
         try:
-            st = os.lstat(host_path(root, PurePosixPath(key)))
+            st = os.lstat(base + key)
         except OSError:
             return False
         if (

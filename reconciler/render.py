@@ -376,14 +376,23 @@ def _worker_render(jobs: list[Job]) -> tuple[dict[PurePosixPath, bytes], str | N
 
 def _render_parallel(job: _RenderJob, jobs: list[Job], workers: int) -> dict[PurePosixPath, bytes]:
     """Split ``jobs`` over ``workers`` forked processes; the first error in job order wins."""
+    import gc
     import multiprocessing
 
     chunks = [jobs[i::workers] for i in range(workers)]
+    # Everything alive now (a big inventory: 10,000 parsed host files) goes to
+    # the permanent generation: the workers' garbage collections, frequent
+    # while Jinja2 compiles, no longer walk it, and it stays shared after the
+    # fork instead of being copied page by page (CPython's advice for fork).
+    gc.freeze()
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=_worker_init, initargs=(job,)) as pool:
-        results = pool.map(_worker_render, chunks)
-        pool.close()  # workers exit on their own; terminate() at the end finds none
-        pool.join()
+    try:
+        with context.Pool(workers, initializer=_worker_init, initargs=(job,)) as pool:
+            results = pool.map(_worker_render, chunks)
+            pool.close()  # workers exit on their own; terminate() at the end finds none
+            pool.join()
+    finally:
+        gc.unfreeze()  # the agent lives on: its garbage must stay collectable
     errors = [e for _, e in results if e]
     if errors:
         order = {repo_path: i for i, (_, repo_path, _) in enumerate(jobs)}
