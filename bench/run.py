@@ -524,7 +524,7 @@ class Bench:
         # checked: Ansible must then report nothing changed); then, if the time
         # left allows, a cold run on an empty root.
         ref = self.reference_roots.get(fleet.name)
-        if self.args.ansible in ("full", "noop") and ref is not None:
+        if self.args.ansible in ("full", "noop", "auto") and ref is not None:
             shutil.rmtree(root, ignore_errors=True)
             shutil.copytree(ref, root, symlinks=True)
             self.say(f"ansible no-op, {F} files (one run, ~1 s a file)…")
