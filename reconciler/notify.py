@@ -67,8 +67,14 @@ def _tracking_session(sockets: list[socket.socket]) -> Any:
     class TLSConn(HTTPSConnection):
         def _new_conn(self) -> socket.socket:
             sock = super()._new_conn()
-            sockets.append(sock)
+            sockets.append(sock)  # cuts a hanging connect
             return sock
+
+        def connect(self) -> None:
+            super().connect()
+            # The TLS socket takes the raw one's descriptor over (the raw object is
+            # left detached): the answer is read through this one, so cut this one.
+            sockets.append(self.sock)
 
     class Pool(HTTPConnectionPool):
         ConnectionCls = Conn

@@ -10,6 +10,7 @@ import json
 import math
 import secrets
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from reconciler.notify import WEBHOOK_DEADLINE_S
 from tests.conftest import free_port
 from tests.integration._helpers import HEX40, all_objects_text
 from tests.integration._service import host_argv, reconciler_env, running_agent, wait_until
+from tests.integration.servers import make_ca
 
 # ------------------------------------------------------------------ servers
 
@@ -135,14 +137,28 @@ class Trickler:
 
 
 @pytest.fixture
-def trickler() -> Iterator[Trickler]:
+def trickler(request, tmp_path_factory, monkeypatch) -> Iterator[Trickler]:
+    """Plain HTTP, or with ``indirect`` param "https" over TLS with a test CA that
+    the agent trusts through REQUESTS_CA_BUNDLE."""
+    scheme = getattr(request, "param", "http")
+    tls: ssl.SSLContext | None = None
+    if scheme == "https":
+        ca, cert, key = make_ca(tmp_path_factory.mktemp("trickler-ca"))
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
     stop = threading.Event()
-    state = Trickler(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    state = Trickler(f"{scheme}://127.0.0.1:{listener.getsockname()[1]}")
     threads: list[threading.Thread] = []
 
-    def serve(conn: socket.socket) -> None:
+    def serve(raw: socket.socket) -> None:
+        try:
+            conn = tls.wrap_socket(raw, server_side=True) if tls else raw
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
         with conn:
             request = b""
             while b"\r\n\r\n" not in request and not stop.is_set():
@@ -349,6 +365,7 @@ def test_a_hanging_or_dead_webhook_and_a_dead_ping_do_not_hold_up_or_fail_the_ru
         assert fleet.report(host.node)["run_id"] == last["run_id"]  # and reported it
 
 
+@pytest.mark.parametrize("trickler", ["http", "https"], indirect=True)
 def test_a_trickling_webhook_is_cut_at_its_deadline_and_a_trickling_body_is_not_awaited(
     fleet, make_host, trickler, tmp_path
 ):
