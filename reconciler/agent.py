@@ -42,6 +42,7 @@ from .source import (
     fetch,
     open_state_repo,
     push_ref,
+    pushed_report_ref,
     remote_url,
     report_ref,
 )
@@ -664,6 +665,7 @@ def _push(repo: Any, url: str, node: str, callbacks: Any = None) -> tuple[bool, 
         log.warning("%s", exc)
         return False, str(exc)
     repo.references.create(f"refs/remotes/origin/reports/{node}", local.target, force=True)
+    repo.references.create(pushed_report_ref(node), local.target, force=True)
     return True, None
 
 

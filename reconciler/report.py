@@ -24,7 +24,7 @@ import pygit2
 
 from . import __version__
 from .errors import SourceError
-from .source import SourceInfo, remote_report_ref, report_ref
+from .source import SourceInfo, pushed_report_ref, remote_report_ref, report_ref
 from .system import ScriptRun, atomic_write
 
 if TYPE_CHECKING:
@@ -202,20 +202,28 @@ def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
     """Where the next report commit goes: the local queue, or the fetched remote tip.
 
     When the server's branch moved where ours did not lead (another writer,
-    a restore, a push of ours rejected as non-fast-forward), the queued
-    commits are rebuilt on the server's tip (:func:`_requeue`): no report is
-    lost and the next push is a fast-forward.
+    a push of ours rejected as non-fast-forward) or back behind what we had
+    pushed (a restore), the queued commits are rebuilt on the server's tip
+    (:func:`_requeue`): no report is lost, none that was pushed comes back,
+    and the next push is a fast-forward.
     """
     local = repo.references.get(report_ref(node))
     remote = repo.references.get(remote_report_ref(node))
     if local is None:
         return repo[remote.target].peel(pygit2.Commit) if remote is not None else None
     if remote is not None and local.target != remote.target:
+        pushed = repo.references.get(pushed_report_ref(node))
         try:
             ahead = repo.descendant_of(local.target, remote.target)
+            # The server is behind what we once pushed there: reset (a restore).
+            reset = (
+                pushed is not None
+                and pushed.target != remote.target
+                and repo.descendant_of(pushed.target, remote.target)
+            )
         except pygit2.GitError:
-            ahead = False
-        if not ahead:
+            ahead, reset = False, False
+        if not ahead or reset:
             return _requeue(repo, node, local.target, remote.target)
     return repo[local.target].peel(pygit2.Commit)
 
@@ -226,10 +234,16 @@ def _requeue(
     """Replay the local report commits the server lacks, oldest first, on its tip.
 
     Each keeps its tree (report.json, drift/), message, author and committer;
-    only the parent changes. The local branch then points at the last one.
+    only the parent changes. Commits this host pushed before are not replayed.
+    The local branch then points at the last one.
     """
     walker = repo.walk(local, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
     walker.hide(remote)
+    pushed = repo.references.get(pushed_report_ref(node))
+    if pushed is not None:
+        # Already on the server once: a branch reset behind it (a restore) must
+        # not get those reports again, only the ones never pushed.
+        walker.hide(pushed.target)
     tip = repo[remote].peel(pygit2.Commit)
     replayed = 0
     for commit in walker:

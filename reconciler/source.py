@@ -287,6 +287,12 @@ def remote_report_ref(node: str) -> str:
     return f"refs/remotes/origin/reports/{node}"
 
 
+def pushed_report_ref(node: str) -> str:
+    """The local ref that holds the last report commit this host pushed: what the
+    server has had, even if its branch was later reset behind it."""
+    return f"refs/reconciler/pushed/{node}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FetchResult:
     """Outcome of a fetch: the commit to use and whether it is fresh (SPEC §4 step 1)."""

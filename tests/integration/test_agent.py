@@ -385,3 +385,29 @@ def test_queued_reports_are_rebuilt_on_a_report_branch_that_moved_on_the_server(
         assert host.last_run()["queued"] == 0 and not _queued_reports(host)
     finally:
         daemon.stop()
+
+
+def test_a_report_branch_reset_behind_on_the_server_does_not_get_old_reports_again(
+    fleet, make_host, tmp_path
+):
+    # An operator restores reports/web1 to an older commit (say, to drop reports
+    # with a mistake in them). The host's next report goes on top of the restored
+    # tip; the reports it had pushed before are not pushed again.
+    host = make_host("web1")
+    assert host.pull().returncode == 0
+    first = git("rev-parse", "refs/heads/reports/web1", cwd=fleet.bare).strip()
+    pushed = []
+    for i in range(2):
+        host.path("/etc/motd").write_text(f"edited {i}\n")
+        assert host.pull().returncode == 0
+        pushed.append(host.last_run()["run_id"])
+    git("update-ref", "refs/heads/reports/web1", first, cwd=fleet.bare)
+
+    host.path("/etc/motd").write_text("edited after the restore\n")
+    proc = host.pull()
+
+    assert proc.returncode == 0, proc.stderr
+    on_server = _server_run_ids(fleet.bare)
+    assert not set(pushed) & set(on_server), (pushed, on_server)
+    assert on_server[-1] == host.last_run()["run_id"]
+    assert _is_ancestor(fleet.bare, first, git("rev-parse", "reports/web1", cwd=fleet.bare).strip())
