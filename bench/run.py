@@ -667,7 +667,9 @@ def fmt_bytes(n: float) -> str:
 def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "–"
-    return f"{a / b:.2f}×"
+    r = a / b
+    # Two significant figures below 0.1 (reconciler ÷ Ansible is ~0.002×).
+    return f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
 
 
 SCENARIO_NAMES = {

@@ -562,6 +562,7 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
     """``reconciler rollback [RUN_ID]``: restore a run's backups and report it (issue #3)."""
     state_dir = Path(os.path.abspath(config.state_dir))
     root = Path(os.path.abspath(config.root))
+    set_net_timeout(config.net_timeout)  # its report push holds the lock
     with state_lock(state_dir, config.lock_timeout):
         started = dt.datetime.now(dt.UTC)
         own_id = new_run_id(started)
@@ -573,7 +574,9 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
             started_at=started,
             finished_at=dt.datetime.now(dt.UTC),
             source=SourceInfo(url=url, branch=config.branch, commit=chosen.commit, fetched=False),
-            applied_commit=chosen.previous_commit,
+            # What rollback() saved: the run's previous commit, or, after an older
+            # run's rollback, still the current one (rollback.py).
+            applied_commit=load_state(state_dir).applied_commit,
             mode=config.mode,
             plan=None,
             applied=set(),
@@ -702,13 +705,13 @@ def _captures(
     root: Path,
 ) -> dict[PurePosixPath, bytes]:
     """Content of each drifted regular file as found, before repair; never secrets (SPEC §5)."""
+    from .plan import is_secret
+
     out: dict[PurePosixPath, bytes] = {}
     for item in plan.drift:
         if item.kind not in ("content", "mode", "owner") or item.path in out:
             continue
-        t = target.files.get(item.path)
-        m = previous.managed.get(str(item.path))
-        if (t is not None and t.secret) or (m is not None and m.secret):
+        if is_secret(item.path, target, previous.managed):
             continue
         if actual[item.path].kind != "file":
             continue

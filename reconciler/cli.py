@@ -104,11 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The agent configuration: file, then the flags (SPEC §2). Raises ConfigError."""
     from .config import SCALAR_KEYS, load_config
 
     overrides = {k: getattr(args, k, None) for k in SCALAR_KEYS}
     return load_config(args.config, overrides)
+
+
+_config = config_from_args
 
 
 def _emit_json(data: Any, out: TextIO) -> None:
@@ -195,6 +199,7 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .agent import RunOptions, reconcile_once
     from .history import file_diff
+    from .plan import is_secret
     from .scan import host_path
     from .state import load_state
 
@@ -210,8 +215,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     chunks = []
     for change in outcome.plan.changes:
         t = outcome.target.files.get(change.path)
-        m = managed.get(str(change.path))
-        secret = bool(t and t.secret) or bool(m and m.secret)
+        secret = is_secret(change.path, outcome.target, managed)
         old: bytes | None = None
         if outcome.actual[change.path].kind == "file":
             old = host_path(root, change.path).read_bytes()

@@ -27,6 +27,7 @@ service reloaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -303,15 +304,17 @@ def recover(
     for e in manifest.entries:
         dest = PurePosixPath(e.path)
         host = host_path(root, dest)
+        app_phases = phases.get(e.app, set())
+        if "files" in app_phases and "done" not in app_phases:
+            pending.setdefault(e.app, set()).add(e.path)
+        if unsafe_parent(root, dest):
+            continue  # a parent now leads out of the root: touch nothing there
         for stray in _temp_files(host):
             try:
                 os.unlink(stray)
                 removed.append("/" + os.path.relpath(stray, root))
             except OSError:
                 pass
-        app_phases = phases.get(e.app, set())
-        if "files" in app_phases and "done" not in app_phases:
-            pending.setdefault(e.app, set()).add(e.path)
         if e.action == "delete":
             if not os.path.lexists(host):
                 managed.pop(e.path, None)
@@ -398,8 +401,6 @@ def restore_entry(entry: JournalEntry, run_dir: Path, root: Path, system: System
     refused (SPEC §6, a symlink never carries a write outside). Raises
     OSError when that check fails, a backup is missing or the write fails.
     """
-    import errno
-
     dest = PurePosixPath(entry.path)
     problem = unsafe_parent(root, dest)
     if problem:

@@ -41,16 +41,18 @@ Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
 def _config(args: argparse.Namespace) -> Any:
-    """The agent configuration with flag overrides (same rules as the CLI, SPEC §2)."""
-    from .config import SCALAR_KEYS, load_config
+    """The agent configuration with flag overrides: the CLI's own (SPEC §2)."""
+    from .cli import config_from_args
 
-    return load_config(args.config, {k: getattr(args, k, None) for k in SCALAR_KEYS})
+    return config_from_args(args)
 
 
 def _upstream(args: argparse.Namespace) -> Any:
     from .fleet import open_upstream
+    from .transport import set_net_timeout
 
     config = _config(args)
+    set_net_timeout(config.net_timeout)  # a hung server must not hang an operator's shell
     return open_upstream(config.repo, config.branch, args.state_dir, config.auth)
 
 

@@ -78,6 +78,14 @@ def exclude_matcher(patterns: Iterable[str]) -> Any:
     return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
+def is_secret(path: PurePosixPath, target: TargetState, managed: Mapping[str, ManagedFile]) -> bool:
+    """True when ``path`` is secret now or was when last written (SPEC §1 ``secret``):
+    a secret being pruned, or no longer marked secret, still never shows content."""
+    t = target.files.get(path)
+    m = managed.get(str(path))
+    return bool(t is not None and t.secret) or bool(m is not None and m.secret)
+
+
 def sha256(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()

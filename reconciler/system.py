@@ -221,8 +221,10 @@ class RealSystem:
         self._batch = batch
         self._staged: list[tuple[str, Path]] = []
         self._dirs: set[Path] = set()
+        self._unsynced_backups: set[Path] = set()  # backup dirs not yet made durable
 
     def flush(self) -> None:
+        self._unsynced_backups = set()  # the first syncfs below covers them
         if not self._staged:
             if self._dirs:  # backups only (a deletion's): make them durable
                 dirs, self._dirs = self._dirs, set()
@@ -284,8 +286,9 @@ class RealSystem:
     def _backups_durable(self) -> None:
         """Before a path is removed or moved away, its staged backup must be durable:
         a crash right after must never lose both (batch mode stages backups unsynced)."""
-        if self._batch and self._dirs:
-            syncfs(self._dirs)
+        if self._batch and self._unsynced_backups:
+            pending, self._unsynced_backups = self._unsynced_backups, set()
+            syncfs(pending)
 
     def remove(self, path: Path) -> None:
         self._backups_durable()
@@ -314,6 +317,7 @@ class RealSystem:
             # Made durable by flush's first syncfs, before the original is replaced.
             os.rename(write_temp(dest, content, mode=mode, sync=False), dest)
             self._dirs.add(dest.parent)
+            self._unsynced_backups.add(dest.parent)
             return
         # Durable before the original is replaced: a crash must never lose both.
         atomic_write(dest, content, mode=mode)

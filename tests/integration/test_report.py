@@ -12,8 +12,8 @@ import subprocess
 import pytest
 
 from tests.conftest import git, tree_snapshot
-from tests.integration._agent import reconciler_argv, reconciler_env
 from tests.integration._helpers import HEX40, ISO_UTC, mode_of, pull_report
+from tests.integration._service import host_argv, reconciler_env
 
 SPEC_KEYS = {
     "node",
@@ -221,7 +221,7 @@ def test_report_commits_and_refs_of_the_state_repo_are_fsynced(make_host, tmp_pa
         pytest.fail("strace not found — install the `strace` package (CI installs it)")
     host = make_host("web1")
     trace = tmp_path / "fsync.trace"
-    argv = reconciler_argv(host, "pull")
+    argv = host_argv(host, "pull")
     proc = subprocess.run(
         [strace, "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace), *argv],
         capture_output=True,
