@@ -251,6 +251,7 @@ def _record(path: Path, target: TargetFile) -> ManagedFile:
         secret=target.secret,
         policy=target.policy,
         recorded_ns=recorded_ns,
+        render_key=target.render_key,
     )
 
 
@@ -401,6 +402,7 @@ def _new_records(
                     secret=t.secret,
                     policy=t.policy,
                     recorded_ns=a.scanned_ns,
+                    render_key=t.render_key,
                 )
             elif old is not None:
                 managed[key] = old

@@ -12,8 +12,12 @@ pays for it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import re
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,6 +25,8 @@ from typing import Any
 from .errors import InventoryError, PathError, RenderError
 from .inventory import DEFAULT_STATE, Node, load_app_config
 from .source import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("enforce", "audit", "create-only", "ignore-drift")
 DEFAULT_SCRIPT_TIMEOUT = 300.0
@@ -39,6 +45,10 @@ class TargetFile:
     policy: str  # one of POLICIES
     app: str
     template: str  # repository path it came from, e.g. templates/motd/default/etc/motd.j2
+    # For a .j2 template that includes no other template: a digest of everything
+    # its output depends on (its blob, the context, reconciler's version), so a
+    # later run can reuse what it wrote instead of rendering again. "" otherwise.
+    render_key: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,8 +277,14 @@ def render_target(
     *,
     cache_dir: Path | None = None,
     workers: int = 1,
+    reuse: Callable[[PurePosixPath, str], bytes | None] | None = None,
 ) -> TargetState:
     """Render every file of ``node`` from ``snapshot``.
+
+    ``reuse(dest, render_key)``: the content already rendered with that key,
+    if the caller still has it intact (the agent: the file it wrote, unchanged
+    on disk), else None. Only templates without a reusable output are
+    rendered (SPEC §7: "only what changed is compiled and rendered").
 
     ``cache_dir``: Jinja2 bytecode cache (keyed by template name and source
     checksum), so only templates whose source changed are compiled again
@@ -295,11 +311,24 @@ def render_target(
         for dest, (_, repo_path, _) in sources.items()
         if repo_path.endswith(".j2")
     ]
+    keys: dict[PurePosixPath, str] = {}
+    rendered: dict[PurePosixPath, bytes] = {}
+    if reuse is not None:
+        keys = _render_keys(snapshot, context, jobs)
+        todo = []
+        for j in jobs:
+            kept = reuse(j[0], keys[j[0]]) if keys.get(j[0]) else None
+            if kept is None:
+                todo.append(j)
+            else:
+                rendered[j[0]] = kept
+        jobs = todo
+    log.debug("%s: rendering %d template(s), %d reused", node.name, len(jobs), len(rendered))
     job = _RenderJob(snapshot=snapshot, context=context, node=node.name, cache_dir=cache_dir)
     if workers > 1 and len(jobs) >= PARALLEL_MIN_TEMPLATES:
-        rendered = _render_parallel(job, jobs, workers)
+        rendered.update(_render_parallel(job, jobs, workers))
     else:
-        rendered = job.render(jobs)
+        rendered.update(job.render(jobs))
     files: dict[PurePosixPath, TargetFile] = {}
     for dest, (app, repo_path, filemode) in sources.items():
         meta, where = metas[dest]
@@ -316,8 +345,45 @@ def render_target(
             policy=meta.get("policy", "enforce"),
             app=app,
             template=repo_path,
+            render_key=keys.get(dest, ""),
         )
     return TargetState(node=node.name, files=files, apps=load_app_settings(snapshot, node))
+
+
+# A template that pulls in another one: its output depends on more than its own
+# blob, so it is always rendered (never reused).
+_PULLS_IN = re.compile(r"{%-?\s*(?:include|import|extends|from)\b")
+_USES_SOURCE = re.compile(r"\bsource\b")
+
+
+def _render_keys(
+    snapshot: Snapshot, context: Mapping[str, Any], jobs: list[Job]
+) -> dict[PurePosixPath, str]:
+    """Destination -> digest of what its template's output depends on ("" = always render).
+
+    ``source`` (the commit) changes with every commit: it is part of a key only
+    for templates that mention it, or every commit would render everything.
+    """
+    from . import __version__
+
+    rest = {k: v for k, v in context.items() if k != "source"}
+    base = hashlib.sha256(
+        json.dumps([__version__, rest], sort_keys=True, default=str).encode()
+    ).hexdigest()
+    source = json.dumps(context.get("source"), sort_keys=True, default=str)
+    keys: dict[PurePosixPath, str] = {}
+    for dest, repo_path, _ in jobs:
+        blob = snapshot.blob_id(repo_path)
+        if blob is None:
+            keys[dest] = ""
+            continue
+        text = snapshot.read(repo_path).decode("utf-8", "replace")
+        if _PULLS_IN.search(text):
+            keys[dest] = ""
+            continue
+        parts = [base, blob, source if _USES_SOURCE.search(text) else ""]
+        keys[dest] = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return keys
 
 
 Job = tuple[PurePosixPath, str, bool]  # destination, template path, secret

@@ -39,6 +39,7 @@ class ManagedFile:
     secret: bool = False
     policy: str = "enforce"
     recorded_ns: int = 0  # wall clock when the stat was taken
+    render_key: str = ""  # TargetFile.render_key of the content recorded here
 
     def signature(self) -> tuple[int, int, int, int]:
         """The stat signature that lets a no-change scan skip hashing."""
