@@ -213,11 +213,18 @@ def _written_output(
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
+        return None  # missing, a symlink (ELOOP), unreadable
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = fh.read()
+            return None  # a directory or a device where the file should be
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     return data if hashlib.sha256(data).hexdigest() == record.sha256 else None
 
 

@@ -178,12 +178,12 @@ class Agent:
             )
             for error in report["errors"]:
                 log.error("%s", error)
+        self._schedule()
         # A run leaves cyclic garbage (Jinja2 environments, pygit2 objects) that
         # the generational collector reaches ever later as the heap grows: the
         # agent grew ~0.3 MiB a full run (bench/soak.py). One full collection
         # between runs keeps it flat, for a few ms of an idle agent's time.
         gc.collect()
-        self._schedule()
 
     def _reload_config(self) -> None:
         self._reload = False

@@ -135,6 +135,8 @@ def test_status_after_the_agent_was_killed_says_it_is_not_running(make_host, tmp
     host = make_host("web1")
     with running_agent(host, tmp_path / "agent.log", interval="1h") as agent:
         agent.wait_runs(1)
+        # agent.json is written when the next run is scheduled, just after the log line.
+        wait_until((host.state_dir / "agent.json").exists, 5, agent.context)
         pid = agent.pid
         os.killpg(pid, signal.SIGKILL)  # no chance to remove agent.json
         agent.proc.wait(timeout=10)
