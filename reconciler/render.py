@@ -378,10 +378,14 @@ def _render_keys(
             keys[dest] = ""
             continue
         text = snapshot.read(repo_path).decode("utf-8", "replace")
-        if _PULLS_IN.search(text):
+        # Substring tests first: the regexes cost ~35 µs a template, 2,000 a run.
+        if any(w in text for w in ("include", "import", "extends", "from")) and _PULLS_IN.search(
+            text
+        ):
             keys[dest] = ""
             continue
-        parts = [base, blob, source if _USES_SOURCE.search(text) else ""]
+        mentions = "source" in text and _USES_SOURCE.search(text)
+        parts = [base, blob, source if mentions else ""]
         keys[dest] = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     return keys
 

