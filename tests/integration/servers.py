@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -710,3 +710,51 @@ def gitolite_fleet_fixture(fleet: Fleet, gitolite_server: GitoliteServer) -> Ser
         cwd=fleet.work,
     )
     return ServerFleet(fleet, bare=bare, url=url)
+
+
+@contextlib.contextmanager
+def serving(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that runs ``handle(conn)`` in a thread per connection.
+
+    Yields the port. At exit the accept loop stops, handlers are waited for
+    (they should watch their own stop signal) and every connection is closed.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conns.append(conn)
+            thread = threading.Thread(target=handle, args=(conn,), daemon=True)
+            thread.start()
+            threads.append(thread)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        for thread in threads:
+            thread.join(timeout=5)
+        for conn in conns:
+            conn.close()
+        listener.close()
+
+
+@contextlib.contextmanager
+def tarpit() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A server that accepts connections and never answers: (port, accepted sockets)."""
+    held: list[socket.socket] = []
+    with serving(held.append) as port:
+        yield port, held

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
 
 from tests.conftest import Host, free_port, git, tree_snapshot
 from tests.integration._helpers import assert_clean_error, drift_kinds, pull_report
-from tests.integration.servers import CountingRelay
+from tests.integration.servers import CountingRelay, tarpit
 
 
 def test_unreachable_repo_still_repairs_drift_from_the_last_fetched_commit(fleet, make_host):
@@ -128,36 +125,18 @@ def test_a_server_that_accepts_and_never_answers_does_not_hold_the_run(fleet, ma
     # try, not forever: the run holds the state lock, every later run would wait.
     host = make_host("web1")
     assert host.pull().returncode == 0
-    held: list[socket.socket] = []
-    tarpit = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def accept() -> None:
-        tarpit.settimeout(0.2)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError, OSError):
-                held.append(tarpit.accept()[0])  # never read, never answered
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    hung = Host(
-        node=host.node,
-        root=host.root,
-        state_dir=host.state_dir,
-        exclude_file=host.exclude_file,
-        url=f"git://127.0.0.1:{tarpit.getsockname()[1]}/fleet.git",
-    )
     host.path("/etc/motd").write_text("edited while the server hangs\n")
-    try:
+    with tarpit() as (port, held):
+        hung = Host(
+            node=host.node,
+            root=host.root,
+            state_dir=host.state_dir,
+            exclude_file=host.exclude_file,
+            url=f"git://127.0.0.1:{port}/fleet.git",
+        )
         started = time.monotonic()
         code, report = hung.pull_json("--net-timeout", "1s")
         took = time.monotonic() - started
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        tarpit.close()
 
     assert took < 20, f"a hung server held the run for {took:.0f}s"
     assert held, "the run never reached the server"

@@ -26,7 +26,7 @@ from reconciler.notify import WEBHOOK_DEADLINE_S
 from tests.conftest import free_port
 from tests.integration._helpers import HEX40, all_objects_text
 from tests.integration._service import host_argv, reconciler_env, running_agent, wait_until
-from tests.integration.servers import make_ca
+from tests.integration.servers import make_ca, serving, tarpit
 
 # ------------------------------------------------------------------ servers
 
@@ -95,31 +95,8 @@ def recorder() -> Iterator[Recorder]:
 @pytest.fixture
 def hanging_server() -> Iterator[tuple[str, list[socket.socket]]]:
     """A server that accepts connections and never answers: (base URL, accepted sockets)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            accepted.append(conn)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        for conn in accepted:
-            conn.close()
-        listener.close()
+    with tarpit() as (port, accepted):
+        yield f"http://127.0.0.1:{port}", accepted
 
 
 @dataclass
@@ -147,11 +124,8 @@ def trickler(request, tmp_path_factory, monkeypatch) -> Iterator[Trickler]:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(cert, key)
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
     stop = threading.Event()
-    state = Trickler(f"{scheme}://127.0.0.1:{listener.getsockname()[1]}")
-    threads: list[threading.Thread] = []
+    state = Trickler("")
 
     def serve(raw: socket.socket) -> None:
         try:
@@ -179,28 +153,12 @@ def trickler(request, tmp_path_factory, monkeypatch) -> Iterator[Trickler]:
             except OSError:  # the client shut the connection: what a deadline does
                 state.cut.append(path)
 
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=serve, args=(conn,), daemon=True)
-            thread.start()
-            threads.append(thread)
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
-    try:
-        yield state
-    finally:
-        stop.set()
-        acceptor.join(timeout=5)
-        for thread in threads:
-            thread.join(timeout=5)
-        listener.close()
+    with serving(serve) as port:
+        state.url = f"{scheme}://127.0.0.1:{port}"
+        try:
+            yield state
+        finally:
+            stop.set()
 
 
 # ------------------------------------------------------------------ helpers
