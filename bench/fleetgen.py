@@ -42,6 +42,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# The product's own merge (SPEC §1 vars): Ansible must get exactly the same vars.
+from reconciler.inventory import deep_merge
+
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "bench",
     "GIT_AUTHOR_EMAIL": "bench@example.com",
@@ -167,17 +170,6 @@ def node_doc(spec: FleetSpec, i: int) -> dict[str, Any]:
             app_name(i % spec.apps): {"log_level": "debug", "options": {"retries": 5}},
         }
     }
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """repo-layout/README.md: mappings merge key by key; lists and scalars are replaced."""
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def effective_vars(spec: FleetSpec, i: int) -> dict[str, Any]:

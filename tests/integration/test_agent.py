@@ -219,14 +219,20 @@ def _local_reports(host) -> list[dict]:
     return [_local_report(host, c) for c in _queued_reports(host)]
 
 
-def test_offline_agent_keeps_enforcing_queues_reports_and_pushes_them_all_when_back(
-    fleet, make_host, tmp_path
-):
+def own_git_server(fleet, tmp_path):
+    """The fleet on a git daemon of this test's own, which it may stop and restart:
+    (base path, bare repository, daemon)."""
     base = tmp_path / "own-git"
     bare = base / "fleet.git"
     git("init", "-q", "--bare", str(bare))
     git("push", "-q", str(bare), "HEAD:refs/heads/main", cwd=fleet.work)
-    daemon = start_git_daemon(base)
+    return base, bare, start_git_daemon(base)
+
+
+def test_offline_agent_keeps_enforcing_queues_reports_and_pushes_them_all_when_back(
+    fleet, make_host, tmp_path
+):
+    base, bare, daemon = own_git_server(fleet, tmp_path)
     try:
         host = make_host("web1", url=daemon.url("fleet.git"))
         motd, chrony = host.path("/etc/motd"), host.path("/etc/chrony/chrony.conf")
@@ -350,11 +356,7 @@ def _server_run_ids(bare) -> list[str]:
 def test_queued_reports_are_rebuilt_on_a_report_branch_that_moved_on_the_server(
     fleet, make_host, tmp_path
 ):
-    base = tmp_path / "own-git"
-    bare = base / "fleet.git"
-    git("init", "-q", "--bare", str(bare))
-    git("push", "-q", str(bare), "HEAD:refs/heads/main", cwd=fleet.work)
-    daemon = start_git_daemon(base)
+    base, bare, daemon = own_git_server(fleet, tmp_path)
     try:
         host = make_host("web1", url=daemon.url("fleet.git"))
         assert host.pull().returncode == 0  # converged; its report is on the server

@@ -67,6 +67,14 @@ def remote_host(tmp_path: Path, fleet: Fleet, node: str) -> Path:
     return base
 
 
+def trigger(fleet, tmp_path, *args: str) -> tuple[int, io.StringIO, io.StringIO]:
+    """``reconciler trigger ARGS`` against the fleet, in-process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["trigger", *args, "--repo", fleet.url, "--state-dir", str(tmp_path / "cache")]
+    code = main([*argv, "--config", "/dev/null"], out, err)
+    return code, out, err
+
+
 def test_trigger_runs_each_member_over_ssh_in_parallel_and_reports_failures(
     fleet, tmp_path, monkeypatch
 ):
@@ -76,25 +84,7 @@ def test_trigger_runs_each_member_over_ssh_in_parallel_and_reports_failures(
     log = install_fake_ssh(tmp_path, monkeypatch)
     web1 = remote_host(tmp_path, fleet, "web1")
 
-    out, err = io.StringIO(), io.StringIO()
-    code = main(
-        [
-            "trigger",
-            "webservers",
-            "--ssh-user",
-            "ops",
-            "--parallel",
-            "2",
-            "--repo",
-            fleet.url,
-            "--state-dir",
-            str(tmp_path / "cache"),
-            "--config",
-            "/dev/null",
-        ],
-        out,
-        err,
-    )
+    code, out, err = trigger(fleet, tmp_path, "webservers", "--ssh-user", "ops", "--parallel", "2")
 
     assert code == 1, err.getvalue()  # one host failed
     lines = out.getvalue().splitlines()
@@ -118,24 +108,14 @@ def test_trigger_runs_each_member_over_ssh_in_parallel_and_reports_failures(
 
 def test_trigger_json_and_a_custom_command(fleet, tmp_path, monkeypatch):
     install_fake_ssh(tmp_path, monkeypatch)
-    out, err = io.StringIO(), io.StringIO()
-    code = main(
-        [
-            "trigger",
-            "dhcp",
-            "--command",
-            "echo ran on $(hostname) >/dev/null; echo done",
-            "--format",
-            "json",
-            "--repo",
-            fleet.url,
-            "--state-dir",
-            str(tmp_path / "cache"),
-            "--config",
-            "/dev/null",
-        ],
-        out,
-        err,
+    code, out, err = trigger(
+        fleet,
+        tmp_path,
+        "dhcp",
+        "--command",
+        "echo ran on $(hostname) >/dev/null; echo done",
+        "--format",
+        "json",
     )
 
     assert code == 0, err.getvalue()
@@ -150,27 +130,8 @@ def test_trigger_json_and_a_custom_command(fleet, tmp_path, monkeypatch):
 def test_trigger_reaches_the_hosts_at_the_same_time(fleet, tmp_path, monkeypatch):
     install_fake_ssh(tmp_path, monkeypatch)
     monkeypatch.setenv("FAKE_SSH_SLEEP", "1")  # 1 s per host; 4 hosts one after another: 4 s
-    out, err = io.StringIO(), io.StringIO()
-
     start = time.monotonic()
-    code = main(
-        [
-            "trigger",
-            "all",
-            "--command",
-            "true",
-            "--format",
-            "json",
-            "--repo",
-            fleet.url,
-            "--state-dir",
-            str(tmp_path / "cache"),
-            "--config",
-            "/dev/null",
-        ],
-        out,
-        err,
-    )
+    code, out, err = trigger(fleet, tmp_path, "all", "--command", "true", "--format", "json")
     wall = time.monotonic() - start
 
     assert code == 0, err.getvalue()

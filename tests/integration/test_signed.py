@@ -121,6 +121,17 @@ def signer(tmp_path: Path) -> tuple[Path, str]:
     return tmp_path / "ops", keygen(tmp_path / "ops", "ops@example.com")
 
 
+def signed_release_applied(fleet, make_host, signer, tmp_path):
+    """Release 1 signed by an allowed key and applied on web1: (key, commit, host, config)."""
+    key, pub = signer
+    release(fleet, "1")
+    good = ssh_signed_commit(fleet, key, "release 1")
+    host = make_host("web1")
+    cfg = verify_config(host, allowed_signers=str(allowed_signers(tmp_path / "signers", pub)))
+    assert pull_report(host, "--config", cfg)["applied_commit"] == good
+    return key, good, host, cfg
+
+
 def test_signed_commit_is_applied_and_an_unsigned_one_refused_while_drift_is_repaired(
     fleet, make_host, signer, tmp_path
 ):
@@ -155,12 +166,7 @@ def test_signed_commit_is_applied_and_an_unsigned_one_refused_while_drift_is_rep
 def test_commit_signed_by_a_key_not_allowed_is_refused_and_a_good_one_after_it_applied(
     fleet, make_host, signer, tmp_path
 ):
-    key, pub = signer
-    release(fleet, "1")
-    good = ssh_signed_commit(fleet, key, "release 1")
-    host = make_host("web1")
-    cfg = verify_config(host, allowed_signers=str(allowed_signers(tmp_path / "signers", pub)))
-    assert pull_report(host, "--config", cfg)["applied_commit"] == good
+    key, good, host, cfg = signed_release_applied(fleet, make_host, signer, tmp_path)
 
     intruder = tmp_path / "intruder"
     keygen(intruder, "intruder@example.net")
@@ -194,12 +200,7 @@ def test_unsigned_first_commit_applies_nothing(fleet, make_host, signer, tmp_pat
 
 @pytest.mark.parametrize("tamper", ["tree", "message"])
 def test_signature_made_for_other_content_is_refused(fleet, make_host, signer, tmp_path, tamper):
-    key, pub = signer
-    release(fleet, "1")
-    good = ssh_signed_commit(fleet, key, "release 1")
-    host = make_host("web1")
-    cfg = verify_config(host, allowed_signers=str(allowed_signers(tmp_path / "signers", pub)))
-    assert pull_report(host, "--config", cfg)["applied_commit"] == good
+    key, good, host, cfg = signed_release_applied(fleet, make_host, signer, tmp_path)
 
     # A genuine signature by an allowed key, on a commit that is never pushed…
     release(fleet, "2")
@@ -224,12 +225,7 @@ def test_signature_made_for_other_content_is_refused(fleet, make_host, signer, t
 
 @pytest.mark.parametrize("namespace", ["git", "file"])
 def test_ssh_signature_counts_only_in_namespace_git(fleet, make_host, signer, tmp_path, namespace):
-    key, pub = signer
-    release(fleet, "1")
-    good = ssh_signed_commit(fleet, key, "release 1")
-    host = make_host("web1")
-    cfg = verify_config(host, allowed_signers=str(allowed_signers(tmp_path / "signers", pub)))
-    assert pull_report(host, "--config", cfg)["applied_commit"] == good
+    key, good, host, cfg = signed_release_applied(fleet, make_host, signer, tmp_path)
 
     # Sign the commit's bytes as git does, but with ssh-keygen and a chosen namespace,
     # and splice the signature in as its gpgsig header.
