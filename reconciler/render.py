@@ -352,7 +352,7 @@ def render_target(
 
 # A template that pulls in another one: its output depends on more than its own
 # blob, so it is always rendered (never reused).
-_PULLS_IN = re.compile(r"{%-?\s*(?:include|import|extends|from)\b")
+_PULLS_IN = re.compile(r"{%[-+]?\s*(?:include|import|extends|from)\b")
 _USES_SOURCE = re.compile(r"\bsource\b")
 
 

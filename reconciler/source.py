@@ -351,7 +351,7 @@ def fetch(
     missing = False  # the server answered, but has no such branch (final: not retried)
     received = 0
     begin = getattr(callbacks, "begin", lambda: None)
-    explain = getattr(callbacks, "explain", None)
+    refusal = getattr(callbacks, "refusal", None)
     for attempt in range(attempts):
         error = None
         remote = repo.remotes.create_anonymous(url)
@@ -377,10 +377,11 @@ def fetch(
             error = str(exc)
             break  # our own checks refused (host key, credentials): retrying cannot help
         except (pygit2.GitError, OSError) as exc:
-            plain = f"{url}: fetch failed: {exc}"
-            error = explain(f"fetch failed: {exc}") if explain else plain
-            if error != plain:
-                break  # explained as a refusal (credentials, certificate): final
+            refused = refusal(f"fetch failed: {exc}") if refusal else None
+            if refused:
+                error = refused
+                break  # credentials or certificate refused: trying again cannot help
+            error = f"{url}: fetch failed: {exc}"
             log.info("%s (try %d of %d)", error, attempt + 1, attempts)
             if attempt + 1 < attempts:
                 _jitter()

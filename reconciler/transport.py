@@ -176,8 +176,10 @@ class Callbacks(pygit2.RemoteCallbacks):
         self._offered = 0
         self.rejected = {}
 
-    def explain(self, text: str) -> str:
-        """Turn a libgit2 transport error into one line saying what to do."""
+    def refusal(self, text: str) -> str | None:
+        """The one-line explanation when a libgit2 error means the server refused
+        our credentials or we refused its certificate (trying again cannot help);
+        None for anything else (a network error, a busy server)."""
         lowered = text.lower()
         if self.endpoint.scheme == "ssh" and "authentication" in lowered:
             return (
@@ -197,7 +199,11 @@ class Callbacks(pygit2.RemoteCallbacks):
                 f"{self.url}: the server's TLS certificate is not trusted — set auth.ca_file "
                 "to the CA bundle that signed it"
             )
-        return f"{self.url}: {text}"
+        return None
+
+    def explain(self, text: str) -> str:
+        """Turn a libgit2 transport error into one line saying what to do."""
+        return self.refusal(text) or f"{self.url}: {text}"
 
     # -- SSH host key (called from the re-registered C callback) --------
 
