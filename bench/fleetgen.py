@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 # The product's own merge (SPEC §1 vars): Ansible must get exactly the same vars.
-from reconciler.inventory import deep_merge
+from reconciler.pipeline.inventory import deep_merge
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "bench",

@@ -190,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - t0
         down, up, conns = proxy.take()
 
-    # The agent logs one line per run: "reconciler.service: run <id>: <result> (…)".
+    # The agent logs one line per run: "reconciler.host.agent: run <id>: <result> (…)".
     results: dict[str, int] = {}
     for line in (tmp / "agent.log").read_text(errors="replace").splitlines():
-        if "reconciler.service: run " in line and ": " in line.split("run ", 1)[1]:
+        if "reconciler.host.agent: run " in line and ": " in line.split("run ", 1)[1]:
             outcome = line.split("run ", 1)[1].split(": ", 1)[1].split(" ", 1)[0]
             results[outcome] = results.get(outcome, 0) + 1
     runs = sum(results.values())

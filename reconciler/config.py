@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from reconciler.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/reconciler/config.yaml")
 MODES = ("enforce", "audit")

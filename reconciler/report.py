@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import pygit2
 
-from . import __version__
-from .errors import SourceError
-from .source import SourceInfo, pushed_report_ref, remote_report_ref, report_ref
-from .system import ScriptRun, atomic_write
+from reconciler import __version__
+from reconciler.errors import SourceError
+from reconciler.git.source import SourceInfo, pushed_report_ref, remote_report_ref, report_ref
+from reconciler.host.system import ScriptRun, atomic_write
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from reconciler.pipeline.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.notify import WEBHOOK_DEADLINE_S
+from reconciler.pipeline.notify import WEBHOOK_DEADLINE_S
 from tests.conftest import free_port
 from tests.integration._helpers import HEX40, all_objects_text
 from tests.integration._service import host_argv, reconciler_env, running_agent, wait_until

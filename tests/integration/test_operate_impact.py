@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 
-from reconciler.cli import main
+from reconciler.cli.main import main
 from tests.conftest import git
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.cli import main
+from reconciler.cli.main import main
 from tests.conftest import GIT_ENV, PROJECT, Fleet, GitDaemon, git
 from tests.integration._helpers import git_stdin
 

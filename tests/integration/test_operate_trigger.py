@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from reconciler.cli import main
+from reconciler.cli.main import main
 from tests.conftest import Fleet
 
 FAKE_SSH = r"""#!/bin/sh

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reconciler.cli import main
+from reconciler.cli.main import main
 from tests.conftest import GIT_ENV, PROJECT, git
 
 

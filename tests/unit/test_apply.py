@@ -9,13 +9,13 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from reconciler.apply import ApplyResult, RunContext, apply_plan
-from reconciler.plan import Plan, exclude_matcher, make_plan
-from reconciler.render import AppSettings, TargetFile, TargetState
-from reconciler.scan import scan
-from reconciler.source import DirSnapshot
-from reconciler.state import LocalState
-from reconciler.system import RealSystem
+from reconciler.git.source import DirSnapshot
+from reconciler.host.state import LocalState
+from reconciler.host.system import RealSystem
+from reconciler.pipeline.apply import ApplyResult, RunContext, apply_plan
+from reconciler.pipeline.plan import Plan, exclude_matcher, make_plan
+from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
+from reconciler.pipeline.scan import scan
 from tests.unit.helpers import write_repo
 
 P = PurePosixPath

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cli import main
+from reconciler.cli.main import main
 from reconciler.config import load_config, parse_duration
 from reconciler.errors import ConfigError
 

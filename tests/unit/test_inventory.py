@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import InventoryError
-from reconciler.inventory import (
+from reconciler.pipeline.inventory import (
     check_hosts,
     effective_node,
     inventory_problems,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.notify import label_value, metrics_text
+from reconciler.pipeline.notify import label_value, metrics_text
 
 
 def report(node: str, branch: str, commit: str = "a" * 40) -> dict:

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler.change import (
+from reconciler.cli.operators import ssh_argv
+from reconciler.errors import InventoryError, UsageError
+from reconciler.ops.change import (
     parse_until,
     remove_suspended_text,
     set_state_text,
     set_suspended_text,
     slug,
 )
-from reconciler.errors import InventoryError, UsageError
-from reconciler.fleet import (
+from reconciler.ops.fleet import (
     FleetRow,
     default_stale_after,
     human_age,
@@ -24,9 +25,8 @@ from reconciler.fleet import (
     select_nodes,
     summary,
 )
-from reconciler.history import file_diff
-from reconciler.operate import ssh_argv
-from reconciler.page import fleet_page
+from reconciler.ops.history import file_diff
+from reconciler.ops.page import fleet_page
 
 HOSTS = Path(__file__).resolve().parents[2] / "hosts"
 NOW = dt.datetime(2026, 11, 21, 12, 0, 0, tzinfo=dt.UTC)

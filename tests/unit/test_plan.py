@@ -1,6 +1,6 @@
 """Plan stage: target vs actual vs last-written, per policy and mode (SPEC §1, §4 step 5, §6).
 
-Every case uses real files under a temp root, scanned by ``reconciler.scan.scan``,
+Every case uses real files under a temp root, scanned by ``reconciler.pipeline.scan.scan``,
 and real ManagedFile records of "what reconciler last wrote".
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from reconciler.errors import InventoryError
-from reconciler.plan import Plan, exclude_matcher, make_plan
-from reconciler.render import AppSettings, TargetFile, TargetState
-from reconciler.scan import scan
-from reconciler.state import LocalState, ManagedFile
+from reconciler.host.state import LocalState, ManagedFile
+from reconciler.pipeline.plan import Plan, exclude_matcher, make_plan
+from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
+from reconciler.pipeline.scan import scan
 
 P = PurePosixPath
 PATH = P("/etc/app.conf")

@@ -8,9 +8,9 @@ from pathlib import PurePosixPath
 import pytest
 
 from reconciler.errors import InventoryError, PathError, RenderError
-from reconciler.inventory import effective_node, load_inventory
-from reconciler.render import dest_path, render_target
-from reconciler.source import DirSnapshot, SourceInfo
+from reconciler.git.source import DirSnapshot, SourceInfo
+from reconciler.pipeline.inventory import effective_node, load_inventory
+from reconciler.pipeline.render import dest_path, render_target
 from tests.unit.helpers import FACTS, PROJECT, render, write_repo
 
 P = PurePosixPath

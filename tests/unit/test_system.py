@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.system import DryRunSystem, RealSystem, atomic_write
+from reconciler.host.system import DryRunSystem, RealSystem, atomic_write
 from tests.conftest import tree_snapshot
 
 

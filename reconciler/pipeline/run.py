@@ -9,32 +9,25 @@ changes nothing), and always ends with a report — also for a failed run.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import functools
-import hashlib
-import json
 import logging
 import os
 import secrets
 import shutil
-import stat
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .config import AgentConfig
-from .errors import ConfigError, LockError, ReconcilerError, SourceError, UntrustedCommitError
-from .facts import gather_facts
-from .journal import Journal, Manifest, Recovery, make_entries, recover, settle_owed
-from .notify import metrics_text, ping, send_webhook, write_metrics
-from .report import build_report, commit_report, write_last_run
-from .rollback import read_hold, release_hold, rollback
-from .scan import ActualFile, host_path
-from .source import (
+from reconciler.config import AgentConfig
+from reconciler.errors import (
+    ConfigError,
+    ReconcilerError,
+    SourceError,
+    UntrustedCommitError,
+)
+from reconciler.git.source import (
     NET_ATTEMPTS,
     FetchResult,
     GitSnapshot,
@@ -42,21 +35,40 @@ from .source import (
     check_descends,
     fetch,
     open_state_repo,
-    push_ref,
-    pushed_report_ref,
     remote_url,
-    report_ref,
 )
-from .state import LocalState, load_state, save_state
-from .system import atomic_write
-from .transport import callbacks_for, set_net_timeout
-from .trust import verify_commit
+from reconciler.git.transport import callbacks_for, set_net_timeout
+from reconciler.git.trust import verify_commit
+from reconciler.host.state import LocalState, load_state, save_state
+from reconciler.host.statedir import (
+    prune_backups,
+    read_exclude_file,
+    read_inventory_cache,
+    state_lock,
+    write_inventory_cache,
+)
+from reconciler.pipeline.capture import drift_captures
+from reconciler.pipeline.facts import gather_facts
+from reconciler.pipeline.journal import (
+    Journal,
+    Manifest,
+    Recovery,
+    make_entries,
+    recover,
+    settle_owed,
+)
+from reconciler.pipeline.notify import ping
+from reconciler.pipeline.record import after_run, push_reports
+from reconciler.pipeline.reuse import run_fingerprint, unchanged, written_output
+from reconciler.pipeline.rollback import read_hold, release_hold, rollback
+from reconciler.pipeline.scan import ActualFile
+from reconciler.report import build_report, commit_report
 
 if TYPE_CHECKING:
-    from .apply import ApplyResult
-    from .inventory import Node
-    from .plan import Plan
-    from .render import TargetState
+    from reconciler.pipeline.apply import ApplyResult
+    from reconciler.pipeline.inventory import Node
+    from reconciler.pipeline.plan import Plan
+    from reconciler.pipeline.render import TargetState
 
 log = logging.getLogger(__name__)
 
@@ -89,39 +101,6 @@ class RunOutcome:
         return str(self.report["result"])
 
 
-@contextmanager
-def state_lock(state_dir: Path, timeout: float) -> Iterator[None]:
-    """Hold ``<state_dir>/lock`` (flock) for one run; wait up to ``timeout`` seconds.
-
-    Raises LockError ``another run holds the lock (pid N)`` (SPEC §6).
-    """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # Root only, also when it existed before (issue #3: backups hold old contents).
-    if stat.S_IMODE(os.stat(state_dir).st_mode) & 0o077:
-        os.chmod(state_dir, 0o700)
-    path = state_dir / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    raise LockError(
-                        f"{path}: another run holds the lock (pid {holder}) — "
-                        "wait for it or raise lock_timeout"
-                    ) from None
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
 def new_run_id(now: dt.datetime) -> str:
     """A run id such as ``20261121T140501.123Z-3fa2``: UTC to the millisecond, then
     random hex. Ids sort in the order runs started (runs on one state_dir are
@@ -129,18 +108,6 @@ def new_run_id(now: dt.datetime) -> str:
     ``rollback`` (latest run) and ``backups.keep`` (oldest first) rely on."""
     utc = now.astimezone(dt.UTC)
     return f"{utc:%Y%m%dT%H%M%S}.{utc.microsecond // 1000:03d}Z-{secrets.token_hex(2)}"
-
-
-def read_exclude_file(path: str | None) -> list[str]:
-    """Lines of the host-local exclude file (SPEC §2 ``exclude_file``); [] if absent."""
-    if not path:
-        return []
-    try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the exclude file: {exc.strerror}") from exc
 
 
 def _suspension(node: Node, now: dt.datetime) -> Mapping[str, Any] | None:
@@ -178,79 +145,6 @@ def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> Ru
     root = Path(os.path.abspath(config.root))
     with state_lock(state_dir, config.lock_timeout):
         return _run(config, options, url, state_dir, root, callbacks)
-
-
-def _fingerprint(
-    config: AgentConfig, options: RunOptions, facts: Mapping[str, Any], exclude_lines: list[str]
-) -> str:
-    """Everything besides the commit and the disk that a run's target depends on."""
-    data = {
-        "node": config.node,
-        "state": options.state,
-        "mode": config.mode,
-        "root": config.root,
-        "exclude": exclude_lines,
-        "facts": facts,
-        "version": __version__,
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _written_output(
-    root: Path, previous: LocalState, dest: PurePosixPath, render_key: str
-) -> bytes | None:
-    """What this host last wrote at ``dest`` for ``render_key``, if it is still intact.
-
-    The render stage's reuse hook (render.render_target): a template whose key
-    matches the record is not rendered again when the file is a regular file
-    whose bytes hash to the recorded sha256 — checked on the bytes read, not
-    by stat signature, so neither drift nor a racily-clean record can pass.
-    """
-    record = previous.managed.get(str(dest))
-    if record is None or record.render_key != render_key:
-        return None
-    path = os.fspath(root).rstrip("/") + str(dest)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None  # missing, a symlink (ELOOP), unreadable
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None  # a directory or a device where the file should be
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    return data if hashlib.sha256(data).hexdigest() == record.sha256 else None
-
-
-def _unchanged(root: Path, previous: LocalState) -> bool:
-    """True when every managed path still has the settled stat signature we recorded.
-
-    Plain string joins, not pathlib: this loop is the whole cost of a no-op
-    run (SPEC §7), and a PurePosixPath per managed file doubled it. Keys are
-    normalised absolute destination paths (checked when they were rendered).
-    """
-    base = os.fspath(root).rstrip("/")
-    for key, record in previous.managed.items():
-        if not record.settled():
-            return False
-        try:
-            st = os.lstat(base + key)
-        except OSError:
-            return False
-        if (
-            (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != record.signature()
-            or st.st_mode & 0o7777 != record.mode
-            or st.st_uid != record.uid
-            or st.st_gid != record.gid
-        ):
-            return False
-    return True
 
 
 def _run(
@@ -296,14 +190,14 @@ def _run(
             commit = previous.applied_commit  # keep enforcing the last good commit
         held = _hold(state_dir, commit, options)
         exclude_lines = read_exclude_file(config.exclude_file)
-        fingerprint = _fingerprint(config, options, facts, exclude_lines)
+        fingerprint = run_fingerprint(config, options, facts, exclude_lines)
         if (
             not options.dry_run
             and recovery is None
             and held is None
             and previous.fingerprint == fingerprint
             and previous.applied_commit == commit
-            and _unchanged(root, previous)
+            and unchanged(root, previous)
         ):
             # SPEC §7 no-op: same commit and inputs as the last clean run and no
             # managed file touched since — no load, no render, no hashing.
@@ -367,66 +261,12 @@ def _run(
     if config.report.push and info.fetched:
         # A run that could not fetch would not reach the server to push either:
         # its report stays queued on the local branch for the next run.
-        outcome.pushed, outcome.push_error = _push(repo, url, config.node, callbacks)
+        outcome.pushed, outcome.push_error = push_reports(repo, url, config.node, callbacks)
     elif config.report.push:
         outcome.pushed = False
     prune_backups(state_dir, config.backups.keep)
-    _after(config, state_dir, repo, report, outcome, duration_s=time.monotonic() - clock)
+    after_run(config, state_dir, repo, report, outcome, duration_s=time.monotonic() - clock)
     return outcome
-
-
-def _after(
-    config: AgentConfig,
-    state_dir: Path,
-    repo: Any,
-    report: dict[str, Any],
-    outcome: RunOutcome,
-    *,
-    duration_s: float,
-) -> None:
-    """last-run.json, metrics, webhook and ping: what follows every real run (issue #4)."""
-    from .report import read_last_run
-
-    previous = read_last_run(state_dir) or {}
-    last_success = previous.get("last_success")
-    if report["result"] != "failed":
-        last_success = dt.datetime.fromisoformat(
-            report["finished_at"].replace("Z", "+00:00")
-        ).timestamp()
-    queued = queue_length(repo, config.node)
-    # Only reports that say something new notify: an outage of the git server
-    # fails every run identically, and must not page someone every interval.
-    webhook_error = send_webhook(config.report, report) if outcome.report_commit else None
-    write_last_run(
-        state_dir,
-        report,
-        report_commit=outcome.report_commit,
-        pushed=outcome.pushed,
-        push_error=outcome.push_error,
-        queued=queued,
-        last_success=last_success,
-        duration_s=round(duration_s, 3),
-        webhook_error=webhook_error,
-    )
-    write_metrics(
-        config.metrics.textfile,
-        metrics_text(report, duration_s=duration_s, last_success=last_success, queued=queued),
-    )
-    ping(config.report.ping_url, "fail" if report["result"] == "failed" else "success")
-
-
-def queue_length(repo: Any, node: str) -> int:
-    """Report commits on the local report branch that the server does not have yet."""
-    local = repo.references.get(report_ref(node))
-    if local is None:
-        return 0
-    remote = repo.references.get(f"refs/remotes/origin/reports/{node}")
-    count = 0
-    for commit in repo.walk(local.target):
-        if remote is not None and commit.id == remote.target:
-            break
-        count += 1
-    return count
 
 
 @dataclass(slots=True, kw_only=True)
@@ -469,18 +309,18 @@ def _full_run(
     The stages are imported here, not at module level, so that a no-op run
     never pays for Jinja2, jsonschema or pathspec (SPEC §7).
     """
-    from .apply import RunContext, apply_plan
-    from .inventory import effective_node, load_inventory
-    from .plan import exclude_matcher, make_plan
-    from .render import render_target
-    from .scan import scan
-    from .system import DryRunSystem, RealSystem, System
+    from reconciler.host.system import DryRunSystem, RealSystem, System
+    from reconciler.pipeline.apply import RunContext, apply_plan
+    from reconciler.pipeline.inventory import effective_node, load_inventory
+    from reconciler.pipeline.plan import exclude_matcher, make_plan
+    from reconciler.pipeline.render import render_target
+    from reconciler.pipeline.scan import scan
 
     snapshot = GitSnapshot(repo, commit, SourceInfo(url=url, branch=config.branch, commit=commit))
-    cache = _read_inventory_cache(state_dir)
+    cache = read_inventory_cache(state_dir)
     before = len(cache)
     inventory = load_inventory(snapshot, cache)
-    _write_inventory_cache(state_dir, cache, inventory, changed=len(cache) != before)
+    write_inventory_cache(state_dir, cache, inventory, changed=len(cache) != before)
     node = effective_node(inventory, snapshot, config.node, options.state)
     run.suspended = _suspension(node, started) or held
     if run.suspended:
@@ -491,7 +331,7 @@ def _full_run(
         facts,
         cache_dir=state_dir / "jinja-cache",
         workers=min(os.cpu_count() or 1, 4),
-        reuse=functools.partial(_written_output, root, previous),
+        reuse=functools.partial(written_output, root, previous),
     )
     paths = list(target.files) + [
         PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
@@ -500,7 +340,7 @@ def _full_run(
     excludes = exclude_matcher([*node.exclude, *exclude_lines])
     run.plan = plan = make_plan(target, actual, previous, excludes, run.mode)
     errors.extend(plan.errors)
-    run.captures = _captures(plan, target, previous, actual, root)
+    run.captures = drift_captures(plan, target, previous, actual, root)
 
     system: System = DryRunSystem() if options.dry_run else RealSystem(batch=True)
     to_apply = [c for c in plan.changes if c.apply]
@@ -639,8 +479,8 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
         )
         if config.report.push and url:
             callbacks = callbacks_for(url, config.auth)
-            outcome.pushed, outcome.push_error = _push(repo, url, config.node, callbacks)
-        _after(config, state_dir, repo, report, outcome, duration_s=0.0)
+            outcome.pushed, outcome.push_error = push_reports(repo, url, config.node, callbacks)
+        after_run(config, state_dir, repo, report, outcome, duration_s=0.0)
         return outcome
 
 
@@ -676,81 +516,3 @@ def _fetch(
         log.warning("boot: %s — retrying in %.0fs", reason, wait)
         time.sleep(wait)
         delay *= 2
-
-
-def prune_backups(state_dir: Path, keep: int) -> None:
-    """Keep the backups of the last ``keep`` runs (SPEC §2 ``backups.keep``)."""
-    base = state_dir / "backups"
-    try:
-        runs = sorted(p for p in base.iterdir() if p.is_dir())
-    except FileNotFoundError:
-        return
-    for old in runs[: max(0, len(runs) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _push(repo: Any, url: str, node: str, callbacks: Any = None) -> tuple[bool, str | None]:
-    """Push the report branch if it is ahead of the server; never fails the run."""
-    ref = report_ref(node)
-    local = repo.references.get(ref)
-    remote = repo.references.get(f"refs/remotes/origin/reports/{node}")
-    if local is None or (remote is not None and remote.target == local.target):
-        return True, None
-    try:
-        push_ref(repo, url, ref, callbacks)
-    except ReconcilerError as exc:
-        log.warning("%s", exc)
-        return False, str(exc)
-    repo.references.create(f"refs/remotes/origin/reports/{node}", local.target, force=True)
-    repo.references.create(pushed_report_ref(node), local.target, force=True)
-    return True, None
-
-
-INVENTORY_CACHE = "inventory-cache.json"
-
-
-def _read_inventory_cache(state_dir: Path) -> dict[str, Any]:
-    """Checked host files by git blob id (see inventory.inventory_problems)."""
-    try:
-        data = json.loads((state_dir / INVENTORY_CACHE).read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_inventory_cache(
-    state_dir: Path, cache: dict[str, Any], inventory: Any, *, changed: bool
-) -> None:
-    """Keep only the blobs of the current hosts/ (the cache never grows past it)."""
-    if not changed:
-        return
-    keep = {id(f.data) for f in inventory.files.values()}
-    if inventory.defaults is not None:
-        keep.add(id(inventory.defaults.data))
-    current = {blob: data for blob, data in cache.items() if id(data) in keep}
-    atomic_write(state_dir / INVENTORY_CACHE, json.dumps(current).encode(), mode=0o600)
-
-
-def _captures(
-    plan: Plan,
-    target: TargetState,
-    previous: LocalState,
-    actual: Mapping[PurePosixPath, ActualFile],
-    root: Path,
-) -> dict[PurePosixPath, bytes]:
-    """Content of each drifted regular file as found, before repair; never secrets (SPEC §5)."""
-    from .plan import is_secret
-
-    out: dict[PurePosixPath, bytes] = {}
-    for item in plan.drift:
-        if item.kind not in ("content", "mode", "owner") or item.path in out:
-            continue
-        if is_secret(item.path, target, previous.managed):
-            continue
-        if actual[item.path].kind != "file":
-            continue
-        try:
-            out[item.path] = host_path(root, item.path).read_bytes()
-        except OSError:
-            continue
-    return out

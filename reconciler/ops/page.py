@@ -1,7 +1,7 @@
 """Operators' side, the fleet page: ``reconciler fleet --format html``.
 
-Takes the FleetRows of :mod:`reconciler.fleet`, the meta-nodes with their
-members and each node's last drift diffs (:mod:`reconciler.history`);
+Takes the FleetRows of :mod:`reconciler.ops.fleet`, the meta-nodes with their
+members and each node's last drift diffs (:mod:`reconciler.ops.history`);
 produces one self-contained HTML document — inline CSS and JavaScript, no
 external assets, nothing fetched when it is opened — that can be mailed,
 archived as a CI artifact or served as a static file.
@@ -19,8 +19,8 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping, Sequence
 
-from .fleet import NEVER, FleetRow, human_age
-from .history import DriftDiff
+from reconciler.ops.fleet import NEVER, FleetRow, human_age
+from reconciler.ops.history import DriftDiff
 
 RESULTS = ("ok", "changed", "drift", "failed", NEVER)
 

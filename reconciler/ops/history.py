@@ -1,6 +1,6 @@
 """Operators' side, history: a node's report commits and the drift each one captured.
 
-Takes the cache of :mod:`reconciler.fleet` (report branches fetched under
+Takes the cache of :mod:`reconciler.ops.fleet` (report branches fetched under
 ``refs/remotes/origin/reports/<node>``); produces :class:`ReportEntry` rows
 for ``reconciler log NODE`` and, for ``reconciler show NODE [RUN]``, one
 report with a :class:`DriftDiff` per drifted path: the content captured on
@@ -23,10 +23,10 @@ from typing import Any
 
 import pygit2
 
-from .errors import ReconcilerError, SourceError, UsageError
-from .fleet import REPORTS_PREFIX, Upstream, read_report, report_counts
-from .inventory import effective_node, load_inventory
-from .render import TargetState, render_target
+from reconciler.errors import ReconcilerError, SourceError, UsageError
+from reconciler.ops.fleet import REPORTS_PREFIX, Upstream, read_report, report_counts
+from reconciler.pipeline.inventory import effective_node, load_inventory
+from reconciler.pipeline.render import TargetState, render_target
 
 DRIFT_DIR = "drift"
 

@@ -1,6 +1,6 @@
 """Operators' side, write stage: changes to the desired-state repository, and their impact.
 
-Takes the cache of :mod:`reconciler.fleet`; produces commits on the branch
+Takes the cache of :mod:`reconciler.ops.fleet`; produces commits on the branch
 (``push NODE STATE``, ``suspend``, ``resume``) or on a review branch
 (``adopt``), and for ``impact`` the per-node list of destination files that
 a range of commits changes.
@@ -32,13 +32,19 @@ from typing import Any
 import pygit2
 import yaml
 
-from .errors import InventoryError, ReconcilerError, SourceError, UsageError
-from .fleet import Upstream, fetch_upstream, parse_time, read_report, tracking_head
-from .history import captures, file_diff, find_report, report_tip
-from .inventory import DEFAULT_STATE, Inventory, effective_node, load_inventory, parse_yaml
-from .plan import exclude_matcher
-from .render import TargetFile, render_target
-from .source import Snapshot
+from reconciler.errors import InventoryError, ReconcilerError, SourceError, UsageError
+from reconciler.git.source import Snapshot
+from reconciler.ops.fleet import Upstream, fetch_upstream, parse_time, read_report, tracking_head
+from reconciler.ops.history import captures, file_diff, find_report, report_tip
+from reconciler.pipeline.inventory import (
+    DEFAULT_STATE,
+    Inventory,
+    effective_node,
+    load_inventory,
+    parse_yaml,
+)
+from reconciler.pipeline.plan import exclude_matcher
+from reconciler.pipeline.render import TargetFile, render_target
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +209,8 @@ def parse_until(value: str, now: dt.datetime) -> str:
 
     Raises UsageError for anything else and for a time in the past.
     """
-    from .config import parse_duration
-    from .errors import ConfigError
+    from reconciler.config import parse_duration
+    from reconciler.errors import ConfigError
 
     try:
         moment = now + dt.timedelta(seconds=parse_duration(value, key="--until"))

@@ -15,7 +15,7 @@ host's root. Subcommands are registered into the CLI by :func:`add_commands`:
 =========================  ==================================================
 
 ``--repo`` is the desired-state repository URL or path, fetched into a cache
-(:mod:`reconciler.fleet`) — except for ``impact``, which reads the git
+(:mod:`reconciler.ops.fleet`) — except for ``impact``, which reads the git
 repository of a local working tree (SPEC §6). Handlers take
 ``(args, out, err)``, return the exit code and raise ReconcilerError.
 """
@@ -35,21 +35,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import ReconcilerError, UsageError
+from reconciler.errors import ReconcilerError, UsageError
 
 Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
 def _config(args: argparse.Namespace) -> Any:
     """The agent configuration with flag overrides: the CLI's own (SPEC §2)."""
-    from .cli import config_from_args
+    from reconciler.cli.main import config_from_args
 
     return config_from_args(args)
 
 
 def _upstream(args: argparse.Namespace) -> Any:
-    from .fleet import open_upstream
-    from .transport import set_net_timeout
+    from reconciler.git.transport import set_net_timeout
+    from reconciler.ops.fleet import open_upstream
 
     config = _config(args)
     set_net_timeout(config.net_timeout)  # a hung server must not hang an operator's shell
@@ -70,8 +70,8 @@ def _now() -> dt.datetime:
 
 def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler fleet [NODE|META]``: one row per node from the report branches."""
-    from .config import parse_duration
-    from .fleet import (
+    from reconciler.config import parse_duration
+    from reconciler.ops.fleet import (
         default_stale_after,
         fetch_upstream,
         fleet_rows,
@@ -99,8 +99,8 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.format == "json":
         text = json.dumps({"nodes": [r.as_json() for r in rows]}, indent=2) + "\n"
     elif args.format == "html":
-        from .history import drift_diffs
-        from .page import fleet_page
+        from reconciler.ops.history import drift_diffs
+        from reconciler.ops.page import fleet_page
 
         drift = {
             r.node: drift_diffs(up, r.report_commit, read_report(up.repo, r.report_commit))
@@ -119,7 +119,7 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         text = format_table(rows)
     if args.out:
-        from .system import atomic_write
+        from reconciler.host.system import atomic_write
 
         atomic_write(Path(args.out), text.encode("utf-8"), mode=0o644)
         err.write(f"wrote {args.out}: {summary(rows)}\n")
@@ -133,8 +133,8 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_log(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler log NODE``: the node's report commits, newest first."""
-    from .fleet import fetch_upstream
-    from .history import format_log, report_log
+    from reconciler.ops.fleet import fetch_upstream
+    from reconciler.ops.history import format_log, report_log
 
     up = _upstream(args)
     fetch_upstream(up)
@@ -148,8 +148,8 @@ def cmd_log(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler show NODE [RUN]``: one report and its drift diffs (desired → host)."""
-    from .fleet import fetch_upstream, read_report
-    from .history import drift_diffs, find_report, format_report
+    from reconciler.ops.fleet import fetch_upstream, read_report
+    from reconciler.ops.history import drift_diffs, find_report, format_report
 
     up = _upstream(args)
     fetch_upstream(up)
@@ -226,7 +226,7 @@ def _with_message(editor: Any, message: str | None) -> Any:
 
 def cmd_push(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler push NODE STATE``: set ``state:`` in hosts/NODE.yaml, commit, push."""
-    from .change import commit_and_push, state_checker, state_editor
+    from reconciler.ops.change import commit_and_push, state_checker, state_editor
 
     up = _upstream(args)
     result = commit_and_push(
@@ -241,7 +241,7 @@ def cmd_push(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_suspend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler suspend NODE --reason R [--until T]``: commit ``suspended:`` (SPEC §4)."""
-    from .change import commit_and_push, load_checker, parse_until, suspend_editor
+    from reconciler.ops.change import commit_and_push, load_checker, parse_until, suspend_editor
 
     until = parse_until(args.until, _now()) if args.until else None
     up = _upstream(args)
@@ -257,7 +257,7 @@ def cmd_suspend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler resume NODE``: remove ``suspended:`` from hosts/NODE.yaml."""
-    from .change import commit_and_push, load_checker, resume_editor
+    from reconciler.ops.change import commit_and_push, load_checker, resume_editor
 
     up = _upstream(args)
     result = commit_and_push(
@@ -272,7 +272,7 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler adopt NODE PATH``: a captured drifted file onto a review branch."""
-    from .change import adopt
+    from reconciler.ops.change import adopt
 
     up = _upstream(args)
     a = adopt(up, args.target, args.path, run=args.run, push=not args.no_push)
@@ -385,9 +385,9 @@ def cmd_trigger(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     Host address: the node's ``vars.ssh_host``, else the node name. One line
     per host as it finishes, then a summary; exit 1 if any host failed.
     """
-    from .config import parse_duration
-    from .fleet import fetch_upstream
-    from .inventory import effective_node, load_inventory
+    from reconciler.config import parse_duration
+    from reconciler.ops.fleet import fetch_upstream
+    from reconciler.pipeline.inventory import effective_node, load_inventory
 
     ssh = shutil.which("ssh")
     if ssh is None:
@@ -470,9 +470,9 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """
     import pygit2
 
-    from .change import impact, resolve_range
-    from .facts import gather_facts
-    from .source import DirSnapshot, GitSnapshot, SourceInfo
+    from reconciler.git.source import DirSnapshot, GitSnapshot, SourceInfo
+    from reconciler.ops.change import impact, resolve_range
+    from reconciler.pipeline.facts import gather_facts
 
     where = Path(args.repo or ".")
     found = pygit2.discover_repository(str(where))

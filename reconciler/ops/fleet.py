@@ -5,7 +5,7 @@ branch (``refs/heads/reports/*``, SPEC §5) into a cache bare repository —
 ``--state-dir`` when given, else ``~/.cache/reconciler/<sha256 of the URL>``
 — and produces one :class:`FleetRow` per node for ``reconciler fleet``
 (SPEC §3; JSON shape of SPEC §6). Nothing here writes to the remote; the
-commands that do (push, suspend, adopt) live in :mod:`reconciler.change`.
+commands that do (push, suspend, adopt) live in :mod:`reconciler.ops.change`.
 
 A node's last report is the tip of its report branch. Quiet runs make no
 report commit (SPEC §5), so the age of the tip is the time since the last
@@ -28,10 +28,10 @@ from typing import Any
 
 import pygit2
 
-from .config import AuthConfig
-from .errors import InventoryError, ReconcilerError, SourceError, UsageError
-from .inventory import Inventory, effective_node, load_inventory
-from .source import GitSnapshot, SourceInfo, remote_url
+from reconciler.config import AuthConfig
+from reconciler.errors import InventoryError, ReconcilerError, SourceError, UsageError
+from reconciler.git.source import GitSnapshot, SourceInfo, remote_url
+from reconciler.pipeline.inventory import Inventory, effective_node, load_inventory
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,12 @@ def cache_path(url: str, state_dir: str | None) -> Path:
 def remote_callbacks(url: str, auth: AuthConfig) -> pygit2.RemoteCallbacks | None:
     """Credentials and host-key pinning for an operator's fetch and push.
 
-    The agent's rules (:func:`reconciler.transport.callbacks_for`), with an
+    The agent's rules (:func:`reconciler.git.transport.callbacks_for`), with an
     operator's defaults: for SSH without ``auth.ssh_key`` the key comes from
     ssh-agent, and host keys are checked against ``~/.ssh/known_hosts``
     unless ``auth.known_hosts`` names another file.
     """
-    from .transport import (
+    from reconciler.git.transport import (
         Callbacks,
         callbacks_for,
         install_hostkey_check,

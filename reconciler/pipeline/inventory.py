@@ -1,6 +1,6 @@
 """Load stage: ``hosts/*.yaml`` of a Snapshot → Inventory → effective Node.
 
-Takes a :class:`~reconciler.source.Snapshot`; produces an :class:`Inventory`
+Takes a :class:`~reconciler.git.source.Snapshot`; produces an :class:`Inventory`
 (every host file parsed and checked against ``repo-layout/schemas``) and,
 for one node name, the effective :class:`Node` by the merge rules of SPEC §1:
 ``_defaults``, then every meta-node containing the node in topological order
@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from .errors import InventoryError
-from .source import Snapshot
+from reconciler.errors import InventoryError
+from reconciler.git.source import Snapshot
 
 DEFAULTS = "_defaults"
 DEFAULT_STATE = "default"

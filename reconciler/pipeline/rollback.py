@@ -22,17 +22,17 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import ApplyError, UsageError
-from .journal import (
+from reconciler.errors import ApplyError, UsageError
+from reconciler.host.state import LocalState, ManagedFile, load_state, save_state
+from reconciler.host.system import RealSystem, atomic_write
+from reconciler.pipeline.journal import (
     MANIFEST,
     JournalEntry,
     Manifest,
     backups_dir,
     restore_entry,
 )
-from .scan import file_sha256, host_path, scan
-from .state import LocalState, ManagedFile, load_state, save_state
-from .system import RealSystem, atomic_write
+from reconciler.pipeline.scan import file_sha256, host_path, scan
 
 HOLD = "hold.json"
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from .errors import InventoryError
-from .render import TargetFile, TargetState
-from .scan import ActualFile
-from .state import LocalState, ManagedFile
+from reconciler.errors import InventoryError
+from reconciler.host.state import LocalState, ManagedFile
+from reconciler.pipeline.render import TargetFile, TargetState
+from reconciler.pipeline.scan import ActualFile
 
 ACTIONS = ("create", "update", "delete", "chmod", "chown")
 

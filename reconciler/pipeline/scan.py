@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from .state import ManagedFile
+from reconciler.host.state import ManagedFile
 
 KINDS = ("missing", "file", "symlink", "dir", "other", "unsafe")
 

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import pygit2
 
-from .errors import ConfigError, SourceError, UntrustedCommitError
+from reconciler.errors import ConfigError, SourceError, UntrustedCommitError
 
 log = logging.getLogger(__name__)
 

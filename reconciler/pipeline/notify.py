@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import ReportConfig
-from .system import atomic_write
+from reconciler.config import ReportConfig
+from reconciler.host.system import atomic_write
 
 log = logging.getLogger(__name__)
 

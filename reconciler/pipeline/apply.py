@@ -1,7 +1,7 @@
 """Apply stage: a Plan and the app scripts, executed through a System (SPEC §4 step 6).
 
 Takes the Plan, the TargetState, the ActualState, the previous LocalState and
-a :class:`~reconciler.system.System`; produces an ApplyResult: which changes
+a :class:`~reconciler.host.system.System`; produces an ApplyResult: which changes
 were applied, the script runs, errors, and the new LocalState records.
 
 Order, app by app in node order: pre scripts (only if the app has changes to
@@ -23,13 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .journal import Journal, backup_file, backups_dir, restore_entry
-from .plan import Change, Plan
-from .render import AppSettings, TargetFile, TargetState
-from .scan import ActualFile, host_path
-from .source import GIT_FILEMODE_EXEC, Snapshot
-from .state import LocalState, ManagedFile
-from .system import ScriptRun, System
+from reconciler.git.source import GIT_FILEMODE_EXEC, Snapshot
+from reconciler.host.state import LocalState, ManagedFile
+from reconciler.host.system import ScriptRun, System
+from reconciler.pipeline.journal import Journal, backup_file, backups_dir, restore_entry
+from reconciler.pipeline.plan import Change, Plan
+from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
+from reconciler.pipeline.scan import ActualFile, host_path
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _prune_dirs(
 
 def _record(path: Path, target: TargetFile) -> ManagedFile:
     """What reconciler just wrote at ``path``: target hash plus the file's stat."""
-    from .plan import sha256
+    from reconciler.pipeline.plan import sha256
 
     recorded_ns = time.time_ns()
     st = os.lstat(path)
@@ -371,7 +371,7 @@ def _new_records(
     A path whose drift was left alone (audit, ignore-drift, failure) keeps
     its previous record, so the drift is still drift next time.
     """
-    from .plan import sha256
+    from reconciler.pipeline.plan import sha256
 
     planned = {c.path: c for c in plan.changes}
     excluded = set(plan.excluded)

@@ -1,6 +1,6 @@
 """Render stage: a Node and a Snapshot → TargetState (SPEC §1).
 
-Takes the effective :class:`~reconciler.inventory.Node`, the snapshot it came
+Takes the effective :class:`~reconciler.pipeline.inventory.Node`, the snapshot it came
 from, facts and source info; produces a :class:`TargetState`: every
 destination path of the node with its content, mode, owner, group, policy and
 secrecy. ``templates/<app>/default/**`` is overlaid by
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import InventoryError, PathError, RenderError
-from .inventory import DEFAULT_STATE, Node, load_app_config
-from .source import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
+from reconciler.errors import InventoryError, PathError, RenderError
+from reconciler.git.source import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
+from reconciler.pipeline.inventory import DEFAULT_STATE, Node, load_app_config
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def _render_keys(
     ``source`` (the commit) changes with every commit: it is part of a key only
     for templates that mention it, or every commit would render everything.
     """
-    from . import __version__
+    from reconciler import __version__
 
     rest = {k: v for k, v in context.items() if k != "source"}
     base = hashlib.sha256(

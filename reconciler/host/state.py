@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import SourceError
-from .system import atomic_write
+from reconciler.errors import SourceError
+from reconciler.host.system import atomic_write
 
 STATE_VERSION = 1
 RACY_WINDOW_NS = 100_000_000  # 100 ms: above the kernel's coarse clock tick

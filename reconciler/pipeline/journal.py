@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import ApplyError
-from .scan import ActualFile, file_sha256, host_path, unsafe_parent
-from .state import LocalState, ManagedFile, save_state
-from .system import System, atomic_write, fsync_dir
+from reconciler.errors import ApplyError
+from reconciler.host.state import LocalState, ManagedFile, save_state
+from reconciler.host.system import System, atomic_write, fsync_dir
+from reconciler.pipeline.scan import ActualFile, file_sha256, host_path, unsafe_parent
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def make_entries(
     root: Path,
 ) -> tuple[JournalEntry, ...]:
     """One JournalEntry per change to apply (``changes``: plan Changes)."""
-    from .plan import sha256
+    from reconciler.pipeline.plan import sha256
 
     out = []
     for c in changes:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pygit2
 
-from .config import VerifyConfig
-from .errors import UntrustedCommitError
+from reconciler.config import VerifyConfig
+from reconciler.errors import UntrustedCommitError
 
 SSH_ARMOR = b"-----BEGIN SSH SIGNATURE-----"
 PGP_ARMOR = b"-----BEGIN PGP SIGNATURE-----"

@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 
 import pygit2
 
-from .config import AuthConfig
-from .errors import ConfigError, SourceError
+from reconciler.config import AuthConfig
+from reconciler.errors import ConfigError, SourceError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from . import __version__
-from .errors import ReconcilerError, UsageError
+from reconciler import __version__
+from reconciler.errors import ReconcilerError, UsageError
 
 log = logging.getLogger("reconciler")
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-hold", dest="hold", action="store_false", help="let the next run re-apply at once"
     )
 
-    from .operate import add_commands
+    from reconciler.cli.operators import add_commands
 
     COMMANDS.update(add_commands(sub, common))
     return parser
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The agent configuration: file, then the flags (SPEC §2). Raises ConfigError."""
-    from .config import SCALAR_KEYS, load_config
+    from reconciler.config import SCALAR_KEYS, load_config
 
     overrides = {k: getattr(args, k, None) for k in SCALAR_KEYS}
     return load_config(args.config, overrides)
@@ -175,7 +175,7 @@ def _print_run(outcome: Any, out: TextIO) -> None:
 
 
 def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .agent import RunOptions, reconcile_once
+    from reconciler.pipeline.run import RunOptions, reconcile_once
 
     config = _config(args)
     options = RunOptions(
@@ -197,11 +197,11 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .agent import RunOptions, reconcile_once
-    from .history import file_diff
-    from .plan import is_secret
-    from .scan import host_path
-    from .state import load_state
+    from reconciler.host.state import load_state
+    from reconciler.ops.history import file_diff
+    from reconciler.pipeline.plan import is_secret
+    from reconciler.pipeline.run import RunOptions, reconcile_once
+    from reconciler.pipeline.scan import host_path
 
     config = _config(args)
     outcome = reconcile_once(config, RunOptions(dry_run=True, state=args.state))
@@ -237,7 +237,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _tree(args: argparse.Namespace) -> Any:
-    from .source import DirSnapshot
+    from reconciler.git.source import DirSnapshot
 
     path = Path(args.repo or ".")
     if not path.is_dir():
@@ -246,10 +246,10 @@ def _tree(args: argparse.Namespace) -> Any:
 
 
 def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .facts import gather_facts
-    from .inventory import effective_node, load_inventory
-    from .render import render_target
-    from .system import atomic_write
+    from reconciler.host.system import atomic_write
+    from reconciler.pipeline.facts import gather_facts
+    from reconciler.pipeline.inventory import effective_node, load_inventory
+    from reconciler.pipeline.render import render_target
 
     snapshot = _tree(args)
     name = args.node_name or args.node or _config(args).node
@@ -291,14 +291,14 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Check a working tree: every host-file problem and every render error at once.
 
-    Host files are checked first (:func:`~reconciler.inventory.check_hosts`);
+    Host files are checked first (:func:`~reconciler.pipeline.inventory.check_hosts`);
     then every node whose own file, meta-nodes and ``_defaults`` are valid is
     rendered, so an invalid file elsewhere does not hide a broken template.
     Exit 1 when anything is wrong (SPEC §3, §6).
     """
-    from .facts import gather_facts
-    from .inventory import check_hosts, effective_node
-    from .render import render_target
+    from reconciler.pipeline.facts import gather_facts
+    from reconciler.pipeline.inventory import check_hosts, effective_node
+    from reconciler.pipeline.render import render_target
 
     snapshot = _tree(args)
     check = check_hosts(snapshot)
@@ -329,7 +329,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .inventory import load_inventory
+    from reconciler.pipeline.inventory import load_inventory
 
     snapshot = _tree(args)
     inventory = load_inventory(snapshot)
@@ -355,8 +355,8 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .report import read_last_run
-    from .service import agent_running, read_agent_file
+    from reconciler.host.agent import agent_running, read_agent_file
+    from reconciler.report import read_last_run
 
     config = _config(args)
     last = read_last_run(Path(config.state_dir))
@@ -405,7 +405,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .service import Agent
+    from reconciler.host.agent import Agent
 
     agent = Agent(lambda: _config(args))
     if not agent.config.repo:
@@ -419,7 +419,7 @@ def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
     import shutil
     from importlib import resources
 
-    from .system import atomic_write
+    from reconciler.host.system import atomic_write
 
     exe = shutil.which("reconciler") or f"{sys.executable} -m reconciler"
     # Flags come after the subcommand (SPEC §6): appended to each ExecStart line.
@@ -442,7 +442,7 @@ def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
 
 
 def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .rollback import list_backups, read_hold
+    from reconciler.pipeline.rollback import list_backups, read_hold
 
     config = _config(args)
     state_dir = Path(config.state_dir)
@@ -470,7 +470,7 @@ def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .agent import rollback_once
+    from reconciler.pipeline.run import rollback_once
 
     config = _config(args)
     outcome = rollback_once(config, args.run_id, hold=args.hold)

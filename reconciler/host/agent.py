@@ -29,10 +29,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .agent import RunOptions, reconcile_once
-from .config import AgentConfig
-from .errors import ConfigError, ReconcilerError
-from .system import atomic_write
+from reconciler.config import AgentConfig
+from reconciler.errors import ConfigError, ReconcilerError
+from reconciler.host.system import atomic_write
+from reconciler.pipeline.run import RunOptions, reconcile_once
 
 log = logging.getLogger(__name__)
 

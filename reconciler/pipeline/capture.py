@@ -1,0 +1,43 @@
+"""Drift captures: what a drifted file held before the run repaired it (SPEC §5).
+
+Record stage input. Takes the Plan, the TargetState and the ActualState;
+produces the bytes committed beside the report, never a secret's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from reconciler.host.state import LocalState
+from reconciler.pipeline.scan import ActualFile, host_path
+
+if TYPE_CHECKING:
+    from reconciler.pipeline.plan import Plan
+    from reconciler.pipeline.render import TargetState
+
+
+def drift_captures(
+    plan: Plan,
+    target: TargetState,
+    previous: LocalState,
+    actual: Mapping[PurePosixPath, ActualFile],
+    root: Path,
+) -> dict[PurePosixPath, bytes]:
+    """Content of each drifted regular file as found, before repair; never secrets (SPEC §5)."""
+    from reconciler.pipeline.plan import is_secret
+
+    out: dict[PurePosixPath, bytes] = {}
+    for item in plan.drift:
+        if item.kind not in ("content", "mode", "owner") or item.path in out:
+            continue
+        if is_secret(item.path, target, previous.managed):
+            continue
+        if actual[item.path].kind != "file":
+            continue
+        try:
+            out[item.path] = host_path(root, item.path).read_bytes()
+        except OSError:
+            continue
+    return out

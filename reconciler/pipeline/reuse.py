@@ -1,0 +1,96 @@
+"""Work a run can skip: the no-op short cut and render reuse (SPEC §7).
+
+Prepare stage. Takes the last run's LocalState and the disk; says whether
+nothing can have changed (``unchanged``), and hands the render stage the
+bytes it wrote last time for a template whose render key is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from reconciler import __version__
+from reconciler.config import AgentConfig
+from reconciler.host.state import LocalState
+
+if TYPE_CHECKING:
+    from reconciler.pipeline.run import RunOptions
+
+
+def run_fingerprint(
+    config: AgentConfig, options: RunOptions, facts: Mapping[str, Any], exclude_lines: list[str]
+) -> str:
+    """Everything besides the commit and the disk that a run's target depends on."""
+    data = {
+        "node": config.node,
+        "state": options.state,
+        "mode": config.mode,
+        "root": config.root,
+        "exclude": exclude_lines,
+        "facts": facts,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def written_output(
+    root: Path, previous: LocalState, dest: PurePosixPath, render_key: str
+) -> bytes | None:
+    """What this host last wrote at ``dest`` for ``render_key``, if it is still intact.
+
+    The render stage's reuse hook (render.render_target): a template whose key
+    matches the record is not rendered again when the file is a regular file
+    whose bytes hash to the recorded sha256 — checked on the bytes read, not
+    by stat signature, so neither drift nor a racily-clean record can pass.
+    """
+    record = previous.managed.get(str(dest))
+    if record is None or record.render_key != render_key:
+        return None
+    path = os.fspath(root).rstrip("/") + str(dest)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None  # missing, a symlink (ELOOP), unreadable
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a directory or a device where the file should be
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    return data if hashlib.sha256(data).hexdigest() == record.sha256 else None
+
+
+def unchanged(root: Path, previous: LocalState) -> bool:
+    """True when every managed path still has the settled stat signature we recorded.
+
+    Plain string joins, not pathlib: this loop is the whole cost of a no-op
+    run (SPEC §7), and a PurePosixPath per managed file doubled it. Keys are
+    normalised absolute destination paths (checked when they were rendered).
+    """
+    base = os.fspath(root).rstrip("/")
+    for key, record in previous.managed.items():
+        if not record.settled():
+            return False
+        try:
+            st = os.lstat(base + key)
+        except OSError:
+            return False
+        if (
+            (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != record.signature()
+            or st.st_mode & 0o7777 != record.mode
+            or st.st_uid != record.uid
+            or st.st_gid != record.gid
+        ):
+            return False
+    return True
