@@ -25,7 +25,7 @@ from reconciler.ops.fleet import (
     select_nodes,
     summary,
 )
-from reconciler.ops.history import file_diff
+from reconciler.ops.history import DriftDiff, file_diff
 from reconciler.ops.page import fleet_page
 
 HOSTS = Path(__file__).resolve().parents[2] / "hosts"
@@ -231,6 +231,32 @@ def test_the_page_escapes_everything_that_comes_from_reports():
     assert evil not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert page.count("<script>") == 1  # only the page's own
+
+
+def test_the_page_escapes_node_names_drift_diffs_and_errors_in_text_and_attributes():
+    evil = """<script>alert("x")</script>' onload='y"""
+    node = f'web1" data-x="{evil}'
+    diff = f"--- desired/etc/{evil}\n+++ host/etc/motd\n@@ -1 +1 @@\n-{evil}\n+{evil}\n {evil}\n"
+    page = fleet_page(
+        [row(node, "failed", errors=(evil,), drifted=1, last_run=evil)],
+        meta_nodes={evil: [node]},
+        drift={node: [DriftDiff(path=f"/etc/{evil}", kinds=(evil,), diff=diff, note=evil)]},
+        title="Fleet",
+        subtitle="",
+    )
+    assert "<script>alert" not in page and "' onload='" not in page
+    assert page.count("<script>") == 1  # only the page's own
+    assert '"x"' not in page and 'web1"' not in page  # no quote ends an attribute early
+    escaped = "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&#39; onload=&#39;y"
+    assert f'data-node="web1&#34; data-x=&#34;{escaped}"' in page
+    assert f'<section id="drift-web1&#34; data-x=&#34;{escaped}"' in page
+    assert (
+        f'<span class="del">-{escaped}</span><span class="add">+{escaped}</span> {escaped}\n'
+        in page
+    )
+    assert f'<div class="err">{escaped}</div>' in page
+    assert f'<div class="note">{escaped}</div>' in page
+    assert f'<option value="{escaped}">{escaped} (1)</option>' in page
 
 
 def test_ssh_argv_never_prompts_and_ends_options_before_the_host():
