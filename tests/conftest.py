@@ -50,6 +50,76 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# ------------------------------------------------------------ tool markers
+
+# Marker → the programs it needs, each as (candidate paths or names, Debian
+# package). Markers are declared in pyproject.toml; a laptop deselects with
+# -m "not sshd and not chromium". A marked test whose program is missing
+# FAILS with one line saying what to install — in CI (CI=true) and by
+# default alike: a skip would let a machine without the tool pass.
+TOOLS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
+    "sshd": ((("/usr/sbin/sshd",), "openssh-server"),),
+    "gitolite": ((("gitolite",), "gitolite3"), (("/usr/sbin/sshd",), "openssh-server")),
+    "nginx": ((("/usr/sbin/nginx",), "nginx-light"), (("/usr/sbin/fcgiwrap",), "fcgiwrap")),
+    "chromium": ((("chromium", "chromium-browser"), "chromium"),),
+    "gpg": ((("gpg",), "gnupg"),),
+    "strace": ((("strace",), "strace"),),
+    "systemd_analyze": ((("systemd-analyze", "/usr/bin/systemd-analyze"), "systemd"),),
+}
+
+# Fixtures that start a tool: a test using one must carry the marker, or a
+# laptop's -m "not sshd" would still run it (checked at collection).
+FIXTURE_MARKERS = {
+    "ssh_server": ("sshd", "root"),
+    "ssh_fleet": ("sshd", "root"),
+    "gitolite_server": ("gitolite", "sshd", "root"),
+    "gitolite_fleet": ("gitolite", "sshd", "root"),
+    "https_server": ("nginx",),
+    "https_fleet": ("nginx",),
+    "gnupg": ("gpg",),
+}
+
+
+def _installed(candidates: tuple[str, ...]) -> bool:
+    for name in candidates:
+        path = name if os.path.isabs(name) else shutil.which(name)
+        if path and os.access(path, os.X_OK):
+            return True
+    return False
+
+
+def missing_tool(markers: list[str], euid: int) -> str | None:
+    """What the first unmet marker needs, as one line; None when all are met."""
+    for marker in markers:
+        if marker == "root" and euid != 0:
+            return "needs root (CI runs as root) — run as root, or deselect with -m 'not root'"
+        for candidates, package in TOOLS.get(marker, ()):
+            if not _installed(candidates):
+                return (
+                    f"{candidates[0]} not found — apt-get install -y {package}, "
+                    f"or deselect with -m 'not {marker}'"
+                )
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = []
+    for item in items:
+        have = {m.name for m in item.iter_markers()}
+        for fixture in getattr(item, "fixturenames", ()):
+            lacking = [m for m in FIXTURE_MARKERS.get(fixture, ()) if m not in have]
+            if lacking:
+                unmarked.append(f"{item.nodeid} uses {fixture}: mark it {', '.join(lacking)}")
+    if unmarked:
+        raise pytest.UsageError("tests without their tool marker:\n" + "\n".join(unmarked))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    problem = missing_tool([m.name for m in item.iter_markers()], os.geteuid())
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+
+
 @dataclass
 class GitDaemon:
     """A running `git daemon --enable=receive-pack` serving ``base``."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Host, git
 from tests.integration._helpers import pull_report
 from tests.integration.servers import (  # noqa: F401 (fixtures)
@@ -19,6 +21,8 @@ from tests.integration.servers import (  # noqa: F401 (fixtures)
     gitolite_server_fixture,
     write_config,
 )
+
+pytestmark = [pytest.mark.gitolite, pytest.mark.sshd, pytest.mark.root]
 
 
 def configure(host: Host, server: GitoliteServer, key: str) -> str:

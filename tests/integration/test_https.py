@@ -54,6 +54,7 @@ def assert_no_token(token: str, *procs: subprocess.CompletedProcess[str]) -> Non
         assert token not in proc.stderr, "token on stderr"
 
 
+@pytest.mark.nginx
 def test_pull_over_https_applies_pushes_the_report_and_never_shows_the_token(
     https_fleet: ServerFleet, https_server: HttpsGitServer, make_host
 ):
@@ -91,6 +92,7 @@ def test_pull_over_https_applies_pushes_the_report_and_never_shows_the_token(
     assert token.encode() not in all_objects_text(https_fleet.bare)
 
 
+@pytest.mark.nginx
 def test_server_certificate_from_an_unknown_ca_is_refused_without_ca_file(
     https_fleet: ServerFleet, https_server: HttpsGitServer, make_host
 ):
@@ -108,6 +110,7 @@ def test_server_certificate_from_an_unknown_ca_is_refused_without_ca_file(
     assert "ca_file" in proc.stderr, proc.stderr
 
 
+@pytest.mark.nginx
 def test_wrong_token_is_refused_by_the_server_and_nothing_is_applied(
     https_fleet: ServerFleet, https_server: HttpsGitServer, make_host
 ):

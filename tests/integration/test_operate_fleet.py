@@ -370,6 +370,7 @@ def visible_rows(dom: str) -> list[str]:
     ]
 
 
+@pytest.mark.chromium
 def test_fleet_page_in_headless_chromium_shows_the_rows_and_filters(scene, tmp_path):
     page = tmp_path / "fleet.html"
     result = scene.op("fleet", "--format", "html", "--out", str(page))

@@ -212,6 +212,7 @@ def test_post_always_runs_without_changes_make_no_new_report_commit(fleet, make_
     assert len(fleet.report_log("web1")) == len(log_after_converge) + 1
 
 
+@pytest.mark.strace
 def test_report_commits_and_refs_of_the_state_repo_are_fsynced(make_host, tmp_path):
     # The local report branch is the queue of unpushed reports: after a power
     # loss it must not point at objects that never reached the disk. libgit2

@@ -311,6 +311,7 @@ def gnupg() -> Iterator[tuple[dict[str, str], str]]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.mark.gpg
 def test_openpgp_signed_commit_is_applied_and_unsigned_refused(fleet, make_host, gnupg, tmp_path):
     env, fpr = gnupg
     keyring = gpg_keyring(env, fpr, tmp_path / "trusted.gpg")
@@ -329,6 +330,7 @@ def test_openpgp_signed_commit_is_applied_and_unsigned_refused(fleet, make_host,
     assert refused["applied_commit"] == signed and release_on(host) == "1"
 
 
+@pytest.mark.gpg
 def test_openpgp_commit_by_a_key_outside_the_keyring_is_refused_and_a_trusted_one_applied(
     fleet, make_host, gnupg, tmp_path
 ):

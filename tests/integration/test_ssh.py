@@ -12,6 +12,8 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Host, tree_snapshot
 from tests.integration._helpers import assert_clean_error, drift_kinds, pull_report
 from tests.integration.servers import (  # noqa: F401 (fixtures)
@@ -22,6 +24,8 @@ from tests.integration.servers import (  # noqa: F401 (fixtures)
     ssh_server_fixture,
     write_config,
 )
+
+pytestmark = [pytest.mark.sshd, pytest.mark.root]
 
 
 def configure(

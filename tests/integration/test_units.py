@@ -64,6 +64,7 @@ def exec_start(path: Path) -> list[str]:
     return shlex.split(command)
 
 
+@pytest.mark.systemd_analyze
 def test_install_units_writes_units_that_systemd_analyze_verifies(tmp_path):
     dest = tmp_path / "units"
     install_units(dest)
