@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -214,68 +214,84 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
     return error
 
 
-def label_value(value: str) -> str:
-    """A Prometheus label value, quoted: ``\\``, ``"`` and newlines escaped.
-
-    The text exposition format allows those three escapes in label values and
-    nothing else; a branch or node name holding one must not break the file
-    (node_exporter drops a textfile it cannot parse, with every metric in it).
-    """
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
-
-
 def metrics_text(
     report: Mapping[str, Any], *, duration_s: float, last_success: float | None, queued: int
 ) -> str:
-    """The Prometheus text exposition of one run (node_exporter textfile collector)."""
-    labels = f"node={label_value(report['node'])}"
+    """The Prometheus text exposition of one run (node_exporter textfile collector).
+
+    Gauges, all labelled ``node``: ``reconciler_last_run_timestamp_seconds``,
+    ``…_last_success_timestamp_seconds`` (0 before the first success),
+    ``…_run_duration_seconds``, ``…_changed_files``, ``…_drifted_files``,
+    ``…_report_queue_length``, ``reconciler_run_result{result}`` (1 for the
+    run's result, 0 for the others) and ``reconciler_source_info{commit,
+    branch}`` (always 1); timestamps are Unix seconds (SPEC §2 ``metrics``).
+
+    Formatted by prometheus_client (the format's owner: label escaping, HELP
+    escaping, float spelling), imported here and only here: a host without a
+    textfile never pays its import (~65 ms, ~12 MiB; the package imports its
+    HTTP server with it). The values are exported as metric families of a
+    one-off collector, not as live Gauge objects: they are facts about a run
+    that ended, and a Gauge would follow PROMETHEUS_MULTIPROC_DIR into mmap
+    files if the environment happened to set it.
+    """
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    node = str(report["node"])
     source = report["source"]
-    finished = _epoch(report["finished_at"])
-    lines = [
-        ("reconciler_last_run_timestamp_seconds", "gauge", "End of the last run.", finished),
-        (
-            "reconciler_last_success_timestamp_seconds",
-            "gauge",
-            "End of the last run whose result was not failed.",
-            last_success if last_success is not None else 0,
-        ),
-        ("reconciler_run_duration_seconds", "gauge", "Duration of the last run.", duration_s),
-        (
-            "reconciler_changed_files",
-            "gauge",
-            "Changes applied by the last run.",
-            sum(1 for c in report["changes"] if c["applied"]),
-        ),
-        (
-            "reconciler_drifted_files",
-            "gauge",
-            "Paths found drifted by the last run.",
-            len({d["path"] for d in report["drift"]}),
-        ),
-        ("reconciler_report_queue_length", "gauge", "Report commits not yet pushed.", queued),
-    ]
-    out = []
-    for name, kind, help_text, value in lines:
-        out += [
-            f"# HELP {name} {help_text}",
-            f"# TYPE {name} {kind}",
-            f"{name}{{{labels}}} {value}",
-        ]
-    out += [
-        "# HELP reconciler_run_result Result of the last run (1 for the result it had).",
-        "# TYPE reconciler_run_result gauge",
-        *(
-            f"reconciler_run_result{{{labels},result={label_value(r)}}} "
-            f"{int(report['result'] == r)}"
-            for r in RESULTS
-        ),
-        "# HELP reconciler_source_info The commit and branch of the last run.",
-        "# TYPE reconciler_source_info gauge",
-        f"reconciler_source_info{{{labels},commit={label_value(source['commit'] or '')},"
-        f"branch={label_value(source['branch'])}}} 1",
-    ]
-    return "\n".join(out) + "\n"
+    families: list[GaugeMetricFamily] = []
+
+    def gauge(name: str, help_text: str, value: float) -> None:
+        family = GaugeMetricFamily(name, help_text, labels=["node"])
+        family.add_metric([node], value)
+        families.append(family)
+
+    gauge(
+        "reconciler_last_run_timestamp_seconds",
+        "End of the last run.",
+        _epoch(report["finished_at"]),
+    )
+    gauge(
+        "reconciler_last_success_timestamp_seconds",
+        "End of the last run whose result was not failed.",
+        last_success if last_success is not None else 0,
+    )
+    gauge("reconciler_run_duration_seconds", "Duration of the last run.", duration_s)
+    gauge(
+        "reconciler_changed_files",
+        "Changes applied by the last run.",
+        sum(1 for c in report["changes"] if c["applied"]),
+    )
+    gauge(
+        "reconciler_drifted_files",
+        "Paths found drifted by the last run.",
+        len({d["path"] for d in report["drift"]}),
+    )
+    gauge("reconciler_report_queue_length", "Report commits not yet pushed.", queued)
+    result = GaugeMetricFamily(
+        "reconciler_run_result",
+        "Result of the last run (1 for the result it had).",
+        labels=["node", "result"],
+    )
+    for name in RESULTS:
+        result.add_metric([node, name], int(report["result"] == name))
+    families.append(result)
+    info = GaugeMetricFamily(
+        "reconciler_source_info",
+        "The commit and branch of the last run.",
+        labels=["node", "commit", "branch"],
+    )
+    info.add_metric([node, source["commit"] or "", source["branch"]], 1)
+    families.append(info)
+
+    class Run(Collector):
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            return iter(families)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Run())
+    return generate_latest(registry).decode("utf-8")
 
 
 def _epoch(iso: str) -> float:
@@ -284,10 +300,23 @@ def _epoch(iso: str) -> float:
     return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def write_metrics(path: str | None, text: str) -> None:
-    """Write the textfile atomically (the collector must never read half a file)."""
+def write_metrics(
+    path: str | None,
+    report: Mapping[str, Any],
+    *,
+    duration_s: float,
+    last_success: float | None,
+    queued: int,
+) -> None:
+    """Write :func:`metrics_text` to the textfile ``path`` atomically; nothing when ``path`` is unset.
+
+    The collector must never read half a file, so the text goes through
+    :func:`atomic_write` (mode 0644). An unwritable file is logged and
+    swallowed: metrics never fail a run (SPEC §2 ``metrics``).
+    """
     if not path:
-        return
+        return  # before metrics_text: a host without a textfile never imports prometheus_client
+    text = metrics_text(report, duration_s=duration_s, last_success=last_success, queued=queued)
     try:
         atomic_write(Path(path), text.encode(), mode=0o644)
     except OSError as exc:

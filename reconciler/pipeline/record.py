@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.config import AgentConfig
 from reconciler.errors import ReconcilerError
 from reconciler.git.source import push_ref, pushed_report_ref, report_ref
-from reconciler.pipeline.notify import metrics_text, ping, send_webhook, write_metrics
+from reconciler.pipeline.notify import ping, send_webhook, write_metrics
 from reconciler.report import write_last_run
 
 if TYPE_CHECKING:
@@ -59,7 +59,10 @@ def after_run(
     )
     write_metrics(
         config.metrics.textfile,
-        metrics_text(report, duration_s=duration_s, last_success=last_success, queued=queued),
+        report,
+        duration_s=duration_s,
+        last_success=last_success,
+        queued=queued,
     )
     ping(config.report.ping_url, "fail" if report["result"] == "failed" else "success")
 

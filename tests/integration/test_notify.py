@@ -496,6 +496,29 @@ def test_metrics_textfile_describes_the_last_run_and_keeps_the_last_success(
     assert sorted(p.name for p in textfile.parent.iterdir()) == ["reconciler.prom"]
 
 
+def imported_modules(host, *args: str) -> set[str]:
+    """Top-level packages a ``reconciler pull`` imported (PYTHONPROFILEIMPORTTIME's report)."""
+    env = {**reconciler_env(), "PYTHONPROFILEIMPORTTIME": "1"}
+    proc = subprocess.run(
+        host_argv(host, "pull", *args), capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines}
+
+
+def test_only_a_host_with_a_metrics_textfile_imports_prometheus_client(fleet, make_host, tmp_path):
+    host = make_host("web1")
+    run(host)  # the first run applies; the runs below are no-ops
+    textfile = tmp_path / "reconciler.prom"
+    cfg = write_config(tmp_path / "metrics.yaml", metrics={"textfile": str(textfile)})
+
+    assert "prometheus_client" not in imported_modules(host)  # ~65 ms a run, for nothing
+    assert not textfile.exists()
+    assert "prometheus_client" in imported_modules(host, "--config", str(cfg))
+    assert gauge(read_metrics(textfile), "reconciler_changed_files") == 0
+
+
 # ------------------------------------------------------------------ --log-format json
 
 

@@ -1,11 +1,15 @@
-"""notify.metrics_text: label values that need escaping still parse (issue #4 metrics)."""
+"""notify.metrics_text: label values that need escaping still parse (issue #4 metrics).
+
+The text is written by prometheus_client; these tests pin what lands in the
+file (the escapes node_exporter needs) and that it parses back.
+"""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.pipeline.notify import label_value, metrics_text
+from reconciler.pipeline.notify import metrics_text
 
 
 def report(node: str, branch: str, commit: str = "a" * 40) -> dict:
@@ -29,8 +33,10 @@ def report(node: str, branch: str, commit: str = "a" * 40) -> dict:
         ('\\"\n', '"\\\\\\"\\n"'),
     ],
 )
-def test_label_value_escapes_backslash_quote_and_newline(value, quoted):
-    assert label_value(value) == quoted
+def test_label_values_are_escaped_backslash_quote_and_newline(value, quoted):
+    text = metrics_text(report(value, "main"), duration_s=1.5, last_success=None, queued=2)
+
+    assert f"reconciler_run_duration_seconds{{node={quoted}}} 1.5\n" in text
 
 
 @pytest.mark.parametrize(
