@@ -15,6 +15,8 @@ the stage that imports the library, with ``raise … from exc``.
     ├── InventoryError              hosts/ or app.yaml invalid (SPEC §1, §6)
     ├── RenderError                 a template failed to render
     ├── PathError                   a destination escapes the root or is unusable
+    │   └── UnsafePathError         a parent leaves the root, is a symlink we may not follow,
+    │                               or is not a directory (host/system.py's walk)
     ├── ApplyError                  a write, delete, chmod or chown failed
     ├── ScriptError                 a pre/post script failed or timed out
     └── LockError                   another run holds the state_dir lock
@@ -61,6 +63,29 @@ class RenderError(ReconcilerError):
 
 class PathError(ReconcilerError):
     """A destination path escapes the root or cannot be written safely (SPEC §6)."""
+
+
+class UnsafePathError(PathError):
+    """A path under the root that cannot be reached safely (SPEC §4 "nothing is ever
+    written outside root", §6 Symlinks): a parent is a symlink leading outside the
+    root or one another user could have made, or is not a directory.
+
+    ``problem`` is the reason without the path (the plan prefixes its own);
+    ``blocker`` is the parent (relative to the root, no leading slash) that is a
+    file or device where a directory belongs, else None.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        problem: str,
+        *,
+        blocker: str | None = None,
+        hint: str = "remove it or exclude the path",
+    ) -> None:
+        super().__init__(f"{where}: {problem} — {hint}")
+        self.problem = problem
+        self.blocker = blocker
 
 
 class ApplyError(ReconcilerError):

@@ -1,9 +1,13 @@
-"""System: every effect on the host goes through here (chezmoi's ``System`` idea).
+"""System: every read of the root and every effect on the host goes through here
+(chezmoi's ``System`` idea).
 
-``RealSystem`` writes, deletes, backs up and runs scripts; ``DryRunSystem``
-does none of it and only says what it would do, so ``--dry-run`` is a
-different System rather than ``if dry_run:`` branches in the apply stage.
-Every write and every script run is logged once at INFO here.
+``RealSystem`` reads, writes, deletes, backs up and runs scripts, reaching
+every path under the root from a descriptor of the root without following a
+symlink another user could have made; ``DryRunSystem`` reads through a real
+System and only says what it would do, so ``--dry-run`` is a different System
+rather than ``if dry_run:`` branches in the apply stage; ``FaultySystem``
+stops a run after N effects, for crash tests. Every write and every script
+run is logged once at INFO here.
 
 Writes are atomic (SPEC §4 step 6): a temp file in the destination's own
 directory, written, fchmod/fchown'd, fsync'd, renamed over the destination,
@@ -14,9 +18,10 @@ one, never a mix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import shutil
+import secrets
 import signal
 import stat
 import subprocess
@@ -26,6 +31,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from reconciler.errors import PathError, UnsafePathError
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +104,20 @@ def atomic_write(
     fsync_dir(path.parent)
 
 
-def syncfs(directories: Iterable[Path]) -> None:
-    """Flush the filesystems holding ``directories``: one syncfs(2) per filesystem.
+def syncfs(directories: Iterable[Path | int]) -> None:
+    """Flush the filesystems holding ``directories`` (paths, or open descriptors that
+    stay open): one syncfs(2) per filesystem.
 
     Falls back to sync(2) where syncfs is unavailable.
     """
     seen: set[int] = set()
     libc = _libc()
     for directory in directories:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fd = (
+            os.dup(directory)
+            if isinstance(directory, int)
+            else os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        )
         try:
             dev = os.fstat(fd).st_dev
             if dev in seen:
@@ -145,10 +157,60 @@ class ScriptRun:
         return not self.timed_out and self.exit_code in (0, None)
 
 
+TEMP_SUFFIX = ".reconciler-tmp"
+MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP)
+
+# A directory on the way down: never follow a symlink (checked by hand below).
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A file to read or chmod: never a symlink; never block on a FIFO.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+StatId = tuple[int, int]  # (st_dev, st_ino): which inode a scan saw
+
+
+class FaultInjected(BaseException):
+    """Raised by FaultySystem in place of its N+1th effect.
+
+    A BaseException, not an Exception: nothing in the pipeline catches it,
+    just as nothing catches a SIGKILL — the run stops where it stands.
+    """
+
+
 class System(Protocol):
-    """Every effect on the host: files under the root, backups, script runs."""
+    """Every read of the root and every effect on the host: files under the root,
+    backups, script runs.
+
+    Paths are absolute host paths (root + destination path). Paths under the
+    state directory (backups, run directories) are outside the root and
+    trusted (root-owned, 0700); every other path is reached from the root
+    without following a symlink another user could have made (RealSystem).
+    Reads raise OSError (FileNotFoundError for a missing path) or
+    UnsafePathError (errors.py) for a path that cannot be reached safely.
+    """
 
     dry_run: bool
+
+    # ---------------------------------------------------------------- reads
+
+    def lstat(self, path: str | Path) -> os.stat_result:
+        """``lstat(2)`` of ``path`` (a final symlink is not followed)."""
+        ...
+
+    def read_bytes(self, path: str | Path, *, expect: StatId | None = None) -> bytes:
+        """The bytes of regular file ``path``; with ``expect`` (st_dev, st_ino), only if it
+        is still that inode. Raises PathError for a symlink, anything but a regular
+        file or another inode; OSError otherwise."""
+        ...
+
+    def readlink(self, path: str | Path) -> str:
+        """The target text of symlink ``path``."""
+        ...
+
+    def listdir(self, path: str | Path) -> list[str]:
+        """Names in directory ``path``, in no particular order."""
+        ...
+
+    # -------------------------------------------------------------- effects
 
     def make_dirs(self, path: Path) -> list[Path]:
         """Create missing directories down to ``path`` with mode 0755; return those made."""
@@ -180,8 +242,9 @@ class System(Protocol):
         """Remove ``path`` if it is an empty directory; True if removed."""
         ...
 
-    def backup(self, path: Path, dest: Path) -> None:
-        """Durably copy regular file ``path`` (with its mode) to ``dest`` before it changes."""
+    def backup(self, path: Path, dest: Path, *, expect: StatId | None = None) -> None:
+        """Durably copy regular file ``path`` (with its mode) to ``dest`` before it changes;
+        ``expect`` as for read_bytes."""
         ...
 
     def move(self, path: Path, dest: Path) -> None:
@@ -206,8 +269,40 @@ class System(Protocol):
         ...
 
 
+def _readable(st: os.stat_result, where: str | Path, expect: StatId | None) -> None:
+    """Refuse to read anything but the regular file the scan saw (PathError)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise PathError(f"{where}: not a regular file — it is not read")
+    if expect is not None and (st.st_dev, st.st_ino) != expect:
+        raise PathError(f"{where}: replaced since the scan — the next run looks again")
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class RealSystem:
-    """RealSystem applies changes to the disk and runs scripts.
+    """RealSystem reads the root and applies changes to it, and runs scripts.
+
+    Every path under ``root`` is reached from a descriptor of the root, one
+    component at a time with ``O_NOFOLLOW|O_DIRECTORY``, and acted on with the
+    ``*at`` calls relative to its parent's descriptor: a directory swapped
+    for a symlink between the scan and a write (a slow pre script is time
+    enough) cannot carry the write elsewhere. A parent that is a symlink is
+    followed only when the symlink resolves inside the root (SPEC §6) and
+    only root (our euid) could have made it — owned by us, in a directory
+    owned by us that no other user can write (the rule of the kernel's
+    ``protected_symlinks``, made stricter); otherwise it is an
+    UnsafePathError naming the path, nothing done. Final components are
+    never followed: a read refuses a symlink, a write replaces it.
+    Paths under ``trusted`` (the state directory) are used as they are.
+
+    Directory descriptors are cached until the next script run, directory
+    removal or flush (a script may rebuild a directory; writes must then go
+    to the new one). ``close()`` releases them.
 
     With ``batch=True``, ``write_file`` and ``backup`` only stage temp files;
     ``flush`` then makes them durable with one syncfs per filesystem, renames
@@ -217,70 +312,347 @@ class RealSystem:
 
     dry_run = False
 
-    def __init__(self, *, batch: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        root: str | Path | None = None,
+        trusted: Iterable[str | Path] = (),
+        batch: bool = False,
+    ) -> None:
+        self.root = Path(os.path.abspath(root if root is not None else "/"))
+        self._prefix = os.fspath(self.root).rstrip("/")  # "" when the root is /
+        self._real_root = os.path.realpath(self.root)
+        self._trusted = tuple(os.path.abspath(t).rstrip("/") for t in trusted)
+        self._euid = os.geteuid()
+        self._fds: dict[str, tuple[int, str]] = {}  # rel dir -> (fd, rel dir without symlinks)
+        self._retired: list[int] = []  # dropped from the cache, maybe still in use
         self._batch = batch
-        self._staged: list[tuple[str, Path]] = []
-        self._dirs: set[Path] = set()
+        self._staged: list[tuple[int | None, str, str, str]] = []  # (dir fd, tmp, name, path)
+        self._dirs: set[Path] = set()  # trusted directories to sync at flush (backups)
         self._unsynced_backups: set[Path] = set()  # backup dirs not yet made durable
+
+    # ------------------------------------------------------- descriptors
+
+    def close(self) -> None:
+        """Close every cached directory descriptor (the System stays usable)."""
+        self._drop_cache()
+        for fd in self._retired:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._retired = []
+
+    def __enter__(self) -> RealSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _drop_cache(self) -> None:
+        # Not closed here: a caller up the stack may still hold one of them.
+        self._retired.extend(fd for fd, _ in self._fds.values())
+        self._fds = {}
+
+    def _rel(self, path: str | Path) -> str | None:
+        """``path`` relative to the root ("" for the root), None for a trusted path.
+
+        Raises PathError for a path that is neither (nothing reaches it).
+        """
+        p = os.fspath(path)
+        for t in self._trusted:
+            if p == t or p.startswith(t + "/"):
+                return None
+        pre = self._prefix
+        if p.startswith(pre + "/"):
+            return p[len(pre) + 1 :]
+        if p == pre or (not pre and p == "/"):
+            return ""
+        raise PathError(f"{p}: outside the root {self.root} — nothing is done there")
+
+    def _at(self, path: str | Path) -> tuple[int | None, str]:
+        """(descriptor of the parent directory, final name) for an ``*at`` call;
+        (None, path) for a trusted path or the root itself."""
+        rel = self._rel(path)
+        if not rel:
+            return None, os.fspath(path)
+        parent, _, name = rel.rpartition("/")
+        if name in (".", ".."):
+            raise PathError(f"{path}: not a normalised path — give it without . or ..")
+        return self._dir(parent, path, 0), name
+
+    def _dir(self, rel: str, where: str | Path, hops: int) -> int:
+        """A descriptor of directory ``rel`` (relative to the root), walked safely."""
+        hit = self._fds.get(rel)
+        if hit is not None:
+            return hit[0]
+        if not rel:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._fds[rel] = (fd, "")
+            return fd
+        parent, _, name = rel.rpartition("/")
+        if name in (".", ".."):
+            raise PathError(f"{where}: not a normalised path — give it without . or ..")
+        pfd = self._dir(parent, where, hops)
+        physical = self._fds[parent][1]
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise UnsafePathError(
+                    os.fspath(where), f"cannot inspect /{rel}: {exc.strerror}"
+                ) from exc
+            fd, physical = self._through_link(rel, pfd, physical, name, where, hops)
+        else:
+            physical = f"{physical}/{name}" if physical else name
+        self._fds[rel] = (fd, physical)
+        return fd
+
+    def _through_link(
+        self, rel: str, pfd: int, physical: str, name: str, where: str | Path, hops: int
+    ) -> tuple[int, str]:
+        """Follow parent ``rel`` if it is a symlink we may follow (class docstring)."""
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        shown = os.fspath(where)
+        if not stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(shown, f"parent /{rel} is not a directory", blocker=rel)
+        link = os.readlink(name, dir_fd=pfd)
+        inside = self._inside(physical, link)
+        if inside is None:
+            real = os.path.normpath(os.path.join(self._real_root, physical, link))
+            raise UnsafePathError(shown, f"parent /{rel} is a symlink to {real}, outside the root")
+        holder = os.fstat(pfd)
+        ours = (
+            st.st_uid == self._euid
+            and holder.st_uid == self._euid
+            and not holder.st_mode & 0o002
+            and (not holder.st_mode & 0o020 or holder.st_gid == 0)
+        )
+        if not ours:
+            raise UnsafePathError(
+                shown,
+                f"parent /{rel} is a symlink that another user could have made (not followed)",
+                hint="replace it with a directory, or exclude the path",
+            )
+        if hops >= MAX_SYMLINKS:
+            raise UnsafePathError(shown, f"parent /{rel}: too many levels of symlinks")
+        target = self._dir(inside, where, hops + 1)
+        return os.dup(target), self._fds[inside][1]
+
+    def _inside(self, physical: str, link: str) -> str | None:
+        """Where symlink text ``link`` in directory ``physical`` leads, relative to the
+        root; None when outside it. Absolute targets are host paths (SPEC §6)."""
+        if link.startswith("/"):
+            real = os.path.normpath(link)
+            for base in {self._real_root.rstrip("/"), self._prefix}:
+                if real == (base or "/"):
+                    return ""
+                if real.startswith(base + "/"):
+                    return real[len(base) + 1 :]
+            return None
+        joined = os.path.normpath(f"{physical}/{link}" if physical else link)
+        if joined == ".":
+            return ""
+        if joined == ".." or joined.startswith("../"):
+            return None
+        return joined
+
+    def _fsync_parent(self, d: int | None, name: str) -> None:
+        if d is not None:
+            os.fsync(d)
+        else:
+            fsync_dir(Path(name).parent)
+
+    def _temp(
+        self,
+        d: int | None,
+        name: str,
+        content: bytes,
+        mode: int,
+        uid: int | None,
+        gid: int | None,
+        *,
+        sync: bool,
+    ) -> str:
+        """A new temp file beside ``name`` holding ``content`` with mode and owner set."""
+        head, base = os.path.split(name)
+        for _ in range(100):
+            tmp = os.path.join(head, f".{base}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+            try:
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=d,
+                )
+            except FileExistsError:
+                continue
+            break
+        else:  # pragma: no cover - 100 collisions of 32 random bits
+            raise FileExistsError(errno.EEXIST, "no free temp name", name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content)
+                fh.flush()
+                os.fchmod(fh.fileno(), mode)
+                if uid is not None or gid is not None:
+                    os.fchown(fh.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
+                if sync:
+                    os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=d)
+            raise
+        return tmp
+
+    # ---------------------------------------------------------------- reads
+
+    def lstat(self, path: str | Path) -> os.stat_result:
+        d, name = self._at(path)
+        return os.stat(name, dir_fd=d, follow_symlinks=False)
+
+    def _read(self, path: str | Path, expect: StatId | None) -> tuple[bytes, os.stat_result]:
+        d, name = self._at(path)
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=d)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathError(f"{path}: a symlink — it is not read through") from exc
+            raise
+        try:
+            st = os.fstat(fd)
+            _readable(st, path, expect)
+            return _read_fd(fd), st
+        finally:
+            os.close(fd)
+
+    def read_bytes(self, path: str | Path, *, expect: StatId | None = None) -> bytes:
+        return self._read(path, expect)[0]
+
+    def readlink(self, path: str | Path) -> str:
+        d, name = self._at(path)
+        return os.readlink(name, dir_fd=d)
+
+    def listdir(self, path: str | Path) -> list[str]:
+        rel = self._rel(path)
+        if rel is None:
+            return os.listdir(path)
+        return os.listdir(self._dir(rel, path, 0))
+
+    # -------------------------------------------------------------- effects
 
     def flush(self) -> None:
         self._unsynced_backups = set()  # the first syncfs below covers them
-        if not self._staged:
-            if self._dirs:  # backups only (a deletion's): make them durable
-                dirs, self._dirs = self._dirs, set()
-                syncfs(dirs)
-            return
         staged, self._staged = self._staged, []
         dirs, self._dirs = self._dirs, set()
+        targets: list[Path | int] = [*dirs, *(d for d, _, _, _ in staged if d is not None)]
         try:
-            syncfs(dirs)  # contents and backups durable before any rename
-            for tmp, path in staged:
-                os.rename(tmp, path)
-                log.info("wrote %s", path)
-            syncfs(dirs)  # the renames durable
-        except BaseException:
-            for tmp, _ in staged:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            raise
+            if not staged:
+                if dirs:  # backups only (a deletion's): make them durable
+                    syncfs(dirs)
+                return
+            try:
+                syncfs(targets)  # contents and backups durable before any rename
+                for d, tmp, name, shown in staged:
+                    os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+                    log.info("wrote %s", shown)
+                syncfs(targets)  # the renames durable
+            except BaseException:
+                for d, tmp, _, _ in staged:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp, dir_fd=d)
+                raise
+        finally:
+            for d, _, _, _ in staged:
+                if d is not None:
+                    os.close(d)
+            self.close()
 
     def make_dirs(self, path: Path) -> list[Path]:
-        missing: list[Path] = []
-        current = path
-        while not current.exists():
-            missing.append(current)
-            current = current.parent
-        for directory in reversed(missing):
-            os.mkdir(directory, 0o755)
-            os.chmod(directory, 0o755)  # mkdir's mode is filtered by the umask
-            log.info("mkdir %s", directory)
-        if missing:
-            fsync_dir(missing[-1].parent)
-        return list(reversed(missing))
+        rel = self._rel(path)
+        if rel is None:
+            Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
+            return []
+        made: list[Path] = []
+        first_parent: int | None = None
+        parts = rel.split("/") if rel else []
+        for i, part in enumerate(parts):
+            sub = "/".join(parts[: i + 1])
+            try:
+                self._dir(sub, path, 0)
+                continue
+            except FileNotFoundError:
+                pass
+            pfd = self._dir("/".join(parts[:i]), path, 0)
+            os.mkdir(part, 0o755, dir_fd=pfd)
+            fd = os.open(part, _DIR_FLAGS, dir_fd=pfd)
+            try:
+                os.fchmod(fd, 0o755)  # mkdir's mode is filtered by the umask
+            finally:
+                os.close(fd)
+            shown = Path(f"{self._prefix}/{sub}")
+            log.info("mkdir %s", shown)
+            if first_parent is None:
+                first_parent = pfd
+            made.append(shown)
+        if first_parent is not None:
+            os.fsync(first_parent)
+        return made
 
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
     ) -> None:
+        d, name = self._at(path)
         # rename(2) replaces a file, a symlink (not its target) or a FIFO in one
         # step; only a directory must go first (moved to the backups by apply).
-        if path.is_dir() and not path.is_symlink():
+        try:
+            st: os.stat_result | None = os.stat(name, dir_fd=d, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
             self.remove(path)
+            d, name = self._at(path)
+        tmp = self._temp(d, name, content, mode, uid, gid, sync=not self._batch)
         if self._batch:
-            tmp = write_temp(path, content, mode=mode, uid=uid, gid=gid, sync=False)
-            self._staged.append((tmp, path))
-            self._dirs.add(path.parent)
+            self._staged.append((None if d is None else os.dup(d), tmp, name, os.fspath(path)))
             return
-        atomic_write(path, content, mode=mode, uid=uid, gid=gid)
+        try:
+            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=d)
+            raise
+        self._fsync_parent(d, name)
         log.info("wrote %s (%d bytes, mode %04o)", path, len(content), mode)
 
+    def _open_entry(self, path: Path) -> int:
+        """A descriptor of ``path`` itself (file or directory), never through a symlink."""
+        d, name = self._at(path)
+        try:
+            return os.open(name, _FILE_FLAGS, dir_fd=d)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathError(f"{path}: a symlink — its target is not changed") from exc
+            raise
+
     def chmod(self, path: Path, mode: int) -> None:
-        os.chmod(path, mode, follow_symlinks=False)
+        fd = self._open_entry(path)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
         log.info("chmod %04o %s", mode, path)
 
     def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
-        os.chown(
-            path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False
-        )
+        fd = self._open_entry(path)
+        try:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        finally:
+            os.close(fd)
         log.info("chown %s:%s %s", uid, gid, path)
 
     def _backups_durable(self) -> None:
@@ -292,27 +664,30 @@ class RealSystem:
 
     def remove(self, path: Path) -> None:
         self._backups_durable()
-        st = os.lstat(path)
+        d, name = self._at(path)
+        st = os.stat(name, dir_fd=d, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            os.rmdir(path)
+            os.rmdir(name, dir_fd=d)
+            self._drop_cache()
         else:
-            os.unlink(path)
-        fsync_dir(path.parent)
+            os.unlink(name, dir_fd=d)
+        self._fsync_parent(d, name)
         log.info("removed %s", path)
 
     def remove_empty_dir(self, path: Path) -> bool:
         try:
-            os.rmdir(path)
-        except OSError:
+            d, name = self._at(path)
+            os.rmdir(name, dir_fd=d)
+        except (OSError, PathError):
             return False
+        self._drop_cache()
         log.info("removed empty directory %s", path)
         return True
 
-    def backup(self, path: Path, dest: Path) -> None:
+    def backup(self, path: Path, dest: Path, *, expect: StatId | None = None) -> None:
+        content, st = self._read(path, expect)
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(path, "rb") as fh:
-            content = fh.read()
-        mode = stat.S_IMODE(os.lstat(path).st_mode) & 0o700 | 0o600
+        mode = stat.S_IMODE(st.st_mode) & 0o700 | 0o600
         if self._batch:
             # Made durable by flush's first syncfs, before the original is replaced.
             os.rename(write_temp(dest, content, mode=mode, sync=False), dest)
@@ -323,38 +698,88 @@ class RealSystem:
         atomic_write(dest, content, mode=mode)
 
     def move(self, path: Path, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._rel(dest) is None:
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            self.make_dirs(dest.parent)
         self._backups_durable()
-        is_dir = os.path.isdir(path) and not os.path.islink(path)
-        if os.lstat(path).st_dev == os.stat(dest.parent).st_dev:
-            if is_dir and os.path.isdir(dest) and not os.path.islink(dest):
+        sd, sname = self._at(path)
+        dd, dname = self._at(dest)
+        st = os.stat(sname, dir_fd=sd, follow_symlinks=False)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        dest_dev = os.fstat(dd).st_dev if dd is not None else os.stat(Path(dname).parent).st_dev
+        if st.st_dev == dest_dev:
+            try:
+                there: os.stat_result | None = os.stat(dname, dir_fd=dd, follow_symlinks=False)
+            except FileNotFoundError:
+                there = None
+            if is_dir and there is not None and stat.S_ISDIR(there.st_mode):
                 # The backups already hold some of its files (pruned just before,
                 # from inside it): merge into them.
-                for child in os.listdir(path):
+                for child in self.listdir(path):
                     self.move(path / child, dest / child)
-                os.rmdir(path)
+                sd, sname = self._at(path)
+                os.rmdir(sname, dir_fd=sd)
             else:
-                os.rename(path, dest)
-                fsync_dir(dest.parent)
+                os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+                self._fsync_parent(dd, dname)
         else:
             # Another filesystem: a copy, made durable, before the original goes.
-            if is_dir:
-                shutil.copytree(path, dest, symlinks=True, dirs_exist_ok=True)
-            else:
-                shutil.copy2(path, dest, follow_symlinks=False)
-            syncfs([dest.parent])
-            if is_dir:
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-        fsync_dir(path.parent)
+            self._copy(path, dest)
+            syncfs([dd if dd is not None else Path(dname).parent])
+            self._remove_tree(path)
+        if is_dir:
+            self._drop_cache()
+        sd, sname = self._at(path)
+        self._fsync_parent(sd, sname)
         log.info("moved %s to %s", path, dest)
 
+    def _copy(self, src: Path, dest: Path) -> None:
+        """Copy ``src`` to ``dest`` (a tree: directories, files, symlinks), never following."""
+        st = self.lstat(src)
+        d, name = self._at(dest)
+        if stat.S_ISDIR(st.st_mode):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=d)
+            for child in self.listdir(src):
+                self._copy(src / child, dest / child)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self._at(dest)[0])
+            try:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(st.st_mode):
+            content, st = self._read(src, (st.st_dev, st.st_ino))
+            tmp = self._temp(d, name, content, stat.S_IMODE(st.st_mode), None, None, sync=False)
+            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(self.readlink(src), name, dir_fd=d)
+
+    def _remove_tree(self, path: Path) -> None:
+        """Remove ``path`` and everything below it, never following a symlink."""
+        st = self.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            for child in self.listdir(path):
+                self._remove_tree(path / child)
+            d, name = self._at(path)
+            os.rmdir(name, dir_fd=d)
+            self._drop_cache()
+        else:
+            d, name = self._at(path)
+            os.unlink(name, dir_fd=d)
+
     def make_symlink(self, path: Path, link: str) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.reconciler-tmp")
-        os.symlink(link, tmp)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
+        d, name = self._at(path)
+        head, base = os.path.split(name)
+        tmp = os.path.join(head, f".{base}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        os.symlink(link, tmp, dir_fd=d)
+        try:
+            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=d)
+            raise
+        self._fsync_parent(d, name)
         log.info("symlinked %s -> %s", path, link)
 
     def run_script(
@@ -367,6 +792,7 @@ class RealSystem:
         env: dict[str, str],
         timeout: float,
     ) -> ScriptRun:
+        self.close()  # a script may rebuild directories: walk afresh after it
         started = time.monotonic()
         log.info("running %s script %s/%s", phase, app, name)
         try:
@@ -418,9 +844,30 @@ class RealSystem:
 
 
 class DryRunSystem:
-    """DryRunSystem changes nothing and runs nothing; it logs what it would do."""
+    """DryRunSystem reads through a real System and changes nothing: each effect it is
+    asked for is logged ("would …") and kept in ``effects``, and no script runs."""
 
     dry_run = True
+
+    def __init__(self, inner: System | None = None) -> None:
+        self._inner: System = inner if inner is not None else RealSystem()
+        self.effects: list[str] = []
+
+    def _would(self, what: str, *args: object) -> None:
+        self.effects.append(what % args)
+        log.info("would " + what, *args)
+
+    def lstat(self, path: str | Path) -> os.stat_result:
+        return self._inner.lstat(path)
+
+    def read_bytes(self, path: str | Path, *, expect: StatId | None = None) -> bytes:
+        return self._inner.read_bytes(path, expect=expect)
+
+    def readlink(self, path: str | Path) -> str:
+        return self._inner.readlink(path)
+
+    def listdir(self, path: str | Path) -> list[str]:
+        return self._inner.listdir(path)
 
     def make_dirs(self, path: Path) -> list[Path]:
         return []
@@ -428,31 +875,31 @@ class DryRunSystem:
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
     ) -> None:
-        log.info("would write %s (%d bytes, mode %04o)", path, len(content), mode)
+        self._would("write %s (%d bytes, mode %04o)", path, len(content), mode)
 
     def flush(self) -> None:
         pass
 
     def chmod(self, path: Path, mode: int) -> None:
-        log.info("would chmod %04o %s", mode, path)
+        self._would("chmod %04o %s", mode, path)
 
     def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
-        log.info("would chown %s:%s %s", uid, gid, path)
+        self._would("chown %s:%s %s", uid, gid, path)
 
     def remove(self, path: Path) -> None:
-        log.info("would remove %s", path)
+        self._would("remove %s", path)
 
     def remove_empty_dir(self, path: Path) -> bool:
         return False
 
-    def backup(self, path: Path, dest: Path) -> None:
+    def backup(self, path: Path, dest: Path, *, expect: StatId | None = None) -> None:
         pass
 
     def move(self, path: Path, dest: Path) -> None:
-        log.info("would move %s to %s", path, dest)
+        self._would("move %s to %s", path, dest)
 
     def make_symlink(self, path: Path, link: str) -> None:
-        log.info("would symlink %s -> %s", path, link)
+        self._would("symlink %s -> %s", path, link)
 
     def run_script(
         self,
@@ -464,7 +911,97 @@ class DryRunSystem:
         env: dict[str, str],
         timeout: float,
     ) -> ScriptRun:
-        log.info("would run %s script %s/%s", phase, app, name)
+        self._would("run %s script %s/%s", phase, app, name)
         return ScriptRun(
             phase=phase, app=app, name=name, exit_code=None, duration_s=0.0, output_tail=""
+        )
+
+
+class FaultySystem:
+    """FaultySystem passes reads and the first ``fail_after`` effects to a System, then
+    raises FaultInjected in place of the next one: a crash at a chosen point, the
+    same every time (for tests; SPEC §4 "a run interrupted at any point").
+
+    ``effects`` lists the effects let through, in order (a dry count: build one with
+    a large ``fail_after``).
+    """
+
+    def __init__(self, inner: System, fail_after: int) -> None:
+        self._inner = inner
+        self.fail_after = fail_after
+        self.effects: list[str] = []
+        self.dry_run = inner.dry_run
+
+    def _effect(self, what: str, path: object = "") -> None:
+        if len(self.effects) >= self.fail_after:
+            raise FaultInjected(f"{what} {path}: interrupted after {self.fail_after} effects")
+        self.effects.append(f"{what} {path}")
+
+    def lstat(self, path: str | Path) -> os.stat_result:
+        return self._inner.lstat(path)
+
+    def read_bytes(self, path: str | Path, *, expect: StatId | None = None) -> bytes:
+        return self._inner.read_bytes(path, expect=expect)
+
+    def readlink(self, path: str | Path) -> str:
+        return self._inner.readlink(path)
+
+    def listdir(self, path: str | Path) -> list[str]:
+        return self._inner.listdir(path)
+
+    def make_dirs(self, path: Path) -> list[Path]:
+        self._effect("make_dirs", path)
+        return self._inner.make_dirs(path)
+
+    def write_file(
+        self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
+    ) -> None:
+        self._effect("write_file", path)
+        self._inner.write_file(path, content, mode, uid, gid)
+
+    def flush(self) -> None:
+        self._effect("flush")
+        self._inner.flush()
+
+    def chmod(self, path: Path, mode: int) -> None:
+        self._effect("chmod", path)
+        self._inner.chmod(path, mode)
+
+    def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
+        self._effect("chown", path)
+        self._inner.chown(path, uid, gid)
+
+    def remove(self, path: Path) -> None:
+        self._effect("remove", path)
+        self._inner.remove(path)
+
+    def remove_empty_dir(self, path: Path) -> bool:
+        self._effect("remove_empty_dir", path)
+        return self._inner.remove_empty_dir(path)
+
+    def backup(self, path: Path, dest: Path, *, expect: StatId | None = None) -> None:
+        self._effect("backup", path)
+        self._inner.backup(path, dest, expect=expect)
+
+    def move(self, path: Path, dest: Path) -> None:
+        self._effect("move", path)
+        self._inner.move(path, dest)
+
+    def make_symlink(self, path: Path, link: str) -> None:
+        self._effect("make_symlink", path)
+        self._inner.make_symlink(path, link)
+
+    def run_script(
+        self,
+        *,
+        phase: str,
+        app: str,
+        name: str,
+        directory: Path,
+        env: dict[str, str],
+        timeout: float,
+    ) -> ScriptRun:
+        self._effect("run_script", f"{phase}/{app}/{name}")
+        return self._inner.run_script(
+            phase=phase, app=app, name=name, directory=directory, env=env, timeout=timeout
         )
