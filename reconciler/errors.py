@@ -19,18 +19,35 @@ the stage that imports the library, with ``raise … from exc``.
     │                               or is not a directory (host/system.py's walk)
     ├── ApplyError                  a write, delete, chmod or chown failed
     ├── ScriptError                 a pre/post script failed or timed out
-    └── LockError                   another run holds the state_dir lock
+    ├── LockError                   another run holds the state_dir lock
+    └── StateError                  a file of the state directory is unreadable
 
-Messages read ``"{where}: {problem} — {what to do}"``.
+Messages read ``"{where}: {problem} — {what to do}"``: an error raised with
+``where=`` and ``hint=`` keeps the three parts as attributes and renders
+them so; one raised with a single message renders it as given.
 """
 
 from __future__ import annotations
 
 
 class ReconcilerError(Exception):
-    """Base of every error reconciler reports to a user; carries its exit code."""
+    """Base of every error reconciler reports to a user; carries its exit code.
+
+    ``where`` (a file, a path, a node), ``problem`` and ``hint`` (what to do)
+    are kept apart so that code can act on them without parsing the text.
+    """
 
     exit_code: int = 1
+
+    def __init__(self, problem: str = "", *, where: str | None = None, hint: str | None = None):
+        self.problem = problem
+        self.where = where
+        self.hint = hint
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        text = f"{self.where}: {self.problem}" if self.where else self.problem
+        return f"{text} — {self.hint}" if self.hint else text
 
 
 class UsageError(ReconcilerError):
@@ -98,3 +115,7 @@ class ScriptError(ReconcilerError):
 
 class LockError(ReconcilerError):
     """Another run holds the lock of the state directory (SPEC §6)."""
+
+
+class StateError(ReconcilerError):
+    """A file of the state directory exists but cannot be read or parsed (SPEC §2)."""

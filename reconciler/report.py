@@ -17,17 +17,17 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import pygit2
 
 from reconciler import __version__
-from reconciler.errors import SourceError
 from reconciler.git.source import SourceInfo, pushed_report_ref, remote_report_ref, report_ref
-from reconciler.host.system import ScriptRun, atomic_write
+from reconciler.host.system import ScriptRun
 
 if TYPE_CHECKING:
+    from reconciler.host.statedir import StateDir
     from reconciler.pipeline.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -181,20 +181,17 @@ def commit_message(report: Mapping[str, Any]) -> str:
     )
 
 
-def write_last_run(state_dir: Path, report: Mapping[str, Any], **extra: Any) -> None:
+def write_last_run(state_dir: StateDir, report: Mapping[str, Any], **extra: Any) -> None:
     """``<state_dir>/last-run.json``, owner-readable only."""
-    data = {**report, **extra}
-    atomic_write(state_dir / "last-run.json", json.dumps(data, indent=2).encode(), mode=0o600)
+    state_dir.write_json(state_dir.last_run, {**report, **extra}, indent=2)
 
 
-def read_last_run(state_dir: Path) -> dict[str, Any] | None:
-    """The last run's report from ``<state_dir>/last-run.json``, or None."""
-    try:
-        data = json.loads((state_dir / "last-run.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{state_dir / 'last-run.json'}: unreadable ({exc})") from exc
+def read_last_run(state_dir: StateDir) -> dict[str, Any] | None:
+    """The last run's report from ``<state_dir>/last-run.json``, or None.
+
+    Raises StateError when it exists but cannot be read (StateDir's policy).
+    """
+    data = state_dir.read_json(state_dir.last_run, hint="remove it; the next run writes it again")
     return data if isinstance(data, dict) else None
 
 

@@ -198,6 +198,7 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.state import load_state
+    from reconciler.host.statedir import StateDir
     from reconciler.ops.history import file_diff
     from reconciler.pipeline.plan import is_secret
     from reconciler.pipeline.run import RunOptions, reconcile_once
@@ -211,7 +212,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 1
     root = Path(config.root)
     # A path that was secret stays secret when it is deleted or stops being one.
-    managed = load_state(Path(config.state_dir)).managed
+    managed = load_state(StateDir.at(config.state_dir)).managed
     chunks = []
     for change in outcome.plan.changes:
         t = outcome.target.files.get(change.path)
@@ -356,11 +357,13 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.agent import agent_running, read_agent_file
+    from reconciler.host.statedir import StateDir
     from reconciler.report import read_last_run
 
     config = _config(args)
-    last = read_last_run(Path(config.state_dir))
-    agent = read_agent_file(Path(config.state_dir))
+    state_dir = StateDir.at(config.state_dir)
+    last = read_last_run(state_dir)
+    agent = read_agent_file(state_dir)
     # agent.json outlives a killed agent: a dead pid has no next run.
     stale = agent if agent is not None and not agent_running(agent) else None
     if stale is not None:
@@ -442,10 +445,11 @@ def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
 
 
 def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from reconciler.host.statedir import StateDir
     from reconciler.pipeline.rollback import list_backups, read_hold
 
     config = _config(args)
-    state_dir = Path(config.state_dir)
+    state_dir = StateDir.at(config.state_dir)
     rows = list_backups(state_dir)
     hold = read_hold(state_dir)
     if args.format == "json":
@@ -460,7 +464,7 @@ def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             f"{'  (' + ', '.join(flags) + ')' if flags else ''}\n"
         )
     if not rows:
-        out.write(f"no backups kept in {state_dir / 'backups'}\n")
+        out.write(f"no backups kept in {state_dir.backups}\n")
     if hold:
         out.write(
             f"hold: commit {str(hold.get('commit'))[:12]} is not re-applied "

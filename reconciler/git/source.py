@@ -228,8 +228,8 @@ def remote_url(repo: str) -> str:
     return str(Path(repo).resolve())
 
 
-def open_state_repo(state_dir: Path) -> pygit2.Repository:
-    """Open (or create) the bare repository ``<state_dir>/repo.git``.
+def open_state_repo(path: Path) -> pygit2.Repository:
+    """Open (or create) the agent's bare repository ``path`` (``<state_dir>/repo.git``).
 
     Turns on libgit2's fsync of objects, packs and refs (a process-wide
     option; this repository is the only one a run writes): the local report
@@ -238,12 +238,11 @@ def open_state_repo(state_dir: Path) -> pygit2.Repository:
     is lost). The cost is a few fsyncs per report commit and per fetch.
     """
     pygit2.settings.enable_fsync_gitdir(True)
-    path = state_dir / "repo.git"
     try:
         if path.exists():
             _remove_stale_locks(path)
             return pygit2.Repository(str(path))
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return pygit2.init_repository(str(path), bare=True)
     except pygit2.GitError as exc:
         raise SourceError(

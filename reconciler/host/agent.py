@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import gc
 import hashlib
-import json
 import logging
 import os
 import random
@@ -31,13 +30,12 @@ from typing import Any
 
 from reconciler.config import AgentConfig
 from reconciler.errors import ConfigError, ReconcilerError
-from reconciler.host.system import atomic_write
+from reconciler.host.statedir import StateDir
 from reconciler.pipeline.run import RunOptions, reconcile_once
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 15.0
-AGENT_FILE = "agent.json"  # the running agent's pid and next run, for `status`
 
 
 def splay_offset(node: str, splay_s: float) -> float:
@@ -56,12 +54,14 @@ def backoff_delay(failures: int, interval_s: float) -> float:
     return min(interval_s, BACKOFF_FIRST_S * float(2 ** (failures - 1)))
 
 
-def read_agent_file(state_dir: Path) -> dict[str, Any] | None:
-    """What the running agent last wrote about itself, or None."""
-    try:
-        data = json.loads((state_dir / AGENT_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return None
+def read_agent_file(state_dir: StateDir) -> dict[str, Any] | None:
+    """What the running agent last wrote about itself, or None.
+
+    Raises StateError when it exists but cannot be read (StateDir's policy).
+    """
+    data = state_dir.read_json(
+        state_dir.agent_file, hint="remove it; the running agent writes it again"
+    )
     return data if isinstance(data, dict) else None
 
 
@@ -134,7 +134,7 @@ class Agent:
         self._write_agent_file(delay)
 
     def _write_agent_file(self, delay: float) -> None:
-        state_dir = Path(self.config.state_dir)
+        state_dir = StateDir.at(self.config.state_dir)
         next_run = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
         data = {
             "pid": os.getpid(),
@@ -144,10 +144,10 @@ class Agent:
             "runs": self.runs,
         }
         try:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            atomic_write(state_dir / AGENT_FILE, json.dumps(data).encode(), mode=0o600)
+            state_dir.ensure()
+            state_dir.write_json(state_dir.agent_file, data)
         except OSError as exc:
-            log.warning("%s: %s", state_dir / AGENT_FILE, exc.strerror)
+            log.warning("%s: %s", state_dir.agent_file, exc.strerror)
 
     def _periodic(self) -> None:
         self.run_once()
@@ -216,5 +216,5 @@ class Agent:
             time.sleep(min(max(idle if idle is not None else 0.2, 0.01), 0.2))
         log.info("agent stopped after %d runs", self.runs)
         with contextlib.suppress(OSError):
-            os.unlink(Path(self.config.state_dir) / AGENT_FILE)
+            os.unlink(StateDir.at(self.config.state_dir).agent_file)
         return 0

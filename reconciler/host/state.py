@@ -9,13 +9,11 @@ sha256 (never the content: chezmoi's rule, so a secret never lands in
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-from reconciler.errors import SourceError
-from reconciler.host.system import atomic_write
+from reconciler.errors import StateError
+from reconciler.host.statedir import StateDir
 
 STATE_VERSION = 1
 RACY_WINDOW_NS = 100_000_000  # 100 ms: above the kernel's coarse clock tick
@@ -68,26 +66,19 @@ class LocalState:
     excluded: tuple[str, ...] = ()  # excluded paths of the last full run
 
 
-def state_path(state_dir: Path) -> Path:
-    """``<state_dir>/state.json``."""
-    return state_dir / "state.json"
+_HINT = "move it away to start afresh (every managed path is then planned anew)"
 
 
-def load_state(state_dir: Path) -> LocalState:
+def load_state(state_dir: StateDir) -> LocalState:
     """Read the local state; an empty LocalState when there is none yet.
 
-    Raises SourceError when the file exists but cannot be parsed, rather than
+    Raises StateError when the file exists but cannot be parsed, rather than
     silently forgetting every managed path (which would stop prunes).
     """
-    path = state_path(state_dir)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    path = state_dir.state_file
+    raw = state_dir.read_json(path, hint=_HINT)
+    if raw is None:
         return LocalState()
-    except (OSError, ValueError) as exc:
-        raise SourceError(
-            f"{path}: unreadable local state ({exc}) — move it away to start afresh"
-        ) from exc
     try:
         return LocalState(
             node=raw.get("node", ""),
@@ -97,16 +88,16 @@ def load_state(state_dir: Path) -> LocalState:
             fingerprint=raw.get("fingerprint", ""),
             excluded=tuple(raw.get("excluded", ())),
         )
-    except TypeError as exc:
-        raise SourceError(
-            f"{path}: local state has an unknown shape ({exc}) — move it away to start afresh"
+    except (TypeError, AttributeError) as exc:
+        raise StateError(
+            f"local state has an unknown shape ({exc})", where=str(path), hint=_HINT
         ) from exc
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(ManagedFile))
 
 
-def save_state(state_dir: Path, state: LocalState) -> None:
+def save_state(state_dir: StateDir, state: LocalState) -> None:
     """Write the local state atomically, readable by its owner only.
 
     Compact JSON, fields by getattr rather than ``asdict`` (which
@@ -123,6 +114,4 @@ def save_state(state_dir: Path, state: LocalState) -> None:
         "fingerprint": state.fingerprint,
         "excluded": list(state.excluded),
     }
-    atomic_write(
-        state_path(state_dir), json.dumps(data, separators=(",", ":")).encode(), mode=0o600
-    )
+    state_dir.write_json(state_dir.state_file, data)

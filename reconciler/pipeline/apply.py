@@ -25,8 +25,9 @@ from pathlib import Path, PurePosixPath
 
 from reconciler.git.source import GIT_FILEMODE_EXEC, Snapshot
 from reconciler.host.state import LocalState, ManagedFile
+from reconciler.host.statedir import StateDir
 from reconciler.host.system import ScriptRun, System
-from reconciler.pipeline.journal import Journal, backup_file, backups_dir, restore_entry
+from reconciler.pipeline.journal import Journal, restore_entry
 from reconciler.pipeline.plan import Change, Plan
 from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
 from reconciler.pipeline.scan import ActualFile, host_path
@@ -43,7 +44,7 @@ class RunContext:
     commit: str
     run_id: str
     root: Path
-    state_dir: Path
+    state_dir: StateDir
 
 
 @dataclass(slots=True, kw_only=True)
@@ -81,7 +82,7 @@ def _run_scripts(
     entries = list(snapshot.walk(base))
     if not entries:
         return []
-    workdir = ctx.state_dir / "run" / ctx.run_id / phase / app.name
+    workdir = ctx.state_dir.run_dir(ctx.run_id) / phase / app.name
     if not system.dry_run:
         for entry in entries:
             target = workdir / entry.path
@@ -126,7 +127,7 @@ def _execute(
 ) -> None:
     """Carry out one change; raises OSError on failure."""
     host = host_path(ctx.root, change.path)
-    backup = backup_file(ctx.state_dir, ctx.run_id, change.path)
+    backup = ctx.state_dir.backup_file(ctx.run_id, change.path)
     if change.action in ("create", "update"):
         assert change.target is not None
         for made in system.make_dirs(host.parent):
@@ -187,7 +188,7 @@ def _roll_back_app(
     if journal is None:
         return []
     restored = []
-    run_dir = backups_dir(ctx.state_dir, ctx.run_id)
+    run_dir = ctx.state_dir.backup_dir(ctx.run_id)
     for entry in reversed(journal.manifest.entries):
         path = PurePosixPath(entry.path)
         if entry.app != app or path not in result.applied:

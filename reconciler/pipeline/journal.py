@@ -38,28 +38,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reconciler.errors import ApplyError
+from reconciler.errors import StateError
 from reconciler.host.state import LocalState, ManagedFile, save_state
+from reconciler.host.statedir import StateDir
 from reconciler.host.system import System, atomic_write, fsync_dir
 from reconciler.pipeline.scan import ActualFile, file_sha256, host_path, unsafe_parent
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "journal.json"
-JOURNAL_LOG = "journal.log"
-OWED = "owed.json"  # post scripts that interrupted runs still owe: app -> changed paths
-MANIFEST = "manifest.json"
 TEMP_SUFFIX = ".reconciler-tmp"
-
-
-def backups_dir(state_dir: Path, run_id: str) -> Path:
-    """``<state_dir>/backups/<run-id>``: the manifest and ``files/`` of one run."""
-    return state_dir / "backups" / run_id
-
-
-def backup_file(state_dir: Path, run_id: str, path: PurePosixPath) -> Path:
-    """Where the previous content of ``path`` is kept for run ``run_id``."""
-    return backups_dir(state_dir, run_id).joinpath("files", *path.parts[1:])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,15 +139,15 @@ def make_entries(
 class Journal:
     """Journal is the on-disk record of the run in progress (mutable, one per run)."""
 
-    state_dir: Path
+    state_dir: StateDir
     manifest: Manifest
     _log: Any = field(default=None, repr=False)
 
     def begin(self) -> None:
         """Write the manifest durably, before the first change (SPEC §4)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(self.state_dir / JOURNAL, self.manifest.to_json(), mode=0o600)
-        fd = os.open(self.state_dir / JOURNAL_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.state_dir.ensure()
+        atomic_write(self.state_dir.journal, self.manifest.to_json(), mode=0o600)
+        fd = os.open(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self._log = os.fdopen(fd, "a", encoding="utf-8")
 
     def mark(self, phase: str, app: str) -> None:
@@ -179,14 +166,14 @@ class Journal:
         _archive(self.state_dir, self.manifest)
 
 
-def _archive(state_dir: Path, manifest: Manifest) -> None:
-    target = backups_dir(state_dir, manifest.run_id)
+def _archive(state_dir: StateDir, manifest: Manifest) -> None:
+    target = state_dir.backup_dir(manifest.run_id)
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(target / MANIFEST, manifest.to_json(), mode=0o600)
-    for name in (JOURNAL, JOURNAL_LOG):
+    atomic_write(state_dir.manifest(manifest.run_id), manifest.to_json(), mode=0o600)
+    for path in (state_dir.journal, state_dir.journal_log):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(state_dir / name)
-    fsync_dir(state_dir)
+            os.unlink(path)
+    fsync_dir(state_dir.path)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,43 +196,36 @@ class Recovery:
         }
 
 
-def _phases(state_dir: Path) -> dict[str, set[str]]:
+def _phases(state_dir: StateDir) -> dict[str, set[str]]:
     phases: dict[str, set[str]] = {}
-    try:
-        text = (state_dir / JOURNAL_LOG).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return phases
-    for line in text.splitlines():
+    raw = state_dir.read_bytes(
+        state_dir.journal_log, hint="inspect it, run the apps' post scripts by hand, then remove it"
+    )
+    for line in (raw or b"").decode("utf-8", "replace").splitlines():
         phase, _, app = line.partition(" ")
         if app:
             phases.setdefault(app, set()).add(phase)
     return phases
 
 
-def _read_owed(state_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((state_dir / OWED).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise ApplyError(
-            f"{state_dir / OWED}: unreadable record of owed post scripts ({exc}) — inspect "
-            "it, run the apps' post scripts by hand, then remove it"
-        ) from exc
+def _read_owed(state_dir: StateDir) -> dict[str, Any]:
+    """``owed.json``: post scripts interrupted runs still owe (app → changed paths)."""
+    data = state_dir.read_json(
+        state_dir.owed,
+        hint="inspect it, run the apps' post scripts by hand, then remove it",
+    )
     return data if isinstance(data, dict) else {}
 
 
-def _write_owed(state_dir: Path, runs: list[str], commit: str, apps: Mapping[str, Any]) -> None:
+def _write_owed(state_dir: StateDir, runs: list[str], commit: str, apps: Mapping[str, Any]) -> None:
     if not apps:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(state_dir / OWED)
-            fsync_dir(state_dir)
+        state_dir.remove(state_dir.owed)
         return
     data = {"runs": runs, "commit": commit, "apps": {a: sorted(p) for a, p in apps.items()}}
-    atomic_write(state_dir / OWED, json.dumps(data, indent=1).encode(), mode=0o600)
+    state_dir.write_json(state_dir.owed, data, indent=1)
 
 
-def settle_owed(state_dir: Path, reached: Iterable[str]) -> None:
+def settle_owed(state_dir: StateDir, reached: Iterable[str]) -> None:
     """Forget the owed post scripts of the apps in ``reached`` (their post phase ran).
 
     Called by the run after its apply; what it did not reach (a pre script
@@ -259,7 +239,7 @@ def settle_owed(state_dir: Path, reached: Iterable[str]) -> None:
 
 
 def recover(
-    state_dir: Path, root: Path, previous: LocalState
+    state_dir: StateDir, root: Path, previous: LocalState
 ) -> tuple[LocalState, Recovery | None]:
     """Finish an interrupted run's bookkeeping before a new run plans (SPEC §4).
 
@@ -271,11 +251,10 @@ def recover(
     owed post scripts are saved before the journal is archived (see the
     module docstring). Raises ApplyError when the journal is unreadable.
     """
-    path = state_dir / JOURNAL
+    path = state_dir.journal
     owed = _read_owed(state_dir)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = state_dir.read_bytes(path, hint="inspect it, then move it away")
+    if raw is None:
         if not owed.get("apps"):
             return previous, None
         runs = [str(r) for r in owed.get("runs", [])]
@@ -289,9 +268,10 @@ def recover(
     try:
         manifest = Manifest.from_json(raw)
     except (ValueError, TypeError) as exc:
-        raise ApplyError(
-            f"{path}: unreadable journal of an interrupted run ({exc}) — inspect it, "
-            "then move it away"
+        raise StateError(
+            f"unreadable journal of an interrupted run ({exc})",
+            where=str(path),
+            hint="inspect it, then move it away",
         ) from exc
     phases = _phases(state_dir)
     removed: list[str] = []

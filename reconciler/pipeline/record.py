@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconciler.config import AgentConfig
 from reconciler.errors import ReconcilerError
 from reconciler.git.source import push_ref, pushed_report_ref, report_ref
+from reconciler.host.statedir import StateDir
 from reconciler.pipeline.notify import ping, send_webhook, write_metrics
 from reconciler.report import write_last_run
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def after_run(
     config: AgentConfig,
-    state_dir: Path,
+    state_dir: StateDir,
     repo: Any,
     report: dict[str, Any],
     outcome: RunOutcome,

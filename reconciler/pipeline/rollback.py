@@ -16,44 +16,53 @@ or with ``pull --release-hold``.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reconciler.errors import ApplyError, UsageError
+from reconciler.errors import ApplyError, StateError, UsageError
 from reconciler.host.state import LocalState, ManagedFile, load_state, save_state
+from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem, atomic_write
 from reconciler.pipeline.journal import (
-    MANIFEST,
     JournalEntry,
     Manifest,
-    backups_dir,
     restore_entry,
 )
 from reconciler.pipeline.scan import file_sha256, host_path, scan
 
-HOLD = "hold.json"
 
+def read_manifests(state_dir: StateDir) -> list[Manifest]:
+    """Every run's manifest under ``<state_dir>/backups``, oldest first.
 
-def read_manifests(state_dir: Path) -> list[Manifest]:
-    """Every run's manifest under ``<state_dir>/backups``, oldest first."""
-    base = state_dir / "backups"
+    Raises StateError naming a manifest that cannot be read (StateDir's
+    policy: a corrupt record is never skipped silently).
+    """
     try:
-        runs = sorted(p for p in base.iterdir() if (p / MANIFEST).is_file())
+        runs = sorted(p.name for p in state_dir.backups.iterdir() if p.is_dir())
     except FileNotFoundError:
         return []
     out = []
     for run in runs:
+        path = state_dir.manifest(run)
+        raw = state_dir.read_bytes(
+            path, hint=f"remove {state_dir.backup_dir(run)} (its backups go)"
+        )
+        if raw is None:
+            continue  # a run that changed nothing, or whose archive was cut short
         try:
-            out.append(Manifest.from_json((run / MANIFEST).read_bytes()))
-        except (OSError, ValueError, TypeError):
-            continue
+            out.append(Manifest.from_json(raw))
+        except (ValueError, TypeError) as exc:
+            raise StateError(
+                f"unreadable manifest ({exc})",
+                where=str(path),
+                hint=f"remove {state_dir.backup_dir(run)} (its backups go)",
+            ) from exc
     return out
 
 
-def list_backups(state_dir: Path) -> list[dict[str, Any]]:
+def list_backups(state_dir: StateDir) -> list[dict[str, Any]]:
     """Rows for ``reconciler backups``: run, kind, commit, paths, flags."""
     return [
         {
@@ -68,22 +77,17 @@ def list_backups(state_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def read_hold(state_dir: Path) -> dict[str, Any] | None:
-    """The hold left by a rollback, or None."""
-    try:
-        data = json.loads((state_dir / HOLD).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return None
+def read_hold(state_dir: StateDir) -> dict[str, Any] | None:
+    """The hold left by a rollback, or None. Raises StateError when unreadable."""
+    data = state_dir.read_json(
+        state_dir.hold, hint="remove it to lift the hold (the next run re-applies the commit)"
+    )
     return data if isinstance(data, dict) else None
 
 
-def release_hold(state_dir: Path) -> bool:
+def release_hold(state_dir: StateDir) -> bool:
     """Lift the hold; True if there was one."""
-    try:
-        os.unlink(state_dir / HOLD)
-    except FileNotFoundError:
-        return False
-    return True
+    return state_dir.remove(state_dir.hold)
 
 
 def _choose(manifests: list[Manifest], run_id: str | None) -> Manifest:
@@ -102,7 +106,13 @@ def _choose(manifests: list[Manifest], run_id: str | None) -> Manifest:
 
 
 def rollback(
-    state_dir: Path, root: Path, node: str, run_id: str | None, new_run_id: str, *, hold: bool
+    state_dir: StateDir,
+    root: Path,
+    node: str,
+    run_id: str | None,
+    new_run_id: str,
+    *,
+    hold: bool,
 ) -> tuple[Manifest, Manifest, list[str]]:
     """Restore run ``run_id`` (default: the latest run not rolled back yet).
 
@@ -115,8 +125,8 @@ def rollback(
     paths = [PurePosixPath(e.path) for e in chosen.entries]
     actual = scan(root, paths, previous.managed)
     system = RealSystem()
-    run_dir = backups_dir(state_dir, chosen.run_id)
-    own_dir = backups_dir(state_dir, new_run_id)
+    run_dir = state_dir.backup_dir(chosen.run_id)
+    own_dir = state_dir.backup_dir(new_run_id)
 
     own_entries = []
     for e in chosen.entries:
@@ -149,7 +159,7 @@ def rollback(
         entries=tuple(own_entries),
     )
     own_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(own_dir / MANIFEST, own.to_json(), mode=0o600)
+    atomic_write(state_dir.manifest(new_run_id), own.to_json(), mode=0o600)
 
     errors: list[str] = []
     managed = dict(previous.managed)
@@ -194,23 +204,21 @@ def rollback(
         ),
     )
     atomic_write(
-        run_dir / MANIFEST,
+        state_dir.manifest(chosen.run_id),
         replace(chosen, rolled_back_by=new_run_id).to_json(),
         mode=0o600,
     )
     if hold:
-        atomic_write(
-            state_dir / HOLD,
-            json.dumps(
-                {
-                    # The commit a next run would apply again, undoing the rollback.
-                    "commit": current or chosen.commit,
-                    "rolled_back_run": chosen.run_id,
-                    "rollback_run": new_run_id,
-                    "since": dt.datetime.now(dt.UTC).isoformat(),
-                }
-            ).encode(),
-            mode=0o600,
+        state_dir.write_json(
+            state_dir.hold,
+            {
+                # The commit a next run would apply again, undoing the rollback.
+                "commit": current or chosen.commit,
+                "rolled_back_run": chosen.run_id,
+                "rollback_run": new_run_id,
+                "since": dt.datetime.now(dt.UTC).isoformat(),
+            },
+            indent=None,
         )
     if errors and len(errors) == len(chosen.entries):
         raise ApplyError(errors[0])

@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,13 +39,7 @@ from reconciler.git.source import (
 from reconciler.git.transport import callbacks_for, set_net_timeout
 from reconciler.git.trust import verify_commit
 from reconciler.host.state import LocalState, load_state, save_state
-from reconciler.host.statedir import (
-    prune_backups,
-    read_exclude_file,
-    read_inventory_cache,
-    state_lock,
-    write_inventory_cache,
-)
+from reconciler.host.statedir import StateDir, read_exclude_file
 from reconciler.pipeline.capture import drift_captures
 from reconciler.pipeline.facts import gather_facts
 from reconciler.pipeline.journal import (
@@ -141,9 +134,9 @@ def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> Ru
     set_net_timeout(config.net_timeout)
     # Absolute: scripts run with cwd set to their own directory, and
     # RECONCILER_ROOT must mean the same thing there.
-    state_dir = Path(os.path.abspath(config.state_dir))
+    state_dir = StateDir.at(config.state_dir)
     root = Path(os.path.abspath(config.root))
-    with state_lock(state_dir, config.lock_timeout):
+    with state_dir.lock(config.lock_timeout):
         return _run(config, options, url, state_dir, root, callbacks)
 
 
@@ -151,7 +144,7 @@ def _run(
     config: AgentConfig,
     options: RunOptions,
     url: str,
-    state_dir: Path,
+    state_dir: StateDir,
     root: Path,
     callbacks: Any = None,
 ) -> RunOutcome:
@@ -162,7 +155,7 @@ def _run(
     run_id = new_run_id(started)
     facts = gather_facts()
     errors: list[str] = []
-    repo = open_state_repo(state_dir)
+    repo = open_state_repo(state_dir.repo)
     previous = load_state(state_dir)
     recovery: Recovery | None = None
     if not options.dry_run:
@@ -264,7 +257,7 @@ def _run(
         outcome.pushed, outcome.push_error = push_reports(repo, url, config.node, callbacks)
     elif config.report.push:
         outcome.pushed = False
-    prune_backups(state_dir, config.backups.keep)
+    state_dir.prune_backups(config.backups.keep)
     after_run(config, state_dir, repo, report, outcome, duration_s=time.monotonic() - clock)
     return outcome
 
@@ -301,7 +294,7 @@ def _full_run(
     previous: LocalState,
     recovery: Recovery | None,
     errors: list[str],
-    state_dir: Path,
+    state_dir: StateDir,
     root: Path,
 ) -> None:
     """load → render → scan → plan → apply, filling ``run``; raises ReconcilerError.
@@ -317,10 +310,10 @@ def _full_run(
     from reconciler.pipeline.scan import scan
 
     snapshot = GitSnapshot(repo, commit, SourceInfo(url=url, branch=config.branch, commit=commit))
-    cache = read_inventory_cache(state_dir)
+    cache = state_dir.read_inventory_cache()
     before = len(cache)
     inventory = load_inventory(snapshot, cache)
-    write_inventory_cache(state_dir, cache, inventory, changed=len(cache) != before)
+    state_dir.write_inventory_cache(cache, inventory, changed=len(cache) != before)
     node = effective_node(inventory, snapshot, config.node, options.state)
     run.suspended = _suspension(node, started) or held
     if run.suspended:
@@ -329,7 +322,7 @@ def _full_run(
         snapshot,
         node,
         facts,
-        cache_dir=state_dir / "jinja-cache",
+        cache_dir=state_dir.jinja_cache,
         workers=min(os.cpu_count() or 1, 4),
         reuse=functools.partial(written_output, root, previous),
     )
@@ -379,7 +372,7 @@ def _full_run(
             force_post=owed,
         )
     finally:
-        shutil.rmtree(state_dir / "run" / run_id, ignore_errors=True)
+        state_dir.remove_run_dir(run_id)
     errors.extend(applied.errors)
     pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
     if not errors and not pending:
@@ -409,7 +402,7 @@ def _full_run(
         journal.finish()  # only now: the local state matches the disk
 
 
-def _hold(state_dir: Path, commit: str, options: RunOptions) -> dict[str, Any] | None:
+def _hold(state_dir: StateDir, commit: str, options: RunOptions) -> dict[str, Any] | None:
     """A rollback's hold on ``commit`` as a ``suspended`` mapping, or None.
 
     The hold lifts itself when another commit arrives, or with
@@ -434,10 +427,10 @@ def _hold(state_dir: Path, commit: str, options: RunOptions) -> dict[str, Any] |
 
 def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True) -> RunOutcome:
     """``reconciler rollback [RUN_ID]``: restore a run's backups and report it (issue #3)."""
-    state_dir = Path(os.path.abspath(config.state_dir))
+    state_dir = StateDir.at(config.state_dir)
     root = Path(os.path.abspath(config.root))
     set_net_timeout(config.net_timeout)  # its report push holds the lock
-    with state_lock(state_dir, config.lock_timeout):
+    with state_dir.lock(config.lock_timeout):
         started = dt.datetime.now(dt.UTC)
         own_id = new_run_id(started)
         chosen, own, errors = rollback(state_dir, root, config.node, run_id, own_id, hold=hold)
@@ -473,7 +466,7 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
         if not errors:
             report["result"] = "changed"
         outcome = RunOutcome(report=report)
-        repo = open_state_repo(state_dir)
+        repo = open_state_repo(state_dir.repo)
         outcome.report_commit = commit_report(
             repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
         )

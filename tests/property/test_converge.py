@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from reconciler.git.source import DirSnapshot
 from reconciler.host.state import LocalState
+from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
 from reconciler.pipeline.apply import ApplyResult, RunContext, apply_plan
 from reconciler.pipeline.plan import Plan, exclude_matcher, make_plan
@@ -169,7 +170,7 @@ def run_phase(
         commit="0" * 40,
         run_id=run_id,
         root=root,
-        state_dir=base / "state",
+        state_dir=StateDir(base / "state"),
     )
     result = apply_plan(
         plan,

@@ -11,6 +11,7 @@ import pytest
 
 from reconciler.git.source import DirSnapshot
 from reconciler.host.state import LocalState
+from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
 from reconciler.pipeline.apply import ApplyResult, RunContext, apply_plan
 from reconciler.pipeline.plan import Plan, exclude_matcher, make_plan
@@ -57,7 +58,7 @@ def reconcile(
         commit="0" * 40,
         run_id=run_id,
         root=root,
-        state_dir=tmp_path / "state",
+        state_dir=StateDir(tmp_path / "state"),
     )
     result = apply_plan(plan, target, actual, previous, repo, RealSystem(), ctx)
     new = LocalState(node="n", managed=result.managed, created_dirs=tuple(result.created_dirs))
