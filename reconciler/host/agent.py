@@ -1,8 +1,9 @@
 """The long-running agent: ``reconciler run`` (SPEC §3, issue #4).
 
 Takes a way to load the configuration; runs :func:`reconcile_once` at start,
-then every ``interval`` plus this node's ``splay``, scheduled with the
-``schedule`` library. While the source is unreachable the next attempt comes
+then every ``interval`` plus this node's ``splay``: the next run is a
+deadline on the monotonic clock (``time.monotonic() + delay``), so a wall
+clock stepped by NTP or by hand neither skips nor repeats a run. While the source is unreachable the next attempt comes
 sooner, with capped exponential back-off (15 s, 30 s, … up to ``interval``),
 and the run still enforces the last fetched commit meanwhile.
 
@@ -93,11 +94,9 @@ class Agent:
     """Agent is the periodic loop; the only object besides a System with mutable state."""
 
     def __init__(self, load: Callable[[], AgentConfig]) -> None:
-        import schedule
-
         self._load = load
         self.config = load()
-        self._scheduler = schedule.Scheduler()
+        self._next_run = time.monotonic()  # deadline of the next run, monotonic seconds
         self._stop = False
         self._reload = False
         self._now = False
@@ -122,15 +121,14 @@ class Agent:
     # ------------------------------------------------------------ loop
 
     def _schedule(self) -> None:
-        self._scheduler.clear()
+        """Set the next run's deadline: interval + splay, or the back-off after failures."""
         delay = backoff_delay(self._failures, self.config.interval)
         if self._failures == 0:
             delay += splay_offset(self.config.node, self.config.splay)
         else:
             # ±20 %: hosts that lost the server together must not come back in step.
             delay *= random.uniform(0.8, 1.2)
-        # schedule takes float seconds at run time (timedelta); its hint says int.
-        self._scheduler.every(max(delay, 0.05)).seconds.do(self._periodic)  # type: ignore[arg-type]
+        self._next_run = time.monotonic() + max(delay, 0.05)
         self._write_agent_file(delay)
 
     def _write_agent_file(self, delay: float) -> None:
@@ -148,9 +146,6 @@ class Agent:
             state_dir.write_json(state_dir.agent_file, data)
         except OSError as exc:
             log.warning("%s: %s", state_dir.agent_file, exc.strerror)
-
-    def _periodic(self) -> None:
-        self.run_once()
 
     def run_once(self) -> None:
         """One reconcile run; never raises (a broken run is logged and reported)."""
@@ -211,9 +206,13 @@ class Agent:
                 self._now = False
                 self.run_once()
                 continue
-            self._scheduler.run_pending()
-            idle = self._scheduler.idle_seconds
-            time.sleep(min(max(idle if idle is not None else 0.2, 0.01), 0.2))
+            idle = self._next_run - time.monotonic()
+            if idle <= 0:
+                self.run_once()
+                continue
+            # Signal handlers only set flags (PEP 475 resumes the sleep after them):
+            # wake at least every 0.2 s to see a SIGUSR1, SIGHUP or SIGTERM promptly.
+            time.sleep(min(max(idle, 0.01), 0.2))
         log.info("agent stopped after %d runs", self.runs)
         with contextlib.suppress(OSError):
             os.unlink(StateDir.at(self.config.state_dir).agent_file)
