@@ -408,9 +408,10 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from reconciler.host import sdnotify
     from reconciler.host.agent import Agent
 
-    agent = Agent(lambda: _config(args))
+    agent = Agent(lambda: _config(args), notifier=sdnotify.from_os())
     if not agent.config.repo:
         raise UsageError("run: repo is not set — pass --repo URL or set repo: in the config")
     agent.install_signal_handlers()

@@ -140,10 +140,12 @@ def running_agent(
     *args: str,
     interval: str | None = "1s",
     splay: str | None = "0s",
+    env: dict[str, str] | None = None,
 ) -> Iterator[AgentProcess]:
     """``reconciler run`` for ``host`` in the background; killed (with its scripts) at exit.
 
     ``interval``/``splay`` None: not passed, so a ``--config`` file can set them.
+    ``env``: variables added to :func:`reconciler_env` (NOTIFY_SOCKET, …).
     """
     argv = host_argv(host, "run", *args)
     if interval is not None:
@@ -156,7 +158,7 @@ def running_agent(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=reconciler_env(),
+            env={**reconciler_env(), **(env or {})},
             start_new_session=True,  # its own group: teardown reaches its scripts too
         )
     agent = AgentProcess(proc, log_path)
