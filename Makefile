@@ -23,6 +23,15 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+# Parts of the suite, each setting up .venv like `test` (no lint first).
+# Deselect tests that need a tool you lack by marker (README.md, Tests):
+#   make integration PYTEST_ARGS='-m "not sshd and not chromium"'
+unit: $(STAMP)
+	$(BIN)/pytest -q $(PYTEST_ARGS) tests/unit tests/cases tests/property
+
+integration: $(STAMP)
+	$(BIN)/pytest -q $(PYTEST_ARGS) tests/integration
+
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
 
