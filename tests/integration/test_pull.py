@@ -126,7 +126,9 @@ def test_parent_symlink_leading_outside_the_root_is_refused(make_host, tmp_path)
     assert host.path("/etc/motd").is_file()
 
 
-@pytest.mark.parametrize("umask", [0o002, 0o077], ids=["umask-002", "umask-077"])
+@pytest.mark.parametrize(
+    "umask", [0o022, 0o002, 0o077], ids=["umask-022", "umask-002", "umask-077"]
+)
 def test_modes_do_not_depend_on_the_agents_umask(make_host, umask):
     host = make_host("db1")
     old = os.umask(umask)  # inherited by the reconciler subprocess
