@@ -15,11 +15,14 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from reconciler.errors import ConfigError
+
+if TYPE_CHECKING:
+    import argparse
 
 DEFAULT_CONFIG_PATH = Path("/etc/reconciler/config.yaml")
 MODES = ("enforce", "audit")
@@ -252,3 +255,15 @@ def load_config(
     if not config.node or "/" in config.node or config.node.startswith(("_", ".")):
         raise ConfigError(f"{where}: node: {config.node!r} is not a valid node name")
     return config
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The agent configuration for a parsed command line: the file, then the flags (SPEC §2).
+
+    ``args.config`` names the file (else ``RECONCILER_CONFIG``, else the
+    default path); every scalar key the command has a flag for overrides
+    it. A command without some flag simply has no attribute for it: the
+    file's value stands. Raises ConfigError as :func:`load_config`.
+    """
+    overrides = {k: getattr(args, k, None) for k in SCALAR_KEYS}
+    return load_config(getattr(args, "config", None), overrides)

@@ -259,6 +259,15 @@ def fleet(git_daemon: GitDaemon, tmp_path: Path) -> Fleet:
     return Fleet(git_daemon, name, work)
 
 
+# The commands that take fewer of a host's flags than pull, diff and run (a flag a
+# command does not take is a usage error).
+_HOST_FLAGS: dict[str, tuple[str, ...]] = {
+    "status": ("--node", "--state-dir"),
+    "backups": ("--state-dir",),
+    "rollback": ("--repo", "--node", "--root", "--state-dir"),
+}
+
+
 @dataclass
 class Host:
     """One server: its own root, state dir and host-local exclude file."""
@@ -269,27 +278,24 @@ class Host:
     exclude_file: Path
     url: str
 
+    def flags(self, command: str) -> list[str]:
+        """This host's flags that ``command`` takes (reconciler/cli/host.py): ``--repo URL
+        --node N --root R --state-dir S --exclude-file E`` for a run, fewer for the others."""
+        every = {
+            "--repo": self.url,
+            "--node": self.node,
+            "--root": str(self.root),
+            "--state-dir": str(self.state_dir),
+            "--exclude-file": str(self.exclude_file),
+        }
+        taken = _HOST_FLAGS.get(command, tuple(every))
+        return [word for flag in taken for word in (flag, every[flag])]
+
     def run(
         self, command: str, *args: str, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         """``reconciler COMMAND --repo URL --node N --root R --state-dir S … ARGS`` as a subprocess."""
-        argv = [
-            sys.executable,
-            "-m",
-            "reconciler",
-            command,
-            "--repo",
-            self.url,
-            "--node",
-            self.node,
-            "--root",
-            str(self.root),
-            "--state-dir",
-            str(self.state_dir),
-            "--exclude-file",
-            str(self.exclude_file),
-            *args,
-        ]
+        argv = [sys.executable, "-m", "reconciler", command, *self.flags(command), *args]
         env = {k: v for k, v in os.environ.items() if k != "RECONCILER_CONFIG"}
         env["RECONCILER_CONFIG"] = "/dev/null"  # never read the machine's /etc/reconciler
         return subprocess.run(

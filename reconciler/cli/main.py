@@ -1,551 +1,65 @@
-"""Command line (SPEC §3): argparse subcommands; the only place that exits or configures logging.
+"""Command line (SPEC §3): the parser, ``main(argv) -> int`` and dispatch.
 
-``main(argv) -> int`` is what the console script calls and what tests call
-directly. Errors are printed as one line on stderr (no traceback unless
-``--debug``); exit codes: 0 ok, 1 the run failed, 2 bad usage or
-configuration, 3 with ``--detailed-exitcode`` when the run found changes or
-drift.
+The only place that exits or configures logging. ``main`` is what the
+console script calls and what tests call directly. The commands live in one
+module per audience — :mod:`reconciler.cli.host` (a server's own commands)
+and :mod:`reconciler.cli.operators` (an operator's laptop or CI) — each
+registering its subcommands with only the flags that mean something to them
+(:mod:`reconciler.cli.flags`). Errors are printed as one line on stderr (no
+traceback unless ``--debug``); exit codes: 0 ok, 1 the run failed, 2 bad
+usage or configuration, 3 with ``--detailed-exitcode`` when the run found
+changes or drift.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TextIO
 
 from reconciler import __version__
+from reconciler.cli import host, operators
+from reconciler.cli.flags import Parser
+from reconciler.cli.output import configure_logging, error_line
 from reconciler.errors import ReconcilerError, UsageError
 
 log = logging.getLogger("reconciler")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} — see {self.prog} --help")
-
-
-def _common() -> _Parser:
-    """Flags every subcommand takes; they come after the subcommand (SPEC §6)."""
-    p = _Parser(add_help=False)
-    g = p.add_argument_group("configuration (a flag wins over the config file)")
-    g.add_argument("--config", metavar="PATH", help="agent configuration file")
-    g.add_argument("--repo", help="desired-state repository URL or path")
-    g.add_argument("--branch")
-    g.add_argument("--node", help="this host's node name (default: short hostname)")
-    g.add_argument("--root", help="destinations are rooted here (default /)")
-    g.add_argument("--state-dir", dest="state_dir")
-    g.add_argument("--mode", choices=("enforce", "audit"))
-    g.add_argument("--exclude-file", dest="exclude_file")
-    g.add_argument("--interval")
-    g.add_argument("--splay")
-    g.add_argument("--lock-timeout", dest="lock_timeout")
-    g.add_argument("--boot-timeout", dest="boot_timeout")
-    g.add_argument("--net-timeout", dest="net_timeout", help="git connect/read timeout")
-    g.add_argument(
-        "--allow-rewind", dest="allow_rewind", action="store_const", const=True, default=None
-    )
-    o = p.add_argument_group("output")
-    o.add_argument("--format", choices=("text", "json"), default="text")
-    o.add_argument("--verbose", "-v", action="store_true", help="log every write and script")
-    o.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
-    o.add_argument(
-        "--log-format", choices=("text", "json"), default="text", help="json: for log shippers"
-    )
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line of SPEC §3 implemented so far."""
-    common = _common()
-    parser = _Parser(prog="reconciler", description="Pull-based GitOps agent for Linux servers.")
+    """The whole command line of SPEC §3 implemented so far.
+
+    Each subcommand's parser carries its handler as ``handler``: a callable
+    ``(args, out, err) -> int`` that raises ReconcilerError.
+    """
+    parser = Parser(prog="reconciler", description="Pull-based GitOps agent for Linux servers.")
     parser.add_argument("--version", action="version", version=f"reconciler {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-
-    pull = sub.add_parser("pull", parents=[common], help="one reconcile run for this node")
-    pull.add_argument("--dry-run", action="store_true", help="plan and report to stdout only")
-    pull.add_argument("--state", help="apply state S for this run")
-    pull.add_argument("--boot", action="store_true", help="first run at boot")
-    pull.add_argument("--detailed-exitcode", action="store_true", help="exit 3 on changes/drift")
-    pull.add_argument(
-        "--release-hold", action="store_true", help="re-apply the commit a rollback held back"
-    )
-
-    diff = sub.add_parser("diff", parents=[common], help="print the plan as unified diffs")
-    diff.add_argument("--state", help="diff against state S")
-
-    render = sub.add_parser("render", parents=[common], help="target state of a node")
-    render.add_argument("node_name", nargs="?", metavar="NODE")
-    render.add_argument("--out", metavar="DIR", help="write the files under DIR")
-    render.add_argument("--state", help="render state S")
-
-    sub.add_parser("validate", parents=[common], help="check a desired-state repository")
-    sub.add_parser("hosts", parents=[common], help="nodes and meta-nodes with members")
-    sub.add_parser("status", parents=[common], help="this host's last run")
-    sub.add_parser("backups", parents=[common], help="runs whose backups are kept")
-    run = sub.add_parser("run", parents=[common], help="the agent: run now, then periodically")
-    run.add_argument("--max-runs", type=int, help=argparse.SUPPRESS)  # soak benchmark, tests
-    units = sub.add_parser("install-units", parents=[common], help="write the systemd units")
-    units.add_argument("--dest", default="/etc/systemd/system", metavar="DIR")
-    rollback = sub.add_parser("rollback", parents=[common], help="restore a run's backups")
-    rollback.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the last run")
-    rollback.add_argument(
-        "--no-hold", dest="hold", action="store_false", help="let the next run re-apply at once"
-    )
-
-    from reconciler.cli.operators import add_commands
-
-    COMMANDS.update(add_commands(sub, common))
+    host.add_commands(sub)
+    operators.add_commands(sub)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """The agent configuration: file, then the flags (SPEC §2). Raises ConfigError."""
-    from reconciler.config import SCALAR_KEYS, load_config
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``); raises UsageError (exit 2).
 
-    overrides = {k: getattr(args, k, None) for k in SCALAR_KEYS}
-    return load_config(args.config, overrides)
-
-
-_config = config_from_args
-
-
-def _emit_json(data: Any, out: TextIO) -> None:
-    json.dump(data, out, indent=2)
-    out.write("\n")
-
-
-# ------------------------------------------------------------------- pull/diff
-
-_SYMBOL = {"create": "+", "update": "~", "delete": "-", "chmod": "m", "chown": "o"}
-
-
-def _print_run(outcome: Any, out: TextIO) -> None:
-    report = outcome.report
-    src = report["source"]
-    commit = (src["commit"] or "none")[:12]
-    if src["fetched"]:
-        fetched = ""
-    elif src["commit"]:
-        fetched = ", NOT fetched: using the last fetched commit"
-    else:
-        fetched = ", NOT fetched: no commit fetched yet, nothing applied"
-    out.write(f"{report['node']}: {src['branch']} at {commit}{fetched}\n")
-    if report.get("suspended"):
-        out.write(f"  suspended: {report['suspended'].get('reason', '')} — nothing is changed\n")
-    for c in report["changes"]:
-        status = "" if c["applied"] else "  (not applied)"
-        reason = c["reason"]
-        kinds = [d["kind"] for d in report["drift"] if d["path"] == c["path"]]
-        if kinds:
-            reason += f": {', '.join(kinds)}"
-        detail = f"  {c['detail']}" if c.get("detail") else ""
-        out.write(
-            f"  {_SYMBOL.get(c['action'], '?')} {c['action']:<6} {c['path']}  "
-            f"[{c['app']}, {reason}]{detail}{status}\n"
-        )
-    planned = {c["path"] for c in report["changes"]}
-    for d in report["drift"]:
-        if d["path"] not in planned:
-            out.write(f"  ! drift  {d['path']}  [{d['kind']}, left alone by policy]\n")
-    for s in report["scripts"]:
-        state = "timed out" if s["timed_out"] else f"exit {s['exit_code']}"
-        if s["exit_code"] is None and not s["timed_out"]:
-            state = "not run (dry-run)"
-        out.write(f"  > {s['phase']:<4} {s['app']}/{s['name']}: {state} ({s['duration_s']}s)\n")
-    if report["excluded"]:
-        out.write(f"  excluded ({len(report['excluded'])}): {', '.join(report['excluded'])}\n")
-    changed = sum(1 for c in report["changes"] if c["applied"])
-    drifted = len({d["path"] for d in report["drift"]})
-    line = f"result: {report['result']} ({changed} changed, {drifted} drifted)"
-    if report.get("dry_run"):
-        line += " — dry-run, nothing changed"
-    elif outcome.report_commit:
-        line += f"; report {outcome.report_commit[:12]} on reports/{report['node']}"
-        if outcome.pushed is False:
-            line += " (push failed: queued for the next run)"
-    else:
-        line += "; report unchanged, no commit"
-    out.write(line + "\n")
-
-
-def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.pipeline.run import RunOptions, reconcile_once
-
-    config = _config(args)
-    options = RunOptions(
-        dry_run=args.dry_run, state=args.state, boot=args.boot, release_hold=args.release_hold
-    )
-    outcome = reconcile_once(config, options)
-    if args.format == "json":
-        _emit_json(outcome.report, out)
-    else:
-        _print_run(outcome, out)
-    for error in outcome.report["errors"]:
-        # SPEC §3: the line names the node too (on a shared log, many hosts' lines mix).
-        _error_line(err, f"node {config.node}: {error}", args.log_format)
-    if outcome.result == "failed":
-        return 1
-    if args.detailed_exitcode and outcome.result in ("changed", "drift"):
-        return 3
-    return 0
-
-
-def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.host.state import load_state
-    from reconciler.host.statedir import StateDir
-    from reconciler.ops.history import file_diff
-    from reconciler.pipeline.plan import is_secret
-    from reconciler.pipeline.run import RunOptions, reconcile_once
-    from reconciler.pipeline.scan import host_path
-
-    config = _config(args)
-    outcome = reconcile_once(config, RunOptions(dry_run=True, state=args.state))
-    for error in outcome.report["errors"]:
-        err.write(f"reconciler: node {config.node}: {error}\n")
-    if outcome.plan is None or outcome.target is None:
-        return 1
-    root = Path(config.root)
-    # A path that was secret stays secret when it is deleted or stops being one.
-    managed = load_state(StateDir.at(config.state_dir)).managed
-    chunks = []
-    for change in outcome.plan.changes:
-        t = outcome.target.files.get(change.path)
-        secret = is_secret(change.path, outcome.target, managed)
-        old: bytes | None = None
-        if outcome.actual[change.path].kind == "file":
-            old = host_path(root, change.path).read_bytes()
-        new = t.content if (t is not None and change.action != "delete") else None
-        if change.action in ("chmod", "chown"):
-            chunks.append(f"{change.action} {change.path}: {change.detail}\n")
-            continue
-        chunks.append(file_diff(str(change.path), old, new, secret=secret))
-    if args.format == "json":
-        _emit_json({"report": outcome.report, "diff": "".join(chunks)}, out)
-    else:
-        out.write("".join(chunks))
-        if not chunks:
-            out.write(f"{config.node}: no changes\n")
-    return 1 if outcome.result == "failed" else 0
-
-
-# ------------------------------------------------------ working-tree commands
-
-
-def _tree(args: argparse.Namespace) -> Any:
-    from reconciler.git.source import DirSnapshot
-
-    path = Path(args.repo or ".")
-    if not path.is_dir():
-        raise UsageError(f"--repo {path}: not a directory — give a working tree of the repository")
-    return DirSnapshot(path.resolve())
-
-
-def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.host.system import atomic_write
-    from reconciler.pipeline.facts import gather_facts
-    from reconciler.pipeline.inventory import effective_node, load_inventory
-    from reconciler.pipeline.render import render_target
-
-    snapshot = _tree(args)
-    name = args.node_name or args.node or _config(args).node
-    inventory = load_inventory(snapshot)
-    node = effective_node(inventory, snapshot, name, args.state)
-    target = render_target(snapshot, node, gather_facts())
-    if args.out:
-        base = Path(args.out)
-        for path, t in target.files.items():
-            dest = base.joinpath(*path.parts[1:])
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(dest, t.content, mode=t.mode)
-    rows = [
-        {
-            "path": str(t.path),
-            "mode": f"{t.mode:04o}",
-            "owner": t.owner,
-            "group": t.group,
-            "size": len(t.content),
-            "sha256": hashlib.sha256(t.content).hexdigest(),
-            "app": t.app,
-            "template": t.template,
-            "secret": t.secret,
-            "policy": t.policy,
-        }
-        for t in target.files.values()
-    ]
-    if args.format == "json":
-        _emit_json({"node": name, "state": node.state, "files": rows}, out)
-        return 0
-    for r in rows:
-        owner = f"{r['owner'] or '-'}:{r['group'] or '-'}"
-        out.write(f"{r['mode']} {owner:<14} {r['path']}  [{r['app']}]\n")
-    where = f" into {args.out}" if args.out else ""
-    out.write(f"{name}: {len(rows)} files rendered{where}\n")
-    return 0
-
-
-def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Check a working tree: every host-file problem and every render error at once.
-
-    Host files are checked first (:func:`~reconciler.pipeline.inventory.check_hosts`);
-    then every node whose own file, meta-nodes and ``_defaults`` are valid is
-    rendered, so an invalid file elsewhere does not hide a broken template.
-    Exit 1 when anything is wrong (SPEC §3, §6).
+    A flag the command does not take is named with the command, in one line:
+    ``hosts: --splay: not a flag of reconciler hosts — see reconciler hosts
+    --help`` (argparse alone would name neither the command nor its help).
     """
-    from reconciler.pipeline.facts import gather_facts
-    from reconciler.pipeline.inventory import check_hosts, effective_node
-    from reconciler.pipeline.render import render_target
-
-    snapshot = _tree(args)
-    check = check_hosts(snapshot)
-    problems = list(check.problems)
-    inventory = check.inventory
-    rendered = 0
-    if check.renderable:
-        facts = gather_facts()
-        for name in check.renderable:
-            try:
-                node = effective_node(inventory, snapshot, name)
-                rendered += len(render_target(snapshot, node, facts).files)
-            except ReconcilerError as exc:
-                problems.append(f"{exc} [node {name}]")
-    if args.format == "json":
-        _emit_json({"ok": not problems, "problems": problems, "files_rendered": rendered}, out)
-    else:
-        for problem in problems:
-            err.write(f"{problem}\n")
-        if not problems:
-            out.write(
-                f"ok: {len(inventory.nodes)} nodes, {len(inventory.meta_nodes)} meta-nodes, "
-                f"{rendered} files rendered\n"
-            )
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        command = f"reconciler {args.command}"
+        unknown = [word.split("=", 1)[0] for word in extra if word.startswith("-")]
+        if unknown:
+            problem = f"{', '.join(unknown)}: not a flag of {command}"
         else:
-            out.write(f"{len(problems)} problem(s)\n")
-    return 1 if problems else 0
-
-
-def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.pipeline.inventory import load_inventory
-
-    snapshot = _tree(args)
-    inventory = load_inventory(snapshot)
-    data = {
-        "nodes": [{"name": n, "meta_nodes": inventory.containing(n)} for n in inventory.nodes],
-        "meta_nodes": [
-            {
-                "name": m,
-                "include_nodes": list(inventory.files[m].data["include_nodes"]),
-                "members": inventory.members(m),
-            }
-            for m in inventory.meta_nodes
-        ],
-    }
-    if args.format == "json":
-        _emit_json(data, out)
-        return 0
-    for n in data["nodes"]:
-        out.write(f"node  {n['name']:<20} in {', '.join(n['meta_nodes']) or '-'}\n")
-    for m in data["meta_nodes"]:
-        out.write(f"meta  {m['name']:<20} = {', '.join(m['members'])}\n")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.host.agent import agent_running, read_agent_file
-    from reconciler.host.statedir import StateDir
-    from reconciler.report import read_last_run
-
-    config = _config(args)
-    state_dir = StateDir.at(config.state_dir)
-    last = read_last_run(state_dir)
-    agent = read_agent_file(state_dir)
-    # agent.json outlives a killed agent: a dead pid has no next run.
-    stale = agent if agent is not None and not agent_running(agent) else None
-    if stale is not None:
-        agent = None
-    if last is None:
-        if args.format == "json":
-            _emit_json({"node": config.node, "last_run": None}, out)
-        else:
-            out.write(f"{config.node}: no run yet (state dir {config.state_dir})\n")
-        return 0
-    if args.format == "json":
-        _emit_json({**last, "agent": agent}, out)
-        return 0
-    changed = sum(1 for c in last["changes"] if c["applied"])
-    drifted = len({d["path"] for d in last["drift"]})
-    out.write(
-        f"node:       {last['node']}\n"
-        f"last run:   {last['finished_at']} ({last['run_id']})\n"
-        f"result:     {last['result']} ({changed} changed, {drifted} drifted)\n"
-        f"source:     {last['source']['url']} {last['source']['branch']} "
-        f"{(last['source']['commit'] or 'none')[:12]}"
-        f"{'' if last['source']['fetched'] else ' (not fetched)'}\n"
-        f"applied:    {(last.get('applied_commit') or 'none')[:12]}\n"
-        f"report:     {(last.get('report_commit') or 'unchanged')[:12]}"
-        f"{' (push pending)' if last.get('pushed') is False else ''}\n"
-    )
-    queued = last.get("queued")
-    if queued:
-        out.write(f"queued:     {queued} report commit(s) waiting to be pushed\n")
-    if agent:
-        out.write(f"next run:   {agent['next_run_at']} (agent pid {agent['pid']})\n")
-    elif stale is not None:
-        out.write(
-            f"next run:   none, agent not running (pid {stale.get('pid')} in agent.json "
-            "is gone) — start reconciler run or the timer\n"
-        )
-    else:
-        out.write("next run:   no agent running (reconciler run / the timer)\n")
-    for error in last["errors"]:
-        out.write(f"error:      {error}\n")
-    return 0
-
-
-def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.host import sdnotify
-    from reconciler.host.agent import Agent
-
-    agent = Agent(lambda: _config(args), notifier=sdnotify.from_os())
-    if not agent.config.repo:
-        raise UsageError("run: repo is not set — pass --repo URL or set repo: in the config")
-    agent.install_signal_handlers()
-    return agent.serve(max_runs=args.max_runs)
-
-
-def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    import shlex
-    import shutil
-    from importlib import resources
-
-    from reconciler.host.system import atomic_write
-
-    exe = shutil.which("reconciler") or f"{sys.executable} -m reconciler"
-    # Flags come after the subcommand (SPEC §6): appended to each ExecStart line.
-    extra = f" --config {shlex.quote(str(Path(args.config).resolve()))}" if args.config else ""
-    dest = Path(args.dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    units = resources.files("reconciler") / "units"
-    for unit in sorted(units.iterdir(), key=lambda u: u.name):
-        text = unit.read_text(encoding="utf-8").replace("{exec}", exe)
-        text = "\n".join(
-            line + extra if line.startswith("ExecStart=") else line for line in text.split("\n")
-        )
-        atomic_write(dest / unit.name, text.encode(), mode=0o644)
-        out.write(f"wrote {dest / unit.name}\n")
-    out.write(
-        "enable one of: systemctl enable --now reconciler-boot.service reconciler.service\n"
-        "           or: systemctl enable --now reconciler-boot.service reconciler-pull.timer\n"
-    )
-    return 0
-
-
-def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.host.statedir import StateDir
-    from reconciler.pipeline.rollback import list_backups, read_hold
-
-    config = _config(args)
-    state_dir = StateDir.at(config.state_dir)
-    rows = list_backups(state_dir)
-    hold = read_hold(state_dir)
-    if args.format == "json":
-        _emit_json({"backups": rows, "hold": hold}, out)
-        return 0
-    for r in rows:
-        flags = [f for f in ("interrupted" if r["interrupted"] else "",) if f]
-        if r["rolled_back_by"]:
-            flags.append(f"rolled back by {r['rolled_back_by']}")
-        out.write(
-            f"{r['run_id']}  {r['kind']:<8} {r['commit'][:12]:<12} {r['paths']:>5} paths"
-            f"{'  (' + ', '.join(flags) + ')' if flags else ''}\n"
-        )
-    if not rows:
-        out.write(f"no backups kept in {state_dir.backups}\n")
-    if hold:
-        out.write(
-            f"hold: commit {str(hold.get('commit'))[:12]} is not re-applied "
-            f"(rollback {hold.get('rollback_run')})\n"
-        )
-    return 0
-
-
-def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.pipeline.run import rollback_once
-
-    config = _config(args)
-    outcome = rollback_once(config, args.run_id, hold=args.hold)
-    if args.format == "json":
-        _emit_json(outcome.report, out)
-    else:
-        rolled = outcome.report["rollback"]["run_id"]
-        for c in outcome.report["changes"]:
-            mark = "" if c["applied"] else "  (FAILED)"
-            out.write(f"  restored {c['path']}{mark}\n")
-        out.write(f"rolled back run {rolled}: {len(outcome.report['changes'])} paths restored")
-        out.write("; held until a new commit arrives\n" if args.hold else "\n")
-    for error in outcome.report["errors"]:
-        err.write(f"reconciler: node {config.node}: {error}\n")
-    return 1 if outcome.report["errors"] else 0
-
-
-def _error_line(err: TextIO, message: str, log_format: str) -> None:
-    """One error on stderr: a plain line, or a JSON object with --log-format json."""
-    if log_format == "json":
-        err.write(json.dumps({"level": "error", "logger": "reconciler", "msg": message}) + "\n")
-    else:
-        err.write(f"reconciler: {message}\n")
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: for journald export and log shippers."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data)
-
-
-def _configure_logging(level: int, stream: TextIO, fmt: str) -> None:
-    """One line per event on stderr (journald adds time and unit itself)."""
-    handler = logging.StreamHandler(stream)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("reconciler: %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-    # urllib3 (under requests, for webhook and ping) logs request paths at
-    # DEBUG and whole URLs in some warnings; those paths hold the secret of
-    # Slack- or Discord-style webhooks. notify.py logs what matters itself.
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
-
-
-COMMANDS = {
-    "pull": cmd_pull,
-    "diff": cmd_diff,
-    "render": cmd_render,
-    "validate": cmd_validate,
-    "hosts": cmd_hosts,
-    "status": cmd_status,
-    "backups": cmd_backups,
-    "run": cmd_run,
-    "install-units": cmd_install_units,
-    "rollback": cmd_rollback,
-}
+            problem = f"unexpected argument {' '.join(extra)}"
+        raise UsageError(f"{args.command}: {problem} — see {command} --help")
+    return args
 
 
 def main(
@@ -561,17 +75,18 @@ def main(
     wants_json = "--log-format=json" in words or ("--log-format", "json") in pairs
     log_format = "json" if wants_json else "text"
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         debug = args.debug
         log_format = args.log_format
         verbose = args.verbose or args.command == "run"  # the agent logs each run
         level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-        _configure_logging(level, err, args.log_format)
-        return COMMANDS[args.command](args, out, err)
+        configure_logging(level, err, args.log_format)
+        code: int = args.handler(args, out, err)
+        return code
     except ReconcilerError as exc:
         if debug:
             log.exception("failed")
-        _error_line(err, str(exc), log_format)
+        error_line(err, str(exc), log_format)
         return exc.exit_code
     except SystemExit as exc:  # argparse's --help and --version
         return exc.code if isinstance(exc.code, int) else 0

@@ -1,7 +1,8 @@
 """The operators' side (issue #6): commands run from a laptop holding a clone.
 
 Reads report branches and the desired-state repository; never touches a
-host's root. Subcommands are registered into the CLI by :func:`add_commands`:
+host's root. :func:`add_commands` registers the subcommands, each with the
+flags it takes (:mod:`reconciler.cli.flags`):
 
 =========================  ==================================================
 ``fleet [NODE|META]``      every node's last report (SPEC §3, §6); text, json, html
@@ -15,50 +16,43 @@ host's root. Subcommands are registered into the CLI by :func:`add_commands`:
 =========================  ==================================================
 
 ``--repo`` is the desired-state repository URL or path, fetched into a cache
-(:mod:`reconciler.ops.fleet`) — except for ``impact``, which reads the git
-repository of a local working tree (SPEC §6). Handlers take
+(:mod:`reconciler.ops.fleet`; ``--state-dir DIR`` puts it in DIR) — except
+for ``impact``, which reads the git repository of a local working tree
+(SPEC §6). Handlers take
 ``(args, out, err)``, return the exit code and raise ReconcilerError.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from reconciler.cli.flags import OUTPUT, SOURCE, flags
+from reconciler.cli.output import emit_json
+from reconciler.config import config_from_args
 from reconciler.errors import ReconcilerError, UsageError
-
-Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
-
-
-def _config(args: argparse.Namespace) -> Any:
-    """The agent configuration with flag overrides: the CLI's own (SPEC §2)."""
-    from reconciler.cli.main import config_from_args
-
-    return config_from_args(args)
 
 
 def _upstream(args: argparse.Namespace) -> Any:
     from reconciler.git.transport import set_net_timeout
     from reconciler.ops.fleet import open_upstream
 
-    config = _config(args)
+    config = config_from_args(args)
     set_net_timeout(config.net_timeout)  # a hung server must not hang an operator's shell
     return open_upstream(config.repo, config.branch, args.state_dir, config.auth)
 
 
 def _emit(data: Any, out: TextIO) -> None:
-    json.dump(data, out, indent=2, ensure_ascii=False)
-    out.write("\n")
+    emit_json(data, out, ensure_ascii=False)
 
 
 def _now() -> dt.datetime:
@@ -83,7 +77,7 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         summary,
     )
 
-    config = _config(args)
+    config = config_from_args(args)
     up = _upstream(args)
     head = fetch_upstream(up)
     inventory, problem = load_head_inventory(up, head)
@@ -547,54 +541,68 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 # ------------------------------------------------------------------- parsers
 
 
-def add_commands(
-    sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
-) -> dict[str, Handler]:
-    """Add the operator subcommands to ``sub``; return name → handler."""
+def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add the operators' subcommands to ``sub``, each with its flags and handler."""
+    # Commands that fetch the desired-state repository into the operator's cache.
+    upstream = (*SOURCE, "cache_dir")
+
     fleet = sub.add_parser(
         "fleet",
-        # A private copy of the common flags: "resolve" edits the parent's
-        # --format action in place, and every other command shares that one.
-        parents=[copy.deepcopy(common)],
-        conflict_handler="resolve",  # --format gains html
+        # --interval: the default --stale-after is derived from it.
+        parents=[flags(*upstream, "interval", *OUTPUT, formats=("text", "json", "html"))],
         help="every node's last report, from the reports/* branches",
     )
     fleet.add_argument("target", nargs="?", metavar="NODE|META", help="only this node or group")
-    fleet.add_argument("--format", choices=("text", "json", "html"), default="text")
     fleet.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
     fleet.add_argument(
         "--stale-after",
         metavar="DURATION",
         help="a report older than this is stale (default: report.heartbeat + 3 × interval)",
     )
+    fleet.set_defaults(handler=cmd_fleet)
 
-    log = sub.add_parser("log", parents=[common], help="a node's report history")
+    log = sub.add_parser("log", parents=[flags(*upstream, *OUTPUT)], help="a node's report history")
     log.add_argument("target", metavar="NODE")
     log.add_argument("--limit", type=int, default=50, help="at most N reports (default 50)")
+    log.set_defaults(handler=cmd_log)
 
-    show = sub.add_parser("show", parents=[common], help="one report with its drift diffs")
+    show = sub.add_parser(
+        "show", parents=[flags(*upstream, *OUTPUT)], help="one report with its drift diffs"
+    )
     show.add_argument("target", metavar="NODE")
     show.add_argument(
         "run", nargs="?", metavar="RUN", help="run id or report commit; default latest"
     )
+    show.set_defaults(handler=cmd_show)
 
-    push = sub.add_parser("push", parents=[common], help='commit "NODE → STATE" and push it')
+    push = sub.add_parser(
+        "push", parents=[flags(*upstream, *OUTPUT)], help='commit "NODE → STATE" and push it'
+    )
     push.add_argument("target", metavar="NODE", help="a node or a meta-node")
     push.add_argument("state", metavar="STATE")
+    push.set_defaults(handler=cmd_push)
 
-    suspend = sub.add_parser("suspend", parents=[common], help="commit suspended: for a node")
+    suspend = sub.add_parser(
+        "suspend", parents=[flags(*upstream, *OUTPUT)], help="commit suspended: for a node"
+    )
     suspend.add_argument("target", metavar="NODE", help="a node or a meta-node")
     suspend.add_argument("--reason", required=True, help="why (shown by fleet and in reports)")
     suspend.add_argument("--until", help="ISO 8601 time or a duration from now (2d)")
+    suspend.set_defaults(handler=cmd_suspend)
 
-    resume = sub.add_parser("resume", parents=[common], help="lift suspended: for a node")
+    resume = sub.add_parser(
+        "resume", parents=[flags(*upstream, *OUTPUT)], help="lift suspended: for a node"
+    )
     resume.add_argument("target", metavar="NODE", help="a node or a meta-node")
+    resume.set_defaults(handler=cmd_resume)
 
     for p in (push, suspend, resume):
         p.add_argument("--no-push", action="store_true", help="commit in the cache only")
         p.add_argument("--message", "-m", help="commit message instead of the default")
 
-    trigger = sub.add_parser("trigger", parents=[common], help="ask hosts to run now, over SSH")
+    trigger = sub.add_parser(
+        "trigger", parents=[flags(*upstream, *OUTPUT)], help="ask hosts to run now, over SSH"
+    )
     trigger.add_argument("target", metavar="NODE|META")
     trigger.add_argument("--ssh-user", help="remote user (default: ssh's own choice)")
     trigger.add_argument("--parallel", type=int, default=10, help="hosts at a time (default 10)")
@@ -608,9 +616,12 @@ def add_commands(
     trigger.add_argument(
         "--ssh-option", action="append", default=[], metavar="OPT", help="passed as ssh -o OPT"
     )
+    trigger.set_defaults(handler=cmd_trigger)
 
     impact = sub.add_parser(
-        "impact", parents=[common], help="per node, the files a range of commits changes"
+        "impact",
+        parents=[flags("tree_repo", *OUTPUT)],
+        help="per node, the files a range of commits changes",
     )
     impact.add_argument(
         "range",
@@ -622,21 +633,13 @@ def add_commands(
     impact.add_argument(
         "--worktree", action="store_true", help="compare BASE (default HEAD) with the files on disk"
     )
+    impact.set_defaults(handler=cmd_impact)
 
-    adopt = sub.add_parser("adopt", parents=[common], help="a captured drifted file onto a branch")
+    adopt = sub.add_parser(
+        "adopt", parents=[flags(*upstream, *OUTPUT)], help="a captured drifted file onto a branch"
+    )
     adopt.add_argument("target", metavar="NODE")
     adopt.add_argument("path", metavar="PATH", help="destination path, e.g. /etc/motd")
     adopt.add_argument("--run", help="take the capture of this run (default: the newest)")
     adopt.add_argument("--no-push", action="store_true", help="create the branch in the cache only")
-
-    return {
-        "fleet": cmd_fleet,
-        "log": cmd_log,
-        "show": cmd_show,
-        "push": cmd_push,
-        "suspend": cmd_suspend,
-        "resume": cmd_resume,
-        "trigger": cmd_trigger,
-        "impact": cmd_impact,
-        "adopt": cmd_adopt,
-    }
+    adopt.set_defaults(handler=cmd_adopt)

@@ -56,23 +56,7 @@ def reconciler_env() -> dict[str, str]:
 
 def host_argv(host: Host, command: str, *args: str) -> list[str]:
     """``python -m reconciler COMMAND --repo … --exclude-file … ARGS``, as ``Host.run``."""
-    return [
-        sys.executable,
-        "-m",
-        "reconciler",
-        command,
-        "--repo",
-        host.url,
-        "--node",
-        host.node,
-        "--root",
-        str(host.root),
-        "--state-dir",
-        str(host.state_dir),
-        "--exclude-file",
-        str(host.exclude_file),
-        *args,
-    ]
+    return [sys.executable, "-m", "reconciler", command, *host.flags(command), *args]
 
 
 @dataclass(frozen=True)

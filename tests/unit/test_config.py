@@ -239,8 +239,8 @@ def empty_config(tmp_path):
         pytest.param(["pull", "--format", "yaml"], "yaml", id="bad-format"),
         pytest.param(["pull", "--config", "{config}"], "repo", id="pull-without-repo"),
         pytest.param(
-            ["pull", "--config", "{config}", "--repo", "file:///x", "--interval", "soon"],
-            "interval",
+            ["pull", "--config", "{config}", "--repo", "file:///x", "--lock-timeout", "soon"],
+            "lock_timeout",
             id="bad-duration-flag",
         ),
         pytest.param(["status", "--config", "{missing}"], "missing.yaml", id="missing-config"),

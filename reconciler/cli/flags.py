@@ -1,0 +1,143 @@
+"""The command line's shared flags, and which command takes which (SPEC §2, §3).
+
+Every top-level configuration key has a flag of the same name (SPEC §2), but
+a flag belongs only to the commands it means something to: ``reconciler
+hosts --splay 5m`` is a usage error (exit 2), not a flag silently ignored.
+:func:`flags` builds an argparse parent holding the named flags, under
+headings; the command modules pass it as ``parents=[…]``. The name tuples
+below are the groups the commands combine:
+
+==============  =======================================================
+``SOURCE``      the desired-state repository, fetched: ``--repo URL``,
+                ``--branch``, ``--net-timeout``
+``HOST``        this host's run: ``--node``, ``--root``, ``--state-dir``,
+                ``--lock-timeout``
+``POLICY``      what a run may do: ``--mode``, ``--exclude-file``,
+                ``--allow-rewind``
+``OUTPUT``      ``--format``, for the commands that print data (SPEC §3)
+==============  =======================================================
+
+``--config`` and the logging flags (``--verbose``, ``--debug``,
+``--log-format``, read by ``main``) go to every command: ``RECONCILER_CONFIG`` applies to every command
+alike, and scripts pass ``--config`` uniformly; a command that reads no
+configuration ignores it. ``tree_repo`` is ``--repo DIR`` for the commands
+that read a working tree, ``cache_dir`` is ``--state-dir DIR`` for the
+operators' cache (docs/operators.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from reconciler.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """A Parser turns argparse's usage errors into UsageError (exit 2, one line).
+
+    Abbreviated long flags are not accepted: with per-command flags, a prefix
+    of another command's flag must not land silently on one of this
+    command's (``status --state S`` would have become ``--state-dir S``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Raise UsageError: ``MESSAGE — see PROG --help``."""
+        raise UsageError(f"{message} — see {self.prog} --help")
+
+
+_CONFIGURATION = "configuration (a flag wins over the config file)"
+_SOURCE = "desired-state repository"
+_HOST = "this host"
+_SCHEDULE = "schedule"
+_OUTPUT = "output"
+
+# name → (heading, option strings, add_argument keywords)
+_FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
+    "config": (_CONFIGURATION, ("--config",), {"metavar": "PATH", "help": "agent config file"}),
+    "repo": (_SOURCE, ("--repo",), {"help": "desired-state repository URL or path"}),
+    "tree_repo": (
+        _SOURCE,
+        ("--repo",),
+        {"metavar": "DIR", "help": "working tree of the repository (default: .)"},
+    ),
+    "branch": (_SOURCE, ("--branch",), {}),
+    "net_timeout": (
+        _SOURCE,
+        ("--net-timeout",),
+        {"dest": "net_timeout", "help": "git connect/read timeout"},
+    ),
+    "allow_rewind": (
+        _SOURCE,
+        ("--allow-rewind",),
+        {
+            "dest": "allow_rewind",
+            "action": "store_const",
+            "const": True,
+            "default": None,
+            "help": "accept a branch that moved backwards (SPEC §4)",
+        },
+    ),
+    "node": (_HOST, ("--node",), {"help": "this host's node name (default: short hostname)"}),
+    "root": (_HOST, ("--root",), {"help": "destinations are rooted here (default /)"}),
+    "state_dir": (_HOST, ("--state-dir",), {"dest": "state_dir"}),
+    "cache_dir": (
+        _HOST,
+        ("--state-dir",),
+        {"dest": "state_dir", "metavar": "DIR", "help": "keep the cache in DIR/operator.git"},
+    ),
+    "mode": (_HOST, ("--mode",), {"choices": ("enforce", "audit")}),
+    "exclude_file": (_HOST, ("--exclude-file",), {"dest": "exclude_file"}),
+    "lock_timeout": (_HOST, ("--lock-timeout",), {"dest": "lock_timeout"}),
+    "interval": (_SCHEDULE, ("--interval",), {}),
+    "splay": (_SCHEDULE, ("--splay",), {}),
+    "boot_timeout": (_SCHEDULE, ("--boot-timeout",), {"dest": "boot_timeout"}),
+    "format": (_OUTPUT, ("--format",), {}),  # choices: flags(formats=…)
+    "verbose": (
+        _OUTPUT,
+        ("--verbose", "-v"),
+        {"action": "store_true", "help": "log every write and script"},
+    ),
+    "debug": (
+        _OUTPUT,
+        ("--debug",),
+        {"action": "store_true", "help": "debug logging and tracebacks"},
+    ),
+    "log_format": (
+        _OUTPUT,
+        ("--log-format",),
+        {"choices": ("text", "json"), "default": "text", "help": "json: for log shippers"},
+    ),
+}
+
+SOURCE = ("repo", "branch", "net_timeout")
+HOST = ("node", "root", "state_dir", "lock_timeout")
+POLICY = ("mode", "exclude_file", "allow_rewind")
+OUTPUT = ("format",)
+_ALWAYS_FIRST = ("config",)
+_ALWAYS_LAST = ("verbose", "debug", "log_format")
+
+
+def flags(*names: str, formats: Sequence[str] = ("text", "json")) -> Parser:
+    """A parent parser holding the flags ``names`` (keys of the table above), plus
+    ``--config`` and the logging flags, which every command takes.
+
+    ``formats``: the choices of ``--format``, when named. Each call builds
+    new actions, so that one command's ``--format html`` leaves the others'
+    alone. Flags come after the subcommand (SPEC §6).
+    """
+    parent = Parser(add_help=False)
+    groups: dict[str, Any] = {}
+    for name in (*_ALWAYS_FIRST, *names, *_ALWAYS_LAST):
+        heading, options, kwargs = _FLAGS[name]
+        if name == "format":
+            kwargs = {"choices": tuple(formats), "default": "text"}
+        if heading not in groups:
+            groups[heading] = parent.add_argument_group(heading)
+        groups[heading].add_argument(*options, **kwargs)
+    return parent

@@ -1,0 +1,183 @@
+"""The command line's flags: each command takes only the flags that mean something to
+it (reconciler/cli/flags.py), and every invocation the documentation shows parses."""
+
+from __future__ import annotations
+
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli.main import main, parse_args
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["hosts", "--splay", "5m"], "--splay"),
+        (["hosts", "--allow-rewind"], "--allow-rewind"),
+        (["validate", "--node", "web1"], "--node"),
+        (["render", "--state-dir", "/tmp/x"], "--state-dir"),
+        (["status", "--root", "/"], "--root"),
+        (["status", "--exclude-file", "/tmp/x"], "--exclude-file"),
+        # A prefix of --state-dir: once silently taken as the state directory.
+        (["status", "--state", "S"], "--state"),
+        (["backups", "--node", "web1"], "--node"),
+        (["pull", "--interval", "5m"], "--interval"),
+        (["pull", "--splay=5m"], "--splay"),
+        (["diff", "--boot-timeout", "1s"], "--boot-timeout"),
+        (["run", "--format", "json"], "--format"),
+        (["install-units", "--repo", "file:///x"], "--repo"),
+        (["rollback", "--exclude-file", "/tmp/x"], "--exclude-file"),
+        (["rollback", "--mode", "audit"], "--mode"),
+        (["fleet", "--root", "/"], "--root"),
+        (["fleet", "--mode", "audit"], "--mode"),
+        (["log", "web1", "--node", "web1"], "--node"),
+        (["show", "web1", "--lock-timeout", "1s"], "--lock-timeout"),
+        (["push", "web1", "prod", "--allow-rewind"], "--allow-rewind"),
+        (["suspend", "web1", "--reason", "r", "--exclude-file", "x"], "--exclude-file"),
+        (["resume", "web1", "--interval", "5m"], "--interval"),
+        (["trigger", "web1", "--splay", "1s"], "--splay"),
+        (["adopt", "web1", "/etc/motd", "--root", "/"], "--root"),
+        (["impact", "--branch", "main"], "--branch"),
+        (["impact", "--net-timeout", "1s"], "--net-timeout"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_a_flag_the_command_does_not_take_is_a_usage_error_in_one_line(tmp_path, argv, flag):
+    code, out, err = run_cli(*argv, "--config", "/dev/null")
+
+    assert code == 2, (out, err)
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    command = argv[0]
+    assert lines[0].startswith(f"reconciler: {command}: {flag}: not a flag of"), lines[0]
+    assert f"see reconciler {command} --help" in lines[0]
+
+
+def test_a_stray_argument_names_the_command():
+    code, _, err = run_cli("status", "extra", "--config", "/dev/null")
+
+    assert code == 2
+    assert err.strip() == (
+        "reconciler: status: unexpected argument extra — see reconciler status --help"
+    )
+
+
+def test_a_foreign_flag_is_a_json_error_line_with_log_format_json():
+    code, _, err = run_cli("hosts", "--splay", "5m", "--log-format", "json")
+
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith('{"level": "error"') and "--splay" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "dest", "value"),
+    [
+        ("fleet", "--format", "format", "html"),
+        ("fleet", "--interval", "interval", "5m"),
+        ("fleet", "--state-dir", "state_dir", "/tmp/cache"),
+        ("status", "--state-dir", "state_dir", "/tmp/state"),
+        ("run", "--splay", "splay", "0s"),
+        ("pull", "--boot-timeout", "boot_timeout", "1s"),
+        ("rollback", "--repo", "repo", "file:///x"),
+    ],
+)
+def test_a_flag_the_command_takes_is_parsed(command, flag, dest, value):
+    assert getattr(parse_args([command, flag, value]), dest) == value
+
+
+def test_only_fleet_takes_format_html():
+    code, _, err = run_cli("status", "--format", "html", "--config", "/dev/null")
+
+    assert code == 2 and "html" in err
+
+
+# -------------------------------------------------------- documented invocations
+
+_DOCS = ("README.md", "docs/operators.md", "docs/least-privilege.md", "demo/demo.sh")
+_SPAN = re.compile(r"`reconciler ([a-z][^`]*)`")
+_LINE = re.compile(r'(?:^|\s|"|:\s)(?:reconciler|"\$reconciler") ([a-z][a-z-]*\b[^#;&`]*)')
+_INT_PLACEHOLDERS = {"N": "2"}  # --limit N, --parallel N
+
+
+def _documented() -> list[tuple[str, str]]:
+    """(where, the words after ``reconciler``) for every invocation shown in the docs."""
+    found: list[tuple[str, str]] = []
+    for name in _DOCS:
+        text = (PROJECT / name).read_text(encoding="utf-8")
+        fenced = name.endswith(".sh")
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+                continue
+            where = f"{name}:{number}"
+            found += [(where, m.group(1)) for m in _SPAN.finditer(line)]
+            if fenced:
+                found += [(where, m.group(1)) for m in _LINE.finditer(line)]
+    return found
+
+
+def _argv(usage: str) -> list[str]:
+    """Concrete argv for a usage line: [optional] parts taken, the first of a|b."""
+    words = shlex.split(usage.replace("[", " ").replace("]", " "))
+    return [_INT_PLACEHOLDERS.get(w, w.split("|")[0]) for w in words]
+
+
+DOCUMENTED = _documented()
+
+
+def test_the_documentation_shows_invocations_of_every_command():
+    commands = {_argv(usage)[0] for _, usage in DOCUMENTED}
+    assert len(DOCUMENTED) >= 40
+    assert commands >= {
+        "pull",
+        "diff",
+        "render",
+        "validate",
+        "hosts",
+        "status",
+        "run",
+        "backups",
+        "install-units",
+        "fleet",
+        "log",
+        "show",
+        "push",
+        "suspend",
+        "trigger",
+        "impact",
+        "adopt",
+    }
+
+
+@pytest.mark.parametrize(("where", "usage"), DOCUMENTED, ids=[f"{w} {u}" for w, u in DOCUMENTED])
+def test_every_documented_invocation_parses(where, usage):
+    argv = _argv(usage)
+
+    args = parse_args(argv)
+
+    assert args.command == argv[0], where
+
+
+@pytest.mark.parametrize(
+    "unit", sorted(p.name for p in (PROJECT / "reconciler" / "units").glob("*.service"))
+)
+def test_the_units_exec_lines_parse_with_the_config_flag_install_units_appends(unit):
+    text = (PROJECT / "reconciler" / "units" / unit).read_text(encoding="utf-8")
+    (line,) = [x for x in text.splitlines() if x.startswith("ExecStart=")]
+    argv = [*shlex.split(line.removeprefix("ExecStart={exec}")), "--config", "/etc/r.yaml"]
+
+    assert parse_args(argv).config == "/etc/r.yaml"
