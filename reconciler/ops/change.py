@@ -5,11 +5,11 @@ Takes the cache of :mod:`reconciler.ops.fleet`; produces commits on the branch
 (``adopt``), and for ``impact`` the per-node list of destination files that
 a range of commits changes.
 
-Host files are edited **by lines**, never by dumping YAML, so comments and
-layout survive: the top-level ``state:`` line is replaced (or inserted), the
-``suspended:`` block added or removed. Every edit is then re-parsed and must
-differ from the old file in exactly the one key it meant to change, and the
-new tree must load (SPEC §1 rules, including "a state no app has is an
+Host files are edited by :mod:`reconciler.ops.hostfile` (a YAML round trip
+that keeps comments and layout): the top-level ``state:`` set or inserted,
+the ``suspended:`` block added or removed. Every edit is then re-parsed and
+must differ from the old file in exactly the one key it meant to change, and
+the new tree must load (SPEC §1 rules, including "a state no app has is an
 error", §6). Commits are made with pygit2 in the cache bare repository; a
 push that loses a race (non-fast-forward) is answered by fetching again and
 re-applying the edit to the new head — the edit is recomputed from the new
@@ -19,7 +19,6 @@ file, not replayed as a patch — a few times (Pacha's ``push node state``).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import re
@@ -30,18 +29,17 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import pygit2
-import yaml
 
 from reconciler.errors import InventoryError, ReconcilerError, SourceError, UsageError
 from reconciler.git.source import Snapshot
 from reconciler.ops.fleet import Upstream, fetch_upstream, parse_time, read_report, tracking_head
 from reconciler.ops.history import captures, file_diff, find_report, report_tip
+from reconciler.ops.hostfile import remove_suspended_text, set_state_text, set_suspended_text
 from reconciler.pipeline.inventory import (
     DEFAULT_STATE,
     Inventory,
     effective_node,
     load_inventory,
-    parse_yaml,
 )
 from reconciler.pipeline.plan import exclude_matcher
 from reconciler.pipeline.render import TargetFile, render_target
@@ -49,159 +47,6 @@ from reconciler.pipeline.render import TargetFile, render_target
 log = logging.getLogger(__name__)
 
 PUSH_ATTEMPTS = 4
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # node.schema.json $defs/name
-_TOP_KEY = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_-]*)[ \t]*:(?=[ \t\r\n]|$)")
-
-
-# ------------------------------------------------------------- line edits
-
-
-def _lines(text: str) -> list[str]:
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    return lines
-
-
-def _top_keys(lines: Sequence[str]) -> list[tuple[int, str]]:
-    """(line index, key) of every top-level mapping key, in file order."""
-    return [(i, m.group("key")) for i, line in enumerate(lines) if (m := _TOP_KEY.match(line))]
-
-
-def _block_end(lines: Sequence[str], start: int) -> int:
-    """Index after the last line of the top-level key at ``start`` (its value's lines).
-
-    A block goes on while lines are indented, blank, column-0 comments or
-    column-0 sequence items (an indentless list); trailing blank and
-    comment lines are left to what follows.
-    """
-    end = start + 1
-    i = start + 1
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if not stripped or line.startswith("#"):
-            i += 1
-            continue
-        if line[0] in " \t" or line.startswith("- ") or stripped == "-":
-            i += 1
-            end = i
-            continue
-        break
-    return end
-
-
-def _yaml_scalar(value: str) -> str:
-    """``value`` as a YAML scalar that reads back as the same string."""
-    try:
-        plain = yaml.safe_load(value)
-    except yaml.YAMLError:
-        plain = None
-    if plain == value and _NAME.match(value):
-        return value
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
-
-
-def _checked(
-    old: str, new: str, path: str, expect: Callable[[dict[str, Any]], dict[str, Any]]
-) -> str:
-    """``new`` if it parses to ``expect(parse(old))``; InventoryError otherwise (SPEC §1)."""
-    before = parse_yaml(old.encode(), path) or {}
-    after = parse_yaml(new.encode(), path) or {}
-    if not isinstance(before, dict) or after != expect(dict(before)):
-        raise InventoryError(
-            f"{path}: the line edit would change more than intended (the file's layout is "
-            "unusual: a flow mapping or a multi-line value) — edit the file by hand"
-        )
-    return new
-
-
-def set_state_text(text: str, state: str, *, path: str) -> str:
-    """Set the top-level ``state:`` of a host file by a line edit, keeping everything else.
-
-    An existing ``state:`` line keeps its trailing comment (at its column
-    when it fits); a missing one is inserted before the first top-level key,
-    or after ``include_nodes`` when that comes first. Raises InventoryError
-    when the result would differ from the old file in anything but
-    ``state``, UsageError for a STATE that is not a valid name.
-    """
-    if not _NAME.match(state):
-        raise UsageError(f"state {state!r}: not a valid state name — letters, digits, . _ -")
-    lines = _lines(text)
-    value = _yaml_scalar(state)
-    keys = _top_keys(lines)
-    found = [i for i, k in keys if k == "state"]
-    if found:
-        i = found[0]
-        if _block_end(lines, i) != i + 1:
-            raise InventoryError(f"{path}:{i + 1}: state: spans several lines — edit it by hand")
-        m = re.match(r"^(state[ \t]*:[ \t]*)([^#\r\n]*?)([ \t]*#[^\r\n]*)?(\r?\n)$", lines[i])
-        if m is None:
-            raise InventoryError(f"{path}:{i + 1}: cannot read the state: line — edit it by hand")
-        head, old_value, comment, eol = m.group(1), m.group(2), m.group(3) or "", m.group(4)
-        if comment:
-            column = len(head) + len(old_value) + len(comment) - len(comment.lstrip())
-            comment = " " * max(1, column - len(head) - len(value)) + comment.lstrip()
-        lines[i] = f"{head}{value}{comment}{eol}"
-    else:
-        at = len(lines)
-        if keys:
-            first, key = keys[0]
-            at = _block_end(lines, first) if key == "include_nodes" else first
-        lines.insert(at, f"state: {value}\n")
-    new = "".join(lines)
-    return _checked(text, new, path, lambda d: {**d, "state": state})
-
-
-def _suspended_block(reason: str, until: str | None) -> list[str]:
-    block = ["suspended:\n", f"  reason: {json.dumps(reason, ensure_ascii=False)}\n"]
-    if until:
-        block.append(f'  until: "{until}"\n')
-    return block
-
-
-def set_suspended_text(text: str, reason: str, until: str | None, *, path: str) -> str:
-    """Add or replace the top-level ``suspended:`` block of a host file (SPEC §1, §4).
-
-    A new block goes at the end of the file after a blank line; an existing
-    one is replaced where it is. Raises InventoryError when anything else
-    would change, UsageError for an empty reason.
-    """
-    if not reason.strip():
-        raise UsageError("--reason: must not be empty — say why the node is suspended")
-    lines = _lines(text)
-    block = _suspended_block(reason, until)
-    found = [i for i, k in _top_keys(lines) if k == "suspended"]
-    if found:
-        i = found[0]
-        lines[i : _block_end(lines, i)] = block
-    else:
-        if lines and lines[-1].strip():
-            lines.append("\n")
-        lines.extend(block)
-    expected = {"reason": reason, **({"until": until} if until else {})}
-    return _checked(text, "".join(lines), path, lambda d: {**d, "suspended": expected})
-
-
-def remove_suspended_text(text: str, *, path: str) -> str:
-    """Remove the top-level ``suspended:`` block; the inverse of :func:`set_suspended_text`.
-
-    Returns ``text`` unchanged when there is no such block. Blank lines left
-    at the end of the file are dropped.
-    """
-    lines = _lines(text)
-    found = [i for i, k in _top_keys(lines) if k == "suspended"]
-    if not found:
-        return text
-    i = found[0]
-    end = _block_end(lines, i)
-    del lines[i:end]
-    if i == len(lines):
-        while lines and not lines[-1].strip():
-            lines.pop()
-    return _checked(
-        text, "".join(lines), path, lambda d: {k: v for k, v in d.items() if k != "suspended"}
-    )
 
 
 def parse_until(value: str, now: dt.datetime) -> str:

@@ -1,4 +1,4 @@
-"""Operators' side (issue #6), pure functions: host-file line edits, diffs, staleness, the page."""
+"""Operators' side (issue #6), pure functions: host-file edits, diffs, staleness, the page."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ import yaml
 
 from reconciler.cli.operators import ssh_argv
 from reconciler.errors import InventoryError, UsageError
-from reconciler.ops.change import (
-    parse_until,
-    remove_suspended_text,
-    set_state_text,
-    set_suspended_text,
-    slug,
-)
+from reconciler.ops.change import parse_until, slug
 from reconciler.ops.fleet import (
     FleetRow,
     default_stale_after,
@@ -26,6 +20,7 @@ from reconciler.ops.fleet import (
     summary,
 )
 from reconciler.ops.history import DriftDiff, file_diff
+from reconciler.ops.hostfile import remove_suspended_text, set_state_text, set_suspended_text
 from reconciler.ops.page import fleet_page
 
 HOSTS = Path(__file__).resolve().parents[2] / "hosts"
@@ -78,15 +73,97 @@ def test_set_state_is_a_line_edit(old, state, new):
 
 
 @pytest.mark.parametrize(
-    "old",
+    ("old", "new"),
     [
-        "state: >\n  production\n",  # a multi-line value
-        "{state: a, apps: [x]}\n",  # a flow mapping: no top-level key lines
+        # The line edit refused these two; the YAML round trip edits them.
+        ("state: >\n  production\n", "state: b\n"),  # a multi-line value
+        ("{state: a, apps: [x]}\n", "{state: b, apps: [x]}\n"),  # a flow mapping
     ],
 )
-def test_set_state_refuses_what_a_line_edit_cannot_do_safely(old):
-    with pytest.raises(InventoryError, match="hosts/n.yaml"):
+def test_set_state_edits_a_multi_line_value_and_a_flow_mapping(old, new):
+    assert set_state_text(old, "b", path="hosts/n.yaml") == new
+
+
+@pytest.mark.parametrize(
+    ("old", "problem"),
+    [
+        ("- a\n- b\n", "not a mapping"),
+        ("{state: a,  # the tier\n vars: {x: 1}}\n", "lose the comment '# the tier'"),
+        ("{\n  # inside\n  state: a,\n  vars: {x: 1}\n}\n", "lose the comment '# inside'"),
+    ],
+)
+def test_set_state_refuses_what_the_round_trip_cannot_keep(old, problem):
+    with pytest.raises(InventoryError, match=f"hosts/n.yaml: .*{problem}"):
         set_state_text(old, "b", path="hosts/n.yaml")
+
+
+# A host file written as one flow mapping: each edit keeps it one, with the
+# comments above and after it.
+FLOW = "# Node n: all in one line.\n{state: a, vars: {x: 1, y: [p, q]}}  # eol\n# after\n"
+
+
+def test_a_flow_mapping_host_file_is_edited_as_a_flow_mapping():
+    where = "hosts/n.yaml"
+    # The end-of-line comment keeps its column; the line grew past it: one space.
+    expected = FLOW.replace("state: a", "state: test").replace("}}  #", "}} #")
+    assert set_state_text(FLOW, "test", path=where) == expected
+    no_state = FLOW.replace("state: a, ", "")
+    assert set_state_text(no_state, "test", path=where) == expected
+    included = "{include_nodes: [web1], vars: {x: 1}}\n"
+    assert (
+        set_state_text(included, "test", path=where)
+        == "{include_nodes: [web1], state: test, vars: {x: 1}}\n"
+    )
+
+    suspended = set_suspended_text(FLOW, "disk: #4711", "2026-12-01T00:00:00Z", path=where)
+    assert suspended.startswith(
+        "# Node n: all in one line.\n{state: a, vars: {x: 1, y: [p, q]}, suspended: "
+        '{reason: "disk: #4711", until: "2026-12-01T00:00:00Z"}}'
+    )
+    assert suspended.endswith("# eol\n# after\n")
+    assert yaml.safe_load(suspended)["suspended"] == {
+        "reason": "disk: #4711",
+        "until": "2026-12-01T00:00:00Z",
+    }
+    resumed = remove_suspended_text(suspended, path=where)
+    # ruamel keeps an end-of-line comment at the column it last had: the only change.
+    assert resumed.replace(" ", "") == FLOW.replace(" ", "")
+    assert yaml.safe_load(resumed) == yaml.safe_load(FLOW)
+
+
+COMMENTED = """\
+# Node n
+include_nodes: [web1]   # members
+# the state, set by `reconciler push`
+state: production   # the web tier
+# the apps, below the state
+apps:
+  - nginx   # the proxy
+
+# suspended while the disk is replaced
+suspended:
+  reason: disk   # ticket
+# vars, after the suspension
+vars: {a: 1}
+"""
+
+
+def test_comments_around_the_edited_keys_stay_where_they_are():
+    where = "hosts/n.yaml"
+    new = set_state_text(COMMENTED, "test", path=where)
+    assert new == COMMENTED.replace("state: production   #", "state: test         #")
+
+    without = COMMENTED.replace(
+        "# the state, set by `reconciler push`\nstate: production   # the web tier\n", ""
+    )
+    inserted = set_state_text(without, "test", path=where)
+    assert inserted == without.replace("# members\n", "# members\nstate: test\n")
+
+    replaced = set_suspended_text(COMMENTED, "new", None, path=where)
+    assert replaced == COMMENTED.replace("reason: disk   # ticket", 'reason: "new"')
+
+    resumed = remove_suspended_text(COMMENTED, path=where)
+    assert resumed == COMMENTED.replace("suspended:\n  reason: disk   # ticket\n", "")
 
 
 @pytest.mark.parametrize("state", ["", "has space", "a/b", "-leading"])
