@@ -3,7 +3,8 @@
 Every error a user can cause or meet is one of these; the CLI prints
 ``str(error)`` as one line on stderr and exits with ``error.exit_code``
 (SPEC §3). Third-party errors (pygit2, Jinja2, YAML, OSError) are converted in
-the stage that imports the library, with ``raise … from exc``.
+the stage that imports the library, with ``raise … from exc``; libgit2's in one
+place, :func:`reconciler.git.errors.map_git_errors`.
 
 ::
 
@@ -11,7 +12,8 @@ the stage that imports the library, with ``raise … from exc``.
     ├── UsageError                  exit 2: bad command line
     ├── ConfigError                 exit 2: bad agent configuration (SPEC §2)
     ├── SourceError                 fetch, push or trust failed (SPEC §4 steps 1–2)
-    │   └── UntrustedCommitError    a commit refused by the trust checks
+    │   ├── UntrustedCommitError    a commit refused by the trust checks
+    │   └── RemoteError             a fetch or push failed; ``refused`` when retrying cannot help
     ├── InventoryError              hosts/ or app.yaml invalid (SPEC §1, §6)
     ├── RenderError                 a template failed to render
     ├── PathError                   a destination escapes the root or is unusable
@@ -28,6 +30,8 @@ them so; one raised with a single message renders it as given.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 class ReconcilerError(Exception):
@@ -68,6 +72,33 @@ class SourceError(ReconcilerError):
 
 class UntrustedCommitError(SourceError):
     """A fetched commit was refused by a trust check (rewind, signature; SPEC §4 step 2)."""
+
+
+class RemoteError(SourceError):
+    """A fetch or push failed (SPEC §4 step 1, §5).
+
+    ``refused`` says why trying again cannot help: ``"auth"`` (the server
+    refused our credentials), ``"certificate"`` (we refused its TLS
+    certificate), ``"checks"`` (our own checks refused: host key,
+    credentials), ``"rejected"`` (the server rejected a ref update:
+    permissions, non-fast-forward); None for a failure another try may get
+    past (a reset connection, a busy server, a timeout). ``detail`` is the
+    failure without the URL; ``rejected`` maps each refused ref to the
+    server's reason.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: str = "",
+        refused: str | None = None,
+        rejected: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+        self.refused = refused
+        self.rejected: Mapping[str, str] = dict(rejected or {})
 
 
 class InventoryError(ReconcilerError):

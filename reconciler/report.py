@@ -20,10 +20,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import pygit2
-
 from reconciler import __version__
-from reconciler.git.source import SourceInfo, pushed_report_ref, remote_report_ref, report_ref
+from reconciler.git.repo import Repo
+from reconciler.git.reports import commit_report as git_commit_report
+from reconciler.git.reports import report_parent
+from reconciler.git.snapshot import SourceInfo
 from reconciler.host.system import ScriptRun
 
 if TYPE_CHECKING:
@@ -195,72 +196,8 @@ def read_last_run(state_dir: StateDir) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _parent(repo: pygit2.Repository, node: str) -> pygit2.Commit | None:
-    """Where the next report commit goes: the local queue, or the fetched remote tip.
-
-    When the server's branch moved where ours did not lead (another writer,
-    a push of ours rejected as non-fast-forward) or back behind what we had
-    pushed (a restore), the queued commits are rebuilt on the server's tip
-    (:func:`_requeue`): no report is lost, none that was pushed comes back,
-    and the next push is a fast-forward.
-    """
-    local = repo.references.get(report_ref(node))
-    remote = repo.references.get(remote_report_ref(node))
-    if local is None:
-        return repo[remote.target].peel(pygit2.Commit) if remote is not None else None
-    if remote is not None and local.target != remote.target:
-        pushed = repo.references.get(pushed_report_ref(node))
-        try:
-            ahead = repo.descendant_of(local.target, remote.target)
-            # The server is behind what we once pushed there: reset (a restore).
-            reset = (
-                pushed is not None
-                and pushed.target != remote.target
-                and repo.descendant_of(pushed.target, remote.target)
-            )
-        except pygit2.GitError:
-            ahead, reset = False, False
-        if not ahead or reset:
-            return _requeue(repo, node, local.target, remote.target)
-    return repo[local.target].peel(pygit2.Commit)
-
-
-def _requeue(
-    repo: pygit2.Repository, node: str, local: pygit2.Oid | str, remote: pygit2.Oid | str
-) -> pygit2.Commit:
-    """Replay the local report commits the server lacks, oldest first, on its tip.
-
-    Each keeps its tree (report.json, drift/), message, author and committer;
-    only the parent changes. Commits this host pushed before are not replayed.
-    The local branch then points at the last one.
-    """
-    walker = repo.walk(local, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
-    walker.hide(remote)
-    pushed = repo.references.get(pushed_report_ref(node))
-    if pushed is not None:
-        # Already on the server once: a branch reset behind it (a restore) must
-        # not get those reports again, only the ones never pushed.
-        walker.hide(pushed.target)
-    tip = repo[remote].peel(pygit2.Commit)
-    replayed = 0
-    for commit in walker:
-        new = repo.create_commit(
-            None, commit.author, commit.committer, commit.message, commit.tree_id, [tip.id]
-        )
-        tip = repo[new].peel(pygit2.Commit)
-        replayed += 1
-    repo.references.create(report_ref(node), tip.id, force=True)
-    if replayed:
-        log.warning(
-            "reports/%s moved on the server; %d queued report commit(s) rebuilt on its tip",
-            node,
-            replayed,
-        )
-    return tip
-
-
 def commit_report(
-    repo: pygit2.Repository,
+    repo: Repo,
     report: Mapping[str, Any],
     captures: Mapping[PurePosixPath, bytes],
     *,
@@ -272,37 +209,26 @@ def commit_report(
     Returns the new commit id, or None when the report adds nothing that
     matters and the heartbeat has not passed. ``captures`` maps drifted
     destination paths to their content as found (never secrets: the caller
-    leaves them out).
+    leaves them out). The git side — the queue, its rebuild on a moved
+    server branch — is :mod:`reconciler.git.reports`.
     """
     node = report["node"]
-    parent = _parent(repo, node)
+    parent = report_parent(repo, node)
     if parent is not None:
         try:
-            previous = json.loads(parent.tree["report.json"].peel(pygit2.Blob).data)
-        except (KeyError, ValueError):
+            previous = json.loads(parent.report_json) if parent.report_json is not None else None
+        except ValueError:
             previous = None
-        age = now.timestamp() - parent.commit_time
+        age = now.timestamp() - parent.committed_at
         quiet = not eventful(report) and significant(previous or {}) == significant(report)
         if previous is not None and quiet and age < heartbeat_s:
             return None
-    index = pygit2.Index()
-    blob = repo.create_blob(json.dumps(report, indent=2, sort_keys=False).encode() + b"\n")
-    index.add(pygit2.IndexEntry("report.json", blob, pygit2.enums.FileMode.BLOB))
-    for path, content in sorted(captures.items()):
-        entry = pygit2.IndexEntry(
-            "drift" + str(path), repo.create_blob(content), pygit2.enums.FileMode.BLOB
-        )
-        index.add(entry)
-    tree = index.write_tree(repo)
-    when = int(now.timestamp())
-    signature = pygit2.Signature("reconciler", f"reconciler@{node}", when, 0)
-    commit = repo.create_commit(
-        None,
-        signature,
-        signature,
-        commit_message(report),
-        tree,
-        [parent.id] if parent is not None else [],
+    return git_commit_report(
+        repo,
+        node,
+        report_json=json.dumps(report, indent=2, sort_keys=False).encode() + b"\n",
+        captures={str(path): content for path, content in captures.items()},
+        message=commit_message(report),
+        when=int(now.timestamp()),
+        parent=parent.commit if parent is not None else None,
     )
-    repo.references.create(report_ref(node), commit, force=True)
-    return str(commit)

@@ -141,7 +141,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _tree(args: argparse.Namespace) -> Any:
-    from reconciler.git.source import DirSnapshot
+    from reconciler.git.snapshot import DirSnapshot
 
     path = Path(args.repo or ".")
     if not path.is_dir():

@@ -43,7 +43,7 @@ from reconciler.errors import ReconcilerError, UsageError
 
 
 def _upstream(args: argparse.Namespace) -> Any:
-    from reconciler.git.transport import set_net_timeout
+    from reconciler.git.remote import set_net_timeout
     from reconciler.ops.fleet import open_upstream
 
     config = config_from_args(args)
@@ -65,6 +65,7 @@ def _now() -> dt.datetime:
 def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler fleet [NODE|META]``: one row per node from the report branches."""
     from reconciler.config import parse_duration
+    from reconciler.git.reports import report_tips
     from reconciler.ops.fleet import (
         default_stale_after,
         fetch_upstream,
@@ -72,7 +73,6 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         format_table,
         load_head_inventory,
         read_report,
-        report_tips,
         select_nodes,
         summary,
     )
@@ -462,28 +462,23 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     disk instead, before anything is committed. Exit 1 when a node fails
     to load or render at HEAD.
     """
-    import pygit2
-
-    from reconciler.git.source import DirSnapshot, GitSnapshot, SourceInfo
+    from reconciler.git.repo import discover
+    from reconciler.git.snapshot import DirSnapshot, GitSnapshot, SourceInfo
     from reconciler.ops.change import impact, resolve_range
     from reconciler.pipeline.facts import gather_facts
 
     where = Path(args.repo or ".")
-    found = pygit2.discover_repository(str(where))
-    if found is None:
+    repo = discover(where)
+    if repo is None:
         raise UsageError(f"--repo {where}: not inside a git repository — give a working tree")
-    repo = pygit2.Repository(found)
-    try:
-        url = str(repo.remotes["origin"].url)
-    except KeyError:
-        url = str(Path(repo.workdir or repo.path).resolve())
-    branch = "" if repo.head_is_detached or repo.head_is_unborn else repo.head.shorthand
+    url = repo.origin_url() or str(Path(str(repo.workdir or repo.path)).resolve())
+    branch = repo.head_branch()
     if args.worktree:
         if repo.workdir is None:
             raise UsageError(f"--repo {where}: a bare repository has no working tree")
         base_id = resolve_range(repo, args.range or "HEAD")[0]
         head_snapshot: Any = DirSnapshot(
-            Path(repo.workdir), SourceInfo(url=url, branch=branch, commit="")
+            repo.workdir, SourceInfo(url=url, branch=branch, commit="")
         )
         label = f"{base_id[:12]}..working tree"
     else:

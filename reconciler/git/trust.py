@@ -19,6 +19,8 @@ import pygit2
 
 from reconciler.config import VerifyConfig
 from reconciler.errors import UntrustedCommitError
+from reconciler.git.errors import map_git_errors
+from reconciler.git.repo import Repo
 
 SSH_ARMOR = b"-----BEGIN SSH SIGNATURE-----"
 PGP_ARMOR = b"-----BEGIN PGP SIGNATURE-----"
@@ -107,7 +109,7 @@ def _verify_pgp(commit: str, signature: bytes, data: bytes, keyring: Path, tmp: 
     )
 
 
-def verify_commit(repo: pygit2.Repository, commit: str, verify: VerifyConfig) -> str | None:
+def verify_commit(repo: Repo, commit: str, verify: VerifyConfig) -> str | None:
     """Check ``commit``'s signature when verification is configured.
 
     Returns the signer (principal or GnuPG user id), or None when no
@@ -117,8 +119,8 @@ def verify_commit(repo: pygit2.Repository, commit: str, verify: VerifyConfig) ->
     """
     if not verify.allowed_signers and not verify.gpg_keyring:
         return None
-    obj = repo[commit].peel(pygit2.Commit)
-    signature, data = obj.gpg_signature
+    with map_git_errors(f"commit {commit}", "fetch again"):
+        signature, data = repo.raw[commit].peel(pygit2.Commit).gpg_signature
     if not signature:
         raise UntrustedCommitError(
             f"untrusted commit {commit}: it is not signed — sign it (git commit -S) with a key "

@@ -10,7 +10,7 @@ that keeps comments and layout): the top-level ``state:`` set or inserted,
 the ``suspended:`` block added or removed. Every edit is then re-parsed and
 must differ from the old file in exactly the one key it meant to change, and
 the new tree must load (SPEC §1 rules, including "a state no app has is an
-error", §6). Commits are made with pygit2 in the cache bare repository; a
+error", §6). Commits are made in the cache bare repository (:mod:`reconciler.git.commits`); a
 push that loses a race (non-fast-forward) is answered by fetching again and
 re-applying the edit to the new head — the edit is recomputed from the new
 file, not replayed as a patch — a few times (Pacha's ``push node state``).
@@ -20,20 +20,29 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-import pygit2
-
-from reconciler.errors import InventoryError, ReconcilerError, SourceError, UsageError
-from reconciler.git.source import Snapshot
+from reconciler.errors import InventoryError, ReconcilerError, RemoteError, SourceError, UsageError
+from reconciler.git.commits import identity, replay, write_commit
+from reconciler.git.remote import push
+from reconciler.git.repo import (
+    Repo,
+    describe,
+    merge_base,
+    ref_target,
+    restore_ref,
+    rev_parse,
+    set_ref,
+    walk,
+)
+from reconciler.git.reports import drift_captures, report_commits
+from reconciler.git.snapshot import Snapshot
 from reconciler.ops.fleet import Upstream, fetch_upstream, parse_time, read_report, tracking_head
-from reconciler.ops.history import captures, file_diff, find_report, report_tip
+from reconciler.ops.history import file_diff, find_report, report_tip
 from reconciler.ops.hostfile import remove_suspended_text, set_state_text, set_suspended_text
 from reconciler.pipeline.inventory import (
     DEFAULT_STATE,
@@ -101,93 +110,26 @@ class Published:
     included: tuple[str, ...] = field(default=())  # earlier unpushed local commits pushed too
 
 
-def signature(repo: pygit2.Repository) -> pygit2.Signature:
-    """Author and committer: ``GIT_AUTHOR_NAME/EMAIL``, else git config ``user.name/email``,
-    else ``reconciler <reconciler@HOST>``."""
-    name = os.environ.get("GIT_AUTHOR_NAME")
-    email = os.environ.get("GIT_AUTHOR_EMAIL")
-    config = repo.config
-    for key in ("user.name", "user.email"):
-        try:
-            value = str(config[key])
-        except (KeyError, pygit2.GitError):
-            continue
-        if key == "user.name":
-            name = name or value
-        else:
-            email = email or value
-    return pygit2.Signature(name or "reconciler", email or f"reconciler@{socket.gethostname()}")
-
-
-def write_commit(repo: pygit2.Repository, parent: str, edit: Edit, author: pygit2.Signature) -> str:
-    """A commit on ``parent`` whose tree is the parent's with ``edit.files`` written.
-
-    Existing files keep their git file mode; new ones are 100644. No ref moves.
-    """
-    base = repo[parent].peel(pygit2.Commit)
-    index = pygit2.Index()
-    index.read_tree(base.tree)
-    for path, content in edit.files.items():
-        try:
-            mode = index[path].mode
-        except KeyError:
-            mode = pygit2.enums.FileMode.BLOB
-        index.add(pygit2.IndexEntry(path, repo.create_blob(content), mode))
-    tree = index.write_tree(repo)
-    return str(repo.create_commit(None, author, author, edit.message, tree, [base.id]))
-
-
-def _unpushed(up: Upstream) -> list[pygit2.Commit]:
+def _unpushed(up: Upstream) -> list[str]:
     """Commits on the cache's local branch that the fetched head lacks, oldest first."""
-    local = up.repo.references.get(up.local)
+    local = ref_target(up.repo, up.local)
     origin = tracking_head(up)
-    if local is None or origin is None or str(local.target) == origin:
+    if local is None or origin is None or local == origin:
         return []
-    walker = up.repo.walk(local.target, pygit2.enums.SortMode.TOPOLOGICAL)
-    walker.hide(origin)
-    return list(reversed(list(walker)))
-
-
-def _rebase(up: Upstream, commits: Sequence[pygit2.Commit], onto: str) -> str:
-    """Replay ``commits`` onto ``onto`` by three-way tree merges; the new tip.
-
-    Raises SourceError on a conflict, naming the commit and the way out.
-    """
-    tip = onto
-    author = signature(up.repo)
-    for commit in commits:
-        index = up.repo.merge_trees(
-            commit.parents[0].tree, up.repo[tip].peel(pygit2.Commit).tree, commit.tree
-        )
-        if index.conflicts is not None:
-            raise SourceError(
-                f"{commit.short_id} {commit.message.strip()!r}: conflicts with the new head of "
-                f"{up.branch} — remove the unpushed commit from the cache "
-                f"({up.repo.path}) and re-run"
-            )
-        tree = index.write_tree(up.repo)
-        tip = str(up.repo.create_commit(None, commit.author, author, commit.message, tree, [tip]))
-    return tip
+    return list(walk(up.repo, local, hide=[origin], oldest_first=True))
 
 
 def _push(up: Upstream, local_ref: str, remote_ref: str) -> str | None:
-    """Push ``local_ref`` to ``remote_ref`` (never forced); the failure text, or None when it landed."""
-    callbacks = up.callbacks
-    if callbacks is not None and hasattr(callbacks, "rejected"):
-        callbacks.rejected = {}
+    """Push ``local_ref`` to ``remote_ref`` (never forced); the failure text, or None when it
+    landed. Failures are retried as the agent's are (:mod:`reconciler.git.remote`)."""
     try:
-        up.repo.remotes.create_anonymous(up.url).push(
-            [f"{local_ref}:{remote_ref}"], callbacks=callbacks
-        )
-    except (pygit2.GitError, OSError, SourceError) as exc:
-        return str(exc)
-    rejected = getattr(callbacks, "rejected", None) or {}
-    if rejected:
-        return "; ".join(f"{ref}: {why}" for ref, why in rejected.items())
+        push(up.repo, up.remote, f"{local_ref}:{remote_ref}")
+    except RemoteError as exc:
+        return exc.detail
     return None
 
 
-def _refetch(up: Upstream, pending: Sequence[pygit2.Commit], origin: str) -> bool:
+def _refetch(up: Upstream, pending: Sequence[str], origin: str) -> bool:
     """Fetch the branch again; when it moved, replay ``pending`` on the new head.
 
     True when the head moved (anything computed on ``origin`` is stale).
@@ -203,8 +145,8 @@ def _refetch(up: Upstream, pending: Sequence[pygit2.Commit], origin: str) -> boo
         moved[:12],
     )
     # Earlier unpushed commits are replayed; the command's own edit is recomputed on top.
-    tip = _rebase(up, pending, moved) if pending else moved
-    up.repo.references.create(up.local, tip, force=True)
+    tip = replay(up.repo, pending, moved, identity(up.repo), branch=up.branch) if pending else moved
+    set_ref(up.repo, up.local, tip)
     return True
 
 
@@ -234,26 +176,25 @@ def commit_and_push(
     whatever ``editor`` or ``check`` raise on a fresh head (then nothing is
     pushed).
     """
-    before = up.repo.references.get(up.local)
-    before_target = str(before.target) if before is not None else None
+    before_target = ref_target(up.repo, up.local)
     fresh = False
     if not push or tracking_head(up) is None:
         fetch_upstream(up, reports=False)
         fresh = True
     remote_ref = f"refs/heads/{up.branch}"
-    author = signature(up.repo)
+    author = identity(up.repo)
     error = ""
     for attempt in range(attempts):
         origin = tracking_head(up)
         assert origin is not None  # fetched above
         pending = _unpushed(up)
-        base = str(pending[-1].id) if pending else origin
+        base = pending[-1] if pending else origin
         try:
             edit = editor(up.snapshot(base))
             notes: tuple[str, ...] = ()
             new = base
             if edit is not None:
-                new = write_commit(up.repo, base, edit, author)
+                new = write_commit(up.repo, base, edit.files, edit.message, author)
                 notes = edit.notes
                 if check is not None:
                     notes = (*notes, *check(up.snapshot(new)))
@@ -269,13 +210,13 @@ def commit_and_push(
                 if _refetch(up, pending, origin):
                     continue
             return Published(commit=None, pushed=False, ref=remote_ref, retries=attempt)
-        included = tuple(f"{c.short_id} {c.message.strip()}" for c in pending)
-        up.repo.references.create(up.local, new, force=True)
+        included = tuple(describe(up.repo, c) for c in pending)
+        set_ref(up.repo, up.local, new)
         if not push:
             return Published(commit=new, pushed=False, ref=up.local, notes=notes, included=included)
         error = _push(up, up.local, remote_ref) or ""
         if not error:
-            up.repo.references.create(up.tracking, new, force=True)
+            set_ref(up.repo, up.tracking, new)
             return Published(
                 commit=new,
                 pushed=True,
@@ -287,21 +228,11 @@ def commit_and_push(
         fresh = True
         if not _refetch(up, pending, origin):
             break  # not a race: the server refused for another reason
-    _restore_ref(up.repo, up.local, before_target)
+    restore_ref(up.repo, up.local, before_target)
     raise SourceError(
         f"{up.url}: push to {up.branch} failed: {error} — nothing was pushed and the change "
         "was dropped from the cache; fix the cause and run the command again"
     )
-
-
-def _restore_ref(repo: pygit2.Repository, name: str, target: str | None) -> None:
-    """Point ``name`` at ``target`` again, or delete it when it did not exist (``None``)."""
-    if target is not None:
-        repo.references.create(name, target, force=True)
-        return
-    ref = repo.references.get(name)
-    if ref is not None:
-        ref.delete()
 
 
 # ----------------------------------------------------------- push / suspend
@@ -498,10 +429,10 @@ def _capture_report(up: Upstream, node: str, path: str, run: str | None) -> tupl
     """The newest report commit of ``node`` (or ``run``'s) that captured ``path``, and the capture."""
     tip = find_report(up, node, run) if run else report_tip(up, node)
     seen_drift = False
-    for commit in up.repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL):
-        found = captures(up.repo, str(commit.id))
+    for commit in report_commits(up.repo, tip):
+        found = drift_captures(up.repo, commit)
         if path in found:
-            return str(commit.id), found[path]
+            return commit, found[path]
         seen_drift = seen_drift or bool(found)
         if run:
             break
@@ -561,9 +492,9 @@ def adopt(
     edit = Edit(
         files={written: captured}, message=f"{node}: adopt {dest} as found on the host\n\n{body}"
     )
-    commit = write_commit(up.repo, head, edit, signature(up.repo))
+    commit = write_commit(up.repo, head, edit.files, edit.message, identity(up.repo))
     local = f"refs/heads/{branch}"
-    up.repo.references.create(local, commit, force=True)
+    set_ref(up.repo, local, commit)
     pushed = False
     if push:
         error = _push(up, local, local)
@@ -723,7 +654,7 @@ def impact(
     return impacted, unchanged
 
 
-def resolve_range(repo: pygit2.Repository, spec: str | None) -> tuple[str, str]:
+def resolve_range(repo: Repo, spec: str | None) -> tuple[str, str]:
     """``BASE..HEAD`` (default ``HEAD~1..HEAD``), ``BASE...HEAD`` (from the merge base) or
     ``BASE`` (``BASE..HEAD``) → two commit ids. Raises UsageError for a revision git cannot
     resolve."""
@@ -731,20 +662,18 @@ def resolve_range(repo: pygit2.Repository, spec: str | None) -> tuple[str, str]:
     if "..." in spec:
         left, right = spec.split("...", 1)
         a, b = _rev(repo, left or "HEAD"), _rev(repo, right or "HEAD")
-        merge_base = repo.merge_base(a, b)
-        if merge_base is None:
+        base = merge_base(repo, a, b)
+        if base is None:
             raise UsageError(f"{spec}: {left} and {right} have no common ancestor")
-        return str(merge_base), b
+        return base, b
     if ".." in spec:
         left, right = spec.split("..", 1)
         return _rev(repo, left or "HEAD"), _rev(repo, right or "HEAD")
     return _rev(repo, spec), _rev(repo, "HEAD")
 
 
-def _rev(repo: pygit2.Repository, name: str) -> str:
-    try:
-        return str(repo.revparse_single(name).peel(pygit2.Commit).id)
-    except (KeyError, ValueError, pygit2.GitError, pygit2.InvalidSpecError) as exc:
-        raise UsageError(
-            f"{name}: not a commit in {repo.workdir or repo.path} — check the range"
-        ) from exc
+def _rev(repo: Repo, name: str) -> str:
+    commit = rev_parse(repo, name)
+    if commit is None:
+        raise UsageError(f"{name}: not a commit in {repo.workdir or repo.path} — check the range")
+    return commit

@@ -22,20 +22,21 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pygit2
-
 from reconciler.config import AuthConfig
-from reconciler.errors import InventoryError, ReconcilerError, SourceError, UsageError
-from reconciler.git.source import GitSnapshot, SourceInfo, remote_url
+from reconciler.errors import InventoryError, ReconcilerError, RemoteError, SourceError, UsageError
+from reconciler.git.remote import Remote, fetch, tracking_ref
+from reconciler.git.repo import Repo, ahead_count, open_bare, ref_target
+from reconciler.git.reports import REPORTS_PREFIX, report_json, report_tips
+from reconciler.git.snapshot import GitSnapshot, SourceInfo
+from reconciler.git.source import remote_url
 from reconciler.pipeline.inventory import Inventory, effective_node, load_inventory
 
 log = logging.getLogger(__name__)
 
-REPORTS_PREFIX = "refs/remotes/origin/reports/"
 NEVER = "never"
 
 
@@ -48,13 +49,13 @@ class Upstream:
 
     url: str  # normalised by source.remote_url
     branch: str
-    repo: pygit2.Repository  # the cache: a bare repository
-    callbacks: pygit2.RemoteCallbacks | None
+    repo: Repo  # the cache: a bare repository
+    remote: Remote
 
     @property
     def tracking(self) -> str:
         """The cache ref that holds the fetched head of the branch."""
-        return f"refs/remotes/origin/{self.branch}"
+        return tracking_ref(self.branch)
 
     @property
     def local(self) -> str:
@@ -85,78 +86,44 @@ def cache_path(url: str, state_dir: str | None) -> Path:
     return base / "reconciler" / digest / "repo.git"
 
 
-def remote_callbacks(url: str, auth: AuthConfig) -> pygit2.RemoteCallbacks | None:
-    """Credentials and host-key pinning for an operator's fetch and push.
-
-    The agent's rules (:func:`reconciler.git.transport.callbacks_for`), with an
-    operator's defaults: for SSH without ``auth.ssh_key`` the key comes from
-    ssh-agent, and host keys are checked against ``~/.ssh/known_hosts``
-    unless ``auth.known_hosts`` names another file.
-    """
-    from reconciler.git.transport import (
-        Callbacks,
-        callbacks_for,
-        install_hostkey_check,
-        is_ssh,
-        require_hostkey_layout,
-    )
-
-    if not is_ssh(url) or auth.ssh_key:
-        return callbacks_for(url, auth)
-    require_hostkey_layout(url)
-
-    class AgentCallbacks(Callbacks):
-        """Callbacks that take the SSH key from ssh-agent."""
-
-        def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
-            return pygit2.KeypairFromAgent(username_from_url or self.endpoint.user or "git")
-
-    install_hostkey_check()
-    known = auth.known_hosts or str(Path.home() / ".ssh" / "known_hosts")
-    return AgentCallbacks(url, replace(auth, known_hosts=known))
-
-
 def open_upstream(
     repo: str | None, branch: str, state_dir: str | None, auth: AuthConfig
 ) -> Upstream:
     """Open (or create) the cache of ``--repo`` for ``--branch``; nothing is fetched yet.
 
-    Raises UsageError without a repository, ConfigError for an unusable URL
-    (``source.remote_url``), SourceError when the cache cannot be opened.
+    Credentials and host keys follow the agent's rules with an operator's
+    defaults (:meth:`reconciler.git.remote.Remote.for_operator`: an SSH key
+    from ssh-agent, ``~/.ssh/known_hosts``). Raises UsageError without a
+    repository, ConfigError for an unusable URL (``source.remote_url``) or
+    auth settings, SourceError when the cache cannot be opened.
     """
     if not repo:
         raise UsageError(
             "--repo: not set — pass the desired-state repository URL (or set repo: in the config)"
         )
     url = remote_url(repo)
-    path = cache_path(url, state_dir)
-    try:
-        if path.exists():
-            cache = pygit2.Repository(str(path))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            cache = pygit2.init_repository(str(path), bare=True)
-    except pygit2.GitError as exc:
-        raise SourceError(f"{path}: cannot open the cache: {exc} — remove it to re-fetch") from exc
-    return Upstream(url=url, branch=branch, repo=cache, callbacks=remote_callbacks(url, auth))
+    cache = open_bare(cache_path(url, state_dir), durable=False)
+    return Upstream(url=url, branch=branch, repo=cache, remote=Remote.for_operator(url, auth))
 
 
 def fetch_upstream(up: Upstream, *, reports: bool = True) -> str:
     """Fetch the branch (and with ``reports`` every report branch) into the cache.
 
     Report branches deleted on the server are pruned from the cache. Returns
-    the fetched head commit (40 hex). Raises SourceError when the fetch fails
-    or the branch does not exist: unlike the agent, an operator gets no
-    stale fallback.
+    the fetched head commit (40 hex). Failures are retried as the agent's
+    are (:mod:`reconciler.git.remote`). Raises SourceError when the fetch
+    fails or the branch does not exist: unlike the agent, an operator gets
+    no stale fallback.
     """
     refspecs = [f"+refs/heads/{up.branch}:{up.tracking}"]
     if reports:
         refspecs.append(f"+refs/heads/reports/*:{REPORTS_PREFIX}*")
     try:
-        remote = up.repo.remotes.create_anonymous(up.url)
-        remote.fetch(refspecs, callbacks=up.callbacks, prune=pygit2.enums.FetchPrune.PRUNE)
-    except (pygit2.GitError, OSError) as exc:
-        raise SourceError(f"{up.url}: fetch failed: {exc} — check --repo and the network") from exc
+        fetch(up.repo, up.remote, refspecs, prune=True)
+    except RemoteError as exc:
+        if exc.refused:
+            raise  # a refusal (host key, credentials, certificate) already says what to do
+        raise SourceError(f"{exc} — check --repo and the network") from exc
     head = tracking_head(up)
     if head is None:
         raise SourceError(f"{up.url}: branch {up.branch!r} not found — check --branch and --repo")
@@ -165,24 +132,13 @@ def fetch_upstream(up: Upstream, *, reports: bool = True) -> str:
 
 def tracking_head(up: Upstream) -> str | None:
     """The last fetched head of the branch, or None before the first fetch."""
-    ref = up.repo.references.get(up.tracking)
-    return str(ref.target) if ref is not None else None
+    return ref_target(up.repo, up.tracking)
 
 
-def report_tips(repo: pygit2.Repository) -> dict[str, str]:
-    """node → tip commit of its fetched report branch, sorted by node."""
-    out = {}
-    for name in repo.references:
-        if name.startswith(REPORTS_PREFIX):
-            out[name[len(REPORTS_PREFIX) :]] = str(repo.references[name].target)
-    return dict(sorted(out.items()))
-
-
-def read_report(repo: pygit2.Repository, commit: str) -> dict[str, Any]:
+def read_report(repo: Repo, commit: str) -> dict[str, Any]:
     """``report.json`` of a report commit (SPEC §5). Raises SourceError if it has none."""
     try:
-        blob = repo[commit].peel(pygit2.Commit).tree["report.json"]
-        data = json.loads(blob.peel(pygit2.Blob).data)
+        data = json.loads(report_json(repo, commit))
     except (KeyError, ValueError) as exc:
         raise SourceError(
             f"report commit {commit}: no readable report.json — not a reconciler report branch"
@@ -263,15 +219,12 @@ def default_stale_after(interval_s: float, heartbeat_s: float) -> float:
     return heartbeat_s + 3 * interval_s
 
 
-def behind_count(repo: pygit2.Repository, head: str, applied: str | None) -> int | None:
-    """Commits reachable from ``head`` but not from ``applied``; None when ``applied`` is unknown."""
+def behind_count(repo: Repo, head: str, applied: str | None) -> int | None:
+    """Commits reachable from ``head`` but not from ``applied``; None when ``applied`` is unknown
+    (not set, or a commit the cache does not have: another branch, a rewritten history)."""
     if not applied:
         return None
-    try:
-        ahead, _ = repo.ahead_behind(head, applied)
-    except (pygit2.GitError, KeyError, ValueError):
-        return None  # a commit the cache does not have (another branch, a rewritten history)
-    return int(ahead)
+    return ahead_count(repo, head, applied)
 
 
 def load_head_inventory(up: Upstream, head: str) -> tuple[Inventory | None, str | None]:
@@ -319,7 +272,7 @@ def fleet_rows(
     """One FleetRow per node of ``nodes``, from the fetched report branches.
 
     ``head`` is the fetched branch head; ``behind`` counts its commits that
-    the applied commit lacks (pygit2 ahead_behind). A node without a report
+    the applied commit lacks (git's ahead/behind count). A node without a report
     branch is ``never``; its ``suspended`` comes from the desired state.
     Otherwise it is the report's suspension, else the desired state's; either
     only while in force at ``now`` (an expired ``until`` is not shown).

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-import pygit2
-
 from reconciler.errors import ReconcilerError, SourceError, UsageError
-from reconciler.ops.fleet import REPORTS_PREFIX, Upstream, read_report, report_counts
+from reconciler.git.repo import has_commit, ref_target
+from reconciler.git.reports import drift_captures, remote_report_ref, report_commits
+from reconciler.ops.fleet import Upstream, read_report, report_counts
 from reconciler.pipeline.inventory import effective_node, load_inventory
 from reconciler.pipeline.render import TargetState, render_target
-
-DRIFT_DIR = "drift"
 
 
 def digest(data: bytes) -> str:
@@ -104,33 +102,29 @@ class ReportEntry:
 
 def report_tip(up: Upstream, node: str) -> str:
     """The fetched tip of ``reports/<node>``; SourceError naming the branch when there is none."""
-    ref = up.repo.references.get(REPORTS_PREFIX + node)
-    if ref is None:
+    tip = ref_target(up.repo, remote_report_ref(node))
+    if tip is None:
         raise SourceError(
             f"reports/{node}: no report branch on {up.url} — the node never reported "
             "(check the name with reconciler fleet)"
         )
-    return str(ref.target)
-
-
-def _walk(repo: pygit2.Repository, tip: str) -> Iterator[pygit2.Commit]:
-    yield from repo.walk(tip, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.TIME)
+    return tip
 
 
 def report_log(up: Upstream, node: str, *, limit: int | None = None) -> list[ReportEntry]:
     """The report commits of ``node``, newest first, at most ``limit``."""
     out: list[ReportEntry] = []
-    for commit in _walk(up.repo, report_tip(up, node)):
+    for commit in report_commits(up.repo, report_tip(up, node), by_time=True):
         if limit is not None and len(out) >= limit:
             break
         try:
-            report = read_report(up.repo, str(commit.id))
+            report = read_report(up.repo, commit)
         except SourceError:
             continue  # a hand-made commit without a report: skip it
         changed, drifted = report_counts(report)
         out.append(
             ReportEntry(
-                commit=str(commit.id),
+                commit=commit,
                 run_id=str(report.get("run_id", "")),
                 finished_at=str(report.get("finished_at", "")),
                 result=str(report.get("result", "")),
@@ -152,8 +146,7 @@ def find_report(up: Upstream, node: str, run: str | None) -> str:
     tip = report_tip(up, node)
     if run is None:
         return tip
-    for commit in _walk(up.repo, tip):
-        cid = str(commit.id)
+    for cid in report_commits(up.repo, tip, by_time=True):
         if len(run) >= 7 and cid.startswith(run.lower()):
             return cid
         try:
@@ -180,41 +173,16 @@ class DriftDiff:
     captured: bytes | None = None
 
 
-def captures(repo: pygit2.Repository, report_commit: str) -> dict[str, bytes]:
-    """Destination path → content captured in ``drift/`` of a report commit."""
-    tree = repo[report_commit].peel(pygit2.Commit).tree
-    try:
-        drift = tree[DRIFT_DIR]
-    except KeyError:
-        return {}
-    out: dict[str, bytes] = {}
-
-    def visit(t: pygit2.Tree, prefix: str) -> None:
-        for entry in t:
-            path = f"{prefix}/{entry.name}"
-            obj = repo[entry.id]
-            if isinstance(obj, pygit2.Tree):
-                visit(obj, path)
-            elif isinstance(obj, pygit2.Blob):
-                out[path] = bytes(obj.data)
-
-    if isinstance(drift, pygit2.Tree):
-        visit(drift, "")
-    return out
-
-
 def desired_at(up: Upstream, node: str, commit: str, facts: Mapping[str, Any]) -> TargetState:
     """The target state of ``node`` at ``commit`` rendered with ``facts`` (a report's facts).
 
     Raises SourceError when the cache lacks the commit, or the inventory and
     render errors of the load and render stages.
     """
-    try:
-        up.repo[commit].peel(pygit2.Commit)
-    except (KeyError, ValueError, pygit2.GitError) as exc:
+    if not has_commit(up.repo, commit):
         raise SourceError(
             f"commit {commit}: not in the cache of {up.url} — it is not on branch {up.branch}"
-        ) from exc
+        )
     snapshot = up.snapshot(commit)
     inventory = load_inventory(snapshot)
     return render_target(snapshot, effective_node(inventory, snapshot, node), facts)
@@ -234,7 +202,7 @@ def drift_diffs(up: Upstream, report_commit: str, report: Mapping[str, Any]) -> 
         kinds.setdefault(str(d.get("path")), []).append(str(d.get("kind")))
     if not kinds:
         return []
-    found = captures(up.repo, report_commit)
+    found = drift_captures(up.repo, report_commit)
     applied = report.get("applied_commit")
     target: TargetState | None = None
     problem = ""

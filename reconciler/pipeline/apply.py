@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from reconciler.git.source import GIT_FILEMODE_EXEC, Snapshot
+from reconciler.git.snapshot import GIT_FILEMODE_EXEC, Snapshot
 from reconciler.host.state import LocalState, ManagedFile
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import ScriptRun, System

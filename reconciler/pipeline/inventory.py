@@ -1,6 +1,6 @@
 """Load stage: ``hosts/*.yaml`` of a Snapshot → Inventory → effective Node.
 
-Takes a :class:`~reconciler.git.source.Snapshot`; produces an :class:`Inventory`
+Takes a :class:`~reconciler.git.snapshot.Snapshot`; produces an :class:`Inventory`
 (every host file parsed and checked against ``repo-layout/schemas``) and,
 for one node name, the effective :class:`Node` by the merge rules of SPEC §1:
 ``_defaults``, then every meta-node containing the node in topological order
@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from reconciler.errors import InventoryError
-from reconciler.git.source import Snapshot
+from reconciler.git.snapshot import Snapshot
 
 DEFAULTS = "_defaults"
 DEFAULT_STATE = "default"

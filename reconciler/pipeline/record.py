@@ -1,6 +1,7 @@
 """Record stage: what follows every real run after its report is built.
 
-Takes the report and the state repository; pushes the report branch,
+Takes the report and the state repository; pushes the report branch
+(:mod:`reconciler.git.reports`),
 writes last-run.json and the metrics textfile, sends the webhook and the
 ping (SPEC §5, issue #4).
 """
@@ -13,7 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler.config import AgentConfig
 from reconciler.errors import ReconcilerError
-from reconciler.git.source import push_ref, pushed_report_ref, report_ref
+from reconciler.git.remote import Remote
+from reconciler.git.repo import Repo
+from reconciler.git.reports import push_reports as git_push_reports
+from reconciler.git.reports import queue_length
 from reconciler.host.statedir import StateDir
 from reconciler.pipeline.notify import ping, send_webhook, write_metrics
 from reconciler.report import write_last_run
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 def after_run(
     config: AgentConfig,
     state_dir: StateDir,
-    repo: Any,
+    repo: Repo,
     report: dict[str, Any],
     outcome: RunOutcome,
     *,
@@ -67,32 +71,16 @@ def after_run(
     ping(config.report.ping_url, "fail" if report["result"] == "failed" else "success")
 
 
-def queue_length(repo: Any, node: str) -> int:
-    """Report commits on the local report branch that the server does not have yet."""
-    local = repo.references.get(report_ref(node))
-    if local is None:
-        return 0
-    remote = repo.references.get(f"refs/remotes/origin/reports/{node}")
-    count = 0
-    for commit in repo.walk(local.target):
-        if remote is not None and commit.id == remote.target:
-            break
-        count += 1
-    return count
+def push_reports(repo: Repo, remote: Remote, node: str) -> tuple[bool, str | None]:
+    """Push the report branch if it is ahead of the server; never fails the run.
 
-
-def push_reports(repo: Any, url: str, node: str, callbacks: Any = None) -> tuple[bool, str | None]:
-    """Push the report branch if it is ahead of the server; never fails the run."""
-    ref = report_ref(node)
-    local = repo.references.get(ref)
-    remote = repo.references.get(f"refs/remotes/origin/reports/{node}")
-    if local is None or (remote is not None and remote.target == local.target):
-        return True, None
+    Returns (pushed, the error text); on failure the commits stay queued on
+    the local branch (SPEC §5: no report is lost) and the next run pushes them.
+    """
     try:
-        push_ref(repo, url, ref, callbacks)
+        git_push_reports(repo, remote, node)
     except ReconcilerError as exc:
-        log.warning("%s", exc)
-        return False, str(exc)
-    repo.references.create(f"refs/remotes/origin/reports/{node}", local.target, force=True)
-    repo.references.create(pushed_report_ref(node), local.target, force=True)
+        error = f"{exc} — the report stays queued and is pushed next run"
+        log.warning("%s", error)
+        return False, error
     return True, None

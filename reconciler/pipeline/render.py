@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reconciler.errors import InventoryError, PathError, RenderError
-from reconciler.git.source import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
+from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
 from reconciler.pipeline.inventory import DEFAULT_STATE, Node, load_app_config
 
 log = logging.getLogger(__name__)

@@ -26,17 +26,10 @@ from reconciler.errors import (
     SourceError,
     UntrustedCommitError,
 )
-from reconciler.git.source import (
-    NET_ATTEMPTS,
-    FetchResult,
-    GitSnapshot,
-    SourceInfo,
-    check_descends,
-    fetch,
-    open_state_repo,
-    remote_url,
-)
-from reconciler.git.transport import callbacks_for, set_net_timeout
+from reconciler.git.remote import NET_ATTEMPTS, Remote, set_net_timeout
+from reconciler.git.repo import Repo, open_bare
+from reconciler.git.snapshot import GitSnapshot, SourceInfo
+from reconciler.git.source import FetchResult, check_descends, fetch, remote_url
 from reconciler.git.trust import verify_commit
 from reconciler.host.state import LocalState, load_state, save_state
 from reconciler.host.statedir import StateDir, read_exclude_file
@@ -130,24 +123,24 @@ def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> Ru
     if not config.repo:
         raise ConfigError("config: repo is not set — pass --repo URL or set repo: in the config")
     url = remote_url(config.repo)
-    callbacks = callbacks_for(url, config.auth)  # ConfigError (exit 2) before any work
+    remote = Remote.for_agent(url, config.auth)  # ConfigError (exit 2) before any work
     set_net_timeout(config.net_timeout)
     # Absolute: scripts run with cwd set to their own directory, and
     # RECONCILER_ROOT must mean the same thing there.
     state_dir = StateDir.at(config.state_dir)
     root = Path(os.path.abspath(config.root))
     with state_dir.lock(config.lock_timeout):
-        return _run(config, options, url, state_dir, root, callbacks)
+        return _run(config, options, remote, state_dir, root)
 
 
 def _run(
     config: AgentConfig,
     options: RunOptions,
-    url: str,
+    remote: Remote,
     state_dir: StateDir,
     root: Path,
-    callbacks: Any = None,
 ) -> RunOutcome:
+    url = remote.url
     started = dt.datetime.now(dt.UTC)
     clock = time.monotonic()
     if not options.dry_run:
@@ -155,7 +148,7 @@ def _run(
     run_id = new_run_id(started)
     facts = gather_facts()
     errors: list[str] = []
-    repo = open_state_repo(state_dir.repo)
+    repo = open_bare(state_dir.repo, durable=True)
     previous = load_state(state_dir)
     recovery: Recovery | None = None
     if not options.dry_run:
@@ -164,7 +157,7 @@ def _run(
     run = _Work(applied_commit=previous.applied_commit, mode=config.mode)
 
     try:
-        fetched = _fetch(repo, url, config, boot=options.boot, callbacks=callbacks)
+        fetched = _fetch(repo, remote, config, boot=options.boot)
         if fetched.error:
             # Reported once, as an error of the run (printed by the CLI), not logged too.
             errors.append(fetched.error + " — enforcing the last fetched commit")
@@ -254,7 +247,7 @@ def _run(
     if config.report.push and info.fetched:
         # A run that could not fetch would not reach the server to push either:
         # its report stays queued on the local branch for the next run.
-        outcome.pushed, outcome.push_error = push_reports(repo, url, config.node, callbacks)
+        outcome.pushed, outcome.push_error = push_reports(repo, remote, config.node)
     elif config.report.push:
         outcome.pushed = False
     state_dir.prune_backups(config.backups.keep)
@@ -282,7 +275,7 @@ def _full_run(
     config: AgentConfig,
     options: RunOptions,
     *,
-    repo: Any,
+    repo: Repo,
     url: str,
     commit: str,
     run_id: str,
@@ -466,13 +459,13 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
         if not errors:
             report["result"] = "changed"
         outcome = RunOutcome(report=report)
-        repo = open_state_repo(state_dir.repo)
+        repo = open_bare(state_dir.repo, durable=True)
         outcome.report_commit = commit_report(
             repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
         )
         if config.report.push and url:
-            callbacks = callbacks_for(url, config.auth)
-            outcome.pushed, outcome.push_error = push_reports(repo, url, config.node, callbacks)
+            remote = Remote.for_agent(url, config.auth)
+            outcome.pushed, outcome.push_error = push_reports(repo, remote, config.node)
         after_run(config, state_dir, repo, report, outcome, duration_s=0.0)
         return outcome
 
@@ -480,9 +473,7 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
 BOOT_BACKOFF_CAP_S = 30.0
 
 
-def _fetch(
-    repo: Any, url: str, config: AgentConfig, *, boot: bool, callbacks: Any = None
-) -> FetchResult:
+def _fetch(repo: Repo, remote: Remote, config: AgentConfig, *, boot: bool) -> FetchResult:
     """Fetch once, or with ``boot`` retry with capped exponential back-off until
     the fetch succeeds or ``boot_timeout`` has passed (SPEC §3 ``pull --boot``:
     at boot the network and the git server may come late)."""
@@ -492,10 +483,9 @@ def _fetch(
         try:
             result = fetch(
                 repo,
-                url,
+                remote,
                 config.branch,
                 config.node,
-                callbacks,
                 attempts=1 if boot else NET_ATTEMPTS,
             )
             if result.fetched or time.monotonic() >= deadline:

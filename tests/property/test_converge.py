@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.git.source import DirSnapshot
+from reconciler.git.snapshot import DirSnapshot
 from reconciler.host.state import LocalState
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem

@@ -1,7 +1,7 @@
 """Helpers for unit tests: tiny desired-state repositories as real directories.
 
 Nothing is mocked: a repository is a directory written to ``tmp_path`` and read
-through :class:`reconciler.git.source.DirSnapshot`, the same class ``reconciler
+through :class:`reconciler.git.snapshot.DirSnapshot`, the same class ``reconciler
 render --repo DIR`` uses.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from reconciler.git.source import DirSnapshot
+from reconciler.git.snapshot import DirSnapshot
 from reconciler.pipeline.inventory import Node, effective_node, load_inventory
 from reconciler.pipeline.render import TargetState, render_target
 

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from reconciler.git.source import DirSnapshot
+from reconciler.git.snapshot import DirSnapshot
 from reconciler.host.state import LocalState
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem

@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 import pytest
 
 from reconciler.errors import InventoryError, PathError, RenderError
-from reconciler.git.source import DirSnapshot, SourceInfo
+from reconciler.git.snapshot import DirSnapshot, SourceInfo
 from reconciler.pipeline.inventory import effective_node, load_inventory
 from reconciler.pipeline.render import dest_path, render_target
 from tests.unit.helpers import FACTS, PROJECT, render, write_repo

@@ -6,7 +6,7 @@ import pygit2
 import pytest
 
 from reconciler.errors import ConfigError
-from reconciler.git.transport import hostkey_layout_supported, require_hostkey_layout
+from reconciler.git.auth import hostkey_layout_supported, require_hostkey_layout
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,10 @@
-"""Transport: how fetch and push authenticate the server and themselves (issue #5).
+"""Auth: how fetch and push authenticate the server and themselves (issue #5).
 
 Takes a remote URL and the ``auth`` section of the agent configuration;
-produces pygit2 RemoteCallbacks that present a deploy key (SSH) or a token
-(HTTPS) and, for SSH, check the server's host key against ``known_hosts``.
+produces pygit2 RemoteCallbacks that present a deploy key (SSH), a key from
+ssh-agent (an operator's laptop) or a token (HTTPS) and, for SSH, check the
+server's host key against ``known_hosts``. Only :mod:`reconciler.git.remote`
+uses them.
 
 Why the host-key check is done here (NOTES.md): with pygit2's default
 callbacks a fetch from a server whose host key does not match known_hosts
@@ -27,7 +29,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -163,10 +165,11 @@ class Callbacks(pygit2.RemoteCallbacks):
     """Callbacks present our credentials and pin the SSH host key; they also
     collect push rejections."""
 
-    def __init__(self, url: str, auth: AuthConfig) -> None:
+    def __init__(self, url: str, auth: AuthConfig, *, ssh_agent: bool = False) -> None:
         super().__init__()
         self.url = url
         self.auth = auth
+        self.ssh_agent = ssh_agent  # an operator's key: from ssh-agent, not auth.ssh_key
         self.endpoint = parse_remote(url)
         self.rejected: dict[str, str] = {}
         self._offered = 0  # credentials handed out on the current connection
@@ -176,34 +179,44 @@ class Callbacks(pygit2.RemoteCallbacks):
         self._offered = 0
         self.rejected = {}
 
-    def refusal(self, text: str) -> str | None:
-        """The one-line explanation when a libgit2 error means the server refused
-        our credentials or we refused its certificate (trying again cannot help);
-        None for anything else (a network error, a busy server)."""
-        lowered = text.lower()
-        if self.endpoint.scheme == "ssh" and "authentication" in lowered:
+    def refusal(self, kind: str) -> str:
+        """The one line saying what to do when the server refused our credentials
+        (``kind="auth"``) or we refused its TLS certificate (``"certificate"``);
+        trying again cannot help. The kind comes from the error's type
+        (:func:`reconciler.git.errors.map_git_errors`) or from these callbacks,
+        never from libgit2's text."""
+        if kind == "auth" and self.endpoint.scheme == "ssh" and self.ssh_agent:
+            return (
+                f"{self.url}: authentication refused for the keys in ssh-agent — add your "
+                "public key to the server's authorized keys for this repository"
+            )
+        if kind == "auth" and self.endpoint.scheme == "ssh":
             return (
                 f"{self.url}: authentication refused for deploy key {self.auth.ssh_key} — add "
                 f"{self.auth.ssh_key}.pub to the server's authorized keys for this repository"
             )
-        if self.endpoint.scheme in ("http", "https") and (
-            "401" in lowered or "authentication" in lowered or "credentials" in lowered
+        if (
+            kind == "auth"
+            and self.endpoint.scheme in ("http", "https")
+            and not self.auth.token_file
         ):
-            where = self.auth.token_file or "auth.token_file (not set)"
+            return (
+                f"{self.url}: the server asks for credentials (401) and auth.token_file is not "
+                "set — set auth.token_file to a file holding the token"
+            )
+        if kind == "auth" and self.endpoint.scheme in ("http", "https"):
+            where = self.auth.token_file
             return (
                 f"{self.url}: authentication refused: the server did not accept the token in "
                 f"{where} (401) — replace it"
             )
-        if "certificate" in lowered and self.endpoint.scheme == "https":
+        if kind == "certificate" and self.endpoint.scheme == "https":
             return (
                 f"{self.url}: the server's TLS certificate is not trusted — set auth.ca_file "
                 "to the CA bundle that signed it"
             )
-        return None
-
-    def explain(self, text: str) -> str:
-        """Turn a libgit2 transport error into one line saying what to do."""
-        return self.refusal(text) or f"{self.url}: {text}"
+        what = "authentication refused" if kind == "auth" else "certificate not trusted"
+        return f"{self.url}: {what}"
 
     # -- SSH host key (called from the re-registered C callback) --------
 
@@ -263,7 +276,9 @@ class Callbacks(pygit2.RemoteCallbacks):
         # (servers ban clients after a few failed logins).
         self._offered += 1
         if self._offered > 1:
-            raise SourceError(self.explain("authentication refused"))
+            raise SourceError(self.refusal("auth"))
+        if self.endpoint.scheme == "ssh" and self.ssh_agent:
+            return pygit2.KeypairFromAgent(username_from_url or self.endpoint.user or "git")
         if self.endpoint.scheme == "ssh":
             if not self.auth.ssh_key:
                 raise SourceError(f"{self.url}: auth.ssh_key is not set — configure a deploy key")
@@ -307,9 +322,9 @@ def install_hostkey_check() -> None:
     def certificate_check(cert: Any, valid: int, host: Any, payload: Any) -> int:
         data = ffi.from_handle(payload)
         if cert.cert_type != C.GIT_CERT_HOSTKEY_LIBSSH2:
-            if not valid and hasattr(data, "explain"):
+            if not valid and hasattr(data, "refusal"):
                 # An untrusted TLS certificate: refuse with a message that says what to do.
-                data._stored_exception = SourceError(data.explain("certificate not trusted"))
+                data._stored_exception = SourceError(data.refusal("certificate"))
                 return int(C.GIT_EUSER)
             return int(original(cert, valid, host, payload))
         try:
@@ -340,15 +355,25 @@ def set_net_timeout(seconds: float) -> None:
     pygit2.settings.server_timeout = ms
 
 
-def callbacks_for(url: str, auth: AuthConfig) -> Callbacks:
-    """Callbacks for ``url``; checks the configuration an SSH or token source needs.
+def check_auth(url: str, auth: AuthConfig, *, operator: bool = False) -> AuthConfig:
+    """Check what an SSH or token source needs; the auth settings to use for ``url``.
 
     Raises ConfigError (exit 2) for an SSH source without ``auth.ssh_key`` or
-    ``auth.known_hosts`` or on an unknown libgit2 (:func:`require_hostkey_layout`), a token with a cleartext ``http://`` URL (anyone on
-    the path could read it and replay it), or a missing CA bundle.
+    ``auth.known_hosts`` or on an unknown libgit2 (:func:`require_hostkey_layout`),
+    a token with a cleartext ``http://`` URL (anyone on the path could read
+    it and replay it), or a missing CA bundle. With ``operator`` (a laptop,
+    SPEC §6) an SSH source without ``auth.ssh_key`` takes its key from
+    ssh-agent, and host keys are checked against ``~/.ssh/known_hosts``
+    unless ``auth.known_hosts`` names another file. Installs the host-key
+    check and the CA bundle, both process-wide libgit2 settings.
     """
     install_hostkey_check()
     endpoint = parse_remote(url)
+    if operator and endpoint.scheme == "ssh" and not auth.ssh_key:
+        require_hostkey_layout(url)
+        return replace(
+            auth, known_hosts=auth.known_hosts or str(Path.home() / ".ssh" / "known_hosts")
+        )
     if endpoint.scheme == "http" and auth.token_file:
         raise ConfigError(
             f"repo: {url}: auth.token_file would be sent in cleartext over http:// — use the "
@@ -367,4 +392,4 @@ def callbacks_for(url: str, auth: AuthConfig) -> Callbacks:
         if not Path(auth.ca_file).is_file():
             raise ConfigError(f"{auth.ca_file}: auth.ca_file not found")
         pygit2.settings.set_ssl_cert_locations(auth.ca_file, None)
-    return Callbacks(url, auth)
+    return auth

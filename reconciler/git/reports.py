@@ -1,0 +1,239 @@
+"""Report branches in git: the agent's queue of report commits, and the operators' reading of them.
+
+SPEC §5: each node's reports are commits on ``refs/heads/reports/<node>``,
+each holding ``report.json`` and ``drift/<dest-path>`` captures. The agent
+commits to its local branch (the queue of unpushed reports) and pushes it;
+operators read the fetched branches (``refs/remotes/origin/reports/*``).
+What goes into a report, and whether a run deserves a commit, is
+:mod:`reconciler.report`'s business: this module takes and returns bytes,
+commit ids and times.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import pygit2
+
+from reconciler.errors import SourceError
+from reconciler.git.errors import map_git_errors
+from reconciler.git.remote import Remote, push
+from reconciler.git.repo import Repo, ref_target, refs_under, set_ref, walk
+
+log = logging.getLogger(__name__)
+
+REPORTS_PREFIX = "refs/remotes/origin/reports/"  # fetched report branches, by node
+REPORT_FILE = "report.json"
+DRIFT_DIR = "drift"
+
+
+def report_ref(node: str) -> str:
+    """The report branch of ``node`` (SPEC §5)."""
+    return f"refs/heads/reports/{node}"
+
+
+def remote_report_ref(node: str) -> str:
+    """The local ref that holds the fetched remote report branch of ``node``."""
+    return REPORTS_PREFIX + node
+
+
+def pushed_report_ref(node: str) -> str:
+    """The local ref that holds the last report commit this host pushed: what the
+    server has had, even if its branch was later reset behind it."""
+    return f"refs/reconciler/pushed/{node}"
+
+
+# -------------------------------------------------------------- agent: queue
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportParent:
+    """A ReportParent is the commit the next report commit goes on, with its report."""
+
+    commit: str  # 40 hex
+    report_json: bytes | None  # its report.json; None when it has none
+    committed_at: int  # its commit time, seconds since the epoch
+
+
+def report_parent(repo: Repo, node: str) -> ReportParent | None:
+    """Where the next report commit goes: the local queue, or the fetched remote tip.
+
+    When the server's branch moved where ours did not lead (another writer,
+    a push of ours rejected as non-fast-forward) or back behind what we had
+    pushed (a restore), the queued commits are rebuilt on the server's tip
+    (:func:`_requeue`): no report is lost, none that was pushed comes back,
+    and the next push is a fast-forward. None when there is no branch yet.
+    """
+    local = ref_target(repo, report_ref(node))
+    remote = ref_target(repo, remote_report_ref(node))
+    if local is None:
+        return _parent(repo, remote) if remote is not None else None
+    if remote is not None and local != remote:
+        pushed = ref_target(repo, pushed_report_ref(node))
+        try:
+            with map_git_errors(report_ref(node)):
+                ahead = repo.raw.descendant_of(local, remote)
+                # The server is behind what we once pushed there: reset (a restore).
+                reset = (
+                    pushed is not None
+                    and pushed != remote
+                    and repo.raw.descendant_of(pushed, remote)
+                )
+        except SourceError:
+            ahead, reset = False, False
+        if not ahead or reset:
+            return _parent(repo, _requeue(repo, node, local, remote, pushed))
+    return _parent(repo, local)
+
+
+def _parent(repo: Repo, commit: str) -> ReportParent:
+    obj = repo.raw[commit].peel(pygit2.Commit)
+    try:
+        data: bytes | None = bytes(obj.tree[REPORT_FILE].peel(pygit2.Blob).data)
+    except KeyError:
+        data = None
+    return ReportParent(commit=str(obj.id), report_json=data, committed_at=int(obj.commit_time))
+
+
+def _requeue(repo: Repo, node: str, local: str, remote: str, pushed: str | None) -> str:
+    """Replay the local report commits the server lacks, oldest first, on its tip.
+
+    Each keeps its tree (report.json, drift/), message, author and committer;
+    only the parent changes. Commits this host pushed before are not replayed
+    (a branch reset behind them — a restore — must not get those reports
+    again). The local branch then points at the last one; returns it.
+    """
+    hide = [remote] if pushed is None else [remote, pushed]
+    tip = remote
+    replayed = 0
+    with map_git_errors(f"{report_ref(node)}: cannot rebuild the queued reports", "check the disk"):
+        for commit_id in list(walk(repo, local, hide=hide, oldest_first=True)):
+            commit = repo.raw[commit_id].peel(pygit2.Commit)
+            tip = str(
+                repo.raw.create_commit(
+                    None, commit.author, commit.committer, commit.message, commit.tree_id, [tip]
+                )
+            )
+            replayed += 1
+    set_ref(repo, report_ref(node), tip)
+    if replayed:
+        log.warning(
+            "reports/%s moved on the server; %d queued report commit(s) rebuilt on its tip",
+            node,
+            replayed,
+        )
+    return tip
+
+
+def commit_report(
+    repo: Repo,
+    node: str,
+    *,
+    report_json: bytes,
+    captures: Mapping[str, bytes],
+    message: str,
+    when: int,
+    parent: str | None,
+) -> str:
+    """Commit ``report.json`` and ``drift/`` captures on ``reports/<node>``; the new commit id.
+
+    ``captures`` maps destination paths (``/etc/motd``) to the content found
+    on the host; they go under ``drift/``. ``when`` is the commit time in
+    seconds since the epoch (UTC); author and committer are
+    ``reconciler <reconciler@<node>>``. ``parent`` is
+    :func:`report_parent`'s commit (None for the first report).
+    """
+    with map_git_errors(f"{report_ref(node)}: cannot commit the report", "check the disk"):
+        index = pygit2.Index()
+        blob = repo.raw.create_blob(report_json)
+        index.add(pygit2.IndexEntry(REPORT_FILE, blob, pygit2.enums.FileMode.BLOB))
+        for path, content in sorted(captures.items()):
+            entry = pygit2.IndexEntry(
+                DRIFT_DIR + path, repo.raw.create_blob(content), pygit2.enums.FileMode.BLOB
+            )
+            index.add(entry)
+        tree = index.write_tree(repo.raw)
+        signature = pygit2.Signature("reconciler", f"reconciler@{node}", when, 0)
+        commit = repo.raw.create_commit(
+            None, signature, signature, message, tree, [parent] if parent is not None else []
+        )
+    set_ref(repo, report_ref(node), str(commit))
+    return str(commit)
+
+
+def queue_length(repo: Repo, node: str) -> int:
+    """Report commits on the local report branch that the server does not have yet."""
+    local = ref_target(repo, report_ref(node))
+    if local is None:
+        return 0
+    remote = ref_target(repo, remote_report_ref(node))
+    count = 0
+    for commit in walk(repo, local):
+        if commit == remote:
+            break
+        count += 1
+    return count
+
+
+def push_reports(repo: Repo, remote: Remote, node: str) -> None:
+    """Push the report branch if it is ahead of the server (SPEC §5).
+
+    On success the fetched and the pushed markers move to the pushed tip.
+    Raises RemoteError (:func:`reconciler.git.remote.push`); the commits then
+    stay on the local branch and the next run pushes them.
+    """
+    ref = report_ref(node)
+    local = ref_target(repo, ref)
+    if local is None or local == ref_target(repo, remote_report_ref(node)):
+        return
+    push(repo, remote, f"{ref}:{ref}")
+    set_ref(repo, remote_report_ref(node), local)
+    set_ref(repo, pushed_report_ref(node), local)
+
+
+# ---------------------------------------------------------- operators: read
+
+
+def report_tips(repo: Repo) -> dict[str, str]:
+    """node → tip commit of its fetched report branch, sorted by node."""
+    return refs_under(repo, REPORTS_PREFIX)
+
+
+def report_commits(repo: Repo, tip: str, *, by_time: bool = False) -> Iterator[str]:
+    """The commits of a report branch from ``tip``, newest first."""
+    return walk(repo, tip, by_time=by_time)
+
+
+def report_json(repo: Repo, commit: str) -> bytes:
+    """The bytes of ``report.json`` in a report commit; KeyError when it has none."""
+    try:
+        obj = repo.raw[commit].peel(pygit2.Commit)
+        return bytes(obj.tree[REPORT_FILE].peel(pygit2.Blob).data)
+    except (KeyError, ValueError) as exc:
+        raise KeyError(commit) from exc
+
+
+def drift_captures(repo: Repo, commit: str) -> dict[str, bytes]:
+    """Destination path → content captured in ``drift/`` of a report commit (SPEC §5)."""
+    with map_git_errors(f"report commit {commit}", "fetch again"):
+        tree = repo.raw[commit].peel(pygit2.Commit).tree
+    try:
+        drift = tree[DRIFT_DIR]
+    except KeyError:
+        return {}
+    out: dict[str, bytes] = {}
+
+    def visit(t: pygit2.Tree, prefix: str) -> None:
+        for entry in t:
+            path = f"{prefix}/{entry.name}"
+            obj = repo.raw[entry.id]
+            if isinstance(obj, pygit2.Tree):
+                visit(obj, path)
+            elif isinstance(obj, pygit2.Blob):
+                out[path] = bytes(obj.data)
+
+    if isinstance(drift, pygit2.Tree):
+        visit(drift, "")
+    return out
