@@ -295,7 +295,9 @@ class Callbacks(pygit2.RemoteCallbacks):
                 ) from None
             user = username_from_url or self.endpoint.user or "x-access-token"
             return pygit2.UserPass(user, token)
-        return None
+        # Nothing to offer: answering None made pygit2 raise TypeError ("credential
+        # does not implement interface"), an internal error instead of a refusal.
+        raise SourceError(self.refusal("auth"))
 
     def push_update_reference(self, refname: str, message: str | None) -> None:
         if message:

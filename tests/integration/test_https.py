@@ -133,6 +133,24 @@ def test_wrong_token_is_refused_by_the_server_and_nothing_is_applied(
     assert len(refused) <= 4, f"{len(refused)} requests answered 401 in one run"
 
 
+def test_no_token_configured_for_a_server_that_asks_for_one_is_a_clean_refusal(
+    https_fleet: ServerFleet, https_server: HttpsGitServer, make_host
+):
+    # The server answers 401 and libgit2 asks for credentials; with no auth.token_file
+    # there is nothing to offer. That is a refusal (not retried), said in one line.
+    host = make_host("db1", url=https_fleet.url)
+    cfg = str(
+        write_config(host.root.parent / "config.yaml", auth={"ca_file": str(https_server.ca_file)})
+    )
+
+    proc = host.pull("--config", cfg)
+
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert_clean_error(proc.stderr, "401", "auth.token_file is not set")
+    assert_untouched(host, https_fleet)
+
+
 def test_token_with_a_cleartext_http_url_is_a_config_error_before_connecting(make_host):
     # A real listener: had reconciler connected, the connection would wait in its backlog.
     with socket.socket() as listener:
