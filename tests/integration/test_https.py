@@ -133,6 +133,7 @@ def test_wrong_token_is_refused_by_the_server_and_nothing_is_applied(
     assert len(refused) <= 4, f"{len(refused)} requests answered 401 in one run"
 
 
+@pytest.mark.nginx
 def test_no_token_configured_for_a_server_that_asks_for_one_is_a_clean_refusal(
     https_fleet: ServerFleet, https_server: HttpsGitServer, make_host
 ):
