@@ -115,8 +115,8 @@ def fetch(
 
     With ``wanted``, the ref advertisement comes first (one ls-remote:
     ref name → commit id) and the fetch happens only when ``wanted`` returns
-    True (issue #5: a no-change poll costs one advertisement); ``wanted``
-    may raise a SourceError, which is final. ``prune`` deletes local refs
+    True (issue #5: a no-change poll costs one advertisement); a SourceError
+    ``wanted`` raises is final (a RemoteError with its text, ``refused="checks"``). ``prune`` deletes local refs
     whose remote counterpart is gone. Raises RemoteError (``refused`` when
     final) — see the module docstring for the retry policy.
     """
@@ -127,11 +127,8 @@ def fetch(
         handle = repo.raw.remotes.create_anonymous(remote.url)
         if wanted is not None:
             heads = {str(h.name): str(h.oid) for h in handle.list_heads(callbacks=callbacks)}
-            try:
-                if not wanted(heads):
-                    return
-            except SourceError as exc:
-                raise _Final(exc) from exc
+            if not wanted(heads):  # a SourceError from it is final, as our own checks are
+                return
             callbacks.begin()
         progress = handle.fetch(
             list(refspecs),
@@ -140,19 +137,8 @@ def fetch(
         )
         received = int(progress.received_bytes)
 
-    try:
-        _retrying(remote, "fetch", attempt, attempts)
-    except _Final as final:
-        raise final.error from None
+    _retrying(remote, "fetch", attempt, attempts)
     return received
-
-
-class _Final(Exception):
-    """A decision of the caller's ``wanted`` (not a transport failure): passes the retries."""
-
-    def __init__(self, error: SourceError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 def push(repo: Repo, remote: Remote, refspec: str, *, attempts: int = NET_ATTEMPTS) -> None:

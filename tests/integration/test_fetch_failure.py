@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
+from reconciler.cli.main import main
 from tests.conftest import Host, free_port, git, tree_snapshot
 from tests.integration._helpers import assert_clean_error, drift_kinds, pull_report
 from tests.integration.servers import CountingRelay, tarpit
@@ -116,6 +118,45 @@ def test_a_server_dropping_connections_is_tried_again_and_the_run_gets_through(
         assert relay.refused == 3
         assert drift_kinds(report) == {"/etc/motd": {"content"}}
         assert "edited" not in host.path("/etc/motd").read_text()
+    finally:
+        relay.close()
+
+
+def test_operators_commands_get_through_a_server_dropping_connections_too(
+    fleet, git_daemon, tmp_path, monkeypatch
+):
+    # One retry policy for agent and operators (reconciler/git/remote.py): an
+    # operator's fetch and push are tried again after a reset like a host's.
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Ops Laptop")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "ops@laptop.example")
+    relay = CountingRelay(git_daemon.port)
+    url = f"git://127.0.0.1:{relay.port}/{fleet.name}"
+
+    def op(*argv: str) -> tuple[int, str]:
+        err = io.StringIO()
+        args = [
+            *argv,
+            "--repo",
+            url,
+            "--state-dir",
+            str(tmp_path / "cache"),
+            "--config",
+            "/dev/null",
+        ]
+        return main(args, out=io.StringIO(), err=err), err.getvalue()
+
+    try:
+        relay.refuse = 2
+        code, err = op("fleet")
+        assert code == 0, err
+        assert relay.refused == 2
+
+        relay.refuse, relay.refused = 2, 0
+        code, err = op("suspend", "web1", "--reason", "maintenance")
+        assert code == 0, err
+        assert relay.refused == 2
+        pushed = git("show", "main:hosts/web1.yaml", cwd=fleet.bare)
+        assert "suspended:" in pushed and "maintenance" in pushed, pushed
     finally:
         relay.close()
 
