@@ -133,6 +133,7 @@ class UnsafePathError(PathError):
     ) -> None:
         super().__init__(f"{where}: {problem} — {hint}")
         self.problem = problem
+        self.hint = hint
         self.blocker = blocker
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,7 +22,7 @@ from typing import Any, TextIO
 from reconciler.cli.flags import HOST, OUTPUT, POLICY, SOURCE, flags
 from reconciler.cli.output import emit_json, error_line
 from reconciler.config import config_from_args
-from reconciler.errors import ReconcilerError, UsageError
+from reconciler.errors import PathError, ReconcilerError, UsageError
 
 # ------------------------------------------------------------------- pull/diff
 
@@ -102,6 +103,7 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.state import load_state
     from reconciler.host.statedir import StateDir
+    from reconciler.host.system import RealSystem
     from reconciler.ops.history import file_diff
     from reconciler.pipeline.plan import is_secret
     from reconciler.pipeline.run import RunOptions, reconcile_once
@@ -113,21 +115,34 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"reconciler: node {config.node}: {error}\n")
     if outcome.plan is None or outcome.target is None:
         return 1
-    root = Path(config.root)
+    root = Path(os.path.abspath(config.root))  # as reconcile_once has it
     # A path that was secret stays secret when it is deleted or stops being one.
     managed = load_state(StateDir.at(config.state_dir)).managed
     chunks = []
-    for change in outcome.plan.changes:
-        t = outcome.target.files.get(change.path)
-        secret = is_secret(change.path, outcome.target, managed)
-        old: bytes | None = None
-        if outcome.actual[change.path].kind == "file":
-            old = host_path(root, change.path).read_bytes()
-        new = t.content if (t is not None and change.action != "delete") else None
-        if change.action in ("chmod", "chown"):
-            chunks.append(f"{change.action} {change.path}: {change.detail}\n")
-            continue
-        chunks.append(file_diff(str(change.path), old, new, secret=secret))
+    with RealSystem(root=root) as system:
+        for change in outcome.plan.changes:
+            t = outcome.target.files.get(change.path)
+            secret = is_secret(change.path, outcome.target, managed)
+            if change.action in ("chmod", "chown"):
+                chunks.append(f"{change.action} {change.path}: {change.detail}\n")
+                continue
+            found = outcome.actual[change.path]
+            old: bytes | None = None
+            if found.kind == "file":
+                try:
+                    # Never through a symlink, only the inode the run's scan saw.
+                    old = system.read_bytes(
+                        host_path(root, change.path), expect=(found.dev, found.ino)
+                    )
+                except (OSError, PathError) as exc:
+                    why = exc.strerror if isinstance(exc, OSError) else "changed since the scan"
+                    err.write(
+                        f"reconciler: {change.path}: current content not shown: {why} — "
+                        "run diff again\n"
+                    )
+                    continue
+            new = t.content if (t is not None and change.action != "delete") else None
+            chunks.append(file_diff(str(change.path), old, new, secret=secret))
     if args.format == "json":
         emit_json({"report": outcome.report, "diff": "".join(chunks)}, out)
     else:

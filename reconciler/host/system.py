@@ -218,24 +218,32 @@ class System(Protocol):
 
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
-    ) -> None:
-        """Atomically replace ``path`` (a file, a symlink or nothing) with ``content``."""
+    ) -> bool:
+        """Atomically replace ``path`` (a file, a symlink or nothing) with ``content``.
+
+        True when written (staged, in batch mode), False when only recorded (dry run).
+        """
+        ...
+
+    def write_private(self, path: Path, content: bytes, mode: int) -> None:
+        """Write a file of reconciler's own under the state directory (a script to
+        run), at once, with ``mode``; a dry run writes nothing."""
         ...
 
     def flush(self) -> None:
         """Make every write since the last flush durable and visible (batch end)."""
         ...
 
-    def chmod(self, path: Path, mode: int) -> None:
-        """Set permission bits of ``path``."""
+    def chmod(self, path: Path, mode: int) -> bool:
+        """Set permission bits of ``path`` (never through a symlink); True when done."""
         ...
 
-    def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
-        """Set owner and/or group of ``path``."""
+    def chown(self, path: Path, uid: int | None, gid: int | None) -> bool:
+        """Set owner and/or group of ``path`` (never through a symlink); True when done."""
         ...
 
-    def remove(self, path: Path) -> None:
-        """Remove a file, a symlink or an empty directory."""
+    def remove(self, path: Path) -> bool:
+        """Remove a file, a symlink or an empty directory; True when done."""
         ...
 
     def remove_empty_dir(self, path: Path) -> bool:
@@ -323,6 +331,9 @@ class RealSystem:
         self._prefix = os.fspath(self.root).rstrip("/")  # "" when the root is /
         self._real_root = os.path.realpath(self.root)
         self._trusted = tuple(os.path.abspath(t).rstrip("/") for t in trusted)
+        self._trusted_under = tuple(t + "/" for t in self._trusted)
+        self._under = self._prefix + "/"
+        self._cut = len(self._under)
         self._euid = os.geteuid()
         self._fds: dict[str, tuple[int, str]] = {}  # rel dir -> (fd, rel dir without symlinks)
         self._retired: list[int] = []  # dropped from the cache, maybe still in use
@@ -512,7 +523,15 @@ class RealSystem:
     # ---------------------------------------------------------------- reads
 
     def lstat(self, path: str | Path) -> os.stat_result:
-        d, name = self._at(path)
+        # The no-op run's whole cost is one lstat per managed file (SPEC §7): a
+        # cached parent descriptor is looked up without _at's generality.
+        p = path if isinstance(path, str) else os.fspath(path)
+        if p.startswith(self._under) and not p.startswith(self._trusted_under):
+            parent, _, name = p[self._cut :].rpartition("/")
+            hit = self._fds.get(parent)
+            if hit is not None and name not in (".", ".."):
+                return os.stat(name, dir_fd=hit[0], follow_symlinks=False)
+        d, name = self._at(p)
         return os.stat(name, dir_fd=d, follow_symlinks=False)
 
     def _read(self, path: str | Path, expect: StatId | None) -> tuple[bytes, os.stat_result]:
@@ -603,9 +622,14 @@ class RealSystem:
             os.fsync(first_parent)
         return made
 
+    def write_private(self, path: Path, content: bytes, mode: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_bytes(content)
+        os.chmod(path, mode)
+
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
-    ) -> None:
+    ) -> bool:
         d, name = self._at(path)
         # rename(2) replaces a file, a symlink (not its target) or a FIFO in one
         # step; only a directory must go first (moved to the backups by apply).
@@ -619,7 +643,7 @@ class RealSystem:
         tmp = self._temp(d, name, content, mode, uid, gid, sync=not self._batch)
         if self._batch:
             self._staged.append((None if d is None else os.dup(d), tmp, name, os.fspath(path)))
-            return
+            return True
         try:
             os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
         except BaseException:
@@ -628,6 +652,7 @@ class RealSystem:
             raise
         self._fsync_parent(d, name)
         log.info("wrote %s (%d bytes, mode %04o)", path, len(content), mode)
+        return True
 
     def _open_entry(self, path: Path) -> int:
         """A descriptor of ``path`` itself (file or directory), never through a symlink."""
@@ -639,21 +664,23 @@ class RealSystem:
                 raise PathError(f"{path}: a symlink — its target is not changed") from exc
             raise
 
-    def chmod(self, path: Path, mode: int) -> None:
+    def chmod(self, path: Path, mode: int) -> bool:
         fd = self._open_entry(path)
         try:
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
         log.info("chmod %04o %s", mode, path)
+        return True
 
-    def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
+    def chown(self, path: Path, uid: int | None, gid: int | None) -> bool:
         fd = self._open_entry(path)
         try:
             os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
         finally:
             os.close(fd)
         log.info("chown %s:%s %s", uid, gid, path)
+        return True
 
     def _backups_durable(self) -> None:
         """Before a path is removed or moved away, its staged backup must be durable:
@@ -662,7 +689,7 @@ class RealSystem:
             pending, self._unsynced_backups = self._unsynced_backups, set()
             syncfs(pending)
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: Path) -> bool:
         self._backups_durable()
         d, name = self._at(path)
         st = os.stat(name, dir_fd=d, follow_symlinks=False)
@@ -673,6 +700,7 @@ class RealSystem:
             os.unlink(name, dir_fd=d)
         self._fsync_parent(d, name)
         log.info("removed %s", path)
+        return True
 
     def remove_empty_dir(self, path: Path) -> bool:
         try:
@@ -874,20 +902,27 @@ class DryRunSystem:
 
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
-    ) -> None:
+    ) -> bool:
         self._would("write %s (%d bytes, mode %04o)", path, len(content), mode)
+        return False
+
+    def write_private(self, path: Path, content: bytes, mode: int) -> None:
+        pass
 
     def flush(self) -> None:
         pass
 
-    def chmod(self, path: Path, mode: int) -> None:
+    def chmod(self, path: Path, mode: int) -> bool:
         self._would("chmod %04o %s", mode, path)
+        return False
 
-    def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
+    def chown(self, path: Path, uid: int | None, gid: int | None) -> bool:
         self._would("chown %s:%s %s", uid, gid, path)
+        return False
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: Path) -> bool:
         self._would("remove %s", path)
+        return False
 
     def remove_empty_dir(self, path: Path) -> bool:
         return False
@@ -955,25 +990,28 @@ class FaultySystem:
 
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
-    ) -> None:
+    ) -> bool:
         self._effect("write_file", path)
-        self._inner.write_file(path, content, mode, uid, gid)
+        return self._inner.write_file(path, content, mode, uid, gid)
+
+    def write_private(self, path: Path, content: bytes, mode: int) -> None:
+        self._inner.write_private(path, content, mode)  # the run's own files, not the host's
 
     def flush(self) -> None:
         self._effect("flush")
         self._inner.flush()
 
-    def chmod(self, path: Path, mode: int) -> None:
+    def chmod(self, path: Path, mode: int) -> bool:
         self._effect("chmod", path)
-        self._inner.chmod(path, mode)
+        return self._inner.chmod(path, mode)
 
-    def chown(self, path: Path, uid: int | None, gid: int | None) -> None:
+    def chown(self, path: Path, uid: int | None, gid: int | None) -> bool:
         self._effect("chown", path)
-        self._inner.chown(path, uid, gid)
+        return self._inner.chown(path, uid, gid)
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: Path) -> bool:
         self._effect("remove", path)
-        self._inner.remove(path)
+        return self._inner.remove(path)
 
     def remove_empty_dir(self, path: Path) -> bool:
         self._effect("remove_empty_dir", path)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from reconciler.errors import PathError, UnsafePathError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, Snapshot
 from reconciler.host.state import LocalState, ManagedFile
 from reconciler.host.statedir import StateDir
@@ -83,12 +84,12 @@ def _run_scripts(
     if not entries:
         return []
     workdir = ctx.state_dir.run_dir(ctx.run_id) / phase / app.name
-    if not system.dry_run:
-        for entry in entries:
-            target = workdir / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            target.write_bytes(snapshot.read(f"{base}/{entry.path}"))
-            os.chmod(target, 0o700 if entry.filemode == GIT_FILEMODE_EXEC else 0o600)
+    for entry in entries:
+        system.write_private(
+            workdir / entry.path,
+            snapshot.read(f"{base}/{entry.path}"),
+            0o700 if entry.filemode == GIT_FILEMODE_EXEC else 0o600,
+        )
     env = dict(os.environ)
     env.update(
         RECONCILER_NODE=ctx.node,
@@ -124,34 +125,66 @@ def _execute(
     ctx: RunContext,
     system: System,
     created: set[str],
-) -> None:
-    """Carry out one change; raises OSError on failure."""
+) -> bool:
+    """Carry out one change; False when the System only recorded it (a dry run).
+
+    Raises OSError, or PathError for a path the System will not reach or read
+    (a parent swapped for a symlink, a file replaced since the scan).
+    """
     host = host_path(ctx.root, change.path)
     backup = ctx.state_dir.backup_file(ctx.run_id, change.path)
+    same = (actual.dev, actual.ino)  # back up only the inode the scan saw
     if change.action in ("create", "update"):
         assert change.target is not None
         for made in system.make_dirs(host.parent):
             created.add("/" + os.path.relpath(made, ctx.root))
         if actual.kind == "file":
-            system.backup(host, backup)
-        elif actual.kind == "dir" and os.path.lexists(host):
+            system.backup(host, backup, expect=same)
+        elif actual.kind == "dir" and _exists(system, host):
             # A directory where a file is wanted (drift of kind "type"): moved
             # whole into the backups, never deleted (issue #3).
             system.move(host, backup)
         t = change.target
-        system.write_file(host, t.content, t.mode, change.uid, change.gid)
+        done = system.write_file(host, t.content, t.mode, change.uid, change.gid)
         created.discard(str(change.path))  # a created directory replaced by a file
-    elif change.action in ("chmod", "chown"):
+        return done
+    if change.action in ("chmod", "chown"):
         assert change.target is not None
+        done = True
         if actual.mode != change.target.mode:
-            system.chmod(host, change.target.mode)
+            done = system.chmod(host, change.target.mode)
         if (change.uid is not None and change.uid != actual.uid) or (
             change.gid is not None and change.gid != actual.gid
         ):
-            system.chown(host, change.uid, change.gid)
-    elif change.action == "delete":
-        system.backup(host, backup)
-        system.remove(host)
+            done = system.chown(host, change.uid, change.gid) and done
+        return done
+    if change.action == "delete":
+        if actual.kind != "symlink":
+            # A symlink's target is not ours to copy (the journal keeps its text);
+            # anything else but a regular file is refused by the System.
+            system.backup(host, backup, expect=same if actual.kind == "file" else None)
+        return system.remove(host)
+    return True
+
+
+def _exists(system: System, host: Path) -> bool:
+    try:
+        system.lstat(host)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _failure(change: Change, exc: OSError | PathError) -> str:
+    """One report line for a change that failed, naming the destination path (SPEC §6)."""
+    if isinstance(exc, UnsafePathError):
+        return f"{change.path}: {change.action} refused — {exc.problem}; {exc.hint}"
+    if isinstance(exc, PathError):
+        return f"{change.path}: {change.action} refused — {exc}"
+    return (
+        f"{change.path}: {change.action} failed: {exc.strerror or exc} — "
+        "fix the cause; the next run retries"
+    )
 
 
 def _publish(written: list[Change], system: System, ctx: RunContext, result: ApplyResult) -> None:
@@ -173,7 +206,7 @@ def _publish(written: list[Change], system: System, ctx: RunContext, result: App
         result.applied.add(change.path)
         if change.target is not None:
             result.records[str(change.path)] = _record(
-                host_path(ctx.root, change.path), change.target
+                system, host_path(ctx.root, change.path), change.target
             )
 
 
@@ -231,12 +264,12 @@ def _prune_dirs(
             created.discard(directory)
 
 
-def _record(path: Path, target: TargetFile) -> ManagedFile:
+def _record(system: System, path: Path, target: TargetFile) -> ManagedFile:
     """What reconciler just wrote at ``path``: target hash plus the file's stat."""
     from reconciler.pipeline.plan import sha256
 
     recorded_ns = time.time_ns()
-    st = os.lstat(path)
+    st = system.lstat(path)
     return ManagedFile(
         sha256=sha256(target.content),
         mode=stat.S_IMODE(st.st_mode),
@@ -323,15 +356,12 @@ def apply_plan(
                 continue
             done.add(change.path)
             try:
-                _execute(change, actual[change.path], ctx, system, result.created_dirs)
-            except OSError as exc:
-                result.errors.append(
-                    f"{change.path}: {change.action} failed: {exc.strerror or exc} — "
-                    "fix the cause; the next run retries"
-                )
+                carried = _execute(change, actual[change.path], ctx, system, result.created_dirs)
+            except (OSError, PathError) as exc:
+                result.errors.append(_failure(change, exc))
                 continue
-            if system.dry_run:
-                continue
+            if not carried:
+                continue  # recorded, not done: the System is a dry run
             if change.action == "delete":
                 result.applied.add(change.path)
                 deleted.append(change.path)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
 from reconciler.config import AgentConfig
+from reconciler.errors import PathError
 from reconciler.host.state import LocalState
 
 if TYPE_CHECKING:
+    from reconciler.host.system import System
     from reconciler.pipeline.run import RunOptions
 
 
@@ -40,7 +41,7 @@ def run_fingerprint(
 
 
 def written_output(
-    root: Path, previous: LocalState, dest: PurePosixPath, render_key: str
+    system: System, root: Path, previous: LocalState, dest: PurePosixPath, render_key: str
 ) -> bytes | None:
     """What this host last wrote at ``dest`` for ``render_key``, if it is still intact.
 
@@ -48,43 +49,37 @@ def written_output(
     matches the record is not rendered again when the file is a regular file
     whose bytes hash to the recorded sha256 — checked on the bytes read, not
     by stat signature, so neither drift nor a racily-clean record can pass.
+    Read through ``system``: never through a symlink.
     """
     record = previous.managed.get(str(dest))
     if record is None or record.render_key != render_key:
         return None
-    path = os.fspath(root).rstrip("/") + str(dest)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None  # missing, a symlink (ELOOP), unreadable
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None  # a directory or a device where the file should be
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
+        data = system.read_bytes(os.fspath(root).rstrip("/") + str(dest))
+    except (OSError, PathError):
+        return None  # missing, a symlink, not a regular file, unreadable
     return data if hashlib.sha256(data).hexdigest() == record.sha256 else None
 
 
-def unchanged(root: Path, previous: LocalState) -> bool:
+def unchanged(system: System, root: Path, previous: LocalState) -> bool:
     """True when every managed path still has the settled stat signature we recorded.
 
-    Plain string joins, not pathlib: this loop is the whole cost of a no-op
-    run (SPEC §7), and a PurePosixPath per managed file doubled it. Keys are
-    normalised absolute destination paths (checked when they were rendered).
+    Each lstat goes through ``system`` (from the root, without following a
+    symlink another user could have made), with plain string joins, not
+    pathlib: this loop is the whole cost of a no-op run (SPEC §7), and a
+    PurePosixPath per managed file doubled it. Keys are normalised absolute
+    destination paths (checked when they were rendered). A parent swapped for
+    a symlink cannot fake "unchanged": the walk refuses it, and what it leads
+    to would have another inode and ctime than recorded anyway.
     """
     base = os.fspath(root).rstrip("/")
+    lstat = system.lstat
     for key, record in previous.managed.items():
         if not record.settled():
             return False
         try:
-            st = os.lstat(base + key)
-        except OSError:
+            st = lstat(base + key)
+        except (OSError, PathError):
             return False
         if (
             (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != record.signature()

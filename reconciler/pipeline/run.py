@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from reconciler.git.source import FetchResult, check_descends, fetch, remote_url
 from reconciler.git.trust import verify_commit
 from reconciler.host.state import LocalState, load_state, save_state
 from reconciler.host.statedir import StateDir, read_exclude_file
+from reconciler.host.system import DryRunSystem, RealSystem, System
 from reconciler.pipeline.capture import drift_captures
 from reconciler.pipeline.facts import gather_facts
 from reconciler.pipeline.journal import (
@@ -113,11 +114,19 @@ def _suspension(node: Node, now: dt.datetime) -> Mapping[str, Any] | None:
     return node.suspended
 
 
-def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> RunOutcome:
+def reconcile_once(
+    config: AgentConfig,
+    options: RunOptions | None = None,
+    *,
+    wrap: Callable[[System], System] | None = None,
+) -> RunOutcome:
     """One reconcile run for ``config.node`` (SPEC §4).
 
-    Raises ConfigError (no repo) and LockError; every other failure ends in
-    a report with result ``failed`` and the error text.
+    Every read of the root and every effect goes through one System: a
+    RealSystem of the root (the state directory trusted), inside a
+    DryRunSystem for ``--dry-run``; ``wrap`` may wrap it once more (tests:
+    FaultySystem). Raises ConfigError (no repo) and LockError; every other
+    failure ends in a report with result ``failed`` and the error text.
     """
     options = options or RunOptions()
     if not config.repo:
@@ -129,8 +138,14 @@ def reconcile_once(config: AgentConfig, options: RunOptions | None = None) -> Ru
     # RECONCILER_ROOT must mean the same thing there.
     state_dir = StateDir.at(config.state_dir)
     root = Path(os.path.abspath(config.root))
-    with state_dir.lock(config.lock_timeout):
-        return _run(config, options, remote, state_dir, root)
+    with (
+        state_dir.lock(config.lock_timeout),
+        RealSystem(root=root, trusted=(state_dir.path,), batch=True) as real,
+    ):
+        system: System = DryRunSystem(real) if options.dry_run else real
+        if wrap is not None:
+            system = wrap(system)
+        return _run(config, options, remote, state_dir, root, system)
 
 
 def _run(
@@ -139,6 +154,7 @@ def _run(
     remote: Remote,
     state_dir: StateDir,
     root: Path,
+    system: System,
 ) -> RunOutcome:
     url = remote.url
     started = dt.datetime.now(dt.UTC)
@@ -183,7 +199,7 @@ def _run(
             and held is None
             and previous.fingerprint == fingerprint
             and previous.applied_commit == commit
-            and unchanged(root, previous)
+            and unchanged(system, root, previous)
         ):
             # SPEC §7 no-op: same commit and inputs as the last clean run and no
             # managed file touched since — no load, no render, no hashing.
@@ -207,6 +223,7 @@ def _run(
                 errors=errors,
                 state_dir=state_dir,
                 root=root,
+                system=system,
             )
     except ReconcilerError as exc:
         if isinstance(exc, ConfigError):
@@ -289,13 +306,13 @@ def _full_run(
     errors: list[str],
     state_dir: StateDir,
     root: Path,
+    system: System,
 ) -> None:
     """load → render → scan → plan → apply, filling ``run``; raises ReconcilerError.
 
     The stages are imported here, not at module level, so that a no-op run
     never pays for Jinja2, jsonschema or pathspec (SPEC §7).
     """
-    from reconciler.host.system import DryRunSystem, RealSystem, System
     from reconciler.pipeline.apply import RunContext, apply_plan
     from reconciler.pipeline.inventory import effective_node, load_inventory
     from reconciler.pipeline.plan import exclude_matcher, make_plan
@@ -317,18 +334,17 @@ def _full_run(
         facts,
         cache_dir=state_dir.jinja_cache,
         workers=min(os.cpu_count() or 1, 4),
-        reuse=functools.partial(written_output, root, previous),
+        reuse=functools.partial(written_output, system, root, previous),
     )
     paths = list(target.files) + [
         PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
     ]
-    run.actual = actual = scan(root, paths, previous.managed)
+    run.actual = actual = scan(root, paths, previous.managed, system)
     excludes = exclude_matcher([*node.exclude, *exclude_lines])
     run.plan = plan = make_plan(target, actual, previous, excludes, run.mode)
     errors.extend(plan.errors)
-    run.captures = drift_captures(plan, target, previous, actual, root)
+    run.captures = drift_captures(plan, target, previous, actual, root, system)
 
-    system: System = DryRunSystem() if options.dry_run else RealSystem(batch=True)
     to_apply = [c for c in plan.changes if c.apply]
     journal = None
     if to_apply and not options.dry_run:

@@ -6,9 +6,10 @@ for each path its type, mode, owner, stat signature and sha256. A regular
 file whose stat signature equals the recorded one is not read again: its
 sha256 is taken from the local state (SPEC §7: stat signatures, not hashing).
 
-Parent directories are checked here: one that is a symlink resolving outside
-the root makes that path ``unsafe`` (SPEC §6), and nothing will be written
-through it.
+Every read goes through a System (host/system.py), which walks from the
+root without following a symlink that leads outside it or that another user
+could have made: such a parent makes the path ``unsafe`` (SPEC §6), and
+nothing will be written through it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
+from reconciler.errors import PathError, UnsafePathError
 from reconciler.host.state import ManagedFile
+
+if TYPE_CHECKING:
+    from reconciler.host.system import System
 
 KINDS = ("missing", "file", "symlink", "dir", "other", "unsafe")
 
@@ -39,6 +45,7 @@ class ActualFile:
     mtime_ns: int = 0
     ctime_ns: int = 0
     ino: int = 0
+    dev: int = 0  # with ino: the inode a later read must still find (captures, backups)
     sha256: str | None = None  # regular files only
     problem: str | None = None  # why the path is unsafe
     blocker: PurePosixPath | None = None  # a parent that is a file or device, not a dir
@@ -63,69 +70,46 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-class _ParentCheck:
-    """Caches, per parent directory, whether writing below it stays inside the root."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.real_root = os.path.realpath(root)
-        self._cache: dict[str, tuple[str | None, PurePosixPath | None]] = {}
-
-    def problem(self, dest: PurePosixPath) -> tuple[str | None, PurePosixPath | None]:
-        """(why writing ``dest`` is unsafe, the parent that is not a directory)."""
-        parent = str(dest).rpartition("/")[0]  # a string key: thousands of paths a run
-        if parent in self._cache:
-            return self._cache[parent]
-        found: str | None = None
-        blocker: PurePosixPath | None = None
-        current = self.root
-        for depth, part in enumerate(dest.parts[1:-1], start=2):
-            current = current / part
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
-                break  # created later by reconciler as a real directory
-            except OSError as exc:
-                found = f"cannot inspect {current}: {exc.strerror}"
-                break
-            if stat.S_ISLNK(st.st_mode):
-                real = os.path.realpath(current)
-                if os.path.commonpath([real, self.real_root]) != self.real_root:
-                    rel = "/" + os.path.relpath(current, self.root)
-                    found = f"parent {rel} is a symlink to {real}, outside the root"
-                    break
-                if not os.path.isdir(real):
-                    found = f"parent /{os.path.relpath(current, self.root)} is not a directory"
-                    break
-            elif not stat.S_ISDIR(st.st_mode):
-                found = f"parent /{os.path.relpath(current, self.root)} is not a directory"
-                blocker = PurePosixPath(*dest.parts[:depth])
-                break
-        self._cache[parent] = (found, blocker)
-        return found, blocker
+def _unsafe(dest: PurePosixPath, exc: PathError) -> ActualFile:
+    """The ActualFile of a path the System cannot reach safely (SPEC §6)."""
+    if isinstance(exc, UnsafePathError):
+        blocker = PurePosixPath("/" + exc.blocker) if exc.blocker else None
+        return ActualFile(path=dest, kind="unsafe", problem=exc.problem, blocker=blocker)
+    return ActualFile(path=dest, kind="unsafe", problem=str(exc))
 
 
 def unsafe_parent(root: Path, dest: PurePosixPath) -> str | None:
     """Why writing ``dest`` under ``root`` would leave the root (a parent symlinked
-    outside, or not a directory), checked now; None when it is safe (SPEC §6)."""
-    return _ParentCheck(root).problem(dest)[0]
+    outside, one another user could have made, or not a directory), checked now;
+    None when it is safe (SPEC §6). The rule is RealSystem's walk."""
+    from reconciler.host.system import RealSystem
+
+    with RealSystem(root=root) as system:
+        try:
+            system.lstat(os.fspath(root).rstrip("/") + str(dest))
+        except PathError as exc:
+            return exc.problem if isinstance(exc, UnsafePathError) else str(exc)
+        except OSError:
+            return None  # missing: created later by reconciler as a real directory
+    return None
 
 
 def scan_path(
-    root: Path, dest: PurePosixPath, known: ManagedFile | None, parents: _ParentCheck
+    system: System, root: Path, dest: PurePosixPath, known: ManagedFile | None
 ) -> ActualFile:
-    """Look at one destination path; hash it only when its stat signature is new."""
-    problem, blocker = parents.problem(dest)
-    if problem:
-        return ActualFile(path=dest, kind="unsafe", problem=problem, blocker=blocker)
+    """Look at one destination path through ``system``; hash it only when its stat
+    signature is new. A path the System cannot reach without leaving the root is
+    ``unsafe`` (SPEC §6); a file that changes between the lstat and the read too."""
     path = os.fspath(root).rstrip("/") + str(dest)  # host_path, without pathlib's cost
     scanned_ns = time.time_ns()
     try:
-        st = os.lstat(path)
+        st = system.lstat(path)
     except FileNotFoundError:
         return ActualFile(path=dest, kind="missing")
     except NotADirectoryError:
         return ActualFile(path=dest, kind="unsafe", problem="a parent is not a directory")
+    except PathError as exc:
+        return _unsafe(dest, exc)
     fmt = stat.S_IFMT(st.st_mode)
     kind = {stat.S_IFREG: "file", stat.S_IFLNK: "symlink", stat.S_IFDIR: "dir"}.get(fmt, "other")
     actual = ActualFile(
@@ -138,6 +122,7 @@ def scan_path(
         mtime_ns=st.st_mtime_ns,
         ctime_ns=st.st_ctime_ns,
         ino=st.st_ino,
+        dev=st.st_dev,
         scanned_ns=scanned_ns,
     )
     if kind != "file":
@@ -145,13 +130,26 @@ def scan_path(
     if known is not None and known.settled() and known.signature() == actual.signature():
         digest = known.sha256
     else:
-        digest = file_sha256(path)
+        try:
+            # The inode the lstat saw, never through a symlink swapped in since.
+            data = system.read_bytes(path, expect=(st.st_dev, st.st_ino))
+        except PathError as exc:
+            return _unsafe(dest, exc)
+        digest = hashlib.sha256(data).hexdigest()
     return replace(actual, sha256=digest)
 
 
 def scan(
-    root: Path, paths: Iterable[PurePosixPath], managed: Mapping[str, ManagedFile]
+    root: Path,
+    paths: Iterable[PurePosixPath],
+    managed: Mapping[str, ManagedFile],
+    system: System | None = None,
 ) -> dict[PurePosixPath, ActualFile]:
-    """ActualFile for each of ``paths`` under ``root`` (SPEC §4 step 4). Reads only."""
-    parents = _ParentCheck(root)
-    return {p: scan_path(root, p, managed.get(str(p)), parents) for p in paths}
+    """ActualFile for each of ``paths`` under ``root`` (SPEC §4 step 4), read through
+    ``system`` (a RealSystem of ``root`` when None). Reads only."""
+    if system is None:
+        from reconciler.host.system import RealSystem
+
+        with RealSystem(root=root) as real:
+            return {p: scan_path(real, root, p, managed.get(str(p))) for p in paths}
+    return {p: scan_path(system, root, p, managed.get(str(p))) for p in paths}
