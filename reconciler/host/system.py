@@ -726,14 +726,14 @@ class RealSystem:
         atomic_write(dest, content, mode=mode)
 
     def move(self, path: Path, dest: Path) -> None:
+        sd, sname = self._at(path)
+        st = os.stat(sname, dir_fd=sd, follow_symlinks=False)  # refused before dest is made
         if self._rel(dest) is None:
             dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         else:
             self.make_dirs(dest.parent)
         self._backups_durable()
-        sd, sname = self._at(path)
         dd, dname = self._at(dest)
-        st = os.stat(sname, dir_fd=sd, follow_symlinks=False)
         is_dir = stat.S_ISDIR(st.st_mode)
         dest_dev = os.fstat(dd).st_dev if dd is not None else os.stat(Path(dname).parent).st_dev
         if st.st_dev == dest_dev:

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.host.system import DryRunSystem, RealSystem, atomic_write
+from reconciler.errors import PathError, UnsafePathError
+from reconciler.host.system import (
+    DryRunSystem,
+    FaultInjected,
+    FaultySystem,
+    RealSystem,
+    atomic_write,
+)
 from tests.conftest import tree_snapshot
 
 
@@ -277,3 +284,182 @@ def test_dry_run_system_changes_nothing_and_runs_nothing(tmp_path):
     assert not (tmp_path / "backup").exists()
     assert not marker.exists()
     assert run_result.exit_code is None and run_result.ok
+
+
+# ------------------------------------------------- reads, and the walk from the root
+
+
+def rooted(tmp_path: Path) -> tuple[Path, Path]:
+    """A root holding etc/app/file, and a directory outside it holding a victim file."""
+    root = tmp_path / "root"
+    (root / "etc" / "app").mkdir(parents=True)
+    (root / "etc" / "app" / "file").write_bytes(b"inside\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "file").write_bytes(b"outside, root-only\n")
+    (outside / "file").chmod(0o600)
+    return root, outside
+
+
+def test_reads_return_what_is_on_disk(tmp_path):
+    root, _ = rooted(tmp_path)
+    os.symlink("file", root / "etc" / "app" / "link")
+    with RealSystem(root=root) as system:
+        st = system.lstat(root / "etc" / "app" / "file")
+        assert stat.S_ISREG(st.st_mode) and st.st_size == len(b"inside\n")
+        assert stat.S_ISLNK(system.lstat(str(root / "etc" / "app" / "link")).st_mode)
+        assert system.read_bytes(root / "etc" / "app" / "file") == b"inside\n"
+        assert (
+            system.read_bytes(root / "etc" / "app" / "file", expect=(st.st_dev, st.st_ino))
+            == b"inside\n"
+        )
+        assert system.readlink(root / "etc" / "app" / "link") == "file"
+        assert sorted(system.listdir(root / "etc" / "app")) == ["file", "link"]
+        with pytest.raises(FileNotFoundError):
+            system.lstat(root / "etc" / "none" / "x")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "another inode"])
+def test_read_bytes_refuses_anything_but_the_regular_file_the_scan_saw(tmp_path, kind):
+    root, outside = rooted(tmp_path)
+    path = root / "etc" / "app" / "file"
+    st = path.lstat()
+    expect = (st.st_dev, st.st_ino)
+    if kind == "another inode":  # made before the old one goes: never its inode number
+        (path.parent / "new").write_bytes(b"a new file\n")
+        os.rename(path.parent / "new", path)
+    else:
+        path.unlink()
+    if kind == "symlink":
+        os.symlink(outside / "file", path)
+    elif kind == "fifo":
+        os.mkfifo(path)  # opened without blocking, then refused
+    elif kind == "directory":
+        path.mkdir()
+    with RealSystem(root=root) as system, pytest.raises(PathError):
+        system.read_bytes(path, expect=expect)
+
+
+@pytest.mark.parametrize("link", ["absolute", "relative", "to /"])
+def test_a_parent_symlinked_outside_the_root_is_refused_for_every_read_and_effect(tmp_path, link):
+    root, outside = rooted(tmp_path)
+    target = {"absolute": str(outside), "relative": "../../outside", "to /": "/"}[link]
+    os.symlink(target, root / "etc" / "nginx")
+    before = tree_snapshot(outside)
+    dest = root / "etc" / "nginx" / "file"
+    system = RealSystem(root=root, trusted=(tmp_path / "backups",), batch=True)
+    attempts = [
+        lambda: system.lstat(dest),
+        lambda: system.read_bytes(dest),
+        lambda: system.listdir(root / "etc" / "nginx"),
+        lambda: system.write_file(dest, b"new\n", 0o644, None, None),
+        lambda: system.chmod(dest, 0o666),
+        lambda: system.chown(dest, 65534, 65534),
+        lambda: system.remove(dest),
+        lambda: system.make_dirs(root / "etc" / "nginx" / "sub"),
+        lambda: system.backup(dest, tmp_path / "backups" / "file"),
+        lambda: system.move(dest, tmp_path / "backups" / "moved"),
+        lambda: system.make_symlink(dest, "x"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(UnsafePathError) as info:
+            attempt()
+        assert "/etc/nginx" in info.value.problem
+        assert "outside the root" in info.value.problem
+    system.flush()
+    system.close()
+    assert system.remove_empty_dir(root / "etc" / "nginx" / "sub") is False
+    assert tree_snapshot(outside) == before
+    assert not (tmp_path / "backups").exists()
+
+
+def test_a_parent_symlink_inside_the_root_is_followed_only_when_only_root_could_make_it(
+    tmp_path,
+):
+    if os.geteuid() != 0:
+        pytest.skip("lchown to another user needs root")
+    root, _ = rooted(tmp_path)
+    root.chmod(0o755)
+    (root / "etc").chmod(0o755)
+    os.symlink("etc/app", root / "ours")
+    with RealSystem(root=root) as system:
+        assert system.read_bytes(root / "ours" / "file") == b"inside\n"
+        system.write_file(root / "ours" / "new", b"through ours\n", 0o644, None, None)
+    assert (root / "etc" / "app" / "new").read_bytes() == b"through ours\n"
+
+    os.symlink("etc/app", root / "theirs")
+    os.lchown(root / "theirs", 65534, 65534)  # a symlink another user made
+    (root / "shared").mkdir(mode=0o777)
+    (root / "shared").chmod(0o1777)
+    os.symlink("../etc/app", root / "shared" / "planted")  # ours, in a world-writable dir
+    for path in (root / "theirs" / "file", root / "shared" / "planted" / "file"):
+        with RealSystem(root=root) as system, pytest.raises(UnsafePathError) as info:
+            system.write_file(path, b"x\n", 0o644, None, None)
+        assert "another user could have made" in info.value.problem
+    assert (root / "etc" / "app" / "file").read_bytes() == b"inside\n"
+
+
+def test_a_directory_swapped_for_a_symlink_after_a_script_is_not_written_through(tmp_path):
+    """The descriptors cached by the scan are dropped when a script runs: the write
+    walks again, meets the symlink the script left, and refuses it."""
+    root, outside = rooted(tmp_path)
+    app = root / "etc" / "app"
+    script(
+        tmp_path / "s",
+        "10-swap",
+        f"mv '{app}' '{app}.real'\nln -s '{outside}' '{app}'\n",
+    )
+    before = tree_snapshot(outside)
+    with RealSystem(root=root, batch=True) as system:
+        assert system.lstat(app / "file").st_size == len(b"inside\n")  # descriptors cached
+        ran = system.run_script(
+            phase="pre", app="app", name="10-swap", directory=tmp_path / "s", env={}, timeout=5
+        )
+        assert ran.ok
+        with pytest.raises(UnsafePathError):
+            system.write_file(app / "file", b"new\n", 0o644, None, None)
+        with pytest.raises(UnsafePathError):
+            system.chmod(app / "file", 0o666)
+        with pytest.raises(UnsafePathError):
+            system.remove(app / "file")
+        system.flush()
+    assert tree_snapshot(outside) == before
+
+
+def test_a_path_outside_the_root_and_not_trusted_is_refused(tmp_path):
+    root, outside = rooted(tmp_path)
+    state = tmp_path / "state"
+    with RealSystem(root=root, trusted=(state,)) as system:
+        with pytest.raises(PathError):
+            system.write_file(outside / "file", b"x\n", 0o644, None, None)
+        system.backup(root / "etc" / "app" / "file", state / "backups" / "file")
+    assert (state / "backups" / "file").read_bytes() == b"inside\n"
+    assert (outside / "file").read_bytes() == b"outside, root-only\n"
+
+
+def test_dry_run_system_reads_through_and_records_effects(tmp_path):
+    root, _ = rooted(tmp_path)
+    before = tree_snapshot(root)
+    system = DryRunSystem(RealSystem(root=root))
+    assert system.read_bytes(root / "etc" / "app" / "file") == b"inside\n"
+    assert system.write_file(root / "etc" / "app" / "file", b"new\n", 0o600, None, None) is False
+    assert system.chmod(root / "etc" / "app" / "file", 0o600) is False
+    assert system.remove(root / "etc" / "app" / "file") is False
+    assert system.effects == [
+        f"write {root}/etc/app/file (4 bytes, mode 0600)",
+        f"chmod 0600 {root}/etc/app/file",
+        f"remove {root}/etc/app/file",
+    ]
+    assert tree_snapshot(root) == before
+
+
+def test_faulty_system_lets_n_effects_through_then_raises(tmp_path):
+    root, _ = rooted(tmp_path)
+    system = FaultySystem(RealSystem(root=root), fail_after=2)
+    system.write_file(root / "a", b"a\n", 0o644, None, None)
+    assert system.read_bytes(root / "a") == b"a\n"  # reads are not effects
+    system.chmod(root / "a", 0o600)
+    with pytest.raises(FaultInjected):
+        system.remove(root / "a")
+    assert (root / "a").exists()
+    assert system.effects == [f"write_file {root}/a", f"chmod {root}/a"]
