@@ -83,8 +83,9 @@ class RemoteError(SourceError):
     credentials), ``"rejected"`` (the server rejected a ref update:
     permissions, non-fast-forward); None for a failure another try may get
     past (a reset connection, a busy server, a timeout). ``detail`` is the
-    failure without the URL; ``rejected`` maps each refused ref to the
-    server's reason.
+    failure alone — libgit2's text, the server's reasons, or our refusal's
+    line — for callers that say the rest themselves; ``rejected`` maps each
+    refused ref to the server's reason.
     """
 
     def __init__(
