@@ -8,7 +8,7 @@ place, :func:`reconciler.git.errors.map_git_errors`.
 
 ::
 
-    ReconcilerError                 exit 1 unless stated
+    ReconcilerError                 exit 1 unless stated; .where .problem .hint
     ├── UsageError                  exit 2: bad command line
     ├── ConfigError                 exit 2: bad agent configuration (SPEC §2)
     ├── SourceError                 fetch, push or trust failed (SPEC §4 steps 1–2)
@@ -16,22 +16,28 @@ place, :func:`reconciler.git.errors.map_git_errors`.
     │   └── RemoteError             a fetch or push failed; ``refused`` when retrying cannot help
     ├── InventoryError              hosts/ or app.yaml invalid (SPEC §1, §6)
     ├── RenderError                 a template failed to render
-    ├── PathError                   a destination escapes the root or is unusable
+    ├── PathError                   a destination escapes the root or is unusable; .path
     │   └── UnsafePathError         a parent leaves the root, is a symlink we may not follow,
     │                               or is not a directory (host/system.py's walk)
-    ├── ApplyError                  a write, delete, chmod or chown failed
-    ├── ScriptError                 a pre/post script failed or timed out
+    ├── ApplyError                  a write, delete, chmod, chown or restore failed; .path
+    ├── ScriptError                 a pre/post script failed or timed out; the command,
+    │                               exit status and last output, like invoke's UnexpectedExit
     ├── LockError                   another run holds the state_dir lock
     └── StateError                  a file of the state directory is unreadable
 
 Messages read ``"{where}: {problem} — {what to do}"``: an error raised with
 ``where=`` and ``hint=`` keeps the three parts as attributes and renders
 them so; one raised with a single message renders it as given.
+Errors travel as values until the edge that prints them: a run collects
+them (``Plan.errors``, ``ApplyResult.errors``), the report renders them into
+its ``errors`` strings (SPEC §5), and code that needs to know *which path*
+failed reads ``.path``, never the text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 
 
 class ReconcilerError(Exception):
@@ -110,7 +116,24 @@ class RenderError(ReconcilerError):
     """A template could not be rendered (syntax, undefined variable, bad include)."""
 
 
-class PathError(ReconcilerError):
+class _PathBound(ReconcilerError):
+    """An error about one destination path: ``.path``, which is also its ``where``."""
+
+    def __init__(
+        self,
+        problem: str = "",
+        *,
+        path: PurePosixPath | None = None,
+        where: str | None = None,
+        hint: str | None = None,
+    ):
+        self.path = path
+        super().__init__(
+            problem, where=where if where is not None or path is None else str(path), hint=hint
+        )
+
+
+class PathError(_PathBound):
     """A destination path escapes the root or cannot be written safely (SPEC §6)."""
 
 
@@ -138,12 +161,49 @@ class UnsafePathError(PathError):
         self.blocker = blocker
 
 
-class ApplyError(ReconcilerError):
-    """A change could not be applied to disk."""
+class ApplyError(_PathBound):
+    """A change could not be applied to disk; ``.path`` names the destination, if one."""
 
 
 class ScriptError(ReconcilerError):
-    """A pre or post script exited non-zero or timed out."""
+    """A pre or post script exited non-zero or timed out.
+
+    Like invoke's ``UnexpectedExit``, it carries the command (``phase``,
+    ``app``, ``name``: ``scripts/<phase>/<app>/<name>`` in the repository),
+    how it ended (``exited``: its exit status, or ``timed_out`` after ``duration_s`` seconds)
+    and the tail of its output; the message shows the last non-empty line
+    (at most 200 characters). ``hint`` says what the failure meant for the
+    run (SPEC §4 step 6: later apps not applied, the app rolled back).
+    """
+
+    def __init__(
+        self,
+        *,
+        phase: str,
+        app: str,
+        name: str,
+        exited: int | None,
+        timed_out: bool = False,
+        duration_s: float = 0.0,
+        output_tail: str = "",
+        hint: str | None = None,
+    ):
+        self.phase = phase
+        self.app = app
+        self.name = name
+        self.exited = exited  # the script's exit status; ``exit_code`` is the CLI's
+        self.timed_out = timed_out
+        self.duration_s = duration_s
+        self.output_tail = output_tail
+        how = f"timed out after {duration_s:.0f}s" if timed_out else f"exited {exited}"
+        last = self.last_lines(1)
+        tail = f" — last output: {last[0][:200]!r}" if last else ""
+        super().__init__(how + tail, where=f"scripts/{phase}/{app}/{name}", hint=hint)
+
+    def last_lines(self, count: int = 10) -> list[str]:
+        """The last ``count`` lines of the script's output tail (none when it printed nothing)."""
+        lines = self.output_tail.strip().splitlines()
+        return lines[-count:] if count > 0 else []
 
 
 class LockError(ReconcilerError):

@@ -1,10 +1,19 @@
 """Report stage: the record of a run → last-run.json and a commit on reports/<node>.
 
-Takes everything the run found and did; produces the report mapping of SPEC
-§5, writes ``<state_dir>/last-run.json``, commits ``report.json`` plus
-``drift/<dest-path>`` captures to ``refs/heads/reports/<node>`` in the local
-bare repository, and pushes that ref. The local ref is the queue: a push
-that fails leaves the commits there and the next run pushes them all.
+Takes everything the run found and did; produces a :class:`Report`, the
+value of SPEC §5, writes ``<state_dir>/last-run.json``, commits
+``report.json`` plus ``drift/<dest-path>`` captures to
+``refs/heads/reports/<node>`` in the local bare repository, and pushes that
+ref. The local ref is the queue: a push that fails leaves the commits there
+and the next run pushes them all.
+
+A Report is built once, from everything it needs, and never patched: the
+CLI, the webhook, the metrics, last-run.json, ``fleet``, ``log`` and
+``show`` read it and its :meth:`Report.counts`. Its JSON (:meth:`Report.to_json`)
+is the wire format of report branches, last-run.json, ``--format json`` and
+webhooks: keys in the order of SPEC §5, byte-for-byte what earlier versions
+wrote (tests/unit/golden/). :meth:`Report.from_json` reads what any version
+wrote: missing keys take their defaults, unknown keys are kept.
 
 A new commit is made only when the report differs from the previous one in
 what matters (result, source commit, changes, drift, excluded, errors,
@@ -17,10 +26,12 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
+from reconciler.errors import ApplyError, PathError, ReconcilerError
 from reconciler.git.repo import Repo
 from reconciler.git.reports import commit_report as git_commit_report
 from reconciler.git.reports import report_parent
@@ -29,6 +40,7 @@ from reconciler.host.system import ScriptRun
 
 if TYPE_CHECKING:
     from reconciler.host.statedir import StateDir
+    from reconciler.pipeline.journal import JournalEntry
     from reconciler.pipeline.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -41,7 +53,7 @@ def utc_iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def run_result(*, errors: Sequence[str], plan: Plan | None) -> str:
+def run_result(*, errors: Sequence[object], plan: Plan | None) -> str:
     """SPEC §6: failed if anything failed; else drift; else changed (applied or pending); else ok."""
     if errors:
         return "failed"
@@ -50,6 +62,351 @@ def run_result(*, errors: Sequence[str], plan: Plan | None) -> str:
     if plan is not None and plan.changes:
         return "changed"
     return "ok"
+
+
+# ---------------------------------------------------------------- the value
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportSource:
+    """A ReportSource is where the run's commit came from (SPEC §5 ``source``)."""
+
+    url: str
+    branch: str
+    commit: str | None  # 40 hex; "" when nothing was ever fetched
+    fetched: bool  # False: the fetch failed, the last fetched commit was used
+
+    def to_json(self) -> dict[str, Any]:
+        """``{url, branch, commit, fetched}``."""
+        return {
+            "url": self.url,
+            "branch": self.branch,
+            "commit": self.commit,
+            "fetched": self.fetched,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ReportSource:
+        """Read ``source``; missing keys: "" and ``fetched`` true (as ``fleet`` always assumed)."""
+        return cls(
+            url=str(data.get("url") or ""),
+            branch=str(data.get("branch") or ""),
+            commit=data.get("commit"),
+            fetched=bool(data.get("fetched", True)),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportChange:
+    """A ReportChange is one planned change and whether the run applied it (SPEC §5 ``changes``)."""
+
+    path: str  # destination path, absolute as the host sees it (SPEC §6)
+    action: str  # create | update | delete | chmod | chown
+    reason: str  # desired | drift | conflict | rollback
+    applied: bool
+    app: str
+    rolled_back: bool = False  # applied, then restored by on_post_failure: rollback
+    detail: str = ""  # e.g. "mode 0644 → 0640"
+
+    def to_json(self) -> dict[str, Any]:
+        """``{path, action, reason, applied, app}`` plus ``rolled_back`` and ``detail`` when set."""
+        out: dict[str, Any] = {
+            "path": self.path,
+            "action": self.action,
+            "reason": self.reason,
+            "applied": self.applied,
+            "app": self.app,
+        }
+        if self.rolled_back:
+            out["rolled_back"] = True
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ReportChange:
+        """Read one ``changes`` entry; missing keys take empty defaults."""
+        return cls(
+            path=str(data.get("path") or ""),
+            action=str(data.get("action") or ""),
+            reason=str(data.get("reason") or ""),
+            applied=bool(data.get("applied")),
+            app=str(data.get("app") or ""),
+            rolled_back=bool(data.get("rolled_back")),
+            detail=str(data.get("detail") or ""),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportDrift:
+    """A ReportDrift is one way a managed path was found changed (SPEC §5 ``drift``)."""
+
+    path: str
+    kind: str  # content | mode | owner | missing | type
+
+    def to_json(self) -> dict[str, Any]:
+        """``{path, kind}``."""
+        return {"path": self.path, "kind": self.kind}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ReportDrift:
+        """Read one ``drift`` entry."""
+        return cls(path=str(data.get("path") or ""), kind=str(data.get("kind") or ""))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportScript:
+    """A ReportScript is one pre or post script run (SPEC §4, §5 ``scripts``)."""
+
+    phase: str  # pre | post
+    app: str
+    name: str
+    exit_code: int | None  # None: not run (dry-run) or killed by the timeout
+    timed_out: bool
+    duration_s: float  # seconds, wall clock
+    output_tail: str
+
+    @classmethod
+    def of(cls, run: ScriptRun) -> ReportScript:
+        """The report entry of a script run."""
+        return cls(
+            phase=run.phase,
+            app=run.app,
+            name=run.name,
+            exit_code=run.exit_code,
+            timed_out=run.timed_out,
+            duration_s=run.duration_s,
+            output_tail=run.output_tail,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """``{phase, app, name, exit_code, timed_out, duration_s, output_tail}``."""
+        return {
+            "phase": self.phase,
+            "app": self.app,
+            "name": self.name,
+            "exit_code": self.exit_code,
+            "timed_out": self.timed_out,
+            "duration_s": self.duration_s,
+            "output_tail": self.output_tail,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ReportScript:
+        """Read one ``scripts`` entry; missing keys take empty defaults."""
+        return cls(
+            phase=str(data.get("phase") or ""),
+            app=str(data.get("app") or ""),
+            name=str(data.get("name") or ""),
+            exit_code=data.get("exit_code"),
+            timed_out=bool(data.get("timed_out")),
+            duration_s=data.get("duration_s", 0.0),
+            output_tail=str(data.get("output_tail") or ""),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportRollback:
+    """A ReportRollback says which run a rollback run restored (issue #3)."""
+
+    run_id: str  # the run rolled back
+    hold: bool  # its commit is held back from the next runs
+
+    def to_json(self) -> dict[str, Any]:
+        """``{run_id, hold}``."""
+        return {"run_id": self.run_id, "hold": self.hold}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportCounts:
+    """ReportCounts are the numbers every view of a report shows (SPEC §5 commit message, §6)."""
+
+    changed: int  # changes applied: "<n> changed" (SPEC §6)
+    drifted: int  # distinct drifted paths: "<m> drifted"
+    pending: int  # changes not applied (audit, dry-run, a failure)
+    rolled_back: int  # changes applied, then restored by on_post_failure: rollback
+    excluded: int  # excluded paths
+    failed_scripts: int  # scripts that exited non-zero or timed out
+    errors: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """A Report is what one run found and did: ``report.json`` of SPEC §5."""
+
+    node: str
+    run_id: str
+    started_at: str  # ISO 8601 UTC, Z suffix, seconds
+    finished_at: str
+    source: ReportSource
+    applied_commit: str | None  # whose state the disk holds after the run
+    mode: str  # enforce | audit
+    dry_run: bool = False
+    suspended: Mapping[str, Any] | None = None  # {reason, until}: changed nothing
+    recovered: Mapping[str, Any] | None = None  # what the recovery of a crashed run did
+    result: str  # ok | changed | drift | failed (SPEC §6)
+    changes: tuple[ReportChange, ...] = ()
+    drift: tuple[ReportDrift, ...] = ()
+    excluded: tuple[str, ...] = ()
+    scripts: tuple[ReportScript, ...] = ()
+    errors: tuple[str, ...] = ()  # one line each, as the CLI prints them
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    reconciler_version: str = __version__
+    rollback: ReportRollback | None = None  # only in the report of ``reconciler rollback``
+    # Keys this version does not know (a newer agent wrote them): kept, written back last.
+    unknown: Mapping[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> ReportCounts:
+        """Applied changes, distinct drifted paths and the rest, counted once for every view."""
+        return ReportCounts(
+            changed=sum(1 for c in self.changes if c.applied),
+            drifted=len({d.path for d in self.drift}),
+            pending=sum(1 for c in self.changes if not c.applied),
+            rolled_back=sum(1 for c in self.changes if c.rolled_back),
+            excluded=len(self.excluded),
+            failed_scripts=sum(1 for s in self.scripts if s.exit_code != 0),
+            errors=len(self.errors),
+        )
+
+    @property
+    def failed(self) -> bool:
+        """True when the result is ``failed``."""
+        return self.result == "failed"
+
+    def significant(self) -> tuple[Any, ...]:
+        """The state a report describes; a change in it makes a new commit (SPEC §5).
+
+        Only what SPEC §5 lists counts — result, source commit, changes, drift,
+        excluded, errors, scripts' exit codes — plus the states ``applied_commit``,
+        ``suspended`` and ``recovered`` (``fleet`` must see them change). Never
+        ``run_id``, timestamps, durations or output tails.
+
+        ``ok`` and ``changed`` are one class here: a run that converged the disk
+        (``changed``) followed by a run that found it still converged (``ok``)
+        at the same commit is not news, so the second run makes no commit (issue
+        #2: "a second run with nothing changed: no new report commit"). What the
+        run *did* is news on its own: see :meth:`eventful`. Scripts count by
+        their failures: a script that succeeded ran either because of changes
+        (already news) or because of ``post_always`` (every run: never news).
+        """
+        return (
+            "converged" if self.result in ("ok", "changed") else self.result,
+            self.source.commit,
+            self.applied_commit,
+            tuple(c for c in self.changes if not c.applied),
+            self.drift,
+            self.excluded,
+            self.errors,
+            dict(self.suspended) if self.suspended else None,
+            dict(self.recovered) if self.recovered else None,
+            tuple((s.phase, s.app, s.name, s.exit_code) for s in self.scripts if s.exit_code != 0),
+        )
+
+    def eventful(self) -> bool:
+        """True when the run changed something on the host: always recorded.
+
+        Scripts that ran are not enough: ``post_always`` runs them every time
+        (SPEC §5: output tails and durations alone never make a commit).
+        """
+        return any(c.applied for c in self.changes)
+
+    def commit_message(self) -> str:
+        """``<node>: <result> at <short commit> (<n> changed, <m> drifted)`` (SPEC §5)."""
+        commit = (self.source.commit or "none")[:7]
+        counts = self.counts()
+        return (
+            f"{self.node}: {self.result} at {commit} "
+            f"({counts.changed} changed, {counts.drifted} drifted)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of SPEC §5, keys in the order of the SPEC (then ``rollback``)."""
+        out: dict[str, Any] = {
+            "node": self.node,
+            "run_id": self.run_id,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "source": self.source.to_json(),
+            "applied_commit": self.applied_commit,
+            "mode": self.mode,
+            "dry_run": self.dry_run,
+            "suspended": dict(self.suspended) if self.suspended else None,
+            "recovered": dict(self.recovered) if self.recovered else None,
+            "result": self.result,
+            "changes": [c.to_json() for c in self.changes],
+            "drift": [d.to_json() for d in self.drift],
+            "excluded": list(self.excluded),
+            "scripts": [s.to_json() for s in self.scripts],
+            "errors": list(self.errors),
+            "facts": dict(self.facts),
+            "reconciler_version": self.reconciler_version,
+        }
+        if self.rollback is not None:
+            out["rollback"] = self.rollback.to_json()
+        for key, value in self.unknown.items():
+            out.setdefault(key, value)
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Report:
+        """A report as any version wrote it; raises ValueError when ``data`` is not an object.
+
+        Older reports lack keys this one writes (``dry_run``, ``recovered``,
+        ``timed_out`` …): they take their defaults, so :meth:`to_json` of such
+        a report has them. Keys unknown here are kept in ``unknown``.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a report is a JSON object, not {type(data).__name__}")
+        rollback = _mapping(data.get("rollback"))
+        return cls(
+            node=str(data.get("node") or ""),
+            run_id=str(data.get("run_id") or ""),
+            started_at=str(data.get("started_at") or ""),
+            finished_at=str(data.get("finished_at") or ""),
+            source=ReportSource.from_json(_mapping(data.get("source"))),
+            applied_commit=data.get("applied_commit"),
+            mode=str(data.get("mode") or ""),
+            dry_run=bool(data.get("dry_run")),
+            suspended=dict(data["suspended"]) if _mapping(data.get("suspended")) else None,
+            recovered=dict(data["recovered"]) if _mapping(data.get("recovered")) else None,
+            result=str(data.get("result") or "failed"),
+            changes=tuple(ReportChange.from_json(_mapping(c)) for c in _list(data.get("changes"))),
+            drift=tuple(ReportDrift.from_json(_mapping(d)) for d in _list(data.get("drift"))),
+            excluded=tuple(str(p) for p in _list(data.get("excluded"))),
+            scripts=tuple(ReportScript.from_json(_mapping(s)) for s in _list(data.get("scripts"))),
+            errors=tuple(str(e) for e in _list(data.get("errors"))),
+            facts=dict(_mapping(data.get("facts"))),
+            reconciler_version=str(data.get("reconciler_version") or ""),
+            rollback=(
+                ReportRollback(
+                    run_id=str(rollback.get("run_id") or ""), hold=bool(rollback.get("hold"))
+                )
+                if "rollback" in data
+                else None
+            ),
+            unknown={k: v for k, v in data.items() if k not in _KNOWN},
+        )
+
+
+# The keys Report.to_json writes itself: every field but ``unknown``.
+_KNOWN = frozenset(f.name for f in fields(Report)) - {"unknown"}
+
+
+# ---------------------------------------------------------------- building
+
+
+def _source(source: SourceInfo) -> ReportSource:
+    return ReportSource(
+        url=source.url, branch=source.branch, commit=source.commit, fetched=source.fetched
+    )
 
 
 def build_report(
@@ -64,141 +421,176 @@ def build_report(
     plan: Plan | None,
     applied: set[PurePosixPath],
     scripts: Sequence[ScriptRun],
-    errors: Sequence[str],
+    errors: Sequence[ReconcilerError],
     facts: Mapping[str, Any],
     dry_run: bool = False,
     suspended: Mapping[str, Any] | None = None,
     recovered: Mapping[str, Any] | None = None,
     rolled_back: set[PurePosixPath] | None = None,
-) -> dict[str, Any]:
-    """The report mapping of SPEC §5 (keys in the order of the SPEC)."""
-    changes = []
-    drift = []
-    excluded: list[str] = []
+    excluded: Sequence[str] = (),
+) -> Report:
+    """The Report of a reconcile run (SPEC §4, §5).
+
+    ``applied``: the plan's paths the run changed; ``rolled_back``: those an
+    ``on_post_failure: rollback`` restored. ``errors`` are the run's errors
+    in the order they happened; the report keeps their text (``str``), the
+    one line the CLI prints. ``excluded`` is used when the run made no plan:
+    the no-op short cut (SPEC §7) reports the excluded paths of the last
+    full run; otherwise they are the plan's. The result follows SPEC §6
+    (:func:`run_result`).
+    """
+    changes: tuple[ReportChange, ...] = ()
+    drift: tuple[ReportDrift, ...] = ()
     if plan is not None:
-        changes = [
-            {
-                "path": str(c.path),
-                "action": c.action,
-                "reason": c.reason,
-                "applied": c.path in applied,
-                "app": c.app,
-                **({"rolled_back": True} if rolled_back and c.path in rolled_back else {}),
-                **({"detail": c.detail} if c.detail else {}),
-            }
+        changes = tuple(
+            ReportChange(
+                path=str(c.path),
+                action=c.action,
+                reason=c.reason,
+                applied=c.path in applied,
+                app=c.app,
+                rolled_back=bool(rolled_back and c.path in rolled_back),
+                detail=c.detail,
+            )
             for c in plan.changes
-        ]
-        drift = [{"path": str(d.path), "kind": d.kind} for d in plan.drift]
+        )
+        drift = tuple(ReportDrift(path=str(d.path), kind=d.kind) for d in plan.drift)
         excluded = [str(p) for p in plan.excluded]
-    return {
-        "node": node,
-        "run_id": run_id,
-        "started_at": utc_iso(started_at),
-        "finished_at": utc_iso(finished_at),
-        "source": {
-            "url": source.url,
-            "branch": source.branch,
-            "commit": source.commit,
-            "fetched": source.fetched,
-        },
-        "applied_commit": applied_commit,
-        "mode": mode,
-        "dry_run": dry_run,
-        "suspended": dict(suspended) if suspended else None,
-        "recovered": dict(recovered) if recovered else None,
-        "result": run_result(errors=errors, plan=plan),
-        "changes": changes,
-        "drift": drift,
-        "excluded": excluded,
-        "scripts": [
-            {
-                "phase": s.phase,
-                "app": s.app,
-                "name": s.name,
-                "exit_code": s.exit_code,
-                "timed_out": s.timed_out,
-                "duration_s": s.duration_s,
-                "output_tail": s.output_tail,
-            }
-            for s in scripts
-        ],
-        "errors": list(errors),
-        "facts": dict(facts),
-        "reconciler_version": __version__,
-    }
-
-
-def significant(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The state a report describes; a change in it makes a new commit (SPEC §5).
-
-    Only what SPEC §5 lists counts — result, source commit, changes, drift,
-    excluded, errors, scripts' exit codes — plus the states ``applied_commit``,
-    ``suspended`` and ``recovered`` (``fleet`` must see them change). Never
-    ``run_id``, timestamps, durations or output tails.
-
-    ``ok`` and ``changed`` are one class here: a run that converged the disk
-    (``changed``) followed by a run that found it still converged (``ok``)
-    at the same commit is not news, so the second run makes no commit (issue
-    #2: "a second run with nothing changed: no new report commit"). What the
-    run *did* is news on its own: see :func:`eventful`. Scripts count by
-    their failures: a script that succeeded ran either because of changes
-    (already news) or because of ``post_always`` (every run: never news).
-    """
-    result = report.get("result")
-    return {
-        "result": "converged" if result in ("ok", "changed") else result,
-        "commit": (report.get("source") or {}).get("commit"),
-        "applied_commit": report.get("applied_commit"),
-        "pending": [c for c in report.get("changes", ()) if not c.get("applied")],
-        "drift": report.get("drift"),
-        "excluded": report.get("excluded"),
-        "errors": report.get("errors"),
-        "suspended": report.get("suspended"),
-        "recovered": report.get("recovered"),
-        "failed_scripts": [
-            (s.get("phase"), s.get("app"), s.get("name"), s.get("exit_code"))
-            for s in report.get("scripts", ())
-            if s.get("exit_code") != 0
-        ],
-    }
-
-
-def eventful(report: Mapping[str, Any]) -> bool:
-    """True when the run changed something on the host: always recorded.
-
-    Scripts that ran are not enough: ``post_always`` runs them every time
-    (SPEC §5: output tails and durations alone never make a commit).
-    """
-    return any(c.get("applied") for c in report.get("changes", ()))
-
-
-def commit_message(report: Mapping[str, Any]) -> str:
-    """``<node>: <result> at <short commit> (<n> changed, <m> drifted)`` (SPEC §5)."""
-    commit = (report["source"]["commit"] or "none")[:7]
-    changed = sum(1 for c in report["changes"] if c["applied"])
-    drifted = len({d["path"] for d in report["drift"]})
-    return (
-        f"{report['node']}: {report['result']} at {commit} ({changed} changed, {drifted} drifted)"
+    return Report(
+        node=node,
+        run_id=run_id,
+        started_at=utc_iso(started_at),
+        finished_at=utc_iso(finished_at),
+        source=_source(source),
+        applied_commit=applied_commit,
+        mode=mode,
+        dry_run=dry_run,
+        suspended=dict(suspended) if suspended else None,
+        recovered=dict(recovered) if recovered else None,
+        result=run_result(errors=errors, plan=plan),
+        changes=changes,
+        drift=drift,
+        excluded=tuple(excluded),
+        scripts=tuple(ReportScript.of(s) for s in scripts),
+        errors=tuple(str(e) for e in errors),
+        facts=dict(facts),
     )
 
 
-def write_last_run(state_dir: StateDir, report: Mapping[str, Any], **extra: Any) -> None:
+def build_rollback_report(
+    *,
+    node: str,
+    run_id: str,
+    started_at: dt.datetime,
+    finished_at: dt.datetime,
+    source: SourceInfo,
+    applied_commit: str | None,
+    mode: str,
+    restored: Sequence[JournalEntry],
+    rolled_back_run: str,
+    hold: bool,
+    errors: Sequence[ReconcilerError],
+    facts: Mapping[str, Any],
+) -> Report:
+    """The Report of ``reconciler rollback`` (issue #3).
+
+    ``restored`` are the rollback's own journal entries, one change each
+    with reason ``rollback``; a path named by an error's ``.path`` (an
+    ApplyError or PathError) was not restored. The result is
+    ``failed`` when anything failed, else ``changed``: files were put back.
+    """
+    failed = {
+        str(e.path) for e in errors if isinstance(e, ApplyError | PathError) and e.path is not None
+    }
+    return Report(
+        node=node,
+        run_id=run_id,
+        started_at=utc_iso(started_at),
+        finished_at=utc_iso(finished_at),
+        source=_source(source),
+        applied_commit=applied_commit,
+        mode=mode,
+        result="failed" if errors else "changed",
+        changes=tuple(
+            ReportChange(
+                path=e.path,
+                action=e.action,
+                reason="rollback",
+                applied=e.path not in failed,
+                app=e.app,
+            )
+            for e in restored
+        ),
+        errors=tuple(str(e) for e in errors),
+        facts=dict(facts),
+        rollback=ReportRollback(run_id=rolled_back_run, hold=hold),
+    )
+
+
+# ------------------------------------------------------------ last-run.json
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LastRun:
+    """A LastRun is ``<state_dir>/last-run.json``: the last report and what followed it."""
+
+    report: Report
+    report_commit: str | None = None  # None: the report made no commit (nothing new)
+    pushed: bool | None = None  # None: pushing is off
+    push_error: str | None = None
+    queued: int | None = None  # report commits the server does not have yet
+    last_success: float | None = None  # epoch seconds: end of the last run not failed
+    duration_s: float | None = None
+    webhook_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The report's keys, then the keys above in this order."""
+        return {
+            **self.report.to_json(),
+            "report_commit": self.report_commit,
+            "pushed": self.pushed,
+            "push_error": self.push_error,
+            "queued": self.queued,
+            "last_success": self.last_success,
+            "duration_s": self.duration_s,
+            "webhook_error": self.webhook_error,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> LastRun:
+        """Read last-run.json as any version wrote it; ValueError when it is not an object."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"last-run.json holds a {type(data).__name__}, not an object")
+        own = {f.name for f in fields(cls)} - {"report"}
+        return cls(
+            report=Report.from_json({k: v for k, v in data.items() if k not in own}),
+            report_commit=data.get("report_commit"),
+            pushed=data.get("pushed"),
+            push_error=data.get("push_error"),
+            queued=data.get("queued"),
+            last_success=data.get("last_success"),
+            duration_s=data.get("duration_s"),
+            webhook_error=data.get("webhook_error"),
+        )
+
+
+def write_last_run(state_dir: StateDir, last: LastRun) -> None:
     """``<state_dir>/last-run.json``, owner-readable only."""
-    state_dir.write_json(state_dir.last_run, {**report, **extra}, indent=2)
+    state_dir.write_json(state_dir.last_run, last.to_json(), indent=2)
 
 
-def read_last_run(state_dir: StateDir) -> dict[str, Any] | None:
-    """The last run's report from ``<state_dir>/last-run.json``, or None.
+def read_last_run(state_dir: StateDir) -> LastRun | None:
+    """The last run from ``<state_dir>/last-run.json``, or None.
 
     Raises StateError when it exists but cannot be read (StateDir's policy).
     """
     data = state_dir.read_json(state_dir.last_run, hint="remove it; the next run writes it again")
-    return data if isinstance(data, dict) else None
+    return LastRun.from_json(data) if isinstance(data, dict) else None
 
 
 def commit_report(
     repo: Repo,
-    report: Mapping[str, Any],
+    report: Report,
     captures: Mapping[PurePosixPath, bytes],
     *,
     heartbeat_s: float,
@@ -212,23 +604,28 @@ def commit_report(
     leaves them out). The git side — the queue, its rebuild on a moved
     server branch — is :mod:`reconciler.git.reports`.
     """
-    node = report["node"]
+    node = report.node
     parent = report_parent(repo, node)
     if parent is not None:
         try:
-            previous = json.loads(parent.report_json) if parent.report_json is not None else None
+            data = json.loads(parent.report_json) if parent.report_json is not None else None
+            previous = Report.from_json(data) if data is not None else None
         except ValueError:
-            previous = None
+            previous = None  # not a report: the new one goes on top of it
         age = now.timestamp() - parent.committed_at
-        quiet = not eventful(report) and significant(previous or {}) == significant(report)
-        if previous is not None and quiet and age < heartbeat_s:
+        quiet = (
+            previous is not None
+            and not report.eventful()
+            and previous.significant() == report.significant()
+        )
+        if quiet and age < heartbeat_s:
             return None
     return git_commit_report(
         repo,
         node,
-        report_json=json.dumps(report, indent=2, sort_keys=False).encode() + b"\n",
+        report_json=json.dumps(report.to_json(), indent=2, sort_keys=False).encode() + b"\n",
         captures={str(path): content for path, content in captures.items()},
-        message=commit_message(report),
+        message=report.commit_message(),
         when=int(now.timestamp()),
         parent=parent.commit if parent is not None else None,
     )

@@ -17,60 +17,62 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from reconciler.cli.flags import HOST, OUTPUT, POLICY, SOURCE, flags
 from reconciler.cli.output import emit_json, error_line
 from reconciler.config import config_from_args
 from reconciler.errors import PathError, ReconcilerError, UsageError
 
+if TYPE_CHECKING:
+    from reconciler.pipeline.run import RunOutcome
+
 # ------------------------------------------------------------------- pull/diff
 
 _SYMBOL = {"create": "+", "update": "~", "delete": "-", "chmod": "m", "chown": "o"}
 
 
-def _print_run(outcome: Any, out: TextIO) -> None:
+def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     report = outcome.report
-    src = report["source"]
-    commit = (src["commit"] or "none")[:12]
-    if src["fetched"]:
+    src = report.source
+    commit = (src.commit or "none")[:12]
+    if src.fetched:
         fetched = ""
-    elif src["commit"]:
+    elif src.commit:
         fetched = ", NOT fetched: using the last fetched commit"
     else:
         fetched = ", NOT fetched: no commit fetched yet, nothing applied"
-    out.write(f"{report['node']}: {src['branch']} at {commit}{fetched}\n")
-    if report.get("suspended"):
-        out.write(f"  suspended: {report['suspended'].get('reason', '')} — nothing is changed\n")
-    for c in report["changes"]:
-        status = "" if c["applied"] else "  (not applied)"
-        reason = c["reason"]
-        kinds = [d["kind"] for d in report["drift"] if d["path"] == c["path"]]
+    out.write(f"{report.node}: {src.branch} at {commit}{fetched}\n")
+    if report.suspended:
+        out.write(f"  suspended: {report.suspended.get('reason', '')} — nothing is changed\n")
+    for c in report.changes:
+        status = "" if c.applied else "  (not applied)"
+        reason = c.reason
+        kinds = [d.kind for d in report.drift if d.path == c.path]
         if kinds:
             reason += f": {', '.join(kinds)}"
-        detail = f"  {c['detail']}" if c.get("detail") else ""
+        detail = f"  {c.detail}" if c.detail else ""
         out.write(
-            f"  {_SYMBOL.get(c['action'], '?')} {c['action']:<6} {c['path']}  "
-            f"[{c['app']}, {reason}]{detail}{status}\n"
+            f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.path}  "
+            f"[{c.app}, {reason}]{detail}{status}\n"
         )
-    planned = {c["path"] for c in report["changes"]}
-    for d in report["drift"]:
-        if d["path"] not in planned:
-            out.write(f"  ! drift  {d['path']}  [{d['kind']}, left alone by policy]\n")
-    for s in report["scripts"]:
-        state = "timed out" if s["timed_out"] else f"exit {s['exit_code']}"
-        if s["exit_code"] is None and not s["timed_out"]:
+    planned = {c.path for c in report.changes}
+    for d in report.drift:
+        if d.path not in planned:
+            out.write(f"  ! drift  {d.path}  [{d.kind}, left alone by policy]\n")
+    for s in report.scripts:
+        state = "timed out" if s.timed_out else f"exit {s.exit_code}"
+        if s.exit_code is None and not s.timed_out:
             state = "not run (dry-run)"
-        out.write(f"  > {s['phase']:<4} {s['app']}/{s['name']}: {state} ({s['duration_s']}s)\n")
-    if report["excluded"]:
-        out.write(f"  excluded ({len(report['excluded'])}): {', '.join(report['excluded'])}\n")
-    changed = sum(1 for c in report["changes"] if c["applied"])
-    drifted = len({d["path"] for d in report["drift"]})
-    line = f"result: {report['result']} ({changed} changed, {drifted} drifted)"
-    if report.get("dry_run"):
+        out.write(f"  > {s.phase:<4} {s.app}/{s.name}: {state} ({s.duration_s}s)\n")
+    if report.excluded:
+        out.write(f"  excluded ({len(report.excluded)}): {', '.join(report.excluded)}\n")
+    counts = report.counts()
+    line = f"result: {report.result} ({counts.changed} changed, {counts.drifted} drifted)"
+    if report.dry_run:
         line += " — dry-run, nothing changed"
     elif outcome.report_commit:
-        line += f"; report {outcome.report_commit[:12]} on reports/{report['node']}"
+        line += f"; report {outcome.report_commit[:12]} on reports/{report.node}"
         if outcome.pushed is False:
             line += " (push failed: queued for the next run)"
     else:
@@ -87,10 +89,10 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
     outcome = reconcile_once(config, options)
     if args.format == "json":
-        emit_json(outcome.report, out)
+        emit_json(outcome.report.to_json(), out)
     else:
         _print_run(outcome, out)
-    for error in outcome.report["errors"]:
+    for error in outcome.report.errors:
         # SPEC §3: the line names the node too (on a shared log, many hosts' lines mix).
         error_line(err, f"node {config.node}: {error}", args.log_format)
     if outcome.result == "failed":
@@ -111,7 +113,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     config = config_from_args(args)
     outcome = reconcile_once(config, RunOptions(dry_run=True, state=args.state))
-    for error in outcome.report["errors"]:
+    for error in outcome.report.errors:
         err.write(f"reconciler: node {config.node}: {error}\n")
     if outcome.plan is None or outcome.target is None:
         return 1
@@ -144,7 +146,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             new = t.content if (t is not None and change.action != "delete") else None
             chunks.append(file_diff(str(change.path), old, new, secret=secret))
     if args.format == "json":
-        emit_json({"report": outcome.report, "diff": "".join(chunks)}, out)
+        emit_json({"report": outcome.report.to_json(), "diff": "".join(chunks)}, out)
     else:
         out.write("".join(chunks))
         if not chunks:
@@ -293,22 +295,22 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"{config.node}: no run yet (state dir {config.state_dir})\n")
         return 0
     if args.format == "json":
-        emit_json({**last, "agent": agent}, out)
+        emit_json({**last.to_json(), "agent": agent}, out)
         return 0
-    changed = sum(1 for c in last["changes"] if c["applied"])
-    drifted = len({d["path"] for d in last["drift"]})
+    report = last.report
+    counts = report.counts()
     out.write(
-        f"node:       {last['node']}\n"
-        f"last run:   {last['finished_at']} ({last['run_id']})\n"
-        f"result:     {last['result']} ({changed} changed, {drifted} drifted)\n"
-        f"source:     {last['source']['url']} {last['source']['branch']} "
-        f"{(last['source']['commit'] or 'none')[:12]}"
-        f"{'' if last['source']['fetched'] else ' (not fetched)'}\n"
-        f"applied:    {(last.get('applied_commit') or 'none')[:12]}\n"
-        f"report:     {(last.get('report_commit') or 'unchanged')[:12]}"
-        f"{' (push pending)' if last.get('pushed') is False else ''}\n"
+        f"node:       {report.node}\n"
+        f"last run:   {report.finished_at} ({report.run_id})\n"
+        f"result:     {report.result} ({counts.changed} changed, {counts.drifted} drifted)\n"
+        f"source:     {report.source.url} {report.source.branch} "
+        f"{(report.source.commit or 'none')[:12]}"
+        f"{'' if report.source.fetched else ' (not fetched)'}\n"
+        f"applied:    {(report.applied_commit or 'none')[:12]}\n"
+        f"report:     {(last.report_commit or 'unchanged')[:12]}"
+        f"{' (push pending)' if last.pushed is False else ''}\n"
     )
-    queued = last.get("queued")
+    queued = last.queued
     if queued:
         out.write(f"queued:     {queued} report commit(s) waiting to be pushed\n")
     if agent:
@@ -320,7 +322,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     else:
         out.write("next run:   no agent running (reconciler run / the timer)\n")
-    for error in last["errors"]:
+    for error in report.errors:
         out.write(f"error:      {error}\n")
     return 0
 
@@ -397,18 +399,19 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     config = config_from_args(args)
     outcome = rollback_once(config, args.run_id, hold=args.hold)
+    report = outcome.report
     if args.format == "json":
-        emit_json(outcome.report, out)
+        emit_json(report.to_json(), out)
     else:
-        rolled = outcome.report["rollback"]["run_id"]
-        for c in outcome.report["changes"]:
-            mark = "" if c["applied"] else "  (FAILED)"
-            out.write(f"  restored {c['path']}{mark}\n")
-        out.write(f"rolled back run {rolled}: {len(outcome.report['changes'])} paths restored")
+        rolled = report.rollback.run_id if report.rollback else ""
+        for c in report.changes:
+            mark = "" if c.applied else "  (FAILED)"
+            out.write(f"  restored {c.path}{mark}\n")
+        out.write(f"rolled back run {rolled}: {len(report.changes)} paths restored")
         out.write("; held until a new commit arrives\n" if args.hold else "\n")
-    for error in outcome.report["errors"]:
+    for error in report.errors:
         err.write(f"reconciler: node {config.node}: {error}\n")
-    return 1 if outcome.report["errors"] else 0
+    return 1 if report.errors else 0
 
 
 # ------------------------------------------------------------------- parsers

@@ -154,7 +154,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _emit(
             {
                 "report_commit": commit,
-                "report": report,
+                "report": report.to_json(),
                 "drift": [
                     {"path": d.path, "kinds": list(d.kinds), "diff": d.diff, "note": d.note}
                     for d in diffs

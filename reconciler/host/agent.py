@@ -187,18 +187,19 @@ class Agent:
             self._failures = 0
         else:
             report = outcome.report
-            result = str(report["result"])
-            fetched = report["source"]["fetched"]
+            result = report.result
+            fetched = report.source.fetched
             self._failures = 0 if fetched else self._failures + 1
+            counts = report.counts()
             log.info(
                 "run %s: %s (%d changed, %d drifted)%s",
-                report["run_id"],
-                report["result"],
-                sum(1 for c in report["changes"] if c["applied"]),
-                len({d["path"] for d in report["drift"]}),
+                report.run_id,
+                report.result,
+                counts.changed,
+                counts.drifted,
                 "" if fetched else " — source unreachable, retrying with back-off",
             )
-            for error in report["errors"]:
+            for error in report.errors:
                 log.error("%s", error)
         delay = self._schedule()
         unreachable = "; source unreachable" if self._failures else ""

@@ -466,9 +466,7 @@ def adopt(
     report = read_report(up.repo, report_commit)
     snapshot = up.snapshot(head)
     inventory = load_inventory(snapshot)
-    target = render_target(
-        snapshot, effective_node(inventory, snapshot, node), report.get("facts") or {}
-    )
+    target = render_target(snapshot, effective_node(inventory, snapshot, node), report.facts)
     t: TargetFile | None = target.files.get(PurePosixPath(dest))
     if t is None:
         raise InventoryError(
@@ -482,7 +480,7 @@ def adopt(
     written = t.template + ".adopted" if t.template.endswith(".j2") else t.template
     users = tuple(n for n in inventory.nodes if _uses_template(snapshot, inventory, n, t.template))
     branch = f"adopt/{node}/{slug(dest)}"
-    body = f"Captured on {node} by run {report.get('run_id')} (report {report_commit[:12]}).\n" + (
+    body = f"Captured on {node} by run {report.run_id} (report {report_commit[:12]}).\n" + (
         f"{t.template} is a Jinja2 template: the captured file is beside it as\n"
         f"{written}. Merge what should stay into the template by hand and delete\n"
         f"{written} before merging: as it is, it would be deployed as {dest}.j2.adopted.\n"
@@ -513,7 +511,7 @@ def adopt(
         template=t.template,
         written=written,
         report_commit=report_commit,
-        run_id=str(report.get("run_id", "")),
+        run_id=report.run_id,
         diff=diff,
         users=users,
     )

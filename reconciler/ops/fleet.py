@@ -34,6 +34,7 @@ from reconciler.git.reports import REPORTS_PREFIX, report_json, report_tips
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import remote_url
 from reconciler.pipeline.inventory import Inventory, effective_node, load_inventory
+from reconciler.report import Report
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,11 @@ def tracking_head(up: Upstream) -> str | None:
     return ref_target(up.repo, up.tracking)
 
 
-def read_report(repo: Repo, commit: str) -> dict[str, Any]:
-    """``report.json`` of a report commit (SPEC §5). Raises SourceError if it has none."""
+def read_report(repo: Repo, commit: str) -> Report:
+    """``report.json`` of a report commit (SPEC §5), as any version wrote it.
+
+    Raises SourceError if it has none, or one that is not a JSON object.
+    """
     try:
         data = json.loads(report_json(repo, commit))
     except (KeyError, ValueError) as exc:
@@ -145,14 +149,7 @@ def read_report(repo: Repo, commit: str) -> dict[str, Any]:
         ) from exc
     if not isinstance(data, dict):
         raise SourceError(f"report commit {commit}: report.json is not an object")
-    return data
-
-
-def report_counts(report: Mapping[str, Any]) -> tuple[int, int]:
-    """(applied changes, distinct drifted paths) of a report, as in its commit message (SPEC §5)."""
-    changed = sum(1 for c in report.get("changes", ()) if c.get("applied"))
-    drifted = len({d.get("path") for d in report.get("drift", ())})
-    return changed, drifted
+    return Report.from_json(data)
 
 
 def parse_time(text: object) -> dt.datetime | None:
@@ -197,6 +194,47 @@ class FleetRow:
     report_commit: str | None = None
     errors: tuple[str, ...] = ()
     defined: bool = True  # has hosts/<node>.yaml at the branch head
+
+    @classmethod
+    def of_report(
+        cls,
+        report: Report,
+        *,
+        node: str,
+        report_commit: str,
+        behind: int | None,
+        now: dt.datetime,
+        stale_after_s: float,
+        desired: Mapping[str, Any] | None,
+        defined: bool,
+    ) -> FleetRow:
+        """The row of a node whose last report, at ``report_commit``, is ``report``.
+
+        ``desired`` is the desired state's suspension in force at ``now``: shown
+        when the report's own suspension is not (it has expired, or there is
+        none). A report with no readable ``finished_at`` is stale.
+        """
+        finished = parse_time(report.finished_at)
+        age_f = (now - finished).total_seconds() if finished is not None else None
+        counts = report.counts()
+        # The report says what the host did at that run; an expired suspension is over,
+        # whatever the last report (made while it held) says.
+        reported = in_force(report.suspended or None, now)
+        return cls(
+            node=node,
+            result=report.result,
+            last_run=report.finished_at or None,
+            age_s=None if age_f is None else int(age_f),
+            commit=report.applied_commit,
+            behind=behind,
+            changed=counts.changed,
+            drifted=counts.drifted,
+            stale=age_f is None or age_f > stale_after_s,
+            suspended=reported or desired,
+            report_commit=report_commit,
+            errors=report.errors,
+            defined=defined,
+        )
 
     def as_json(self) -> dict[str, Any]:
         """Exactly the keys of SPEC §6 ``fleet --format json``."""
@@ -309,28 +347,16 @@ def fleet_rows(
         try:
             report = read_report(up.repo, tip)
         except SourceError as exc:
-            report = {"result": "failed", "errors": [str(exc)]}
-        finished = parse_time(report.get("finished_at"))
-        age_f = (now - finished).total_seconds() if finished is not None else None
-        applied = report.get("applied_commit")
-        changed, drifted = report_counts(report)
-        # The report says what the host did at that run; an expired suspension is over,
-        # whatever the last report (made while it held) says.
-        reported = in_force(report.get("suspended") or None, now)
+            report = Report.from_json({"result": "failed", "errors": [str(exc)]})
         rows.append(
-            FleetRow(
+            FleetRow.of_report(
+                report,
                 node=name,
-                result=str(report.get("result", "failed")),
-                last_run=report.get("finished_at"),
-                age_s=None if age_f is None else int(age_f),
-                commit=applied,
-                behind=behind_count(up.repo, head, applied),
-                changed=changed,
-                drifted=drifted,
-                stale=age_f is None or age_f > stale_after_s,
-                suspended=reported or desired,
                 report_commit=tip,
-                errors=tuple(str(e) for e in report.get("errors", ())),
+                behind=behind_count(up.repo, head, report.applied_commit),
+                now=now,
+                stale_after_s=stale_after_s,
+                desired=desired,
                 defined=defined,
             )
         )

@@ -24,9 +24,10 @@ from typing import Any
 from reconciler.errors import ReconcilerError, SourceError, UsageError
 from reconciler.git.repo import has_commit, ref_target
 from reconciler.git.reports import drift_captures, remote_report_ref, report_commits
-from reconciler.ops.fleet import Upstream, read_report, report_counts
+from reconciler.ops.fleet import Upstream, read_report
 from reconciler.pipeline.inventory import effective_node, load_inventory
 from reconciler.pipeline.render import TargetState, render_target
+from reconciler.report import Report
 
 
 def digest(data: bytes) -> str:
@@ -85,6 +86,22 @@ class ReportEntry:
     drifted: int
     errors: tuple[str, ...] = ()
 
+    @classmethod
+    def of_report(cls, report: Report, commit: str) -> ReportEntry:
+        """The log row of ``report``, read from report commit ``commit``."""
+        counts = report.counts()
+        return cls(
+            commit=commit,
+            run_id=report.run_id,
+            finished_at=report.finished_at,
+            result=report.result,
+            source_commit=report.source.commit,
+            applied_commit=report.applied_commit,
+            changed=counts.changed,
+            drifted=counts.drifted,
+            errors=report.errors,
+        )
+
     def as_json(self) -> dict[str, Any]:
         """JSON shape of ``log --format json`` rows."""
         return {
@@ -121,20 +138,7 @@ def report_log(up: Upstream, node: str, *, limit: int | None = None) -> list[Rep
             report = read_report(up.repo, commit)
         except SourceError:
             continue  # a hand-made commit without a report: skip it
-        changed, drifted = report_counts(report)
-        out.append(
-            ReportEntry(
-                commit=commit,
-                run_id=str(report.get("run_id", "")),
-                finished_at=str(report.get("finished_at", "")),
-                result=str(report.get("result", "")),
-                source_commit=(report.get("source") or {}).get("commit"),
-                applied_commit=report.get("applied_commit"),
-                changed=changed,
-                drifted=drifted,
-                errors=tuple(str(e) for e in report.get("errors", ())),
-            )
-        )
+        out.append(ReportEntry.of_report(report, commit))
     return out
 
 
@@ -150,7 +154,7 @@ def find_report(up: Upstream, node: str, run: str | None) -> str:
         if len(run) >= 7 and cid.startswith(run.lower()):
             return cid
         try:
-            if read_report(up.repo, cid).get("run_id") == run:
+            if read_report(up.repo, cid).run_id == run:
                 return cid
         except SourceError:
             continue
@@ -188,7 +192,7 @@ def desired_at(up: Upstream, node: str, commit: str, facts: Mapping[str, Any]) -
     return render_target(snapshot, effective_node(inventory, snapshot, node), facts)
 
 
-def drift_diffs(up: Upstream, report_commit: str, report: Mapping[str, Any]) -> list[DriftDiff]:
+def drift_diffs(up: Upstream, report_commit: str, report: Report) -> list[DriftDiff]:
     """One DriftDiff per drifted path of ``report``, in report order.
 
     The desired side is rendered at the report's ``applied_commit`` with its
@@ -198,17 +202,17 @@ def drift_diffs(up: Upstream, report_commit: str, report: Mapping[str, Any]) -> 
     is still returned.
     """
     kinds: dict[str, list[str]] = {}
-    for d in report.get("drift", ()):
-        kinds.setdefault(str(d.get("path")), []).append(str(d.get("kind")))
+    for d in report.drift:
+        kinds.setdefault(d.path, []).append(d.kind)
     if not kinds:
         return []
     found = drift_captures(up.repo, report_commit)
-    applied = report.get("applied_commit")
+    applied = report.applied_commit
     target: TargetState | None = None
     problem = ""
     if applied:
         try:
-            target = desired_at(up, str(report["node"]), str(applied), report.get("facts") or {})
+            target = desired_at(up, report.node, str(applied), report.facts)
         except ReconcilerError as exc:
             problem = f"desired state not rendered: {exc}"
     else:
@@ -250,36 +254,30 @@ def drift_diffs(up: Upstream, report_commit: str, report: Mapping[str, Any]) -> 
 _SYMBOL = {"create": "+", "update": "~", "delete": "-", "chmod": "m", "chown": "o"}
 
 
-def format_report(report: Mapping[str, Any], report_commit: str) -> str:
+def format_report(report: Report, report_commit: str) -> str:
     """A report as text: source, result, changes, drift, scripts, errors (SPEC §5 fields)."""
-    src = report.get("source") or {}
-    changed, drifted = report_counts(report)
+    src = report.source
+    counts = report.counts()
     lines = [
-        f"node:      {report.get('node')}",
-        f"run:       {report.get('run_id')}  finished {report.get('finished_at')}",
+        f"node:      {report.node}",
+        f"run:       {report.run_id}  finished {report.finished_at}",
         f"report:    {report_commit}",
-        f"source:    {src.get('url')} {src.get('branch')} {src.get('commit')}"
-        + ("" if src.get("fetched", True) else " (NOT fetched: last fetched commit)"),
-        f"applied:   {report.get('applied_commit')}",
-        f"mode:      {report.get('mode')}",
-        f"result:    {report.get('result')} ({changed} changed, {drifted} drifted)",
+        f"source:    {src.url} {src.branch} {src.commit}"
+        + ("" if src.fetched else " (NOT fetched: last fetched commit)"),
+        f"applied:   {report.applied_commit}",
+        f"mode:      {report.mode}",
+        f"result:    {report.result} ({counts.changed} changed, {counts.drifted} drifted)",
     ]
-    suspended = report.get("suspended")
-    if suspended:
-        lines.append(f"suspended: {suspended.get('reason', '')}")
-    for c in report.get("changes", ()):
-        flag = "" if c.get("applied") else "  (not applied)"
-        lines.append(
-            f"  {_SYMBOL.get(c.get('action', ''), '?')} {c.get('action', ''):<6} {c.get('path')}"
-            f"  [{c.get('reason')}]{flag}"
-        )
-    for d in report.get("drift", ()):
-        lines.append(f"  ! drift  {d.get('path')}  [{d.get('kind')}]")
-    for s in report.get("scripts", ()):
-        lines.append(
-            f"  > {s.get('phase')} {s.get('app')}/{s.get('name')}: exit {s.get('exit_code')}"
-        )
-    for e in report.get("errors", ()):
+    if report.suspended:
+        lines.append(f"suspended: {report.suspended.get('reason', '')}")
+    for c in report.changes:
+        flag = "" if c.applied else "  (not applied)"
+        lines.append(f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.path}  [{c.reason}]{flag}")
+    for d in report.drift:
+        lines.append(f"  ! drift  {d.path}  [{d.kind}]")
+    for s in report.scripts:
+        lines.append(f"  > {s.phase} {s.app}/{s.name}: exit {s.exit_code}")
+    for e in report.errors:
         lines.append(f"  error: {e}")
     return "\n".join(lines) + "\n"
 

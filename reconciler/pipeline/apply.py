@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from reconciler.errors import PathError, UnsafePathError
+from reconciler.errors import ApplyError, PathError, ReconcilerError, ScriptError, UnsafePathError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, Snapshot
 from reconciler.host.state import LocalState, ManagedFile
 from reconciler.host.statedir import StateDir
@@ -56,18 +56,25 @@ class ApplyResult:
     records: dict[str, ManagedFile] = field(default_factory=dict)  # stat right after the change
     rolled_back: set[PurePosixPath] = field(default_factory=set)  # on_post_failure: rollback
     scripts: list[ScriptRun] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[ReconcilerError] = field(default_factory=list)  # Apply/Path/ScriptError
     managed: dict[str, ManagedFile] = field(default_factory=dict)
     created_dirs: set[str] = field(default_factory=set)
     stopped: bool = False  # a pre script failed: later apps were not applied
     post_reached: set[str] = field(default_factory=set)  # apps whose post phase was reached
 
 
-def _script_failure(run: ScriptRun) -> str:
-    last = run.output_tail.strip().splitlines()[-1:] or [""]
-    how = f"timed out after {run.duration_s:.0f}s" if run.timed_out else f"exited {run.exit_code}"
-    tail = f" — last output: {last[0][:200]!r}" if last[0] else ""
-    return f"scripts/{run.phase}/{run.app}/{run.name}: {how}{tail}"
+def _script_failure(run: ScriptRun, consequence: str | None) -> ScriptError:
+    """The error of a failed script run; ``consequence``: what it meant for the run."""
+    return ScriptError(
+        phase=run.phase,
+        app=run.app,
+        name=run.name,
+        exited=run.exit_code,
+        timed_out=run.timed_out,
+        duration_s=run.duration_s,
+        output_tail=run.output_tail,
+        hint=consequence,
+    )
 
 
 def _run_scripts(
@@ -175,15 +182,16 @@ def _exists(system: System, host: Path) -> bool:
     return True
 
 
-def _failure(change: Change, exc: OSError | PathError) -> str:
-    """One report line for a change that failed, naming the destination path (SPEC §6)."""
+def _failure(change: Change, exc: OSError | PathError) -> ApplyError | PathError:
+    """The error of a change that failed, naming the destination path (SPEC §6)."""
     if isinstance(exc, UnsafePathError):
-        return f"{change.path}: {change.action} refused — {exc.problem}; {exc.hint}"
+        return PathError(f"{change.action} refused — {exc.problem}; {exc.hint}", path=change.path)
     if isinstance(exc, PathError):
-        return f"{change.path}: {change.action} refused — {exc}"
-    return (
-        f"{change.path}: {change.action} failed: {exc.strerror or exc} — "
-        "fix the cause; the next run retries"
+        return PathError(f"{change.action} refused — {exc}", path=change.path)
+    return ApplyError(
+        f"{change.action} failed: {exc.strerror or exc}",
+        path=change.path,
+        hint="fix the cause; the next run retries",
     )
 
 
@@ -197,10 +205,7 @@ def _publish(written: list[Change], system: System, ctx: RunContext, result: App
         system.flush()
     except OSError as exc:
         for change in written:
-            result.errors.append(
-                f"{change.path}: {change.action} failed: {exc.strerror or exc} — "
-                "fix the cause; the next run retries"
-            )
+            result.errors.append(_failure(change, exc))
         return
     for change in written:
         result.applied.add(change.path)
@@ -229,7 +234,7 @@ def _roll_back_app(
         try:
             restore_entry(entry, run_dir, ctx.root, system)
         except OSError as exc:
-            result.errors.append(f"{path}: rollback failed: {exc.strerror or exc}")
+            result.errors.append(ApplyError(f"rollback failed: {exc.strerror or exc}", path=path))
             continue
         result.applied.discard(path)
         result.records.pop(entry.path, None)
@@ -306,8 +311,8 @@ def apply_plan(
     ``journal`` (None for a dry-run) is begun before the first change and
     marked per app; ``force_post`` names apps whose post scripts an
     interrupted run still owes, with their changed paths. Never raises for a
-    failed write or script: failures land in ``ApplyResult.errors`` (one line
-    each) so the run can still report.
+    failed write or script: failures land in ``ApplyResult.errors`` (an
+    ApplyError naming ``.path``, or a ScriptError) so the run can still report.
     """
     force_post = force_post or {}
     result = ApplyResult(created_dirs=set(previous.created_dirs))
@@ -338,8 +343,9 @@ def apply_plan(
             failed = next((r for r in runs if not r.ok), None)
             if failed is not None:
                 result.errors.append(
-                    f"{_script_failure(failed)} — app {app.name} and the apps after it "
-                    "were not applied"
+                    _script_failure(
+                        failed, f"app {app.name} and the apps after it were not applied"
+                    )
                 )
                 result.stopped = True
                 break
@@ -375,11 +381,11 @@ def apply_plan(
             result.scripts.extend(runs)
             failed = next((r for r in runs if not r.ok), None)
             if failed is not None:
-                message = _script_failure(failed)
+                consequence = None
                 if app.on_post_failure == "rollback":
                     restored = _roll_back_app(app.name, journal, result, ctx, system)
-                    message += f" — app {app.name} rolled back ({len(restored)} paths restored)"
-                result.errors.append(message)
+                    consequence = f"app {app.name} rolled back ({len(restored)} paths restored)"
+                result.errors.append(_script_failure(failed, consequence))
         if journal is not None and (todo or owed):
             journal.mark("done", app.name)
 

@@ -22,13 +22,16 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from reconciler.config import ReportConfig
 from reconciler.host.system import atomic_write
+
+if TYPE_CHECKING:
+    from reconciler.report import Report
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +152,22 @@ def ping(url: str | None, phase: str) -> None:
         log.warning("ping %s to %s: %s", phase, origin(url), error)
 
 
-def webhook_payload(report: Mapping[str, Any]) -> dict[str, Any]:
-    """What the webhook receives: a summary and the report without facts."""
+def webhook_payload(report: Report) -> dict[str, Any]:
+    """What the webhook receives: a summary and the report's JSON (SPEC §5) without facts."""
+    counts = report.counts()
     return {
-        "node": report["node"],
-        "result": report["result"],
-        "run_id": report["run_id"],
-        "commit": report["source"]["commit"],
-        "changed": sum(1 for c in report["changes"] if c["applied"]),
-        "drifted": len({d["path"] for d in report["drift"]}),
-        "errors": report["errors"],
-        "report": {k: v for k, v in report.items() if k != "facts"},
+        "node": report.node,
+        "result": report.result,
+        "run_id": report.run_id,
+        "commit": report.source.commit,
+        "changed": counts.changed,
+        "drifted": counts.drifted,
+        "errors": list(report.errors),
+        "report": {k: v for k, v in report.to_json().items() if k != "facts"},
     }
 
 
-def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | None:
+def send_webhook(settings: ReportConfig, report: Report) -> str | None:
     """POST the report to ``settings.webhook`` when its result is in ``notify_on``.
 
     Bearer token from ``settings.webhook_token_file`` (never logged). Returns
@@ -173,7 +177,7 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
     WEBHOOK_DEADLINE_S seconds of wall-clock time.
     """
     url = settings.webhook
-    if not url or report["result"] not in settings.notify_on:
+    if not url or report.result not in settings.notify_on:
         return None
     headers = {"User-Agent": "reconciler"}
     if settings.webhook_token_file:
@@ -215,7 +219,7 @@ def send_webhook(settings: ReportConfig, report: Mapping[str, Any]) -> str | Non
 
 
 def metrics_text(
-    report: Mapping[str, Any], *, duration_s: float, last_success: float | None, queued: int
+    report: Report, *, duration_s: float, last_success: float | None, queued: int
 ) -> str:
     """The Prometheus text exposition of one run (node_exporter textfile collector).
 
@@ -238,8 +242,8 @@ def metrics_text(
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.registry import Collector
 
-    node = str(report["node"])
-    source = report["source"]
+    node = report.node
+    counts = report.counts()
     families: list[GaugeMetricFamily] = []
 
     def gauge(name: str, help_text: str, value: float) -> None:
@@ -250,7 +254,7 @@ def metrics_text(
     gauge(
         "reconciler_last_run_timestamp_seconds",
         "End of the last run.",
-        _epoch(report["finished_at"]),
+        _epoch(report.finished_at),
     )
     gauge(
         "reconciler_last_success_timestamp_seconds",
@@ -261,12 +265,12 @@ def metrics_text(
     gauge(
         "reconciler_changed_files",
         "Changes applied by the last run.",
-        sum(1 for c in report["changes"] if c["applied"]),
+        counts.changed,
     )
     gauge(
         "reconciler_drifted_files",
         "Paths found drifted by the last run.",
-        len({d["path"] for d in report["drift"]}),
+        counts.drifted,
     )
     gauge("reconciler_report_queue_length", "Report commits not yet pushed.", queued)
     result = GaugeMetricFamily(
@@ -275,14 +279,14 @@ def metrics_text(
         labels=["node", "result"],
     )
     for name in RESULTS:
-        result.add_metric([node, name], int(report["result"] == name))
+        result.add_metric([node, name], int(report.result == name))
     families.append(result)
     info = GaugeMetricFamily(
         "reconciler_source_info",
         "The commit and branch of the last run.",
         labels=["node", "commit", "branch"],
     )
-    info.add_metric([node, source["commit"] or "", source["branch"]], 1)
+    info.add_metric([node, report.source.commit or "", report.source.branch], 1)
     families.append(info)
 
     class Run(Collector):
@@ -302,7 +306,7 @@ def _epoch(iso: str) -> float:
 
 def write_metrics(
     path: str | None,
-    report: Mapping[str, Any],
+    report: Report,
     *,
     duration_s: float,
     last_success: float | None,

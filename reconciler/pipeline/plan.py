@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from reconciler.errors import InventoryError
+from reconciler.errors import InventoryError, PathError, ReconcilerError
 from reconciler.host.state import LocalState, ManagedFile
 from reconciler.pipeline.render import TargetFile, TargetState
 from reconciler.pipeline.scan import ActualFile
@@ -57,12 +57,16 @@ class DriftItem:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
-    """A Plan is every change, drift found, excluded path and per-path error of a run."""
+    """A Plan is every change, drift found, excluded path and per-path error of a run.
+
+    ``errors`` are values (a PathError per refused path, ``.path`` naming
+    it) until the report renders them (SPEC §5 ``errors``).
+    """
 
     changes: tuple[Change, ...]
     drift: tuple[DriftItem, ...]
     excluded: tuple[PurePosixPath, ...]
-    errors: tuple[str, ...] = ()
+    errors: tuple[ReconcilerError, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -248,7 +252,7 @@ def make_plan(
     changes: list[Change] = []
     drift: list[DriftItem] = []
     excluded: list[PurePosixPath] = []
-    errors: list[str] = []
+    errors: list[ReconcilerError] = []
 
     def is_excluded(path: PurePosixPath) -> bool:
         return bool(excludes.match_file(str(path).lstrip("/")))
@@ -263,7 +267,7 @@ def make_plan(
             # directory is now wanted: apply deletes it first (file → dir swap).
             a = ActualFile(path=path, kind="missing")
         if a.kind == "unsafe":
-            errors.append(f"{path}: refused — {a.problem} (nothing written there)")
+            errors.append(PathError(f"refused — {a.problem} (nothing written there)", path=path))
             continue
         if a.kind == "dir" and str(path) in previous.created_dirs:
             # A directory reconciler made for files it now prunes: the swap

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from reconciler.config import AgentConfig
 from reconciler.errors import ReconcilerError
@@ -20,7 +20,7 @@ from reconciler.git.reports import push_reports as git_push_reports
 from reconciler.git.reports import queue_length
 from reconciler.host.statedir import StateDir
 from reconciler.pipeline.notify import ping, send_webhook, write_metrics
-from reconciler.report import write_last_run
+from reconciler.report import LastRun, Report, write_last_run
 
 if TYPE_CHECKING:
     from reconciler.pipeline.run import RunOutcome
@@ -32,7 +32,7 @@ def after_run(
     config: AgentConfig,
     state_dir: StateDir,
     repo: Repo,
-    report: dict[str, Any],
+    report: Report,
     outcome: RunOutcome,
     *,
     duration_s: float,
@@ -40,11 +40,11 @@ def after_run(
     """last-run.json, metrics, webhook and ping: what follows every real run (issue #4)."""
     from reconciler.report import read_last_run
 
-    previous = read_last_run(state_dir) or {}
-    last_success = previous.get("last_success")
-    if report["result"] != "failed":
+    previous = read_last_run(state_dir)
+    last_success = previous.last_success if previous is not None else None
+    if not report.failed:
         last_success = dt.datetime.fromisoformat(
-            report["finished_at"].replace("Z", "+00:00")
+            report.finished_at.replace("Z", "+00:00")
         ).timestamp()
     queued = queue_length(repo, config.node)
     # Only reports that say something new notify: an outage of the git server
@@ -52,14 +52,16 @@ def after_run(
     webhook_error = send_webhook(config.report, report) if outcome.report_commit else None
     write_last_run(
         state_dir,
-        report,
-        report_commit=outcome.report_commit,
-        pushed=outcome.pushed,
-        push_error=outcome.push_error,
-        queued=queued,
-        last_success=last_success,
-        duration_s=round(duration_s, 3),
-        webhook_error=webhook_error,
+        LastRun(
+            report=report,
+            report_commit=outcome.report_commit,
+            pushed=outcome.pushed,
+            push_error=outcome.push_error,
+            queued=queued,
+            last_success=last_success,
+            duration_s=round(duration_s, 3),
+            webhook_error=webhook_error,
+        ),
     )
     write_metrics(
         config.metrics.textfile,
@@ -68,7 +70,7 @@ def after_run(
         last_success=last_success,
         queued=queued,
     )
-    ping(config.report.ping_url, "fail" if report["result"] == "failed" else "success")
+    ping(config.report.ping_url, "fail" if report.failed else "success")
 
 
 def push_reports(repo: Repo, remote: Remote, node: str) -> tuple[bool, str | None]:

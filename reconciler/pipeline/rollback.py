@@ -113,11 +113,13 @@ def rollback(
     new_run_id: str,
     *,
     hold: bool,
-) -> tuple[Manifest, Manifest, list[str]]:
+) -> tuple[Manifest, Manifest, list[ApplyError]]:
     """Restore run ``run_id`` (default: the latest run not rolled back yet).
 
     The caller holds the state_dir lock. Returns (the rolled-back manifest,
-    the rollback's own manifest, errors). Raises UsageError for an unknown run.
+    the rollback's own manifest, errors: an ApplyError per path not restored,
+    ``.path`` naming it). Raises UsageError for an unknown run, and the
+    first error when no path could be restored.
     """
     manifests = read_manifests(state_dir)
     chosen = _choose(manifests, run_id)
@@ -161,20 +163,22 @@ def rollback(
     own_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(state_dir.manifest(new_run_id), own.to_json(), mode=0o600)
 
-    errors: list[str] = []
+    errors: list[ApplyError] = []
     managed = dict(previous.managed)
     for e in reversed(chosen.entries):
         dest = PurePosixPath(e.path)
         host = host_path(root, dest)
         if actual[dest].kind == "unsafe":
-            errors.append(f"{e.path}: not restored: {actual[dest].problem}")
+            errors.append(ApplyError(f"not restored: {actual[dest].problem}", path=dest))
             continue
         try:
             if actual[dest].kind == "file":
                 system.backup(host, own_dir.joinpath("files", *dest.parts[1:]))
             restore_entry(e, run_dir, root, system)
         except OSError as exc:
-            errors.append(f"{e.path}: cannot restore from {run_dir}: {exc.strerror or exc}")
+            errors.append(
+                ApplyError(f"cannot restore from {run_dir}: {exc.strerror or exc}", path=dest)
+            )
             continue
         managed.pop(e.path, None)
         if e.before == "file" and e.record is not None and os.path.isfile(host):
@@ -221,5 +225,5 @@ def rollback(
             indent=None,
         )
     if errors and len(errors) == len(chosen.entries):
-        raise ApplyError(errors[0])
+        raise errors[0]
     return chosen, own, errors

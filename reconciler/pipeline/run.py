@@ -49,7 +49,7 @@ from reconciler.pipeline.record import after_run, push_reports
 from reconciler.pipeline.reuse import run_fingerprint, unchanged, written_output
 from reconciler.pipeline.rollback import read_hold, release_hold, rollback
 from reconciler.pipeline.scan import ActualFile
-from reconciler.report import build_report, commit_report
+from reconciler.report import Report, build_report, build_rollback_report, commit_report
 
 if TYPE_CHECKING:
     from reconciler.pipeline.apply import ApplyResult
@@ -74,7 +74,7 @@ class RunOptions:
 class RunOutcome:
     """RunOutcome is a finished run: its report and what the CLI prints from it."""
 
-    report: dict[str, Any]
+    report: Report
     plan: Plan | None = None
     target: TargetState | None = None
     actual: Mapping[PurePosixPath, ActualFile] = field(default_factory=dict)
@@ -85,7 +85,7 @@ class RunOutcome:
     @property
     def result(self) -> str:
         """``ok`` | ``changed`` | ``drift`` | ``failed`` (SPEC §6)."""
-        return str(self.report["result"])
+        return self.report.result
 
 
 def new_run_id(now: dt.datetime) -> str:
@@ -163,7 +163,7 @@ def _run(
         ping(config.report.ping_url, "start")
     run_id = new_run_id(started)
     facts = gather_facts()
-    errors: list[str] = []
+    errors: list[ReconcilerError] = []
     repo = open_bare(state_dir.repo, durable=True)
     previous = load_state(state_dir)
     recovery: Recovery | None = None
@@ -176,7 +176,7 @@ def _run(
         fetched = _fetch(repo, remote, config, boot=options.boot)
         if fetched.error:
             # Reported once, as an error of the run (printed by the CLI), not logged too.
-            errors.append(fetched.error + " — enforcing the last fetched commit")
+            errors.append(SourceError(fetched.error, hint="enforcing the last fetched commit"))
         info = SourceInfo(
             url=url, branch=config.branch, commit=fetched.commit, fetched=fetched.fetched
         )
@@ -188,7 +188,7 @@ def _run(
         except UntrustedCommitError as exc:
             if previous.applied_commit is None:
                 raise  # nothing trusted to fall back on: apply nothing (reported once below)
-            errors.append(str(exc))
+            errors.append(exc)
             commit = previous.applied_commit  # keep enforcing the last good commit
         held = _hold(state_dir, commit, options)
         exclude_lines = read_exclude_file(config.exclude_file)
@@ -228,7 +228,7 @@ def _run(
     except ReconcilerError as exc:
         if isinstance(exc, ConfigError):
             raise
-        errors.append(str(exc))
+        errors.append(exc)
         log.debug("run failed", exc_info=True)
 
     report = build_report(
@@ -248,9 +248,8 @@ def _run(
         suspended=run.suspended,
         recovered=recovery.to_report() if recovery else None,
         rolled_back=run.applied.rolled_back if run.applied else set(),
+        excluded=run.excluded,  # the no-op short cut: the last full run's
     )
-    if run.plan is None and run.excluded:
-        report["excluded"] = list(run.excluded)
     outcome = RunOutcome(report=report, plan=run.plan, target=run.target, actual=run.actual)
     if options.dry_run:
         return outcome  # --dry-run: plan and report to stdout only (SPEC §3)
@@ -303,7 +302,7 @@ def _full_run(
     held: Mapping[str, Any] | None,
     previous: LocalState,
     recovery: Recovery | None,
-    errors: list[str],
+    errors: list[ReconcilerError],
     state_dir: StateDir,
     root: Path,
     system: System,
@@ -444,7 +443,7 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
         own_id = new_run_id(started)
         chosen, own, errors = rollback(state_dir, root, config.node, run_id, own_id, hold=hold)
         url = remote_url(config.repo) if config.repo else ""
-        report = build_report(
+        report = build_rollback_report(
             node=config.node,
             run_id=own_id,
             started_at=started,
@@ -454,26 +453,12 @@ def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True)
             # run's rollback, still the current one (rollback.py).
             applied_commit=load_state(state_dir).applied_commit,
             mode=config.mode,
-            plan=None,
-            applied=set(),
-            scripts=[],
+            restored=own.entries,
+            rolled_back_run=chosen.run_id,
+            hold=hold,
             errors=errors,
             facts=gather_facts(),
         )
-        failed = {e.split(":", 1)[0] for e in errors}
-        report["changes"] = [
-            {
-                "path": e.path,
-                "action": e.action,
-                "reason": "rollback",
-                "applied": e.path not in failed,
-                "app": e.app,
-            }
-            for e in own.entries
-        ]
-        report["rollback"] = {"run_id": chosen.run_id, "hold": hold}
-        if not errors:
-            report["result"] = "changed"
         outcome = RunOutcome(report=report)
         repo = open_bare(state_dir.repo, durable=True)
         outcome.report_commit = commit_report(

@@ -126,7 +126,7 @@ def test_a_run_interrupted_after_each_effect_leaves_old_or_new_and_the_next_run_
 
     host = prepared(fleet, tmp_path, -1, old, new)
     outcome = reconcile_once(config_of(host), wrap=count)
-    assert outcome.result == "drift", outcome.report["errors"]
+    assert outcome.result == "drift", outcome.report.errors
     assert_new(host, "uninterrupted")
     effects = counting[0].effects
     kinds = {e.split()[0] for e in effects}

@@ -104,7 +104,9 @@ def test_failing_pre_script_leaves_that_app_and_later_apps_untouched(tmp_path):
     assert not (root / "etc" / "second").exists()
     assert not (root / "etc" / "third").exists()
     assert result.stopped
-    assert any("scripts/pre/second/10-fail" in e and "exited 4" in e for e in result.errors)
+    assert any(
+        "scripts/pre/second/10-fail" in e and "exited 4" in e for e in map(str, result.errors)
+    )
 
 
 def test_scripts_see_the_changed_paths_and_root(tmp_path):

@@ -10,17 +10,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.pipeline.notify import metrics_text
+from reconciler.report import Report
 
 
-def report(node: str, branch: str, commit: str = "a" * 40) -> dict:
-    return {
-        "node": node,
-        "finished_at": "2026-11-21T14:05:01Z",
-        "source": {"url": "git://example/fleet.git", "branch": branch, "commit": commit},
-        "result": "drift",
-        "changes": [{"path": "/etc/motd", "applied": True}],
-        "drift": [{"path": "/etc/motd", "kind": "content"}],
-    }
+def report(node: str, branch: str, commit: str = "a" * 40) -> Report:
+    return Report.from_json(
+        {
+            "node": node,
+            "finished_at": "2026-11-21T14:05:01Z",
+            "source": {"url": "git://example/fleet.git", "branch": branch, "commit": commit},
+            "result": "drift",
+            "changes": [{"path": "/etc/motd", "applied": True}],
+            "drift": [{"path": "/etc/motd", "kind": "content"}],
+        }
+    )
 
 
 @pytest.mark.parametrize(
