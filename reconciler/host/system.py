@@ -411,7 +411,7 @@ class RealSystem:
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
         except FileNotFoundError:
-            raise
+            raise  # missing: the caller decides (scan: "missing"; make_dirs: creates it)
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise UnsafePathError(
