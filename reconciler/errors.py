@@ -18,7 +18,8 @@ place, :func:`reconciler.git.errors.map_git_errors`.
     ├── RenderError                 a template failed to render
     ├── PathError                   a destination escapes the root or is unusable; .path
     │   └── UnsafePathError         a parent leaves the root, is a symlink we may not follow,
-    │                               or is not a directory (host/system.py's walk)
+    │                               or is not a directory; a symlink or another inode where
+    │                               a file is read (host/system.py)
     ├── ApplyError                  a write, delete, chmod, chown or restore failed; .path
     ├── ScriptError                 a pre/post script failed or timed out; the command,
     │                               exit status and last output, like invoke's UnexpectedExit
@@ -140,7 +141,9 @@ class PathError(_PathBound):
 class UnsafePathError(PathError):
     """A path under the root that cannot be reached safely (SPEC §4 "nothing is ever
     written outside root", §6 Symlinks): a parent is a symlink leading outside the
-    root or one another user could have made, or is not a directory.
+    root or one another user could have made, or is not a directory; or a file
+    that cannot be read or changed safely: a symlink, not a regular file, or
+    another inode than the scan saw.
 
     ``problem`` is the reason without the path (the plan prefixes its own);
     ``blocker`` is the parent (relative to the root, no leading slash) that is a
@@ -155,9 +158,8 @@ class UnsafePathError(PathError):
         blocker: str | None = None,
         hint: str = "remove it or exclude the path",
     ) -> None:
-        super().__init__(f"{where}: {problem} — {hint}")
-        self.problem = problem
-        self.hint = hint
+        super().__init__(problem, where=where, hint=hint)
+        self.hint: str = hint
         self.blocker = blocker
 
 

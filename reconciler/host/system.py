@@ -278,11 +278,13 @@ class System(Protocol):
 
 
 def _readable(st: os.stat_result, where: str | Path, expect: StatId | None) -> None:
-    """Refuse to read anything but the regular file the scan saw (PathError)."""
+    """Refuse to read anything but the regular file the scan saw (UnsafePathError)."""
     if not stat.S_ISREG(st.st_mode):
-        raise PathError(f"{where}: not a regular file — it is not read")
+        raise UnsafePathError(os.fspath(where), "not a regular file", hint="it is not read")
     if expect is not None and (st.st_dev, st.st_ino) != expect:
-        raise PathError(f"{where}: replaced since the scan — the next run looks again")
+        raise UnsafePathError(
+            os.fspath(where), "replaced since the scan", hint="the next run looks again"
+        )
 
 
 def _read_fd(fd: int) -> bytes:
@@ -540,7 +542,9 @@ class RealSystem:
             fd = os.open(name, _FILE_FLAGS, dir_fd=d)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PathError(f"{path}: a symlink — it is not read through") from exc
+                raise UnsafePathError(
+                    os.fspath(path), "a symlink", hint="it is not read through"
+                ) from exc
             raise
         try:
             st = os.fstat(fd)
@@ -661,7 +665,9 @@ class RealSystem:
             return os.open(name, _FILE_FLAGS, dir_fd=d)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PathError(f"{path}: a symlink — its target is not changed") from exc
+                raise UnsafePathError(
+                    os.fspath(path), "a symlink", hint="its target is not changed"
+                ) from exc
             raise
 
     def chmod(self, path: Path, mode: int) -> bool:
