@@ -166,10 +166,9 @@ def _execute(
             done = system.chown(host, change.uid, change.gid) and done
         return done
     if change.action == "delete":
-        if actual.kind != "symlink":
-            # A symlink's target is not ours to copy (the journal keeps its text);
-            # anything else but a regular file is refused by the System.
-            system.backup(host, backup, expect=same if actual.kind == "file" else None)
+        # Only a regular file is deleted (plan.py); the System refuses to back up
+        # anything swapped in since the scan (a symlink, a FIFO, another file).
+        system.backup(host, backup, expect=same)
         return system.remove(host)
     return True
 

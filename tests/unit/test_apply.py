@@ -5,6 +5,8 @@ The scripts live in a real desired-state directory read with DirSnapshot.
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -181,3 +183,58 @@ def test_swapping_a_file_and_a_directory_converges_in_one_run(tmp_path, before, 
     root = tmp_path / "root"
     for p in after:
         assert root.joinpath(p.lstrip("/")).read_bytes() == f"{p}\n".encode()
+
+
+@pytest.mark.parametrize("swap", ["symlink to a root-only file", "FIFO"])
+@pytest.mark.parametrize("action", ["update", "delete"])
+def test_a_file_swapped_after_the_scan_is_neither_backed_up_nor_followed(tmp_path, swap, action):
+    """Between the scan (a regular file) and the apply, the file becomes a symlink to
+    a root-only file, or a FIFO: the backup must not copy the link's target (it would
+    sit in the backups, readable by whoever restores) nor hang on the FIFO; the change
+    is refused, naming the destination path, and the next run looks again."""
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    root = tmp_path / "root"
+    old = target_of(tfile("/etc/a.conf", b"a v1\n"))
+    _, _, state = reconcile(tmp_path, old, LocalState(), repo, "run-1")
+    (root / "etc" / "a.conf").write_bytes(b"a drifted\n")  # the scan sees a drifted file
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"ROOT-ONLY\n")
+    secret.chmod(0o600)
+    new = target_of(tfile("/etc/a.conf", b"a v2\n")) if action == "update" else target_of()
+    paths = set(new.files) | {P(k) for k in state.managed}
+    actual = scan(root, sorted(paths), state.managed)
+    plan = make_plan(new, actual, state, exclude_matcher([]), "enforce")
+    assert [c.action for c in plan.changes] == [action]
+
+    host = root / "etc" / "a.conf"
+    host.unlink()
+    if swap == "FIFO":
+        os.mkfifo(host)
+    else:
+        os.symlink(secret, host)
+    ctx = RunContext(
+        node="n",
+        state="default",
+        commit="0" * 40,
+        run_id="run-2",
+        root=root,
+        state_dir=StateDir(tmp_path / "state"),
+    )
+    done: list[ApplyResult] = []
+    worker = threading.Thread(
+        target=lambda: done.append(
+            apply_plan(plan, new, actual, state, repo, RealSystem(root=root, batch=True), ctx)
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=20)
+    assert done, "the apply hung"
+    result = done[0]
+    assert result.applied == set()
+    assert [str(e.path) for e in result.errors] == ["/etc/a.conf"], result.errors
+    assert "refused" in str(result.errors[0]) and str(root) not in str(result.errors[0])
+    backups = tmp_path / "state" / "backups" / "run-2"
+    kept = [p.read_bytes() for p in backups.rglob("*") if p.is_file()] if backups.exists() else []
+    assert all(b"ROOT-ONLY" not in k for k in kept)
+    assert secret.read_bytes() == b"ROOT-ONLY\n"
