@@ -116,9 +116,10 @@ def fetch(
     With ``wanted``, the ref advertisement comes first (one ls-remote:
     ref name → commit id) and the fetch happens only when ``wanted`` returns
     True (issue #5: a no-change poll costs one advertisement); a SourceError
-    ``wanted`` raises is final (a RemoteError with its text, ``refused="checks"``). ``prune`` deletes local refs
-    whose remote counterpart is gone. Raises RemoteError (``refused`` when
-    final) — see the module docstring for the retry policy.
+    ``wanted`` raises is final (a RemoteError with its text,
+    ``refused="checks"``). ``prune`` deletes local refs whose remote
+    counterpart is gone. Raises RemoteError (``refused`` when final) — see
+    the module docstring for the retry policy.
     """
     received = 0
 
@@ -163,7 +164,7 @@ def push(repo: Repo, remote: Remote, refspec: str, *, attempts: int = NET_ATTEMP
         _retrying(remote, f"push of {dst}", attempt, attempts)
     except RemoteError as exc:
         if exc.refused in ("checks", "auth", "certificate"):
-            # Said as before: "push of <ref> failed: <why>".
+            # A refusal names the ref it stopped: "push of <ref> failed: <why>".
             message = f"{remote.url}: push of {dst} failed: {exc.detail}"
             raise RemoteError(message, detail=exc.detail, refused=exc.refused) from exc
         raise
