@@ -395,7 +395,7 @@ def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.pipeline.run import rollback_once
+    from reconciler.pipeline.rollback_run import rollback_once
 
     config = config_from_args(args)
     outcome = rollback_once(config, args.run_id, hold=args.hold)

@@ -132,18 +132,26 @@ def _execute(
     ctx: RunContext,
     system: System,
     created: set[str],
+    journal: Journal | None,
 ) -> bool:
     """Carry out one change; False when the System only recorded it (a dry run).
 
     Raises OSError, or PathError for a path the System will not reach or read
-    (a parent swapped for a symlink, a file replaced since the scan).
+    (a parent swapped for a symlink, a file replaced since the scan). New
+    parent directories are journaled before they are made (journal.py), so a
+    run killed right after leaves none that recovery does not know of.
     """
     host = host_path(ctx.root, change.path)
     backup = ctx.state_dir.backup_file(ctx.run_id, change.path)
     same = (actual.dev, actual.ino)  # back up only the inode the scan saw
     if change.action in ("create", "update"):
         assert change.target is not None
-        for made in system.make_dirs(host.parent):
+        made_dirs = (
+            journal.make_dirs(system, host.parent, ctx.root)
+            if journal is not None
+            else system.make_dirs(host.parent)
+        )
+        for made in made_dirs:
             created.add("/" + os.path.relpath(made, ctx.root))
         if actual.kind == "file":
             system.backup(host, backup, expect=same)
@@ -361,7 +369,9 @@ def apply_plan(
                 continue
             done.add(change.path)
             try:
-                carried = _execute(change, actual[change.path], ctx, system, result.created_dirs)
+                carried = _execute(
+                    change, actual[change.path], ctx, system, result.created_dirs, journal
+                )
             except (OSError, PathError) as exc:
                 result.errors.append(_failure(change, exc))
                 continue

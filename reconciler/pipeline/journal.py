@@ -1,27 +1,24 @@
-"""Crash safety: the journal of a run, recovery from an interrupted one, restores.
+"""Crash safety: the journal of a run or a rollback, and the restore of one path.
 
 Part of the apply stage (SPEC §4: "a run interrupted at any point leaves every
 file either wholly old or wholly new, and the next run finishes or undoes
 it"). Takes the Plan and the ActualState; produces, before the first change,
 ``<state_dir>/journal.json`` — the manifest of every change: how the path
 looked before, where its backup is, what the new content hashes to — and a
-``journal.log`` of app phases, both fsync'd. Each file write itself is atomic
-(``system.atomic_write``), so a crash leaves a path old or new, never partial.
+``journal.log``, both fsync'd, of the app phases the run reached and of every
+directory it is about to create (logged *before* the mkdir, so a run killed
+right after it leaves no directory nobody knows of). Each file write itself
+is atomic (``system.atomic_write``), so a crash leaves a path old or new,
+never partial. A rollback (``rollback.py``) is journaled the same way, as a
+manifest of kind ``rollback``.
 
-On the next start, :func:`recover` finds the journal and rolls forward, as
-dpkg does with half-configured packages: stray temp files are removed, the
-local state learns which paths already hold their new content (so they are
-not mistaken for drift), and apps whose files changed but whose post scripts
-never completed get them run again by the new run. When a run ends normally
-the manifest moves to ``backups/<run-id>/manifest.json``, where ``rollback``
-finds it.
+When a run ends normally the manifest, with the directories the run created,
+moves to ``backups/<run-id>/manifest.json``, where ``rollback`` finds it. An
+interrupted one is found by ``recovery.py`` at the start of the next run.
 
-Recovery itself may be killed. It is idempotent and ordered so that nothing
-it learnt is lost: the rolled-forward local state is saved first, then the
-post scripts still owed go to ``owed.json``, and only then is the journal
-archived. ``owed.json`` is cleared by the run that reaches those apps' post
-scripts (:func:`settle_owed`), so a chain of killed runs still ends with the
-service reloaded.
+:func:`restore_entry` puts one path back as it was before its run: the
+primitive of ``rollback`` and of ``on_post_failure: rollback``. It reads and
+writes the root only through the System it is handed.
 """
 
 from __future__ import annotations
@@ -32,21 +29,21 @@ import json
 import logging
 import os
 import stat
-import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reconciler.errors import StateError
-from reconciler.host.state import LocalState, ManagedFile, save_state
+from reconciler.errors import PathError
+from reconciler.host.state import LocalState
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import System, atomic_write, fsync_dir
-from reconciler.pipeline.scan import ActualFile, file_sha256, host_path, unsafe_parent
+from reconciler.pipeline.scan import ActualFile, host_path
 
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".reconciler-tmp"
+MKDIR = "mkdir"  # journal.log: "mkdir /dest/path", before the directory is made
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,7 +70,14 @@ class JournalEntry:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
-    """A Manifest is the journal of one run: its entries and where it came from."""
+    """A Manifest is the journal of one run or rollback: its entries and where it came from.
+
+    ``created_dirs``: destination paths of the directories the run made (a
+    rollback removes them again when it leaves them empty). A rollback's own
+    manifest names the run it restores (``rolls_back``) and whether it holds
+    the commit (``hold``): enough for the next run to finish it when it was
+    killed (``recovery.py``).
+    """
 
     run_id: str
     kind: str  # run | rollback
@@ -82,6 +86,9 @@ class Manifest:
     entries: tuple[JournalEntry, ...]
     interrupted: bool = False
     rolled_back_by: str | None = None
+    created_dirs: tuple[str, ...] = ()
+    rolls_back: str | None = None  # kind rollback: the run restored
+    hold: bool = False  # kind rollback: hold the commit afterwards
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -89,8 +96,10 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
+        """Parse a manifest; raises ValueError or TypeError for another shape."""
         data = json.loads(raw)
         data["entries"] = tuple(JournalEntry(**e) for e in data.get("entries", ()))
+        data["created_dirs"] = tuple(data.get("created_dirs", ()))
         return cls(**data)
 
 
@@ -141,6 +150,7 @@ class Journal:
 
     state_dir: StateDir
     manifest: Manifest
+    created: list[str] = field(default_factory=list)  # directories made, destination paths
     _log: Any = field(default=None, repr=False)
 
     def begin(self) -> None:
@@ -150,23 +160,55 @@ class Journal:
         fd = os.open(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self._log = os.fdopen(fd, "a", encoding="utf-8")
 
+    def reopen(self) -> None:
+        """Append to the journal of an interrupted run (recovery finishing it): the
+        manifest stays as it is, the log keeps what the run reached."""
+        fd = os.open(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._log = os.fdopen(fd, "a", encoding="utf-8")
+
+    def _append(self, lines: Iterable[str]) -> None:
+        self._log.write("".join(f"{line}\n" for line in lines))
+        self._log.flush()
+        os.fsync(self._log.fileno())
+
     def mark(self, phase: str, app: str) -> None:
         """Record durably that ``app`` reached ``phase`` (``files`` | ``done``)."""
         if self._log is None:
             return
-        self._log.write(f"{phase} {app}\n")
-        self._log.flush()
-        os.fsync(self._log.fileno())
+        self._append([f"{phase} {app}"])
+
+    def make_dirs(self, system: System, directory: Path, root: Path) -> list[Path]:
+        """``system.make_dirs(directory)``, each missing directory journaled first.
+
+        The directories that do not exist yet are logged durably before the
+        first mkdir, so recovery removes those a killed run left empty
+        (SPEC §6: directories reconciler created are not left behind); the
+        ones made are kept for the manifest (a rollback removes them).
+        Returns the host paths made; raises as ``make_dirs`` does.
+        """
+        if self._log is not None:
+            missing = missing_dirs(system, directory, root)
+            if missing:
+                self._append(f"{MKDIR} {dest_of(root, p)}" for p in missing)
+        made = system.make_dirs(directory)
+        self.created.extend(dest_of(root, p) for p in made)
+        return made
 
     def finish(self) -> None:
         """The run ended: keep the manifest with the run's backups, drop the journal."""
         if self._log is not None:
             self._log.close()
             self._log = None
-        _archive(self.state_dir, self.manifest)
+        archive(self.state_dir, self.finished())
+
+    def finished(self) -> Manifest:
+        """The manifest as archived: with the directories the run made."""
+        made = tuple(dict.fromkeys((*self.manifest.created_dirs, *self.created)))
+        return replace(self.manifest, created_dirs=made)
 
 
-def _archive(state_dir: StateDir, manifest: Manifest) -> None:
+def archive(state_dir: StateDir, manifest: Manifest) -> None:
+    """Keep ``manifest`` in ``backups/<run-id>/`` and drop the journal, durably."""
     target = state_dir.backup_dir(manifest.run_id)
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(state_dir.manifest(manifest.run_id), manifest.to_json(), mode=0o600)
@@ -177,194 +219,109 @@ def _archive(state_dir: StateDir, manifest: Manifest) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Recovery:
-    """A Recovery is what the start of a run repaired after an interrupted run."""
+class JournalLog:
+    """A JournalLog is what ``journal.log`` says an interrupted run reached."""
 
-    run_id: str
-    commit: str
-    temp_files_removed: tuple[str, ...]
-    rolled_forward: tuple[str, ...]  # paths that already held their new content
-    post_pending: Mapping[str, tuple[str, ...]]  # app → its changed paths
-
-    def to_report(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "commit": self.commit,
-            "temp_files_removed": list(self.temp_files_removed),
-            "rolled_forward": list(self.rolled_forward),
-            "post_scripts_rerun": sorted(self.post_pending),
-        }
+    phases: Mapping[str, frozenset[str]]  # app → phases reached (files, done)
+    dirs: tuple[str, ...]  # directories it was about to make, in order
 
 
-def _phases(state_dir: StateDir) -> dict[str, set[str]]:
+def read_log(state_dir: StateDir) -> JournalLog:
+    """Parse ``journal.log``; an empty JournalLog when there is none.
+
+    Raises StateError when it exists but cannot be read.
+    """
     phases: dict[str, set[str]] = {}
+    dirs: list[str] = []
     raw = state_dir.read_bytes(
         state_dir.journal_log, hint="inspect it, run the apps' post scripts by hand, then remove it"
     )
     for line in (raw or b"").decode("utf-8", "replace").splitlines():
-        phase, _, app = line.partition(" ")
-        if app:
-            phases.setdefault(app, set()).add(phase)
-    return phases
-
-
-def _read_owed(state_dir: StateDir) -> dict[str, Any]:
-    """``owed.json``: post scripts interrupted runs still owe (app → changed paths)."""
-    data = state_dir.read_json(
-        state_dir.owed,
-        hint="inspect it, run the apps' post scripts by hand, then remove it",
+        phase, _, rest = line.partition(" ")
+        if not rest:
+            continue  # a line cut short by the kill
+        if phase == MKDIR:
+            dirs.append(rest)
+        else:
+            phases.setdefault(rest, set()).add(phase)
+    return JournalLog(
+        phases={a: frozenset(p) for a, p in phases.items()}, dirs=tuple(dict.fromkeys(dirs))
     )
-    return data if isinstance(data, dict) else {}
 
 
-def _write_owed(state_dir: StateDir, runs: list[str], commit: str, apps: Mapping[str, Any]) -> None:
-    if not apps:
-        state_dir.remove(state_dir.owed)
-        return
-    data = {"runs": runs, "commit": commit, "apps": {a: sorted(p) for a, p in apps.items()}}
-    state_dir.write_json(state_dir.owed, data, indent=1)
+def dest_of(root: Path, host: Path) -> str:
+    """The destination path (``/etc/x``) of host path ``host`` under ``root``."""
+    return "/" + os.path.relpath(host, root)
 
 
-def settle_owed(state_dir: StateDir, reached: Iterable[str]) -> None:
-    """Forget the owed post scripts of the apps in ``reached`` (their post phase ran).
-
-    Called by the run after its apply; what it did not reach (a pre script
-    stopped it, the node is suspended) stays owed for the next run.
-    """
-    owed = _read_owed(state_dir)
-    if not owed:
-        return
-    apps = {a: p for a, p in owed.get("apps", {}).items() if a not in set(reached)}
-    _write_owed(state_dir, list(owed.get("runs", [])), str(owed.get("commit", "")), apps)
-
-
-def recover(
-    state_dir: StateDir, root: Path, previous: LocalState
-) -> tuple[LocalState, Recovery | None]:
-    """Finish an interrupted run's bookkeeping before a new run plans (SPEC §4).
-
-    Returns the LocalState to plan against (records rolled forward for paths
-    that hold their new content, dropped for paths already deleted) and the
-    Recovery to report — which also names post scripts still owed by an
-    earlier recovery whose own run was killed — or ``(previous, None)`` when
-    the last run ended and nothing is owed. The rolled-forward state and the
-    owed post scripts are saved before the journal is archived (see the
-    module docstring). Raises ApplyError when the journal is unreadable.
-    """
-    path = state_dir.journal
-    owed = _read_owed(state_dir)
-    raw = state_dir.read_bytes(path, hint="inspect it, then move it away")
-    if raw is None:
-        if not owed.get("apps"):
-            return previous, None
-        runs = [str(r) for r in owed.get("runs", [])]
-        return previous, Recovery(
-            run_id=runs[-1] if runs else "?",
-            commit=str(owed.get("commit", "")),
-            temp_files_removed=(),
-            rolled_forward=(),
-            post_pending={a: tuple(p) for a, p in owed["apps"].items()},
-        )
+def exists(system: System, host: Path) -> bool:
+    """True when something (even a dangling symlink) is at ``host``."""
     try:
-        manifest = Manifest.from_json(raw)
-    except (ValueError, TypeError) as exc:
-        raise StateError(
-            f"unreadable journal of an interrupted run ({exc})",
-            where=str(path),
-            hint="inspect it, then move it away",
-        ) from exc
-    phases = _phases(state_dir)
+        system.lstat(host)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def missing_dirs(system: System, directory: Path, root: Path) -> list[Path]:
+    """The directories from ``directory`` up to ``root`` that do not exist, topmost first.
+
+    Stops at the first that exists, or that the System cannot look at (its
+    ``make_dirs`` will say why).
+    """
+    missing: list[Path] = []
+    current = directory
+    while len(current.parts) > len(root.parts):
+        try:
+            system.lstat(current)
+            break
+        except FileNotFoundError:
+            missing.append(current)
+            current = current.parent
+        except (OSError, PathError):
+            break
+    return missing[::-1]
+
+
+def remove_created_dirs(
+    system: System, root: Path, dirs: Iterable[str], *, keep: Iterable[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Remove the directories ``dirs`` (destination paths) that are empty, deepest first.
+
+    A directory in ``keep`` (excluded paths) is left alone; the System never
+    removes through a symlink (its final component is not followed, its
+    parents are walked safely). Returns (removed, still there).
+    """
+    skip = set(keep)
     removed: list[str] = []
-    forward: list[str] = []
-    managed = dict(previous.managed)
-    # Owed post scripts that the journal's run already ran ("done") are paid.
-    pending: dict[str, set[str]] = {
-        a: set(p) for a, p in owed.get("apps", {}).items() if "done" not in phases.get(a, ())
-    }
-    for e in manifest.entries:
-        dest = PurePosixPath(e.path)
-        host = host_path(root, dest)
-        app_phases = phases.get(e.app, set())
-        if "files" in app_phases and "done" not in app_phases:
-            pending.setdefault(e.app, set()).add(e.path)
-        if unsafe_parent(root, dest):
-            continue  # a parent now leads out of the root: touch nothing there
-        for stray in _temp_files(host):
-            try:
-                os.unlink(stray)
-                removed.append("/" + os.path.relpath(stray, root))
-            except OSError:
-                pass
-        if e.action == "delete":
-            if not os.path.lexists(host):
-                managed.pop(e.path, None)
-                forward.append(e.path)
+    left: list[str] = []
+    for directory in sorted(set(dirs), key=lambda d: (-d.count("/"), d)):
+        host = host_path(root, PurePosixPath(directory))
+        if directory not in skip and system.remove_empty_dir(host):
+            removed.append(directory)
             continue
         try:
-            st = os.lstat(host)
-        except OSError:
+            st = system.lstat(host)
+        except (OSError, PathError):
             continue
-        if not os.path.isfile(host) or os.path.islink(host):
-            continue
-        if file_sha256(host) != e.new_sha256:
-            continue
-        base = ManagedFile(**e.record) if e.record else None
-        managed[e.path] = ManagedFile(
-            sha256=e.new_sha256,
-            mode=st.st_mode & 0o7777,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-            ino=st.st_ino,
-            app=e.app,
-            owner=e.owner if e.owner is not None else (base.owner if base else None),
-            group=e.group if e.group is not None else (base.group if base else None),
-            secret=e.secret or (base.secret if base else False),
-            policy=e.policy or (base.policy if base else "enforce"),
-            recorded_ns=time.time_ns(),
-        )
-        forward.append(e.path)
-    state = LocalState(
-        node=previous.node,
-        applied_commit=previous.applied_commit,
-        managed=managed,
-        created_dirs=previous.created_dirs,
-        excluded=previous.excluded,
-    )
-    # Order matters (module docstring): state, then what is owed, then the journal.
-    save_state(state_dir, state)
-    runs = [str(r) for r in owed.get("runs", []) if r != manifest.run_id] + [manifest.run_id]
-    _write_owed(state_dir, runs, manifest.commit, pending)
-    _archive(
-        state_dir,
-        Manifest(**{**asdict(manifest), "entries": manifest.entries, "interrupted": True}),
-    )
-    recovery = Recovery(
-        run_id=manifest.run_id,
-        commit=manifest.commit,
-        temp_files_removed=tuple(removed),
-        rolled_forward=tuple(forward),
-        post_pending={a: tuple(sorted(p)) for a, p in pending.items()},
-    )
-    log.warning(
-        "recovered from interrupted run %s: %d temp files removed, %d paths rolled forward, "
-        "post scripts pending for %s",
-        manifest.run_id,
-        len(removed),
-        len(forward),
-        ", ".join(sorted(pending)) or "no app",
-    )
-    return state, recovery
+        if stat.S_ISDIR(st.st_mode):
+            left.append(directory)
+    return removed, left
 
 
-def _temp_files(host: Path) -> list[Path]:
-    """Temp files an interrupted atomic write may have left beside ``host``."""
-    try:
-        names = os.listdir(host.parent)
-    except OSError:
-        return []
+def temp_files(system: System, host: Path, listing: dict[Path, list[str]]) -> list[Path]:
+    """Temp files an interrupted atomic write may have left beside ``host``.
+
+    ``listing`` caches each directory's names (thousands of paths share a few
+    directories). Reads through the System; [] when the directory cannot be read.
+    """
+    names = listing.get(host.parent)
+    if names is None:
+        try:
+            names = system.listdir(host.parent)
+        except (OSError, PathError):
+            names = []
+        listing[host.parent] = names
     prefix = f".{host.name}."
     return [host.parent / n for n in names if n.startswith(prefix) and n.endswith(TEMP_SUFFIX)]
 
@@ -372,44 +329,165 @@ def _temp_files(host: Path) -> list[Path]:
 # ------------------------------------------------------------------ restore
 
 
-def restore_entry(entry: JournalEntry, run_dir: Path, root: Path, system: System) -> None:
-    """Put ``entry.path`` back as it was before its run (rollback primitive).
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Found:
+    """A Found is what sits at a host path now, as the System's lstat saw it."""
 
-    A ``chmod``/``chown`` entry gets its mode and owner back (its content never
-    changed, so it has no backup file). The parent directories are checked
-    again right before the write: one that now leads outside the root is
-    refused (SPEC §6, a symlink never carries a write outside). Raises
-    OSError when that check fails, a backup is missing or the write fails.
+    kind: str  # missing | file | symlink | dir | other
+    st: os.stat_result | None = None
+
+
+_KINDS = {stat.S_IFREG: "file", stat.S_IFLNK: "symlink", stat.S_IFDIR: "dir"}
+
+
+def look(system: System, host: Path) -> Found:
+    """What is at ``host`` now (through the System: raises PathError for a path it
+    will not reach, OSError otherwise)."""
+    try:
+        st = system.lstat(host)
+    except FileNotFoundError:
+        return Found(kind="missing")
+    return Found(kind=_KINDS.get(stat.S_IFMT(st.st_mode), "other"), st=st)
+
+
+def restore_entry(
+    entry: JournalEntry,
+    run_dir: Path,
+    root: Path,
+    system: System,
+    *,
+    keep: Path | None = None,
+    journal: Journal | None = None,
+) -> bool:
+    """Put ``entry.path`` back as it was before its run (the rollback primitive).
+
+    ``run_dir`` is the run's ``backups/<run-id>``. A file comes back from its
+    backup with its mode and owner, a symlink with its target text, a
+    directory the run moved away comes back whole, a path the run created is
+    removed; a ``chmod``/``chown`` entry gets its mode and owner back. Type
+    changes go both ways: whatever is in the way (a file where a directory
+    comes back, a directory where a file or symlink comes back) goes first.
+
+    Idempotent: a path already as before is left alone and False returned
+    (a rollback killed midway is finished by the next run, recovery.py);
+    True when something was done. ``keep`` (a rollback's own
+    ``backups/<run-id>``): what is there now is kept under its ``files/``
+    before it goes — a regular file copied, a directory in the way moved
+    whole — so a rollback can be rolled back too; a copy already kept is
+    never overwritten (it was taken before the first attempt changed the
+    path). Without ``keep`` a directory in the way must be empty.
+    ``journal``: directories made on the way are journaled
+    (:meth:`Journal.make_dirs`).
+
+    The root is read and written only through ``system``, which refuses a
+    parent leading outside the root (SPEC §6: a symlink never carries a
+    write outside it). Raises PathError (UnsafePathError for such a parent)
+    or OSError (a backup missing, a write failing).
     """
     dest = PurePosixPath(entry.path)
-    problem = unsafe_parent(root, dest)
-    if problem:
-        raise OSError(errno.EPERM, f"refused: {problem}")
     host = host_path(root, dest)
     saved = run_dir.joinpath("files", *dest.parts[1:])
+    kept = keep.joinpath("files", *dest.parts[1:]) if keep is not None else None
     uid = entry.uid if entry.uid >= 0 else None
     gid = entry.gid if entry.gid >= 0 else None
+    now = look(system, host)
     if entry.action in ("chmod", "chown") and entry.before == "file":
-        st = os.lstat(host)
-        if stat.S_ISREG(st.st_mode):
-            if stat.S_IMODE(st.st_mode) != entry.mode:
-                system.chmod(host, entry.mode)
-            if (uid is not None and uid != st.st_uid) or (gid is not None and gid != st.st_gid):
-                system.chown(host, uid, gid)
-            return
-        # No longer a regular file: nothing of ours to give the old mode back to.
-        raise OSError(errno.ENOENT, f"{entry.path} is no longer a regular file")
+        if now.kind != "file" or now.st is None:
+            # No longer a regular file: nothing of ours to give the old mode back to.
+            raise OSError(errno.ENOENT, f"{entry.path} is no longer a regular file")
+        done = False
+        if stat.S_IMODE(now.st.st_mode) != entry.mode:
+            system.chmod(host, entry.mode)
+            done = True
+        if (uid is not None and uid != now.st.st_uid) or (gid is not None and gid != now.st.st_gid):
+            system.chown(host, uid, gid)
+            done = True
+        return done
     if entry.before == "missing":
-        if os.path.lexists(host):
-            system.remove(host)
-    elif entry.before == "file":
-        content = saved.read_bytes()
-        system.make_dirs(host.parent)
+        if now.kind == "missing":
+            return False
+        _clear(system, host, now, kept)
+        return True
+    if entry.before == "file":
+        content = system.read_bytes(saved)
+        if now.kind == "file" and _same(system, host, now, content, entry.mode, uid, gid):
+            return False
+        if now.kind == "file":
+            _keep(system, host, kept)  # write_file replaces it in one rename
+        elif now.kind == "dir":
+            _clear(system, host, now, kept)
+        _make_dirs(system, host.parent, root, journal)
         system.write_file(host, content, entry.mode, uid, gid)
-    elif entry.before == "symlink" and entry.link is not None:
-        system.make_dirs(host.parent)
+        return True
+    if entry.before == "symlink" and entry.link is not None:
+        if now.kind == "symlink" and system.readlink(host) == entry.link:
+            return False
+        if now.kind == "file":
+            _keep(system, host, kept)
+        elif now.kind == "dir":
+            _clear(system, host, now, kept)
+        _make_dirs(system, host.parent, root, journal)
         system.make_symlink(host, entry.link)
-    elif entry.before == "dir":
-        if os.path.lexists(host):
-            system.remove(host)
-        system.move(saved, host)
+        return True
+    if entry.before == "dir":
+        if exists(system, saved):
+            if now.kind != "missing":
+                _clear(system, host, now, kept)
+            _make_dirs(system, host.parent, root, journal)
+            system.move(saved, host)
+            return True
+        if now.kind == "dir":
+            return False  # moved back already (by an attempt that was killed)
+        # No backup (a rollback that found it empty and removed it): an empty one.
+        if now.kind != "missing":
+            _clear(system, host, now, kept)
+        _make_dirs(system, host, root, journal)
+        system.chmod(host, entry.mode)
+        if uid is not None or gid is not None:
+            system.chown(host, uid, gid)
+        return True
+    return False  # "other" or "unsafe" before: nothing was kept to put back
+
+
+def _same(
+    system: System,
+    host: Path,
+    now: Found,
+    content: bytes,
+    mode: int,
+    uid: int | None,
+    gid: int | None,
+) -> bool:
+    """True when regular file ``host`` already holds ``content`` with that mode and owner."""
+    st = now.st
+    if st is None or stat.S_IMODE(st.st_mode) != mode or st.st_size != len(content):
+        return False
+    if (uid is not None and uid != st.st_uid) or (gid is not None and gid != st.st_gid):
+        return False
+    return system.read_bytes(host, expect=(st.st_dev, st.st_ino)) == content
+
+
+def _keep(system: System, host: Path, kept: Path | None) -> None:
+    """Copy regular file ``host`` to ``kept`` unless a copy is there already."""
+    if kept is not None and not exists(system, kept):
+        system.backup(host, kept)
+
+
+def _clear(system: System, host: Path, now: Found, kept: Path | None) -> None:
+    """Take away what is at ``host``: kept first when ``kept`` is given."""
+    if now.kind == "dir":
+        if kept is not None:
+            system.move(host, kept)  # whole, never deleted (issue #3)
+        else:
+            system.remove(host)  # only when empty: OSError otherwise
+        return
+    if now.kind == "file":
+        _keep(system, host, kept)
+    system.remove(host)
+
+
+def _make_dirs(system: System, directory: Path, root: Path, journal: Journal | None) -> None:
+    if journal is not None:
+        journal.make_dirs(system, directory, root)
+    else:
+        system.make_dirs(directory)

@@ -1,36 +1,76 @@
 """Rollback: put back the files of a past run from its backups (issue #3).
 
 Takes the manifests that every applying run leaves in
-``<state_dir>/backups/<run-id>/manifest.json``; produces a rollback run that
-restores each path of the chosen run to how it was before (content, mode,
-owner; a created file is removed, a replaced symlink or directory comes
-back), journaled and backed up itself so a rollback can be rolled back too,
-and reported like any run.
+``<state_dir>/backups/<run-id>/manifest.json``; restores each path of the
+chosen run to how it was before (content, mode, owner; a created file is
+removed, a replaced symlink or directory comes back, a file that became a
+directory or the reverse changes type back; the directories the run created
+are removed when that leaves them empty), backed up itself so a rollback can
+be rolled back too; produces a :class:`RollbackResult` that
+``rollback_run.py`` reports like any run.
+
+A rollback is journaled like a run (journal.py): before its first effect it
+writes its own manifest, of kind ``rollback``, naming the run it restores
+and whether it holds. Restoring a path is idempotent
+(:func:`~reconciler.pipeline.journal.restore_entry`), so a rollback killed
+at any point is finished by the next run (recovery.py calls
+:func:`finish_rollback`): the restore completed from the backups, the local
+state and the hold written as the rollback would have — the commit is not
+re-applied and the restored paths are not drift.
 
 After a rollback the host *holds*: runs keep fetching and reporting but do
 not re-apply the same commit (that would undo the rollback at the next
 timer tick). The hold lifts by itself when a new commit arrives — the fix —
 or with ``pull --release-hold``.
+
+Every read and write of the root goes through the System handed in.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-from dataclasses import replace
+import hashlib
+import logging
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reconciler.errors import ApplyError, StateError, UsageError
+from reconciler.errors import ApplyError, PathError, StateError, UnsafePathError, UsageError
 from reconciler.host.state import LocalState, ManagedFile, load_state, save_state
 from reconciler.host.statedir import StateDir
-from reconciler.host.system import RealSystem, atomic_write
+from reconciler.host.system import System, atomic_write
 from reconciler.pipeline.journal import (
+    Journal,
     JournalEntry,
     Manifest,
+    look,
+    read_log,
+    remove_created_dirs,
     restore_entry,
 )
-from reconciler.pipeline.scan import file_sha256, host_path, scan
+from reconciler.pipeline.scan import host_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RollbackResult:
+    """A RollbackResult is what a rollback did: the run it restored, its own manifest,
+    the directories it removed and one ApplyError (``.path``: the path) per path it
+    could not restore."""
+
+    chosen: Manifest
+    own: Manifest
+    state: LocalState  # the local state saved after it
+    dirs_removed: tuple[str, ...]
+    errors: tuple[ApplyError, ...]
+
+    @property
+    def failed(self) -> frozenset[str]:
+        """Destination paths not restored."""
+        return frozenset(str(e.path) for e in self.errors if e.path is not None)
 
 
 def read_manifests(state_dir: StateDir) -> list[Manifest]:
@@ -45,21 +85,24 @@ def read_manifests(state_dir: StateDir) -> list[Manifest]:
         return []
     out = []
     for run in runs:
-        path = state_dir.manifest(run)
-        raw = state_dir.read_bytes(
-            path, hint=f"remove {state_dir.backup_dir(run)} (its backups go)"
-        )
-        if raw is None:
-            continue  # a run that changed nothing, or whose archive was cut short
-        try:
-            out.append(Manifest.from_json(raw))
-        except (ValueError, TypeError) as exc:
-            raise StateError(
-                f"unreadable manifest ({exc})",
-                where=str(path),
-                hint=f"remove {state_dir.backup_dir(run)} (its backups go)",
-            ) from exc
+        manifest = read_manifest(state_dir, run)
+        if manifest is not None:
+            out.append(manifest)
     return out
+
+
+def read_manifest(state_dir: StateDir, run_id: str) -> Manifest | None:
+    """The manifest of run ``run_id``; None when it has none (a run that changed
+    nothing, or whose archive was cut short). Raises StateError when unreadable."""
+    path = state_dir.manifest(run_id)
+    hint = f"remove {state_dir.backup_dir(run_id)} (its backups go)"
+    raw = state_dir.read_bytes(path, hint=hint)
+    if raw is None:
+        return None
+    try:
+        return Manifest.from_json(raw)
+    except (ValueError, TypeError) as exc:
+        raise StateError(f"unreadable manifest ({exc})", where=str(path), hint=hint) from exc
 
 
 def list_backups(state_dir: StateDir) -> list[dict[str, Any]]:
@@ -111,119 +154,268 @@ def rollback(
     node: str,
     run_id: str | None,
     new_run_id: str,
+    system: System,
     *,
     hold: bool,
-) -> tuple[Manifest, Manifest, list[ApplyError]]:
-    """Restore run ``run_id`` (default: the latest run not rolled back yet).
+    exclude: Sequence[str] = (),
+) -> RollbackResult:
+    """Restore run ``run_id`` (default: the latest run not rolled back yet) through
+    ``system``, journaled as run ``new_run_id``.
 
-    The caller holds the state_dir lock. Returns (the rolled-back manifest,
-    the rollback's own manifest, errors: an ApplyError per path not restored,
-    ``.path`` naming it). Raises UsageError for an unknown run, and the
-    first error when no path could be restored.
+    The caller holds the state_dir lock. ``exclude``: gitignore-style patterns
+    (the host-local exclude file); a directory the run created that matches
+    is never removed. Returns the RollbackResult; raises UsageError for an
+    unknown run, and the first ApplyError when no path could be restored
+    (the local state, the hold and the journal are settled first).
     """
-    manifests = read_manifests(state_dir)
-    chosen = _choose(manifests, run_id)
+    chosen = _choose(read_manifests(state_dir), run_id)
     previous = load_state(state_dir)
-    paths = [PurePosixPath(e.path) for e in chosen.entries]
-    actual = scan(root, paths, previous.managed)
-    system = RealSystem()
-    run_dir = state_dir.backup_dir(chosen.run_id)
-    own_dir = state_dir.backup_dir(new_run_id)
-
-    own_entries = []
-    for e in chosen.entries:
-        a = actual[PurePosixPath(e.path)]
-        link = os.readlink(host_path(root, PurePosixPath(e.path))) if a.kind == "symlink" else None
-        own_entries.append(
-            JournalEntry(
-                path=e.path,
-                action=(
-                    e.action
-                    if e.action in ("chmod", "chown") and a.kind == "file"
-                    else "delete"
-                    if e.before == "missing"
-                    else "update"
-                ),
-                app=e.app,
-                before=a.kind,
-                mode=a.mode,
-                uid=a.uid,
-                gid=a.gid,
-                link=link,
-                record=e.record,
-            )
-        )
     own = Manifest(
         run_id=new_run_id,
         kind="rollback",
+        # The commit a next run would apply again, undoing the rollback (the hold's).
         commit=previous.applied_commit or chosen.commit,
         previous_commit=previous.applied_commit,
-        entries=tuple(own_entries),
+        entries=tuple(_own_entry(e, root, system) for e in chosen.entries),
+        rolls_back=chosen.run_id,
+        hold=hold,
     )
-    own_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(state_dir.manifest(new_run_id), own.to_json(), mode=0o600)
+    journal = Journal(state_dir=state_dir, manifest=own)
+    journal.begin()  # before the first effect: a kill from here on is finished by the next run
+    result = _complete(state_dir, root, node, chosen, journal, previous, system, exclude)
+    journal.finish()
+    if result.errors and len(result.errors) == len(chosen.entries):
+        raise result.errors[0]
+    return result
 
-    errors: list[ApplyError] = []
-    managed = dict(previous.managed)
-    for e in reversed(chosen.entries):
-        dest = PurePosixPath(e.path)
-        host = host_path(root, dest)
-        if actual[dest].kind == "unsafe":
-            errors.append(ApplyError(f"not restored: {actual[dest].problem}", path=dest))
-            continue
+
+def finish_rollback(
+    state_dir: StateDir,
+    root: Path,
+    own: Manifest,
+    previous: LocalState,
+    system: System,
+    *,
+    exclude: Sequence[str] = (),
+) -> RollbackResult:
+    """Finish rollback ``own`` (a journal of kind ``rollback`` left by a killed one).
+
+    Completes the restore from the rolled-back run's backups (paths already
+    restored are left alone), removes the directories that run created,
+    saves the local state, marks the run rolled back and writes the hold as
+    the rollback would have, then archives ``own`` as interrupted. Never
+    raises for a path it cannot restore (they are in the result's errors);
+    raises StateError when the rolled-back run's manifest is gone or unreadable.
+    """
+    chosen = read_manifest(state_dir, own.rolls_back or "")
+    if chosen is None:
+        raise StateError(
+            f"the journal of interrupted rollback {own.run_id} names run {own.rolls_back}, "
+            "whose backups are gone",
+            where=str(state_dir.journal),
+            hint="move it away; the next run then enforces the commit again",
+        )
+    # Directories the killed attempt made are in its log, not in its manifest.
+    journal = Journal(state_dir=state_dir, manifest=replace(own, interrupted=True))
+    journal.created.extend(read_log(state_dir).dirs)
+    journal.reopen()
+    result = _complete(state_dir, root, previous.node, chosen, journal, previous, system, exclude)
+    journal.finish()
+    log.warning(
+        "finished interrupted rollback %s of run %s: %d paths not restored",
+        own.run_id,
+        chosen.run_id,
+        len(result.errors),
+    )
+    return result
+
+
+def _own_entry(e: JournalEntry, root: Path, system: System) -> JournalEntry:
+    """How ``e.path`` looks now, before the rollback changes it (its own journal entry)."""
+    host = host_path(root, PurePosixPath(e.path))
+    try:
+        now = look(system, host)
+        link = system.readlink(host) if now.kind == "symlink" else None
+    except (OSError, PathError):
+        return JournalEntry(path=e.path, action="update", app=e.app, before="unsafe")
+    st = now.st
+    return JournalEntry(
+        path=e.path,
+        action=(
+            e.action
+            if e.action in ("chmod", "chown") and now.kind == "file"
+            else "delete"
+            if e.before == "missing"
+            else "update"
+        ),
+        app=e.app,
+        before=now.kind,
+        mode=stat.S_IMODE(st.st_mode) if st is not None else 0,
+        uid=st.st_uid if st is not None else -1,
+        gid=st.st_gid if st is not None else -1,
+        link=link,
+        record=e.record,
+    )
+
+
+def _complete(
+    state_dir: StateDir,
+    root: Path,
+    node: str,
+    chosen: Manifest,
+    journal: Journal,
+    previous: LocalState,
+    system: System,
+    exclude: Sequence[str],
+) -> RollbackResult:
+    """Restore ``chosen``'s paths and settle the state; idempotent (see module docstring).
+
+    Order: what the run created goes first, deepest first (its files, then
+    the directories it made, when empty); then what it replaced comes back,
+    shallowest first, so a directory the run turned into a file is back
+    before anything below it. A directory moved back whole brings the
+    backups of the paths below it along: those are restored with it.
+    """
+    own = journal.manifest
+    run_dir = state_dir.backup_dir(chosen.run_id)
+    own_dir = state_dir.backup_dir(own.run_id)
+    entries = sorted(chosen.entries, key=lambda e: PurePosixPath(e.path).parts)
+    errors: dict[str, ApplyError] = {}
+    restored: list[JournalEntry] = []
+    written: list[JournalEntry] = []  # staged writes (a batch System): land at flush
+
+    def attempt(e: JournalEntry) -> bool:
         try:
-            if actual[dest].kind == "file":
-                system.backup(host, own_dir.joinpath("files", *dest.parts[1:]))
-            restore_entry(e, run_dir, root, system)
+            done = restore_entry(e, run_dir, root, system, keep=own_dir, journal=journal)
+        except UnsafePathError as exc:
+            errors[e.path] = ApplyError(
+                f"not restored: {exc.problem}",
+                path=PurePosixPath(e.path),
+                hint=f"make it a directory inside the root, then roll back {chosen.run_id} again",
+            )
+            return False
+        except PathError as exc:
+            errors[e.path] = ApplyError(
+                f"not restored: {exc}",
+                path=PurePosixPath(e.path),
+                hint=f"fix the cause, then roll back {chosen.run_id} again",
+            )
+            return False
         except OSError as exc:
-            errors.append(
-                ApplyError(f"cannot restore from {run_dir}: {exc.strerror or exc}", path=dest)
+            errors[e.path] = ApplyError(
+                f"cannot restore from {run_dir}: {exc.strerror or exc}",
+                path=PurePosixPath(e.path),
+                hint=f"fix the cause, then roll back {chosen.run_id} again",
             )
+            return False
+        restored.append(e)
+        if done and e.before == "file":
+            written.append(e)
+        return True
+
+    created = [e for e in entries if e.before == "missing" and e.action not in ("chmod", "chown")]
+    for e in reversed(created):
+        attempt(e)
+    gone = {e.path for e in created}
+    removed, _ = remove_created_dirs(system, root, removable_dirs(chosen.created_dirs, exclude))
+    moved_back: list[PurePosixPath] = []  # directories restored whole
+    for e in entries:
+        if e.path in gone:
             continue
-        managed.pop(e.path, None)
-        if e.before == "file" and e.record is not None and os.path.isfile(host):
-            st = os.lstat(host)
-            managed[e.path] = replace(
-                ManagedFile(**e.record),
-                sha256=file_sha256(host),
-                mode=st.st_mode & 0o7777,
-                size=st.st_size,
-                mtime_ns=st.st_mtime_ns,
-                ctime_ns=st.st_ctime_ns,
-                ino=st.st_ino,
-                recorded_ns=0,  # hash again next time
+        path = PurePosixPath(e.path)
+        if any(d in path.parents for d in moved_back):
+            restored.append(e)  # its backup was inside the directory moved back
+            continue
+        if attempt(e) and e.before == "dir":
+            moved_back.append(path)
+    try:
+        system.flush()
+    except OSError as exc:
+        for e in written:
+            restored.remove(e)
+            errors[e.path] = ApplyError(
+                f"cannot restore from {run_dir}: {exc.strerror or exc}",
+                path=PurePosixPath(e.path),
+                hint=f"fix the cause, then roll back {chosen.run_id} again",
             )
+
+    managed = dict(previous.managed)
+    for e in restored:
+        managed.pop(e.path, None)
+        if e.before == "file" and e.record is not None:
+            record = _record(system, root, e)
+            if record is not None:
+                managed[e.path] = record
     # The disk holds the commit before the run only when the run rolled back was
     # the last to apply; after an older run's rollback it is a mix, still
     # counted as the current commit (held below, so it is not re-applied).
-    current = previous.applied_commit
+    current = own.previous_commit
     latest = current is None or chosen.commit == current
-    save_state(
-        state_dir,
-        LocalState(
-            node=node,
-            applied_commit=chosen.previous_commit if latest else current,
-            managed=managed,
-            created_dirs=previous.created_dirs,
+    state = LocalState(
+        node=node,
+        applied_commit=chosen.previous_commit if latest else current,
+        managed=managed,
+        created_dirs=tuple(
+            sorted({*(d for d in previous.created_dirs if d not in removed), *journal.created})
         ),
     )
+    save_state(state_dir, state)
     atomic_write(
         state_dir.manifest(chosen.run_id),
-        replace(chosen, rolled_back_by=new_run_id).to_json(),
+        replace(chosen, rolled_back_by=own.run_id).to_json(),
         mode=0o600,
     )
-    if hold:
+    if own.hold:
         state_dir.write_json(
             state_dir.hold,
             {
-                # The commit a next run would apply again, undoing the rollback.
-                "commit": current or chosen.commit,
+                "commit": own.commit,
                 "rolled_back_run": chosen.run_id,
-                "rollback_run": new_run_id,
+                "rollback_run": own.run_id,
                 "since": dt.datetime.now(dt.UTC).isoformat(),
             },
             indent=None,
         )
-    if errors and len(errors) == len(chosen.entries):
-        raise errors[0]
-    return chosen, own, errors
+    ordered = [errors[e.path] for e in chosen.entries if e.path in errors]
+    return RollbackResult(
+        chosen=chosen, own=own, state=state, dirs_removed=tuple(removed), errors=tuple(ordered)
+    )
+
+
+def removable_dirs(dirs: Iterable[str], exclude: Sequence[str]) -> list[str]:
+    """The created directories a rollback may remove: none that an exclude matches."""
+    dirs = list(dirs)
+    if not dirs or not any(p.strip() for p in exclude):
+        return dirs
+    from reconciler.pipeline.plan import exclude_matcher  # pathspec: only when needed
+
+    spec = exclude_matcher(exclude)
+    return [
+        d
+        for d in dirs
+        if not spec.match_file(d.lstrip("/")) and not spec.match_file(d.lstrip("/") + "/")
+    ]
+
+
+def _record(system: System, root: Path, e: JournalEntry) -> ManagedFile | None:
+    """The managed record of a restored file: its record before the run, with what is
+    on disk now (hashed again at the next scan)."""
+    host = host_path(root, PurePosixPath(e.path))
+    try:
+        st = system.lstat(host)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        digest = hashlib.sha256(system.read_bytes(host, expect=(st.st_dev, st.st_ino)))
+    except (OSError, PathError):
+        return None
+    assert e.record is not None
+    return replace(
+        ManagedFile(**e.record),
+        sha256=digest.hexdigest(),
+        mode=st.st_mode & 0o7777,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+        ino=st.st_ino,
+        recorded_ns=0,  # hash again next time
+    )

@@ -36,20 +36,14 @@ from reconciler.host.statedir import StateDir, read_exclude_file
 from reconciler.host.system import DryRunSystem, RealSystem, System
 from reconciler.pipeline.capture import drift_captures
 from reconciler.pipeline.facts import gather_facts
-from reconciler.pipeline.journal import (
-    Journal,
-    Manifest,
-    Recovery,
-    make_entries,
-    recover,
-    settle_owed,
-)
+from reconciler.pipeline.journal import Journal, Manifest, make_entries
 from reconciler.pipeline.notify import ping
 from reconciler.pipeline.record import after_run, push_reports
+from reconciler.pipeline.recovery import Recovery, recover, settle_owed
 from reconciler.pipeline.reuse import run_fingerprint, unchanged, written_output
-from reconciler.pipeline.rollback import read_hold, release_hold, rollback
+from reconciler.pipeline.rollback import read_hold, release_hold
 from reconciler.pipeline.scan import ActualFile
-from reconciler.report import Report, build_report, build_rollback_report, commit_report
+from reconciler.report import Report, build_report, commit_report
 
 if TYPE_CHECKING:
     from reconciler.pipeline.apply import ApplyResult
@@ -168,7 +162,9 @@ def _run(
     previous = load_state(state_dir)
     recovery: Recovery | None = None
     if not options.dry_run:
-        previous, recovery = recover(state_dir, root, previous)
+        previous, recovery = recover(
+            state_dir, root, previous, system, exclude=read_exclude_file(config.exclude_file)
+        )
     info = SourceInfo(url=url, branch=config.branch, commit="", fetched=False)
     run = _Work(applied_commit=previous.applied_commit, mode=config.mode)
 
@@ -431,44 +427,6 @@ def _hold(state_dir: StateDir, commit: str, options: RunOptions) -> dict[str, An
             "rollback hold lifted: %s", "released" if options.release_hold else "new commit"
         )
     return None
-
-
-def rollback_once(config: AgentConfig, run_id: str | None, *, hold: bool = True) -> RunOutcome:
-    """``reconciler rollback [RUN_ID]``: restore a run's backups and report it (issue #3)."""
-    state_dir = StateDir.at(config.state_dir)
-    root = Path(os.path.abspath(config.root))
-    set_net_timeout(config.net_timeout)  # its report push holds the lock
-    with state_dir.lock(config.lock_timeout):
-        started = dt.datetime.now(dt.UTC)
-        own_id = new_run_id(started)
-        chosen, own, errors = rollback(state_dir, root, config.node, run_id, own_id, hold=hold)
-        url = remote_url(config.repo) if config.repo else ""
-        report = build_rollback_report(
-            node=config.node,
-            run_id=own_id,
-            started_at=started,
-            finished_at=dt.datetime.now(dt.UTC),
-            source=SourceInfo(url=url, branch=config.branch, commit=chosen.commit, fetched=False),
-            # What rollback() saved: the run's previous commit, or, after an older
-            # run's rollback, still the current one (rollback.py).
-            applied_commit=load_state(state_dir).applied_commit,
-            mode=config.mode,
-            restored=own.entries,
-            rolled_back_run=chosen.run_id,
-            hold=hold,
-            errors=errors,
-            facts=gather_facts(),
-        )
-        outcome = RunOutcome(report=report)
-        repo = open_bare(state_dir.repo, durable=True)
-        outcome.report_commit = commit_report(
-            repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
-        )
-        if config.report.push and url:
-            remote = Remote.for_agent(url, config.auth)
-            outcome.pushed, outcome.push_error = push_reports(repo, remote, config.node)
-        after_run(config, state_dir, repo, report, outcome, duration_s=0.0)
-        return outcome
 
 
 BOOT_BACKOFF_CAP_S = 30.0

@@ -1,0 +1,103 @@
+"""``reconciler rollback [RUN_ID]``: a rollback run, reported like any run (issue #3).
+
+Takes the agent configuration; holds the ``state_dir`` lock, first finishes
+whatever an interrupted run or rollback left (recovery.py), then restores the
+chosen run through one RealSystem of the root (rollback.py) and produces a
+RunOutcome whose report names every path restored (reason ``rollback``),
+commits it to the report branch and pushes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from reconciler.config import AgentConfig
+from reconciler.git.remote import Remote, set_net_timeout
+from reconciler.git.repo import open_bare
+from reconciler.git.snapshot import SourceInfo
+from reconciler.git.source import remote_url
+from reconciler.host.state import load_state
+from reconciler.host.statedir import StateDir, read_exclude_file
+from reconciler.host.system import RealSystem, System
+from reconciler.pipeline.facts import gather_facts
+from reconciler.pipeline.record import after_run, push_reports
+from reconciler.pipeline.recovery import recover
+from reconciler.pipeline.rollback import RollbackResult, rollback
+from reconciler.pipeline.run import RunOutcome, new_run_id
+from reconciler.report import build_rollback_report, commit_report
+
+
+def rollback_once(
+    config: AgentConfig,
+    run_id: str | None,
+    *,
+    hold: bool = True,
+    wrap: Callable[[System], System] | None = None,
+) -> RunOutcome:
+    """Restore run ``run_id`` (default: the latest not rolled back) and report it.
+
+    A rollback that a kill interrupted is finished first; when it rolled back
+    the run asked for (or no run was named), that finished rollback is this
+    command's outcome — a second one would roll back an older run too.
+    ``wrap`` wraps the System once more (tests: FaultySystem). Raises
+    UsageError for an unknown run, LockError, and ApplyError when no path
+    could be restored.
+    """
+    state_dir = StateDir.at(config.state_dir)
+    root = Path(os.path.abspath(config.root))
+    set_net_timeout(config.net_timeout)  # its report push holds the lock
+    exclude = read_exclude_file(config.exclude_file)
+    with (
+        state_dir.lock(config.lock_timeout),
+        RealSystem(root=root, trusted=(state_dir.path,), batch=True) as real,
+    ):
+        system: System = wrap(real) if wrap is not None else real
+        started = dt.datetime.now(dt.UTC)
+        _, recovery = recover(state_dir, root, load_state(state_dir), system, exclude=exclude)
+        finished = recovery.rollback if recovery is not None else None
+        result: RollbackResult
+        if finished is not None and run_id in (None, finished.chosen.run_id):
+            result = finished
+        else:
+            result = rollback(
+                state_dir,
+                root,
+                config.node,
+                run_id,
+                new_run_id(started),
+                system,
+                hold=hold,
+                exclude=exclude,
+            )
+        url = remote_url(config.repo) if config.repo else ""
+        report = build_rollback_report(
+            node=config.node,
+            run_id=result.own.run_id,
+            started_at=started,
+            finished_at=dt.datetime.now(dt.UTC),
+            source=SourceInfo(
+                url=url, branch=config.branch, commit=result.chosen.commit, fetched=False
+            ),
+            # What rollback() saved: the run's previous commit, or, after an older
+            # run's rollback, still the current one (rollback.py).
+            applied_commit=result.state.applied_commit,
+            mode=config.mode,
+            restored=result.own.entries,
+            rolled_back_run=result.chosen.run_id,
+            hold=result.own.hold,
+            errors=result.errors,
+            facts=gather_facts(),
+        )
+        outcome = RunOutcome(report=report)
+        repo = open_bare(state_dir.repo, durable=True)
+        outcome.report_commit = commit_report(
+            repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
+        )
+        if config.report.push and url:
+            remote = Remote.for_agent(url, config.auth)
+            outcome.pushed, outcome.push_error = push_reports(repo, remote, config.node)
+        after_run(config, state_dir, repo, report, outcome, duration_s=0.0)
+        return outcome
