@@ -194,11 +194,15 @@ class Journal:
         self.created.extend(dest_of(root, p) for p in made)
         return made
 
-    def finish(self) -> None:
-        """The run ended: keep the manifest with the run's backups, drop the journal."""
+    def close(self) -> None:
+        """Close the log, leaving the journal for recovery (the run stopped short)."""
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def finish(self) -> None:
+        """The run ended: keep the manifest with the run's backups, drop the journal."""
+        self.close()
         archive(self.state_dir, self.finished())
 
     def finished(self) -> Manifest:
@@ -435,18 +439,40 @@ def restore_entry(
                 _clear(system, host, now, kept)
             _make_dirs(system, host.parent, root, journal)
             system.move(saved, host)
-            return True
-        if now.kind == "dir":
+        elif now.kind != "dir":
+            # No backup (a rollback that found it empty and removed it): an empty one.
+            if now.kind != "missing":
+                _clear(system, host, now, kept)
+            _make_dirs(system, host, root, journal)
+        elif not restore_meta(system, host, entry):
             return False  # moved back already (by an attempt that was killed)
-        # No backup (a rollback that found it empty and removed it): an empty one.
-        if now.kind != "missing":
-            _clear(system, host, now, kept)
-        _make_dirs(system, host, root, journal)
-        system.chmod(host, entry.mode)
-        if uid is not None or gid is not None:
-            system.chown(host, uid, gid)
+        # The backups hold it under mode 0700 (a backup directory made before it
+        # moved in, for a file pruned from it): its own mode and owner come back.
+        restore_meta(system, host, entry)
         return True
     return False  # "other" or "unsafe" before: nothing was kept to put back
+
+
+def restore_meta(system: System, host: Path, entry: JournalEntry) -> bool:
+    """Give ``host`` the mode and owner ``entry`` had before its run, when it is of the
+    same kind (file or directory) again; True when something changed.
+
+    For what came back inside a directory moved back whole: its backup copy
+    carries the backups' own mode (0600 files, 0700 directories).
+    """
+    now = look(system, host)
+    if now.st is None or now.kind != entry.before or now.kind not in ("file", "dir"):
+        return False
+    done = False
+    if stat.S_IMODE(now.st.st_mode) != entry.mode:
+        system.chmod(host, entry.mode)
+        done = True
+    uid = entry.uid if entry.uid >= 0 and entry.uid != now.st.st_uid else None
+    gid = entry.gid if entry.gid >= 0 and entry.gid != now.st.st_gid else None
+    if uid is not None or gid is not None:
+        system.chown(host, uid, gid)
+        done = True
+    return done
 
 
 def _same(

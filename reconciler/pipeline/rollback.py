@@ -28,6 +28,7 @@ Every read and write of the root goes through the System handed in.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -49,6 +50,7 @@ from reconciler.pipeline.journal import (
     read_log,
     remove_created_dirs,
     restore_entry,
+    restore_meta,
 )
 from reconciler.pipeline.scan import host_path
 
@@ -182,7 +184,10 @@ def rollback(
     )
     journal = Journal(state_dir=state_dir, manifest=own)
     journal.begin()  # before the first effect: a kill from here on is finished by the next run
-    result = _complete(state_dir, root, node, chosen, journal, previous, system, exclude)
+    try:
+        result = _complete(state_dir, root, node, chosen, journal, previous, system, exclude)
+    finally:
+        journal.close()
     journal.finish()
     if result.errors and len(result.errors) == len(chosen.entries):
         raise result.errors[0]
@@ -219,7 +224,12 @@ def finish_rollback(
     journal = Journal(state_dir=state_dir, manifest=replace(own, interrupted=True))
     journal.created.extend(read_log(state_dir).dirs)
     journal.reopen()
-    result = _complete(state_dir, root, previous.node, chosen, journal, previous, system, exclude)
+    try:
+        result = _complete(
+            state_dir, root, previous.node, chosen, journal, previous, system, exclude
+        )
+    finally:
+        journal.close()
     journal.finish()
     log.warning(
         "finished interrupted rollback %s of run %s: %d paths not restored",
@@ -324,7 +334,11 @@ def _complete(
             continue
         path = PurePosixPath(e.path)
         if any(d in path.parents for d in moved_back):
-            restored.append(e)  # its backup was inside the directory moved back
+            # Its backup was inside the directory moved back: only its mode and owner.
+            # A failure leaves the backup's mode: still the content from before the run.
+            with contextlib.suppress(OSError, PathError):
+                restore_meta(system, host_path(root, path), e)
+            restored.append(e)
             continue
         if attempt(e) and e.before == "dir":
             moved_back.append(path)
