@@ -103,7 +103,7 @@ def test_rollback_removes_the_directories_the_run_made(fleet, make_host):
     assert tree_snapshot(host.root) == before  # /etc stays: it was there before
 
 
-def test_rollback_keeps_a_made_directory_that_is_excluded_or_not_empty(fleet, make_host):
+def test_rollback_keeps_a_made_directory_that_is_excluded_or_not_empty(fleet, make_host, tmp_path):
     host = converged(fleet, make_host, {"/etc/tc/keep": "k\n"})
     fleet.write(f"{APP}/etc/new/dir/file", "new\n")
     fleet.write(f"{APP}/srv/made/file", "new\n")
@@ -111,8 +111,10 @@ def test_rollback_keeps_a_made_directory_that_is_excluded_or_not_empty(fleet, ma
     pull_report(host)
     host.path("/etc/new/dir/operator.txt").write_text("not reconciler's\n")
     host.exclude_file.write_text("/srv/made/\n")
+    config = tmp_path / "config.yaml"  # rollback reads the exclude file from the config
+    config.write_text(f"exclude_file: {host.exclude_file}\n")
 
-    rollback(host)
+    rollback(host, "--config", str(config))
 
     assert not host.path("/etc/new/dir/file").exists()
     assert host.path("/etc/new/dir/operator.txt").read_text() == "not reconciler's\n"
