@@ -43,6 +43,7 @@ from reconciler.host.state import LocalState, ManagedFile, load_state, save_stat
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import System, atomic_write
 from reconciler.pipeline.journal import (
+    Found,
     Journal,
     JournalEntry,
     Manifest,
@@ -247,7 +248,7 @@ def _own_entry(e: JournalEntry, root: Path, system: System) -> JournalEntry:
         now = look(system, host)
         link = system.readlink(host) if now.kind == "symlink" else None
     except (OSError, PathError):
-        return JournalEntry(path=e.path, action="update", app=e.app, before="unsafe")
+        now, link = Found(kind="unsafe"), None  # restore_entry will say why
     st = now.st
     return JournalEntry(
         path=e.path,
