@@ -302,7 +302,7 @@ def _complete(
             errors[e.path] = ApplyError(
                 f"not restored: {exc.problem}",
                 path=PurePosixPath(e.path),
-                hint=f"make it a directory inside the root, then roll back {chosen.run_id} again",
+                hint=f"{exc.hint}, then roll back {chosen.run_id} again",
             )
             return False
         except PathError as exc:
