@@ -600,6 +600,10 @@ class RealSystem:
         if rel is None:
             Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
             return []
+        if not self._fds and not os.path.isdir(self.root):
+            # A root that does not exist yet is made, as configured (it is trusted).
+            os.makedirs(self.root, 0o755)
+            log.info("mkdir %s", self.root)
         made: list[Path] = []
         first_parent: int | None = None
         parts = rel.split("/") if rel else []

@@ -463,3 +463,10 @@ def test_faulty_system_lets_n_effects_through_then_raises(tmp_path):
         system.remove(root / "a")
     assert (root / "a").exists()
     assert system.effects == [f"write_file {root}/a", f"chmod {root}/a"]
+
+
+def test_make_dirs_makes_a_missing_root_too(tmp_path):
+    root = tmp_path / "not-yet" / "root"
+    with RealSystem(root=root) as system:
+        assert system.make_dirs(root / "etc" / "app") == [root / "etc", root / "etc" / "app"]
+    assert (root / "etc" / "app").is_dir()
