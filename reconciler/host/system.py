@@ -606,13 +606,6 @@ class RealSystem:
             log.info("mkdir %s", self.root)
         made: list[Path] = []
         first_parent: int | None = None
-        try:
-            self._dir("", path, 0)
-        except FileNotFoundError:
-            # The root itself comes from the agent's config, not the repository:
-            # created as `mkdir -p` did before (a fresh host's --root), and not
-            # recorded as made (prune must never remove the root).
-            os.makedirs(self.root, mode=0o755, exist_ok=True)
         parts = rel.split("/") if rel else []
         for i, part in enumerate(parts):
             sub = "/".join(parts[: i + 1])

@@ -147,16 +147,6 @@ def test_make_dirs_creates_0755_directories_whatever_the_umask(tmp_path, umask, 
     assert RealSystem().make_dirs(tmp_path / "exists" / "a" / "b") == []
 
 
-def test_make_dirs_creates_a_missing_root_and_does_not_count_it_as_made(tmp_path):
-    # A fresh host's --root need not exist yet: the first run creates it (the
-    # unit test of installed units pulls into one), and a prune of the
-    # directories a run made must never reach the root itself.
-    root = tmp_path / "fresh" / "root"
-    made = RealSystem(root=root).make_dirs(root / "etc" / "nginx")
-    assert made == [root / "etc", root / "etc" / "nginx"]
-    assert mode_of(root) == 0o755 and (root / "etc" / "nginx").is_dir()
-
-
 def test_remove_and_remove_empty_dir(tmp_path):
     system = RealSystem()
     (tmp_path / "f").write_text("x")
