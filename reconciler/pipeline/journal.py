@@ -108,8 +108,10 @@ def make_entries(
     actual: Mapping[PurePosixPath, ActualFile],
     previous: LocalState,
     root: Path,
+    system: System,
 ) -> tuple[JournalEntry, ...]:
-    """One JournalEntry per change to apply (``changes``: plan Changes)."""
+    """One JournalEntry per change to apply (``changes``: plan Changes); a symlink's
+    target text read through ``system`` (a rollback puts it back)."""
     from reconciler.pipeline.plan import sha256
 
     out = []
@@ -119,8 +121,8 @@ def make_entries(
         link = None
         if a.kind == "symlink":
             try:
-                link = os.readlink(host_path(root, c.path))
-            except OSError:
+                link = system.readlink(host_path(root, c.path))
+            except (OSError, PathError):
                 link = None
         out.append(
             JournalEntry(

@@ -350,7 +350,7 @@ def _full_run(
                 kind="run",
                 commit=commit,
                 previous_commit=previous.applied_commit,
-                entries=make_entries(to_apply, actual, previous, root),
+                entries=make_entries(to_apply, actual, previous, root, system),
             ),
         )
     ctx = RunContext(
