@@ -3,7 +3,8 @@
 Takes the report and the state repository; pushes the report branch
 (:mod:`reconciler.git.reports`),
 writes last-run.json and the metrics textfile, sends the webhook and the
-ping (SPEC §5, issue #4).
+ping (SPEC §5, issue #4). :func:`reconciler.pipeline.run.record` calls these
+for a run and ``rollback_once`` for a rollback; a dry run records nothing.
 """
 
 from __future__ import annotations

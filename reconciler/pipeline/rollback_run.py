@@ -91,13 +91,17 @@ def rollback_once(
             errors=result.errors,
             facts=gather_facts(),
         )
-        outcome = RunOutcome(report=report)
         repo = open_bare(state_dir.repo, durable=True)
-        outcome.report_commit = commit_report(
+        report_commit = commit_report(
             repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
         )
+        pushed: bool | None = None
+        push_error: str | None = None
         if config.report.push and url:
             remote = Remote.for_agent(url, config.auth)
-            outcome.pushed, outcome.push_error = push_reports(repo, remote, config.node)
+            pushed, push_error = push_reports(repo, remote, config.node)
+        outcome = RunOutcome(
+            report=report, report_commit=report_commit, pushed=pushed, push_error=push_error
+        )
         after_run(config, state_dir, repo, report, outcome, duration_s=0.0)
         return outcome

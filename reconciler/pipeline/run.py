@@ -1,9 +1,23 @@
-"""The reconcile run: fetch → trust → load → render → scan → plan → apply → report.
+"""The reconcile run (SPEC §4) as three stages: prepare → converge → record.
 
-``reconcile_once(config, options)`` is one run of SPEC §4 for this host's
-node. It holds the ``state_dir`` lock for the whole run, computes everything
-up to the plan before anything on disk changes (an invalid repository
-changes nothing), and always ends with a report — also for a failed run.
+``reconcile_once(config, options)`` is one run for this host's node, under
+the ``state_dir`` lock, every read of the root and every effect through one
+System (a RealSystem of the root; inside a DryRunSystem for a dry run):
+
+* :func:`prepare` fetches, checks trust and the rollback hold, and settles
+  the inputs of the target (exclude lines, fingerprint): a :class:`Prepared`.
+  Nothing on the host changes.
+* :func:`converge` loads, renders, scans, plans and applies through the
+  System — or the run takes the no-op short cut (:func:`is_noop`, SPEC §7):
+  a :class:`Converged`. An invalid repository fails before the first change.
+* :func:`record` makes the run durable: the local state, the journal's end,
+  the hold lifted, the report committed and pushed, last-run.json, metrics,
+  webhook and ping (:mod:`reconciler.pipeline.record`).
+
+A dry run (``pull --dry-run``, ``diff``) is prepare and converge with a
+DryRunSystem and no record stage: nothing recovered, nothing recorded
+(SPEC §3 "plan and report to stdout only"); :func:`reconcile_once` decides
+that in one place. Every run ends with a report, a failed one too.
 """
 
 from __future__ import annotations
@@ -64,9 +78,13 @@ class RunOptions:
     release_hold: bool = False  # apply even the commit a rollback is holding back
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunOutcome:
-    """RunOutcome is a finished run: its report and what the CLI prints from it."""
+    """RunOutcome is a finished run: its report and what the CLI prints from it.
+
+    ``report_commit``: the report commit made (None: the report did not
+    change, or a dry run); ``pushed``: None when reports are not pushed.
+    """
 
     report: Report
     plan: Plan | None = None
@@ -80,6 +98,80 @@ class RunOutcome:
     def result(self) -> str:
         """``ok`` | ``changed`` | ``drift`` | ``failed`` (SPEC §6)."""
         return self.report.result
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Setting:
+    """A Setting is what one run works in: its configuration, paths, state repository and id.
+
+    ``root`` is absolute: scripts run with cwd set to their own directory,
+    and ``RECONCILER_ROOT`` must mean the same thing there. ``repo`` is the
+    repository in ``state_dir``; ``remote`` the desired-state repository's
+    URL with its credentials and host-key checks.
+    """
+
+    config: AgentConfig
+    options: RunOptions
+    remote: Remote
+    state_dir: StateDir
+    root: Path
+    repo: Repo
+    run_id: str
+    started: dt.datetime
+    clock: float  # time.monotonic() at the start, for the run's duration
+    facts: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prepared:
+    """Prepared is what a run settled before touching the host: the commit to enforce and
+    the inputs of its target.
+
+    ``commit`` is None when there is nothing to enforce (no commit fetched
+    yet, or an untrusted one with no applied commit to fall back on); then
+    ``errors`` says why. ``held``: a rollback's hold on ``commit``, as a
+    ``suspended`` mapping; ``lift_hold``: a hold exists but no longer
+    applies (another commit, or ``--release-hold``) and the record stage
+    removes it.
+    """
+
+    source: SourceInfo
+    commit: str | None
+    previous: LocalState
+    recovery: Recovery | None = None
+    held: Mapping[str, Any] | None = None
+    lift_hold: bool = False
+    exclude_lines: tuple[str, ...] = ()
+    fingerprint: str = ""
+    errors: tuple[ReconcilerError, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Converged:
+    """Converged is what converging the host produced, as far as it got.
+
+    ``mode``: ``audit`` when the node is suspended or held, else the
+    configured one. ``applied_commit``: whose state the disk holds now
+    (SPEC §5). ``errors``: the run's errors so far, prepare's included.
+    ``state``: the local state to save, and ``settled``: the apps whose owed
+    post scripts this run paid — both None unless the apply finished.
+    ``excluded``: the paths a no-op run reports as excluded (the last full
+    run's); a full run's are in ``plan``.
+    """
+
+    mode: str
+    applied_commit: str | None
+    errors: tuple[ReconcilerError, ...] = ()
+    plan: Plan | None = None
+    target: TargetState | None = None
+    actual: Mapping[PurePosixPath, ActualFile] = field(default_factory=dict)
+    applied: ApplyResult | None = None
+    suspended: Mapping[str, Any] | None = None
+    captures: Mapping[PurePosixPath, bytes] = field(default_factory=dict)
+    excluded: tuple[str, ...] = ()
+    journal: Journal | None = None
+    state: LocalState | None = None
+    settled: frozenset[str] | None = None
 
 
 def new_run_id(now: dt.datetime) -> str:
@@ -114,319 +206,443 @@ def reconcile_once(
     *,
     wrap: Callable[[System], System] | None = None,
 ) -> RunOutcome:
-    """One reconcile run for ``config.node`` (SPEC §4).
+    """One reconcile run for ``config.node`` (SPEC §4): prepare → converge → record.
 
     Every read of the root and every effect goes through one System: a
     RealSystem of the root (the state directory trusted), inside a
     DryRunSystem for ``--dry-run``; ``wrap`` may wrap it once more (tests:
-    FaultySystem). Raises ConfigError (no repo) and LockError; every other
-    failure ends in a report with result ``failed`` and the error text.
+    FaultySystem). Raises ConfigError (no repo, unusable URL or credentials)
+    and LockError; every other failure ends in a report with result
+    ``failed`` and the error text.
     """
     options = options or RunOptions()
     if not config.repo:
         raise ConfigError("config: repo is not set — pass --repo URL or set repo: in the config")
-    url = remote_url(config.repo)
-    remote = Remote.for_agent(url, config.auth)  # ConfigError (exit 2) before any work
+    remote = Remote.for_agent(remote_url(config.repo), config.auth)  # ConfigError: exit 2
     set_net_timeout(config.net_timeout)
+    state_dir = StateDir.at(config.state_dir)
     # Absolute: scripts run with cwd set to their own directory, and
     # RECONCILER_ROOT must mean the same thing there.
-    state_dir = StateDir.at(config.state_dir)
     root = Path(os.path.abspath(config.root))
     with (
         state_dir.lock(config.lock_timeout),
         RealSystem(root=root, trusted=(state_dir.path,), batch=True) as real,
     ):
+        started, clock = dt.datetime.now(dt.UTC), time.monotonic()
         system: System = DryRunSystem(real) if options.dry_run else real
         if wrap is not None:
             system = wrap(system)
-        return _run(config, options, remote, state_dir, root, system)
+        if options.dry_run:
+            # The one place a dry run differs (SPEC §3: plan and report to stdout
+            # only): its System changes nothing, and no ping, no recovery, no
+            # no-op short cut (a diff needs the plan), nothing recorded.
+            setting = _setting(config, options, remote, state_dir, root, started, clock)
+            prepared = prepare(setting, load_state(state_dir), None)
+            converged = converge(setting, prepared, system, journal=False)
+            report = _report(setting, prepared, converged, converged.errors)
+            return RunOutcome(
+                report=report,
+                plan=converged.plan,
+                target=converged.target,
+                actual=converged.actual,
+            )
+        ping(config.report.ping_url, "start")
+        setting = _setting(config, options, remote, state_dir, root, started, clock)
+        # Recovery before the fetch: an interrupted run is finished or undone
+        # whatever the source says now (SPEC §4).
+        previous, recovery = recover(
+            state_dir,
+            root,
+            load_state(state_dir),
+            system,
+            exclude=read_exclude_file(config.exclude_file),
+        )
+        prepared = prepare(setting, previous, recovery)
+        if is_noop(setting, prepared, system):
+            converged = unchanged_host(setting, prepared)
+        else:
+            converged = converge(setting, prepared, system, journal=True)
+        return record(setting, prepared, converged)
 
 
-def _run(
+def _setting(
     config: AgentConfig,
     options: RunOptions,
     remote: Remote,
     state_dir: StateDir,
     root: Path,
-    system: System,
-) -> RunOutcome:
-    url = remote.url
-    started = dt.datetime.now(dt.UTC)
-    clock = time.monotonic()
-    if not options.dry_run:
-        ping(config.report.ping_url, "start")
-    run_id = new_run_id(started)
-    facts = gather_facts()
-    errors: list[ReconcilerError] = []
-    repo = open_bare(state_dir.repo, durable=True)
-    previous = load_state(state_dir)
-    recovery: Recovery | None = None
-    if not options.dry_run:
-        previous, recovery = recover(
-            state_dir, root, previous, system, exclude=read_exclude_file(config.exclude_file)
-        )
-    info = SourceInfo(url=url, branch=config.branch, commit="", fetched=False)
-    run = _Work(applied_commit=previous.applied_commit, mode=config.mode)
+    started: dt.datetime,
+    clock: float,
+) -> Setting:
+    return Setting(
+        config=config,
+        options=options,
+        remote=remote,
+        state_dir=state_dir,
+        root=root,
+        repo=open_bare(state_dir.repo, durable=True),
+        run_id=new_run_id(started),
+        started=started,
+        clock=clock,
+        facts=gather_facts(),
+    )
 
+
+# ------------------------------------------------------------------ prepare
+
+
+def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -> Prepared:
+    """fetch → trust → hold → target inputs (SPEC §4 steps 1–2); changes nothing on the host.
+
+    ``previous``: the local state to plan against (after recovery). A fetch
+    that fails goes on with the last fetched commit; a commit that fails the
+    trust checks (signature, rewind) falls back to the last applied one, or
+    to nothing when none was applied. Raises ConfigError only; every other
+    failure is in ``errors``.
+    """
+    config, options = setting.config, setting.options
+    url = setting.remote.url
+    source = SourceInfo(url=url, branch=config.branch, commit="", fetched=False)
+    errors: list[ReconcilerError] = []
     try:
-        fetched = _fetch(repo, remote, config, boot=options.boot)
+        fetched = _fetch(setting.repo, setting.remote, config, boot=options.boot)
         if fetched.error:
             # Reported once, as an error of the run (printed by the CLI), not logged too.
             errors.append(SourceError(fetched.error, hint="enforcing the last fetched commit"))
-        info = SourceInfo(
+        source = SourceInfo(
             url=url, branch=config.branch, commit=fetched.commit, fetched=fetched.fetched
         )
-        commit = fetched.commit
-        try:
-            verify_commit(repo, commit, config.verify)
-            if not config.allow_rewind:
-                check_descends(repo, commit, previous.applied_commit)
-        except UntrustedCommitError as exc:
-            if previous.applied_commit is None:
-                raise  # nothing trusted to fall back on: apply nothing (reported once below)
-            errors.append(exc)
-            commit = previous.applied_commit  # keep enforcing the last good commit
-        held = _hold(state_dir, commit, options)
+        commit, refusal = trusted_commit(setting.repo, fetched.commit, config, previous)
+        if refusal is not None:
+            errors.append(refusal)
+        hold = read_hold(setting.state_dir)
+        held = held_by(hold, commit, release=options.release_hold)
         exclude_lines = read_exclude_file(config.exclude_file)
-        fingerprint = run_fingerprint(config, options, facts, exclude_lines)
-        if (
-            not options.dry_run
-            and recovery is None
-            and held is None
-            and previous.fingerprint == fingerprint
-            and previous.applied_commit == commit
-            and unchanged(system, root, previous)
-        ):
-            # SPEC §7 no-op: same commit and inputs as the last clean run and no
-            # managed file touched since — no load, no render, no hashing.
-            run.excluded = previous.excluded
-        else:
-            _full_run(
-                run,
-                config,
-                options,
-                repo=repo,
-                url=url,
-                commit=commit,
-                run_id=run_id,
-                started=started,
-                facts=facts,
-                exclude_lines=exclude_lines,
-                fingerprint=fingerprint,
-                held=held,
-                previous=previous,
-                recovery=recovery,
-                errors=errors,
-                state_dir=state_dir,
-                root=root,
-                system=system,
-            )
+        fingerprint = run_fingerprint(config, options, setting.facts, exclude_lines)
     except ReconcilerError as exc:
         if isinstance(exc, ConfigError):
             raise
-        errors.append(exc)
         log.debug("run failed", exc_info=True)
-
-    report = build_report(
-        node=config.node,
-        run_id=run_id,
-        started_at=started,
-        finished_at=dt.datetime.now(dt.UTC),
-        source=info,
-        applied_commit=run.applied_commit,
-        mode=run.mode,
-        plan=run.plan,
-        applied=run.applied.applied if run.applied else set(),
-        scripts=run.applied.scripts if run.applied else [],
-        errors=errors,
-        facts=facts,
-        dry_run=options.dry_run,
-        suspended=run.suspended,
-        recovered=recovery.to_report() if recovery else None,
-        rolled_back=run.applied.rolled_back if run.applied else set(),
-        excluded=run.excluded,  # the no-op short cut: the last full run's
+        return Prepared(
+            source=source,
+            commit=None,
+            previous=previous,
+            recovery=recovery,
+            errors=(*errors, exc),
+        )
+    return Prepared(
+        source=source,
+        commit=commit,
+        previous=previous,
+        recovery=recovery,
+        held=held,
+        lift_hold=hold is not None and held is None,
+        exclude_lines=tuple(exclude_lines),
+        fingerprint=fingerprint,
+        errors=tuple(errors),
     )
-    outcome = RunOutcome(report=report, plan=run.plan, target=run.target, actual=run.actual)
-    if options.dry_run:
-        return outcome  # --dry-run: plan and report to stdout only (SPEC §3)
-    outcome.report_commit = commit_report(
-        repo,
-        report,
-        run.captures,
-        heartbeat_s=config.report.heartbeat,
-        now=dt.datetime.now(dt.UTC),
+
+
+def trusted_commit(
+    repo: Repo, commit: str, config: AgentConfig, previous: LocalState
+) -> tuple[str, UntrustedCommitError | None]:
+    """The commit to enforce and the refusal, if any (SPEC §4 step 2).
+
+    ``commit`` when it passes the checks — the signature (``verify``) and,
+    unless ``allow_rewind``, descent from ``previous.applied_commit`` —
+    with None; else the last applied commit, with the refusal.
+    Raises UntrustedCommitError when nothing was ever applied: there is
+    nothing trusted to enforce.
+    """
+    try:
+        verify_commit(repo, commit, config.verify)
+        if not config.allow_rewind:
+            check_descends(repo, commit, previous.applied_commit)
+    except UntrustedCommitError as exc:
+        if previous.applied_commit is None:
+            raise  # nothing trusted to fall back on: apply nothing (reported once)
+        return previous.applied_commit, exc  # keep enforcing the last good commit
+    return commit, None
+
+
+def held_by(hold: Mapping[str, Any] | None, commit: str, *, release: bool) -> dict[str, Any] | None:
+    """A rollback's ``hold`` on ``commit`` as a ``suspended`` mapping, or None.
+
+    The hold applies while the commit is the one rolled back; another commit,
+    or ``release`` (``pull --release-hold``), lifts it (rollback.py; the
+    record stage removes the file).
+    """
+    if hold is None or hold.get("commit") != commit or release:
+        return None
+    return {
+        "reason": f"held after rollback of run {hold.get('rolled_back_run')}: commit "
+        f"{commit[:12]} is not re-applied — push a fix, or pull --release-hold",
+        "until": None,
+    }
+
+
+# ----------------------------------------------------------------- converge
+
+
+def is_noop(setting: Setting, prepared: Prepared, system: System) -> bool:
+    """The no-op short cut of SPEC §7: same commit and inputs as the last clean run,
+    nothing to recover, no hold, and no managed file touched since (stat
+    signatures). Then nothing is loaded, rendered or hashed.
+    """
+    previous = prepared.previous
+    return (
+        prepared.commit is not None
+        and prepared.recovery is None
+        and prepared.held is None
+        and previous.fingerprint == prepared.fingerprint
+        and previous.applied_commit == prepared.commit
+        and unchanged(system, setting.root, previous)
     )
-    if config.report.push and info.fetched:
-        # A run that could not fetch would not reach the server to push either:
-        # its report stays queued on the local branch for the next run.
-        outcome.pushed, outcome.push_error = push_reports(repo, remote, config.node)
-    elif config.report.push:
-        outcome.pushed = False
-    state_dir.prune_backups(config.backups.keep)
-    after_run(config, state_dir, repo, report, outcome, duration_s=time.monotonic() - clock)
-    return outcome
 
 
-@dataclass(slots=True, kw_only=True)
-class _Work:
-    """What the stages of one run produced so far (the run's only mutable record)."""
-
-    applied_commit: str | None
-    mode: str
-    plan: Plan | None = None
-    target: TargetState | None = None
-    actual: dict[PurePosixPath, ActualFile] = field(default_factory=dict)
-    applied: ApplyResult | None = None
-    suspended: Mapping[str, Any] | None = None
-    captures: dict[PurePosixPath, bytes] = field(default_factory=dict)
-    excluded: tuple[str, ...] = ()
+def unchanged_host(setting: Setting, prepared: Prepared) -> Converged:
+    """The Converged of a no-op run: the last run's applied commit and excluded paths."""
+    return Converged(
+        mode=setting.config.mode,
+        applied_commit=prepared.previous.applied_commit,
+        errors=prepared.errors,
+        excluded=prepared.previous.excluded,
+    )
 
 
-def _full_run(
-    run: _Work,
-    config: AgentConfig,
-    options: RunOptions,
-    *,
-    repo: Repo,
-    url: str,
-    commit: str,
-    run_id: str,
-    started: dt.datetime,
-    facts: Mapping[str, Any],
-    exclude_lines: list[str],
-    fingerprint: str,
-    held: Mapping[str, Any] | None,
-    previous: LocalState,
-    recovery: Recovery | None,
-    errors: list[ReconcilerError],
-    state_dir: StateDir,
-    root: Path,
-    system: System,
-) -> None:
-    """load → render → scan → plan → apply, filling ``run``; raises ReconcilerError.
+def converge(setting: Setting, prepared: Prepared, system: System, *, journal: bool) -> Converged:
+    """load → render → scan → plan → apply (SPEC §4 steps 3–6) through ``system``.
+
+    ``journal``: keep the crash journal of the changes (a real run; a
+    DryRunSystem changes nothing to journal). Everything up to the plan is
+    computed before the first change. A ReconcilerError ends the stage with
+    what it had so far and the error in ``errors``; ConfigError is raised.
 
     The stages are imported here, not at module level, so that a no-op run
     never pays for Jinja2, jsonschema or pathspec (SPEC §7).
     """
+    config, previous = setting.config, prepared.previous
+    commit = prepared.commit
+    if commit is None:
+        return Converged(
+            mode=config.mode, applied_commit=previous.applied_commit, errors=prepared.errors
+        )
     from reconciler.pipeline.apply import RunContext, apply_plan
     from reconciler.pipeline.inventory import effective_node, load_inventory
     from reconciler.pipeline.plan import exclude_matcher, make_plan
     from reconciler.pipeline.render import render_target
     from reconciler.pipeline.scan import scan
 
-    snapshot = GitSnapshot(repo, commit, SourceInfo(url=url, branch=config.branch, commit=commit))
-    cache = state_dir.read_inventory_cache()
-    before = len(cache)
-    inventory = load_inventory(snapshot, cache)
-    state_dir.write_inventory_cache(cache, inventory, changed=len(cache) != before)
-    node = effective_node(inventory, snapshot, config.node, options.state)
-    run.suspended = _suspension(node, started) or held
-    if run.suspended:
-        run.mode = "audit"  # fetch and report, change nothing
-    run.target = target = render_target(
-        snapshot,
-        node,
-        facts,
-        cache_dir=state_dir.jinja_cache,
-        workers=min(os.cpu_count() or 1, 4),
-        reuse=functools.partial(written_output, system, root, previous),
-    )
-    paths = list(target.files) + [
-        PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
-    ]
-    run.actual = actual = scan(root, paths, previous.managed, system)
-    excludes = exclude_matcher([*node.exclude, *exclude_lines])
-    run.plan = plan = make_plan(target, actual, previous, excludes, run.mode)
-    errors.extend(plan.errors)
-    run.captures = drift_captures(plan, target, previous, actual, root, system)
-
-    to_apply = [c for c in plan.changes if c.apply]
-    journal = None
-    if to_apply and not options.dry_run:
-        journal = Journal(
-            state_dir=state_dir,
-            manifest=Manifest(
-                run_id=run_id,
-                kind="run",
-                commit=commit,
-                previous_commit=previous.applied_commit,
-                entries=make_entries(to_apply, actual, previous, root, system),
-            ),
-        )
-    ctx = RunContext(
-        node=config.node,
-        state=node.state,
-        commit=commit,
-        run_id=run_id,
-        root=root,
-        state_dir=state_dir,
-    )
-    # Post scripts owed by interrupted runs: run only when this run may change things.
-    owed = dict(recovery.post_pending) if recovery and run.mode == "enforce" else {}
+    state_dir, root = setting.state_dir, setting.root
+    mode = config.mode
+    errors = list(prepared.errors)
+    suspended: Mapping[str, Any] | None = None
+    target: TargetState | None = None
+    actual: Mapping[PurePosixPath, ActualFile] = {}
+    plan: Plan | None = None
+    captures: Mapping[PurePosixPath, bytes] = {}
+    recovery = prepared.recovery
     try:
-        run.applied = applied = apply_plan(
-            plan,
-            target,
-            actual,
-            previous,
-            snapshot,
-            system,
-            ctx,
-            journal=journal,
-            force_post=owed,
+        snapshot = GitSnapshot(
+            setting.repo,
+            commit,
+            SourceInfo(url=setting.remote.url, branch=config.branch, commit=commit),
         )
-    finally:
-        state_dir.remove_run_dir(run_id)
+        cache = state_dir.read_inventory_cache()
+        before = len(cache)
+        inventory = load_inventory(snapshot, cache)
+        state_dir.write_inventory_cache(cache, inventory, changed=len(cache) != before)
+        node = effective_node(inventory, snapshot, config.node, setting.options.state)
+        suspended = _suspension(node, setting.started) or prepared.held
+        if suspended:
+            mode = "audit"  # fetch and report, change nothing
+        target = render_target(
+            snapshot,
+            node,
+            setting.facts,
+            cache_dir=state_dir.jinja_cache,
+            workers=min(os.cpu_count() or 1, 4),
+            reuse=functools.partial(written_output, system, root, previous),
+        )
+        paths = list(target.files) + [
+            PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
+        ]
+        actual = scan(root, paths, previous.managed, system)
+        excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
+        plan = make_plan(target, actual, previous, excludes, mode)
+        errors.extend(plan.errors)
+        captures = drift_captures(plan, target, previous, actual, root, system)
+        to_apply = [c for c in plan.changes if c.apply]
+        kept = None
+        if to_apply and journal:
+            kept = Journal(
+                state_dir=state_dir,
+                manifest=Manifest(
+                    run_id=setting.run_id,
+                    kind="run",
+                    commit=commit,
+                    previous_commit=previous.applied_commit,
+                    entries=make_entries(to_apply, actual, previous, root, system),
+                ),
+            )
+        ctx = RunContext(
+            node=config.node,
+            state=node.state,
+            commit=commit,
+            run_id=setting.run_id,
+            root=root,
+            state_dir=state_dir,
+        )
+        # Post scripts owed by interrupted runs: run only when this run may change things.
+        owed = dict(recovery.post_pending) if recovery and mode == "enforce" else {}
+        try:
+            applied = apply_plan(
+                plan,
+                target,
+                actual,
+                previous,
+                snapshot,
+                system,
+                ctx,
+                journal=kept,
+                force_post=owed,
+            )
+        finally:
+            state_dir.remove_run_dir(setting.run_id)
+    except ReconcilerError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        log.debug("run failed", exc_info=True)
+        return Converged(
+            mode=mode,
+            applied_commit=previous.applied_commit,
+            errors=(*errors, exc),
+            plan=plan,
+            target=target,
+            actual=actual,
+            suspended=suspended,
+            captures=captures,
+        )
     errors.extend(applied.errors)
     pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
-    if not errors and not pending:
-        run.applied_commit = commit
-    if options.dry_run:
-        return
+    applied_commit = commit if not errors and not pending else previous.applied_commit
     # The no-op short cut skips scripts too: never for apps with post_always.
     always = any(a.post_always for a in target.apps)
-    clean = not errors and not pending and not run.suspended and not always
-    save_state(
-        state_dir,
-        LocalState(
+    clean = not errors and not pending and not suspended and not always
+    settled = None
+    if recovery is not None and recovery.post_pending and mode == "enforce":
+        # Owed post scripts this run reached, or of apps the node no longer runs.
+        gone = set(recovery.post_pending) - {a.name for a in target.apps}
+        settled = frozenset(applied.post_reached | gone)
+    return Converged(
+        mode=mode,
+        applied_commit=applied_commit,
+        errors=tuple(errors),
+        plan=plan,
+        target=target,
+        actual=actual,
+        applied=applied,
+        suspended=suspended,
+        captures=captures,
+        journal=kept,
+        state=LocalState(
             node=config.node,
-            applied_commit=run.applied_commit,
+            applied_commit=applied_commit,
             managed=applied.managed,
             created_dirs=tuple(sorted(applied.created_dirs)),
-            fingerprint=fingerprint if clean else "",
+            fingerprint=prepared.fingerprint if clean else "",
             excluded=tuple(str(p) for p in plan.excluded),
         ),
+        settled=settled,
     )
-    if recovery is not None and recovery.post_pending and run.mode == "enforce":
-        # Owed post scripts this run reached, or of apps the node no longer runs.
-        # Before the journal goes: killed in between, recovery sees "done" there.
-        gone = set(recovery.post_pending) - {a.name for a in target.apps}
-        settle_owed(state_dir, applied.post_reached | gone)
-    if journal is not None:
-        journal.finish()  # only now: the local state matches the disk
 
 
-def _hold(state_dir: StateDir, commit: str, options: RunOptions) -> dict[str, Any] | None:
-    """A rollback's hold on ``commit`` as a ``suspended`` mapping, or None.
+# ------------------------------------------------------------------- record
 
-    The hold lifts itself when another commit arrives, or with
-    ``--release-hold`` (rollback.py).
+
+def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOutcome:
+    """Make a real run durable (SPEC §4 step 7, §5); never for a dry run.
+
+    In this order: the hold lifted (prepare decided it); the local state
+    saved, the owed post scripts settled and only then the journal finished
+    (killed in between, recovery sees "done" in the journal); the report
+    built, committed on ``reports/<node>`` and pushed — queued instead when
+    the run could not fetch (it would not reach the server either); old
+    backups pruned; last-run.json, metrics, webhook and ping (``after_run``).
     """
-    hold = read_hold(state_dir)
-    if hold is None:
-        return None
-    if hold.get("commit") == commit and not options.release_hold:
-        return {
-            "reason": f"held after rollback of run {hold.get('rolled_back_run')}: commit "
-            f"{commit[:12]} is not re-applied — push a fix, or pull --release-hold",
-            "until": None,
-        }
-    if not options.dry_run:
+    config, state_dir = setting.config, setting.state_dir
+    if prepared.lift_hold:
         release_hold(state_dir)
         log.warning(
-            "rollback hold lifted: %s", "released" if options.release_hold else "new commit"
+            "rollback hold lifted: %s",
+            "released" if setting.options.release_hold else "new commit",
         )
-    return None
+    errors = converged.errors
+    try:
+        if converged.state is not None:
+            save_state(state_dir, converged.state)
+            if converged.settled is not None:
+                settle_owed(state_dir, converged.settled)
+            if converged.journal is not None:
+                converged.journal.finish()  # only now: the local state matches the disk
+    except ReconcilerError as exc:
+        errors = (*errors, exc)
+    report = _report(setting, prepared, converged, errors)
+    repo = setting.repo
+    report_commit = commit_report(
+        repo,
+        report,
+        converged.captures,
+        heartbeat_s=config.report.heartbeat,
+        now=dt.datetime.now(dt.UTC),
+    )
+    pushed: bool | None = None
+    push_error: str | None = None
+    if config.report.push and prepared.source.fetched:
+        pushed, push_error = push_reports(repo, setting.remote, config.node)
+    elif config.report.push:
+        pushed = False
+    state_dir.prune_backups(config.backups.keep)
+    outcome = RunOutcome(
+        report=report,
+        plan=converged.plan,
+        target=converged.target,
+        actual=converged.actual,
+        report_commit=report_commit,
+        pushed=pushed,
+        push_error=push_error,
+    )
+    after_run(config, state_dir, repo, report, outcome, duration_s=time.monotonic() - setting.clock)
+    return outcome
+
+
+def _report(
+    setting: Setting,
+    prepared: Prepared,
+    converged: Converged,
+    errors: tuple[ReconcilerError, ...],
+) -> Report:
+    """The run's report (SPEC §5), built once the run is over."""
+    applied = converged.applied
+    return build_report(
+        node=setting.config.node,
+        run_id=setting.run_id,
+        started_at=setting.started,
+        finished_at=dt.datetime.now(dt.UTC),
+        source=prepared.source,
+        applied_commit=converged.applied_commit,
+        mode=converged.mode,
+        plan=converged.plan,
+        applied=applied.applied if applied else set(),
+        scripts=applied.scripts if applied else [],
+        errors=list(errors),
+        facts=setting.facts,
+        dry_run=setting.options.dry_run,
+        suspended=converged.suspended,
+        recovered=prepared.recovery.to_report() if prepared.recovery else None,
+        rolled_back=applied.rolled_back if applied else set(),
+        excluded=converged.excluded,  # the no-op short cut: the last full run's
+    )
 
 
 BOOT_BACKOFF_CAP_S = 30.0
