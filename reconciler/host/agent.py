@@ -293,8 +293,9 @@ class Agent:
             time.sleep(min(max(idle, 0.01), 0.2))
         self._notify.stopping(f"stopping after {self.runs} runs")
         log.info("agent stopped after %d runs", self.runs)
+        state_dir = StateDir.at(self.config.state_dir)
         with contextlib.suppress(OSError):
-            os.unlink(StateDir.at(self.config.state_dir).agent_file)
+            state_dir.remove(state_dir.agent_file)
         return 0
 
 

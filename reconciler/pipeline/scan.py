@@ -61,15 +61,6 @@ def host_path(root: Path, dest: PurePosixPath) -> Path:
     return root.joinpath(*dest.parts[1:])
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _unsafe(dest: PurePosixPath, exc: PathError) -> ActualFile:
     """The ActualFile of a path the System cannot reach safely (SPEC §6)."""
     if isinstance(exc, UnsafePathError):
