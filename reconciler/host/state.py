@@ -9,8 +9,11 @@ sha256 (never the content: chezmoi's rule, so a secret never lands in
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from reconciler.errors import StateError
 from reconciler.host.statedir import StateDir
@@ -38,6 +41,26 @@ class ManagedFile:
     policy: str = "enforce"
     recorded_ns: int = 0  # wall clock when the stat was taken
     render_key: str = ""  # TargetFile.render_key of the content recorded here
+
+    @classmethod
+    def from_stat(
+        cls, st: os.stat_result, *, sha256: str, app: str, recorded_ns: int, **meta: Any
+    ) -> ManagedFile:
+        """The record of a file reconciler wrote, from its lstat right after the write;
+        ``meta``: owner, group, secret, policy, render_key."""
+        return cls(
+            sha256=sha256,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            ino=st.st_ino,
+            app=app,
+            recorded_ns=recorded_ns,
+            **meta,
+        )
 
     def signature(self) -> tuple[int, int, int, int]:
         """The stat signature that lets a no-change scan skip hashing."""

@@ -881,19 +881,11 @@ class RealSystem:
         return run
 
 
-class DryRunSystem:
-    """DryRunSystem reads through a real System and changes nothing: each effect it is
-    asked for is logged ("would …") and kept in ``effects``, and no script runs."""
+class _ReadThrough:
+    """The reads of a wrapping System: passed to the System it wraps, unchanged
+    (a dry run and a fault-injected run see the disk as it is)."""
 
-    dry_run = True
-
-    def __init__(self, inner: System | None = None) -> None:
-        self._inner: System = inner if inner is not None else RealSystem()
-        self.effects: list[str] = []
-
-    def _would(self, what: str, *args: object) -> None:
-        self.effects.append(what % args)
-        log.info("would " + what, *args)
+    _inner: System
 
     def lstat(self, path: str | Path) -> os.stat_result:
         return self._inner.lstat(path)
@@ -906,6 +898,21 @@ class DryRunSystem:
 
     def listdir(self, path: str | Path) -> list[str]:
         return self._inner.listdir(path)
+
+
+class DryRunSystem(_ReadThrough):
+    """DryRunSystem reads through a real System and changes nothing: each effect it is
+    asked for is logged ("would …") and kept in ``effects``, and no script runs."""
+
+    dry_run = True
+
+    def __init__(self, inner: System | None = None) -> None:
+        self._inner: System = inner if inner is not None else RealSystem()
+        self.effects: list[str] = []
+
+    def _would(self, what: str, *args: object) -> None:
+        self.effects.append(what % args)
+        log.info("would " + what, *args)
 
     def make_dirs(self, path: Path) -> list[Path]:
         return []
@@ -962,7 +969,7 @@ class DryRunSystem:
         )
 
 
-class FaultySystem:
+class FaultySystem(_ReadThrough):
     """FaultySystem passes reads and the first ``fail_after`` effects to a System, then
     raises FaultInjected in place of the next one: a crash at a chosen point, the
     same every time (for tests; SPEC §4 "a run interrupted at any point").
@@ -981,18 +988,6 @@ class FaultySystem:
         if len(self.effects) >= self.fail_after:
             raise FaultInjected(f"{what} {path}: interrupted after {self.fail_after} effects")
         self.effects.append(f"{what} {path}")
-
-    def lstat(self, path: str | Path) -> os.stat_result:
-        return self._inner.lstat(path)
-
-    def read_bytes(self, path: str | Path, *, expect: StatId | None = None) -> bytes:
-        return self._inner.read_bytes(path, expect=expect)
-
-    def readlink(self, path: str | Path) -> str:
-        return self._inner.readlink(path)
-
-    def listdir(self, path: str | Path) -> list[str]:
-        return self._inner.listdir(path)
 
     def make_dirs(self, path: Path) -> list[Path]:
         self._effect("make_dirs", path)

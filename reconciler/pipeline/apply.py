@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -282,15 +281,9 @@ def _record(system: System, path: Path, target: TargetFile) -> ManagedFile:
 
     recorded_ns = time.time_ns()
     st = system.lstat(path)
-    return ManagedFile(
+    return ManagedFile.from_stat(
+        st,
         sha256=sha256(target.content),
-        mode=stat.S_IMODE(st.st_mode),
-        uid=st.st_uid,
-        gid=st.st_gid,
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        ctime_ns=st.st_ctime_ns,
-        ino=st.st_ino,
         app=target.app,
         owner=target.owner,
         group=target.group,

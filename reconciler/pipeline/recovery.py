@@ -253,15 +253,9 @@ def _roll_forward(
         if hashlib.sha256(content).hexdigest() != e.new_sha256:
             continue
         base = ManagedFile(**e.record) if e.record else None
-        managed[e.path] = ManagedFile(
+        managed[e.path] = ManagedFile.from_stat(
+            st,
             sha256=e.new_sha256,
-            mode=st.st_mode & 0o7777,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-            ino=st.st_ino,
             app=e.app,
             owner=e.owner if e.owner is not None else (base.owner if base else None),
             group=e.group if e.group is not None else (base.group if base else None),
