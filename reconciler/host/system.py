@@ -49,6 +49,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fill(
+    fd: int, content: bytes, *, mode: int, uid: int | None, gid: int | None, sync: bool
+) -> None:
+    """Write ``content`` to the new temp file ``fd``, set its mode and owner, fsync it
+    unless ``sync`` is False, and close ``fd``: a temp file ready to be renamed."""
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(content)
+        fh.flush()
+        os.fchmod(fh.fileno(), mode)
+        if uid is not None or gid is not None:
+            os.fchown(fh.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
+        if sync:
+            os.fsync(fh.fileno())
+
+
 def write_temp(
     path: Path,
     content: bytes,
@@ -66,14 +81,7 @@ def write_temp(
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".reconciler-tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            if uid is not None or gid is not None:
-                os.fchown(fh.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
-            if sync:
-                os.fsync(fh.fileno())
+        fill(fd, content, mode=mode, uid=uid, gid=gid, sync=sync)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -508,14 +516,7 @@ class RealSystem:
         else:  # pragma: no cover - 100 collisions of 32 random bits
             raise FileExistsError(errno.EEXIST, "no free temp name", name)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(content)
-                fh.flush()
-                os.fchmod(fh.fileno(), mode)
-                if uid is not None or gid is not None:
-                    os.fchown(fh.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
-                if sync:
-                    os.fsync(fh.fileno())
+            fill(fd, content, mode=mode, uid=uid, gid=gid, sync=sync)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=d)
