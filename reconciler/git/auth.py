@@ -6,7 +6,7 @@ ssh-agent (an operator's laptop) or a token (HTTPS) and, for SSH, check the
 server's host key against ``known_hosts``. Only :mod:`reconciler.git.remote`
 uses them.
 
-Why the host-key check is done here (NOTES.md): with pygit2's default
+Why the host-key check is done here (docs/field-notes.md): with pygit2's default
 callbacks a fetch from a server whose host key does not match known_hosts
 *succeeds* — pygit2's C-level certificate callback returns "accept" for SSH,
 and Python code only ever sees ``certificate=None``. libgit2 does hand the
@@ -57,7 +57,7 @@ def require_hostkey_layout(url: str, version: tuple[int, ...] = pygit2.LIBGIT2_V
     """Refuse an SSH source when libgit2 is not the version the host-key check knows.
 
     Another libgit2 may lay the struct out differently: reading it by the 1.9
-    offsets would compare the wrong bytes, so SSH fails closed instead (NOTES.md).
+    offsets would compare the wrong bytes, so SSH fails closed instead (docs/field-notes.md).
     Raises ConfigError (exit 2) naming the version and the way out.
     """
     if not hostkey_layout_supported(version):

@@ -5,7 +5,7 @@ turns ``pygit2.GitError`` (and the KeyError/ValueError pygit2 raises for an
 object or revision it cannot find) into a :class:`SourceError`, or a
 :class:`RemoteError` for a fetch or push, with ``raise … from exc`` — as
 httpx maps httpcore's exceptions once, in ``map_httpcore_exceptions()``
-(STYLE.md). A refusal is recognised by the exception's type (libgit2's
+(docs/architecture.md). A refusal is recognised by the exception's type (libgit2's
 ``GIT_EAUTH`` → ``pygit2.AuthError``, ``GIT_ECERTIFICATE`` →
 ``pygit2.CertificateError``), never by its text.
 

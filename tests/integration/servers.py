@@ -148,7 +148,7 @@ def make_user(name: str, home: Path, shell: str) -> None:
     """A system user sshd will let in with a key: useradd leaves it locked (``!``)."""
     require("useradd", "passwd")
     run(["useradd", "--create-home", "--home-dir", str(home), "--shell", shell, name])
-    run(["usermod", "-p", "*", name])  # NOTES.md: a locked account is refused by sshd
+    run(["usermod", "-p", "*", name])  # docs/field-notes.md: a locked account is refused by sshd
 
 
 def remove_user(name: str) -> None:
@@ -181,7 +181,7 @@ class Sshd:
 
 
 def start_sshd(base: Path, *, user: str, authorized_keys: str) -> Sshd:
-    """sshd -D on a free loopback port, per NOTES.md; FAIL naming the package if missing."""
+    """sshd -D on a free loopback port, per docs/field-notes.md; FAIL naming the package if missing."""
     require_root("sshd on loopback")
     require(SSHD, "openssh-server")
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation dir
@@ -247,7 +247,7 @@ class SshGitServer:
 
 @pytest.fixture(scope="session", name="ssh_server")
 def ssh_server_fixture() -> Iterator[SshGitServer]:
-    """A ``git-shell`` user and an sshd for it, once per session (NOTES.md recipe)."""
+    """A ``git-shell`` user and an sshd for it, once per session (docs/field-notes.md recipe)."""
     require_root("the ssh server")
     require(SSHD, "openssh-server")
     require(GIT_SHELL, "git")

@@ -1,6 +1,6 @@
-"""The must-have test (STYLE.md): reconcile twice; the second run reports no changes.
+"""The must-have test (docs/architecture.md): reconcile twice; the second run reports no changes.
 
-Under umask 022 and 002 (STYLE.md: mode-sensitive tests run under both): a
+Under umask 022 and 002 (docs/architecture.md: mode-sensitive tests run under both): a
 mode that followed the agent's umask would show up as a change or as drift
 on the second run.
 """

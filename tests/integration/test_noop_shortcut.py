@@ -15,7 +15,7 @@ import subprocess
 from tests.integration._helpers import changes, drift_kinds, pull_report
 from tests.integration._service import host_argv, reconciler_env
 
-# What a no-op run must not pay for (NOTES.md: Jinja2 alone is most of a cold
+# What a no-op run must not pay for (docs/field-notes.md: Jinja2 alone is most of a cold
 # start): they are imported lazily, by the stages a no-op run skips.
 HEAVY = ("jinja2", "jsonschema", "pathspec")
 

@@ -8,7 +8,7 @@ target state from the disk the first left behind, with fresh perturbations,
 so deletions of paths no longer in the target are exercised too.
 
 After each apply: a fresh scan + plan with the new LocalState has no changes
-and no drift (the must-have "run twice" property, STYLE.md); excluded paths
+and no drift (the must-have "run twice" property, docs/architecture.md); excluded paths
 are byte-identical; nothing outside the root changed; a target below a
 symlinked directory that leads outside the root is refused, not written.
 """

@@ -3,7 +3,7 @@
 Read by AST, not by importing: an import inside a function (the lazy imports
 that keep Jinja2 and friends off a no-op run) is an edge as much as one at
 module level, because the graph is what a reader has to hold in their head
-(STYLE.md: data flows one way, nothing reaches back into an earlier stage).
+(docs/architecture.md: data flows one way, nothing reaches back into an earlier stage).
 Imports under ``if TYPE_CHECKING:`` are not edges: they never run.
 
 That a real no-op ``reconciler pull`` imports no Jinja2, jsonschema or

@@ -1,4 +1,4 @@
-"""The package's layout rules, checked over the source by AST (STYLE.md: one owner per resource).
+"""The package's layout rules, checked over the source by AST (docs/architecture.md: one owner per resource).
 
 Every pygit2 call lives in ``reconciler/git/``: only modules there import
 pygit2 or catch its errors, and libgit2's errors are translated in one

@@ -1,4 +1,4 @@
-"""Transport: which libgit2 the SSH host-key check may trust (NOTES.md, issue #5)."""
+"""Transport: which libgit2 the SSH host-key check may trust (docs/field-notes.md, issue #5)."""
 
 from __future__ import annotations
 
