@@ -366,8 +366,8 @@ def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
 
 
 def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from reconciler.host.statedir import StateDir
-    from reconciler.pipeline.rollback import list_backups, read_hold
+    from reconciler.host.statedir import StateDir, read_hold
+    from reconciler.pipeline.rollback import list_backups
 
     config = config_from_args(args)
     state_dir = StateDir.at(config.state_dir)

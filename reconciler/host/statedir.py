@@ -265,6 +265,19 @@ class StateDir:
         atomic_write(self.inventory_cache, json.dumps(current).encode(), mode=0o600)
 
 
+def read_hold(state_dir: StateDir) -> dict[str, Any] | None:
+    """The hold left by a rollback, or None. Raises StateError when unreadable."""
+    data = state_dir.read_json(
+        state_dir.hold, hint="remove it to lift the hold (the next run re-applies the commit)"
+    )
+    return data if isinstance(data, dict) else None
+
+
+def release_hold(state_dir: StateDir) -> bool:
+    """Lift the hold; True if there was one."""
+    return state_dir.remove(state_dir.hold)
+
+
 def read_exclude_file(path: str | None) -> list[str]:
     """Lines of the host-local exclude file (SPEC §2 ``exclude_file``); [] if absent."""
     if not path:

@@ -35,22 +35,16 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import PathError, StateError
 from reconciler.host.state import LocalState, ManagedFile, save_state
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import System
-from reconciler.pipeline.journal import (
-    Manifest,
-    archive,
-    dest_of,
-    read_log,
-    remove_created_dirs,
-    temp_files,
-)
-from reconciler.pipeline.rollback import RollbackResult, finish_rollback, removable_dirs
-from reconciler.pipeline.scan import host_path
+
+if TYPE_CHECKING:
+    from reconciler.pipeline.journal import Manifest
+    from reconciler.pipeline.rollback import RollbackResult
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +148,10 @@ def recover(
             rolled_forward=(),
             post_pending={a: tuple(p) for a, p in owed["apps"].items()},
         )
+    # Only an interrupted run or rollback needs the journal's machinery: a no-op
+    # run never imports it, nor rollback's (SPEC §7).
+    from reconciler.pipeline.journal import Manifest
+
     try:
         manifest = Manifest.from_json(raw)
     except (ValueError, TypeError) as exc:
@@ -177,6 +175,9 @@ def _finish_rollback(
     exclude: Sequence[str],
 ) -> tuple[LocalState, Recovery]:
     """A killed rollback: finish it (rollback.py), remove its temp files first."""
+    from reconciler.pipeline.rollback import finish_rollback
+    from reconciler.pipeline.scan import host_path
+
     listing: dict[Path, list[str]] = {}
     removed: list[str] = []
     for e in manifest.entries:
@@ -198,6 +199,8 @@ def _remove_temp_files(
     system: System, root: Path, host: Path, listing: dict[Path, list[str]]
 ) -> list[str]:
     """Remove the temp files an interrupted write left beside ``host``; their paths."""
+    from reconciler.pipeline.journal import dest_of, temp_files
+
     removed = []
     for stray in temp_files(system, host, listing):
         try:
@@ -218,6 +221,10 @@ def _roll_forward(
     exclude: Sequence[str],
 ) -> tuple[LocalState, Recovery]:
     """A killed run: learn what it wrote, clean up after it, keep its post scripts owed."""
+    from reconciler.pipeline.journal import archive, read_log, remove_created_dirs
+    from reconciler.pipeline.rollback import removable_dirs
+    from reconciler.pipeline.scan import host_path
+
     journal_log = read_log(state_dir)
     phases = journal_log.phases
     removed: list[str] = []

@@ -123,19 +123,6 @@ def list_backups(state_dir: StateDir) -> list[dict[str, Any]]:
     ]
 
 
-def read_hold(state_dir: StateDir) -> dict[str, Any] | None:
-    """The hold left by a rollback, or None. Raises StateError when unreadable."""
-    data = state_dir.read_json(
-        state_dir.hold, hint="remove it to lift the hold (the next run re-applies the commit)"
-    )
-    return data if isinstance(data, dict) else None
-
-
-def release_hold(state_dir: StateDir) -> bool:
-    """Lift the hold; True if there was one."""
-    return state_dir.remove(state_dir.hold)
-
-
 def _choose(manifests: list[Manifest], run_id: str | None) -> Manifest:
     if run_id is not None:
         for m in manifests:

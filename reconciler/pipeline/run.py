@@ -46,24 +46,22 @@ from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import FetchResult, check_descends, fetch, remote_url
 from reconciler.git.trust import verify_commit
 from reconciler.host.state import LocalState, load_state, save_state
-from reconciler.host.statedir import StateDir, read_exclude_file
+from reconciler.host.statedir import StateDir, read_exclude_file, read_hold, release_hold
 from reconciler.host.system import DryRunSystem, RealSystem, System
-from reconciler.pipeline.capture import drift_captures
 from reconciler.pipeline.facts import gather_facts
-from reconciler.pipeline.journal import Journal, Manifest, make_entries
 from reconciler.pipeline.notify import ping
 from reconciler.pipeline.record import after_run, push_reports
 from reconciler.pipeline.recovery import Recovery, recover, settle_owed
 from reconciler.pipeline.reuse import run_fingerprint, unchanged, written_output
-from reconciler.pipeline.rollback import read_hold, release_hold
-from reconciler.pipeline.scan import ActualFile
 from reconciler.report import Report, build_report, commit_report
 
 if TYPE_CHECKING:
     from reconciler.pipeline.apply import ApplyResult
     from reconciler.pipeline.inventory import Node
+    from reconciler.pipeline.journal import Journal
     from reconciler.pipeline.plan import Plan
     from reconciler.pipeline.render import TargetState
+    from reconciler.pipeline.scan import ActualFile
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +426,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             mode=config.mode, applied_commit=previous.applied_commit, errors=prepared.errors
         )
     from reconciler.pipeline.apply import RunContext, apply_plan
+    from reconciler.pipeline.capture import drift_captures
     from reconciler.pipeline.inventory import effective_node, load_inventory
+    from reconciler.pipeline.journal import Journal, Manifest, make_entries
     from reconciler.pipeline.plan import exclude_matcher, make_plan
     from reconciler.pipeline.render import render_target
     from reconciler.pipeline.scan import scan

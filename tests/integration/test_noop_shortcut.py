@@ -18,6 +18,17 @@ from tests.integration._service import host_argv, reconciler_env
 # What a no-op run must not pay for (docs/field-notes.md: Jinja2 alone is most of a cold
 # start): they are imported lazily, by the stages a no-op run skips.
 HEAVY = ("jinja2", "jsonschema", "pathspec")
+# Stages a no-op run skips, imported by the stages that need them (SPEC §7: every
+# module a run imports is paid for in a no-op's start-up).
+SKIPPED_STAGES = (
+    "reconciler.pipeline.journal",
+    "reconciler.pipeline.rollback",
+    "reconciler.pipeline.capture",
+    "reconciler.pipeline.apply",
+    "reconciler.pipeline.plan",
+    "reconciler.pipeline.render",
+    "reconciler.pipeline.inventory",
+)
 
 
 def _converged(make_host, node="web1"):
@@ -107,3 +118,5 @@ def test_a_no_op_run_imports_no_jinja2_jsonschema_or_pathspec(make_host):
     assert "reconciler.pipeline.run" in imported, "no import list: -X importtime did not work"
     heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
     assert heavy == [], f"a no-op run imported {heavy}"
+    stages = sorted(m for m in imported if m in SKIPPED_STAGES)
+    assert stages == [], f"a no-op run imported the stages it skips: {stages}"

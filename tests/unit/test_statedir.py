@@ -20,8 +20,8 @@ import pytest
 from reconciler.errors import LockError, StateError
 from reconciler.host.agent import read_agent_file
 from reconciler.host.state import LocalState, load_state, save_state
-from reconciler.host.statedir import StateDir
-from reconciler.pipeline.rollback import list_backups, read_hold
+from reconciler.host.statedir import StateDir, read_hold
+from reconciler.pipeline.rollback import list_backups
 from reconciler.report import read_last_run
 
 
