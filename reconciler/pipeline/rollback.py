@@ -285,25 +285,19 @@ def _complete(
     def attempt(e: JournalEntry) -> bool:
         try:
             done = restore_entry(e, run_dir, root, system, keep=own_dir, journal=journal)
-        except UnsafePathError as exc:
+        except (PathError, OSError) as exc:
+            # An unsafe path keeps the System's own hint (what to do about it).
+            if isinstance(exc, UnsafePathError):
+                problem, todo = f"not restored: {exc.problem}", exc.hint
+            elif isinstance(exc, PathError):
+                problem, todo = f"not restored: {exc}", "fix the cause"
+            else:
+                problem = f"cannot restore from {run_dir}: {exc.strerror or exc}"
+                todo = "fix the cause"
             errors[e.path] = ApplyError(
-                f"not restored: {exc.problem}",
+                problem,
                 path=PurePosixPath(e.path),
-                hint=f"{exc.hint}, then roll back {chosen.run_id} again",
-            )
-            return False
-        except PathError as exc:
-            errors[e.path] = ApplyError(
-                f"not restored: {exc}",
-                path=PurePosixPath(e.path),
-                hint=f"fix the cause, then roll back {chosen.run_id} again",
-            )
-            return False
-        except OSError as exc:
-            errors[e.path] = ApplyError(
-                f"cannot restore from {run_dir}: {exc.strerror or exc}",
-                path=PurePosixPath(e.path),
-                hint=f"fix the cause, then roll back {chosen.run_id} again",
+                hint=f"{todo}, then roll back {chosen.run_id} again",
             )
             return False
         restored.append(e)

@@ -118,6 +118,7 @@ class Setting:
     started: dt.datetime
     clock: float  # time.monotonic() at the start, for the run's duration
     facts: Mapping[str, Any]
+    exclude_lines: tuple[str, ...] = ()  # the host-local exclude file, read once a run
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,11 +250,7 @@ def reconcile_once(
         # Recovery before the fetch: an interrupted run is finished or undone
         # whatever the source says now (SPEC §4).
         previous, recovery = recover(
-            state_dir,
-            root,
-            load_state(state_dir),
-            system,
-            exclude=read_exclude_file(config.exclude_file),
+            state_dir, root, load_state(state_dir), system, exclude=setting.exclude_lines
         )
         prepared = prepare(setting, previous, recovery)
         if is_noop(setting, prepared, system):
@@ -283,6 +280,7 @@ def _setting(
         started=started,
         clock=clock,
         facts=gather_facts(),
+        exclude_lines=tuple(read_exclude_file(config.exclude_file)),
     )
 
 
@@ -315,8 +313,8 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
             errors.append(refusal)
         hold = read_hold(setting.state_dir)
         held = held_by(hold, commit, release=options.release_hold)
-        exclude_lines = read_exclude_file(config.exclude_file)
-        fingerprint = run_fingerprint(config, options, setting.facts, exclude_lines)
+        exclude_lines = setting.exclude_lines
+        fingerprint = run_fingerprint(config, options, setting.facts, list(exclude_lines))
     except ReconcilerError as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -335,7 +333,7 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
         recovery=recovery,
         held=held,
         lift_hold=hold is not None and held is None,
-        exclude_lines=tuple(exclude_lines),
+        exclude_lines=exclude_lines,
         fingerprint=fingerprint,
         errors=tuple(errors),
     )
