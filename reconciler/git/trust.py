@@ -109,16 +109,66 @@ def _verify_pgp(commit: str, signature: bytes, data: bytes, keyring: Path, tmp: 
     )
 
 
+# What goes into each trust file: the first half of the hint when it is missing or empty.
+_FILL = {
+    "allowed_signers": 'put the signers\' public keys in it (principal namespaces="git" ssh-ed25519 …)',
+    "gpg_keyring": "export the signers' public keys into it (gpg --export KEYID > FILE)",
+}
+
+
+def _check_trust_file(path: str, key: str, commit: str) -> None:
+    """Refuse ``commit`` when the trust file ``path`` (``verify.<key>``) is missing,
+    unreadable or admits no one, naming the file and what to do.
+
+    A missing trust file must never mean "accept", and must not read as a
+    verdict on the signer either (issue 11, item 14c: ssh-keygen says only
+    that the key is not in a file it could not open). It is a refusal of the
+    run, not a configuration error at start-up: the agent keeps running,
+    enforcing the last applied commit and reporting, while the file is put
+    back; the configuration itself — the key and its path — is sound.
+    """
+    not_applied = f"commit {commit[:12]} not applied"
+    fix = (
+        f"{_FILL[key]}, or correct verify.{key} in the agent configuration; "
+        "until then no new commit is applied"
+    )
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UntrustedCommitError(
+            f"the {key} file does not exist (verify.{key}): {not_applied}", where=path, hint=fix
+        ) from None
+    except OSError as exc:
+        raise UntrustedCommitError(
+            f"cannot read the {key} file (verify.{key}): {exc.strerror}: {not_applied}",
+            where=path,
+            hint=fix,
+        ) from None
+    if key == "allowed_signers" and not any(
+        line.strip() and not line.lstrip().startswith(b"#") for line in data.splitlines()
+    ):
+        raise UntrustedCommitError(
+            f"the {key} file names no signer (verify.{key}): {not_applied}", where=path, hint=fix
+        )
+
+
 def verify_commit(repo: Repo, commit: str, verify: VerifyConfig) -> str | None:
     """Check ``commit``'s signature when verification is configured.
 
     Returns the signer (principal or GnuPG user id), or None when no
     verification is configured. Raises UntrustedCommitError naming the commit
     and what to do for an unsigned commit, an unknown signer or a bad
-    signature (issue #5: "the report says untrusted commit <sha>").
+    signature (issue #5: "the report says untrusted commit <sha>"), and
+    naming the file when a configured trust file (``verify.allowed_signers``,
+    ``verify.gpg_keyring``) is missing, unreadable or, for allowed_signers,
+    names no signer — checked first, whatever the commit.
     """
     if not verify.allowed_signers and not verify.gpg_keyring:
         return None
+    if verify.allowed_signers:
+        _check_trust_file(verify.allowed_signers, "allowed_signers", commit)
+    if verify.gpg_keyring:
+        _check_trust_file(verify.gpg_keyring, "gpg_keyring", commit)
     with map_git_errors(f"commit {commit}", "fetch again"):
         signature, data = repo.raw[commit].peel(pygit2.Commit).gpg_signature
     if not signature:
