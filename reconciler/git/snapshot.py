@@ -9,6 +9,7 @@ have.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Protocol
 
 import pygit2
 
+from reconciler.errors import SourceError
 from reconciler.git.errors import map_git_errors
 from reconciler.git.repo import Repo
 
@@ -151,53 +153,164 @@ class GitSnapshot:
 
 
 class DirSnapshot:
-    """A Snapshot of a working tree on disk (``--repo DIR``), read as files (SPEC §6)."""
+    """A Snapshot of a working tree on disk (``--repo DIR``): its regular files only (SPEC §6).
+
+    A working tree is whatever its author (or an attacker's pull request)
+    put there, and ``render``/``validate`` run as root: a ``hosts/n1.yaml``
+    that is a symlink to ``/etc/shadow`` once printed the shadow lines in
+    ``validate``'s error, and an include under a symlinked ``templates/_lib``
+    rendered ``/etc/shadow`` into ``render --out``. So every path is walked
+    from a descriptor of the tree, one component at a time, with
+    ``O_NOFOLLOW``: a symlink — the file itself or any directory on the way —
+    is never followed and is a SourceError naming it; a FIFO, device or socket
+    is opened ``O_NONBLOCK`` (it cannot block) and refused after ``fstat``.
+    A commit's tree (:class:`GitSnapshot`) holds a symlink as a blob of mode
+    120000, never followed either; :meth:`walk` reports one here the same way.
+    Raises SourceError (exit 1) for those, and for a file that cannot be read.
+    """
 
     def __init__(self, root: Path, info: SourceInfo | None = None) -> None:
         self._root = root
         self.info = info or SourceInfo(url=str(root), branch="", commit="")
 
-    def _path(self, path: str) -> Path:
-        return self._root / path.strip("/")
+    def _open(self, path: str, *, directory: bool) -> int | None:
+        """A descriptor of ``path`` opened without following any symlink, or None.
+
+        None when ``path`` is missing or of the other kind (a file where a
+        directory is asked for, a directory where a file is). Raises
+        SourceError for a symlink on the way or a file that is not regular.
+        """
+        parts = path.strip("/").split("/") if path.strip("/") else []
+        if any(p in ("", ".", "..") for p in parts):
+            return None  # repository paths never hold these; nothing to find outside
+        try:
+            fd = os.open(self._root, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the tree itself, as named
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                child = os.open(
+                    name, _FILE_FLAGS if last and not directory else _DIR_FLAGS, dir_fd=fd
+                )
+            except OSError as exc:
+                problem = self._refusal(fd, name, "/".join(parts[: i + 1]), path, exc)
+                os.close(fd)
+                if problem is None:
+                    return None
+                raise problem from None
+            os.close(fd)
+            fd = child
+        if not directory:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                os.close(fd)
+                return None
+            if not stat.S_ISREG(mode):
+                os.close(fd)
+                raise SourceError(
+                    "not a regular file (a FIFO, a device or a socket)",
+                    where=path,
+                    hint="commands on a working tree read only regular files: "
+                    "replace it with a file",
+                )
+        return fd
+
+    def _refusal(self, fd: int, name: str, at: str, path: str, exc: OSError) -> SourceError | None:
+        """Why opening ``name`` (``at`` in the tree) failed: None when it is simply not there."""
+        try:
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        except OSError:
+            return None  # gone, or a component that is not a directory
+        if stat.S_ISLNK(mode):
+            beyond = f" (on the way to {path})" if at != path.strip("/") else ""
+            # Committed symlinks under a template state directory become desired
+            # symlinks with the file model of SPEC §9: their target is then
+            # read with os.readlink(name, dir_fd=…) — the link, never followed.
+            return SourceError(
+                f"a symlink in the working tree{beyond}, not followed",
+                where=at,
+                hint="commands on a working tree read only regular files inside it: "
+                "replace the link with the file or directory itself",
+            )
+        if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
+            return None
+        return SourceError(f"cannot read: {exc.strerror}", where=at, hint="check its permissions")
 
     def read(self, path: str) -> bytes:
-        try:
-            return self._path(path).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            raise KeyError(path) from exc
+        fd = self._open(path, directory=False)
+        if fd is None:
+            raise KeyError(path)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
 
     def is_dir(self, path: str) -> bool:
-        return self._path(path).is_dir()
+        fd = self._open(path, directory=True)
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
 
     def blob_id(self, path: str) -> str | None:
         return None  # files on disk may change under us: never cached
 
     def listdir(self, path: str) -> list[tuple[str, bool]]:
-        base = self._path(path)
-        try:
-            names = os.listdir(base)
-        except (FileNotFoundError, NotADirectoryError):
+        fd = self._open(path, directory=True)
+        if fd is None:
             return []
-        return sorted((n, (base / n).is_dir()) for n in names if n != ".git")
+        try:
+            with os.scandir(fd) as entries:
+                # is_dir without following: a symlink is listed as a file, and
+                # refused when it is read.
+                return sorted(
+                    (e.name, e.is_dir(follow_symlinks=False)) for e in entries if e.name != ".git"
+                )
+        finally:
+            os.close(fd)
 
     def walk(self, path: str) -> Iterator[Entry]:
-        base = self._path(path)
-        if not base.is_dir():
+        fd = self._open(path, directory=True)
+        if fd is None:
             return
-        for dirpath, dirnames, filenames in os.walk(base):
-            # os.walk lists a symlink to a directory among dirnames and does
-            # not enter it; report it as a link, as a commit's tree would.
-            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-            dirnames[:] = sorted(d for d in dirnames if d != ".git" and d not in links)
-            rel_dir = os.path.relpath(dirpath, base)
-            for name in sorted([*filenames, *links]):
-                full = os.path.join(dirpath, name)
-                st = os.lstat(full)
-                if stat.S_ISLNK(st.st_mode):
-                    filemode = GIT_FILEMODE_LINK
-                elif st.st_mode & 0o111:
-                    filemode = GIT_FILEMODE_EXEC
-                else:
-                    filemode = GIT_FILEMODE_BLOB
-                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-                yield Entry(path=rel.replace(os.sep, "/"), filemode=filemode)
+        try:
+            yield from self._walk(fd, "")
+        finally:
+            os.close(fd)
+
+    def _walk(self, fd: int, prefix: str) -> Iterator[Entry]:
+        with os.scandir(fd) as it:
+            entries = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
+        for name, mode in entries:
+            rel = f"{prefix}{name}"
+            if stat.S_ISDIR(mode):
+                if name == ".git":
+                    continue
+                try:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # removed since the listing
+                except OSError as exc:
+                    refusal = self._refusal(fd, name, rel, rel, exc)
+                    if refusal is None:
+                        continue
+                    raise refusal from None
+                try:
+                    yield from self._walk(sub, rel + "/")
+                finally:
+                    os.close(sub)
+            elif stat.S_ISLNK(mode):
+                # Reported, not followed, as a commit's tree would: the render
+                # stage refuses it in templates (SPEC §9's desired symlinks will
+                # read its target with os.readlink, never through it).
+                yield Entry(path=rel, filemode=GIT_FILEMODE_LINK)
+            else:
+                # A FIFO or device is listed as a file and refused by read().
+                filemode = GIT_FILEMODE_EXEC if mode & 0o111 else GIT_FILEMODE_BLOB
+                yield Entry(path=rel, filemode=filemode)
+
+
+# Directories are walked one component at a time, never through a symlink;
+# files also O_NONBLOCK, so that opening a FIFO returns at once (then fstat
+# refuses it).
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

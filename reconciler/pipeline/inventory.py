@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.errors import InventoryError
+from reconciler.errors import InventoryError, SourceError
 from reconciler.git.snapshot import Snapshot
 
 DEFAULTS = "_defaults"
@@ -97,18 +97,66 @@ def _dotted(path: Iterable[str | int]) -> str:
     return out
 
 
+_KINDS = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "boolean": "true or false",
+    "integer": "a whole number",
+    "number": "a number",
+    "null": "nothing",
+}
+
+
+def _kind(value: Any) -> str:
+    """What a YAML value is, in the words of :data:`_KINDS`."""
+    if isinstance(value, bool):
+        return _KINDS["boolean"]
+    for kind, types in (
+        ("object", dict),
+        ("array", list),
+        ("string", str),
+        ("integer", int),
+        ("number", float),
+    ):
+        if isinstance(value, types):
+            return _KINDS[kind]
+    return _KINDS["null"]
+
+
+def _short(value: Any) -> str:
+    """A repr of ``value`` cut to about 40 characters.
+
+    A problem message may show the value at fault, never a file: a host file
+    that is really a text file (once, ``/etc/shadow`` through a symlink) must
+    not come back whole in ``validate``'s output or a run's report.
+    """
+    import reprlib
+
+    cut = reprlib.Repr()
+    cut.maxstring = cut.maxother = 40
+    cut.maxlist = cut.maxdict = 3
+    cut.maxlevel = 2
+    return cut.repr(value)
+
+
 def _schema_message(error: Any) -> str:
-    """One readable sentence for a jsonschema ValidationError, ending in what to do."""
+    """One readable sentence for a jsonschema ValidationError, ending in what to do.
+
+    Values are shown cut short (:func:`_short`); a wrong type names the
+    kinds only, and at most three unknown keys are named.
+    """
     path = list(error.absolute_path)
     where = _dotted(path)
+    at = f"{where}: " if where else ""
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
+        named = ", ".join(_short(k) for k in extra[:3])
+        if len(extra) > 3:
+            named += f" and {len(extra) - 3} more"
         hint = f" or use one of the known keys: {', '.join(known)}" if known else ""
-        return (
-            f"{where + ': ' if where else ''}unknown key {', '.join(map(repr, extra))} — "
-            f"remove it{hint}"
-        )
+        return f"{at}unknown key {named} — remove it{hint}"
     if path and path[-1] == "mode" and isinstance(error.instance, int):
         return (
             f'{where}: mode must be a quoted octal string such as "0640" — quote it '
@@ -116,20 +164,31 @@ def _schema_message(error: Any) -> str:
         )
     if error.validator == "pattern" and path and path[-1] == "mode":
         return (
-            f'{where}: mode {error.instance!r} is not an octal mode such as "0640" — '
+            f'{where}: mode {_short(error.instance)} is not an octal mode such as "0640" — '
             "write three or four octal digits in quotes"
         )
     if error.validator == "oneOf" and len(path) == 2 and path[0] == "apps":
         return (
             f"{where}: an app is a name or a one-key mapping {{app: state}}, "
-            f"got {error.instance!r} — write '- app' or '- app: state'"
+            f"got {_short(error.instance)} — write '- app' or '- app: state'"
         )
     if error.validator == "pattern" and isinstance(error.instance, str):
         return (
-            f"{where}: {error.instance!r} is not a valid name or path here — "
+            f"{where}: {_short(error.instance)} is not a valid name or path here — "
             "see repo-layout/README.md"
         )
-    return f"{where + ': ' if where else ''}{error.message} — see repo-layout/README.md"
+    if error.validator == "type":
+        wanted = error.validator_value
+        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+        expected = " or ".join(f"{w!r} ({_KINDS.get(w, w)})" for w in wanted)
+        subject = f"{where} must" if where else "the file must"
+        return (
+            f"{subject} be of type {expected}, not {_kind(error.instance)} — "
+            "see repo-layout/README.md"
+        )
+    # jsonschema's own sentence, with the value at fault cut short.
+    message = str(error.message).replace(repr(error.instance), _short(error.instance))
+    return f"{at}{message[:200]} — see repo-layout/README.md"
 
 
 def _schema_problems(validator: Any, data: Any, text: str, path: str) -> list[str]:
@@ -344,7 +403,11 @@ def _scan_hosts(snapshot: Snapshot, cache: dict[str, Any] | None) -> _Scan:
             else:
                 files[stem] = host
             continue
-        raw = snapshot.read(path)
+        try:
+            raw = snapshot.read(path)
+        except SourceError as exc:  # a working tree's symlink or FIFO: never read
+            problems.append((stem, str(exc)))
+            continue
         try:
             data = parse_yaml(raw, path)
         except InventoryError as exc:

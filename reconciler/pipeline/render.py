@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reconciler.errors import InventoryError, PathError, RenderError
+from reconciler.errors import InventoryError, PathError, ReconcilerError, RenderError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
 from reconciler.pipeline.inventory import DEFAULT_STATE, Node, load_app_config
 
@@ -259,7 +259,7 @@ def _render_error(
         try:
             source_line = snapshot.read(where).decode("utf-8").splitlines()[line - 1].strip()
             text = f' [line {line}: "{source_line[:120]}"]'
-        except (KeyError, IndexError, UnicodeDecodeError):
+        except (KeyError, IndexError, UnicodeDecodeError, ReconcilerError):
             pass
     prefix = f"{where}:{line}" if line else where
     if where != repo_path:
@@ -412,8 +412,8 @@ class _RenderJob:
             name = repo_path[len("templates/") :]
             try:
                 out[dest] = self.env.get_template(name).render(self.context).encode("utf-8")
-            except RenderError:
-                raise
+            except ReconcilerError:
+                raise  # already names its file: a RenderError, or the Snapshot's refusal
             except Exception as exc:  # Jinja2 raises many types; all are the author's error
                 error = _render_error(exc, repo_path, self.node, self.snapshot, secret)
                 raise error from (None if secret else exc)
@@ -440,7 +440,7 @@ def _worker_init(job: _RenderJob) -> None:
 def _worker_render(jobs: list[Job]) -> tuple[dict[PurePosixPath, bytes], str | None]:
     try:
         return _worker_job[0].render(jobs), None
-    except RenderError as exc:
+    except ReconcilerError as exc:
         return {}, str(exc)
 
 

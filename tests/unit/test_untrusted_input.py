@@ -1,0 +1,141 @@
+"""Hostile repository content meets bounds (issue 11: items 2, 3, 12 and 14).
+
+Each test reproduces an attack of the red-team trial on real files: a
+working tree whose host file or include is a symlink out of the tree, or a
+FIFO; a YAML alias bomb; node names git cannot name a branch after; a
+suspension that never ends; a numeric owner that is nobody on this host.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli.main import main
+from reconciler.pipeline.inventory import check_hosts
+from tests.unit.helpers import app_files, write_repo
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+# What /etc/shadow looks like; it lives outside the working tree.
+SECRET = "root:$6$not-a-real-hash$SECRETSECRET:19000:0:99999:7:::\n"
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _outside_secret(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "shadow"
+    secret.write_text(SECRET)
+    return secret
+
+
+# ------------------------------------------- item 2: a working tree's symlinks
+
+
+def test_a_host_file_symlinked_out_of_the_tree_is_refused_and_never_read(tmp_path):
+    secret = _outside_secret(tmp_path)
+    repo = tmp_path / "repo"
+    write_repo(repo, {"hosts/n2.yaml": "apps: [a]\n", **app_files("a")})
+    os.symlink(secret, repo / "hosts/n1.yaml")
+
+    code, out, err = run_cli("validate", "--repo", str(repo))
+
+    assert code == 1, (out, err)
+    assert "hosts/n1.yaml" in err and "symlink" in err, err
+    assert "SECRETSECRET" not in out + err
+    # The agent-side loader (hosts, render) refuses it as well, in one line.
+    code, out, err = run_cli("hosts", "--repo", str(repo))
+    assert code == 1 and "hosts/n1.yaml" in err and "SECRETSECRET" not in out + err, err
+
+
+@pytest.mark.parametrize("link", ["file", "directory"])
+def test_an_include_symlinked_out_of_the_tree_fails_validate_and_render(tmp_path, link):
+    secret = _outside_secret(tmp_path)
+    repo = tmp_path / "repo"
+    write_repo(
+        repo,
+        {
+            "hosts/n1.yaml": "apps: [a]\n",
+            "templates/a/default/etc/x.j2": 'x {% include "_lib/snip.j2" %}\n',
+        },
+    )
+    if link == "file":
+        (repo / "templates/_lib").mkdir()
+        os.symlink(secret, repo / "templates/_lib/snip.j2")
+        named = "templates/_lib/snip.j2"
+    else:  # _lib -> a directory outside the tree (as _lib -> /etc)
+        secret.rename(secret.with_name("snip.j2"))
+        os.symlink(secret.parent, repo / "templates/_lib")
+        named = "templates/_lib"
+
+    code, out, err = run_cli("validate", "--repo", str(repo))
+    assert code == 1, (out, err)
+    assert named in err and "symlink" in err, err
+    assert "SECRETSECRET" not in out + err
+
+    dest = tmp_path / "out"
+    code, out, err = run_cli("render", "n1", "--repo", str(repo), "--out", str(dest))
+    assert code == 1, (out, err)
+    assert named in err and "SECRETSECRET" not in out + err, err
+    assert not (dest / "etc/x").exists()
+
+
+def test_a_fifo_in_the_working_tree_is_refused_without_blocking(tmp_path):
+    repo = tmp_path / "repo"
+    write_repo(repo, {"hosts/n2.yaml": "apps: [a]\n", **app_files("a")})
+    fifo = repo / "hosts/n1.yaml"
+    os.mkfifo(fifo)
+    released = threading.Event()
+
+    def release() -> None:
+        # A reader blocked in open() is let go by a writer, so that a
+        # regression fails this test instead of hanging it.
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return  # nobody is reading: nothing blocks
+        released.set()
+        os.close(fd)
+
+    timer = threading.Timer(5, release)
+    timer.start()
+    try:
+        code, out, err = run_cli("validate", "--repo", str(repo))
+    finally:
+        timer.cancel()
+    assert not released.is_set(), "validate blocked on a FIFO"
+    assert code == 1, (out, err)
+    assert "hosts/n1.yaml" in err and "not a regular file" in err, err
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("line one SECRETSECRET\nline two SECRETSECRET\n", id="plain-text"),
+        pytest.param("- SECRETSECRET\n- SECRETSECRET\n", id="a-list"),
+        pytest.param("vars: [SECRETSECRET]\napps: {SECRETSECRET: x}\n", id="wrong-types"),
+        pytest.param(
+            "".join(f"k{i:03}: v\n" for i in range(200)) + "zSECRETSECRET: x\n",
+            id="many-unknown-keys",
+        ),
+    ],
+)
+def test_a_schema_error_does_not_echo_the_file(tmp_path, text):
+    snap = write_repo(tmp_path, {"hosts/n1.yaml": text})
+
+    problems = check_hosts(snap).problems
+
+    assert problems and all("hosts/n1.yaml" in p for p in problems), problems
+    joined = "\n".join(problems)
+    assert "SECRETSECRET" not in joined
+    assert all(len(p) < 400 for p in problems), problems
