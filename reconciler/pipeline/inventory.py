@@ -204,10 +204,100 @@ def _schema_problems(validator: Any, data: Any, text: str, path: str) -> list[st
     return problems
 
 
+# Bounds on one YAML document of the repository (host files, app.yaml). Anchors
+# and aliases (``<<: *base``) are honest YAML and stay: a thousand uses of a
+# small mapping is fine. What is refused is what they can be made to cost: a
+# 372-byte host file of nested aliases once expanded to hundreds of millions of
+# values — 20 s, 1.6 GB and a 254 MB inventory cache on every node, one more
+# level 15 GB. 10,000 nodes added by aliases is far beyond the honest uses and
+# costs milliseconds. Nesting is bounded too: Python's recursion limit is ~1,000
+# and a 2-KB file of brackets reached it.
+MAX_ALIAS_NODES = 10_000
+MAX_YAML_DEPTH = 100
+
+
+def _expansion_problem(root: Any) -> tuple[str, str] | None:
+    """Why the composed YAML graph ``root`` must not be built and what to do, or None.
+
+    The composer shares one node for an anchor and all its aliases; what
+    later code pays for is the tree they expand to. Its size and depth are
+    counted here on the graph, each mapping and sequence once (linear in the
+    file), before anything is constructed. An alias inside its own anchor (a
+    cycle) is refused as well: it would be an endless value.
+    """
+    size: dict[int, int] = {}  # id(collection) -> nodes of its expanded tree
+    height: dict[int, int] = {}
+    on_path: set[int] = set()
+    written = 1  # nodes as written in the file: every collection once, every scalar
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if done:
+            on_path.discard(key)
+            total, tallest = 1, 0
+            for child in children:
+                if isinstance(child, yaml.ScalarNode):
+                    total, tallest = total + 1, max(tallest, 1)
+                else:
+                    total, tallest = total + size[id(child)], max(tallest, height[id(child)])
+            size[key], height[key] = total, tallest + 1
+            if tallest >= MAX_YAML_DEPTH:
+                return (
+                    f"values nested deeper than {MAX_YAML_DEPTH} levels",
+                    "flatten the structure",
+                )
+            continue
+        if key in size:
+            continue  # an alias of a collection already counted
+        if key in on_path:
+            return (
+                "an alias inside its own anchor makes an endless value",
+                "refer to the anchor only after its value ends",
+            )
+        on_path.add(key)
+        stack.append((node, True))
+        for child in reversed(children):
+            if isinstance(child, yaml.ScalarNode):
+                written += 1
+            elif id(child) not in size:
+                written += 1
+                stack.append((child, False))
+    if size.get(id(root), 1) - written > MAX_ALIAS_NODES:
+        return (
+            f"YAML aliases expand to more than {MAX_ALIAS_NODES:,} values",
+            "write the values out, or use fewer and smaller anchors",
+        )
+    return None
+
+
+def _children(node: Any) -> list[Any]:
+    """The nodes directly inside a composed YAML node: keys and values, or items."""
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
 def parse_yaml(text: bytes, path: str) -> Any:
-    """Parse YAML bytes with the C loader; InventoryError names ``path`` and line."""
+    """Parse one YAML document of the repository; InventoryError names ``path`` and line.
+
+    The C loader composes the node graph, :func:`_expansion_problem` bounds
+    what its aliases expand to (:data:`MAX_ALIAS_NODES`, :data:`MAX_YAML_DEPTH`),
+    then the graph is constructed. Used for every YAML file of the desired-state
+    repository: ``hosts/*.yaml``, ``app.yaml``, and the operators' host-file edits.
+    """
+    loader = yaml.CSafeLoader(text)
     try:
-        return _normalise(yaml.load(text, Loader=yaml.CSafeLoader))
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        refused = _expansion_problem(node)
+        if refused is not None:
+            raise InventoryError(refused[0], where=path, hint=refused[1])
+        return _normalise(loader.construct_document(node))
     except UnicodeDecodeError as exc:
         raise InventoryError(f"{path}: not UTF-8 text — save it as UTF-8") from exc
     except yaml.YAMLError as exc:
@@ -215,6 +305,8 @@ def parse_yaml(text: bytes, path: str) -> Any:
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         problem = getattr(exc, "problem", None) or str(exc)
         raise InventoryError(f"{where}: invalid YAML: {problem} — fix the syntax") from exc
+    finally:
+        loader.dispose()
 
 
 def load_app_config(snapshot: Snapshot, app: str) -> Mapping[str, Any]:

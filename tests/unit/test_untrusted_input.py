@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import io
 import os
+import resource
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from reconciler.cli.main import main
-from reconciler.pipeline.inventory import check_hosts
-from tests.unit.helpers import app_files, write_repo
+from reconciler.errors import InventoryError
+from reconciler.pipeline.inventory import (
+    check_hosts,
+    load_app_config,
+    load_inventory,
+    parse_yaml,
+)
+from tests.unit.helpers import app_files, node_of, write_repo
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -139,3 +148,93 @@ def test_a_schema_error_does_not_echo_the_file(tmp_path, text):
     joined = "\n".join(problems)
     assert "SECRETSECRET" not in joined
     assert all(len(p) < 400 for p in problems), problems
+
+
+# ------------------------------------------------------- item 3: alias bombs
+
+
+def _bomb(levels: int) -> str:
+    """A host file whose aliases expand to 10**levels strings in ~80 bytes a level."""
+    lines = ["  a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "vars:\n" + "\n".join(lines) + "\n"
+
+
+def _limit_memory() -> None:
+    # A regression must fail, not take the machine: 4 GiB of address space.
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_naming_the_file(tmp_path):
+    bomb = _bomb(8)  # 10**8 nodes once expanded; ~650 bytes
+    assert len(bomb) < 1000
+    repo = tmp_path / "repo"
+    write_repo(repo, {"hosts/n1.yaml": "apps: [a]\n", "hosts/bomb.yaml": bomb, **app_files("a")})
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "reconciler", "validate", "--repo", str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=_limit_memory,
+        cwd=PROJECT,
+    )
+
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "hosts/bomb.yaml" in proc.stderr and "alias" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_the_agent_refuses_a_bomb_and_caches_nothing(tmp_path):
+    snap = write_repo(tmp_path, {"hosts/n1.yaml": "apps: [a]\n", "hosts/b.yaml": _bomb(6)})
+    cache: dict[str, object] = {}
+    with pytest.raises(InventoryError) as info:
+        load_inventory(snap, cache)
+    assert "hosts/b.yaml" in str(info.value) and "alias" in str(info.value)
+    assert cache == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("vars: {a: &a [*a]}\n", id="alias-inside-its-own-anchor"),
+        pytest.param("vars: {x: " + "[" * 990 + "]" * 990 + "}\n", id="990-levels-deep"),
+    ],
+)
+def test_recursive_or_deep_yaml_is_an_error_naming_the_file(tmp_path, text):
+    snap = write_repo(tmp_path, {"hosts/n1.yaml": text})
+    problems = check_hosts(snap).problems
+    assert len(problems) == 1 and problems[0].startswith("hosts/n1.yaml"), problems
+
+
+def test_small_anchors_and_merge_keys_still_work(tmp_path):
+    snap = write_repo(
+        tmp_path,
+        {
+            "hosts/n1.yaml": """\
+                apps: [a]
+                vars:
+                  common: &common {port: 80, tls: true}
+                  site: {<<: *common, port: 443}
+                  mirrors: [*common, *common]
+                files:
+                  /etc/a.conf: &meta {mode: "0640"}
+                  /etc/b.conf: *meta
+            """,
+            "templates/a/app.yaml": """\
+                files:
+                  /etc/a*: &private {mode: "0600"}
+                  /etc/b*: {<<: *private, secret: true}
+            """,
+            **app_files("a"),
+        },
+    )
+    node = node_of(snap, "n1")
+    assert node.vars["site"] == {"port": 443, "tls": True}
+    assert node.vars["mirrors"] == [{"port": 80, "tls": True}] * 2
+    assert node.files["/etc/b.conf"] == {"mode": "0640"}
+    assert load_app_config(snap, "a")["files"]["/etc/b*"] == {"mode": "0600", "secret": True}
+    # 1,000 aliases of a small mapping: a big but honest use.
+    many = "vars:\n  base: &b {x: 1}\n  all:\n" + "".join(f"    k{i}: *b\n" for i in range(1000))
+    assert len(parse_yaml(many.encode(), "hosts/n.yaml")["vars"]["all"]) == 1000
