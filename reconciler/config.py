@@ -254,7 +254,32 @@ def load_config(
         raise ConfigError(f"{where}: mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
     if not config.node or "/" in config.node or config.node.startswith(("_", ".")):
         raise ConfigError(f"{where}: node: {config.node!r} is not a valid node name")
+    if not _SIMPLE_NODE.fullmatch(config.node):
+        # The node's report branch is refs/heads/reports/<node> (SPEC §5): a name
+        # git refuses there failed every run in the record stage, without a
+        # last-run.json. Checked by libgit2 itself; plain names skip the import.
+        from reconciler.git.repo import valid_node_name
+
+        if not valid_node_name(config.node):
+            source = (
+                "--node"
+                if (overrides or {}).get("node") is not None
+                else where
+                if "node" in raw
+                else "node (the short hostname)"
+            )
+            raise ConfigError(
+                f"node {config.node!r} cannot name its report branch reports/{config.node}: "
+                "git refuses '..', '~', '^', ':', '?', '*', '[', '\\', spaces, control "
+                "characters, a trailing '.' and '.lock'",
+                where=source,
+                hint="rename hosts/<node>.yaml and set node: to the new name",
+            )
     return config
+
+
+# A node name made of these is always a valid ref component.
+_SIMPLE_NODE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:

@@ -108,6 +108,17 @@ def discover(where: Path) -> Repo | None:
 # ---------------------------------------------------------------------- refs
 
 
+def valid_node_name(node: str) -> bool:
+    """True when git can name the node's report branch, ``refs/heads/reports/<node>``.
+
+    The branch is :func:`reconciler.git.reports.report_ref` (SPEC §5).
+    libgit2's own check, the rules of ``git check-ref-format``: no ``..``,
+    ``~``, ``^``, ``:``, ``?``, ``*``, ``[``, ``\\``, space or control
+    character, no trailing ``.`` or ``.lock``, no ``@{``.
+    """
+    return bool(pygit2.reference_is_valid_name(f"refs/heads/reports/{node}"))
+
+
 def ref_target(repo: Repo, name: str) -> str | None:
     """The commit id ``name`` points at, or None when there is no such ref."""
     ref = repo.raw.references.get(name)

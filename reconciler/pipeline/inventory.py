@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from reconciler.errors import InventoryError, SourceError
+from reconciler.git.repo import valid_node_name
 from reconciler.git.snapshot import Snapshot
 
 DEFAULTS = "_defaults"
@@ -640,6 +641,18 @@ def check_hosts(snapshot: Snapshot) -> HostsCheck:
     problems = [named([stem], message) for stem, message in scan.problems]
     problems.extend(named(stems, message) for stems, message in graph)
     bad = {s for s, _ in scan.problems if s is not None} | {s for st, _ in graph for s in st}
+    for stem in sorted(n for n in nodes if not valid_node_name(n)):
+        # Only validate refuses these: another node's run does not depend on
+        # them, and the node itself is refused by its agent's configuration.
+        problems.append(
+            named(
+                [stem],
+                f"hosts/{stem}.yaml: {stem!r} cannot be a node name: git refuses its report "
+                f"branch reports/{stem} ('..', '~', '^', ':', '?', '*', '[', '\\', "
+                "spaces, a trailing '.' or '.lock') — rename the file",
+            )
+        )
+        bad.add(stem)
     blocked = nodes if DEFAULTS in bad else {n for s in bad for n in members(s)}
     usable = {s: f for s, f in scan.files.items() if s not in bad}
     inventory = Inventory(files=usable, defaults=scan.defaults)

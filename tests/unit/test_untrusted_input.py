@@ -9,6 +9,7 @@ suspension that never ends; a numeric owner that is nobody on this host.
 from __future__ import annotations
 
 import io
+import json
 import os
 import resource
 import subprocess
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli.main import main
-from reconciler.errors import InventoryError
+from reconciler.config import load_config
+from reconciler.errors import ConfigError, InventoryError
 from reconciler.pipeline.inventory import (
     check_hosts,
     load_app_config,
@@ -238,3 +240,31 @@ def test_small_anchors_and_merge_keys_still_work(tmp_path):
     # 1,000 aliases of a small mapping: a big but honest use.
     many = "vars:\n  base: &b {x: 1}\n  all:\n" + "".join(f"    k{i}: *b\n" for i in range(1000))
     assert len(parse_yaml(many.encode(), "hosts/n.yaml")["vars"]["all"]) == 1000
+
+
+# ------------------------------------------------------ item 12: node names
+
+BAD_NAMES = ["web..1", "web.lock", "web1.", "web~1", "web 1", "web:1"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_node_name_git_cannot_name_a_branch_after_is_a_config_error(tmp_path, name):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"node: {json.dumps(name)}\nroot: {tmp_path}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(config), environ={})
+    assert info.value.exit_code == 2
+    assert repr(name) in str(info.value), str(info.value)
+
+    code, out, err = run_cli("pull", "--config", str(config), "--node", name)
+    assert code == 2, (out, err)
+    assert name in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_validate_refuses_host_files_named_so(tmp_path):
+    files = {f"hosts/{name}.yaml": "apps: [a]\n" for name in BAD_NAMES}
+    snap = write_repo(tmp_path, {**files, "hosts/web1.yaml": "apps: [a]\n", **app_files("a")})
+    check = check_hosts(snap)
+    for name in BAD_NAMES:
+        assert any(p.startswith(f"hosts/{name}.yaml:") for p in check.problems), check.problems
+    assert check.renderable == ("web1",)
