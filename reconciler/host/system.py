@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import secrets
+import selectors
 import signal
 import stat
 import subprocess
@@ -300,6 +301,162 @@ def _read_fd(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 20):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# A script's output is read in pipe-sized chunks and only its tail is kept:
+# the memory a run needs does not grow with what a script prints (issue 11).
+_CHUNK = 1 << 16  # the default capacity of a Linux pipe
+_DRAIN_CHUNKS = 64  # after the script exits: at most 4 MiB more, what is already written
+_KILL_PASSES = 5  # rescans of /proc after a timeout's SIGKILLs (a fork in flight)
+_REAP_S = 5.0  # how long a SIGKILLed script may take to be gone
+
+
+def _keep_tail(tail: bytearray, chunk: bytes) -> None:
+    """Append ``chunk`` to ``tail``, trimmed to its last OUTPUT_TAIL_BYTES now and then
+    (a bounded buffer: at most twice the tail, whatever flows through)."""
+    tail += chunk
+    if len(tail) > 2 * OUTPUT_TAIL_BYTES:
+        del tail[:-OUTPUT_TAIL_BYTES]
+
+
+def _read_some(fd: int, tail: bytearray) -> bool:
+    """One non-blocking read of ``fd`` into ``tail``; False at end of file (every
+    writer gone), True otherwise (data, or nothing there yet)."""
+    try:
+        chunk = os.read(fd, _CHUNK)
+    except BlockingIOError:
+        return True
+    if not chunk:
+        return False
+    _keep_tail(tail, chunk)
+    return True
+
+
+def _drain(fd: int, tail: bytearray) -> None:
+    """Read what the pipe ``fd`` holds now, without waiting for more (a child that
+    inherited it may write on for ever): at most _DRAIN_CHUNKS reads."""
+    for _ in range(_DRAIN_CHUNKS):
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        _keep_tail(tail, chunk)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid`` (readable once it exits; Linux 5.3), None where there is none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _stream_tail(proc: subprocess.Popen[bytes], deadline: float) -> tuple[bytearray, bool]:
+    """Read the output of script ``proc`` until it exits or ``deadline`` (monotonic
+    seconds) passes; return (at most 2 × OUTPUT_TAIL_BYTES of its last output, timed
+    out).
+
+    The script's own exit ends the wait, not the end of its output: a child
+    that inherited the pipe and outlives the script (``sleep 30 &``, a daemon,
+    a ``setsid`` escapee) is not waited for — communicate() waited for every
+    holder of the pipe, for ever for a daemon (issue 11). What the script wrote
+    is in the pipe before it exits, so what is there is read (_drain) and no
+    more is waited for. Exit is seen through a pidfd in the same poll as the
+    pipe; without one, by polling every 50 ms.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    tail = bytearray()
+    pidfd = _pidfd(proc.pid)
+    with selectors.DefaultSelector() as poll:
+        poll.register(fd, selectors.EVENT_READ)
+        if pidfd is not None:
+            poll.register(pidfd, selectors.EVENT_READ)
+        try:
+            while proc.poll() is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return tail, True
+                wait = remaining if pidfd is not None else min(remaining, 0.05)
+                for key, _ in poll.select(wait):
+                    if key.fd == fd and not _read_some(fd, tail):
+                        poll.unregister(fd)  # every writer is gone: wait for the exit alone
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+    _drain(fd, tail)
+    return tail, False
+
+
+def _stat_fields(pid: str) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, …;
+    [] when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].decode("ascii", "replace").split()
+    except OSError:
+        return []
+
+
+def _holds(pid: str, link: str) -> bool:
+    """True when process ``pid`` has a descriptor open on ``link`` (``pipe:[inode]``)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone, or another user's (we run as root: every one is ours)
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _script_processes(sid: int, pipe_ino: int) -> list[int]:
+    """Live processes a timed-out script started that can still be found: those in its
+    process group or session (both ``sid``: it ran with start_new_session), and those
+    anywhere holding its output pipe (inode ``pipe_ino``) — a ``setsid`` child left
+    both the group and the session but kept the pipe. Never this process."""
+    me = os.getpid()
+    link = f"pipe:[{pipe_ino}]"
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        fields = _stat_fields(name)
+        if len(fields) < 4 or fields[0] in ("Z", "X"):  # gone, or dead awaiting its reaper
+            continue
+        if int(fields[2]) == sid or int(fields[3]) == sid or _holds(name, link):
+            found.append(int(name))
+    return found
+
+
+def _kill_script(sid: int, pipe_ino: int) -> None:
+    """SIGKILL a timed-out script and what it started (SPEC §1 ``scripts.timeout``).
+
+    Killed: the script's process group and session (it is their leader, not
+    reaped yet, so ``sid`` cannot be reused meanwhile) and any process still
+    holding its output pipe, found in /proc and rescanned until none is left
+    (a fork in flight), at most _KILL_PASSES times. Not killed: a process that
+    left the session *and* closed the script's output — a daemon proper, as
+    ``service x start`` or ``start-stop-daemon`` leave one; its service
+    manager owns it. ``systemctl start`` hands the work to systemd, outside
+    the script's session entirely.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(sid, signal.SIGKILL)
+    for _ in range(_KILL_PASSES):
+        found = _script_processes(sid, pipe_ino)
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            log.info("killed process %d left by a timed-out script", pid)
 
 
 class RealSystem:
@@ -831,6 +988,16 @@ class RealSystem:
         env: dict[str, str],
         timeout: float,
     ) -> ScriptRun:
+        """Run ``directory/name`` (SPEC §4: cwd, environment) for at most ``timeout``
+        seconds; never raises for its exit code.
+
+        The script is done when it exits (Puppet's exec and Ansible's shell end
+        there too): what it leaves running — a daemon it started, ``sleep 30 &``
+        — keeps running, even while holding its output, and is not waited for;
+        one that writes to that output afterwards gets EPIPE. On timeout the
+        script and what it started are killed (_kill_script says which). Only
+        the last OUTPUT_TAIL_BYTES of output are kept, as it streams.
+        """
         self.close()  # a script may rebuild directories: walk afresh after it
         started = time.monotonic()
         log.info("running %s script %s/%s", phase, app, name)
@@ -853,13 +1020,18 @@ class RealSystem:
                 duration_s=round(time.monotonic() - started, 3),
                 output_tail=f"cannot execute: {exc.strerror}",
             )
-        timed_out = False
+        assert proc.stdout is not None  # stdout=PIPE
         try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+            output, timed_out = _stream_tail(proc, started + timeout)
+            if timed_out:
+                _kill_script(proc.pid, os.fstat(proc.stdout.fileno()).st_ino)
+                _drain(proc.stdout.fileno(), output)  # what it wrote before it died
+            try:
+                proc.wait(timeout=_REAP_S)
+            except subprocess.TimeoutExpired:  # SIGKILLed yet stuck (in D state: NFS…)
+                log.warning("%s script %s/%s: killed but still not gone", phase, app, name)
+        finally:
+            proc.stdout.close()  # a process left behind that writes to it gets EPIPE
         tail_bytes = output[-OUTPUT_TAIL_BYTES:]
         tail = "\n".join(tail_bytes.decode("utf-8", "replace").splitlines()[-OUTPUT_TAIL_LINES:])
         run = ScriptRun(

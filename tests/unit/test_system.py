@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,6 +220,133 @@ def test_run_script_timeout_kills_the_script_and_its_children(tmp_path):
     assert "never" not in result.output_tail
     time.sleep(2.5)
     assert not marker.exists()  # the background child was killed with the process group
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, killed but not yet reaped by init, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def gone(pid: int, within: float = 3.0) -> bool:
+    """True once ``pid`` no longer runs, waiting up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def pids_of(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()]
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "leave",
+    [
+        "sleep 8 &",  # in the script's process group, holding its output pipe
+        "setsid sleep 8 &",  # out of its group and session, still holding the pipe
+    ],
+)
+def test_a_script_is_done_when_it_exits_whatever_it_leaves_running(tmp_path, leave):
+    """Issue 11: ``sleep 30 & exit 0`` was reported as a timeout; a ``setsid`` child kept
+    the run waiting for it (communicate() reads until every holder of the pipe is
+    gone). The script's exit is the end, as with Puppet's exec and Ansible's shell;
+    what it started keeps running (a daemon it started must)."""
+    pids = tmp_path / "pids"
+    script(tmp_path / "s", "10-daemon", f"echo starting\n{leave}\necho $! > {pids}\nexit 0\n")
+    try:
+        started = time.monotonic()
+        result = run(tmp_path / "s", "10-daemon", timeout=4)
+        elapsed = time.monotonic() - started
+        assert (result.exit_code, result.timed_out, result.ok) == (0, False, True)
+        assert result.output_tail == "starting"
+        assert elapsed < 2
+        assert all(alive(pid) for pid in pids_of(pids))  # left running, not killed
+    finally:
+        kill_all(pids_of(pids))
+
+
+def test_a_timeout_kills_the_scripts_group_its_session_and_what_holds_its_output(tmp_path):
+    """On timeout everything the script started that we can find dies: its process
+    group, its session (a job control group of its own), and a ``setsid`` escapee
+    still holding the output pipe. Before: communicate() after killpg waited for
+    the escapee; a daemon made that forever."""
+    pids = tmp_path / "pids"
+    own_group = 'import os; os.setpgid(0, 0); os.execvp("sleep", ["sleep", "8"])'
+    script(
+        tmp_path / "s",
+        "10-hang",
+        f"sleep 8 &\necho $! >> {pids}\n"
+        f"setsid sleep 8 &\necho $! >> {pids}\n"
+        # a process group of its own in the same session, its output closed
+        f"{sys.executable} -c '{own_group}' >/dev/null 2>&1 &\necho $! >> {pids}\n"
+        "echo spawned\nexec sleep 8\n",
+    )
+    try:
+        started = time.monotonic()
+        result = run(tmp_path / "s", "10-hang", timeout=1)
+        elapsed = time.monotonic() - started
+        assert (result.exit_code, result.timed_out, result.ok) == (None, True, False)
+        assert result.output_tail == "spawned"
+        assert elapsed < 3
+        assert len(pids_of(pids)) == 3
+        assert all(gone(pid) for pid in pids_of(pids))
+    finally:
+        kill_all(pids_of(pids))
+
+
+def test_a_daemon_that_left_the_session_and_our_output_survives_a_timeout(tmp_path):
+    """What is not killed: a process that left the script's session and closed its
+    output (a daemon proper, as ``service x start`` starts one) is not the script's
+    any more; only its own service manager stops it."""
+    pids = tmp_path / "pids"
+    script(
+        tmp_path / "s",
+        "10-start",
+        f"setsid sh -c 'exec sleep 8' >/dev/null 2>&1 &\necho $! > {pids}\nexec sleep 8\n",
+    )
+    try:
+        result = run(tmp_path / "s", "10-start", timeout=1)
+        assert result.timed_out
+        assert all(alive(pid) for pid in pids_of(pids))
+    finally:
+        kill_all(pids_of(pids))
+
+
+def test_run_script_keeps_only_the_tail_of_a_huge_output_in_memory(tmp_path):
+    """Issue 11: a script printing 1 GiB took 2.1 GB of RSS to keep a 4 KiB tail.
+    200 MB through a real run_script in a child Python: its peak RSS grows by far
+    less than the output (before: by more than 200 MB)."""
+    script(tmp_path / "s", "10-flood", "head -c 200000000 /dev/zero\necho\necho the end\n")
+    probe = f"""
+import json, resource
+from pathlib import Path
+from reconciler.host.system import RealSystem
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run = RealSystem().run_script(phase="post", app="app", name="10-flood",
+    directory=Path({str(tmp_path / "s")!r}), env={{"PATH": "/usr/bin:/bin"}}, timeout=60)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps([run.exit_code, run.output_tail, (after - before) // 1024]))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    exit_code, tail, grown_mb = json.loads(proc.stdout)
+    assert exit_code == 0
+    assert tail.splitlines()[-1] == "the end"
+    assert len(tail.encode()) <= 4096
+    assert grown_mb < 32  # MB of peak RSS growth for 200 MB of output
 
 
 def test_run_script_captures_exit_code_env_cwd_and_output(tmp_path):
