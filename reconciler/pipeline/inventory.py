@@ -282,6 +282,23 @@ def _children(node: Any) -> list[Any]:
     return []
 
 
+def suspension_end(until: Any) -> dt.datetime | None:
+    """``suspended.until`` (SPEC §4) as an aware datetime; None when it is not a time.
+
+    ISO 8601 as Python reads it: a date, or a date and time with ``Z`` or an
+    offset; a time without either is UTC. YAML's own timestamps arrive here as
+    ISO strings (:func:`_normalise`). The inventory refuses a host file whose
+    ``until`` this cannot read, so a typo never suspends a node forever.
+    """
+    if not isinstance(until, str) or not until:
+        return None
+    try:
+        end = dt.datetime.fromisoformat(until.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return end if end.tzinfo is not None else end.replace(tzinfo=dt.UTC)
+
+
 def parse_yaml(text: bytes, path: str) -> Any:
     """Parse one YAML document of the repository; InventoryError names ``path`` and line.
 
@@ -474,6 +491,43 @@ class _Scan:
     present: frozenset[str]
 
 
+# The inventory cache keeps a host file's verdict by git blob id; a verdict
+# of older, laxer checks must not stand after an upgrade (a cached
+# ``until: never`` or alias bomb would skip the new checks forever). Bump this
+# whenever a check of a file's content becomes stricter.
+CHECKS_VERSION = "2"
+
+
+def _content_problems(data: Any, raw: bytes, path: str) -> list[str]:
+    """What is wrong with one parsed host file's content, whatever its name."""
+    found = _schema_problems(_validators()[0], data, raw.decode("utf-8", "replace"), path)
+    if found:
+        return found
+    suspended = data.get("suspended") if isinstance(data, dict) else None
+    if (
+        isinstance(suspended, dict)
+        and "until" in suspended
+        and suspension_end(suspended["until"]) is None
+    ):
+        line = _yaml_line(raw.decode("utf-8", "replace"), ["suspended", "until"])
+        found.append(
+            f"{path}:{line}: suspended.until: {_short(suspended['until'])} is not a time "
+            "such as 2026-12-01T00:00:00Z — write an ISO 8601 time or date (UTC unless "
+            "it has an offset), or remove until: to stay suspended until resumed"
+        )
+    return found
+
+
+def _name_problems(stem: str, data: Any, path: str) -> list[str]:
+    """What is wrong with a host file for its name: checked on every run, cached or not."""
+    found = []
+    if stem == DEFAULTS and isinstance(data, dict) and "include_nodes" in data:
+        found.append(f"{path}: include_nodes is not allowed in _defaults — move it to a meta-node")
+    if stem != DEFAULTS and not stem[:1].isalnum():
+        found.append(f"{path}: a node name must start with a letter or digit — rename the file")
+    return found
+
+
 def _scan_hosts(snapshot: Snapshot, cache: dict[str, Any] | None) -> _Scan:
     problems: list[tuple[str | None, str]] = []
     files: dict[str, HostFile] = {}
@@ -489,39 +543,31 @@ def _scan_hosts(snapshot: Snapshot, cache: dict[str, Any] | None) -> _Scan:
         path = f"hosts/{name}"
         stem = name[: -len(".yaml")]
         blob = snapshot.blob_id(path)
-        if cache is not None and blob is not None and blob in cache:
-            host = HostFile(name=stem, path=path, data=cache[blob])
-            if stem == DEFAULTS:
-                defaults = host
-            else:
-                files[stem] = host
-            continue
-        try:
-            raw = snapshot.read(path)
-        except SourceError as exc:  # a working tree's symlink or FIFO: never read
-            problems.append((stem, str(exc)))
-            continue
-        try:
-            data = parse_yaml(raw, path)
-        except InventoryError as exc:
-            problems.append((stem, str(exc)))
-            continue
-        data = {} if data is None else data
-        node_validator = _validators()[0]
-        found = _schema_problems(node_validator, data, raw.decode("utf-8", "replace"), path)
-        if stem == DEFAULTS and isinstance(data, dict) and "include_nodes" in data:
-            found.append(
-                f"{path}: include_nodes is not allowed in _defaults — move it to a meta-node"
-            )
-        if stem != DEFAULTS and not stem[:1].isalnum():
-            found.append(f"{path}: a node name must start with a letter or digit — rename the file")
+        key = f"{CHECKS_VERSION}:{blob}" if cache is not None and blob is not None else None
+        if key is not None and cache is not None and key in cache:
+            data = cache[key]
+            found = []
+        else:
+            try:
+                raw = snapshot.read(path)
+            except SourceError as exc:  # a working tree's symlink or FIFO: never read
+                problems.append((stem, str(exc)))
+                continue
+            try:
+                data = parse_yaml(raw, path)
+            except InventoryError as exc:
+                problems.append((stem, str(exc)))
+                continue
+            data = {} if data is None else data
+            found = _content_problems(data, raw, path)
+            if not found and key is not None and cache is not None:
+                cache[key] = data
+        found.extend(_name_problems(stem, data, path))
         if found:
             problems.extend((stem, p) for p in found)
             invalid_data[stem] = data
             continue
         host = HostFile(name=stem, path=path, data=data)
-        if cache is not None and blob is not None:
-            cache[blob] = data
         if stem == DEFAULTS:
             defaults = host
         else:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.config import AgentConfig
 from reconciler.errors import (
     ConfigError,
+    InventoryError,
     ReconcilerError,
     SourceError,
     UntrustedCommitError,
@@ -183,17 +184,25 @@ def new_run_id(now: dt.datetime) -> str:
 
 
 def _suspension(node: Node, now: dt.datetime) -> Mapping[str, Any] | None:
-    """The node's ``suspended:`` if still in force (SPEC §4), else None."""
+    """The node's ``suspended:`` if still in force (SPEC §4), else None.
+
+    An ``until`` that is not a time is refused by the inventory; should one
+    come through anyway, the run fails naming the node's host files rather
+    than suspending the node forever (or never) without a word.
+    """
+    from reconciler.pipeline.inventory import suspension_end
+
     if not node.suspended:
         return None
     until = node.suspended.get("until")
     if until:
-        try:
-            end = dt.datetime.fromisoformat(str(until).replace("Z", "+00:00"))
-        except ValueError:
-            return node.suspended  # unreadable end: stay suspended, fail safe
-        if end.tzinfo is None:
-            end = end.replace(tzinfo=dt.UTC)
+        end = suspension_end(until)
+        if end is None:
+            raise InventoryError(
+                f"suspended.until {str(until)[:40]!r} of node {node.name} is not a time",
+                where=", ".join(node.sources),
+                hint="write an ISO 8601 time such as 2026-12-01T00:00:00Z",
+            )
         if end <= now:
             return None
     return node.suspended

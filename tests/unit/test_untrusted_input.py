@@ -22,8 +22,11 @@ import pytest
 from reconciler.cli.main import main
 from reconciler.config import load_config
 from reconciler.errors import ConfigError, InventoryError
+from reconciler.git.repo import discover
+from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.pipeline.inventory import (
     check_hosts,
+    inventory_problems,
     load_app_config,
     load_inventory,
     parse_yaml,
@@ -268,3 +271,62 @@ def test_validate_refuses_host_files_named_so(tmp_path):
     for name in BAD_NAMES:
         assert any(p.startswith(f"hosts/{name}.yaml:") for p in check.problems), check.problems
     assert check.renderable == ("web1",)
+
+
+# ------------------------------------------ item 14a: a suspension's end
+
+
+def test_an_unreadable_suspension_end_is_refused(tmp_path):
+    snap = write_repo(
+        tmp_path,
+        {
+            "hosts/n1.yaml": "apps: [a]\nsuspended: {reason: disk, until: not-a-date}\n",
+            **app_files("a"),
+        },
+    )
+    problems = check_hosts(snap).problems
+    assert len(problems) == 1, problems
+    assert (
+        problems[0].startswith("hosts/n1.yaml:2: suspended.until") and "not-a-date" in (problems[0])
+    )
+    with pytest.raises(InventoryError):  # the agent: never silently suspended forever
+        load_inventory(snap)
+
+
+@pytest.mark.parametrize(
+    "until",
+    ["2026-12-01T00:00:00Z", '"2026-12-01T00:00:00Z"', "2026-12-01", "2026-12-01T02:00:00+02:00"],
+)
+def test_readable_suspension_ends_are_accepted(tmp_path, until):
+    snap = write_repo(
+        tmp_path,
+        {
+            "hosts/n1.yaml": f"apps: [a]\nsuspended: {{reason: r, until: {until}}}\n",
+            **app_files("a"),
+        },
+    )
+    assert node_of(snap, "n1").suspended is not None
+
+
+def test_a_check_made_stricter_is_not_skipped_by_the_inventory_cache(tmp_path):
+    """The agent caches checked host files by blob; an older reconciler's verdict must not stand."""
+    work = tmp_path / "work"
+    write_repo(work, {"hosts/n1.yaml": "apps: [a]\nsuspended: {reason: r, until: never}\n"})
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    subprocess.run(["git", "-C", str(work), "add", "-A"], check=True)
+    subprocess.run(
+        ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
+        check=True,
+    )
+    repo = discover(work)
+    assert repo is not None
+    head = subprocess.run(
+        ["git", "-C", str(work), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    snap = GitSnapshot(repo, head, SourceInfo(url="x", branch="main", commit=head))
+    blob = snap.blob_id("hosts/n1.yaml")
+    assert blob is not None
+    # What the previous version stored: the blob id alone as the key.
+    old = {blob: {"apps": ["a"], "suspended": {"reason": "r", "until": "never"}}}
+    inventory, problems = inventory_problems(snap, old)
+    assert inventory is None and "hosts/n1.yaml" in problems[0], problems
