@@ -49,6 +49,39 @@ def parse_duration(value: object, *, key: str) -> float:
     raise ConfigError(f"config: {key}: expected a duration like 30s, 5m or 1h, got {value!r}")
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_size(value: object, *, key: str) -> int:
+    """Return bytes for ``1MiB``, ``512KiB``, ``64M``, ``2GB``, ``0`` or a bare number of bytes.
+
+    ``KiB``/``MiB``/``GiB`` and the bare ``K``/``M``/``G`` are powers of 1024 (as
+    nginx and dd read them), ``kB``/``MB``/``GB`` powers of 1000. Raises
+    ConfigError naming ``key`` for anything else (SPEC §2 ``max_file_size``).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            unit = (match.group(2) or "").lower()
+            if unit.endswith("b") and len(unit) == 2:  # kb, mb, gb: decimal
+                return int(match.group(1)) * _DECIMAL[unit[0]]
+            return int(match.group(1)) * _UNIT_BYTES[unit[:1]]
+    raise ConfigError(f"config: {key}: expected a size like 1MiB, 512KiB or 1048576, got {value!r}")
+
+
+def format_size(size: int) -> str:
+    """``1 MiB``, ``64 KiB``, ``1500 bytes``: a size in the largest binary unit that
+    divides it, as the messages about ``report.max_capture`` show it."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
     """Credentials for the desired-state repository (SPEC §2 ``auth``)."""
@@ -78,6 +111,10 @@ class ReportConfig:
     webhook_token_file: str | None = None  # bearer token for the webhook (issue #4)
     notify_on: tuple[str, ...] = ("drift", "failed")
     ping_url: str | None = None
+    # Bytes: a drifted file larger than this is recorded by size and sha256 only,
+    # never committed (issue 11: a 500 MB drifted file grew the git server by
+    # 500 MB a drift). Also the largest file ``reconciler diff`` loads.
+    max_capture: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +176,7 @@ SCALAR_KEYS: tuple[str, ...] = (
 _DURATION_KEYS = frozenset(
     {"interval", "splay", "lock_timeout", "boot_timeout", "net_timeout", "heartbeat"}
 )
+_SIZE_KEYS = frozenset({"max_capture"})
 _NESTED: dict[str, type[Any]] = {
     "auth": AuthConfig,
     "verify": VerifyConfig,
@@ -152,6 +190,8 @@ def _coerce(key: str, value: object, default: object) -> object:
     """Check ``value`` against the type of ``default``; durations become seconds."""
     if key.rsplit(".", 1)[-1] in _DURATION_KEYS:
         return parse_duration(value, key=key)
+    if key.rsplit(".", 1)[-1] in _SIZE_KEYS:
+        return parse_size(value, key=key)
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -31,6 +31,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
+from reconciler.config import format_size
 from reconciler.errors import ApplyError, PathError, ReconcilerError
 from reconciler.git.repo import Repo
 from reconciler.git.reports import commit_report as git_commit_report
@@ -163,6 +164,46 @@ class ReportDrift:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReportUncaptured:
+    """A ReportUncaptured is a drifted file larger than ``report.max_capture``: recorded
+    by size and sha256 only, never committed under ``drift/`` (issue 11; SPEC §5
+    captures, bounded)."""
+
+    path: str  # destination path, absolute as the host sees it
+    size: int  # bytes found
+    sha256: str  # hex, of the bytes found
+    max_capture: int  # bytes: the host's report.max_capture at the time
+
+    def note(self) -> str:
+        """``not captured: 524288000 bytes > report.max_capture 1 MiB, sha256 <hex>``."""
+        return (
+            f"not captured: {self.size} bytes > report.max_capture "
+            f"{format_size(self.max_capture)}, sha256 {self.sha256}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """``{path, size, sha256, max_capture, note}``; ``note`` for a human reading the JSON."""
+        return {
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "max_capture": self.max_capture,
+            "note": self.note(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ReportUncaptured:
+        """Read one ``uncaptured`` entry (``note`` is derived, not read)."""
+        size, limit = data.get("size"), data.get("max_capture")
+        return cls(
+            path=str(data.get("path") or ""),
+            size=size if isinstance(size, int) else 0,
+            sha256=str(data.get("sha256") or ""),
+            max_capture=limit if isinstance(limit, int) else 0,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReportScript:
     """A ReportScript is one pre or post script run (SPEC §4, §5 ``scripts``)."""
 
@@ -255,6 +296,9 @@ class Report:
     result: str  # ok | changed | drift | failed (SPEC §6)
     changes: tuple[ReportChange, ...] = ()
     drift: tuple[ReportDrift, ...] = ()
+    # Drifted files too large to capture; the key is written only when there are any,
+    # so reports without are byte for byte what earlier versions wrote.
+    uncaptured: tuple[ReportUncaptured, ...] = ()
     excluded: tuple[str, ...] = ()
     scripts: tuple[ReportScript, ...] = ()
     errors: tuple[str, ...] = ()  # one line each, as the CLI prints them
@@ -328,7 +372,8 @@ class Report:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of SPEC §5, keys in the order of the SPEC (then ``rollback``)."""
+        """The JSON object of SPEC §5, keys in the order of the SPEC (then ``rollback``);
+        ``uncaptured`` after ``drift``, only when there are any."""
         out: dict[str, Any] = {
             "node": self.node,
             "run_id": self.run_id,
@@ -343,6 +388,10 @@ class Report:
             "result": self.result,
             "changes": [c.to_json() for c in self.changes],
             "drift": [d.to_json() for d in self.drift],
+        }
+        if self.uncaptured:
+            out["uncaptured"] = [u.to_json() for u in self.uncaptured]
+        out |= {
             "excluded": list(self.excluded),
             "scripts": [s.to_json() for s in self.scripts],
             "errors": list(self.errors),
@@ -380,6 +429,9 @@ class Report:
             result=str(data.get("result") or "failed"),
             changes=tuple(ReportChange.from_json(_mapping(c)) for c in _list(data.get("changes"))),
             drift=tuple(ReportDrift.from_json(_mapping(d)) for d in _list(data.get("drift"))),
+            uncaptured=tuple(
+                ReportUncaptured.from_json(_mapping(u)) for u in _list(data.get("uncaptured"))
+            ),
             excluded=tuple(str(p) for p in _list(data.get("excluded"))),
             scripts=tuple(ReportScript.from_json(_mapping(s)) for s in _list(data.get("scripts"))),
             errors=tuple(str(e) for e in _list(data.get("errors"))),
@@ -428,6 +480,7 @@ def build_report(
     recovered: Mapping[str, Any] | None = None,
     rolled_back: set[PurePosixPath] | None = None,
     excluded: Sequence[str] = (),
+    uncaptured: Sequence[ReportUncaptured] = (),
 ) -> Report:
     """The Report of a reconcile run (SPEC §4, §5).
 
@@ -436,8 +489,9 @@ def build_report(
     in the order they happened; the report keeps their text (``str``), the
     one line the CLI prints. ``excluded`` is used when the run made no plan:
     the no-op short cut (SPEC §7) reports the excluded paths of the last
-    full run; otherwise they are the plan's. The result follows SPEC §6
-    (:func:`run_result`).
+    full run; otherwise they are the plan's. ``uncaptured``: the drifted
+    files too large to capture (pipeline/capture.py). The result follows
+    SPEC §6 (:func:`run_result`).
     """
     changes: tuple[ReportChange, ...] = ()
     drift: tuple[ReportDrift, ...] = ()
@@ -470,6 +524,7 @@ def build_report(
         result=run_result(errors=errors, plan=plan),
         changes=changes,
         drift=drift,
+        uncaptured=tuple(uncaptured),
         excluded=tuple(excluded),
         scripts=tuple(ReportScript.of(s) for s in scripts),
         errors=tuple(str(e) for e in errors),

@@ -60,6 +60,8 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     for d in report.drift:
         if d.path not in planned:
             out.write(f"  ! drift  {d.path}  [{d.kind}, left alone by policy]\n")
+    for u in report.uncaptured:
+        out.write(f"  ! {u.path}: {u.note()}\n")
     for s in report.scripts:
         state = "timed out" if s.timed_out else f"exit {s.exit_code}"
         if s.exit_code is None and not s.timed_out:
@@ -106,7 +108,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.state import load_state
     from reconciler.host.statedir import StateDir
     from reconciler.host.system import RealSystem
-    from reconciler.ops.history import file_diff
+    from reconciler.ops.history import LargeFile, file_diff
     from reconciler.pipeline.plan import is_secret
     from reconciler.pipeline.run import RunOptions, reconcile_once
     from reconciler.pipeline.scan import host_path
@@ -120,6 +122,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     root = Path(os.path.abspath(config.root))  # as reconcile_once has it
     # A path that was secret stays secret when it is deleted or stops being one.
     managed = load_state(StateDir.at(config.state_dir)).managed
+    limit = config.report.max_capture  # larger files: sizes and hashes, never loaded
     chunks = []
     with RealSystem(root=root) as system:
         for change in outcome.plan.changes:
@@ -129,8 +132,10 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 chunks.append(f"{change.action} {change.path}: {change.detail}\n")
                 continue
             found = outcome.actual[change.path]
-            old: bytes | None = None
-            if found.kind == "file":
+            old: bytes | LargeFile | None = None
+            if found.kind == "file" and found.size > limit and found.sha256 is not None:
+                old = LargeFile(size=found.size, sha256=found.sha256)  # as the scan hashed it
+            elif found.kind == "file":
                 try:
                     # Never through a symlink, only the inode the run's scan saw.
                     old = system.read_bytes(
@@ -144,7 +149,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     )
                     continue
             new = t.content if (t is not None and change.action != "delete") else None
-            chunks.append(file_diff(str(change.path), old, new, secret=secret))
+            chunks.append(file_diff(str(change.path), old, new, secret=secret, limit=limit))
     if args.format == "json":
         emit_json({"report": outcome.report.to_json(), "diff": "".join(chunks)}, out)
     else:

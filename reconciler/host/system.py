@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import secrets
 import selectors
+import shutil
 import signal
 import stat
 import subprocess
@@ -31,7 +33,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from reconciler.errors import PathError, UnsafePathError
 
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 OUTPUT_TAIL_LINES = 20
 OUTPUT_TAIL_BYTES = 4096
+# Files are hashed and copied this much at a time: memory stays bounded whatever
+# a drifted file's size (issue 11: a 500 MB file once cost a run 1.5 GB RSS).
+CHUNK = 1 << 20
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,12 +56,24 @@ def fsync_dir(path: Path) -> None:
 
 
 def fill(
-    fd: int, content: bytes, *, mode: int, uid: int | None, gid: int | None, sync: bool
+    fd: int,
+    content: bytes | BinaryIO,
+    *,
+    mode: int,
+    uid: int | None,
+    gid: int | None,
+    sync: bool,
 ) -> None:
     """Write ``content`` to the new temp file ``fd``, set its mode and owner, fsync it
-    unless ``sync`` is False, and close ``fd``: a temp file ready to be renamed."""
+    unless ``sync`` is False, and close ``fd``: a temp file ready to be renamed.
+
+    ``content`` is bytes, or a file open for reading, copied CHUNK bytes at a
+    time (a backup of a file of any size, never whole in memory)."""
     with os.fdopen(fd, "wb") as fh:
-        fh.write(content)
+        if isinstance(content, bytes):
+            fh.write(content)
+        else:
+            shutil.copyfileobj(content, fh, CHUNK)
         fh.flush()
         os.fchmod(fh.fileno(), mode)
         if uid is not None or gid is not None:
@@ -67,14 +84,15 @@ def fill(
 
 def write_temp(
     path: Path,
-    content: bytes,
+    content: bytes | BinaryIO,
     *,
     mode: int = 0o644,
     uid: int | None = None,
     gid: int | None = None,
     sync: bool = True,
 ) -> str:
-    """Write ``content`` to a new temp file beside ``path``; return the temp's path.
+    """Write ``content`` (bytes or a file to copy, as :func:`fill`) to a new temp file
+    beside ``path``; return the temp's path.
 
     Mode and owner are set on the temp file, so the rename publishes a
     complete file. ``sync=False`` leaves durability to a later syncfs (batch).
@@ -166,6 +184,16 @@ class ScriptRun:
         return not self.timed_out and self.exit_code in (0, None)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileDigest:
+    """A FileDigest is the size and sha256 of a regular file read once, in chunks, with
+    its bytes only when they fit the caller's bound (a drift capture, a reused render)."""
+
+    size: int  # bytes read
+    sha256: str  # hex, of those bytes
+    content: bytes | None  # the bytes when size <= keep; None for a larger file
+
+
 TEMP_SUFFIX = ".reconciler-tmp"
 MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP)
 
@@ -209,6 +237,14 @@ class System(Protocol):
         """The bytes of regular file ``path``; with ``expect`` (st_dev, st_ino), only if it
         is still that inode. Raises PathError for a symlink, anything but a regular
         file or another inode; OSError otherwise."""
+        ...
+
+    def digest(
+        self, path: str | Path, *, expect: StatId | None = None, keep: int = 0
+    ) -> FileDigest:
+        """Size and sha256 of regular file ``path``, read CHUNK bytes at a time, with its
+        bytes when there are no more than ``keep`` of them: memory stays bounded by
+        ``keep`` + CHUNK whatever the file's size. ``expect`` and errors as read_bytes."""
         ...
 
     def readlink(self, path: str | Path) -> str:
@@ -649,14 +685,15 @@ class RealSystem:
         self,
         d: int | None,
         name: str,
-        content: bytes,
+        content: bytes | BinaryIO,
         mode: int,
         uid: int | None,
         gid: int | None,
         *,
         sync: bool,
     ) -> str:
-        """A new temp file beside ``name`` holding ``content`` with mode and owner set."""
+        """A new temp file beside ``name`` holding ``content`` (bytes or a file to copy,
+        as :func:`fill`) with mode and owner set."""
         head, base = os.path.split(name)
         for _ in range(100):
             tmp = os.path.join(head, f".{base}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -694,7 +731,9 @@ class RealSystem:
         d, name = self._at(p)
         return os.stat(name, dir_fd=d, follow_symlinks=False)
 
-    def _read(self, path: str | Path, expect: StatId | None) -> tuple[bytes, os.stat_result]:
+    def _open_read(self, path: str | Path, expect: StatId | None) -> tuple[int, os.stat_result]:
+        """A descriptor of regular file ``path`` (the inode ``expect`` names) and its fstat;
+        the caller closes it."""
         d, name = self._at(path)
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=d)
@@ -707,12 +746,40 @@ class RealSystem:
         try:
             st = os.fstat(fd)
             _readable(st, path, expect)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def _read(self, path: str | Path, expect: StatId | None) -> tuple[bytes, os.stat_result]:
+        fd, st = self._open_read(path, expect)
+        try:
             return _read_fd(fd), st
         finally:
             os.close(fd)
 
     def read_bytes(self, path: str | Path, *, expect: StatId | None = None) -> bytes:
         return self._read(path, expect)[0]
+
+    def digest(
+        self, path: str | Path, *, expect: StatId | None = None, keep: int = 0
+    ) -> FileDigest:
+        fd, _ = self._open_read(path, expect)
+        hasher = hashlib.sha256()
+        kept: list[bytes] | None = []
+        size = 0
+        try:
+            while chunk := os.read(fd, CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
+                if kept is not None and size <= keep:
+                    kept.append(chunk)
+                else:
+                    kept = None  # larger than ``keep``: hashed only
+        finally:
+            os.close(fd)
+        content = b"".join(kept) if kept is not None else None
+        return FileDigest(size=size, sha256=hasher.hexdigest(), content=content)
 
     def readlink(self, path: str | Path) -> str:
         d, name = self._at(path)
@@ -881,17 +948,25 @@ class RealSystem:
         return True
 
     def backup(self, path: Path, dest: Path, *, expect: StatId | None = None) -> None:
-        content, st = self._read(path, expect)
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        mode = stat.S_IMODE(st.st_mode) & 0o700 | 0o600
+        fd, st = self._open_read(path, expect)
+        # Copied CHUNK bytes at a time, never whole in memory (issue 11).
+        with os.fdopen(fd, "rb", buffering=0) as source:
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            mode = stat.S_IMODE(st.st_mode) & 0o700 | 0o600
+            # Durable before the original is replaced: a crash must never lose both —
+            # at once, or (batch) by flush's first syncfs, before any rename.
+            tmp = write_temp(dest, source, mode=mode, sync=not self._batch)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         if self._batch:
-            # Made durable by flush's first syncfs, before the original is replaced.
-            os.rename(write_temp(dest, content, mode=mode, sync=False), dest)
             self._dirs.add(dest.parent)
             self._unsynced_backups.add(dest.parent)
             return
-        # Durable before the original is replaced: a crash must never lose both.
-        atomic_write(dest, content, mode=mode)
+        fsync_dir(dest.parent)
 
     def move(self, path: Path, dest: Path) -> None:
         sd, sname = self._at(path)
@@ -945,8 +1020,9 @@ class RealSystem:
             finally:
                 os.close(fd)
         elif stat.S_ISREG(st.st_mode):
-            content, st = self._read(src, (st.st_dev, st.st_ino))
-            tmp = self._temp(d, name, content, stat.S_IMODE(st.st_mode), None, None, sync=False)
+            fd, st = self._open_read(src, (st.st_dev, st.st_ino))
+            with os.fdopen(fd, "rb", buffering=0) as source:  # streamed, as backup()
+                tmp = self._temp(d, name, source, stat.S_IMODE(st.st_mode), None, None, sync=False)
             os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(self.readlink(src), name, dir_fd=d)
@@ -1065,6 +1141,11 @@ class _ReadThrough:
 
     def read_bytes(self, path: str | Path, *, expect: StatId | None = None) -> bytes:
         return self._inner.read_bytes(path, expect=expect)
+
+    def digest(
+        self, path: str | Path, *, expect: StatId | None = None, keep: int = 0
+    ) -> FileDigest:
+        return self._inner.digest(path, expect=expect, keep=keep)
 
     def readlink(self, path: str | Path) -> str:
         return self._inner.readlink(path)

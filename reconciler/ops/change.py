@@ -426,7 +426,10 @@ def _uses_template(snapshot: Snapshot, inventory: Inventory, node: str, template
 
 
 def _capture_report(up: Upstream, node: str, path: str, run: str | None) -> tuple[str, bytes]:
-    """The newest report commit of ``node`` (or ``run``'s) that captured ``path``, and the capture."""
+    """The newest report commit of ``node`` (or ``run``'s) that captured ``path``, and the capture.
+
+    UsageError when none did, or when a newer report holds it as uncaptured
+    (too large to capture: its content never left the host)."""
     tip = find_report(up, node, run) if run else report_tip(up, node)
     seen_drift = False
     for commit in report_commits(up.repo, tip):
@@ -434,6 +437,18 @@ def _capture_report(up: Upstream, node: str, path: str, run: str | None) -> tupl
         if path in found:
             return commit, found[path]
         seen_drift = seen_drift or bool(found)
+        try:
+            report = read_report(up.repo, commit)
+        except SourceError:
+            report = None  # a hand-made commit without a report
+        for large in report.uncaptured if report is not None else ():
+            if large.path == path:  # its newest drift was too large to capture
+                raise UsageError(
+                    f"cannot adopt an uncaptured file ({large.note()})",
+                    where=f"reports/{node}: {path}",
+                    hint=f"copy the file from {node} into the desired state by hand, or raise "
+                    f"report.max_capture on {node} and adopt it after its next drift",
+                )
         if run:
             break
     hint = (
@@ -457,7 +472,8 @@ def adopt(
     the diff against the render is returned — a reverse template is never
     guessed. The desired side is rendered with the report's facts. Pushes
     the branch unless ``push`` is false. Raises UsageError when nothing was
-    captured for ``path``, InventoryError when the node no longer renders
+    captured for ``path`` or its newest drift was larger than the host's
+    ``report.max_capture`` (known by size and sha256 only), InventoryError when the node no longer renders
     it, SourceError when the push fails (e.g. the branch exists).
     """
     dest = "/" + path.strip("/")

@@ -9,7 +9,9 @@ was desired — the node rendered at the report's ``applied_commit`` (the
 commit whose state the host enforces, against which it measured drift; the
 fetched ``source.commit`` may have been refused or have failed) with the
 report's own ``facts``. Secret paths are never captured; they show a sha256
-prefix of the desired content only (SPEC §6).
+prefix of the desired content only (SPEC §6). A file the host found larger
+than its ``report.max_capture`` is known by size and sha256 only: its diff is
+one line of sizes and hashes, and its note says why.
 """
 
 from __future__ import annotations
@@ -29,27 +31,79 @@ from reconciler.pipeline.inventory import effective_node, load_inventory
 from reconciler.pipeline.render import TargetState, render_target
 from reconciler.report import Report
 
+# Bytes: a side larger than this is shown by size and sha256, never diffed line by
+# line (difflib on two large files costs minutes and a multiple of their size).
+DIFF_LIMIT = 1 << 20
 
-def digest(data: bytes) -> str:
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LargeFile:
+    """A LargeFile is one side of a diff known by size and sha256 only: a file too large
+    to load (``reconciler diff``) or to capture (``report.max_capture``)."""
+
+    size: int  # bytes
+    sha256: str  # hex
+
+
+def digest(data: bytes | LargeFile) -> str:
     """``sha256:<16 hex>``: how a secret's content is shown (SPEC §6)."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    hexdigest = data.sha256 if isinstance(data, LargeFile) else hashlib.sha256(data).hexdigest()
+    return "sha256:" + hexdigest[:16]
+
+
+def _summary(side: bytes | LargeFile) -> LargeFile:
+    if isinstance(side, LargeFile):
+        return side
+    return LargeFile(size=len(side), sha256=hashlib.sha256(side).hexdigest())
+
+
+def _large_diff(
+    path: str,
+    old: bytes | LargeFile | None,
+    new: bytes | LargeFile | None,
+    *,
+    secret: bool,
+    labels: tuple[str, str],
+) -> str:
+    """file_diff of a large side: sizes and hashes, one line; "" when both are equal."""
+    left = _summary(old) if old is not None else None
+    right = _summary(new) if new is not None else None
+    if left == right:
+        return ""
+    a = f"{labels[0]}{path}" if left is not None else "/dev/null"
+    b = f"{labels[1]}{path}" if right is not None else "/dev/null"
+    if secret:  # a sha256 prefix only, as for any secret (SPEC §6)
+        sides = ["(none)" if s is None else digest(s) for s in (left, right)]
+        return f"--- {a}\n+++ {b}\nsecret {path}: {sides[0]} → {sides[1]}\n"
+    sides = ["(none)" if s is None else f"{s.size} bytes sha256 {s.sha256}" for s in (left, right)]
+    return f"--- {a}\n+++ {b}\nbinary or large file: sizes and hashes: {sides[0]} → {sides[1]}\n"
 
 
 def file_diff(
     path: str,
-    old: bytes | None,
-    new: bytes | None,
+    old: bytes | LargeFile | None,
+    new: bytes | LargeFile | None,
     *,
     secret: bool,
     old_label: str = "a",
     new_label: str = "b",
+    limit: int = DIFF_LIMIT,
 ) -> str:
     """A unified diff of one destination path; ``None`` is an absent file.
 
-    Secrets show a sha256 prefix of each side only, binaries one line; text
-    that lacks a final newline is marked as git does. Returns "" when both
-    sides are equal.
+    Secrets show a sha256 prefix of each side only, binaries one line; a side
+    larger than ``limit`` bytes, or given as a :class:`LargeFile`, makes the
+    diff one line of sizes and hashes ("binary or large file"); text that
+    lacks a final newline is marked as git does. Returns "" when both sides
+    are equal.
     """
+    if (
+        isinstance(old, LargeFile)
+        or isinstance(new, LargeFile)
+        or len(old or b"") > limit
+        or len(new or b"") > limit
+    ):
+        return _large_diff(path, old, new, secret=secret, labels=(old_label, new_label))
     if old == new:
         return ""
     a = f"{old_label}{path}" if old is not None else "/dev/null"
@@ -206,6 +260,7 @@ def drift_diffs(up: Upstream, report_commit: str, report: Report) -> list[DriftD
         kinds.setdefault(d.path, []).append(d.kind)
     if not kinds:
         return []
+    too_large = {u.path: u for u in report.uncaptured}
     found = drift_captures(up.repo, report_commit)
     applied = report.applied_commit
     target: TargetState | None = None
@@ -224,7 +279,20 @@ def drift_diffs(up: Upstream, report_commit: str, report: Report) -> list[DriftD
         secret = bool(t and t.secret)
         note = ""
         diff = ""
-        if captured is None:
+        large = too_large.get(path)
+        if captured is None and large is not None:
+            # Larger than the host's report.max_capture: known by size and sha256 only.
+            note = large.note()
+            if t is not None:
+                diff = file_diff(
+                    path,
+                    t.content,
+                    LargeFile(size=large.size, sha256=large.sha256),
+                    secret=secret,
+                    old_label="desired",
+                    new_label="host",
+                )
+        elif captured is None:
             if secret:
                 note = f"secret: not captured; desired {digest(t.content)}" if t else "secret"
             elif "missing" in path_kinds:

@@ -28,7 +28,6 @@ The root is read and written only through the System handed in.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import stat
 import time
@@ -254,10 +253,10 @@ def _roll_forward(
         if e.action == "delete" or not stat.S_ISREG(st.st_mode):
             continue
         try:
-            content = system.read_bytes(host, expect=(st.st_dev, st.st_ino))
+            found = system.digest(host, expect=(st.st_dev, st.st_ino))  # streamed
         except (OSError, PathError):
             continue
-        if hashlib.sha256(content).hexdigest() != e.new_sha256:
+        if found.sha256 != e.new_sha256:
             continue
         base = ManagedFile(**e.record) if e.record else None
         managed[e.path] = ManagedFile.from_stat(

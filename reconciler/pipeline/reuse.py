@@ -49,16 +49,22 @@ def written_output(
     matches the record is not rendered again when the file is a regular file
     whose bytes hash to the recorded sha256 — checked on the bytes read, not
     by stat signature, so neither drift nor a racily-clean record can pass.
-    Read through ``system``: never through a symlink.
+    Read through ``system``: never through a symlink; a file of another size
+    than recorded is not read at all, and no more than the recorded size is
+    ever kept in memory (a drifted file may be huge: issue 11).
     """
     record = previous.managed.get(str(dest))
     if record is None or record.render_key != render_key:
         return None
+    path = os.fspath(root).rstrip("/") + str(dest)
     try:
-        data = system.read_bytes(os.fspath(root).rstrip("/") + str(dest))
+        st = system.lstat(path)
+        if st.st_size != record.size:
+            return None
+        found = system.digest(path, expect=(st.st_dev, st.st_ino), keep=record.size)
     except (OSError, PathError):
         return None  # missing, a symlink, not a regular file, unreadable
-    return data if hashlib.sha256(data).hexdigest() == record.sha256 else None
+    return found.content if found.sha256 == record.sha256 else None
 
 
 def unchanged(system: System, root: Path, previous: LocalState) -> bool:

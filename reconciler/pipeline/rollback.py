@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import stat
 from collections.abc import Iterable, Sequence
@@ -401,13 +400,13 @@ def _record(system: System, root: Path, e: JournalEntry) -> ManagedFile | None:
         st = system.lstat(host)
         if not stat.S_ISREG(st.st_mode):
             return None
-        digest = hashlib.sha256(system.read_bytes(host, expect=(st.st_dev, st.st_ino)))
+        digest = system.digest(host, expect=(st.st_dev, st.st_ino))  # streamed
     except (OSError, PathError):
         return None
     assert e.record is not None
     return replace(
         ManagedFile(**e.record),
-        sha256=digest.hexdigest(),
+        sha256=digest.sha256,
         mode=st.st_mode & 0o7777,
         size=st.st_size,
         mtime_ns=st.st_mtime_ns,

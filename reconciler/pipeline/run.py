@@ -58,6 +58,7 @@ from reconciler.report import Report, build_report, commit_report
 
 if TYPE_CHECKING:
     from reconciler.pipeline.apply import ApplyResult
+    from reconciler.pipeline.capture import Captures
     from reconciler.pipeline.inventory import Node
     from reconciler.pipeline.journal import Journal
     from reconciler.pipeline.plan import Plan
@@ -167,7 +168,7 @@ class Converged:
     actual: Mapping[PurePosixPath, ActualFile] = field(default_factory=dict)
     applied: ApplyResult | None = None
     suspended: Mapping[str, Any] | None = None
-    captures: Mapping[PurePosixPath, bytes] = field(default_factory=dict)
+    captures: Captures | None = None  # drifted files as found (None: none looked at)
     excluded: tuple[str, ...] = ()
     journal: Journal | None = None
     state: LocalState | None = None
@@ -447,7 +448,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     target: TargetState | None = None
     actual: Mapping[PurePosixPath, ActualFile] = {}
     plan: Plan | None = None
-    captures: Mapping[PurePosixPath, bytes] = {}
+    captures: Captures | None = None
     recovery = prepared.recovery
     try:
         snapshot = GitSnapshot(
@@ -478,7 +479,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
         plan = make_plan(target, actual, previous, excludes, mode)
         errors.extend(plan.errors)
-        captures = drift_captures(plan, target, previous, actual, root, system)
+        captures = drift_captures(
+            plan, target, previous, actual, root, system, max_capture=config.report.max_capture
+        )
         to_apply = [c for c in plan.changes if c.apply]
         kept = None
         if to_apply and journal:
@@ -599,7 +602,7 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
     report_commit = commit_report(
         repo,
         report,
-        converged.captures,
+        converged.captures.content if converged.captures is not None else {},
         heartbeat_s=config.report.heartbeat,
         now=dt.datetime.now(dt.UTC),
     )
@@ -649,6 +652,7 @@ def _report(
         recovered=prepared.recovery.to_report() if prepared.recovery else None,
         rolled_back=applied.rolled_back if applied else set(),
         excluded=converged.excluded,  # the no-op short cut: the last full run's
+        uncaptured=converged.captures.uncaptured if converged.captures is not None else (),
     )
 
 

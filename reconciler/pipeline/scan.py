@@ -5,6 +5,8 @@ path managed by the last run) and the local state; produces an ActualState:
 for each path its type, mode, owner, stat signature and sha256. A regular
 file whose stat signature equals the recorded one is not read again: its
 sha256 is taken from the local state (SPEC §7: stat signatures, not hashing).
+Any other is hashed as it is read, a chunk at a time: memory does not grow
+with the size of a file found on disk.
 
 Every read goes through a System (host/system.py), which walks from the
 root without following a symlink that leads outside it or that another user
@@ -14,7 +16,6 @@ nothing will be written through it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import time
@@ -122,11 +123,11 @@ def scan_path(
         digest = known.sha256
     else:
         try:
-            # The inode the lstat saw, never through a symlink swapped in since.
-            data = system.read_bytes(path, expect=(st.st_dev, st.st_ino))
+            # The inode the lstat saw, never through a symlink swapped in since;
+            # hashed in chunks, never whole in memory (a drifted file may be huge).
+            digest = system.digest(path, expect=(st.st_dev, st.st_ino)).sha256
         except PathError as exc:
             return _unsafe(dest, exc)
-        digest = hashlib.sha256(data).hexdigest()
     return replace(actual, sha256=digest)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli.main import main
-from reconciler.config import load_config, parse_duration
+from reconciler.config import format_size, load_config, parse_duration, parse_size
 from reconciler.errors import ConfigError
 
 
@@ -70,6 +70,61 @@ def test_nested_duration_report_heartbeat_is_seconds(tmp_path, value, seconds):
 def test_bad_report_heartbeat_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="heartbeat"):
         load_config(config_file(tmp_path, "report: {heartbeat: often}\n"), environ={})
+
+
+# ------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("1MiB", 1 << 20),
+        ("512KiB", 512 << 10),
+        ("64M", 64 << 20),
+        ("2 GiB", 2 << 30),
+        ("1MB", 10**6),
+        ("10kB", 10_000),
+        ("100", 100),
+        ("7b", 7),
+        (4096, 4096),
+        (0, 0),
+    ],
+)
+def test_sizes(tmp_path, value, size):
+    assert parse_size(value, key="report.max_capture") == size
+    yaml_value = repr(value) if isinstance(value, str) else value
+    config = load_config(
+        config_file(tmp_path, f"report: {{max_capture: {yaml_value}}}\n"), environ={}
+    )
+    assert config.report.max_capture == size
+
+
+def test_report_max_capture_defaults_to_one_mib():
+    assert load_config("/dev/null", environ={}).report.max_capture == 1 << 20
+
+
+@pytest.mark.parametrize("value", ["big", "1 TiB", "-1", "1.5MiB", "", True, None, [1], -5, 2.0])
+def test_a_bad_size_is_a_config_error_naming_the_key(tmp_path, value):
+    with pytest.raises(ConfigError) as info:
+        parse_size(value, key="report.max_capture")
+    assert "report.max_capture" in str(info.value)
+    assert info.value.exit_code == 2
+    with pytest.raises(ConfigError, match="report.max_capture"):
+        load_config(config_file(tmp_path, "report: {max_capture: lots}\n"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (1 << 20, "1 MiB"),
+        (64 << 10, "64 KiB"),
+        (3 << 30, "3 GiB"),
+        (1500, "1500 bytes"),
+        (0, "0 bytes"),
+    ],
+)
+def test_format_size(size, text):
+    assert format_size(size) == text
 
 
 # -------------------------------------------------------- keys and types

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from reconciler.ops.fleet import (
     select_nodes,
     summary,
 )
-from reconciler.ops.history import DriftDiff, file_diff
+from reconciler.ops.history import DriftDiff, LargeFile, file_diff
 from reconciler.ops.hostfile import remove_suspended_text, set_state_text, set_suspended_text
 from reconciler.ops.page import fleet_page
 
@@ -247,6 +248,29 @@ def test_file_diff_shows_secrets_and_binaries_without_content():
     added = file_diff("/x", None, b"one\ntwo", secret=False)
     assert added.startswith("--- /dev/null\n+++ b/x\n")
     assert added.endswith("+two\n\\ No newline at end of file\n")
+
+
+def test_file_diff_of_a_large_side_shows_sizes_and_hashes_not_lines():
+    """Issue 11: a side above the limit (or known by hash only) is never diffed line by line."""
+    big = b"line\n" * 300
+    h = hashlib.sha256(big).hexdigest()
+    large = file_diff("/x", b"small\n", big, secret=False, limit=1000)
+    small = f"6 bytes sha256 {hashlib.sha256(b'small' + bytes([10])).hexdigest()}"
+    assert large == (
+        "--- a/x\n+++ b/x\n"
+        f"binary or large file: sizes and hashes: {small} → 1500 bytes sha256 {h}\n"
+    )
+    known = LargeFile(size=1500, sha256=h)
+    assert file_diff("/x", big, known, secret=False) == ""  # the same content
+    gone = file_diff("/x", known, None, secret=False, old_label="host")
+    assert gone.startswith("--- host/x\n+++ /dev/null\n")
+    assert gone.endswith(f": 1500 bytes sha256 {h} → (none)\n")
+    secret = file_diff("/k", b"s", known, secret=True)
+    assert secret.endswith(f"secret /k: {file_diff_digest(b's')} → sha256:{h[:16]}\n")
+
+
+def file_diff_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
 
 
 def test_stale_after_defaults_to_an_overdue_heartbeat():

@@ -45,6 +45,7 @@ from reconciler.report import (
     ReportCounts,
     ReportDrift,
     ReportScript,
+    ReportUncaptured,
     build_report,
     build_rollback_report,
     read_last_run,
@@ -397,6 +398,32 @@ def test_from_json_keeps_keys_it_does_not_know_and_writes_them_back_last():
     assert report.unknown == {"from_the_future": {"x": 1}}
     assert list(report.to_json())[-1] == "from_the_future"
     assert report.to_json() == data
+
+
+def test_an_uncaptured_drifted_file_is_reported_by_size_and_hash_after_drift():
+    """Issue 11: a file above report.max_capture is recorded by size and sha256 only."""
+    big = ReportUncaptured(path="/etc/a", size=524288000, sha256="c" * 64, max_capture=1 << 20)
+    report = dataclasses.replace(_drift(), uncaptured=(big,))
+
+    data = report.to_json()
+
+    keys = list(data)
+    assert keys[keys.index("drift") + 1] == "uncaptured"
+    assert data["uncaptured"] == [
+        {
+            "path": "/etc/a",
+            "size": 524288000,
+            "sha256": "c" * 64,
+            "max_capture": 1048576,
+            "note": "not captured: 524288000 bytes > report.max_capture 1 MiB, sha256 " + "c" * 64,
+        }
+    ]
+    assert Report.from_json(json.loads(json.dumps(data))) == report
+    assert "uncaptured" not in _drift().to_json()  # none: the bytes earlier versions wrote
+    assert Report.from_json(_drift().to_json()).uncaptured == ()
+    out = io.StringIO()
+    _print_run(RunOutcome(report=report, report_commit=None), out)
+    assert "  ! /etc/a: not captured: 524288000 bytes > report.max_capture 1 MiB" in out.getvalue()
 
 
 @pytest.mark.parametrize("data", [[], "report", 3, None])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,6 +181,76 @@ def test_backup_copies_content_and_is_readable_by_its_owner_only(tmp_path, mode,
     RealSystem().backup(src, dest)
     assert dest.read_bytes() == b"\x00previous\n"
     assert mode_of(dest) == kept
+
+
+def _random_file(path: Path, mib: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("wb") as fh:
+        for _ in range(mib):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            fh.write(chunk)
+    return digest.hexdigest()
+
+
+def _peak_allocated(work) -> int:
+    """Peak bytes Python allocated while ``work()`` ran (tracemalloc: every bytes object)."""
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_backup_of_a_large_file_is_copied_in_chunks_never_whole_in_memory(tmp_path, batch):
+    """Issue 11: a 500 MB drifted file was read whole to back it up (and kept twice)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    big = root / "big"
+    found = _random_file(big, 16)
+    big.chmod(0o640)
+    dest = tmp_path / "state" / "backups" / "run" / "files" / "big"
+    system = RealSystem(root=root, trusted=[tmp_path / "state"], batch=batch)
+    st = big.stat()
+
+    def back_up() -> None:
+        system.backup(big, dest, expect=(st.st_dev, st.st_ino))
+        system.flush()
+
+    peak = _peak_allocated(back_up)
+    assert peak < 4 << 20, f"{peak >> 20} MiB allocated to back up a 16 MiB file"
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == found
+    assert mode_of(dest) == 0o600
+    assert not [p for p in dest.parent.iterdir() if p.name != "big"]  # no temp file left
+
+
+def test_digest_streams_and_keeps_the_bytes_only_up_to_its_bound(tmp_path):
+    """A file is hashed a chunk at a time; its bytes are kept only when they fit ``keep``."""
+    root = tmp_path / "root"
+    root.mkdir()
+    big = root / "big"
+    found = _random_file(big, 8)
+    small = root / "small"
+    small.write_bytes(b"motd\n")
+    system = RealSystem(root=root)
+    result = []
+    peak = _peak_allocated(lambda: result.append(system.digest(big, keep=1 << 20)))
+    (large,) = result
+    assert (large.size, large.sha256, large.content) == (8 << 20, found, None)
+    assert peak < 4 << 20, f"{peak >> 20} MiB allocated to hash an 8 MiB file"
+    kept = system.digest(small, keep=5)
+    assert (kept.size, kept.content) == (5, b"motd\n")
+    assert kept.sha256 == hashlib.sha256(b"motd\n").hexdigest()
+    assert system.digest(small, keep=4).content is None  # one byte over: hashed only
+    assert system.digest(small).content is None  # keep=0: hashed only
+    st = small.stat()
+    with pytest.raises(UnsafePathError):
+        system.digest(small, expect=(st.st_dev, st.st_ino + 1))  # not the inode the scan saw
+    (root / "link").symlink_to(small)
+    with pytest.raises(UnsafePathError):
+        system.digest(root / "link")
 
 
 # ----------------------------------------------------------------- scripts
