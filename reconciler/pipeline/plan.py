@@ -18,7 +18,7 @@ from __future__ import annotations
 import grp
 import hashlib
 import pwd
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -96,32 +96,46 @@ def sha256(data: bytes) -> str:
 
 
 def resolve_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, int | None]]:
-    """uid/gid of every owner/group named in metadata, by name on this host.
+    """uid/gid of every owner/group named in metadata, by name or number on this host.
 
-    Raises InventoryError for an unknown user or group, before anything is
-    written (issue #3: resolve names up front).
+    A number (``"0"``, ``"998"``) must be a user's or a group's id on this host,
+    as a name must be its name: ``"99999"`` would otherwise make files
+    owned by nobody, where ``chown`` (and Puppet's ``owner``) take an id as
+    written. Raises InventoryError for an unknown user or group, before
+    anything is written (issue #3: resolve names up front).
     """
     out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
     for path, t in target.files.items():
         uid = gid = None
         if t.owner is not None:
-            try:
-                uid = int(t.owner) if t.owner.isdigit() else pwd.getpwnam(t.owner).pw_uid
-            except KeyError:
+            uid = _resolve(
+                t.owner, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid
+            )
+            if uid is None:
                 raise InventoryError(
                     f"{path}: owner {t.owner!r} does not exist on this host (node "
                     f"{target.node}, {t.template}) — create the user or change files: owner"
-                ) from None
+                )
         if t.group is not None:
-            try:
-                gid = int(t.group) if t.group.isdigit() else grp.getgrnam(t.group).gr_gid
-            except KeyError:
+            gid = _resolve(
+                t.group, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid
+            )
+            if gid is None:
                 raise InventoryError(
                     f"{path}: group {t.group!r} does not exist on this host (node "
                     f"{target.node}, {t.template}) — create the group or change files: group"
-                ) from None
+                )
         out[path] = (uid, gid)
     return out
+
+
+def _resolve(text: str, by_id: Callable[[int], int], by_name: Callable[[str], int]) -> int | None:
+    """The id of user or group ``text`` (a name, or ASCII digits: an id) on this host, or None."""
+    try:
+        # isascii: str.isdigit() is also true of "²" and "١", which int() reads or chokes on.
+        return by_id(int(text)) if text.isascii() and text.isdigit() else by_name(text)
+    except (KeyError, OverflowError, ValueError):  # unknown; an id past 2**32; a NUL in a name
+        return None
 
 
 def _reason(drifted: bool, desired_changed: bool) -> str:

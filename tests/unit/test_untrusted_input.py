@@ -8,9 +8,11 @@ suspension that never ends; a numeric owner that is nobody on this host.
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import os
+import pwd
 import resource
 import subprocess
 import sys
@@ -31,7 +33,8 @@ from reconciler.pipeline.inventory import (
     load_inventory,
     parse_yaml,
 )
-from tests.unit.helpers import app_files, node_of, write_repo
+from reconciler.pipeline.plan import resolve_ids
+from tests.unit.helpers import app_files, node_of, render, write_repo
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -286,9 +289,8 @@ def test_an_unreadable_suspension_end_is_refused(tmp_path):
     )
     problems = check_hosts(snap).problems
     assert len(problems) == 1, problems
-    assert (
-        problems[0].startswith("hosts/n1.yaml:2: suspended.until") and "not-a-date" in (problems[0])
-    )
+    assert problems[0].startswith("hosts/n1.yaml:2: suspended.until"), problems
+    assert "not-a-date" in problems[0]
     with pytest.raises(InventoryError):  # the agent: never silently suspended forever
         load_inventory(snap)
 
@@ -330,3 +332,51 @@ def test_a_check_made_stricter_is_not_skipped_by_the_inventory_cache(tmp_path):
     old = {blob: {"apps": ["a"], "suspended": {"reason": "r", "until": "never"}}}
     inventory, problems = inventory_problems(snap, old)
     assert inventory is None and "hosts/n1.yaml" in problems[0], problems
+
+
+# ---------------------------------------------- item 14b: numeric owners
+
+
+def _unused(ids: set[int]) -> int:
+    return next(i for i in range(60000, 1 << 31) if i not in ids)
+
+
+def test_a_numeric_owner_or_group_nobody_has_is_refused(tmp_path):
+    uid = _unused({p.pw_uid for p in pwd.getpwall()})
+    gid = _unused({g.gr_gid for g in grp.getgrall()})
+    snap = write_repo(
+        tmp_path,
+        {
+            "hosts/n1.yaml": f"""\
+                apps: [a]
+                files:
+                  /etc/a.conf: {{owner: "{uid}"}}
+            """,
+            "hosts/n2.yaml": f"""\
+                apps: [a]
+                files:
+                  /etc/a.conf: {{owner: "0", group: "{gid}"}}
+            """,
+            "hosts/n3.yaml": """\
+                apps: [a]
+                files:
+                  /etc/a.conf: {owner: "0", group: "0"}
+            """,
+            "hosts/n4.yaml": """\
+                apps: [a]
+                files:
+                  /etc/a.conf: {owner: "²"}
+            """,
+            **app_files("a"),
+        },
+    )
+    with pytest.raises(InventoryError) as info:
+        resolve_ids(render(snap, "n1"))
+    assert f"owner '{uid}' does not exist" in str(info.value)
+    with pytest.raises(InventoryError) as info:
+        resolve_ids(render(snap, "n2"))
+    assert f"group '{gid}' does not exist" in str(info.value)
+    assert set(resolve_ids(render(snap, "n3")).values()) == {(0, 0)}
+    with pytest.raises(InventoryError) as info:  # a digit to str.isdigit(), not to int()
+        resolve_ids(render(snap, "n4"))
+    assert "owner '²' does not exist" in str(info.value)
