@@ -305,6 +305,9 @@ class Report:
     facts: Mapping[str, Any] = field(default_factory=dict)
     reconciler_version: str = __version__
     rollback: ReportRollback | None = None  # only in the report of ``reconciler rollback``
+    # {pushed, server, noticed_at}: the server's report branch lost report commits this
+    # host had pushed (another party force-pushed it; issue 11). Written only when set.
+    history_lost: Mapping[str, Any] | None = None
     # Keys this version does not know (a newer agent wrote them): kept, written back last.
     unknown: Mapping[str, Any] = field(default_factory=dict)
 
@@ -331,7 +334,8 @@ class Report:
         Only what SPEC §5 lists counts — result, source commit, changes, drift,
         excluded, errors, scripts' exit codes — plus the states ``applied_commit``,
         ``suspended`` and ``recovered`` (``fleet`` must see them change). Never
-        ``run_id``, timestamps, durations or output tails.
+        ``run_id``, timestamps, durations or output tails. ``history_lost`` counts:
+        the first report that says so is a commit, the ones repeating it are not.
 
         ``ok`` and ``changed`` are one class here: a run that converged the disk
         (``changed``) followed by a run that found it still converged (``ok``)
@@ -352,6 +356,7 @@ class Report:
             dict(self.suspended) if self.suspended else None,
             dict(self.recovered) if self.recovered else None,
             tuple((s.phase, s.app, s.name, s.exit_code) for s in self.scripts if s.exit_code != 0),
+            dict(self.history_lost) if self.history_lost else None,
         )
 
     def eventful(self) -> bool:
@@ -363,17 +368,26 @@ class Report:
         return any(c.applied for c in self.changes)
 
     def commit_message(self) -> str:
-        """``<node>: <result> at <short commit> (<n> changed, <m> drifted)`` (SPEC §5)."""
+        """``<node>: <result> at <short commit> (<n> changed, <m> drifted)`` (SPEC §5).
+
+        With ``history_lost``, `` — history lost: the server's reports/<node> no
+        longer holds <short pushed tip>`` follows, so ``git log`` shows it too.
+        """
         commit = (self.source.commit or "none")[:7]
         counts = self.counts()
-        return (
+        message = (
             f"{self.node}: {self.result} at {commit} "
             f"({counts.changed} changed, {counts.drifted} drifted)"
         )
+        if self.history_lost:
+            pushed = str(self.history_lost.get("pushed") or "")[:12]
+            message += f" — history lost: the server's reports/{self.node} no longer holds {pushed}"
+        return message
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of SPEC §5, keys in the order of the SPEC (then ``rollback``);
-        ``uncaptured`` after ``drift``, only when there are any."""
+        """The JSON object of SPEC §5, keys in the order of the SPEC (then ``rollback`` and
+        ``history_lost``, each only when set); ``uncaptured`` after ``drift``, only when
+        there are any."""
         out: dict[str, Any] = {
             "node": self.node,
             "run_id": self.run_id,
@@ -400,6 +414,8 @@ class Report:
         }
         if self.rollback is not None:
             out["rollback"] = self.rollback.to_json()
+        if self.history_lost:
+            out["history_lost"] = dict(self.history_lost)
         for key, value in self.unknown.items():
             out.setdefault(key, value)
         return out
@@ -444,6 +460,9 @@ class Report:
                 if "rollback" in data
                 else None
             ),
+            history_lost=(
+                dict(data["history_lost"]) if _mapping(data.get("history_lost")) else None
+            ),
             unknown={k: v for k, v in data.items() if k not in _KNOWN},
         )
 
@@ -481,6 +500,7 @@ def build_report(
     rolled_back: set[PurePosixPath] | None = None,
     excluded: Sequence[str] = (),
     uncaptured: Sequence[ReportUncaptured] = (),
+    history_lost: Mapping[str, Any] | None = None,
 ) -> Report:
     """The Report of a reconcile run (SPEC §4, §5).
 
@@ -490,8 +510,9 @@ def build_report(
     one line the CLI prints. ``excluded`` is used when the run made no plan:
     the no-op short cut (SPEC §7) reports the excluded paths of the last
     full run; otherwise they are the plan's. ``uncaptured``: the drifted
-    files too large to capture (pipeline/capture.py). The result follows
-    SPEC §6 (:func:`run_result`).
+    files too large to capture (pipeline/capture.py). ``history_lost``: the
+    record stage's notice that the server's report branch lost what this
+    host pushed (issue 11). The result follows SPEC §6 (:func:`run_result`).
     """
     changes: tuple[ReportChange, ...] = ()
     drift: tuple[ReportDrift, ...] = ()
@@ -529,6 +550,7 @@ def build_report(
         scripts=tuple(ReportScript.of(s) for s in scripts),
         errors=tuple(str(e) for e in errors),
         facts=dict(facts),
+        history_lost=dict(history_lost) if history_lost else None,
     )
 
 
@@ -643,6 +665,25 @@ def read_last_run(state_dir: StateDir) -> LastRun | None:
     return LastRun.from_json(data) if isinstance(data, dict) else None
 
 
+# How far ahead of this host's clock a report tip may be dated and still date the last
+# report: the clock steps NTP makes, not years. Beyond it the tip is no measure.
+FUTURE_SKEW_S = 300.0
+
+
+def heartbeat_due(last_commit_at: float, now: dt.datetime, heartbeat_s: float) -> bool:
+    """True when a quiet run must make a heartbeat commit (SPEC §5).
+
+    ``last_commit_at`` is the report tip's commit time (seconds since the
+    epoch). Due once ``heartbeat_s`` has passed since then — or at once when
+    the tip is dated more than FUTURE_SKEW_S ahead of ``now``: another
+    writer's commit, or one made while this host's clock was wrong, must not
+    hold heartbeats back until that date (issue 11, item 13). The heartbeat
+    is dated by this host's clock, so the next run measures from it.
+    """
+    age = now.timestamp() - last_commit_at
+    return age >= heartbeat_s or age < -FUTURE_SKEW_S
+
+
 def commit_report(
     repo: Repo,
     report: Report,
@@ -667,13 +708,12 @@ def commit_report(
             previous = Report.from_json(data) if data is not None else None
         except ValueError:
             previous = None  # not a report: the new one goes on top of it
-        age = now.timestamp() - parent.committed_at
         quiet = (
             previous is not None
             and not report.eventful()
             and previous.significant() == report.significant()
         )
-        if quiet and age < heartbeat_s:
+        if quiet and not heartbeat_due(parent.committed_at, now, heartbeat_s):
             return None
     return git_commit_report(
         repo,

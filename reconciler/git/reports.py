@@ -11,6 +11,7 @@ commit ids and times.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ def pushed_report_ref(node: str) -> str:
     """The local ref that holds the last report commit this host pushed: what the
     server has had, even if its branch was later reset behind it."""
     return f"refs/reconciler/pushed/{node}"
+
+
+def lost_reports_ref(node: str) -> str:
+    """The local ref of this host's record of report commits the server's branch lost
+    (:func:`notice_lost_reports`)."""
+    return f"refs/reconciler/lost/{node}"
 
 
 # -------------------------------------------------------------- agent: queue
@@ -125,6 +132,102 @@ def _requeue(repo: Repo, node: str, local: str, remote: str, pushed: str | None)
             replayed,
         )
     return tip
+
+
+# ------------------------------------------------------- agent: lost history
+
+
+LOST_FILE = "lost.json"  # in a record commit: what was lost, seen when
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LostReports:
+    """LostReports are report commits this host pushed that the server's branch no longer holds."""
+
+    pushed: str  # the last tip this host pushed (40 hex); its history is kept locally
+    server: str | None  # the server's tip when it was noticed (40 hex)
+    noticed_at: int  # seconds since the epoch, by this host's clock
+
+
+def notice_lost_reports(repo: Repo, node: str, *, now: int) -> LostReports | None:
+    """Whether the server's ``reports/<node>`` lost what this host pushed there; the latest loss.
+
+    Compares the last tip this host pushed (:func:`pushed_report_ref`) with
+    the server's tip as last fetched: when the server's branch no longer
+    contains it — another party force-pushed or deleted and re-created the
+    branch, or restored an old copy of the repository — the loss is
+    recorded once, as a commit on :func:`lost_reports_ref`: its tree holds
+    ``lost.json`` (``pushed``, ``server``, ``noticed_at``), its parents are
+    the lost tip (so this host keeps the erased history) and the previous
+    record. Nothing is pushed back: re-pushing the lost history over the
+    server's would itself be a force-push, and the next report goes on the
+    server's tip (:func:`report_parent`). ``now``: seconds since the epoch.
+
+    Returns the latest recorded loss (this one, or an earlier one still on
+    record), or None when there never was one. Never raises: a record that
+    cannot be read or written is logged and treated as none.
+    """
+    pushed = ref_target(repo, pushed_report_ref(node))
+    server = ref_target(repo, remote_report_ref(node))
+    latest = _latest_loss(repo, node)
+    if pushed is None or server is None or server == pushed:
+        return latest
+    if latest is not None and latest.pushed == pushed:
+        return latest  # noticed on an earlier run: the record is not written twice
+    try:
+        with map_git_errors(f"{report_ref(node)}: cannot compare with the server's branch"):
+            if repo.raw.descendant_of(server, pushed):
+                return latest  # the server went on from what we pushed: nothing lost
+            lost = LostReports(pushed=pushed, server=server, noticed_at=now)
+            _record_loss(repo, node, lost)
+    except SourceError as exc:
+        log.warning("%s", exc)
+        return latest
+    log.warning(
+        "reports/%s: the server's branch no longer holds report commit %s that this host "
+        "pushed (its tip is now %s); kept locally as %s, and reports go on from the server's tip",
+        node,
+        pushed,
+        server,
+        lost_reports_ref(node),
+    )
+    return lost
+
+
+def _record_loss(repo: Repo, node: str, lost: LostReports) -> None:
+    data = {"pushed": lost.pushed, "server": lost.server, "noticed_at": lost.noticed_at}
+    index = pygit2.Index()
+    blob = repo.raw.create_blob(json.dumps(data, indent=2).encode() + b"\n")
+    index.add(pygit2.IndexEntry(LOST_FILE, blob, pygit2.enums.FileMode.BLOB))
+    signature = pygit2.Signature("reconciler", f"reconciler@{node}", lost.noticed_at, 0)
+    previous = ref_target(repo, lost_reports_ref(node))
+    record = repo.raw.create_commit(
+        None,
+        signature,
+        signature,
+        f"reports/{node}: the server's branch lost {lost.pushed}\n",
+        index.write_tree(repo.raw),
+        [lost.pushed] + ([previous] if previous is not None else []),
+    )
+    set_ref(repo, lost_reports_ref(node), str(record))
+
+
+def _latest_loss(repo: Repo, node: str) -> LostReports | None:
+    record = ref_target(repo, lost_reports_ref(node))
+    if record is None:
+        return None
+    try:
+        with map_git_errors(f"{lost_reports_ref(node)}: unreadable record"):
+            obj = repo.raw[record].peel(pygit2.Commit)
+            data = json.loads(obj.tree[LOST_FILE].peel(pygit2.Blob).data)
+        return LostReports(
+            pushed=str(data["pushed"]),
+            server=None if data["server"] is None else str(data["server"]),
+            noticed_at=int(data["noticed_at"]),
+        )
+    except (SourceError, KeyError, ValueError, TypeError) as exc:
+        log.warning("%s: unreadable record of lost reports (%s) — ignored", record, exc)
+        return None
 
 
 def commit_report(

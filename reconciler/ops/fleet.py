@@ -194,6 +194,9 @@ class FleetRow:
     report_commit: str | None = None
     errors: tuple[str, ...] = ()
     defined: bool = True  # has hosts/<node>.yaml at the branch head
+    # {pushed, server, noticed_at}: the node's report branch lost history it had pushed
+    # (another party force-pushed it; issue 11), as its last report says.
+    history_lost: Mapping[str, Any] | None = None
 
     @classmethod
     def of_report(
@@ -234,10 +237,12 @@ class FleetRow:
             report_commit=report_commit,
             errors=report.errors,
             defined=defined,
+            history_lost=report.history_lost,
         )
 
     def as_json(self) -> dict[str, Any]:
-        """Exactly the keys of SPEC §6 ``fleet --format json``."""
+        """The keys of SPEC §6 ``fleet --format json``, then ``history_lost`` (issue 11):
+        null, or ``{pushed, server, noticed_at}``."""
         return {
             "node": self.node,
             "result": self.result,
@@ -249,6 +254,7 @@ class FleetRow:
             "drifted": self.drifted,
             "stale": self.stale,
             "suspended": dict(self.suspended) if self.suspended else None,
+            "history_lost": dict(self.history_lost) if self.history_lost else None,
         }
 
 
@@ -374,7 +380,8 @@ def human_age(seconds: int | None) -> str:
 
 
 def summary(rows: Sequence[FleetRow]) -> str:
-    """``5 nodes: 2 ok, 1 drift, 1 failed, 1 never; 1 stale, 0 suspended``."""
+    """``5 nodes: 2 ok, 1 drift, 1 failed, 1 never; 1 stale, 0 suspended`` (then
+    ``; 1 history lost`` when a node's report branch lost history)."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.result] = counts.get(r.result, 0) + 1
@@ -382,7 +389,18 @@ def summary(rows: Sequence[FleetRow]) -> str:
     parts = [f"{counts[k]} {k}" for k in [*order, *sorted(set(counts) - set(order))] if k in counts]
     stale = sum(1 for r in rows if r.stale)
     suspended = sum(1 for r in rows if r.suspended)
-    return f"{len(rows)} nodes: {', '.join(parts) or 'none'}; {stale} stale, {suspended} suspended"
+    lost = sum(1 for r in rows if r.history_lost)
+    text = f"{len(rows)} nodes: {', '.join(parts) or 'none'}; {stale} stale, {suspended} suspended"
+    return text + (f"; {lost} history lost" if lost else "")
+
+
+def history_lost_note(node: str, lost: Mapping[str, Any]) -> str:
+    """``HISTORY LOST: <pushed> gone from reports/<node> on the server (noticed <time>)``."""
+    pushed = str(lost.get("pushed") or "")[:12]
+    return (
+        f"HISTORY LOST: {pushed} gone from reports/{node} on the server "
+        f"(noticed {lost.get('noticed_at')})"
+    )
 
 
 def format_table(rows: Sequence[FleetRow]) -> str:
@@ -399,6 +417,8 @@ def format_table(rows: Sequence[FleetRow]) -> str:
                 f"suspended: {r.suspended.get('reason', '')}"
                 + (f" (until {until})" if until else "")
             )
+        if r.history_lost:
+            notes.append(history_lost_note(r.node, r.history_lost))
         if not r.defined:
             notes.append("not in hosts/")
         if r.result == "failed" and r.errors:

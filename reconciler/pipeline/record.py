@@ -3,7 +3,8 @@
 Takes the report and the state repository; pushes the report branch
 (:mod:`reconciler.git.reports`),
 writes last-run.json and the metrics textfile, sends the webhook and the
-ping (SPEC §5, issue #4). :func:`reconciler.pipeline.run.record` calls these
+ping (SPEC §5, issue #4); says when the server's report branch lost what
+this host pushed (:func:`history_lost`, issue 11). :func:`reconciler.pipeline.run.record` calls these
 for a run and ``rollback_once`` for a rollback; a dry run records nothing.
 """
 
@@ -11,17 +12,17 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reconciler.config import AgentConfig
 from reconciler.errors import ReconcilerError
 from reconciler.git.remote import Remote
 from reconciler.git.repo import Repo
+from reconciler.git.reports import notice_lost_reports, queue_length
 from reconciler.git.reports import push_reports as git_push_reports
-from reconciler.git.reports import queue_length
 from reconciler.host.statedir import StateDir
 from reconciler.pipeline.notify import ping, send_webhook, write_metrics
-from reconciler.report import LastRun, Report, write_last_run
+from reconciler.report import FUTURE_SKEW_S, LastRun, Report, utc_iso, write_last_run
 
 if TYPE_CHECKING:
     from reconciler.pipeline.run import RunOutcome
@@ -87,3 +88,30 @@ def push_reports(repo: Repo, remote: Remote, node: str) -> tuple[bool, str | Non
         log.warning("%s", error)
         return False, error
     return True, None
+
+
+def history_lost(
+    repo: Repo, node: str, *, now: dt.datetime, heartbeat_s: float
+) -> dict[str, Any] | None:
+    """The report's ``history_lost``, or None: ``{pushed, server, noticed_at}`` (ISO 8601 UTC).
+
+    When the server's ``reports/<node>`` no longer holds the last tip this
+    host pushed — another party force-pushed or re-created it (issue 11) —
+    :func:`reconciler.git.reports.notice_lost_reports` records it once and
+    keeps the lost history locally; reports then go on from the server's tip
+    (never forced back). The notice stays in this host's reports for one
+    ``heartbeat_s`` after it was noticed, so ``fleet`` shows it for that long
+    whatever reports come after; a notice dated ahead of this host's clock
+    by more than the skew is over.
+    """
+    lost = notice_lost_reports(repo, node, now=int(now.timestamp()))
+    if lost is None:
+        return None
+    age = now.timestamp() - lost.noticed_at
+    if not -FUTURE_SKEW_S <= age < heartbeat_s:
+        return None
+    return {
+        "pushed": lost.pushed,
+        "server": lost.server,
+        "noticed_at": utc_iso(dt.datetime.fromtimestamp(lost.noticed_at, dt.UTC)),
+    }

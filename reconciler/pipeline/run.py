@@ -51,7 +51,7 @@ from reconciler.host.statedir import StateDir, read_exclude_file, read_hold, rel
 from reconciler.host.system import DryRunSystem, RealSystem, System
 from reconciler.pipeline.facts import gather_facts
 from reconciler.pipeline.notify import ping
-from reconciler.pipeline.record import after_run, push_reports
+from reconciler.pipeline.record import after_run, history_lost, push_reports
 from reconciler.pipeline.recovery import Recovery, recover, settle_owed
 from reconciler.pipeline.reuse import run_fingerprint, unchanged, written_output
 from reconciler.report import Report, build_report, commit_report
@@ -579,6 +579,8 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
     built, committed on ``reports/<node>`` and pushed — queued instead when
     the run could not fetch (it would not reach the server either); old
     backups pruned; last-run.json, metrics, webhook and ping (``after_run``).
+    The report says when the server's report branch lost what this host
+    pushed (``history_lost``, issue 11).
     """
     config, state_dir = setting.config, setting.state_dir
     if prepared.lift_hold:
@@ -597,8 +599,11 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
                 converged.journal.finish()  # only now: the local state matches the disk
     except ReconcilerError as exc:
         errors = (*errors, exc)
-    report = _report(setting, prepared, converged, errors)
     repo = setting.repo
+    lost = history_lost(
+        repo, config.node, now=dt.datetime.now(dt.UTC), heartbeat_s=config.report.heartbeat
+    )
+    report = _report(setting, prepared, converged, errors, history_lost=lost)
     report_commit = commit_report(
         repo,
         report,
@@ -631,6 +636,8 @@ def _report(
     prepared: Prepared,
     converged: Converged,
     errors: tuple[ReconcilerError, ...],
+    *,
+    history_lost: Mapping[str, Any] | None = None,
 ) -> Report:
     """The run's report (SPEC §5), built once the run is over."""
     applied = converged.applied
@@ -653,6 +660,7 @@ def _report(
         rolled_back=applied.rolled_back if applied else set(),
         excluded=converged.excluded,  # the no-op short cut: the last full run's
         uncaptured=converged.captures.uncaptured if converged.captures is not None else (),
+        history_lost=history_lost,
     )
 
 

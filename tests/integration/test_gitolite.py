@@ -82,6 +82,12 @@ def test_a_host_key_cannot_push_main_or_another_nodes_report(
     assert own.returncode == 0, own.stderr
     mine = git("rev-parse", "main", cwd=clone).strip()
     assert gitolite_fleet.ref("refs/heads/reports/web1") == mine
+    # ...but never rewritten or deleted, not even by web1 (RW, not RW+: issue 11).
+    for spec in ("+forged:refs/heads/reports/web1", ":refs/heads/reports/web1"):
+        pushed = gitolite_server.git_as("web1", "push", url, spec, cwd=clone)
+        assert pushed.returncode != 0, f"web1 pushed {spec}"
+        assert "DENIED" in pushed.stderr, pushed.stderr
+    assert gitolite_fleet.ref("refs/heads/reports/web1") == mine
 
 
 def test_the_agent_with_web1s_key_cannot_report_as_db1(

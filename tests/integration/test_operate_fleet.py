@@ -42,6 +42,7 @@ SPEC_ROW_KEYS = {
     "drifted",
     "stale",
     "suspended",
+    "history_lost",  # issue 11: null unless the node's report branch lost history it pushed
 }
 MOTD_EDIT = "hand edit on db1\n"
 FLEET_SCRIPT_EDIT = "echo 'kept by hand on db1'\n"
@@ -139,6 +140,7 @@ def test_fleet_json_has_one_row_per_node_with_the_spec_shape(scene):
     assert web1["behind"] == 2  # "break app.conf" and "add mail1"
     assert web1["changed"] > 0 and web1["drifted"] == 0
     assert web1["stale"] is False and web1["suspended"] is None
+    assert all(row["history_lost"] is None for row in data["nodes"])
     assert 0 <= web1["age_s"] < 600
 
     db1 = rows["db1"]
