@@ -25,11 +25,23 @@ from reconciler.config import config_from_args
 from reconciler.errors import PathError, ReconcilerError, UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from reconciler.pipeline.run import RunOutcome
 
 # ------------------------------------------------------------------- pull/diff
 
 _SYMBOL = {"create": "+", "update": "~", "delete": "-", "chmod": "m", "chown": "o"}
+
+
+def _history_lost(node: str, lost: Mapping[str, Any]) -> str:
+    """The one line ``pull`` and ``status`` print for a report's ``history_lost`` (issue 11)."""
+    return (
+        f"history lost: the server's reports/{node} no longer holds "
+        f"{str(lost.get('pushed') or '')[:12]}, which this host pushed (noticed "
+        f"{lost.get('noticed_at')}); kept locally as refs/reconciler/lost/{node} — "
+        "see docs/least-privilege.md"
+    )
 
 
 def _print_run(outcome: RunOutcome, out: TextIO) -> None:
@@ -45,6 +57,8 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     out.write(f"{report.node}: {src.branch} at {commit}{fetched}\n")
     if report.suspended:
         out.write(f"  suspended: {report.suspended.get('reason', '')} — nothing is changed\n")
+    if report.history_lost:
+        out.write(f"  ! {_history_lost(report.node, report.history_lost)}\n")
     for c in report.changes:
         status = "" if c.applied else "  (not applied)"
         reason = c.reason
@@ -327,6 +341,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     else:
         out.write("next run:   no agent running (reconciler run / the timer)\n")
+    if report.history_lost:
+        out.write(f"warning:    {_history_lost(report.node, report.history_lost)}\n")
     for error in report.errors:
         out.write(f"error:      {error}\n")
     return 0

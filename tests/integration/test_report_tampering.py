@@ -75,6 +75,10 @@ def test_a_force_pushed_report_branch_is_reported_continued_and_shown_by_fleet(
     # A quiet run next: the notice stays in the report, and makes no new commit.
     again = pull_report(host)
     assert again["history_lost"] == lost and len(fleet.report_log("web1")) == 2
+    status = host.run("status").stdout
+    assert f"warning:    history lost: the server's reports/web1 no longer holds {pushed[:12]}" in (
+        status
+    )
 
     op = operator(fleet, tmp_path / "cache")
     rows = {r["node"]: r for r in op("fleet", "--format", "json").json()["nodes"]}
