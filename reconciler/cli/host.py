@@ -151,10 +151,14 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 old = LargeFile(size=found.size, sha256=found.sha256)  # as the scan hashed it
             elif found.kind == "file":
                 try:
-                    # Never through a symlink, only the inode the run's scan saw.
-                    old = system.read_bytes(
-                        host_path(root, change.path), expect=(found.dev, found.ino)
+                    # Never through a symlink, only the inode the run's scan saw; never
+                    # more than ``limit`` bytes kept (it may have grown since the scan).
+                    now = system.digest(
+                        host_path(root, change.path), expect=(found.dev, found.ino), keep=limit
                     )
+                    old = now.content
+                    if old is None:
+                        old = LargeFile(size=now.size, sha256=now.sha256)
                 except (OSError, PathError) as exc:
                     why = exc.strerror if isinstance(exc, OSError) else "changed since the scan"
                     err.write(

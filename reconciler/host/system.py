@@ -270,6 +270,14 @@ class System(Protocol):
         """
         ...
 
+    def copy_file(
+        self, path: Path, source: Path, mode: int, uid: int | None, gid: int | None
+    ) -> bool:
+        """As write_file, with a copy of regular file ``source`` (a backup, under the state
+        directory) read CHUNK bytes at a time: a rollback of a file of any size never
+        holds it in memory. True when written (staged), False when only recorded."""
+        ...
+
     def write_private(self, path: Path, content: bytes, mode: int) -> None:
         """Write a file of reconciler's own under the state directory (a script to
         run), at once, with ``mode``; a dry run writes nothing."""
@@ -863,6 +871,25 @@ class RealSystem:
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None
     ) -> bool:
+        return self._replace(path, content, len(content), mode, uid, gid)
+
+    def copy_file(
+        self, path: Path, source: Path, mode: int, uid: int | None, gid: int | None
+    ) -> bool:
+        fd, st = self._open_read(source, None)
+        with os.fdopen(fd, "rb", buffering=0) as fh:
+            return self._replace(path, fh, st.st_size, mode, uid, gid)
+
+    def _replace(
+        self,
+        path: Path,
+        content: bytes | BinaryIO,
+        size: int,
+        mode: int,
+        uid: int | None,
+        gid: int | None,
+    ) -> bool:
+        """write_file of ``content`` (bytes or a file to copy, ``size`` bytes long)."""
         d, name = self._at(path)
         # rename(2) replaces a file, a symlink (not its target) or a FIFO in one
         # step; only a directory must go first (moved to the backups by apply).
@@ -884,7 +911,7 @@ class RealSystem:
                 os.unlink(tmp, dir_fd=d)
             raise
         self._fsync_parent(d, name)
-        log.info("wrote %s (%d bytes, mode %04o)", path, len(content), mode)
+        log.info("wrote %s (%d bytes, mode %04o)", path, size, mode)
         return True
 
     def _open_entry(self, path: Path) -> int:
@@ -1177,6 +1204,12 @@ class DryRunSystem(_ReadThrough):
         self._would("write %s (%d bytes, mode %04o)", path, len(content), mode)
         return False
 
+    def copy_file(
+        self, path: Path, source: Path, mode: int, uid: int | None, gid: int | None
+    ) -> bool:
+        self._would("write %s (a copy of %s, mode %04o)", path, source, mode)
+        return False
+
     def write_private(self, path: Path, content: bytes, mode: int) -> None:
         pass
 
@@ -1252,6 +1285,12 @@ class FaultySystem(_ReadThrough):
     ) -> bool:
         self._effect("write_file", path)
         return self._inner.write_file(path, content, mode, uid, gid)
+
+    def copy_file(
+        self, path: Path, source: Path, mode: int, uid: int | None, gid: int | None
+    ) -> bool:
+        self._effect("copy_file", path)
+        return self._inner.copy_file(path, source, mode, uid, gid)
 
     def write_private(self, path: Path, content: bytes, mode: int) -> None:
         self._inner.write_private(path, content, mode)  # the run's own files, not the host's

@@ -37,7 +37,7 @@ from typing import Any
 from reconciler.errors import PathError
 from reconciler.host.state import LocalState
 from reconciler.host.statedir import StateDir
-from reconciler.host.system import System, atomic_write, fsync_dir
+from reconciler.host.system import FileDigest, System, atomic_write, fsync_dir
 from reconciler.pipeline.scan import ActualFile, host_path
 
 log = logging.getLogger(__name__)
@@ -415,15 +415,15 @@ def restore_entry(
         _clear(system, host, now, kept)
         return True
     if entry.before == "file":
-        content = system.read_bytes(saved)
-        if now.kind == "file" and _same(system, host, now, content, entry.mode, uid, gid):
+        backup = system.digest(saved)  # size and sha256, streamed: a backup may be huge
+        if now.kind == "file" and _same(system, host, now, backup, entry.mode, uid, gid):
             return False
         if now.kind == "file":
             _keep(system, host, kept)  # write_file replaces it in one rename
         elif now.kind == "dir":
             _clear(system, host, now, kept)
         _make_dirs(system, host.parent, root, journal)
-        system.write_file(host, content, entry.mode, uid, gid)
+        system.copy_file(host, saved, entry.mode, uid, gid)  # streamed, never whole
         return True
     if entry.before == "symlink" and entry.link is not None:
         if now.kind == "symlink" and system.readlink(host) == entry.link:
@@ -481,18 +481,19 @@ def _same(
     system: System,
     host: Path,
     now: Found,
-    content: bytes,
+    backup: FileDigest,
     mode: int,
     uid: int | None,
     gid: int | None,
 ) -> bool:
-    """True when regular file ``host`` already holds ``content`` with that mode and owner."""
+    """True when regular file ``host`` already holds the backup's bytes (same size and
+    sha256, hashed as it is read) with that mode and owner."""
     st = now.st
-    if st is None or stat.S_IMODE(st.st_mode) != mode or st.st_size != len(content):
+    if st is None or stat.S_IMODE(st.st_mode) != mode or st.st_size != backup.size:
         return False
     if (uid is not None and uid != st.st_uid) or (gid is not None and gid != st.st_gid):
         return False
-    return system.read_bytes(host, expect=(st.st_dev, st.st_ino)) == content
+    return system.digest(host, expect=(st.st_dev, st.st_ino)).sha256 == backup.sha256
 
 
 def _keep(system: System, host: Path, kept: Path | None) -> None:

@@ -138,3 +138,10 @@ def test_a_huge_drifted_file_is_recorded_by_size_and_hash_backed_up_and_bounded(
     (line,) = adopt.err.splitlines()
     assert "reports/web1: /etc/motd: cannot adopt an uncaptured file" in line
     assert "copy the file from web1 into the desired state by hand" in line
+
+    # Rolling the repair back restores the huge file from its backup, streamed.
+    rollback_rss, rolled, _ = measured(host, tmp_path, "rollback")
+    assert rolled["result"] == "changed", rolled["errors"]
+    assert file_sha256(motd) == found
+    print(f"peak RSS: diff {diff_rss >> 20} MiB, rollback {rollback_rss >> 20} MiB")
+    assert rollback_rss < baseline + BIG // 2, (rollback_rss, baseline)

@@ -226,6 +226,33 @@ def test_a_backup_of_a_large_file_is_copied_in_chunks_never_whole_in_memory(tmp_
     assert not [p for p in dest.parent.iterdir() if p.name != "big"]  # no temp file left
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_copy_file_restores_a_large_backup_in_chunks(tmp_path, batch):
+    """Issue 11: a rollback read a backup whole to write it back."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    saved = tmp_path / "state" / "backups" / "run" / "files" / "etc" / "big"
+    saved.parent.mkdir(parents=True)
+    found = _random_file(saved, 16)
+    target = root / "etc" / "big"
+    target.write_bytes(b"repaired\n")
+    system = RealSystem(root=root, trusted=[tmp_path / "state"], batch=batch)
+
+    def restore() -> None:
+        assert system.copy_file(target, saved, 0o640, None, None) is True
+        system.flush()
+
+    peak = _peak_allocated(restore)
+    assert peak < 4 << 20, f"{peak >> 20} MiB allocated to restore a 16 MiB file"
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == found
+    assert mode_of(target) == 0o640
+    assert sorted(p.name for p in target.parent.iterdir()) == ["big"]  # no temp file left
+    dry = DryRunSystem(RealSystem(root=root, trusted=[tmp_path / "state"]))
+    assert dry.copy_file(target, saved, 0o600, None, None) is False
+    assert dry.effects == [f"write {target} (a copy of {saved}, mode 0600)"]
+    assert mode_of(target) == 0o640
+
+
 def test_digest_streams_and_keeps_the_bytes_only_up_to_its_bound(tmp_path):
     """A file is hashed a chunk at a time; its bytes are kept only when they fit ``keep``."""
     root = tmp_path / "root"
