@@ -168,7 +168,8 @@ def webhook_payload(report: Report) -> dict[str, Any]:
 
 
 def send_webhook(settings: ReportConfig, report: Report) -> str | None:
-    """POST the report to ``settings.webhook`` when its result is in ``notify_on``.
+    """POST the report to ``settings.webhook`` when its result is in ``notify_on``, or
+    when it says ``history_lost`` (issue 11).
 
     Bearer token from ``settings.webhook_token_file`` (never logged). Returns
     None on success or when nothing was due, else the last error text (which
@@ -177,7 +178,9 @@ def send_webhook(settings: ReportConfig, report: Report) -> str | None:
     WEBHOOK_DEADLINE_S seconds of wall-clock time.
     """
     url = settings.webhook
-    if not url or report.result not in settings.notify_on:
+    # A report branch that lost history is news whatever the result (issue 11):
+    # someone erased what this host had reported.
+    if not url or (report.result not in settings.notify_on and not report.history_lost):
         return None
     headers = {"User-Agent": "reconciler"}
     if settings.webhook_token_file:

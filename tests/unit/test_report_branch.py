@@ -1,15 +1,18 @@
 """The agent's report branch against another writer (issue 11, item 13), on real bare
 repositories in temp dirs: a tip dated in the future does not stop heartbeats;
 a server branch that lost what this host pushed is noticed once, recorded,
-and continued from."""
+continued from, and posted to the webhook."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from reconciler.config import ReportConfig
 from reconciler.git import reports as git_reports
 from reconciler.git.repo import open_bare, ref_target, set_ref, walk
 from reconciler.git.reports import (
@@ -21,6 +24,7 @@ from reconciler.git.reports import (
     report_parent,
     report_ref,
 )
+from reconciler.pipeline.notify import send_webhook
 from reconciler.pipeline.record import history_lost
 from reconciler.report import Report, ReportSource, commit_report
 
@@ -158,3 +162,32 @@ def test_the_report_says_history_lost_for_one_heartbeat_and_its_commit_message_t
     assert Report.from_json(report.to_json()) == report
     assert report.significant() != quiet_report().significant()
     assert "history_lost" not in quiet_report().to_json()
+
+
+def test_a_report_saying_history_lost_is_posted_to_the_webhook_whatever_notify_on():
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        settings = ReportConfig(webhook=f"http://127.0.0.1:{server.server_port}/hook")
+        assert send_webhook(settings, quiet_report()) is None and received == []  # ok: not news
+        lost = {"pushed": A, "server": None, "noticed_at": "2026-11-30T10:00:00Z"}
+        report = dataclasses.replace(quiet_report(), history_lost=lost)
+        assert send_webhook(settings, report) is None
+        assert [r["report"]["history_lost"] for r in received] == [lost]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
