@@ -34,7 +34,7 @@ from reconciler.git.reports import REPORTS_PREFIX, report_json, report_tips
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import remote_url
 from reconciler.pipeline.inventory import Inventory, effective_node, load_inventory
-from reconciler.report import Report
+from reconciler.report import FUTURE_SKEW_S, Report
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ class FleetRow:
 
         ``desired`` is the desired state's suspension in force at ``now``: shown
         when the report's own suspension is not (it has expired, or there is
-        none). A report with no readable ``finished_at`` is stale.
+        none). A report with no readable ``finished_at`` is stale, and so is one
+        dated more than FUTURE_SKEW_S ahead of ``now``.
         """
         finished = parse_time(report.finished_at)
         age_f = (now - finished).total_seconds() if finished is not None else None
@@ -232,7 +233,10 @@ class FleetRow:
             behind=behind,
             changed=counts.changed,
             drifted=counts.drifted,
-            stale=age_f is None or age_f > stale_after_s,
+            # A report dated ahead of this clock (beyond the skew hosts' clocks may have)
+            # cannot say when the node last ran: a forged or broken one must not keep a
+            # dead node looking fresh until that date (issue 11).
+            stale=age_f is None or age_f > stale_after_s or age_f < -FUTURE_SKEW_S,
             suspended=reported or desired,
             report_commit=report_commit,
             errors=report.errors,

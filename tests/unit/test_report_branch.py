@@ -24,6 +24,7 @@ from reconciler.git.reports import (
     report_parent,
     report_ref,
 )
+from reconciler.ops.fleet import FleetRow
 from reconciler.pipeline.notify import send_webhook
 from reconciler.pipeline.record import history_lost
 from reconciler.report import Report, ReportSource, commit_report
@@ -191,3 +192,25 @@ def test_a_report_saying_history_lost_is_posted_to_the_webhook_whatever_notify_o
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_fleet_calls_a_report_dated_in_the_future_stale():
+    """A forged finished_at years ahead must not keep a dead node looking fresh forever."""
+
+    def row(finished_at: str) -> FleetRow:
+        report = dataclasses.replace(quiet_report(), finished_at=finished_at)
+        return FleetRow.of_report(
+            report,
+            node="web1",
+            report_commit=A,
+            behind=0,
+            now=NOW,
+            stale_after_s=3600,
+            desired=None,
+            defined=True,
+        )
+
+    assert not row("2026-11-30T09:59:00Z").stale
+    assert not row("2026-11-30T10:01:00Z").stale  # a small skew between clocks
+    assert row("2036-11-30T10:00:00Z").stale
+    assert row("2026-11-30T08:00:00Z").stale
