@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from reconciler.errors import ConfigError
+from reconciler.host.system import read_regular
 
 if TYPE_CHECKING:
     import argparse
@@ -234,9 +235,13 @@ def read_config_file(path: Path) -> dict[str, object]:
     Raises ConfigError when the file is unreadable, not YAML, or not a mapping.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path).decode("utf-8")  # never blocks on a FIFO put there
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: the configuration is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
     try:
         data = yaml.load(text, Loader=yaml.CSafeLoader)
     except yaml.YAMLError as exc:

@@ -38,6 +38,7 @@ import pygit2
 
 from reconciler.config import AuthConfig
 from reconciler.errors import ConfigError, SourceError
+from reconciler.host.system import read_regular
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +289,13 @@ class Callbacks(pygit2.RemoteCallbacks):
             return pygit2.Keypair(user, public if os.path.exists(public) else None, private, "")
         if self.auth.token_file:
             try:
-                token = Path(self.auth.token_file).read_text(encoding="utf-8").strip()
+                token = read_regular(self.auth.token_file).decode("utf-8").strip()
             except OSError as exc:
                 raise SourceError(
                     f"{self.auth.token_file}: cannot read the token: {exc.strerror}"
                 ) from None
+            except UnicodeDecodeError:
+                raise SourceError(f"{self.auth.token_file}: the token is not UTF-8 text") from None
             user = username_from_url or self.endpoint.user or "x-access-token"
             return pygit2.UserPass(user, token)
         # Nothing to offer: answering None made pygit2 raise TypeError ("credential

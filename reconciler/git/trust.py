@@ -21,6 +21,7 @@ from reconciler.config import VerifyConfig
 from reconciler.errors import UntrustedCommitError
 from reconciler.git.errors import map_git_errors
 from reconciler.git.repo import Repo
+from reconciler.host.system import read_regular
 
 SSH_ARMOR = b"-----BEGIN SSH SIGNATURE-----"
 PGP_ARMOR = b"-----BEGIN PGP SIGNATURE-----"
@@ -133,7 +134,7 @@ def _check_trust_file(path: str, key: str, commit: str) -> None:
         "until then no new commit is applied"
     )
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)  # a FIFO put there must not hold the run
     except FileNotFoundError:
         raise UntrustedCommitError(
             f"the {key} file does not exist (verify.{key}): {not_applied}", where=path, hint=fix

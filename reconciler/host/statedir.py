@@ -48,7 +48,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reconciler.errors import ConfigError, LockError, StateError
-from reconciler.host.system import atomic_write, fsync_dir
+from reconciler.host.system import atomic_write, fsync_dir, open_regular, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class StateDir:
         Raises StateError ``"{path}: cannot read it ({reason}) — {hint}"``.
         """
         try:
-            return path.read_bytes()
+            return read_regular(path)  # never blocks on a FIFO, never another user's link
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -171,7 +171,7 @@ class StateDir:
     def read_cache(self, path: Path) -> Any:
         """A cache parsed as JSON; None when missing, unreadable or corrupt (logged)."""
         try:
-            raw = path.read_bytes()
+            raw = read_regular(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -211,7 +211,14 @@ class StateDir:
         """
         self.ensure()
         path = self.lock_file
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(
+                f"cannot open the lock ({exc.strerror or exc})",
+                where=str(path),
+                hint="remove it; the next run makes it again",
+            ) from exc
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -279,12 +286,27 @@ def release_hold(state_dir: StateDir) -> bool:
 
 
 def read_exclude_file(path: str | None) -> list[str]:
-    """Lines of the host-local exclude file (SPEC §2 ``exclude_file``); [] if absent."""
+    """Lines of the host-local exclude file (SPEC §2 ``exclude_file``); [] if absent.
+
+    Raises ConfigError when it cannot be read — a FIFO or a device put there
+    included (read without blocking: ``open_regular``): the run changes
+    nothing rather than run without the paths it protects.
+    """
     if not path:
         return []
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
+        raw = read_regular(path)
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the exclude file: {exc.strerror}") from exc
+        raise ConfigError(
+            f"{path}: cannot read the exclude file: {exc.strerror or exc} — "
+            "make it a regular file, one pattern a line, or remove it"
+        ) from exc
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: the exclude file is not UTF-8 text ({exc.reason} at byte {exc.start}) — "
+            "make it a regular file, one pattern a line, or remove it"
+        ) from exc

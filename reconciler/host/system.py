@@ -131,6 +131,120 @@ def atomic_write(
     fsync_dir(path.parent)
 
 
+class NotRegularFileError(OSError):
+    """A file reconciler reads or writes outside the root is not a regular file: a FIFO,
+    a socket, a device, a directory, or a symlink it does not follow. ``strerror``
+    says what is there (``not a regular file but a FIFO``); ``filename`` is the path."""
+
+
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` is, for messages: "a FIFO", "a directory", "a regular file"…"""
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "of an unknown kind"
+
+
+def only_we_could_make(link: os.stat_result, holder: os.stat_result) -> bool:
+    """True when only our euid (root, in production) could have made symlink ``link``
+    in directory ``holder``: both ours, and no other user can write the directory
+    (the rule of the kernel's ``protected_symlinks``, made stricter)."""
+    euid = os.geteuid()
+    return (
+        link.st_uid == euid
+        and holder.st_uid == euid
+        and not holder.st_mode & 0o002
+        and (not holder.st_mode & 0o020 or holder.st_gid == 0)
+    )
+
+
+def _not_regular(path: str, mode: int) -> NotRegularFileError:
+    return NotRegularFileError(errno.EINVAL, f"not a regular file but {file_kind(mode)}", path)
+
+
+def _open_through_link(path: str, flags: int, mode: int) -> int:
+    """Open ``path``, a symlink, through it only if only we could have made it."""
+    head, name = os.path.split(path)
+    dfd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        link = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISLNK(link.st_mode) and not only_we_could_make(link, os.fstat(dfd)):
+            raise NotRegularFileError(
+                errno.ELOOP, "a symlink another user could have made (not followed)", path
+            )
+        # Nobody else can change the directory: the name still holds that symlink.
+        return os.open(name, flags, mode, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+# /dev/null (char device 1:3 on Linux) reads as empty: RECONCILER_CONFIG=/dev/null
+# is the idiom for "no configuration", and only root can make a device node.
+_NULL_DEVICE = os.makedev(1, 3)
+
+
+def open_regular(
+    path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o600, *, null_ok: bool = False
+) -> int:
+    """A descriptor of the regular file ``path``, opened with ``flags`` (``O_CREAT`` and
+    friends allowed; ``mode`` for a new file, less the umask): for every file
+    reconciler reads or writes outside the root — its configuration, the exclude
+    file, tokens, trust files, the state directory's records and scripts.
+
+    Never blocks and never opens anything but a regular file (issue 11: a FIFO
+    another user swapped in blocked the run at the first open — for reading
+    until a writer comes, for writing until a reader comes): opened with
+    ``O_NONBLOCK``, then fstat'd. A final symlink is followed only when only
+    we could have made it (``only_we_could_make``, RealSystem's rule for a
+    parent): an operator's symlinked configuration is read, another user's
+    link is not. With ``null_ok``, /dev/null is accepted too (it reads as
+    empty). The descriptor returned is blocking and close-on-exec.
+
+    Raises FileNotFoundError when it is missing, NotRegularFileError when
+    something else is there, any other OSError of open(2).
+    """
+    p = os.fspath(path)
+    want = flags | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(p, want | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            fd = _open_through_link(p, want, mode)
+        elif exc.errno in (errno.ENXIO, errno.EISDIR):
+            # A FIFO without a reader (opened for writing), a directory (for writing).
+            raise _not_regular(p, os.stat(p, follow_symlinks=False).st_mode) from exc
+        else:
+            raise
+    try:
+        st = os.fstat(fd)
+        null = null_ok and stat.S_ISCHR(st.st_mode) and st.st_rdev == _NULL_DEVICE
+        if not stat.S_ISREG(st.st_mode) and not null:
+            raise _not_regular(p, st.st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of the regular file ``path`` (``open_regular``'s rules and errors;
+    /dev/null reads as empty)."""
+    fd = open_regular(path, null_ok=True)
+    try:
+        return _read_fd(fd)
+    finally:
+        os.close(fd)
+
+
 def syncfs(directories: Iterable[Path | int]) -> None:
     """Flush the filesystems holding ``directories`` (paths, or open descriptors that
     stay open): one syncfs(2) per filesystem.
@@ -545,7 +659,6 @@ class RealSystem:
         self._trusted_under = tuple(t + "/" for t in self._trusted)
         self._under = self._prefix + "/"
         self._cut = len(self._under)
-        self._euid = os.geteuid()
         self._fds: dict[str, tuple[int, str]] = {}  # rel dir -> (fd, rel dir without symlinks)
         self._retired: list[int] = []  # dropped from the cache, maybe still in use
         self._batch = batch
@@ -647,14 +760,7 @@ class RealSystem:
         if inside is None:
             real = os.path.normpath(os.path.join(self._real_root, physical, link))
             raise UnsafePathError(shown, f"parent /{rel} is a symlink to {real}, outside the root")
-        holder = os.fstat(pfd)
-        ours = (
-            st.st_uid == self._euid
-            and holder.st_uid == self._euid
-            and not holder.st_mode & 0o002
-            and (not holder.st_mode & 0o020 or holder.st_gid == 0)
-        )
-        if not ours:
+        if not only_we_could_make(st, os.fstat(pfd)):
             raise UnsafePathError(
                 shown,
                 f"parent /{rel} is a symlink that another user could have made (not followed)",
@@ -865,8 +971,10 @@ class RealSystem:
 
     def write_private(self, path: Path, content: bytes, mode: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.write_bytes(content)
-        os.chmod(path, mode)
+        fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            os.fchmod(fh.fileno(), mode)
 
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None

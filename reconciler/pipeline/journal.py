@@ -37,7 +37,7 @@ from typing import Any
 from reconciler.errors import PathError
 from reconciler.host.state import LocalState
 from reconciler.host.statedir import StateDir
-from reconciler.host.system import FileDigest, System, atomic_write, fsync_dir
+from reconciler.host.system import FileDigest, System, atomic_write, fsync_dir, open_regular
 from reconciler.pipeline.scan import ActualFile, host_path
 
 log = logging.getLogger(__name__)
@@ -159,13 +159,13 @@ class Journal:
         """Write the manifest durably, before the first change (SPEC §4)."""
         self.state_dir.ensure()
         atomic_write(self.state_dir.journal, self.manifest.to_json(), mode=0o600)
-        fd = os.open(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = open_regular(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self._log = os.fdopen(fd, "a", encoding="utf-8")
 
     def reopen(self) -> None:
         """Append to the journal of an interrupted run (recovery finishing it): the
         manifest stays as it is, the log keeps what the run reached."""
-        fd = os.open(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = open_regular(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self._log = os.fdopen(fd, "a", encoding="utf-8")
 
     def _append(self, lines: Iterable[str]) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from reconciler.config import ReportConfig
-from reconciler.host.system import atomic_write
+from reconciler.host.system import atomic_write, read_regular
 
 if TYPE_CHECKING:
     from reconciler.report import Report
@@ -185,9 +185,11 @@ def send_webhook(settings: ReportConfig, report: Report) -> str | None:
     headers = {"User-Agent": "reconciler"}
     if settings.webhook_token_file:
         try:
-            token = Path(settings.webhook_token_file).read_text(encoding="utf-8").strip()
+            token = read_regular(settings.webhook_token_file).decode("utf-8").strip()
         except OSError as exc:
             return f"{settings.webhook_token_file}: cannot read the webhook token: {exc.strerror}"
+        except UnicodeDecodeError:
+            return f"{settings.webhook_token_file}: the webhook token is not UTF-8 text"
         headers["Authorization"] = f"Bearer {token}"
     payload = webhook_payload(report)
 

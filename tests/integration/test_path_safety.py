@@ -135,3 +135,20 @@ def test_a_fifo_at_a_destination_is_replaced_without_hanging(make_host):
     assert host.path("/etc/motd").is_file()
     assert host.path("/etc/motd").read_bytes() == good
     assert pull_report(host)["result"] == "ok"
+
+
+def test_a_fifo_at_the_exclude_file_fails_the_run_naming_it_without_hanging(make_host):
+    """Issue 11: a FIFO put at the exclude file held the run at its first open, for
+    ever. It is refused at once; the run changes nothing (it cannot know what the
+    file protects) and says which file and what to do."""
+    host = make_host("db1")
+    os.mkfifo(host.exclude_file)
+
+    proc = run(host, "pull", timeout=30)  # a regression times out rather than hangs
+
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        f"reconciler: {host.exclude_file}: cannot read the exclude file: not a regular file but a FIFO"
+        " — make it a regular file, one pattern a line, or remove it"
+    )
+    assert tree_snapshot(host.root) == {}
