@@ -14,6 +14,7 @@ changes or drift.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -62,6 +63,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError that reached the edge: the file, the reason, what to do.
+
+    ``"{path}: {strerror} — {hint}"``; a full disk says to free space on
+    the filesystem of that path (issue 11: never ``internal error: OSError``).
+    """
+    where = exc.filename if exc.filename is not None else "reconciler"
+    reason = exc.strerror or str(exc)
+    if exc.filename2 is not None:
+        reason = f"{reason} (to {exc.filename2})"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"free space on the filesystem of {where} (df), then run again"
+    else:
+        hint = "fix the path, then run again (--debug shows where it failed)"
+    return f"{where}: {reason} — {hint}"
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -95,6 +113,11 @@ def main(
     except KeyboardInterrupt:
         err.write("reconciler: interrupted\n")
         return 130
+    except OSError as exc:  # the OS refused (a full disk, a directory in a file's place)
+        if debug:
+            log.exception("failed")
+        error_line(err, os_error_line(exc), log_format)
+        return 1
     except Exception as exc:  # a bug: still one line unless --debug
         if debug:
             raise

@@ -42,7 +42,7 @@ from types import FrameType
 from typing import Any
 
 from reconciler.config import AgentConfig
-from reconciler.errors import ConfigError, ReconcilerError
+from reconciler.errors import ConfigError, ReconcilerError, StateError
 from reconciler.host.sdnotify import Notifier
 from reconciler.host.statedir import StateDir
 from reconciler.pipeline.run import RunOptions, reconcile_once
@@ -169,6 +169,8 @@ class Agent:
             state_dir.write_json(state_dir.agent_file, data)
         except OSError as exc:
             log.warning("%s: %s", state_dir.agent_file, exc.strerror)
+        except StateError as exc:  # a full disk: status shows no next run, the agent goes on
+            log.warning("%s", exc)
 
     def run_once(self) -> None:
         """One reconcile run; never raises (a broken run is logged and reported)."""

@@ -92,24 +92,81 @@ class LocalState:
 _HINT = "move it away to start afresh (every managed path is then planned anew)"
 
 
+# The JSON types of each ManagedFile field, in the order save_state writes them.
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "sha256": (str,),
+    "mode": (int,),
+    "uid": (int,),
+    "gid": (int,),
+    "size": (int,),
+    "mtime_ns": (int,),
+    "ctime_ns": (int,),
+    "ino": (int,),
+    "app": (str,),
+    "owner": (str, type(None)),
+    "group": (str, type(None)),
+    "secret": (bool,),
+    "policy": (str,),
+    "recorded_ns": (int,),
+    "render_key": (str,),
+}
+# What save_state writes in the common case (owner and group unset): one tuple
+# comparison per record on the no-op path instead of fifteen isinstance checks.
+_COMMON = tuple(
+    t[0] if f not in ("owner", "group") else type(None) for f, t in _RECORD_TYPES.items()
+)
+
+
+def _record(m: Any) -> ManagedFile:
+    """A ManagedFile from its JSON; TypeError when a field is missing, unknown or of
+    another type (a record of the wrong type would fail the run much later)."""
+    if type(m) is not dict:
+        raise TypeError(f"a record is a {type(m).__name__}")
+    if tuple(map(type, m.values())) != _COMMON:
+        for name, value in m.items():
+            allowed = _RECORD_TYPES.get(name)
+            if allowed is None:
+                raise TypeError(f"unknown field {name!r}")
+            if type(value) not in allowed:
+                raise TypeError(f"{name} is a {type(value).__name__}")
+    return ManagedFile(**m)
+
+
 def load_state(state_dir: StateDir) -> LocalState:
     """Read the local state; an empty LocalState when there is none yet.
 
-    Raises StateError when the file exists but cannot be parsed, rather than
-    silently forgetting every managed path (which would stop prunes).
+    Raises StateError when the file exists but cannot be parsed or has
+    another shape than :func:`save_state` writes (``{}``, ``[]``, a record
+    with a field of the wrong type), rather than silently forgetting every
+    managed path (which would stop prunes). A run moves such a file aside
+    (recovery.py); every other reader stops with the error.
     """
     path = state_dir.state_file
     raw = state_dir.read_json(path, hint=_HINT)
     if raw is None:
         return LocalState()
     try:
+        if not isinstance(raw, dict) or not isinstance(raw.get("managed"), dict):
+            raise TypeError("no managed paths")
+        node, commit = raw.get("node", ""), raw.get("applied_commit")
+        fingerprint = raw.get("fingerprint", "")
+        dirs, excluded = raw.get("created_dirs", []), raw.get("excluded", [])
+        if not (
+            isinstance(node, str)
+            and isinstance(commit, str | None)
+            and isinstance(fingerprint, str)
+            and isinstance(dirs, list)
+            and isinstance(excluded, list)
+            and all(isinstance(d, str) for d in [*dirs, *excluded])
+        ):
+            raise TypeError("node, commit, fingerprint or paths of the wrong type")
         return LocalState(
-            node=raw.get("node", ""),
-            applied_commit=raw.get("applied_commit"),
-            managed={p: ManagedFile(**m) for p, m in raw.get("managed", {}).items()},
-            created_dirs=tuple(raw.get("created_dirs", ())),
-            fingerprint=raw.get("fingerprint", ""),
-            excluded=tuple(raw.get("excluded", ())),
+            node=node,
+            applied_commit=commit,
+            managed={p: _record(m) for p, m in raw["managed"].items()},
+            created_dirs=tuple(dirs),
+            fingerprint=fingerprint,
+            excluded=tuple(excluded),
         )
     except (TypeError, AttributeError) as exc:
         raise StateError(

@@ -12,7 +12,13 @@ runs, holds the run lock, and reads every JSON file with one error policy:
   prunes; an empty ``owed.json`` would skip a reload);
 - a **cache** (``inventory-cache.json``, ``jinja-cache/``) that is corrupt is
   rebuilt, with a warning in the log: losing it costs time, never
-  correctness.
+  correctness; a cache that cannot be written (a full disk) is skipped.
+
+A run does not stop at a corrupt record for ever: it moves the file aside
+(:meth:`StateDir.set_aside`, ``<name>.corrupt-<UTC time>``, kept for
+inspection) and carries on the safe way for that file — recovery.py says
+how for each. A write that fails (``ENOSPC``, ``EIO``, a directory where
+the file belongs) is a StateError naming the file, never a bare OSError.
 
 Layout::
 
@@ -34,7 +40,9 @@ Layout::
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -183,13 +191,96 @@ class StateDir:
             log.warning("%s: corrupt cache — rebuilding it", path)
             return None
 
+    def write_bytes(self, path: Path, raw: bytes) -> None:
+        """Write a record atomically and durably, readable by root only.
+
+        Raises StateError ``"{path}: cannot write it ({reason}) — {hint}"``:
+        on a full disk the hint says to free space and that the next run
+        finishes and reports this one (its journal stays; recovery.py).
+        The old content of ``path`` is untouched when the write fails.
+        """
+        try:
+            atomic_write(path, raw, mode=0o600)
+        except OSError as exc:
+            raise self.write_error(path, exc) from exc
+
+    def write_error(self, path: Path, exc: OSError) -> StateError:
+        """The StateError for a failed write of ``path`` in the state directory."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = (
+                f"free space on the filesystem of {self.path} (df {self.path}); "
+                "the next run finishes and reports this one"
+            )
+        else:
+            hint = f"check {self.path} and its filesystem, then run again"
+        return StateError(f"cannot write it ({exc.strerror or exc})", where=str(path), hint=hint)
+
     def write_json(self, path: Path, data: Any, *, indent: int | None = None) -> None:
-        """Write ``data`` as JSON atomically and durably, readable by root only."""
+        """Write ``data`` as JSON atomically and durably, readable by root only.
+
+        Raises StateError as :meth:`write_bytes` does.
+        """
         if indent is None:
             raw = json.dumps(data, separators=(",", ":")).encode()
         else:
             raw = json.dumps(data, indent=indent).encode()
-        atomic_write(path, raw, mode=0o600)
+        self.write_bytes(path, raw)
+
+    def write_cache(self, path: Path, raw: bytes) -> bool:
+        """Write a cache file; never raises (a cache that cannot be kept costs time only).
+
+        Whatever is in its place and is not a regular file (a directory) is
+        moved aside first. Returns False, with a warning in the log, when it
+        could not be written (a full disk).
+        """
+        try:
+            if path.is_dir() and not path.is_symlink():
+                self.set_aside(path)
+            atomic_write(path, raw, mode=0o600)
+        except (OSError, StateError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else exc.problem
+            log.warning("%s: cannot write the cache (%s) — going on without it", path, reason)
+            return False
+        return True
+
+    def set_aside(self, path: Path) -> Path:
+        """Move a corrupt file (or whatever is in its place) to ``<name>.corrupt-<UTC time>``
+        beside it, durably; the new path. Kept for the operator to inspect, never
+        read again. Raises StateError when it cannot be moved.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while os.path.lexists(aside):
+            n += 1
+            aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        try:
+            os.rename(path, aside)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise StateError(
+                f"cannot move it aside ({exc.strerror or exc})",
+                where=str(path),
+                hint=f"move it away by hand (mv {path} {aside})",
+            ) from exc
+        return aside
+
+    def ensure_dir(self, path: Path) -> None:
+        """Make the directory ``path`` of the state directory (0700) if missing.
+
+        Something else in its place (a file where ``backups/`` or
+        ``jinja-cache/`` belongs) is moved aside, with a warning: those
+        directories are ours. Raises StateError when it cannot be made.
+        """
+        if path.is_dir() and not path.is_symlink():
+            return
+        try:
+            if os.path.lexists(path):
+                aside = self.set_aside(path)
+                log.warning("%s: not a directory — moved to %s", path, aside.name)
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise self.write_error(path, exc) from exc
 
     def remove(self, path: Path) -> bool:
         """Remove a record durably; True if it existed."""
@@ -255,29 +346,76 @@ class StateDir:
         shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
 
     def read_inventory_cache(self) -> dict[str, Any]:
-        """Checked host files by git blob id (see inventory.inventory_problems)."""
-        data = self.read_cache(self.inventory_cache)
-        return data if isinstance(data, dict) else {}
+        """Checked host files by git blob id (see inventory.inventory_problems).
+
+        The file is ``sha256:<hex of the rest>\\n`` then the JSON mapping: the
+        inventory trusts an entry without checking it again, so an entry
+        changed by anyone but :meth:`write_inventory_cache` (a bad sector,
+        an edit) must not be trusted — it would fail every run (issue 11).
+        A file whose digest or shape is wrong is rebuilt, with a warning.
+        """
+        path = self.inventory_cache
+        try:
+            raw = read_regular(path)  # never blocks on a FIFO
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.warning("%s: cannot read the cache (%s) — rebuilding it", path, exc.strerror)
+            return {}
+        head, _, body = raw.partition(b"\n")
+        if head != b"sha256:" + hashlib.sha256(body).hexdigest().encode():
+            if not _plain_json_object(raw):  # an older version's format is no damage
+                log.warning("%s: corrupt cache (checksum) — rebuilding it", path)
+            return {}
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            log.warning("%s: corrupt cache — rebuilding it", path)
+            return {}
+        return data
 
     def write_inventory_cache(
         self, cache: dict[str, Any], inventory: Any, *, changed: bool
     ) -> None:
-        """Keep only the blobs of the current hosts/ (the cache never grows past it)."""
+        """Keep only the blobs of the current hosts/ (the cache never grows past it).
+
+        Never raises (:meth:`write_cache`).
+        """
         if not changed:
             return
         keep = {id(f.data) for f in inventory.files.values()}
         if inventory.defaults is not None:
             keep.add(id(inventory.defaults.data))
         current = {blob: data for blob, data in cache.items() if id(data) in keep}
-        atomic_write(self.inventory_cache, json.dumps(current).encode(), mode=0o600)
+        body = json.dumps(current).encode()
+        head = b"sha256:" + hashlib.sha256(body).hexdigest().encode()
+        self.write_cache(self.inventory_cache, head + b"\n" + body)
+
+
+_HOLD_HINT = "remove it to lift the hold (the next run re-applies the commit)"
+
+
+def _plain_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except ValueError:
+        return False
 
 
 def read_hold(state_dir: StateDir) -> dict[str, Any] | None:
-    """The hold left by a rollback, or None. Raises StateError when unreadable."""
-    data = state_dir.read_json(
-        state_dir.hold, hint="remove it to lift the hold (the next run re-applies the commit)"
-    )
-    return data if isinstance(data, dict) else None
+    """The hold left by a rollback, or None.
+
+    Raises StateError when unreadable or not an object naming a ``commit``
+    (a run rebuilds it then: recovery.py).
+    """
+    data = state_dir.read_json(state_dir.hold, hint=_HOLD_HINT)
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("commit"), str):
+        raise StateError("a hold without a commit", where=str(state_dir.hold), hint=_HOLD_HINT)
+    return data
 
 
 def release_hold(state_dir: StateDir) -> bool:

@@ -30,14 +30,14 @@ import logging
 import os
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reconciler.errors import PathError
+from reconciler.errors import PathError, StateError
 from reconciler.host.state import LocalState
 from reconciler.host.statedir import StateDir
-from reconciler.host.system import FileDigest, System, atomic_write, fsync_dir, open_regular
+from reconciler.host.system import FileDigest, NotRegularFileError, System, fsync_dir, open_regular
 from reconciler.pipeline.scan import ActualFile, host_path
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,50 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
-        """Parse a manifest; raises ValueError or TypeError for another shape."""
+        """Parse a manifest; raises ValueError or TypeError for another shape.
+
+        Every field is type-checked (a journal is trusted by recovery and
+        rollback: a wrong type must be refused here, not fail later).
+        """
         data = json.loads(raw)
-        data["entries"] = tuple(JournalEntry(**e) for e in data.get("entries", ()))
+        if not isinstance(data, dict):
+            raise TypeError(f"a manifest is an object, not a {type(data).__name__}")
+        entries = data.get("entries", ())
+        if not isinstance(entries, list):
+            raise TypeError("entries is not a list")
+        data["entries"] = tuple(JournalEntry(**_checked(JournalEntry, e)) for e in entries)
         data["created_dirs"] = tuple(data.get("created_dirs", ()))
-        return cls(**data)
+        if not all(isinstance(d, str) for d in data["created_dirs"]):
+            raise TypeError("created_dirs holds a non-string")
+        return cls(**_checked(cls, data))
+
+
+# The JSON types each field of a JournalEntry or Manifest may hold (by annotation).
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "dict[str, Any]": (dict,),
+}
+
+
+def _checked(cls: type, data: Any) -> dict[str, Any]:
+    """``data`` when it is a mapping whose values have the types of ``cls``'s fields;
+    TypeError naming the first field that does not."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} is an object, not a {type(data).__name__}")
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        allowed = tuple(
+            t for part in str(f.type).split(" | ") for t in _JSON_TYPES.get(part, (object,))
+        )
+        value = data[f.name]
+        bad = isinstance(value, bool) and bool not in allowed and int in allowed
+        if bad or not isinstance(value, allowed):
+            raise TypeError(f"{cls.__name__}.{f.name} is a {type(value).__name__}")
+    return data
 
 
 def make_entries(
@@ -156,22 +195,50 @@ class Journal:
     _log: Any = field(default=None, repr=False)
 
     def begin(self) -> None:
-        """Write the manifest durably, before the first change (SPEC §4)."""
+        """Write the manifest durably, before the first change (SPEC §4).
+
+        Raises StateError naming the file that cannot be written (a full
+        disk): then nothing is changed.
+        """
         self.state_dir.ensure()
-        atomic_write(self.state_dir.journal, self.manifest.to_json(), mode=0o600)
-        fd = open_regular(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        self._log = os.fdopen(fd, "a", encoding="utf-8")
+        self.state_dir.write_bytes(self.state_dir.journal, self.manifest.to_json())
+        self._open(os.O_TRUNC)
 
     def reopen(self) -> None:
         """Append to the journal of an interrupted run (recovery finishing it): the
         manifest stays as it is, the log keeps what the run reached."""
-        fd = open_regular(self.state_dir.journal_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._open(os.O_APPEND)
+
+    def _open(self, how: int) -> None:
+        """Open the log without blocking and only as a regular file (issue 11):
+        whatever else is in its place (a directory, a FIFO) is not ours and is
+        moved aside."""
+        path = self.state_dir.journal_log
+        flags = os.O_RDWR | os.O_CREAT | how
+        try:
+            try:
+                fd = open_regular(path, flags)
+            except NotRegularFileError:
+                self.state_dir.set_aside(path)
+                fd = open_regular(path, flags)
+            size = os.fstat(fd).st_size
+            # A line the kill cut short is ended, so that the next one stays whole.
+            if how == os.O_APPEND and size and os.pread(fd, 1, size - 1) != b"\n":
+                os.write(fd, b"\n")
+        except OSError as exc:
+            raise self.state_dir.write_error(path, exc) from exc
         self._log = os.fdopen(fd, "a", encoding="utf-8")
 
     def _append(self, lines: Iterable[str]) -> None:
-        self._log.write("".join(f"{line}\n" for line in lines))
-        self._log.flush()
-        os.fsync(self._log.fileno())
+        """Log ``lines`` durably. Raises StateError when the log cannot be written
+        (a full disk): the change it was to announce is not made, and the run stops
+        changing the root — every later change would be unjournaled."""
+        try:
+            self._log.write("".join(f"{line}\n" for line in lines))
+            self._log.flush()
+            os.fsync(self._log.fileno())
+        except OSError as exc:
+            raise self.state_dir.write_error(self.state_dir.journal_log, exc) from exc
 
     def mark(self, phase: str, app: str) -> None:
         """Record durably that ``app`` reached ``phase`` (``files`` | ``done``)."""
@@ -214,10 +281,18 @@ class Journal:
 
 
 def archive(state_dir: StateDir, manifest: Manifest) -> None:
-    """Keep ``manifest`` in ``backups/<run-id>/`` and drop the journal, durably."""
+    """Keep ``manifest`` in ``backups/<run-id>/`` and drop the journal, durably.
+
+    Raises StateError when the manifest cannot be written (then the journal
+    stays, and the next run's recovery finishes the job).
+    """
     target = state_dir.backup_dir(manifest.run_id)
-    target.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(state_dir.manifest(manifest.run_id), manifest.to_json(), mode=0o600)
+    state_dir.ensure_dir(state_dir.backups)
+    try:
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise state_dir.write_error(target, exc) from exc
+    state_dir.write_bytes(state_dir.manifest(manifest.run_id), manifest.to_json())
     for path in (state_dir.journal, state_dir.journal_log):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -232,20 +307,33 @@ class JournalLog:
     dirs: tuple[str, ...]  # directories it was about to make, in order
 
 
+_LOG_HINT = "inspect it, run the apps' post scripts by hand, then remove it"
+
+
 def read_log(state_dir: StateDir) -> JournalLog:
     """Parse ``journal.log``; an empty JournalLog when there is none.
 
-    Raises StateError when it exists but cannot be read.
+    Only the last line may be cut short (by the kill: it is ignored); any
+    other line must be ``files APP``, ``done APP`` or ``mkdir PATH`` in
+    UTF-8. Raises StateError when it exists but cannot be read or holds
+    anything else (binary garbage, a directory): recovery then assumes the
+    worst (recovery.py).
     """
     phases: dict[str, set[str]] = {}
     dirs: list[str] = []
-    raw = state_dir.read_bytes(
-        state_dir.journal_log, hint="inspect it, run the apps' post scripts by hand, then remove it"
-    )
-    for line in (raw or b"").decode("utf-8", "replace").splitlines():
+    path = state_dir.journal_log
+    raw = state_dir.read_bytes(path, hint=_LOG_HINT)
+    lines = (raw or b"").split(b"\n")[:-1]  # the last piece: empty, or cut short by the kill
+    for number, data in enumerate(lines, 1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError:
+            line = ""
         phase, _, rest = line.partition(" ")
-        if not rest:
-            continue  # a line cut short by the kill
+        if not rest or phase not in ("files", "done", MKDIR):
+            raise StateError(
+                f"line {number} is not a journal line", where=str(path), hint=_LOG_HINT
+            )
         if phase == MKDIR:
             dirs.append(rest)
         else:

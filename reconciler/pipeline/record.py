@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from reconciler.config import AgentConfig
-from reconciler.errors import ReconcilerError
+from reconciler.errors import ReconcilerError, StateError
 from reconciler.git.remote import Remote
 from reconciler.git.repo import Repo
 from reconciler.git.reports import notice_lost_reports, queue_length
@@ -39,40 +39,64 @@ def after_run(
     *,
     duration_s: float,
 ) -> None:
-    """last-run.json, metrics, webhook and ping: what follows every real run (issue #4)."""
-    from reconciler.report import read_last_run
+    """last-run.json, metrics, webhook and ping: what follows every real run (issue #4).
 
-    previous = read_last_run(state_dir)
-    last_success = previous.last_success if previous is not None else None
+    last-run.json is a record for ``status`` that each run overwrites: one
+    that cannot be read only loses ``last_success`` (a warning), and one that
+    cannot be written (a full disk) is written by the next run — neither
+    fails a run that already changed the host (issue 11).
+    """
+    success = last_success(state_dir)
     if not report.failed:
-        last_success = dt.datetime.fromisoformat(
-            report.finished_at.replace("Z", "+00:00")
-        ).timestamp()
+        success = dt.datetime.fromisoformat(report.finished_at.replace("Z", "+00:00")).timestamp()
     queued = queue_length(repo, config.node)
     # Only reports that say something new notify: an outage of the git server
     # fails every run identically, and must not page someone every interval.
     webhook_error = send_webhook(config.report, report) if outcome.report_commit else None
-    write_last_run(
-        state_dir,
-        LastRun(
-            report=report,
-            report_commit=outcome.report_commit,
-            pushed=outcome.pushed,
-            push_error=outcome.push_error,
-            queued=queued,
-            last_success=last_success,
-            duration_s=round(duration_s, 3),
-            webhook_error=webhook_error,
-        ),
+    last = LastRun(
+        report=report,
+        report_commit=outcome.report_commit,
+        pushed=outcome.pushed,
+        push_error=outcome.push_error,
+        queued=queued,
+        last_success=success,
+        duration_s=round(duration_s, 3),
+        webhook_error=webhook_error,
     )
+    try:
+        if state_dir.last_run.is_dir() and not state_dir.last_run.is_symlink():
+            state_dir.set_aside(state_dir.last_run)
+        write_last_run(state_dir, last)
+    except StateError as exc:
+        log.warning("%s", exc)
     write_metrics(
         config.metrics.textfile,
         report,
         duration_s=duration_s,
-        last_success=last_success,
+        last_success=success,
         queued=queued,
     )
     ping(config.report.ping_url, "fail" if report.failed else "success")
+
+
+def last_success(state_dir: StateDir) -> float | None:
+    """When the last run that did not fail ended (epoch seconds), from last-run.json.
+
+    None when there is none, or when the file cannot be read — with a
+    warning: it is a record for ``status`` that this run writes anew.
+    """
+    from reconciler.report import read_last_run
+
+    try:
+        previous = read_last_run(state_dir)
+    except (StateError, ValueError, TypeError, AttributeError) as exc:
+        why = exc.problem if isinstance(exc, StateError) else str(exc)
+        log.warning("%s: unreadable (%s) — writing it anew", state_dir.last_run, why)
+        return None
+    found = previous.last_success if previous is not None else None
+    if isinstance(found, bool) or not isinstance(found, int | float):
+        return None
+    return float(found)
 
 
 def push_reports(repo: Repo, remote: Remote, node: str) -> tuple[bool, str | None]:

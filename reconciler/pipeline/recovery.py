@@ -23,12 +23,29 @@ archived. ``owed.json`` is cleared by the run that reaches those apps' post
 scripts (:func:`settle_owed`), so a chain of killed runs still ends with the
 service reloaded.
 
+A corrupt file of the state directory does not stop every run for ever
+(issue 11): :func:`recover` moves it aside (``<name>.corrupt-<time>``, kept
+for inspection), takes the safe reading of what it held, and reports it as
+an error of the run, so the operator learns of it once:
+
+- ``state.json`` (what we manage): the run plans as a first run — it cannot
+  delete paths only the lost state knew of, and says so; the applied commit
+  is taken back from ``last-run.json`` so rewind protection holds;
+- ``journal.json``/``journal.log``/``owed.json`` (crash recovery): nothing
+  says which post scripts an interrupted run still owes, so every app the
+  state names owes them (a reload too many, never one too few), and temp
+  files beside every managed path are removed;
+- ``hold.json`` (a rollback's hold): rebuilt from the rollback's archived
+  manifest, so a rolled-back commit is not re-applied behind the operator's
+  back.
+
 The root is read and written only through the System handed in.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,8 +54,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import PathError, StateError
-from reconciler.host.state import LocalState, ManagedFile, save_state
-from reconciler.host.statedir import StateDir
+from reconciler.host.state import LocalState, ManagedFile, load_state, save_state
+from reconciler.host.statedir import StateDir, read_hold
 from reconciler.host.system import System
 
 if TYPE_CHECKING:
@@ -59,6 +76,10 @@ class Recovery:
     post_pending: Mapping[str, tuple[str, ...]]  # app → its changed paths
     dirs_removed: tuple[str, ...] = ()  # directories the run made and left empty
     rollback: RollbackResult | None = None  # the interrupted one was a rollback: finished
+    # Corrupt files of the state directory moved aside (their new paths), and the
+    # errors that say so in the report (module docstring).
+    set_aside: tuple[str, ...] = ()
+    errors: tuple[StateError, ...] = ()
 
     def to_report(self) -> dict[str, Any]:
         """The report's ``recovered`` mapping (SPEC §5)."""
@@ -71,6 +92,8 @@ class Recovery:
         }
         if self.dirs_removed:
             out["dirs_removed"] = list(self.dirs_removed)
+        if self.set_aside:
+            out["set_aside"] = list(self.set_aside)
         if self.rollback is not None:
             r = self.rollback
             out["finished_rollback"] = {
@@ -83,13 +106,33 @@ class Recovery:
         return out
 
 
+_OWED_HINT = "inspect it, run the apps' post scripts by hand, then remove it"
+
+
 def _read_owed(state_dir: StateDir) -> dict[str, Any]:
-    """``owed.json``: post scripts interrupted runs still owe (app → changed paths)."""
-    data = state_dir.read_json(
-        state_dir.owed,
-        hint="inspect it, run the apps' post scripts by hand, then remove it",
-    )
-    return data if isinstance(data, dict) else {}
+    """``owed.json``: post scripts interrupted runs still owe (app → changed paths).
+
+    {} when there is none. Raises StateError when it cannot be read or has
+    another shape than :func:`_write_owed` writes.
+    """
+    path = state_dir.owed
+    data = state_dir.read_json(path, hint=_OWED_HINT)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise StateError("owed post scripts are not an object", where=str(path), hint=_OWED_HINT)
+    apps = data.get("apps")
+    if not (
+        isinstance(apps, dict)
+        and all(isinstance(p, list) and all(isinstance(x, str) for x in p) for p in apps.values())
+        and isinstance(data.get("runs", []), list)
+        and all(isinstance(r, str) for r in data.get("runs", []))
+        and isinstance(data.get("commit", ""), str)
+    ):
+        raise StateError(
+            "owed post scripts have an unknown shape", where=str(path), hint=_OWED_HINT
+        )
+    return data
 
 
 def _write_owed(state_dir: StateDir, runs: list[str], commit: str, apps: Mapping[str, Any]) -> None:
@@ -116,28 +159,41 @@ def settle_owed(state_dir: StateDir, reached: Iterable[str]) -> None:
 def recover(
     state_dir: StateDir,
     root: Path,
-    previous: LocalState,
     system: System,
     *,
     exclude: Sequence[str] = (),
 ) -> tuple[LocalState, Recovery | None]:
     """Finish an interrupted run's or rollback's bookkeeping before a new run plans (SPEC §4).
 
-    Returns the LocalState to plan against (records rolled forward for paths
-    that hold their new content, dropped for paths already deleted; after a
-    rollback, the restored records) and the Recovery to report — which also
-    names post scripts still owed by an earlier recovery whose own run was
-    killed — or ``(previous, None)`` when the last run ended and nothing is
-    owed. The state and the owed post scripts are saved before the journal
-    is archived (see the module docstring). ``exclude``: the host-local
-    exclude patterns (a directory matching one is never removed). Raises
-    StateError when the journal is unreadable.
+    Reads the local state (``state.json``) itself. Returns the LocalState to
+    plan against (records rolled forward for paths that hold their new
+    content, dropped for paths already deleted; after a rollback, the
+    restored records) and the Recovery to report — which also names post
+    scripts still owed by an earlier recovery whose own run was killed, and
+    the corrupt files moved aside (module docstring) — or ``(state, None)``
+    when the last run ended and nothing is owed. The state and the owed post
+    scripts are saved before the journal is archived (see the module
+    docstring). ``exclude``: the host-local exclude patterns (a directory
+    matching one is never removed). Raises StateError when a file of the
+    state directory cannot be written or moved aside.
     """
+    previous, repairs = _start_state(state_dir)
+    repairs.extend(_heal_hold(state_dir))
     path = state_dir.journal
-    owed = _read_owed(state_dir)
-    raw = state_dir.read_bytes(path, hint="inspect it, then move it away")
-    if raw is None:
-        if not owed.get("apps"):
+    try:
+        owed = _read_owed(state_dir)
+    except StateError as exc:
+        # Which apps are owed is lost: every app of the state owes (never one too few).
+        repairs.append(_set_aside(state_dir, exc, "the post scripts of every app run again"))
+        owed = {"runs": [], "commit": "", "apps": _every_app(previous)}
+        _write_owed(state_dir, [], "", owed["apps"])
+    try:
+        raw = state_dir.read_bytes(path, hint=_JOURNAL_HINT)
+        manifest = _parse_journal(raw, path)
+    except StateError as exc:
+        return _lost_journal(state_dir, root, previous, system, owed, repairs, exc)
+    if manifest is None:
+        if not owed.get("apps") and not repairs:
             return previous, None
         runs = [str(r) for r in owed.get("runs", [])]
         return previous, Recovery(
@@ -145,23 +201,202 @@ def recover(
             commit=str(owed.get("commit", "")),
             temp_files_removed=(),
             rolled_forward=(),
-            post_pending={a: tuple(p) for a, p in owed["apps"].items()},
+            post_pending={a: tuple(p) for a, p in owed.get("apps", {}).items()},
+            **_repaired(repairs),
         )
+    if manifest.kind == "rollback":
+        previous, recovery = _finish_rollback(
+            state_dir, root, previous, system, manifest, owed, exclude
+        )
+    else:
+        previous, recovery = _roll_forward(
+            state_dir, root, previous, system, manifest, owed, exclude
+        )
+    if repairs:
+        recovery = replace(
+            recovery,
+            set_aside=(*_repaired(repairs)["set_aside"], *recovery.set_aside),
+            errors=(*_repaired(repairs)["errors"], *recovery.errors),
+        )
+    return previous, recovery
+
+
+_JOURNAL_HINT = "inspect it, then move it away"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Repair:
+    """A corrupt file moved aside, and the error that tells the operator."""
+
+    aside: str
+    error: StateError
+
+
+def _repaired(repairs: Sequence[_Repair]) -> dict[str, Any]:
+    return {
+        "set_aside": tuple(r.aside for r in repairs),
+        "errors": tuple(r.error for r in repairs),
+    }
+
+
+def _set_aside(state_dir: StateDir, exc: StateError, consequence: str) -> _Repair:
+    """Move the corrupt file ``exc`` names aside; the repair to report (with ``consequence``)."""
+    path = Path(exc.where or "")
+    aside = state_dir.set_aside(path)
+    error = StateError(
+        f"{exc.problem}; moved to {aside.name}",
+        where=str(path),
+        hint=f"{consequence}; {aside.name} is kept for inspection",
+    )
+    return _Repair(aside=str(aside), error=error)  # printed once, as an error of the run
+
+
+def _every_app(state: LocalState) -> dict[str, list[str]]:
+    """Every app of ``state`` with all its managed paths: what is owed when nothing says."""
+    apps: dict[str, list[str]] = {}
+    for p, m in sorted(state.managed.items()):
+        apps.setdefault(m.app, []).append(p)
+    return apps
+
+
+def _start_state(state_dir: StateDir) -> tuple[LocalState, list[_Repair]]:
+    """The local state a real run starts from; a corrupt ``state.json`` moved aside.
+
+    Then the run is a first run: it cannot delete a path only the lost state
+    knew of (it says so), but it keeps rewind protection — the applied
+    commit is read back from ``last-run.json`` when that is readable.
+    """
+    try:
+        return load_state(state_dir), []
+    except StateError as exc:
+        repair = _set_aside(
+            state_dir,
+            exc,
+            "this run plans as a first run, so paths managed before and gone from the "
+            "target are not deleted: remove those by hand",
+        )
+    from reconciler.report import read_last_run
+
+    commit = None
+    try:
+        last = read_last_run(state_dir)
+        found = last.report.applied_commit if last is not None else None
+        if isinstance(found, str) and len(found) == 40:
+            commit = found
+    except (StateError, ValueError, TypeError, AttributeError):
+        pass  # nothing to take back: a first run in every way
+    return LocalState(applied_commit=commit), [repair]
+
+
+def _heal_hold(state_dir: StateDir) -> list[_Repair]:
+    """A corrupt ``hold.json`` moved aside and rebuilt from the rollback that wrote it.
+
+    The hold is the commit of the newest archived manifest of a rollback
+    with ``hold`` (rollback.py writes both), unless a run applied changes
+    after it (the hold was lifted then). No such rollback: no hold.
+    """
+    try:
+        read_hold(state_dir)
+        return []
+    except StateError as exc:
+        failure = exc
+    from reconciler.pipeline.rollback import read_manifest
+
+    hold = None
+    source = None
+    try:
+        runs = sorted((p.name for p in state_dir.backups.iterdir() if p.is_dir()), reverse=True)
+    except OSError:
+        runs = []
+    for run in runs:
+        try:
+            manifest = read_manifest(state_dir, run)
+        except StateError:
+            continue
+        if manifest is None:
+            continue
+        if manifest.kind == "rollback" and manifest.hold:
+            hold = {
+                "commit": manifest.commit,
+                "rolled_back_run": manifest.rolls_back,
+                "rollback_run": manifest.run_id,
+                "since": None,
+            }
+            source = state_dir.manifest(run)
+        break  # the newest manifest decides
+    repair = _set_aside(
+        state_dir,
+        failure,
+        f"held again as {source} says (reconciler pull --release-hold lifts it)"
+        if source is not None
+        else "no rollback holds a commit: nothing is held",
+    )
+    if hold is not None:
+        state_dir.write_json(state_dir.hold, hold)
+    return [repair]
+
+
+def _parse_journal(raw: bytes | None, path: Path) -> Manifest | None:
+    if raw is None:
+        return None
     # Only an interrupted run or rollback needs the journal's machinery: a no-op
     # run never imports it, nor rollback's (SPEC §7).
     from reconciler.pipeline.journal import Manifest
 
     try:
-        manifest = Manifest.from_json(raw)
+        return Manifest.from_json(raw)
     except (ValueError, TypeError) as exc:
         raise StateError(
             f"unreadable journal of an interrupted run ({exc})",
             where=str(path),
-            hint="inspect it, then move it away",
+            hint=_JOURNAL_HINT,
         ) from exc
-    if manifest.kind == "rollback":
-        return _finish_rollback(state_dir, root, previous, system, manifest, owed, exclude)
-    return _roll_forward(state_dir, root, previous, system, manifest, owed, exclude)
+
+
+def _lost_journal(
+    state_dir: StateDir,
+    root: Path,
+    previous: LocalState,
+    system: System,
+    owed: Mapping[str, Any],
+    repairs: list[_Repair],
+    failure: StateError,
+) -> tuple[LocalState, Recovery]:
+    """An interrupted run's journal that cannot be read: recover what can be known.
+
+    Which paths it changed and which post scripts it still owed are lost:
+    every app of the local state owes its post scripts (saved in
+    ``owed.json`` before the journal goes, so a kill does not lose them),
+    temp files beside every managed path are removed, and the paths it
+    changed show as drift to the scan, which repairs them. The journal and
+    its log are moved aside for inspection.
+    """
+    from reconciler.pipeline.scan import host_path
+
+    apps: dict[str, set[str]] = {a: set(p) for a, p in owed.get("apps", {}).items()}
+    for app, paths in _every_app(previous).items():
+        apps.setdefault(app, set()).update(paths)
+    runs = [str(r) for r in owed.get("runs", [])]
+    _write_owed(state_dir, runs, str(owed.get("commit", "")), apps)
+    listing: dict[Path, list[str]] = {}
+    removed: list[str] = []
+    for p in sorted(previous.managed):
+        removed += _remove_temp_files(system, root, host_path(root, PurePosixPath(p)), listing)
+    repairs.append(
+        _set_aside(state_dir, failure, "the post scripts of every app run again this run")
+    )
+    if os.path.lexists(state_dir.journal_log):
+        aside = state_dir.set_aside(state_dir.journal_log)
+        repairs.append(_Repair(aside=str(aside), error=repairs[-1].error))
+    return previous, Recovery(
+        run_id=runs[-1] if runs else "?",
+        commit=str(owed.get("commit", "")),
+        temp_files_removed=tuple(removed),
+        rolled_forward=(),
+        post_pending={a: tuple(sorted(p)) for a, p in apps.items()},
+        set_aside=tuple(r.aside for r in repairs),
+        errors=tuple(dict.fromkeys(r.error for r in repairs)),
+    )
 
 
 def _finish_rollback(
@@ -220,11 +455,21 @@ def _roll_forward(
     exclude: Sequence[str],
 ) -> tuple[LocalState, Recovery]:
     """A killed run: learn what it wrote, clean up after it, keep its post scripts owed."""
-    from reconciler.pipeline.journal import archive, read_log, remove_created_dirs
+    from reconciler.pipeline.journal import JournalLog, archive, read_log, remove_created_dirs
     from reconciler.pipeline.rollback import removable_dirs
     from reconciler.pipeline.scan import host_path
 
-    journal_log = read_log(state_dir)
+    repairs: list[_Repair] = []
+    try:
+        journal_log = read_log(state_dir)
+    except StateError as exc:
+        # What the run reached is lost: every app of the journal may have written
+        # files and none ran its post scripts; the directories it made stay (ours
+        # only if recorded, so never removed).
+        repairs.append(_set_aside(state_dir, exc, "the post scripts of its apps run again"))
+        journal_log = JournalLog(
+            phases={e.app: frozenset({"files"}) for e in manifest.entries}, dirs=()
+        )
     phases = journal_log.phases
     removed: list[str] = []
     forward: list[str] = []
@@ -296,6 +541,7 @@ def _roll_forward(
         rolled_forward=tuple(forward),
         post_pending={a: tuple(sorted(p)) for a, p in pending.items()},
         dirs_removed=tuple(dirs_removed),
+        **_repaired(repairs),
     )
     log.warning(
         "recovered from interrupted run %s: %d temp files removed, %d paths rolled forward, "

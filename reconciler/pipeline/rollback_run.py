@@ -19,7 +19,6 @@ from reconciler.git.remote import Remote, set_net_timeout
 from reconciler.git.repo import open_bare
 from reconciler.git.snapshot import SourceInfo
 from reconciler.git.source import remote_url
-from reconciler.host.state import load_state
 from reconciler.host.statedir import StateDir, read_exclude_file
 from reconciler.host.system import RealSystem, System
 from reconciler.pipeline.facts import gather_facts
@@ -56,7 +55,7 @@ def rollback_once(
     ):
         system: System = wrap(real) if wrap is not None else real
         started = dt.datetime.now(dt.UTC)
-        _, recovery = recover(state_dir, root, load_state(state_dir), system, exclude=exclude)
+        _, recovery = recover(state_dir, root, system, exclude=exclude)
         finished = recovery.rollback if recovery is not None else None
         result: RollbackResult
         if finished is not None and run_id in (None, finished.chosen.run_id):

@@ -259,9 +259,7 @@ def reconcile_once(
         setting = _setting(config, options, remote, state_dir, root, started, clock)
         # Recovery before the fetch: an interrupted run is finished or undone
         # whatever the source says now (SPEC §4).
-        previous, recovery = recover(
-            state_dir, root, load_state(state_dir), system, exclude=setting.exclude_lines
-        )
+        previous, recovery = recover(state_dir, root, system, exclude=setting.exclude_lines)
         prepared = prepare(setting, previous, recovery)
         if is_noop(setting, prepared, system):
             converged = unchanged_host(setting, prepared)
@@ -309,7 +307,8 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
     config, options = setting.config, setting.options
     url = setting.remote.url
     source = SourceInfo(url=url, branch=config.branch, commit="", fetched=False)
-    errors: list[ReconcilerError] = []
+    # Corrupt state files recovery moved aside: reported once, as errors of this run.
+    errors: list[ReconcilerError] = list(recovery.errors) if recovery is not None else []
     try:
         fetched = _fetch(setting.repo, setting.remote, config, boot=options.boot)
         if fetched.error:
@@ -456,6 +455,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             commit,
             SourceInfo(url=setting.remote.url, branch=config.branch, commit=commit),
         )
+        state_dir.ensure_dir(state_dir.jinja_cache)  # a file in its place is moved aside
         cache = state_dir.read_inventory_cache()
         before = len(cache)
         inventory = load_inventory(snapshot, cache)
@@ -485,6 +485,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         to_apply = [c for c in plan.changes if c.apply]
         kept = None
         if to_apply and journal:
+            state_dir.ensure_dir(state_dir.backups)
             kept = Journal(
                 state_dir=state_dir,
                 manifest=Manifest(
@@ -590,13 +591,13 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
             "released" if setting.options.release_hold else "new commit",
         )
     errors = converged.errors
+    saved = False
     try:
         if converged.state is not None:
             save_state(state_dir, converged.state)
             if converged.settled is not None:
                 settle_owed(state_dir, converged.settled)
-            if converged.journal is not None:
-                converged.journal.finish()  # only now: the local state matches the disk
+            saved = True
     except ReconcilerError as exc:
         errors = (*errors, exc)
     repo = setting.repo
@@ -604,13 +605,28 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
         repo, config.node, now=dt.datetime.now(dt.UTC), heartbeat_s=config.report.heartbeat
     )
     report = _report(setting, prepared, converged, errors, history_lost=lost)
-    report_commit = commit_report(
-        repo,
-        report,
-        converged.captures.content if converged.captures is not None else {},
-        heartbeat_s=config.report.heartbeat,
-        now=dt.datetime.now(dt.UTC),
-    )
+    try:
+        report_commit = commit_report(
+            repo,
+            report,
+            converged.captures.content if converged.captures is not None else {},
+            heartbeat_s=config.report.heartbeat,
+            now=dt.datetime.now(dt.UTC),
+        )
+    except ReconcilerError as exc:
+        # A full disk: the report cannot be committed. The journal stays (below),
+        # so the next run's recovery reports what this one changed (issue 11).
+        saved, report_commit = False, None
+        errors = (*errors, exc)
+        report = _report(setting, prepared, converged, errors, history_lost=lost)
+    if saved and converged.journal is not None:
+        try:
+            converged.journal.finish()  # only now: the local state and report match the disk
+        except ReconcilerError as exc:
+            errors = (*errors, exc)
+            report = _report(setting, prepared, converged, errors, history_lost=lost)
+    elif converged.journal is not None:
+        converged.journal.close()
     pushed: bool | None = None
     push_error: str | None = None
     if config.report.push and prepared.source.fetched:
