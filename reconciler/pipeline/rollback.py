@@ -209,7 +209,12 @@ def finish_rollback(
         )
     # Directories the killed attempt made are in its log, not in its manifest.
     journal = Journal(state_dir=state_dir, manifest=replace(own, interrupted=True))
-    journal.created.extend(read_log(state_dir).dirs)
+    try:
+        journal.created.extend(read_log(state_dir).dirs)
+    except StateError as exc:
+        # A broken log: which directories it made is lost, so none of them is removed.
+        aside = state_dir.set_aside(state_dir.journal_log)
+        log.warning("%s — moved to %s", exc, aside.name)
     journal.reopen()
     try:
         result = _complete(

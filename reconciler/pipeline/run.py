@@ -39,6 +39,7 @@ from reconciler.errors import (
     InventoryError,
     ReconcilerError,
     SourceError,
+    StateError,
     UntrustedCommitError,
 )
 from reconciler.git.remote import NET_ATTEMPTS, Remote, set_net_timeout
@@ -617,7 +618,12 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
         # A full disk: the report cannot be committed. The journal stays (below),
         # so the next run's recovery reports what this one changed (issue 11).
         saved, report_commit = False, None
-        errors = (*errors, exc)
+        failure = StateError(
+            f"cannot commit the report ({exc.__cause__ or exc.problem})",
+            where=str(state_dir.repo),
+            hint="the journal is kept: the next run reports what this run changed",
+        )
+        errors = (*errors, failure)
         report = _report(setting, prepared, converged, errors, history_lost=lost)
     if saved and converged.journal is not None:
         try:
