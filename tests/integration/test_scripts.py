@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
 from tests.integration._helpers import HEX40, assert_clean_error, pull_report
@@ -172,3 +175,30 @@ def test_failing_post_script_fails_the_run_after_the_files_are_written(fleet, ma
     assert [(s["phase"], s["name"], s["exit_code"]) for s in report["scripts"]] == [
         ("post", "10-broken", 4)
     ]
+
+
+def test_a_post_script_that_leaves_a_daemon_running_is_done_when_it_exits(
+    fleet, make_host, tmp_path
+):
+    """Issue 11: a post script leaving a child that keeps its output (``setsid sleep
+    20 &``, a daemon) held the run until that child exited. The script's exit is the
+    end (as with Puppet's exec); the child keeps running."""
+    pid_file = tmp_path / "daemon.pid"
+    fleet.write(
+        "scripts/post/motd/10-start",
+        f"#!/bin/sh\nsetsid sleep 20 &\necho $! > '{pid_file}'\necho started\n",
+        executable=True,
+    )
+    fleet.commit("motd: a post script that starts a daemon")
+    host = make_host("db1")
+    try:
+        proc = host.run("pull")
+
+        assert proc.returncode == 0, proc.stderr
+        (script,) = [s for s in fleet.report("db1")["scripts"] if s["name"] == "10-start"]
+        assert (script["exit_code"], script["output_tail"]) == (0, "started")
+        assert script["duration_s"] < 5  # before: 20, the daemon's whole life
+        os.kill(int(pid_file.read_text()), 0)  # still running
+    finally:
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
