@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG_PATH = Path("/etc/reconciler/config.yaml")
 MODES = ("enforce", "audit")
 
+# Bounds on one template's render (SPEC §2, §10): render_timeout, max_file_size.
+DEFAULT_RENDER_TIMEOUT = 30.0
+DEFAULT_MAX_FILE_SIZE = 64 * 1024 * 1024
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -152,6 +156,9 @@ class AgentConfig:
     # the run — and its lock — forever. An extension of SPEC §2.
     net_timeout: float = 60.0
     allow_rewind: bool = False
+    # One template's render: seconds, and bytes of its output (0: no bound).
+    render_timeout: float = DEFAULT_RENDER_TIMEOUT
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
     auth: AuthConfig = field(default_factory=AuthConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -173,11 +180,21 @@ SCALAR_KEYS: tuple[str, ...] = (
     "boot_timeout",
     "net_timeout",
     "allow_rewind",
+    "render_timeout",
+    "max_file_size",
 )
 _DURATION_KEYS = frozenset(
-    {"interval", "splay", "lock_timeout", "boot_timeout", "net_timeout", "heartbeat"}
+    {
+        "interval",
+        "splay",
+        "lock_timeout",
+        "boot_timeout",
+        "net_timeout",
+        "heartbeat",
+        "render_timeout",
+    }
 )
-_SIZE_KEYS = frozenset({"max_capture"})
+_SIZE_KEYS = frozenset({"max_capture", "max_file_size"})
 _NESTED: dict[str, type[Any]] = {
     "auth": AuthConfig,
     "verify": VerifyConfig,

@@ -14,6 +14,8 @@ below are the groups the commands combine:
                 ``--lock-timeout``
 ``POLICY``      what a run may do: ``--mode``, ``--exclude-file``,
                 ``--allow-rewind``
+``RENDER``      bounds on one template (SPEC §10): ``--render-timeout``,
+                ``--max-file-size``
 ``OUTPUT``      ``--format``, for the commands that print data (SPEC §3)
 ==============  =======================================================
 
@@ -29,9 +31,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from reconciler.errors import UsageError
+
+if TYPE_CHECKING:
+    from reconciler.pipeline.render import RenderLimits
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,6 +60,7 @@ _CONFIGURATION = "configuration (a flag wins over the config file)"
 _SOURCE = "desired-state repository"
 _HOST = "this host"
 _SCHEDULE = "schedule"
+_RENDER = "templates (untrusted: sandboxed and bounded)"
 _OUTPUT = "output"
 
 # name → (heading, option strings, add_argument keywords)
@@ -94,6 +100,16 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "mode": (_HOST, ("--mode",), {"choices": ("enforce", "audit")}),
     "exclude_file": (_HOST, ("--exclude-file",), {"dest": "exclude_file"}),
     "lock_timeout": (_HOST, ("--lock-timeout",), {"dest": "lock_timeout"}),
+    "render_timeout": (
+        _RENDER,
+        ("--render-timeout",),
+        {"dest": "render_timeout", "metavar": "D", "help": "per template (default 30s)"},
+    ),
+    "max_file_size": (
+        _RENDER,
+        ("--max-file-size",),
+        {"dest": "max_file_size", "metavar": "SIZE", "help": "per rendered file (default 64MiB)"},
+    ),
     "interval": (_SCHEDULE, ("--interval",), {}),
     "splay": (_SCHEDULE, ("--splay",), {}),
     "boot_timeout": (_SCHEDULE, ("--boot-timeout",), {"dest": "boot_timeout"}),
@@ -118,6 +134,7 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
 SOURCE = ("repo", "branch", "net_timeout")
 HOST = ("node", "root", "state_dir", "lock_timeout")
 POLICY = ("mode", "exclude_file", "allow_rewind")
+RENDER = ("render_timeout", "max_file_size")
 OUTPUT = ("format",)
 _ALWAYS_FIRST = ("config",)
 _ALWAYS_LAST = ("verbose", "debug", "log_format")
@@ -141,3 +158,24 @@ def flags(*names: str, formats: Sequence[str] = ("text", "json")) -> Parser:
             groups[heading] = parent.add_argument_group(heading)
         groups[heading].add_argument(*options, **kwargs)
     return parent
+
+
+def render_limits(args: argparse.Namespace) -> RenderLimits:
+    """The bounds of ``render``, ``validate`` and ``impact``: their flags, else the defaults.
+
+    These commands read a working tree on a laptop or in a repository's CI
+    (SPEC §10: safe on an untrusted pull request), never the agent's
+    configuration file: ``--render-timeout`` and ``--max-file-size`` or
+    30s and 64 MiB. Raises ConfigError (exit 2) for a bad value.
+    """
+    from reconciler.config import parse_duration, parse_size
+    from reconciler.pipeline.render import RenderLimits
+
+    limits = RenderLimits()
+    if args.render_timeout is not None:
+        seconds = parse_duration(args.render_timeout, key="--render-timeout")
+        limits = RenderLimits(render_timeout=seconds, max_file_size=limits.max_file_size)
+    if args.max_file_size is not None:
+        size = parse_size(args.max_file_size, key="--max-file-size")
+        limits = RenderLimits(render_timeout=limits.render_timeout, max_file_size=size)
+    return limits

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from reconciler.cli.flags import HOST, OUTPUT, POLICY, SOURCE, flags
+from reconciler.cli.flags import HOST, OUTPUT, POLICY, RENDER, SOURCE, flags, render_limits
 from reconciler.cli.output import emit_json, error_line
 from reconciler.config import config_from_args
 from reconciler.errors import PathError, ReconcilerError, UsageError
@@ -199,7 +199,7 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     name = args.node_name or args.node or config_from_args(args).node
     inventory = load_inventory(snapshot)
     node = effective_node(inventory, snapshot, name, args.state)
-    target = render_target(snapshot, node, gather_facts())
+    target = render_target(snapshot, node, gather_facts(), limits=render_limits(args))
     if args.out:
         base = Path(args.out)
         for path, t in target.files.items():
@@ -249,12 +249,13 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     problems = list(check.problems)
     inventory = check.inventory
     rendered = 0
+    limits = render_limits(args)
     if check.renderable:
         facts = gather_facts()
         for name in check.renderable:
             try:
                 node = effective_node(inventory, snapshot, name)
-                rendered += len(render_target(snapshot, node, facts).files)
+                rendered += len(render_target(snapshot, node, facts, limits=limits).files)
             except ReconcilerError as exc:
                 problems.append(f"{exc} [node {name}]")
     if args.format == "json":
@@ -444,7 +445,7 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the host's subcommands to ``sub``, each with its flags and handler (SPEC §3)."""
-    run_flags = (*SOURCE, *HOST, *POLICY)
+    run_flags = (*SOURCE, *HOST, *POLICY, *RENDER)
 
     pull = sub.add_parser(
         "pull",
@@ -467,7 +468,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     diff.set_defaults(handler=cmd_diff)
 
     render = sub.add_parser(
-        "render", parents=[flags("tree_repo", "node", *OUTPUT)], help="target state of a node"
+        "render",
+        parents=[flags("tree_repo", "node", *RENDER, *OUTPUT)],
+        help="target state of a node",
     )
     render.add_argument("node_name", nargs="?", metavar="NODE")
     render.add_argument("--out", metavar="DIR", help="write the files under DIR")
@@ -476,7 +479,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
     tree = flags("tree_repo", *OUTPUT)
     sub.add_parser(
-        "validate", parents=[tree], help="check a desired-state repository"
+        "validate",
+        parents=[flags("tree_repo", *RENDER, *OUTPUT)],
+        help="check a desired-state repository",
     ).set_defaults(handler=cmd_validate)
     sub.add_parser("hosts", parents=[tree], help="nodes and meta-nodes with members").set_defaults(
         handler=cmd_hosts

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler.cli.flags import OUTPUT, SOURCE, flags
+from reconciler.cli.flags import OUTPUT, RENDER, SOURCE, flags, render_limits
 from reconciler.cli.output import emit_json
 from reconciler.config import config_from_args
 from reconciler.errors import ReconcilerError, UsageError
@@ -488,7 +488,8 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         label = f"{base_id[:12]}..{head_id[:12]}"
     base_snapshot = GitSnapshot(repo, base_id, SourceInfo(url=url, branch=branch, commit=base_id))
-    impacted, unchanged = impact(base_snapshot, head_snapshot, gather_facts())
+    limits = render_limits(args)
+    impacted, unchanged = impact(base_snapshot, head_snapshot, gather_facts(), limits=limits)
     failed = any(n.error and n.error.startswith("HEAD") for n in impacted)
     if args.format == "json":
         _emit(
@@ -615,7 +616,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
     impact = sub.add_parser(
         "impact",
-        parents=[flags("tree_repo", *OUTPUT)],
+        parents=[flags("tree_repo", *RENDER, *OUTPUT)],
         help="per node, the files a range of commits changes",
     )
     impact.add_argument(

@@ -51,7 +51,7 @@ from reconciler.pipeline.inventory import (
     load_inventory,
 )
 from reconciler.pipeline.plan import exclude_matcher
-from reconciler.pipeline.render import TargetFile, render_target
+from reconciler.pipeline.render import RenderLimits, TargetFile, render_target
 
 log = logging.getLogger(__name__)
 
@@ -578,7 +578,7 @@ class NodeImpact:
 
 
 def _render_all(
-    snapshot: Snapshot, facts: Mapping[str, Any]
+    snapshot: Snapshot, facts: Mapping[str, Any], limits: RenderLimits
 ) -> tuple[dict[str, Mapping[PurePosixPath, TargetFile] | str], list[str]]:
     """node → target files (or the error text), and the node names; "*" holds an inventory error."""
     try:
@@ -589,7 +589,7 @@ def _render_all(
     for name in inventory.nodes:
         try:
             node = effective_node(inventory, snapshot, name)
-            files = render_target(snapshot, node, facts).files
+            files = render_target(snapshot, node, facts, limits=limits).files
             excluded = exclude_matcher(node.exclude)
             out[name] = {
                 p: t for p, t in files.items() if not excluded.match_file(str(p).lstrip("/"))
@@ -632,17 +632,24 @@ def _compare(old: TargetFile | None, new: TargetFile | None) -> FileImpact | Non
 
 
 def impact(
-    base: Snapshot, head: Snapshot, facts: Mapping[str, Any]
+    base: Snapshot,
+    head: Snapshot,
+    facts: Mapping[str, Any],
+    *,
+    limits: RenderLimits | None = None,
 ) -> tuple[list[NodeImpact], list[str]]:
     """Per node, the destination files whose target state differs between ``base`` and ``head``.
 
     Every node of either side is rendered with the same ``facts``; paths
     the node excludes are left out. Returns (impacted nodes, unchanged
     nodes), both sorted by name. A node that fails to load or render on one
-    side is impacted with ``error`` set and no files.
+    side is impacted with ``error`` set and no files. Both sides render in
+    the sandbox within ``limits`` (SPEC §10: ``impact`` runs on an untrusted
+    pull request).
     """
-    old, old_names = _render_all(base, facts)
-    new, new_names = _render_all(head, facts)
+    limits = limits or RenderLimits()
+    old, old_names = _render_all(base, facts, limits)
+    new, new_names = _render_all(head, facts, limits)
     if "*" in new:
         return [NodeImpact(node="*", files=(), error=f"HEAD: {new['*']}")], []
     impacted: list[NodeImpact] = []

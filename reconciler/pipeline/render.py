@@ -8,6 +8,19 @@ secrecy. ``templates/<app>/default/**`` is overlaid by
 (StrictUndefined) straight from the snapshot, anything else is copied byte
 for byte. Jinja2 is imported here only, so a run that renders nothing never
 pays for it.
+
+A repository is untrusted input (SPEC §10 "Sandbox and bounds"; issue 11):
+templates render in Jinja2's SandboxedEnvironment, so they reach their
+context and filters, never Python (``cycler.__init__.__globals__.os`` is
+refused); each template is bounded in time by ``render_timeout`` and its
+output by ``max_file_size`` (:class:`RenderLimits`), and the operations
+that make a huge value in one step (``'x' * 10**10``, ``10**10**10``,
+``"%9999999999d"|format``, ``.ljust(N)``, ``|center(N)``, ``|indent(N)``,
+``.replace``, ``|join``, ``|batch``, ``lipsum(N)``) are refused before they
+allocate it. The sandbox, the bounds and the quiet errors of secret
+templates hold on every path that renders a repository's templates: the
+agent's run (in process or in forked workers), ``diff``, ``render``,
+``validate``, ``impact``, ``show`` and ``adopt`` all come here.
 """
 
 from __future__ import annotations
@@ -16,12 +29,18 @@ import hashlib
 import json
 import logging
 import re
+import signal
+import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, cast
 
+from reconciler.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_RENDER_TIMEOUT, format_size
 from reconciler.errors import InventoryError, PathError, ReconcilerError, RenderError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
 from reconciler.pipeline.inventory import DEFAULT_STATE, Node, load_app_config
@@ -191,8 +210,180 @@ def template_context(node: Node, facts: Mapping[str, Any], info: SourceInfo) -> 
     return context
 
 
-def _environment(snapshot: Snapshot, cache_dir: Path | None = None) -> Any:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenderLimits:
+    """RenderLimits bound the rendering of one template (SPEC §10 "Sandbox and bounds").
+
+    ``render_timeout``: seconds one template may take, compiling included
+    (SPEC §2, default 30s); ``max_file_size``: bytes of one rendered file,
+    and characters of any one string a template builds on the way (SPEC
+    §2, default 64 MiB). 0 turns a bound off.
+    """
+
+    render_timeout: float = DEFAULT_RENDER_TIMEOUT
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+
+
+# A number a template computes has at most this many bits (~19,700 decimal
+# digits; Python prints no more than 4,300): 10**10**10 or squaring in a loop
+# would otherwise take minutes and gigabytes in one C call, which no timer can
+# interrupt.
+MAX_INT_BITS = 1 << 16
+
+# Compiled by the sandbox: code compiled for the plain Environment (before
+# issue 11) or for other intercepted operators must never be loaded. Bump the
+# number when the compiled code changes.
+_CACHE_PATTERN = "__sandbox1_%s.cache"
+
+
+class _TooLarge(Exception):
+    """A template was about to make a value, or output, beyond a bound."""
+
+    def __init__(self, what: str, bound: str, hint: str) -> None:
+        super().__init__(f"{what} is more than {bound}")
+        self.what, self.bound, self.hint = what, bound, hint
+
+
+class _RenderTimeout(BaseException):
+    """SIGALRM during a render: a BaseException, so that no ``except Exception``
+    in Jinja2 (constant folding while compiling) or in a filter swallows it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Bounds:
+    """The size checks of the sandbox: each raises _TooLarge before the value is made."""
+
+    max_chars: int  # max_file_size, or 0 for no bound
+    max_items: int  # Jinja2's MAX_RANGE: no list a template builds is longer than range()
+
+    def chars(self, n: int) -> None:
+        """A string or bytes of ``n`` characters is about to be made."""
+        if self.max_chars and n > self.max_chars:
+            raise _TooLarge(
+                f"a text of {n:,} characters",
+                f"max_file_size ({format_size(self.max_chars)})",
+                "make the template produce less, or raise max_file_size",
+            )
+
+    def items(self, n: int) -> None:
+        """A list or tuple of ``n`` items is about to be made."""
+        if n > self.max_items:
+            raise _TooLarge(
+                f"a list of {n:,} items",
+                f"the sandbox's bound of {self.max_items:,} items (as for range())",
+                "make the template build shorter lists",
+            )
+
+    def bits(self, n: int) -> None:
+        """A number of about ``n`` bits is about to be computed."""
+        if n > MAX_INT_BITS:
+            raise _TooLarge(
+                f"a number of {n:,} bits",
+                f"the sandbox's bound of {MAX_INT_BITS:,} bits",
+                "make the template compute smaller numbers",
+            )
+
+    def sequence(self, value: Any, n: int) -> None:
+        """``value`` (str, bytes, list, tuple) is about to be made ``n`` long."""
+        if isinstance(value, str | bytes):
+            self.chars(n)
+        elif isinstance(value, list | tuple):
+            self.items(n)
+
+    def binop(self, operator: str, left: Any, right: Any) -> None:
+        """``left OPERATOR right`` for the intercepted ``*``, ``**``, ``+``, ``%``.
+
+        Runs for every one of these operators a template evaluates: concrete
+        type checks only (no ABCs), numbers first.
+        """
+        if operator == "+":
+            if isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES):
+                self.sequence(left, len(left) + len(right))
+        elif operator == "*":
+            if isinstance(left, int):
+                if isinstance(right, int):
+                    self.bits(left.bit_length() + right.bit_length())
+                elif isinstance(right, _SEQUENCES):
+                    self.sequence(right, len(right) * left)
+            elif isinstance(right, int) and isinstance(left, _SEQUENCES):
+                self.sequence(left, len(left) * right)
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+                self.bits(left.bit_length() * right)
+        elif operator == "%" and isinstance(left, str | bytes):
+            self.percent(left, right)
+
+    def percent(self, fmt: str | bytes, args: Any) -> None:
+        """``fmt % args`` (and ``|format``): no field wider or more precise than the bound.
+
+        A ``*`` width or precision comes from the arguments: any integer
+        argument beyond the bound is refused then.
+        """
+        text = fmt.decode("latin-1") if isinstance(fmt, bytes) else fmt
+        if "%" not in text:
+            return
+        star = False
+        for width, precision in _PERCENT_FIELD.findall(text):
+            for number in (width, precision):
+                if number == "*":
+                    star = True
+                elif number:
+                    self.chars(int(number))
+        if star:
+            values = args if isinstance(args, tuple) else (args,)
+            for value in values:
+                if isinstance(value, int):
+                    self.chars(value)
+
+    def spec(self, format_spec: str) -> None:
+        """A ``str.format`` field spec (nested fields already substituted): width, precision."""
+        for number in _DIGITS.findall(format_spec):
+            self.chars(int(number))
+
+    def method(self, func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """A call of a str or bytes method that can grow its string."""
+        owner = getattr(func, "__self__", None)
+        if not isinstance(owner, str | bytes):
+            return
+        name = getattr(func, "__name__", "")
+        first = args[0] if args else None
+        if name in ("ljust", "rjust", "center", "zfill") and isinstance(first, int):
+            self.chars(first)
+        elif name == "expandtabs":
+            size = first if isinstance(first, int) else kwargs.get("tabsize", 8)
+            if isinstance(size, int):
+                tab = "\t" if isinstance(owner, str) else b"\t"
+                self.chars(len(owner) + owner.count(tab) * size)  # type: ignore[arg-type]
+        elif name == "replace" and len(args) >= 2:
+            self.replace(owner, args[0], args[1])
+        elif name == "join" and isinstance(first, Sized):
+            self.chars(len(owner) * len(first))
+
+    def replace(self, text: Any, old: Any, new: Any) -> None:
+        """``text.replace(old, new)``: at most count(old) × len(new) more."""
+        if isinstance(new, Sized) and (
+            (isinstance(text, str) and isinstance(old, str))
+            or (isinstance(text, bytes) and isinstance(old, bytes))
+        ):
+            self.chars(len(text) + text.count(old) * len(new))  # type: ignore[arg-type]
+
+
+_SEQUENCES = (str, bytes, list, tuple)  # the values that * and + can make huge
+
+# A printf-style field: %[(name)][flags][width][.precision]type
+_PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_DIGITS = re.compile(r"\d+")
+
+
+def _environment(snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimits) -> Any:
+    """The sandboxed Jinja2 environment every repository template renders in (SPEC §10)."""
+    import functools
+
     import jinja2
+    import markupsafe
+    from jinja2.sandbox import MAX_RANGE, SandboxedEnvironment, SandboxedFormatter
+
+    bounds = _Bounds(max_chars=limits.max_file_size, max_items=MAX_RANGE)
 
     class SnapshotLoader(jinja2.BaseLoader):
         """Templates by name relative to ``templates/``, read from the snapshot."""
@@ -212,49 +403,248 @@ def _environment(snapshot: Snapshot, cache_dir: Path | None = None) -> Any:
                 raise RenderError(f"{path}: a .j2 template must be UTF-8 text") from exc
             return text, path, lambda: True
 
+    class BoundedFormatter(SandboxedFormatter):
+        """``str.format`` in the sandbox, refusing a field wider than the bound."""
+
+        def format_field(self, value: Any, format_spec: str) -> Any:
+            bounds.spec(format_spec)
+            return super().format_field(value, format_spec)
+
+    class BoundedSandbox(SandboxedEnvironment):
+        """Jinja2's sandbox, plus the size checks of :class:`_Bounds`."""
+
+        # Intercepted operators are also never folded at compile time, where
+        # 10**10**10 would hang the compiler.
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            bounds.binop(operator, left, right)
+            return self.binop_table[operator](left, right)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            bounds.method(__obj, args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value: Any) -> Any:
+            wrapped = super().wrap_str_format(value)
+            owner = getattr(value, "__self__", None)
+            if wrapped is None or isinstance(owner, markupsafe.Markup):
+                return wrapped  # autoescape is off: no Markup reaches here in practice
+            formatter = BoundedFormatter(self)
+            by_map = value.__name__ == "format_map"
+
+            def bounded_format(*args: Any, **kwargs: Any) -> str:
+                if by_map:
+                    if kwargs or len(args) != 1:
+                        raise TypeError("format_map() takes exactly one argument")
+                    kwargs, args = args[0], ()
+                return str(formatter.vformat(str(owner), args, kwargs))
+
+            return functools.update_wrapper(bounded_format, value)
+
+    def checked(name: str, check: Callable[..., None]) -> None:
+        """Filter ``name`` runs ``check`` with its arguments first."""
+        original = env.filters[name]
+
+        @functools.wraps(original)
+        def bounded_filter(*args: Any, **kwargs: Any) -> Any:
+            check(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        env.filters[name] = bounded_filter
+
+    def center(value: Any, width: Any = 80) -> None:
+        if isinstance(width, int):
+            bounds.chars(width + len(str(value)))
+
+    def indent(s: Any, width: Any = 4, *_: Any, **__: Any) -> None:
+        lines = str(s).count("\n") + 1
+        bounds.chars(len(str(s)) + lines * (width if isinstance(width, int) else len(str(width))))
+
+    def batch(value: Any, linecount: Any, fill_with: Any = None) -> None:
+        if fill_with is not None and isinstance(linecount, int):
+            bounds.items(linecount)
+
+    def format_filter(value: Any, *args: Any, **kwargs: Any) -> None:
+        bounds.percent(str(value), kwargs or args)
+
+    def replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: Any = None) -> None:
+        bounds.replace(str(s), str(old), str(new))
+
+    def join(eval_ctx: Any, value: Any, d: Any = "", attribute: Any = None) -> None:
+        if isinstance(value, Sized):
+            bounds.chars(len(str(d)) * len(value))
+
     cache = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cache = jinja2.FileSystemBytecodeCache(str(cache_dir))
-    return jinja2.Environment(
+        cache = jinja2.FileSystemBytecodeCache(str(cache_dir), _CACHE_PATTERN)
+    env = BoundedSandbox(
         loader=SnapshotLoader(),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
         bytecode_cache=cache,
     )
+    checked("center", center)
+    checked("indent", indent)
+    checked("batch", batch)
+    checked("format", format_filter)
+    checked("replace", replace)
+    checked("join", join)
+    lipsum = cast(Callable[..., Any], env.globals["lipsum"])
+
+    @functools.wraps(lipsum)
+    def bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:
+        if isinstance(n, int) and isinstance(max, int):
+            bounds.chars(n * max)  # max words of at least one character each
+        return lipsum(n, html, min, max)
+
+    env.globals["lipsum"] = bounded_lipsum
+    return env
+
+
+class _Alarm:
+    """render_timeout as SIGALRM in the thread that renders, one template at a time.
+
+    Renders happen in the main thread (of the agent, of a command, or of a
+    forked worker): ``setitimer(ITIMER_REAL)`` is armed per template and its
+    handler raises :class:`_RenderTimeout` between two bytecodes of the
+    template's code. Whatever handler and timer were there before (a
+    caller's own alarm) are put back, the remaining time counted down.
+    Outside the main thread a signal handler cannot be set: there only
+    ``max_file_size`` bounds a render. Used as a context manager around a
+    batch of templates, :meth:`limit` around each one.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.usable = seconds > 0 and threading.current_thread() is threading.main_thread()
+        self.armed = False
+        self.previous_handler: Any = None
+        self.previous_timer = (0.0, 0.0)
+        self.started = 0.0
+
+    def _fire(self, signum: int, frame: FrameType | None) -> None:
+        if self.armed:  # a signal delivered just after disarming is ignored
+            self.armed = False
+            raise _RenderTimeout
+
+    def __enter__(self) -> _Alarm:
+        if self.usable:
+            self.started = time.monotonic()
+            self.previous_handler = signal.signal(signal.SIGALRM, self._fire)
+            self.previous_timer = signal.setitimer(signal.ITIMER_REAL, 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.usable:
+            return
+        self.armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        handler = self.previous_handler
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if handler is None else handler)
+        delay, interval = self.previous_timer
+        if delay > 0:  # an earlier caller's alarm: what was left of it, at least a tick
+            left = max(delay - (time.monotonic() - self.started), 1e-6)
+            signal.setitimer(signal.ITIMER_REAL, left, interval)
+
+    def limit(self) -> _Armed:
+        """Context manager: the timer runs for one template."""
+        return _Armed(self)
+
+
+class _Armed:
+    """The timer of an _Alarm, running for one template."""
+
+    def __init__(self, alarm: _Alarm) -> None:
+        self.alarm = alarm
+
+    def __enter__(self) -> None:
+        if self.alarm.usable:
+            self.alarm.armed = True
+            signal.setitimer(signal.ITIMER_REAL, self.alarm.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.alarm.usable:
+            self.alarm.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _template_line(tb: TracebackType | None) -> tuple[str, int] | None:
+    """The innermost template and line a traceback passes through (not rewritten by Jinja2)."""
+    found = None
+    while tb is not None:
+        template = tb.tb_frame.f_globals.get("__jinja_template__")
+        if template is not None and template.filename:
+            found = (template.filename, template.get_corresponding_lineno(tb.tb_lineno))
+        tb = tb.tb_next
+    return found
 
 
 def _render_error(
-    exc: Exception, repo_path: str, node: str, snapshot: Snapshot, secret: bool = False
+    exc: BaseException,
+    repo_path: str,
+    node: str,
+    snapshot: Snapshot,
+    secret: bool = False,
+    limits: RenderLimits | None = None,
 ) -> RenderError:
-    """Name the template and line of a Jinja2 failure, with the offending line.
+    """Name the template, line and kind of a failure, with the offending line.
 
-    For a ``secret`` destination the source line and the exception text
-    beyond its type are left out: a template may hold a literal secret, and
-    the error lands in reports and logs (issue #3).
+    ``secret``: the destination is ``secret: true`` (SPEC §1). Its error
+    names the template, the line and the kind of error only ("undefined
+    variable", "template not found", "syntax error", "render timeout", …):
+    never text of the template, its variables or its output, because a
+    template may hold a literal secret and the error lands in reports,
+    last-run.json, the webhook and logs (issues #3 and 11). The secrets
+    of SPEC §8 will make every template that read a secret value
+    ``secret`` here as well.
     """
     import jinja2
+    from jinja2.exceptions import SecurityError
 
     where, line = repo_path, None
+    text = ""
     if isinstance(exc, jinja2.TemplateSyntaxError):
         where, line = exc.filename or repo_path, exc.lineno
-        problem = f"syntax error: {exc.message} — fix the template"
+        detail = "" if secret else f": {exc.message}"
+        problem = f"syntax error{detail} — fix the template"
     else:
-        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-            if frame.filename.startswith("templates/"):
-                where, line = frame.filename, frame.lineno
-                break
-        if isinstance(exc, jinja2.UndefinedError):
+        if isinstance(exc, _RenderTimeout):
+            where, line = _template_line(exc.__traceback__) or (repo_path, None)
+        else:
+            for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+                if frame.filename.startswith("templates/"):
+                    where, line = frame.filename, frame.lineno
+                    break
+        on = f" (node {node})"
+        if isinstance(exc, _RenderTimeout):
+            seconds = limits.render_timeout if limits else 0
             problem = (
-                f"{exc.message} (node {node}) — define it in vars or guard it with 'is defined'"
+                f"render timeout: took longer than render_timeout ({seconds:g}s){on} — "
+                "make the template do less work, or raise render_timeout"
+            )
+        elif isinstance(exc, _TooLarge):
+            what = "value too large: more than" if secret else f"{exc.what} is more than"
+            problem = f"{what} {exc.bound}{on} — {exc.hint}"
+        elif isinstance(exc, SecurityError):
+            detail = "" if secret else f": {exc.message}"
+            problem = (
+                f"sandbox refusal{detail}{on} — a template reads its vars, node, facts "
+                "and source; it may not reach Python"
+            )
+        elif isinstance(exc, jinja2.UndefinedError):
+            detail = "" if secret else f": {exc.message}"
+            problem = (
+                f"undefined variable{detail}{on} — define it in vars or guard it with 'is defined'"
             )
         elif isinstance(exc, jinja2.TemplateNotFound):
-            problem = f"template {exc.name!r} not found — paths are relative to templates/"
+            detail = "" if secret else f" {exc.name!r}"
+            problem = f"template{detail} not found{on} — paths are relative to templates/"
         else:
             problem = type(exc).__name__ if secret else f"{type(exc).__name__}: {exc}"
-            problem += " — fix the template or the vars it uses"
-    text = ""
+            problem += f"{on} — fix the template or the vars it uses"
     if line and not secret:
         try:
             source_line = snapshot.read(where).decode("utf-8").splitlines()[line - 1].strip()
@@ -278,6 +668,7 @@ def render_target(
     cache_dir: Path | None = None,
     workers: int = 1,
     reuse: Callable[[PurePosixPath, str], bytes | None] | None = None,
+    limits: RenderLimits = RenderLimits(),
 ) -> TargetState:
     """Render every file of ``node`` from ``snapshot``.
 
@@ -290,9 +681,11 @@ def render_target(
     checksum), so only templates whose source changed are compiled again
     (SPEC §7: compiling is the cost to avoid). ``workers`` > 1 renders in
     that many forked processes when there are many templates (a cold run
-    compiles on every core). Returns the TargetState in node app order.
-    Raises RenderError (template syntax, undefined variable, missing
-    include), InventoryError (two apps produce one path, bad metadata) or
+    compiles on every core). ``limits``: each template's render_timeout and
+    max_file_size (SPEC §10); every template renders in the sandbox.
+    Returns the TargetState in node app order. Raises RenderError (template
+    syntax, undefined variable, missing include, sandbox refusal, a bound
+    passed), InventoryError (two apps produce one path, bad metadata) or
     PathError (a destination that escapes the root). Nothing is written
     outside ``cache_dir``.
     """
@@ -324,11 +717,16 @@ def render_target(
                 rendered[j[0]] = kept
         jobs = todo
     log.debug("%s: rendering %d template(s), %d reused", node.name, len(jobs), len(rendered))
-    job = _RenderJob(snapshot=snapshot, context=context, node=node.name, cache_dir=cache_dir)
+    job = _RenderJob(
+        snapshot=snapshot, context=context, node=node.name, cache_dir=cache_dir, limits=limits
+    )
     if workers > 1 and len(jobs) >= PARALLEL_MIN_TEMPLATES:
         rendered.update(_render_parallel(job, jobs, workers))
     else:
-        rendered.update(job.render(jobs))
+        done, failed = job.render(jobs)
+        if failed:
+            raise failed[1]
+        rendered.update(done)
     files: dict[PurePosixPath, TargetFile] = {}
     for dest, (app, repo_path, filemode) in sources.items():
         meta, where = metas[dest]
@@ -401,23 +799,69 @@ class _RenderJob:
     context: dict[str, Any]
     node: str
     cache_dir: Path | None
+    limits: RenderLimits
     env: Any = None
 
-    def render(self, jobs: list[Job]) -> dict[PurePosixPath, bytes]:
-        """Render ``jobs`` in order; raise the first template's RenderError."""
+    def render(
+        self, jobs: list[Job]
+    ) -> tuple[dict[PurePosixPath, bytes], tuple[PurePosixPath, ReconcilerError] | None]:
+        """Render ``jobs`` in order until one fails: (outputs, (its destination, its error) or None).
+
+        Each template is bounded by ``limits`` (SPEC §10): its output is
+        streamed and given up as soon as it passes
+        ``max_file_size``, instead of being built whole first.
+        """
         if self.env is None:
-            self.env = _environment(self.snapshot, self.cache_dir)
+            self.env = _environment(self.snapshot, self.cache_dir, self.limits)
         out: dict[PurePosixPath, bytes] = {}
-        for dest, repo_path, secret in jobs:
-            name = repo_path[len("templates/") :]
-            try:
-                out[dest] = self.env.get_template(name).render(self.context).encode("utf-8")
-            except ReconcilerError:
-                raise  # already names its file: a RenderError, or the Snapshot's refusal
-            except Exception as exc:  # Jinja2 raises many types; all are the author's error
-                error = _render_error(exc, repo_path, self.node, self.snapshot, secret)
-                raise error from (None if secret else exc)
-        return out
+        with _Alarm(self.limits.render_timeout) as alarm:
+            for dest, repo_path, secret in jobs:
+                try:
+                    with alarm.limit():
+                        out[dest] = self._render_one(repo_path)
+                except ReconcilerError as exc:  # names its file: the Snapshot's refusal
+                    return out, (dest, exc)
+                except (Exception, _RenderTimeout) as exc:  # Jinja2 raises many types
+                    error = _render_error(
+                        exc, repo_path, self.node, self.snapshot, secret, self.limits
+                    )
+                    error.__cause__ = None if secret else exc
+                    error.__suppress_context__ = True
+                    return out, (dest, error)
+        return out, None
+
+    def _render_one(self, repo_path: str) -> bytes:
+        """One template's output, streamed and given up past max_file_size.
+
+        What ``Template.render`` does (its root render function, errors
+        rewritten to template lines by ``handle_exception``), with the size
+        counted chunk by chunk: ``Template.generate`` would add a generator
+        per chunk, ~15 % of a warm render.
+        """
+        template = self.env.get_template(repo_path[len("templates/") :])
+        limit = self.limits.max_file_size or sys.maxsize
+        chunks: list[str] = []
+        append = chunks.append
+        size = 0
+        stream = template.root_render_func(template.new_context(self.context))
+        try:
+            for chunk in stream:
+                size += len(chunk)  # characters: at most the bytes they encode to
+                if size > limit:
+                    break
+                append(chunk)
+        except Exception:
+            self.env.handle_exception()  # raises it again, traceback in template lines
+        finally:
+            stream.close()
+        data = "".join(chunks).encode("utf-8")
+        if size > limit or len(data) > limit:
+            raise _TooLarge(
+                "the output",
+                f"max_file_size ({format_size(limit)})",
+                "make the template produce less, or raise max_file_size",
+            )
+        return data
 
 
 # A forked worker's job: set in the child only, by the pool initializer (fork
@@ -426,26 +870,31 @@ _worker_job: list[_RenderJob] = []
 
 
 def _worker_init(job: _RenderJob) -> None:
-    import signal
-
     # A forked worker inherits the agent's handlers (``reconciler run``: SIGTERM
     # only sets a flag). The pool stops its workers with SIGTERM: with the
     # inherited handler a worker would live on and the agent would hang in
-    # join, holding the state lock. Workers take the defaults.
+    # join, holding the state lock. Workers take the defaults. (SIGALRM is
+    # the render timer's, set per batch by _Alarm.)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     _worker_job[:] = [job]
 
 
-def _worker_render(jobs: list[Job]) -> tuple[dict[PurePosixPath, bytes], str | None]:
-    try:
-        return _worker_job[0].render(jobs), None
-    except ReconcilerError as exc:
-        return {}, str(exc)
+def _worker_render(
+    jobs: list[Job],
+) -> tuple[dict[PurePosixPath, bytes], tuple[PurePosixPath, str] | None]:
+    out, failed = _worker_job[0].render(jobs)
+    # The error goes back as its text (a RenderError made with keywords does
+    # not unpickle), with the destination that failed: never parsed.
+    return out, (failed[0], str(failed[1])) if failed else None
 
 
 def _render_parallel(job: _RenderJob, jobs: list[Job], workers: int) -> dict[PurePosixPath, bytes]:
-    """Split ``jobs`` over ``workers`` forked processes; the first error in job order wins."""
+    """Split ``jobs`` over ``workers`` forked processes; the first error in job order wins.
+
+    Each worker bounds its templates as the agent does (:class:`_Alarm` in
+    the worker's main thread).
+    """
     import gc
     import multiprocessing
 
@@ -463,10 +912,10 @@ def _render_parallel(job: _RenderJob, jobs: list[Job], workers: int) -> dict[Pur
             pool.join()
     finally:
         gc.unfreeze()  # the agent lives on: its garbage must stay collectable
-    errors = [e for _, e in results if e]
-    if errors:
-        order = {repo_path: i for i, (_, repo_path, _) in enumerate(jobs)}
-        raise RenderError(min(errors, key=lambda e: order.get(e.split(":", 1)[0], len(order))))
+    failures = [failed for _, failed in results if failed]
+    if failures:
+        order = {dest: i for i, (dest, _, _) in enumerate(jobs)}
+        raise RenderError(min(failures, key=lambda f: order[f[0]])[1])
     out: dict[PurePosixPath, bytes] = {}
     for part, _ in results:
         out.update(part)

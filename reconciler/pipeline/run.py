@@ -438,7 +438,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     from reconciler.pipeline.inventory import effective_node, load_inventory
     from reconciler.pipeline.journal import Journal, Manifest, make_entries
     from reconciler.pipeline.plan import exclude_matcher, make_plan
-    from reconciler.pipeline.render import render_target
+    from reconciler.pipeline.render import RenderLimits, render_target
     from reconciler.pipeline.scan import scan
 
     state_dir, root = setting.state_dir, setting.root
@@ -472,6 +472,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             cache_dir=state_dir.jinja_cache,
             workers=min(os.cpu_count() or 1, 4),
             reuse=functools.partial(written_output, system, root, previous),
+            limits=RenderLimits(
+                render_timeout=config.render_timeout, max_file_size=config.max_file_size
+            ),
         )
         paths = list(target.files) + [
             PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files

@@ -51,6 +51,8 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
         (["adopt", "web1", "/etc/motd", "--root", "/"], "--root"),
         (["impact", "--branch", "main"], "--branch"),
         (["impact", "--net-timeout", "1s"], "--net-timeout"),
+        (["hosts", "--render-timeout", "1s"], "--render-timeout"),
+        (["status", "--max-file-size", "1MiB"], "--max-file-size"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -93,6 +95,11 @@ def test_a_foreign_flag_is_a_json_error_line_with_log_format_json():
         ("run", "--splay", "splay", "0s"),
         ("pull", "--boot-timeout", "boot_timeout", "1s"),
         ("rollback", "--repo", "repo", "file:///x"),
+        ("pull", "--render-timeout", "render_timeout", "5s"),
+        ("run", "--max-file-size", "max_file_size", "1MiB"),
+        ("validate", "--render-timeout", "render_timeout", "5s"),
+        ("render", "--max-file-size", "max_file_size", "1MiB"),
+        ("impact", "--render-timeout", "render_timeout", "5s"),
     ],
 )
 def test_a_flag_the_command_takes_is_parsed(command, flag, dest, value):

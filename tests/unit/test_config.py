@@ -127,6 +127,22 @@ def test_format_size(size, text):
     assert format_size(size) == text
 
 
+def test_render_bounds_from_the_file_and_flags(tmp_path):
+    """SPEC §2: render_timeout (default 30s) and max_file_size (default 64MiB), flags win."""
+    assert (load_config(config_file(tmp_path, ""), environ={}).render_timeout) == 30.0
+    assert (load_config(config_file(tmp_path, ""), environ={}).max_file_size) == 64 << 20
+    path = config_file(tmp_path, "render_timeout: 2m\nmax_file_size: 1MiB\n")
+    config = load_config(path, environ={})
+    assert (config.render_timeout, config.max_file_size) == (120.0, 1 << 20)
+    flags = {"render_timeout": "5s", "max_file_size": "2KiB"}
+    config = load_config(path, flags, environ={})
+    assert (config.render_timeout, config.max_file_size) == (5.0, 2048)
+    with pytest.raises(ConfigError, match="max_file_size"):
+        load_config(config_file(tmp_path, "max_file_size: lots\n"), environ={})
+    with pytest.raises(ConfigError, match="render_timeout"):
+        load_config(config_file(tmp_path, "render_timeout: forever\n"), environ={})
+
+
 # -------------------------------------------------------- keys and types
 
 
