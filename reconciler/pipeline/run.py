@@ -617,14 +617,21 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
             heartbeat_s=config.report.heartbeat,
             now=dt.datetime.now(dt.UTC),
         )
-    except ReconcilerError as exc:
-        # A full disk: the report cannot be committed. The journal stays (below),
-        # so the next run's recovery reports what this one changed (issue 11).
+    except (ReconcilerError, OSError) as exc:
+        # A full disk: the report cannot be committed (libgit2 raises OSError when
+        # it cannot write an object). The journal stays (below), so the next run's
+        # recovery reports what this one changed (issue 11).
         saved, report_commit = False, None
+        why = exc.__cause__ or exc.problem if isinstance(exc, ReconcilerError) else exc
         failure = StateError(
-            f"cannot commit the report ({exc.__cause__ or exc.problem})",
+            f"cannot commit the report ({why})",
             where=str(state_dir.repo),
-            hint="the journal is kept: the next run reports what this run changed",
+            hint=f"free space on the filesystem of {state_dir.path}; "
+            + (
+                "the journal is kept: the next run reports what this run changed"
+                if os.path.lexists(state_dir.journal)
+                else "this run changed nothing"
+            ),
         )
         errors = (*errors, failure)
         report = _report(setting, prepared, converged, errors, history_lost=lost)

@@ -8,7 +8,8 @@ so the run has journaled its changes and writes into the root (on another
 filesystem), then meets ENOSPC when it records them. It must say which file
 it could not write in one line (not ``internal error: OSError``), leave
 every file wholly old or wholly new, and once space returns the next run
-must report the paths the full run changed.
+must report the paths the full run changed. A disk already full when a run
+starts changes nothing and names the files it could not write.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def test_a_full_state_disk_is_named_keeps_the_root_whole_and_is_reported_when_sp
         {"cmd": ["rm", str(flag), str(filler)]},  # space returns
         {"pull": argv},
         {"pull": argv},
+        # Full before a run starts: nothing can be journaled, so nothing changes.
+        {"cmd": ["sh", "-c", f"echo drift > {root}/etc/one.conf; cat /dev/zero > {filler}; :"]},
+        {"pull": argv},
     ]
     driver = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", DRIVER],
@@ -109,7 +113,7 @@ def test_a_full_state_disk_is_named_keeps_the_root_whole_and_is_reported_when_sp
         check=False,
     )
     assert driver.returncode == 0, driver.stderr[-3000:]
-    first, full, back, again = [r for r in json.loads(driver.stdout) if r is not None]
+    first, full, back, again, before = [r for r in json.loads(driver.stdout) if r is not None]
     assert first["code"] == 0, first["err"]
     new = ["/etc/one.d/new.conf", "/etc/two.d/new.conf"]
 
@@ -137,3 +141,11 @@ def test_a_full_state_disk_is_named_keeps_the_root_whole_and_is_reported_when_sp
     ]
     assert [sorted(r["recovered"]["rolled_forward"]) for r in pushed if r["recovered"]] == [new]
     assert again["code"] == 0 and json.loads(again["report"])["result"] == "ok", again["err"]
+
+    # Full before the run: one line per file it could not write; the root untouched.
+    assert before["code"] == 1
+    assert "Traceback" not in before["err"] and "internal error" not in before["err"]
+    errors = [line for line in before["err"].splitlines() if " WARNING " not in line]
+    assert errors and all(f"{state}/" in line for line in errors), before["err"]
+    assert any(f"{state}/journal.json: cannot write it" in line for line in errors), errors
+    assert (root / "etc/one.conf").read_text() == "drift\n"
