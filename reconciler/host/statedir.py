@@ -336,8 +336,8 @@ class StateDir:
         """Keep the backups of the last ``keep`` runs (SPEC §2 ``backups.keep``)."""
         try:
             runs = sorted(p for p in self.backups.iterdir() if p.is_dir())
-        except FileNotFoundError:
-            return
+        except (FileNotFoundError, NotADirectoryError):
+            return  # none kept (a file in its place is moved aside by the next change)
         for old in runs[: max(0, len(runs) - keep)]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -91,11 +91,16 @@ def _run_scripts(
         return []
     workdir = ctx.state_dir.run_dir(ctx.run_id) / phase / app.name
     for entry in entries:
-        system.write_private(
-            workdir / entry.path,
-            snapshot.read(f"{base}/{entry.path}"),
-            0o700 if entry.filemode == GIT_FILEMODE_EXEC else 0o600,
-        )
+        try:
+            system.write_private(
+                workdir / entry.path,
+                snapshot.read(f"{base}/{entry.path}"),
+                0o700 if entry.filemode == GIT_FILEMODE_EXEC else 0o600,
+            )
+        except OSError as exc:
+            # A full state disk (issue 11): the run stops here, its journal kept, and
+            # the next run finishes it (these scripts stay owed).
+            raise ctx.state_dir.write_error(workdir / entry.path, exc) from exc
     env = dict(os.environ)
     env.update(
         RECONCILER_NODE=ctx.node,

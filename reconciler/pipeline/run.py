@@ -488,6 +488,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         )
         to_apply = [c for c in plan.changes if c.apply]
         kept = None
+        if journal:  # a real run: what is in the place of our directories is moved aside
+            state_dir.ensure_dir(state_dir.run_dir(setting.run_id).parent)
         if to_apply and journal:
             state_dir.ensure_dir(state_dir.backups)
             kept = Journal(

@@ -253,6 +253,7 @@ def test_a_broken_cache_reads_as_empty_and_is_written_anew(base, case, name, kin
         ("jinja-cache", "empty"),  # a file where the directory belongs
         ("jinja-cache", "wrong-types"),  # garbage in every compiled template
         ("backups", "binary"),
+        ("run", "binary"),  # a file where the scripts' working directories go
     ],
 )
 def test_a_run_rebuilds_a_broken_cache_and_succeeds(base, case, name, kind):
