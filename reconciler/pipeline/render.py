@@ -12,12 +12,13 @@ pays for it.
 A repository is untrusted input (SPEC §10 "Sandbox and bounds"; issue 11):
 templates render in Jinja2's SandboxedEnvironment, so they reach their
 context and filters, never Python (``cycler.__init__.__globals__.os`` is
-refused); each template is bounded in time by ``render_timeout`` and its
-output by ``max_file_size`` (:class:`RenderLimits`), and the operations
-that make a huge value in one step (``'x' * 10**10``, ``10**10**10``,
-``"%9999999999d"|format``, ``.ljust(N)``, ``|center(N)``, ``|indent(N)``,
-``.replace``, ``|join``, ``|batch``, ``lipsum(N)``) are refused before they
-allocate it. The sandbox, the bounds and the quiet errors of secret
+refused); each template is bounded in time by ``render_timeout``, its
+output by ``max_file_size`` (:class:`RenderLimits`) and the memory it keeps
+by :func:`memory_bound`, and the operations that make a huge value in one
+step (``'x' * 10**10``, ``10**(10**10)``, ``"%9999999999d"|format``,
+``.ljust(N)``, ``|center(N)``, ``|indent(N)``, ``.replace``, ``|join``,
+``~``, ``{% set %}`` blocks, macros, ``|batch``, ``lipsum(N)``) are refused
+before they allocate it. The sandbox, the bounds and the quiet errors of secret
 templates hold on every path that renders a repository's templates: the
 agent's run (in process or in forked workers), ``diff``, ``render``,
 ``validate``, ``impact``, ``show`` and ``adopt`` all come here.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -233,7 +235,7 @@ MAX_INT_BITS = 1 << 16
 # Compiled by the sandbox: code compiled for the plain Environment (before
 # issue 11) or for other intercepted operators must never be loaded. Bump the
 # number when the compiled code changes.
-_CACHE_PATTERN = "__sandbox1_%s.cache"
+_CACHE_PATTERN = "__sandbox2_%s.cache"
 
 
 class _TooLarge(Exception):
@@ -244,9 +246,44 @@ class _TooLarge(Exception):
         self.what, self.bound, self.hint = what, bound, hint
 
 
-class _RenderTimeout(BaseException):
-    """SIGALRM during a render: a BaseException, so that no ``except Exception``
-    in Jinja2 (constant folding while compiling) or in a filter swallows it."""
+class _Interrupted(BaseException):
+    """SIGALRM during a render found it past a bound: ``kind`` is "time" or
+    "memory". A BaseException, so that no ``except Exception`` in Jinja2
+    (constant folding while compiling) or in a filter swallows it."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+# How often a render's time and memory are looked at (SIGALRM), seconds.
+TICK_S = 0.05
+# How much a template may grow the renderer's resident memory: no one value
+# is larger than max_file_size, but a loop may keep 100,000 of them. 16 x
+# max_file_size (1 GiB at the default), never below 256 MiB, which no sane
+# template approaches while Python's allocator noise stays far below it.
+MEMORY_FACTOR = 16
+MEMORY_FLOOR = 256 << 20
+
+
+def memory_bound(limits: RenderLimits) -> int:
+    """Bytes a template's render may add to resident memory; 0 = no bound."""
+    if not limits.max_file_size:
+        return 0
+    return max(MEMORY_FACTOR * limits.max_file_size, MEMORY_FLOOR)
+
+
+def _resident() -> int | None:
+    """This process's resident memory in bytes (Linux ``/proc/self/statm``), or None."""
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        try:
+            fields = os.read(fd, 128).split()
+        finally:
+            os.close(fd)
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -356,8 +393,16 @@ class _Bounds:
                 self.chars(len(owner) + owner.count(tab) * size)  # type: ignore[arg-type]
         elif name == "replace" and len(args) >= 2:
             self.replace(owner, args[0], args[1])
-        elif name == "join" and isinstance(first, Sized):
-            self.chars(len(owner) * len(first))
+        elif name == "join" and isinstance(first, list | tuple):
+            self.joined(owner, first)
+
+    def joined(self, separator: Any, items: list[Any] | tuple[Any, ...]) -> None:
+        """``separator.join(items)`` (and ``|join``, ``~``): the sum of the parts."""
+        size = len(separator) * len(items) if isinstance(separator, Sized) else 0
+        for item in items:
+            if isinstance(item, str | bytes):
+                size += len(item)
+        self.chars(size)
 
     def replace(self, text: Any, old: Any, new: Any) -> None:
         """``text.replace(old, new)``: at most count(old) × len(new) more."""
@@ -381,6 +426,7 @@ def _environment(snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimit
 
     import jinja2
     import markupsafe
+    from jinja2.compiler import CodeGenerator, optimizeconst
     from jinja2.sandbox import MAX_RANGE, SandboxedEnvironment, SandboxedFormatter
 
     bounds = _Bounds(max_chars=limits.max_file_size, max_items=MAX_RANGE)
@@ -410,8 +456,36 @@ def _environment(snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimit
             bounds.spec(format_spec)
             return super().format_field(value, format_spec)
 
+    class BoundedCodeGenerator(CodeGenerator):
+        """Jinja2's code, but ``a ~ b`` calls :meth:`BoundedSandbox.concat_bounded`:
+        Jinja2 joins with its own ``str_join``, which no environment hook sees."""
+
+        @optimizeconst
+        def visit_Concat(self, node: Any, frame: Any) -> None:
+            self.write("environment.concat_bounded((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class BoundedSandbox(SandboxedEnvironment):
         """Jinja2's sandbox, plus the size checks of :class:`_Bounds`."""
+
+        code_generator_class = BoundedCodeGenerator
+
+        def concat_bounded(self, values: tuple[Any, ...]) -> str:
+            # str_join's result (autoescape is off: never Markup), checked first.
+            parts = [str(value) for value in values]
+            bounds.joined("", parts)
+            return "".join(parts)
+
+        @staticmethod
+        def concat(parts: Any) -> str:
+            # What {% set x %}…{% endset %}, a macro's or a caller()'s output is
+            # joined with: doubling a string through a block is checked too.
+            parts = parts if isinstance(parts, list) else list(parts)
+            bounds.joined("", parts)
+            return "".join(parts)
 
         # Intercepted operators are also never folded at compile time, where
         # 10**10**10 would hang the compiler.
@@ -472,8 +546,8 @@ def _environment(snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimit
         bounds.replace(str(s), str(old), str(new))
 
     def join(eval_ctx: Any, value: Any, d: Any = "", attribute: Any = None) -> None:
-        if isinstance(value, Sized):
-            bounds.chars(len(str(d)) * len(value))
+        if attribute is None and isinstance(value, list | tuple):
+            bounds.joined(str(d), value)
 
     cache = None
     if cache_dir is not None:
@@ -505,30 +579,45 @@ def _environment(snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimit
 
 
 class _Alarm:
-    """render_timeout as SIGALRM in the thread that renders, one template at a time.
+    """render_timeout and the memory bound as SIGALRM in the rendering thread.
 
     Renders happen in the main thread (of the agent, of a command, or of a
-    forked worker): ``setitimer(ITIMER_REAL)`` is armed per template and its
-    handler raises :class:`_RenderTimeout` between two bytecodes of the
-    template's code. Whatever handler and timer were there before (a
-    caller's own alarm) are put back, the remaining time counted down.
-    Outside the main thread a signal handler cannot be set: there only
-    ``max_file_size`` bounds a render. Used as a context manager around a
-    batch of templates, :meth:`limit` around each one.
+    forked worker): ``setitimer(ITIMER_REAL)`` ticks every TICK_S while a
+    template renders, and its handler raises :class:`_Interrupted` between
+    two bytecodes of the template's code once the template has taken
+    ``render_timeout`` or grown resident memory by :func:`memory_bound`.
+    Whatever handler and timer were there before (a caller's own alarm)
+    are put back, the remaining time counted down. Outside the main thread
+    a signal handler cannot be set: there only the size checks bound a
+    render. Used as a context manager around a batch of templates,
+    :meth:`limit` around each one.
     """
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.usable = seconds > 0 and threading.current_thread() is threading.main_thread()
+    def __init__(self, limits: RenderLimits) -> None:
+        self.seconds = limits.render_timeout
+        self.memory = memory_bound(limits)
+        self.tick = min(TICK_S, self.seconds) if self.seconds > 0 else TICK_S
+        self.usable = (self.seconds > 0 or self.memory > 0) and (
+            threading.current_thread() is threading.main_thread()
+        )
         self.armed = False
+        self.deadline = 0.0  # monotonic seconds
+        self.base = 0  # resident bytes when the template started
         self.previous_handler: Any = None
         self.previous_timer = (0.0, 0.0)
         self.started = 0.0
 
     def _fire(self, signum: int, frame: FrameType | None) -> None:
-        if self.armed:  # a signal delivered just after disarming is ignored
+        if not self.armed:  # a signal delivered just after disarming is ignored
+            return
+        if self.seconds > 0 and time.monotonic() >= self.deadline:
             self.armed = False
-            raise _RenderTimeout
+            raise _Interrupted("time")
+        if self.memory:
+            resident = _resident()
+            if resident is not None and resident - self.base > self.memory:
+                self.armed = False
+                raise _Interrupted("memory")
 
     def __enter__(self) -> _Alarm:
         if self.usable:
@@ -561,9 +650,12 @@ class _Armed:
         self.alarm = alarm
 
     def __enter__(self) -> None:
-        if self.alarm.usable:
-            self.alarm.armed = True
-            signal.setitimer(signal.ITIMER_REAL, self.alarm.seconds)
+        alarm = self.alarm
+        if alarm.usable:
+            alarm.deadline = time.monotonic() + alarm.seconds
+            alarm.base = (_resident() or 0) if alarm.memory else 0
+            alarm.armed = True
+            signal.setitimer(signal.ITIMER_REAL, alarm.tick, alarm.tick)
 
     def __exit__(self, *exc: object) -> None:
         if self.alarm.usable:
@@ -611,7 +703,7 @@ def _render_error(
         detail = "" if secret else f": {exc.message}"
         problem = f"syntax error{detail} — fix the template"
     else:
-        if isinstance(exc, _RenderTimeout):
+        if isinstance(exc, _Interrupted):
             where, line = _template_line(exc.__traceback__) or (repo_path, None)
         else:
             for frame in reversed(traceback.extract_tb(exc.__traceback__)):
@@ -619,11 +711,18 @@ def _render_error(
                     where, line = frame.filename, frame.lineno
                     break
         on = f" (node {node})"
-        if isinstance(exc, _RenderTimeout):
+        if isinstance(exc, _Interrupted) and exc.kind == "time":
             seconds = limits.render_timeout if limits else 0
             problem = (
                 f"render timeout: took longer than render_timeout ({seconds:g}s){on} — "
                 "make the template do less work, or raise render_timeout"
+            )
+        elif isinstance(exc, _Interrupted):
+            bound = format_size(memory_bound(limits or RenderLimits()))
+            problem = (
+                f"memory bound: the render grew memory by more than {bound} "
+                f"({MEMORY_FACTOR} × max_file_size, at least {format_size(MEMORY_FLOOR)}){on} "
+                "— make the template keep fewer values, or raise max_file_size"
             )
         elif isinstance(exc, _TooLarge):
             what = "value too large: more than" if secret else f"{exc.what} is more than"
@@ -814,14 +913,14 @@ class _RenderJob:
         if self.env is None:
             self.env = _environment(self.snapshot, self.cache_dir, self.limits)
         out: dict[PurePosixPath, bytes] = {}
-        with _Alarm(self.limits.render_timeout) as alarm:
+        with _Alarm(self.limits) as alarm:
             for dest, repo_path, secret in jobs:
                 try:
                     with alarm.limit():
                         out[dest] = self._render_one(repo_path)
                 except ReconcilerError as exc:  # names its file: the Snapshot's refusal
                     return out, (dest, exc)
-                except (Exception, _RenderTimeout) as exc:  # Jinja2 raises many types
+                except (Exception, _Interrupted) as exc:  # Jinja2 raises many types
                     error = _render_error(
                         exc, repo_path, self.node, self.snapshot, secret, self.limits
                     )

@@ -183,6 +183,23 @@ def test_the_timer_of_a_render_is_put_back_as_it_was(tmp_path):
             pytest.param("{{ ('x' * 60000).replace('x', 'y' * 60000) }}", id="replace"),
             pytest.param("{{ [1]|batch(10**10, 0)|list }}", id="batch-fill"),
             pytest.param("{{ lipsum(10**6, max=10**6) }}", id="lipsum"),
+            pytest.param(
+                "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+                "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+                id="concat-doubling",
+            ),
+            pytest.param(
+                "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set t %}"
+                "{{ ns.s }}{{ ns.s }}{% endset %}{% set ns.s = t %}{% endfor %}{{ ns.s|length }}",
+                id="block-set-doubling",
+            ),
+            pytest.param(
+                "{% macro twice(s) %}{{ s }}{{ s }}{% endmacro %}{% set ns = namespace(s='x') %}"
+                "{% for i in range(64) %}{% set ns.s = twice(ns.s) %}{% endfor %}{{ ns.s|length }}",
+                id="macro-doubling",
+            ),
+            pytest.param("{{ ((['x' * 60000] * 1000)|join)|length }}", id="join-filter"),
+            pytest.param("{{ ''.join(['x' * 60000] * 1000)|length }}", id="str-join"),
         ],
         forked=("long-output", "str-times"),
     ),
@@ -220,6 +237,36 @@ def test_templates_that_respect_the_bounds_render_as_before(tmp_path):
     assert files[PurePosixPath("/etc/attack")].content == (
         b"ababab 1024 [1, 2, 3] 003.1      x a-b   x  |a_b a, b 1 ab\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("hoard", "parallel"),
+    paths(
+        [
+            pytest.param(
+                "{% set l = [] %}{% for i in range(100000) %}"
+                "{% set _ = l.append(('x' * 60000)|upper) %}{% endfor %}{{ l|length }}",
+                id="append-copies",
+            ),
+            pytest.param(
+                "{% set big = 'x' * 60000 %}{% set l = [] %}{% for i in range(100000) %}"
+                "{% set _ = l.append(big[i % 7:]) %}{% endfor %}{{ l|length }}",
+                id="append-slices",
+            ),
+        ],
+        forked=("append-copies",),
+    ),
+)
+def test_a_template_that_hoards_memory_is_stopped(tmp_path, hoard, parallel):
+    # No one value is large; 100,000 of them kept would be 6 GB. The
+    # renderer's memory may grow by 16 x max_file_size, at least 256 MiB.
+    snap = _repo(tmp_path, "a\n" + hoard + "\n", many=parallel)
+    limits = RenderLimits(render_timeout=10, max_file_size=64 * 1024)
+
+    message = _render_error(snap, parallel=parallel, limits=limits)
+
+    assert "memory" in message and "256 MiB" in message
+    assert f"{ATTACK}:2" in message
 
 
 # ------------------------------------------------------------------ secret errors
