@@ -623,6 +623,10 @@ class _Alarm:
         if self.usable:
             self.started = time.monotonic()
             self.previous_handler = signal.signal(signal.SIGALRM, self._fire)
+            # Restart interrupted system calls (SA_RESTART): a tick must not
+            # fail a read of libgit2 or of a file with EINTR; the handler
+            # still runs at the next bytecode.
+            signal.siginterrupt(signal.SIGALRM, False)
             self.previous_timer = signal.setitimer(signal.ITIMER_REAL, 0)
         return self
 
