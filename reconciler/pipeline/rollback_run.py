@@ -87,7 +87,8 @@ def rollback_once(
             restored=result.own.entries,
             rolled_back_run=result.chosen.run_id,
             hold=result.own.hold,
-            errors=result.errors,
+            # Corrupt state files the start of this rollback moved aside: said once.
+            errors=(*(recovery.errors if recovery is not None else ()), *result.errors),
             facts=gather_facts(),
         )
         repo = open_bare(state_dir.repo, durable=True)
