@@ -176,21 +176,6 @@ class StateDir:
         except ValueError as exc:
             raise StateError(f"not valid JSON ({exc})", where=str(path), hint=hint) from exc
 
-    def read_cache(self, path: Path) -> Any:
-        """A cache parsed as JSON; None when missing, unreadable or corrupt (logged)."""
-        try:
-            raw = read_regular(path)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("%s: cannot read the cache (%s) — rebuilding it", path, exc.strerror)
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            log.warning("%s: corrupt cache — rebuilding it", path)
-            return None
-
     def write_bytes(self, path: Path, raw: bytes) -> None:
         """Write a record atomically and durably, readable by root only.
 
@@ -270,9 +255,10 @@ class StateDir:
 
         Something else in its place (a file where ``backups/`` or
         ``jinja-cache/`` belongs) is moved aside, with a warning: those
-        directories are ours. Raises StateError when it cannot be made.
+        directories are ours; a symlink to a directory (an operator's choice of
+        disk) is kept. Raises StateError when it cannot be made.
         """
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir():
             return
         try:
             if os.path.lexists(path):
