@@ -138,7 +138,7 @@ def _checked(cls: type, data: Any) -> dict[str, Any]:
         value = data[f.name]
         bad = isinstance(value, bool) and bool not in allowed and int in allowed
         if bad or not isinstance(value, allowed):
-            raise TypeError(f"{cls.__name__}.{f.name} is a {type(value).__name__}")
+            raise TypeError(f"{cls.__name__}.{f.name} is of type {type(value).__name__}")
     return data
 
 

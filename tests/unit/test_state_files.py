@@ -30,12 +30,14 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli.main import main
+from reconciler.errors import StateError
 from reconciler.host.state import load_state
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
 from reconciler.pipeline.journal import JournalEntry, Manifest
 from reconciler.pipeline.record import last_success
 from reconciler.pipeline.recovery import recover
+from reconciler.pipeline.rollback import list_backups
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -238,6 +240,23 @@ def test_a_broken_cache_reads_as_empty_and_is_written_anew(base, case, name, kin
         assert last_success(case.sd) is None
     assert case.sd.write_cache(case.sd.path / name, b"{}")
     assert (case.sd.path / name).read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_broken_manifest_is_named_by_backups_and_rollback_never_trusted(base, case, kind):
+    """A backup's manifest.json (what rollback restores from) broken each way."""
+    run = next(p.name for p in case.sd.backups.iterdir())
+    path = case.sd.manifest(run)
+    good = json.loads(path.read_text())
+    if kind == "wrong-types":
+        good["entries"][0]["path"] = 5  # a whole entry, one field of the wrong type
+        path.write_text(json.dumps(good))
+    else:
+        path.unlink()
+        corrupt(base, case.sd, str(path.relative_to(case.sd.path)), kind)
+    with pytest.raises(StateError) as info:
+        list_backups(case.sd)
+    assert info.value.where == str(path) and str(case.sd.backup_dir(run)) in str(info.value)
 
 
 # ------------------------------------------------------- real runs (end to end)
