@@ -13,7 +13,9 @@ place, :func:`reconciler.git.errors.map_git_errors`.
     ├── ConfigError                 exit 2: bad agent configuration (SPEC §2)
     ├── SourceError                 fetch, push or trust failed (SPEC §4 steps 1–2)
     │   ├── UntrustedCommitError    a commit refused by the trust checks
-    │   └── RemoteError             a fetch or push failed; ``refused`` when retrying cannot help
+    │   ├── RemoteError             a fetch or push failed; ``refused`` when retrying cannot help
+    │   └── CorruptCacheError       a cache repository is corrupt (an object truncated or
+    │                               missing); ``.repo`` is the one to move aside and re-clone
     ├── InventoryError              hosts/ or app.yaml invalid (SPEC §1, §6)
     ├── RenderError                 a template failed to render
     ├── PathError                   a destination escapes the root or is unusable; .path
@@ -107,6 +109,23 @@ class RemoteError(SourceError):
         self.detail = detail or message
         self.refused = refused
         self.rejected: Mapping[str, str] = dict(rejected or {})
+
+
+class CorruptCacheError(SourceError):
+    """A git repository kept as a cache of a remote is corrupt (issue 11).
+
+    An object is truncated, fails its checksum or is missing though a ref or
+    another object names it. ``repo`` is the repository's git directory: a
+    cache of the server (the agent's ``<state_dir>/repo.git``, an operator's
+    cache), so moving it aside and fetching again repairs it; the agent does
+    that itself (:mod:`reconciler.git.cache`).
+    """
+
+    def __init__(
+        self, problem: str, *, repo: str, where: str | None = None, hint: str | None = None
+    ):
+        self.repo = repo
+        super().__init__(problem, where=where or repo, hint=hint)
 
 
 class InventoryError(ReconcilerError):

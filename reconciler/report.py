@@ -308,6 +308,9 @@ class Report:
     # {pushed, server, noticed_at}: the server's report branch lost report commits this
     # host had pushed (another party force-pushed it; issue 11). Written only when set.
     history_lost: Mapping[str, Any] | None = None
+    # The state repository was corrupt and rebuilt (issue 11; CacheRebuild.to_json() of
+    # reconciler.git.cache). Written only when set.
+    cache_rebuilt: Mapping[str, Any] | None = None
     # Keys this version does not know (a newer agent wrote them): kept, written back last.
     unknown: Mapping[str, Any] = field(default_factory=dict)
 
@@ -355,6 +358,7 @@ class Report:
             self.errors,
             dict(self.suspended) if self.suspended else None,
             dict(self.recovered) if self.recovered else None,
+            dict(self.cache_rebuilt) if self.cache_rebuilt else None,
             tuple((s.phase, s.app, s.name, s.exit_code) for s in self.scripts if s.exit_code != 0),
             dict(self.history_lost) if self.history_lost else None,
         )
@@ -385,8 +389,8 @@ class Report:
         return message
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of SPEC §5, keys in the order of the SPEC (then ``rollback`` and
-        ``history_lost``, each only when set); ``uncaptured`` after ``drift``, only when
+        """The JSON object of SPEC §5, keys in the order of the SPEC (then ``rollback``,
+        ``history_lost`` and ``cache_rebuilt``, each only when set); ``uncaptured`` after ``drift``, only when
         there are any."""
         out: dict[str, Any] = {
             "node": self.node,
@@ -416,6 +420,8 @@ class Report:
             out["rollback"] = self.rollback.to_json()
         if self.history_lost:
             out["history_lost"] = dict(self.history_lost)
+        if self.cache_rebuilt:  # only when it happened: every other report stays byte-identical
+            out["cache_rebuilt"] = dict(self.cache_rebuilt)
         for key, value in self.unknown.items():
             out.setdefault(key, value)
         return out
@@ -442,6 +448,9 @@ class Report:
             dry_run=bool(data.get("dry_run")),
             suspended=dict(data["suspended"]) if _mapping(data.get("suspended")) else None,
             recovered=dict(data["recovered"]) if _mapping(data.get("recovered")) else None,
+            cache_rebuilt=(
+                dict(data["cache_rebuilt"]) if _mapping(data.get("cache_rebuilt")) else None
+            ),
             result=str(data.get("result") or "failed"),
             changes=tuple(ReportChange.from_json(_mapping(c)) for c in _list(data.get("changes"))),
             drift=tuple(ReportDrift.from_json(_mapping(d)) for d in _list(data.get("drift"))),
@@ -501,6 +510,7 @@ def build_report(
     excluded: Sequence[str] = (),
     uncaptured: Sequence[ReportUncaptured] = (),
     history_lost: Mapping[str, Any] | None = None,
+    cache_rebuilt: Mapping[str, Any] | None = None,
 ) -> Report:
     """The Report of a reconcile run (SPEC §4, §5).
 
@@ -512,7 +522,9 @@ def build_report(
     full run; otherwise they are the plan's. ``uncaptured``: the drifted
     files too large to capture (pipeline/capture.py). ``history_lost``: the
     record stage's notice that the server's report branch lost what this
-    host pushed (issue 11). The result follows SPEC §6 (:func:`run_result`).
+    host pushed (issue 11). ``cache_rebuilt``: the state repository was
+    found corrupt and rebuilt (``CacheRebuild.to_json()``). The result follows
+    SPEC §6 (:func:`run_result`).
     """
     changes: tuple[ReportChange, ...] = ()
     drift: tuple[ReportDrift, ...] = ()
@@ -542,6 +554,7 @@ def build_report(
         dry_run=dry_run,
         suspended=dict(suspended) if suspended else None,
         recovered=dict(recovered) if recovered else None,
+        cache_rebuilt=dict(cache_rebuilt) if cache_rebuilt else None,
         result=run_result(errors=errors, plan=plan),
         changes=changes,
         drift=drift,

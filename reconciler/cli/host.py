@@ -59,6 +59,13 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
         out.write(f"  suspended: {report.suspended.get('reason', '')} — nothing is changed\n")
     if report.history_lost:
         out.write(f"  ! {_history_lost(report.node, report.history_lost)}\n")
+    if report.cache_rebuilt:
+        rebuilt = report.cache_rebuilt
+        out.write(
+            f"  cache repository was corrupt: moved to {rebuilt.get('moved_to')}, re-cloned "
+            f"({rebuilt.get('reports_carried')} queued report(s) carried over, "
+            f"{rebuilt.get('reports_lost')} unreadable)\n"
+        )
     for c in report.changes:
         status = "" if c.applied else "  (not applied)"
         reason = c.reason

@@ -16,7 +16,8 @@ from pathlib import Path
 import pygit2
 
 from reconciler.errors import SourceError
-from reconciler.git.errors import map_git_errors
+from reconciler.git.errors import CACHE_HINT, map_git_errors
+from reconciler.git.objects import open_checked
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,10 @@ class Repo:
 def open_bare(path: Path, *, durable: bool) -> Repo:
     """Open the bare repository at ``path``, creating it (and its parent, mode 0700) if missing.
 
-    ``durable`` is the agent's ``<state_dir>/repo.git``: libgit2's fsync of
+    Its loose objects are read and checked in Python before libgit2 sees
+    them (:mod:`reconciler.git.objects`: a truncated one would hang libgit2);
+    a damaged one raises CorruptCacheError. ``durable`` is the agent's
+    ``<state_dir>/repo.git``: libgit2's fsync of
     objects, packs and refs is turned on (a process-wide option; this
     repository is the only one a run writes) because the local report branch
     is the queue of unpushed reports, and a power loss must not leave it
@@ -60,20 +64,26 @@ def open_bare(path: Path, *, durable: bool) -> Repo:
     lost); and ``*.lock`` files a killed run left are removed — the caller
     holds the state_dir lock, so no other writer can be running. Without
     ``durable`` it is an operator's cache (``reconciler.ops.fleet``).
-    Raises SourceError when the repository cannot be opened or created.
+    Raises SourceError when the repository cannot be opened or created
+    (CorruptCacheError for an agent's repository that exists).
     """
     if durable:
         pygit2.settings.enable_fsync_gitdir(True)
         where, todo = f"{path}: cannot open the local repository", "remove it to re-clone"
     else:
         where, todo = f"{path}: cannot open the cache", "remove it to re-fetch"
-    with map_git_errors(where, todo):
+    # An agent's repository that exists but cannot be opened is a corrupt cache.
+    cache = str(path) if durable and path.exists() else None
+    if cache is not None:
+        where = "the repository"  # the error names the path as its where
+    with map_git_errors(where, todo, cache=cache):
         if path.exists():
             if durable:
                 _remove_stale_locks(path)
-            return Repo(pygit2.Repository(str(path)))
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return Repo(pygit2.init_repository(str(path), bare=True))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            pygit2.init_repository(str(path), bare=True)
+        return Repo(open_checked(path, fsync=durable, hint=CACHE_HINT if durable else todo))
 
 
 def _remove_stale_locks(path: Path) -> None:

@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -76,18 +77,30 @@ class Snapshot(Protocol):
 
 
 class GitSnapshot:
-    """A Snapshot of one commit's tree in a pygit2 repository; no working tree needed."""
+    """A Snapshot of one commit's tree in a pygit2 repository; no working tree needed.
+
+    A path the tree does not have is absent (KeyError, None, []); an object
+    the tree names that cannot be read is corruption, never absence (issue
+    11: a missing subtree read as "no such directory" would have planned the
+    deletion of its files): CorruptCacheError naming the repository.
+    """
 
     def __init__(self, repo: Repo, commit: str, info: SourceInfo) -> None:
         self._repo = repo.raw
-        with map_git_errors(f"commit {commit}", "fetch again"):
+        self._cache = repo.path.rstrip("/")
+        with map_git_errors(f"commit {commit}", _CORRUPT_HINT, cache=self._cache):
             self._tree = repo.raw[commit].peel(pygit2.Tree)
+            len(self._tree)  # loaded now: a missing tree object is corruption
+        self._commit = commit
         self.info = info
         # Directory path -> its parsed tree (or None). A path lookup from the root
         # makes libgit2 parse every tree on the way again: ~2 ms a lookup under a
         # hosts/ of 10,000 files, O(n^2) for the inventory. One parse per
         # directory, then a binary search by name (SPEC §7: 10,000 nodes).
         self._dirs: dict[str, pygit2.Tree | None] = {"": self._tree}
+
+    def _reading(self, path: str) -> AbstractContextManager[None]:
+        return map_git_errors(f"commit {self._commit}: {path}", _CORRUPT_HINT, cache=self._cache)
 
     def _subtree(self, path: str) -> pygit2.Tree | None:
         if path in self._dirs:
@@ -96,11 +109,11 @@ class GitSnapshot:
         tree = self._subtree(parent)
         found: pygit2.Tree | None = None
         if tree is not None:
-            try:
-                obj = tree[name]
-            except KeyError:
-                obj = None
-            found = obj if isinstance(obj, pygit2.Tree) else None
+            obj = _entry(tree, name)
+            if isinstance(obj, pygit2.Tree):
+                with self._reading(path):
+                    len(obj)  # pygit2 loads lazily: read it here, where a failure is corruption
+                found = obj
         self._dirs[path] = found
         return found
 
@@ -112,16 +125,14 @@ class GitSnapshot:
         tree = self._subtree(parent)
         if tree is None:
             return None
-        try:
-            return tree[name]
-        except KeyError:
-            return None
+        return _entry(tree, name)
 
     def read(self, path: str) -> bytes:
         obj = self._lookup(path)
         if not isinstance(obj, pygit2.Blob):
             raise KeyError(path)
-        return bytes(obj.data)
+        with self._reading(path):
+            return bytes(obj.data)
 
     def is_dir(self, path: str) -> bool:
         return isinstance(self._lookup(path), pygit2.Tree)
@@ -134,13 +145,16 @@ class GitSnapshot:
         obj = self._lookup(path)
         if not isinstance(obj, pygit2.Tree):
             return []
-        return sorted((e.name or "", e.type_str == "tree") for e in obj)
+        with self._reading(path):
+            return sorted((e.name or "", e.type_str == "tree") for e in obj)
 
     def walk(self, path: str) -> Iterator[Entry]:
         obj = self._lookup(path)
         if not isinstance(obj, pygit2.Tree):
             return
-        yield from self._walk(obj, "")
+        with self._reading(path):
+            entries = list(self._walk(obj, ""))
+        yield from entries
 
     def _walk(self, tree: pygit2.Tree, prefix: str) -> Iterator[Entry]:
         for entry in sorted(tree, key=lambda e: e.name or ""):
@@ -150,6 +164,17 @@ class GitSnapshot:
             elif entry.type_str == "blob":
                 yield Entry(path=rel, filemode=entry.filemode)
             # submodules (type "commit") carry no content: ignored.
+
+
+_CORRUPT_HINT = "fetch again into a new clone (the agent re-clones its own by itself)"
+
+
+def _entry(tree: pygit2.Tree, name: str) -> pygit2.Object | None:
+    """The entry ``name`` of ``tree`` (not loaded yet), or None when the tree has none."""
+    try:
+        return tree[name]
+    except KeyError:  # the tree is loaded (GitSnapshot loads each before use): a name miss
+        return None
 
 
 class DirSnapshot:

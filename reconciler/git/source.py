@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from reconciler.errors import ConfigError, SourceError, UntrustedCommitError
+from reconciler.errors import ConfigError, CorruptCacheError, SourceError, UntrustedCommitError
 from reconciler.git.remote import NET_ATTEMPTS, Remote, tracking_ref
 from reconciler.git.remote import fetch as fetch_refs
 from reconciler.git.repo import Repo, is_descendant, ref_target
@@ -70,7 +70,9 @@ def fetch(
     (``pull --boot``). On failure — the branch missing on the server
     included (deleted or renamed there) — fall back to the last fetched
     commit with ``fetched=False`` and the error text (SPEC §4 step 1).
-    Raises SourceError only when nothing was ever fetched.
+    Raises SourceError only when nothing was ever fetched, and
+    CorruptCacheError when our own repository fails to be read (the
+    negotiation reads our commits).
     """
     missing = f"{remote.url}: branch {branch!r} not found on the server — check --branch and --repo"
 
@@ -94,6 +96,8 @@ def fetch(
     received = 0
     try:
         received = fetch_refs(repo, remote, refspecs, wanted=wanted, attempts=attempts)
+    except CorruptCacheError:
+        raise  # our repository, not the server: no falling back on it
     except SourceError as exc:  # a RemoteError, or the missing branch
         error = str(exc)
     commit = ref_target(repo, tracking_ref(branch))

@@ -26,6 +26,7 @@ Layout::
       lock                     flock of the run in progress, holds its pid
       state.json               LocalState: applied commit, managed files
       repo.git/                bare cache of the desired-state repo + report branch
+      repo.git.corrupt-<time>/ a corrupt repo.git moved aside (reconciler.git.cache)
       inventory-cache.json     checked host files by git blob id (cache)
       jinja-cache/             compiled templates by blob id (cache)
       journal.json             manifest of the run in progress (crash safety)

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from reconciler.config import AgentConfig
+from reconciler.git.cache import open_state_repo
 from reconciler.git.remote import Remote, set_net_timeout
-from reconciler.git.repo import open_bare
 from reconciler.git.snapshot import SourceInfo
 from reconciler.git.source import remote_url
 from reconciler.host.statedir import StateDir, read_exclude_file
@@ -91,7 +91,8 @@ def rollback_once(
             errors=(*(recovery.errors if recovery is not None else ()), *result.errors),
             facts=gather_facts(),
         )
-        repo = open_bare(state_dir.repo, durable=True)
+        # Checked and, when corrupt, rebuilt as a run does (issue 11; logged as a warning).
+        repo, _ = open_state_repo(state_dir.repo, node=config.node, branch=config.branch, heal=True)
         report_commit = commit_report(
             repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
         )

@@ -36,14 +36,16 @@ from typing import TYPE_CHECKING, Any
 from reconciler.config import AgentConfig
 from reconciler.errors import (
     ConfigError,
+    CorruptCacheError,
     InventoryError,
     ReconcilerError,
     SourceError,
     StateError,
     UntrustedCommitError,
 )
+from reconciler.git.cache import CacheRebuild, open_state_repo, rebuild_state_repo
 from reconciler.git.remote import NET_ATTEMPTS, Remote, set_net_timeout
-from reconciler.git.repo import Repo, open_bare
+from reconciler.git.repo import Repo
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import FetchResult, check_descends, fetch, remote_url
 from reconciler.git.trust import verify_commit
@@ -108,7 +110,9 @@ class Setting:
     ``root`` is absolute: scripts run with cwd set to their own directory,
     and ``RECONCILER_ROOT`` must mean the same thing there. ``repo`` is the
     repository in ``state_dir``; ``remote`` the desired-state repository's
-    URL with its credentials and host-key checks.
+    URL with its credentials and host-key checks. ``rebuilt``: the state
+    repository was corrupt when the run opened it and was rebuilt
+    (:mod:`reconciler.git.cache`).
     """
 
     config: AgentConfig
@@ -122,6 +126,7 @@ class Setting:
     clock: float  # time.monotonic() at the start, for the run's duration
     facts: Mapping[str, Any]
     exclude_lines: tuple[str, ...] = ()  # the host-local exclude file, read once a run
+    rebuilt: CacheRebuild | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -278,13 +283,19 @@ def _setting(
     started: dt.datetime,
     clock: float,
 ) -> Setting:
+    # Checked at every open; a corrupt one is moved aside and rebuilt (issue 11),
+    # except by a dry run, which changes nothing: it fails with the reason.
+    repo, rebuilt = open_state_repo(
+        state_dir.repo, node=config.node, branch=config.branch, heal=not options.dry_run
+    )
     return Setting(
         config=config,
         options=options,
         remote=remote,
         state_dir=state_dir,
         root=root,
-        repo=open_bare(state_dir.repo, durable=True),
+        repo=repo,
+        rebuilt=rebuilt,
         run_id=new_run_id(started),
         started=started,
         clock=clock,
@@ -606,19 +617,41 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
             saved = True
     except ReconcilerError as exc:
         errors = (*errors, exc)
-    repo = setting.repo
+    repo, rebuilt = setting.repo, setting.rebuilt
+    corrupt = next((e for e in errors if isinstance(e, CorruptCacheError)), None)
+    rebuilt_now = corrupt is not None
+    if corrupt is not None:
+        # Found after the open (a fetch's negotiation, render): rebuilt now, so the
+        # report lands in a sound repository and the next run fetches afresh.
+        repo, rebuilt = rebuild_state_repo(state_dir.repo, node=config.node, cause=corrupt)
     lost = history_lost(
         repo, config.node, now=dt.datetime.now(dt.UTC), heartbeat_s=config.report.heartbeat
     )
-    report = _report(setting, prepared, converged, errors, history_lost=lost)
+    report = _report(setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt)
+    captures = converged.captures.content if converged.captures is not None else {}
     try:
-        report_commit = commit_report(
-            repo,
-            report,
-            converged.captures.content if converged.captures is not None else {},
-            heartbeat_s=config.report.heartbeat,
-            now=dt.datetime.now(dt.UTC),
-        )
+        try:
+            report_commit = commit_report(
+                repo,
+                report,
+                captures,
+                heartbeat_s=config.report.heartbeat,
+                now=dt.datetime.now(dt.UTC),
+            )
+        except CorruptCacheError as exc:
+            # Found by the report commit itself: rebuilt, and the report committed there.
+            errors, rebuilt_now = (*errors, exc), True
+            repo, rebuilt = rebuild_state_repo(state_dir.repo, node=config.node, cause=exc)
+            report = _report(
+                setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt
+            )
+            report_commit = commit_report(
+                repo,
+                report,
+                captures,
+                heartbeat_s=config.report.heartbeat,
+                now=dt.datetime.now(dt.UTC),
+            )
     except (ReconcilerError, OSError) as exc:
         # A full disk: the report cannot be committed (libgit2 raises OSError when
         # it cannot write an object). The journal stays (below), so the next run's
@@ -636,18 +669,22 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
             ),
         )
         errors = (*errors, failure)
-        report = _report(setting, prepared, converged, errors, history_lost=lost)
+        report = _report(setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt)
     if saved and converged.journal is not None:
         try:
             converged.journal.finish()  # only now: the local state and report match the disk
         except ReconcilerError as exc:
             errors = (*errors, exc)
-            report = _report(setting, prepared, converged, errors, history_lost=lost)
+            report = _report(
+                setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt
+            )
     elif converged.journal is not None:
         converged.journal.close()
     pushed: bool | None = None
     push_error: str | None = None
-    if config.report.push and prepared.source.fetched:
+    # A repository rebuilt just now has not fetched the server's report branch:
+    # the report stays queued, and the next run's fetch puts it on the server's tip.
+    if config.report.push and prepared.source.fetched and not rebuilt_now:
         pushed, push_error = push_reports(repo, setting.remote, config.node)
     elif config.report.push:
         pushed = False
@@ -672,6 +709,7 @@ def _report(
     errors: tuple[ReconcilerError, ...],
     *,
     history_lost: Mapping[str, Any] | None = None,
+    rebuilt: CacheRebuild | None = None,
 ) -> Report:
     """The run's report (SPEC §5), built once the run is over."""
     applied = converged.applied
@@ -695,6 +733,7 @@ def _report(
         excluded=converged.excluded,  # the no-op short cut: the last full run's
         uncaptured=converged.captures.uncaptured if converged.captures is not None else (),
         history_lost=history_lost,
+        cache_rebuilt=rebuilt.to_json() if rebuilt is not None else None,
     )
 
 
