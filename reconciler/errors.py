@@ -13,8 +13,8 @@ place, :func:`reconciler.git.errors.map_git_errors`.
     ├── ConfigError                 exit 2: bad agent configuration (SPEC §2)
     ├── SourceError                 fetch, push or trust failed (SPEC §4 steps 1–2)
     │   ├── UntrustedCommitError    a commit refused by the trust checks
-    │   ├── RemoteError             a fetch or push failed; ``refused`` when retrying cannot help
-    │   └── CorruptCacheError       a cache repository is corrupt (an object truncated or
+    │   └── RemoteError             a fetch or push failed; ``refused`` when retrying cannot help
+    ├── CorruptCacheError           a cache repository is corrupt (an object truncated or
     │                               missing); ``.repo`` is the one to move aside and re-clone
     ├── InventoryError              hosts/ or app.yaml invalid (SPEC §1, §6)
     ├── RenderError                 a template failed to render
@@ -111,8 +111,12 @@ class RemoteError(SourceError):
         self.rejected: Mapping[str, str] = dict(rejected or {})
 
 
-class CorruptCacheError(SourceError):
+class CorruptCacheError(ReconcilerError):
     """A git repository kept as a cache of a remote is corrupt (issue 11).
+
+    Not a SourceError: code that falls back on a failed fetch or lookup
+    (``except SourceError``) must not take a damaged repository for a
+    missing commit or an unreachable server.
 
     An object is truncated, fails its checksum or is missing though a ref or
     another object names it. ``repo`` is the repository's git directory: a

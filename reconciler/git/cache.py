@@ -43,6 +43,7 @@ from reconciler.git.remote import tracking_ref
 from reconciler.git.repo import Repo, open_bare, ref_target, set_ref
 from reconciler.git.reports import (
     REPORT_FILE,
+    lost_reports_ref,
     pushed_report_ref,
     remote_report_ref,
     report_ref,
@@ -100,7 +101,8 @@ def check_state_repo(repo: Repo, path: Path, *, node: str, branch: str) -> None:
     """Read every object a run needs from ``repo`` (at ``path``) before fetching anything new.
 
     The fetched branch's commit and root tree; for the report branch, the
-    fetched one and the pushed marker: each commit with its whole tree; the
+    fetched one, the pushed marker and the record of lost history: each
+    commit with its whole tree; the
     commits queued on the local branch but not on the server, with theirs.
     Raises CorruptCacheError (``.repo``: ``path``) naming the ref or commit
     that cannot be read.
@@ -112,6 +114,7 @@ def check_state_repo(repo: Repo, path: Path, *, node: str, branch: str) -> None:
         report_ref(node),
         remote_report_ref(node),
         pushed_report_ref(node),
+        lost_reports_ref(node),
     ):
         with map_git_errors(ref, cache=cache):
             target = ref_target(repo, ref)
@@ -264,7 +267,7 @@ def _read_queue(path: Path, node: str) -> tuple[list[_Queued], int, bool]:
                 continue
             if target is not None:
                 server.add(target)
-    except SourceError:  # not even its refs can be read: nothing to carry
+    except (SourceError, CorruptCacheError):  # not even its refs can be read: nothing to carry
         return [], 0, True
     queued: list[_Queued] = []
     lost = 0

@@ -56,7 +56,7 @@ def map_git_errors(
     """
     try:
         yield
-    except SourceError:
+    except (SourceError, CorruptCacheError):
         raise  # ours (a callback's refusal, a corrupt object found by our reader): unchanged
     except (pygit2.GitError, KeyError, ValueError) as exc:
         if cache is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pygit2
 
 from reconciler.config import AuthConfig
-from reconciler.errors import CorruptCacheError, RemoteError, SourceError
+from reconciler.errors import RemoteError, SourceError
 from reconciler.git.auth import Callbacks, check_auth, is_ssh, set_net_timeout
 from reconciler.git.errors import map_git_errors
 from reconciler.git.repo import Repo
@@ -93,8 +93,6 @@ def _retrying(
                 raise RemoteError(message, detail=message, refused=exc.refused) from exc
             error = exc
             log.info("%s (try %d of %d)", exc, n + 1, attempts)
-        except CorruptCacheError:
-            raise  # our own repository is damaged (a negotiation read it): not the server's fault
         except SourceError as exc:
             # Our own checks refused (host key, credentials): retrying cannot help.
             raise RemoteError(str(exc), detail=str(exc), refused="checks") from exc

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from reconciler.errors import ConfigError, CorruptCacheError, SourceError, UntrustedCommitError
+from reconciler.errors import ConfigError, SourceError, UntrustedCommitError
 from reconciler.git.remote import NET_ATTEMPTS, Remote, tracking_ref
 from reconciler.git.remote import fetch as fetch_refs
 from reconciler.git.repo import Repo, is_descendant, ref_target
@@ -96,8 +96,6 @@ def fetch(
     received = 0
     try:
         received = fetch_refs(repo, remote, refspecs, wanted=wanted, attempts=attempts)
-    except CorruptCacheError:
-        raise  # our repository, not the server: no falling back on it
     except SourceError as exc:  # a RemoteError, or the missing branch
         error = str(exc)
     commit = ref_target(repo, tracking_ref(branch))
