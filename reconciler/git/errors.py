@@ -56,6 +56,15 @@ def map_git_errors(
     """
     try:
         yield
+    except SystemError as exc:
+        # pygit2's cffi calls (an index's write_tree, fetch, push) report an exception
+        # raised by our object database's callbacks (reconciler.git.objects: a corrupt
+        # object, a failed write) as "returned a result with an exception set",
+        # chained to it: the chained one is the error to map.
+        if not isinstance(exc.__cause__, Exception):
+            raise
+        with map_git_errors(where, todo, remote=remote, cache=cache):
+            raise exc.__cause__ from exc
     except (SourceError, CorruptCacheError):
         raise  # ours (a callback's refusal, a corrupt object found by our reader): unchanged
     except (pygit2.GitError, KeyError, ValueError) as exc:

@@ -92,7 +92,13 @@ class CheckedLoose(pygit2.OdbBackend):
         return None  # every read looks at the directory afresh
 
     def write_cb(self, oid: pygit2.Oid, data: bytes, kind: int) -> None:
-        self._writer.write(kind, data)
+        try:
+            self._writer.write(kind, data)
+        except OSError as exc:
+            # pygit2 raises libgit2's OS errors (ENOSPC) as OSError from this C call, as a
+            # GitError from the cffi calls (an index's write_tree) that used to reach the
+            # writer directly: keep the one type the callers map (git/errors.py).
+            raise pygit2.GitError(str(exc)) from exc
 
     def _unique(self, prefix: str) -> str:
         """The one loose object whose id starts with ``prefix``; KeyError or ValueError."""
@@ -127,6 +133,8 @@ def read_loose(path: Path, hex_id: str, *, repo: str, hint: str) -> tuple[int, b
         head = inflater.decompress(raw, HEADER_MAX)
         name, space, rest = head.partition(b" ")
         size_text, nul, start = rest.partition(b"\0")
+        if not nul and not inflater.eof and len(head) < HEADER_MAX:
+            raise _corrupt(path, "truncated: the zlib stream ends early", repo, hint)
         if not (space and nul and name in _TYPES and size_text.isdigit()):
             raise _corrupt(path, "malformed object header", repo, hint)
         size = int(size_text)
