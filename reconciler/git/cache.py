@@ -124,7 +124,11 @@ def check_state_repo(repo: Repo, path: Path, *, node: str, branch: str) -> None:
     if fetched is not None:
         with map_git_errors(f"{tracking_ref(branch)} → {fetched[:12]}", cache=cache):
             _ = repo.raw[fetched].peel(pygit2.Commit).tree.id  # render reads the rest
+    read: set[str] = set()
     for ref, tip in tips.items():
+        if tip in read:
+            continue  # usually all three: the queue is empty, the server has our last report
+        read.add(tip)
         with map_git_errors(f"{ref} → {tip[:12]}", cache=cache):
             _read_tree(repo, repo.raw[tip].peel(pygit2.Commit).tree)
     local = tips.get(report_ref(node))

@@ -236,3 +236,22 @@ def test_a_snapshot_never_reads_a_missing_subtree_as_an_empty_directory(tmp_path
             read()
         assert caught.value.repo == str(path)
     assert snapshot.listdir("nothing") == [] and not snapshot.is_dir("nothing")
+
+
+def test_a_rebuild_keeps_the_newest_moved_repositories_and_removes_older_ones(tmp_path: Path):
+    from reconciler.errors import CorruptCacheError
+    from reconciler.git.cache import KEEP_CORRUPT, rebuild_state_repo
+
+    path = tmp_path / "state" / "repo.git"
+    open_bare(path, durable=True)
+    older = [path.with_name(f"repo.git.corrupt-2026010{n}T000000Z") for n in range(1, 5)]
+    for moved in older:
+        moved.mkdir()
+    cause = CorruptCacheError("an object is missing", repo=str(path))
+    repo, rebuild = rebuild_state_repo(path, node="web1", cause=cause)
+    kept = sorted(p.name for p in path.parent.glob("repo.git.corrupt-*"))
+    assert len(kept) == KEEP_CORRUPT == 3
+    assert kept == sorted([*(p.name for p in older[-2:]), Path(rebuild.moved_to).name])
+    assert (Path(rebuild.moved_to) / "HEAD").is_file()  # the corrupt one, kept whole
+    assert rebuild.carried == rebuild.lost == 0 and not rebuild.rest_unread
+    assert ref_target(repo, report_ref("web1")) is None and (path / "HEAD").is_file()
