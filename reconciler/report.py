@@ -581,6 +581,7 @@ def build_rollback_report(
     hold: bool,
     errors: Sequence[ReconcilerError],
     facts: Mapping[str, Any],
+    cache_rebuilt: Mapping[str, Any] | None = None,
 ) -> Report:
     """The Report of ``reconciler rollback`` (issue #3).
 
@@ -588,6 +589,7 @@ def build_rollback_report(
     with reason ``rollback``; a path named by an error's ``.path`` (an
     ApplyError or PathError) was not restored. The result is
     ``failed`` when anything failed, else ``changed``: files were put back.
+    ``cache_rebuilt``: as for a run (:func:`build_report`).
     """
     failed = {
         str(e.path) for e in errors if isinstance(e, ApplyError | PathError) and e.path is not None
@@ -614,6 +616,7 @@ def build_rollback_report(
         errors=tuple(str(e) for e in errors),
         facts=dict(facts),
         rollback=ReportRollback(run_id=rolled_back_run, hold=hold),
+        cache_rebuilt=dict(cache_rebuilt) if cache_rebuilt else None,
     )
 
 

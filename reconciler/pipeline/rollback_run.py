@@ -72,6 +72,10 @@ def rollback_once(
                 exclude=exclude,
             )
         url = remote_url(config.repo) if config.repo else ""
+        # Checked and, when corrupt, rebuilt as a run does (issue 11).
+        repo, rebuilt = open_state_repo(
+            state_dir.repo, node=config.node, branch=config.branch, heal=True
+        )
         report = build_rollback_report(
             node=config.node,
             run_id=result.own.run_id,
@@ -90,17 +94,18 @@ def rollback_once(
             # Corrupt state files the start of this rollback moved aside: said once.
             errors=(*(recovery.errors if recovery is not None else ()), *result.errors),
             facts=gather_facts(),
+            cache_rebuilt=rebuilt.to_json() if rebuilt is not None else None,
         )
-        # Checked and, when corrupt, rebuilt as a run does (issue 11; logged as a warning).
-        repo, _ = open_state_repo(state_dir.repo, node=config.node, branch=config.branch, heal=True)
         report_commit = commit_report(
             repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
         )
         pushed: bool | None = None
         push_error: str | None = None
-        if config.report.push and url:
+        if config.report.push and url and rebuilt is None:
             remote = Remote.for_agent(url, config.auth)
             pushed, push_error = push_reports(repo, remote, config.node)
+        elif config.report.push and url:
+            pushed = False  # rebuilt: the next pull fetches the server's branch, then pushes
         outcome = RunOutcome(
             report=report, report_commit=report_commit, pushed=pushed, push_error=push_error
         )

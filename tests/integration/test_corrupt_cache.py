@@ -257,3 +257,19 @@ def test_a_dry_run_names_the_corrupt_repository_and_moves_nothing(site: Site):
     assert str(site.repo) in str(caught.value) and "without --dry-run" in str(caught.value)
     assert "\n" not in str(caught.value)
     assert moved_aside(site) == [] and site.repo.is_dir()
+
+
+def test_a_rollback_rebuilds_a_corrupt_repository_and_says_so(site: Site):
+    from reconciler.pipeline.rollback_run import rollback_once
+
+    site.drift("changed by hand\n")
+    assert site.pull().result == "drift"  # a run with a change to roll back
+    for pack in (site.repo / "objects/pack").iterdir():
+        pack.unlink()
+    outcome = rollback_once(site.config(), None)
+    assert_healed(site, outcome)
+    assert outcome.report.rollback is not None and outcome.report_commit is not None
+    assert (site.root / "etc/motd").read_text() == "changed by hand\n"  # rolled back
+    again = site.pull()  # held back by the rollback, with a healthy repository
+    assert again.report.cache_rebuilt is None and again.pushed is True
+    assert len(moved_aside(site)) == 1
