@@ -20,8 +20,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check reconciler tests
 	$(BIN)/mypy
 
+# One worker per core, whole files per worker (a file's module fixtures — servers,
+# fleets — are set up once): PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= auto
+
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # Parts of the suite, each setting up .venv like `test` (no lint first).
 # Deselect tests that need a tool you lack by marker (README.md, Tests):
