@@ -118,11 +118,7 @@ def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for error in outcome.report.errors:
         # SPEC §3: the line names the node too (on a shared log, many hosts' lines mix).
         error_line(err, f"node {config.node}: {error}", args.log_format)
-    if outcome.result == "failed":
-        return 1
-    if args.detailed_exitcode and outcome.result in ("changed", "drift"):
-        return 3
-    return 0
+    return _exit_code(outcome.result, detailed=args.detailed_exitcode)
 
 
 def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -181,7 +177,18 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write("".join(chunks))
         if not chunks:
             out.write(f"{config.node}: no changes\n")
-    return 1 if outcome.result == "failed" else 0
+    return _exit_code(outcome.result, detailed=args.detailed_exitcode)
+
+
+def _exit_code(result: str, *, detailed: bool) -> int:
+    """``pull``'s and ``diff``'s exit code for a run's ``result`` (SPEC §3): 1 failed; with
+    ``--detailed-exitcode`` 3 for changes or drift (pending ones too, as in a dry run); else 0.
+    Puppet's convention, with 3 where Puppet says 2 (2 is bad usage here)."""
+    if result == "failed":
+        return 1
+    if detailed and result in ("changed", "drift"):
+        return 3
+    return 0
 
 
 # ------------------------------------------------------ working-tree commands
@@ -450,6 +457,9 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 # ------------------------------------------------------------------- parsers
 
 
+_DETAILED = "exit 3 when there are changes or drift (0: none, 1: failed)"
+
+
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the host's subcommands to ``sub``, each with its flags and handler (SPEC §3)."""
     run_flags = (*SOURCE, *HOST, *POLICY, *RENDER)
@@ -462,7 +472,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     pull.add_argument("--dry-run", action="store_true", help="plan and report to stdout only")
     pull.add_argument("--state", help="apply state S for this run")
     pull.add_argument("--boot", action="store_true", help="first run at boot")
-    pull.add_argument("--detailed-exitcode", action="store_true", help="exit 3 on changes/drift")
+    pull.add_argument("--detailed-exitcode", action="store_true", help=_DETAILED)
     pull.add_argument(
         "--release-hold", action="store_true", help="re-apply the commit a rollback held back"
     )
@@ -472,6 +482,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "diff", parents=[flags(*run_flags, *OUTPUT)], help="print the plan as unified diffs"
     )
     diff.add_argument("--state", help="diff against state S")
+    diff.add_argument("--detailed-exitcode", action="store_true", help=_DETAILED)
     diff.set_defaults(handler=cmd_diff)
 
     render = sub.add_parser(

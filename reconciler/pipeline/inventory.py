@@ -23,12 +23,13 @@ from typing import Any
 
 import yaml
 
-from reconciler.errors import InventoryError, SourceError
+from reconciler.errors import InventoryError, SourceError, UsageError
 from reconciler.git.repo import valid_node_name
 from reconciler.git.snapshot import Snapshot
 
 DEFAULTS = "_defaults"
 DEFAULT_STATE = "default"
+STATE_FLAG = "--state"  # where a state given by ``pull``/``diff --state`` comes from
 
 
 # ------------------------------------------------------------------ schemas
@@ -770,7 +771,8 @@ def effective_node(
     per-app state written in a host file still wins (SPEC §6). Raises
     InventoryError for an unknown node, a meta-node name, a missing app, an
     app with neither ``default/`` nor the state's directory, or a state that
-    no app of the node has (a typo must not silently become ``default``).
+    no app of the node has (a typo must not silently become ``default``) —
+    UsageError instead when that state came from ``state_override``.
     """
     host = inventory.files.get(name)
     if host is None:
@@ -810,7 +812,7 @@ def effective_node(
         if "suspended" in d:
             suspended = d["suspended"]
     if state_override is not None:
-        state, state_origin = state_override, "--state"
+        state, state_origin = state_override, STATE_FLAG
     refs = tuple(
         AppRef(name=app, state=app_state or state, origin=origin)
         for app, (app_state, origin) in apps.items()
@@ -853,7 +855,10 @@ def _check_apps(
             continue
         if not any(snapshot.is_dir(f"templates/{a.name}/{app_state}") for a in members):
             origin = state_origin if app_state == state else members[0].origin
-            raise InventoryError(
+            # A misspelt ``--state`` is the command line's fault, not the repository's:
+            # bad usage (exit 2), raised before anything is changed or reported (issue 12).
+            error = UsageError if origin == STATE_FLAG else InventoryError
+            raise error(
                 f"{origin}: state {app_state!r} of node {node}: no app of the node has a "
                 f"{app_state}/ directory ({', '.join(a.name for a in members)}) — "
                 "check the spelling of the state"

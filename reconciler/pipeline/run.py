@@ -42,6 +42,7 @@ from reconciler.errors import (
     SourceError,
     StateError,
     UntrustedCommitError,
+    UsageError,
 )
 from reconciler.git.cache import CacheRebuild, open_state_repo, rebuild_state_repo
 from reconciler.git.remote import NET_ATTEMPTS, Remote, set_net_timeout
@@ -226,8 +227,9 @@ def reconcile_once(
     Every read of the root and every effect goes through one System: a
     RealSystem of the root (the state directory trusted), inside a
     DryRunSystem for ``--dry-run``; ``wrap`` may wrap it once more (tests:
-    FaultySystem). Raises ConfigError (no repo, unusable URL or credentials)
-    and LockError; every other failure ends in a report with result
+    FaultySystem). Raises ConfigError (no repo, unusable URL or credentials),
+    UsageError (``options.state`` that no app of the node has: nothing
+    changed, nothing recorded) and LockError; every other failure ends in a report with result
     ``failed`` and the error text.
     """
     options = options or RunOptions()
@@ -433,7 +435,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     ``journal``: keep the crash journal of the changes (a real run; a
     DryRunSystem changes nothing to journal). Everything up to the plan is
     computed before the first change. A ReconcilerError ends the stage with
-    what it had so far and the error in ``errors``; ConfigError is raised.
+    what it had so far and the error in ``errors``; ConfigError and UsageError
+    (a ``--state`` no app has) are raised, before anything is changed.
 
     The stages are imported here, not at module level, so that a no-op run
     never pays for Jinja2, jsonschema or pathspec (SPEC §7).
@@ -538,8 +541,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         finally:
             state_dir.remove_run_dir(setting.run_id)
     except ReconcilerError as exc:
-        if isinstance(exc, ConfigError):
-            raise
+        if isinstance(exc, ConfigError | UsageError):
+            raise  # bad usage (``--state`` misspelt): exit 2, nothing applied or reported
         log.debug("run failed", exc_info=True)
         return Converged(
             mode=mode,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.errors import InventoryError
+from reconciler.errors import InventoryError, UsageError
 from reconciler.pipeline.inventory import (
     check_hosts,
     effective_node,
@@ -507,13 +507,6 @@ def test_invalid_host_files_raise_inventory_error_naming_file(tmp_path, files, e
             ["hosts/n.yaml", "'tset'", "spelling"],
             id="per-app-state-typo",
         ),
-        pytest.param(
-            {"templates/a/production/etc/a.conf": "x\n"},
-            "n",
-            "prodution",
-            ["--state", "'prodution'"],
-            id="state-override-typo",
-        ),
     ],
 )
 def test_node_resolution_errors(tmp_path, files, node, state, expected):
@@ -524,6 +517,19 @@ def test_node_resolution_errors(tmp_path, files, node, state, expected):
     message = str(info.value)
     for part in expected:
         assert part in message, message
+
+
+def test_a_state_override_no_app_has_is_bad_usage(tmp_path):
+    # Issue 12: ``pull --state prodution`` is the command line's mistake, not the
+    # repository's: a UsageError (exit 2), which the run raises before reporting.
+    snap = write_repo(tmp_path, {**_ok_node(), "templates/a/production/etc/a.conf": "x\n"})
+    inventory = load_inventory(snap)
+    with pytest.raises(UsageError) as info:
+        effective_node(inventory, snap, "n", "prodution")
+    message = str(info.value)
+    for part in ["--state", "'prodution'"]:
+        assert part in message, message
+    assert info.value.exit_code == 2
 
 
 def test_state_is_fine_when_at_least_one_app_has_it(tmp_path):
