@@ -13,6 +13,7 @@ flags it takes (:mod:`reconciler.cli.flags`):
 ``trigger NODE|META``      ``ssh HOST reconciler pull`` for each member, in parallel
 ``impact [BASE..HEAD]``    per node, the destination files a range of commits changes
 ``adopt NODE PATH``        a captured drifted file back into the desired state, on a branch
+``forget NODE``            delete a decommissioned node's report branch on the server
 =========================  ==================================================
 
 ``--repo`` is the desired-state repository URL or path, fetched into a cache
@@ -29,6 +30,7 @@ import datetime as dt
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -299,6 +301,43 @@ def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         out.write(f"  rendered by: {', '.join(a.users) or a.node}\n")
     out.write(f"branch {a.branch} at {a.commit}: {where}\n")
+    return 0
+
+
+# -------------------------------------------------------------------- forget
+
+
+def cmd_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``reconciler forget NODE``: delete a decommissioned node's report branch (issue 12).
+
+    Says what goes (branch, number of reports, the last report's time and
+    result), then asks on the terminal unless ``--yes``; without a terminal
+    and without ``--yes`` it refuses (exit 2) and deletes nothing. Exit 2 as
+    well when hosts/NODE.yaml still exists (:func:`reconciler.ops.forget.plan_forget`);
+    exit 1 when the answer is no or the server refuses the deletion.
+    """
+    from reconciler.ops.forget import forget, plan_forget
+
+    up = _upstream(args)
+    plan = plan_forget(up, args.target)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                f"{plan.describe()}: not deleted, no terminal to confirm on",
+                where=f"forget {args.target}",
+                hint="pass --yes to delete it",
+            )
+        err.write(f"forget {args.target}: deletes {plan.describe()} on {up.url}\n")
+        err.write("Delete it? [y/N] ")
+        err.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            err.write(f"forget {args.target}: nothing deleted\n")
+            return 1
+    done = forget(up, plan)
+    if args.format == "json":
+        _emit(done.as_json(), out)
+    else:
+        out.write(f"forget {args.target}: deleted {done.describe()} on {up.url}\n")
     return 0
 
 
@@ -595,6 +634,17 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     for p in (push, suspend, resume):
         p.add_argument("--no-push", action="store_true", help="commit in the cache only")
         p.add_argument("--message", "-m", help="commit message instead of the default")
+
+    forget_ = sub.add_parser(
+        "forget",
+        parents=[flags(*upstream, *OUTPUT)],
+        help="delete a decommissioned node's report branch (after removing its host file)",
+    )
+    forget_.add_argument("target", metavar="NODE")
+    forget_.add_argument(
+        "--yes", "-y", action="store_true", help="do not ask (needed without a terminal)"
+    )
+    forget_.set_defaults(handler=cmd_forget)
 
     trigger = sub.add_parser(
         "trigger", parents=[flags(*upstream, *OUTPUT)], help="ask hosts to run now, over SSH"

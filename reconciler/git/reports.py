@@ -21,7 +21,7 @@ import pygit2
 from reconciler.errors import SourceError
 from reconciler.git.errors import map_git_errors
 from reconciler.git.remote import Remote, push
-from reconciler.git.repo import Repo, ref_target, refs_under, set_ref, walk
+from reconciler.git.repo import Repo, ref_target, refs_under, restore_ref, set_ref, walk
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,24 @@ def push_reports(repo: Repo, remote: Remote, node: str) -> None:
     push(repo, remote, f"{ref}:{ref}")
     set_ref(repo, remote_report_ref(node), local)
     set_ref(repo, pushed_report_ref(node), local)
+
+
+# -------------------------------------------------------- operators: forget
+
+
+def delete_report_branch(repo: Repo, remote: Remote, node: str) -> None:
+    """Delete ``reports/<node>`` on the server, then the cache's fetched copy (issue 12).
+
+    ``reconciler forget NODE``: a push of the delete refspec
+    ``:refs/heads/reports/<node>`` (the only deletion reconciler ever pushes;
+    a host never deletes its branch, SPEC §5). Raises RemoteError
+    (:func:`reconciler.git.remote.push`): ``refused="rejected"`` with the
+    server's reason when it refuses deletions (``receive.denyDeletes``, a
+    gitolite rule without ``D``); the cache is then left as it was.
+    """
+    ref = report_ref(node)
+    push(repo, remote, f":{ref}")
+    restore_ref(repo, remote_report_ref(node), None)
 
 
 # ---------------------------------------------------------- operators: read

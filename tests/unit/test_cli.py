@@ -167,6 +167,7 @@ def test_the_documentation_shows_invocations_of_every_command():
         "trigger",
         "impact",
         "adopt",
+        "forget",
     }
 
 
