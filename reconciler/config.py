@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from reconciler.errors import ConfigError
+from reconciler.errors import ConfigError, did_you_mean
 from reconciler.host.system import read_regular
 
 if TYPE_CHECKING:
@@ -240,7 +240,8 @@ def _section(cls: type[Any], name: str, raw: object) -> Any:
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(
-                f"config: unknown key {name}.{key} — known keys: {', '.join(sorted(known))}"
+                f"config: unknown key {name}.{key}{did_you_mean(key, known)} — "
+                f"known keys: {', '.join(sorted(known))}"
             )
         values[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key))
     return cls(**values)
@@ -303,8 +304,11 @@ def load_config(
         elif key in SCALAR_KEYS:
             values[key] = _coerce(key, value, getattr(config, key))
         else:
-            known = ", ".join(sorted((*SCALAR_KEYS, *_NESTED)))
-            raise ConfigError(f"{where}: unknown key {key!r} — known keys: {known}")
+            names = sorted((*SCALAR_KEYS, *_NESTED))
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{did_you_mean(key, names)} — "
+                f"known keys: {', '.join(names)}"
+            )
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -39,7 +39,7 @@ failed reads ``.path``, never the text.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
 
 
@@ -237,3 +237,19 @@ class LockError(ReconcilerError):
 
 class StateError(ReconcilerError):
     """A file of the state directory exists but cannot be read or parsed (SPEC §2)."""
+
+
+def did_you_mean(name: object, known: Iterable[str]) -> str:
+    """`` (did you mean 'vars'?)`` for a misspelt key close to one of ``known``, else "".
+
+    ``name`` is the key as written (any YAML scalar); ``known`` the keys
+    accepted there. The closest one of :func:`difflib.get_close_matches`
+    (its default 0.6 ratio: ``var`` → ``vars``, ``intervall`` → ``interval``)
+    is offered, as git's "did you mean" does for a misspelt command.
+    """
+    import difflib  # only on an error path
+
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.errors import InventoryError, SourceError, UsageError
+from reconciler.errors import InventoryError, SourceError, UsageError, did_you_mean
 from reconciler.git.repo import valid_node_name
 from reconciler.git.snapshot import Snapshot
 
@@ -157,6 +157,8 @@ def _schema_message(error: Any) -> str:
         named = ", ".join(_short(k) for k in extra[:3])
         if len(extra) > 3:
             named += f" and {len(extra) - 3} more"
+        elif len(extra) == 1:  # one misspelt key: offer the known key it is closest to
+            named += did_you_mean(extra[0], known)
         hint = f" or use one of the known keys: {', '.join(known)}" if known else ""
         return f"{at}unknown key {named} — remove it{hint}"
     if path and path[-1] == "mode" and isinstance(error.instance, int):

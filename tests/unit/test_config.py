@@ -208,6 +208,22 @@ def test_unknown_keys_are_config_errors_with_exit_code_2(tmp_path, text, needles
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
+        pytest.param("repo: x\nintervall: 5m\n", "unknown key 'intervall'", id="top-level"),
+        pytest.param("report: {pushh: true}\n", "unknown key report.pushh", id="section"),
+    ],
+)
+def test_a_misspelt_config_key_says_did_you_mean(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file(tmp_path, text), environ={})
+    message = str(info.value)
+    suggestion = "interval" if "intervall" in text else "push"
+    assert f"{needle} (did you mean '{suggestion}'?)" in message, message
+    assert "known keys:" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
         pytest.param("branch: 5\n", "branch", id="branch-int"),
         pytest.param("repo: [a, b]\n", "repo", id="repo-list"),
         pytest.param("root: ''\n", "root", id="root-empty"),

@@ -12,6 +12,7 @@ from reconciler.pipeline.inventory import (
     check_hosts,
     effective_node,
     inventory_problems,
+    load_app_config,
     load_inventory,
 )
 from tests.unit.helpers import app_files, node_of, write_repo
@@ -442,6 +443,38 @@ def test_invalid_host_files_raise_inventory_error_naming_file(tmp_path, files, e
     for part in expected:
         assert part in message, message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("files", "typo", "suggestion"),
+    [
+        pytest.param({"hosts/n.yaml": "apps: [a]\nvar: {x: 1}\n"}, "var", "vars", id="host"),
+        pytest.param(
+            {"hosts/n.yaml": 'files:\n  /etc/x: {mdoe: "0644"}\n'}, "mdoe", "mode", id="metadata"
+        ),
+    ],
+)
+def test_a_misspelt_key_says_did_you_mean(tmp_path, files, typo, suggestion):
+    snap = write_repo(tmp_path, {**_ok_node(), **files})
+    with pytest.raises(InventoryError) as info:
+        load_inventory(snap)
+    message = str(info.value)
+    assert f"unknown key '{typo}' (did you mean '{suggestion}'?)" in message, message
+    assert "remove it or use one of the known keys:" in message
+
+
+def test_a_misspelt_app_yaml_key_says_did_you_mean(tmp_path):
+    snap = write_repo(tmp_path, {**_ok_node(), "templates/a/app.yaml": "scirpts: {}\n"})
+    with pytest.raises(InventoryError) as info:
+        load_app_config(snap, "a")
+    assert "unknown key 'scirpts' (did you mean 'scripts'?)" in str(info.value), info.value
+
+
+def test_an_unknown_key_far_from_every_known_key_suggests_nothing(tmp_path):
+    snap = write_repo(tmp_path, {**_ok_node(), "hosts/n.yaml": "apps: [a]\nzzzzzz: 1\n"})
+    with pytest.raises(InventoryError) as info:
+        load_inventory(snap)
+    assert "did you mean" not in str(info.value)
 
 
 @pytest.mark.parametrize(
