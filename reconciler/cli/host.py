@@ -378,30 +378,69 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return agent.serve(max_runs=args.max_runs)
 
 
+def _timespan(seconds: float) -> str:
+    """Seconds as a systemd time span: ``90s``, ``1.5s`` (systemd.time(7))."""
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
 def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Write the systemd units into ``--dest`` (SPEC §3), following this host's configuration.
+
+    The configuration is read first (``--config``, else ``RECONCILER_CONFIG``,
+    else the default path) and a bad one is refused before anything is written
+    (ConfigError, exit 2). The units' commands get ``--config PATH`` for the
+    file the operator named either way, so the agent reads what was checked
+    here; the timer runs every ``interval`` with ``splay`` as its random delay,
+    as ``reconciler run`` does (issue 12).
+    """
     import shlex
     import shutil
     from importlib import resources
 
     from reconciler.host.system import atomic_write
 
+    named = args.config or os.environ.get("RECONCILER_CONFIG") or None
+    config = config_from_args(args)  # ConfigError (exit 2) before anything is written
     exe = shutil.which("reconciler") or f"{sys.executable} -m reconciler"
+    path = str(Path(named).resolve()) if named else None
     # Flags come after the subcommand (SPEC §6): appended to each ExecStart line.
-    extra = f" --config {shlex.quote(str(Path(args.config).resolve()))}" if args.config else ""
+    extra = f" --config {shlex.quote(path)}" if path else ""
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     units = resources.files("reconciler") / "units"
+    written = []
     for unit in sorted(units.iterdir(), key=lambda u: u.name):
-        text = unit.read_text(encoding="utf-8").replace("{exec}", exe)
+        text = (
+            unit.read_text(encoding="utf-8")
+            .replace("{exec}", exe)
+            .replace("{interval}", _timespan(config.interval))
+            .replace("{splay}", _timespan(config.splay))
+        )
         text = "\n".join(
             line + extra if line.startswith("ExecStart=") else line for line in text.split("\n")
         )
         atomic_write(dest / unit.name, text.encode(), mode=0o644)
-        out.write(f"wrote {dest / unit.name}\n")
-    out.write(
-        "enable one of: systemctl enable --now reconciler-boot.service reconciler.service\n"
-        "           or: systemctl enable --now reconciler-boot.service reconciler-pull.timer\n"
+        written.append(str(dest / unit.name))
+    enable = (
+        "systemctl enable --now reconciler-boot.service reconciler.service",
+        "systemctl enable --now reconciler-boot.service reconciler-pull.timer",
     )
+    if args.format == "json":
+        emit_json(
+            {
+                "units": written,
+                "config": path,
+                "interval_s": config.interval,
+                "splay_s": config.splay,
+                "enable_one_of": list(enable),
+            },
+            out,
+        )
+        return 0
+    for name in written:
+        out.write(f"wrote {name}\n")
+    out.write(f"enable one of: {enable[0]}\n           or: {enable[1]}\n")
     return 0
 
 
@@ -519,8 +558,15 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--max-runs", type=int, help=argparse.SUPPRESS)  # soak benchmark, tests
     run.set_defaults(handler=cmd_run)
 
-    units = sub.add_parser("install-units", parents=[flags()], help="write the systemd units")
-    units.add_argument("--dest", default="/etc/systemd/system", metavar="DIR")
+    units = sub.add_parser(
+        "install-units", parents=[flags(*OUTPUT)], help="write the systemd units"
+    )
+    units.add_argument(
+        "--dest",
+        default="/etc/systemd/system",
+        metavar="DIR",
+        help="write the unit files into DIR (default: %(default)s)",
+    )
     units.set_defaults(handler=cmd_install_units)
 
     # The report of a rollback names the source and is pushed like a run's.

@@ -85,10 +85,12 @@ def test_install_units_writes_units_that_systemd_analyze_verifies(tmp_path):
             help_run.stderr,
         )
 
-    assert exec_start(dest / "reconciler.service")[-1:] == ["run"]
-    assert exec_start(dest / "reconciler-pull.service")[-1:] == ["pull"]
+    # reconciler_env() names /dev/null in RECONCILER_CONFIG: passed on to the units.
+    config = ["--config", "/dev/null"]
+    assert exec_start(dest / "reconciler.service")[-3:] == ["run", *config]
+    assert exec_start(dest / "reconciler-pull.service")[-3:] == ["pull", *config]
     boot = unit_settings(dest / "reconciler-boot.service")
-    assert exec_start(dest / "reconciler-boot.service")[-2:] == ["pull", "--boot"]
+    assert exec_start(dest / "reconciler-boot.service")[-4:] == ["pull", "--boot", *config]
     assert "network-online.target" in " ".join(boot["Unit"]["After"]).split()
     assert "network-online.target" in " ".join(boot["Unit"]["Wants"]).split()
     timer = unit_settings(dest / "reconciler-pull.timer")["Timer"]
@@ -215,3 +217,54 @@ def test_pull_boot_gives_up_after_boot_timeout_with_one_clear_error(make_host):
     assert len(others) == 1, f"expected one error line besides the retries, got: {others}"
     assert url in others[0] and "no earlier fetch" in others[0], others[0]
     assert not any(host.root.iterdir())  # nothing was written
+
+
+def test_install_units_follow_the_configuration_the_operator_used(tmp_path, monkeypatch):
+    """Issue 12: RECONCILER_CONFIG is passed on to the units, the timer runs every
+    ``interval`` with ``splay`` as its random delay, and ``--format json`` is JSON."""
+    import io
+
+    from reconciler.cli.main import main
+
+    config = tmp_path / "agent.yaml"
+    config.write_text("interval: 90s\nsplay: 10s\n")
+    monkeypatch.setenv("RECONCILER_CONFIG", str(config))
+    dest = tmp_path / "units"
+    out, err = io.StringIO(), io.StringIO()
+
+    code = main(["install-units", "--dest", str(dest), "--format", "json"], out=out, err=err)
+
+    assert code == 0, err.getvalue()
+    data = json.loads(out.getvalue())
+    assert sorted(Path(p).name for p in data["units"]) == sorted(UNITS)
+    assert data["config"] == str(config)
+    for name in UNITS:
+        if name.endswith(".service"):
+            argv = exec_start(dest / name)
+            assert argv[-2:] == ["--config", str(config)], (name, argv)
+    timer = unit_settings(dest / "reconciler-pull.timer")["Timer"]
+    assert timer["OnUnitActiveSec"] == ["90s"], timer
+    assert timer["RandomizedDelaySec"] == ["10s"], timer
+
+
+def test_install_units_refuses_a_bad_configuration(tmp_path, monkeypatch):
+    import io
+
+    from reconciler.cli.main import main
+
+    config = tmp_path / "agent.yaml"
+    config.write_text("intervall: 90s\n")
+    monkeypatch.setenv("RECONCILER_CONFIG", str(config))
+    dest = tmp_path / "units"
+    err = io.StringIO()
+    assert main(["install-units", "--dest", str(dest)], out=io.StringIO(), err=err) == 2
+    assert "intervall" in err.getvalue()
+    assert not dest.exists()
+
+
+def test_install_units_help_shows_the_default_destination(capsys):
+    from reconciler.cli.main import main
+
+    assert main(["install-units", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dest DIR" in text and "/etc/systemd/system" in text, text
