@@ -27,6 +27,7 @@ from reconciler.errors import PathError, ReconcilerError, UsageError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from reconciler.git.snapshot import Snapshot
     from reconciler.pipeline.run import RunOutcome
 
 # ------------------------------------------------------------------- pull/diff
@@ -246,12 +247,40 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+# ``reconciler adopt`` writes the capture of a drifted ``.j2`` file beside its
+# template as ``<template>.adopted`` (reconciler.ops.change.adopt), for an
+# operator to merge by hand: left in the tree it is a plain file deployed as
+# ``<dest>.j2.adopted`` to every node of the app.
+ADOPTED_SUFFIX = ".j2.adopted"
+
+
+def adopted_leftovers(snapshot: Snapshot) -> list[str]:
+    """One problem line per ``templates/<app>/<state>/….j2.adopted`` file of ``snapshot``.
+
+    Each names the file, what it would deploy and what to do (merge it into
+    the template and delete it). Sorted by path; [] when there is none.
+    """
+    problems = []
+    for entry in snapshot.walk("templates"):
+        if not entry.path.endswith(ADOPTED_SUFFIX):
+            continue
+        parts = entry.path.split("/", 2)  # <app>/<state>/<destination relative to />
+        path = f"templates/{entry.path}"
+        dest = f"/{parts[2]}" if len(parts) == 3 else entry.path
+        problems.append(
+            f"{path}: a capture left by reconciler adopt, it would be deployed as {dest} — "
+            f"merge what should stay into {path.removesuffix('.adopted')} and delete it"
+        )
+    return problems
+
+
 def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Check a working tree: every host-file problem and every render error at once.
 
     Host files are checked first (:func:`~reconciler.pipeline.inventory.check_hosts`);
     then every node whose own file, meta-nodes and ``_defaults`` are valid is
     rendered, so an invalid file elsewhere does not hide a broken template.
+    A capture left by ``adopt`` (:func:`adopted_leftovers`) is a problem too.
     Exit 1 when anything is wrong (SPEC §3, §6).
     """
     from reconciler.pipeline.facts import gather_facts
@@ -261,6 +290,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     snapshot = _tree(args)
     check = check_hosts(snapshot)
     problems = list(check.problems)
+    problems += adopted_leftovers(snapshot)
     inventory = check.inventory
     rendered = 0
     limits = render_limits(args)

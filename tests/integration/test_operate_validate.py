@@ -166,3 +166,21 @@ def test_the_documented_pre_commit_hook_blocks_an_invalid_commit(fleet, tmp_path
     )
     assert ok.returncode == 0, ok.stderr
     assert git("log", "-1", "--format=%s", cwd=fleet.work).strip() == "web2: new alias"
+
+
+def test_validate_refuses_the_adopted_file_that_adopt_leaves_beside_a_template(fleet):
+    template = "templates/nginx/production/etc/nginx/conf.d/app.conf.j2"
+    fleet.write(template + ".adopted", "server { listen 8080; }\n")
+
+    code, out, err = validate(fleet.work)
+
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    problem = re.match(r"^(?P<what>\S+): (?P<problem>.+?) — (?P<todo>.+)$", lines[0])
+    assert problem, lines[0]
+    assert problem["what"] == template + ".adopted"
+    assert "reconciler adopt" in problem["problem"]
+    assert "/etc/nginx/conf.d/app.conf.j2.adopted" in problem["problem"]  # what it would deploy
+    assert template in problem["todo"] and "delete" in problem["todo"]
+    assert out == "1 problem(s)\n"
