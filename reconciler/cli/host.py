@@ -172,6 +172,9 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     continue
             new = t.content if (t is not None and change.action != "delete") else None
             chunks.append(file_diff(str(change.path), old, new, secret=secret, limit=limit))
+            if change.detail:
+                # Mode and owner drift with the content: the JSON's detail, in the text too.
+                chunks.append(f"{change.path}: {change.detail}\n")
     if args.format == "json":
         emit_json({"report": outcome.report.to_json(), "diff": "".join(chunks)}, out)
     else:

@@ -166,8 +166,13 @@ def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         return 0
     out.write(format_report(report, commit))
+    # A change's detail (mode, owner) is what the content diff cannot show (issue 12);
+    # it reads host → desired, as the change repairing the drift does.
+    details = {c.path: c.detail for c in report.changes if c.detail}
     for d in diffs:
         out.write(f"\ndrift {d.path} [{', '.join(d.kinds)}]\n")
+        if d.path in details:
+            out.write(f"  {details[d.path]} (host → desired)\n")
         if d.diff:
             out.write(d.diff)
         if d.note:

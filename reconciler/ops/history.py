@@ -340,7 +340,10 @@ def format_report(report: Report, report_commit: str) -> str:
         lines.append(f"suspended: {report.suspended.get('reason', '')}")
     for c in report.changes:
         flag = "" if c.applied else "  (not applied)"
-        lines.append(f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.path}  [{c.reason}]{flag}")
+        detail = f"  {c.detail}" if c.detail else ""  # mode, owner: what the diff cannot show
+        lines.append(
+            f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.path}  [{c.reason}]{detail}{flag}"
+        )
     for d in report.drift:
         lines.append(f"  ! drift  {d.path}  [{d.kind}]")
     for s in report.scripts:

@@ -492,3 +492,48 @@ def png_colours(data: bytes) -> tuple[int, int, Counter[tuple[int, int, int]]]:
         colours.update(zip(line[0::bpp], line[1::bpp], line[2::bpp], strict=True))
         previous = line
     return width, height, colours
+
+
+def _fabricated_report(fleet: Fleet, node: str, **fields: object) -> dict:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    head = fleet.head()
+    report = {
+        "node": node,
+        "run_id": "20261130T000000Z-0001",
+        "started_at": now,
+        "finished_at": now,
+        "source": {"url": fleet.url, "branch": "main", "commit": head, "fetched": True},
+        "applied_commit": head,
+        "mode": "enforce",
+        "result": "ok",
+        "changes": [],
+        "drift": [],
+        "excluded": [],
+        "scripts": [],
+        "errors": [],
+        "facts": {},
+        "reconciler_version": "0.1.0",
+    }
+    report.update(fields)
+    return report
+
+
+def test_show_prints_a_mode_change_beside_the_content_drift(fleet, tmp_path):
+    # Issue 12: content and mode both drifted; show's JSON had the mode, its text did not.
+    change = {
+        "path": "/etc/motd",
+        "action": "update",
+        "reason": "drift",
+        "applied": True,
+        "app": "motd",
+        "detail": "mode 0600 → 0644",
+    }
+    drift = [{"path": "/etc/motd", "kind": "content"}, {"path": "/etc/motd", "kind": "mode"}]
+    report = _fabricated_report(fleet, "web1", result="drift", changes=[change], drift=drift)
+    write_report(fleet, "web1", report, when=int(time.time()))
+
+    shown = operator(fleet, tmp_path / "cache")("show", "web1")
+
+    assert shown.code == 0, shown.err
+    assert "/etc/motd  [drift]  mode 0600 → 0644" in shown.out
+    assert "drift /etc/motd [content, mode]\n  mode 0600 → 0644 (host → desired)\n" in shown.out

@@ -254,3 +254,21 @@ def test_a_ref_lock_left_by_a_killed_run_does_not_stop_later_reports(fleet, make
     assert report["result"] == "drift"
     assert fleet.report("web1")["run_id"] == report["run_id"]
     assert not any(lock.exists() for lock in stale)
+
+
+def test_diff_prints_a_mode_change_with_the_content_diff(fleet, make_host):
+    # Issue 12: content and mode both drifted; the JSON had the mode, the text did not.
+    host = make_host("web1")
+    pull_report(host)
+    motd = host.path("/etc/motd")
+    desired_mode = mode_of(motd)
+    motd.write_text(motd.read_text() + "a line added by hand\n")
+    motd.chmod(0o600)
+
+    diff = host.run("diff")
+
+    assert diff.returncode == 0, diff.stderr
+    assert "+++ b/etc/motd\n" in diff.stdout
+    assert f"/etc/motd: mode 0600 → {desired_mode:04o}\n" in diff.stdout
+    pulled = host.pull()
+    assert f"mode 0600 → {desired_mode:04o}" in pulled.stdout
