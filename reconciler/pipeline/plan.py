@@ -233,6 +233,33 @@ def _plan_target(
     return change, drift
 
 
+def _as_desired(t: TargetFile, ids: tuple[int | None, int | None], a: ActualFile) -> ManagedFile:
+    """The record a path leaving the exclude list is planned against: the desired state.
+
+    An excluded path is never recorded (apply.py), so without this its local
+    edit would look like a desired change and be overwritten uncaptured
+    (issue 12). Whatever differs from the target on a path that was excluded
+    in the last run is the operator's edit: drift, captured, then repaired.
+    The stat signature matches no file: it is never saved, only compared.
+    """
+    uid, gid = ids
+    return ManagedFile(
+        sha256=sha256(t.content),
+        mode=t.mode,
+        uid=a.uid if uid is None else uid,
+        gid=a.gid if gid is None else gid,
+        size=-1,
+        mtime_ns=0,
+        ctime_ns=0,
+        ino=0,
+        app=t.app,
+        owner=t.owner,
+        group=t.group,
+        secret=t.secret,
+        policy=t.policy,
+    )
+
+
 def _pruned(
     blocker: PurePosixPath | None,
     target: TargetState,
@@ -260,6 +287,9 @@ def make_plan(
     ``actual`` must hold every target path and every previously managed
     path; ``excludes`` is an :func:`exclude_matcher`; ``mode`` is ``enforce``
     or ``audit`` (audit: every change reported with ``apply=False``).
+    A path of the enforce policy that ``previous`` lists as excluded and no
+    longer is, is planned against its desired state: what differs is drift
+    (issue 12), so its local edit is captured before it is repaired.
     Raises InventoryError for an unknown owner or group.
     """
     ids = resolve_ids(target)
@@ -270,6 +300,8 @@ def make_plan(
 
     def is_excluded(path: PurePosixPath) -> bool:
         return bool(excludes.match_file(str(path).lstrip("/")))
+
+    was_excluded = frozenset(previous.excluded)
 
     for path, t in target.files.items():
         if is_excluded(path):
@@ -287,7 +319,10 @@ def make_plan(
             # A directory reconciler made for files it now prunes: the swap
             # dir → file is a desired change, not drift of kind "type".
             a = ActualFile(path=path, kind="missing")
-        change, found = _plan_target(t, a, previous.managed.get(str(path)), ids[path], mode)
+        m = previous.managed.get(str(path))
+        if m is None and a.kind == "file" and t.policy == "enforce" and str(path) in was_excluded:
+            m = _as_desired(t, ids[path], a)
+        change, found = _plan_target(t, a, m, ids[path], mode)
         drift.extend(found)
         if change is not None:
             changes.append(change)

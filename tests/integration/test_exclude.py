@@ -70,3 +70,22 @@ def test_managed_file_that_becomes_excluded_is_neither_changed_nor_deleted(fleet
     assert "/etc/issue.net" not in changes(report)
     assert all(d["path"] not in ("/etc/motd", "/etc/issue.net") for d in report["drift"])
     assert report["errors"] == []
+
+
+def test_a_path_leaving_the_exclude_file_has_its_local_edit_captured_then_repaired(
+    fleet, make_host
+):
+    # Issue 12: the local edit made while excluded was overwritten with no drift, no capture.
+    host = make_host("db1")
+    host.exclude_file.write_text("/etc/motd\n")
+    assert host.pull().returncode == 0
+    motd = host.path("/etc/motd")
+    motd.write_text("kept by hand while excluded\n")
+    host.exclude_file.write_text("")
+
+    report = pull_report(host)
+
+    assert changes(report)["/etc/motd"]["reason"] == "drift"
+    assert {"path": "/etc/motd", "kind": "content"} in report["drift"]
+    assert fleet.report_blob("db1", "drift/etc/motd") == b"kept by hand while excluded\n"
+    assert motd.read_text() != "kept by hand while excluded\n"  # repaired

@@ -410,3 +410,24 @@ def test_changes_follow_target_order_and_deletes_come_last(tmp_path):
         (b, "create"),
         (gone, "delete"),
     ]
+
+
+def test_a_path_leaving_the_exclude_list_with_a_local_edit_is_drift(tmp_path):
+    # Issue 12: an excluded path is never recorded, so its local edit looked like a
+    # desired change and was overwritten without a capture. It is drift (then repaired).
+    root = tmp_path / "root"
+    root.mkdir()
+    edited, same, gone = P("/etc/app/edited.conf"), P("/etc/app/same.conf"), P("/etc/app/gone")
+    put(root, edited, "edited_mode")
+    put(root, same, "target")
+    target = target_of(tfile(edited), tfile(same), tfile(gone))
+    previous = LocalState(node="n", excluded=(str(edited), str(same), str(gone)))
+    actual = scan(root, sorted(target.files), {})
+
+    plan = make_plan(target, actual, previous, exclude_matcher([]), "enforce")
+
+    assert [(c.path, c.action, c.reason, c.kinds, c.apply) for c in plan.changes] == [
+        (edited, "update", "drift", ("content", "mode"), True),
+        (gone, "create", "desired", (), True),  # deleted while excluded: simply made again
+    ]
+    assert [(d.path, d.kind) for d in plan.drift] == [(edited, "content"), (edited, "mode")]
