@@ -82,16 +82,27 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     config = config_from_args(args)
     up = _upstream(args)
     head = fetch_upstream(up)
-    inventory, problem = load_head_inventory(up, head)
-    if problem:
+    hosts = load_head_inventory(up, head)
+    inventory = hosts.inventory
+    for problem in hosts.problems:  # each names its file; the other nodes' rows stay
         err.write(f"reconciler: warning: hosts/ at {head[:12]} is invalid: {problem}\n")
-    nodes = select_nodes(inventory, report_tips(up.repo), args.target)
+    nodes = select_nodes(
+        inventory, report_tips(up.repo), args.target, nodes=hosts.nodes, complete=not hosts.problems
+    )
     stale_after = (
         parse_duration(args.stale_after, key="--stale-after")
         if args.stale_after
         else default_stale_after(config.interval, config.report.heartbeat)
     )
-    rows = fleet_rows(up, head, nodes, inventory=inventory, now=_now(), stale_after_s=stale_after)
+    rows = fleet_rows(
+        up,
+        head,
+        nodes,
+        inventory=inventory,
+        now=_now(),
+        stale_after_s=stale_after,
+        defined_nodes=hosts.nodes,
+    )
     if args.format == "json":
         text = json.dumps({"nodes": [r.as_json() for r in rows]}, indent=2) + "\n"
     elif args.format == "html":

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from reconciler.git.repo import Repo, ahead_count, open_bare, ref_target
 from reconciler.git.reports import REPORTS_PREFIX, report_json, report_tips
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import remote_url
-from reconciler.pipeline.inventory import Inventory, effective_node, load_inventory
+from reconciler.pipeline.inventory import Inventory, check_hosts, effective_node
 from reconciler.report import FUTURE_SKEW_S, Report
 
 log = logging.getLogger(__name__)
@@ -275,29 +275,49 @@ def behind_count(repo: Repo, head: str, applied: str | None) -> int | None:
     return ahead_count(repo, head, applied)
 
 
-def load_head_inventory(up: Upstream, head: str) -> tuple[Inventory | None, str | None]:
-    """The inventory at the branch head, or (None, the error) when hosts/ is invalid."""
-    try:
-        return load_inventory(up.snapshot(head)), None
-    except ReconcilerError as exc:
-        return None, str(exc)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeadHosts:
+    """HeadHosts are the host files at the branch head: the valid part, every node, the problems."""
+
+    inventory: Inventory  # the valid files only (every file when there is no problem)
+    nodes: tuple[str, ...]  # every node file of hosts/, valid or not
+    problems: tuple[str, ...]  # one per invalid file or include problem, naming the file
+
+
+def load_head_inventory(up: Upstream, head: str) -> HeadHosts:
+    """The host files at the branch head, checked as ``validate`` checks them.
+
+    One invalid host file costs ``fleet`` a warning naming it, not its view
+    of every other node: the valid part of the inventory and the list of
+    every node file are kept (:func:`~reconciler.pipeline.inventory.check_hosts`).
+    """
+    check = check_hosts(up.snapshot(head))
+    return HeadHosts(inventory=check.inventory, nodes=check.nodes, problems=check.problems)
 
 
 def select_nodes(
-    inventory: Inventory | None, tips: Mapping[str, str], name: str | None
+    inventory: Inventory | None,
+    tips: Mapping[str, str],
+    name: str | None,
+    *,
+    nodes: Collection[str] = (),
+    complete: bool = True,
 ) -> list[str]:
     """The nodes ``fleet [NODE|META]`` lists: every defined or reporting node, or a name's members.
 
-    Raises InventoryError for a name that is neither in hosts/ nor reporting.
+    ``nodes``: node files of hosts/ beyond ``inventory``'s (invalid ones,
+    :class:`HeadHosts`); ``complete`` is false when some host file is
+    invalid, so a name not found may be in it. Raises InventoryError for a
+    name that is neither in hosts/ nor reporting.
     """
     if name is None:
         defined = inventory.nodes if inventory is not None else []
-        return sorted({*defined, *tips})
+        return sorted({*defined, *nodes, *tips})
     if inventory is not None and name in inventory.files:
         return inventory.members(name)
-    if name in tips:
+    if name in tips or name in nodes:
         return [name]
-    if inventory is None:
+    if inventory is None or not complete:
         raise InventoryError(
             f"hosts/{name}.yaml: cannot resolve {name!r}: hosts/ at the branch head is invalid "
             "— run reconciler validate"
@@ -316,6 +336,7 @@ def fleet_rows(
     inventory: Inventory | None,
     now: dt.datetime,
     stale_after_s: float,
+    defined_nodes: Collection[str] | None = None,
 ) -> list[FleetRow]:
     """One FleetRow per node of ``nodes``, from the fetched report branches.
 
@@ -324,14 +345,20 @@ def fleet_rows(
     branch is ``never``; its ``suspended`` comes from the desired state.
     Otherwise it is the report's suspension, else the desired state's; either
     only while in force at ``now`` (an expired ``until`` is not shown).
+    ``defined_nodes``: every node file of hosts/, valid or not (default: the
+    nodes of ``inventory``); a node outside it is marked "not in hosts/".
     """
     tips = report_tips(up.repo)
     snapshot = up.snapshot(head)
     rows = []
     for name in nodes:
         desired: Mapping[str, Any] | None = None
-        defined = inventory is not None and name in inventory.files
-        if inventory is not None and defined:
+        defined = (
+            name in defined_nodes
+            if defined_nodes is not None
+            else inventory is not None and name in inventory.files
+        )
+        if inventory is not None and name in inventory.files:
             try:
                 desired = in_force(effective_node(inventory, snapshot, name).suspended, now)
             except ReconcilerError as exc:

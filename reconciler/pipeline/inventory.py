@@ -617,6 +617,7 @@ class HostsCheck:
     inventory: Inventory  # the valid files only (every file when there is no problem)
     problems: tuple[str, ...]  # each names the node(s) its file affects, where known
     renderable: tuple[str, ...]  # nodes whose own file, meta-nodes and _defaults are valid
+    nodes: tuple[str, ...] = ()  # every node file of hosts/, valid or not (YAML), sorted
 
 
 def _include_list(data: Any) -> list[str] | None:
@@ -706,7 +707,12 @@ def check_hosts(snapshot: Snapshot) -> HostsCheck:
     usable = {s: f for s, f in scan.files.items() if s not in bad}
     inventory = Inventory(files=usable, defaults=scan.defaults)
     renderable = tuple(n for n in inventory.nodes if n not in blocked)
-    return HostsCheck(inventory=inventory, problems=tuple(problems), renderable=renderable)
+    return HostsCheck(
+        inventory=inventory,
+        problems=tuple(problems),
+        renderable=renderable,
+        nodes=tuple(sorted(nodes)),
+    )
 
 
 def load_inventory(snapshot: Snapshot, cache: dict[str, Any] | None = None) -> Inventory:

@@ -537,3 +537,22 @@ def test_show_prints_a_mode_change_beside_the_content_drift(fleet, tmp_path):
     assert shown.code == 0, shown.err
     assert "/etc/motd  [drift]  mode 0600 → 0644" in shown.out
     assert "drift /etc/motd [content, mode]\n  mode 0600 → 0644 (host → desired)\n" in shown.out
+
+
+def test_one_invalid_host_file_is_one_warning_and_the_other_rows_stay(fleet, tmp_path):
+    fleet.write("hosts/web2.yaml", fleet.read("hosts/web2.yaml") + "colour: blue\n")
+    fleet.commit("web2: an unknown key")
+    op = operator(fleet, tmp_path / "cache")
+
+    listed = op("fleet", "--format", "json")
+    table = op("fleet")
+
+    assert listed.code == 0 and table.code == 0, listed.err + table.err
+    for result in (listed, table):
+        warnings = result.err.splitlines()
+        assert len(warnings) == 1, result.err
+        assert warnings[0].startswith("reconciler: warning:") and "hosts/web2.yaml" in warnings[0]
+        assert "colour" in warnings[0]
+    nodes = [r["node"] for r in listed.json()["nodes"]]
+    assert nodes == ["db1", "dhcp", "web1", "web2"]  # web2 is still in hosts/, its file invalid
+    assert "not in hosts/" not in table.out, table.out
