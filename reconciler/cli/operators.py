@@ -204,13 +204,18 @@ def _published(args: argparse.Namespace, result: Any, what: str, out: TextIO) ->
                 "retries": result.retries,
                 "notes": list(result.notes),
                 "included": list(result.included),
+                "dropped": list(result.dropped),
             },
             out,
         )
         return
     if result.commit is None:
+        for line in result.dropped:
+            out.write(f"  dropped unpushed {line}\n")
         out.write(f"{what}: already so — nothing to commit\n")
         return
+    for line in result.dropped:
+        out.write(f"  dropped unpushed {line}\n")
     for line in result.included:
         out.write(f"  including unpushed {line}\n")
     if result.pushed:
@@ -219,7 +224,8 @@ def _published(args: argparse.Namespace, result: Any, what: str, out: TextIO) ->
     else:
         out.write(
             f"{what}: committed {result.commit} on {result.ref} in the cache, not pushed — "
-            "run the command again without --no-push to push it\n"
+            "run the command again with --push-pending to push it (the next command that "
+            "pushes refuses until then), or with --drop-pending to discard it\n"
         )
     for note in result.notes:
         out.write(f"  note: {note}\n")
@@ -246,6 +252,7 @@ def cmd_push(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _with_message(state_editor(args.target, args.state), args.message),
         check=state_checker(args.target, args.state),
         push=not args.no_push,
+        on_pending=args.pending,
     )
     _published(args, result, f"{args.target} → {args.state}", out)
     return 0
@@ -262,6 +269,7 @@ def cmd_suspend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _with_message(suspend_editor(args.target, args.reason, until), args.message),
         check=load_checker([args.target]),
         push=not args.no_push,
+        on_pending=args.pending,
     )
     _published(args, result, f"{args.target}: suspended", out)
     return 0
@@ -277,6 +285,7 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _with_message(resume_editor(args.target), args.message),
         check=load_checker([args.target]),
         push=not args.no_push,
+        on_pending=args.pending,
     )
     _published(args, result, f"{args.target}: resumed", out)
     return 0
@@ -649,6 +658,23 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
     for p in (push, suspend, resume):
         p.add_argument("--no-push", action="store_true", help="commit in the cache only")
+        # Commits an earlier --no-push left in the cache: never pushed unasked (issue 12).
+        earlier = p.add_mutually_exclusive_group()
+        earlier.add_argument(
+            "--push-pending",
+            dest="pending",
+            action="store_const",
+            const="push",
+            default="refuse",
+            help="push the commits an earlier --no-push left in the cache with this one",
+        )
+        earlier.add_argument(
+            "--drop-pending",
+            dest="pending",
+            action="store_const",
+            const="drop",
+            help="discard the commits an earlier --no-push left in the cache first",
+        )
         p.add_argument("--message", "-m", help="commit message instead of the default")
 
     forget_ = sub.add_parser(

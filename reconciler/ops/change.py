@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from reconciler.errors import InventoryError, ReconcilerError, RemoteError, SourceError, UsageError
 from reconciler.git.commits import identity, replay, write_commit
@@ -108,6 +108,11 @@ class Published:
     retries: int = 0
     notes: tuple[str, ...] = ()
     included: tuple[str, ...] = field(default=())  # earlier unpushed local commits pushed too
+    dropped: tuple[str, ...] = field(default=())  # earlier unpushed local commits discarded
+
+
+# What a command does with commits an earlier ``--no-push`` left in the cache (issue 12).
+Pending = Literal["refuse", "push", "drop"]
 
 
 def _unpushed(up: Upstream) -> list[str]:
@@ -156,6 +161,7 @@ def commit_and_push(
     *,
     check: Checker | None = None,
     push: bool = True,
+    on_pending: Pending = "refuse",
     attempts: int = PUSH_ATTEMPTS,
 ) -> Published:
     """Commit ``editor``'s change on the branch in the cache and push it (non-forced).
@@ -170,6 +176,14 @@ def commit_and_push(
     change", a refused state) is checked again after a fetch before it is
     believed. The cache is fetched first for ``push=False`` (the local
     commit then sits on a fresh head) and when it was never fetched.
+    Commits an earlier ``--no-push`` left on the cache's local branch are
+    pushed only when asked (issue 12: an unrelated command pushed them, and
+    a node stayed suspended with no end date): ``on_pending="refuse"`` raises
+    UsageError naming them when this call would push (exit 2, nothing
+    changed); ``"push"`` pushes them under this change; ``"drop"`` discards
+    them (the local branch is set to the fetched head, with this change on
+    top). A ``push=False`` call stacks its commit on them, as ``git commit``
+    does.
     Raises SourceError when every try failed or the server refuses for
     another reason — the cache's local branch is then reset to where it was,
     so a refused change is not pushed later as an "unpushed" commit — and
@@ -177,6 +191,16 @@ def commit_and_push(
     pushed).
     """
     before_target = ref_target(up.repo, up.local)
+    earlier = _unpushed(up)
+    if earlier and on_pending == "refuse" and push:
+        raise UsageError(
+            f"{len(earlier)} unpushed commit(s) made with --no-push in the cache: "
+            + "; ".join(describe(up.repo, c) for c in earlier),
+            where=f"{up.branch} of {up.url}",
+            hint="add --push-pending to push them with this change, or --drop-pending to "
+            "discard them (docs/operators.md)",
+        )
+    dropped = tuple(describe(up.repo, c) for c in earlier) if on_pending == "drop" else ()
     fresh = False
     if not push or tracking_head(up) is None:
         fetch_upstream(up, reports=False)
@@ -187,7 +211,7 @@ def commit_and_push(
     for attempt in range(attempts):
         origin = tracking_head(up)
         assert origin is not None  # fetched above
-        pending = _unpushed(up)
+        pending = [] if dropped else _unpushed(up)
         base = pending[-1] if pending else origin
         try:
             edit = editor(up.snapshot(base))
@@ -209,11 +233,22 @@ def commit_and_push(
                 fresh = True
                 if _refetch(up, pending, origin):
                     continue
-            return Published(commit=None, pushed=False, ref=remote_ref, retries=attempt)
+            if dropped:
+                set_ref(up.repo, up.local, origin)
+            return Published(
+                commit=None, pushed=False, ref=remote_ref, retries=attempt, dropped=dropped
+            )
         included = tuple(describe(up.repo, c) for c in pending)
         set_ref(up.repo, up.local, new)
         if not push:
-            return Published(commit=new, pushed=False, ref=up.local, notes=notes, included=included)
+            return Published(
+                commit=new,
+                pushed=False,
+                ref=up.local,
+                notes=notes,
+                included=included,
+                dropped=dropped,
+            )
         error = _push(up, up.local, remote_ref) or ""
         if not error:
             set_ref(up.repo, up.tracking, new)
@@ -224,6 +259,7 @@ def commit_and_push(
                 retries=attempt,
                 notes=notes,
                 included=included,
+                dropped=dropped,
             )
         fresh = True
         if not _refetch(up, pending, origin):

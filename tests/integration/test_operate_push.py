@@ -57,7 +57,8 @@ def test_push_keeps_comments_and_survives_a_concurrent_push(fleet, op):
 
     # Our push starts from the cache fetched before their commit: the first
     # attempt is refused (non-fast-forward); the change is re-applied on top.
-    result = op("push", "web1", "default", "--format", "json")
+    # --push-pending: the unpushed commit goes only when asked for (issue 12).
+    result = op("push", "web1", "default", "--push-pending", "--format", "json")
 
     assert result.code == 0, result.err
     data = result.json()
@@ -254,3 +255,35 @@ def test_a_refusal_from_a_stale_cache_is_checked_again_after_a_fetch(fleet, op):
     assert result.code == 0, result.err
     assert "pushed to refs/heads/main" in result.out
     assert "state: staging" in server_file(fleet, "hosts/dhcp.yaml").splitlines()
+
+
+def test_an_unpushed_commit_is_not_pushed_by_the_next_unrelated_command(fleet, op):
+    """Issue 12: ``suspend web1 --no-push`` then ``push web2 default`` pushed both."""
+    start = server_head(fleet)
+    web1 = server_file(fleet, "hosts/web1.yaml")
+    local = op("suspend", "web1", "--reason", "look first", "--no-push")
+    assert local.code == 0, local.err
+    assert "--push-pending" in local.out  # how to push it later
+
+    refused = op("push", "web2", "default")
+
+    assert refused.code == 2, refused.out
+    assert refused.err.count("\n") == 1 and "Traceback" not in refused.err
+    assert "web1: suspend — look first" in refused.err  # names the unpushed commit
+    assert "--push-pending" in refused.err and "--drop-pending" in refused.err
+    assert server_head(fleet) == start  # nothing pushed
+
+    # Dropped: the next command pushes only its own change.
+    dropped = op("push", "web2", "default", "--drop-pending", "--format", "json")
+    assert dropped.code == 0, dropped.err
+    assert dropped.json()["included"] == []
+    assert git("rev-parse", "main^", cwd=fleet.bare).strip() == start
+    assert server_file(fleet, "hosts/web1.yaml") == web1  # web1 not suspended
+    assert "state: default" in server_file(fleet, "hosts/web2.yaml")
+
+    # --push-pending: pushed with the command that asks for it, named in its output.
+    assert op("suspend", "web1", "--reason", "now", "--no-push").code == 0
+    both = op("push", "db1", "default", "--push-pending")
+    assert both.code == 0, both.err
+    assert "including unpushed" in both.out and "web1: suspend — now" in both.out
+    assert 'reason: "now"' in server_file(fleet, "hosts/web1.yaml")
