@@ -277,18 +277,35 @@ def adopted_leftovers(snapshot: Snapshot) -> list[str]:
     return problems
 
 
+MAX_PROBLEMS_SHOWN = 100  # lines of validate's text output; --format json lists every one
+MAX_NODES_NAMED = 10  # per problem: a template of every node must not print 10,000 names
+
+
+def _nodes_note(nodes: list[str]) -> str:
+    """``[node web1]``, ``[nodes web1, web2]``, ``[nodes a, …, j and 5 more]``."""
+    if len(nodes) == 1:
+        return f"[node {nodes[0]}]"
+    named = ", ".join(nodes[:MAX_NODES_NAMED])
+    if len(nodes) > MAX_NODES_NAMED:
+        named += f" and {len(nodes) - MAX_NODES_NAMED} more"
+    return f"[nodes {named}]"
+
+
 def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Check a working tree: every host-file problem and every render error at once.
 
     Host files are checked first (:func:`~reconciler.pipeline.inventory.check_hosts`);
     then every node whose own file, meta-nodes and ``_defaults`` are valid is
     rendered, so an invalid file elsewhere does not hide a broken template.
-    A capture left by ``adopt`` (:func:`adopted_leftovers`) is a problem too.
+    Every template error of a node is shown (:func:`render_problems`), each
+    once, with the nodes it affects (``[nodes web1, web2]``); the text
+    output stops at MAX_PROBLEMS_SHOWN lines, JSON lists them all. A capture
+    left by ``adopt`` (:func:`adopted_leftovers`) is a problem too.
     Exit 1 when anything is wrong (SPEC §3, §6).
     """
     from reconciler.pipeline.facts import gather_facts
     from reconciler.pipeline.inventory import check_hosts, effective_node
-    from reconciler.pipeline.render import render_target
+    from reconciler.pipeline.render import render_problems, render_target
 
     snapshot = _tree(args)
     check = check_hosts(snapshot)
@@ -297,19 +314,32 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     inventory = check.inventory
     rendered = 0
     limits = render_limits(args)
+    failures: dict[str, list[str]] = {}  # problem → the nodes it affects, in first-seen order
     if check.renderable:
         facts = gather_facts()
         for name in check.renderable:
+            found: tuple[ReconcilerError, ...] = ()
             try:
                 node = effective_node(inventory, snapshot, name)
-                rendered += len(render_target(snapshot, node, facts, limits=limits).files)
             except ReconcilerError as exc:
-                problems.append(f"{exc} [node {name}]")
+                found = (exc,)
+            else:
+                try:
+                    rendered += len(render_target(snapshot, node, facts, limits=limits).files)
+                except ReconcilerError as exc:
+                    # A run stops at the first error; validate shows every one (issue 12).
+                    found = render_problems(snapshot, node, facts, limits=limits) or (exc,)
+            for error in found:
+                failures.setdefault(str(error), []).append(name)
+    problems += [f"{text} {_nodes_note(nodes)}" for text, nodes in failures.items()]
     if args.format == "json":
         emit_json({"ok": not problems, "problems": problems, "files_rendered": rendered}, out)
     else:
-        for problem in problems:
+        for problem in problems[:MAX_PROBLEMS_SHOWN]:
             err.write(f"{problem}\n")
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            more = len(problems) - MAX_PROBLEMS_SHOWN
+            err.write(f"… and {more} more problem(s) — fix these first, or see --format json\n")
         if not problems:
             out.write(
                 f"ok: {len(inventory.nodes)} nodes, {len(inventory.meta_nodes)} meta-nodes, "

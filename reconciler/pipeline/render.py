@@ -714,7 +714,7 @@ def _render_error(
                 if frame.filename.startswith("templates/"):
                     where, line = frame.filename, frame.lineno
                     break
-        on = f" (node {node})"
+        on = f" (node {node})" if node else ""  # render_problems names the nodes itself
         if isinstance(exc, _Interrupted) and exc.kind == "time":
             seconds = limits.render_timeout if limits else 0
             problem = (
@@ -849,6 +849,54 @@ def render_target(
             render_key=keys.get(dest, ""),
         )
     return TargetState(node=node.name, files=files, apps=load_app_settings(snapshot, node))
+
+
+MAX_RENDER_PROBLEMS = 20  # per node: each failed template may have cost a render_timeout
+
+
+def render_problems(
+    snapshot: Snapshot,
+    node: Node,
+    facts: Mapping[str, Any],
+    *,
+    limits: RenderLimits = RenderLimits(),
+    most: int = MAX_RENDER_PROBLEMS,
+) -> tuple[ReconcilerError, ...]:
+    """Every template of ``node`` that fails to render, for ``reconciler validate``.
+
+    :func:`render_target` stops at a node's first error, as a run must;
+    ``validate`` reports them all (issue 12): each template is rendered and
+    each failure kept, in node app order, at most ``most`` of them (a failure
+    can cost a whole ``render_timeout``). The errors name the template and
+    line but not the node, so one template failing on many nodes reads the
+    same on each and the caller names the nodes once. An error before any
+    template renders (two apps produce one path, bad app.yaml) is the only
+    one returned. () when every template renders.
+    """
+    try:
+        sources = _collect(snapshot, node)
+        context = template_context(node, facts, snapshot.info)
+        app_globs = {
+            a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
+        }
+        node_globs = _compile(node.files)
+        secrets = {
+            dest: bool(_metadata(app_globs[app], node_globs, node, app, dest)[0].get("secret"))
+            for dest, (app, repo_path, _) in sources.items()
+            if repo_path.endswith(".j2")
+        }
+    except ReconcilerError as exc:
+        return (exc,)
+    jobs = [(dest, sources[dest][1], secret) for dest, secret in secrets.items()]
+    job = _RenderJob(snapshot=snapshot, context=context, node="", cache_dir=None, limits=limits)
+    errors: list[ReconcilerError] = []
+    while jobs and len(errors) < most:
+        _, failed = job.render(jobs)
+        if failed is None:
+            break
+        errors.append(failed[1])
+        jobs = jobs[[j[0] for j in jobs].index(failed[0]) + 1 :]  # go on after the failure
+    return tuple(errors)
 
 
 # A template that pulls in another one: its output depends on more than its own

@@ -60,11 +60,11 @@ def test_validate_renders_every_node_and_names_each_failure(fleet):
 
     assert code == 1
     lines = err.splitlines()
-    assert len(lines) == 3, err
+    # Issue 12: one template error shared by web1 and web2 is one line naming both.
+    assert len(lines) == 2, err
     assert "prodcution" in lines[0] and "[node dhcp]" in lines[0]
-    for line, node in zip(lines[1:], ("web1", "web2"), strict=True):
-        assert line.startswith("templates/nginx/production/etc/nginx/conf.d/app.conf.j2:1")
-        assert f"[node {node}]" in line
+    assert lines[1].startswith("templates/nginx/production/etc/nginx/conf.d/app.conf.j2:1")
+    assert lines[1].endswith("[nodes web1, web2]"), lines[1]
 
 
 WHAT_TO_DO = re.compile(r"^(?P<what>\S+?):(?P<line>\d+): (?P<problem>.+?) — (?P<todo>.+)$")
@@ -184,3 +184,27 @@ def test_validate_refuses_the_adopted_file_that_adopt_leaves_beside_a_template(f
     assert "/etc/nginx/conf.d/app.conf.j2.adopted" in problem["problem"]  # what it would deploy
     assert template in problem["todo"] and "delete" in problem["todo"]
     assert out == "1 problem(s)\n"
+
+
+def test_validate_shows_every_template_error_once_with_the_nodes_it_affects(fleet):
+    app = "templates/nginx/production/etc/nginx/conf.d/app.conf.j2"
+    fleet.write(app, "{{ nope }}\n")
+    nginx = "templates/nginx/production/etc/nginx/nginx.conf.j2"
+    fleet.write(nginx, "ok\n{% if %}\n")
+    motd = "templates/motd/default/etc/motd.j2"
+    fleet.write(motd, "{{ also_nope }}\n")  # every node has motd (hosts/_defaults.yaml)
+
+    code, out, err = validate(fleet.work)
+
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 3, err  # each error once, not once per node
+    by_file = {line.split(":", 1)[0]: line for line in lines}
+    assert set(by_file) == {app, nginx, motd}, err
+    assert by_file[app].startswith(f"{app}:1: undefined variable") and "nope" in by_file[app]
+    assert by_file[app].endswith(" [nodes web1, web2]"), by_file[app]
+    assert by_file[nginx].startswith(f"{nginx}:2: syntax error")
+    assert by_file[nginx].endswith(" [nodes web1, web2]"), by_file[nginx]
+    assert by_file[motd].endswith(" [nodes db1, dhcp, web1, web2]"), by_file[motd]
+    assert "(node " not in err  # the nodes are named once, at the end
+    assert out == "3 problem(s)\n"

@@ -10,8 +10,8 @@ import pytest
 from reconciler.errors import InventoryError, PathError, RenderError
 from reconciler.git.snapshot import DirSnapshot, SourceInfo
 from reconciler.pipeline.inventory import effective_node, load_inventory
-from reconciler.pipeline.render import dest_path, render_target
-from tests.unit.helpers import FACTS, PROJECT, render, write_repo
+from reconciler.pipeline.render import dest_path, render_problems, render_target
+from tests.unit.helpers import FACTS, PROJECT, node_of, render, write_repo
 
 P = PurePosixPath
 
@@ -498,3 +498,24 @@ def test_rendering_a_meta_node_of_the_example_fleet_fails():
     snap = DirSnapshot(PROJECT)
     with pytest.raises(InventoryError, match="--node must name a node"):
         render(snap, "webservers")
+
+
+def test_render_problems_keeps_every_failure_in_order_and_stops_at_most(tmp_path):
+    # Issue 12: validate shows every template error of a node, not only the first.
+    files = {f"templates/a/default/etc/{c}.j2": f"{{{{ {c}_missing }}}}\n" for c in "pqrs"}
+    snap = write_repo(
+        tmp_path,
+        {**files, "templates/a/default/etc/ok.j2": "fine\n", "hosts/n.yaml": "apps: [a]\n"},
+    )
+    node = node_of(snap, "n")
+
+    every = render_problems(snap, node, FACTS)
+    two = render_problems(snap, node, FACTS, most=2)
+
+    assert [str(e).split(":", 1)[0] for e in every] == sorted(files)
+    assert all(isinstance(e, RenderError) and "(node " not in str(e) for e in every)
+    assert [str(e) for e in two] == [str(e) for e in every[:2]]
+    fine = write_repo(
+        tmp_path / "fine", {"templates/a/default/etc/ok.j2": "x\n", "hosts/n.yaml": "apps: [a]\n"}
+    )
+    assert render_problems(fine, node_of(fine, "n"), FACTS) == ()
