@@ -394,6 +394,13 @@ def _plain_json_object(raw: bytes) -> bool:
 def read_hold(state_dir: StateDir) -> dict[str, Any] | None:
     """The hold left by a rollback, or None.
 
+    Keys (rollback.py writes them): ``commit`` (40 hex: the commit not to
+    re-apply), ``rolled_back_run``, ``rollback_run``, ``since`` (ISO 8601
+    UTC), ``head`` (the branch head fetched at rollback time: it and its
+    ancestors existed before the rollback and never lift it; absent from a
+    hold rebuilt by recovery) and ``unchanged_at`` (the last newer commit a
+    run found to leave this node's target as held; issue 12).
+
     Raises StateError when unreadable or not an object naming a ``commit``
     (a run rebuilds it then: recovery.py).
     """
@@ -403,6 +410,16 @@ def read_hold(state_dir: StateDir) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("commit"), str):
         raise StateError("a hold without a commit", where=str(state_dir.hold), hint=_HOLD_HINT)
     return data
+
+
+def keep_hold(state_dir: StateDir, *, unchanged_at: str) -> None:
+    """Record in the hold that commit ``unchanged_at`` leaves this node's target as
+    held, so later runs of that commit stay held without rendering it again.
+    No hold: nothing. Raises StateError when the hold cannot be read."""
+    hold = read_hold(state_dir)
+    if hold is None or hold.get("unchanged_at") == unchanged_at:
+        return
+    state_dir.write_json(state_dir.hold, {**hold, "unchanged_at": unchanged_at}, indent=None)
 
 
 def release_hold(state_dir: StateDir) -> bool:

@@ -20,8 +20,11 @@ re-applied and the restored paths are not drift.
 
 After a rollback the host *holds*: runs keep fetching and reporting but do
 not re-apply the same commit (that would undo the rollback at the next
-timer tick). The hold lifts by itself when a new commit arrives — the fix —
-or with ``pull --release-hold``.
+timer tick). The hold lifts by itself when a commit arrives that is newer
+than the branch head at rollback time and changes this node's target — the
+fix (run.py renders it and the held commit, issue 12) — or with
+``pull --release-hold``; an unrelated commit (another node's host file)
+keeps it.
 
 Every read and write of the root goes through the System handed in.
 """
@@ -146,6 +149,7 @@ def rollback(
     system: System,
     *,
     hold: bool,
+    head: str | None = None,
     exclude: Sequence[str] = (),
 ) -> RollbackResult:
     """Restore run ``run_id`` (default: the latest run not rolled back yet) through
@@ -153,7 +157,9 @@ def rollback(
 
     The caller holds the state_dir lock. ``exclude``: gitignore-style patterns
     (the host-local exclude file); a directory the run created that matches
-    is never removed. Returns the RollbackResult; raises UsageError for an
+    is never removed. ``head``: the branch head fetched so far (40 hex), kept
+    in the hold: commits up to it existed before the rollback and never lift
+    it. Returns the RollbackResult; raises UsageError for an
     unknown run, and the first ApplyError when no path could be restored
     (the local state, the hold and the journal are settled first).
     """
@@ -172,7 +178,9 @@ def rollback(
     journal = Journal(state_dir=state_dir, manifest=own)
     journal.begin()  # before the first effect: a kill from here on is finished by the next run
     try:
-        result = _complete(state_dir, root, node, chosen, journal, previous, system, exclude)
+        result = _complete(
+            state_dir, root, node, chosen, journal, previous, system, exclude, head=head
+        )
     finally:
         journal.close()
     journal.finish()
@@ -269,6 +277,8 @@ def _complete(
     previous: LocalState,
     system: System,
     exclude: Sequence[str],
+    *,
+    head: str | None = None,
 ) -> RollbackResult:
     """Restore ``chosen``'s paths and settle the state; idempotent (see module docstring).
 
@@ -373,6 +383,7 @@ def _complete(
                 "rolled_back_run": chosen.run_id,
                 "rollback_run": own.run_id,
                 "since": dt.datetime.now(dt.UTC).isoformat(),
+                **({"head": head} if head else {}),
             },
             indent=None,
         )

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from reconciler.config import AgentConfig
 from reconciler.git.cache import open_state_repo
-from reconciler.git.remote import Remote, set_net_timeout
+from reconciler.git.remote import Remote, set_net_timeout, tracking_ref
+from reconciler.git.repo import ref_target
 from reconciler.git.snapshot import SourceInfo
 from reconciler.git.source import remote_url
 from reconciler.host.statedir import StateDir, read_exclude_file
@@ -57,6 +58,12 @@ def rollback_once(
         started = dt.datetime.now(dt.UTC)
         _, recovery = recover(state_dir, root, system, exclude=exclude)
         finished = recovery.rollback if recovery is not None else None
+        url = remote_url(config.repo) if config.repo else ""
+        # Checked and, when corrupt, rebuilt as a run does (issue 11). Opened before
+        # the restore: the hold keeps the branch head fetched so far (issue 12).
+        repo, rebuilt = open_state_repo(
+            state_dir.repo, node=config.node, branch=config.branch, heal=True
+        )
         result: RollbackResult
         if finished is not None and run_id in (None, finished.chosen.run_id):
             result = finished
@@ -69,13 +76,9 @@ def rollback_once(
                 new_run_id(started),
                 system,
                 hold=hold,
+                head=ref_target(repo, tracking_ref(config.branch)),
                 exclude=exclude,
             )
-        url = remote_url(config.repo) if config.repo else ""
-        # Checked and, when corrupt, rebuilt as a run does (issue 11).
-        repo, rebuilt = open_state_repo(
-            state_dir.repo, node=config.node, branch=config.branch, heal=True
-        )
         report = build_rollback_report(
             node=config.node,
             run_id=result.own.run_id,

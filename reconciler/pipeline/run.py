@@ -46,12 +46,18 @@ from reconciler.errors import (
 )
 from reconciler.git.cache import CacheRebuild, open_state_repo, rebuild_state_repo
 from reconciler.git.remote import NET_ATTEMPTS, Remote, set_net_timeout
-from reconciler.git.repo import Repo
+from reconciler.git.repo import Repo, is_descendant
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import FetchResult, check_descends, fetch, remote_url
 from reconciler.git.trust import verify_commit
 from reconciler.host.state import LocalState, load_state, save_state
-from reconciler.host.statedir import StateDir, read_exclude_file, read_hold, release_hold
+from reconciler.host.statedir import (
+    StateDir,
+    keep_hold,
+    read_exclude_file,
+    read_hold,
+    release_hold,
+)
 from reconciler.host.system import DryRunSystem, RealSystem, System
 from reconciler.pipeline.facts import gather_facts
 from reconciler.pipeline.notify import ping
@@ -138,9 +144,10 @@ class Prepared:
     ``commit`` is None when there is nothing to enforce (no commit fetched
     yet, or an untrusted one with no applied commit to fall back on); then
     ``errors`` says why. ``held``: a rollback's hold on ``commit``, as a
-    ``suspended`` mapping; ``lift_hold``: a hold exists but no longer
-    applies (another commit, or ``--release-hold``) and the record stage
-    removes it.
+    ``suspended`` mapping; ``lift_hold``: ``--release-hold`` lifted a hold
+    and the record stage removes it; ``hold_check``: the hold when
+    ``commit`` is newer than the branch head at rollback time — converge
+    lifts it only if that commit changes this node's target (issue 12).
     """
 
     source: SourceInfo
@@ -149,6 +156,7 @@ class Prepared:
     recovery: Recovery | None = None
     held: Mapping[str, Any] | None = None
     lift_hold: bool = False
+    hold_check: Mapping[str, Any] | None = None
     exclude_lines: tuple[str, ...] = ()
     fingerprint: str = ""
     errors: tuple[ReconcilerError, ...] = ()
@@ -164,7 +172,10 @@ class Converged:
     ``state``: the local state to save, and ``settled``: the apps whose owed
     post scripts this run paid — both None unless the apply finished.
     ``excluded``: the paths a no-op run reports as excluded (the last full
-    run's); a full run's are in ``plan``.
+    run's); a full run's are in ``plan``. ``lift_hold``: the commit changes
+    the node's target as held (``Prepared.hold_check``), so the record
+    stage lifts the hold; ``hold_unchanged``: the commit found to leave it
+    as held, recorded in the hold so later runs need not render it again.
     """
 
     mode: str
@@ -180,6 +191,8 @@ class Converged:
     journal: Journal | None = None
     state: LocalState | None = None
     settled: frozenset[str] | None = None
+    lift_hold: bool = False
+    hold_unchanged: str | None = None
 
 
 def new_run_id(now: dt.datetime) -> str:
@@ -335,7 +348,7 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
         if refusal is not None:
             errors.append(refusal)
         hold = read_hold(setting.state_dir)
-        held = held_by(hold, commit, release=options.release_hold)
+        held = held_by(hold, commit, release=options.release_hold, repo=setting.repo)
         exclude_lines = setting.exclude_lines
         fingerprint = run_fingerprint(config, options, setting.facts, list(exclude_lines))
     except ReconcilerError as exc:
@@ -355,7 +368,8 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
         previous=previous,
         recovery=recovery,
         held=held,
-        lift_hold=hold is not None and held is None,
+        lift_hold=hold is not None and options.release_hold,
+        hold_check=hold if hold is not None and held is None and not options.release_hold else None,
         exclude_lines=exclude_lines,
         fingerprint=fingerprint,
         errors=tuple(errors),
@@ -384,20 +398,78 @@ def trusted_commit(
     return commit, None
 
 
-def held_by(hold: Mapping[str, Any] | None, commit: str, *, release: bool) -> dict[str, Any] | None:
+def held_by(
+    hold: Mapping[str, Any] | None, commit: str, *, release: bool, repo: Repo | None = None
+) -> dict[str, Any] | None:
     """A rollback's ``hold`` on ``commit`` as a ``suspended`` mapping, or None.
 
-    The hold applies while the commit is the one rolled back; another commit,
-    or ``release`` (``pull --release-hold``), lifts it (rollback.py; the
-    record stage removes the file).
+    The hold applies to the commit rolled back, to a commit that existed
+    before the rollback (``commit`` is the hold's ``head``, the branch head
+    fetched at rollback time, or one of its ancestors in ``repo``) and to a
+    commit a run found to leave this node's target as held
+    (``unchanged_at``). ``release`` (``pull --release-hold``) lifts it. For
+    any other commit None: converge decides, by rendering it (issue 12;
+    rollback.py; the record stage removes or updates the file).
     """
-    if hold is None or hold.get("commit") != commit or release:
+    if hold is None or release:
+        return None
+    head = hold.get("head")
+    before = isinstance(head, str) and (
+        commit == head or (repo is not None and is_descendant(repo, head, commit))
+    )
+    if commit not in (hold.get("commit"), hold.get("unchanged_at")) and not before:
         return None
     return {
         "reason": f"held after rollback of run {hold.get('rolled_back_run')}: commit "
         f"{commit[:12]} is not re-applied — push a fix, or pull --release-hold",
         "until": None,
     }
+
+
+def _held_target_unchanged(
+    setting: Setting, hold: Mapping[str, Any], target: TargetState, cache: dict[str, Any]
+) -> bool:
+    """True when the hold's commit renders ``target`` for this node: a newer commit
+    that leaves this node's target as rolled back does not lift the hold (issue 12).
+
+    Same target: the same destination paths with the same content, mode,
+    owner, group, policy and secrecy, and the same app settings (scripts).
+    A held commit that cannot be read or rendered any more counts as changed
+    (the hold lifts, as it did for every new commit before).
+    """
+    from reconciler.pipeline.inventory import effective_node, load_inventory
+    from reconciler.pipeline.render import RenderLimits, render_target
+
+    config, commit = setting.config, str(hold.get("commit"))
+    try:
+        snapshot = GitSnapshot(
+            setting.repo,
+            commit,
+            SourceInfo(url=setting.remote.url, branch=config.branch, commit=commit),
+        )
+        inventory = load_inventory(snapshot, cache)
+        node = effective_node(inventory, snapshot, config.node, setting.options.state)
+        held = render_target(
+            snapshot,
+            node,
+            setting.facts,
+            cache_dir=setting.state_dir.jinja_cache,
+            limits=RenderLimits(
+                render_timeout=config.render_timeout, max_file_size=config.max_file_size
+            ),
+        )
+    except ReconcilerError as exc:
+        log.warning("held commit %s no longer renders (%s): the hold lifts", commit[:12], exc)
+        return False
+
+    def shape(t: TargetState) -> tuple[object, ...]:
+        files = {
+            p: (f.content, f.mode, f.owner, f.group, f.policy, f.secret, f.app)
+            for p, f in t.files.items()
+        }
+        return (files, t.apps)
+
+    return shape(held) == shape(target)
 
 
 # ----------------------------------------------------------------- converge
@@ -413,6 +485,7 @@ def is_noop(setting: Setting, prepared: Prepared, system: System) -> bool:
         prepared.commit is not None
         and prepared.recovery is None
         and prepared.held is None
+        and prepared.hold_check is None
         and previous.fingerprint == prepared.fingerprint
         and previous.applied_commit == prepared.commit
         and unchanged(system, setting.root, previous)
@@ -464,6 +537,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     plan: Plan | None = None
     captures: Captures | None = None
     recovery = prepared.recovery
+    hold_unchanged: str | None = None
     try:
         snapshot = GitSnapshot(
             setting.repo,
@@ -477,8 +551,6 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         state_dir.write_inventory_cache(cache, inventory, changed=len(cache) != before)
         node = effective_node(inventory, snapshot, config.node, setting.options.state)
         suspended = _suspension(node, setting.started) or prepared.held
-        if suspended:
-            mode = "audit"  # fetch and report, change nothing
         target = render_target(
             snapshot,
             node,
@@ -490,6 +562,17 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
                 render_timeout=config.render_timeout, max_file_size=config.max_file_size
             ),
         )
+        hold = prepared.hold_check
+        if hold is not None and _held_target_unchanged(setting, hold, target, cache):
+            hold_unchanged = commit
+            suspended = suspended or {
+                "reason": f"held after rollback of run {hold.get('rolled_back_run')}: commit "
+                f"{commit[:12]} leaves this node's target as rolled back — push a fix, "
+                "or pull --release-hold",
+                "until": None,
+            }
+        if suspended:
+            mode = "audit"  # fetch and report, change nothing
         paths = list(target.files) + [
             PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
         ]
@@ -553,6 +636,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             actual=actual,
             suspended=suspended,
             captures=captures,
+            hold_unchanged=hold_unchanged,
         )
     errors.extend(applied.errors)
     pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
@@ -585,6 +669,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             excluded=tuple(str(p) for p in plan.excluded),
         ),
         settled=settled,
+        lift_hold=prepared.hold_check is not None and hold_unchanged is None,
+        hold_unchanged=hold_unchanged,
     )
 
 
@@ -594,7 +680,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
 def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOutcome:
     """Make a real run durable (SPEC §4 step 7, §5); never for a dry run.
 
-    In this order: the hold lifted (prepare decided it); the local state
+    In this order: the hold lifted (``--release-hold``, or converge found the
+    commit changes the node's target) or told the commit that leaves the
+    target as held (``keep_hold``); the local state
     saved, the owed post scripts settled and only then the journal finished
     (killed in between, recovery sees "done" in the journal); the report
     built, committed on ``reports/<node>`` and pushed — queued instead when
@@ -604,12 +692,19 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
     pushed (``history_lost``, issue 11).
     """
     config, state_dir = setting.config, setting.state_dir
-    if prepared.lift_hold:
+    if prepared.lift_hold or converged.lift_hold:
         release_hold(state_dir)
         log.warning(
             "rollback hold lifted: %s",
-            "released" if setting.options.release_hold else "new commit",
+            "released"
+            if setting.options.release_hold
+            else "a new commit changes this node's target",
         )
+    elif converged.hold_unchanged is not None:
+        try:
+            keep_hold(state_dir, unchanged_at=converged.hold_unchanged)
+        except ReconcilerError as exc:  # the next run renders the commit again
+            log.warning("%s", exc)
     errors = converged.errors
     saved = False
     try:

@@ -257,3 +257,31 @@ def test_backups_keep_the_last_n_runs(fleet, make_host, tmp_path):
     proc = host.run("rollback", ran[-3])
     assert proc.returncode == 0, proc.stderr
     assert host.path("/etc/rb/keep.conf").read_text() == "hand edit 2\n"
+
+
+def test_a_commit_that_leaves_the_nodes_target_alone_keeps_the_hold(fleet, make_host):
+    """Issue 12: a commit to another node's host file must not undo web1's rollback;
+    only a commit that changes this node's target lifts the hold."""
+    host = converged_rb_host(fleet, make_host)
+    change_rb(fleet, chmod_only=False)
+    pull_report(host)
+    proc = host.run("rollback")
+    assert proc.returncode == 0, proc.stderr
+    rolled_back = tree_snapshot(host.root)
+
+    fleet.write("hosts/otherhost.yaml", "apps: [rb]\nvars: {unrelated: 1}\n")
+    fleet.commit("otherhost: a node of its own")
+    for _ in range(2):
+        held = pull_report(host)
+        assert held["suspended"] is not None, held
+        assert not any(c["applied"] for c in held["changes"]), held["changes"]
+        assert tree_snapshot(host.root) == rolled_back
+        assert (host.state_dir / "hold.json").exists()
+
+    # The fix, later still: it changes rbhost's target, so the hold lifts.
+    fleet.write(f"{APP}/etc/rb/main.conf", "listen 8081\nworkers 8\n")
+    fleet.commit("rb: the fix")
+    fixed = pull_report(host)
+    assert fixed["suspended"] is None
+    assert host.path("/etc/rb/main.conf").read_text() == "listen 8081\nworkers 8\n"
+    assert not (host.state_dir / "hold.json").exists()

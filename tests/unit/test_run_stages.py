@@ -201,14 +201,29 @@ def test_prepare_holds_the_rolled_back_commit_and_lifts_nothing_itself(tmp_path,
     assert s.state_dir.hold.exists()  # the record stage removes it
 
 
-def test_prepare_lifts_the_hold_when_another_commit_arrives(tmp_path, upstream):
+def test_prepare_leaves_a_newer_commit_to_converge(tmp_path, upstream):
+    """Issue 12: another commit no longer lifts the hold by itself — converge lifts it
+    only when that commit changes the node's target (was: ``prepared.lift_hold``)."""
     _, oldest = commits(upstream)
     s = setting(tmp_path, f"file://{upstream}")
     write_hold(s.state_dir, oldest)
 
     prepared = prepare(s, LocalState(), None)
 
-    assert prepared.held is None and prepared.lift_hold
+    assert prepared.held is None and not prepared.lift_hold
+    assert prepared.hold_check is not None and prepared.hold_check["commit"] == oldest
+
+
+def test_prepare_holds_a_commit_that_existed_at_rollback_time(tmp_path, upstream):
+    newest, oldest = commits(upstream)
+    s = setting(tmp_path, f"file://{upstream}")
+    s.state_dir.hold.write_text(
+        json.dumps({"commit": oldest, "head": newest, "rolled_back_run": "R1"})
+    )
+
+    prepared = prepare(s, LocalState(), None)
+
+    assert prepared.held is not None and prepared.hold_check is None
 
 
 @pytest.mark.parametrize(
@@ -218,6 +233,10 @@ def test_prepare_lifts_the_hold_when_another_commit_arrives(tmp_path, upstream):
         ({"commit": "c1"}, "c1", False, True),
         ({"commit": "c1"}, "c1", True, False),
         ({"commit": "c0"}, "c1", False, False),
+        ({"commit": "c0", "head": "c1"}, "c1", False, True),  # existed before the rollback
+        ({"commit": "c0", "unchanged_at": "c1"}, "c1", False, True),  # leaves the target
+        ({"commit": "c0", "unchanged_at": "c1"}, "c1", True, False),
+        ({"commit": "c0", "unchanged_at": "c1"}, "c2", False, False),
     ],
 )
 def test_held_by(hold, commit, release, held):
