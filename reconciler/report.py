@@ -582,6 +582,7 @@ def build_rollback_report(
     errors: Sequence[ReconcilerError],
     facts: Mapping[str, Any],
     cache_rebuilt: Mapping[str, Any] | None = None,
+    scripts: Sequence[ScriptRun] = (),
 ) -> Report:
     """The Report of ``reconciler rollback`` (issue #3).
 
@@ -589,7 +590,8 @@ def build_rollback_report(
     with reason ``rollback``; a path named by an error's ``.path`` (an
     ApplyError or PathError) was not restored. The result is
     ``failed`` when anything failed, else ``changed``: files were put back.
-    ``cache_rebuilt``: as for a run (:func:`build_report`).
+    ``cache_rebuilt``: as for a run (:func:`build_report`). ``scripts``: the
+    post scripts of the apps restored (issue 12), as a run's.
     """
     failed = {
         str(e.path) for e in errors if isinstance(e, ApplyError | PathError) and e.path is not None
@@ -617,6 +619,7 @@ def build_rollback_report(
         facts=dict(facts),
         rollback=ReportRollback(run_id=rolled_back_run, hold=hold),
         cache_rebuilt=dict(cache_rebuilt) if cache_rebuilt else None,
+        scripts=tuple(ReportScript.of(s) for s in scripts),
     )
 
 

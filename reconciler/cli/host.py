@@ -549,8 +549,14 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for c in report.changes:
             mark = "" if c.applied else "  (FAILED)"
             out.write(f"  restored {c.path}{mark}\n")
+        for s in report.scripts:
+            out.write(f"  post {s.app}/{s.name}: exit {s.exit_code}\n")
         out.write(f"rolled back run {rolled}: {len(report.changes)} paths restored")
-        out.write("; held until a new commit arrives\n" if args.hold else "\n")
+        out.write(
+            "; held until a commit changes this node's target (or pull --release-hold)\n"
+            if args.hold
+            else "\n"
+        )
     for error in report.errors:
         err.write(f"reconciler: node {config.node}: {error}\n")
     return 1 if report.errors else 0

@@ -130,6 +130,24 @@ def _run_scripts(
     return runs
 
 
+def run_post_scripts(
+    app: AppSettings,
+    changed: list[PurePosixPath],
+    ctx: RunContext,
+    snapshot: Snapshot,
+    system: System,
+    *,
+    consequence: str,
+) -> tuple[list[ScriptRun], ScriptError | None]:
+    """Run ``app``'s post scripts from ``snapshot`` as apply does (SPEC §4 environment,
+    ``RECONCILER_CHANGED`` = ``changed``), for callers outside a run (a rollback,
+    issue 12): the runs, and the ScriptError of the one that failed (hint
+    ``consequence``) or None. The caller removes ``ctx``'s run directory."""
+    runs = _run_scripts("post", app, changed, ctx, snapshot, system)
+    failed = next((r for r in runs if not r.ok), None)
+    return runs, _script_failure(failed, consequence) if failed is not None else None
+
+
 def _execute(
     change: Change,
     actual: ActualFile,

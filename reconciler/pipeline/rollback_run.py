@@ -2,9 +2,11 @@
 
 Takes the agent configuration; holds the ``state_dir`` lock, first finishes
 whatever an interrupted run or rollback left (recovery.py), then restores the
-chosen run through one RealSystem of the root (rollback.py) and produces a
-RunOutcome whose report names every path restored (reason ``rollback``),
-commits it to the report branch and pushes it.
+chosen run through one RealSystem of the root (rollback.py), runs the post
+scripts of the apps whose files it restored (issue 12: the service reloads
+the configuration put back) and produces a RunOutcome whose report names
+every path restored (reason ``rollback``) and every script run, commits it
+to the report branch and pushes it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from reconciler.config import AgentConfig
+from reconciler.errors import ApplyError, ReconcilerError
 from reconciler.git.cache import open_state_repo
 from reconciler.git.remote import Remote, set_net_timeout, tracking_ref
-from reconciler.git.repo import ref_target
-from reconciler.git.snapshot import SourceInfo
+from reconciler.git.repo import Repo, ref_target
+from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import remote_url
 from reconciler.host.statedir import StateDir, read_exclude_file
-from reconciler.host.system import RealSystem, System
+from reconciler.host.system import RealSystem, ScriptRun, System
 from reconciler.pipeline.facts import gather_facts
 from reconciler.pipeline.record import after_run, push_reports
 from reconciler.pipeline.recovery import recover
@@ -79,6 +82,7 @@ def rollback_once(
                 head=ref_target(repo, tracking_ref(config.branch)),
                 exclude=exclude,
             )
+        scripts, script_errors = _post_scripts(config, state_dir, root, repo, result, system)
         report = build_rollback_report(
             node=config.node,
             run_id=result.own.run_id,
@@ -95,9 +99,14 @@ def rollback_once(
             rolled_back_run=result.chosen.run_id,
             hold=result.own.hold,
             # Corrupt state files the start of this rollback moved aside: said once.
-            errors=(*(recovery.errors if recovery is not None else ()), *result.errors),
+            errors=(
+                *(recovery.errors if recovery is not None else ()),
+                *result.errors,
+                *script_errors,
+            ),
             facts=gather_facts(),
             cache_rebuilt=rebuilt.to_json() if rebuilt is not None else None,
+            scripts=scripts,
         )
         report_commit = commit_report(
             repo, report, {}, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
@@ -114,3 +123,78 @@ def rollback_once(
         )
         after_run(config, state_dir, repo, report, outcome, duration_s=0.0)
         return outcome
+
+
+def _post_scripts(
+    config: AgentConfig,
+    state_dir: StateDir,
+    root: Path,
+    repo: Repo,
+    result: RollbackResult,
+    system: System,
+) -> tuple[list[ScriptRun], list[ReconcilerError]]:
+    """Run the post scripts of every app with a restored path, in node order (issue 12).
+
+    The scripts and app settings come from the commit whose state the disk
+    holds after the rollback (``result.state.applied_commit``; the rolled-back
+    run's own commit when it was the first run), with the environment of a
+    run's (SPEC §4): ``RECONCILER_CHANGED`` names the app's restored paths,
+    ``RECONCILER_RUN_ID`` the rollback's id. Returns the script runs and the
+    errors — a failed script, or a commit whose node no longer loads; the
+    restored files stay (a rollback is never rolled back).
+    """
+    from reconciler.pipeline.apply import RunContext, run_post_scripts
+    from reconciler.pipeline.inventory import effective_node, load_inventory
+    from reconciler.pipeline.render import load_app_settings
+
+    failed = result.failed
+    changed: dict[str, list[PurePosixPath]] = {}
+    for e in result.own.entries:
+        if e.path not in failed:
+            changed.setdefault(e.app, []).append(PurePosixPath(e.path))
+    if not changed:
+        return [], []
+    commit = result.state.applied_commit or result.chosen.commit
+    runs: list[ScriptRun] = []
+    errors: list[ReconcilerError] = []
+    run_id = result.own.run_id
+    try:
+        snapshot = GitSnapshot(
+            repo, commit, SourceInfo(url="", branch=config.branch, commit=commit)
+        )
+        node = effective_node(load_inventory(snapshot, {}), snapshot, config.node, None)
+        apps = [a for a in load_app_settings(snapshot, node) if a.name in changed]
+        ctx = RunContext(
+            node=config.node,
+            state=node.state,
+            commit=commit,
+            run_id=run_id,
+            root=root,
+            state_dir=state_dir,
+        )
+        state_dir.ensure_dir(state_dir.run_dir(run_id).parent)
+        try:
+            for app in apps:
+                app_runs, error = run_post_scripts(
+                    app,
+                    changed[app.name],
+                    ctx,
+                    snapshot,
+                    system,
+                    consequence=f"the files of {app.name} stay rolled back — fix the service, "
+                    "then run the script by hand",
+                )
+                runs.extend(app_runs)
+                if error is not None:
+                    errors.append(error)
+        finally:
+            state_dir.remove_run_dir(run_id)
+    except ReconcilerError as exc:
+        errors.append(
+            ApplyError(
+                f"post scripts not run after rollback {run_id}: {exc.problem}",
+                where=exc.where or f"node {config.node}",
+                hint="the files stay rolled back — restart the services by hand",
+            )
+        )
+    return runs, errors

@@ -285,3 +285,57 @@ def test_a_commit_that_leaves_the_nodes_target_alone_keeps_the_hold(fleet, make_
     assert fixed["suspended"] is None
     assert host.path("/etc/rb/main.conf").read_text() == "listen 8081\nworkers 8\n"
     assert not (host.state_dir / "hold.json").exists()
+
+
+POST_RELOAD = """#!/bin/sh
+printf '%s' "$RECONCILER_CHANGED" > "$RECONCILER_ROOT/rb-post-changed"
+echo "reloaded: $(head -n 1 "$RECONCILER_ROOT/etc/rb/main.conf")"
+if [ -e "$RECONCILER_ROOT/rb-post-fails" ]; then echo 'rb: reload failed'; exit 1; fi
+"""
+
+
+def rolled_back_rb_host(fleet, make_host, *, fail: bool):
+    """rbhost with a post script that records RECONCILER_CHANGED, its change applied
+    and then rolled back; ``fail``: the post script fails during the rollback."""
+    fleet.write("scripts/post/rb/10-reload", POST_RELOAD, executable=True)
+    host = converged_rb_host(fleet, make_host)
+    before = tree_snapshot(host.root)
+    del before["rb-post-changed"]  # the post script's own record, compared on its own
+    change_rb(fleet, chmod_only=False)
+    pull_report(host)
+    host.path("/rb-post-changed").unlink()
+    if fail:
+        host.path("/rb-post-fails").write_text("")
+        before["rb-post-fails"] = tree_snapshot(host.root)["rb-post-fails"]
+    proc = host.run("rollback", "--format", "json")
+    return host, before, proc
+
+
+def test_rollback_runs_the_post_scripts_of_the_apps_it_restored(fleet, make_host):
+    """Issue 12: files restored, the service must reload the configuration rolled back."""
+    host, before, proc = rolled_back_rb_host(fleet, make_host, fail=False)
+
+    assert proc.returncode == 0, proc.stderr
+    changed = host.path("/rb-post-changed").read_text().splitlines()
+    assert sorted(changed) == sorted(EXPECTED_CHANGES), changed
+    host.path("/rb-post-changed").unlink()
+    assert tree_snapshot(host.root) == before
+    report = json.loads(proc.stdout)
+    scripts = [(s["phase"], s["app"], s["name"], s["exit_code"]) for s in report["scripts"]]
+    assert scripts == [("post", "rb", "10-reload", 0)], report["scripts"]
+    assert "reloaded: listen 80" in report["scripts"][0]["output_tail"]
+    assert fleet.report("rbhost")["scripts"] == report["scripts"]
+
+
+def test_a_post_script_failing_after_a_rollback_fails_it_and_keeps_the_files(fleet, make_host):
+    host, before, proc = rolled_back_rb_host(fleet, make_host, fail=True)
+
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "10-reload" in proc.stderr, proc.stderr
+    host.path("/rb-post-changed").unlink()
+    assert tree_snapshot(host.root) == before  # the rollback is not rolled back
+    report = json.loads(proc.stdout)
+    assert report["result"] == "failed"
+    assert [s["exit_code"] for s in report["scripts"]] == [1]
+    assert any("10-reload" in e for e in report["errors"]), report["errors"]
+    assert all(c["applied"] for c in report["changes"])
