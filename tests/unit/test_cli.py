@@ -4,6 +4,7 @@ it (reconciler/cli/flags.py), and every invocation the documentation shows parse
 from __future__ import annotations
 
 import io
+import json
 import re
 import shlex
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli.main import main, parse_args
+from tests.unit.helpers import write_repo
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -189,3 +191,31 @@ def test_the_units_exec_lines_parse_with_the_config_flag_install_units_appends(u
     argv = [*shlex.split(line.removeprefix("ExecStart={exec}")), "--config", "/etc/r.yaml"]
 
     assert parse_args(argv).config == "/etc/r.yaml"
+
+
+def test_validate_bounds_its_text_output(tmp_path):
+    # Issue 12: every error is shown, but a broken fleet prints at most 100 lines
+    # and names at most ten nodes a line (JSON keeps every problem).
+    files = {"templates/a/default/etc/a.j2": "{{ missing }}\n"}
+    files |= {f"hosts/n{i:02}.yaml": "apps: [a]\n" for i in range(12)}
+    files |= {f"hosts/bad{i:03}.yaml": "colour: blue\n" for i in range(100)}
+    write_repo(tmp_path, files)
+    out, err = io.StringIO(), io.StringIO()
+
+    code = main(["validate", "--repo", str(tmp_path), "--config", "/dev/null"], out, err)
+
+    assert code == 1
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 101, lines[-3:]
+    assert lines[-1].startswith("… and 1 more problem(s) — ")
+    assert out.getvalue() == "101 problem(s)\n"
+    listed = io.StringIO()
+    argv = ["validate", "--repo", str(tmp_path), "--config", "/dev/null", "--format", "json"]
+    assert main(argv, listed, io.StringIO()) == 1
+    problems = json.loads(listed.getvalue())["problems"]
+    assert len(problems) == 101
+    template = [p for p in problems if p.startswith("templates/")]
+    assert len(template) == 1, template  # one error shared by twelve nodes
+    assert template[0].endswith(
+        "[nodes n00, n01, n02, n03, n04, n05, n06, n07, n08, n09 and 2 more]"
+    )
