@@ -264,10 +264,12 @@ def test_a_commit_that_leaves_the_nodes_target_alone_keeps_the_hold(fleet, make_
     only a commit that changes this node's target lifts the hold."""
     host = converged_rb_host(fleet, make_host)
     change_rb(fleet, chmod_only=False)
-    pull_report(host)
+    run = pull_report(host)
     proc = host.run("rollback")
     assert proc.returncode == 0, proc.stderr
     rolled_back = tree_snapshot(host.root)
+    hold = json.loads((host.state_dir / "hold.json").read_text())
+    assert hold["head"] == hold["commit"] == run["source"]["commit"]
 
     fleet.write("hosts/otherhost.yaml", "apps: [rb]\nvars: {unrelated: 1}\n")
     fleet.commit("otherhost: a node of its own")
@@ -276,7 +278,8 @@ def test_a_commit_that_leaves_the_nodes_target_alone_keeps_the_hold(fleet, make_
         assert held["suspended"] is not None, held
         assert not any(c["applied"] for c in held["changes"]), held["changes"]
         assert tree_snapshot(host.root) == rolled_back
-        assert (host.state_dir / "hold.json").exists()
+        hold = json.loads((host.state_dir / "hold.json").read_text())
+        assert hold["unchanged_at"] == held["source"]["commit"] != hold["commit"]
 
     # The fix, later still: it changes rbhost's target, so the hold lifts.
     fleet.write(f"{APP}/etc/rb/main.conf", "listen 8081\nworkers 8\n")
