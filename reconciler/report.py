@@ -480,6 +480,32 @@ class Report:
 _KNOWN = frozenset(f.name for f in fields(Report)) - {"unknown"}
 
 
+def recovered_note(recovered: Mapping[str, Any]) -> str:
+    """One phrase for a report's ``recovered`` mapping, as ``pull``, ``status`` and ``fleet``
+    print it (issue 12: a recovering run otherwise reads like a clean one).
+
+    ``recovered an interrupted run: 2 path(s) rolled forward, post scripts re-run
+    (motd)``, or ``finished an interrupted rollback of RUN_ID: …``. The mapping
+    may come from any host's report branch: values of another type count as empty.
+    """
+    rollback = _mapping(recovered.get("finished_rollback"))
+    if rollback:
+        head = f"finished an interrupted rollback of {rollback.get('rolled_back_run')}"
+    else:
+        head = "recovered an interrupted run"
+    parts = [f"{len(_list(recovered.get('rolled_forward')))} path(s) rolled forward"]
+    scripts = [str(app) for app in _list(recovered.get("post_scripts_rerun"))]
+    if scripts:
+        parts.append(f"post scripts re-run ({', '.join(scripts)})")
+    temp = len(_list(recovered.get("temp_files_removed")))
+    if temp:
+        parts.append(f"{temp} temp file(s) removed")
+    set_aside = len(_list(recovered.get("set_aside")))
+    if set_aside:
+        parts.append(f"{set_aside} corrupt state file(s) set aside")
+    return f"{head}: {', '.join(parts)}"
+
+
 # ---------------------------------------------------------------- building
 
 

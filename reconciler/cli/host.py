@@ -46,6 +46,8 @@ def _history_lost(node: str, lost: Mapping[str, Any]) -> str:
 
 
 def _print_run(outcome: RunOutcome, out: TextIO) -> None:
+    from reconciler.report import recovered_note
+
     report = outcome.report
     src = report.source
     commit = (src.commit or "none")[:12]
@@ -92,7 +94,10 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     if report.excluded:
         out.write(f"  excluded ({len(report.excluded)}): {', '.join(report.excluded)}\n")
     counts = report.counts()
-    line = f"result: {report.result} ({counts.changed} changed, {counts.drifted} drifted)"
+    recovered = f"; {recovered_note(report.recovered)}" if report.recovered else ""
+    line = (
+        f"result: {report.result} ({counts.changed} changed, {counts.drifted} drifted{recovered})"
+    )
     if report.dry_run:
         line += " — dry-run, nothing changed"
     elif outcome.report_commit:
@@ -379,7 +384,7 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.agent import agent_running, read_agent_file
     from reconciler.host.statedir import StateDir
-    from reconciler.report import read_last_run
+    from reconciler.report import read_last_run, recovered_note
 
     config = config_from_args(args)
     state_dir = StateDir.at(config.state_dir)
@@ -400,10 +405,12 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 0
     report = last.report
     counts = report.counts()
+    recovered = f"; {recovered_note(report.recovered)}" if report.recovered else ""
     out.write(
         f"node:       {report.node}\n"
         f"last run:   {report.finished_at} ({report.run_id})\n"
-        f"result:     {report.result} ({counts.changed} changed, {counts.drifted} drifted)\n"
+        f"result:     {report.result} ({counts.changed} changed, {counts.drifted} drifted"
+        f"{recovered})\n"
         f"source:     {report.source.url} {report.source.branch} "
         f"{(report.source.commit or 'none')[:12]}"
         f"{'' if report.source.fetched else ' (not fetched)'}\n"

@@ -34,7 +34,7 @@ from reconciler.git.reports import REPORTS_PREFIX, report_json, report_tips
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import remote_url
 from reconciler.pipeline.inventory import Inventory, check_hosts, effective_node
-from reconciler.report import FUTURE_SKEW_S, Report
+from reconciler.report import FUTURE_SKEW_S, Report, recovered_note
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,9 @@ class FleetRow:
     # {pushed, server, noticed_at}: the node's report branch lost history it had pushed
     # (another party force-pushed it; issue 11), as its last report says.
     history_lost: Mapping[str, Any] | None = None
+    # The report's ``recovered``: the last run recovered an interrupted run or
+    # rollback (issue 12: such a run otherwise reads like a clean one).
+    recovered: Mapping[str, Any] | None = None
 
     @classmethod
     def of_report(
@@ -242,11 +245,13 @@ class FleetRow:
             errors=report.errors,
             defined=defined,
             history_lost=report.history_lost,
+            recovered=report.recovered,
         )
 
     def as_json(self) -> dict[str, Any]:
         """The keys of SPEC §6 ``fleet --format json``, then ``history_lost`` (issue 11):
-        null, or ``{pushed, server, noticed_at}``."""
+        null, or ``{pushed, server, noticed_at}``, and ``recovered`` (issue 12): null, or
+        the last report's ``recovered`` (SPEC §5)."""
         return {
             "node": self.node,
             "result": self.result,
@@ -259,6 +264,7 @@ class FleetRow:
             "stale": self.stale,
             "suspended": dict(self.suspended) if self.suspended else None,
             "history_lost": dict(self.history_lost) if self.history_lost else None,
+            "recovered": dict(self.recovered) if self.recovered else None,
         }
 
 
@@ -450,6 +456,8 @@ def format_table(rows: Sequence[FleetRow]) -> str:
             )
         if r.history_lost:
             notes.append(history_lost_note(r.node, r.history_lost))
+        if r.recovered:
+            notes.append(recovered_note(r.recovered))
         if not r.defined:
             notes.append("not in hosts/")
         if r.result == "failed" and r.errors:

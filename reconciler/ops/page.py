@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.ops.fleet import NEVER, FleetRow, human_age
 from reconciler.ops.history import DriftDiff
+from reconciler.report import recovered_note
 
 if TYPE_CHECKING:
     from jinja2 import Template
@@ -101,5 +102,6 @@ def fleet_page(
         metas_of=metas_of,
         when=_when,
         human_age=human_age,
+        recovered_note=recovered_note,
         diff_lines=_diff_lines,
     )

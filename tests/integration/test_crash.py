@@ -24,6 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import pytest
+
+from reconciler.config import AgentConfig
+from reconciler.host.system import FaultInjected, FaultySystem
+from reconciler.pipeline.run import reconcile_once
 from tests.conftest import GIT_ENV, Fleet, Host, git
 from tests.integration._agent import start
 from tests.integration._helpers import pull_report
@@ -477,3 +482,34 @@ def test_post_scripts_owed_by_a_killed_run_survive_a_second_kill(fleet, make_hos
         f"report of run C: scripts {ran}, recovered {report['recovered']}"
     )
     assert report["run_id"] in marks.read_text()
+
+
+# The interrupted run abandons its open journal log as a killed process would.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_pull_and_status_say_a_run_recovered_an_interrupted_one(fleet, make_host):
+    # Issue 12: the recovering run said "result: ok (0 changed)"; only a WARNING and the
+    # JSON's ``recovered`` told that the last run had been interrupted.
+    host = make_host("web1")
+    assert host.pull().returncode == 0, host.pull().stderr
+    template = "templates/motd/default/etc/motd.j2"
+    fleet.write(template, fleet.read(template) + "a new line\n")
+    fleet.commit("motd: a new line")
+    config = AgentConfig(
+        repo=host.url,
+        node=host.node,
+        root=str(host.root),
+        state_dir=str(host.state_dir),
+        exclude_file=str(host.exclude_file),
+    )
+    with pytest.raises(FaultInjected):
+        reconcile_once(config, wrap=lambda system: FaultySystem(system, fail_after=1))
+
+    pulled = host.pull()
+
+    assert pulled.returncode == 0, pulled.stderr
+    result = pulled.stdout.splitlines()[-1]
+    assert result.startswith("result: "), pulled.stdout
+    assert "recovered an interrupted run" in result, result
+    assert "path(s) rolled forward" in result, result
+    status = host.run("status")
+    assert "recovered an interrupted run" in status.stdout, status.stdout

@@ -43,6 +43,7 @@ SPEC_ROW_KEYS = {
     "stale",
     "suspended",
     "history_lost",  # issue 11: null unless the node's report branch lost history it pushed
+    "recovered",  # issue 12: null unless the last run recovered an interrupted one
 }
 MOTD_EDIT = "hand edit on db1\n"
 FLEET_SCRIPT_EDIT = "echo 'kept by hand on db1'\n"
@@ -556,3 +557,33 @@ def test_one_invalid_host_file_is_one_warning_and_the_other_rows_stay(fleet, tmp
     nodes = [r["node"] for r in listed.json()["nodes"]]
     assert nodes == ["db1", "dhcp", "web1", "web2"]  # web2 is still in hosts/, its file invalid
     assert "not in hosts/" not in table.out, table.out
+
+
+def test_fleet_marks_a_node_whose_last_run_recovered_an_interrupted_one(fleet, tmp_path):
+    # Issue 12: a run that recovered an interrupted one looked like any clean run.
+    recovered = {
+        "run_id": "20261130T000000Z-0000",
+        "commit": fleet.head(),
+        "temp_files_removed": [],
+        "rolled_forward": ["/etc/motd", "/etc/issue.net"],
+        "post_scripts_rerun": ["motd"],
+    }
+    report = _fabricated_report(fleet, "web1", recovered=recovered)
+    write_report(fleet, "web1", report, when=int(time.time()))
+    op = operator(fleet, tmp_path / "cache")
+
+    table = op("fleet", "web1")
+    rows = op("fleet", "web1", "--format", "json")
+    page = op("fleet", "--format", "html")
+
+    assert table.code == 0, table.err
+    line = next(x for x in table.out.splitlines() if x.startswith("web1 "))
+    assert (
+        "recovered an interrupted run: 2 path(s) rolled forward, post scripts re-run (motd)" in line
+    )
+    assert rows.json()["nodes"][0]["recovered"] == recovered
+    assert page.code == 0, page.err
+    assert (
+        "recovered an interrupted run: 2 path(s) rolled forward, post scripts re-run (motd)"
+        in page.out
+    )
