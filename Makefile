@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration clean
+.PHONY: demo test lint unit integration clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,13 @@ lint: $(STAMP)
 # fleets — are set up once): PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= auto
 
-test: lint
+test: system-deps lint
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+# The system packages the tests need (one list, shared with CI): installed with
+# apt-get when run as root, else one line says what to install.
+system-deps:
+	bash tests/system-deps.sh
 
 # Parts of the suite, each setting up .venv like `test` (no lint first).
 # Deselect tests that need a tool you lack by marker (README.md, Tests):

@@ -1,0 +1,82 @@
+"""`make test` sets up the system packages its tests need (issue 12): one list,
+tests/system-deps.sh, shared with CI. Run for real with a PATH that lacks the
+tools, as root would see it and as an unprivileged user would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "system-deps.sh"
+
+
+def _bare_path(tmp_path: Path) -> str:
+    """A PATH with bash, git and id only: every tool the tests need looks missing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "git", "id"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    return str(bin_dir)
+
+
+def test_make_test_sets_up_the_system_packages_first() -> None:
+    dry = subprocess.run(
+        ["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert any("tests/system-deps.sh" in line for line in dry), dry
+    first_pytest = next(i for i, line in enumerate(dry) if "pytest" in line)
+    deps = next(i for i, line in enumerate(dry) if "tests/system-deps.sh" in line)
+    assert deps < first_pytest
+
+
+def test_ci_installs_through_the_same_list() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    assert "chromium" not in ci and "gitolite3" not in ci, "a second package list in .ci/run"
+
+
+def test_missing_tools_are_named_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--check"],
+        env={**os.environ, "PATH": _bare_path(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for package in ("chromium", "gitolite3", "gnupg", "strace", "openssl"):
+        assert package in lines[0]
+    assert "sudo apt-get install" in lines[0]
+
+
+@pytest.mark.root
+def test_an_unprivileged_user_is_told_not_installed_for(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root to switch to an unprivileged user; CI runs as root", pytrace=False)
+    # pytest's tmp_path is private to root: the user needs a PATH it can read.
+    public = Path(tempfile.mkdtemp(prefix="rc-deps-", dir="/tmp"))
+    public.chmod(0o755)
+    path = _bare_path(public)
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux)"
+    proc = subprocess.run(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(SCRIPT)],
+        env={"PATH": path, "HOME": str(public)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    shutil.rmtree(public)
+    assert proc.returncode == 1, proc.stderr
+    assert "installing" not in proc.stderr
+    assert "run 'make test' as root" in proc.stderr
