@@ -27,7 +27,6 @@ it (:mod:`reconciler.git.objects`). Issue 11:
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import shutil
@@ -48,6 +47,7 @@ from reconciler.git.reports import (
     remote_report_ref,
     report_ref,
 )
+from reconciler.host.system import aside_path
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +203,7 @@ def rebuild_state_repo(
     warning). Raises SourceError when the repository cannot be moved or made.
     """
     queued, lost, rest_unread = _read_queue(path, node)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    moved = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while moved.exists():
-        moved = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-        n += 1
+    moved = aside_path(path)
     try:
         if path.exists():
             os.rename(path, moved)

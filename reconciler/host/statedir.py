@@ -57,7 +57,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reconciler.errors import ConfigError, LockError, StateError
-from reconciler.host.system import atomic_write, fsync_dir, open_regular, read_regular
+from reconciler.host.system import (
+    aside_path,
+    atomic_write,
+    fsync_dir,
+    open_regular,
+    read_regular,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +240,7 @@ class StateDir:
         beside it, durably; the new path. Kept for the operator to inspect, never
         read again. Raises StateError when it cannot be moved.
         """
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-        n = 1
-        while os.path.lexists(aside):
-            n += 1
-            aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        aside = aside_path(path)
         try:
             os.rename(path, aside)
             fsync_dir(path.parent)

@@ -46,6 +46,20 @@ OUTPUT_TAIL_BYTES = 4096
 CHUNK = 1 << 20
 
 
+def aside_path(path: Path) -> Path:
+    """A free name beside ``path`` for setting it aside: ``<name>.corrupt-<UTC time>``
+    (``-2``, ``-3``… when taken). The one naming rule of corrupt state files
+    (StateDir.set_aside) and corrupt state repositories (git/cache.py), so an
+    operator finds both the same way (issue 11)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    return aside
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename or unlink in it is durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -725,31 +725,27 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
     lost = history_lost(
         repo, config.node, now=dt.datetime.now(dt.UTC), heartbeat_s=config.report.heartbeat
     )
-    report = _report(setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt)
     captures = converged.captures.content if converged.captures is not None else {}
+
+    def build() -> Report:
+        # The report as the errors and the rebuild stand now (both grow below).
+        return _report(setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt)
+
+    def commit() -> str | None:
+        return commit_report(
+            repo, report, captures, heartbeat_s=config.report.heartbeat, now=dt.datetime.now(dt.UTC)
+        )
+
+    report = build()
     try:
         try:
-            report_commit = commit_report(
-                repo,
-                report,
-                captures,
-                heartbeat_s=config.report.heartbeat,
-                now=dt.datetime.now(dt.UTC),
-            )
+            report_commit = commit()
         except CorruptCacheError as exc:
             # Found by the report commit itself: rebuilt, and the report committed there.
             errors, rebuilt_now = (*errors, exc), True
             repo, rebuilt = rebuild_state_repo(state_dir.repo, node=config.node, cause=exc)
-            report = _report(
-                setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt
-            )
-            report_commit = commit_report(
-                repo,
-                report,
-                captures,
-                heartbeat_s=config.report.heartbeat,
-                now=dt.datetime.now(dt.UTC),
-            )
+            report = build()
+            report_commit = commit()
     except (ReconcilerError, OSError) as exc:
         # A full disk: the report cannot be committed (libgit2 raises OSError when
         # it cannot write an object). The journal stays (below), so the next run's
@@ -767,15 +763,13 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
             ),
         )
         errors = (*errors, failure)
-        report = _report(setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt)
+        report = build()
     if saved and converged.journal is not None:
         try:
             converged.journal.finish()  # only now: the local state and report match the disk
         except ReconcilerError as exc:
             errors = (*errors, exc)
-            report = _report(
-                setting, prepared, converged, errors, history_lost=lost, rebuilt=rebuilt
-            )
+            report = build()
     elif converged.journal is not None:
         converged.journal.close()
     pushed: bool | None = None
