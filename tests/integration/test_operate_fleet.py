@@ -102,23 +102,15 @@ def scene(git_daemon, tmp_path_factory) -> Scene:
     write_report(
         fleet,
         "mail1",
-        {
-            "node": "mail1",
-            "run_id": "20260101T000000Z-0001",
-            "started_at": iso,
-            "finished_at": iso,
-            "source": {"url": fleet.url, "branch": "main", "commit": first, "fetched": True},
-            "applied_commit": first,
-            "mode": "enforce",
-            "result": "ok",
-            "changes": [],
-            "drift": [],
-            "excluded": [],
-            "scripts": [],
-            "errors": [],
-            "facts": {},
-            "reconciler_version": "0.1.0",
-        },
+        _fabricated_report(
+            fleet,
+            "mail1",
+            run_id="20260101T000000Z-0001",
+            started_at=iso,
+            finished_at=iso,
+            source={"url": fleet.url, "branch": "main", "commit": first, "fetched": True},
+            applied_commit=first,
+        ),
         when=int(two_days_ago.timestamp()),
     )
     return Scene(fleet=fleet, cache=base / "cache", base=base, first=first, head=head, hosts=hosts)
