@@ -116,7 +116,16 @@ def test_only_fleet_takes_format_html():
 
 # -------------------------------------------------------- documented invocations
 
-_DOCS = ("README.md", "docs/operators.md", "docs/least-privilege.md", "demo/demo.sh")
+_DOCS = (
+    "README.md",
+    "docs/spec.md",
+    "docs/commands.md",
+    "docs/configuration.md",
+    "docs/reports.md",
+    "docs/operators.md",
+    "docs/least-privilege.md",
+    "demo/demo.sh",
+)
 _SPAN = re.compile(r"`reconciler ([a-z][^`]*)`")
 _LINE = re.compile(r'(?:^|\s|"|:\s)(?:reconciler|"\$reconciler") ([a-z][a-z-]*\b[^#;&`]*)')
 _INT_PLACEHOLDERS = {"N": "2"}  # --limit N, --parallel N
