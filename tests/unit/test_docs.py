@@ -359,11 +359,31 @@ def test_every_spec_section_cited_anywhere_is_a_section_of_docs_spec():
             text = _read(path)
         except UnicodeDecodeError:
             continue
-        for n in _citations(text):
+        # "SPEC §5 captures, §8 secrets": a bare § goes on citing the SPEC.
+        bare = {int(n) for n in re.findall(r"§\s*(\d+)", text)}
+        for n in _citations(text) | bare:
             cited.setdefault(n, str(path.relative_to(ROOT)))
     assert len(cited) >= 10  # the walk found the code's citations
     unknown = {n: where for n, where in cited.items() if n not in {int(h) for h in headings}}
     assert not unknown, f"cited SPEC sections docs/spec.md lacks: {unknown}"
+
+
+def test_every_document_the_project_names_is_in_the_repository():
+    # Issue 12: the README and pyproject.toml named the contract, the house style and
+    # the field notes by files that were not in the repository. Any *.md named in the
+    # project's text must be.
+    names = {p.name for p in _text_files() if p.suffix == ".md"}
+    missing: dict[str, str] = {}
+    for path in _text_files():
+        try:
+            text = _read(path)
+        except UnicodeDecodeError:
+            continue
+        for cited in re.findall(r"[\w./-]+\.md\b", text):
+            found = (ROOT / cited).exists() or (path.parent / cited).exists()
+            if not found and Path(cited).name not in names:
+                missing.setdefault(cited, str(path.relative_to(ROOT)))
+    assert not missing, f"documents cited but not in the repository: {missing}"
 
 
 # -------------------------------------------------------------------- links
