@@ -273,6 +273,13 @@ def read_config_file(path: Path) -> dict[str, object]:
     return data
 
 
+def chosen_config_path(path: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The configuration file a command names: ``--config``, else ``RECONCILER_CONFIG``;
+    None when neither is set (the default path then, SPEC §2)."""
+    env = os.environ if environ is None else environ
+    return path or env.get("RECONCILER_CONFIG") or None
+
+
 def load_config(
     path: str | None = None,
     overrides: Mapping[str, object] | None = None,
@@ -287,15 +294,27 @@ def load_config(
     the file (SPEC §2). Raises ConfigError for unknown keys, wrong types, a
     bad ``mode``, or an explicitly named file that cannot be read.
     """
-    env = os.environ if environ is None else environ
-    chosen = path or env.get("RECONCILER_CONFIG")
+    chosen = chosen_config_path(path, environ)
     raw: dict[str, object] = {}
     if chosen:
         raw = read_config_file(Path(chosen))
     elif DEFAULT_CONFIG_PATH.exists():
         raw = read_config_file(DEFAULT_CONFIG_PATH)
-    where = chosen or str(DEFAULT_CONFIG_PATH)
+    return build_config(raw, overrides, where=chosen or str(DEFAULT_CONFIG_PATH))
 
+
+def build_config(
+    raw: Mapping[str, object],
+    overrides: Mapping[str, object] | None = None,
+    *,
+    where: str,
+) -> AgentConfig:
+    """The AgentConfig of a parsed configuration file ``raw`` and flag ``overrides``.
+
+    What :func:`load_config` does once the file is read; ``reconciler init``
+    checks what it is about to write with it, before anything is on disk.
+    ``where`` names the file in errors. Raises ConfigError as load_config.
+    """
     config = AgentConfig()
     values: dict[str, object] = {}
     for key, value in raw.items():

@@ -4,7 +4,8 @@
 ``install-units`` read this host's configuration (file, then flags:
 :func:`reconciler.config.config_from_args`); ``render``, ``validate`` and
 ``hosts`` read a working tree of the desired-state repository (``--repo
-DIR``), for the repository's own CI as much as for a host. Handlers take
+DIR``), for the repository's own CI as much as for a host; ``init`` writes the
+configuration the others read (:mod:`reconciler.host.bootstrap`). Handlers take
 ``(args, out, err)``, return the exit code and raise ReconcilerError;
 :func:`add_commands` registers them with the flags each one takes
 (:mod:`reconciler.cli.flags`).
@@ -514,6 +515,73 @@ def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
     return 0
 
 
+def cmd_init(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Set up this host (issue 12): write the configuration (never over an existing
+    one), make the state directory and, for an SSH source, the deploy key; print
+    the numbered steps left to the operator. Starts and enables nothing.
+
+    The file is ``--config``, else ``RECONCILER_CONFIG``, else the default path,
+    as every command reads it. Exit 2 for a bad URL, node or key, exit 1 when
+    the configuration exists — both before anything is written
+    (:func:`reconciler.host.bootstrap.init_host`).
+    """
+    import shutil
+    import time
+
+    from reconciler.config import DEFAULT_CONFIG_PATH, chosen_config_path
+    from reconciler.host.bootstrap import UNIT_DIRS, InitRequest, init_host
+
+    if not args.repo:
+        raise UsageError("init: --repo URL is required — see reconciler init --help")
+    named = chosen_config_path(args.config)
+    # The units and later shells run elsewhere: every path is kept absolute.
+    absolute = {
+        name: Path(os.path.abspath(value)) if value else None
+        for name, value in (
+            ("ssh_key", args.ssh_key),
+            ("known_hosts", args.known_hosts),
+            ("token_file", args.token_file),
+        )
+    }
+    request = InitRequest(
+        config_path=Path(os.path.abspath(named)) if named else DEFAULT_CONFIG_PATH,
+        repo=args.repo,
+        branch=args.branch,
+        node=args.node,
+        root=args.root,
+        state_dir=args.state_dir,
+        ssh_key=absolute["ssh_key"],
+        known_hosts=absolute["known_hosts"],
+        token_file=absolute["token_file"],
+        units_dirs=(Path(os.path.abspath(args.units_dir)),) if args.units_dir else UNIT_DIRS,
+        # The commands printed must run as printed: a virtualenv's reconciler may
+        # not be on PATH.
+        prog="reconciler" if shutil.which("reconciler") else f"{sys.executable} -m reconciler",
+    )
+    result = init_host(request, written_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if args.format == "json":
+        emit_json(result.to_json(), out, ensure_ascii=False)
+        return 0
+    config = result.config
+    out.write(
+        f"wrote {result.config_path} (node {config.node}, {config.repo}, branch {config.branch})\n"
+        f"state directory {config.state_dir} (0700)\n"
+    )
+    if result.deploy_key is not None:
+        made = "generated" if result.deploy_key.generated else "using the existing"
+        out.write(f"{made} deploy key {result.deploy_key.path}\n")
+    if result.units_dir is not None:
+        out.write(f"systemd units found in {result.units_dir}\n")
+    out.write("\nNext steps:\n")
+    for number, step in enumerate(result.steps, 1):
+        out.write(f"{number}. {step.title}\n")
+        for command in step.commands:
+            out.write(f"     {command}\n")
+        if step.note:
+            out.write(f"   ({step.note})\n")
+    return 0
+
+
 def cmd_backups(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.statedir import StateDir, read_hold
     from reconciler.pipeline.rollback import list_backups
@@ -644,6 +712,35 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         help="write the unit files into DIR (default: %(default)s)",
     )
     units.set_defaults(handler=cmd_install_units)
+
+    init = sub.add_parser(
+        "init",
+        parents=[flags("repo", "branch", "node", "root", "state_dir", *OUTPUT)],
+        help="set up this host: config, state directory, deploy key; print the next steps",
+    )
+    init.add_argument(
+        "--ssh-key",
+        metavar="PATH",
+        help="deploy key for an SSH source: used if it exists, else generated "
+        "(default: ssh/id_ed25519 beside the config)",
+    )
+    init.add_argument(
+        "--known-hosts",
+        metavar="PATH",
+        help="the git server's pinned host key (default: known_hosts beside the config)",
+    )
+    init.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="access token for an https source (default: token beside the config)",
+    )
+    init.add_argument(
+        "--units-dir",
+        metavar="DIR",
+        help="look for installed units in DIR only (default: /etc/systemd/system, "
+        "/lib/systemd/system, /usr/lib/systemd/system)",
+    )
+    init.set_defaults(handler=cmd_init)
 
     # The report of a rollback names the source and is pushed like a run's.
     rollback = sub.add_parser(
