@@ -26,7 +26,8 @@ place, :func:`reconciler.git.errors.map_git_errors`.
     ├── ScriptError                 a pre/post script failed or timed out; the command,
     │                               exit status and last output, like invoke's UnexpectedExit
     ├── LockError                   another run holds the state_dir lock
-    └── StateError                  a file of the state directory is unreadable
+    ├── StateError                  a file of the state directory is unreadable
+    └── ConfigExistsError           ``init``: a configuration is already there (never overwritten)
 
 Messages read ``"{where}: {problem} — {what to do}"``: an error raised with
 ``where=`` and ``hint=`` keeps the three parts as attributes and renders
@@ -237,6 +238,11 @@ class LockError(ReconcilerError):
 
 class StateError(ReconcilerError):
     """A file of the state directory exists but cannot be read or parsed (SPEC §2)."""
+
+
+class ConfigExistsError(ReconcilerError):
+    """``reconciler init`` found a configuration where it would write one (exit 1):
+    it never overwrites one (issue 12)."""
 
 
 def did_you_mean(name: object, known: Iterable[str]) -> str:

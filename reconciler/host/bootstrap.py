@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from reconciler.config import DEFAULT_CONFIG_PATH, AgentConfig, build_config, load_config
-from reconciler.errors import ConfigError, ReconcilerError, UsageError
+from reconciler.errors import ConfigError, ConfigExistsError, UsageError
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import fsync_dir, write_temp
 
@@ -55,10 +55,6 @@ UNIT_DIRS = (
 PULL_UNIT = "reconciler-pull.service"
 ENABLE = ("reconciler-boot.service", "reconciler-pull.timer")
 SCHEMES = ("ssh", "https", "http", "git", "file")
-
-
-class ConfigExistsError(ReconcilerError):
-    """A configuration file is already where ``init`` would write one (exit 1)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,6 +355,19 @@ def plan_config(request: InitRequest, *, scheme: str, repo: str) -> AgentConfig:
     Raises ConfigError (exit 2) for a bad node name or value, naming the flag.
     Touches nothing on disk.
     """
+    # A flag that would be silently ignored is refused: it says the operator
+    # expects another kind of source than the URL is.
+    for flag, value, schemes in (
+        ("--ssh-key", request.ssh_key, ("ssh",)),
+        ("--known-hosts", request.known_hosts, ("ssh",)),
+        ("--token-file", request.token_file, ("https", "http")),
+    ):
+        if value is not None and scheme not in schemes:
+            kinds = "an ssh:// or user@host:path" if schemes == ("ssh",) else "an https://"
+            raise UsageError(
+                f"{flag}: only for {kinds} source, not {scheme} (--repo {repo}) — drop {flag} "
+                "or correct --repo"
+            )
     auth: dict[str, object] = {}
     if scheme == "ssh":
         auth = {

@@ -157,6 +157,9 @@ def test_init_refuses_a_hand_written_configuration_too(site):
         (["--repo", SSH_URL, "--node", ".hidden"], "not a valid node name"),
         (["--repo", SSH_URL, "--node", "a/b"], "not a valid node name"),
         (["--repo", SSH_URL, "--root", "/nonexistent/root"], "--root"),
+        (["--repo", "https://git.example.com/f.git", "--ssh-key", "/k"], "--ssh-key: only for"),
+        (["--repo", "git://git.example.com/f.git", "--known-hosts", "/k"], "--known-hosts"),
+        (["--repo", SSH_URL, "--token-file", "/t"], "--token-file: only for an https://"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
