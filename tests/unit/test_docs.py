@@ -368,6 +368,25 @@ def test_every_spec_section_cited_anywhere_is_a_section_of_docs_spec():
     assert not unknown, f"cited SPEC sections docs/spec.md lacks: {unknown}"
 
 
+def test_every_step_of_spec_4_cited_is_a_numbered_step_there():
+    # "SPEC §4 step 2" is the trust check: the steps keep their numbers.
+    section = _read(SPEC).split("\n## 4. ", 1)[1].split("\n## 5. ", 1)[0]
+    steps = {int(n) for n in re.findall(r"^(\d+)\. \*\*", section, re.M)}
+    assert steps == set(range(1, 8))
+    cited: dict[int, str] = {}
+    for path in _text_files():
+        try:
+            text = _read(path)
+        except UnicodeDecodeError:
+            continue
+        for found in re.finditer(r"§4,? steps? (\d+)(?:\s*[–-]\s*(\d+))?", text):
+            for n in filter(None, found.groups()):
+                cited.setdefault(int(n), str(path.relative_to(ROOT)))
+    assert {2, 5, 6} <= set(cited)
+    unknown = {n: where for n, where in cited.items() if n not in steps}
+    assert not unknown, f"cited steps of SPEC §4 that docs/spec.md lacks: {unknown}"
+
+
 def test_every_document_the_project_names_is_in_the_repository():
     # Issue 12: the README and pyproject.toml named the contract, the house style and
     # the field notes by files that were not in the repository. Any *.md named in the
