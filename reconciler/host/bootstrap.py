@@ -294,8 +294,8 @@ def render_config(config: AgentConfig, *, scheme: str, written_at: str) -> str:
     lines = [
         f"# reconciler agent configuration, written by `reconciler init` at {written_at}.",
         "# Every key also exists as a flag (--state-dir for state_dir); a flag wins.",
-        "# All keys, defaults and meanings: reconciler's README.md, \"Pointing it at your",
-        '# own repository", and its docs/ directory. Unknown keys are an error (exit 2).',
+        "# All keys, their defaults and meanings: docs/configuration.md of reconciler.",
+        "# Unknown keys and wrong types are an error (exit 2).",
         "",
         _scalar("repo", config.repo) + "   # the desired-state repository",
         _scalar("branch", config.branch) + "   # the branch this host applies",

@@ -99,7 +99,7 @@ def test_init_writes_a_config_a_run_loads_with_the_deploy_key_and_state_dir(site
     # A file for humans: comments, and every key it sets is there once.
     text = site["config"].read_text()
     assert text.startswith("# reconciler agent configuration, written by `reconciler init`")
-    assert "# mode: enforce" in text and "README.md" in text
+    assert "# mode: enforce" in text and "docs/configuration.md" in text
     # Next steps: pin the host key (a port off 22 is scanned on that port), then the node.
     assert f"ssh-keyscan -p 2222 git.example.com >> {etc / 'known_hosts'}\n" in out
     assert "out of band" in out
