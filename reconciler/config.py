@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     import argparse
 
 DEFAULT_CONFIG_PATH = Path("/etc/reconciler/config.yaml")
+# This host's age identity (SPEC §8): an age X25519 identity file or an OpenSSH
+# ed25519 private key; read only when a run meets an encrypted secret.
+DEFAULT_IDENTITY = "/etc/reconciler/identity.age"
 MODES = ("enforce", "audit")
 
 # Bounds on one template's render (SPEC §2, §10): render_timeout, max_file_size.
@@ -159,6 +162,7 @@ class AgentConfig:
     # One template's render: seconds, and bytes of its output (0: no bound).
     render_timeout: float = DEFAULT_RENDER_TIMEOUT
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    identity: str = DEFAULT_IDENTITY
     auth: AuthConfig = field(default_factory=AuthConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -182,6 +186,7 @@ SCALAR_KEYS: tuple[str, ...] = (
     "allow_rewind",
     "render_timeout",
     "max_file_size",
+    "identity",
 )
 _DURATION_KEYS = frozenset(
     {

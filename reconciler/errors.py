@@ -26,6 +26,11 @@ place, :func:`reconciler.git.errors.map_git_errors`.
     ├── ScriptError                 a pre/post script failed or timed out; the command,
     │                               exit status and last output, like invoke's UnexpectedExit
     ├── LockError                   another run holds the state_dir lock
+    ├── SecretError                 an age identity, recipient, key file or secrets.yaml rule
+    │   │                           is unusable (SPEC §8); reconciler/secrets/
+    │   ├── NotRecipientError       no identity held opens the payload (not a recipient)
+    │   ├── CorruptSecretError      an age payload truncated or altered
+    │   └── NotAgeError             data that is not an age payload at all
     ├── StateError                  a file of the state directory is unreadable
     └── ConfigExistsError           ``init``: a configuration is already there (never overwritten)
 
@@ -234,6 +239,25 @@ class ScriptError(ReconcilerError):
 
 class LockError(ReconcilerError):
     """Another run holds the lock of the state directory (SPEC §6)."""
+
+
+class SecretError(ReconcilerError):
+    """An age identity, recipient, key file, payload or ``secrets.yaml`` rule is unusable
+    (SPEC §8). ``where`` names the file (a repository path, an identity file);
+    the message never holds a secret's plaintext or an identity's key."""
+
+
+class NotRecipientError(SecretError):
+    """No identity we hold opens an age payload: this node (or operator) is not one of
+    its recipients, or holds a different key than ``keys/`` says (SPEC §8)."""
+
+
+class CorruptSecretError(SecretError):
+    """An age payload is truncated, altered or badly armored (SPEC §8)."""
+
+
+class NotAgeError(SecretError):
+    """Data expected to be an age payload is not one (no age header, no age armor)."""
 
 
 class StateError(ReconcilerError):

@@ -64,6 +64,7 @@ TOOLS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
     "chromium": ((("chromium", "chromium-browser"), "chromium"),),
     "gpg": ((("gpg",), "gnupg"),),
     "strace": ((("strace",), "strace"),),
+    "age": ((("age",), "age"), (("age-keygen",), "age")),
     "systemd_analyze": ((("systemd-analyze", "/usr/bin/systemd-analyze"), "systemd"),),
 }
 

@@ -20,6 +20,7 @@ NEEDS=(
   "openssl:openssl"
   "gnupg:gpg"                          # GPG-signed commits
   "strace:strace"                      # the report-durability test watches fsyncs
+  "age:age"                            # secrets (SPEC §8): interop with the reference age CLI
 )
 
 missing=()

@@ -100,6 +100,11 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "mode": (_HOST, ("--mode",), {"choices": ("enforce", "audit")}),
     "exclude_file": (_HOST, ("--exclude-file",), {"dest": "exclude_file"}),
     "lock_timeout": (_HOST, ("--lock-timeout",), {"dest": "lock_timeout"}),
+    "identity": (
+        _HOST,
+        ("--identity",),
+        {"metavar": "FILE", "help": "this host's age identity or ssh ed25519 key (SPEC §8)"},
+    ),
     "render_timeout": (
         _RENDER,
         ("--render-timeout",),

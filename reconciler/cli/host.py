@@ -1,7 +1,7 @@
 """The host's commands (SPEC §3): what runs on a server, as root, for its own node.
 
 ``pull``, ``diff``, ``status``, ``run``, ``backups``, ``rollback``,
-``install-units`` read this host's configuration (file, then flags:
+``install-units``, ``keygen`` read this host's configuration (file, then flags:
 :func:`reconciler.config.config_from_args`); ``render``, ``validate`` and
 ``hosts`` read a working tree of the desired-state repository (``--repo
 DIR``), for the repository's own CI as much as for a host; ``init`` writes the
@@ -637,6 +637,39 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 1 if report.errors else 0
 
 
+def cmd_keygen(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Write a new age identity for this host and print its recipient (SPEC §8).
+
+    ``--out FILE``, else the configured ``identity``. The file is written 0600
+    and never overwritten (SecretError naming it). stdout is the recipient
+    line alone, so ``reconciler keygen > keys/nodes/NODE.pub`` works; what to
+    do with it goes to stderr.
+    """
+    from reconciler.secrets.age import keygen
+
+    config = config_from_args(args)
+    path = args.out or config.identity
+    recipient = keygen(path)
+    key_file = f"keys/nodes/{config.node}.pub"
+    if args.format == "json":
+        emit_json(
+            {
+                "identity": str(path),
+                "recipient": recipient,
+                "node": config.node,
+                "key_file": key_file,
+            },
+            out,
+        )
+        return 0
+    out.write(f"{recipient}\n")
+    err.write(
+        f"reconciler keygen: wrote {path} (mode 0600); commit the line above as {key_file} "
+        "in the desired-state repository and name the node in secrets.yaml\n"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------- parsers
 
 
@@ -645,7 +678,7 @@ _DETAILED = "exit 3 when there are changes or drift (0: none, 1: failed)"
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the host's subcommands to ``sub``, each with its flags and handler (SPEC §3)."""
-    run_flags = (*SOURCE, *HOST, *POLICY, *RENDER)
+    run_flags = (*SOURCE, *HOST, *POLICY, *RENDER, "identity")
 
     pull = sub.add_parser(
         "pull",
@@ -741,6 +774,16 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "/lib/systemd/system, /usr/lib/systemd/system)",
     )
     init.set_defaults(handler=cmd_init)
+
+    keygen = sub.add_parser(
+        "keygen",
+        parents=[flags("node", "identity", *OUTPUT)],
+        help="write this host's age identity; print its recipient for keys/nodes/",
+    )
+    keygen.add_argument(
+        "--out", metavar="FILE", help="write the identity here (default: the identity key)"
+    )
+    keygen.set_defaults(handler=cmd_keygen)
 
     # The report of a rollback names the source and is pushed like a run's.
     rollback = sub.add_parser(

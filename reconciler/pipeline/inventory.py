@@ -195,6 +195,24 @@ def _schema_message(error: Any) -> str:
     return f"{at}{message[:200]} — see repo-layout/README.md"
 
 
+@cache
+def _named_validator(name: str) -> Any:
+    """The JSON-Schema validator of ``reconciler/schemas/<name>.schema.json``, built once."""
+    import jsonschema
+
+    base = resources.files("reconciler") / "schemas"
+    schema = json.loads((base / f"{name}.schema.json").read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_problems(name: str, data: Any, raw: bytes, path: str) -> list[str]:
+    """Every way ``data`` (parsed from ``raw``, the file at repository path ``path``)
+    breaks ``repo-layout/schemas/<name>.schema.json``: one line each, naming the
+    file and line, ending in what to do; [] when it conforms. For files beside
+    hosts/ and app.yaml that have a schema of their own (``secrets.yaml``, SPEC §8)."""
+    return _schema_problems(_named_validator(name), data, raw.decode("utf-8", "replace"), path)
+
+
 def _schema_problems(validator: Any, data: Any, text: str, path: str) -> list[str]:
     problems = []
     for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):

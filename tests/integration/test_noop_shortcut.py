@@ -4,7 +4,7 @@ A run skips load, render and hashing when the commit and inputs equal the
 last clean run and no managed file's stat signature moved. These tests
 change exactly one of the things the short cut must notice; the last one
 checks that the short cut also skips the imports (Jinja2, jsonschema,
-pathspec) of the stages it skips.
+pathspec, the age binding pyrage) of the stages it skips.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from tests.integration._service import host_argv, reconciler_env
 
 # What a no-op run must not pay for (docs/field-notes.md: Jinja2 alone is most of a cold
 # start): they are imported lazily, by the stages a no-op run skips.
-HEAVY = ("jinja2", "jsonschema", "pathspec")
+# pyrage: a run that meets no encrypted content never loads the age binding (SPEC §8).
+HEAVY = ("jinja2", "jsonschema", "pathspec", "pyrage")
 # Stages a no-op run skips, imported by the stages that need them (SPEC §7: every
 # module a run imports is paid for in a no-op's start-up).
 SKIPPED_STAGES = (

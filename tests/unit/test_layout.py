@@ -88,3 +88,34 @@ def test_the_checks_can_fail():
     )
     assert _imports_pygit2(sample) == [2, 3]
     assert _catches_git_error(sample) == [6]
+
+
+def _imports_module(tree: ast.AST, name: str) -> list[int]:
+    """Line numbers of every import of ``name`` (or a submodule), lazy ones included."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            if any(a.name == name or a.name.startswith(f"{name}.") for a in node.names):
+                lines.append(node.lineno)
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module == name or node.module.startswith(f"{name}."))
+        ):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_age_binding_is_imported_only_by_secrets_age_and_only_lazily():
+    # SPEC §8: one module maps pyrage's errors; SPEC §7: a no-op run never loads it,
+    # so no import at module level (tests/integration/test_noop_shortcut.py runs one).
+    owner = PACKAGE / "secrets" / "age.py"
+    for path in MODULES:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        found = _imports_module(tree, "pyrage")
+        if path != owner:
+            assert found == [], f"{_rel(path)}:{found[0]}: pyrage outside reconciler/secrets/age.py"
+            continue
+        assert found, "secrets/age.py no longer imports pyrage: update this test"
+        top = [n.lineno for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        assert not set(found) & set(top), f"{_rel(path)}: pyrage imported at module level"
