@@ -56,6 +56,15 @@ _OPENSSH_MAGIC = b"openssh-key-v1\0"
 _NO_MATCHING_KEYS = "No matching keys found"
 
 KEYGEN_HINT = "run 'reconciler keygen' or set identity: to /etc/ssh/ssh_host_ed25519_key"
+# An operator's identity, read by the operators' commands that decrypt (secret
+# show/edit/rekey, show/log/adopt of encrypted captures, render/impact
+# --show-secrets): --identity, else this file (SPEC §8).
+OPERATOR_IDENTITY = "~/.config/reconciler/identity.age"
+OPERATOR_KEYGEN_HINT = (
+    f"give --identity FILE (default {OPERATOR_IDENTITY}), or run "
+    f"'reconciler keygen --out {OPERATOR_IDENTITY}' and commit the line it prints "
+    "as keys/operators/<you>.pub"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +112,24 @@ def load_identity(path: str | Path) -> Identity:
             hint="make it a regular file readable by the user running reconciler",
         ) from exc
     return parse_identity(data, where=where)
+
+
+def operator_identity_path(given: str | Path | None = None) -> Path:
+    """The operator's identity file: ``given`` (``--identity``), else
+    ``~/.config/reconciler/identity.age``, ``~`` expanded (SPEC §8)."""
+    return Path(given if given else OPERATOR_IDENTITY).expanduser()
+
+
+def load_operator_identity(given: str | Path | None = None) -> Identity:
+    """The operator's identity (:func:`operator_identity_path`), for the operators'
+    commands that decrypt. Raises SecretError naming the file as
+    :func:`load_identity` does, with a hint that says how an operator gets
+    one (``--identity``, ``keygen --out``, ``keys/operators/``)."""
+    path = operator_identity_path(given)
+    try:
+        return load_identity(path)
+    except SecretError as exc:
+        raise SecretError(exc.problem, where=str(path), hint=OPERATOR_KEYGEN_HINT) from exc
 
 
 def parse_identity(data: bytes, *, where: str) -> Identity:

@@ -139,6 +139,19 @@ def _keys(snapshot: Snapshot, directory: str) -> dict[str, tuple[Recipient, ...]
     return out
 
 
+def operator_recipients(snapshot: Snapshot) -> tuple[Recipient, ...]:
+    """Every operator's recipient in ``keys/operators/*.pub`` of ``snapshot``, in
+    file-name order, duplicates dropped; () when there is none.
+
+    What a host encrypts its drift captures to (``report.encrypt_captures``,
+    SPEC §8), read without ``secrets.yaml`` or the inventory: a capture is
+    for the operators only. Raises SecretError naming the key file for a
+    ``.pub`` that holds no recipient.
+    """
+    keys = _keys(snapshot, OPERATOR_KEYS)
+    return _unique(r for name in sorted(keys) for r in keys[name])
+
+
 def load_rules(snapshot: Snapshot, inventory: Inventory) -> SecretRules:
     """The secret rules and keys of ``snapshot`` (SPEC §8), nodes named in rules
     expanded with ``inventory`` (loaded from the same snapshot).

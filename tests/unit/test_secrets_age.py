@@ -359,3 +359,19 @@ def test_reconciler_keygen_writes_the_configured_identity_and_prints_its_recipie
     shown = json.loads(out.getvalue())
     assert shown["identity"] == str(elsewhere) and shown["key_file"] == "keys/nodes/db1.pub"
     assert age.load_identity(elsewhere).recipients == (shown["recipient"],)
+
+
+def test_the_operator_identity_is_the_flag_else_the_one_default_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SPEC §8: operators' commands read --identity, else ~/.config/reconciler/identity.age.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    default = tmp_path / ".config/reconciler/identity.age"
+    assert age.operator_identity_path(None) == default
+    assert age.operator_identity_path(str(tmp_path / "mine")) == tmp_path / "mine"
+    with pytest.raises(SecretError) as info:
+        age.load_operator_identity(None)
+    text = _one_line(info.value, str(default))
+    assert "no identity file" in text and "--identity" in text and "keys/operators/" in text
+    recipient = age.keygen(default)
+    assert age.load_operator_identity(None).recipients == (recipient,)

@@ -16,7 +16,7 @@ from reconciler.git.repo import discover
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.pipeline.inventory import load_inventory
 from reconciler.secrets import age
-from reconciler.secrets.rules import load_rules
+from reconciler.secrets.rules import load_rules, operator_recipients
 from tests.unit.helpers import write_repo
 
 HOSTS = {
@@ -170,3 +170,19 @@ def test_rules_are_read_from_the_commit_not_the_working_tree(
     snap = GitSnapshot(repo, commit, SourceInfo(url="x", branch="main", commit=commit))
     rules = load_rules(snap, load_inventory(snap))
     assert rules.readers("templates/postgresql/default/x.age") == ("db1",)
+
+
+def test_operator_recipients_are_read_without_rules_or_inventory(
+    tmp_path: Path, keys: dict[str, str]
+) -> None:
+    # What a host encrypts its drift captures to (report.encrypt_captures, SPEC §8).
+    files = _files(keys, "")
+    del files["secrets.yaml"]
+    found = operator_recipients(write_repo(tmp_path / "a", files))
+    assert [r.text for r in found] == [keys["alice"], keys["bob"]]
+    bare = {k: v for k, v in files.items() if not k.startswith("keys/operators/")}
+    assert operator_recipients(write_repo(tmp_path / "b", bare)) == ()
+    files["keys/operators/carol.pub"] = "# nothing here\n"
+    with pytest.raises(SecretError) as info:
+        operator_recipients(write_repo(tmp_path / "c", files))
+    assert str(info.value).startswith("keys/operators/carol.pub: holds no public key — ")
