@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration clean system-deps
+.PHONY: demo test lint unit integration clean system-deps deb deb-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,7 +42,17 @@ integration: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS) tests/integration
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache build/deb reconciler_*.deb
+
+# The Debian package (docs/install.md): reconciler_<version>_amd64.deb here, with
+# its own Python environment under /opt/reconciler (debian/, dh-virtualenv).
+deb:
+	bash debian/build.sh
+
+# Builds, installs, runs, purges the package on this machine (CI, after make test;
+# refuses if a reconciler package is already installed). Not part of make test.
+deb-check:
+	bash tests/deb-check.sh
 
 # Benchmarks (issue 7, SPEC §7); nothing here runs in `make test`.
 # bench/.venv-ansible holds the bench-only tools (ansible-core, matplotlib).

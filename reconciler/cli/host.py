@@ -449,12 +449,6 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return agent.serve(max_runs=args.max_runs)
 
 
-def _timespan(seconds: float) -> str:
-    """Seconds as a systemd time span: ``90s``, ``1.5s`` (systemd.time(7))."""
-    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
-    return f"{text}s"
-
-
 def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Write the systemd units into ``--dest`` (SPEC §3), following this host's configuration.
 
@@ -465,34 +459,22 @@ def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
     here; the timer runs every ``interval`` with ``splay`` as its random delay,
     as ``reconciler run`` does (issue 12).
     """
-    import shlex
     import shutil
-    from importlib import resources
 
     from reconciler.host.system import atomic_write
+    from reconciler.host.units import render_units
 
     named = args.config or os.environ.get("RECONCILER_CONFIG") or None
     config = config_from_args(args)  # ConfigError (exit 2) before anything is written
     exe = shutil.which("reconciler") or f"{sys.executable} -m reconciler"
     path = str(Path(named).resolve()) if named else None
-    # Flags come after the subcommand (SPEC §6): appended to each ExecStart line.
-    extra = f" --config {shlex.quote(path)}" if path else ""
+    units = render_units(exe=exe, interval=config.interval, splay=config.splay, config=path)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
-    units = resources.files("reconciler") / "units"
     written = []
-    for unit in sorted(units.iterdir(), key=lambda u: u.name):
-        text = (
-            unit.read_text(encoding="utf-8")
-            .replace("{exec}", exe)
-            .replace("{interval}", _timespan(config.interval))
-            .replace("{splay}", _timespan(config.splay))
-        )
-        text = "\n".join(
-            line + extra if line.startswith("ExecStart=") else line for line in text.split("\n")
-        )
-        atomic_write(dest / unit.name, text.encode(), mode=0o644)
-        written.append(str(dest / unit.name))
+    for name, text in units.items():
+        atomic_write(dest / name, text.encode(), mode=0o644)
+        written.append(str(dest / name))
     enable = (
         "systemctl enable --now reconciler-boot.service reconciler.service",
         "systemctl enable --now reconciler-boot.service reconciler-pull.timer",
