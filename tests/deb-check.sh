@@ -102,10 +102,18 @@ git --git-dir "$tmp/srv/fleet.git" rev-parse -q --verify reports/web1 >/dev/null
 /usr/bin/reconciler pull --config "$tmp/config.yaml" --root "$tmp/root" --state-dir "$tmp/state" --detailed-exitcode \
   || fail "the second pull was not a no-op (exit $?)"
 
+step "reconciler init finds the package's units"
+# The operator's first day (docs/install.md): init writes the configuration
+# at the default path the units read, so it has no install-units step.
+init_out=$(/usr/bin/reconciler init --repo "$url" --node web1 --root "$tmp/root" --state-dir "$tmp/state")
+echo "$init_out"
+[[ -f /etc/reconciler/config.yaml ]] || fail "reconciler init wrote no /etc/reconciler/config.yaml"
+grep -q 'install-units' <<<"$init_out" && fail "reconciler init asks for install-units although the package installed the units"
+grep -q 'systemctl enable --now reconciler-boot.service' <<<"$init_out" || fail "reconciler init does not say which units to enable"
+
 step "purge"
-# What an operator and the agent would have left: reconciler init's
-# configuration, a run's backups, a cache.
-cp "$tmp/config.yaml" /etc/reconciler/config.yaml
+# What an operator and the agent would have left besides init's
+# configuration: a run's backups, a cache.
 mkdir -p "/var/lib/reconciler/backups/deb-check-$$/files" /var/lib/reconciler/jinja-cache
 echo old >"/var/lib/reconciler/backups/deb-check-$$/files/probe"
 echo cache >/var/lib/reconciler/jinja-cache/probe
