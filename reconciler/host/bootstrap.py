@@ -450,6 +450,14 @@ def init_host(request: InitRequest, *, written_at: str) -> InitResult:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     if key_path is not None and key is None:
         key = generate_deploy_key(key_path, comment=f"reconciler@{config.node}")
+    if config.auth.known_hosts:
+        # Empty, so that a run before the host key is pinned says "unknown host
+        # … (key SHA256:…) — verify it and add it", with the fingerprint offered,
+        # rather than that the file is missing. Never truncated if it exists.
+        known = Path(config.auth.known_hosts)
+        known.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(known, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     StateDir.at(config.state_dir).ensure()
     write_new_config(path, text, config)
     units = installed_units(request.units_dirs)

@@ -54,6 +54,18 @@ def reconciler_env() -> dict[str, str]:
     return env
 
 
+def reconciler(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m reconciler ARGV`` as a subprocess, in ``env`` (default: reconciler_env())."""
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", *argv],
+        capture_output=True,
+        text=True,
+        env=env or reconciler_env(),
+        timeout=120,
+        check=False,
+    )
+
+
 def host_argv(host: Host, command: str, *args: str) -> list[str]:
     """``python -m reconciler COMMAND --repo … --exclude-file … ARGS``, as ``Host.run``."""
     return [sys.executable, "-m", "reconciler", command, *host.flags(command), *args]

@@ -2,30 +2,18 @@
 
 The configuration ``init`` writes is used as is by a real ``pull`` against
 the example fleet on a real ``git daemon``: the dry run it tells the operator
-to try first, then a run that converges.
+to try first, then a run that converges. Over SSH against a real sshd:
+tests/integration/test_ssh.py (the file that owns the sshd fixture).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.conftest import Fleet
-from tests.integration._service import reconciler_env
-
-
-def reconciler(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "reconciler", *argv],
-        capture_output=True,
-        text=True,
-        env=env or reconciler_env(),
-        timeout=120,
-        check=False,
-    )
+from tests.integration._service import reconciler, reconciler_env
 
 
 def test_the_config_init_writes_is_what_pull_runs_with(fleet: Fleet, tmp_path: Path):

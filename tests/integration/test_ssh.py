@@ -8,7 +8,9 @@ server's refs (no report pushed).
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from tests.conftest import Host, tree_snapshot
 from tests.integration._helpers import assert_clean_error, drift_kinds, pull_report
+from tests.integration._service import reconciler as reconciler_cli
 from tests.integration.servers import (  # noqa: F401 (fixtures)
     ServerFleet,
     SshGitServer,
@@ -261,3 +264,37 @@ def test_host_key_changed_after_a_good_pull_keeps_enforcing_the_last_fetched_com
     log = ssh_fleet.report_log("web1")
     assert log[0].startswith(f"web1: changed at {newer[:7]}")
     assert any(s.startswith(f"web1: failed at {applied[:7]}") for s in log)
+
+
+# reconciler init (issue 12): its key and its printed keyscan, end to end.
+def test_init_over_ssh_the_generated_key_and_the_printed_keyscan_let_pull_in(
+    ssh_fleet, ssh_server, tmp_path
+):
+    config = tmp_path / "etc" / "config.yaml"
+    root = tmp_path / "root"
+    root.mkdir()
+    argv = ["init", "--repo", ssh_fleet.url, "--node", "web1", "--root", str(root)]
+    argv += ["--state-dir", str(tmp_path / "state"), "--units-dir", str(tmp_path / "units")]
+    made = reconciler_cli(*argv, "--config", str(config), "--format", "json")
+    assert made.returncode == 0, made.stderr
+    data = json.loads(made.stdout)
+    assert data["key_generated"] is True
+    assert data["known_hosts"] == str(config.parent / "known_hosts")
+    # Before the host key is pinned, the run refuses the server: never trusted on sight.
+    refused = reconciler_cli("pull", "--config", str(config))
+    assert refused.returncode == 1 and "unknown host" in refused.stderr, refused.stderr
+    # The operator runs the printed scan (any key type the server offers is pinned,
+    # whichever libssh2 negotiates) and authorizes the printed public key.
+    (scan,) = [c for s in data["steps"] for c in s["commands"] if c.startswith("ssh-keyscan")]
+    subprocess.run(["sh", "-c", scan], check=True, capture_output=True, timeout=30)
+    authorized = ssh_server.base / "authorized_keys"
+    before = authorized.read_text()
+    authorized.write_text(before + data["public_key"] + "\n")
+    try:
+        run = reconciler_cli("pull", "--config", str(config))
+    finally:
+        authorized.write_text(before)
+
+    assert run.returncode == 0, run.stderr
+    assert (root / "etc" / "motd").is_file()
+    assert ssh_fleet.report("web1")["node"] == "web1"

@@ -82,6 +82,8 @@ def test_init_writes_a_config_a_run_loads_with_the_deploy_key_and_state_dir(site
     assert config.auth.ssh_key == str(etc / "ssh" / "id_ed25519")
     assert config.auth.known_hosts == str(etc / "known_hosts")
     assert mode_of(site["config"]) == 0o600
+    # Empty until the operator pins the server: a run then names the key it was offered.
+    assert (etc / "known_hosts").read_bytes() == b"" and mode_of(etc / "known_hosts") == 0o644
     assert mode_of(site["state"]) == 0o700
     key = etc / "ssh" / "id_ed25519"
     assert mode_of(key) == 0o600 and mode_of(key.parent) == 0o700
@@ -124,7 +126,11 @@ def test_init_refuses_to_overwrite_a_configuration_byte_for_byte(site):
     assert f"mv {site['config']} {site['config']}.old" in lines[0]
     assert site["config"].read_bytes() == before
     assert site["config"].stat().st_ino == stat_before.st_ino
-    assert sorted(p.name for p in site["config"].parent.iterdir()) == ["config.yaml", "ssh"]
+    assert sorted(p.name for p in site["config"].parent.iterdir()) == [
+        "config.yaml",
+        "known_hosts",
+        "ssh",
+    ]
 
 
 def test_init_refuses_a_hand_written_configuration_too(site):
@@ -185,7 +191,19 @@ def test_the_key_is_generated_once_and_reused_by_an_init_elsewhere(site, tmp_pat
     inode = key.stat().st_ino
 
     other = {**site, "config": tmp_path / "other" / "config.yaml", "state": tmp_path / "s2"}
-    code, second, err = init(other, "--repo", SSH_URL, "--node", "web1", "--ssh-key", str(key))
+    pinned = tmp_path / "pinned"
+    pinned.write_text("[git.example.com]:2222 ssh-ed25519 AAAA\n")
+    argv = [
+        "--repo",
+        SSH_URL,
+        "--node",
+        "web1",
+        "--ssh-key",
+        str(key),
+        "--known-hosts",
+        str(pinned),
+    ]
+    code, second, err = init(other, *argv)
 
     assert (code, err) == (0, "")
     assert f"using the existing deploy key {key}" in second
@@ -193,6 +211,7 @@ def test_the_key_is_generated_once_and_reused_by_an_init_elsewhere(site, tmp_pat
     assert Path(f"{key}.pub").read_text() == public
     assert f"     {public.strip()}\n" in second
     assert load_config(str(other["config"]), environ={}).auth.ssh_key == str(key)
+    assert pinned.read_text() == "[git.example.com]:2222 ssh-ed25519 AAAA\n"  # never truncated
 
 
 def test_an_existing_key_without_its_pub_file_is_read_with_ssh_keygen(site, tmp_path):
