@@ -294,7 +294,8 @@ def render_config(config: AgentConfig, *, scheme: str, written_at: str) -> str:
     lines = [
         f"# reconciler agent configuration, written by `reconciler init` at {written_at}.",
         "# Every key also exists as a flag (--state-dir for state_dir); a flag wins.",
-        "# All keys, their defaults and meanings: docs/configuration.md of reconciler.",
+        "# All keys, their defaults and meanings: docs/configuration.md of reconciler",
+        "# (the Debian package also installs /etc/reconciler/config.yaml.example).",
         "# Unknown keys and wrong types are an error (exit 2).",
         "",
         _scalar("repo", config.repo) + "   # the desired-state repository",
@@ -328,6 +329,7 @@ def render_config(config: AgentConfig, *, scheme: str, written_at: str) -> str:
         "# lock_timeout: 60s",
         "# boot_timeout: 5m       # pull --boot: how long to retry the first fetch",
         "# net_timeout: 60s",
+        "# identity: /etc/reconciler/identity.age   # age identity for secrets (reconciler keygen)",
         "# verify:",
         "#   allowed_signers: /etc/reconciler/allowed_signers   # apply signed commits only",
         "# report:",

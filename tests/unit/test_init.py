@@ -346,3 +346,22 @@ def test_the_config_path_comes_from_reconciler_config(site, monkeypatch):
 
     assert (code, err) == (0, "")
     assert load_config(None).repo == "git://git.example.com/fleet.git"
+
+
+def test_every_key_the_file_shows_commented_out_is_a_key_a_run_takes(site, tmp_path):
+    # The pointers must not rot: uncommented, the file still loads (no unknown key,
+    # no wrong type) — a key renamed in config.py without this file fails here.
+    assert init(site, "--repo", SSH_URL, "--node", "web1")[0] == 0
+    text = site["config"].read_text()
+    body = text.split("\n\n", 1)[1]  # past the header
+    shown = [line[2:] for line in body.splitlines() if line.startswith("# ")]
+    uncommented = tmp_path / "all.yaml"
+    keys = [line for line in body.splitlines() if not line.startswith("#")] + shown
+    uncommented.write_text("\n".join(keys) + "\n")
+
+    config = load_config(str(uncommented), environ={})
+
+    assert config.node == "web1"
+    assert config.report.webhook_token_file == "/etc/reconciler/webhook-token"
+    assert config.metrics.textfile is not None and config.backups.keep == 10
+    assert len(shown) >= 15, shown
