@@ -152,7 +152,9 @@ def operator_recipients(snapshot: Snapshot) -> tuple[Recipient, ...]:
     return _unique(r for name in sorted(keys) for r in keys[name])
 
 
-def load_rules(snapshot: Snapshot, inventory: Inventory) -> SecretRules:
+def load_rules(
+    snapshot: Snapshot, inventory: Inventory, *, unknown: list[SecretError] | None = None
+) -> SecretRules:
     """The secret rules and keys of ``snapshot`` (SPEC §8), nodes named in rules
     expanded with ``inventory`` (loaded from the same snapshot).
 
@@ -161,6 +163,10 @@ def load_rules(snapshot: Snapshot, inventory: Inventory) -> SecretRules:
     ``secrets.yaml`` for a file that is not a list of ``{path, to}`` rules
     (schema, with line numbers) or a rule naming an unknown node or
     meta-node; naming the key file for a ``.pub`` that holds no recipient.
+
+    ``unknown``: when given (``validate``, which reports every problem at
+    once), each unknown name of a rule is appended to it as a SecretError and
+    left out of the rule's nodes instead of raised.
     """
     import pathspec
 
@@ -187,12 +193,16 @@ def load_rules(snapshot: Snapshot, inventory: Inventory) -> SecretRules:
             nodes: list[str] = []
             for name in names:
                 if name not in known:
-                    raise SecretError(
+                    error = SecretError(
                         f"rule {number} ({entry['path']}) names {name!r}, which is no node "
                         f"or meta-node{did_you_mean(name, known)}",
                         where=SECRETS_FILE,
                         hint=f"add hosts/{name}.yaml or correct the name",
                     )
+                    if unknown is None:
+                        raise error
+                    unknown.append(error)
+                    continue
                 nodes.extend(n for n in inventory.members(name) if n not in nodes)
             try:
                 specs.append(pathspec.GitIgnoreSpec.from_lines([entry["path"]]))
