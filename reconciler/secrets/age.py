@@ -385,8 +385,9 @@ def decrypt(payload: bytes, identities: Sequence[Identity], *, where: str) -> by
                 where=where,
                 hint="add the key to keys/, name it in secrets.yaml and run 'reconciler secret rekey'",
             ) from None
+        # pyrage's text may span lines ("Unknown age format.\nHave you tried…"): one line.
         raise CorruptSecretError(
-            f"a damaged age payload ({exc})",
+            f"a damaged age payload ({' '.join(str(exc).split())})",
             where=where,
             hint="encrypt it again with 'reconciler secret encrypt' or 'secret edit'",
         ) from None
