@@ -105,6 +105,14 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         ("--identity",),
         {"metavar": "FILE", "help": "this host's age identity or ssh ed25519 key (SPEC §8)"},
     ),
+    "operator_identity": (
+        _HOST,
+        ("--identity",),
+        {
+            "metavar": "FILE",
+            "help": "your age identity (default: ~/.config/reconciler/identity.age)",
+        },
+    ),
     "render_timeout": (
         _RENDER,
         ("--render-timeout",),

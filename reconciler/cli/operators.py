@@ -14,6 +14,7 @@ flags it takes (:mod:`reconciler.cli.flags`):
 ``impact [BASE..HEAD]``    per node, the destination files a range of commits changes
 ``adopt NODE PATH``        a captured drifted file back into the desired state, on a branch
 ``forget NODE``            delete a decommissioned node's report branch on the server
+``secret …``               encrypt, edit, rekey, show secrets in a working tree (SPEC §8)
 =========================  ==================================================
 
 ``--repo`` is the desired-state repository URL or path, fetched into a cache
@@ -38,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler.cli.flags import OUTPUT, RENDER, SOURCE, flags, render_limits
+from reconciler.cli.flags import OUTPUT, RENDER, SOURCE, Parser, flags, render_limits
 from reconciler.cli.output import emit_json
 from reconciler.config import config_from_args
 from reconciler.errors import ReconcilerError, UsageError
@@ -598,6 +599,151 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 1 if failed else 0
 
 
+# ------------------------------------------------------------------- secrets
+
+
+def _secret_target(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(PATH, None) for a file, (FILE, KEY) with --var; UsageError when the words do not fit."""
+    if args.var:
+        if args.key is None:
+            raise UsageError(
+                f"secret {args.action} --var: give the host file and the key — "
+                f"reconciler secret {args.action} --var hosts/NODE.yaml KEY"
+            )
+        return args.path, args.key
+    if args.key is not None:
+        raise UsageError(
+            f"secret {args.action}: unexpected argument {args.key} — for a value of a host "
+            f"file use --var FILE KEY"
+        )
+    return args.path, None
+
+
+def _written(args: argparse.Namespace, what: str, written: Any, out: TextIO) -> None:
+    rows = [written] if written is not None and not isinstance(written, list) else written or []
+    if args.format == "json":
+        _emit(
+            {
+                what: [
+                    {"path": w.path, "key": w.key or None, "recipients": len(w.recipients)}
+                    for w in rows
+                ]
+            },
+            out,
+        )
+        return
+    if not rows:
+        out.write("unchanged: nothing written\n" if what == "edited" else "nothing to re-encrypt\n")
+    for w in rows:
+        out.write(f"{what} {w.describe()}\n")
+
+
+def cmd_secret_encrypt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``secret encrypt PATH`` · ``secret encrypt --var FILE KEY`` (SPEC §8)."""
+    from reconciler.ops.secret import encrypt_file, encrypt_var, open_tree, read_value
+
+    path, key = _secret_target(args)
+    tree = open_tree(args.repo or ".")
+    if key is None:
+        written = encrypt_file(tree, path)
+        _written(args, "encrypted", written, out)
+        if args.format != "json":
+            out.write(f"removed the plaintext {path}; commit {written.path}\n")
+        return 0
+    tree.rules.recipients(tree.repo_path(path))  # no rule: say so before asking for the value
+    value = read_value(f"value of vars.{key} in {path} (not shown): ")
+    _written(args, "encrypted", encrypt_var(tree, path, key, value), out)
+    return 0
+
+
+def cmd_secret_edit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``secret edit PATH`` · ``secret edit --var FILE KEY``: decrypt, $EDITOR, re-encrypt."""
+    from reconciler.ops.secret import edit_file, edit_var, open_tree
+    from reconciler.secrets.age import load_operator_identity
+
+    path, key = _secret_target(args)
+    tree = open_tree(args.repo or ".")
+    identity = load_operator_identity(args.identity)
+    if key is None:
+        written = edit_file(tree, path, identity)
+    else:
+        written = edit_var(tree, path, key, identity)
+    _written(args, "edited", [] if written is None else written, out)
+    return 0
+
+
+def cmd_secret_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``secret show PATH`` · ``secret show --var FILE KEY``: the plaintext on stdout."""
+    from reconciler.ops.secret import open_tree, show_file, show_var
+    from reconciler.secrets.age import load_operator_identity
+
+    path, key = _secret_target(args)
+    tree = open_tree(args.repo or ".")
+    identity = load_operator_identity(args.identity)
+    plaintext = (
+        show_file(tree, path, identity) if key is None else show_var(tree, path, key, identity)
+    )
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:  # bytes as they are: a secret may be binary (a keystore)
+        out.flush()
+        buffer.write(plaintext)
+        buffer.flush()
+    else:
+        out.write(plaintext.decode("utf-8", "replace"))
+    return 0
+
+
+def cmd_secret_rekey(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``secret rekey [PATH…]``: re-encrypt to the rules' current recipients."""
+    from reconciler.ops.secret import open_tree, rekey
+    from reconciler.secrets.age import load_operator_identity
+
+    tree = open_tree(args.repo or ".")
+    identity = load_operator_identity(args.identity)
+    _written(args, "re-encrypted", rekey(tree, args.paths, identity), out)
+    return 0
+
+
+def _add_secret_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """``reconciler secret encrypt|edit|show|rekey``, each with its own words and flags."""
+    secret = sub.add_parser(
+        "secret",
+        # --config and the logging flags, as every command: before or after ACTION.
+        parents=[flags()],
+        help="encrypt, edit, rekey or show secrets in a working tree (SPEC §8)",
+        description="Secrets of a working tree of the desired-state repository (SPEC §8).",
+    )
+    actions = secret.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    actions.required = True
+    common = ("tree_repo", "operator_identity", *OUTPUT)
+    helps = {
+        "encrypt": "a plaintext file → PATH.age, or --var FILE KEY: a value → !age in a host file",
+        "edit": "decrypt, run $EDITOR, re-encrypt to the rule's current recipients",
+        "show": "print the plaintext",
+    }
+    handlers = {"encrypt": cmd_secret_encrypt, "edit": cmd_secret_edit, "show": cmd_secret_show}
+    for action, text in helps.items():
+        names = ("tree_repo", *OUTPUT) if action == "encrypt" else common
+        p = actions.add_parser(action, parents=[flags(*names)], help=text)
+        p.add_argument("path", metavar="PATH", help="a file of the working tree (FILE with --var)")
+        p.add_argument("key", nargs="?", metavar="KEY", help="with --var: the key under vars")
+        p.add_argument(
+            "--var",
+            action="store_true",
+            help="a value of a host file: FILE KEY (KEY dotted for nesting: db.password)",
+        )
+        p.set_defaults(handler=handlers[action])
+    rekey = actions.add_parser(
+        "rekey",
+        parents=[flags(*common)],
+        help="re-encrypt every secret (or those named) to the rules' current recipients",
+    )
+    rekey.add_argument(
+        "paths", nargs="*", metavar="PATH", help=".age files or host files (default: all)"
+    )
+    rekey.set_defaults(handler=cmd_secret_rekey)
+
+
 # ------------------------------------------------------------------- parsers
 
 
@@ -731,3 +877,5 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     adopt.add_argument("--run", help="take the capture of this run (default: the newest)")
     adopt.add_argument("--no-push", action="store_true", help="create the branch in the cache only")
     adopt.set_defaults(handler=cmd_adopt)
+
+    _add_secret_commands(sub)

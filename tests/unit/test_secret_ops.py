@@ -1,0 +1,249 @@
+"""``reconciler secret encrypt|edit|rekey|show`` on a working tree (SPEC §8, issue 13).
+
+Real files in a temporary working tree, real age keys (``reconciler keygen``
+and ``age-keygen``), the real ``age`` CLI to decrypt what the commands
+wrote, ``$EDITOR`` a real shell script, ruamel's real round trip on host
+files. Every failure is one line, exit 1, and the tree is byte for byte as
+it was.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli.main import main
+from reconciler.secrets import age
+from tests.conftest import tree_snapshot
+from tests.unit.helpers import write_repo
+
+SECRET = "templates/db/default/etc/db.pass"
+HOST_FILE = """\
+# db1: the database server
+apps: [db]  # one app
+vars:
+  # the port the database listens on
+  port: 5432
+  nested:
+    other: x  # kept
+"""
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """name → (identity file, recipient line), real X25519 keys made once."""
+    base = tmp_path_factory.mktemp("keys")
+    return {n: (base / n, age.keygen(base / n)) for n in ("db1", "web1", "web2", "alice")}
+
+
+def _tree(tmp_path: Path, keys: dict[str, tuple[Path, str]], rules: str, **extra: str) -> Path:
+    root = tmp_path / "tree"
+    files = {
+        "hosts/db1.yaml": HOST_FILE,
+        "hosts/web1.yaml": "apps: []\n",
+        "hosts/web2.yaml": "apps: []\n",
+        "hosts/webservers.yaml": "include_nodes: [web1]\n",
+        "keys/operators/alice.pub": keys["alice"][1] + "\n",
+        "secrets.yaml": rules,
+        **{f"keys/nodes/{n}.pub": keys[n][1] + "\n" for n in ("db1", "web1", "web2")},
+        **extra,
+    }
+    write_repo(root, files)
+    return root
+
+
+RULES = """\
+- path: templates/db/**
+  to: [db1]
+- path: templates/web/**
+  to: [webservers]
+- path: hosts/db1.yaml
+  to: [db1]
+"""
+
+
+def _run(root: Path, *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main([*argv, "--repo", str(root)], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _age_decrypt(identity: Path, payload: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["age", "-d", "-i", str(identity)], input=payload, capture_output=True, check=False
+    )
+
+
+def test_encrypt_writes_armored_age_for_the_rule_and_removes_the_plaintext(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "hunter2\n"})
+    (root / SECRET).chmod(0o755)
+    monkeypatch.chdir(root)
+    code, out, err = _run(root, "secret", "encrypt", SECRET)
+    assert (code, err) == (0, "")
+    assert f"encrypted {SECRET}.age (2 recipients)" in out
+    assert not (root / SECRET).exists()
+    payload = (root / f"{SECRET}.age").read_bytes()
+    assert payload.startswith(b"-----BEGIN AGE ENCRYPTED FILE-----")
+    assert (root / f"{SECRET}.age").stat().st_mode & 0o777 == 0o755  # git keeps the x bit
+    # the age CLI opens it with the node's key and the operator's; not with web1's
+    for name in ("db1", "alice"):
+        assert _age_decrypt(keys[name][0], payload).stdout == b"hunter2\n"
+    assert _age_decrypt(keys["web1"][0], payload).returncode != 0
+
+    code, out, _ = _run(
+        root, "secret", "show", f"{SECRET}.age", "--identity", str(keys["alice"][0])
+    )
+    assert (code, out) == (0, "hunter2\n")
+
+
+def test_a_file_the_age_cli_encrypted_is_shown_and_rekeyed(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _tree(tmp_path, keys, RULES)
+    (root / SECRET).parent.mkdir(parents=True)
+    subprocess.run(
+        ["age", "-a", "-r", keys["alice"][1], "-o", str(root / f"{SECRET}.age")],
+        input=b"from the CLI",
+        check=True,
+    )
+    monkeypatch.chdir(root)
+    ident = ("--identity", str(keys["alice"][0]))
+    assert _run(root, "secret", "show", f"{SECRET}.age", *ident)[1] == "from the CLI"
+    assert _age_decrypt(keys["db1"][0], (root / f"{SECRET}.age").read_bytes()).returncode != 0
+    code, out, err = _run(root, "secret", "rekey", *ident)
+    assert (code, err) == (0, "")
+    assert out == f"re-encrypted {SECRET}.age (2 recipients)\n"
+    new = (root / f"{SECRET}.age").read_bytes()
+    assert _age_decrypt(keys["db1"][0], new).stdout == b"from the CLI"
+
+
+def _editor(tmp_path: Path, script: str) -> Path:
+    editor = tmp_path / "editor.sh"
+    # "$f": the last argument, the file (the words of $EDITOR come first).
+    editor.write_text(f"#!/bin/sh\nfor f; do :; done\n{script}\n")
+    editor.chmod(0o755)
+    return editor
+
+
+def test_edit_runs_the_editor_on_a_private_copy_and_reencrypts_to_current_recipients(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "old\n"})
+    monkeypatch.chdir(root)
+    assert _run(root, "secret", "encrypt", SECRET)[0] == 0
+    seen = tmp_path / "seen"
+    # The script records the file's mode and its directory's, then changes the value.
+    editor = _editor(
+        tmp_path,
+        f'stat -c %a "$f" "$(dirname "$f")" | tr "\\n" " " > {seen}; echo >> {seen}; '
+        f'echo "$f" >> {seen}; '
+        'sed -i s/old/new/ "$f"',
+    )
+    monkeypatch.delenv("VISUAL", raising=False)
+    monkeypatch.setenv("EDITOR", f"{editor} --flag-ignored")  # split like git does
+    ident = ("--identity", str(keys["alice"][0]))
+    code, out, err = _run(root, "secret", "edit", f"{SECRET}.age", *ident)
+    assert (code, err) == (0, "")
+    assert out == f"edited {SECRET}.age (2 recipients)\n"
+    modes, _, temp = seen.read_text().partition("\n")
+    assert modes.split() == ["600", "700"], modes
+    assert not Path(temp.split()[-1]).parent.exists()  # removed with its directory
+    payload = (root / f"{SECRET}.age").read_bytes()
+    assert _age_decrypt(keys["db1"][0], payload).stdout == b"new\n"  # recipients stay
+
+    # Unchanged content: nothing written.
+    monkeypatch.setenv("EDITOR", str(_editor(tmp_path, "true")))
+    before = tree_snapshot(root)
+    code, out, _ = _run(root, "secret", "edit", f"{SECRET}.age", *ident)
+    assert (code, out) == (0, "unchanged: nothing written\n")
+    assert tree_snapshot(root) == before
+
+
+def test_rekey_after_a_node_joins_a_meta_node_and_another_leaves(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    web = "templates/web/default/etc/web.key"
+    root = _tree(tmp_path, keys, RULES, **{web: "tls key\n"})
+    monkeypatch.chdir(root)
+    assert _run(root, "secret", "encrypt", web)[0] == 0
+    first = (root / f"{web}.age").read_bytes()
+    assert _age_decrypt(keys["web1"][0], first).returncode == 0
+    assert _age_decrypt(keys["web2"][0], first).returncode != 0
+    # web2 joins webservers, web1 leaves it.
+    (root / "hosts/webservers.yaml").write_text("include_nodes: [web2]\n")
+    code, out, _ = _run(root, "secret", "rekey", "--identity", str(keys["alice"][0]))
+    assert code == 0 and f"re-encrypted {web}.age" in out
+    new = (root / f"{web}.age").read_bytes()
+    assert _age_decrypt(keys["web2"][0], new).stdout == b"tls key\n"
+    assert _age_decrypt(keys["web1"][0], new).returncode != 0
+
+
+def _one_line_and_unchanged(root: Path, argv: list[str], expected: str, **run: object) -> None:
+    before = tree_snapshot(root)
+    code, out, err = _run(root, *argv)
+    assert code == 1, (out, err)
+    assert err.count("\n") == 1 and expected in err, err
+    assert " — " in err and "Traceback" not in err
+    assert tree_snapshot(root) == before
+
+
+def test_failures_are_one_line_exit_1_and_change_nothing(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = "templates/other/default/etc/x"
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "s\n", plain: "x\n"})
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no default identity there
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    # No rule for the path.
+    _one_line_and_unchanged(root, ["secret", "encrypt", plain], "no rule of secrets.yaml matches")
+    # PATH.age exists already.
+    (root / f"{SECRET}.age").write_bytes(b"old")
+    _one_line_and_unchanged(root, ["secret", "encrypt", SECRET], "already exists")
+    (root / f"{SECRET}.age").unlink()
+    assert _run(root, "secret", "encrypt", SECRET)[0] == 0
+    # No identity file (the default under $HOME).
+    _one_line_and_unchanged(root, ["secret", "show", f"{SECRET}.age"], "identity.age")
+    _one_line_and_unchanged(root, ["secret", "rekey"], "identity.age")
+    # An identity that is not a recipient.
+    web1 = ("--identity", str(keys["web1"][0]))
+    _one_line_and_unchanged(root, ["secret", "show", f"{SECRET}.age", *web1], "not encrypted to")
+    _one_line_and_unchanged(root, ["secret", "rekey", *web1], "not encrypted to")
+    # A corrupt payload: one byte of the armored body changed.
+    payload = bytearray((root / f"{SECRET}.age").read_bytes())
+    payload[100] = ord("A") if payload[100] != ord("A") else ord("B")
+    (root / f"{SECRET}.age").write_bytes(bytes(payload))
+    alice = ("--identity", str(keys["alice"][0]))
+    _one_line_and_unchanged(root, ["secret", "show", f"{SECRET}.age", *alice], "damaged")
+    _one_line_and_unchanged(root, ["secret", "rekey", *alice], "damaged")
+    # Not an age file at all.
+    (root / f"{SECRET}.age").write_bytes(b"plain text\n")
+    _one_line_and_unchanged(root, ["secret", "show", f"{SECRET}.age", *alice], "not an age")
+    # The editor fails: nothing written.
+    (root / f"{SECRET}.age").unlink()
+    (root / SECRET).write_text("s\n")
+    assert _run(root, "secret", "encrypt", SECRET)[0] == 0
+    monkeypatch.delenv("VISUAL", raising=False)
+    monkeypatch.setenv("EDITOR", str(_editor(tmp_path, 'echo changed > "$f"; exit 3')))
+    _one_line_and_unchanged(root, ["secret", "edit", f"{SECRET}.age", *alice], "status 3")
+
+
+def test_a_path_outside_the_tree_or_a_plain_file_to_show_is_a_usage_error(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "s\n"})
+    monkeypatch.chdir(root)
+    before = tree_snapshot(root)
+    for argv in (
+        ["secret", "encrypt", str(tmp_path / "elsewhere")],
+        ["secret", "show", SECRET, "--identity", str(keys["alice"][0])],
+        ["secret", "encrypt", SECRET, "extra"],
+    ):
+        code, _, err = _run(root, *argv)
+        assert code == 2 and err.count("\n") == 1, err
+    assert tree_snapshot(root) == before
