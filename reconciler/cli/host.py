@@ -306,12 +306,15 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     Every template error of a node is shown (:func:`render_problems`), each
     once, with the nodes it affects (``[nodes web1, web2]``); the text
     output stops at MAX_PROBLEMS_SHOWN lines, JSON lists them all. A capture
-    left by ``adopt`` (:func:`adopted_leftovers`) is a problem too.
+    left by ``adopt`` (:func:`adopted_leftovers`) is a problem too, and so
+    is every secret problem (:func:`reconciler.secrets.check.secret_problems`,
+    SPEC §8: decided from the rules, no identity read).
     Exit 1 when anything is wrong (SPEC §3, §6).
     """
     from reconciler.pipeline.facts import gather_facts
-    from reconciler.pipeline.inventory import check_hosts, effective_node
+    from reconciler.pipeline.inventory import Node, check_hosts, effective_node
     from reconciler.pipeline.render import render_problems, render_target
+    from reconciler.secrets.check import secret_problems
 
     snapshot = _tree(args)
     check = check_hosts(snapshot)
@@ -321,6 +324,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rendered = 0
     limits = render_limits(args)
     failures: dict[str, list[str]] = {}  # problem → the nodes it affects, in first-seen order
+    nodes: list[Node] = []  # the effective nodes, for the secret checks
     if check.renderable:
         facts = gather_facts()
         for name in check.renderable:
@@ -330,6 +334,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             except ReconcilerError as exc:
                 found = (exc,)
             else:
+                nodes.append(node)
                 try:
                     rendered += len(render_target(snapshot, node, facts, limits=limits).files)
                 except ReconcilerError as exc:
@@ -337,7 +342,12 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     found = render_problems(snapshot, node, facts, limits=limits) or (exc,)
             for error in found:
                 failures.setdefault(str(error), []).append(name)
-    problems += [f"{text} {_nodes_note(nodes)}" for text, nodes in failures.items()]
+    for text, affected in secret_problems(snapshot, inventory, nodes, complete=not check.problems):
+        if affected:
+            failures.setdefault(text, []).extend(affected)
+        else:
+            problems.append(text)
+    problems += [f"{text} {_nodes_note(names)}" for text, names in failures.items()]
     if args.format == "json":
         emit_json({"ok": not problems, "problems": problems, "files_rendered": rendered}, out)
     else:

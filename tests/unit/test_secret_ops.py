@@ -247,3 +247,72 @@ def test_a_path_outside_the_tree_or_a_plain_file_to_show_is_a_usage_error(
         code, _, err = _run(root, *argv)
         assert code == 2 and err.count("\n") == 1, err
     assert tree_snapshot(root) == before
+
+
+# ------------------------------------------------------------------ validate
+
+
+def _validate(root: Path) -> tuple[int, list[str]]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["validate", "--repo", str(root), "--format", "json"], out=out, err=err)
+    import json
+
+    return code, json.loads(out.getvalue())["problems"]
+
+
+def test_validate_reports_every_secret_problem_at_once_without_an_identity(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "nobody"))  # no identity anywhere
+    armored = subprocess.run(
+        ["age", "-a", "-r", keys["alice"][1]], input=b"x", capture_output=True, check=True
+    ).stdout.decode()
+    rules = """\
+- path: templates/db/**/*.age
+  to: [db1, ghost]
+- path: templates/web/**
+  to: [webservers]
+- path: hosts/webservers.yaml
+  to: [web1]
+"""
+    files = {
+        # web2 renders the db app's secret, which the rule gives to db1 only
+        "hosts/web2.yaml": "apps: [db, web]\n",
+        "hosts/web1.yaml": "apps: [web]\n",
+        # web3 has no key and reads a secret
+        "hosts/web3.yaml": "apps: [db]\n",
+        "hosts/webservers.yaml": "include_nodes: [web1, web2, web3]\n",
+        f"{SECRET}.age": armored,
+        "templates/web/default/etc/web.conf.j2": "token={{ token }}\n",  # matches a rule
+        "templates/db/default/etc/stray.age": "not age\n",  # matches rule 1, not age
+        "templates/other/default/etc/lost.age": armored,  # no rule
+    }
+    root = _tree(tmp_path, keys, rules, **files)
+    (root / "keys/nodes/web3.pub").unlink(missing_ok=True)
+    code, problems = _validate(root)
+    assert code == 1
+    text = "\n".join(problems)
+    expected = [
+        "secrets.yaml: rule 1 (templates/db/**/*.age) names 'ghost', which is no node",
+        "templates/other/default/etc/lost.age: encrypted, but no rule of secrets.yaml matches",
+        "templates/db/default/etc/stray.age: named .age but not an age payload",
+        "templates/web/default/etc/web.conf.j2: plaintext, but secrets.yaml rule 2",
+        f"{SECRET}.age: read by a node that secrets.yaml rule 1 (templates/db/**/*.age) does "
+        "not name",
+        "keys/nodes/web3.pub: missing, and node web3 reads secrets",
+    ]
+    for piece in expected:
+        assert sum(piece in p for p in problems) == 1, (piece, text)
+    # each once, with the nodes it affects
+    db_secret = next(p for p in problems if p.startswith(f"{SECRET}.age: read by"))
+    assert db_secret.endswith("[nodes web2, web3]")
+    assert not any("db1" in p for p in problems)
+
+
+def test_validate_of_a_tree_with_consistent_secrets_is_ok(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "s\n", "hosts/db1.yaml": "apps: [db]\n"})
+    monkeypatch.chdir(root)
+    assert _run(root, "secret", "encrypt", SECRET)[0] == 0
+    assert _validate(root) == (0, [])
