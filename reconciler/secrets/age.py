@@ -116,8 +116,15 @@ def load_identity(path: str | Path) -> Identity:
 
 def operator_identity_path(given: str | Path | None = None) -> Path:
     """The operator's identity file: ``given`` (``--identity``), else
-    ``~/.config/reconciler/identity.age``, ``~`` expanded (SPEC §8)."""
-    return Path(given if given else OPERATOR_IDENTITY).expanduser()
+    ``~/.config/reconciler/identity.age``, ``~`` expanded (SPEC §8) — or
+    ``$XDG_CONFIG_HOME/reconciler/identity.age`` when that is set (the XDG
+    base directories, as the operators' cache honours ``XDG_CACHE_HOME``)."""
+    if given:
+        return Path(given).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative value is ignored
+        return Path(xdg) / "reconciler" / "identity.age"
+    return Path(OPERATOR_IDENTITY).expanduser()
 
 
 def load_operator_identity(given: str | Path | None = None) -> Identity:

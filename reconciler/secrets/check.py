@@ -95,25 +95,34 @@ def _node_sources(snapshot: Snapshot, node: Node) -> dict[str, str]:
     return out
 
 
-def _template_texts(snapshot: Snapshot, paths: Iterable[str]) -> Iterator[str]:
+def _template_texts(
+    snapshot: Snapshot, paths: Iterable[str], cache: dict[str, str]
+) -> Iterator[str]:
+    """The text of each template of ``paths``; ``cache``: read once per validate, as
+    many nodes share an app's templates."""
     for path in paths:
-        try:
-            yield snapshot.read(path).decode("utf-8", "replace")
-        except KeyError:
-            continue
+        if path not in cache:
+            try:
+                cache[path] = snapshot.read(path).decode("utf-8", "replace")
+            except KeyError:
+                cache[path] = ""
+        yield cache[path]
 
 
-def _reads(snapshot: Snapshot, sources: Sequence[str], names: set[str]) -> set[str]:
+def _reads(
+    snapshot: Snapshot, sources: Sequence[str], names: set[str], cache: dict[str, str]
+) -> set[str]:
     """Which top-level ``names`` the templates ``sources`` of a node may read."""
     if not names:
         return set()
     if any(s.endswith(".j2" + AGE_SUFFIX) for s in sources):
         return set(names)  # an encrypted template: its text is unknown here
     templates = [s for s in sources if s.endswith(".j2")]
-    texts = list(_template_texts(snapshot, templates))
+    texts = list(_template_texts(snapshot, templates, cache))
     if any(_INCLUDES.search(t) for t in texts):
         everything = [f"templates/{e.path}" for e in snapshot.walk("templates")]
-        texts = list(_template_texts(snapshot, (p for p in everything if p.endswith(".j2"))))
+        every = (p for p in everything if p.endswith(".j2"))
+        texts = list(_template_texts(snapshot, every, cache))
     joined = "\n".join(texts)
     return {n for n in names if re.search(rf"\b{re.escape(n)}\b", joined)}
 
@@ -156,13 +165,14 @@ def secret_problems(
 
     not_named: dict[str, list[str]] = {}  # problem text → nodes
     keyless: list[Problem] = []
+    texts: dict[str, str] = {}  # template path → text, shared by the nodes
     for node in nodes:
         sources = list(_node_sources(snapshot, node).values())
         reads = [s for s in sources if s.endswith(AGE_SUFFIX)]
         for host_file in node.sources:
             keys = host_secrets.get(host_file, [])
             tops = {k.split(".", 1)[0] for k in keys}
-            read = _reads(snapshot, sources, tops)
+            read = _reads(snapshot, sources, tops, texts)
             if read:
                 reads.append(host_file)
         for path in reads:

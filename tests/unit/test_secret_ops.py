@@ -316,3 +316,22 @@ def test_validate_of_a_tree_with_consistent_secrets_is_ok(
     monkeypatch.chdir(root)
     assert _run(root, "secret", "encrypt", SECRET)[0] == 0
     assert _validate(root) == (0, [])
+
+
+def test_an_operator_with_an_ssh_ed25519_key_encrypts_and_reads(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ssh_key = tmp_path / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "me@laptop", "-f", str(ssh_key)],
+        check=True,
+    )
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "via ssh\n"})
+    (root / "keys/operators/alice.pub").unlink()
+    (root / "keys/operators/me.pub").write_bytes(ssh_key.with_suffix(".pub").read_bytes())
+    monkeypatch.chdir(root)
+    assert _run(root, "secret", "encrypt", SECRET)[0] == 0
+    payload = (root / f"{SECRET}.age").read_bytes()
+    assert _age_decrypt(ssh_key, payload).stdout == b"via ssh\n"  # the age CLI agrees
+    code, out, _ = _run(root, "secret", "show", f"{SECRET}.age", "--identity", str(ssh_key))
+    assert (code, out) == (0, "via ssh\n")

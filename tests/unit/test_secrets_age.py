@@ -366,6 +366,7 @@ def test_the_operator_identity_is_the_flag_else_the_one_default_file(
 ) -> None:
     # SPEC §8: operators' commands read --identity, else ~/.config/reconciler/identity.age.
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     default = tmp_path / ".config/reconciler/identity.age"
     assert age.operator_identity_path(None) == default
     assert age.operator_identity_path(str(tmp_path / "mine")) == tmp_path / "mine"
@@ -375,3 +376,15 @@ def test_the_operator_identity_is_the_flag_else_the_one_default_file(
     assert "no identity file" in text and "--identity" in text and "keys/operators/" in text
     recipient = age.keygen(default)
     assert age.load_operator_identity(None).recipients == (recipient,)
+
+
+def test_the_operator_identity_honours_xdg_config_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the operators' cache honours XDG_CACHE_HOME; a relative value is ignored (XDG spec).
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert age.operator_identity_path(None) == tmp_path / "xdg/reconciler/identity.age"
+    assert age.operator_identity_path("~/k") == tmp_path / "home/k"
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative")
+    assert age.operator_identity_path(None) == tmp_path / "home/.config/reconciler/identity.age"
