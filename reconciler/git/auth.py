@@ -81,13 +81,22 @@ class Endpoint:
     port: int | None
 
 
-_SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+):(?P<path>[^/].*)$")
+# git's own rule (connect.c, url_is_local_not_ssh): without "://", a colon with no
+# slash before it makes an scp-like SSH address — [user@]host:path, the path
+# relative to the login directory or absolute (git@host:/srv/fleet.git).
+_SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>[^@/:]+):(?P<path>.+)$")
 
 
 def parse_remote(url: str) -> Endpoint:
-    """Split ``ssh://user@host:port/path``, ``user@host:path`` or an http(s)/git URL."""
-    parts = urlsplit(url)
-    if parts.scheme:
+    """Split ``ssh://user@host:port/path``, ``[user@]host:path`` or an http(s)/git/file URL.
+
+    Which form is which follows git: a URL has ``://`` (or is ``file:``); else
+    a colon with no slash before it is an scp-like SSH address, whether its
+    path is relative or absolute; anything else is a local path (scheme
+    ``file``). Raises ValueError from urlsplit for a bad port.
+    """
+    if "://" in url or url.startswith("file:"):
+        parts = urlsplit(url)
         return Endpoint(
             scheme=parts.scheme,
             user=parts.username,
@@ -101,7 +110,7 @@ def parse_remote(url: str) -> Endpoint:
 
 
 def is_ssh(url: str) -> bool:
-    """True for ``ssh://`` and scp-like ``user@host:path`` remotes."""
+    """True for ``ssh://`` and scp-like ``[user@]host:path`` remotes (git's rule)."""
     return parse_remote(url).scheme == "ssh"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from reconciler.errors import ConfigError, SourceError, UntrustedCommitError
+from reconciler.git.auth import is_ssh
 from reconciler.git.remote import NET_ATTEMPTS, Remote, tracking_ref
 from reconciler.git.remote import fetch as fetch_refs
 from reconciler.git.repo import Repo, is_descendant, ref_target
@@ -34,8 +35,8 @@ def remote_url(repo: str) -> str:
     scheme = urlsplit(repo).scheme
     if scheme in ("file", "git", "http", "https", "ssh"):
         return repo
-    if ":" in repo and "@" in repo.split(":", 1)[0]:
-        return repo  # scp-like user@host:path (ssh)
+    if "://" not in repo and is_ssh(repo):
+        return repo  # scp-like [user@]host:path, relative or absolute (git's rule)
     if scheme and len(scheme) > 1:
         raise ConfigError(f"repo: {repo}: unsupported URL scheme {scheme!r}")
     return str(Path(repo).resolve())

@@ -365,3 +365,15 @@ def test_every_key_the_file_shows_commented_out_is_a_key_a_run_takes(site, tmp_p
     assert config.report.webhook_token_file == "/etc/reconciler/webhook-token"
     assert config.metrics.textfile is not None and config.backups.keep == 10
     assert len(shown) >= 15, shown
+
+
+def test_an_scp_like_address_with_an_absolute_path_is_an_ssh_source(site):
+    # git takes git@host:/srv/fleet.git as SSH; init refused it as "not a directory".
+    url = "git@git.example.com:/srv/git/fleet.git"
+    code, out, err = init(site, "--repo", url, "--node", "web1")
+
+    assert (code, err) == (0, "")
+    config = load_config(str(site["config"]), environ={})
+    assert config.repo == url
+    assert config.auth.ssh_key is not None
+    assert "ssh-keyscan git.example.com >> " in out

@@ -6,7 +6,8 @@ import pygit2
 import pytest
 
 from reconciler.errors import ConfigError
-from reconciler.git.auth import hostkey_layout_supported, require_hostkey_layout
+from reconciler.git.auth import hostkey_layout_supported, parse_remote, require_hostkey_layout
+from reconciler.git.source import remote_url
 
 
 @pytest.mark.parametrize(
@@ -43,3 +44,38 @@ def test_an_unknown_libgit2_refuses_ssh_sources_with_a_config_error():
     assert message.startswith(f"repo: {url}: ")
     assert "libgit2 1.10.1" in message and "libgit2 1.9" in message
     assert "pygit2" in message and "https://" in message
+
+
+# Which addresses are SSH follows git's rule (connect.c): without "://", a colon
+# with no slash before it is scp-like, whether the path is relative or absolute.
+@pytest.mark.parametrize(
+    ("url", "scheme", "user", "host", "port"),
+    [
+        ("git@git.example.com:fleet.git", "ssh", "git", "git.example.com", None),
+        ("git@git.example.com:/srv/git/fleet.git", "ssh", "git", "git.example.com", None),
+        ("git.example.com:/srv/git/fleet.git", "ssh", None, "git.example.com", None),
+        ("ssh://git@git.example.com:2222/srv/fleet.git", "ssh", "git", "git.example.com", 2222),
+        ("https://git.example.com/fleet.git", "https", None, "git.example.com", None),
+        ("file:///srv/git/fleet.git", "file", None, "", None),
+        ("/srv/git/fleet.git", "file", None, "", None),
+        ("./checkouts/fleet:v2", "file", None, "", None),
+    ],
+)
+def test_remote_addresses_are_told_apart_as_git_tells_them(url, scheme, user, host, port):
+    endpoint = parse_remote(url)
+    assert (endpoint.scheme, endpoint.user, endpoint.host, endpoint.port) == (
+        scheme,
+        user,
+        host,
+        port,
+    )
+
+
+def test_an_scp_like_address_with_an_absolute_path_is_kept_as_given(tmp_path):
+    # It was resolved as a local path (<cwd>/git@host:/srv/…), so a run looked for
+    # a directory that does not exist instead of connecting over SSH.
+    for url in ("git@git.example.com:/srv/git/fleet.git", "git.example.com:/srv/fleet.git"):
+        assert remote_url(url) == url
+    assert remote_url(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ConfigError, match="unsupported URL scheme 'htps'"):
+        remote_url("htps://git.example.com/fleet.git")
