@@ -610,7 +610,9 @@ def _secret_target(args: argparse.Namespace) -> tuple[str, str | None]:
                 f"secret {args.action} --var: give the host file and the key — "
                 f"reconciler secret {args.action} --var hosts/NODE.yaml KEY"
             )
-        return args.path, args.key
+        from reconciler.ops.secret import check_key
+
+        return args.path, check_key(args.key)
     if args.key is not None:
         raise UsageError(
             f"secret {args.action}: unexpected argument {args.key} — for a value of a host "

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -281,6 +282,20 @@ def read_value(prompt: str) -> bytes:
             hint="put binary content in an encrypted file (secret encrypt PATH) instead",
         ) from None
     return value
+
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def check_key(dotted: str) -> str:
+    """``dotted`` if it is a path of template names (``db.password``: what a template
+    reads as ``{{ db.password }}``); UsageError (exit 2) otherwise."""
+    if not _KEY.match(dotted):
+        raise UsageError(
+            f"{dotted!r}: not a key a template can read — letters, digits and _, "
+            "dots for nesting (db.password)"
+        )
+    return dotted
 
 
 class _Plain:

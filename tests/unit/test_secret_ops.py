@@ -243,6 +243,8 @@ def test_a_path_outside_the_tree_or_a_plain_file_to_show_is_a_usage_error(
         ["secret", "encrypt", str(tmp_path / "elsewhere")],
         ["secret", "show", SECRET, "--identity", str(keys["alice"][0])],
         ["secret", "encrypt", SECRET, "extra"],
+        ["secret", "encrypt", "--var", "hosts/db1.yaml", "db..password"],
+        ["secret", "show", "--var", "hosts/db1.yaml", "1st"],
     ):
         code, _, err = _run(root, *argv)
         assert code == 2 and err.count("\n") == 1, err
