@@ -129,7 +129,13 @@ def known_host_keys(
     ssh-keygen is missing.
     """
     if not known_hosts.is_file():
-        raise ConfigError(f"{known_hosts}: known_hosts file not found — set auth.known_hosts")
+        # The key is set (an unset one is refused earlier): say how to make the file.
+        raise ConfigError(
+            f"auth.known_hosts {known_hosts}: file not found — pin the server's host key "
+            f"there: ssh-keyscan {'-p ' + str(port) + ' ' if port not in (None, 22) else ''}"
+            f"{host} >> {known_hosts}, then compare ssh-keygen -lf {known_hosts} with the "
+            "server's own fingerprint"
+        )
     try:
         proc = subprocess.run(
             ["ssh-keygen", "-F", host_spec(host, port), "-f", str(known_hosts)],
@@ -402,6 +408,8 @@ def check_auth(url: str, auth: AuthConfig, *, operator: bool = False) -> AuthCon
             )
         if not auth.ssh_key:
             raise ConfigError(f"repo: {url}: an ssh source needs auth.ssh_key (a deploy key)")
+        if not Path(auth.known_hosts).is_file():
+            known_host_keys(Path(auth.known_hosts), endpoint.host, endpoint.port)  # says how
     if auth.ca_file:
         if not Path(auth.ca_file).is_file():
             raise ConfigError(f"{auth.ca_file}: auth.ca_file not found")

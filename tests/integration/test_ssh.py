@@ -298,3 +298,26 @@ def test_init_over_ssh_the_generated_key_and_the_printed_keyscan_let_pull_in(
     assert run.returncode == 0, run.stderr
     assert (root / "etc" / "motd").is_file()
     assert ssh_fleet.report("web1")["node"] == "web1"
+
+
+def test_a_known_hosts_file_that_does_not_exist_says_how_to_pin_before_connecting(
+    ssh_fleet: ServerFleet, ssh_server: SshGitServer, make_host
+):
+    # It said "known_hosts file not found — set auth.known_hosts", which is set.
+    host = make_host("web1", url=ssh_fleet.url)
+    cfg = configure(host, ssh_server, pin=False)
+    missing = host.root.parent / "pinned" / "known_hosts"
+    cfg = str(
+        write_config(
+            Path(cfg), auth={"ssh_key": str(ssh_server.deploy_key), "known_hosts": str(missing)}
+        )
+    )
+    connections = ssh_server.sshd.connections()
+
+    proc = host.pull("--config", cfg)
+
+    assert proc.returncode == 2, proc.stderr
+    assert_clean_error(proc.stderr, f"ssh-keyscan -p {ssh_server.sshd.port} 127.0.0.1 >> {missing}")
+    assert "set auth.known_hosts" not in proc.stderr
+    assert ssh_server.sshd.connections() == connections, "no connection may be made"
+    assert_untouched(host, ssh_fleet)
