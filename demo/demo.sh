@@ -5,6 +5,8 @@
 #  3. pull again: a no-op
 #  4. hand-edit a managed file, pull: the drift is reported and repaired
 #  5. show the report branch that the runs pushed back to the repository
+#  6. a secret in git: `reconciler keygen` makes web1's age identity in .demo/,
+#     a TLS key encrypted to it is committed and rendered on the host only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 project=$PWD
@@ -34,6 +36,7 @@ node: web1
 root: $demo/root
 state_dir: $demo/state
 exclude_file: $demo/exclude
+identity: $demo/identity.age
 YAML
 echo "agent configuration ($demo/config.yaml):"
 sed 's/^/    /' "$demo/config.yaml"
@@ -63,4 +66,34 @@ echo "the drifted motd as it was found, before repair:"
 git --git-dir "$demo/fleet.git" show reports/web1:drift/etc/motd | tail -n 3 | sed 's/^/    /'
 run "$reconciler" status
 
-step "Done: everything lives in .demo/ (root/, state/, fleet.git). Nothing outside it was touched."
+step "6. A secret in git: web1's TLS key, encrypted with age to web1's own identity"
+printf '$ %s\n' "$reconciler keygen > $demo/work/keys/nodes/web1.pub"
+mkdir -p "$demo/work/keys/nodes"
+{ "$reconciler" keygen; } > "$demo/work/keys/nodes/web1.pub"
+printf -- '- path: templates/nginx/**/*.age\n  to: [web1]\n' > "$demo/work/secrets.yaml"
+key=templates/nginx/production/etc/ssl/private/www.example.com.key
+# Encrypted with reconciler's own age module (the age CLI reads it: age -d -i).
+# A made-up key: DEMO ONLY.
+"$project/.venv/bin/python" - "$demo/work/keys/nodes/web1.pub" "$demo/work/$key.age" <<'PY'
+import sys
+from pathlib import Path
+from reconciler.secrets.age import encrypt, parse_recipients
+pub, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.parent.mkdir(parents=True, exist_ok=True)
+plain = b"-----BEGIN PRIVATE KEY-----\nDEMO-ONLY-not-a-real-key-3b7e91\n-----END PRIVATE KEY-----\n"
+out.write_bytes(encrypt(plain, parse_recipients(pub.read_bytes(), where=str(pub))))
+PY
+echo "committed, encrypted ($key.age):"
+head -n 2 "$demo/work/$key.age" | sed 's/^/    /'
+git -C "$demo/work" add -A
+git -C "$demo/work" commit -q -m "web1: TLS key, encrypted to web1 (SPEC §8)"
+git -C "$demo/work" push -q "$demo/fleet.git" HEAD:main
+run "$reconciler" pull
+echo "decrypted on the host only ($demo/root/etc/ssl/private/www.example.com.key):"
+sed 's/^/    /' "$demo/root/etc/ssl/private/www.example.com.key"
+if git --git-dir "$demo/fleet.git" log -p reports/web1 | grep -q DEMO-ONLY; then
+  echo "the plaintext reached the report branch" >&2; exit 1
+fi
+echo "the report branch names the path only; the plaintext is not in it"
+
+step "Done: everything lives in .demo/ (root/, state/, fleet.git, identity.age). Nothing outside it was touched."

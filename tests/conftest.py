@@ -266,6 +266,7 @@ _HOST_FLAGS: dict[str, tuple[str, ...]] = {
     "status": ("--node", "--state-dir"),
     "backups": ("--state-dir",),
     "rollback": ("--repo", "--node", "--root", "--state-dir"),
+    "keygen": ("--node",),
 }
 
 

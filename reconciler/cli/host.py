@@ -217,13 +217,20 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.system import atomic_write
     from reconciler.pipeline.facts import gather_facts
     from reconciler.pipeline.inventory import effective_node, load_inventory
-    from reconciler.pipeline.render import render_target
+    from reconciler.pipeline.render import Decryption, render_target
 
     snapshot = _tree(args)
     name = args.node_name or args.node or config_from_args(args).node
     inventory = load_inventory(snapshot)
     node = effective_node(inventory, snapshot, name, args.state)
-    target = render_target(snapshot, node, gather_facts(), limits=render_limits(args))
+    # Secrets (SPEC §8) show as <secret: sha256 prefix>: render never decrypts.
+    target = render_target(
+        snapshot,
+        node,
+        gather_facts(),
+        limits=render_limits(args),
+        decryption=Decryption(placeholder=True),
+    )
     if args.out:
         base = Path(args.out)
         for path, t in target.files.items():
@@ -313,9 +320,10 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """
     from reconciler.pipeline.facts import gather_facts
     from reconciler.pipeline.inventory import Node, check_hosts, effective_node
-    from reconciler.pipeline.render import render_problems, render_target
+    from reconciler.pipeline.render import Decryption, render_problems, render_target
     from reconciler.secrets.check import secret_problems
 
+    sealed = Decryption(placeholder=True)  # CI holds no key: secrets are never opened
     snapshot = _tree(args)
     check = check_hosts(snapshot)
     problems = list(check.problems)
@@ -336,7 +344,9 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             else:
                 nodes.append(node)
                 try:
-                    rendered += len(render_target(snapshot, node, facts, limits=limits).files)
+                    rendered += len(
+                        render_target(snapshot, node, facts, limits=limits, decryption=sealed).files
+                    )
                 except ReconcilerError as exc:
                     # A run stops at the first error; validate shows every one (issue 12).
                     found = render_problems(snapshot, node, facts, limits=limits) or (exc,)

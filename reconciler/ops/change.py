@@ -51,7 +51,7 @@ from reconciler.pipeline.inventory import (
     load_inventory,
 )
 from reconciler.pipeline.plan import exclude_matcher
-from reconciler.pipeline.render import RenderLimits, TargetFile, render_target
+from reconciler.pipeline.render import Decryption, RenderLimits, TargetFile, render_target
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +518,12 @@ def adopt(
     report = read_report(up.repo, report_commit)
     snapshot = up.snapshot(head)
     inventory = load_inventory(snapshot)
-    target = render_target(snapshot, effective_node(inventory, snapshot, node), report.facts)
+    target = render_target(
+        snapshot,
+        effective_node(inventory, snapshot, node),
+        report.facts,
+        decryption=Decryption(placeholder=True),  # SPEC §8: never decrypted here
+    )
     t: TargetFile | None = target.files.get(PurePosixPath(dest))
     if t is None:
         raise InventoryError(
@@ -625,7 +630,9 @@ def _render_all(
     for name in inventory.nodes:
         try:
             node = effective_node(inventory, snapshot, name)
-            files = render_target(snapshot, node, facts, limits=limits).files
+            files = render_target(
+                snapshot, node, facts, limits=limits, decryption=Decryption(placeholder=True)
+            ).files
             excluded = exclude_matcher(node.exclude)
             out[name] = {
                 p: t for p, t in files.items() if not excluded.match_file(str(p).lstrip("/"))

@@ -28,7 +28,7 @@ from reconciler.git.repo import has_commit, ref_target
 from reconciler.git.reports import drift_captures, remote_report_ref, report_commits
 from reconciler.ops.fleet import Upstream, read_report
 from reconciler.pipeline.inventory import effective_node, load_inventory
-from reconciler.pipeline.render import TargetState, render_target
+from reconciler.pipeline.render import Decryption, TargetState, render_target
 from reconciler.report import Report
 
 # Bytes: a side larger than this is shown by size and sha256, never diffed line by
@@ -243,7 +243,13 @@ def desired_at(up: Upstream, node: str, commit: str, facts: Mapping[str, Any]) -
         )
     snapshot = up.snapshot(commit)
     inventory = load_inventory(snapshot)
-    return render_target(snapshot, effective_node(inventory, snapshot, node), facts)
+    # Secrets (SPEC §8) as <secret: sha256 prefix>: an operator's render never decrypts here.
+    return render_target(
+        snapshot,
+        effective_node(inventory, snapshot, node),
+        facts,
+        decryption=Decryption(placeholder=True),
+    )
 
 
 def drift_diffs(up: Upstream, report_commit: str, report: Report) -> list[DriftDiff]:

@@ -26,6 +26,7 @@ import yaml
 from reconciler.errors import InventoryError, SourceError, UsageError, did_you_mean
 from reconciler.git.repo import valid_node_name
 from reconciler.git.snapshot import Snapshot
+from reconciler.secrets.age import AGE_TAG, ARMOR_BEGIN, age_marker, is_age_marker
 
 DEFAULTS = "_defaults"
 DEFAULT_STATE = "default"
@@ -320,6 +321,38 @@ def suspension_end(until: Any) -> dt.datetime | None:
     return end if end.tzinfo is not None else end.replace(tzinfo=dt.UTC)
 
 
+class _RepoLoader(yaml.CSafeLoader):
+    """The safe C loader, plus the ``!age`` tag of SPEC §8 (see :func:`_age_value`)."""
+
+    repo_path = ""
+
+
+def _age_value(loader: _RepoLoader, node: yaml.Node) -> dict[str, str]:
+    """``!age`` on a scalar holding an ASCII-armored age payload (SPEC §8 encrypted values).
+
+    Built as a JSON-shaped marker (:func:`reconciler.secrets.age.age_marker`),
+    so that the inventory cache (JSON) and the render keys (a digest of the
+    context) hold the ciphertext as any other value; nothing is decrypted
+    here: a template that reads the value decrypts it (``pipeline/render.py``).
+    Anything but an armored age payload is an InventoryError naming the file
+    and line.
+    """
+    line = node.start_mark.line + 1
+    where = f"{loader.repo_path}:{line}"
+    value = node.value if isinstance(node, yaml.ScalarNode) else None
+    if not isinstance(value, str) or not value.lstrip().startswith(ARMOR_BEGIN.decode()):
+        raise InventoryError(
+            "a !age value must be an ASCII-armored age payload (-----BEGIN AGE ENCRYPTED "
+            "FILE-----), written as a block scalar (|)",
+            where=where,
+            hint="make it with 'reconciler secret encrypt --var' or 'age -a'",
+        )
+    return age_marker(value, where)
+
+
+_RepoLoader.add_constructor(AGE_TAG, _age_value)
+
+
 def parse_yaml(text: bytes, path: str) -> Any:
     """Parse one YAML document of the repository; InventoryError names ``path`` and line.
 
@@ -328,7 +361,8 @@ def parse_yaml(text: bytes, path: str) -> Any:
     then the graph is constructed. Used for every YAML file of the desired-state
     repository: ``hosts/*.yaml``, ``app.yaml``, and the operators' host-file edits.
     """
-    loader = yaml.CSafeLoader(text)
+    loader = _RepoLoader(text)
+    loader.repo_path = path
     try:
         node = loader.get_single_node()
         if node is None:
@@ -781,7 +815,12 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     """Mappings merge recursively; any other value in ``over`` replaces (SPEC §1 vars)."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if (
+            isinstance(value, Mapping)
+            and isinstance(out.get(key), Mapping)
+            and not is_age_marker(value)
+            and not is_age_marker(out[key])
+        ):  # an encrypted value (SPEC §8) is one value, never merged with a mapping
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value

@@ -37,7 +37,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import FrameType, TracebackType
 from typing import Any, cast
@@ -46,10 +46,19 @@ from reconciler.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_RENDER_TIMEOUT, for
 from reconciler.errors import InventoryError, PathError, ReconcilerError, RenderError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
 from reconciler.pipeline.inventory import DEFAULT_STATE, Node, load_app_config
+from reconciler.secrets.age import is_age_marker, marker_parts
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("enforce", "audit", "create-only", "ignore-drift")
+AGE_SUFFIX = ".age"  # an encrypted file or template (SPEC §8)
+
+
+def is_template(repo_path: str) -> bool:
+    """True for a file rendered with Jinja2: ``x.j2``, or ``x.j2.age`` decrypted first."""
+    return repo_path.removesuffix(AGE_SUFFIX).endswith(".j2")
+
+
 DEFAULT_SCRIPT_TIMEOUT = 300.0
 
 
@@ -90,6 +99,11 @@ class TargetState:
     node: str
     files: Mapping[PurePosixPath, TargetFile]
     apps: tuple[AppSettings, ...]
+
+
+def _encrypted(repo_path: str) -> bool:
+    """True for an encrypted file or template of SPEC §8 (``x.age``, ``x.j2.age``)."""
+    return repo_path.endswith(AGE_SUFFIX)
 
 
 def dest_path(relative: str, *, where: str) -> PurePosixPath:
@@ -135,7 +149,8 @@ def _collect(snapshot: Snapshot, node: Node) -> dict[PurePosixPath, tuple[str, s
             seen: dict[PurePosixPath, str] = {}
             for entry in snapshot.walk(base):
                 repo_path = f"{base}/{entry.path}"
-                rel = entry.path[:-3] if entry.path.endswith(".j2") else entry.path
+                rel = entry.path.removesuffix(AGE_SUFFIX)  # SPEC §8: x.age → x, x.j2.age → x
+                rel = rel[:-3] if rel.endswith(".j2") else rel
                 dest = dest_path(rel, where=repo_path)
                 if entry.filemode == GIT_FILEMODE_LINK:
                     raise RenderError(
@@ -196,6 +211,157 @@ def _metadata(
             meta.update(values)
             where = f"files: of node {node.name}"
     return meta, where
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decryption:
+    """Decryption says how a render opens the secrets it meets (SPEC §8).
+
+    ``identity``: the identity file to decrypt with (the agent's ``identity``
+    key); None: none, so a secret a template reads fails the render naming
+    it. ``placeholder``: a secret renders as ``<secret: sha256 prefix of its
+    ciphertext>`` instead of being decrypted (operators' ``render``,
+    ``validate``, ``impact`` without a key); the identity is then not read.
+    """
+
+    identity: str | None = None
+    placeholder: bool = False
+
+
+class _Secrets:
+    """The secrets one render meets: the identity loaded at the first need (a node
+    whose templates read no secret never needs a key), each plaintext decrypted
+    once, and ``reads``, the secrets read since the caller last cleared it (the
+    taint of SPEC §8: every destination whose template read one is secret)."""
+
+    def __init__(self, decryption: Decryption, node: str) -> None:
+        self.decryption = decryption
+        self.node = node
+        self.reads: set[str] = set()
+        self._identities: Any = None
+        self._plain: dict[tuple[str, bytes], bytes] = {}
+
+    def open(self, payload: bytes, where: str, *, what: str = "it") -> bytes:
+        """The plaintext of ``payload`` (read at ``where``: a repository path, or a
+        host file and line for a ``!age`` value); recorded in :attr:`reads`.
+        Raises SecretError naming ``where``, the node and what to do."""
+        from reconciler.errors import SecretError
+        from reconciler.secrets import age
+
+        self.reads.add(where)
+        if self.decryption.placeholder:
+            return f"<secret: {hashlib.sha256(payload).hexdigest()[:12]}>".encode()
+        key = (where, payload)
+        if key in self._plain:
+            return self._plain[key]
+        on = f"node {self.node} cannot decrypt {what}" if self.node else f"cannot decrypt {what}"
+        try:
+            if self._identities is None:
+                if self.decryption.identity is None:
+                    raise SecretError(
+                        "no identity to decrypt with",
+                        where="identity",
+                        hint="set identity: in the agent configuration",
+                    )
+                self._identities = (age.load_identity(self.decryption.identity),)
+            plain = age.decrypt(payload, self._identities, where=where)
+        except SecretError as exc:
+            # One line naming the repository path, the node and what to do (SPEC §8),
+            # whichever step failed: the identity file, or the payload.
+            detail = exc.problem if exc.where == where else f"{exc.where}: {exc.problem}"
+            raise type(exc)(f"{on}: {detail}", where=where, hint=exc.hint) from None
+        self._plain[key] = plain
+        return plain
+
+
+class _SecretValue:
+    """A ``!age`` value in a template's context: decrypted when a template reads it.
+
+    The sandbox's attribute, item and name lookups hand templates the
+    plaintext ``str`` (:func:`_environment`); this object is what a template
+    meets only inside a container it walks itself (``.items()``, a loop), so
+    it behaves as that ``str`` for printing, comparing, ``len``, ``in`` and
+    ``+``. ``repr`` never decrypts (a debug log of the context shows no secret).
+    """
+
+    __slots__ = ("_payload", "_where", "_secrets")
+
+    def __init__(self, payload: bytes, where: str, secrets: _Secrets) -> None:
+        self._payload = payload
+        self._where = where
+        self._secrets = secrets
+
+    def text(self) -> str:
+        """The plaintext, as UTF-8 text; SecretError naming the value when it is not."""
+        plain = self._secrets.open(self._payload, self._where, what="this !age value")
+        try:
+            return plain.decode("utf-8")
+        except UnicodeDecodeError:
+            from reconciler.errors import SecretError
+
+            raise SecretError(
+                "a !age value must decrypt to UTF-8 text",
+                where=self._where,
+                hint="encrypt text, or put binary content in an encrypted file (.age)",
+            ) from None
+
+    def __str__(self) -> str:
+        return self.text()
+
+    def __repr__(self) -> str:
+        return f"<!age value of {self._where}>"
+
+    def __len__(self) -> int:
+        return len(self.text())
+
+    def __bool__(self) -> bool:
+        return bool(self.text())
+
+    def __eq__(self, other: object) -> bool:
+        return self.text() == (other.text() if isinstance(other, _SecretValue) else other)
+
+    def __hash__(self) -> int:
+        return hash(self.text())
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, str) and item in self.text()
+
+    def __iter__(self) -> Any:
+        return iter(self.text())
+
+    def __getitem__(self, key: Any) -> str:
+        return self.text()[key]
+
+    def __add__(self, other: Any) -> Any:
+        return self.text() + other
+
+    def __radd__(self, other: Any) -> Any:
+        return other + self.text()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.text(), name)
+
+
+def _with_secrets(value: Any, secrets: _Secrets) -> Any:
+    """``value`` with every ``!age`` marker replaced by a :class:`_SecretValue`;
+    containers copied only where they hold one."""
+    if is_age_marker(value):
+        payload, where = marker_parts(value)
+        return _SecretValue(payload, where, secrets)
+    if isinstance(value, dict):
+        items = {k: _with_secrets(v, secrets) for k, v in value.items()}
+        return items if any(items[k] is not value[k] for k in items) else value
+    if isinstance(value, list):
+        seq = [_with_secrets(v, secrets) for v in value]
+        return seq if any(a is not b for a, b in zip(seq, value, strict=True)) else value
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """What a template gets for a looked-up value: a ``!age`` value's plaintext."""
+    return value.text() if isinstance(value, _SecretValue) else value
 
 
 def template_context(node: Node, facts: Mapping[str, Any], info: SourceInfo) -> dict[str, Any]:
@@ -420,13 +586,21 @@ _PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _DIGITS = re.compile(r"\d+")
 
 
-def _environment(snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimits) -> Any:
-    """The sandboxed Jinja2 environment every repository template renders in (SPEC §10)."""
+def _environment(
+    snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimits, secrets: _Secrets
+) -> Any:
+    """The sandboxed Jinja2 environment every repository template renders in (SPEC §10).
+
+    ``secrets`` opens ``.age`` templates (never kept in the bytecode cache: its
+    compiled code would hold the plaintext on disk) and ``!age`` values, which
+    name, attribute and item lookups hand to templates as plaintext (SPEC §8).
+    """
     import functools
 
     import jinja2
     import markupsafe
     from jinja2.compiler import CodeGenerator, optimizeconst
+    from jinja2.runtime import Context
     from jinja2.sandbox import MAX_RANGE, SandboxedEnvironment, SandboxedFormatter
 
     bounds = _Bounds(max_chars=limits.max_file_size, max_items=MAX_RANGE)
@@ -443,11 +617,42 @@ def _environment(snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimit
                 data = snapshot.read(path)
             except KeyError:
                 raise jinja2.TemplateNotFound(template) from None
+            encrypted = path.endswith(AGE_SUFFIX)
+            if encrypted:
+                data = secrets.open(data, path)
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
+                if encrypted:
+                    raise RenderError(
+                        f"{path}: a .j2.age template must decrypt to UTF-8 text — "
+                        "encrypt the text of the template"
+                    ) from None
                 raise RenderError(f"{path}: a .j2 template must be UTF-8 text") from exc
-            return text, path, lambda: True
+            # An encrypted template is loaded again at every use, so that each
+            # destination that includes it is seen reading a secret (the taint).
+            return text, path, (lambda: not encrypted)
+
+        def load(
+            self,
+            environment: jinja2.Environment,
+            name: str,
+            globals: Any = None,  # noqa: A002 - Jinja2's name
+        ) -> Any:
+            if not name.endswith(AGE_SUFFIX):
+                return super().load(environment, name, globals)
+            # BaseLoader.load without the bytecode cache: no plaintext on disk.
+            source, filename, uptodate = self.get_source(environment, name)
+            code = environment.compile(source, name, filename)
+            return environment.template_class.from_code(
+                environment, code, environment.make_globals(globals), uptodate
+            )
+
+    class SecretContext(Context):
+        """Top-level names: a ``!age`` value is handed over as its plaintext."""
+
+        def resolve_or_missing(self, key: str) -> Any:
+            return _plain(super().resolve_or_missing(key))
 
     class BoundedFormatter(SandboxedFormatter):
         """``str.format`` in the sandbox, refusing a field wider than the bound."""
@@ -472,6 +677,13 @@ def _environment(snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimit
         """Jinja2's sandbox, plus the size checks of :class:`_Bounds`."""
 
         code_generator_class = BoundedCodeGenerator
+        context_class = SecretContext
+
+        def getitem(self, obj: Any, argument: Any) -> Any:
+            return _plain(super().getitem(_plain(obj), argument))
+
+        def getattr(self, obj: Any, attribute: str) -> Any:
+            return _plain(super().getattr(_plain(obj), attribute))
 
         def concat_bounded(self, values: tuple[Any, ...]) -> str:
             # str_join's result (autoescape is off: never Markup), checked first.
@@ -772,8 +984,16 @@ def render_target(
     workers: int = 1,
     reuse: Callable[[PurePosixPath, str], bytes | None] | None = None,
     limits: RenderLimits = RenderLimits(),
+    decryption: Decryption = Decryption(),
 ) -> TargetState:
     """Render every file of ``node`` from ``snapshot``.
+
+    Secrets (SPEC §8), opened as ``decryption`` says: ``<path>.age`` is
+    decrypted to ``<path>``, ``<path>.j2.age`` decrypted then rendered, and a
+    ``!age`` value of ``vars`` decrypted when a template reads it. Each of
+    these destinations is ``secret`` whatever the metadata says, and is never
+    reused (its render key is ""). A secret that cannot be opened raises
+    SecretError naming it and the node, before anything is written.
 
     ``reuse(dest, render_key)``: the content already rendered with that key,
     if the caller still has it intact (the agent: the file it wrote, unchanged
@@ -803,9 +1023,9 @@ def render_target(
         for dest, (app, _, _) in sources.items()
     }
     jobs = [
-        (dest, repo_path, bool(metas[dest][0].get("secret", False)))
+        (dest, repo_path, bool(metas[dest][0].get("secret", False)) or _encrypted(repo_path))
         for dest, (_, repo_path, _) in sources.items()
-        if repo_path.endswith(".j2")
+        if is_template(repo_path)
     ]
     keys: dict[PurePosixPath, str] = {}
     rendered: dict[PurePosixPath, bytes] = {}
@@ -820,20 +1040,35 @@ def render_target(
                 rendered[j[0]] = kept
         jobs = todo
     log.debug("%s: rendering %d template(s), %d reused", node.name, len(jobs), len(rendered))
+    secrets = _Secrets(decryption, node.name)
     job = _RenderJob(
-        snapshot=snapshot, context=context, node=node.name, cache_dir=cache_dir, limits=limits
+        snapshot=snapshot,
+        context=context,
+        node=node.name,
+        cache_dir=cache_dir,
+        limits=limits,
+        secrets=secrets,
     )
     if workers > 1 and len(jobs) >= PARALLEL_MIN_TEMPLATES:
-        rendered.update(_render_parallel(job, jobs, workers))
+        done, tainted = _render_parallel(job, jobs, workers)
+        rendered.update(done)
     else:
         done, failed = job.render(jobs)
         if failed:
             raise failed[1]
         rendered.update(done)
+        tainted = job.tainted
+    for dest in tainted:
+        keys[dest] = ""  # rendered from a secret: never reused, so never untainted
     files: dict[PurePosixPath, TargetFile] = {}
     for dest, (app, repo_path, filemode) in sources.items():
         meta, where = metas[dest]
-        content = rendered[dest] if dest in rendered else snapshot.read(repo_path)
+        if dest in rendered:
+            content = rendered[dest]
+        elif _encrypted(repo_path):
+            content = secrets.open(snapshot.read(repo_path), repo_path)
+        else:
+            content = snapshot.read(repo_path)
         default_mode = 0o755 if filemode == GIT_FILEMODE_EXEC else 0o644
         mode = parse_mode(meta["mode"], where=where) if "mode" in meta else default_mode
         files[dest] = TargetFile(
@@ -842,7 +1077,7 @@ def render_target(
             mode=mode,
             owner=meta.get("owner"),
             group=meta.get("group"),
-            secret=bool(meta.get("secret", False)),
+            secret=bool(meta.get("secret", False)) or _encrypted(repo_path) or dest in tainted,
             policy=meta.get("policy", "enforce"),
             app=app,
             template=repo_path,
@@ -861,6 +1096,7 @@ def render_problems(
     *,
     limits: RenderLimits = RenderLimits(),
     most: int = MAX_RENDER_PROBLEMS,
+    decryption: Decryption = Decryption(placeholder=True),
 ) -> tuple[ReconcilerError, ...]:
     """Every template of ``node`` that fails to render, for ``reconciler validate``.
 
@@ -880,15 +1116,23 @@ def render_problems(
             a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
         }
         node_globs = _compile(node.files)
-        secrets = {
+        secret = {
             dest: bool(_metadata(app_globs[app], node_globs, node, app, dest)[0].get("secret"))
+            or _encrypted(repo_path)
             for dest, (app, repo_path, _) in sources.items()
-            if repo_path.endswith(".j2")
+            if is_template(repo_path)
         }
     except ReconcilerError as exc:
         return (exc,)
-    jobs = [(dest, sources[dest][1], secret) for dest, secret in secrets.items()]
-    job = _RenderJob(snapshot=snapshot, context=context, node="", cache_dir=None, limits=limits)
+    jobs = [(dest, sources[dest][1], flag) for dest, flag in secret.items()]
+    job = _RenderJob(
+        snapshot=snapshot,
+        context=context,
+        node="",
+        cache_dir=None,
+        limits=limits,
+        secrets=_Secrets(decryption, ""),
+    )
     errors: list[ReconcilerError] = []
     while jobs and len(errors) < most:
         _, failed = job.render(jobs)
@@ -951,7 +1195,12 @@ class _RenderJob:
     node: str
     cache_dir: Path | None
     limits: RenderLimits
+    secrets: _Secrets
     env: Any = None
+    # Destinations whose template read a secret (SPEC §8 taint), filled by render().
+    tainted: set[PurePosixPath] = field(default_factory=set)
+    # The context with its !age values as _SecretValue objects, made at first render.
+    _live: dict[str, Any] | None = None
 
     def render(
         self, jobs: list[Job]
@@ -963,22 +1212,30 @@ class _RenderJob:
         ``max_file_size``, instead of being built whole first.
         """
         if self.env is None:
-            self.env = _environment(self.snapshot, self.cache_dir, self.limits)
+            self.env = _environment(self.snapshot, self.cache_dir, self.limits, self.secrets)
+        if self._live is None:
+            self._live = _with_secrets(self.context, self.secrets)
         out: dict[PurePosixPath, bytes] = {}
+        reads = self.secrets.reads
         with _Alarm(self.limits) as alarm:
             for dest, repo_path, secret in jobs:
+                reads.clear()
                 try:
                     with alarm.limit():
                         out[dest] = self._render_one(repo_path)
                 except ReconcilerError as exc:  # names its file: the Snapshot's refusal
                     return out, (dest, exc)
                 except (Exception, _Interrupted) as exc:  # Jinja2 raises many types
+                    secret = secret or bool(reads)  # it read a secret: no text of it
                     error = _render_error(
                         exc, repo_path, self.node, self.snapshot, secret, self.limits
                     )
                     error.__cause__ = None if secret else exc
                     error.__suppress_context__ = True
                     return out, (dest, error)
+                finally:
+                    if reads:
+                        self.tainted.add(dest)
         return out, None
 
     def _render_one(self, repo_path: str) -> bytes:
@@ -994,7 +1251,7 @@ class _RenderJob:
         chunks: list[str] = []
         append = chunks.append
         size = 0
-        stream = template.root_render_func(template.new_context(self.context))
+        stream = template.root_render_func(template.new_context(self._live))
         try:
             for chunk in stream:
                 size += len(chunk)  # characters: at most the bytes they encode to
@@ -1033,14 +1290,18 @@ def _worker_init(job: _RenderJob) -> None:
 
 def _worker_render(
     jobs: list[Job],
-) -> tuple[dict[PurePosixPath, bytes], tuple[PurePosixPath, str] | None]:
-    out, failed = _worker_job[0].render(jobs)
+) -> tuple[dict[PurePosixPath, bytes], tuple[PurePosixPath, str] | None, set[PurePosixPath]]:
+    job = _worker_job[0]
+    out, failed = job.render(jobs)
     # The error goes back as its text (a RenderError made with keywords does
-    # not unpickle), with the destination that failed: never parsed.
-    return out, (failed[0], str(failed[1])) if failed else None
+    # not unpickle), with the destination that failed: never parsed. The
+    # destinations that read a secret go back too (the taint, SPEC §8).
+    return out, (failed[0], str(failed[1])) if failed else None, job.tainted
 
 
-def _render_parallel(job: _RenderJob, jobs: list[Job], workers: int) -> dict[PurePosixPath, bytes]:
+def _render_parallel(
+    job: _RenderJob, jobs: list[Job], workers: int
+) -> tuple[dict[PurePosixPath, bytes], set[PurePosixPath]]:
     """Split ``jobs`` over ``workers`` forked processes; the first error in job order wins.
 
     Each worker bounds its templates as the agent does (:class:`_Alarm` in
@@ -1063,11 +1324,13 @@ def _render_parallel(job: _RenderJob, jobs: list[Job], workers: int) -> dict[Pur
             pool.join()
     finally:
         gc.unfreeze()  # the agent lives on: its garbage must stay collectable
-    failures = [failed for _, failed in results if failed]
+    failures = [failed for _, failed, _ in results if failed]
     if failures:
         order = {dest: i for i, (dest, _, _) in enumerate(jobs)}
         raise RenderError(min(failures, key=lambda f: order[f[0]])[1])
     out: dict[PurePosixPath, bytes] = {}
-    for part, _ in results:
+    tainted: set[PurePosixPath] = set()
+    for part, _, read in results:
         out.update(part)
-    return out
+        tainted |= read
+    return out, tainted

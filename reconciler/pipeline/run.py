@@ -438,7 +438,7 @@ def _held_target_unchanged(
     (the hold lifts, as it did for every new commit before).
     """
     from reconciler.pipeline.inventory import effective_node, load_inventory
-    from reconciler.pipeline.render import RenderLimits, render_target
+    from reconciler.pipeline.render import Decryption, RenderLimits, render_target
 
     config, commit = setting.config, str(hold.get("commit"))
     try:
@@ -457,6 +457,7 @@ def _held_target_unchanged(
             limits=RenderLimits(
                 render_timeout=config.render_timeout, max_file_size=config.max_file_size
             ),
+            decryption=Decryption(identity=config.identity),
         )
     except ReconcilerError as exc:
         log.warning("held commit %s no longer renders (%s): the hold lifts", commit[:12], exc)
@@ -525,7 +526,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     from reconciler.pipeline.inventory import effective_node, load_inventory
     from reconciler.pipeline.journal import Journal, Manifest, make_entries
     from reconciler.pipeline.plan import exclude_matcher, make_plan
-    from reconciler.pipeline.render import RenderLimits, render_target
+    from reconciler.pipeline.render import Decryption, RenderLimits, render_target
     from reconciler.pipeline.scan import scan
 
     state_dir, root = setting.state_dir, setting.root
@@ -561,6 +562,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             limits=RenderLimits(
                 render_timeout=config.render_timeout, max_file_size=config.max_file_size
             ),
+            decryption=Decryption(identity=config.identity),
         )
         hold = prepared.hold_check
         if hold is not None and _held_target_unchanged(setting, hold, target, cache):

@@ -90,6 +90,37 @@ class Identity:
     keys: tuple[Any, ...] = field(repr=False, compare=False)
 
 
+# ------------------------------------------------------------------ !age values
+
+AGE_TAG = "!age"
+# How a ``!age`` value of a host file is held once parsed (pipeline/inventory.py):
+# a JSON-shaped mapping, so the inventory cache and render keys keep the
+# ciphertext like any other value. "!"-keys cannot come from YAML unquoted.
+_MARKER_PAYLOAD = "!age"
+_MARKER_WHERE = "!where"
+
+
+def age_marker(payload: str, where: str) -> dict[str, str]:
+    """The parsed form of a ``!age`` value: its armored payload and where it was
+    written (``hosts/db1.yaml:7``), for messages."""
+    return {_MARKER_PAYLOAD: payload, _MARKER_WHERE: where}
+
+
+def is_age_marker(value: object) -> bool:
+    """True for the parsed form of a ``!age`` value (:func:`age_marker`)."""
+    return (
+        isinstance(value, dict)
+        and len(value) == 2
+        and isinstance(value.get(_MARKER_PAYLOAD), str)
+        and isinstance(value.get(_MARKER_WHERE), str)
+    )
+
+
+def marker_parts(value: dict[str, str]) -> tuple[bytes, str]:
+    """(armored payload, where) of a ``!age`` value's parsed form."""
+    return value[_MARKER_PAYLOAD].encode("utf-8"), value[_MARKER_WHERE]
+
+
 # ------------------------------------------------------------------ identities
 
 
