@@ -39,7 +39,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step() { printf '\n== deb-check: %s\n' "$*"; }
+step() { printf "\n== deb-check: %s (at %ds)\n" "$*" "$SECONDS"; }
 
 step "build"
 make deb
@@ -111,12 +111,36 @@ echo "$init_out"
 grep -q 'install-units' <<<"$init_out" && fail "reconciler init asks for install-units although the package installed the units"
 grep -q 'systemctl enable --now reconciler-boot.service' <<<"$init_out" || fail "reconciler init does not say which units to enable"
 
-step "purge"
+step "upgrade"
+# The same files under a higher version: the maintainer scripts' upgrade path
+# (prerm upgrade removes the byte code, postinst compiles it again).
+dpkg-deb -R "$deb" "$tmp/next"
+sed -i "s/^Version: .*/Version: ${version}+check1/" "$tmp/next/DEBIAN/control"
+dpkg-deb --root-owner-group -b "$tmp/next" "$tmp/reconciler_next.deb" >/dev/null
+config_sum=$(sha256sum /etc/reconciler/config.yaml)
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$tmp/reconciler_next.deb"
+[[ $(dpkg-query -W -f='${Version}' reconciler) == "${version}+check1" ]] || fail "the upgrade did not install ${version}+check1"
+[[ $(/usr/bin/reconciler --version) == "reconciler ${version%-*}" ]] || fail "reconciler --version fails after the upgrade"
+[[ $(sha256sum /etc/reconciler/config.yaml) == "$config_sum" ]] || fail "the upgrade changed /etc/reconciler/config.yaml"
+[[ $(stat -c '%a' /var/lib/reconciler) == 700 ]] || fail "the upgrade changed the mode of /var/lib/reconciler"
+[[ -n $(find /opt/reconciler -name '*.pyc' -print -quit) ]] || fail "postinst compiled no byte code"
+
 # What an operator and the agent would have left besides init's
 # configuration: a run's backups, a cache.
 mkdir -p "/var/lib/reconciler/backups/deb-check-$$/files" /var/lib/reconciler/jinja-cache
 echo old >"/var/lib/reconciler/backups/deb-check-$$/files/probe"
 echo cache >/var/lib/reconciler/jinja-cache/probe
+
+step "remove"
+DEBIAN_FRONTEND=noninteractive apt-get remove -y -q reconciler
+for path in /opt/reconciler /usr/bin/reconciler /lib/systemd/system/reconciler.service /usr/share/doc/reconciler; do
+  [[ -e $path || -L $path ]] && fail "$path remains after remove"
+done
+for path in /etc/reconciler/config.yaml.example /etc/reconciler/config.yaml /var/lib/reconciler/jinja-cache/probe; do
+  [[ -e $path ]] || fail "remove took $path (only purge may)"
+done
+
+step "purge"
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -q reconciler
 installed=0
 dpkg-query -W -f='${Status}' reconciler 2>/dev/null | grep -q 'installed' && fail "reconciler is still installed after purge"

@@ -47,6 +47,7 @@ def test_package_units_run_usr_bin_reconciler_with_the_defaults(tmp_path: Path) 
         assert "{" not in text, name  # every placeholder filled in
         assert text.startswith("# Installed by the reconciler package;"), name
         assert "filled in by install-units" not in text, name
+        assert "\nDocumentation=file:/usr/share/doc/reconciler/install.md\n" in text, name
 
 
 def test_example_config_loads_and_shows_the_defaults() -> None:
