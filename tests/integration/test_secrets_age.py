@@ -24,6 +24,7 @@ import pytest
 from reconciler.secrets import age
 from tests.conftest import git, tree_snapshot
 from tests.integration._helpers import assert_clean_error, changes, drift_kinds
+from tests.integration._service import host_argv, reconciler_env
 from tests.integration.test_notify import Recorder, recorder  # noqa: F401 - the fixture
 
 PASSWORD = "pg-pass-8d1e0c5b7a"
@@ -137,6 +138,28 @@ def test_a_secret_for_db1_renders_there_fails_cleanly_on_web1_and_never_leaks(
     # db1 still renders the new commit.
     run(db1, "pull", "--debug")
     assert db1.path(CONF_DEST).read_text() == f"user=app\npassword={PASSWORD}\n"
+
+    # A no-op run of a node that decrypts secrets never loads the age binding (SPEC §7):
+    # the short cut skips render, where the only decryption happens.
+    run(db1, "pull")  # settled: records taken well after the writes
+    cfg = tmp_path / "db1.yaml"
+    python, *rest = host_argv(db1, "pull", "--config", str(cfg))
+    proc = subprocess.run(
+        [python, "-X", "importtime", *rest],
+        capture_output=True,
+        text=True,
+        env=reconciler_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "reconciler.pipeline.run" in imported, "no import list: -X importtime did not work"
+    assert not {m for m in imported if m.split(".")[0] == "pyrage"}, "a no-op run imported pyrage"
+    assert "reconciler.pipeline.render" not in imported, "the run was not a no-op"
 
     # The fleet page, as an operator sees it.
     page = subprocess.run(
