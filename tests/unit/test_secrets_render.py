@@ -262,3 +262,25 @@ def test_forked_workers_carry_the_taint_back(tmp_path: Path, keys: dict[str, Pat
     assert files[PurePosixPath("/etc/many/050")].content == f"{PASSWORD}\n".encode()
     tainted = sorted(str(p) for p, f in files.items() if f.secret)
     assert tainted == ["/etc/db/pass.conf", "/etc/many/050"]
+
+
+def test_an_age_value_is_one_value_in_merges_and_survives_the_json_inventory_cache(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    import json
+
+    from reconciler.pipeline.inventory import deep_merge, parse_yaml
+    from reconciler.secrets.age import is_age_marker
+
+    payload = _armored(b"from-defaults", _to(keys, "db1"))
+    data = parse_yaml(
+        ("vars:\n  db:\n    password: " + _yaml_value(payload, 6)).encode(), "hosts/_defaults.yaml"
+    )
+    value = data["vars"]["db"]["password"]
+    assert is_age_marker(value) and PASSWORD not in json.dumps(data)
+    assert is_age_marker(json.loads(json.dumps(data))["vars"]["db"]["password"])  # the cache
+    # A later file's mapping replaces the value; it is never merged into it, nor it into one.
+    merged = deep_merge(data["vars"], {"db": {"password": {"user": "x"}}})
+    assert merged["db"]["password"] == {"user": "x"}
+    back = deep_merge({"db": {"password": {"user": "x"}}}, data["vars"])
+    assert back["db"]["password"] == value
