@@ -10,7 +10,9 @@ it was.
 from __future__ import annotations
 
 import io
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -337,3 +339,107 @@ def test_an_operator_with_an_ssh_ed25519_key_encrypts_and_reads(
     assert _age_decrypt(ssh_key, payload).stdout == b"via ssh\n"  # the age CLI agrees
     code, out, _ = _run(root, "secret", "show", f"{SECRET}.age", "--identity", str(ssh_key))
     assert (code, out) == (0, "via ssh\n")
+
+
+# ------------------------------------------------------------------ !age values
+
+
+def _encrypt_var(root: Path, file: str, key: str, value: bytes) -> subprocess.CompletedProcess[str]:
+    """``secret encrypt --var`` in a subprocess: the value comes from stdin (not a tty)."""
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", "secret", "encrypt", "--var", file, key],
+        input=value.decode(),
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        check=False,
+    )
+
+
+def test_a_var_is_encrypted_from_stdin_edited_and_rekeyed_with_comments_kept(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _tree(tmp_path, keys, RULES)
+    monkeypatch.chdir(root)
+    done = _encrypt_var(root, "hosts/db1.yaml", "db.password", b"s3cret\n")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    text = (root / "hosts/db1.yaml").read_text()
+    assert "s3cret" not in text
+    assert text.startswith(HOST_FILE.removesuffix("    other: x  # kept\n"))  # untouched above
+    assert "  db:\n    password: !age |\n      -----BEGIN AGE ENCRYPTED FILE-----\n" in text
+    ident = ("--identity", str(keys["alice"][0]))
+    show = ["secret", "show", "--var", "hosts/db1.yaml", "db.password", *ident]
+    assert _run(root, *show)[1] == "s3cret"
+
+    monkeypatch.delenv("VISUAL", raising=False)
+    monkeypatch.setenv("EDITOR", str(_editor(tmp_path, 'printf rotated > "$f"')))
+    code, out, err = _run(root, "secret", "edit", "--var", "hosts/db1.yaml", "db.password", *ident)
+    assert (code, err) == (0, "")
+    assert out == "edited hosts/db1.yaml vars.db.password (2 recipients)\n"
+    assert _run(root, *show)[1] == "rotated"
+    show_db1 = [*show[:-2], "--identity", str(keys["db1"][0])]
+    assert _run(root, *show_db1)[1] == "rotated"  # the node is still a recipient
+    after_edit = (root / "hosts/db1.yaml").read_text()
+    for comment in ("# db1: the database server", "# one app", "# the port", "# kept"):
+        assert comment in after_edit
+
+    code, out, _ = _run(root, "secret", "rekey", "hosts/db1.yaml", *ident)
+    assert out == "re-encrypted hosts/db1.yaml vars.db.password (2 recipients)\n"
+    rekeyed = (root / "hosts/db1.yaml").read_text()
+    assert rekeyed != after_edit and rekeyed.startswith(HOST_FILE.splitlines()[0])
+    assert _run(root, *show)[1] == "rotated"
+
+    # Encrypting over an existing !age value is refused; nothing changed.
+    before = tree_snapshot(root)
+    again = _encrypt_var(root, "hosts/db1.yaml", "db.password", b"x")
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert "already a !age value" in again.stderr
+    assert tree_snapshot(root) == before
+
+
+def test_a_var_in_a_file_without_a_rule_or_not_armored_fails_cleanly(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _tree(tmp_path, keys, RULES)
+    monkeypatch.chdir(root)
+    before = tree_snapshot(root)
+    done = _encrypt_var(root, "hosts/web1.yaml", "token", b"x")  # no rule for web1.yaml
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert "no rule of secrets.yaml matches hosts/web1.yaml" in done.stderr
+    assert tree_snapshot(root) == before
+
+    (root / "hosts/web2.yaml").write_text("apps: []\nvars:\n  token: !age not-a-payload\n")
+    before = tree_snapshot(root)
+    ident = ("--identity", str(keys["alice"][0]))
+    code, _, err = _run(root, "secret", "show", "--var", "hosts/web2.yaml", "token", *ident)
+    assert code == 1 and err.count("\n") == 1 and "hosts/web2.yaml" in err, err
+    assert "armored" in err
+    assert tree_snapshot(root) == before
+
+
+def test_validate_names_the_nodes_whose_templates_read_an_age_value_they_cannot_decrypt(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "nobody"))  # no identity anywhere
+    armored = subprocess.run(
+        ["age", "-a", "-r", keys["alice"][1]], input=b"x", capture_output=True, check=True
+    ).stdout.decode()
+    host_age = "  token: !age |\n" + "".join(f"    {line}\n" for line in armored.splitlines())
+    rules = "- path: hosts/webservers.yaml\n  to: [web1]\n"
+    files = {
+        "hosts/web1.yaml": "apps: [web]\n",
+        "hosts/web2.yaml": "apps: [web]\n",
+        "hosts/web3.yaml": "apps: []\n",  # reads no template: never needs the key
+        "hosts/webservers.yaml": "include_nodes: [web1, web2, web3]\nvars:\n" + host_age,
+        "hosts/lost.yaml": "apps: []\nvars:\n" + host_age,  # no rule
+        "templates/web/default/etc/web.conf.j2": "token={{ token }}\n",
+    }
+    root = _tree(tmp_path, keys, rules, **files)
+    code, problems = _validate(root)
+    assert code == 1
+    read = [p for p in problems if p.startswith("hosts/webservers.yaml: read by")]
+    assert len(read) == 1 and read[0].endswith("[node web2]"), problems
+    assert (
+        sum(p.startswith("hosts/lost.yaml: holds !age values, but no rule") for p in problems) == 1
+    )
