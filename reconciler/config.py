@@ -123,6 +123,10 @@ class ReportConfig:
     # never committed (issue 11: a 500 MB drifted file grew the git server by
     # 500 MB a drift). Also the largest file ``reconciler diff`` loads.
     max_capture: int = 1 << 20
+    # SPEC §8: drift captures go to drift/<path>.age, encrypted on the host to the
+    # keys/operators/*.pub of the commit run, so the git server never sees a host's
+    # file contents (vakap encrypts client-side likewise).
+    encrypt_captures: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

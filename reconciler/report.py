@@ -165,31 +165,42 @@ class ReportDrift:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReportUncaptured:
-    """A ReportUncaptured is a drifted file larger than ``report.max_capture``: recorded
-    by size and sha256 only, never committed under ``drift/`` (issue 11; SPEC §5
-    captures, bounded)."""
+    """A ReportUncaptured is a drifted file whose content was not committed under
+    ``drift/``, recorded by size and sha256 only: larger than
+    ``report.max_capture`` (issue 11; SPEC §5 captures, bounded), or, with
+    ``report.encrypt_captures``, one the host could not encrypt (SPEC §8)."""
 
     path: str  # destination path, absolute as the host sees it
     size: int  # bytes found
     sha256: str  # hex, of the bytes found
     max_capture: int  # bytes: the host's report.max_capture at the time
+    # Why not captured when it was not its size, e.g. "report.encrypt_captures is on and
+    # commit … has no keys/operators/*.pub"; "" for a file larger than max_capture.
+    reason: str = ""
 
     def note(self) -> str:
-        """``not captured: 524288000 bytes > report.max_capture 1 MiB, sha256 <hex>``."""
+        """``not captured: 524288000 bytes > report.max_capture 1 MiB, sha256 <hex>``,
+        or ``not captured: <reason>, sha256 <hex>``."""
+        if self.reason:
+            return f"not captured: {self.reason}, sha256 {self.sha256}"
         return (
             f"not captured: {self.size} bytes > report.max_capture "
             f"{format_size(self.max_capture)}, sha256 {self.sha256}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        """``{path, size, sha256, max_capture, note}``; ``note`` for a human reading the JSON."""
-        return {
+        """``{path, size, sha256, max_capture, [reason,] note}``; ``note`` for a human
+        reading the JSON, ``reason`` only when it is not the size."""
+        out: dict[str, Any] = {
             "path": self.path,
             "size": self.size,
             "sha256": self.sha256,
             "max_capture": self.max_capture,
-            "note": self.note(),
         }
+        if self.reason:
+            out["reason"] = self.reason
+        out["note"] = self.note()
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReportUncaptured:
@@ -200,6 +211,7 @@ class ReportUncaptured:
             size=size if isinstance(size, int) else 0,
             sha256=str(data.get("sha256") or ""),
             max_capture=limit if isinstance(limit, int) else 0,
+            reason=str(data.get("reason") or ""),
         )
 
 

@@ -141,54 +141,62 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_log(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler log NODE``: the node's report commits, newest first."""
-    from reconciler.ops.fleet import fetch_upstream
-    from reconciler.ops.history import format_log, report_log
+    from reconciler.ops.fleet import fetch_upstream, read_report
+    from reconciler.ops.history import drift_diffs, format_drift, format_log, report_log
+    from reconciler.secrets.age import operator_identity_path
 
     up = _upstream(args)
     fetch_upstream(up)
     entries = report_log(up, args.target, limit=args.limit)
+    patches: dict[str, Any] = {}
+    if args.patch:  # the drift each report captured, as show prints it
+        identity = str(operator_identity_path(args.identity))
+        for e in entries:
+            if e.drifted:
+                report = read_report(up.repo, e.commit)
+                patches[e.commit] = (report, drift_diffs(up, e.commit, report, identity=identity))
     if args.format == "json":
-        _emit({"node": args.target, "reports": [e.as_json() for e in entries]}, out)
-    else:
+        rows = []
+        for e in entries:
+            row = e.as_json()
+            if args.patch:
+                row["drift"] = [d.as_json() for d in patches.get(e.commit, (None, []))[1]]
+            rows.append(row)
+        _emit({"node": args.target, "reports": rows}, out)
+    elif not args.patch:
         out.write(format_log(args.target, entries))
+    else:
+        for e in entries:
+            out.write(format_log(args.target, [e]))
+            if e.commit in patches:
+                out.write(format_drift(*patches[e.commit]))
     return 0
 
 
 def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler show NODE [RUN]``: one report and its drift diffs (desired → host)."""
     from reconciler.ops.fleet import fetch_upstream, read_report
-    from reconciler.ops.history import drift_diffs, find_report, format_report
+    from reconciler.ops.history import drift_diffs, find_report, format_drift, format_report
+    from reconciler.secrets.age import operator_identity_path
 
     up = _upstream(args)
     fetch_upstream(up)
     commit = find_report(up, args.target, args.run)
     report = read_report(up.repo, commit)
-    diffs = drift_diffs(up, commit, report)
+    identity = str(operator_identity_path(args.identity))
+    diffs = drift_diffs(up, commit, report, identity=identity)
     if args.format == "json":
         _emit(
             {
                 "report_commit": commit,
                 "report": report.to_json(),
-                "drift": [
-                    {"path": d.path, "kinds": list(d.kinds), "diff": d.diff, "note": d.note}
-                    for d in diffs
-                ],
+                "drift": [d.as_json() for d in diffs],
             },
             out,
         )
         return 0
     out.write(format_report(report, commit))
-    # A change's detail (mode, owner) is what the content diff cannot show (issue 12);
-    # it reads host → desired, as the change repairing the drift does.
-    details = {c.path: c.detail for c in report.changes if c.detail}
-    for d in diffs:
-        out.write(f"\ndrift {d.path} [{', '.join(d.kinds)}]\n")
-        if d.path in details:
-            out.write(f"  {details[d.path]} (host → desired)\n")
-        if d.diff:
-            out.write(d.diff)
-        if d.note:
-            out.write(f"  ({d.note})\n")
+    out.write(format_drift(report, diffs))
     return 0
 
 
@@ -295,9 +303,13 @@ def cmd_resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``reconciler adopt NODE PATH``: a captured drifted file onto a review branch."""
     from reconciler.ops.change import adopt
+    from reconciler.secrets.age import operator_identity_path
 
     up = _upstream(args)
-    a = adopt(up, args.target, args.path, run=args.run, push=not args.no_push)
+    identity = str(operator_identity_path(args.identity))
+    a = adopt(
+        up, args.target, args.path, run=args.run, push=not args.no_push, operator_identity=identity
+    )
     if args.format == "json":
         _emit(
             {
@@ -769,13 +781,25 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     fleet.set_defaults(handler=cmd_fleet)
 
-    log = sub.add_parser("log", parents=[flags(*upstream, *OUTPUT)], help="a node's report history")
+    log = sub.add_parser(
+        "log",
+        parents=[flags(*upstream, "operator_identity", *OUTPUT)],
+        help="a node's report history",
+    )
     log.add_argument("target", metavar="NODE")
     log.add_argument("--limit", type=int, default=50, help="at most N reports (default 50)")
+    log.add_argument(
+        "--patch",
+        "-p",
+        action="store_true",
+        help="each report's drift diffs too (encrypted captures opened with --identity)",
+    )
     log.set_defaults(handler=cmd_log)
 
     show = sub.add_parser(
-        "show", parents=[flags(*upstream, *OUTPUT)], help="one report with its drift diffs"
+        "show",
+        parents=[flags(*upstream, "operator_identity", *OUTPUT)],
+        help="one report with its drift diffs",
     )
     show.add_argument("target", metavar="NODE")
     show.add_argument(
@@ -872,7 +896,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     impact.set_defaults(handler=cmd_impact)
 
     adopt = sub.add_parser(
-        "adopt", parents=[flags(*upstream, *OUTPUT)], help="a captured drifted file onto a branch"
+        "adopt",
+        parents=[flags(*upstream, "operator_identity", *OUTPUT)],
+        help="a captured drifted file onto a branch",
     )
     adopt.add_argument("target", metavar="NODE")
     adopt.add_argument("path", metavar="PATH", help="destination path, e.g. /etc/motd")

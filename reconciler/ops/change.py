@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from reconciler.errors import InventoryError, ReconcilerError, RemoteError, SourceError, UsageError
+from reconciler.errors import (
+    InventoryError,
+    ReconcilerError,
+    RemoteError,
+    SecretError,
+    SourceError,
+    UsageError,
+)
 from reconciler.git.commits import identity, replay, write_commit
 from reconciler.git.remote import push
 from reconciler.git.repo import (
@@ -42,7 +49,14 @@ from reconciler.git.repo import (
 from reconciler.git.reports import drift_captures, report_commits
 from reconciler.git.snapshot import Snapshot
 from reconciler.ops.fleet import Upstream, fetch_upstream, parse_time, read_report, tracking_head
-from reconciler.ops.history import file_diff, find_report, report_tip
+from reconciler.ops.history import (
+    SEALED_SUFFIX,
+    file_diff,
+    find_report,
+    operator_key_names,
+    report_tip,
+    unseal,
+)
 from reconciler.ops.hostfile import remove_suspended_text, set_state_text, set_suspended_text
 from reconciler.pipeline.inventory import (
     DEFAULT_STATE,
@@ -461,29 +475,49 @@ def _uses_template(snapshot: Snapshot, inventory: Inventory, node: str, template
     return True
 
 
-def _capture_report(up: Upstream, node: str, path: str, run: str | None) -> tuple[str, bytes]:
+def _capture_report(
+    up: Upstream, node: str, path: str, run: str | None, identity: str | None
+) -> tuple[str, bytes]:
     """The newest report commit of ``node`` (or ``run``'s) that captured ``path``, and the capture.
 
-    UsageError when none did, or when a newer report holds it as uncaptured
-    (too large to capture: its content never left the host)."""
+    A capture the host encrypted (``drift/<path>.age``, SPEC §8) is opened
+    with the operator's ``identity``; SecretError (one line naming the
+    identity needed) when it cannot be. UsageError when none did, or when a
+    newer report holds it as uncaptured (too large to capture, or not
+    encrypted for want of operator keys: its content never left the host)."""
     tip = find_report(up, node, run) if run else report_tip(up, node)
     seen_drift = False
     for commit in report_commits(up.repo, tip):
         found = drift_captures(up.repo, commit)
         if path in found:
             return commit, found[path]
+        if path + SEALED_SUFFIX in found:
+            payload = found[path + SEALED_SUFFIX]
+            keys = operator_key_names(up, _report_source(up, commit))
+            where = f"reports/{node}: drift{path}{SEALED_SUFFIX}"
+            if identity is None:
+                raise SecretError(
+                    "encrypted to the operators' keys",
+                    where=where,
+                    hint=f"give --identity FILE of {keys}",
+                )
+            return commit, unseal(payload, where=where, identity=identity, keys=keys)
         seen_drift = seen_drift or bool(found)
         try:
             report = read_report(up.repo, commit)
         except SourceError:
             report = None  # a hand-made commit without a report
         for large in report.uncaptured if report is not None else ():
-            if large.path == path:  # its newest drift was too large to capture
+            if large.path == path:  # its newest drift was not captured
+                remedy = (
+                    "commit an operator key under keys/operators/ and adopt it after its next drift"
+                    if large.reason
+                    else f"raise report.max_capture on {node} and adopt it after its next drift"
+                )
                 raise UsageError(
                     f"cannot adopt an uncaptured file ({large.note()})",
                     where=f"reports/{node}: {path}",
-                    hint=f"copy the file from {node} into the desired state by hand, or raise "
-                    f"report.max_capture on {node} and adopt it after its next drift",
+                    hint=f"copy the file from {node} into the desired state by hand, or {remedy}",
                 )
         if run:
             break
@@ -497,8 +531,23 @@ def _capture_report(up: Upstream, node: str, path: str, run: str | None) -> tupl
     )
 
 
+def _report_source(up: Upstream, commit: str) -> str | None:
+    """The commit the report of report commit ``commit`` ran (its operator keys)."""
+    try:
+        report = read_report(up.repo, commit)
+    except SourceError:
+        return None
+    return report.source.commit or report.applied_commit
+
+
 def adopt(
-    up: Upstream, node: str, path: str, *, run: str | None = None, push: bool = True
+    up: Upstream,
+    node: str,
+    path: str,
+    *,
+    run: str | None = None,
+    push: bool = True,
+    operator_identity: str | None = None,
 ) -> Adoption:
     """Write the drifted file captured in ``node``'s reports back into the desired state.
 
@@ -506,15 +555,21 @@ def adopt(
     a plain template is replaced by the captured bytes; for a ``.j2``
     template the capture is written beside it as ``<template>.adopted`` and
     the diff against the render is returned — a reverse template is never
-    guessed. The desired side is rendered with the report's facts. Pushes
-    the branch unless ``push`` is false. Raises UsageError when nothing was
+    guessed. The desired side is rendered with the report's facts. A capture
+    the host encrypted (``report.encrypt_captures``) is opened with the
+    operator's identity file ``operator_identity``; its plaintext goes on the branch only for
+    a path that is not secret at the branch head — a secret's content is
+    refused (it goes back encrypted, with ``reconciler secret edit``), as
+    for any capture. Pushes
+    the branch unless ``push`` is false. Raises SecretError when an encrypted
+    capture cannot be opened (naming the identity needed), UsageError when nothing was
     captured for ``path`` or its newest drift was larger than the host's
     ``report.max_capture`` (known by size and sha256 only), InventoryError when the node no longer renders
     it, SourceError when the push fails (e.g. the branch exists).
     """
     dest = "/" + path.strip("/")
     head = fetch_upstream(up)
-    report_commit, captured = _capture_report(up, node, dest, run)
+    report_commit, captured = _capture_report(up, node, dest, run, operator_identity)
     report = read_report(up.repo, report_commit)
     snapshot = up.snapshot(head)
     inventory = load_inventory(snapshot)
@@ -530,7 +585,10 @@ def adopt(
             f"hosts/{node}.yaml: {node} no longer renders {dest} at {head[:12]} — nothing to adopt"
         )
     if t.secret:
-        raise UsageError(f"{dest}: a secret path — its content never leaves the host")
+        raise UsageError(
+            f"{dest}: a secret path at {head[:12]} — its content never goes on a branch in "
+            "plaintext; change it with reconciler secret edit"
+        )
     diff = file_diff(dest, t.content, captured, secret=False, old_label="desired", new_label="host")
     if not diff:
         raise UsageError(f"{dest}: the captured file equals the desired state at {head[:12]}")

@@ -12,6 +12,13 @@ report's own ``facts``. Secret paths are never captured; they show a sha256
 prefix of the desired content only (SPEC §6). A file the host found larger
 than its ``report.max_capture`` is known by size and sha256 only: its diff is
 one line of sizes and hashes, and its note says why.
+
+A host with ``report.encrypt_captures`` commits ``drift/<dest-path>.age``,
+encrypted to the operators' keys (SPEC §8): :func:`unseal` opens one with
+the operator's identity (``--identity``, default
+``~/.config/reconciler/identity.age``); without it, or when it is not one of
+the recipients, the diff's note is one line saying which identity is needed.
+The fleet page never decrypts (it is a file that travels).
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from reconciler.errors import ReconcilerError, SourceError, UsageError
+from reconciler.errors import (
+    NotRecipientError,
+    ReconcilerError,
+    SecretError,
+    SourceError,
+    UsageError,
+)
 from reconciler.git.repo import has_commit, ref_target
 from reconciler.git.reports import drift_captures, remote_report_ref, report_commits
 from reconciler.ops.fleet import Upstream, read_report
@@ -121,6 +134,80 @@ def file_diff(
     return "".join(
         line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines
     )
+
+
+# ------------------------------------------------------------ sealed captures
+
+SEALED_SUFFIX = ".age"  # drift/<path>.age: a capture encrypted on the host (SPEC §8)
+
+
+def operator_key_names(up: Upstream, commit: str | None) -> str:
+    """``keys/operators/alice.pub or bob.pub`` at ``commit``: the keys a host encrypted
+    its captures to; ``keys/operators/*.pub`` when they cannot be listed."""
+    names: list[str] = []
+    if commit and has_commit(up.repo, commit):
+        try:
+            listing = up.snapshot(commit).listdir("keys/operators")
+        except ReconcilerError:
+            listing = []
+        names = [n for n, is_dir in listing if not is_dir and n.endswith(".pub")]
+    if not names:
+        return "keys/operators/*.pub"
+    return "keys/operators/" + " or ".join(names)
+
+
+def unseal(payload: bytes, *, where: str, identity: str, keys: str) -> bytes:
+    """The plaintext of the sealed capture ``payload`` (``drift/<path>.age``), opened
+    with the operator's identity file ``identity`` (SPEC §8).
+
+    ``where`` names the capture, ``keys`` the operator keys it was encrypted
+    to (:func:`operator_key_names`). Raises SecretError, one line naming the
+    capture, the identity tried and the identity needed: no identity file,
+    not a recipient, or a damaged payload.
+    """
+    from reconciler.secrets.age import decrypt, load_identity
+
+    needed = f"give --identity FILE holding the private key of {keys}"
+    try:
+        return decrypt(payload, [load_identity(identity)], where=where)
+    except NotRecipientError:
+        raise SecretError(
+            f"encrypted to the operators' keys, and {identity} is not one of them",
+            where=where,
+            hint=needed,
+        ) from None
+    except SecretError as exc:
+        if exc.where != identity:
+            raise  # the payload itself: damaged, not age
+        raise SecretError(
+            f"encrypted to the operators' keys; cannot use {identity} ({exc.problem})",
+            where=where,
+            hint=needed,
+        ) from None
+
+
+def captured_content(
+    found: Mapping[str, bytes], path: str, *, identity: str | None, keys: str
+) -> tuple[bytes | None, str]:
+    """What the host captured for ``path`` in a report's ``drift/`` (``found``), and a note.
+
+    A plain ``drift/<path>`` is returned as is; a sealed ``drift/<path>.age``
+    is opened with ``identity`` (:func:`unseal`) — None means "do not
+    decrypt" (the fleet page) — else (None, one line saying which identity is
+    needed). (None, "") when nothing was captured.
+    """
+    if path in found:
+        return found[path], ""
+    sealed = found.get(path + SEALED_SUFFIX)
+    if sealed is None:
+        return None, ""
+    where = f"drift{path}{SEALED_SUFFIX}"
+    if identity is None:
+        return None, f"{where}: encrypted to the operators' keys; not decrypted here"
+    try:
+        return unseal(sealed, where=where, identity=identity, keys=keys), ""
+    except SecretError as exc:
+        return None, str(exc)
 
 
 # ----------------------------------------------------------------------- log
@@ -230,6 +317,10 @@ class DriftDiff:
     note: str  # why there is no diff, or ""
     captured: bytes | None = None
 
+    def as_json(self) -> dict[str, Any]:
+        """``{path, kinds, diff, note}``: a drift entry of ``show``/``log -p --format json``."""
+        return {"path": self.path, "kinds": list(self.kinds), "diff": self.diff, "note": self.note}
+
 
 def desired_at(up: Upstream, node: str, commit: str, facts: Mapping[str, Any]) -> TargetState:
     """The target state of ``node`` at ``commit`` rendered with ``facts`` (a report's facts).
@@ -252,8 +343,14 @@ def desired_at(up: Upstream, node: str, commit: str, facts: Mapping[str, Any]) -
     )
 
 
-def drift_diffs(up: Upstream, report_commit: str, report: Report) -> list[DriftDiff]:
+def drift_diffs(
+    up: Upstream, report_commit: str, report: Report, *, identity: str | None = None
+) -> list[DriftDiff]:
     """One DriftDiff per drifted path of ``report``, in report order.
+
+    ``identity``: the operator's identity file, which opens the captures a
+    host encrypted (``drift/<path>.age``, SPEC §8); None never decrypts (the
+    fleet page), and their note says so.
 
     The desired side is rendered at the report's ``applied_commit`` with its
     ``facts``: drift is measured against what the host applies, and
@@ -278,15 +375,20 @@ def drift_diffs(up: Upstream, report_commit: str, report: Report) -> list[DriftD
             problem = f"desired state not rendered: {exc}"
     else:
         problem = "the report names no applied commit (nothing was ever applied)"
+    keys = ""
+    if any(p.endswith(SEALED_SUFFIX) for p in found):
+        keys = operator_key_names(up, report.source.commit or applied)
     out = []
     for path, path_kinds in kinds.items():
-        captured = found.get(path)
+        captured, sealed_note = captured_content(found, path, identity=identity, keys=keys)
         t = target.files.get(PurePosixPath(path)) if target is not None else None
         secret = bool(t and t.secret)
         note = ""
         diff = ""
         large = too_large.get(path)
-        if captured is None and large is not None:
+        if sealed_note:
+            note = sealed_note  # which identity opens it; the path is still listed
+        elif captured is None and large is not None:
             # Larger than the host's report.max_capture: known by size and sha256 only.
             note = large.note()
             if t is not None:
@@ -357,6 +459,24 @@ def format_report(report: Report, report_commit: str) -> str:
     for e in report.errors:
         lines.append(f"  error: {e}")
     return "\n".join(lines) + "\n"
+
+
+def format_drift(report: Report, diffs: Sequence[DriftDiff]) -> str:
+    """The drift sections of ``show`` (and ``log -p``): per drifted path its kinds,
+    a change's detail, the diff desired → host, and the note."""
+    # A change's detail (mode, owner) is what the content diff cannot show (issue 12);
+    # it reads host → desired, as the change repairing the drift does.
+    details = {c.path: c.detail for c in report.changes if c.detail}
+    parts: list[str] = []
+    for d in diffs:
+        parts.append(f"\ndrift {d.path} [{', '.join(d.kinds)}]\n")
+        if d.path in details:
+            parts.append(f"  {details[d.path]} (host → desired)\n")
+        if d.diff:
+            parts.append(d.diff)
+        if d.note:
+            parts.append(f"  ({d.note})\n")
+    return "".join(parts)
 
 
 def format_log(node: str, entries: Sequence[ReportEntry]) -> str:

@@ -522,7 +522,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             mode=config.mode, applied_commit=previous.applied_commit, errors=prepared.errors
         )
     from reconciler.pipeline.apply import RunContext, apply_plan
-    from reconciler.pipeline.capture import drift_captures
+    from reconciler.pipeline.capture import drift_captures, seal_captures
     from reconciler.pipeline.inventory import effective_node, load_inventory
     from reconciler.pipeline.journal import Journal, Manifest, make_entries
     from reconciler.pipeline.plan import exclude_matcher, make_plan
@@ -585,6 +585,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         captures = drift_captures(
             plan, target, previous, actual, root, system, max_capture=config.report.max_capture
         )
+        if config.report.encrypt_captures:
+            captures = seal_captures(captures, snapshot, max_capture=config.report.max_capture)
         to_apply = [c for c in plan.changes if c.apply]
         kept = None
         if journal:  # a real run: what is in the place of our directories is moved aside
@@ -727,7 +729,7 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
     lost = history_lost(
         repo, config.node, now=dt.datetime.now(dt.UTC), heartbeat_s=config.report.heartbeat
     )
-    captures = converged.captures.content if converged.captures is not None else {}
+    captures = converged.captures.files() if converged.captures is not None else {}
 
     def build() -> Report:
         # The report as the errors and the rebuild stand now (both grow below).

@@ -239,7 +239,12 @@ def _run_report() -> Any:
         facts={"hostname": "web1"},
         suspended={"reason": "disk", "until": "2026-12-01T00:00:00Z"},
         recovered={"run_id": "r0", "commit": A},
-        uncaptured=[ReportUncaptured(path="/var/big", size=9, sha256="0" * 64, max_capture=1)],
+        uncaptured=[
+            ReportUncaptured(path="/var/big", size=9, sha256="0" * 64, max_capture=1),
+            ReportUncaptured(
+                path="/etc/motd", size=9, sha256="0" * 64, max_capture=1, reason="no operator key"
+            ),
+        ],
         history_lost={"pushed": A, "server": A, "noticed_at": "2026-11-21T14:05:03Z"},
         cache_rebuilt={"problem": "truncated object"},
     )
