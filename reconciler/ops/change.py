@@ -559,7 +559,7 @@ def adopt(
     the host encrypted (``report.encrypt_captures``) is opened with the
     operator's identity file ``operator_identity``; its plaintext goes on the branch only for
     a path that is not secret at the branch head — a secret's content is
-    refused (it goes back encrypted, with ``reconciler secret edit``), as
+    refused (it goes back only encrypted, to its rule's recipients), as
     for any capture. Pushes
     the branch unless ``push`` is false. Raises SecretError when an encrypted
     capture cannot be opened (naming the identity needed), UsageError when nothing was
@@ -587,7 +587,7 @@ def adopt(
     if t.secret:
         raise UsageError(
             f"{dest}: a secret path at {head[:12]} — its content never goes on a branch in "
-            "plaintext; change it with reconciler secret edit"
+            "plaintext; put it back encrypted to its secrets.yaml rule's recipients"
         )
     diff = file_diff(dest, t.content, captured, secret=False, old_label="desired", new_label="host")
     if not diff:
