@@ -46,6 +46,7 @@ def _drift(make_host, tmp_path: Path):
 def alice(fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An operator's identity whose key is keys/operators/alice.pub; HOME has none."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     identity = tmp_path / "alice.age"
     fleet.write("keys/operators/alice.pub", age.keygen(identity) + "\n")
     fleet.write("keys/operators/bob.pub", age.keygen(tmp_path / "bob.age") + "\n")
