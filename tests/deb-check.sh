@@ -131,6 +131,10 @@ mkdir -p "/var/lib/reconciler/backups/deb-check-$$/files" /var/lib/reconciler/ji
 echo old >"/var/lib/reconciler/backups/deb-check-$$/files/probe"
 echo cache >/var/lib/reconciler/jinja-cache/probe
 
+# The operator enables units (offline: systemctl only makes the links).
+systemctl enable reconciler-boot.service reconciler-pull.timer
+[[ -L /etc/systemd/system/timers.target.wants/reconciler-pull.timer ]] || fail "systemctl enable made no link for reconciler-pull.timer"
+
 step "remove"
 DEBIAN_FRONTEND=noninteractive apt-get remove -y -q reconciler
 for path in /opt/reconciler /usr/bin/reconciler /lib/systemd/system/reconciler.service /usr/share/doc/reconciler; do
@@ -151,6 +155,8 @@ for path in /opt/reconciler /usr/bin/reconciler /lib/systemd/system/reconciler.s
   /usr/share/doc/reconciler /var/lib/reconciler/jinja-cache; do
   [[ -e $path || -L $path ]] && fail "$path remains after purge"
 done
+enabled=$(find /etc/systemd/system -name 'reconciler*' 2>/dev/null)
+[[ -z $enabled ]] || fail "links to the removed units remain after purge: $enabled"
 # Kept: the operator's configuration and the backups (no data is ever lost).
 [[ -f /etc/reconciler/config.yaml ]] || fail "purge removed /etc/reconciler/config.yaml (the operator's file)"
 [[ -f /var/lib/reconciler/backups/deb-check-$$/files/probe ]] || fail "purge removed the backups in /var/lib/reconciler"
