@@ -212,6 +212,9 @@ def test_failures_are_one_line_exit_1_and_change_nothing(
     # No identity file (the default under $HOME).
     _one_line_and_unchanged(root, ["secret", "show", f"{SECRET}.age"], "identity.age")
     _one_line_and_unchanged(root, ["secret", "rekey"], "identity.age")
+    # An identity of the wrong type: a public key.
+    pub = ("--identity", str(root / "keys/nodes/db1.pub"))
+    _one_line_and_unchanged(root, ["secret", "show", f"{SECRET}.age", *pub], "not an identity")
     # An identity that is not a recipient.
     web1 = ("--identity", str(keys["web1"][0]))
     _one_line_and_unchanged(root, ["secret", "show", f"{SECRET}.age", *web1], "not encrypted to")
