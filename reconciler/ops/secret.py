@@ -144,7 +144,9 @@ def encrypt_file(tree: Tree, path: str | Path) -> Written:
     kept (git's mode becomes the destination's, SPEC §1). The plaintext is
     removed only after ``PATH.age`` is written and fsynced. Raises
     SecretError when no rule matches, a node of the rule has no key, or
-    ``PATH.age`` exists; UsageError for a path already ending in ``.age``.
+    ``PATH.age`` exists; UsageError for a path already ending in ``.age`` or
+    outside ``templates/<app>/<state>/`` (the only encrypted files a host
+    decrypts, SPEC §8).
     """
     from reconciler.secrets.age import encrypt
 
@@ -152,6 +154,13 @@ def encrypt_file(tree: Tree, path: str | Path) -> Written:
     if rel.endswith(AGE_SUFFIX):
         raise UsageError(
             f"{rel}: already an encrypted file — use 'reconciler secret edit {rel}' to change it"
+        )
+    if not rel.startswith("templates/") or rel.count("/") < 3:
+        # A host decrypts only templates/<app>/<state>/<path>.age (SPEC §8): anything
+        # else encrypted would be a file no run reads, its plaintext gone.
+        raise UsageError(
+            f"{rel}: not a file of templates/<app>/<state>/, the only encrypted files a host "
+            "decrypts — for a value of a host file use --var FILE KEY"
         )
     target = rel + AGE_SUFFIX
     if os.path.lexists(tree.file(target)):

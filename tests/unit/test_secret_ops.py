@@ -248,6 +248,8 @@ def test_a_path_outside_the_tree_or_a_plain_file_to_show_is_a_usage_error(
         ["secret", "encrypt", str(tmp_path / "elsewhere")],
         ["secret", "show", SECRET, "--identity", str(keys["alice"][0])],
         ["secret", "encrypt", SECRET, "extra"],
+        ["secret", "encrypt", "hosts/db1.yaml"],  # no run would decrypt hosts/db1.yaml.age
+        ["secret", "encrypt", "templates/db/app.yaml"],
         ["secret", "encrypt", "--var", "hosts/db1.yaml", "db..password"],
         ["secret", "show", "--var", "hosts/db1.yaml", "1st"],
     ):
