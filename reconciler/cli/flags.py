@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from reconciler.errors import UsageError
 
 if TYPE_CHECKING:
-    from reconciler.pipeline.render import RenderLimits
+    from reconciler.pipeline.render import Decryption, RenderLimits
 
 
 class Parser(argparse.ArgumentParser):
@@ -192,3 +192,17 @@ def render_limits(args: argparse.Namespace) -> RenderLimits:
         size = parse_size(args.max_file_size, key="--max-file-size")
         limits = RenderLimits(render_timeout=limits.render_timeout, max_file_size=size)
     return limits
+
+
+def operator_decryption(args: argparse.Namespace) -> Decryption:
+    """How ``render`` and ``impact`` open a node's secrets on an operator's machine
+    (SPEC §8): shown as ``<secret: sha256 prefix>`` unless ``--show-secrets``
+    asks, then decrypted with the operator's identity (``--identity``, default
+    ``~/.config/reconciler/identity.age``) — a secret it cannot open fails the
+    node's render, one line naming the file and the identity needed."""
+    from reconciler.pipeline.render import Decryption
+    from reconciler.secrets.age import operator_identity_path
+
+    if not args.show_secrets:
+        return Decryption(placeholder=True)
+    return Decryption(identity=str(operator_identity_path(args.identity)))

@@ -20,7 +20,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from reconciler.cli.flags import HOST, OUTPUT, POLICY, RENDER, SOURCE, flags, render_limits
+from reconciler.cli.flags import (
+    HOST,
+    OUTPUT,
+    POLICY,
+    RENDER,
+    SOURCE,
+    flags,
+    operator_decryption,
+    render_limits,
+)
 from reconciler.cli.output import emit_json, error_line
 from reconciler.config import config_from_args
 from reconciler.errors import PathError, ReconcilerError, UsageError
@@ -217,19 +226,18 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.system import atomic_write
     from reconciler.pipeline.facts import gather_facts
     from reconciler.pipeline.inventory import effective_node, load_inventory
-    from reconciler.pipeline.render import Decryption, render_target
+    from reconciler.pipeline.render import render_target
 
     snapshot = _tree(args)
     name = args.node_name or args.node or config_from_args(args).node
     inventory = load_inventory(snapshot)
     node = effective_node(inventory, snapshot, name, args.state)
-    # Secrets (SPEC §8) show as <secret: sha256 prefix>: render never decrypts.
     target = render_target(
         snapshot,
         node,
         gather_facts(),
         limits=render_limits(args),
-        decryption=Decryption(placeholder=True),
+        decryption=operator_decryption(args),
     )
     if args.out:
         base = Path(args.out)
@@ -705,10 +713,15 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
     render = sub.add_parser(
         "render",
-        parents=[flags("tree_repo", "node", *RENDER, *OUTPUT)],
+        parents=[flags("tree_repo", "node", "operator_identity", *RENDER, *OUTPUT)],
         help="target state of a node",
     )
     render.add_argument("node_name", nargs="?", metavar="NODE")
+    render.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="decrypt the node's secrets with --identity (default: <secret: sha256 prefix>)",
+    )
     render.add_argument("--out", metavar="DIR", help="write the files under DIR")
     render.add_argument("--state", help="render state S")
     render.set_defaults(handler=cmd_render)

@@ -39,7 +39,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler.cli.flags import OUTPUT, RENDER, SOURCE, Parser, flags, render_limits
+from reconciler.cli.flags import (
+    OUTPUT,
+    RENDER,
+    SOURCE,
+    Parser,
+    flags,
+    operator_decryption,
+    render_limits,
+)
 from reconciler.cli.output import emit_json
 from reconciler.config import config_from_args
 from reconciler.errors import ReconcilerError, UsageError
@@ -566,7 +574,13 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         label = f"{base_id[:12]}..{head_id[:12]}"
     base_snapshot = GitSnapshot(repo, base_id, SourceInfo(url=url, branch=branch, commit=base_id))
     limits = render_limits(args)
-    impacted, unchanged = impact(base_snapshot, head_snapshot, gather_facts(), limits=limits)
+    impacted, unchanged = impact(
+        base_snapshot,
+        head_snapshot,
+        gather_facts(),
+        limits=limits,
+        decryption=operator_decryption(args),
+    )
     failed = any(n.error and n.error.startswith("HEAD") for n in impacted)
     if args.format == "json":
         _emit(
@@ -880,8 +894,13 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
     impact = sub.add_parser(
         "impact",
-        parents=[flags("tree_repo", *RENDER, *OUTPUT)],
+        parents=[flags("tree_repo", "operator_identity", *RENDER, *OUTPUT)],
         help="per node, the files a range of commits changes",
+    )
+    impact.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="decrypt secrets with --identity and diff them (default: sha256 prefixes)",
     )
     impact.add_argument(
         "range",

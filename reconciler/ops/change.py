@@ -677,7 +677,7 @@ class NodeImpact:
 
 
 def _render_all(
-    snapshot: Snapshot, facts: Mapping[str, Any], limits: RenderLimits
+    snapshot: Snapshot, facts: Mapping[str, Any], limits: RenderLimits, decryption: Decryption
 ) -> tuple[dict[str, Mapping[PurePosixPath, TargetFile] | str], list[str]]:
     """node → target files (or the error text), and the node names; "*" holds an inventory error."""
     try:
@@ -688,9 +688,7 @@ def _render_all(
     for name in inventory.nodes:
         try:
             node = effective_node(inventory, snapshot, name)
-            files = render_target(
-                snapshot, node, facts, limits=limits, decryption=Decryption(placeholder=True)
-            ).files
+            files = render_target(snapshot, node, facts, limits=limits, decryption=decryption).files
             excluded = exclude_matcher(node.exclude)
             out[name] = {
                 p: t for p, t in files.items() if not excluded.match_file(str(p).lstrip("/"))
@@ -700,7 +698,7 @@ def _render_all(
     return out, inventory.nodes
 
 
-def _compare(old: TargetFile | None, new: TargetFile | None) -> FileImpact | None:
+def _compare(old: TargetFile | None, new: TargetFile | None, *, shown: bool) -> FileImpact | None:
     ref = new or old
     assert ref is not None
     secret = bool((old and old.secret) or (new and new.secret))
@@ -720,7 +718,7 @@ def _compare(old: TargetFile | None, new: TargetFile | None) -> FileImpact | Non
         str(ref.path),
         old.content if old else None,
         new.content if new else None,
-        secret=secret,
+        secret=secret and not shown,  # shown: the operator decrypted and asked to see them
     )
     return FileImpact(
         path=str(ref.path),
@@ -738,6 +736,7 @@ def impact(
     facts: Mapping[str, Any],
     *,
     limits: RenderLimits | None = None,
+    decryption: Decryption | None = None,
 ) -> tuple[list[NodeImpact], list[str]]:
     """Per node, the destination files whose target state differs between ``base`` and ``head``.
 
@@ -747,10 +746,16 @@ def impact(
     side is impacted with ``error`` set and no files. Both sides render in
     the sandbox within ``limits`` (SPEC §10: ``impact`` runs on an untrusted
     pull request).
+
+    ``decryption``: how secrets are opened (SPEC §8). By default never: they
+    render as ``<secret: sha256 prefix>`` and their diffs are sha256
+    prefixes. An operator's identity (``impact --show-secrets``) decrypts
+    them, and their diffs then show the plaintext.
     """
     limits = limits or RenderLimits()
-    old, old_names = _render_all(base, facts, limits)
-    new, new_names = _render_all(head, facts, limits)
+    decryption = decryption or Decryption(placeholder=True)
+    old, old_names = _render_all(base, facts, limits, decryption)
+    new, new_names = _render_all(head, facts, limits, decryption)
     if "*" in new:
         return [NodeImpact(node="*", files=(), error=f"HEAD: {new['*']}")], []
     impacted: list[NodeImpact] = []
@@ -766,7 +771,7 @@ def impact(
             continue
         files = []
         for path in sorted({*before, *after}):
-            item = _compare(before.get(path), after.get(path))
+            item = _compare(before.get(path), after.get(path), shown=not decryption.placeholder)
             if item is not None:
                 files.append(item)
         if files:
