@@ -25,7 +25,8 @@ PLAIN = "an intruder's line 7f3a9c-CAPTURE-MARKER\n"
 
 def _config(tmp_path: Path) -> Path:
     config = tmp_path / "config.yaml"
-    config.write_text("report:\n  encrypt_captures: true\n")
+    metrics = tmp_path / "metrics.prom"
+    config.write_text(f"report:\n  encrypt_captures: true\nmetrics:\n  textfile: {metrics}\n")
     return config
 
 
@@ -39,6 +40,10 @@ def _drift(make_host, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     assert PLAIN.strip() not in proc.stdout + proc.stderr
     assert PLAIN not in motd.read_text()  # repaired as ever
+    # What else leaves the run: last-run.json (the webhook's payload is its report
+    # without facts) and the metrics hold paths and counts, never the content.
+    for record in (host.state_dir / "last-run.json", tmp_path / "metrics.prom"):
+        assert "7f3a9c" not in record.read_text(), record
     return host, proc
 
 
