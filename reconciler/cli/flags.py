@@ -65,18 +65,26 @@ _OUTPUT = "output"
 
 # name → (heading, option strings, add_argument keywords)
 _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
-    "config": (_CONFIGURATION, ("--config",), {"metavar": "PATH", "help": "agent config file"}),
+    "config": (
+        _CONFIGURATION,
+        ("--config",),
+        {
+            "metavar": "PATH",
+            "help": "agent config file (default: $RECONCILER_CONFIG, else "
+            "/etc/reconciler/config.yaml)",
+        },
+    ),
     "repo": (_SOURCE, ("--repo",), {"help": "desired-state repository URL or path"}),
     "tree_repo": (
         _SOURCE,
         ("--repo",),
         {"metavar": "DIR", "help": "working tree of the repository (default: .)"},
     ),
-    "branch": (_SOURCE, ("--branch",), {}),
+    "branch": (_SOURCE, ("--branch",), {"help": "the branch to apply (default: main)"}),
     "net_timeout": (
         _SOURCE,
         ("--net-timeout",),
-        {"dest": "net_timeout", "help": "git connect/read timeout"},
+        {"dest": "net_timeout", "metavar": "D", "help": "git connect/read timeout (default: 60s)"},
     ),
     "allow_rewind": (
         _SOURCE,
@@ -90,20 +98,59 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         },
     ),
     "node": (_HOST, ("--node",), {"help": "this host's node name (default: short hostname)"}),
-    "root": (_HOST, ("--root",), {"help": "destinations are rooted here (default /)"}),
-    "state_dir": (_HOST, ("--state-dir",), {"dest": "state_dir"}),
+    "root": (
+        _HOST,
+        ("--root",),
+        {"metavar": "DIR", "help": "destinations are rooted here (default: /)"},
+    ),
+    "state_dir": (
+        _HOST,
+        ("--state-dir",),
+        {
+            "dest": "state_dir",
+            "metavar": "DIR",
+            "help": "cache, journal, backups, lock (default: /var/lib/reconciler)",
+        },
+    ),
     "cache_dir": (
         _HOST,
         ("--state-dir",),
         {"dest": "state_dir", "metavar": "DIR", "help": "keep the cache in DIR/operator.git"},
     ),
-    "mode": (_HOST, ("--mode",), {"choices": ("enforce", "audit")}),
-    "exclude_file": (_HOST, ("--exclude-file",), {"dest": "exclude_file"}),
-    "lock_timeout": (_HOST, ("--lock-timeout",), {"dest": "lock_timeout"}),
+    "mode": (
+        _HOST,
+        ("--mode",),
+        {
+            "choices": ("enforce", "audit"),
+            "help": "audit: plan and report, change nothing (default: enforce)",
+        },
+    ),
+    "exclude_file": (
+        _HOST,
+        ("--exclude-file",),
+        {
+            "dest": "exclude_file",
+            "metavar": "FILE",
+            "help": "host-local exclude patterns (default: /etc/reconciler/exclude)",
+        },
+    ),
+    "lock_timeout": (
+        _HOST,
+        ("--lock-timeout",),
+        {
+            "dest": "lock_timeout",
+            "metavar": "D",
+            "help": "wait this long for another run's lock, then exit 1 (default: 60s)",
+        },
+    ),
     "identity": (
         _HOST,
         ("--identity",),
-        {"metavar": "FILE", "help": "this host's age identity or ssh ed25519 key (SPEC §8)"},
+        {
+            "metavar": "FILE",
+            "help": "this host's age identity or ssh ed25519 key, SPEC §8 "
+            "(default: /etc/reconciler/identity.age)",
+        },
     ),
     "operator_identity": (
         _HOST,
@@ -123,9 +170,25 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         ("--max-file-size",),
         {"dest": "max_file_size", "metavar": "SIZE", "help": "per rendered file (default 64MiB)"},
     ),
-    "interval": (_SCHEDULE, ("--interval",), {}),
-    "splay": (_SCHEDULE, ("--splay",), {}),
-    "boot_timeout": (_SCHEDULE, ("--boot-timeout",), {"dest": "boot_timeout"}),
+    "interval": (
+        _SCHEDULE,
+        ("--interval",),
+        {"metavar": "D", "help": "time between periodic runs (default: 5m)"},
+    ),
+    "splay": (
+        _SCHEDULE,
+        ("--splay",),
+        {"metavar": "D", "help": "random delay added to each periodic run (default: 30s)"},
+    ),
+    "boot_timeout": (
+        _SCHEDULE,
+        ("--boot-timeout",),
+        {
+            "dest": "boot_timeout",
+            "metavar": "D",
+            "help": "pull --boot retries the first fetch this long (default: 5m)",
+        },
+    ),
     "format": (_OUTPUT, ("--format",), {}),  # choices: flags(formats=…)
     "verbose": (
         _OUTPUT,
@@ -166,7 +229,11 @@ def flags(*names: str, formats: Sequence[str] = ("text", "json")) -> Parser:
     for name in (*_ALWAYS_FIRST, *names, *_ALWAYS_LAST):
         heading, options, kwargs = _FLAGS[name]
         if name == "format":
-            kwargs = {"choices": tuple(formats), "default": "text"}
+            kwargs = {
+                "choices": tuple(formats),
+                "default": "text",
+                "help": f"{', '.join(formats)} (default: text)",
+            }
         if heading not in groups:
             groups[heading] = parent.add_argument_group(heading)
         groups[heading].add_argument(*options, **kwargs)

@@ -716,7 +716,12 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         parents=[flags("tree_repo", "node", "operator_identity", *RENDER, *OUTPUT)],
         help="target state of a node",
     )
-    render.add_argument("node_name", nargs="?", metavar="NODE")
+    render.add_argument(
+        "node_name",
+        nargs="?",
+        metavar="NODE",
+        help="the node to render (default: --node, else the configured node)",
+    )
     render.add_argument(
         "--show-secrets",
         action="store_true",

@@ -800,7 +800,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         parents=[flags(*upstream, "operator_identity", *OUTPUT)],
         help="a node's report history",
     )
-    log.add_argument("target", metavar="NODE")
+    log.add_argument("target", metavar="NODE", help="whose reports/NODE branch")
     log.add_argument("--limit", type=int, default=50, help="at most N reports (default 50)")
     log.add_argument(
         "--patch",
@@ -815,7 +815,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         parents=[flags(*upstream, "operator_identity", *OUTPUT)],
         help="one report with its drift diffs",
     )
-    show.add_argument("target", metavar="NODE")
+    show.add_argument("target", metavar="NODE", help="the node whose report to show")
     show.add_argument(
         "run", nargs="?", metavar="RUN", help="run id or report commit; default latest"
     )
@@ -825,7 +825,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "push", parents=[flags(*upstream, *OUTPUT)], help='commit "NODE → STATE" and push it'
     )
     push.add_argument("target", metavar="NODE", help="a node or a meta-node")
-    push.add_argument("state", metavar="STATE")
+    push.add_argument("state", metavar="STATE", help="the state: set in hosts/NODE.yaml")
     push.set_defaults(handler=cmd_push)
 
     suspend = sub.add_parser(
@@ -868,7 +868,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         parents=[flags(*upstream, *OUTPUT)],
         help="delete a decommissioned node's report branch (after removing its host file)",
     )
-    forget_.add_argument("target", metavar="NODE")
+    forget_.add_argument("target", metavar="NODE", help="a node whose host file is removed")
     forget_.add_argument(
         "--yes", "-y", action="store_true", help="do not ask (needed without a terminal)"
     )
@@ -877,7 +877,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     trigger = sub.add_parser(
         "trigger", parents=[flags(*upstream, *OUTPUT)], help="ask hosts to run now, over SSH"
     )
-    trigger.add_argument("target", metavar="NODE|META")
+    trigger.add_argument("target", metavar="NODE|META", help="a node or a meta-node")
     trigger.add_argument("--ssh-user", help="remote user (default: ssh's own choice)")
     trigger.add_argument("--parallel", type=int, default=10, help="hosts at a time (default 10)")
     trigger.add_argument(
@@ -919,7 +919,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         parents=[flags(*upstream, "operator_identity", *OUTPUT)],
         help="a captured drifted file onto a branch",
     )
-    adopt.add_argument("target", metavar="NODE")
+    adopt.add_argument("target", metavar="NODE", help="whose captured drift to adopt")
     adopt.add_argument("path", metavar="PATH", help="destination path, e.g. /etc/motd")
     adopt.add_argument("--run", help="take the capture of this run (default: the newest)")
     adopt.add_argument("--no-push", action="store_true", help="create the branch in the cache only")

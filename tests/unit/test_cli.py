@@ -231,3 +231,64 @@ def test_validate_bounds_its_text_output(tmp_path):
     assert template[0].endswith(
         "[nodes n00, n01, n02, n03, n04, n05, n06, n07, n08, n09 and 2 more]"
     )
+
+
+def _options(parser, prog="reconciler"):
+    """(command, action) for every option and argument of every (sub)command."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{prog} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield prog, action
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    # Issue 12: `install-units --dest` had none; `--help` is what an operator reads.
+    from reconciler.cli.main import build_parser
+
+    bare = [
+        f"{prog} {'/'.join(action.option_strings) or action.metavar or action.dest}"
+        for prog, action in _options(build_parser())
+        if not action.help
+    ]
+    assert bare == []
+
+
+# The configuration keys whose default an operator needs to see in --help, as
+# docs/configuration.md states them.
+HELP_DEFAULTS = {
+    "--branch": "main",
+    "--state-dir": "/var/lib/reconciler",
+    "--mode": "enforce",
+    "--exclude-file": "/etc/reconciler/exclude",
+    "--lock-timeout": "60s",
+    "--interval": "5m",
+    "--splay": "30s",
+    "--boot-timeout": "5m",
+    "--net-timeout": "60s",
+    "--root": "/",
+    "--config": "/etc/reconciler/config.yaml",
+    "--identity": "/etc/reconciler/identity.age",
+}
+
+
+@pytest.mark.parametrize("command", ["pull", "diff", "run", "status", "backups", "rollback"])
+def test_help_shows_the_defaults_of_the_configuration_flags(command):
+    import argparse
+
+    from reconciler.cli.main import build_parser
+
+    formatter = argparse.HelpFormatter("reconciler")
+    shown = {
+        option: formatter._expand_help(action) if action.help else ""
+        for prog, action in _options(build_parser())
+        if prog == f"reconciler {command}"
+        for option in action.option_strings
+        if option in HELP_DEFAULTS
+    }
+    assert shown, command
+    for option, text in shown.items():
+        assert "default: " in text and HELP_DEFAULTS[option] in text, (option, text)
