@@ -8,8 +8,12 @@
 #   tests/system-deps.sh --check   only say what is missing (exit 1 if anything)
 set -euo pipefail
 
-# "package:probe" — a probe is a command on PATH or an absolute path.
+# "package:probe" — a probe is a command on PATH, an absolute path, or
+# "python3 -m MODULE" (importable by the python3 on PATH).
 NEEDS=(
+  # Debian's python3 has the venv module but not ensurepip, without which
+  # `python3 -m venv .venv` (the next thing make test does) fails.
+  "python3-venv:python3 -m ensurepip"
   "systemd:systemd-analyze"            # the shipped units are checked by systemd-analyze verify
   "chromium:chromium"                  # the fleet page is opened in headless Chromium
   "openssh-server:/usr/sbin/sshd"      # transports: a real sshd on loopback
@@ -26,7 +30,9 @@ NEEDS=(
 missing=()
 for need in "${NEEDS[@]}"; do
   pkg=${need%%:*} probe=${need#*:}
-  if [[ $probe == /* ]]; then
+  if [[ $probe == "python3 -m "* ]]; then
+    python3 -c "import ${probe#python3 -m }" >/dev/null 2>&1 && continue
+  elif [[ $probe == /* ]]; then
     [[ -x $probe ]] && continue
   else
     command -v "$probe" >/dev/null 2>&1 && continue

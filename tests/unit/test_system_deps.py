@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -80,3 +81,40 @@ def test_an_unprivileged_user_is_told_not_installed_for(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "installing" not in proc.stderr
     assert "run 'make test' as root" in proc.stderr
+
+
+def test_a_python_that_cannot_make_a_venv_is_named(tmp_path: Path) -> None:
+    # Debian's python3 has the venv module but not ensurepip (python3-venv):
+    # `python3 -m venv --help` works there, `python3 -m venv .venv` does not,
+    # and `make test` makes .venv right after this script. A PATH without a
+    # python3 that can import ensurepip must name the package.
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--check"],
+        env={**os.environ, "PATH": _bare_path(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "python3-venv" in proc.stderr, proc.stderr
+    # …and a python that has it is not reported.
+    assert "python3-venv" not in _check_with_python(tmp_path)
+
+
+def _check_with_python(tmp_path: Path) -> str:
+    bin_dir = tmp_path / "bin"
+    (bin_dir / "python3").symlink_to(sys.executable)
+    return subprocess.run(
+        ["bash", str(SCRIPT), "--check"],
+        env={**os.environ, "PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stderr
+
+
+def test_ci_checks_for_ensurepip_not_for_the_venv_module() -> None:
+    # `python3 -m venv --help` succeeds on Debian without python3-venv.
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m venv --help" not in ci
+    assert "import ensurepip" in ci
