@@ -62,6 +62,16 @@ systemd-analyze verify "${units[@]}"
 for unit in /lib/systemd/system/reconciler*.service; do
   grep -q '^ExecStart=/usr/bin/reconciler ' "$unit" || fail "$unit: ExecStart does not run /usr/bin/reconciler"
 done
+# `systemctl help reconciler.service` opens the unit's Documentation=: the file
+# must be there as named (dh_compress once made it install.md.gz), and the
+# pages install.md links to must be beside it.
+for unit in "${units[@]}"; do
+  doc=$(sed -n 's|^Documentation=file:||p' "$unit")
+  [[ -n $doc && -f $doc ]] || fail "$unit: Documentation=file:$doc is not installed"
+done
+for page in $(grep -o '](\([a-z-]*\.md\)' /usr/share/doc/reconciler/install.md | sed 's/^](//' | sort -u); do
+  [[ -f /usr/share/doc/reconciler/$page ]] || fail "install.md links to $page, not installed in /usr/share/doc/reconciler"
+done
 # Nothing enabled (or started) on install.
 enabled=$(find /etc/systemd/system -name 'reconciler*' 2>/dev/null)
 [[ -z $enabled ]] || fail "units enabled on install: $enabled"

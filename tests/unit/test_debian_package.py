@@ -73,3 +73,21 @@ def test_package_version_is_the_project_version() -> None:
     match = re.match(r"reconciler \(([^)]+)-(\d+)\) ", first)
     assert match, first
     assert match.group(1) == upstream
+
+
+def test_the_documentation_the_units_and_install_md_name_is_shipped_as_named() -> None:
+    # Issue 12 walk: the units' Documentation=file:…/install.md pointed at a file
+    # dh_compress had made install.md.gz, and install.md's links (configuration,
+    # commands, reports, least privilege) at pages the package did not ship.
+    # The installed result is checked by tests/deb-check.sh.
+    shipped = {
+        Path(line.strip()).name
+        for line in (DEBIAN / "reconciler.docs").read_text().splitlines()
+        if line.strip()
+    }
+    linked = set(re.findall(r"\]\(([a-z-]+\.md)", (ROOT / "docs" / "install.md").read_text()))
+    assert linked and linked <= shipped, sorted(linked - shipped)
+    rules = (DEBIAN / "rules").read_text()
+    assert re.search(r"^override_dh_compress:\n\tdh_compress -X\.md$", rules, re.M), (
+        "the .md pages must stay uncompressed: the units and install.md name them"
+    )
