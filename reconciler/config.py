@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,16 +45,16 @@ def parse_duration(value: object, *, key: str) -> float:
     Raises ConfigError naming ``key`` for anything else (SPEC §2 durations).
     """
     if isinstance(value, bool):
-        raise ConfigError(f"config: {key}: expected a duration like 30s, 5m or 1h, got {value!r}")
+        raise ConfigError(f"expected a duration like 30s, 5m or 1h, got {value!r}", where=key)
     if isinstance(value, int | float):
         if value < 0:
-            raise ConfigError(f"config: {key}: a duration cannot be negative — got {value}")
+            raise ConfigError(f"a duration cannot be negative, got {value}", where=key)
         return float(value)
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
             return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ConfigError(f"config: {key}: expected a duration like 30s, 5m or 1h, got {value!r}")
+    raise ConfigError(f"expected a duration like 30s, 5m or 1h, got {value!r}", where=key)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -78,7 +78,7 @@ def parse_size(value: object, *, key: str) -> int:
             if unit.endswith("b") and len(unit) == 2:  # kb, mb, gb: decimal
                 return int(match.group(1)) * _DECIMAL[unit[0]]
             return int(match.group(1)) * _UNIT_BYTES[unit[:1]]
-    raise ConfigError(f"config: {key}: expected a size like 1MiB, 512KiB or 1048576, got {value!r}")
+    raise ConfigError(f"expected a size like 1MiB, 512KiB or 1048576, got {value!r}", where=key)
 
 
 def format_size(size: int) -> str:
@@ -224,33 +224,47 @@ def _coerce(key: str, value: object, default: object) -> object:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"config: {key}: expected true or false, got {value!r}")
+        raise ConfigError(f"expected true or false, got {value!r}", where=key)
     if isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
-        raise ConfigError(f"config: {key}: expected a non-negative integer, got {value!r}")
+        raise ConfigError(f"expected a non-negative integer, got {value!r}", where=key)
     if isinstance(default, tuple):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
-        raise ConfigError(f"config: {key}: expected a list of strings, got {value!r}")
+        raise ConfigError(f"expected a list of strings, got {value!r}", where=key)
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"config: {key}: expected a non-empty string, got {value!r}")
+        raise ConfigError(f"expected a non-empty string, got {value!r}", where=key)
     return value
+
+
+def _in_file(where: str, check: Callable[..., Any], *args: Any, key_named: bool = True) -> Any:
+    """``check(*args)``, its ConfigError naming ``where`` (the file, or the flag)
+    before the key, so that the one line says which file to fix (issue 12).
+    ``key_named``: keep the key after ``where`` (a file's ``interval``); a flag
+    names it already (``--interval (interval)``)."""
+    try:
+        return check(*args)
+    except ConfigError as exc:
+        inner = exc.where if key_named and exc.where else None
+        raise ConfigError(
+            exc.problem, where=f"{where}: {inner}" if inner else where, hint=exc.hint
+        ) from None
 
 
 def _section(cls: type[Any], name: str, raw: object) -> Any:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"config: {name}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"expected a mapping, got {type(raw).__name__}", where=name)
     defaults = cls()
     known = {f.name for f in fields(cls)}
     values: dict[str, object] = {}
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(
-                f"config: unknown key {name}.{key}{did_you_mean(key, known)} — "
-                f"known keys: {', '.join(sorted(known))}"
+                f"unknown key {name}.{key}{did_you_mean(key, known)}",
+                hint=f"known keys: {', '.join(sorted(known))}",
             )
         values[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key))
     return cls(**values)
@@ -328,9 +342,9 @@ def build_config(
     values: dict[str, object] = {}
     for key, value in raw.items():
         if key in _NESTED:
-            values[key] = _section(_NESTED[key], key, value)
+            values[key] = _in_file(where, _section, _NESTED[key], key, value)
         elif key in SCALAR_KEYS:
-            values[key] = _coerce(key, value, getattr(config, key))
+            values[key] = _in_file(where, _coerce, key, value, getattr(config, key))
         else:
             names = sorted((*SCALAR_KEYS, *_NESTED))
             raise ConfigError(
@@ -342,7 +356,9 @@ def build_config(
             continue
         if key not in SCALAR_KEYS:
             raise ConfigError(f"--{key.replace('_', '-')}: not a configuration key")
-        values[key] = _coerce(key, value, getattr(config, key))
+        # The flag, and the key of the file it stands for (docs/configuration.md).
+        flag = f"--{key.replace('_', '-')} ({key})"
+        values[key] = _in_file(flag, _coerce, key, value, getattr(config, key), key_named=False)
     config = replace(config, **values)  # type: ignore[arg-type]
     if config.mode not in MODES:
         raise ConfigError(f"{where}: mode: expected one of {', '.join(MODES)}, got {config.mode!r}")

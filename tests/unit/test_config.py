@@ -358,3 +358,39 @@ def test_cli_version_and_help_exit_0(argv, capsys):
     code, _, err = run_cli(*argv)
     assert code == 0
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        pytest.param("interval: abc\n", "interval", id="duration"),
+        pytest.param("max_file_size: lots\n", "max_file_size", id="size"),
+        pytest.param("allow_rewind: maybe\n", "allow_rewind", id="bool"),
+        pytest.param("branch: 5\n", "branch", id="string"),
+        pytest.param("backups: {keep: ten}\n", "backups.keep", id="nested-int"),
+        pytest.param("report: {heartbeat: often}\n", "report.heartbeat", id="nested-duration"),
+        pytest.param("report: {pusj: true}\n", "report.pusj", id="nested-unknown"),
+        pytest.param("auth: /etc/key\n", "auth", id="section-not-mapping"),
+    ],
+)
+def test_a_wrong_value_in_the_file_names_the_file_and_the_key(tmp_path, text, key):
+    # Issue 12 walk: `interval: abc` said "config: interval: …" — which config?
+    # An operator with /etc/reconciler/config.yaml and RECONCILER_CONFIG needs the file.
+    path = config_file(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value).startswith(f"{path}: "), str(info.value)
+    assert key in str(info.value)
+    assert "config: " not in str(info.value)
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "flag"),
+    [({"interval": "soon"}, "--interval"), ({"max_file_size": "lots"}, "--max-file-size")],
+)
+def test_a_wrong_flag_value_names_the_flag(tmp_path, overrides, flag):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file(tmp_path, ""), overrides, environ={})
+    assert str(info.value).startswith(f"{flag} "), str(info.value)
+    assert "config: " not in str(info.value)
