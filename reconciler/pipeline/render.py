@@ -1070,6 +1070,11 @@ def render_target(
         else:
             content = snapshot.read(repo_path)
         default_mode = 0o755 if filemode == GIT_FILEMODE_EXEC else 0o644
+        if _encrypted(repo_path):
+            # An encrypted file is private unless its metadata says otherwise, as
+            # agenix and sops-nix write theirs (0400): a TLS key must not land
+            # world-readable because nobody wrote `mode:` next to it.
+            default_mode &= 0o700
         mode = parse_mode(meta["mode"], where=where) if "mode" in meta else default_mode
         files[dest] = TargetFile(
             path=dest,

@@ -139,11 +139,30 @@ def test_encrypted_files_and_templates(tmp_path: Path, keys: dict[str, Path]) ->
     conf = files[PurePosixPath("/etc/db/full.conf")]
     assert conf.content == f"user=app\npassword={PASSWORD}\nhost=db1.example\n".encode()
     assert conf.secret and conf.render_key == ""
+    # Private unless the metadata says otherwise (agenix, sops-nix); a plain template
+    # that read a value keeps the ordinary default.
+    assert (key.mode, conf.mode) == (0o600, 0o600)
+    assert files[PurePosixPath("/etc/db/pass.conf")].mode == 0o644
     # The bytecode cache never holds an encrypted template's compiled code.
     for path in (tmp_path / "jinja").rglob("*"):
         if path.is_file():
             data = path.read_bytes()
             assert PASSWORD.encode() not in data and b"user=app" not in data, path
+
+
+def test_metadata_sets_an_encrypted_files_mode_and_the_exec_bit_is_kept(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    snap = _repo(
+        tmp_path,
+        keys,
+        **{
+            "templates/db/default/etc/ssl/certs/db.pem.age": age.encrypt(b"cert", _to(keys, "db1")),
+            "templates/db/app.yaml": 'files:\n  /etc/ssl/certs/*: {mode: "0644"}\n',
+        },
+    )
+    files = _render(snap, "db1", keys["db1"]).files
+    assert files[PurePosixPath("/etc/ssl/certs/db.pem")].mode == 0o644
 
 
 def test_an_encrypted_template_that_is_not_utf8_is_one_line(
