@@ -14,6 +14,7 @@ configuration the others read (:mod:`reconciler.host.bootstrap`). Handlers take
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -144,7 +145,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.ops.history import LargeFile, file_diff
     from reconciler.pipeline.plan import is_secret
     from reconciler.pipeline.run import RunOptions, reconcile_once
-    from reconciler.pipeline.scan import host_path
+    from reconciler.pipeline.scan import host_path, link_shown
 
     config = config_from_args(args)
     outcome = reconcile_once(config, RunOptions(dry_run=True, state=args.state))
@@ -166,7 +167,9 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 continue
             found = outcome.actual[change.path]
             old: bytes | LargeFile | None = None
-            if found.kind == "file" and found.size > limit and found.sha256 is not None:
+            if found.kind == "symlink" and found.link is not None:
+                old = link_shown(found.link)  # read by the scan, never followed (SPEC §9)
+            elif found.kind == "file" and found.size > limit and found.sha256 is not None:
                 old = LargeFile(size=found.size, sha256=found.sha256)  # as the scan hashed it
             elif found.kind == "file":
                 try:
@@ -185,7 +188,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         "run diff again\n"
                     )
                     continue
-            new = t.content if (t is not None and change.action != "delete") else None
+            new = t.shown() if (t is not None and change.action != "delete") else None
             chunks.append(file_diff(str(change.path), old, new, secret=secret, limit=limit))
             if change.detail:
                 # Mode and owner drift with the content: the JSON's detail, in the text too.
@@ -244,7 +247,10 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for path, t in target.files.items():
             dest = base.joinpath(*path.parts[1:])
             dest.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(dest, t.content, mode=t.mode)
+            if t.link is not None:
+                _write_link(dest, t.link)  # a real symlink, as the host will have it
+            else:
+                atomic_write(dest, t.content, mode=t.mode)
     rows = [
         {
             "path": str(t.path),
@@ -257,6 +263,7 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "template": t.template,
             "secret": t.secret,
             "policy": t.policy,
+            "link": t.link,
         }
         for t in target.files.values()
     ]
@@ -265,10 +272,21 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 0
     for r in rows:
         owner = f"{r['owner'] or '-'}:{r['group'] or '-'}"
-        out.write(f"{r['mode']} {owner:<14} {r['path']}  [{r['app']}]\n")
+        link = f" link → {r['link']}" if r["link"] is not None else ""
+        out.write(f"{r['mode']} {owner:<14} {r['path']}{link}  [{r['app']}]\n")
     where = f" into {args.out}" if args.out else ""
     out.write(f"{name}: {len(rows)} files rendered{where}\n")
     return 0
+
+
+def _write_link(dest: Path, text: str) -> None:
+    """Make ``dest`` (under ``render --out``) a symlink to ``text``: a temp link beside
+    it renamed over whatever is there, never followed (SPEC §9)."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.render-tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(text, tmp)
+    os.rename(tmp, dest)
 
 
 # ``reconciler adopt`` writes the capture of a drifted ``.j2`` file beside its

@@ -59,6 +59,11 @@ class Snapshot(Protocol):
         """Return the bytes of the file at ``path``; KeyError if there is none."""
         ...
 
+    def read_link(self, path: str) -> bytes:
+        """The target text of the symlink at ``path`` (never followed); KeyError if
+        there is none (SPEC §9: a committed symlink is a desired symlink)."""
+        ...
+
     def is_dir(self, path: str) -> bool:
         """True if ``path`` is a directory (a tree)."""
         ...
@@ -133,6 +138,10 @@ class GitSnapshot:
             raise KeyError(path)
         with self._reading(path):
             return bytes(obj.data)
+
+    def read_link(self, path: str) -> bytes:
+        # A tree entry of mode 120000 is a blob whose data is the target text.
+        return self.read(path)
 
     def is_dir(self, path: str) -> bool:
         return isinstance(self._lookup(path), pygit2.Tree)
@@ -268,6 +277,22 @@ class DirSnapshot:
             raise KeyError(path)
         with os.fdopen(fd, "rb") as f:
             return f.read()
+
+    def read_link(self, path: str) -> bytes:
+        # The parent is walked without following any symlink; the link itself is
+        # read with readlink(2) relative to it, never through it.
+        parent, _, name = path.strip("/").rpartition("/")
+        fd = self._open(parent, directory=True)
+        if fd is None or name in ("", ".", ".."):
+            if fd is not None:
+                os.close(fd)
+            raise KeyError(path)
+        try:
+            return os.readlink(os.fsencode(name), dir_fd=fd)
+        except OSError:
+            raise KeyError(path) from None
+        finally:
+            os.close(fd)
 
     def is_dir(self, path: str) -> bool:
         fd = self._open(path, directory=True)

@@ -41,6 +41,7 @@ class ManagedFile:
     policy: str = "enforce"
     recorded_ns: int = 0  # wall clock when the stat was taken
     render_key: str = ""  # TargetFile.render_key of the content recorded here
+    link: bool = False  # a desired symlink (SPEC §9): sha256 is that of its target text
 
     @classmethod
     def from_stat(
@@ -109,6 +110,7 @@ _RECORD_TYPES: dict[str, tuple[type, ...]] = {
     "policy": (str,),
     "recorded_ns": (int,),
     "render_key": (str,),
+    "link": (bool,),
 }
 # What save_state writes in the common case (owner and group unset): one tuple
 # comparison per record on the no-op path instead of fifteen isinstance checks.

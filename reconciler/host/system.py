@@ -436,12 +436,20 @@ class System(Protocol):
         ``expect`` as for read_bytes."""
         ...
 
+    def backup_link(self, path: Path, dest: Path, *, expect: StatId) -> None:
+        """Durably keep symlink ``path`` as a link at ``dest`` with the same target text
+        (never followed, SPEC §9) before it changes; only if ``path`` is still a
+        symlink and the inode ``expect`` names, UnsafePathError otherwise."""
+        ...
+
     def move(self, path: Path, dest: Path) -> None:
         """Move ``path`` (e.g. a directory in the way) to ``dest``."""
         ...
 
-    def make_symlink(self, path: Path, link: str) -> None:
-        """Atomically make ``path`` a symlink to ``link`` (rollback of a replaced link)."""
+    def make_symlink(self, path: Path, link: str) -> bool:
+        """Atomically make ``path`` a symlink to ``link``: a temp link beside it renamed
+        over a file, a link or nothing there (a desired symlink, SPEC §9; the rollback
+        of a replaced link). True when done, False when only recorded (dry run)."""
         ...
 
     def run_script(
@@ -1117,6 +1125,31 @@ class RealSystem:
             return
         fsync_dir(dest.parent)
 
+    def backup_link(self, path: Path, dest: Path, *, expect: StatId) -> None:
+        # As backup() for a file: durable before the original changes; the link is
+        # read with readlink(2) relative to its parent, never followed.
+        d, name = self._at(path)
+        st = os.stat(name, dir_fd=d, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode) or (st.st_dev, st.st_ino) != expect:
+            raise UnsafePathError(
+                os.fspath(path), "replaced since the scan", hint="the next run looks again"
+            )
+        text = os.readlink(name, dir_fd=d)
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        os.symlink(text, tmp)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        if self._batch:
+            self._dirs.add(dest.parent)
+            self._unsynced_backups.add(dest.parent)
+            return
+        fsync_dir(dest.parent)
+
     def move(self, path: Path, dest: Path) -> None:
         sd, sname = self._at(path)
         st = os.stat(sname, dir_fd=sd, follow_symlinks=False)  # refused before dest is made
@@ -1189,7 +1222,8 @@ class RealSystem:
             d, name = self._at(path)
             os.unlink(name, dir_fd=d)
 
-    def make_symlink(self, path: Path, link: str) -> None:
+    def make_symlink(self, path: Path, link: str) -> bool:
+        self._backups_durable()  # what it replaces must be kept first (as remove)
         d, name = self._at(path)
         head, base = os.path.split(name)
         tmp = os.path.join(head, f".{base}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -1202,6 +1236,7 @@ class RealSystem:
             raise
         self._fsync_parent(d, name)
         log.info("symlinked %s -> %s", path, link)
+        return True
 
     def run_script(
         self,
@@ -1356,11 +1391,15 @@ class DryRunSystem(_ReadThrough):
     def backup(self, path: Path, dest: Path, *, expect: StatId | None = None) -> None:
         pass
 
+    def backup_link(self, path: Path, dest: Path, *, expect: StatId) -> None:
+        pass
+
     def move(self, path: Path, dest: Path) -> None:
         self._would("move %s to %s", path, dest)
 
-    def make_symlink(self, path: Path, link: str) -> None:
+    def make_symlink(self, path: Path, link: str) -> bool:
         self._would("symlink %s -> %s", path, link)
+        return False
 
     def run_script(
         self,
@@ -1441,13 +1480,17 @@ class FaultySystem(_ReadThrough):
         self._effect("backup", path)
         self._inner.backup(path, dest, expect=expect)
 
+    def backup_link(self, path: Path, dest: Path, *, expect: StatId) -> None:
+        self._effect("backup_link", path)
+        self._inner.backup_link(path, dest, expect=expect)
+
     def move(self, path: Path, dest: Path) -> None:
         self._effect("move", path)
         self._inner.move(path, dest)
 
-    def make_symlink(self, path: Path, link: str) -> None:
+    def make_symlink(self, path: Path, link: str) -> bool:
         self._effect("make_symlink", path)
-        self._inner.make_symlink(path, link)
+        return self._inner.make_symlink(path, link)
 
     def run_script(
         self,

@@ -589,6 +589,11 @@ def adopt(
             f"{dest}: a secret path at {head[:12]} — its content never goes on a branch in "
             "plaintext; put it back encrypted to its secrets.yaml rule's recipients"
         )
+    if t.link is not None:
+        raise UsageError(
+            f"{dest}: a desired symlink (link → {t.link}) — commit the link you want "
+            "under templates/ instead (git mode 120000)"
+        )
     diff = file_diff(dest, t.content, captured, secret=False, old_label="desired", new_label="host")
     if not diff:
         raise UsageError(f"{dest}: the captured file equals the desired state at {head[:12]}")
@@ -706,7 +711,7 @@ def _compare(old: TargetFile | None, new: TargetFile | None, *, shown: bool) -> 
     new_mode = new.mode if new else None
     if old is None or new is None:
         kind = "added" if old is None else "removed"
-    elif old.content != new.content:
+    elif old.shown() != new.shown():
         kind = "changed"
     elif old.mode != new.mode:
         kind = "mode"
@@ -716,8 +721,8 @@ def _compare(old: TargetFile | None, new: TargetFile | None, *, shown: bool) -> 
         return None
     diff = file_diff(
         str(ref.path),
-        old.content if old else None,
-        new.content if new else None,
+        old.shown() if old else None,
+        new.shown() if new else None,
         secret=secret and not shown,  # shown: the operator decrypted and asked to see them
     )
     return FileImpact(

@@ -394,7 +394,7 @@ def drift_diffs(
             if t is not None:
                 diff = file_diff(
                     path,
-                    t.content,
+                    t.shown(),
                     LargeFile(size=large.size, sha256=large.sha256),
                     secret=secret,
                     old_label="desired",
@@ -406,14 +406,14 @@ def drift_diffs(
             elif "missing" in path_kinds:
                 note = "the file was missing on the host"
             elif "type" in path_kinds:
-                note = "not a regular file on the host (e.g. a symlink): nothing captured"
+                note = "not a regular file or link on the host (e.g. a FIFO): nothing captured"
             else:
                 note = "no capture in this report"
         elif t is None:
             note = problem or "not in the desired state at the report's applied commit"
         else:
             diff = file_diff(
-                path, t.content, captured, secret=secret, old_label="desired", new_label="host"
+                path, t.shown(), captured, secret=secret, old_label="desired", new_label="host"
             )
             if not diff:
                 note = "content as desired; drift in " + ", ".join(

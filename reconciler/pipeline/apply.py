@@ -177,12 +177,20 @@ def _execute(
             created.add("/" + os.path.relpath(made, ctx.root))
         if actual.kind == "file":
             system.backup(host, backup, expect=same)
+        elif actual.kind == "symlink":
+            system.backup_link(host, backup, expect=same)  # kept as a link (SPEC §9)
         elif actual.kind == "dir" and _exists(system, host):
             # A directory where a file is wanted (drift of kind "type"): moved
             # whole into the backups, never deleted (issue #3).
             system.move(host, backup)
         t = change.target
-        done = system.write_file(host, t.content, t.mode, change.uid, change.gid)
+        if t.link is not None:
+            # A desired symlink (SPEC §9): a temp link beside it renamed over
+            # whatever is there, in one step; a link it replaces was backed up as a
+            # link above, and its target text is in the journal (restore_entry).
+            done = system.make_symlink(host, t.link)
+        else:
+            done = system.write_file(host, t.content, t.mode, change.uid, change.gid)
         created.discard(str(change.path))  # a created directory replaced by a file
         return done
     if change.action in ("chmod", "chown"):
@@ -196,9 +204,12 @@ def _execute(
             done = system.chown(host, change.uid, change.gid) and done
         return done
     if change.action == "delete":
-        # Only a regular file is deleted (plan.py); the System refuses to back up
-        # anything swapped in since the scan (a symlink, a FIFO, another file).
-        system.backup(host, backup, expect=same)
+        # Only a regular file or a managed symlink is deleted (plan.py); the System
+        # refuses to back up anything swapped in since the scan (another inode).
+        if actual.kind == "symlink":
+            system.backup_link(host, backup, expect=same)
+        else:
+            system.backup(host, backup, expect=same)
         return system.remove(host)
     return True
 
@@ -314,6 +325,7 @@ def _record(system: System, path: Path, target: TargetFile) -> ManagedFile:
         policy=target.policy,
         recorded_ns=recorded_ns,
         render_key=target.render_key,
+        link=target.link is not None,
     )
 
 
@@ -420,6 +432,11 @@ def apply_plan(
     return result
 
 
+def _kind(t: TargetFile) -> str:
+    """The ActualFile kind that ``t`` is in sync as: a symlink or a regular file."""
+    return "file" if t.link is None else "symlink"
+
+
 def _new_records(
     plan: Plan,
     target: TargetState,
@@ -447,8 +464,8 @@ def _new_records(
         t_sha = sha256(t.content)
         if key in result.records:
             managed[key] = result.records[key]
-        elif path not in planned and a is not None and a.kind == "file":
-            if a.sha256 == t_sha and a.mode == t.mode:
+        elif path not in planned and a is not None and a.kind == _kind(t):
+            if a.sha256 == t_sha and (t.link is not None or a.mode == t.mode):
                 managed[key] = ManagedFile(
                     sha256=t_sha,
                     mode=a.mode,
@@ -465,6 +482,7 @@ def _new_records(
                     policy=t.policy,
                     recorded_ns=a.scanned_ns,
                     render_key=t.render_key,
+                    link=t.link is not None,
                 )
             elif old is not None:
                 managed[key] = old

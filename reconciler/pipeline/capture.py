@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.errors import PathError, SecretError
 from reconciler.host.state import LocalState
-from reconciler.pipeline.scan import ActualFile, host_path
+from reconciler.pipeline.scan import ActualFile, host_path, link_shown
 from reconciler.report import ReportUncaptured
 
 if TYPE_CHECKING:
@@ -85,13 +85,18 @@ def drift_captures(
     content: dict[PurePosixPath, bytes] = {}
     uncaptured: dict[PurePosixPath, ReportUncaptured] = {}
     for item in plan.drift:
-        if item.kind not in ("content", "mode", "owner"):
-            continue
         if item.path in content or item.path in uncaptured:
+            continue
+        found = actual[item.path]
+        if found.kind == "symlink" and found.link is not None and item.kind in ("target", "type"):
+            # A link found where ours was, or where a file should be: its target text
+            # as read (never followed), shown as "link → target" (SPEC §9).
+            content[item.path] = link_shown(found.link)
+            continue
+        if item.kind not in ("content", "mode", "owner"):
             continue
         if is_secret(item.path, target, previous.managed):
             continue
-        found = actual[item.path]
         if found.kind != "file":
             continue
         if found.size > max_capture and found.sha256 is not None:

@@ -60,6 +60,7 @@ class JournalEntry:
     link: str | None = None  # symlink target, when before == "symlink"
     new_sha256: str | None = None  # None for delete
     new_mode: int | None = None
+    new_link: str | None = None  # a desired symlink's target text (SPEC §9)
     record: dict[str, Any] | None = None  # the managed record before the run
     # The target's metadata, so a record rolled forward by recovery keeps it.
     owner: str | None = None
@@ -175,6 +176,7 @@ def make_entries(
                 link=link,
                 new_sha256=sha256(c.target.content) if c.target is not None else None,
                 new_mode=c.target.mode if c.target is not None else None,
+                new_link=c.target.link if c.target is not None else None,
                 record=asdict(record) if record is not None else None,
                 owner=c.target.owner if c.target is not None else None,
                 group=c.target.group if c.target is not None else None,

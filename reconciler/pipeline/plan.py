@@ -52,7 +52,7 @@ class DriftItem:
     """A DriftItem is one way a managed path differs from what reconciler last wrote."""
 
     path: PurePosixPath
-    kind: str  # content | mode | owner | missing | type
+    kind: str  # content | mode | owner | missing | type | target (a symlink's, SPEC §9)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +152,8 @@ def _plan_target(
     mode: str,
 ) -> tuple[Change | None, list[DriftItem]]:
     """The change (if any) and drift for one target path. See the module docstring."""
+    if t.link is not None:
+        return _plan_link(t, a, m, mode)
     tsha = sha256(t.content)
     uid, gid = ids
     policy = t.policy
@@ -229,6 +231,64 @@ def _plan_target(
         uid=uid,
         gid=gid,
         detail="; ".join(details),
+    )
+    return change, drift
+
+
+def _plan_link(
+    t: TargetFile, a: ActualFile, m: ManagedFile | None, mode: str
+) -> tuple[Change | None, list[DriftItem]]:
+    """The change (if any) and drift for a desired symlink (SPEC §9).
+
+    A link has no mode and no owner of its own to enforce (Linux ignores a
+    link's permission bits; its owner only matters to ``protected_symlinks``
+    in sticky world-writable directories), so only its target text and its
+    type are compared. Drift kinds: ``missing``, ``type`` (a file, directory
+    or other where the link should be), ``target`` (a link pointing
+    elsewhere than we left it). Policies as for files (module docstring).
+    """
+    tsha = sha256(t.content)
+    policy = t.policy
+    kinds: list[str] = []
+    detail = f"link → {t.link}"
+    if a.kind == "missing":
+        if policy == "create-only" or m is None:
+            action, desired_changed = "create", True
+        elif policy == "ignore-drift":
+            if m.sha256 == tsha and m.link:
+                return None, []
+            action, desired_changed = "create", True
+        else:
+            action, desired_changed = "create", m.sha256 != tsha or not m.link
+            kinds.append("missing")
+    elif policy == "create-only" or (a.kind == "symlink" and a.sha256 == tsha):
+        return None, []
+    else:
+        desired_changed = m is None or m.sha256 != tsha or not m.link
+        if policy == "ignore-drift" and not desired_changed:
+            return None, []
+        action = "update"
+        if a.kind == "symlink" and m is not None and m.link:
+            if a.sha256 != m.sha256 and policy != "ignore-drift":
+                kinds.append("target")
+            detail = f"link → {t.link} (was → {a.link})"
+        else:
+            if policy != "ignore-drift" and (m is not None or a.kind != "symlink"):
+                kinds.append("type")
+            if a.kind == "symlink":
+                detail = f"link → {t.link} (was → {a.link})"
+            else:
+                detail = f"replace {a.kind} with link → {t.link}"
+    drift = [DriftItem(path=t.path, kind=k) for k in kinds]
+    change = Change(
+        path=t.path,
+        action=action,
+        reason=_reason(bool(kinds), desired_changed),
+        app=t.app,
+        kinds=tuple(kinds),
+        target=t,
+        apply=mode == "enforce" and not (policy == "audit" and kinds),
+        detail=detail,
     )
     return change, drift
 
@@ -335,9 +395,10 @@ def make_plan(
             excluded.append(path)
             continue
         a = actual[path]
-        if a.kind != "file":
+        if a.kind != ("symlink" if m.link else "file"):
             continue  # gone, or replaced by something that is not ours: forget it
-        kinds: tuple[str, ...] = ("content",) if a.sha256 != m.sha256 else ()
+        drifted = a.sha256 != m.sha256
+        kinds: tuple[str, ...] = (("target" if m.link else "content"),) if drifted else ()
         drift.extend(DriftItem(path=path, kind=k) for k in kinds)
         changes.append(
             Change(

@@ -495,14 +495,26 @@ def _roll_forward(
             continue
         except (OSError, PathError):
             continue  # a parent now leads out of the root: touch nothing there
-        if e.action == "delete" or not stat.S_ISREG(st.st_mode):
+        if e.action == "delete" or e.new_sha256 is None:
             continue
-        try:
-            found = system.digest(host, expect=(st.st_dev, st.st_ino))  # streamed
-        except (OSError, PathError):
+        if e.new_link is not None:
+            # A desired symlink (SPEC §9): made by one rename, so it is either the
+            # new link (rolled forward) or whatever was there before.
+            try:
+                done = stat.S_ISLNK(st.st_mode) and system.readlink(host) == e.new_link
+            except (OSError, PathError):
+                done = False
+            if not done:
+                continue
+        elif not stat.S_ISREG(st.st_mode):
             continue
-        if found.sha256 != e.new_sha256:
-            continue
+        else:
+            try:
+                found = system.digest(host, expect=(st.st_dev, st.st_ino))  # streamed
+            except (OSError, PathError):
+                continue
+            if found.sha256 != e.new_sha256:
+                continue
         base = ManagedFile(**e.record) if e.record else None
         managed[e.path] = ManagedFile.from_stat(
             st,
@@ -513,6 +525,7 @@ def _roll_forward(
             secret=e.secret or (base.secret if base else False),
             policy=e.policy or (base.policy if base else "enforce"),
             recorded_ns=time.time_ns(),
+            link=e.new_link is not None,
         )
         forward.append(e.path)
     # The directories it was making: gone where it left them empty (the next run

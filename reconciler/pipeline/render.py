@@ -79,6 +79,16 @@ class TargetFile:
     # its output depends on (its blob, the context, reconciler's version), so a
     # later run can reuse what it wrote instead of rendering again. "" otherwise.
     render_key: str = ""
+    # A desired symlink (SPEC §9): its target text, never followed; ``content`` then
+    # holds the same text as bytes and ``mode`` is 0o777 (what lstat shows of a link).
+    link: str | None = None
+
+    def shown(self) -> bytes:
+        """What ``diff`` and ``show`` display as this path's desired side: its content,
+        or ``link → target`` for a symlink (scan.link_shown)."""
+        from reconciler.pipeline.scan import link_shown
+
+        return self.content if self.link is None else link_shown(self.link)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,14 +159,16 @@ def _collect(snapshot: Snapshot, node: Node) -> dict[PurePosixPath, tuple[str, s
             seen: dict[PurePosixPath, str] = {}
             for entry in snapshot.walk(base):
                 repo_path = f"{base}/{entry.path}"
-                rel = entry.path.removesuffix(AGE_SUFFIX)  # SPEC §8: x.age → x, x.j2.age → x
-                rel = rel[:-3] if rel.endswith(".j2") else rel
-                dest = dest_path(rel, where=repo_path)
                 if entry.filemode == GIT_FILEMODE_LINK:
-                    raise RenderError(
-                        f"{repo_path}: symlinks are not supported in templates — "
-                        "commit a regular file instead"
-                    )
+                    # A committed symlink is a desired symlink (SPEC §9): never
+                    # rendered nor decrypted, so a ".j2" or ".age" name would be
+                    # ambiguous (is the link named with or without it?): refused.
+                    _check_link(snapshot, repo_path, node.name)
+                    rel = entry.path
+                else:
+                    rel = entry.path.removesuffix(AGE_SUFFIX)  # SPEC §8: x.age → x, x.j2.age → x
+                    rel = rel[:-3] if rel.endswith(".j2") else rel
+                dest = dest_path(rel, where=repo_path)
                 if dest in seen:
                     raise RenderError(
                         f"{repo_path}: {seen[dest]} produces the same destination {dest} — "
@@ -173,6 +185,33 @@ def _collect(snapshot: Snapshot, node: Node) -> dict[PurePosixPath, tuple[str, s
                 )
             out[dest] = (app.name, repo_path, filemode)
     return out
+
+
+def _check_link(snapshot: Snapshot, repo_path: str, node: str) -> None:
+    """Refuse a committed symlink that cannot be a desired one (SPEC §9 bad input):
+    a name ending in ``.j2``, an empty target text, or one holding NUL (which no
+    symlink on disk can hold). Raises RenderError naming the file and the node."""
+    if repo_path.endswith((".j2", AGE_SUFFIX)):
+        suffix = ".j2" if repo_path.endswith(".j2") else AGE_SUFFIX
+        raise RenderError(
+            f"a symlink named {suffix} (node {node}); links are never rendered or decrypted",
+            where=repo_path,
+            hint=f"rename it without {suffix}, or commit a file instead of a link",
+        )
+    text = snapshot.read_link(repo_path)
+    if not text or b"\0" in text:
+        what = "an empty target" if not text else "a target holding NUL"
+        raise RenderError(
+            f"a symlink with {what} (node {node})",
+            where=repo_path,
+            hint="commit the link with the path it should point to (git mode 120000)",
+        )
+
+
+def link_target(snapshot: Snapshot, repo_path: str) -> str:
+    """The target text of the committed symlink ``repo_path`` as the host's readlink(2)
+    would return it (bytes that are not UTF-8 kept with surrogateescape)."""
+    return os.fsdecode(snapshot.read_link(repo_path))
 
 
 def load_app_settings(snapshot: Snapshot, node: Node) -> tuple[AppSettings, ...]:
@@ -1063,6 +1102,24 @@ def render_target(
     files: dict[PurePosixPath, TargetFile] = {}
     for dest, (app, repo_path, filemode) in sources.items():
         meta, where = metas[dest]
+        if filemode == GIT_FILEMODE_LINK:
+            # A desired symlink: its "content" is its target text, so its sha256
+            # (state, journal, plan) is that of the text; mode and owner metadata
+            # do not apply to a link (docs/spec.md §9).
+            target_text = link_target(snapshot, repo_path)
+            files[dest] = TargetFile(
+                path=dest,
+                content=os.fsencode(target_text),
+                mode=0o777,
+                owner=None,
+                group=None,
+                secret=False,
+                policy=meta.get("policy", "enforce"),
+                app=app,
+                template=repo_path,
+                link=target_text,
+            )
+            continue
         if dest in rendered:
             content = rendered[dest]
         elif _encrypted(repo_path):

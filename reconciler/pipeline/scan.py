@@ -16,6 +16,7 @@ nothing will be written through it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import time
@@ -47,7 +48,8 @@ class ActualFile:
     ctime_ns: int = 0
     ino: int = 0
     dev: int = 0  # with ino: the inode a later read must still find (captures, backups)
-    sha256: str | None = None  # regular files only
+    sha256: str | None = None  # regular files; of the target text for a symlink
+    link: str | None = None  # a symlink's target text (SPEC §9), never followed
     problem: str | None = None  # why the path is unsafe
     blocker: PurePosixPath | None = None  # a parent that is a file or device, not a dir
     scanned_ns: int = 0  # wall clock just before the lstat
@@ -55,6 +57,12 @@ class ActualFile:
     def signature(self) -> tuple[int, int, int, int]:
         """Stat signature comparable with ManagedFile.signature()."""
         return (self.size, self.mtime_ns, self.ctime_ns, self.ino)
+
+
+def link_shown(text: str) -> bytes:
+    """How a symlink reads in ``diff``, ``show`` and drift captures: ``link → target``
+    and a newline (SPEC §9), so a retarget shows as a one-line diff."""
+    return os.fsencode(f"link → {text}\n")
 
 
 def host_path(root: Path, dest: PurePosixPath) -> Path:
@@ -117,6 +125,19 @@ def scan_path(
         dev=st.st_dev,
         scanned_ns=scanned_ns,
     )
+    if kind == "symlink":
+        # readlink(2) through the System, never followed: a desired symlink's state
+        # is its target text (SPEC §9), compared by the sha256 of that text.
+        try:
+            text = system.readlink(path)
+        except FileNotFoundError:
+            return ActualFile(path=dest, kind="missing")
+        except (OSError, PathError) as exc:
+            if isinstance(exc, PathError):
+                return _unsafe(dest, exc)
+            raise
+        raw = os.fsencode(text)
+        return replace(actual, link=text, sha256=hashlib.sha256(raw).hexdigest())
     if kind != "file":
         return actual
     if known is not None and known.settled() and known.signature() == actual.signature():

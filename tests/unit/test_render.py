@@ -408,7 +408,9 @@ def test_dest_path_refuses_dot_dotdot_and_empty_components(relative):
 
 
 @pytest.mark.parametrize("kind", ["to-file-inside", "to-file-outside", "to-directory", "dangling"])
-def test_symlinked_template_is_a_render_error(tmp_path, kind):
+def test_symlinked_template_is_a_desired_link_never_followed(tmp_path, kind):
+    """A symlink in templates/ was a render error until SPEC §9's desired symlinks:
+    it is now a link with the same target text, and what it points to is never read."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "passwd").write_text("secret\n")
@@ -429,9 +431,9 @@ def test_symlinked_template_is_a_render_error(tmp_path, kind):
         "dangling": tmp_path / "nothing-here",
     }[kind]
     os.symlink(target, link)
-    with pytest.raises(RenderError) as info:
-        render(snap, "n")
-    assert "templates/a/default/etc/link" in str(info.value)
+    files = render(snap, "n").files
+    assert files[PurePosixPath("/etc/link")].link == str(target)
+    assert all(b"secret" not in f.content for f in files.values())
 
 
 # ------------------------------------------------------------ example fleet

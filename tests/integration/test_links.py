@@ -1,0 +1,163 @@
+"""Desired symlinks end to end (SPEC §9): a real git daemon, real runs, real links.
+
+A symlink committed under ``templates/<app>/<state>/`` becomes a link on the
+host with the same target text: created, left alone by the next run (same
+inode and mtime), repaired when retargeted or replaced (drift kinds
+``target`` and ``type``, captured as ``link → target``), shown by ``diff``
+and ``--dry-run`` without changing anything, put back by ``rollback``, and
+crash-safe: a run stopped after any effect leaves each link wholly old or
+new, and the next run converges and says it recovered.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from reconciler.config import AgentConfig
+from reconciler.host.system import FaultInjected, FaultySystem
+from reconciler.pipeline.run import reconcile_once
+from tests.conftest import Fleet, Host, git
+
+NODE = "lnk"
+STEP = 2  # every other stopping point of the crash sweep (a pull costs seconds)
+BASE = "templates/lnk/default"
+
+
+def _link(fleet: Fleet, rel: str, text: str) -> None:
+    path = fleet.work / BASE / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(path):
+        path.unlink()
+    os.symlink(text, path)
+
+
+@pytest.fixture
+def host(fleet: Fleet, make_host) -> Host:
+    fleet.write(f"hosts/{NODE}.yaml", "apps: [lnk]\n")
+    fleet.write(f"{BASE}/etc/lnk/sites-available/site", "server {}\n")
+    _link(fleet, "etc/lnk/sites-enabled/site", "../sites-available/site")
+    _link(fleet, "etc/lnk/current", "v1")
+    fleet.commit("lnk: a site enabled by a symlink")
+    return make_host(NODE)
+
+
+def _pull(host: Host, *args: str) -> dict:
+    code, report = host.pull_json(*args)
+    assert code == 0, report
+    return report
+
+
+def test_links_are_created_left_alone_repaired_captured_and_rolled_back(fleet, host):
+    first = _pull(host)
+    enabled = host.path("/etc/lnk/sites-enabled/site")
+    assert os.readlink(enabled) == "../sites-available/site"
+    assert enabled.read_bytes() == b"server {}\n"  # it resolves inside the root
+    assert {c["path"] for c in first["changes"]} >= {"/etc/lnk/sites-enabled/site"}
+    before = os.lstat(enabled)
+
+    second = _pull(host)
+    assert second["changes"] == [] and second["drift"] == []
+    after = os.lstat(enabled)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+    # Retargeted by hand: drift of kind "target", shown by diff and --dry-run, repaired.
+    enabled.unlink()
+    os.symlink("/etc/passwd", enabled)
+    diff = host.run("diff")
+    assert "-link → /etc/passwd" in diff.stdout or "link → /etc/passwd" in diff.stdout, diff
+    assert "link → ../sites-available/site" in diff.stdout, diff.stdout
+    dry = host.pull("--dry-run")
+    assert dry.returncode == 0 and "link → ../sites-available/site" in dry.stdout, dry
+    assert os.readlink(enabled) == "/etc/passwd"
+    repaired = _pull(host)
+    assert [(d["path"], d["kind"]) for d in repaired["drift"]] == [
+        ("/etc/lnk/sites-enabled/site", "target")
+    ]
+    assert os.readlink(enabled) == "../sites-available/site"
+    assert (
+        fleet.report_blob(NODE, "drift/etc/lnk/sites-enabled/site")
+        == "link → /etc/passwd\n".encode()
+    )
+
+    # A file where a link should be: drift of kind "type".
+    current = host.path("/etc/lnk/current")
+    current.unlink()
+    current.write_bytes(b"a file\n")
+    typed = _pull(host)
+    assert ("/etc/lnk/current", "type") in [(d["path"], d["kind"]) for d in typed["drift"]]
+    assert os.readlink(current) == "v1"
+
+    # A desired retarget, then its rollback: the old link comes back.
+    _link(fleet, "etc/lnk/current", "v2")
+    fleet.commit("lnk: current → v2")
+    _pull(host)
+    assert os.readlink(current) == "v2"
+    rolled = host.run("rollback", "--format", "json")
+    assert rolled.returncode == 0, rolled.stderr
+    assert os.readlink(current) == "v1"
+
+
+# A run stopped by FaultInjected abandons its open journal log as a killed process would.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_run_stopped_after_any_effect_leaves_links_old_or_new_and_recovers(fleet, host, tmp_path):
+    """Every effect of a run that retargets a link, creates one and replaces a file by a
+    link is a point where it may die: FaultySystem stops it there as SIGKILL would
+    (nothing after runs). Each path is then wholly old or new; the next run converges
+    and says it recovered; the one after finds nothing to do."""
+    fleet.write(f"{BASE}/etc/lnk/plain", "plain\n")
+    old_commit = fleet.commit("lnk: a plain file")
+    _link(fleet, "etc/lnk/current", "v2")
+    _link(fleet, "etc/lnk/new/made", "made")
+    (fleet.work / BASE / "etc/lnk/plain").unlink()
+    _link(fleet, "etc/lnk/plain", "now-a-link")
+    new_commit = fleet.commit("lnk: retarget, create, replace a file")
+    old = {"/etc/lnk/current": "v1", "/etc/lnk/new/made": None, "/etc/lnk/plain": b"plain\n"}
+    new = {"/etc/lnk/current": "v2", "/etc/lnk/new/made": "made", "/etc/lnk/plain": "now-a-link"}
+
+    def now(h: Host, path: str) -> str | bytes | None:
+        p = h.path(path)
+        if p.is_symlink():
+            return os.readlink(p)
+        return p.read_bytes() if p.exists() else None
+
+    # The old state, converged once and copied for each stopping point (a pull costs
+    # a second; the sweep stays within the suite's budget by sampling every STEP).
+    git("push", "-q", "-f", "origin", f"{old_commit}:refs/heads/main", cwd=fleet.work)
+    _pull(host)
+    assert {p: now(host, p) for p in old} == old
+    git("push", "-q", "-f", "origin", f"{new_commit}:refs/heads/main", cwd=fleet.work)
+    stopped = []
+    for fail_after in range(0, 80, STEP):
+        base = tmp_path / f"k{fail_after}"
+        shutil.copytree(host.root.parent, base, symlinks=True)
+        h = Host(
+            node=NODE,
+            root=base / "root",
+            state_dir=base / "state",
+            exclude_file=base / "exclude",
+            url=host.url,
+        )
+        config = AgentConfig(
+            repo=h.url,
+            node=NODE,
+            root=str(h.root),
+            state_dir=str(h.state_dir),
+            exclude_file=str(h.exclude_file),
+        )
+        try:
+            reconcile_once(config, wrap=lambda s, n=fail_after: FaultySystem(s, n))
+        except FaultInjected:
+            stopped.append(fail_after)
+        else:
+            break  # past the last effect: every stopping point was tried
+        for path in old:
+            assert now(h, path) in (old[path], new[path]), (fail_after, path, now(h, path))
+        journaled = (h.state_dir / "journal.json").exists()
+        recovering = _pull(h)
+        assert (recovering["recovered"] is not None) == journaled, (fail_after, recovering)
+        assert {p: now(h, p) for p in new} == new, fail_after
+        assert _pull(h)["changes"] == [], fail_after
+    assert len(stopped) >= 3, stopped
