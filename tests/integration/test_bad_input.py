@@ -8,7 +8,6 @@ offending file, no traceback, and not one byte changed under the root.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -74,10 +73,22 @@ def other_nodes_file_broken(fleet):
     fleet.commit("dhcp: broken YAML")
 
 
-def symlink_template(fleet):
-    link = fleet.work / "templates/motd/default/etc/shadow-copy"
-    os.symlink("/etc/shadow", link)
-    fleet.commit("motd: a template that is a symlink")
+def _bad_link(fleet, name: str, text: str) -> None:
+    """Commit a symlink (mode 120000) whose target text no filesystem accepts: a
+    symlink in templates/ is a desired symlink since SPEC §9, these are bad input."""
+    fleet.commit("back to the good tree")  # the plumbing below builds on HEAD's tree
+    blob = git_stdin("hash-object", "-w", "--stdin", cwd=fleet.work, stdin=text).strip()
+    replace_tree_entry(
+        fleet, "templates/motd/default/etc", f"120000 blob {blob}\t{name}", f"motd: {name}"
+    )
+
+
+def empty_link(fleet):
+    _bad_link(fleet, "empty-link", "")
+
+
+def nul_link(fleet):
+    _bad_link(fleet, "nul-link", "../a\0b")
 
 
 def dotdot_template(fleet):
@@ -105,7 +116,8 @@ CASES = [
     ),
     ("integer-mode", integer_mode, ("hosts/web1.yaml", "quote")),
     ("other-node-broken", other_nodes_file_broken, ("hosts/dhcp.yaml",)),
-    ("symlink-template", symlink_template, ("templates/motd/default/etc/shadow-copy",)),
+    ("empty-link", empty_link, ("templates/motd/default/etc/empty-link", "node web1")),
+    ("nul-link", nul_link, ("templates/motd/default/etc/nul-link", "node web1")),
     ("dotdot-template", dotdot_template, ("templates/motd/default/",)),
 ]
 

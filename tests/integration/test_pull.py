@@ -19,6 +19,7 @@ WEB1_FILES = {
     "etc/nginx/conf.d/app.conf",
     "etc/nginx/conf.d/default.conf",
     "etc/nginx/nginx.conf",
+    "etc/nginx/sites-available/status",
     "var/www/html/favicon.ico",
     "var/www/html/index.html",
 }
@@ -47,6 +48,12 @@ def test_web_and_db_nodes_get_their_own_rendered_files_and_modes(fleet, make_hos
 
     # Each node gets exactly its own file set, in its own root.
     assert files_under(tree_snapshot(web1.root)) == WEB1_FILES
+    # The committed symlink of the example fleet is a link on the host (SPEC §9).
+    assert tree_snapshot(web1.root)["etc/nginx/sites-enabled/status"] == (
+        "link",
+        0,
+        "../sites-available/status",
+    )
     assert files_under(tree_snapshot(db1.root)) == DB1_FILES
     assert not db1.path("/etc/nginx").exists() and not db1.path("/var/www").exists()
     assert not web1.path("/etc/postgresql").exists()
