@@ -99,6 +99,7 @@ def test_a_committed_symlink_renders_as_a_desired_link_never_followed(tmp_path):
         ("etc/empty", b"", "empty target"),
         ("etc/nul", b"../a\0b", "holding NUL"),
         ("etc/site.j2", b"../x", "named .j2"),
+        ("etc/site.age", b"../x", "named .age"),
     ],
 )
 def test_a_bad_committed_symlink_is_one_line_naming_file_and_node(tmp_path, name, text, problem):
