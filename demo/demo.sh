@@ -14,7 +14,8 @@ demo=$project/.demo
 reconciler=${RECONCILER:-$project/.venv/bin/reconciler}
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+# Printed quoted as a shell reads it (printf %q): each line can be copied and run again.
+run() { local shown; shown=$(printf '%q ' "$@"); printf '$ %s\n' "${shown% }"; "$@"; }
 
 rm -rf "$demo"
 mkdir -p "$demo/work" "$demo/root"
@@ -41,6 +42,9 @@ YAML
 echo "agent configuration ($demo/config.yaml):"
 sed 's/^/    /' "$demo/config.yaml"
 export RECONCILER_CONFIG=$demo/config.yaml
+# The commands below read it through this variable: shown, so that a copied
+# command reads the demo's configuration and not /etc/reconciler/config.yaml.
+printf '$ export RECONCILER_CONFIG=%q\n' "$RECONCILER_CONFIG"
 
 step "2. First run: web1 converges into the sandbox root"
 run "$reconciler" pull

@@ -1,0 +1,39 @@
+"""`make demo` prints each command it runs (demo/demo.sh): a new operator copies
+them into a shell to try them again (issue 12), so each printed line must be
+that command, quoted as a shell reads it, with the configuration it used."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parents[2] / "demo" / "demo.sh"
+
+
+def test_a_printed_command_reads_back_as_the_command_that_ran() -> None:
+    # The demo's own run() helper, run by bash: `--format='%h %s'` was printed
+    # as `--format=%h %s`, which a shell splits in two.
+    helper = re.search(r"^run\(\) \{.*\}$", DEMO.read_text(), re.M)
+    assert helper, "run() in demo/demo.sh"
+    argv = ["printf", "<%s>", "log", "--format=%h %s", "it's", "$HOME"]
+    proc = subprocess.run(
+        ["bash", "-c", f'{helper.group(0)}\nrun "$@"', "demo", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    shown = proc.stdout.splitlines()[0]
+    assert shown.startswith("$ ")
+    assert shlex.split(shown[2:]) == argv
+
+
+def test_the_configuration_the_commands_use_is_printed_before_them() -> None:
+    # The printed `reconciler pull` read .demo/config.yaml through
+    # RECONCILER_CONFIG; copied alone it reads /etc/reconciler/config.yaml.
+    text = DEMO.read_text()
+    export = text.index("export RECONCILER_CONFIG=")
+    first_pull = text.index('run "$reconciler" pull')
+    shown = re.search(r"^printf '\$ export RECONCILER_CONFIG=", text, re.M)
+    assert shown and export < first_pull and shown.start() < first_pull
