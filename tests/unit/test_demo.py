@@ -37,3 +37,14 @@ def test_the_configuration_the_commands_use_is_printed_before_them() -> None:
     first_pull = text.index('run "$reconciler" pull')
     shown = re.search(r"^printf '\$ export RECONCILER_CONFIG=", text, re.M)
     assert shown and export < first_pull and shown.start() < first_pull
+
+
+def test_where_to_look_after_the_demo_names_the_demo_configuration() -> None:
+    # README, "Where to look": a plain `reconciler backups` or `status` reads
+    # /etc/reconciler/config.yaml, not the demo's: "no run yet".
+    readme = (DEMO.parents[1] / "README.md").read_text()
+    table = readme.split("Where to look afterwards:", 1)[1].split("\n## ", 1)[0]
+    calls = re.findall(r"(?<!plain )`([^`]*reconciler (?:status|backups|diff|pull)[^`]*)`", table)
+    assert calls
+    for call in calls:
+        assert "--config .demo/config.yaml" in call, call
