@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,38 +212,93 @@ def editor_argv(env: Mapping[str, str] | None = None) -> list[str]:
     return words or ["vi"]
 
 
+class _Signalled(Exception):
+    """A SIGTERM or SIGHUP arrived while the editor had the plaintext copy."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`_Signalled` inside the block (main thread only).
+
+    Why: Python's default for both is to die on the spot, skipping every
+    ``finally``, so a ``kill`` or a closed terminal while the editor ran left
+    the plaintext copy in the temporary directory. Raised instead, they unwind
+    through ``subprocess.run`` (which kills the editor) and the removal.
+    SIGINT already unwinds (KeyboardInterrupt). The old handlers come back after.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise _Signalled(signum)
+
+    old = {s: signal.signal(s, unwind) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
 def edit_plaintext(plaintext: bytes, name: str, *, where: str) -> bytes:
     """``plaintext`` after the operator's editor (:func:`editor_argv`) has run on it.
 
     The file is ``name`` (the secret's own name, so the editor picks its
     syntax) created 0600 in a new 0700 temporary directory, removed with the
-    directory whatever happens. Raises SecretError naming ``where`` when the
-    editor cannot be run or exits non-zero (nothing is written then).
+    directory whatever happens: an error, Ctrl-C, and a SIGTERM or SIGHUP too
+    (:func:`_signals_unwind`; the editor is then stopped). Raises SecretError
+    naming ``where`` when the editor cannot be run, exits non-zero or a
+    signal ends the edit (nothing is written then).
     """
+    import signal
+
     argv = editor_argv()
-    scratch = Path(tempfile.mkdtemp(prefix="reconciler-secret-"))  # 0700
     try:
-        file = scratch / (Path(name).name or "secret")
-        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(plaintext)
-        try:
-            done = subprocess.run([*argv, str(file)], check=False)
-        except OSError as exc:
-            raise SecretError(
-                f"cannot run the editor {argv[0]}: {exc.strerror or exc}",
-                where=where,
-                hint="set $VISUAL or $EDITOR to an editor that is installed; nothing was changed",
-            ) from None
-        if done.returncode != 0:
-            raise SecretError(
-                f"the editor {argv[0]} exited with status {done.returncode}",
-                where=where,
-                hint="nothing was changed; run the command again",
-            )
-        return file.read_bytes()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        with _signals_unwind():
+            scratch = Path(tempfile.mkdtemp(prefix="reconciler-secret-"))  # 0700
+            try:
+                return _run_editor(argv, scratch, plaintext, name, where=where)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    except _Signalled as exc:
+        raise SecretError(
+            f"{signal.Signals(exc.signum).name} while the editor {argv[0]} ran",
+            where=where,
+            hint="nothing was changed and the plaintext copy was removed; run the command again",
+        ) from None
+
+
+def _run_editor(
+    argv: list[str], scratch: Path, plaintext: bytes, name: str, *, where: str
+) -> bytes:
+    """The editor run on a 0600 copy of ``plaintext`` in ``scratch``; its bytes after."""
+    file = scratch / (Path(name).name or "secret")
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(plaintext)
+    try:
+        done = subprocess.run([*argv, str(file)], check=False)
+    except OSError as exc:
+        raise SecretError(
+            f"cannot run the editor {argv[0]}: {exc.strerror or exc}",
+            where=where,
+            hint="set $VISUAL or $EDITOR to an editor that is installed; nothing was changed",
+        ) from None
+    if done.returncode != 0:
+        raise SecretError(
+            f"the editor {argv[0]} exited with status {done.returncode}",
+            where=where,
+            hint="nothing was changed; run the command again",
+        )
+    return file.read_bytes()
 
 
 def edit_file(tree: Tree, path: str | Path, identity: Identity) -> Written | None:

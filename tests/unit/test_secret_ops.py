@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -448,3 +450,65 @@ def test_validate_names_the_nodes_whose_templates_read_an_age_value_they_cannot_
     assert (
         sum(p.startswith("hosts/lost.yaml: holds !age values, but no rule") for p in problems) == 1
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_edit_killed_by_a_signal_leaves_no_plaintext_behind(
+    tmp_path: Path,
+    keys: dict[str, tuple[Path, str]],
+    signum: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGTERM (systemd, kill) or SIGHUP (the terminal closed) while the editor
+    runs: the scratch copy of the plaintext is removed, the editor stopped,
+    one line, nothing changed. Python's default for these signals is to die
+    on the spot, skipping every ``finally``."""
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "hunter2\n"})
+    monkeypatch.chdir(root)
+    assert _run(root, "secret", "encrypt", SECRET)[0] == 0
+    before = tree_snapshot(root)
+    started = tmp_path / "started"
+    editor = _editor(tmp_path, f'echo "$f" > {started}; exec sleep 30 </dev/null >/dev/null 2>&1')
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "secret",
+            "edit",
+            f"{SECRET}.age",
+            "--repo",
+            str(root),
+            "--identity",
+            str(keys["alice"][0]),
+        ],
+        env={**_env(tmp_path), "EDITOR": str(editor)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not started.exists() or not started.read_text().strip():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    scratch = Path(started.read_text().strip()).parent
+    assert scratch.is_dir()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode != 0
+    assert not scratch.exists(), "the plaintext copy was left behind"
+    assert [p for p in (tmp_path / "tmp").iterdir()] == []
+    assert err.count("\n") == 1 and "nothing was changed" in err and "Traceback" not in err, err
+    assert "hunter2" not in out + err
+    assert tree_snapshot(root) == before
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """The CLI in a subprocess, its temporary files in tmp_path/tmp (checked empty)."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("VISUAL", "EDITOR")}
+    return {
+        **env,
+        "TMPDIR": str(tmp_path / "tmp"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
