@@ -666,14 +666,21 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Write a new age identity for this host and print its recipient (SPEC §8).
+    """Write a new age identity and print its recipient (SPEC §8).
 
     ``--out FILE``, else the configured ``identity``. The file is written 0600
     and never overwritten (SecretError naming it). stdout is the recipient
     line alone, so ``reconciler keygen > keys/nodes/NODE.pub`` works; what to
-    do with it goes to stderr.
+    do with it goes to stderr, fitted to whose key it is: the configured
+    identity is this host's (``keys/nodes/<node>.pub``); the operator's
+    identity file (``secrets.age.operator_identity_path``, docs/secrets.md's
+    set-up) is an operator's (``keys/operators/<user>.pub``, then a rekey so
+    that existing secrets open with it); another ``--out`` may be either, so
+    both are named.
     """
-    from reconciler.secrets.age import keygen
+    import getpass
+
+    from reconciler.secrets.age import keygen, operator_identity_path
 
     config = config_from_args(args)
     path = args.out or config.identity
@@ -691,10 +698,31 @@ def cmd_keygen(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         return 0
     out.write(f"{recipient}\n")
-    err.write(
-        f"reconciler keygen: wrote {path} (mode 0600); commit the line above as {key_file} "
-        "in the desired-state repository and name the node in secrets.yaml\n"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        user = "<name>"
+    operator_file = f"keys/operators/{user}.pub"
+    as_operator = (
+        f"commit the line above as {operator_file} in the desired-state repository, "
+        "then have an operator who can already read the secrets run 'reconciler secret rekey' "
+        "so that they open with it"
     )
+    as_host = (
+        f"commit the line above as {key_file} in the desired-state repository "
+        "and name the node in secrets.yaml"
+    )
+    if not args.out:
+        what = as_host
+    elif os.path.abspath(os.path.expanduser(args.out)) == os.path.abspath(operator_identity_path()):
+        what = as_operator
+    else:
+        what = (
+            f"for the host {config.node}, commit the line above as {key_file} and name the "
+            f"node in secrets.yaml; for an operator, as {operator_file} and run "
+            "'reconciler secret rekey' (read with --identity FILE)"
+        )
+    err.write(f"reconciler keygen: wrote {path} (mode 0600); {what}\n")
     return 0
 
 

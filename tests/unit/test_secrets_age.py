@@ -388,3 +388,40 @@ def test_the_operator_identity_honours_xdg_config_home(
     assert age.operator_identity_path("~/k") == tmp_path / "home/k"
     monkeypatch.setenv("XDG_CONFIG_HOME", "relative")
     assert age.operator_identity_path(None) == tmp_path / "home/.config/reconciler/identity.age"
+
+
+@pytest.mark.age
+def test_keygen_for_an_operator_says_keys_operators_not_keys_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``keygen --out`` on an operator's laptop (docs/secrets.md step 2): the hint
+    names keys/operators/<user>.pub and the rekey that lets existing secrets open
+    with it, not keys/nodes/<hostname>.pub (a node named after the laptop);
+    another --out FILE may be either, so both are named; no --out: the host's."""
+    import io
+
+    from reconciler.cli.main import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USER", "alice")
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"node: laptop\nidentity: {tmp_path / 'host.age'}\n")
+    mine = tmp_path / ".config/reconciler/identity.age"
+    err = io.StringIO()
+    assert main(["keygen", "--config", str(config), "--out", str(mine)], io.StringIO(), err) == 0
+    hint = err.getvalue()
+    assert hint.count("\n") == 1, hint
+    assert "keys/operators/alice.pub" in hint and "secret rekey" in hint
+    assert "keys/nodes/" not in hint
+
+    err = io.StringIO()
+    other = tmp_path / "other.age"
+    assert main(["keygen", "--config", str(config), "--out", str(other)], io.StringIO(), err) == 0
+    assert "keys/nodes/laptop.pub" in err.getvalue()
+    assert "keys/operators/alice.pub" in err.getvalue()
+
+    err = io.StringIO()
+    assert main(["keygen", "--config", str(config)], io.StringIO(), err) == 0
+    assert "keys/nodes/laptop.pub" in err.getvalue()
+    assert "keys/operators/" not in err.getvalue()
