@@ -106,8 +106,12 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
         out.write(f"  excluded ({len(report.excluded)}): {', '.join(report.excluded)}\n")
     counts = report.counts()
     recovered = f"; {recovered_note(report.recovered)}" if report.recovered else ""
+    # What a dry run, audit mode or a hold would have done: "0 changed" alone
+    # read as "nothing to do" after a plan of eleven creates.
+    pending = f", {counts.pending} not applied" if counts.pending else ""
     line = (
-        f"result: {report.result} ({counts.changed} changed, {counts.drifted} drifted{recovered})"
+        f"result: {report.result} "
+        f"({counts.changed} changed{pending}, {counts.drifted} drifted{recovered})"
     )
     if report.dry_run:
         line += " — dry-run, nothing changed"
