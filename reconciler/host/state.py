@@ -88,6 +88,10 @@ class LocalState:
     created_dirs: tuple[str, ...] = ()
     fingerprint: str = ""  # inputs of the last full run besides the commit (agent.py)
     excluded: tuple[str, ...] = ()  # excluded paths of the last full run
+    # absent: (SPEC §9): destination path → (mtime_ns, ctime_ns), (-1, -1) for
+    # missing, of what the patterns looked at after the last full run
+    # (scan.find_absent): a path named absent that comes back changes one of them.
+    absent_watch: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 _HINT = "move it away to start afresh (every managed path is then planned anew)"
@@ -153,6 +157,12 @@ def load_state(state_dir: StateDir) -> LocalState:
         node, commit = raw.get("node", ""), raw.get("applied_commit")
         fingerprint = raw.get("fingerprint", "")
         dirs, excluded = raw.get("created_dirs", []), raw.get("excluded", [])
+        watch = raw.get("absent_watch", {})
+        if not isinstance(watch, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v)
+            for v in watch.values()
+        ):
+            raise TypeError("absent_watch of the wrong type")
         if not (
             isinstance(node, str)
             and isinstance(commit, str | None)
@@ -169,6 +179,7 @@ def load_state(state_dir: StateDir) -> LocalState:
             created_dirs=tuple(dirs),
             fingerprint=fingerprint,
             excluded=tuple(excluded),
+            absent_watch={k: (v[0], v[1]) for k, v in watch.items()},
         )
     except (TypeError, AttributeError) as exc:
         raise StateError(
@@ -195,5 +206,6 @@ def save_state(state_dir: StateDir, state: LocalState) -> None:
         "created_dirs": sorted(state.created_dirs),
         "fingerprint": state.fingerprint,
         "excluded": list(state.excluded),
+        "absent_watch": {k: list(v) for k, v in sorted(state.absent_watch.items())},
     }
     state_dir.write_json(state_dir.state_file, data)

@@ -809,6 +809,9 @@ class Node:
     suspended: Mapping[str, Any] | None
     meta_nodes: tuple[str, ...]
     sources: tuple[str, ...] = field(default=())
+    # absent: patterns (SPEC §9), the union over the chain as for exclude, each with
+    # the host file that listed it first (errors name it).
+    absent: tuple[tuple[str, str], ...] = ()
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -859,6 +862,7 @@ def effective_node(
     apps: dict[str, tuple[str | None, str]] = {}
     variables: dict[str, Any] = {}
     exclude: list[str] = []
+    absent: dict[str, str] = {}
     files: dict[str, Mapping[str, Any]] = {}
     suspended: Mapping[str, Any] | None = None
     for f in chain:
@@ -873,6 +877,8 @@ def effective_node(
             apps[app] = (app_state, f.path if previous is None else previous[1])
         variables = deep_merge(variables, d.get("vars", {}))
         exclude.extend(p for p in d.get("exclude", ()) if p not in exclude)
+        for pattern in d.get("absent", ()):
+            absent.setdefault(pattern, f.path)
         files.update(d.get("files", {}))
         if "suspended" in d:
             suspended = d["suspended"]
@@ -893,6 +899,7 @@ def effective_node(
         suspended=suspended,
         meta_nodes=tuple(metas),
         sources=tuple(f.path for f in chain),
+        absent=tuple(absent.items()),
     )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from reconciler.errors import InventoryError, PathError, ReconcilerError
 from reconciler.host.state import LocalState, ManagedFile
-from reconciler.pipeline.render import TargetFile, TargetState
+from reconciler.pipeline.render import AbsentRule, TargetFile, TargetState
 from reconciler.pipeline.scan import ActualFile
 
 ACTIONS = ("create", "update", "delete", "chmod", "chown")
@@ -341,6 +341,7 @@ def make_plan(
     previous: LocalState,
     excludes: Any,
     mode: str,
+    absent: Mapping[PurePosixPath, AbsentRule] | None = None,
 ) -> Plan:
     """Compute the Plan of SPEC §4 step 5.
 
@@ -350,6 +351,12 @@ def make_plan(
     A path of the enforce policy that ``previous`` lists as excluded and no
     longer is, is planned against its desired state: what differs is drift
     (issue 12), so its local edit is captured before it is repaired.
+    ``absent``: the existing paths that ``absent:`` patterns name, with the
+    rule naming each (scan.find_absent; each in ``actual``): a file or
+    symlink there is a ``delete`` of reason ``desired`` (SPEC §9); ``exclude``
+    wins; a directory is never deleted — an error when the pattern names it
+    exactly, skipped when a glob matches it (Puppet's ``ensure => absent``
+    refuses directories without ``force``; files and links only here).
     Raises InventoryError for an unknown owner or group.
     """
     ids = resolve_ids(target)
@@ -410,6 +417,36 @@ def make_plan(
                 apply=mode == "enforce" and m.policy != "audit",
             )
         )
+    planned = {c.path for c in changes}
+    for path, rule in sorted((absent or {}).items()):
+        if path in target.files or path in planned:
+            continue  # rendered (refused by render.check_absent) or pruned above
+        if is_excluded(path):
+            excluded.append(path)
+            continue
+        a = actual[path]
+        if a.kind in ("file", "symlink"):
+            changes.append(
+                Change(
+                    path=path,
+                    action="delete",
+                    reason="desired",
+                    app=rule.app,
+                    apply=mode == "enforce",
+                    detail=f"absent: {rule.pattern}",
+                )
+            )
+        elif a.kind == "dir" and not any(c in rule.pattern for c in "*?["):
+            errors.append(
+                PathError(
+                    f"absent: {rule.pattern} ({rule.origin}) names a directory — "
+                    "absent: deletes files and links only; remove the directory by hand "
+                    "or name the files in it",
+                    path=path,
+                )
+            )
+        elif a.kind == "unsafe":
+            errors.append(PathError(f"refused — {a.problem} (nothing deleted there)", path=path))
     return Plan(
         changes=tuple(changes),
         drift=tuple(drift),

@@ -103,12 +103,28 @@ class AppSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AbsentRule:
+    """An AbsentRule is one ``absent:`` pattern: paths that must not exist (SPEC §9)."""
+
+    pattern: str  # an absolute destination path or glob (scan.absent_match)
+    app: str  # the app whose app.yaml lists it, or HOST_APP for a host file's
+    origin: str  # the file that lists it: hosts/<file>.yaml or templates/<app>/app.yaml
+
+
+# The app a host file's absent: deletions are reported under: not an app name
+# (names are [A-Za-z0-9_.-]), so it has no scripts and never meets a real app.
+HOST_APP = "(node)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TargetState:
-    """A TargetState is every file a node should have, in app order, plus app settings."""
+    """A TargetState is every file a node should have, in app order, plus app settings
+    and the paths that must not exist."""
 
     node: str
     files: Mapping[PurePosixPath, TargetFile]
     apps: tuple[AppSettings, ...]
+    absent: tuple[AbsentRule, ...] = ()
 
 
 def _encrypted(repo_path: str) -> bool:
@@ -1145,7 +1161,41 @@ def render_target(
             template=repo_path,
             render_key=keys.get(dest, ""),
         )
-    return TargetState(node=node.name, files=files, apps=load_app_settings(snapshot, node))
+    absent = absent_rules(snapshot, node)
+    check_absent(absent, files, node.name)
+    return TargetState(
+        node=node.name, files=files, apps=load_app_settings(snapshot, node), absent=absent
+    )
+
+
+def absent_rules(snapshot: Snapshot, node: Node) -> tuple[AbsentRule, ...]:
+    """The ``absent:`` patterns of ``node``: its host files' (union over the node and its
+    meta-nodes, as ``exclude``) then each app's ``app.yaml``'s, in node app order
+    (SPEC §9). Raises InventoryError for a bad app.yaml."""
+    rules = [AbsentRule(pattern=p, app=HOST_APP, origin=o) for p, o in node.absent]
+    for app in node.apps:
+        for pattern in load_app_config(snapshot, app.name).get("absent", ()):
+            rules.append(
+                AbsentRule(pattern=pattern, app=app.name, origin=f"templates/{app.name}/app.yaml")
+            )
+    return tuple(rules)
+
+
+def check_absent(
+    rules: tuple[AbsentRule, ...], files: Mapping[PurePosixPath, TargetFile], node: str
+) -> None:
+    """Refuse an ``absent:`` pattern that names a path the same node renders (SPEC §9 bad
+    input: it would be written and deleted by every run). Raises InventoryError naming
+    the file that lists it, the node and the template."""
+    from reconciler.pipeline.scan import absent_match
+
+    for rule in rules:
+        for dest, t in files.items():
+            if absent_match(rule.pattern, dest):
+                raise InventoryError(
+                    f"{rule.origin}: absent: {rule.pattern} names {dest}, which node {node} "
+                    f"renders from {t.template} — remove it from absent: or remove the template"
+                )
 
 
 MAX_RENDER_PROBLEMS = 20  # per node: each failed template may have cost a render_timeout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler import __version__
 from reconciler.config import AgentConfig
 from reconciler.errors import PathError
-from reconciler.host.state import LocalState
+from reconciler.host.state import RACY_WINDOW_NS, LocalState
 
 if TYPE_CHECKING:
     from reconciler.host.system import System
@@ -67,8 +68,25 @@ def written_output(
     return found.content if found.sha256 == record.sha256 else None
 
 
+def absent_watch(system: System, root: Path, patterns: list[str]) -> dict[str, tuple[int, int]]:
+    """What the no-op short cut compares for ``absent:`` patterns (scan.find_absent's
+    ``watched``), taken after the apply. A stat taken within RACY_WINDOW_NS of its
+    change is recorded as (-2, -2), which nothing matches: like a racily clean
+    file (state.ManagedFile.settled), the next run looks again in full."""
+    from reconciler.pipeline.scan import find_absent
+
+    if not patterns:
+        return {}
+    soon = time.time_ns() - RACY_WINDOW_NS
+    return {
+        k: (v if v[1] < soon else (-2, -2))
+        for k, v in find_absent(system, root, patterns).watched.items()
+    }
+
+
 def unchanged(system: System, root: Path, previous: LocalState) -> bool:
-    """True when every managed path still has the settled stat signature we recorded.
+    """True when every managed path still has the settled stat signature we recorded,
+    and nothing that ``absent:`` patterns looked at has changed since (SPEC §9).
 
     Each lstat goes through ``system`` (from the root, without following a
     symlink another user could have made), with plain string joins, not
@@ -93,5 +111,17 @@ def unchanged(system: System, root: Path, previous: LocalState) -> bool:
             or st.st_uid != record.uid
             or st.st_gid != record.gid
         ):
+            return False
+    # absent: (SPEC §9): a path named absent that came back (a package upgrade
+    # restoring sites-enabled/default) changes a watched directory or path.
+    for key, seen in previous.absent_watch.items():
+        try:
+            st = lstat(base + key)
+            now = (st.st_mtime_ns, st.st_ctime_ns)
+        except FileNotFoundError:
+            now = (-1, -1)
+        except (OSError, PathError):
+            return False
+        if now != seen:
             return False
     return True

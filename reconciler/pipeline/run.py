@@ -63,7 +63,7 @@ from reconciler.pipeline.facts import gather_facts
 from reconciler.pipeline.notify import ping
 from reconciler.pipeline.record import after_run, history_lost, push_reports
 from reconciler.pipeline.recovery import Recovery, recover, settle_owed
-from reconciler.pipeline.reuse import run_fingerprint, unchanged, written_output
+from reconciler.pipeline.reuse import absent_watch, run_fingerprint, unchanged, written_output
 from reconciler.report import Report, build_report, commit_report
 
 if TYPE_CHECKING:
@@ -527,7 +527,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     from reconciler.pipeline.journal import Journal, Manifest, make_entries
     from reconciler.pipeline.plan import exclude_matcher, make_plan
     from reconciler.pipeline.render import Decryption, RenderLimits, render_target
-    from reconciler.pipeline.scan import scan
+    from reconciler.pipeline.scan import find_absent, scan
 
     state_dir, root = setting.state_dir, setting.root
     mode = config.mode
@@ -578,9 +578,14 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         paths = list(target.files) + [
             PurePosixPath(p) for p in previous.managed if PurePosixPath(p) not in target.files
         ]
+        # absent: (SPEC §9): what its patterns name on disk now, scanned like the rest.
+        rules = {r.pattern: r for r in reversed(target.absent)}  # the first listing wins
+        named = {p: rules[pat] for p, pat in find_absent(system, root, rules).paths.items()}
+        known = set(paths)
+        paths += [p for p in named if p not in known]
         actual = scan(root, paths, previous.managed, system)
         excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
-        plan = make_plan(target, actual, previous, excludes, mode)
+        plan = make_plan(target, actual, previous, excludes, mode, named)
         errors.extend(plan.errors)
         captures = drift_captures(
             plan, target, previous, actual, root, system, max_capture=config.report.max_capture
@@ -671,6 +676,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             created_dirs=tuple(sorted(applied.created_dirs)),
             fingerprint=prepared.fingerprint if clean else "",
             excluded=tuple(str(p) for p in plan.excluded),
+            # Looked at again after the apply: the no-op short cut compares these
+            # directories' and paths' stats to notice an absent path coming back.
+            absent_watch=absent_watch(system, root, [r.pattern for r in target.absent]),
         ),
         settled=settled,
         lift_hold=prepared.hold_check is not None and hold_unchanged is None,

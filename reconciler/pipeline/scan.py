@@ -16,6 +16,7 @@ nothing will be written through it.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import stat
@@ -166,3 +167,114 @@ def scan(
         with RealSystem(root=root) as real:
             return {p: scan_path(real, root, p, managed.get(str(p))) for p in paths}
     return {p: scan_path(system, root, p, managed.get(str(p))) for p in paths}
+
+
+# ------------------------------------------------------------------ absent
+
+
+_GLOB = frozenset("*?[")
+
+
+def _has_glob(part: str) -> bool:
+    return not _GLOB.isdisjoint(part)
+
+
+def absent_match(pattern: str, dest: PurePosixPath) -> bool:
+    """True when destination path ``dest`` is named by ``absent:`` pattern ``pattern``
+    (SPEC §9): an absolute path whose components may hold gitignore-style globs —
+    ``*``, ``?``, ``[…]`` within one name (a leading dot included, as gitignore),
+    ``**`` for any number of directories."""
+    return _match(tuple(pattern.strip("/").split("/")), dest.parts[1:])
+
+
+def _match(pat: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    if not pat:
+        return not parts
+    if pat[0] == "**":
+        return any(_match(pat[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pat[0]) and _match(pat[1:], parts[1:])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbsentFound:
+    """AbsentFound is what the ``absent:`` patterns name on disk now (SPEC §9).
+
+    ``paths``: each existing path with the first pattern naming it (the
+    caller scans them); ``watched``: every directory looked into, as
+    destination path → (mtime_ns, ctime_ns), or (-1, -1) when it did not
+    exist — an entry appearing there changes them, so the no-op short cut
+    (reuse.unchanged) notices a path that came back without walking again.
+    """
+
+    paths: Mapping[PurePosixPath, str]
+    watched: Mapping[str, tuple[int, int]]
+
+
+def find_absent(system: System, root: Path, patterns: Iterable[str]) -> AbsentFound:
+    """Walk the disk under ``root`` through ``system`` for what ``patterns`` name.
+
+    Only the directories a pattern reaches are looked at: a literal
+    component is one lstat, a glob one listdir, ``**`` a walk below. The
+    walk never enters a symlink (a symlinked directory is matched as the
+    link itself, never followed), and a path the System refuses (a parent
+    leading outside the root) is skipped. Reads only.
+    """
+    base = os.fspath(root).rstrip("/")
+    paths: dict[PurePosixPath, str] = {}
+    watched: dict[str, tuple[int, int]] = {}
+
+    def stat_of(dest: str) -> os.stat_result | None:
+        try:
+            return system.lstat(base + dest)
+        except (OSError, PathError):
+            return None
+
+    def is_dir(dest: str) -> bool:
+        st = stat_of(dest)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    def watch(dest: str) -> None:
+        st = stat_of(dest)
+        watched[dest] = (st.st_mtime_ns, st.st_ctime_ns) if st is not None else (-1, -1)
+
+    def walk(directory: str, rest: tuple[str, ...], pattern: str) -> None:
+        head, tail = rest[0], rest[1:]
+        here = directory.rstrip("/")
+        if head == "**" or _has_glob(head):
+            watch(directory)  # listed: an entry added to it changes its mtime
+        if head == "**":
+            if tail:
+                walk(directory, tail, pattern)
+            for name in _names(directory):
+                child = f"{here}/{name}"
+                if is_dir(child):
+                    walk(child, rest, pattern)
+                elif not tail:
+                    paths.setdefault(PurePosixPath(child), pattern)
+            return
+        names = (
+            [n for n in _names(directory) if fnmatch.fnmatchcase(n, head)]
+            if _has_glob(head)
+            else [head]
+        )
+        for name in names:
+            child = f"{here}/{name}"
+            if not tail:
+                if not _has_glob(head):
+                    watch(child)  # an exact path: its own arrival is seen by lstat
+                if stat_of(child) is not None:
+                    paths.setdefault(PurePosixPath(child), pattern)
+            elif is_dir(child):
+                walk(child, tail, pattern)
+            else:
+                watch(child)  # missing (or not a directory) now: watched for its arrival
+
+    def _names(directory: str) -> list[str]:
+        try:
+            return sorted(system.listdir(base + directory))
+        except (OSError, PathError):
+            return []
+
+    for pattern in patterns:
+        walk("/", tuple(pattern.strip("/").split("/")), pattern)
+    return AbsentFound(paths=paths, watched=watched)

@@ -103,19 +103,31 @@ def test_links_are_created_left_alone_repaired_captured_and_rolled_back(fleet, h
 # A run stopped by FaultInjected abandons its open journal log as a killed process would.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_run_stopped_after_any_effect_leaves_links_old_or_new_and_recovers(fleet, host, tmp_path):
-    """Every effect of a run that retargets a link, creates one and replaces a file by a
-    link is a point where it may die: FaultySystem stops it there as SIGKILL would
+    """Every effect of a run that retargets a link, creates one, replaces a file by a
+    link and deletes an absent: path is a point where it may die: FaultySystem stops it there as SIGKILL would
     (nothing after runs). Each path is then wholly old or new; the next run converges
     and says it recovered; the one after finds nothing to do."""
     fleet.write(f"{BASE}/etc/lnk/plain", "plain\n")
     old_commit = fleet.commit("lnk: a plain file")
+    # absent: (SPEC §9): a delete of a file the node never managed, in the same sweep.
+    fleet.write(f"hosts/{NODE}.yaml", "apps: [lnk]\nabsent: [/etc/lnk/gone]\n")
     _link(fleet, "etc/lnk/current", "v2")
     _link(fleet, "etc/lnk/new/made", "made")
     (fleet.work / BASE / "etc/lnk/plain").unlink()
     _link(fleet, "etc/lnk/plain", "now-a-link")
     new_commit = fleet.commit("lnk: retarget, create, replace a file")
-    old = {"/etc/lnk/current": "v1", "/etc/lnk/new/made": None, "/etc/lnk/plain": b"plain\n"}
-    new = {"/etc/lnk/current": "v2", "/etc/lnk/new/made": "made", "/etc/lnk/plain": "now-a-link"}
+    old = {
+        "/etc/lnk/current": "v1",
+        "/etc/lnk/new/made": None,
+        "/etc/lnk/plain": b"plain\n",
+        "/etc/lnk/gone": b"gone\n",
+    }
+    new = {
+        "/etc/lnk/current": "v2",
+        "/etc/lnk/new/made": "made",
+        "/etc/lnk/plain": "now-a-link",
+        "/etc/lnk/gone": None,
+    }
 
     def now(h: Host, path: str) -> str | bytes | None:
         p = h.path(path)
@@ -127,6 +139,7 @@ def test_a_run_stopped_after_any_effect_leaves_links_old_or_new_and_recovers(fle
     # a second; the sweep stays within the suite's budget by sampling every STEP).
     git("push", "-q", "-f", "origin", f"{old_commit}:refs/heads/main", cwd=fleet.work)
     _pull(host)
+    host.path("/etc/lnk/gone").write_bytes(b"gone\n")  # what the package left
     assert {p: now(host, p) for p in old} == old
     git("push", "-q", "-f", "origin", f"{new_commit}:refs/heads/main", cwd=fleet.work)
     stopped = []
