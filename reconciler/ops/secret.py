@@ -532,11 +532,25 @@ def _payload_of(value: Any, *, where: str) -> bytes:
     return text.encode("ascii", "replace")
 
 
-def _set_in(data: Any, dotted: str, value: Any) -> Any:
-    """A copy of plain-loaded ``data`` with ``vars.<dotted>`` set to ``value``."""
-    import copy
+def _unshared(data: Any) -> Any:
+    """A copy of plain-loaded ``data`` in which no mapping or list is shared.
 
-    out = copy.deepcopy(data)
+    Why not ``copy.deepcopy``: it keeps YAML aliases shared (``db: *base`` stays
+    the object ``base`` is), so setting ``db.password`` in the copy set it in
+    ``base`` too, and the read-back check of :meth:`HostDoc.dump` agreed with
+    a round trip that had written the secret into the anchored mapping.
+    """
+    if isinstance(data, dict):
+        return {k: _unshared(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_unshared(v) for v in data]
+    return data
+
+
+def _set_in(data: Any, dotted: str, value: Any) -> Any:
+    """A copy of plain-loaded ``data`` with ``vars.<dotted>`` set to ``value`` and
+    nothing else (aliases unshared: :func:`_unshared`)."""
+    out = _unshared(data)
     node = out.setdefault("vars", {})
     parts = dotted.split(".")
     for part in parts[:-1]:

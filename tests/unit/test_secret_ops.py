@@ -512,3 +512,29 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "TMPDIR": str(tmp_path / "tmp"),
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
+
+
+def test_a_var_under_a_yaml_alias_is_refused_not_copied_to_the_anchor(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``db: *base``: setting ``db.password`` through the alias would add the secret
+    to ``base`` (the anchored mapping) and to every other alias of it, where a
+    template that prints ``base`` writes it into a file no one meant to hold
+    it. The read-back check must see that more than the value changed: one
+    line, exit 1, nothing changed. A flow-style mapping is kept working."""
+    anchored = "apps: [db]\nvars:\n  base: &base\n    user: app  # shared\n  db: *base\n"
+    root = _tree(tmp_path, keys, RULES, **{"hosts/db1.yaml": anchored})
+    monkeypatch.chdir(root)
+    before = tree_snapshot(root)
+    done = _encrypt_var(root, "hosts/db1.yaml", "db.password", b"s3cr3t")
+    assert done.returncode == 1, (done.stdout, (root / "hosts/db1.yaml").read_text())
+    assert done.stderr.count("\n") == 1 and "hosts/db1.yaml" in done.stderr, done.stderr
+    assert tree_snapshot(root) == before
+
+    (root / "hosts/db1.yaml").write_text("apps: [db]\nvars: {db: {user: app}}  # flow\n")
+    done = _encrypt_var(root, "hosts/db1.yaml", "db.password", b"s3cr3t")
+    assert done.returncode == 0, done.stderr
+    ident = ("--identity", str(keys["alice"][0]))
+    assert _run(root, "secret", "show", "--var", "hosts/db1.yaml", "db.password", *ident)[1] == (
+        "s3cr3t"
+    )
