@@ -48,3 +48,27 @@ def test_where_to_look_after_the_demo_names_the_demo_configuration() -> None:
     assert calls
     for call in calls:
         assert "--config .demo/config.yaml" in call, call
+
+
+def test_the_readme_counts_what_the_demo_writes_for_web1() -> None:
+    # README, "What the demo did" said 11 files after the example fleet grew to
+    # 13 paths (desired symlinks, issue 14): counted here from a real render of
+    # web1 minus what its host file excludes, as the demo's first pull writes.
+    import fnmatch
+    import io
+    import json
+
+    import yaml
+
+    from reconciler.cli.main import main
+
+    project = DEMO.parents[1]
+    out = io.StringIO()
+    argv = ["render", "web1", "--repo", str(project), "--format", "json"]
+    assert main(argv, out=out, err=io.StringIO()) == 0
+    paths = [f["path"] for f in json.loads(out.getvalue())["files"]]
+    excluded = yaml.safe_load((project / "hosts" / "web1.yaml").read_text())["exclude"]
+    written = [p for p in paths if not any(fnmatch.fnmatch(p, x) for x in excluded)]
+    readme = (project / "README.md").read_text()
+    said = re.search(r"printed, (\d+) paths were written", readme)
+    assert said and int(said.group(1)) == len(written), (said, written)
