@@ -61,6 +61,7 @@ from reconciler.host.system import (
     aside_path,
     atomic_write,
     fsync_dir,
+    make_private_dirs,
     open_regular,
     read_regular,
 )
@@ -266,7 +267,7 @@ class StateDir:
             if os.path.lexists(path):
                 aside = self.set_aside(path)
                 log.warning("%s: not a directory — moved to %s", path, aside.name)
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dirs(path)
         except OSError as exc:
             raise self.write_error(path, exc) from exc
 

@@ -122,6 +122,30 @@ def write_temp(
     return tmp
 
 
+def make_private_dirs(path: Path) -> None:
+    """``mkdir -p path`` with every directory it makes 0700 (the umask cannot widen it).
+
+    For the state directory's trees (backups, moved-aside files), which hold
+    old contents of secret files (SPEC §8: a backup is 0600 in a 0700 tree).
+    Why not ``Path.mkdir(parents=True, mode=0o700)``: it gives the mode to
+    the last directory only, the parents get 0777 minus the umask (0755).
+    Raises OSError (FileExistsError for a non-directory in the way).
+    """
+    missing: list[Path] = []
+    p = Path(path)
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+
+
 def atomic_write(
     path: Path,
     content: bytes,
@@ -959,7 +983,7 @@ class RealSystem:
     def make_dirs(self, path: Path) -> list[Path]:
         rel = self._rel(path)
         if rel is None:
-            Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dirs(Path(path))
             return []
         if not self._fds and not os.path.isdir(self.root):
             # A root that does not exist yet is made, as configured (it is trusted).
@@ -992,7 +1016,7 @@ class RealSystem:
         return made
 
     def write_private(self, path: Path, content: bytes, mode: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(path.parent)
         fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(content)
@@ -1108,7 +1132,7 @@ class RealSystem:
         fd, st = self._open_read(path, expect)
         # Copied CHUNK bytes at a time, never whole in memory (issue 11).
         with os.fdopen(fd, "rb", buffering=0) as source:
-            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dirs(dest.parent)
             mode = stat.S_IMODE(st.st_mode) & 0o700 | 0o600
             # Durable before the original is replaced: a crash must never lose both —
             # at once, or (batch) by flush's first syncfs, before any rename.
@@ -1135,7 +1159,7 @@ class RealSystem:
                 os.fspath(path), "replaced since the scan", hint="the next run looks again"
             )
         text = os.readlink(name, dir_fd=d)
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(dest.parent)
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
         os.symlink(text, tmp)
         try:
@@ -1154,7 +1178,7 @@ class RealSystem:
         sd, sname = self._at(path)
         st = os.stat(sname, dir_fd=sd, follow_symlinks=False)  # refused before dest is made
         if self._rel(dest) is None:
-            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dirs(dest.parent)
         else:
             self.make_dirs(dest.parent)
         self._backups_durable()

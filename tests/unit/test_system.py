@@ -181,6 +181,12 @@ def test_backup_copies_content_and_is_readable_by_its_owner_only(tmp_path, mode,
     RealSystem().backup(src, dest)
     assert dest.read_bytes() == b"\x00previous\n"
     assert mode_of(dest) == kept
+    # Every directory the backup made is 0700 too, not only the file's own
+    # (Path.mkdir(parents=True, mode=) gives the mode to the last one alone).
+    made = [tmp_path / "backups", tmp_path / "backups/run", tmp_path / "backups/run/etc"]
+    assert {str(d.relative_to(tmp_path)): mode_of(d) for d in made} == {
+        str(d.relative_to(tmp_path)): 0o700 for d in made
+    }
 
 
 def _random_file(path: Path, mib: int) -> str:
