@@ -124,6 +124,24 @@ def marker_parts(value: dict[str, str]) -> tuple[bytes, str]:
 # ------------------------------------------------------------------ identities
 
 
+_PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def _no_core_dumps() -> None:
+    """Make this process non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``) before it holds
+    a private key or a plaintext: a crash then writes no core file (nor hands
+    one to systemd-coredump) holding them, and other users cannot ptrace it,
+    as gpg-agent and ssh-agent do. Idempotent; inherited by forked render
+    workers, reset by exec (an editor is unaffected). Best effort: outside
+    Linux, or without libc, nothing happens.
+    """
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # no prctl here: nothing to turn off
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def load_identity(path: str | Path) -> Identity:
     """The identity in the file ``path`` (SPEC §8 ``identity``).
 
@@ -180,6 +198,7 @@ def parse_identity(data: bytes, *, where: str) -> Identity:
     passphrase-protected key (the agent runs unattended), a public key, an
     encrypted identity file, or garbage.
     """
+    _no_core_dumps()  # a private key is about to be in memory
     stripped = data.strip()
     if stripped.startswith(_OPENSSH_BEGIN):
         return _ssh_identity(stripped, where=where)
@@ -408,6 +427,7 @@ def decrypt(payload: bytes, identities: Sequence[Identity], *, where: str) -> by
         )
     import pyrage
 
+    _no_core_dumps()
     keys = [key for identity in identities for key in identity.keys]
     try:
         return bytes(pyrage.decrypt(payload.lstrip(), keys))

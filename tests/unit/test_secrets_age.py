@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,33 @@ def test_keygen_for_an_operator_says_keys_operators_not_keys_nodes(
     assert main(["keygen", "--config", str(config)], io.StringIO(), err) == 0
     assert "keys/nodes/laptop.pub" in err.getvalue()
     assert "keys/operators/" not in err.getvalue()
+
+
+@pytest.mark.age
+def test_a_process_that_decrypted_a_secret_writes_no_core_dump(tmp_path: Path) -> None:
+    """A crash of the agent (root) or of an operator's command after it decrypted
+    must not leave the plaintext or the identity in a core file (issue 13
+    review): decrypt makes the process non-dumpable (prctl PR_SET_DUMPABLE 0,
+    as gpg-agent and ssh-agent do). A real subprocess: dumpable before, not after."""
+    identity = tmp_path / "id.age"
+    recipient = age.keygen(identity)
+    payload = age.encrypt(b"plain", (age.parse_recipient(recipient, where="x"),))
+    (tmp_path / "payload").write_bytes(payload)
+    script = (
+        "import ctypes, sys\n"
+        "from pathlib import Path\n"
+        "from reconciler.secrets import age\n"
+        "prctl = ctypes.CDLL(None, use_errno=True).prctl\n"
+        "before = prctl(3, 0, 0, 0, 0)\n"  # PR_GET_DUMPABLE
+        f"ident = age.load_identity({str(identity)!r})\n"
+        f"plain = age.decrypt(Path({str(tmp_path / 'payload')!r}).read_bytes(), (ident,), where='p')\n"
+        "print(before, prctl(3, 0, 0, 0, 0), plain.decode())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.stdout.split() == ["1", "0", "plain"], done.stdout + done.stderr
