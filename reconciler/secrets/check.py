@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from reconciler.errors import SecretError
-from reconciler.git.snapshot import Snapshot
+from reconciler.git.snapshot import GIT_FILEMODE_LINK, Snapshot
 from reconciler.pipeline.inventory import Inventory, Node
 from reconciler.secrets.rules import NODE_KEYS, SECRETS_FILE, SecretRules, load_rules
 
@@ -238,6 +238,8 @@ def _unmatched(
         path = f"templates/{entry.path}"
         if path.endswith(AGE_SUFFIX) or entry.path.count("/") < 2:
             continue  # encrypted, or app.yaml and the like (not a state's file)
+        if entry.filemode == GIT_FILEMODE_LINK:
+            continue  # a desired symlink (SPEC §9): a link target, never encrypted
         rule = rules.rule_for(path)
         if rule is not None:
             out.append(
