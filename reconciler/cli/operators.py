@@ -673,10 +673,21 @@ def cmd_secret_encrypt(args: argparse.Namespace, out: TextIO, err: TextIO) -> in
     path, key = _secret_target(args)
     tree = open_tree(args.repo or ".")
     if key is None:
+        from reconciler.git.repo import committed
+
+        rel = tree.repo_path(path)
+        in_git = committed(tree.root, rel)  # before the file is gone
         written = encrypt_file(tree, path)
         _written(args, "encrypted", written, out)
         if args.format != "json":
             out.write(f"removed the plaintext {path}; commit {written.path}\n")
+        if in_git:
+            # SPEC §8 rotation: the old plaintext is readable from any clone.
+            err.write(
+                f"reconciler: warning: {rel}: its plaintext was committed and stays in git "
+                "history (and on the server once pushed) — change the secret itself, then "
+                f"'reconciler secret edit {written.path}' with the new value\n"
+            )
         return 0
     tree.rules.recipients(tree.repo_path(path))  # no rule: say so before asking for the value
     value = read_value(f"value of vars.{key} in {path} (not shown): ")

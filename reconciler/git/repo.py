@@ -115,6 +115,27 @@ def discover(where: Path) -> Repo | None:
         return Repo(pygit2.Repository(found))
 
 
+def committed(where: Path, path: str) -> bool:
+    """True when the repository holding the working tree ``where`` has ``path``
+    (repository-relative, ``templates/db/default/etc/db.pass``) in its HEAD
+    commit or its index: its content is then in git's objects, whatever
+    happens to the file. False outside a repository or before a first commit.
+    For ``secret encrypt`` (SPEC §8), whose plaintext git history keeps.
+    """
+    found = pygit2.discover_repository(str(where))
+    if found is None:
+        return False
+    try:
+        raw = pygit2.Repository(found)
+        if path in raw.index:
+            return True
+        head = raw.head.peel(pygit2.Commit)
+        head.tree[path]
+    except (pygit2.GitError, KeyError, ValueError):  # no HEAD yet, not in it
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------- refs
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from reconciler.cli.main import main
 from reconciler.secrets import age
-from tests.conftest import tree_snapshot
+from tests.conftest import git, tree_snapshot
 from tests.unit.helpers import write_repo
 
 SECRET = "templates/db/default/etc/db.pass"
@@ -542,3 +542,25 @@ def test_a_var_under_a_yaml_alias_is_refused_not_copied_to_the_anchor(
     assert _run(root, "secret", "show", "--var", "hosts/db1.yaml", "db.password", *ident)[1] == (
         "s3cr3t"
     )
+
+
+def test_encrypting_a_committed_plaintext_warns_that_git_history_keeps_it(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plaintext of a file already committed stays in git history (and on the
+    server once pushed) after 'secret encrypt': the command says so, and that
+    the secret must be changed (docs/secrets.md, Rotation). Not for a file
+    never committed."""
+    other = "templates/db/default/etc/other.pass"
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "hunter2\n"})
+    git("init", "-q", cwd=root)
+    git("add", "-A", cwd=root)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "oops", cwd=root)
+    (root / other).write_text("fresh\n")
+    monkeypatch.chdir(root)
+    code, _, err = _run(root, "secret", "encrypt", SECRET)
+    assert code == 0
+    assert err.count("\n") == 1 and f"{SECRET}: " in err and "git history" in err, err
+    assert "change the secret" in err and "hunter2" not in err
+    code, _, err = _run(root, "secret", "encrypt", other)
+    assert (code, err) == (0, "")
