@@ -1,7 +1,7 @@
 """Property: scan → plan → apply converges, touches no excluded path, never leaves the root.
 
 Hypothesis draws target states (nested paths from a small alphabet, text and
-binary content, modes, policies) and actual states under a real temp root
+binary content, modes, policies, desired symlinks of SPEC §9) and actual states under a real temp root
 (missing, wrong content, wrong mode, a symlink pointing outside the root, an
 empty directory), plus exclude patterns. A second phase moves to another
 target state from the disk the first left behind, with fresh perturbations,
@@ -49,7 +49,12 @@ rel_paths = st.builds(
     st.sampled_from(FILES),
 )
 contents = st.one_of(st.text(max_size=30).map(str.encode), st.binary(max_size=30))
-entries = st.tuples(contents, st.sampled_from(MODES), st.sampled_from(POLICIES))
+LINK = 0  # the "mode" of a desired symlink (SPEC §9): its content is the target text
+LINK_TARGETS = (b"t1", b"../a/x", b"/etc/elsewhere", b"x")
+entries = st.one_of(
+    st.tuples(contents, st.sampled_from(MODES), st.sampled_from(POLICIES)),
+    st.tuples(st.sampled_from(LINK_TARGETS), st.just(LINK), st.sampled_from(POLICIES)),
+)
 specs = st.dictionaries(rel_paths, entries, max_size=8)
 
 
@@ -86,13 +91,14 @@ def target_of(spec: dict[str, tuple[bytes, int, str]]) -> TargetState:
         files[P("/" + rel)] = TargetFile(
             path=P("/" + rel),
             content=content,
-            mode=mode,
+            mode=0o777 if mode == LINK else mode,
             owner=None,
             group=None,
             secret=False,
             policy=policy,
             app=app,
             template=f"templates/{app}/default/{rel}",
+            link=content.decode() if mode == LINK else None,
         )
     return TargetState(node="prop", files=files, apps=APPS)
 
@@ -131,6 +137,9 @@ def perturb(
         os.symlink(victim, host)
     elif situation == "empty_dir":
         host.mkdir()
+    elif mode == LINK and situation in ("correct", "wrong_content"):
+        # the desired link, or one retargeted (drift of kind "target")
+        os.symlink(content.decode() + ("" if situation == "correct" else "-drift"), host)
     else:
         if situation == "wrong_content":
             content += b"\x00drift"  # longer: the stat signature changes too
@@ -198,14 +207,16 @@ def run_phase(
             continue
         want = phase.spec.get(rel)
         if want is None:  # managed before, gone from the target now
-            managed_before = "/" + rel in previous.managed
-            if managed_before and before[rel] is not None and before[rel][0] == "file":
+            record = previous.managed.get("/" + rel)
+            managed_before = record is not None
+            kind = "link" if record is not None and record.link else "file"
+            if managed_before and before[rel] is not None and before[rel][0] == kind:
                 assert after[rel] is None, f"{rel} should have been deleted"
             elif not managed_before:
                 assert after[rel] == before[rel]
             continue
         content, mode, policy = want
-        exact = ("file", mode, content)
+        exact = ("link", 0, content.decode()) if mode == LINK else ("file", mode, content)
         if policy == "enforce" or (policy == "create-only" and before[rel] is None):
             assert after[rel] == exact, (rel, policy, phase.situations[rel], before[rel])
         elif policy == "create-only":
