@@ -125,15 +125,13 @@ def committed(where: Path, path: str) -> bool:
     found = pygit2.discover_repository(str(where))
     if found is None:
         return False
-    try:
+    with map_git_errors(f"{where}: cannot read the repository", "check --repo"):
         raw = pygit2.Repository(found)
         if path in raw.index:
             return True
-        head = raw.head.peel(pygit2.Commit)
-        head.tree[path]
-    except (pygit2.GitError, KeyError, ValueError):  # no HEAD yet, not in it
-        return False
-    return True
+        if raw.head_is_unborn:
+            return False
+        return path in raw.head.peel(pygit2.Commit).tree
 
 
 # ---------------------------------------------------------------------- refs
