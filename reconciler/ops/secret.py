@@ -428,16 +428,25 @@ class HostDoc:
         self.crlf = "\r\n" in self.text
 
     def secrets(self) -> Iterator[tuple[str, Any, Any]]:
-        """Every ``!age`` value under ``vars``: (dotted key, parent mapping, key)."""
+        """Every ``!age`` value under ``vars``, in mappings and in lists: (dotted key,
+        parent mapping or list, key or index); a list index is a part of the dotted
+        key (``users.0.password``), as :func:`_set_in` reads it back."""
 
         def walk(node: Any, prefix: str) -> Iterator[tuple[str, Any, Any]]:
             if isinstance(node, dict):
-                for key, value in node.items():
-                    dotted = f"{prefix}.{key}" if prefix else str(key)
-                    if _is_age(value):
-                        yield dotted, node, key
-                    else:
-                        yield from walk(value, dotted)
+                items: Any = node.items()
+            elif isinstance(node, list):
+                # A value in a list is one too: rekey once skipped these, leaving them
+                # encrypted to the old recipients while saying all were re-encrypted.
+                items = enumerate(node)
+            else:
+                return
+            for key, value in items:
+                dotted = f"{prefix}.{key}" if prefix else str(key)
+                if _is_age(value):
+                    yield dotted, node, key
+                else:
+                    yield from walk(value, dotted)
 
         yield from walk(self.data.get("vars"), "")
 
@@ -554,8 +563,12 @@ def _set_in(data: Any, dotted: str, value: Any) -> Any:
     node = out.setdefault("vars", {})
     parts = dotted.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+        # A list's index (rekey of a value in a list, HostDoc.secrets); else a key.
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
     return out
 
 

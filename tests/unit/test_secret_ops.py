@@ -564,3 +564,30 @@ def test_encrypting_a_committed_plaintext_warns_that_git_history_keeps_it(
     assert "change the secret" in err and "hunter2" not in err
     code, _, err = _run(root, "secret", "encrypt", other)
     assert (code, err) == (0, "")
+
+
+def test_rekey_reaches_an_age_value_inside_a_list(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vars: {users: [{password: !age …}]}``: rekey said it re-encrypted every
+    ``!age`` value but walked mappings only, so a value in a list kept its old
+    recipients (a removed member could still open it; db1, named by the rule,
+    could not). Comments kept."""
+    payload = subprocess.run(
+        ["age", "-a", "-r", keys["alice"][1]], input=b"listpw", capture_output=True, check=True
+    ).stdout.decode()
+    block = "".join(f"        {line}\n" for line in payload.splitlines())
+    host = "apps: [db]\nvars:\n  users:  # kept\n    - name: a\n      password: !age |\n" + block
+    root = _tree(tmp_path, keys, RULES, **{"hosts/db1.yaml": host})
+    monkeypatch.chdir(root)
+    code, out, err = _run(root, "secret", "rekey", "--identity", str(keys["alice"][0]))
+    assert (code, err) == (0, ""), err
+    assert "hosts/db1.yaml vars.users.0.password" in out, out
+    text = (root / "hosts/db1.yaml").read_text()
+    assert "# kept" in text
+    armored = "\n".join(
+        line.strip()
+        for line in text.splitlines()
+        if line.startswith("        ") and ":" not in line
+    )
+    assert _age_decrypt(keys["db1"][0], armored.encode() + b"\n").stdout == b"listpw"
