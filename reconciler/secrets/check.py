@@ -68,12 +68,19 @@ def _age_keys(snapshot: Snapshot, path: str) -> list[str]:
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                name = f"{prefix}.{key.value}" if prefix else str(key.value)
-                if value.tag == AGE_TAG:
-                    found.append(name)
-                else:
-                    walk(value, name)
+            pairs = [(str(key.value), value) for key, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            # A value in a list is read through its list's name (users.0.password):
+            # walking mappings only missed it, and its file's rule and readers.
+            pairs = [(str(i), value) for i, value in enumerate(node.value)]
+        else:
+            return
+        for key, value in pairs:
+            name = f"{prefix}.{key}" if prefix else key
+            if value.tag == AGE_TAG:
+                found.append(name)
+            else:
+                walk(value, name)
 
     if isinstance(root, yaml.MappingNode):
         for key, value in root.value:

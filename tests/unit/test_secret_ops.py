@@ -591,3 +591,20 @@ def test_rekey_reaches_an_age_value_inside_a_list(
         if line.startswith("        ") and ":" not in line
     )
     assert _age_decrypt(keys["db1"][0], armored.encode() + b"\n").stdout == b"listpw"
+
+
+def test_validate_sees_an_age_value_inside_a_list(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validate walked mappings only: a host file whose only ``!age`` value sits in a
+    list, and that no rule matches, passed (the host's run then failed)."""
+    payload = subprocess.run(
+        ["age", "-a", "-r", keys["alice"][1]], input=b"x", capture_output=True, check=True
+    ).stdout.decode()
+    block = "".join(f"        {line}\n" for line in payload.splitlines())
+    host = "apps: []\nvars:\n  users:\n    - name: a\n      password: !age |\n" + block
+    root = _tree(tmp_path, keys, RULES, **{"hosts/web2.yaml": host})
+    code, problems = _validate(root)
+    assert code == 1 and any(
+        p.startswith("hosts/web2.yaml: holds !age values, but no rule") for p in problems
+    ), problems
