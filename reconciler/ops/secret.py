@@ -248,13 +248,36 @@ def _signals_unwind() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored inside the block (main thread only), the old handler back after.
+
+    Why: Ctrl-C in the terminal reaches the editor and this process alike, and
+    it is the editor's key (nano shows the cursor position, vim cancels a
+    command); as a KeyboardInterrupt here it killed the editor mid-edit. git
+    ignores SIGINT and SIGQUIT while its editor runs for the same reason.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def edit_plaintext(plaintext: bytes, name: str, *, where: str) -> bytes:
     """``plaintext`` after the operator's editor (:func:`editor_argv`) has run on it.
 
     The file is ``name`` (the secret's own name, so the editor picks its
     syntax) created 0600 in a new 0700 temporary directory, removed with the
-    directory whatever happens: an error, Ctrl-C, and a SIGTERM or SIGHUP too
-    (:func:`_signals_unwind`; the editor is then stopped). Raises SecretError
+    directory whatever happens: an error, and a SIGTERM or SIGHUP too
+    (:func:`_signals_unwind`; the editor is then stopped). Ctrl-C while the
+    editor runs is the editor's (:func:`_sigint_ignored`). Raises SecretError
     naming ``where`` when the editor cannot be run, exits non-zero or a
     signal ends the edit (nothing is written then).
     """
@@ -285,16 +308,23 @@ def _run_editor(
     with os.fdopen(fd, "wb") as handle:
         handle.write(plaintext)
     try:
-        done = subprocess.run([*argv, str(file)], check=False)
+        editor = subprocess.Popen([*argv, str(file)])
     except OSError as exc:
         raise SecretError(
             f"cannot run the editor {argv[0]}: {exc.strerror or exc}",
             where=where,
             hint="set $VISUAL or $EDITOR to an editor that is installed; nothing was changed",
         ) from None
-    if done.returncode != 0:
+    try:
+        with _sigint_ignored():  # after the fork: the editor keeps the default
+            returncode = editor.wait()
+    except BaseException:  # SIGTERM/SIGHUP (_signals_unwind): stop the editor
+        editor.kill()
+        editor.wait()
+        raise
+    if returncode != 0:
         raise SecretError(
-            f"the editor {argv[0]} exited with status {done.returncode}",
+            f"the editor {argv[0]} exited with status {returncode}",
             where=where,
             hint="nothing was changed; run the command again",
         )

@@ -608,3 +608,39 @@ def test_validate_sees_an_age_value_inside_a_list(
     assert code == 1 and any(
         p.startswith("hosts/web2.yaml: holds !age values, but no rule") for p in problems
     ), problems
+
+
+def test_ctrl_c_while_the_editor_runs_is_the_editors(
+    tmp_path: Path, keys: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in a terminal reaches the editor and the command alike; it is the
+    editor's key (nano shows the cursor position, vim cancels), so the command
+    ignores SIGINT while the editor runs, as git does: the edit goes on and is
+    saved. (It used to raise KeyboardInterrupt and kill the editor.)"""
+    root = _tree(tmp_path, keys, RULES, **{SECRET: "old\n"})
+    monkeypatch.chdir(root)
+    assert _run(root, "secret", "encrypt", SECRET)[0] == 0
+    started, go = tmp_path / "started", tmp_path / "go"
+    editor = _editor(
+        tmp_path,
+        f'echo "$f" > {started}; while [ ! -e {go} ]; do sleep 0.05; done; echo new > "$f"',
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "secret", "edit", f"{SECRET}.age"]
+        + ["--repo", str(root), "--identity", str(keys["alice"][0])],
+        env={**_env(tmp_path), "EDITOR": str(editor)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not started.exists() or not started.read_text().strip():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    go.touch()
+    out, err = proc.communicate(timeout=20)
+    assert (proc.returncode, err) == (0, ""), err
+    payload = (root / f"{SECRET}.age").read_bytes()
+    assert _age_decrypt(keys["db1"][0], payload).stdout == b"new\n"
