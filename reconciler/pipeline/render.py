@@ -300,7 +300,7 @@ class _Secrets:
         """The plaintext of ``payload`` (read at ``where``: a repository path, or a
         host file and line for a ``!age`` value); recorded in :attr:`reads`.
         Raises SecretError naming ``where``, the node and what to do."""
-        from reconciler.errors import SecretError
+        from reconciler.errors import NotRecipientError, SecretError
         from reconciler.secrets import age
 
         self.reads.add(where)
@@ -324,7 +324,15 @@ class _Secrets:
             # One line naming the repository path, the node and what to do (SPEC §8),
             # whichever step failed: the identity file, or the payload.
             detail = exc.problem if exc.where == where else f"{exc.where}: {exc.problem}"
-            raise type(exc)(f"{on}: {detail}", where=where, hint=exc.hint) from None
+            hint = exc.hint
+            if isinstance(exc, NotRecipientError) and self.node:
+                # On a host, what to do names this node's key file and rule (SPEC §8).
+                hint = (
+                    f"check that keys/nodes/{self.node}.pub holds this identity's public key "
+                    f"and that the secrets.yaml rule matching it names {self.node}, then run "
+                    "'reconciler secret rekey' and push"
+                )
+            raise type(exc)(f"{on}: {detail}", where=where, hint=hint) from None
         self._plain[key] = plain
         return plain
 

@@ -117,6 +117,8 @@ def test_a_node_not_a_recipient_fails_naming_the_value_the_node_and_what_to_do(
     assert "\n" not in text
     assert text.startswith("hosts/web1.yaml:4: node web1 cannot decrypt this !age value")
     assert str(keys["web1"]) in text and " — " in text and "rekey" in text
+    # What to do names this node's key file, not "keys/" at large.
+    assert "keys/nodes/web1.pub" in text.partition(" — ")[2], text
 
 
 def test_encrypted_files_and_templates(tmp_path: Path, keys: dict[str, Path]) -> None:
