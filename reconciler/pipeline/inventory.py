@@ -812,6 +812,9 @@ class Node:
     # absent: patterns (SPEC §9), the union over the chain as for exclude, each with
     # the host file that listed it first (errors name it).
     absent: tuple[tuple[str, str], ...] = ()
+    # files: pattern → the host file whose entry for it won (errors about its
+    # metadata, such as a bad when:, name that file).
+    files_origin: Mapping[str, str] = field(default_factory=dict)
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -864,6 +867,7 @@ def effective_node(
     exclude: list[str] = []
     absent: dict[str, str] = {}
     files: dict[str, Mapping[str, Any]] = {}
+    files_origin: dict[str, str] = {}
     suspended: Mapping[str, Any] | None = None
     for f in chain:
         d = f.data
@@ -880,6 +884,7 @@ def effective_node(
         for pattern in d.get("absent", ()):
             absent.setdefault(pattern, f.path)
         files.update(d.get("files", {}))
+        files_origin.update(dict.fromkeys(d.get("files", {}), f.path))
         if "suspended" in d:
             suspended = d["suspended"]
     if state_override is not None:
@@ -900,6 +905,7 @@ def effective_node(
         meta_nodes=tuple(metas),
         sources=tuple(f.path for f in chain),
         absent=tuple(absent.items()),
+        files_origin=files_origin,
     )
 
 

@@ -1035,6 +1035,81 @@ def _render_error(
     return RenderError(f"{prefix}: {problem}{text}")
 
 
+class _NotExpression(Exception):
+    """A ``when:`` value that is not a non-empty string."""
+
+
+def _when_error(
+    exc: BaseException, expr: Any, dest: PurePosixPath, where: str, node: str, limits: RenderLimits
+) -> RenderError:
+    """One line for a ``when:`` that cannot decide (SPEC §9 bad input): the file and
+    entry that set it, the destination, the node, the kind of failure and what to do."""
+    import jinja2
+    from jinja2.exceptions import SecurityError
+
+    hint = "fix the expression"
+    if isinstance(exc, _NotExpression):
+        kind = "is not a Jinja2 expression in a string"
+        hint = "write it as a quoted string, e.g. when: \"facts.os_release.ID == 'debian'\""
+    elif isinstance(exc, jinja2.TemplateSyntaxError):
+        kind = f"syntax error: {exc.message}"
+    elif isinstance(exc, SecurityError):
+        kind = f"sandbox refusal: {exc.message}"
+        hint = "an expression reads vars, node, facts and source; it may not reach Python"
+    elif isinstance(exc, jinja2.UndefinedError):
+        kind = f"undefined variable: {exc.message}"
+        hint = "define it in vars or guard it with 'is defined'"
+    elif isinstance(exc, _Interrupted):
+        kind = f"{'render timeout' if exc.kind == 'time' else 'memory bound'} passed"
+        hint = "make the expression do less work"
+    elif isinstance(exc, _TooLarge):
+        kind = f"{exc.what} is more than {exc.bound}"
+        hint = exc.hint
+    else:
+        kind = f"{type(exc).__name__}: {exc}"
+    return RenderError(f"when: {expr!r} for {dest} (node {node}): {kind}", where=where, hint=hint)
+
+
+def _conditions(
+    snapshot: Snapshot, node: Node, sources: Mapping[PurePosixPath, tuple[str, str, int]]
+) -> dict[PurePosixPath, tuple[Any, str]]:
+    """dest → (its ``when:`` value, the file that set it) for every destination with one.
+
+    The same glob-on-destination matching and precedence as the other metadata
+    (:func:`_metadata`): ``app.yaml`` entries in order, then the node's
+    ``files:``; the last match wins. The file is ``templates/<app>/app.yaml``
+    or the host file whose ``files:`` entry won (SPEC §9 bad input names it).
+    """
+    import pathspec
+
+    def rules(
+        patterns: Mapping[str, Mapping[str, Any]], origin: Callable[[str], str]
+    ) -> list[tuple[Any, Any, str]]:
+        return [
+            (pathspec.GitIgnoreSpec.from_lines([p]), v["when"], f"{origin(p)} (files: {p})")
+            for p, v in patterns.items()
+            if "when" in v
+        ]
+
+    node_rules = rules(node.files, lambda p: node.files_origin.get(p, f"hosts/{node.name}.yaml"))
+    app_rules = {
+        a.name: rules(
+            load_app_config(snapshot, a.name).get("files", {}),
+            lambda _, a=a.name: f"templates/{a}/app.yaml",  # type: ignore[misc]
+        )
+        for a in node.apps
+    }
+    out: dict[PurePosixPath, tuple[Any, str]] = {}
+    if not node_rules and not any(app_rules.values()):
+        return out
+    for dest, (app, _, _) in sources.items():
+        rel = str(dest).lstrip("/")
+        for spec, expr, where in (*app_rules[app], *node_rules):
+            if spec.match_file(rel):
+                out[dest] = (expr, where)
+    return out
+
+
 PARALLEL_MIN_TEMPLATES = 64  # below this, forking costs more than it saves
 
 
@@ -1085,6 +1160,19 @@ def render_target(
         dest: _metadata(app_globs[app], node_globs, node, app, dest)
         for dest, (app, _, _) in sources.items()
     }
+    secrets = _Secrets(decryption, node.name)
+    job = _RenderJob(
+        snapshot=snapshot,
+        context=context,
+        node=node.name,
+        cache_dir=cache_dir,
+        limits=limits,
+        secrets=secrets,
+    )
+    for dest in job.unwanted(_conditions(snapshot, node, sources)):
+        # when: false (SPEC §9): not in the target state, so never rendered, and
+        # pruned like any path that leaves it when it was managed before.
+        del sources[dest], metas[dest]
     jobs = [
         (dest, repo_path, bool(metas[dest][0].get("secret", False)) or _encrypted(repo_path))
         for dest, (_, repo_path, _) in sources.items()
@@ -1103,15 +1191,6 @@ def render_target(
                 rendered[j[0]] = kept
         jobs = todo
     log.debug("%s: rendering %d template(s), %d reused", node.name, len(jobs), len(rendered))
-    secrets = _Secrets(decryption, node.name)
-    job = _RenderJob(
-        snapshot=snapshot,
-        context=context,
-        node=node.name,
-        cache_dir=cache_dir,
-        limits=limits,
-        secrets=secrets,
-    )
     if workers > 1 and len(jobs) >= PARALLEL_MIN_TEMPLATES:
         done, tainted = _render_parallel(job, jobs, workers)
         rendered.update(done)
@@ -1357,6 +1436,43 @@ class _RenderJob:
                     if reads:
                         self.tainted.add(dest)
         return out, None
+
+    def unwanted(self, conditions: Mapping[PurePosixPath, tuple[Any, str]]) -> list[PurePosixPath]:
+        """The destinations whose ``when:`` is false (SPEC §9), in ``conditions`` order.
+
+        Each expression is compiled once and evaluated in the sandbox of the
+        templates, with the template context (vars, node, facts, source; a
+        ``!age`` value read as plaintext) and the same bounds (SPEC §10).
+        The result counts as ``{% if %}`` would count it (Python truthiness);
+        an undefined name fails as in a template (StrictUndefined). Raises
+        RenderError naming the file that set it, the destination and the node:
+        a value that is not a string, a syntax error, an undefined variable,
+        a sandbox refusal, a bound passed.
+        """
+        if not conditions:
+            return []
+        if self.env is None:
+            self.env = _environment(self.snapshot, self.cache_dir, self.limits, self.secrets)
+        if self._live is None:
+            self._live = _with_secrets(self.context, self.secrets)
+        compiled: dict[str, Any] = {}
+        out = []
+        with _Alarm(self.limits) as alarm:
+            for dest, (expr, where) in conditions.items():
+                try:
+                    if not isinstance(expr, str) or not expr.strip():
+                        raise _NotExpression()
+                    with alarm.limit():
+                        if expr not in compiled:
+                            compiled[expr] = self.env.compile_expression(
+                                expr, undefined_to_none=False
+                            )
+                        wanted = bool(compiled[expr](**self._live))
+                except (Exception, _Interrupted) as exc:  # Jinja2 raises many types
+                    raise _when_error(exc, expr, dest, where, self.node, self.limits) from None
+                if not wanted:
+                    out.append(dest)
+        return out
 
     def _render_one(self, repo_path: str) -> bytes:
         """One template's output, streamed and given up past max_file_size.

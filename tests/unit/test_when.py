@@ -1,0 +1,93 @@
+"""``when:`` metadata (SPEC §9): a Jinja2 expression over the template context of a
+destination, evaluated in the sandbox; false leaves the path out of the target state.
+Real repositories written to temp directories, rendered by the real renderer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from pathlib import PurePosixPath as P
+
+import pytest
+
+from reconciler.errors import ReconcilerError
+from tests.unit.helpers import FACTS, render, write_repo
+
+
+def _repo(tmp_path: Path, app_when: str | None, node_when: str | None = None):
+    app_yaml = "files:\n  /etc/w/*.conf: {mode: '0640'}\n"
+    if app_when is not None:
+        app_yaml += f"  /etc/w/debian.conf: {{when: {app_when}}}\n"
+    host = "apps: [w]\nvars: {flavour: debian}\n"
+    if node_when is not None:
+        host += f"files:\n  /etc/w/debian.conf: {{when: {node_when}}}\n"
+    return write_repo(
+        tmp_path,
+        {
+            "hosts/n.yaml": host,
+            "templates/w/app.yaml": app_yaml,
+            "templates/w/default/etc/w/debian.conf.j2": "{{ flavour }}\n",
+            "templates/w/default/etc/w/always.conf": "always\n",
+        },
+    )
+
+
+def test_a_true_when_keeps_the_file_and_a_false_one_drops_it(tmp_path):
+    kept = render(_repo(tmp_path / "t", "\"facts.os_release.ID == 'debian'\""), "n").files
+    assert kept[P("/etc/w/debian.conf")].content == b"debian\n"
+    assert kept[P("/etc/w/debian.conf")].mode == 0o640  # other metadata still applies
+    dropped = render(_repo(tmp_path / "f", "\"facts.os_release.ID == 'rhel'\""), "n").files
+    assert P("/etc/w/debian.conf") not in dropped
+    assert P("/etc/w/always.conf") in dropped
+
+
+def test_truthiness_is_that_of_if_and_the_node_entry_wins_over_app_yaml(tmp_path):
+    # A non-boolean result counts as {% if %} counts it: "" and [] are false.
+    assert P("/etc/w/debian.conf") not in render(_repo(tmp_path / "a", "\"''\""), "n").files
+    assert P("/etc/w/debian.conf") in render(_repo(tmp_path / "b", '"flavour"'), "n").files
+    both = render(_repo(tmp_path / "c", "'true'", "\"node.name == 'other'\""), "n").files
+    assert P("/etc/w/debian.conf") not in both
+
+
+@pytest.mark.parametrize(
+    ("app_when", "node_when", "where", "kind"),
+    [
+        ("'facts.os_release.ID =='", None, "templates/w/app.yaml", "syntax error"),
+        ("'no_such_var'", None, "templates/w/app.yaml", "undefined variable"),
+        ("'facts.nope.deeper'", None, "templates/w/app.yaml", "undefined variable"),
+        (
+            "'().__class__.__subclasses__()'",
+            None,
+            "templates/w/app.yaml",
+            "sandbox refusal",
+        ),
+        (None, "'{{ x }}'", "hosts/n.yaml", "syntax error"),
+        (None, "'missing == 1'", "hosts/n.yaml", "undefined variable"),
+    ],
+)
+def test_a_bad_when_is_one_line_naming_file_node_and_what_to_do(
+    tmp_path, app_when, node_when, where, kind
+):
+    with pytest.raises(ReconcilerError) as caught:
+        render(_repo(tmp_path, app_when, node_when), "n")
+    text = str(caught.value)
+    assert len(text.splitlines()) == 1, text
+    assert text.startswith(f"{where} (files: /etc/w/debian.conf): when:"), text
+    assert "node n" in text and kind in text and " — " in text, text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("value", ["true", "1", "[]", "''"])
+def test_a_when_that_is_not_a_string_is_refused_naming_the_file(tmp_path, value):
+    with pytest.raises(ReconcilerError) as caught:
+        render(_repo(tmp_path, value), "n")
+    text = str(caught.value)
+    assert len(text.splitlines()) == 1 and "templates/w/app.yaml" in text, text
+    assert "when" in text, text
+
+
+def test_the_sandbox_holds_inside_when(tmp_path):
+    # The classic escape from the sandbox tests: refused as in a template, not evaluated.
+    expr = "\"cycler.__init__.__globals__.os.system('touch " + str(tmp_path / "pwned") + "')\""
+    with pytest.raises(ReconcilerError, match="sandbox refusal|undefined"):
+        render(_repo(tmp_path / "r", expr), "n", FACTS)
+    assert not (tmp_path / "pwned").exists()
