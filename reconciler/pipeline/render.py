@@ -164,9 +164,98 @@ def parse_mode(text: str, *, where: str) -> int:
     return mode
 
 
-def _collect(snapshot: Snapshot, node: Node) -> dict[PurePosixPath, tuple[str, str, int]]:
-    """dest → (app, repository path, git file mode), overlay and conflicts resolved."""
+# A ``[VAR]`` segment part of a template's path (SPEC §9 "One template, many files").
+_ITEM_VAR = re.compile(r"\[([^\]/]*)\]")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+# dest → (VAR, key): the item a destination of a ``[VAR]`` path was made for.
+Items = dict[PurePosixPath, tuple[str, str]]
+
+
+def _expand(rel: str, repo_path: str, node: Node) -> list[tuple[str, tuple[str, str] | None]]:
+    """``rel`` once per key of the mapping its ``[VAR]`` names, the key in place of
+    ``[VAR]`` (SPEC §9): [(relative path, (VAR, key))]; [(rel, None)] without one.
+
+    VAR is a top-level var of ``node``; one VAR per path (it may appear in more than
+    one segment: ``[sites]/[sites].conf``). Raises RenderError naming ``repo_path``,
+    the node and what to do when VAR is not an identifier, is undefined, is not a
+    mapping (or is a ``!age`` value), or a key is not a plain file name.
+    """
+    names = set(_ITEM_VAR.findall(rel))
+    if not names:
+        return [(rel, None)]
+    on = f"(node {node.name})"
+    bad = sorted(n for n in names if not _IDENTIFIER.match(n))
+    if bad:
+        raise RenderError(
+            f"[{bad[0]}] is not a var name {on}",
+            where=repo_path,
+            hint="name a top-level var made of letters, digits and _, such as [nginx_sites]",
+        )
+    if len(names) > 1:
+        raise RenderError(
+            f"more than one [VAR] in one path ({', '.join(sorted(names))}) {on}",
+            where=repo_path,
+            hint="use one mapping per path; nest the values in its items instead",
+        )
+    var = names.pop()
+    if var not in node.vars:
+        raise RenderError(
+            f"[{var}] names var {var!r}, which node {node.name} does not define",
+            where=repo_path,
+            hint=f"define {var}: as a mapping in the node's host file (or {{}} for no file)",
+        )
+    mapping = node.vars[var]
+    if not isinstance(mapping, Mapping) or is_age_marker(mapping):
+        what = "a !age value" if is_age_marker(mapping) else type(mapping).__name__
+        raise RenderError(
+            f"[{var}] needs a mapping, but var {var!r} of node {node.name} is {what}",
+            where=repo_path,
+            hint=f"make {var}: a mapping of file name → item (its keys name the files)",
+        )
+    out: list[tuple[str, tuple[str, str] | None]] = []
+    names_seen: dict[str, object] = {}
+    for key in mapping:
+        text = key if isinstance(key, str) else None
+        if isinstance(key, int) and not isinstance(key, bool):
+            text = str(key)
+        if text is None or text in ("", ".", "..") or "/" in text or "\0" in text:
+            raise RenderError(
+                f"key {key!r} of var {var!r} (node {node.name}) is not a file name",
+                where=repo_path,
+                hint="use keys that are plain file names: no /, not empty, . or .., no NUL",
+            )
+        if text in names_seen:
+            raise RenderError(
+                f"keys {names_seen[text]!r} and {key!r} of var {var!r} (node {node.name}) "
+                f"both name the file {text!r}",
+                where=repo_path,
+                hint="keep only one of them",
+            )
+        names_seen[text] = key
+        out.append((rel.replace(f"[{var}]", text), (var, text)))
+    return out
+
+
+def _item(mapping: Mapping[Any, Any], key: str) -> Any:
+    """The item of file name ``key`` in ``mapping`` (a YAML key may be an int: its file
+    name is its str, :func:`_expand`)."""
+    if key in mapping:
+        return mapping[key]
+    return next(v for k, v in mapping.items() if str(k) == key)
+
+
+def _collect(
+    snapshot: Snapshot, node: Node, items: Items | None = None
+) -> dict[PurePosixPath, tuple[str, str, int]]:
+    """dest → (app, repository path, git file mode), overlay and conflicts resolved.
+
+    A path with a ``[VAR]`` segment is one destination per key of the mapping VAR
+    (:func:`_expand`); ``items``, when given, is filled with dest → (VAR, key) for
+    each of them (SPEC §9).
+    """
     out: dict[PurePosixPath, tuple[str, str, int]] = {}
+    made: Items = {}
     for app in node.apps:
         states = [DEFAULT_STATE] if app.state == DEFAULT_STATE else [DEFAULT_STATE, app.state]
         per_app: dict[PurePosixPath, tuple[str, int]] = {}
@@ -184,14 +273,20 @@ def _collect(snapshot: Snapshot, node: Node) -> dict[PurePosixPath, tuple[str, s
                 else:
                     rel = entry.path.removesuffix(AGE_SUFFIX)  # SPEC §8: x.age → x, x.j2.age → x
                     rel = rel[:-3] if rel.endswith(".j2") else rel
-                dest = dest_path(rel, where=repo_path)
-                if dest in seen:
-                    raise RenderError(
-                        f"{repo_path}: {seen[dest]} produces the same destination {dest} — "
-                        "keep only one of them"
-                    )
-                seen[dest] = repo_path
-                per_app[dest] = (repo_path, entry.filemode)
+                for one, item in _expand(rel, repo_path, node):
+                    dest = dest_path(one, where=repo_path)
+                    if dest in seen:
+                        raise RenderError(
+                            f"{repo_path}: {seen[dest]} produces the same destination {dest}"
+                            f"{f' (node {node.name})' if item or dest in made else ''} — "
+                            "keep only one of them"
+                        )
+                    seen[dest] = repo_path
+                    per_app[dest] = (repo_path, entry.filemode)
+                    if item is not None:
+                        made[dest] = item
+                    else:
+                        made.pop(dest, None)  # a later state's literal file replaces it
         for dest, (repo_path, filemode) in sorted(per_app.items()):
             if dest in out:
                 other = out[dest]
@@ -200,6 +295,8 @@ def _collect(snapshot: Snapshot, node: Node) -> dict[PurePosixPath, tuple[str, s
                     f"{node.name} both produce {dest} — keep it in one app"
                 )
             out[dest] = (app.name, repo_path, filemode)
+    if items is not None:
+        items.update((dest, made[dest]) for dest in out if dest in made)
     return out
 
 
@@ -1150,7 +1247,8 @@ def render_target(
     PathError (a destination that escapes the root). Nothing is written
     outside ``cache_dir``.
     """
-    sources = _collect(snapshot, node)
+    items: Items = {}
+    sources = _collect(snapshot, node, items)
     context = template_context(node, facts, snapshot.info)
     app_globs = {
         a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
@@ -1168,6 +1266,7 @@ def render_target(
         cache_dir=cache_dir,
         limits=limits,
         secrets=secrets,
+        items=items,
     )
     for dest in job.unwanted(_conditions(snapshot, node, sources)):
         # when: false (SPEC §9): not in the target state, so never rendered, and
@@ -1181,7 +1280,7 @@ def render_target(
     keys: dict[PurePosixPath, str] = {}
     rendered: dict[PurePosixPath, bytes] = {}
     if reuse is not None:
-        keys = _render_keys(snapshot, context, jobs)
+        keys = _render_keys(snapshot, context, jobs, items)
         todo = []
         for j in jobs:
             kept = reuse(j[0], keys[j[0]]) if keys.get(j[0]) else None
@@ -1309,7 +1408,8 @@ def render_problems(
     one returned. () when every template renders.
     """
     try:
-        sources = _collect(snapshot, node)
+        items: Items = {}
+        sources = _collect(snapshot, node, items)
         context = template_context(node, facts, snapshot.info)
         app_globs = {
             a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
@@ -1331,6 +1431,7 @@ def render_problems(
         cache_dir=None,
         limits=limits,
         secrets=_Secrets(decryption, ""),
+        items=items,
     )
     errors: list[ReconcilerError] = []
     while jobs and len(errors) < most:
@@ -1349,12 +1450,14 @@ _USES_SOURCE = re.compile(r"\bsource\b")
 
 
 def _render_keys(
-    snapshot: Snapshot, context: Mapping[str, Any], jobs: list[Job]
+    snapshot: Snapshot, context: Mapping[str, Any], jobs: list[Job], items: Items | None = None
 ) -> dict[PurePosixPath, str]:
     """Destination -> digest of what its template's output depends on ("" = always render).
 
     ``source`` (the commit) changes with every commit: it is part of a key only
     for templates that mention it, or every commit would render everything.
+    A destination of a ``[VAR]`` path (``items``: dest → (VAR, key)) has its key
+    and item in its digest too (SPEC §9).
     """
     from reconciler import __version__
 
@@ -1378,6 +1481,9 @@ def _render_keys(
             continue
         mentions = "source" in text and _USES_SOURCE.search(text)
         parts = [base, blob, source if mentions else ""]
+        if items and dest in items:
+            var, key = items[dest]
+            parts.append(json.dumps([key, _item(context[var], key)], sort_keys=True, default=str))
         keys[dest] = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     return keys
 
@@ -1398,6 +1504,9 @@ class _RenderJob:
     env: Any = None
     # Destinations whose template read a secret (SPEC §8 taint), filled by render().
     tainted: set[PurePosixPath] = field(default_factory=set)
+    # dest → (VAR, key) for a destination of a [VAR] path: its template sees that
+    # item as ``item`` and its key as ``item_key`` (SPEC §9).
+    items: Items = field(default_factory=dict)
     # The context with its !age values as _SecretValue objects, made at first render.
     _live: dict[str, Any] | None = None
 
@@ -1421,7 +1530,7 @@ class _RenderJob:
                 reads.clear()
                 try:
                     with alarm.limit():
-                        out[dest] = self._render_one(repo_path)
+                        out[dest] = self._render_one(repo_path, self._context(dest))
                 except ReconcilerError as exc:  # names its file: the Snapshot's refusal
                     return out, (dest, exc)
                 except (Exception, _Interrupted) as exc:  # Jinja2 raises many types
@@ -1467,14 +1576,22 @@ class _RenderJob:
                             compiled[expr] = self.env.compile_expression(
                                 expr, undefined_to_none=False
                             )
-                        wanted = bool(compiled[expr](**self._live))
+                        wanted = bool(compiled[expr](**self._context(dest)))
                 except (Exception, _Interrupted) as exc:  # Jinja2 raises many types
                     raise _when_error(exc, expr, dest, where, self.node, self.limits) from None
                 if not wanted:
                     out.append(dest)
         return out
 
-    def _render_one(self, repo_path: str) -> bytes:
+    def _context(self, dest: PurePosixPath) -> dict[str, Any]:
+        """The live context for ``dest``: with ``item``/``item_key`` for a [VAR] path."""
+        assert self._live is not None
+        if dest not in self.items:
+            return self._live
+        var, key = self.items[dest]
+        return {**self._live, "item": _item(self._live[var], key), "item_key": key}
+
+    def _render_one(self, repo_path: str, context: dict[str, Any]) -> bytes:
         """One template's output, streamed and given up past max_file_size.
 
         What ``Template.render`` does (its root render function, errors
@@ -1487,7 +1604,7 @@ class _RenderJob:
         chunks: list[str] = []
         append = chunks.append
         size = 0
-        stream = template.root_render_func(template.new_context(self._live))
+        stream = template.root_render_func(template.new_context(context))
         try:
             for chunk in stream:
                 size += len(chunk)  # characters: at most the bytes they encode to
