@@ -1137,7 +1137,7 @@ class _NotExpression(Exception):
 
 
 def _when_error(
-    exc: BaseException, expr: Any, dest: PurePosixPath, where: str, node: str, limits: RenderLimits
+    exc: BaseException, expr: Any, dest: PurePosixPath, where: str, node: str
 ) -> RenderError:
     """One line for a ``when:`` that cannot decide (SPEC §9 bad input): the file and
     entry that set it, the destination, the node, the kind of failure and what to do."""
@@ -1578,7 +1578,7 @@ class _RenderJob:
                             )
                         wanted = bool(compiled[expr](**self._context(dest)))
                 except (Exception, _Interrupted) as exc:  # Jinja2 raises many types
-                    raise _when_error(exc, expr, dest, where, self.node, self.limits) from None
+                    raise _when_error(exc, expr, dest, where, self.node) from None
                 if not wanted:
                     out.append(dest)
         return out

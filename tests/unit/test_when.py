@@ -10,7 +10,10 @@ from pathlib import PurePosixPath as P
 import pytest
 
 from reconciler.errors import ReconcilerError
-from tests.unit.helpers import FACTS, render, write_repo
+from reconciler.git.snapshot import DirSnapshot
+from reconciler.pipeline.inventory import effective_node, load_inventory
+from reconciler.pipeline.render import render_target
+from tests.unit.helpers import FACTS, PROJECT, render, write_repo
 
 
 def _repo(tmp_path: Path, app_when: str | None, node_when: str | None = None):
@@ -91,3 +94,20 @@ def test_the_sandbox_holds_inside_when(tmp_path):
     with pytest.raises(ReconcilerError, match="sandbox refusal|undefined"):
         render(_repo(tmp_path / "r", expr), "n", FACTS)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("os_release", "written"),
+    [
+        ({"ID": "debian"}, True),
+        ({"ID": "ubuntu", "ID_LIKE": "debian"}, True),
+        ({"ID": "rocky", "ID_LIKE": "rhel centos fedora"}, False),
+        ({}, False),  # no /etc/os-release: facts.os_release is {}
+    ],
+)
+def test_the_example_fleet_writes_update_motd_scripts_only_on_debian(os_release, written):
+    snap = DirSnapshot(PROJECT)
+    node = effective_node(load_inventory(snap), snap, "db1")
+    files = render_target(snap, node, {**FACTS, "os_release": os_release}).files
+    assert (P("/etc/update-motd.d/50-fleet") in files) is written
+    assert P("/etc/motd") in files
