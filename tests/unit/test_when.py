@@ -111,3 +111,20 @@ def test_the_example_fleet_writes_update_motd_scripts_only_on_debian(os_release,
     files = render_target(snap, node, {**FACTS, "os_release": os_release}).files
     assert (P("/etc/update-motd.d/50-fleet") in files) is written
     assert P("/etc/motd") in files
+
+
+def test_when_sees_the_item_of_a_var_path(tmp_path):
+    snap = write_repo(
+        tmp_path,
+        {
+            "hosts/n.yaml": """\
+                apps: [w]
+                vars: {sites: {a: {enabled: true}, b: {enabled: false}}}
+                files:
+                  /etc/w/*.site: {when: item.enabled}
+                """,
+            "templates/w/default/etc/w/[sites].site.j2": "{{ item_key }}\n",
+        },
+    )
+    files = render(snap, "n").files
+    assert P("/etc/w/a.site") in files and P("/etc/w/b.site") not in files
