@@ -128,3 +128,22 @@ def test_when_sees_the_item_of_a_var_path(tmp_path):
     )
     files = render(snap, "n").files
     assert P("/etc/w/a.site") in files and P("/etc/w/b.site") not in files
+
+
+def test_validate_reports_a_bad_when_for_each_node(tmp_path):
+    from tests.unit.test_cli import run_cli
+
+    write_repo(
+        tmp_path,
+        {
+            "hosts/a.yaml": "apps: [w]\n",
+            "hosts/b.yaml": "apps: [w]\n",
+            "templates/w/app.yaml": "files:\n  /etc/w.conf: {when: 'missing_var'}\n",
+            "templates/w/default/etc/w.conf": "w\n",
+        },
+    )
+    code, _, err = run_cli("validate", "--repo", str(tmp_path))
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if "when:" in line]
+    assert len(lines) == 2 and all("templates/w/app.yaml" in line for line in lines), err
+    assert any("node a" in line for line in lines) and any("node b" in line for line in lines)
