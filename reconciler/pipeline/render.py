@@ -1457,7 +1457,9 @@ def _render_keys(
     ``source`` (the commit) changes with every commit: it is part of a key only
     for templates that mention it, or every commit would render everything.
     A destination of a ``[VAR]`` path (``items``: dest → (VAR, key)) has its key
-    and item in its digest too (SPEC §9).
+    and item in its digest too (SPEC §9); when its template's text does not
+    name VAR (it reads only ``item``), the rest of the mapping is left out, so
+    changing one item renders only that item's file again.
     """
     from reconciler import __version__
 
@@ -1466,6 +1468,8 @@ def _render_keys(
         json.dumps([__version__, rest], sort_keys=True, default=str).encode()
     ).hexdigest()
     source = json.dumps(context.get("source"), sort_keys=True, default=str)
+    # VAR → the digest of the context without VAR, made at the first need.
+    without: dict[str, str] = {}
     keys: dict[PurePosixPath, str] = {}
     for dest, repo_path, _ in jobs:
         blob = snapshot.blob_id(repo_path)
@@ -1483,6 +1487,13 @@ def _render_keys(
         parts = [base, blob, source if mentions else ""]
         if items and dest in items:
             var, key = items[dest]
+            if var not in text and not _encrypted(repo_path):  # a substring test: never too few
+                if var not in without:
+                    others = {k: v for k, v in rest.items() if k != var}
+                    without[var] = hashlib.sha256(
+                        json.dumps([__version__, others], sort_keys=True, default=str).encode()
+                    ).hexdigest()
+                parts[0] = without[var]
             parts.append(json.dumps([key, _item(context[var], key)], sort_keys=True, default=str))
         keys[dest] = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     return keys

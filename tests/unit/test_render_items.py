@@ -92,6 +92,19 @@ def test_the_render_key_holds_the_item(tmp_path):
     assert before["/etc/web/alpha.conf"] and before["/etc/web/beta.conf"]
     assert before["/etc/web/alpha.conf"] != before["/etc/web/beta.conf"]
     assert after["/etc/web/beta.conf"] != before["/etc/web/beta.conf"]
+    # the template reads only item: alpha's file is reused when beta changes
+    assert after["/etc/web/alpha.conf"] == before["/etc/web/alpha.conf"]
+    # one that names the whole mapping is rendered again on any change of it
+    named = TEMPLATE + "{{ sites | length }}\n"
+    extra = {"templates/web/default/etc/web/[sites].conf.j2": named}
+
+    def named_keys(name: str, host: str) -> str:
+        _repo(tmp_path / name, host, extra)
+        snap = _git_snapshot(tmp_path / name / "repo")
+        target = render_target(snap, node_of(snap, "n"), FACTS, reuse=lambda d, k: None)
+        return target.files[P("/etc/web/alpha.conf")].render_key
+
+    assert named_keys("n1", SITES) != named_keys("n2", SITES.replace("8080", "8081"))
 
 
 @pytest.mark.parametrize(
