@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from tests.conftest import Fleet, Host
+from tests.integration._helpers import pull_report
 
 NODE = "abs"
 
@@ -38,12 +39,6 @@ def _prepare(fleet: Fleet, make_host) -> Host:
     return host
 
 
-def _pull(host: Host, *args: str) -> dict:
-    code, report = host.pull_json(*args)
-    assert code == 0, report
-    return report
-
-
 def test_absent_paths_are_deleted_with_backups_exclude_wins_and_they_stay_gone(fleet, make_host):
     host = _prepare(fleet, make_host)
     etc = host.path("/etc/abs")
@@ -54,7 +49,7 @@ def test_absent_paths_are_deleted_with_backups_exclude_wins_and_they_stay_gone(f
     assert all(f"delete {p}" in dry.stdout for p in gone), dry.stdout
     assert os.path.lexists(etc / "sites-enabled/default") and (etc / "app-gone").exists()
 
-    first = _pull(host)
+    first = pull_report(host)
     deletes = {
         (c["path"], c["reason"], c["app"]) for c in first["changes"] if c["action"] == "delete"
     }
@@ -69,11 +64,11 @@ def test_absent_paths_are_deleted_with_backups_exclude_wins_and_they_stay_gone(f
     backups = host.state_dir / "backups" / first["run_id"] / "files/etc/abs"
     assert os.readlink(backups / "sites-enabled/default") == "../sites-available/default"
 
-    assert _pull(host)["changes"] == []
+    assert pull_report(host)["changes"] == []
 
     # A package upgrade puts its default site back: the next run deletes it again.
     os.symlink("../sites-available/default", etc / "sites-enabled/default")
-    again = _pull(host)
+    again = pull_report(host)
     assert [(c["path"], c["action"]) for c in again["changes"]] == [
         ("/etc/abs/sites-enabled/default", "delete")
     ]

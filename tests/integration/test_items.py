@@ -7,16 +7,11 @@ line naming the template and node, exit 1, nothing changed.
 
 from __future__ import annotations
 
-from tests.conftest import Fleet, Host
+from tests.conftest import Fleet
+from tests.integration._helpers import pull_report
 
 NODE = "items"
 HOST = "apps: [items]\nvars:\n  sites:\n    alpha: {port: 80}\n    beta: {port: 8080}\n"
-
-
-def _pull(host: Host) -> dict:
-    code, report = host.pull_json()
-    assert code == 0, report
-    return report
 
 
 def _written(report: dict) -> list[tuple[str, str]]:
@@ -33,19 +28,19 @@ def test_one_file_per_key_changed_item_removed_key_and_a_bad_key(fleet: Fleet, m
     )
     fleet.commit("items: a site per key")
     host = make_host(NODE)
-    first = _pull(host)
+    first = pull_report(host)
     assert [p for p, _ in _written(first)] == ["/etc/items/alpha.conf", "/etc/items/beta.conf"]
     assert host.path("/etc/items/alpha.conf").read_text() == "server alpha listen 80;\n"
     assert host.path("/etc/items/beta.conf").read_text() == "server beta listen 8080;\n"
 
     fleet.write(f"hosts/{NODE}.yaml", HOST.replace("8080", "8081"))
     fleet.commit("items: beta moves")
-    assert _written(_pull(host)) == [("/etc/items/beta.conf", "update")]
+    assert _written(pull_report(host)) == [("/etc/items/beta.conf", "update")]
     assert host.path("/etc/items/beta.conf").read_text() == "server beta listen 8081;\n"
 
     fleet.write(f"hosts/{NODE}.yaml", HOST.replace("    beta: {port: 8080}\n", ""))
     fleet.commit("items: beta goes")
-    pruned = _pull(host)
+    pruned = pull_report(host)
     assert _written(pruned) == [("/etc/items/beta.conf", "delete")]
     assert not host.path("/etc/items/beta.conf").exists()
     assert host.path("/etc/items/alpha.conf").exists()

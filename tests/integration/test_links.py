@@ -20,6 +20,7 @@ from reconciler.config import AgentConfig
 from reconciler.host.system import FaultInjected, FaultySystem
 from reconciler.pipeline.run import reconcile_once
 from tests.conftest import Fleet, Host, git
+from tests.integration._helpers import pull_report
 
 NODE = "lnk"
 STEP = 2  # every other stopping point of the crash sweep (a pull costs seconds)
@@ -44,21 +45,15 @@ def host(fleet: Fleet, make_host) -> Host:
     return make_host(NODE)
 
 
-def _pull(host: Host, *args: str) -> dict:
-    code, report = host.pull_json(*args)
-    assert code == 0, report
-    return report
-
-
 def test_links_are_created_left_alone_repaired_captured_and_rolled_back(fleet, host):
-    first = _pull(host)
+    first = pull_report(host)
     enabled = host.path("/etc/lnk/sites-enabled/site")
     assert os.readlink(enabled) == "../sites-available/site"
     assert enabled.read_bytes() == b"server {}\n"  # it resolves inside the root
     assert {c["path"] for c in first["changes"]} >= {"/etc/lnk/sites-enabled/site"}
     before = os.lstat(enabled)
 
-    second = _pull(host)
+    second = pull_report(host)
     assert second["changes"] == [] and second["drift"] == []
     after = os.lstat(enabled)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
@@ -72,7 +67,7 @@ def test_links_are_created_left_alone_repaired_captured_and_rolled_back(fleet, h
     dry = host.pull("--dry-run")
     assert dry.returncode == 0 and "link → ../sites-available/site" in dry.stdout, dry
     assert os.readlink(enabled) == "/etc/passwd"
-    repaired = _pull(host)
+    repaired = pull_report(host)
     assert [(d["path"], d["kind"]) for d in repaired["drift"]] == [
         ("/etc/lnk/sites-enabled/site", "target")
     ]
@@ -86,14 +81,14 @@ def test_links_are_created_left_alone_repaired_captured_and_rolled_back(fleet, h
     current = host.path("/etc/lnk/current")
     current.unlink()
     current.write_bytes(b"a file\n")
-    typed = _pull(host)
+    typed = pull_report(host)
     assert ("/etc/lnk/current", "type") in [(d["path"], d["kind"]) for d in typed["drift"]]
     assert os.readlink(current) == "v1"
 
     # A desired retarget, then its rollback: the old link comes back.
     _link(fleet, "etc/lnk/current", "v2")
     fleet.commit("lnk: current → v2")
-    _pull(host)
+    pull_report(host)
     assert os.readlink(current) == "v2"
     rolled = host.run("rollback", "--format", "json")
     assert rolled.returncode == 0, rolled.stderr
@@ -138,7 +133,7 @@ def test_a_run_stopped_after_any_effect_leaves_links_old_or_new_and_recovers(fle
     # The old state, converged once and copied for each stopping point (a pull costs
     # a second; the sweep stays within the suite's budget by sampling every STEP).
     git("push", "-q", "-f", "origin", f"{old_commit}:refs/heads/main", cwd=fleet.work)
-    _pull(host)
+    pull_report(host)
     host.path("/etc/lnk/gone").write_bytes(b"gone\n")  # what the package left
     assert {p: now(host, p) for p in old} == old
     git("push", "-q", "-f", "origin", f"{new_commit}:refs/heads/main", cwd=fleet.work)
@@ -169,8 +164,8 @@ def test_a_run_stopped_after_any_effect_leaves_links_old_or_new_and_recovers(fle
         for path in old:
             assert now(h, path) in (old[path], new[path]), (fail_after, path, now(h, path))
         journaled = (h.state_dir / "journal.json").exists()
-        recovering = _pull(h)
+        recovering = pull_report(h)
         assert (recovering["recovered"] is not None) == journaled, (fail_after, recovering)
         assert {p: now(h, p) for p in new} == new, fail_after
-        assert _pull(h)["changes"] == [], fail_after
+        assert pull_report(h)["changes"] == [], fail_after
     assert len(stopped) >= 3, stopped
