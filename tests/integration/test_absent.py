@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from tests.conftest import Fleet, Host
-from tests.integration._helpers import pull_report
+from tests.integration._helpers import assert_clean_error, pull_report
 
 NODE = "abs"
 
@@ -86,8 +86,7 @@ def test_absent_naming_a_rendered_path_is_one_line_and_changes_nothing(fleet, ma
     fleet.commit("abs: absent names a rendered file")
     proc = host.pull()
     assert proc.returncode == 1, proc
-    lines = proc.stderr.strip().splitlines()
+    lines = assert_clean_error(proc.stderr, f"hosts/{NODE}.yaml", f"node {NODE}")
     assert len(lines) == 1, lines
-    assert f"hosts/{NODE}.yaml" in lines[0] and f"node {NODE}" in lines[0], lines
     assert not host.path("/etc/abs/site").exists()
     assert (host.path("/etc/abs/app-gone")).exists()

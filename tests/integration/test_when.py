@@ -9,6 +9,7 @@ nothing on disk changes.
 from __future__ import annotations
 
 from tests.conftest import Fleet, Host
+from tests.integration._helpers import assert_clean_error
 
 NODE = "cond"
 CONF = "/etc/cond/extra.conf"
@@ -53,9 +54,8 @@ def test_a_bad_when_is_one_line_exit_1_and_changes_nothing(fleet, make_host):
     fleet.commit("cond: a broken when")
     proc = host.pull()
     assert proc.returncode == 1, proc
-    lines = proc.stderr.strip().splitlines()
+    lines = assert_clean_error(proc.stderr, f"hosts/{NODE}.yaml", f"node {NODE}")
     assert len(lines) == 1, lines
-    assert f"hosts/{NODE}.yaml" in lines[0] and f"node {NODE}" in lines[0], lines
     assert "syntax error" in lines[0], lines
     assert host.path(CONF).read_text() == "extra True\n"
     assert host.path("/etc/cond/base.conf").read_text() == "base\n"
