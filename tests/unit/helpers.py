@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.git.snapshot import DirSnapshot
+from reconciler.host.statedir import StateDir
+from reconciler.pipeline.apply import RunContext
 from reconciler.pipeline.inventory import Node, effective_node, load_inventory
 from reconciler.pipeline.render import TargetState, render_target
 
@@ -60,3 +62,15 @@ def node_of(snapshot: DirSnapshot, name: str, state: str | None = None) -> Node:
 def render(snapshot: DirSnapshot, name: str, facts: Mapping[str, Any] = FACTS) -> TargetState:
     """Load and render node ``name`` with fixed facts."""
     return render_target(snapshot, node_of(snapshot, name), facts)
+
+
+def run_context(tmp_path: Path, root: Path, run_id: str = "r1") -> RunContext:
+    """The :class:`RunContext` of an apply on node ``n`` into ``root``, state under ``tmp_path``."""
+    return RunContext(
+        node="n",
+        state="default",
+        commit="0" * 40,
+        run_id=run_id,
+        root=root,
+        state_dir=StateDir(tmp_path / "state"),
+    )

@@ -11,14 +11,13 @@ import pytest
 
 from reconciler.errors import InventoryError
 from reconciler.host.state import LocalState
-from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
-from reconciler.pipeline.apply import RunContext, apply_plan
+from reconciler.pipeline.apply import apply_plan
 from reconciler.pipeline.plan import exclude_matcher, make_plan
 from reconciler.pipeline.render import HOST_APP, AbsentRule, TargetState
 from reconciler.pipeline.reuse import absent_watch, unchanged
 from reconciler.pipeline.scan import absent_match, find_absent, scan
-from tests.unit.helpers import render, write_repo
+from tests.unit.helpers import render, run_context, write_repo
 from tests.unit.test_apply import target_of
 
 P = PurePosixPath
@@ -82,14 +81,7 @@ def _apply(tmp_path: Path, target: TargetState, named, *, exclude=()) -> tuple:
     paths = sorted(set(target.files) | set(named))
     actual = scan(root, paths, {})
     plan = make_plan(target, actual, LocalState(), exclude_matcher(exclude), "enforce", named)
-    ctx = RunContext(
-        node="n",
-        state="default",
-        commit="0" * 40,
-        run_id="r1",
-        root=root,
-        state_dir=StateDir(tmp_path / "state"),
-    )
+    ctx = run_context(tmp_path, root)
     repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
     result = apply_plan(plan, target, actual, LocalState(), repo, RealSystem(root=root), ctx)
     return plan, result

@@ -13,13 +13,12 @@ import pytest
 
 from reconciler.git.snapshot import DirSnapshot
 from reconciler.host.state import LocalState
-from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
-from reconciler.pipeline.apply import ApplyResult, RunContext, apply_plan
+from reconciler.pipeline.apply import ApplyResult, apply_plan
 from reconciler.pipeline.plan import Plan, exclude_matcher, make_plan
 from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
 from reconciler.pipeline.scan import scan
-from tests.unit.helpers import write_repo
+from tests.unit.helpers import run_context, write_repo
 
 P = PurePosixPath
 
@@ -54,14 +53,7 @@ def reconcile(
     paths = set(target.files) | {P(k) for k in previous.managed}
     actual = scan(root, sorted(paths), previous.managed)
     plan = make_plan(target, actual, previous, exclude_matcher([]), "enforce")
-    ctx = RunContext(
-        node="n",
-        state="default",
-        commit="0" * 40,
-        run_id=run_id,
-        root=root,
-        state_dir=StateDir(tmp_path / "state"),
-    )
+    ctx = run_context(tmp_path, root, run_id)
     result = apply_plan(plan, target, actual, previous, repo, RealSystem(), ctx)
     new = LocalState(node="n", managed=result.managed, created_dirs=tuple(result.created_dirs))
     return plan, result, new
@@ -212,14 +204,7 @@ def test_a_file_swapped_after_the_scan_is_neither_backed_up_nor_followed(tmp_pat
         os.mkfifo(host)
     else:
         os.symlink(secret, host)
-    ctx = RunContext(
-        node="n",
-        state="default",
-        commit="0" * 40,
-        run_id="run-2",
-        root=root,
-        state_dir=StateDir(tmp_path / "state"),
-    )
+    ctx = run_context(tmp_path, root, "run-2")
     done: list[ApplyResult] = []
     worker = threading.Thread(
         target=lambda: done.append(

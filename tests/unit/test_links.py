@@ -17,14 +17,13 @@ from reconciler.errors import RenderError
 from reconciler.git.repo import discover
 from reconciler.git.snapshot import DirSnapshot, GitSnapshot, SourceInfo
 from reconciler.host.state import LocalState
-from reconciler.host.statedir import StateDir
 from reconciler.host.system import DryRunSystem, RealSystem
-from reconciler.pipeline.apply import RunContext, apply_plan
+from reconciler.pipeline.apply import apply_plan
 from reconciler.pipeline.journal import make_entries, restore_entry
 from reconciler.pipeline.plan import exclude_matcher, make_plan
 from reconciler.pipeline.render import TargetFile
 from reconciler.pipeline.scan import scan
-from tests.unit.helpers import render, write_repo
+from tests.unit.helpers import render, run_context, write_repo
 from tests.unit.test_apply import reconcile, target_of, tfile
 
 P = PurePosixPath
@@ -211,14 +210,7 @@ def test_a_dry_run_plans_the_link_and_changes_nothing(tmp_path):
     target = target_of(tlink("/etc/l", "t"))
     actual = scan(root, [P("/etc/l")], {})
     plan = make_plan(target, actual, LocalState(), exclude_matcher([]), "enforce")
-    ctx = RunContext(
-        node="n",
-        state="default",
-        commit="0" * 40,
-        run_id="r1",
-        root=root,
-        state_dir=StateDir(tmp_path / "state"),
-    )
+    ctx = run_context(tmp_path, root)
     system = DryRunSystem(RealSystem(root=root))
     result = apply_plan(plan, target, actual, LocalState(), repo, system, ctx)
     assert [c.detail for c in plan.changes] == ["replace file with link → t"]
