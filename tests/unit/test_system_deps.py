@@ -28,6 +28,17 @@ def _bare_path(tmp_path: Path) -> str:
     return str(bin_dir)
 
 
+def _check(path: str) -> subprocess.CompletedProcess[str]:
+    """``tests/system-deps.sh --check`` with ``path`` as the whole PATH."""
+    return subprocess.run(
+        ["bash", str(SCRIPT), "--check"],
+        env={**os.environ, "PATH": path},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def test_make_test_sets_up_the_system_packages_first() -> None:
     dry = subprocess.run(
         ["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -45,13 +56,7 @@ def test_ci_installs_through_the_same_list() -> None:
 
 
 def test_missing_tools_are_named_in_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), "--check"],
-        env={**os.environ, "PATH": _bare_path(tmp_path)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = _check(_bare_path(tmp_path))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, lines
@@ -88,13 +93,7 @@ def test_a_python_that_cannot_make_a_venv_is_named(tmp_path: Path) -> None:
     # `python3 -m venv --help` works there, `python3 -m venv .venv` does not,
     # and `make test` makes .venv right after this script. A PATH without a
     # python3 that can import ensurepip must name the package.
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), "--check"],
-        env={**os.environ, "PATH": _bare_path(tmp_path)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = _check(_bare_path(tmp_path))
     assert proc.returncode == 1
     assert "python3-venv" in proc.stderr, proc.stderr
     # …and a python that has it is not reported.
@@ -104,13 +103,7 @@ def test_a_python_that_cannot_make_a_venv_is_named(tmp_path: Path) -> None:
 def _check_with_python(tmp_path: Path) -> str:
     bin_dir = tmp_path / "bin"
     (bin_dir / "python3").symlink_to(sys.executable)
-    return subprocess.run(
-        ["bash", str(SCRIPT), "--check"],
-        env={**os.environ, "PATH": str(bin_dir)},
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stderr
+    return _check(str(bin_dir)).stderr
 
 
 def test_ci_checks_for_ensurepip_not_for_the_venv_module() -> None:
