@@ -1137,17 +1137,7 @@ class RealSystem:
             # Durable before the original is replaced: a crash must never lose both —
             # at once, or (batch) by flush's first syncfs, before any rename.
             tmp = write_temp(dest, source, mode=mode, sync=not self._batch)
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        if self._batch:
-            self._dirs.add(dest.parent)
-            self._unsynced_backups.add(dest.parent)
-            return
-        fsync_dir(dest.parent)
+        self._publish_backup(tmp, dest)
 
     def backup_link(self, path: Path, dest: Path, *, expect: StatId) -> None:
         # As backup() for a file: durable before the original changes; the link is
@@ -1162,6 +1152,10 @@ class RealSystem:
         make_private_dirs(dest.parent)
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
         os.symlink(text, tmp)
+        self._publish_backup(tmp, dest)
+
+    def _publish_backup(self, tmp: str | Path, dest: Path) -> None:
+        """Rename the written ``tmp`` to backup ``dest``; durable now, or (batch) by flush."""
         try:
             os.rename(tmp, dest)
         except BaseException:
