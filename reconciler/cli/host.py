@@ -511,10 +511,11 @@ def cmd_install_units(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
     """
     import shutil
 
+    from reconciler.config import chosen_config_path
     from reconciler.host.system import atomic_write
     from reconciler.host.units import render_units
 
-    named = args.config or os.environ.get("RECONCILER_CONFIG") or None
+    named = chosen_config_path(args.config)
     config = config_from_args(args)  # ConfigError (exit 2) before anything is written
     exe = shutil.which("reconciler") or f"{sys.executable} -m reconciler"
     path = str(Path(named).resolve()) if named else None
