@@ -26,7 +26,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -87,12 +87,7 @@ class ReportSource:
 
     def to_json(self) -> dict[str, Any]:
         """``{url, branch, commit, fetched}``."""
-        return {
-            "url": self.url,
-            "branch": self.branch,
-            "commit": self.commit,
-            "fetched": self.fetched,
-        }
+        return asdict(self)  # every field, by its own name
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReportSource:

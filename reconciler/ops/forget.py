@@ -16,7 +16,7 @@ report and create the branch again, with the whole history it keeps locally.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from reconciler.errors import RemoteError, SourceError, UsageError
@@ -44,15 +44,7 @@ class Forgotten:
 
     def as_json(self) -> dict[str, Any]:
         """The ``--format json`` object of ``reconciler forget``."""
-        return {
-            "node": self.node,
-            "branch": self.branch,
-            "tip": self.tip,
-            "reports": self.reports,
-            "last_run": self.last_run,
-            "last_result": self.last_result,
-            "deleted": self.deleted,
-        }
+        return asdict(self)  # every field, by its own name
 
     def describe(self) -> str:
         """One line: ``refs/heads/reports/web1: 12 reports, the last 2026-… (failed)``."""
