@@ -226,13 +226,11 @@ def _published(args: argparse.Namespace, result: Any, what: str, out: TextIO) ->
             out,
         )
         return
-    if result.commit is None:
-        for line in result.dropped:
-            out.write(f"  dropped unpushed {line}\n")
-        out.write(f"{what}: already so — nothing to commit\n")
-        return
     for line in result.dropped:
         out.write(f"  dropped unpushed {line}\n")
+    if result.commit is None:
+        out.write(f"{what}: already so — nothing to commit\n")
+        return
     for line in result.included:
         out.write(f"  including unpushed {line}\n")
     if result.pushed:
