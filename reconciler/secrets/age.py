@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import CorruptSecretError, NotAgeError, NotRecipientError, SecretError
-from reconciler.host.system import read_regular
+from reconciler.host.system import fsync_dir, make_private_dirs, read_regular, write_temp
 
 AGE_HEADER = b"age-encryption.org/v1\n"
 ARMOR_BEGIN = b"-----BEGIN AGE ENCRYPTED FILE-----"
@@ -467,10 +467,10 @@ def keygen(path: str | Path, *, now: dt.datetime | None = None) -> str:
     The file reads as ``age-keygen`` writes it (``# created: <UTC>``,
     ``# public key: age1…``, ``AGE-SECRET-KEY-1…``), so the ``age`` CLI takes
     it with ``-i``. Atomic and never overwriting: written to a temp file in
-    the same directory, fsynced, then hard-linked to ``path`` (link(2) fails
-    when ``path`` exists, so two keygens cannot both win), missing parents
-    made 0700. Raises SecretError naming ``path`` when it exists or cannot
-    be written.
+    the same directory (``write_temp``), then hard-linked to ``path`` (link(2)
+    fails when ``path`` exists, so two keygens cannot both win), missing
+    parents made 0700 (``make_private_dirs``). Raises SecretError naming
+    ``path`` when it exists or cannot be written.
     """
     import pyrage
 
@@ -486,22 +486,12 @@ def keygen(path: str | Path, *, now: dt.datetime | None = None) -> str:
     recipient = str(identity.to_public())
     stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     content = f"# created: {stamp}\n# public key: {recipient}\n{identity}\n".encode("ascii")
-    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temp: str | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            os.write(fd, content)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        make_private_dirs(target.parent)
+        temp = write_temp(target, content, mode=0o600)
         os.link(temp, target)
-        dirfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        fsync_dir(target.parent)
     except FileExistsError as exc:
         raise SecretError(
             "already exists; reconciler keygen never overwrites an identity",
@@ -515,5 +505,6 @@ def keygen(path: str | Path, *, now: dt.datetime | None = None) -> str:
             hint="choose a writable path with --out",
         ) from exc
     finally:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
     return recipient
