@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import GIT_ENV, Fleet, Host, git
+from tests.integration._service import host_argv, reconciler_env
 
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -116,3 +117,26 @@ def replace_tree_entry(fleet: Fleet, directory: str, entry_line: str, message: s
     git("update-ref", "HEAD", commit, cwd=fleet.work)
     git("push", "-q", "origin", "HEAD:refs/heads/main", cwd=fleet.work)
     return commit
+
+
+def imported_by_run(host: Host, command: str, *args: str) -> set[str]:
+    """Every module a run of ``reconciler command args`` on ``host`` imported, as
+    ``python -X importtime`` lists them (the interpreter itself, not a guess);
+    asserts the run exits 0 and that the list was made."""
+    python, *rest = host_argv(host, command, *args)
+    proc = subprocess.run(
+        [python, "-X", "importtime", *rest],
+        capture_output=True,
+        text=True,
+        env=reconciler_env(),
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "reconciler.pipeline.run" in imported, "no import list: -X importtime did not work"
+    return imported

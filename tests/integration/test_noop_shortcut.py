@@ -10,10 +10,8 @@ pathspec, the age binding pyrage) of the stages it skips.
 from __future__ import annotations
 
 import os
-import subprocess
 
-from tests.integration._helpers import changes, drift_kinds, pull_report
-from tests.integration._service import host_argv, reconciler_env
+from tests.integration._helpers import changes, drift_kinds, imported_by_run, pull_report
 
 # What a no-op run must not pay for (docs/field-notes.md: Jinja2 alone is most of a cold
 # start): they are imported lazily, by the stages a no-op run skips.
@@ -100,23 +98,7 @@ def test_post_always_scripts_run_on_every_run(fleet, make_host, tmp_path):
 
 def test_a_no_op_run_imports_no_jinja2_jsonschema_or_pathspec(make_host):
     host = _converged(make_host)
-    python, *rest = host_argv(host, "pull")
-    # -X importtime: the interpreter itself lists every module the run imported.
-    proc = subprocess.run(
-        [python, "-X", "importtime", *rest],
-        capture_output=True,
-        text=True,
-        env=reconciler_env(),
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    imported = {
-        line.rsplit("|", 1)[1].strip()
-        for line in proc.stderr.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
-    assert "reconciler.pipeline.run" in imported, "no import list: -X importtime did not work"
+    imported = imported_by_run(host, "pull")
     heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
     assert heavy == [], f"a no-op run imported {heavy}"
     stages = sorted(m for m in imported if m in SKIPPED_STAGES)

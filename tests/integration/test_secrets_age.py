@@ -23,8 +23,7 @@ import pytest
 
 from reconciler.secrets import age
 from tests.conftest import git, tree_snapshot
-from tests.integration._helpers import assert_clean_error, changes, drift_kinds
-from tests.integration._service import host_argv, reconciler_env
+from tests.integration._helpers import assert_clean_error, changes, drift_kinds, imported_by_run
 from tests.integration.test_notify import Recorder, recorder  # noqa: F401 - the fixture
 
 PASSWORD = "pg-pass-8d1e0c5b7a"
@@ -143,21 +142,7 @@ def test_a_secret_for_db1_renders_there_fails_cleanly_on_web1_and_never_leaks(
     # the short cut skips render, where the only decryption happens.
     run(db1, "pull")  # settled: records taken well after the writes
     cfg = tmp_path / "db1.yaml"
-    python, *rest = host_argv(db1, "pull", "--config", str(cfg))
-    proc = subprocess.run(
-        [python, "-X", "importtime", *rest],
-        capture_output=True,
-        text=True,
-        env=reconciler_env(),
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    imported = {
-        line.rsplit("|", 1)[1].strip()
-        for line in proc.stderr.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
-    assert "reconciler.pipeline.run" in imported, "no import list: -X importtime did not work"
+    imported = imported_by_run(db1, "pull", "--config", str(cfg))
     assert not {m for m in imported if m.split(".")[0] == "pyrage"}, "a no-op run imported pyrage"
     assert "reconciler.pipeline.render" not in imported, "the run was not a no-op"
 
