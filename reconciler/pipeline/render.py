@@ -1207,6 +1207,32 @@ def _conditions(
     return out
 
 
+def _prepare(
+    snapshot: Snapshot, node: Node, facts: Mapping[str, Any]
+) -> tuple[
+    Items,
+    dict[PurePosixPath, tuple[str, str, int]],
+    dict[str, Any],
+    Callable[[str, PurePosixPath], tuple[dict[str, Any], str]],
+]:
+    """What :func:`render_target` and :func:`render_problems` both start from:
+    ``node``'s ``[VAR]`` items, its sources (dest → (app, repo path, filemode)),
+    its template context, and its metadata lookup ``(app, dest) → (meta, where)``
+    (:func:`_metadata`). Raises as :func:`_collect` and ``load_app_config`` do."""
+    items: Items = {}
+    sources = _collect(snapshot, node, items)
+    context = template_context(node, facts, snapshot.info)
+    app_globs = {
+        a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
+    }
+    node_globs = _compile(node.files)
+
+    def metadata(app: str, dest: PurePosixPath) -> tuple[dict[str, Any], str]:
+        return _metadata(app_globs[app], node_globs, node, app, dest)
+
+    return items, sources, context, metadata
+
+
 PARALLEL_MIN_TEMPLATES = 64  # below this, forking costs more than it saves
 
 
@@ -1247,16 +1273,9 @@ def render_target(
     PathError (a destination that escapes the root). Nothing is written
     outside ``cache_dir``.
     """
-    items: Items = {}
-    sources = _collect(snapshot, node, items)
-    context = template_context(node, facts, snapshot.info)
-    app_globs = {
-        a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
-    }
-    node_globs = _compile(node.files)
+    items, sources, context, metadata = _prepare(snapshot, node, facts)
     metas: dict[PurePosixPath, tuple[dict[str, Any], str]] = {
-        dest: _metadata(app_globs[app], node_globs, node, app, dest)
-        for dest, (app, _, _) in sources.items()
+        dest: metadata(app, dest) for dest, (app, _, _) in sources.items()
     }
     secrets = _Secrets(decryption, node.name)
     job = _RenderJob(
@@ -1408,16 +1427,9 @@ def render_problems(
     one returned. () when every template renders.
     """
     try:
-        items: Items = {}
-        sources = _collect(snapshot, node, items)
-        context = template_context(node, facts, snapshot.info)
-        app_globs = {
-            a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
-        }
-        node_globs = _compile(node.files)
+        items, sources, context, metadata = _prepare(snapshot, node, facts)
         secret = {
-            dest: bool(_metadata(app_globs[app], node_globs, node, app, dest)[0].get("secret"))
-            or _encrypted(repo_path)
+            dest: bool(metadata(app, dest)[0].get("secret")) or _encrypted(repo_path)
             for dest, (app, repo_path, _) in sources.items()
             if is_template(repo_path)
         }
