@@ -1542,10 +1542,7 @@ class _RenderJob:
         streamed and given up as soon as it passes
         ``max_file_size``, instead of being built whole first.
         """
-        if self.env is None:
-            self.env = _environment(self.snapshot, self.cache_dir, self.limits, self.secrets)
-        if self._live is None:
-            self._live = _with_secrets(self.context, self.secrets)
+        self._ready()
         out: dict[PurePosixPath, bytes] = {}
         reads = self.secrets.reads
         with _Alarm(self.limits) as alarm:
@@ -1583,10 +1580,7 @@ class _RenderJob:
         """
         if not conditions:
             return []
-        if self.env is None:
-            self.env = _environment(self.snapshot, self.cache_dir, self.limits, self.secrets)
-        if self._live is None:
-            self._live = _with_secrets(self.context, self.secrets)
+        self._ready()
         compiled: dict[str, Any] = {}
         out = []
         with _Alarm(self.limits) as alarm:
@@ -1605,6 +1599,13 @@ class _RenderJob:
                 if not wanted:
                     out.append(dest)
         return out
+
+    def _ready(self) -> None:
+        """Make the sandbox environment and the live context at first need."""
+        if self.env is None:
+            self.env = _environment(self.snapshot, self.cache_dir, self.limits, self.secrets)
+        if self._live is None:
+            self._live = _with_secrets(self.context, self.secrets)
 
     def _context(self, dest: PurePosixPath) -> dict[str, Any]:
         """The live context for ``dest``: with ``item``/``item_key`` for a [VAR] path."""
