@@ -133,10 +133,8 @@ def scan_path(
             text = system.readlink(path)
         except FileNotFoundError:
             return ActualFile(path=dest, kind="missing")
-        except (OSError, PathError) as exc:
-            if isinstance(exc, PathError):
-                return _unsafe(dest, exc)
-            raise
+        except PathError as exc:
+            return _unsafe(dest, exc)
         raw = os.fsencode(text)
         return replace(actual, link=text, sha256=hashlib.sha256(raw).hexdigest())
     if kind != "file":
