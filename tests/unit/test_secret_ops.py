@@ -456,6 +456,14 @@ def test_validate_names_the_nodes_whose_templates_read_an_age_value_they_cannot_
     )
 
 
+def _wait_for_editor(started: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait (20 s at most) until the editor script wrote its file's path to ``started``."""
+    deadline = time.monotonic() + 20
+    while not started.exists() or not started.read_text().strip():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_edit_killed_by_a_signal_leaves_no_plaintext_behind(
     tmp_path: Path,
@@ -491,10 +499,7 @@ def test_edit_killed_by_a_signal_leaves_no_plaintext_behind(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 20
-    while not started.exists() or not started.read_text().strip():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    _wait_for_editor(started, proc)
     scratch = Path(started.read_text().strip()).parent
     assert scratch.is_dir()
     proc.send_signal(signum)
@@ -633,10 +638,7 @@ def test_ctrl_c_while_the_editor_runs_is_the_editors(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 20
-    while not started.exists() or not started.read_text().strip():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    _wait_for_editor(started, proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     go.touch()
