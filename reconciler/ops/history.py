@@ -40,6 +40,7 @@ from reconciler.errors import (
 from reconciler.git.repo import has_commit, ref_target
 from reconciler.git.reports import drift_captures, remote_report_ref, report_commits
 from reconciler.ops.fleet import Upstream, read_report
+from reconciler.pipeline.capture import AGE_SUFFIX
 from reconciler.pipeline.inventory import effective_node, load_inventory
 from reconciler.pipeline.render import Decryption, TargetState, render_target
 from reconciler.report import Report
@@ -138,7 +139,8 @@ def file_diff(
 
 # ------------------------------------------------------------ sealed captures
 
-SEALED_SUFFIX = ".age"  # drift/<path>.age: a capture encrypted on the host (SPEC §8)
+# drift/<path>.age: a capture encrypted on the host (SPEC §8), named where it is written
+SEALED_SUFFIX = AGE_SUFFIX
 
 
 def operator_key_names(up: Upstream, commit: str | None) -> str:
