@@ -815,6 +815,9 @@ class Node:
     # files: pattern → the host file whose entry for it won (errors about its
     # metadata, such as a bad when:, name that file).
     files_origin: Mapping[str, str] = field(default_factory=dict)
+    # templates/<app>/defaults.yaml of the node's apps that exist, in app order
+    # (SPEC §10 per-app defaults): their vars lie below hosts/_defaults.yaml.
+    defaults_files: tuple[str, ...] = ()
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -894,11 +897,12 @@ def effective_node(
         for app, (app_state, origin) in apps.items()
     )
     _check_apps(snapshot, name, refs, state, state_origin)
+    defaults, defaults_files = app_defaults(snapshot, refs, variables)
     return Node(
         name=name,
         state=state,
         apps=refs,
-        vars=variables,
+        vars=deep_merge(defaults, variables),
         exclude=tuple(exclude),
         files=files,
         suspended=suspended,
@@ -906,7 +910,116 @@ def effective_node(
         sources=tuple(f.path for f in chain),
         absent=tuple(absent.items()),
         files_origin=files_origin,
+        defaults_files=defaults_files,
     )
+
+
+APP_DEFAULTS = "defaults.yaml"  # templates/<app>/defaults.yaml (SPEC §10)
+
+
+def load_app_defaults(snapshot: Snapshot, app: str) -> Mapping[str, Any] | None:
+    """Parse ``templates/<app>/defaults.yaml``: the app's default vars; None when absent.
+
+    The file is a mapping of vars (Ansible's ``defaults/main.yml``: no ``vars:``
+    key), ``!age`` values allowed (SPEC §8). An empty file is {}. Raises
+    InventoryError naming the file (and line) for invalid YAML, or for anything
+    but a mapping (``repo-layout/schemas/defaults.schema.json``: checked here in
+    Python, as that schema says no more than "a mapping", so that a run never
+    imports jsonschema for it).
+    """
+    path = f"templates/{app}/{APP_DEFAULTS}"
+    try:
+        raw = snapshot.read(path)
+    except KeyError:
+        return None
+    data = parse_yaml(raw, path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or is_age_marker(data):
+        raise InventoryError(
+            f"holds {_kind(data)}, not a mapping of vars",
+            where=path,
+            hint="write the app's default vars as 'name: value' lines at the top level",
+        )
+    return data
+
+
+def app_defaults(
+    snapshot: Snapshot, apps: Iterable[AppRef], host_vars: Mapping[str, Any]
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The merged default vars of ``apps`` and the defaults files read, in app order.
+
+    Deep-merged as vars are (SPEC §1). Two apps whose defaults give one var
+    (at the same dotted path) different values is an InventoryError naming
+    both files, unless ``host_vars`` (the merged vars of the node's host
+    files, which win over every app default) sets that path: Ansible lets the
+    later role win silently, which makes a var depend on the order of the
+    apps; an operator would rather be told (docs/spec.md §10).
+    """
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}  # leaf path → the file that set it first
+    files: list[str] = []
+    for app in apps:
+        data = load_app_defaults(snapshot, app.name)
+        if data is None:
+            continue
+        path = f"templates/{app.name}/{APP_DEFAULTS}"
+        files.append(path)
+        _merge_defaults(merged, data, (), path, origin, host_vars)
+    return merged, tuple(files)
+
+
+def _merge_defaults(
+    into: dict[str, Any],
+    data: Mapping[str, Any],
+    prefix: tuple[str, ...],
+    path: str,
+    origin: dict[tuple[str, ...], str],
+    host_vars: Mapping[str, Any],
+) -> None:
+    """Merge one app's defaults ``data`` into ``into`` in place (see :func:`app_defaults`)."""
+    for key, value in data.items():
+        at = (*prefix, key)
+        if key not in into:
+            into[key] = value
+            origin.setdefault(at, path)
+            continue
+        old = into[key]
+        if _is_plain_mapping(old) and _is_plain_mapping(value):
+            into[key] = dict(old)
+            _merge_defaults(into[key], value, at, path, origin, host_vars)
+        elif old != value and not _host_sets(host_vars, at):
+            # The file that set this path, or the mapping above it, first.
+            first = max(
+                ((p, f) for p, f in origin.items() if p == at[: len(p)]),
+                key=lambda pf: len(pf[0]),
+                default=((), "another app"),
+            )[1]
+            raise InventoryError(
+                f"var {'.'.join(at)} has another value here than in {first}, and both apps "
+                "are apps of the node",
+                where=path,
+                hint="set it once in hosts/_defaults.yaml or a host file (host files win over "
+                "app defaults), or give one app's var another name",
+            )
+
+
+def _is_plain_mapping(value: Any) -> bool:
+    """A mapping that merges key by key (an encrypted ``!age`` value is one value)."""
+    return isinstance(value, Mapping) and not is_age_marker(value)
+
+
+def _host_sets(host_vars: Mapping[str, Any], at: tuple[str, ...]) -> bool:
+    """True when the host files' vars decide the value at dotted path ``at`` whatever
+    the app defaults say: they set it to a non-mapping, or replace a mapping above it."""
+    value: Any = host_vars
+    for key in at:
+        if not _is_plain_mapping(value) or key not in value:
+            return False
+        value = value[key]
+        if not _is_plain_mapping(value):
+            return True
+    return False
 
 
 def _check_apps(

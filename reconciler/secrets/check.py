@@ -39,7 +39,7 @@ from typing import Any
 
 from reconciler.errors import SecretError
 from reconciler.git.snapshot import GIT_FILEMODE_LINK, Snapshot
-from reconciler.pipeline.inventory import Inventory, Node
+from reconciler.pipeline.inventory import APP_DEFAULTS, Inventory, Node
 from reconciler.secrets.rules import NODE_KEYS, SECRETS_FILE, SecretRules, load_rules
 
 AGE_SUFFIX = ".age"
@@ -82,7 +82,9 @@ def _age_keys(snapshot: Snapshot, path: str) -> list[str]:
             else:
                 walk(value, name)
 
-    if isinstance(root, yaml.MappingNode):
+    if path.endswith(f"/{APP_DEFAULTS}"):
+        walk(root, "")  # an app's defaults.yaml is vars at the top level (SPEC §10)
+    elif isinstance(root, yaml.MappingNode):
         for key, value in root.value:
             if key.value == "vars":
                 walk(value, "")
@@ -166,6 +168,13 @@ def secret_problems(
         for keys in [_age_keys(snapshot, f"hosts/{name}")]
         if keys
     }
+    for name, is_dir in snapshot.listdir("templates"):
+        # Per-app defaults (SPEC §10) hold vars as host files do, !age values included.
+        path = f"templates/{name}/{APP_DEFAULTS}"
+        if is_dir and (APP_DEFAULTS, False) in snapshot.listdir(f"templates/{name}"):
+            keys = _age_keys(snapshot, path)
+            if keys:
+                host_secrets[path] = keys
     problems += _unmatched(snapshot, rules, encrypted, host_secrets)
     if not encrypted and not host_secrets:
         return problems
@@ -176,7 +185,7 @@ def secret_problems(
     for node in nodes:
         sources = list(_node_sources(snapshot, node).values())
         reads = [s for s in sources if s.endswith(AGE_SUFFIX)]
-        for host_file in node.sources:
+        for host_file in (*node.sources, *node.defaults_files):
             keys = host_secrets.get(host_file, [])
             tops = {k.split(".", 1)[0] for k in keys}
             read = _reads(snapshot, sources, tops, texts)
@@ -221,7 +230,7 @@ def _unmatched(
     out: list[Problem] = []
     for path in [*encrypted, *sorted(host_secrets)]:
         if rules.rule_for(path) is None:
-            what = "holds !age values" if path.startswith("hosts/") else "encrypted"
+            what = "holds !age values" if path in host_secrets else "encrypted"
             out.append(
                 (
                     f"{path}: {what}, but no rule of {SECRETS_FILE} matches it, so no node "
