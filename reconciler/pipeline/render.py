@@ -524,6 +524,21 @@ def _plain(value: Any) -> Any:
     return value.text() if isinstance(value, _SecretValue) else value
 
 
+def _opened(value: Any) -> Any:
+    """``value`` with every ``!age`` value in it read as its plaintext (recorded: the
+    taint), containers copied only where they hold one: what a filter of
+    ``pipeline/filters.py`` walks (``to_json`` of a mapping holding a secret)."""
+    if isinstance(value, _SecretValue):
+        return value.text()
+    if isinstance(value, dict):
+        items = {k: _opened(v) for k, v in value.items()}
+        return items if any(items[k] is not value[k] for k in items) else value
+    if isinstance(value, list):
+        seq = [_opened(v) for v in value]
+        return seq if any(a is not b for a, b in zip(seq, value, strict=True)) else value
+    return value
+
+
 def template_context(node: Node, facts: Mapping[str, Any], info: SourceInfo) -> dict[str, Any]:
     """The Jinja2 context of SPEC §1: vars at top level, plus node, facts and source."""
     context = dict(node.vars)
@@ -932,6 +947,9 @@ def _environment(
         autoescape=False,
         bytecode_cache=cache,
     )
+    from reconciler.pipeline import filters
+
+    filters.install(env, chars=bounds.chars, items=bounds.items, plain=_opened)
     checked("center", center)
     checked("indent", indent)
     checked("batch", batch)
@@ -1072,6 +1090,8 @@ def _render_error(
     import jinja2
     from jinja2.exceptions import SecurityError
 
+    from reconciler.pipeline.filters import FilterError
+
     where, line = repo_path, None
     text = ""
     if isinstance(exc, jinja2.TemplateSyntaxError):
@@ -1114,6 +1134,9 @@ def _render_error(
             problem = (
                 f"undefined variable{detail}{on} — define it in vars or guard it with 'is defined'"
             )
+        elif isinstance(exc, FilterError):
+            problem = "a filter refused its input" if secret else str(exc)
+            problem += f"{on} — fix the template or the vars it uses"
         elif isinstance(exc, jinja2.TemplateNotFound):
             detail = "" if secret else f" {exc.name!r}"
             problem = f"template{detail} not found{on} — paths are relative to templates/"
