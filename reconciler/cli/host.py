@@ -245,6 +245,7 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         gather_facts(),
         limits=render_limits(args),
         decryption=operator_decryption(args),
+        inventory=inventory,
     )
     if args.out:
         base = Path(args.out)
@@ -375,11 +376,20 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 nodes.append(node)
                 try:
                     rendered += len(
-                        render_target(snapshot, node, facts, limits=limits, decryption=sealed).files
+                        render_target(
+                            snapshot,
+                            node,
+                            facts,
+                            limits=limits,
+                            decryption=sealed,
+                            inventory=inventory,
+                        ).files
                     )
                 except ReconcilerError as exc:
                     # A run stops at the first error; validate shows every one (issue 12).
-                    found = render_problems(snapshot, node, facts, limits=limits) or (exc,)
+                    found = render_problems(
+                        snapshot, node, facts, limits=limits, inventory=inventory
+                    ) or (exc,)
             for error in found:
                 failures.setdefault(str(error), []).append(name)
     for text, affected in secret_problems(snapshot, inventory, nodes, complete=not check.problems):

@@ -10,7 +10,7 @@ runs, holds the run lock, and reads every JSON file with one error policy:
   naming the file and what to do — never a traceback, and never silently
   empty (an empty ``state.json`` would forget every managed path and stop
   prunes; an empty ``owed.json`` would skip a reload);
-- a **cache** (``inventory-cache.json``, ``jinja-cache/``) that is corrupt is
+- a **cache** (``inventory-cache.json``, ``template-cache.json``, ``jinja-cache/``) that is corrupt is
   rebuilt, with a warning in the log: losing it costs time, never
   correctness; a cache that cannot be written (a full disk) is skipped.
 
@@ -28,6 +28,7 @@ Layout::
       repo.git/                bare cache of the desired-state repo + report branch
       repo.git.corrupt-<time>/ a corrupt repo.git moved aside (reconciler.git.cache)
       inventory-cache.json     checked host files by git blob id (cache)
+      template-cache.json      what each template reads, by git blob id (cache)
       jinja-cache/             compiled templates by blob id (cache)
       journal.json             manifest of the run in progress (crash safety)
       journal.log              app phases the run in progress reached
@@ -99,6 +100,10 @@ class StateDir:
     @property
     def inventory_cache(self) -> Path:
         return self.path / "inventory-cache.json"
+
+    @property
+    def template_cache(self) -> Path:
+        return self.path / "template-cache.json"
 
     @property
     def jinja_cache(self) -> Path:
@@ -343,7 +348,10 @@ class StateDir:
         an edit) must not be trusted — it would fail every run (issue 11).
         A file whose digest or shape is wrong is rebuilt, with a warning.
         """
-        path = self.inventory_cache
+        return self._read_checked_cache(self.inventory_cache)
+
+    def _read_checked_cache(self, path: Path) -> dict[str, Any]:
+        """A ``sha256:<hex>\\n{json}`` cache: the mapping, or {} (a warning) when damaged."""
         try:
             raw = read_regular(path)  # never blocks on a FIFO
         except FileNotFoundError:
@@ -381,6 +389,20 @@ class StateDir:
         body = json.dumps(current).encode()
         head = b"sha256:" + hashlib.sha256(body).hexdigest().encode()
         self.write_cache(self.inventory_cache, head + b"\n" + body)
+
+    def read_template_cache(self) -> dict[str, Any]:
+        """What each template reads, by git blob id (``renderkeys.Analysis``), checked
+        as :meth:`read_inventory_cache` checks its cache: a damaged file is rebuilt."""
+        return self._read_checked_cache(self.template_cache)
+
+    def write_template_cache(self, cache: dict[str, Any], *, changed: bool) -> None:
+        """Keep ``cache`` (the render stage prunes it to the node's templates) when it
+        ``changed``. Never raises (:meth:`write_cache`)."""
+        if not changed:
+            return
+        body = json.dumps(cache, sort_keys=True).encode()
+        head = b"sha256:" + hashlib.sha256(body).hexdigest().encode()
+        self.write_cache(self.template_cache, head + b"\n" + body)
 
 
 _HOLD_HINT = "remove it to lift the hold (the next run re-applies the commit)"

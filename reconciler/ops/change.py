@@ -578,6 +578,7 @@ def adopt(
         effective_node(inventory, snapshot, node),
         report.facts,
         decryption=Decryption(placeholder=True),  # SPEC §8: never decrypted here
+        inventory=inventory,
     )
     t: TargetFile | None = target.files.get(PurePosixPath(dest))
     if t is None:
@@ -693,7 +694,9 @@ def _render_all(
     for name in inventory.nodes:
         try:
             node = effective_node(inventory, snapshot, name)
-            files = render_target(snapshot, node, facts, limits=limits, decryption=decryption).files
+            files = render_target(
+                snapshot, node, facts, limits=limits, decryption=decryption, inventory=inventory
+            ).files
             excluded = exclude_matcher(node.exclude)
             out[name] = {
                 p: t for p, t in files.items() if not excluded.match_file(str(p).lstrip("/"))

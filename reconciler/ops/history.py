@@ -342,6 +342,7 @@ def desired_at(up: Upstream, node: str, commit: str, facts: Mapping[str, Any]) -
         effective_node(inventory, snapshot, node),
         facts,
         decryption=Decryption(placeholder=True),
+        inventory=inventory,
     )
 
 

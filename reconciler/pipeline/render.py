@@ -27,7 +27,6 @@ agent's run (in process or in forked workers), ``diff``, ``render``,
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -45,7 +44,8 @@ from typing import Any, cast
 from reconciler.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_RENDER_TIMEOUT, format_size
 from reconciler.errors import InventoryError, PathError, ReconcilerError, RenderError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
-from reconciler.pipeline.inventory import DEFAULT_STATE, Node, load_app_config
+from reconciler.pipeline.inventory import DEFAULT_STATE, Inventory, Node, load_app_config
+from reconciler.pipeline.renderkeys import NODES, Fleet, UnknownNodes, render_keys
 from reconciler.secrets.age import is_age_marker, marker_parts
 
 log = logging.getLogger(__name__)
@@ -762,13 +762,19 @@ _DIGITS = re.compile(r"\d+")
 
 
 def _environment(
-    snapshot: Snapshot, cache_dir: Path | None, limits: RenderLimits, secrets: _Secrets
+    snapshot: Snapshot,
+    cache_dir: Path | None,
+    limits: RenderLimits,
+    secrets: _Secrets,
+    fleet: Fleet,
 ) -> Any:
     """The sandboxed Jinja2 environment every repository template renders in (SPEC §10).
 
     ``secrets`` opens ``.age`` templates (never kept in the bytecode cache: its
     compiled code would hold the plaintext on disk) and ``!age`` values, which
     name, attribute and item lookups hand to templates as plaintext (SPEC §8).
+    ``fleet`` answers the global ``nodes(NAME)`` (SPEC §10 "Other nodes"): plain
+    lists and dicts, another node's ``!age`` values unreadable.
     """
     import functools
 
@@ -965,6 +971,12 @@ def _environment(
         return lipsum(n, html, min, max)
 
     env.globals["lipsum"] = bounded_lipsum
+
+    def nodes(name: str) -> list[dict[str, Any]]:
+        """The nodes of node or meta-node ``name``, sorted by name (SPEC §10)."""
+        return fleet.value(name)
+
+    env.globals[NODES] = nodes
     return env
 
 
@@ -1137,6 +1149,12 @@ def _render_error(
         elif isinstance(exc, FilterError):
             problem = "a filter refused its input" if secret else str(exc)
             problem += f"{on} — fix the template or the vars it uses"
+        elif isinstance(exc, UnknownNodes):
+            detail = "" if secret else f" {exc.name!r}"
+            problem = (
+                f"nodes(){detail}: no such node or meta-node in hosts/{on} — "
+                "name a node or meta-node of hosts/ (a file hosts/<name>.yaml)"
+            )
         elif isinstance(exc, jinja2.TemplateNotFound):
             detail = "" if secret else f" {exc.name!r}"
             problem = f"template{detail} not found{on} — paths are relative to templates/"
@@ -1269,6 +1287,8 @@ def render_target(
     reuse: Callable[[PurePosixPath, str], bytes | None] | None = None,
     limits: RenderLimits = RenderLimits(),
     decryption: Decryption = Decryption(),
+    inventory: Inventory | None = None,
+    analyses: dict[str, Any] | None = None,
 ) -> TargetState:
     """Render every file of ``node`` from ``snapshot``.
 
@@ -1290,9 +1310,13 @@ def render_target(
     that many forked processes when there are many templates (a cold run
     compiles on every core). ``limits``: each template's render_timeout and
     max_file_size (SPEC §10); every template renders in the sandbox.
+    ``inventory``: the commit's, for ``nodes(NAME)`` (SPEC §10; loaded from
+    ``snapshot`` at the first call when None). ``analyses``: with ``reuse``,
+    the cache of what each template reads, by blob id
+    (:func:`renderkeys.render_keys` updates it; the caller keeps it).
     Returns the TargetState in node app order. Raises RenderError (template
     syntax, undefined variable, missing include, sandbox refusal, a bound
-    passed), InventoryError (two apps produce one path, bad metadata) or
+    passed, ``nodes()`` of an unknown name), InventoryError (two apps produce one path, bad metadata) or
     PathError (a destination that escapes the root). Nothing is written
     outside ``cache_dir``.
     """
@@ -1309,6 +1333,7 @@ def render_target(
         limits=limits,
         secrets=secrets,
         items=items,
+        fleet=Fleet(snapshot, inventory),
     )
     for dest in job.unwanted(_conditions(snapshot, node, sources)):
         # when: false (SPEC §9): not in the target state, so never rendered, and
@@ -1322,7 +1347,17 @@ def render_target(
     keys: dict[PurePosixPath, str] = {}
     rendered: dict[PurePosixPath, bytes] = {}
     if reuse is not None:
-        keys = _render_keys(snapshot, context, jobs, items)
+        from reconciler import __version__
+
+        keys = render_keys(
+            snapshot,
+            context,
+            jobs,
+            items=items,
+            analyses={} if analyses is None else analyses,
+            fleet=job.fleet,
+            version=__version__,
+        )
         todo = []
         for j in jobs:
             kept = reuse(j[0], keys[j[0]]) if keys.get(j[0]) else None
@@ -1437,6 +1472,7 @@ def render_problems(
     limits: RenderLimits = RenderLimits(),
     most: int = MAX_RENDER_PROBLEMS,
     decryption: Decryption = Decryption(placeholder=True),
+    inventory: Inventory | None = None,
 ) -> tuple[ReconcilerError, ...]:
     """Every template of ``node`` that fails to render, for ``reconciler validate``.
 
@@ -1467,6 +1503,7 @@ def render_problems(
         limits=limits,
         secrets=_Secrets(decryption, ""),
         items=items,
+        fleet=Fleet(snapshot, inventory),
     )
     errors: list[ReconcilerError] = []
     while jobs and len(errors) < most:
@@ -1476,62 +1513,6 @@ def render_problems(
         errors.append(failed[1])
         jobs = jobs[[j[0] for j in jobs].index(failed[0]) + 1 :]  # go on after the failure
     return tuple(errors)
-
-
-# A template that pulls in another one: its output depends on more than its own
-# blob, so it is always rendered (never reused).
-_PULLS_IN = re.compile(r"{%[-+]?\s*(?:include|import|extends|from)\b")
-_USES_SOURCE = re.compile(r"\bsource\b")
-
-
-def _render_keys(
-    snapshot: Snapshot, context: Mapping[str, Any], jobs: list[Job], items: Items | None = None
-) -> dict[PurePosixPath, str]:
-    """Destination -> digest of what its template's output depends on ("" = always render).
-
-    ``source`` (the commit) changes with every commit: it is part of a key only
-    for templates that mention it, or every commit would render everything.
-    A destination of a ``[VAR]`` path (``items``: dest → (VAR, key)) has its key
-    and item in its digest too (SPEC §9); when its template's text does not
-    name VAR (it reads only ``item``), the rest of the mapping is left out, so
-    changing one item renders only that item's file again.
-    """
-    from reconciler import __version__
-
-    rest = {k: v for k, v in context.items() if k != "source"}
-    base = hashlib.sha256(
-        json.dumps([__version__, rest], sort_keys=True, default=str).encode()
-    ).hexdigest()
-    source = json.dumps(context.get("source"), sort_keys=True, default=str)
-    # VAR → the digest of the context without VAR, made at the first need.
-    without: dict[str, str] = {}
-    keys: dict[PurePosixPath, str] = {}
-    for dest, repo_path, _ in jobs:
-        blob = snapshot.blob_id(repo_path)
-        if blob is None:
-            keys[dest] = ""
-            continue
-        text = snapshot.read(repo_path).decode("utf-8", "replace")
-        # Substring tests first: the regexes cost ~35 µs a template, 2,000 a run.
-        if any(w in text for w in ("include", "import", "extends", "from")) and _PULLS_IN.search(
-            text
-        ):
-            keys[dest] = ""
-            continue
-        mentions = "source" in text and _USES_SOURCE.search(text)
-        parts = [base, blob, source if mentions else ""]
-        if items and dest in items:
-            var, key = items[dest]
-            if var not in text and not _encrypted(repo_path):  # a substring test: never too few
-                if var not in without:
-                    others = {k: v for k, v in rest.items() if k != var}
-                    without[var] = hashlib.sha256(
-                        json.dumps([__version__, others], sort_keys=True, default=str).encode()
-                    ).hexdigest()
-                parts[0] = without[var]
-            parts.append(json.dumps([key, _item(context[var], key)], sort_keys=True, default=str))
-        keys[dest] = hashlib.sha256("\0".join(parts).encode()).hexdigest()
-    return keys
 
 
 Job = tuple[PurePosixPath, str, bool]  # destination, template path, secret
@@ -1547,6 +1528,8 @@ class _RenderJob:
     cache_dir: Path | None
     limits: RenderLimits
     secrets: _Secrets
+    # What nodes(NAME) answers from (SPEC §10 "Other nodes"), memoised for the run.
+    fleet: Fleet
     env: Any = None
     # Destinations whose template read a secret (SPEC §8 taint), filled by render().
     tainted: set[PurePosixPath] = field(default_factory=set)
@@ -1626,7 +1609,9 @@ class _RenderJob:
     def _ready(self) -> None:
         """Make the sandbox environment and the live context at first need."""
         if self.env is None:
-            self.env = _environment(self.snapshot, self.cache_dir, self.limits, self.secrets)
+            self.env = _environment(
+                self.snapshot, self.cache_dir, self.limits, self.secrets, self.fleet
+            )
         if self._live is None:
             self._live = _with_secrets(self.context, self.secrets)
 

@@ -458,6 +458,7 @@ def _held_target_unchanged(
                 render_timeout=config.render_timeout, max_file_size=config.max_file_size
             ),
             decryption=Decryption(identity=config.identity),
+            inventory=inventory,
         )
     except ReconcilerError as exc:
         log.warning("held commit %s no longer renders (%s): the hold lifts", commit[:12], exc)
@@ -552,6 +553,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         state_dir.write_inventory_cache(cache, inventory, changed=len(cache) != before)
         node = effective_node(inventory, snapshot, config.node, setting.options.state)
         suspended = _suspension(node, setting.started) or prepared.held
+        # What each template reads, by blob id (render keys per variable, SPEC §10).
+        analyses = state_dir.read_template_cache()
+        analysed = dict(analyses)
         target = render_target(
             snapshot,
             node,
@@ -563,7 +567,10 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
                 render_timeout=config.render_timeout, max_file_size=config.max_file_size
             ),
             decryption=Decryption(identity=config.identity),
+            inventory=inventory,
+            analyses=analyses,
         )
+        state_dir.write_template_cache(analyses, changed=analyses != analysed)
         hold = prepared.hold_check
         if hold is not None and _held_target_unchanged(setting, hold, target, cache):
             hold_unchanged = commit

@@ -2,9 +2,9 @@
 since this host wrote its output is not rendered again — and reuse never serves a
 stale or drifted file.
 
-Inputs of a template's output: its own blob, the whole context (vars, node, facts),
-``source`` only for templates that mention it, and whatever it includes (a template
-that includes, imports or extends another is always rendered).
+Inputs of a template's output (SPEC §10, per variable): its own blob and the blobs of
+the templates it includes, imports or extends, and the top-level values they read
+(vars, ``node``, ``facts``, ``source``). Unit tests of the rules: test_render_keys.py.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ def pull_debug(host):
 def test_one_template_changed_is_the_only_one_rendered(fleet, make_host):
     host = setup(fleet, make_host)
     # A commit that changes nothing of rr1's: what is rendered anyway (templates
-    # that mention source or include another, here and in the default apps).
+    # that read source, here and in the default apps). A template including
+    # another is reused now (per-variable keys, SPEC §10): it was always rendered.
     fleet.write("README.rr", "unrelated\n")
     fleet.commit("unrelated")
     always, reused = rendered_count(pull_debug(host).stderr)
-    assert reused >= COUNT and always >= 2
+    assert reused >= COUNT + 1 and always >= 1
 
     fleet.write(f"{APP}/etc/rr/f3.conf.j2", "file 3 changed port={{ port }}\n")
     head = fleet.commit("rr: f3 changed")
@@ -64,14 +65,19 @@ def test_one_template_changed_is_the_only_one_rendered(fleet, make_host):
     assert host.path("/etc/rr/commit").read_text() == f"built from {head}\n"
 
 
-def test_a_vars_change_renders_everything_again(fleet, make_host):
+def test_a_vars_change_renders_only_the_templates_that_read_it(fleet, make_host):
     host = setup(fleet, make_host)
+    fleet.write("README.rr", "unrelated\n")
+    fleet.commit("unrelated")
+    always, reused = rendered_count(pull_debug(host).stderr)
     fleet.write("hosts/rr1.yaml", "apps: [rr]\nvars: {port: 8080}\n")
     fleet.commit("rr1: port 8080")
 
     proc = pull_debug(host)
 
-    assert rendered_count(proc.stderr)[1] == 0  # the context changed: nothing reused
+    # Before per-variable keys, nothing was reused; now only the readers of port
+    # render again (SPEC §10), the header template and the default apps are reused.
+    assert rendered_count(proc.stderr) == (always + COUNT, reused - COUNT)
     for i in range(COUNT):
         assert host.path(f"/etc/rr/f{i}.conf").read_text() == f"file {i} of rr1 port=8080\n"
 

@@ -1,0 +1,400 @@
+"""Per-variable render keys and ``nodes()`` (SPEC §10 "Render only what changed", "Other nodes").
+
+Render stage, before anything renders. Takes a Snapshot, a node's template
+context and the templates to render; produces each destination's render key:
+a digest of what its output can depend on — the blobs of its template and of
+every template it includes, imports or extends, the values of the top-level
+names those templates read, its ``[VAR]`` item, and what ``nodes(NAME)``
+returns for each NAME they call it with. A key that equals the one this host
+recorded when it wrote the file lets the agent reuse that file instead of
+rendering again (``reuse.written_output``), so changing one var renders only
+the templates that read it (SPEC §7: ≤ 2 × the floor).
+
+What a template reads is found in its Jinja2 AST (:func:`analyse`), cached
+by blob id in the state directory's ``template-cache.json``: a run whose
+templates were analysed before parses nothing, and a no-op run never comes
+here (nor imports Jinja2). The analysis is sound by falling back: a template
+that can reach a name the AST does not show reads "everything"
+(:data:`DYNAMIC_NAMES`), one whose includes are not literal names, or that
+does not parse, is always rendered. docs/spec.md §10 lists the rules.
+
+:class:`Fleet` is what ``nodes(NAME)`` answers from: the other nodes' merged
+definitions of the same commit, computed at the first call for a name and
+memoised for the run (a 10,000-node repository costs nothing to a node whose
+templates never call it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from reconciler.errors import InventoryError
+from reconciler.secrets.age import is_age_marker
+
+if TYPE_CHECKING:
+    from reconciler.git.snapshot import Snapshot
+    from reconciler.pipeline.inventory import Inventory
+
+# Bump when what analyse() records changes: older cache entries are then ignored.
+ANALYSIS_VERSION = 1
+
+# Names through which a template can read a top-level name that its AST does
+# not show: ``self`` (the template reference: blocks, and with ``extends``
+# the child's), ``varargs``/``kwargs`` (a macro's extra arguments: values a
+# caller chose, possibly in another template), and the names Ansible-style
+# helpers use to read a var by a computed name (``vars[name]``,
+# ``lookup('vars', name)``, ``query``/``q``, ``hostvars``, ``context``).
+# Reading any of them puts the whole context in the key.
+DYNAMIC_NAMES = frozenset(
+    {"self", "varargs", "kwargs", "context", "vars", "lookup", "query", "q", "hostvars"}
+)
+NODES = "nodes"  # the global of SPEC §10 "Other nodes"
+# Filters that read the context themselves (``pass_context``), and what they read:
+# ``password_hash`` derives its salt from the node's name (pipeline/filters.py).
+FILTER_READS: dict[str, tuple[str, ...]] = {"password_hash": ("node",)}
+
+# Ansible's per-template header (``#jinja2: trim_blocks: True``): the keys that
+# change only whitespace, never which names a template reads. Any other key
+# (delimiters, say) makes the AST read here unreliable: the whole context then.
+_HEADER = re.compile(r"#jinja2:([^\n]*)")
+_WHITESPACE_KEYS = frozenset(
+    {"trim_blocks", "lstrip_blocks", "keep_trailing_newline", "newline_sequence"}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Analysis:
+    """An Analysis is what one template's text reads, as far as its AST shows.
+
+    ``names``: top-level names it reads (Jinja2's undeclared variables, with
+    no global left out: a var may shadow ``range``); ``includes``: template
+    names (relative to ``templates/``) it includes, imports or extends;
+    ``whole``: it can read names dynamically (:data:`DYNAMIC_NAMES`, an
+    unknown ``#jinja2:`` key), so its key holds the whole context;
+    ``always``: never reused (an include by a computed name, a syntax
+    error); ``nodes``: the literal NAMEs of its ``nodes(NAME)`` calls, None
+    when it uses ``nodes`` any other way.
+    """
+
+    names: tuple[str, ...] = ()
+    includes: tuple[str, ...] = ()
+    whole: bool = False
+    always: bool = False
+    nodes: tuple[str, ...] | None = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The cache's form (``template-cache.json``)."""
+        return {
+            "v": ANALYSIS_VERSION,
+            "names": list(self.names),
+            "includes": list(self.includes),
+            "whole": self.whole,
+            "always": self.always,
+            "nodes": None if self.nodes is None else list(self.nodes),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Analysis | None:
+        """An entry of the cache, or None when it is not one of this version's."""
+        try:
+            if data["v"] != ANALYSIS_VERSION:
+                return None
+            nodes = data["nodes"]
+            return cls(
+                names=tuple(str(n) for n in data["names"]),
+                includes=tuple(str(n) for n in data["includes"]),
+                whole=bool(data["whole"]),
+                always=bool(data["always"]),
+                nodes=None if nodes is None else tuple(str(n) for n in nodes),
+            )
+        except (KeyError, TypeError):
+            return None
+
+
+def _analysis_environment() -> Any:
+    """A Jinja2 environment to parse with: every extension a template may use, and no
+    globals, so that ``find_undeclared_variables`` reports every name read."""
+    import jinja2
+
+    env = jinja2.Environment(extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
+    env.globals.clear()
+    return env
+
+
+def analyse(text: str, env: Any) -> Analysis:
+    """What template ``text`` reads (:class:`Analysis`); ``env`` from
+    :func:`_analysis_environment`. Never raises: a template that does not parse is
+    ``always`` rendered (and its render names the syntax error)."""
+    import jinja2
+    from jinja2 import meta
+    from jinja2 import nodes as jn
+
+    whole = False
+    header = _HEADER.match(text)
+    if header is not None:
+        keys = {part.split(":", 1)[0].strip() for part in header.group(1).split(",")}
+        whole = not keys <= _WHITESPACE_KEYS
+    try:
+        ast = env.parse(text)
+        names = meta.find_undeclared_variables(ast)
+        includes = list(meta.find_referenced_templates(ast))
+    except (jinja2.TemplateError, RecursionError):
+        return Analysis(always=True)
+    names = set(names)
+    for used in ast.find_all(jn.Filter):
+        names.update(FILTER_READS.get(used.name, ()))
+    literal: list[str] = []
+    called = 0
+    for call in ast.find_all(jn.Call):
+        if isinstance(call.node, jn.Name) and call.node.name == NODES:
+            arg = call.args[0] if len(call.args) == 1 else None
+            plain = not call.kwargs and call.dyn_args is None and call.dyn_kwargs is None
+            if plain and isinstance(arg, jn.Const) and isinstance(arg.value, str):
+                literal.append(arg.value)
+                called += 1
+    loads = 0
+    for name in ast.find_all(jn.Name):
+        if name.ctx != "load":
+            continue
+        if name.name in DYNAMIC_NAMES:
+            whole = True
+        elif name.name == NODES:
+            loads += 1
+    return Analysis(
+        names=tuple(sorted(names)),
+        includes=tuple(i for i in includes if i is not None),
+        whole=whole,
+        always=None in includes,
+        # ``nodes`` passed around, or called with a computed name: which nodes it
+        # reads is not known before rendering.
+        nodes=tuple(sorted(set(literal))) if loads == called else None,
+    )
+
+
+class UnknownNodes(Exception):
+    """``nodes(NAME)`` named no node or meta-node of the commit (SPEC §10 bad input)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class Fleet:
+    """The nodes of one commit as ``nodes(NAME)`` returns them (SPEC §10 "Other nodes").
+
+    Each node is ``{"name", "state", "apps", "vars"}``: the merged definition
+    of SPEC §1 (``inventory.effective_node``), apps as names, ``!age`` values
+    kept as their markers here and made unreadable in what a template gets
+    (:meth:`value`). Computed at the first need for each name and memoised
+    (one run, one commit); the inventory is loaded from the snapshot at the
+    first call when none is given.
+    """
+
+    def __init__(self, snapshot: Snapshot, inventory: Inventory | None = None) -> None:
+        self._snapshot = snapshot
+        self._inventory = inventory
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._digests: dict[str, str] = {}
+
+    def _members(self, name: str) -> list[str]:
+        from reconciler.pipeline.inventory import load_inventory
+
+        if self._inventory is None:
+            self._inventory = load_inventory(self._snapshot)
+        if not isinstance(name, str) or name not in self._inventory.files:
+            raise UnknownNodes(str(name))
+        return sorted(self._inventory.members(name))
+
+    def _node(self, name: str) -> dict[str, Any]:
+        from reconciler.pipeline.inventory import effective_node
+
+        if name not in self._nodes:
+            assert self._inventory is not None
+            node = effective_node(self._inventory, self._snapshot, name)
+            self._nodes[name] = {
+                "name": node.name,
+                "state": node.state,
+                "apps": [a.name for a in node.apps],
+                "vars": node.vars,
+            }
+        return self._nodes[name]
+
+    def raw(self, name: str) -> list[dict[str, Any]]:
+        """The nodes NAME stands for, sorted by name, ``!age`` markers in place
+        (shared: never hand this to a template). Raises UnknownNodes."""
+        return [self._node(n) for n in self._members(name)]
+
+    def digest(self, name: str) -> str:
+        """sha256 of :meth:`raw` (the ciphertext of a ``!age`` value, never a plaintext)."""
+        if name not in self._digests:
+            text = json.dumps(self.raw(name), sort_keys=True, default=str)
+            self._digests[name] = hashlib.sha256(text.encode()).hexdigest()
+        return self._digests[name]
+
+    def value(self, name: str) -> list[dict[str, Any]]:
+        """What ``nodes(NAME)`` returns to a template: a fresh copy of plain lists,
+        dicts and scalars (a template that changes it changes nothing another sees),
+        each ``!age`` value a Jinja2 StrictUndefined that fails when read."""
+        import jinja2
+
+        def copy(value: Any, where: str) -> Any:
+            if is_age_marker(value):
+                return jinja2.StrictUndefined(
+                    hint=f"{where} is a !age value of another node: nodes() never decrypts it"
+                )
+            if isinstance(value, Mapping):
+                return {k: copy(v, f"{where}.{k}") for k, v in value.items()}
+            if isinstance(value, list):
+                return [copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return value
+
+        return [
+            {
+                "name": n["name"],
+                "state": n["state"],
+                "apps": list(n["apps"]),
+                "vars": copy(n["vars"], f"nodes({name!r}) {n['name']} vars"),
+            }
+            for n in self.raw(name)
+        ]
+
+
+Job = tuple[PurePosixPath, str, bool]  # destination, template path, secret (render.Job)
+
+
+def render_keys(
+    snapshot: Snapshot,
+    context: Mapping[str, Any],
+    jobs: Iterable[Job],
+    *,
+    items: Mapping[PurePosixPath, tuple[str, str]],
+    analyses: dict[str, Any],
+    fleet: Fleet,
+    version: str,
+    settings: Any = None,
+) -> dict[PurePosixPath, str]:
+    """Destination → digest of what its template's output depends on ("" = always render).
+
+    ``context``: the node's template context (vars, ``node``, ``facts``,
+    ``source``; ``!age`` values as their markers: their ciphertext goes in
+    the digest, never a plaintext). ``items``: dest → (VAR, key) of a
+    ``[VAR]`` destination, whose ``item`` and ``item_key`` count as read.
+    ``analyses``: blob id → :meth:`Analysis.to_json`, the cache: entries for
+    templates analysed now are added, those of templates no job reached any
+    more removed. ``fleet`` answers the
+    ``nodes(NAME)`` calls; ``version``: reconciler's, ``settings``: anything
+    else every template's output depends on (JSON-able). An encrypted
+    template, one that includes an encrypted one, one that is ``always``
+    (:class:`Analysis`), one calling ``nodes`` with a computed or unknown
+    name: "". Never raises for a template's content (its render will).
+    """
+    env: list[Any] = []  # the parsing environment, made at the first need
+    used: set[str] = set()
+    closures: dict[str, tuple[list[str], Analysis] | None] = {}
+    values: dict[str, str] = {}
+
+    def analysis(path: str, blob: str) -> Analysis:
+        found = Analysis.from_json(analyses.get(blob))
+        if found is None:
+            if not env:
+                env.append(_analysis_environment())
+            text = snapshot.read(path).decode("utf-8", "replace")
+            found = analyse(text, env[0])
+            analyses[blob] = found.to_json()
+        return found
+
+    def closure(path: str) -> tuple[list[str], Analysis] | None:
+        """(path:blob of each template reached, their union), None = always render."""
+        if path in closures:
+            return closures[path]
+        parts: list[str] = []
+        names: set[str] = set()
+        called: set[str] | None = set()
+        whole = False
+        seen: set[str] = set()
+        todo = [path]
+        result: tuple[list[str], Analysis] | None = None
+        while todo:
+            one = todo.pop()
+            if one in seen:
+                continue
+            seen.add(one)
+            if one.endswith(".age"):
+                break  # an encrypted template: its reader is tainted, never reused
+            blob = snapshot.blob_id(one)
+            if blob is None:
+                break  # missing (``ignore missing``), or a working tree: no content key
+            used.add(blob)
+            parts.append(f"{one}:{blob}")
+            found = analysis(one, blob)
+            if found.always:
+                break
+            names.update(found.names)
+            whole = whole or found.whole
+            called = None if called is None or found.nodes is None else called | set(found.nodes)
+            todo.extend(f"templates/{name}" for name in found.includes)
+        else:
+            union = Analysis(
+                names=tuple(sorted(names)),
+                whole=whole,
+                nodes=None if called is None else tuple(sorted(called)),
+            )
+            result = (sorted(parts), union)
+        closures[path] = result
+        return result
+
+    def value(name: str, where: Mapping[str, Any]) -> str:
+        if name not in where:
+            return "-"
+        if where is not context:
+            return json.dumps(where[name], sort_keys=True, default=str)
+        if name not in values:
+            text = json.dumps(context[name], sort_keys=True, default=str)
+            values[name] = hashlib.sha256(text.encode()).hexdigest()
+        return values[name]
+
+    base = json.dumps([version, ANALYSIS_VERSION, settings], sort_keys=True, default=str)
+    keys: dict[PurePosixPath, str] = {}
+    for dest, repo_path, _ in jobs:
+        found = closure(repo_path)
+        if found is None:
+            keys[dest] = ""
+            continue
+        blobs, union = found
+        own: Mapping[str, Any] = context
+        if dest in items:
+            var, key = items[dest]
+            own = {**context, "item": _item(context[var], key), "item_key": key}
+        names = set(own) if union.whole else set(union.names)
+        if dest in items:
+            names |= {"item", "item_key"}
+        parts = [base, *blobs]
+        parts += [
+            f"{n}={value(n, own if n in ('item', 'item_key') else context)}" for n in sorted(names)
+        ]
+        if NODES not in context:  # a var named nodes shadows the global: it is in names
+            if union.nodes is None:
+                keys[dest] = ""
+                continue
+            try:
+                parts += [f"nodes({n!r})={fleet.digest(n)}" for n in union.nodes]
+            except (UnknownNodes, InventoryError):
+                keys[dest] = ""  # rendering it names the problem
+                continue
+        keys[dest] = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    for blob in [b for b in analyses if b not in used]:
+        del analyses[blob]  # the cache never grows past this node's templates
+    return keys
+
+
+def _item(mapping: Mapping[Any, Any], key: str) -> Any:
+    """The item of file name ``key`` (a YAML key may be an int: render._item)."""
+    if key in mapping:
+        return mapping[key]
+    return next(v for k, v in mapping.items() if str(k) == key)
