@@ -117,13 +117,31 @@ class Analysis:
             return None
 
 
+class _AnyName(dict[str, Any]):
+    """Filters or tests for analysing: every name is one (a dummy), so that the
+    analysis depends on no filter set — an unknown one fails when rendered."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, _dummy)
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+def _dummy(*args: Any, **kwargs: Any) -> None:
+    """What every filter and test is while a template is analysed (never called)."""
+
+
 def _analysis_environment() -> Any:
-    """A Jinja2 environment to parse with: every extension a template may use, and no
-    globals, so that ``find_undeclared_variables`` reports every name read."""
+    """A Jinja2 environment to parse with: every extension a template may use, any
+    filter or test name, and no globals, so that ``find_undeclared_variables``
+    reports every name read."""
     import jinja2
 
     env = jinja2.Environment(extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
     env.globals.clear()
+    env.filters = _AnyName()
+    env.tests = _AnyName()
     return env
 
 

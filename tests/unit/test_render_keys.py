@@ -222,6 +222,7 @@ def test_the_analysis_is_cached_by_blob_and_trusted(tmp_path):
         ("{% set e = 1 %}{{ e }}{% with g = h %}{{ g }}{% endwith %}", ["h"], []),
         ("{% for n in nodes('web') %}{{ nodes('db') }}{% endfor %}", ["nodes"], ["db", "web"]),
         ("{{ pw | password_hash }}", ["node", "pw"], []),  # its salt comes from node.name
+        ("{{ a | no_such_filter }}{{ a is no_such_test }}", ["a"], []),  # fails at render
     ],
 )
 def test_analyse_reports_the_names_a_template_reads(text, names, nodes):
