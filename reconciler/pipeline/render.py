@@ -766,7 +766,7 @@ def _environment(
     cache_dir: Path | None,
     limits: RenderLimits,
     secrets: _Secrets,
-    fleet: Fleet,
+    fleet: Fleet | None = None,
 ) -> Any:
     """The sandboxed Jinja2 environment every repository template renders in (SPEC §10).
 
@@ -774,7 +774,8 @@ def _environment(
     compiled code would hold the plaintext on disk) and ``!age`` values, which
     name, attribute and item lookups hand to templates as plaintext (SPEC §8).
     ``fleet`` answers the global ``nodes(NAME)`` (SPEC §10 "Other nodes"): plain
-    lists and dicts, another node's ``!age`` values unreadable.
+    lists and dicts, another node's ``!age`` values unreadable (None: one of
+    ``snapshot``'s own).
     """
     import functools
 
@@ -785,6 +786,7 @@ def _environment(
     from jinja2.sandbox import MAX_RANGE, SandboxedEnvironment, SandboxedFormatter
 
     bounds = _Bounds(max_chars=limits.max_file_size, max_items=MAX_RANGE)
+    fleet = Fleet(snapshot) if fleet is None else fleet
 
     class SnapshotLoader(jinja2.BaseLoader):
         """Templates by name relative to ``templates/``, read from the snapshot."""
