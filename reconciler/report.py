@@ -42,6 +42,7 @@ from reconciler.host.system import ScriptRun
 if TYPE_CHECKING:
     from reconciler.host.statedir import StateDir
     from reconciler.pipeline.journal import JournalEntry
+    from reconciler.pipeline.packages import ResourceChange
     from reconciler.pipeline.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def run_result(*, errors: Sequence[object], plan: Plan | None) -> str:
     """SPEC §6: failed if anything failed; else drift; else changed (applied or pending); else ok."""
     if errors:
         return "failed"
-    if plan is not None and plan.drift:
+    if plan is not None and (plan.drift or plan.resource_drift):
         return "drift"
-    if plan is not None and plan.changes:
+    if plan is not None and (plan.changes or any(not r.offline for r in plan.resources)):
         return "changed"
     return "ok"
 
@@ -111,9 +112,19 @@ class ReportChange:
     app: str
     rolled_back: bool = False  # applied, then restored by on_post_failure: rollback
     detail: str = ""  # e.g. "mode 0644 → 0640"
+    # "" for a destination path; package | service (SPEC §11): ``path`` is then the
+    # package's or the unit's name and ``action`` install | remove | enable | disable |
+    # start | stop | reload | restart.
+    kind: str = ""
+
+    @property
+    def subject(self) -> str:
+        """What the text views print: the path, or ``package nginx`` / ``service x.service``."""
+        return f"{self.kind} {self.path}" if self.kind else self.path
 
     def to_json(self) -> dict[str, Any]:
-        """``{path, action, reason, applied, app}`` plus ``rolled_back`` and ``detail`` when set."""
+        """``{path, action, reason, applied, app}`` plus ``rolled_back``, ``detail`` and
+        ``kind`` when set."""
         out: dict[str, Any] = {
             "path": self.path,
             "action": self.action,
@@ -125,6 +136,8 @@ class ReportChange:
             out["rolled_back"] = True
         if self.detail:
             out["detail"] = self.detail
+        if self.kind:
+            out["kind"] = self.kind
         return out
 
     @classmethod
@@ -138,6 +151,7 @@ class ReportChange:
             app=str(data.get("app") or ""),
             rolled_back=bool(data.get("rolled_back")),
             detail=str(data.get("detail") or ""),
+            kind=str(data.get("kind") or ""),
         )
 
 
@@ -145,8 +159,13 @@ class ReportChange:
 class ReportDrift:
     """A ReportDrift is one way a managed path was found changed (SPEC §5 ``drift``)."""
 
-    path: str
-    kind: str  # content | mode | owner | missing | type
+    path: str  # a destination path, or a package's or unit's name for those kinds
+    kind: str  # content | mode | owner | missing | type | target | package | service
+
+    @property
+    def subject(self) -> str:
+        """What the text views print: the path, or ``package nginx`` / ``service x.service``."""
+        return f"{self.kind} {self.path}" if self.kind in ("package", "service") else self.path
 
     def to_json(self) -> dict[str, Any]:
         """``{path, kind}``."""
@@ -544,8 +563,13 @@ def build_report(
     uncaptured: Sequence[ReportUncaptured] = (),
     history_lost: Mapping[str, Any] | None = None,
     cache_rebuilt: Mapping[str, Any] | None = None,
+    resources: Sequence[tuple[ResourceChange, bool]] | None = None,
 ) -> Report:
     """The Report of a reconcile run (SPEC §4, §5).
+
+    ``resources``: the package and service changes (SPEC §11) and whether each
+    was applied, as the apply stage left them (reloads and restarts included);
+    None when the run did not reach the apply: the plan's, none applied.
 
     ``applied``: the plan's paths the run changed; ``rolled_back``: those an
     ``on_post_failure: rollback`` restored. ``errors`` are the run's errors
@@ -574,7 +598,21 @@ def build_report(
             )
             for c in plan.changes
         )
+        done = resources if resources is not None else [(r, False) for r in plan.resources]
+        changes += tuple(
+            ReportChange(
+                path=r.name,
+                action=r.action,
+                reason=r.reason,
+                applied=ok,
+                app=r.app,
+                detail=r.detail,
+                kind=r.kind,
+            )
+            for r, ok in done
+        )
         drift = tuple(ReportDrift(path=str(d.path), kind=d.kind) for d in plan.drift)
+        drift += tuple(ReportDrift(path=d.name, kind=d.kind) for d in plan.resource_drift)
         excluded = [str(p) for p in plan.excluded]
     return Report(
         node=node,

@@ -43,7 +43,22 @@ if TYPE_CHECKING:
 
 # ------------------------------------------------------------------- pull/diff
 
-_SYMBOL = {"create": "+", "update": "~", "delete": "-", "chmod": "m", "chown": "o"}
+_SYMBOL = {
+    "create": "+",
+    "update": "~",
+    "delete": "-",
+    "chmod": "m",
+    "chown": "o",
+    # packages and services (SPEC §11)
+    "install": "+",
+    "remove": "-",
+    "enable": "e",
+    "disable": "d",
+    "start": ">",
+    "stop": "x",
+    "reload": "r",
+    "restart": "r",
+}
 
 
 def _history_lost(node: str, lost: Mapping[str, Any]) -> str:
@@ -83,18 +98,18 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     for c in report.changes:
         status = "" if c.applied else "  (not applied)"
         reason = c.reason
-        kinds = [d.kind for d in report.drift if d.path == c.path]
+        kinds = [d.kind for d in report.drift if d.path == c.path and d.subject == c.subject]
         if kinds:
             reason += f": {', '.join(kinds)}"
         detail = f"  {c.detail}" if c.detail else ""
         out.write(
-            f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.path}  "
+            f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.subject}  "
             f"[{c.app}, {reason}]{detail}{status}\n"
         )
-    planned = {c.path for c in report.changes}
+    planned = {c.subject for c in report.changes}
     for d in report.drift:
-        if d.path not in planned:
-            out.write(f"  ! drift  {d.path}  [{d.kind}, left alone by policy]\n")
+        if d.subject not in planned and d.path not in planned:
+            out.write(f"  ! drift  {d.subject}  [{d.kind}, left alone by policy]\n")
     for u in report.uncaptured:
         out.write(f"  ! {u.path}: {u.note()}\n")
     for s in report.scripts:

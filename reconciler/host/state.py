@@ -92,6 +92,13 @@ class LocalState:
     # missing, of what the patterns looked at after the last full run
     # (scan.find_absent): a path named absent that comes back changes one of them.
     absent_watch: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # Packages and services the last run ensured (SPEC §11; pipeline/packages.py):
+    # "package NAME" → present | absent, "service UNIT" → "enabled running" …
+    resources: Mapping[str, str] = field(default_factory=dict)
+    # The package database's stat ("mtime_ns ino" of dpkg's status or rpm's
+    # database) after the last full run: the no-op short cut's cheap signal that a
+    # package was installed or removed since (reuse.py).
+    package_db: str = ""
 
 
 _HINT = "move it away to start afresh (every managed path is then planned anew)"
@@ -158,6 +165,13 @@ def load_state(state_dir: StateDir) -> LocalState:
         fingerprint = raw.get("fingerprint", "")
         dirs, excluded = raw.get("created_dirs", []), raw.get("excluded", [])
         watch = raw.get("absent_watch", {})
+        resources, package_db = raw.get("resources", {}), raw.get("package_db", "")
+        if not (
+            isinstance(resources, dict)
+            and all(isinstance(v, str) for v in resources.values())
+            and isinstance(package_db, str)
+        ):
+            raise TypeError("resources of the wrong type")
         if not isinstance(watch, dict) or not all(
             isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v)
             for v in watch.values()
@@ -180,6 +194,8 @@ def load_state(state_dir: StateDir) -> LocalState:
             fingerprint=fingerprint,
             excluded=tuple(excluded),
             absent_watch={k: (v[0], v[1]) for k, v in watch.items()},
+            resources=resources,
+            package_db=package_db,
         )
     except (TypeError, AttributeError) as exc:
         raise StateError(
@@ -208,4 +224,7 @@ def save_state(state_dir: StateDir, state: LocalState) -> None:
         "excluded": list(state.excluded),
         "absent_watch": {k: list(v) for k, v in sorted(state.absent_watch.items())},
     }
+    if state.resources:  # only then: a state without packages stays as earlier versions wrote it
+        data["resources"] = dict(sorted(state.resources.items()))
+        data["package_db"] = state.package_db
     state_dir.write_json(state_dir.state_file, data)

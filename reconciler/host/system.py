@@ -346,6 +346,68 @@ class FileDigest:
     content: bytes | None  # the bytes when size <= keep; None for a larger file
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandRun:
+    """A CommandRun is one run of a host tool (apt-get, dpkg-query, systemctl, …; SPEC §11).
+
+    ``exit_code``: None when it was not run (dry run) or was killed at its
+    timeout; 127 when it could not be executed (``output`` says why);
+    ``output``: its stdout (a query's whole answer) and ``errors`` its
+    stderr's last OUTPUT_TAIL_LINES lines.
+    """
+
+    argv: tuple[str, ...]
+    exit_code: int | None
+    output: str
+    errors: str = ""
+    duration_s: float = 0.0
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when it exited 0 (or was not run)."""
+        return not self.timed_out and self.exit_code in (0, None)
+
+
+# A query's answer is read whole (dpkg-query of a few thousand packages: ~100 KB);
+# past this it is a host tool gone wrong, not an answer.
+MAX_QUERY_OUTPUT = 64 << 20
+
+
+def run_command(argv: tuple[str, ...], *, env: dict[str, str] | None, timeout: float) -> CommandRun:
+    """Run ``argv`` (never a shell), stdin closed, for at most ``timeout`` seconds."""
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        return CommandRun(argv=argv, exit_code=127, output="", errors=f"{exc.strerror}: {argv[0]}")
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stderr or b"").decode("utf-8", "replace")
+        return CommandRun(
+            argv=argv,
+            exit_code=None,
+            output="",
+            errors="\n".join(tail.splitlines()[-OUTPUT_TAIL_LINES:]),
+            duration_s=round(time.monotonic() - started, 3),
+            timed_out=True,
+        )
+    stderr = proc.stderr.decode("utf-8", "replace")
+    return CommandRun(
+        argv=argv,
+        exit_code=proc.returncode,
+        output=proc.stdout[:MAX_QUERY_OUTPUT].decode("utf-8", "replace"),
+        errors="\n".join(stderr.splitlines()[-OUTPUT_TAIL_LINES:]),
+        duration_s=round(time.monotonic() - started, 3),
+    )
+
+
 TEMP_SUFFIX = ".reconciler-tmp"
 MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP)
 
@@ -487,6 +549,18 @@ class System(Protocol):
         timeout: float,
     ) -> ScriptRun:
         """Run ``directory/name`` with cwd ``directory`` and ``env``; never raises for exit codes."""
+        ...
+
+    def query(self, argv: tuple[str, ...], *, timeout: float) -> CommandRun:
+        """Run a host tool that only reads (``dpkg-query``, ``systemctl is-enabled``):
+        a read, run by a dry run too. Never raises for its exit code."""
+        ...
+
+    def run_command(
+        self, argv: tuple[str, ...], *, env: dict[str, str] | None, timeout: float
+    ) -> CommandRun:
+        """Run a host tool that changes the host (``apt-get install``, ``systemctl
+        start``; SPEC §11); a dry run records it. Never raises for its exit code."""
         ...
 
 
@@ -1331,6 +1405,22 @@ class RealSystem:
         )
         return run
 
+    def query(self, argv: tuple[str, ...], *, timeout: float) -> CommandRun:
+        return run_command(argv, env=None, timeout=timeout)
+
+    def run_command(
+        self, argv: tuple[str, ...], *, env: dict[str, str] | None, timeout: float
+    ) -> CommandRun:
+        log.info("running %s", " ".join(argv))
+        run = run_command(argv, env=env, timeout=timeout)
+        log.info(
+            "%s: %s in %.2fs",
+            argv[0],
+            "timed out" if run.timed_out else f"exit {run.exit_code}",
+            run.duration_s,
+        )
+        return run
+
 
 class _ReadThrough:
     """The reads of a wrapping System: passed to the System it wraps, unchanged
@@ -1354,6 +1444,9 @@ class _ReadThrough:
 
     def listdir(self, path: str | Path) -> list[str]:
         return self._inner.listdir(path)
+
+    def query(self, argv: tuple[str, ...], *, timeout: float) -> CommandRun:
+        return self._inner.query(argv, timeout=timeout)
 
 
 class DryRunSystem(_ReadThrough):
@@ -1433,6 +1526,12 @@ class DryRunSystem(_ReadThrough):
         return ScriptRun(
             phase=phase, app=app, name=name, exit_code=None, duration_s=0.0, output_tail=""
         )
+
+    def run_command(
+        self, argv: tuple[str, ...], *, env: dict[str, str] | None, timeout: float
+    ) -> CommandRun:
+        self._would("run %s", " ".join(argv))
+        return CommandRun(argv=argv, exit_code=None, output="")
 
 
 class FaultySystem(_ReadThrough):
@@ -1524,3 +1623,9 @@ class FaultySystem(_ReadThrough):
         return self._inner.run_script(
             phase=phase, app=app, name=name, directory=directory, env=env, timeout=timeout
         )
+
+    def run_command(
+        self, argv: tuple[str, ...], *, env: dict[str, str] | None, timeout: float
+    ) -> CommandRun:
+        self._effect("run_command", argv[0])
+        return self._inner.run_command(argv, env=env, timeout=timeout)

@@ -430,7 +430,22 @@ def drift_diffs(
 
 # ------------------------------------------------------------------ printing
 
-_SYMBOL = {"create": "+", "update": "~", "delete": "-", "chmod": "m", "chown": "o"}
+_SYMBOL = {
+    "create": "+",
+    "update": "~",
+    "delete": "-",
+    "chmod": "m",
+    "chown": "o",
+    # packages and services (SPEC §11)
+    "install": "+",
+    "remove": "-",
+    "enable": "e",
+    "disable": "d",
+    "start": ">",
+    "stop": "x",
+    "reload": "r",
+    "restart": "r",
+}
 
 
 def format_report(report: Report, report_commit: str) -> str:
@@ -453,10 +468,10 @@ def format_report(report: Report, report_commit: str) -> str:
         flag = "" if c.applied else "  (not applied)"
         detail = f"  {c.detail}" if c.detail else ""  # mode, owner: what the diff cannot show
         lines.append(
-            f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.path}  [{c.reason}]{detail}{flag}"
+            f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.subject}  [{c.reason}]{detail}{flag}"
         )
     for d in report.drift:
-        lines.append(f"  ! drift  {d.path}  [{d.kind}]")
+        lines.append(f"  ! drift  {d.subject}  [{d.kind}]")
     for s in report.scripts:
         lines.append(f"  > {s.phase} {s.app}/{s.name}: exit {s.exit_code}")
     for e in report.errors:

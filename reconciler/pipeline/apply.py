@@ -27,7 +27,15 @@ from reconciler.git.snapshot import GIT_FILEMODE_EXEC, Snapshot
 from reconciler.host.state import LocalState, ManagedFile
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import ScriptRun, System
+from reconciler.pipeline.ensure import (
+    PackageSettings,
+    ResourceResult,
+    enforce_services,
+    ensure_packages,
+    resolve_pending,
+)
 from reconciler.pipeline.journal import Journal, restore_entry
+from reconciler.pipeline.packages import ResourceChange
 from reconciler.pipeline.plan import Change, Plan
 from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
 from reconciler.pipeline.scan import ActualFile, host_path
@@ -60,6 +68,8 @@ class ApplyResult:
     created_dirs: set[str] = field(default_factory=set)
     stopped: bool = False  # a pre script failed: later apps were not applied
     post_reached: set[str] = field(default_factory=set)  # apps whose post phase was reached
+    # Packages and services (SPEC §11, pipeline/ensure.py): each change, applied or not.
+    resources: list[tuple[ResourceChange, bool]] = field(default_factory=list)
 
 
 def _script_failure(run: ScriptRun, consequence: str | None) -> ScriptError:
@@ -340,6 +350,7 @@ def apply_plan(
     *,
     journal: Journal | None = None,
     force_post: Mapping[str, tuple[str, ...]] | None = None,
+    packages: PackageSettings | None = None,
 ) -> ApplyResult:
     """Execute ``plan`` app by app through ``system``; see the module docstring.
 
@@ -348,6 +359,8 @@ def apply_plan(
     interrupted run still owes, with their changed paths. Never raises for a
     failed write or script: failures land in ``ApplyResult.errors`` (an
     ApplyError naming ``.path``, or a ScriptError) so the run can still report.
+    ``packages``: how to run the package manager for ``plan.resources``
+    (SPEC §11, order in pipeline/ensure.py).
     """
     force_post = force_post or {}
     result = ApplyResult(created_dirs=set(previous.created_dirs))
@@ -365,14 +378,42 @@ def apply_plan(
 
     if journal is not None:
         journal.begin()
+    resources = ResourceResult()
+    pre_done = _ensure_packages(plan, apps, ctx, snapshot, system, packages, result, resources)
+    changes = {c.path: c for c in plan.changes}
+    if pre_done is None:  # the packages failed, or a pre script before them
+        apps = []
+    else:
+        for path, c in list(changes.items()):
+            if c.pending_ids:  # its owner or group was to come with a package (SPEC §11)
+                resolved = resolve_pending(c)
+                if isinstance(resolved, ApplyError):
+                    result.errors.append(resolved)
+                    del changes[path]
+                else:
+                    changes[path] = resolved
     for app in apps:
-        todo = [c for c in plan.changes if c.app == app.name and c.apply]
+        todo = [c for c in changes.values() if c.app == app.name and c.apply]
+        app_resources = [r for r in plan.resources if r.app == app.name]
+        has_packages = any(r.kind == "package" and r.apply for r in app_resources)
         owed = [PurePosixPath(p) for p in force_post.get(app.name, ())]
-        if not todo and not app.post_always and not owed:
+        if not todo and not has_packages and not app.post_always and not owed:
+            if app_resources:  # a service stopped by hand: no files, no scripts
+                result.errors.extend(
+                    enforce_services(
+                        app.services,
+                        app_resources,
+                        False,
+                        system,
+                        ctx.root,
+                        resources,
+                        result.scripts,
+                    )
+                )
             continue
         changed = [*(c.path for c in todo), *(p for p in owed if p not in {c.path for c in todo})]
         scripted = app.name not in removed_apps
-        if todo and scripted:
+        if todo and scripted and app.name not in (pre_done or set()):
             runs = _run_scripts("pre", app, changed, ctx, snapshot, system)
             result.scripts.extend(runs)
             failed = next((r for r in runs if not r.ok), None)
@@ -413,7 +454,7 @@ def apply_plan(
         _publish(written, system, ctx, result)
         written = []
         result.post_reached.add(app.name)
-        if scripted and (todo or app.post_always or owed):
+        if scripted and (todo or has_packages or app.post_always or owed):
             runs = _run_scripts("post", app, changed, ctx, snapshot, system)
             result.scripts.extend(runs)
             failed = next((r for r in runs if not r.ok), None)
@@ -423,13 +464,68 @@ def apply_plan(
                     restored = _roll_back_app(app.name, journal, result, ctx, system)
                     consequence = f"app {app.name} rolled back ({len(restored)} paths restored)"
                 result.errors.append(_script_failure(failed, consequence))
+        if scripted:
+            files_changed = any(c.path in result.applied for c in todo)
+            result.errors.extend(
+                enforce_services(
+                    app.services,
+                    app_resources,
+                    files_changed or (bool(todo) and system.dry_run),
+                    system,
+                    ctx.root,
+                    resources,
+                    result.scripts,
+                )
+            )
         if journal is not None and (todo or owed):
             journal.mark("done", app.name)
 
+    result.resources = resources.done
     if deleted:
         _prune_dirs(deleted, result.created_dirs, ctx, system)
     result.managed = _new_records(plan, target, actual, previous, result, ctx)
     return result
+
+
+def _ensure_packages(
+    plan: Plan,
+    apps: list[AppSettings],
+    ctx: RunContext,
+    snapshot: Snapshot,
+    system: System,
+    settings: PackageSettings | None,
+    result: ApplyResult,
+    resources: ResourceResult,
+) -> set[str] | None:
+    """The pre scripts of every app with package changes, in node order, then the one
+    transaction (pipeline/ensure.py): the apps whose pre scripts ran, or None when a
+    pre script or the package manager failed (the run stops before any file)."""
+    with_packages = [
+        a
+        for a in apps
+        if any(r.app == a.name and r.kind == "package" and r.apply for r in plan.resources)
+    ]
+    if not with_packages or settings is None:
+        return set()
+    done: set[str] = set()
+    for app in with_packages:
+        changed = [c.path for c in plan.changes if c.app == app.name and c.apply]
+        runs = _run_scripts("pre", app, changed, ctx, snapshot, system)
+        result.scripts.extend(runs)
+        done.add(app.name)
+        failed = next((r for r in runs if not r.ok), None)
+        if failed is not None:
+            result.errors.append(
+                _script_failure(failed, "no package, file or service of any app was changed")
+            )
+            result.stopped = True
+            return None
+    error = ensure_packages(plan.resources, system, settings, resources)
+    if error is not None:
+        result.errors.append(error)
+        result.stopped = True
+        return None
+    return done
 
 
 def _kind(t: TargetFile) -> str:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import grp
 import hashlib
 import pwd
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import Any
 
 from reconciler.errors import InventoryError, PathError, ReconcilerError
 from reconciler.host.state import LocalState, ManagedFile
+from reconciler.pipeline.packages import ResourceChange, ResourceDrift
 from reconciler.pipeline.render import AbsentRule, TargetFile, TargetState
 from reconciler.pipeline.scan import ActualFile
 
@@ -45,6 +46,9 @@ class Change:
     uid: int | None = None  # resolved owner/group, when metadata sets them
     gid: int | None = None
     detail: str = ""  # e.g. "mode 0644 → 0640"
+    # The owner or group does not exist yet and a package of this run is to be
+    # installed first (SPEC §11): resolved by the apply stage after the packages.
+    pending_ids: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,11 +71,14 @@ class Plan:
     drift: tuple[DriftItem, ...]
     excluded: tuple[PurePosixPath, ...]
     errors: tuple[ReconcilerError, ...] = ()
+    # Packages and services (SPEC §11): pipeline/packages.plan_resources, set by the run.
+    resources: tuple[ResourceChange, ...] = ()
+    resource_drift: tuple[ResourceDrift, ...] = ()
 
     @property
     def empty(self) -> bool:
         """True when nothing needs to change."""
-        return not self.changes
+        return not self.changes and not self.resources
 
 
 def exclude_matcher(patterns: Iterable[str]) -> Any:
@@ -95,14 +102,21 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def resolve_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, int | None]]:
+def resolve_ids(
+    target: TargetState,
+    coming: Mapping[str, Sequence[str]] | None = None,
+    pending: dict[PurePosixPath, str] | None = None,
+) -> dict[PurePosixPath, tuple[int | None, int | None]]:
     """uid/gid of every owner/group named in metadata, by name or number on this host.
 
     A number (``"0"``, ``"998"``) must be a user's or a group's id on this host,
     as a name must be its name: ``"99999"`` would otherwise make files
     owned by nobody, where ``chown`` (and Puppet's ``owner``) take an id as
     written. Raises InventoryError for an unknown user or group, before
-    anything is written (issue #3: resolve names up front).
+    anything is written (issue #3: resolve names up front) — unless
+    ``coming`` (app → packages this run installs, SPEC §11) is not empty:
+    a package's postinst may create it, so the path goes into ``pending``
+    with the words to show, its id None, resolved again after the packages.
     """
     out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
     for path, t in target.files.items():
@@ -111,7 +125,7 @@ def resolve_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, in
             uid = _resolve(
                 t.owner, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid
             )
-            if uid is None:
+            if uid is None and not _coming(pending, coming, path, "user", t.owner, t.app):
                 raise InventoryError(
                     f"{path}: owner {t.owner!r} does not exist on this host (node "
                     f"{target.node}, {t.template}) — create the user or change files: owner"
@@ -120,13 +134,33 @@ def resolve_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, in
             gid = _resolve(
                 t.group, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid
             )
-            if gid is None:
+            if gid is None and not _coming(pending, coming, path, "group", t.group, t.app):
                 raise InventoryError(
                     f"{path}: group {t.group!r} does not exist on this host (node "
                     f"{target.node}, {t.template}) — create the group or change files: group"
                 )
         out[path] = (uid, gid)
     return out
+
+
+def _coming(
+    pending: dict[PurePosixPath, str] | None,
+    coming: Mapping[str, Sequence[str]] | None,
+    path: PurePosixPath,
+    what: str,
+    name: str,
+    app: str,
+) -> bool:
+    """Note that ``what`` ``name`` of ``path`` may come with this run's packages (SPEC §11):
+    we cannot know which package creates it, so every app's are named, the file's
+    app's first. False when no package is installed this run."""
+    if pending is None or not coming:
+        return False
+    order = sorted(coming.items(), key=lambda kv: kv[0] != app)
+    named = "; ".join(f"package(s) {', '.join(p)} of app {a}" for a, p in order)
+    note = f"{what} {name} does not exist yet; {named} are to be installed first"
+    pending[path] = f"{pending[path]}; {note}" if path in pending else note
+    return True
 
 
 def _resolve(text: str, by_id: Callable[[int], int], by_name: Callable[[str], int]) -> int | None:
@@ -293,6 +327,22 @@ def _plan_link(
     return change, drift
 
 
+def _pending(change: Change | None, t: TargetFile, note: str, mode: str) -> Change:
+    """``change`` (or a chown when the content is in sync) marked to resolve its owner
+    or group after the packages of this run, ``note`` saying why (SPEC §11)."""
+    if change is None:
+        change = Change(
+            path=t.path,
+            action="chown",
+            reason="desired",
+            app=t.app,
+            target=t,
+            apply=mode == "enforce",
+        )
+    detail = f"{change.detail}; {note}" if change.detail else note
+    return replace(change, pending_ids=True, detail=detail)
+
+
 def _as_desired(t: TargetFile, ids: tuple[int | None, int | None], a: ActualFile) -> ManagedFile:
     """The record a path leaving the exclude list is planned against: the desired state.
 
@@ -342,8 +392,13 @@ def make_plan(
     excludes: Any,
     mode: str,
     absent: Mapping[PurePosixPath, AbsentRule] | None = None,
+    coming: Mapping[str, Sequence[str]] | None = None,
 ) -> Plan:
     """Compute the Plan of SPEC §4 step 5.
+
+    ``coming``: app → the packages this run installs (SPEC §11): an owner
+    or group unknown now is then no error but a change marked
+    ``pending_ids`` whose detail says so (:func:`resolve_ids`).
 
     ``actual`` must hold every target path and every previously managed
     path; ``excludes`` is an :func:`exclude_matcher`; ``mode`` is ``enforce``
@@ -359,7 +414,8 @@ def make_plan(
     refuses directories without ``force``; files and links only here).
     Raises InventoryError for an unknown owner or group.
     """
-    ids = resolve_ids(target)
+    pending: dict[PurePosixPath, str] = {}
+    ids = resolve_ids(target, coming, pending)
     changes: list[Change] = []
     drift: list[DriftItem] = []
     excluded: list[PurePosixPath] = []
@@ -391,6 +447,8 @@ def make_plan(
             m = _as_desired(t, ids[path], a)
         change, found = _plan_target(t, a, m, ids[path], mode)
         drift.extend(found)
+        if path in pending:
+            change = _pending(change, t, pending[path], mode)
         if change is not None:
             changes.append(change)
 

@@ -45,6 +45,7 @@ from reconciler.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_RENDER_TIMEOUT, for
 from reconciler.errors import InventoryError, PathError, ReconcilerError, RenderError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
 from reconciler.pipeline.inventory import DEFAULT_STATE, Inventory, Node, load_app_config
+from reconciler.pipeline.packages import PackageSpec, ServiceSpec, check_resources, parse_resources
 from reconciler.pipeline.renderkeys import NODES, Fleet, UnknownNodes, render_keys
 from reconciler.secrets.age import is_age_marker, marker_parts
 
@@ -100,6 +101,8 @@ class AppSettings:
     timeout: float = DEFAULT_SCRIPT_TIMEOUT
     post_always: bool = False
     on_post_failure: str = "fail"  # fail | rollback (issue #3)
+    packages: tuple[PackageSpec, ...] = ()  # SPEC §11, in app.yaml order
+    services: tuple[ServiceSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -328,10 +331,14 @@ def link_target(snapshot: Snapshot, repo_path: str) -> str:
 
 
 def load_app_settings(snapshot: Snapshot, node: Node) -> tuple[AppSettings, ...]:
-    """AppSettings for every app of ``node``, in node order (SPEC §1 ``scripts``)."""
+    """AppSettings for every app of ``node``, in node order (SPEC §1 ``scripts``, §11
+    ``packages``/``services``). Raises InventoryError for a bad app.yaml or apps that
+    contradict each other on a package or a service."""
     out = []
     for app in node.apps:
-        scripts = load_app_config(snapshot, app.name).get("scripts", {})
+        data = load_app_config(snapshot, app.name)
+        scripts = data.get("scripts", {})
+        packages, services = parse_resources(data, app=app.name, node=node.name)
         out.append(
             AppSettings(
                 name=app.name,
@@ -339,8 +346,13 @@ def load_app_settings(snapshot: Snapshot, node: Node) -> tuple[AppSettings, ...]
                 timeout=float(scripts.get("timeout", DEFAULT_SCRIPT_TIMEOUT)),
                 post_always=bool(scripts.get("post_always", False)),
                 on_post_failure=str(scripts.get("on_post_failure", "fail")),
+                packages=packages,
+                services=services,
             )
         )
+    check_resources(
+        [p for a in out for p in a.packages], [s for a in out for s in a.services], node=node.name
+    )
     return tuple(out)
 
 

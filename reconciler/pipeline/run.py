@@ -22,6 +22,7 @@ that in one place. Every run ends with a report, a failed one too.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -491,6 +492,21 @@ def is_noop(setting: Setting, prepared: Prepared, system: System) -> bool:
         and previous.fingerprint == prepared.fingerprint
         and previous.applied_commit == prepared.commit
         and unchanged(system, setting.root, previous)
+        and _resources_unchanged(system, setting.root, previous)
+    )
+
+
+def _resources_unchanged(system: System, root: Path, previous: LocalState) -> bool:
+    """The no-op short cut for packages and services (SPEC §7, §11): the package
+    database's stat as after the last full run (no ``dpkg-query``: a package
+    removed by hand rewrites dpkg's status file) and the recorded services still
+    enabled and running as recorded (two batched ``systemctl`` calls)."""
+    if not previous.resources:
+        return True
+    from reconciler.host.packages import package_db_stamp, services_unchanged
+
+    return package_db_stamp(system, root) == previous.package_db and services_unchanged(
+        system, root, previous.resources
     )
 
 
@@ -522,10 +538,19 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         return Converged(
             mode=config.mode, applied_commit=previous.applied_commit, errors=prepared.errors
         )
+    from reconciler.host.packages import package_db_stamp, read_host
     from reconciler.pipeline.apply import RunContext, apply_plan
     from reconciler.pipeline.capture import drift_captures, seal_captures
+    from reconciler.pipeline.ensure import PackageSettings
     from reconciler.pipeline.inventory import effective_node, load_inventory
     from reconciler.pipeline.journal import Journal, Manifest, make_entries
+    from reconciler.pipeline.packages import (
+        ResourceChange,
+        ResourceDrift,
+        check_for_manager,
+        plan_resources,
+        resource_record,
+    )
     from reconciler.pipeline.plan import exclude_matcher, make_plan
     from reconciler.pipeline.render import Decryption, RenderLimits, render_target
     from reconciler.pipeline.scan import find_absent, scan
@@ -592,7 +617,31 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         paths += [p for p in named if p not in known]
         actual = scan(root, paths, previous.managed, system)
         excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
-        plan = make_plan(target, actual, previous, excludes, mode, named)
+        # Packages and services (SPEC §11): what the host has, read once per run.
+        host_res = None
+        res_changes: tuple[ResourceChange, ...] = ()
+        res_drift: tuple[ResourceDrift, ...] = ()
+        specs_p = [p for a in target.apps for p in a.packages]
+        specs_s = [s for a in target.apps for s in a.services]
+        if specs_p or specs_s:
+            host_res = read_host(
+                system,
+                setting.facts.get("os_release") or {},
+                root,
+                packages=bool(specs_p),
+                units=[s.unit for s in specs_s],
+                node=config.node,
+            )
+            check_for_manager(specs_p, host_res.manager, node=config.node)
+            res_changes, res_drift = plan_resources(
+                specs_p, specs_s, host_res, previous.resources, mode
+            )
+        coming: dict[str, list[str]] = {}
+        for r in res_changes:
+            if r.kind == "package" and r.action == "install":
+                coming.setdefault(r.app, []).append(r.name)
+        plan = make_plan(target, actual, previous, excludes, mode, named, coming=coming)
+        plan = dataclasses.replace(plan, resources=res_changes, resource_drift=res_drift)
         errors.extend(plan.errors)
         captures = drift_captures(
             plan, target, previous, actual, root, system, max_capture=config.report.max_capture
@@ -636,6 +685,11 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
                 ctx,
                 journal=kept,
                 force_post=owed,
+                packages=PackageSettings(
+                    manager=host_res.manager if host_res else "",
+                    lock_timeout=config.lock_timeout,
+                    node=config.node,
+                ),
             )
         finally:
             state_dir.remove_run_dir(setting.run_id)
@@ -659,7 +713,22 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     applied_commit = commit if not errors and not pending else previous.applied_commit
     # The no-op short cut skips scripts too: never for apps with post_always.
     always = any(a.post_always for a in target.apps)
-    clean = not errors and not pending and not suspended and not always
+    # Packages and services: what this run left as declared is recorded as ensured (a
+    # later loss is drift); the rest keeps the last run's record (SPEC §11).
+    wanted = resource_record(
+        [p for a in target.apps for p in a.packages], [s for a in target.apps for s in a.services]
+    )
+    done = {(r.kind, r.name) for r, ok in applied.resources if ok}
+    left = {(r.kind, r.name) for r, _ in applied.resources} - done
+    left |= {(r.kind, r.name) for r in plan.resources if not r.apply}
+    offline = {(r.kind, r.name) for r in plan.resources if r.offline}
+    resources = {k: v for k, v in wanted.items() if tuple(k.split(" ", 1)) not in left | offline}
+    resources.update(
+        (k, previous.resources[k])
+        for k in wanted
+        if tuple(k.split(" ", 1)) in left and k in previous.resources
+    )
+    clean = not errors and not pending and not suspended and not always and not (left - offline)
     settled = None
     if recovery is not None and recovery.post_pending and mode == "enforce":
         # Owed post scripts this run reached, or of apps the node no longer runs.
@@ -686,6 +755,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             # Looked at again after the apply: the no-op short cut compares these
             # directories' and paths' stats to notice an absent path coming back.
             absent_watch=absent_watch(system, root, [r.pattern for r in target.absent]),
+            resources=resources,
+            package_db=package_db_stamp(system, root) if resources else "",
         ),
         settled=settled,
         lift_hold=prepared.hold_check is not None and hold_unchanged is None,
@@ -845,6 +916,7 @@ def _report(
         uncaptured=converged.captures.uncaptured if converged.captures is not None else (),
         history_lost=history_lost,
         cache_rebuilt=rebuilt.to_json() if rebuilt is not None else None,
+        resources=applied.resources if applied else None,
     )
 
 

@@ -198,6 +198,9 @@ A = "a" * 40
 P = PurePosixPath
 
 
+from reconciler.pipeline.packages import ResourceChange  # noqa: E402
+
+
 def _run_report() -> Any:
     """A run's report with every part the code writes set (optional keys included)."""
     plan = Plan(
@@ -213,6 +216,16 @@ def _run_report() -> Any:
         ),
         drift=(DriftItem(path=P("/etc/motd"), kind="content"),),
         excluded=(P("/etc/local.conf"),),
+        resources=(
+            ResourceChange(
+                kind="package",
+                name="nginx",
+                action="install",
+                reason="desired",
+                app="web",
+                apply=True,
+            ),
+        ),
     )
     return build_report(
         node="web1",

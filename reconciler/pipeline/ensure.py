@@ -1,0 +1,196 @@
+"""Apply stage, packages and services (SPEC §11): the plan's ResourceChanges carried
+out through a System, in the order ``pipeline/apply.py`` calls them.
+
+Order of a run (docs/spec.md §11, as built): the pre scripts of every app
+with package changes, in node order; then one package transaction for all
+apps; then app by app: the app's files, its post scripts, its services
+(enable/disable, start/stop, then ``on_change`` reload or restart when any of
+its files changed this run). One transaction (SPEC §11) and "packages after
+the app's pre scripts and before its files" both hold: no app's files are
+written before the transaction, so a package that creates a group or a user
+does so before any file needs it, and a package the manager refuses stops
+the run before any file changed.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from reconciler.errors import ApplyError, ReconcilerError
+from reconciler.host.packages import (
+    PackageError,
+    journal_tail,
+    run_transaction,
+    service_command,
+)
+from reconciler.host.system import ScriptRun, System
+from reconciler.pipeline.packages import ResourceChange, ServiceSpec
+from reconciler.pipeline.plan import Change
+
+SERVICE_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PackageSettings:
+    """PackageSettings are what the apply stage needs to run the package manager."""
+
+    manager: str  # apt | dnf | "" (no packages declared)
+    lock_timeout: float  # seconds: apt's DPkg::Lock::Timeout (config ``lock_timeout``)
+    node: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ResourceResult:
+    """What the apply stage did to packages and services: each change and whether it
+    was applied (reloads and restarts decided during the apply included)."""
+
+    done: list[tuple[ResourceChange, bool]] = field(default_factory=list)
+
+
+def ensure_packages(
+    changes: Sequence[ResourceChange],
+    system: System,
+    settings: PackageSettings,
+    result: ResourceResult,
+) -> PackageError | None:
+    """Install and remove every package change to apply, in one transaction.
+
+    Appends each change with whether it was applied (a dry run: False) to
+    ``result``; returns the PackageError when the manager failed (the run
+    stops: nothing after it is applied), None otherwise.
+    """
+    todo = [c for c in changes if c.kind == "package" and c.apply]
+    if not todo:
+        return None
+    install = [c.name for c in todo if c.action == "install"]
+    remove = [c.name for c in todo if c.action == "remove"]
+    try:
+        run_transaction(
+            system,
+            settings.manager,
+            install,
+            remove,
+            lock_timeout=settings.lock_timeout,
+            node=settings.node,
+        )
+    except PackageError as exc:
+        result.done.extend((c, False) for c in todo)
+        return exc
+    result.done.extend((c, not system.dry_run) for c in todo)
+    return None
+
+
+def resolve_pending(change: Change) -> Change | ApplyError:
+    """A change whose owner or group did not exist at planning time (a package of this
+    run was to create it), resolved now that the packages are in; an ApplyError
+    naming the path when it still does not exist."""
+    t = change.target
+    assert t is not None
+    uid, gid = change.uid, change.gid
+    try:
+        if uid is None and t.owner is not None:
+            uid = int(t.owner) if t.owner.isdigit() else pwd.getpwnam(t.owner).pw_uid
+        if gid is None and t.group is not None:
+            gid = int(t.group) if t.group.isdigit() else grp.getgrnam(t.group).gr_gid
+    except KeyError:
+        return ApplyError(
+            f"owner {t.owner!r} or group {t.group!r} still does not exist after the "
+            f"packages of this run (app {change.app}, {t.template}) — create it, or change "
+            "files: owner/group",
+            path=change.path,
+        )
+    return replace(change, uid=uid, gid=gid)
+
+
+def enforce_services(
+    services: Sequence[ServiceSpec],
+    planned: Sequence[ResourceChange],
+    files_changed: bool,
+    system: System,
+    root: Path,
+    result: ResourceResult,
+    scripts: list[ScriptRun],
+) -> list[ReconcilerError]:
+    """One app's services after its files and post scripts (SPEC §11).
+
+    ``planned``: the app's service changes of the plan; enable/disable and
+    start/stop are run as planned (``apply``); then, when ``files_changed``
+    and a service is to run and was not started just now, its ``on_change``
+    (reload or restart). A service that fails to start or reload fails the
+    run: its error, and the last journal lines of the unit as a ``service``
+    entry of ``scripts`` (host output: reported as a script's output tail).
+    """
+    errors: list[ReconcilerError] = []
+    started: set[str] = set()
+    for change in planned:
+        if change.kind != "service":
+            continue
+        if not change.apply:
+            result.done.append((change, False))
+            continue
+        ok = _run(system, change, root, errors, scripts)
+        result.done.append((change, ok and not system.dry_run))
+        if change.action == "start":
+            started.add(change.name)
+    if not files_changed:
+        return errors
+    live = str(root) == "/"
+    for s in services:
+        if not s.running or s.on_change == "none" or s.unit in started:
+            continue
+        change = ResourceChange(
+            kind="service",
+            name=s.unit,
+            action=s.on_change,
+            reason="desired",
+            app=s.app,
+            apply=live,
+            detail="the app's files changed"
+            if live
+            else "the app's files changed; root is not /: never reloaded",
+        )
+        if not live:
+            result.done.append((change, False))
+            continue
+        ok = _run(system, change, root, errors, scripts)
+        result.done.append((change, ok and not system.dry_run))
+    return errors
+
+
+def _run(
+    system: System,
+    change: ResourceChange,
+    root: Path,
+    errors: list[ReconcilerError],
+    scripts: list[ScriptRun],
+) -> bool:
+    run = system.run_command(
+        service_command(change.action, change.name, root), env=None, timeout=SERVICE_TIMEOUT_S
+    )
+    if run.ok:
+        return True
+    why = "timed out" if run.timed_out else f"exit {run.exit_code}"
+    tail = journal_tail(system, change.name) if str(root) == "/" else ""
+    scripts.append(
+        ScriptRun(
+            phase="service",
+            app=change.app,
+            name=change.name,
+            exit_code=run.exit_code,
+            duration_s=run.duration_s,
+            output_tail=tail or run.errors,
+            timed_out=run.timed_out,
+        )
+    )
+    last = (run.errors.strip().splitlines() or [why])[-1]
+    errors.append(
+        ApplyError(
+            f"systemctl {change.action} {change.name} failed ({why}: {last}) (app "
+            f"{change.app}) — see its journal lines in the report (journalctl -u {change.name})"
+        )
+    )
+    return False

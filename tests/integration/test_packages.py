@@ -1,0 +1,204 @@
+"""Packages for real with apt (SPEC §11): two tiny .deb packages built here with
+dpkg-deb, served from a file repository, installed, repaired, removed by the agent
+on root "/".
+
+Why root "/" is safe here: the test's fleet has nothing but the two packages
+(distinctive names, no dependencies), one file and a pre script, both inside
+this test's temporary directory; the state directory is there too. The apt
+source is one sources.list.d file, and its package lists, removed in a
+finally with the packages and the group the postinst made.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GitDaemon, Host, git
+
+pytestmark = [pytest.mark.root]
+
+ALPHA, BETA = "reconciler-test-alpha", "reconciler-test-beta"
+GROUP = "rctestgrp"
+
+
+def _deb(base: Path, name: str, postinst: str = "", postrm: str = "") -> None:
+    tree = base / name
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: tests <t@example>\n"
+        f"Description: reconciler test package\n"
+    )
+    (tree / "usr/share/doc" / name).mkdir(parents=True)
+    (tree / "usr/share/doc" / name / "README").write_text("test\n")
+    for script, body in (("postinst", postinst), ("postrm", postrm)):
+        if body:
+            (tree / "DEBIAN" / script).write_text(f"#!/bin/sh\nset -e\n{body}\nexit 0\n")
+            (tree / "DEBIAN" / script).chmod(0o755)
+    subprocess.run(
+        ["dpkg-deb", "-Zgzip", "--build", str(tree), str(base / "pool" / f"{name}.deb")],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _installed() -> dict[str, str]:
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Package} ${Version} ${db:Status-Abbrev}\n"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {line.split(" ", 1)[0]: line for line in out.splitlines()}
+
+
+def _cleanup(source: Path, repo: Path) -> None:
+    subprocess.run(["dpkg", "--purge", ALPHA, BETA], capture_output=True, check=False)
+    subprocess.run(["groupdel", GROUP], capture_output=True, check=False)
+    source.unlink(missing_ok=True)
+    lists = Path("/var/lib/apt/lists")
+    # apt names a list after its URI, "/" as "_" and "_" escaped as "%5f".
+    stem = "_".join(p.replace("_", "%5f") for p in str(repo).split("/") if p)
+    for f in lists.glob(f"*{stem}*"):
+        f.unlink()
+
+
+def test_packages_installed_repaired_removed_with_real_apt(
+    tmp_path: Path, git_daemon: GitDaemon
+) -> None:
+    repo = tmp_path / "apt-repo"
+    (repo / "pool").mkdir(parents=True)
+    _deb(
+        repo,
+        ALPHA,
+        postinst=f'[ "$1" = configure ] && (getent group {GROUP} >/dev/null || groupadd -r {GROUP})',
+        postrm=f'[ "$1" = purge ] && (groupdel {GROUP} 2>/dev/null || true)',
+    )
+    _deb(repo, BETA)
+    packages = subprocess.run(
+        ["dpkg-scanpackages", "pool", "/dev/null"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    ).stdout
+    (repo / "Packages").write_bytes(packages)
+    source = Path(f"/etc/apt/sources.list.d/reconciler-test-{os.getpid()}.list")
+    before = _installed()
+    assert ALPHA not in before and BETA not in before
+    with pytest.raises(KeyError):
+        grp.getgrnam(GROUP)
+    try:
+        source.write_text(f"deb [trusted=yes] file:{repo} ./\n")
+        subprocess.run(
+            [
+                "apt-get", "update", "-q",
+                "-o", f"Dir::Etc::sourcelist={source}",
+                "-o", "Dir::Etc::sourceparts=-",
+                "-o", "APT::Get::List-Cleanup=0",
+                "-o", "APT::Sandbox::User=root",  # the repository is in a 0700 temp dir
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        _scenario(tmp_path, git_daemon, before)
+    finally:
+        _cleanup(source, repo)
+    assert ALPHA not in _installed()
+
+
+def _scenario(tmp_path: Path, git_daemon: GitDaemon, before: dict[str, str]) -> None:
+    out = tmp_path / "out"
+    dest = out / "pk.conf"
+    record = tmp_path / "pre-record"
+    work = tmp_path / "fleet"
+    work.mkdir()
+    git("init", "-q", "-b", "main", cwd=work)
+    (work / "hosts").mkdir()
+    (work / "hosts/pk.yaml").write_text("apps: [pk]\n")
+    tpl = work / "templates/pk/default" / str(dest).lstrip("/")
+    tpl.parent.mkdir(parents=True)
+    tpl.write_text("setting = 1\n")
+    app_yaml = work / "templates/pk/app.yaml"
+
+    def app(packages: str) -> None:
+        app_yaml.write_text(
+            f'packages: {packages}\nfiles:\n  {dest}: {{group: {GROUP}, mode: "0640"}}\n'
+        )
+
+    app(f"[{ALPHA}, {BETA}]")
+    pre = work / "scripts/pre/pk/10-record"
+    pre.parent.mkdir(parents=True)
+    # What the pre script saw: the group (made by ALPHA's postinst) must not exist yet.
+    pre.write_text(
+        textwrap.dedent(f"""\
+        #!/bin/sh
+        if getent group {GROUP} >/dev/null; then echo group-exists; else echo no-group; fi >> {record}
+        """)
+    )
+    pre.chmod(0o755)
+    name = f"pk-{os.getpid()}.git"
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "packages", cwd=work)
+    git("init", "-q", "--bare", str(git_daemon.base / name))
+    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    host = Host(
+        node="pk",
+        root=Path("/"),
+        state_dir=tmp_path / "state",
+        exclude_file=tmp_path / "exclude",
+        url=git_daemon.url(name),
+    )
+
+    def commit() -> None:
+        git("commit", "-qam", "change", cwd=work)
+        git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+
+    # 1. Installs both in one transaction; the pre script ran before the package; the
+    #    file's group, made by the postinst, is resolved after the packages.
+    code, report = host.pull_json()
+    assert code == 0, report["errors"]
+    now = _installed()
+    assert now[ALPHA].endswith("ii ") and now[BETA].endswith("ii ")
+    assert record.read_text() == "no-group\n"
+    assert dest.stat().st_gid == grp.getgrnam(GROUP).gr_gid
+    pk = [
+        (c["path"], c["action"], c["reason"], c["applied"])
+        for c in report["changes"]
+        if c.get("kind")
+    ]
+    assert pk == [(ALPHA, "install", "desired", True), (BETA, "install", "desired", True)]
+    # Nothing else was upgraded or installed.
+    assert {k: v for k, v in now.items() if k not in (ALPHA, BETA)} == before
+
+    # 2. Twice: nothing to do.
+    code, report = host.pull_json()
+    assert (code, report["result"], report["changes"]) == (0, "ok", [])
+
+    # 3. Removed by hand: drift of kind package, repaired and reported.
+    subprocess.run(["dpkg", "-r", BETA], check=True, capture_output=True)
+    code, report = host.pull_json()
+    assert code == 0 and report["result"] == "drift"
+    assert {"path": BETA, "kind": "package"} in report["drift"]
+    assert _installed()[BETA].endswith("ii ")
+
+    # 4. An unknown package: apt's own words, one line, exit 1, nothing changed.
+    app(f"[{ALPHA}, {{name: {BETA}, state: absent}}, reconciler-test-nosuch]")
+    commit()
+    proc = host.pull()
+    assert proc.returncode == 1
+    assert "Unable to locate package reconciler-test-nosuch" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert _installed()[BETA].endswith("ii ")
+
+    # 5. state: absent removes it.
+    app(f"[{ALPHA}, {{name: {BETA}, state: absent}}]")
+    commit()
+    code, report = host.pull_json()
+    assert code == 0, report["errors"]
+    assert BETA not in _installed() or not _installed()[BETA].endswith("ii ")
+    assert {k: v for k, v in _installed().items() if k not in (ALPHA, BETA)} == before

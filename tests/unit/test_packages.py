@@ -1,0 +1,204 @@
+"""Packages and services of app.yaml (SPEC §11): parsing, bad input, planning,
+the package manager's command lines, and owner/group checks after packages."""
+
+from __future__ import annotations
+
+import grp
+from pathlib import PurePosixPath
+
+import pytest
+
+from reconciler.errors import InventoryError
+from reconciler.host.packages import manager_for, transaction_argv
+from reconciler.host.state import LocalState
+from reconciler.pipeline.packages import (
+    HostResources,
+    ServiceStatus,
+    check_for_manager,
+    check_resources,
+    parse_resources,
+    plan_resources,
+    resource_record,
+)
+from reconciler.pipeline.plan import make_plan
+from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
+from reconciler.pipeline.scan import ActualFile
+
+
+def test_parse_names_and_states() -> None:
+    packages, services = parse_resources(
+        {
+            "packages": ["nginx", {"name": "apache2", "state": "absent"}, "libstdc++6"],
+            "services": {"nginx": {"on_change": "reload"}, "getty@tty1": {"running": False}},
+        },
+        app="web",
+        node="web1",
+    )
+    assert [(p.name, p.state) for p in packages] == [
+        ("nginx", "present"),
+        ("apache2", "absent"),
+        ("libstdc++6", "present"),
+    ]
+    assert [(s.unit, s.enabled, s.running, s.on_change) for s in services] == [
+        ("nginx.service", True, True, "reload"),
+        ("getty@tty1.service", True, False, "restart"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"packages": ["nginx; rm -rf /"]},
+        {"packages": ["-oDebug::pkgProblemResolver=1"]},
+        {"packages": ["$(reboot)"]},
+        {"packages": [{"name": "a b"}]},
+        {"packages": ["nginx", {"name": "nginx", "state": "absent"}]},
+        {"services": {"nginx service": {}}},
+        {"services": {"-nginx": {}}},
+        {"services": {"getty@": {}}},
+        {"services": {"x" * 300: {}}},
+    ],
+)
+def test_bad_names_are_one_line_naming_app_yaml_app_and_node(data: dict) -> None:
+    with pytest.raises(InventoryError) as exc:
+        parse_resources(data, app="web", node="web1")
+    text = str(exc.value)
+    assert text.startswith("templates/web/app.yaml: ")
+    assert "(app web, node web1)" in text and " — " in text and "\n" not in text
+
+
+def test_present_in_one_app_absent_in_another_is_refused() -> None:
+    a, _ = parse_resources({"packages": ["nginx"]}, app="web", node="n1")
+    b, _ = parse_resources(
+        {"packages": [{"name": "nginx", "state": "absent"}]}, app="lb", node="n1"
+    )
+    with pytest.raises(
+        InventoryError, match=r"templates/lb/app.yaml: package nginx is absent here"
+    ):
+        check_resources([*a, *b], [], node="n1")
+    check_resources([*a, *a], [], node="n1")  # the same state twice is fine
+
+
+def test_debian_grammar_under_apt_only() -> None:
+    packages, _ = parse_resources({"packages": ["NetworkManager"]}, app="net", node="n1")
+    check_for_manager(packages, "dnf", node="n1")
+    with pytest.raises(InventoryError, match="not a Debian package name"):
+        check_for_manager(packages, "apt", node="n1")
+
+
+@pytest.mark.parametrize(
+    ("release", "manager"),
+    [
+        ({"ID": "debian"}, "apt"),
+        ({"ID": "linuxmint", "ID_LIKE": "ubuntu debian"}, "apt"),
+        ({"ID": "rocky", "ID_LIKE": "rhel centos fedora"}, "dnf"),
+        ({"ID": "fedora"}, "dnf"),
+        ({"ID": "alpine"}, None),
+        ({}, None),
+    ],
+)
+def test_manager_from_os_release(release: dict, manager: str | None) -> None:
+    assert manager_for(release) == manager
+
+
+def test_apt_command_never_upgrades_never_prompts_and_waits_for_the_lock() -> None:
+    argv, env = transaction_argv("apt", ["nginx"], ["apache2"], lock_timeout=60)
+    assert argv[0] == "apt-get" and "--no-upgrade" in argv and "-y" in argv
+    assert "Dpkg::Options::=--force-confold" in argv and "DPkg::Lock::Timeout=60" in argv
+    assert argv[-3:] == ("--", "nginx", "apache2-")  # one transaction; names after "--"
+    assert env["DEBIAN_FRONTEND"] == "noninteractive"
+
+
+def _host(installed: set[str], services: dict | None = None, *, live: bool = True):
+    return HostResources(
+        manager="apt", installed=frozenset(installed), services=services or {}, live=live
+    )
+
+
+def test_plan_desired_then_drift_then_nothing() -> None:
+    packages, services = parse_resources(
+        {"packages": ["nginx", {"name": "apache2", "state": "absent"}], "services": {"nginx": {}}},
+        app="web",
+        node="n1",
+    )
+    stopped = {"nginx.service": ServiceStatus(enabled="disabled", active="inactive")}
+    changes, drift = plan_resources(packages, services, _host({"apache2"}, stopped), {}, "enforce")
+    assert [(c.kind, c.name, c.action, c.reason, c.apply) for c in changes] == [
+        ("package", "nginx", "install", "desired", True),
+        ("package", "apache2", "remove", "desired", True),
+        ("service", "nginx.service", "enable", "desired", True),
+        ("service", "nginx.service", "start", "desired", True),
+    ]
+    assert drift == ()
+    ensured = resource_record(packages, services)
+    changes, drift = plan_resources(
+        packages, services, _host({"apache2"}, stopped), ensured, "audit"
+    )
+    assert {c.reason for c in changes} == {"drift"} and not any(c.apply for c in changes)
+    assert [(d.kind, d.name) for d in drift] == [
+        ("package", "nginx"),
+        ("package", "apache2"),
+        ("service", "nginx.service"),
+    ]
+    running = {"nginx.service": ServiceStatus(enabled="enabled", active="active")}
+    assert plan_resources(packages, services, _host({"nginx"}, running), ensured, "enforce") == (
+        (),
+        (),
+    )
+
+
+def test_under_another_root_planned_never_installed_or_started() -> None:
+    packages, services = parse_resources(
+        {"packages": ["nginx"], "services": {"nginx": {}}}, app="web", node="n1"
+    )
+    offline = {"nginx.service": ServiceStatus(enabled="disabled", active="unknown")}
+    changes, _ = plan_resources(
+        packages, services, _host(set(), offline, live=False), {}, "enforce"
+    )
+    assert [(c.action, c.apply) for c in changes] == [
+        ("install", False),
+        ("enable", True),  # written inside the root with systemctl --root (SPEC §11)
+        ("start", False),
+    ]
+
+
+def _target(group: str) -> TargetState:
+    f = TargetFile(
+        path=PurePosixPath("/etc/chrony/chrony.conf"),
+        content=b"x",
+        mode=0o640,
+        app="chrony",
+        template="templates/chrony/default/etc/chrony/chrony.conf",
+        owner=None,
+        group=group,
+        secret=False,
+        policy="enforce",
+    )
+    return TargetState(
+        node="n1", files={f.path: f}, apps=(AppSettings(name="chrony", state="default"),)
+    )
+
+
+def test_unknown_group_waits_for_this_runs_packages() -> None:
+    group = "rctest-nosuch-group"
+    with pytest.raises(KeyError):
+        grp.getgrnam(group)
+    target = _target(group)
+    actual = {p: ActualFile(path=p, kind="missing") for p in target.files}
+    with pytest.raises(InventoryError, match="does not exist on this host"):
+        make_plan(target, actual, LocalState(), _nothing(), "enforce")
+    plan = make_plan(
+        target, actual, LocalState(), _nothing(), "enforce", coming={"chrony": ["chrony"]}
+    )
+    (change,) = plan.changes
+    assert change.pending_ids and change.gid is None
+    assert (
+        f"group {group} does not exist yet; package(s) chrony of app chrony are to be "
+        "installed first" in change.detail
+    )
+
+
+def _nothing():
+    from reconciler.pipeline.plan import exclude_matcher
+
+    return exclude_matcher([])
