@@ -38,7 +38,12 @@ root: $demo/root
 state_dir: $demo/state
 exclude_file: $demo/exclude
 identity: $demo/identity.age
+facts_dir: $demo/facts.d
 YAML
+# A local fact (SPEC §10): what only the host knows, read by templates/motd as
+# facts.local.location. Root-owned and not world-writable, or it is refused.
+mkdir -m 0755 "$demo/facts.d"
+printf 'room: DC2 hall B\nrack: R12\n' > "$demo/facts.d/location.yaml"
 echo "agent configuration ($demo/config.yaml):"
 sed 's/^/    /' "$demo/config.yaml"
 export RECONCILER_CONFIG=$demo/config.yaml

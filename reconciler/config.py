@@ -29,6 +29,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/reconciler/config.yaml")
 # This host's age identity (SPEC §8): an age X25519 identity file or an OpenSSH
 # ed25519 private key; read only when a run meets an encrypted secret.
 DEFAULT_IDENTITY = "/etc/reconciler/identity.age"
+# Local facts (SPEC §10); pipeline/facts.py reads them.
+DEFAULT_FACTS_DIR = "/etc/reconciler/facts.d"
 MODES = ("enforce", "audit")
 
 # Bounds on one template's render (SPEC §2, §10): render_timeout, max_file_size.
@@ -167,6 +169,9 @@ class AgentConfig:
     render_timeout: float = DEFAULT_RENDER_TIMEOUT
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     identity: str = DEFAULT_IDENTITY
+    # Local facts (SPEC §10): *.yaml, *.json and executables → facts.local.<name>;
+    # read as given, never under root (they describe the machine the agent runs on).
+    facts_dir: str = DEFAULT_FACTS_DIR
     auth: AuthConfig = field(default_factory=AuthConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -191,6 +196,7 @@ SCALAR_KEYS: tuple[str, ...] = (
     "render_timeout",
     "max_file_size",
     "identity",
+    "facts_dir",
 )
 _DURATION_KEYS = frozenset(
     {

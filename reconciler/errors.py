@@ -18,6 +18,7 @@ place, :func:`reconciler.git.errors.map_git_errors`.
     │                               missing); ``.repo`` is the one to move aside and re-clone
     ├── InventoryError              hosts/ or app.yaml invalid (SPEC §1, §6)
     ├── RenderError                 a template failed to render
+    ├── FactsError                  a local fact source of ``facts_dir`` failed (SPEC §10)
     ├── PathError                   a destination escapes the root or is unusable; .path
     │   └── UnsafePathError         a parent leaves the root, is a symlink we may not follow,
     │                               or is not a directory; a symlink or another inode where
@@ -144,6 +145,12 @@ class InventoryError(ReconcilerError):
 
 class RenderError(ReconcilerError):
     """A template could not be rendered (syntax, undefined variable, bad include)."""
+
+
+class FactsError(ReconcilerError):
+    """A local fact source (SPEC §10 ``facts_dir``) is unusable: not JSON or YAML, not a
+    mapping, an executable that fails, hangs or prints too much, or a file or
+    directory another user could write."""
 
 
 class _PathBound(ReconcilerError):

@@ -15,7 +15,7 @@ below are the groups the commands combine:
 ``POLICY``      what a run may do: ``--mode``, ``--exclude-file``,
                 ``--allow-rewind``
 ``RENDER``      bounds on one template (SPEC §10): ``--render-timeout``,
-                ``--max-file-size``
+                ``--max-file-size``; the local facts: ``--facts-dir``
 ``OUTPUT``      ``--format``, for the commands that print data (SPEC §3)
 ==============  =======================================================
 
@@ -152,6 +152,16 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
             "(default: /etc/reconciler/identity.age)",
         },
     ),
+    "facts_dir": (
+        _RENDER,
+        ("--facts-dir",),
+        {
+            "dest": "facts_dir",
+            "metavar": "DIR",
+            "help": "local facts: *.yaml, *.json, executables → facts.local.NAME, SPEC §10 "
+            "(default: /etc/reconciler/facts.d)",
+        },
+    ),
     "operator_identity": (
         _HOST,
         ("--identity",),
@@ -210,7 +220,7 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
 SOURCE = ("repo", "branch", "net_timeout")
 HOST = ("node", "root", "state_dir", "lock_timeout")
 POLICY = ("mode", "exclude_file", "allow_rewind")
-RENDER = ("render_timeout", "max_file_size")
+RENDER = ("render_timeout", "max_file_size", "facts_dir")
 OUTPUT = ("format",)
 _ALWAYS_FIRST = ("config",)
 _ALWAYS_LAST = ("verbose", "debug", "log_format")
@@ -259,6 +269,15 @@ def render_limits(args: argparse.Namespace) -> RenderLimits:
         size = parse_size(args.max_file_size, key="--max-file-size")
         limits = RenderLimits(render_timeout=limits.render_timeout, max_file_size=size)
     return limits
+
+
+def operator_facts_dir(args: argparse.Namespace) -> str:
+    """The local facts directory of ``render``, ``validate`` and ``impact``:
+    ``--facts-dir``, else the default (SPEC §10). Like :func:`render_limits`,
+    never the agent's configuration file; a missing directory is no local facts."""
+    from reconciler.config import DEFAULT_FACTS_DIR
+
+    return str(getattr(args, "facts_dir", None) or DEFAULT_FACTS_DIR)
 
 
 def operator_decryption(args: argparse.Namespace) -> Decryption:

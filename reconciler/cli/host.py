@@ -29,6 +29,7 @@ from reconciler.cli.flags import (
     SOURCE,
     flags,
     operator_decryption,
+    operator_facts_dir,
     render_limits,
 )
 from reconciler.cli.output import emit_json, error_line
@@ -257,7 +258,7 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     target = render_target(
         snapshot,
         node,
-        gather_facts(),
+        gather_facts(operator_facts_dir(args)),
         limits=render_limits(args),
         decryption=operator_decryption(args),
         inventory=inventory,
@@ -380,7 +381,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     failures: dict[str, list[str]] = {}  # problem → the nodes it affects, in first-seen order
     nodes: list[Node] = []  # the effective nodes, for the secret checks
     if check.renderable:
-        facts = gather_facts()
+        facts = gather_facts(operator_facts_dir(args))
         for name in check.renderable:
             found: tuple[ReconcilerError, ...] = ()
             try:

@@ -46,6 +46,7 @@ from reconciler.cli.flags import (
     Parser,
     flags,
     operator_decryption,
+    operator_facts_dir,
     render_limits,
 )
 from reconciler.cli.output import emit_json
@@ -575,7 +576,7 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     impacted, unchanged = impact(
         base_snapshot,
         head_snapshot,
-        gather_facts(),
+        gather_facts(operator_facts_dir(args)),
         limits=limits,
         decryption=operator_decryption(args),
     )

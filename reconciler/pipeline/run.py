@@ -133,6 +133,9 @@ class Setting:
     started: dt.datetime
     clock: float  # time.monotonic() at the start, for the run's duration
     facts: Mapping[str, Any]
+    # A local fact source that failed (SPEC §10): the run fails in prepare, before
+    # anything renders, and reports it; ``facts`` then holds no local facts.
+    facts_error: ReconcilerError | None = None
     exclude_lines: tuple[str, ...] = ()  # the host-local exclude file, read once a run
     rebuilt: CacheRebuild | None = None
 
@@ -304,6 +307,11 @@ def _setting(
     repo, rebuilt = open_state_repo(
         state_dir.repo, node=config.node, branch=config.branch, heal=not options.dry_run
     )
+    facts_error: ReconcilerError | None = None
+    try:
+        facts = gather_facts(config.facts_dir)
+    except ReconcilerError as exc:
+        facts, facts_error = gather_facts(None), exc
     return Setting(
         config=config,
         options=options,
@@ -315,7 +323,8 @@ def _setting(
         run_id=new_run_id(started),
         started=started,
         clock=clock,
-        facts=gather_facts(),
+        facts=facts,
+        facts_error=facts_error,
         exclude_lines=tuple(read_exclude_file(config.exclude_file)),
     )
 
@@ -348,6 +357,8 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
         commit, refusal = trusted_commit(setting.repo, fetched.commit, config, previous)
         if refusal is not None:
             errors.append(refusal)
+        if setting.facts_error is not None:
+            raise setting.facts_error  # nothing is enforced without the host's facts
         hold = read_hold(setting.state_dir)
         held = held_by(hold, commit, release=options.release_hold, repo=setting.repo)
         exclude_lines = setting.exclude_lines
