@@ -475,6 +475,14 @@ def test_example_fleet_web_and_db_nodes_differ(fleet_targets):
     assert P("/etc/nginx/conf.d/app.conf") in web1.files
 
 
+def test_example_fleet_lists_the_peer_web_servers_from_nodes(fleet_targets):
+    app = P("/etc/nginx/conf.d/app.conf")
+    web1 = fleet_targets["web1"].files[app].content.decode()
+    web2 = fleet_targets["web2"].files[app].content.decode()
+    assert "    server 10.10.0.12:8080 backup;  # web2\n" in web1 and "# web1" not in web1
+    assert "    server 10.10.0.11:8080 backup;  # web1\n" in web2 and "# web2" not in web2
+
+
 def test_example_fleet_excluded_file_is_still_in_the_target_state(fleet_targets):
     """Excludes apply at plan time, not render time (SPEC §4 step 5)."""
     local = P("/etc/nginx/conf.d/local-overrides.conf")
