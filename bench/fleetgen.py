@@ -103,6 +103,14 @@ def meta_of(spec: FleetSpec, i: int) -> int:
 
 # --------------------------------------------------------------------- vars
 
+RARE = "rare_setting"  # the var of "one variable changed" (SPEC §7: read by 1 % of templates)
+
+
+def reads_rare(spec: FleetSpec, a: int, f: int) -> bool:
+    """True for the 1 % of templates (every 100th of the node's) that read RARE."""
+    return (a * spec.files_per_app + f) % 100 == 0
+
+
 
 def app_vars(a: int) -> dict[str, Any]:
     return {
@@ -139,6 +147,8 @@ def defaults_doc(spec: FleetSpec) -> dict[str, Any]:
             "ntp_servers": ["ntp1.bench.example.com", "ntp2.bench.example.com"],
             "node_index": 0,
             "node_ip": "127.0.0.1",
+            # read by 1 % of the templates (reads_rare): "one variable changed"
+            RARE: "r0",
         },
     }
     for a in range(spec.apps):
@@ -197,6 +207,8 @@ def template_text(spec: FleetSpec, a: int, f: int) -> str:
         "# site {{ site }}, node {{ node_index }} ({{ node_ip }}), domain {{ domain }}",
         f"[{tag}]",
     ]
+    if reads_rare(spec, a, f):
+        out.append(f"rare = {{{{ {RARE} }}}}")
     blocks = [
         lambda: [
             f"listen = {{{{ {A}.listen }}}}:{{{{ {A}.port + {f} }}}}",
@@ -365,6 +377,27 @@ def commit_host_change(out: Path, k: int) -> str:
     git(["commit", "-q", "-am", f"edit {node_name(i)} ({k})"], cwd=work)
     git(["push", "-q", str(out / "fleet.git"), "main:main"], cwd=work)
     return node_name(i)
+
+
+def commit_var_change(out: Path, k: int) -> list[str]:
+    """ "One variable changed": RARE set to a new value in the measured node's host
+    file (node 0), commit, push. Returns the destinations that change: those of
+    the 1 % of templates that read it (:func:`reads_rare`)."""
+    out = out.resolve()
+    spec = load_spec(out)
+    work = out / "work"
+    p = work / "hosts" / f"{node_name(0)}.yaml"
+    doc = _load_yaml(p.read_text())
+    doc["vars"][RARE] = f"r{k + 1}"
+    p.write_text(_yaml(doc))
+    git(["commit", "-q", "-am", f"one variable changed ({k})"], cwd=work)
+    git(["push", "-q", str(out / "fleet.git"), "main:main"], cwd=work)
+    return [
+        dest_path(a, f)
+        for a in range(spec.apps)
+        for f in range(spec.files_per_app)
+        if reads_rare(spec, a, f)
+    ]
 
 
 def drift(spec: FleetSpec, root: Path, percent: float, seed: int) -> list[str]:

@@ -332,7 +332,7 @@ class Bench:
         big = F >= 1000
         cases = {
             name: self.case("reconciler", name, F, N)
-            for name in ("cold", "settle", "noop", "change", "drift", "other-host")
+            for name in ("cold", "settle", "noop", "change", "var", "drift", "other-host")
         }
         settle = cases["settle"]
 
@@ -357,6 +357,12 @@ class Bench:
             pull_into(case, result="changed", changed=1, paths={dest})
             pull_into(settle, result="ok", changed=0)
 
+        def var_rep(case: Case) -> None:
+            dests = fleetgen.commit_var_change(fleet, self.change_k)
+            self.change_k += 1
+            pull_into(case, result="changed", changed=len(dests), paths=set(dests))
+            pull_into(settle, result="ok", changed=0)
+
         def drift_rep(case: Case) -> None:
             chosen = fleetgen.drift(spec, root, 1.0, seed=1000 + case.n)
             pull_into(case, result="drift", changed=len(chosen), drifted=set(chosen))
@@ -371,9 +377,15 @@ class Bench:
             (cases["cold"], cold_rep, 3 if big else a.reps, a.cap_cold if big else a.cap),
             (cases["noop"], noop_rep, a.reps, a.cap),
             (cases["change"], change_rep, a.reps, a.cap),
+            (cases["var"], var_rep, a.reps, a.cap),
             (cases["drift"], drift_rep, a.reps, a.cap),
             (cases["other-host"], other_rep, a.reps, a.cap),
         ]
+        chosen = set(a.scenarios or SCENARIO_NAMES) | {"cold"}  # every scenario starts cold
+        for case, *_ in plan:
+            if case.scenario not in chosen:
+                case.skipped = "not selected (--scenarios)"
+        plan = [p for p in plan if p[0].scenario in chosen]
         floor_done = False
         progress = True
         while progress:
@@ -677,6 +689,7 @@ SCENARIO_NAMES = {
     "settle": "first run after an apply",
     "noop": "no-op",
     "change": "one desired change",
+    "var": "one variable changed (read by 1 % of templates)",
     "drift": "1 % drift repaired",
     "other-host": "other node's host file changed",
 }
@@ -690,7 +703,7 @@ def target_for(c: Case, b: Bench) -> tuple[str, str]:
     if c.files >= 2000 and med is not None:
         if c.scenario == "noop" and floor:
             parts.append(("≤ 1.0× floor", med <= 1.0 * floor["floor_s"]))
-        if c.scenario in ("change", "drift") and floor:
+        if c.scenario in ("change", "var", "drift") and floor:
             parts.append(("≤ 2× floor", med <= 2.0 * floor["floor_s"]))
         if c.scenario == "cold":
             naive = b.find("naive", "cold", c.files, min(b.args.nodes))
@@ -891,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive", choices=("small", "all"), default="small",
                    help="small: naive loop on the 10-node fleets only")  # fmt: skip
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--scenarios", nargs="+", choices=[s for s in SCENARIO_NAMES if s != "settle"],
+                   help="reconciler scenarios to run (default: all; cold always runs)")  # fmt: skip
     p.add_argument("--python", default=sys.executable, help="the project's venv python")
     p.add_argument("--tmp", type=Path, default=RESULTS / "tmp")
     p.add_argument("--no-plot", action="store_true")
