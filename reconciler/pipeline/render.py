@@ -46,7 +46,7 @@ from reconciler.errors import InventoryError, PathError, ReconcilerError, Render
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
 from reconciler.pipeline.inventory import DEFAULT_STATE, Inventory, Node, load_app_config
 from reconciler.pipeline.packages import PackageSpec, ServiceSpec, check_resources, parse_resources
-from reconciler.pipeline.renderkeys import NODES, Fleet, UnknownNodes, render_keys
+from reconciler.pipeline.renderkeys import NODES, Fleet, UnknownNodes, analyse_ast, render_keys
 from reconciler.secrets.age import is_age_marker, marker_parts
 
 log = logging.getLogger(__name__)
@@ -779,6 +779,8 @@ def _environment(
     limits: RenderLimits,
     secrets: _Secrets,
     fleet: Fleet | None = None,
+    *,
+    on_parse: Callable[[str, str, Any], None] | None = None,
 ) -> Any:
     """The sandboxed Jinja2 environment every repository template renders in (SPEC §10).
 
@@ -787,7 +789,8 @@ def _environment(
     name, attribute and item lookups hand to templates as plaintext (SPEC §8).
     ``fleet`` answers the global ``nodes(NAME)`` (SPEC §10 "Other nodes"): plain
     lists and dicts, another node's ``!age`` values unreadable (None: one of
-    ``snapshot``'s own).
+    ``snapshot``'s own). ``on_parse(path, source, ast)`` sees every template
+    parsed to be compiled (the render keys' analysis, renderkeys.analyse_ast).
     """
     import functools
 
@@ -873,6 +876,12 @@ def _environment(
 
         code_generator_class = BoundedCodeGenerator
         context_class = SecretContext
+
+        def _parse(self, source: str, name: str | None, filename: str | None) -> Any:
+            ast = super()._parse(source, name, filename)
+            if on_parse is not None and filename:
+                on_parse(filename, source, ast)
+            return ast
 
         def getitem(self, obj: Any, argument: Any) -> Any:
             return _plain(super().getitem(_plain(obj), argument))
@@ -1358,23 +1367,33 @@ def render_target(
         for dest, (_, repo_path, _) in sources.items()
         if is_template(repo_path)
     ]
-    keys: dict[PurePosixPath, str] = {}
+    keys: dict[PurePosixPath, str | None] = {}
     rendered: dict[PurePosixPath, bytes] = {}
-    if reuse is not None:
+    every = jobs
+    cache: dict[str, Any] = {} if analyses is None else analyses
+
+    def make_keys(parse: bool) -> dict[PurePosixPath, str | None]:
         from reconciler import __version__
 
-        keys = render_keys(
+        return render_keys(
             snapshot,
             context,
-            jobs,
+            every,
             items=items,
-            analyses={} if analyses is None else analyses,
+            analyses=cache,
             fleet=job.fleet,
             version=__version__,
+            parse=parse,
         )
+
+    if reuse is not None:
+        # Templates this host has not analysed yet get no key now (None): they
+        # render, and the parse that compiles them says what they read.
+        keys = make_keys(parse=False)
         todo = []
         for j in jobs:
-            kept = reuse(j[0], keys[j[0]]) if keys.get(j[0]) else None
+            key = keys.get(j[0])
+            kept = reuse(j[0], key) if key else None
             if kept is None:
                 todo.append(j)
             else:
@@ -1390,6 +1409,13 @@ def render_target(
             raise failed[1]
         rendered.update(done)
         tainted = job.tainted
+    if reuse is not None and None in keys.values():
+        for path, found in job.analysed.items():
+            blob = snapshot.blob_id(path)
+            if blob is not None:
+                cache[blob] = found
+        # Parses only what the render did not (its bytecode was cached).
+        keys = make_keys(parse=True)
     for dest in tainted:
         keys[dest] = ""  # rendered from a secret: never reused, so never untainted
     files: dict[PurePosixPath, TargetFile] = {}
@@ -1436,7 +1462,7 @@ def render_target(
             policy=meta.get("policy", "enforce"),
             app=app,
             template=repo_path,
-            render_key=keys.get(dest, ""),
+            render_key=keys.get(dest) or "",
         )
     absent = absent_rules(snapshot, node)
     check_absent(absent, files, node.name)
@@ -1552,6 +1578,10 @@ class _RenderJob:
     items: Items = field(default_factory=dict)
     # The context with its !age values as _SecretValue objects, made at first render.
     _live: dict[str, Any] | None = None
+    # Repository path → what the template reads (renderkeys.Analysis.to_json), for
+    # each template this job parsed to compile it: the render keys' cache, filled
+    # at no extra parse (SPEC §10).
+    analysed: dict[str, Any] = field(default_factory=dict)
 
     def render(
         self, jobs: list[Job]
@@ -1624,10 +1654,21 @@ class _RenderJob:
         """Make the sandbox environment and the live context at first need."""
         if self.env is None:
             self.env = _environment(
-                self.snapshot, self.cache_dir, self.limits, self.secrets, self.fleet
+                self.snapshot,
+                self.cache_dir,
+                self.limits,
+                self.secrets,
+                self.fleet,
+                on_parse=self._parsed,
             )
         if self._live is None:
             self._live = _with_secrets(self.context, self.secrets)
+
+    def _parsed(self, path: str, source: str, ast: Any) -> None:
+        """Keep what the template at ``path`` reads, from the AST parsed to compile it
+        (never for an encrypted one: its reader is never reused)."""
+        if not path.endswith(AGE_SUFFIX):
+            self.analysed[path] = analyse_ast(ast, source).to_json()
 
     def _context(self, dest: PurePosixPath) -> dict[str, Any]:
         """The live context for ``dest``: with ``item``/``item_key`` for a [VAR] path."""
@@ -1689,13 +1730,19 @@ def _worker_init(job: _RenderJob) -> None:
 
 def _worker_render(
     jobs: list[Job],
-) -> tuple[dict[PurePosixPath, bytes], tuple[PurePosixPath, str] | None, set[PurePosixPath]]:
+) -> tuple[
+    dict[PurePosixPath, bytes],
+    tuple[PurePosixPath, str] | None,
+    set[PurePosixPath],
+    dict[str, Any],
+]:
     job = _worker_job[0]
     out, failed = job.render(jobs)
     # The error goes back as its text (a RenderError made with keywords does
     # not unpickle), with the destination that failed: never parsed. The
-    # destinations that read a secret go back too (the taint, SPEC §8).
-    return out, (failed[0], str(failed[1])) if failed else None, job.tainted
+    # destinations that read a secret go back too (the taint, SPEC §8), and
+    # what the templates it parsed read (the render keys' cache).
+    return out, (failed[0], str(failed[1])) if failed else None, job.tainted, job.analysed
 
 
 def _render_parallel(
@@ -1723,13 +1770,14 @@ def _render_parallel(
             pool.join()
     finally:
         gc.unfreeze()  # the agent lives on: its garbage must stay collectable
-    failures = [failed for _, failed, _ in results if failed]
+    failures = [failed for _, failed, _, _ in results if failed]
     if failures:
         order = {dest: i for i, (dest, _, _) in enumerate(jobs)}
         raise RenderError(min(failures, key=lambda f: order[f[0]])[1])
     out: dict[PurePosixPath, bytes] = {}
     tainted: set[PurePosixPath] = set()
-    for part, _, read in results:
+    for part, _, read, analysed in results:
         out.update(part)
         tainted |= read
+        job.analysed.update(analysed)
     return out, tainted

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from reconciler.pipeline.inventory import Inventory
 
 # Bump when what analyse() records changes: older cache entries are then ignored.
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
 
 # Names through which a template can read a top-level name that its AST does
 # not show: ``self`` (the template reference: blocks, and with ``extends``
@@ -72,8 +72,8 @@ _WHITESPACE_KEYS = frozenset(
 class Analysis:
     """An Analysis is what one template's text reads, as far as its AST shows.
 
-    ``names``: top-level names it reads (Jinja2's undeclared variables, with
-    no global left out: a var may shadow ``range``); ``includes``: template
+    ``names``: every name it loads (a superset of the top-level names it reads,
+    with no global left out: a var may shadow ``range``); ``includes``: template
     names (relative to ``templates/``) it includes, imports or extends;
     ``whole``: it can read names dynamically (:data:`DYNAMIC_NAMES`, an
     unknown ``#jinja2:`` key), so its key holds the whole context;
@@ -150,6 +150,25 @@ def analyse(text: str, env: Any) -> Analysis:
     :func:`_analysis_environment`. Never raises: a template that does not parse is
     ``always`` rendered (and its render names the syntax error)."""
     import jinja2
+
+    try:
+        ast = env.parse(text)
+    except (jinja2.TemplateError, RecursionError):
+        return Analysis(always=True)
+    return analyse_ast(ast, text)
+
+
+def analyse_ast(ast: Any, text: str) -> Analysis:
+    """What a parsed template reads: ``ast`` (Jinja2's, of ``text``).
+
+    One walk of the AST, no code generation (Jinja2's own
+    ``find_undeclared_variables`` generates the code: as costly as
+    compiling, and the render hands over the AST it parses to compile,
+    so a cold run pays nothing more). ``names`` is every name the AST
+    loads, locals included (a loop variable, a macro parameter): a
+    superset of what it reads from the context, so a var that happens to
+    share a local's name is in the key too — never one too few.
+    """
     from jinja2 import meta
     from jinja2 import nodes as jn
 
@@ -158,13 +177,8 @@ def analyse(text: str, env: Any) -> Analysis:
     if header is not None:
         keys = {part.split(":", 1)[0].strip() for part in header.group(1).split(",")}
         whole = not keys <= _WHITESPACE_KEYS
-    try:
-        ast = env.parse(text)
-        names = meta.find_undeclared_variables(ast)
-        includes = list(meta.find_referenced_templates(ast))
-    except (jinja2.TemplateError, RecursionError):
-        return Analysis(always=True)
-    names = set(names)
+    includes = list(meta.find_referenced_templates(ast))
+    names: set[str] = set()
     for used in ast.find_all(jn.Filter):
         names.update(FILTER_READS.get(used.name, ()))
     literal: list[str] = []
@@ -180,6 +194,7 @@ def analyse(text: str, env: Any) -> Analysis:
     for name in ast.find_all(jn.Name):
         if name.ctx != "load":
             continue
+        names.add(name.name)
         if name.name in DYNAMIC_NAMES:
             whole = True
         elif name.name == NODES:
@@ -296,7 +311,8 @@ def render_keys(
     fleet: Fleet,
     version: str,
     settings: Any = None,
-) -> dict[PurePosixPath, str]:
+    parse: bool = True,
+) -> dict[PurePosixPath, str | None]:
     """Destination → digest of what its template's output depends on ("" = always render).
 
     ``context``: the node's template context (vars, ``node``, ``facts``,
@@ -304,8 +320,12 @@ def render_keys(
     the digest, never a plaintext). ``items``: dest → (VAR, key) of a
     ``[VAR]`` destination, whose ``item`` and ``item_key`` count as read.
     ``analyses``: blob id → :meth:`Analysis.to_json`, the cache: entries for
-    templates analysed now are added, those of templates no job reached any
-    more removed. ``fleet`` answers the
+    templates analysed now are added, and when every key is known those of
+    templates no job reached any more are removed. ``parse``: analyse a
+    template the cache lacks (parse it); False: its destinations' key is None,
+    unknown — they render, and the render's own parse fills the cache
+    (``render._environment``'s ``on_parse``), so a cold run parses each
+    template once, in the workers. ``fleet`` answers the
     ``nodes(NAME)`` calls; ``version``: reconciler's, ``settings``: anything
     else every template's output depends on (JSON-able). An encrypted
     template, one that includes an encrypted one, one that is ``always``
@@ -314,12 +334,12 @@ def render_keys(
     """
     env: list[Any] = []  # the parsing environment, made at the first need
     used: set[str] = set()
-    closures: dict[str, tuple[list[str], Analysis] | None] = {}
+    closures: dict[str, tuple[list[str], Analysis] | None | bool] = {}
     values: dict[str, str] = {}
 
-    def analysis(path: str, blob: str) -> Analysis:
+    def analysis(path: str, blob: str) -> Analysis | None:
         found = Analysis.from_json(analyses.get(blob))
-        if found is None:
+        if found is None and parse:
             if not env:
                 env.append(_analysis_environment())
             text = snapshot.read(path).decode("utf-8", "replace")
@@ -327,8 +347,9 @@ def render_keys(
             analyses[blob] = found.to_json()
         return found
 
-    def closure(path: str) -> tuple[list[str], Analysis] | None:
-        """(path:blob of each template reached, their union), None = always render."""
+    def closure(path: str) -> tuple[list[str], Analysis] | None | bool:
+        """(path:blob of each template reached, their union), None = always render,
+        False = not known without parsing."""
         if path in closures:
             return closures[path]
         parts: list[str] = []
@@ -337,7 +358,7 @@ def render_keys(
         whole = False
         seen: set[str] = set()
         todo = [path]
-        result: tuple[list[str], Analysis] | None = None
+        result: tuple[list[str], Analysis] | None | bool = None
         while todo:
             one = todo.pop()
             if one in seen:
@@ -351,6 +372,9 @@ def render_keys(
             used.add(blob)
             parts.append(f"{one}:{blob}")
             found = analysis(one, blob)
+            if found is None:
+                result = False
+                break
             if found.always:
                 break
             names.update(found.names)
@@ -378,11 +402,14 @@ def render_keys(
         return values[name]
 
     base = json.dumps([version, ANALYSIS_VERSION, settings], sort_keys=True, default=str)
-    keys: dict[PurePosixPath, str] = {}
+    keys: dict[PurePosixPath, str | None] = {}
     for dest, repo_path, _ in jobs:
         found = closure(repo_path)
-        if found is None:
+        if found is None or found is True:
             keys[dest] = ""
+            continue
+        if found is False:
+            keys[dest] = None
             continue
         blobs, union = found
         own: Mapping[str, Any] = context
@@ -406,8 +433,9 @@ def render_keys(
                 keys[dest] = ""  # rendering it names the problem
                 continue
         keys[dest] = hashlib.sha256("\0".join(parts).encode()).hexdigest()
-    for blob in [b for b in analyses if b not in used]:
-        del analyses[blob]  # the cache never grows past this node's templates
+    if None not in keys.values():
+        for blob in [b for b in analyses if b not in used]:
+            del analyses[blob]  # the cache never grows past this node's templates
     return keys
 
 

@@ -214,12 +214,32 @@ def test_the_analysis_is_cached_by_blob_and_trusted(tmp_path):
     assert blob not in repo.analyses and len(repo.analyses) == 1
 
 
+def test_the_render_fills_the_cache_and_a_compiled_template_is_parsed_once(tmp_path):
+    repo = Repo(tmp_path / "r")
+    snap = repo.commit({"hosts/n.yaml": HOST, f"{APP}/port.conf.j2": "{{ port }}\n"})
+    node = effective_node(load_inventory(snap), snap, "n")
+    analyses: dict[str, Any] = {}
+    compiled = tmp_path / "jinja-cache"
+
+    def key() -> str:
+        target = render_target(
+            snap, node, FACTS, reuse=lambda d, k: None, analyses=analyses, cache_dir=compiled
+        )
+        return target.files[P("/etc/web/port.conf")].render_key
+
+    first = key()  # cold: what the compile parsed
+    assert first and [v["names"] for v in analyses.values()] == [["port"]]
+    analyses.clear()  # the bytecode is cached now: no parse to compile, one to analyse
+    assert key() == first and [v["names"] for v in analyses.values()] == [["port"]]
+
+
 @pytest.mark.parametrize(
     ("text", "names", "nodes"),
     [
-        ("{{ a }}{% for x in b %}{{ x }}{{ loop.index }}{% endfor %}", ["a", "b"], []),
+        ("{{ a }}{% for x in b %}{{ x }}{{ loop.index }}{% endfor %}", ["a", "b", "loop", "x"], []),
         ("{{ range(3) | list }}{{ lipsum(1) }}", ["lipsum", "range"], []),  # a var may shadow
-        ("{% set e = 1 %}{{ e }}{% with g = h %}{{ g }}{% endwith %}", ["h"], []),
+        # every name loaded, locals too: a superset of the context names read
+        ("{% set e = 1 %}{{ e }}{% with g = h %}{{ g }}{% endwith %}", ["e", "g", "h"], []),
         ("{% for n in nodes('web') %}{{ nodes('db') }}{% endfor %}", ["nodes"], ["db", "web"]),
         ("{{ pw | password_hash }}", ["node", "pw"], []),  # its salt comes from node.name
         ("{{ a | no_such_filter }}{{ a is no_such_test }}", ["a"], []),  # fails at render
