@@ -306,6 +306,44 @@ def test_nodes_of_an_unknown_name_is_one_line_naming_template_line_and_node(tmp_
     assert "(node n)" in text and "Traceback" not in text
 
 
+def test_render_of_an_unknown_name_exits_1_with_one_line_and_writes_nothing(tmp_path):
+    import io
+
+    from reconciler.cli.main import main
+    from tests.unit.helpers import write_repo
+
+    bad = {**FLEET, "templates/lb/default/etc/lb/upstream.conf.j2": "{{ nodes('webz') }}\n"}
+    write_repo(tmp_path / "repo", bad)
+    out, err = io.StringIO(), io.StringIO()
+    code = main(
+        ["render", "n", "--repo", str(tmp_path / "repo"), "--out", str(tmp_path / "o")], out, err
+    )
+    lines = err.getvalue().splitlines()
+    assert code == 1 and len(lines) == 1, err.getvalue()
+    assert "upstream.conf.j2:1: nodes() 'webz': no such node or meta-node" in lines[0]
+    assert "(node n)" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "{{ nodes.__globals__ }}",
+        "{{ nodes.__closure__ }}",
+        "{{ nodes('web')[0].vars.__class__.__mro__ }}",
+        "{{ nodes('web').__class__.__base__.__subclasses__() }}",
+    ],
+)
+def test_nodes_opens_no_way_out_of_the_sandbox(tmp_path, escape):
+    from tests.unit.helpers import node_of, write_repo
+
+    snap = write_repo(
+        tmp_path / "repo", {**FLEET, "templates/lb/default/etc/lb/upstream.conf.j2": escape}
+    )
+    with pytest.raises(RenderError, match="sandbox refusal"):
+        render_target(snap, node_of(snap, "n"), FACTS)
+
+
 def test_a_secret_of_another_node_stays_unreadable(tmp_path):
     from reconciler.secrets import age
 
