@@ -189,6 +189,8 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             old: bytes | LargeFile | None = None
             if found.kind == "symlink" and found.link is not None:
                 old = link_shown(found.link)  # read by the scan, never followed (SPEC §9)
+            elif found.block is not None:
+                old = found.block  # managed blocks (SPEC §9): the diff of the blocks only
             elif found.kind == "file" and found.size > limit and found.sha256 is not None:
                 old = LargeFile(size=found.size, sha256=found.sha256)  # as the scan hashed it
             elif found.kind == "file":

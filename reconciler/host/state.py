@@ -42,6 +42,9 @@ class ManagedFile:
     recorded_ns: int = 0  # wall clock when the stat was taken
     render_key: str = ""  # TargetFile.render_key of the content recorded here
     link: bool = False  # a desired symlink (SPEC §9): sha256 is that of its target text
+    # Managed blocks (SPEC §9): the markers of the file's blocks, one per line;
+    # sha256 is then that of the blocks' view, not of the file (pipeline/blocks.py).
+    block: str = ""
 
     @classmethod
     def from_stat(
@@ -122,6 +125,7 @@ _RECORD_TYPES: dict[str, tuple[type, ...]] = {
     "recorded_ns": (int,),
     "render_key": (str,),
     "link": (bool,),
+    "block": (str,),
 }
 # What save_state writes in the common case (owner and group unset): one tuple
 # comparison per record on the no-op path instead of fifteen isinstance checks.

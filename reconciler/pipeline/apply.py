@@ -27,6 +27,7 @@ from reconciler.git.snapshot import GIT_FILEMODE_EXEC, Snapshot
 from reconciler.host.state import LocalState, ManagedFile
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import ScriptRun, System
+from reconciler.pipeline.blocks import markers_of, removal_only
 from reconciler.pipeline.ensure import (
     PackageSettings,
     ResourceResult,
@@ -200,7 +201,9 @@ def _execute(
             # link above, and its target text is in the journal (restore_entry).
             done = system.make_symlink(host, t.link)
         else:
-            done = system.write_file(host, t.content, t.mode, change.uid, change.gid)
+            # t.written(): for a file holding managed blocks, the whole file with the
+            # blocks spliced in (SPEC §9), written atomically like any other.
+            done = system.write_file(host, t.written(), t.mode, change.uid, change.gid)
         created.discard(str(change.path))  # a created directory replaced by a file
         return done
     if change.action in ("chmod", "chown"):
@@ -259,7 +262,7 @@ def _publish(written: list[Change], system: System, ctx: RunContext, result: App
         return
     for change in written:
         result.applied.add(change.path)
-        if change.target is not None:
+        if change.target is not None and not removal_only(change.target):
             result.records[str(change.path)] = _record(
                 system, host_path(ctx.root, change.path), change.target
             )
@@ -336,6 +339,7 @@ def _record(system: System, path: Path, target: TargetFile) -> ManagedFile:
         recorded_ns=recorded_ns,
         render_key=target.render_key,
         link=target.link is not None,
+        block=markers_of(target),
     )
 
 
@@ -556,6 +560,12 @@ def _new_records(
         if path in excluded:
             continue
         old = previous.managed.get(key)
+        if removal_only(t):
+            # Blocks that left the target state (SPEC §9): the file is not ours
+            # once they are gone; kept while their removal is still pending.
+            if old is not None and path in planned and path not in result.applied:
+                managed[key] = old
+            continue
         a = actual.get(path)
         t_sha = sha256(t.content)
         if key in result.records:
@@ -579,6 +589,7 @@ def _new_records(
                     recorded_ns=a.scanned_ns,
                     render_key=t.render_key,
                     link=t.link is not None,
+                    block=markers_of(t),
                 )
             elif old is not None:
                 managed[key] = old

@@ -99,6 +99,11 @@ def drift_captures(
             continue
         if found.kind != "file":
             continue
+        if found.block is not None:
+            # A file holding managed blocks (SPEC §9): only its blocks are ours to
+            # report; the rest of the file is the host's and stays out of reports.
+            content[item.path] = found.block
+            continue
         if found.size > max_capture and found.sha256 is not None:
             size, sha256 = found.size, found.sha256
         else:

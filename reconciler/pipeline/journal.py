@@ -67,6 +67,10 @@ class JournalEntry:
     group: str | None = None
     secret: bool = False
     policy: str | None = None
+    # A file holding managed blocks (SPEC §9): new_sha256 is the whole file's, this
+    # the sha256 of its blocks' view (what its record keeps), block its markers.
+    block_sha256: str | None = None
+    block: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +156,7 @@ def make_entries(
 ) -> tuple[JournalEntry, ...]:
     """One JournalEntry per change to apply (``changes``: plan Changes); a symlink's
     target text read through ``system`` (a rollback puts it back)."""
+    from reconciler.pipeline.blocks import markers_of
     from reconciler.pipeline.plan import sha256
 
     out = []
@@ -174,7 +179,7 @@ def make_entries(
                 uid=a.uid,
                 gid=a.gid,
                 link=link,
-                new_sha256=sha256(c.target.content) if c.target is not None else None,
+                new_sha256=sha256(c.target.written()) if c.target is not None else None,
                 new_mode=c.target.mode if c.target is not None else None,
                 new_link=c.target.link if c.target is not None else None,
                 record=asdict(record) if record is not None else None,
@@ -182,6 +187,12 @@ def make_entries(
                 group=c.target.group if c.target is not None else None,
                 secret=bool(c.target.secret) if c.target is not None else False,
                 policy=c.target.policy if c.target is not None else None,
+                block_sha256=(
+                    sha256(c.target.content)
+                    if c.target is not None and c.target.whole is not None
+                    else None
+                ),
+                block=markers_of(c.target) if c.target is not None else "",
             )
         )
     return tuple(out)

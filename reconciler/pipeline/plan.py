@@ -252,6 +252,9 @@ def _plan_target(
     drift = [DriftItem(path=t.path, kind=k) for k in kinds]
     if action is None:
         return None, drift
+    if action in ("create", "update") and (t.blocks or t.unblocks):
+        # Managed blocks (SPEC §9): say which, since only they change in the file.
+        details.insert(0, _blocks_detail(t))
     reason = _reason(bool(kinds), desired_changed)
     apply = mode == "enforce" and not (policy == "audit" and kinds)
     change = Change(
@@ -267,6 +270,13 @@ def _plan_target(
         detail="; ".join(details),
     )
     return change, drift
+
+
+def _blocks_detail(t: TargetFile) -> str:
+    """``changes[].detail`` of a block edit: the blocks kept and removed, by marker."""
+    kept = [f"block {b.marker.replace('{mark}', '…')!r}" for b in t.blocks]
+    gone = [f"remove block {m.replace('{mark}', '…')!r}" for m in t.unblocks]
+    return ", ".join(kept + gone)
 
 
 def _plan_link(

@@ -516,9 +516,15 @@ def _roll_forward(
             if found.sha256 != e.new_sha256:
                 continue
         base = ManagedFile(**e.record) if e.record else None
+        forward.append(e.path)
+        if e.block_sha256 is not None and not e.block:
+            # It only removed blocks that left the target state (SPEC §9): not ours now.
+            managed.pop(e.path, None)
+            continue
         managed[e.path] = ManagedFile.from_stat(
             st,
-            sha256=e.new_sha256,
+            sha256=e.block_sha256 or e.new_sha256,
+            block=e.block,
             app=e.app,
             owner=e.owner if e.owner is not None else (base.owner if base else None),
             group=e.group if e.group is not None else (base.group if base else None),
@@ -527,7 +533,6 @@ def _roll_forward(
             recorded_ns=time.time_ns(),
             link=e.new_link is not None,
         )
-        forward.append(e.path)
     # The directories it was making: gone where it left them empty (the next run
     # makes those it needs), ours where it wrote into them (a later prune removes them).
     dirs_removed, dirs_left = remove_created_dirs(

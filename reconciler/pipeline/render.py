@@ -44,6 +44,7 @@ from typing import Any, cast
 from reconciler.config import DEFAULT_MAX_FILE_SIZE, DEFAULT_RENDER_TIMEOUT, format_size
 from reconciler.errors import InventoryError, PathError, ReconcilerError, RenderError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
+from reconciler.pipeline.blocks import Block, block_marker, check_blocks, content_of, view
 from reconciler.pipeline.inventory import DEFAULT_STATE, Inventory, Node, load_app_config
 from reconciler.pipeline.packages import PackageSpec, ServiceSpec, check_resources, parse_resources
 from reconciler.pipeline.renderkeys import NODES, Fleet, UnknownNodes, analyse_ast, render_keys
@@ -83,6 +84,15 @@ class TargetFile:
     # A desired symlink (SPEC §9): its target text, never followed; ``content`` then
     # holds the same text as bytes and ``mode`` is 0o777 (what lstat shows of a link).
     link: str | None = None
+    # Managed blocks (SPEC §9, pipeline/blocks.py): the blocks this file holds, in
+    # app order; ``content`` is then their view (each block with its marker lines).
+    blocks: tuple[Block, ...] = ()
+    mode_set: bool = True  # False: a block file keeps the mode the host gave it
+    # Set between scan and plan (blockfiles.resolve): the whole file to write
+    # (the host's bytes with the blocks spliced in), and the markers of blocks
+    # that left the target state, removed from it.
+    whole: bytes | None = None
+    unblocks: tuple[str, ...] = ()
 
     def shown(self) -> bytes:
         """What ``diff`` and ``show`` display as this path's desired side: its content,
@@ -90,6 +100,10 @@ class TargetFile:
         from reconciler.pipeline.scan import link_shown
 
         return self.content if self.link is None else link_shown(self.link)
+
+    def written(self) -> bytes:
+        """The bytes a write puts at this path: the whole file for a block file."""
+        return self.content if self.whole is None else self.whole
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,13 +263,22 @@ def _item(mapping: Mapping[Any, Any], key: str) -> Any:
 
 
 def _collect(
-    snapshot: Snapshot, node: Node, items: Items | None = None
+    snapshot: Snapshot,
+    node: Node,
+    items: Items | None = None,
+    *,
+    block: Callable[[str, PurePosixPath], bool] | None = None,
+    shared: dict[PurePosixPath, list[tuple[str, str, int]]] | None = None,
 ) -> dict[PurePosixPath, tuple[str, str, int]]:
     """dest → (app, repository path, git file mode), overlay and conflicts resolved.
 
     A path with a ``[VAR]`` segment is one destination per key of the mapping VAR
     (:func:`_expand`); ``items``, when given, is filled with dest → (VAR, key) for
-    each of them (SPEC §9).
+    each of them (SPEC §9). ``block(app, dest)``: whether metadata makes that
+    destination a managed block; a destination that several apps manage as
+    blocks is kept for the first app here and listed in ``shared`` for the
+    later ones (SPEC §9: one file, several apps' blocks). Two apps producing
+    one path otherwise is an InventoryError naming both.
     """
     out: dict[PurePosixPath, tuple[str, str, int]] = {}
     made: Items = {}
@@ -293,9 +316,15 @@ def _collect(
         for dest, (repo_path, filemode) in sorted(per_app.items()):
             if dest in out:
                 other = out[dest]
+                blocks = (block(other[0], dest), block(app.name, dest)) if block else (0, 0)
+                if all(blocks) and shared is not None:
+                    shared.setdefault(dest, []).append((app.name, repo_path, filemode))
+                    continue
+                how = " (one as a managed block, one as a whole file)" if any(blocks) else ""
                 raise InventoryError(
                     f"{repo_path}: apps {other[0]!r} ({other[1]}) and {app.name!r} of node "
-                    f"{node.name} both produce {dest} — keep it in one app"
+                    f"{node.name} both produce {dest}{how} — keep it in one app, or make "
+                    "each a block: with its own marker"
                 )
             out[dest] = (app.name, repo_path, filemode)
     if items is not None:
@@ -1272,7 +1301,10 @@ def _conditions(
 
 
 def _prepare(
-    snapshot: Snapshot, node: Node, facts: Mapping[str, Any]
+    snapshot: Snapshot,
+    node: Node,
+    facts: Mapping[str, Any],
+    shared: dict[PurePosixPath, list[tuple[str, str, int]]] | None = None,
 ) -> tuple[
     Items,
     dict[PurePosixPath, tuple[str, str, int]],
@@ -1282,10 +1314,9 @@ def _prepare(
     """What :func:`render_target` and :func:`render_problems` both start from:
     ``node``'s ``[VAR]`` items, its sources (dest → (app, repo path, filemode)),
     its template context, and its metadata lookup ``(app, dest) → (meta, where)``
-    (:func:`_metadata`). Raises as :func:`_collect` and ``load_app_config`` do."""
+    (:func:`_metadata`); ``shared`` is filled as :func:`_collect` says.
+    Raises as :func:`_collect` and ``load_app_config`` do."""
     items: Items = {}
-    sources = _collect(snapshot, node, items)
-    context = template_context(node, facts, snapshot.info)
     app_globs = {
         a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
     }
@@ -1294,6 +1325,11 @@ def _prepare(
     def metadata(app: str, dest: PurePosixPath) -> tuple[dict[str, Any], str]:
         return _metadata(app_globs[app], node_globs, node, app, dest)
 
+    def block(app: str, dest: PurePosixPath) -> bool:
+        return metadata(app, dest)[0].get("block", False) is not False
+
+    sources = _collect(snapshot, node, items, block=block, shared=shared)
+    context = template_context(node, facts, snapshot.info)
     return items, sources, context, metadata
 
 
@@ -1343,7 +1379,8 @@ def render_target(
     PathError (a destination that escapes the root). Nothing is written
     outside ``cache_dir``.
     """
-    items, sources, context, metadata = _prepare(snapshot, node, facts)
+    shared: dict[PurePosixPath, list[tuple[str, str, int]]] = {}
+    items, sources, context, metadata = _prepare(snapshot, node, facts, shared)
     metas: dict[PurePosixPath, tuple[dict[str, Any], str]] = {
         dest: metadata(app, dest) for dest, (app, _, _) in sources.items()
     }
@@ -1419,12 +1456,19 @@ def render_target(
     for dest in tainted:
         keys[dest] = ""  # rendered from a secret: never reused, so never untainted
     files: dict[PurePosixPath, TargetFile] = {}
+    parts: dict[PurePosixPath, list[tuple[Block, dict[str, Any], bool]]] = {}
     for dest, (app, repo_path, filemode) in sources.items():
         meta, where = metas[dest]
         if filemode == GIT_FILEMODE_LINK:
             # A desired symlink: its "content" is its target text, so its sha256
             # (state, journal, plan) is that of the text; mode and owner metadata
             # do not apply to a link (docs/spec.md §9).
+            if meta.get("block", False) is not False:
+                raise InventoryError(
+                    f"{where}: block: for {dest} (node {node.name}), which {repo_path} "
+                    "makes a symlink — a managed block lives in a regular file; remove "
+                    "block: for it or commit a file"
+                )
             target_text = link_target(snapshot, repo_path)
             files[dest] = TargetFile(
                 path=dest,
@@ -1452,6 +1496,17 @@ def render_target(
             # world-readable because nobody wrote `mode:` next to it.
             default_mode &= 0o700
         mode = parse_mode(meta["mode"], where=where) if "mode" in meta else default_mode
+        marker = block_marker(
+            meta.get("block", False), app=app, where=where, dest=dest, node=node.name
+        )
+        if marker is not None:
+            # A managed block (SPEC §9): assembled with the other apps' blocks of the
+            # same file below; the file around them is read and spliced between scan
+            # and plan (blockfiles.py).
+            secret = bool(meta.get("secret", False)) or _encrypted(repo_path) or dest in tainted
+            block = Block(app=app, marker=marker, content=content_of(content), template=repo_path)
+            parts.setdefault(dest, []).append((block, meta, secret))
+            continue
         files[dest] = TargetFile(
             path=dest,
             content=content,
@@ -1464,11 +1519,80 @@ def render_target(
             template=repo_path,
             render_key=keys.get(dest) or "",
         )
+    for dest, extra in shared.items():
+        for app, repo_path, _ in extra:
+            parts.setdefault(dest, []).extend(
+                _shared_block(job, secrets, snapshot, node, dest, app, repo_path, metadata)
+            )
+    files.update(_block_files(parts, node))
     absent = absent_rules(snapshot, node)
     check_absent(absent, files, node.name)
     return TargetState(
         node=node.name, files=files, apps=load_app_settings(snapshot, node), absent=absent
     )
+
+
+def _shared_block(
+    job: _RenderJob,
+    secrets: _Secrets,
+    snapshot: Snapshot,
+    node: Node,
+    dest: PurePosixPath,
+    app: str,
+    repo_path: str,
+    metadata: Callable[[str, PurePosixPath], tuple[dict[str, Any], str]],
+) -> list[tuple[Block, dict[str, Any], bool]]:
+    """The block of a later app in a file that an earlier app's block already names
+    (SPEC §9, ``_collect``'s ``shared``): its ``when:``, its render, its marker."""
+    if job.unwanted(_conditions(snapshot, node, {dest: (app, repo_path, 0)})):
+        return []
+    meta, where = metadata(app, dest)
+    marker = block_marker(meta.get("block", False), app=app, where=where, dest=dest, node=node.name)
+    assert marker is not None  # _collect shares block destinations only
+    secret = bool(meta.get("secret", False)) or _encrypted(repo_path)
+    if is_template(repo_path):
+        done, failed = job.render([(dest, repo_path, secret)])
+        if failed is not None:
+            raise failed[1]
+        content = done[dest]
+        secret = secret or dest in job.tainted
+    elif _encrypted(repo_path):
+        content = secrets.open(snapshot.read(repo_path), repo_path)
+    else:
+        content = snapshot.read(repo_path)
+    block = Block(app=app, marker=marker, content=content_of(content), template=repo_path)
+    return [(block, meta, secret)]
+
+
+def _block_files(
+    parts: Mapping[PurePosixPath, list[tuple[Block, dict[str, Any], bool]]], node: Node
+) -> dict[PurePosixPath, TargetFile]:
+    """One TargetFile per file holding managed blocks (SPEC §9): its blocks in node app
+    order, its content their view; mode, owner and group from the first block whose
+    metadata sets them (unset: the host's, 0644 for a new file), secret if any is."""
+    order = {a.name: i for i, a in enumerate(node.apps)}
+    out = {}
+    for dest, got in parts.items():
+        got = sorted(got, key=lambda p: order.get(p[0].app, len(order)))
+        blocks = tuple(b for b, _, _ in got)
+        check_blocks(blocks, dest, node.name)
+        metas = [m for _, m, _ in got]
+        mode = next((m["mode"] for m in metas if "mode" in m), None)
+        first = blocks[0]
+        out[dest] = TargetFile(
+            path=dest,
+            content=view(blocks),
+            mode=0o644 if mode is None else parse_mode(mode, where=first.template),
+            owner=next((m["owner"] for m in metas if "owner" in m), None),
+            group=next((m["group"] for m in metas if "group" in m), None),
+            secret=any(secret for _, _, secret in got),
+            policy=metas[0].get("policy", "enforce"),
+            app=first.app,
+            template=first.template,
+            blocks=blocks,
+            mode_set=mode is not None,
+        )
+    return out
 
 
 def absent_rules(snapshot: Snapshot, node: Node) -> tuple[AbsentRule, ...]:
@@ -1525,8 +1649,9 @@ def render_problems(
     template renders (two apps produce one path, bad app.yaml) is the only
     one returned. () when every template renders.
     """
+    shared: dict[PurePosixPath, list[tuple[str, str, int]]] = {}
     try:
-        items, sources, context, metadata = _prepare(snapshot, node, facts)
+        items, sources, context, metadata = _prepare(snapshot, node, facts, shared)
         secret = {
             dest: bool(metadata(app, dest)[0].get("secret")) or _encrypted(repo_path)
             for dest, (app, repo_path, _) in sources.items()
@@ -1535,6 +1660,12 @@ def render_problems(
     except ReconcilerError as exc:
         return (exc,)
     jobs = [(dest, sources[dest][1], flag) for dest, flag in secret.items()]
+    later = [  # the later apps' blocks of a file several apps manage blocks of (SPEC §9)
+        (dest, repo_path, bool(metadata(app, dest)[0].get("secret")) or _encrypted(repo_path))
+        for dest, extra in shared.items()
+        for app, repo_path, _ in extra
+        if is_template(repo_path)
+    ]
     job = _RenderJob(
         snapshot=snapshot,
         context=context,
@@ -1552,6 +1683,12 @@ def render_problems(
             break
         errors.append(failed[1])
         jobs = jobs[[j[0] for j in jobs].index(failed[0]) + 1 :]  # go on after the failure
+    for one in later:  # one at a time: their destinations repeat those of ``jobs``
+        if len(errors) >= most:
+            break
+        _, failed = job.render([one])
+        if failed is not None:
+            errors.append(failed[1])
     return tuple(errors)
 
 

@@ -44,6 +44,7 @@ from reconciler.errors import ApplyError, PathError, StateError, UnsafePathError
 from reconciler.host.state import LocalState, ManagedFile, load_state, save_state
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import System, atomic_write
+from reconciler.pipeline.blocks import recorded_view
 from reconciler.pipeline.journal import (
     Found,
     Journal,
@@ -417,6 +418,11 @@ def _record(system: System, root: Path, e: JournalEntry) -> ManagedFile | None:
         if not stat.S_ISREG(st.st_mode):
             return None
         digest = system.digest(host, expect=(st.st_dev, st.st_ino))  # streamed
+        markers = str((e.record or {}).get("block", ""))
+        if markers:
+            # Managed blocks (SPEC §9): the record keeps the view of its blocks.
+            whole = system.digest(host, expect=(st.st_dev, st.st_ino), keep=st.st_size)
+            digest = replace(digest, sha256=recorded_view(whole.content or b"", markers))
     except (OSError, PathError):
         return None
     assert e.record is not None

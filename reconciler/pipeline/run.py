@@ -627,6 +627,15 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         known = set(paths)
         paths += [p for p in named if p not in known]
         actual = scan(root, paths, previous.managed, system)
+        if any(t.blocks for t in target.files.values()) or any(
+            m.block for m in previous.managed.values()
+        ):
+            # Managed blocks (SPEC §9): compare the blocks' view, write the whole file.
+            from reconciler.pipeline.blockfiles import resolve
+
+            target, actual, previous = resolve(
+                target, actual, previous, root, system, max_size=config.max_file_size
+            )
         excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
         # Packages and services (SPEC §11): what the host has, read once per run.
         host_res = None

@@ -54,6 +54,9 @@ class ActualFile:
     problem: str | None = None  # why the path is unsafe
     blocker: PurePosixPath | None = None  # a parent that is a file or device, not a dir
     scanned_ns: int = 0  # wall clock just before the lstat
+    # A file holding managed blocks (SPEC §9): the view of its blocks as found,
+    # whose sha256 is then ``sha256`` (blockfiles.resolve); None otherwise.
+    block: bytes | None = None
 
     def signature(self) -> tuple[int, int, int, int]:
         """Stat signature comparable with ManagedFile.signature()."""
