@@ -366,7 +366,14 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     is every secret problem (:func:`reconciler.secrets.check.secret_problems`,
     SPEC §8: decided from the rules, no identity read).
     Exit 1 when anything is wrong (SPEC §3, §6).
+
+    Warnings do not change the exit code: a template whose output depends
+    on ``source.commit`` (SPEC §10 "Commit-dependent output": it changes
+    every node running it on every commit), found by rendering each node a
+    second time with another commit when a template names ``source``.
     """
+    from reconciler.git.snapshot import with_source
+    from reconciler.ops.change import commit_dependent, mentions_source, other_commit
     from reconciler.pipeline.facts import gather_facts
     from reconciler.pipeline.inventory import Node, check_hosts, effective_node
     from reconciler.pipeline.render import Decryption, render_problems, render_target
@@ -382,6 +389,12 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     limits = render_limits(args)
     failures: dict[str, list[str]] = {}  # problem → the nodes it affects, in first-seen order
     nodes: list[Node] = []  # the effective nodes, for the secret checks
+    dependent: dict[str, list[str]] = {}  # commit-dependent template → nodes
+    # The same tree with another commit: only worth a second render when a template
+    # names source at all (the example fleet's do not).
+    probe = (
+        with_source(snapshot, other_commit(snapshot.info)) if mentions_source(snapshot) else None
+    )
     if check.renderable:
         facts = gather_facts(operator_facts_dir(args))
         for name in check.renderable:
@@ -393,16 +406,23 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             else:
                 nodes.append(node)
                 try:
-                    rendered += len(
-                        render_target(
-                            snapshot,
+                    target = render_target(
+                        snapshot, node, facts, limits=limits, decryption=sealed, inventory=inventory
+                    )
+                    rendered += len(target.files)
+                    if probe is not None:
+                        other = render_target(
+                            probe,
                             node,
                             facts,
                             limits=limits,
                             decryption=sealed,
                             inventory=inventory,
-                        ).files
-                    )
+                        )
+                        for t in commit_dependent(other.files, target.files):
+                            seen = dependent.setdefault(t.template, [])
+                            if name not in seen:  # a [VAR] template makes many files
+                                seen.append(name)
                 except ReconcilerError as exc:
                     # A run stops at the first error; validate shows every one (issue 12).
                     found = render_problems(
@@ -416,9 +436,25 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         else:
             problems.append(text)
     problems += [f"{text} {_nodes_note(names)}" for text, names in failures.items()]
+    warnings = [
+        f"{template}: output depends on source.commit, so every commit rewrites it on every "
+        "node running it (and lists them all in impact) — leave the commit out of the file, "
+        f"e.g. in a comment, unless that is the point {_nodes_note(names)}"
+        for template, names in sorted(dependent.items())
+    ]
     if args.format == "json":
-        emit_json({"ok": not problems, "problems": problems, "files_rendered": rendered}, out)
+        emit_json(
+            {
+                "ok": not problems,
+                "problems": problems,
+                "warnings": warnings,
+                "files_rendered": rendered,
+            },
+            out,
+        )
     else:
+        for warning in warnings[:MAX_PROBLEMS_SHOWN]:
+            err.write(f"warning: {warning}\n")
         for problem in problems[:MAX_PROBLEMS_SHOWN]:
             err.write(f"{problem}\n")
         if len(problems) > MAX_PROBLEMS_SHOWN:

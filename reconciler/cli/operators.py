@@ -573,7 +573,7 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         label = f"{base_id[:12]}..{head_id[:12]}"
     base_snapshot = GitSnapshot(repo, base_id, SourceInfo(url=url, branch=branch, commit=base_id))
     limits = render_limits(args)
-    impacted, unchanged = impact(
+    impacted, unchanged, source_only = impact(
         base_snapshot,
         head_snapshot,
         gather_facts(operator_facts_dir(args)),
@@ -595,11 +595,12 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     for n in impacted
                 ],
                 "unchanged": unchanged,
+                "source_only": source_only,
             },
             out,
         )
         return 1 if failed else 0
-    total = len(impacted) + len(unchanged)
+    total = len(impacted) + len(unchanged) + len(source_only)
     out.write(f"impact of {label}: {len(impacted)} of {total} nodes change\n")
     symbol = {"added": "+", "removed": "-", "changed": "~", "mode": "m", "owner": "o"}
     for n in impacted:
@@ -619,6 +620,13 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for f in n.files:
             if f.diff:
                 out.write(f.diff)
+    if source_only:
+        # SPEC §10: one line, not a diff per node, for what every commit changes.
+        out.write(
+            f"source only: {', '.join(source_only)} — nothing changes but the output of "
+            "templates that write source.commit, rewritten on every commit "
+            "(reconciler validate names them)\n"
+        )
     if unchanged:
         out.write(f"unchanged: {', '.join(unchanged)}\n")
     return 1 if failed else 0

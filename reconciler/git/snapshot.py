@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import pygit2
 
@@ -79,6 +79,22 @@ class Snapshot(Protocol):
     def blob_id(self, path: str) -> str | None:
         """The git blob id of a file (a content key for caches); None in a working tree."""
         ...
+
+
+S = TypeVar("S", bound=Snapshot)
+
+
+def with_source(snapshot: S, info: SourceInfo) -> S:
+    """``snapshot`` read as if it came from ``info``: the same tree, another template
+    ``source`` (SPEC §10 "Commit-dependent output": ``impact`` renders both sides
+    with the head's ``source``; ``validate`` renders twice to find templates whose
+    output depends on ``source.commit``). A shallow copy: the tree and its caches
+    are shared, both are read-only."""
+    import copy
+
+    other = copy.copy(snapshot)
+    other.info = info
+    return other
 
 
 class GitSnapshot:

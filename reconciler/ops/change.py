@@ -47,7 +47,7 @@ from reconciler.git.repo import (
     walk,
 )
 from reconciler.git.reports import drift_captures, report_commits
-from reconciler.git.snapshot import Snapshot
+from reconciler.git.snapshot import Snapshot, SourceInfo, with_source
 from reconciler.ops.fleet import Upstream, fetch_upstream, parse_time, read_report, tracking_head
 from reconciler.ops.history import (
     SEALED_SUFFIX,
@@ -738,6 +738,37 @@ def _compare(old: TargetFile | None, new: TargetFile | None, *, shown: bool) -> 
     )
 
 
+# A template that names ``source`` (SPEC §1 context) may put the commit in its output.
+_SOURCE_WORD = re.compile(r"\bsource\b")
+
+
+def mentions_source(snapshot: Snapshot) -> bool:
+    """True when a ``.j2`` template of ``snapshot`` names ``source``: only then can an
+    output depend on the commit, and is a second render worth its cost. Encrypted
+    templates (``.j2.age``) cannot be read here and are not counted."""
+    for entry in snapshot.walk("templates"):
+        if entry.path.endswith(".j2"):
+            text = snapshot.read(f"templates/{entry.path}").decode("utf-8", "replace")
+            if "source" in text and _SOURCE_WORD.search(text):
+                return True
+    return False
+
+
+def other_commit(info: SourceInfo) -> SourceInfo:
+    """``info`` with another commit than its own: what a render compares against to
+    find outputs that depend on ``source.commit`` (SPEC §10)."""
+    probe = "0" * 40 if info.commit != "0" * 40 else "f" * 40
+    return SourceInfo(url=info.url, branch=info.branch, commit=probe, fetched=info.fetched)
+
+
+def commit_dependent(
+    old: Mapping[PurePosixPath, TargetFile], new: Mapping[PurePosixPath, TargetFile]
+) -> list[TargetFile]:
+    """The files of ``new`` whose content differs in ``old``, one node's target rendered
+    from the same tree with two commits: their output depends on ``source.commit``."""
+    return [t for path, t in new.items() if path in old and old[path].shown() != t.shown()]
+
+
 def impact(
     base: Snapshot,
     head: Snapshot,
@@ -745,15 +776,21 @@ def impact(
     *,
     limits: RenderLimits | None = None,
     decryption: Decryption | None = None,
-) -> tuple[list[NodeImpact], list[str]]:
+) -> tuple[list[NodeImpact], list[str], list[str]]:
     """Per node, the destination files whose target state differs between ``base`` and ``head``.
 
-    Every node of either side is rendered with the same ``facts``; paths
-    the node excludes are left out. Returns (impacted nodes, unchanged
-    nodes), both sorted by name. A node that fails to load or render on one
-    side is impacted with ``error`` set and no files. Both sides render in
-    the sandbox within ``limits`` (SPEC §10: ``impact`` runs on an untrusted
-    pull request).
+    Every node of either side is rendered with the same ``facts`` and with
+    the head's ``source`` (SPEC §10 "Commit-dependent output"): a template
+    that writes ``source.commit`` would otherwise list every node running
+    it on every range. Paths the node excludes are left out. Returns
+    (impacted nodes, unchanged nodes, source-only nodes), each sorted by
+    name: source-only nodes change nothing but the output of templates
+    that depend on the commit (found by rendering the head a second time
+    with the base's ``source``, only when a template names ``source``), so
+    the agent rewrites them on every commit; they are not in the unchanged
+    list. A node that fails to load or render on one side is impacted with
+    ``error`` set and no files. Both sides render in the sandbox within
+    ``limits`` (SPEC §10: ``impact`` runs on an untrusted pull request).
 
     ``decryption``: how secrets are opened (SPEC §8). By default never: they
     render as ``<secret: sha256 prefix>`` and their diffs are sha256
@@ -762,10 +799,10 @@ def impact(
     """
     limits = limits or RenderLimits()
     decryption = decryption or Decryption(placeholder=True)
-    old, old_names = _render_all(base, facts, limits, decryption)
+    old, old_names = _render_all(with_source(base, head.info), facts, limits, decryption)
     new, new_names = _render_all(head, facts, limits, decryption)
     if "*" in new:
-        return [NodeImpact(node="*", files=(), error=f"HEAD: {new['*']}")], []
+        return [NodeImpact(node="*", files=(), error=f"HEAD: {new['*']}")], [], []
     impacted: list[NodeImpact] = []
     unchanged: list[str] = []
     for name in sorted({*old_names, *new_names}):
@@ -786,7 +823,19 @@ def impact(
             impacted.append(NodeImpact(node=name, files=tuple(files)))
         else:
             unchanged.append(name)
-    return impacted, unchanged
+    source_only: list[str] = []
+    if unchanged and base.info.commit != head.info.commit and mentions_source(head):
+        probe, _ = _render_all(with_source(head, base.info), facts, limits, decryption)
+        for name in unchanged:
+            other, same = probe.get(name), new[name]
+            if (
+                isinstance(other, Mapping)
+                and isinstance(same, Mapping)
+                and commit_dependent(other, same)
+            ):
+                source_only.append(name)
+        unchanged = [n for n in unchanged if n not in source_only]
+    return impacted, unchanged, source_only
 
 
 def resolve_range(repo: Repo, spec: str | None) -> tuple[str, str]:
