@@ -402,6 +402,10 @@ def render_keys(
         return values[name]
 
     base = json.dumps([version, ANALYSIS_VERSION, settings], sort_keys=True, default=str)
+    # Where the Jinja2 settings of SPEC §10 live (``jinja:`` of fleet.yaml, of the
+    # app's app.yaml): their blobs are in the key, whatever the settings are.
+    fleet_yaml = f"fleet.yaml:{snapshot.blob_id('fleet.yaml')}"
+    app_yaml: dict[str, str] = {}
     keys: dict[PurePosixPath, str | None] = {}
     for dest, repo_path, _ in jobs:
         found = closure(repo_path)
@@ -419,7 +423,10 @@ def render_keys(
         names = set(own) if union.whole else set(union.names)
         if dest in items:
             names |= {"item", "item_key"}
-        parts = [base, *blobs]
+        app = repo_path.split("/", 2)[1]
+        if app not in app_yaml:
+            app_yaml[app] = f"app.yaml:{snapshot.blob_id(f'templates/{app}/app.yaml')}"
+        parts = [base, fleet_yaml, app_yaml[app], *blobs]
         parts += [
             f"{n}={value(n, own if n in ('item', 'item_key') else context)}" for n in sorted(names)
         ]

@@ -199,6 +199,14 @@ def test_what_cannot_be_known_before_rendering_is_always_rendered(tmp_path, temp
     assert target.files[P("/etc/web/dyn.conf")].render_key == ""
 
 
+def test_where_jinja_settings_live_is_in_the_key(tmp_path):
+    repo = Repo(tmp_path / "r")
+    repo.step({"hosts/n.yaml": HOST, f"{APP}/port.conf.j2": "{{ port }}\n"})
+    assert repo.step({"fleet.yaml": "jinja: {}\n"}) == {"/etc/web/port.conf"}
+    assert repo.step({"templates/web/app.yaml": "files: {}\n"}) == {"/etc/web/port.conf"}
+    assert repo.step({}) == set()
+
+
 def test_the_analysis_is_cached_by_blob_and_trusted(tmp_path):
     repo = Repo(tmp_path / "r")
     repo.step({"hosts/n.yaml": HOST, f"{APP}/port.conf.j2": "{{ port }}\n"})
