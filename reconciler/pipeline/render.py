@@ -46,6 +46,16 @@ from reconciler.errors import InventoryError, PathError, ReconcilerError, Render
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, GIT_FILEMODE_LINK, Snapshot, SourceInfo
 from reconciler.pipeline.blocks import Block, block_marker, check_blocks, content_of, view
 from reconciler.pipeline.inventory import DEFAULT_STATE, Inventory, Node, load_app_config
+from reconciler.pipeline.jinja_settings import DEFAULT as DEFAULT_SETTINGS
+from reconciler.pipeline.jinja_settings import (
+    EXTENSIONS,
+    HEADER,
+    SALT,
+    JinjaSettings,
+    app_settings,
+    fleet_settings,
+    split_header,
+)
 from reconciler.pipeline.packages import PackageSpec, ServiceSpec, check_resources, parse_resources
 from reconciler.pipeline.renderkeys import NODES, Fleet, UnknownNodes, analyse_ast, render_keys
 from reconciler.secrets.age import is_age_marker, marker_parts
@@ -810,6 +820,7 @@ def _environment(
     fleet: Fleet | None = None,
     *,
     on_parse: Callable[[str, str, Any], None] | None = None,
+    settings: JinjaSettings = DEFAULT_SETTINGS,
 ) -> Any:
     """The sandboxed Jinja2 environment every repository template renders in (SPEC §10).
 
@@ -820,6 +831,10 @@ def _environment(
     lists and dicts, another node's ``!age`` values unreadable (None: one of
     ``snapshot``'s own). ``on_parse(path, source, ast)`` sees every template
     parsed to be compiled (the render keys' analysis, renderkeys.analyse_ast).
+    ``settings``: trim_blocks, lstrip_blocks, keep_trailing_newline and the
+    allowed extensions (``pipeline/jinja_settings.py``); code compiled with
+    other settings is cached under other names. The loader drops a
+    template's ``#jinja2:`` first line (the caller chose ``settings`` from it).
     """
     import functools
 
@@ -856,6 +871,11 @@ def _environment(
                         "encrypt the text of the template"
                     ) from None
                 raise RenderError(f"{path}: a .j2 template must be UTF-8 text") from exc
+            # The #jinja2: line is not part of the output (SPEC §10); the caller read
+            # and checked it to choose this environment. An included template's is
+            # dropped unread: it is compiled with the settings of the one including it.
+            if text.startswith(HEADER):
+                text = text[text.find("\n") + 1 :] if "\n" in text else ""
             # An encrypted template is loaded again at every use, so that each
             # destination that includes it is seen reading a secret (the taint).
             return text, path, (lambda: not encrypted)
@@ -997,11 +1017,18 @@ def _environment(
     cache = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cache = jinja2.FileSystemBytecodeCache(str(cache_dir), _CACHE_PATTERN)
+        pattern = _CACHE_PATTERN
+        if settings.digest():  # other settings compile the same source to other code
+            tag = hashlib.sha256(settings.digest().encode()).hexdigest()[:16]
+            pattern = _CACHE_PATTERN.replace("%s", f"{tag}_%s")
+        cache = jinja2.FileSystemBytecodeCache(str(cache_dir), pattern)
     env = BoundedSandbox(
         loader=SnapshotLoader(),
         undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
+        keep_trailing_newline=settings.keep_trailing_newline is True,
+        trim_blocks=settings.trim_blocks,
+        lstrip_blocks=settings.lstrip_blocks,
+        extensions=[EXTENSIONS[name] for name in settings.extensions],
         autoescape=False,
         bytecode_cache=cache,
     )
@@ -1213,6 +1240,12 @@ def _render_error(
         else:
             problem = type(exc).__name__ if secret else f"{type(exc).__name__}: {exc}"
             problem += f"{on} — fix the template or the vars it uses"
+    if line and not where.endswith(AGE_SUFFIX):
+        try:  # Jinja2 counted lines without the #jinja2: first line (the loader drops it)
+            if snapshot.read(where).startswith(HEADER.encode()):
+                line += 1
+        except (KeyError, ReconcilerError):
+            pass
     if line and not secret:
         try:
             source_line = snapshot.read(where).decode("utf-8").splitlines()[line - 1].strip()
@@ -1300,6 +1333,21 @@ def _conditions(
     return out
 
 
+def _jinja_settings(
+    snapshot: Snapshot, node: Node, sources: Mapping[PurePosixPath, tuple[str, str, int]]
+) -> dict[PurePosixPath, JinjaSettings]:
+    """dest → its app's Jinja2 settings (``fleet.yaml``'s ``jinja:`` under the app's
+    ``app.yaml``'s, SPEC §10), for the destinations whose settings are not the
+    defaults. Raises InventoryError naming ``fleet.yaml`` or the ``app.yaml`` and line."""
+    fleet = fleet_settings(snapshot)
+    apps = {a.name: app_settings(fleet, load_app_config(snapshot, a.name)) for a in node.apps}
+    return {
+        dest: apps[app]
+        for dest, (app, _, _) in sources.items()
+        if apps.get(app, DEFAULT_SETTINGS) != DEFAULT_SETTINGS
+    }
+
+
 def _prepare(
     snapshot: Snapshot,
     node: Node,
@@ -1385,6 +1433,7 @@ def render_target(
         dest: metadata(app, dest) for dest, (app, _, _) in sources.items()
     }
     secrets = _Secrets(decryption, node.name)
+    settings = _jinja_settings(snapshot, node, sources)
     job = _RenderJob(
         snapshot=snapshot,
         context=context,
@@ -1394,6 +1443,7 @@ def render_target(
         secrets=secrets,
         items=items,
         fleet=Fleet(snapshot, inventory),
+        settings=settings,
     )
     for dest in job.unwanted(_conditions(snapshot, node, sources)):
         # when: false (SPEC §9): not in the target state, so never rendered, and
@@ -1412,7 +1462,7 @@ def render_target(
     def make_keys(parse: bool) -> dict[PurePosixPath, str | None]:
         from reconciler import __version__
 
-        return render_keys(
+        made = render_keys(
             snapshot,
             context,
             every,
@@ -1422,6 +1472,13 @@ def render_target(
             version=__version__,
             parse=parse,
         )
+        for dest, jinja in settings.items():
+            # Its app's Jinja2 settings shape its output too (SPEC §10): a change of
+            # fleet.yaml's or app.yaml's jinja: renders what it affects again. (A
+            # #jinja2: line is in the template's blob, already in the key.)
+            if made.get(dest):
+                made[dest] = hashlib.sha256(f"{made[dest]}\0{jinja.digest()}".encode()).hexdigest()
+        return made
 
     if reuse is not None:
         # Templates this host has not analysed yet get no key now (None): they
@@ -1657,6 +1714,7 @@ def render_problems(
             for dest, (app, repo_path, _) in sources.items()
             if is_template(repo_path)
         }
+        settings = _jinja_settings(snapshot, node, sources)
     except ReconcilerError as exc:
         return (exc,)
     jobs = [(dest, sources[dest][1], flag) for dest, flag in secret.items()]
@@ -1675,6 +1733,7 @@ def render_problems(
         secrets=_Secrets(decryption, ""),
         items=items,
         fleet=Fleet(snapshot, inventory),
+        settings=settings,
     )
     errors: list[ReconcilerError] = []
     while jobs and len(errors) < most:
@@ -1719,6 +1778,13 @@ class _RenderJob:
     # each template this job parsed to compile it: the render keys' cache, filled
     # at no extra parse (SPEC §10).
     analysed: dict[str, Any] = field(default_factory=dict)
+    # dest → the Jinja2 settings of its app (fleet.yaml's jinja: under app.yaml's,
+    # SPEC §10); a destination not here has the defaults. A template's #jinja2:
+    # line is read over them when it renders.
+    settings: Mapping[PurePosixPath, JinjaSettings] = field(default_factory=dict)
+    # One environment per distinct settings, made at first need: templates
+    # compiled in it are reused by every destination with those settings.
+    _envs: dict[JinjaSettings, Any] = field(default_factory=dict)
 
     def render(
         self, jobs: list[Job]
@@ -1737,7 +1803,9 @@ class _RenderJob:
                 reads.clear()
                 try:
                     with alarm.limit():
-                        out[dest] = self._render_one(repo_path, self._context(dest))
+                        out[dest] = self._render_one(
+                            repo_path, self._context(dest), self.settings.get(dest)
+                        )
                 except ReconcilerError as exc:  # names its file: the Snapshot's refusal
                     return out, (dest, exc)
                 except (Exception, _Interrupted) as exc:  # Jinja2 raises many types
@@ -1815,15 +1883,57 @@ class _RenderJob:
         var, key = self.items[dest]
         return {**self._live, "item": _item(self._live[var], key), "item_key": key}
 
-    def _render_one(self, repo_path: str, context: dict[str, Any]) -> bytes:
+    def _environment_for(
+        self, repo_path: str, base: JinjaSettings | None
+    ) -> tuple[Any, JinjaSettings, bool]:
+        """(environment, settings, source ends with a newline) for one template: ``base``
+        (its app's settings) under its own ``#jinja2:`` line (SPEC §10)."""
+        data = self.snapshot.read(repo_path)
+        if _encrypted(repo_path):
+            data = self.secrets.open(data, repo_path)
+        header: dict[str, Any] = {}
+        if data.startswith(HEADER.encode()):
+            try:
+                header, _ = split_header(
+                    data.decode("utf-8", "replace"), where=repo_path, node=self.node
+                )
+            except RenderError:
+                if not _encrypted(repo_path):
+                    raise
+                raise RenderError(  # a secret template's text is never shown
+                    f"{repo_path}:1: #jinja2: header: not valid (node {self.node}) — "
+                    "use trim_blocks, lstrip_blocks, keep_trailing_newline: True or False"
+                ) from None
+        settings = (base or DEFAULT_SETTINGS).over(header)
+        ends = data.endswith(b"\n")
+        if settings == DEFAULT_SETTINGS:
+            return self.env, settings, ends
+        env = self._envs.get(settings)
+        if env is None:
+            env = self._envs[settings] = _environment(
+                self.snapshot,
+                self.cache_dir,
+                self.limits,
+                self.secrets,
+                self.fleet,
+                on_parse=self._parsed,
+                settings=settings,
+            )
+        return env, settings, ends
+
+    def _render_one(
+        self, repo_path: str, context: dict[str, Any], base: JinjaSettings | None = None
+    ) -> bytes:
         """One template's output, streamed and given up past max_file_size.
 
         What ``Template.render`` does (its root render function, errors
         rewritten to template lines by ``handle_exception``), with the size
         counted chunk by chunk: ``Template.generate`` would add a generator
-        per chunk, ~15 % of a warm render.
+        per chunk, ~15 % of a warm render. ``base``: its app's Jinja2
+        settings, under the template's own ``#jinja2:`` line.
         """
-        template = self.env.get_template(repo_path[len("templates/") :])
+        env, settings, ends = self._environment_for(repo_path, base)
+        template = env.get_template(repo_path[len("templates/") :])
         limit = self.limits.max_file_size or sys.maxsize
         chunks: list[str] = []
         append = chunks.append
@@ -1836,9 +1946,14 @@ class _RenderJob:
                     break
                 append(chunk)
         except Exception:
-            self.env.handle_exception()  # raises it again, traceback in template lines
+            env.handle_exception()  # raises it again, traceback in template lines
         finally:
             stream.close()
+        if settings.keep_trailing_newline == SALT and ends:
+            # Salt's rule: rendered without keep_trailing_newline, then one newline
+            # added when the template's source ends with one.
+            chunks.append("\n")
+            size += 1
         data = "".join(chunks).encode("utf-8")
         if size > limit or len(data) > limit:
             raise _TooLarge(
