@@ -43,12 +43,18 @@ class JinjaSettings:
     lstrip_blocks: bool = False
     keep_trailing_newline: bool | str = True
     extensions: tuple[str, ...] = ()
+    # Ansible's other #jinja2: keys (delimiters, line prefixes, newline_sequence),
+    # as sorted (key, value) pairs: a first line only, never fleet.yaml or app.yaml.
+    lexer: tuple[tuple[str, Any], ...] = ()
 
     def over(self, values: Mapping[str, Any]) -> JinjaSettings:
         """These settings with the keys of ``values`` (already checked) replaced."""
         if not values:
             return self
-        changes = dict(values)
+        changes = {k: v for k, v in values.items() if k not in LEXER_KEYS}
+        lexer = {k: v for k, v in values.items() if k in LEXER_KEYS}
+        if lexer:
+            changes["lexer"] = tuple(sorted({**dict(self.lexer), **lexer}.items()))
         if "extensions" in changes:
             changes["extensions"] = tuple(sorted(set(changes["extensions"])))
         return replace(self, **changes)
@@ -58,13 +64,32 @@ class JinjaSettings:
         if self == DEFAULT:
             return ""
         return json.dumps(
-            [self.trim_blocks, self.lstrip_blocks, self.keep_trailing_newline, self.extensions]
+            [
+                self.trim_blocks,
+                self.lstrip_blocks,
+                self.keep_trailing_newline,
+                self.extensions,
+                self.lexer,
+            ]
         )
 
 
 DEFAULT = JinjaSettings()
 _BOOL_KEYS = ("trim_blocks", "lstrip_blocks")
-HEADER_KEYS = ("trim_blocks", "lstrip_blocks", "keep_trailing_newline")
+# The keys Ansible's #jinja2: line takes besides those (its TemplateOverrides fields).
+LEXER_KEYS = (
+    "block_start_string",
+    "block_end_string",
+    "variable_start_string",
+    "variable_end_string",
+    "comment_start_string",
+    "comment_end_string",
+    "line_statement_prefix",
+    "line_comment_prefix",
+    "newline_sequence",
+)
+HEADER_KEYS = ("trim_blocks", "lstrip_blocks", "keep_trailing_newline", *LEXER_KEYS)
+_NEWLINES = ("\n", "\r\n", "\r")
 
 
 @functools.cache
@@ -114,10 +139,12 @@ def split_header(text: str, *, where: str, node: str) -> tuple[dict[str, Any], s
 
     Ansible's syntax (``ansible/_internal/_templating/_jinja_bits.py``):
     comma-separated ``key: value`` pairs, each value a Python literal
-    (``True``, ``False``, ``'salt'``). Keys: ``trim_blocks``,
-    ``lstrip_blocks``, ``keep_trailing_newline``. Raises RenderError naming
-    ``where`` (the template), line 1, the node and what to do: a pair
-    without ``:``, an unknown key, a value of the wrong type, no newline.
+    (``True``, ``False``, ``'salt'``, ``'[%'``). Keys: ``trim_blocks``,
+    ``lstrip_blocks``, ``keep_trailing_newline`` and Ansible's lexer keys
+    (:data:`LEXER_KEYS`: delimiters, line prefixes, ``newline_sequence``).
+    Raises RenderError naming ``where`` (the template), line 1, the node
+    and what to do: a pair without ``:``, an unknown key, a value of the
+    wrong type, start strings that are not distinct, no newline.
     """
     if not text.startswith(HEADER):
         return {}, text
@@ -143,8 +170,32 @@ def split_header(text: str, *, where: str, node: str) -> tuple[dict[str, Any], s
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw  # reported below as a wrong value, naming it
+        if key in LEXER_KEYS:
+            values[key] = _lexer_value(key, value, raw, bad)
+            continue
         if not isinstance(value, bool) and not (key == "keep_trailing_newline" and value == SALT):
             allowed = "True, False or 'salt'" if key == "keep_trailing_newline" else "True or False"
             raise bad(f"{key}: {raw!r} is not {allowed}", f"use {allowed}")
         values[key] = value
+    starts = [
+        values.get(f"{kind}_start_string", default)
+        for kind, default in (("block", "{%"), ("variable", "{{"), ("comment", "{#"))
+    ]
+    if len(set(starts)) < 3:
+        raise bad("block, variable and comment start strings must differ", "choose three")
     return values, text[eol + 1 :]
+
+
+def _lexer_value(key: str, value: Any, raw: str, bad: Any) -> Any:
+    """A lexer key's value, checked as Ansible's TemplateOverrides types it."""
+    if key == "newline_sequence":
+        if value not in _NEWLINES:
+            raise bad(
+                f"newline_sequence: {raw!r} is not one of '\\n', '\\r\\n', '\\r'", "use '\\n'"
+            )
+        return value
+    if key.startswith("line_") and value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise bad(f"{key}: {raw!r} is not a quoted, non-empty string", f"write {key}: '[%'")
+    return value

@@ -1031,6 +1031,7 @@ def _environment(
         extensions=[EXTENSIONS[name] for name in settings.extensions],
         autoescape=False,
         bytecode_cache=cache,
+        **dict(settings.lexer),
     )
     from reconciler.pipeline import filters
 
@@ -1902,7 +1903,7 @@ class _RenderJob:
                     raise
                 raise RenderError(  # a secret template's text is never shown
                     f"{repo_path}:1: #jinja2: header: not valid (node {self.node}) — "
-                    "use trim_blocks, lstrip_blocks, keep_trailing_newline: True or False"
+                    "see the #jinja2: keys and values in repo-layout/README.md"
                 ) from None
         settings = (base or DEFAULT_SETTINGS).over(header)
         ends = data.endswith(b"\n")

@@ -92,6 +92,11 @@ def test_the_header_sets_one_template_and_is_not_in_the_output(tmp_path: Path) -
     assert _out(tmp_path / "2", header, "jinja: {trim_blocks: true}") == "1\n"
 
 
+def test_the_header_takes_ansibles_lexer_keys(tmp_path: Path) -> None:
+    header = "#jinja2: variable_start_string: '[%', variable_end_string: '%]'\n"
+    assert _out(tmp_path, header + "[% 1 + 1 %] {{ kept }}\n") == "2 {{ kept }}\n"
+
+
 def test_extensions_do_and_loopcontrols(tmp_path: Path) -> None:
     template = (
         "{% set seen = [] %}{% for i in [1, 2, 3, 4] %}{% if i == 2 %}{% continue %}{% endif %}"
@@ -109,7 +114,9 @@ def test_extensions_do_and_loopcontrols(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("header", "problem"),
     [
-        ("#jinja2: variable_start_string: '[%'", "unknown key 'variable_start_string'"),
+        ("#jinja2: autoescape: True", "unknown key 'autoescape'"),
+        ("#jinja2: variable_start_string: '{#'", "start strings must differ"),
+        ("#jinja2: newline_sequence: 'x'", "newline_sequence: \"'x'\" is not one of"),
         ("#jinja2: trim_blocks = True", "'trim_blocks = True' is not a 'key: value' pair"),
         ("#jinja2: trim_blocks: yes", "trim_blocks: 'yes' is not True or False"),
         ("#jinja2: keep_trailing_newline: 'pillar'", "is not True, False or 'salt'"),
