@@ -847,6 +847,8 @@ def _environment(
     bounds = _Bounds(max_chars=limits.max_file_size, max_items=MAX_RANGE)
     fleet = Fleet(snapshot) if fleet is None else fleet
 
+    headers: dict[str, str] = {}  # repository path → the #jinja2: line the loader dropped
+
     class SnapshotLoader(jinja2.BaseLoader):
         """Templates by name relative to ``templates/``, read from the snapshot."""
 
@@ -875,7 +877,8 @@ def _environment(
             # and checked it to choose this environment. An included template's is
             # dropped unread: it is compiled with the settings of the one including it.
             if text.startswith(HEADER):
-                text = text[text.find("\n") + 1 :] if "\n" in text else ""
+                cut = text.find("\n") + 1 if "\n" in text else len(text)
+                headers[path], text = text[:cut], text[cut:]
             # An encrypted template is loaded again at every use, so that each
             # destination that includes it is seen reading a secret (the taint).
             return text, path, (lambda: not encrypted)
@@ -929,7 +932,9 @@ def _environment(
         def _parse(self, source: str, name: str | None, filename: str | None) -> Any:
             ast = super()._parse(source, name, filename)
             if on_parse is not None and filename:
-                on_parse(filename, source, ast)
+                # The analysis sees the template's text as committed, first line
+                # included (renderkeys reads a #jinja2: line), as its own parse does.
+                on_parse(filename, headers.get(filename, "") + source, ast)
             return ast
 
         def getitem(self, obj: Any, argument: Any) -> Any:
