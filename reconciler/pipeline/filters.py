@@ -277,7 +277,14 @@ def b64decode(string: Any, encoding: str = "utf-8", urlsafe: bool = False) -> st
 
 
 def _plain_data(value: Any) -> Any:
-    """Mappings and sequences of a context as dict and list (what JSON and YAML dump)."""
+    """Mappings and sequences of a context as dict and list (what JSON and YAML dump).
+
+    An undefined value inside (another node's ``!age`` value from ``nodes()``,
+    which stays unreadable) fails as reading it anywhere does, naming it."""
+    from jinja2 import Undefined
+
+    if isinstance(value, Undefined):
+        value._fail_with_undefined_error()
     if isinstance(value, Mapping):
         return {k: _plain_data(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -119,3 +119,41 @@ def test_a_secret_through_a_filter_makes_the_file_secret(tmp_path: Path) -> None
     out = files[PurePosixPath("/etc/x")]
     assert out.content.startswith(b'{"user": "u", "pw": "s3cr3t"}') and out.secret
     assert not files[PurePosixPath("/etc/plain")].secret
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "nodes('m') | to_json",
+        "nodes('m')[0].vars | to_nice_yaml",
+        "nodes('m')[0].vars | combine({'x': 1}) | to_nice_json",
+        "nodes('m')[0].vars | dict2items | items2dict | to_yaml",
+        "nodes('m')[0].vars.pw | b64encode",
+        "nodes('m')[0].vars.pw | hash('sha256')",
+        "nodes('m')[0].vars.pw | regex_replace('a', 'b')",
+        "nodes('m')[0].vars.pw | bool",
+        "[nodes('m')[0].vars.pw] | unique",
+        "nodes('m')[0].vars.pw | password_hash(rounds=5000)",
+        "[[nodes('m')[0].vars.pw]] | flatten",
+    ],
+)
+def test_another_nodes_secret_stays_unreadable_through_filters(
+    tmp_path: Path, expression: str
+) -> None:
+    key = tmp_path / "m.age"
+    recipient = age.parse_recipient(age.keygen(key), where="m")
+    payload = age.encrypt(b"s3cr3t", [recipient]).decode()
+    value = "!age |\n" + "".join(f"    {line}\n" for line in payload.splitlines())
+    snap = write_repo(
+        tmp_path / "repo",
+        {
+            T: "{{ " + expression + " }}\n",
+            "hosts/n.yaml": "apps: [a]\n",
+            "hosts/m.yaml": f"apps: []\nvars:\n  pw: {value}",
+        },
+    )
+    with pytest.raises(RenderError) as info:
+        render_target(snap, node_of(snap, "n"), FACTS, limits=SMALL)
+    message = str(info.value)
+    assert "nodes() never decrypts it" in message and "s3cr3t" not in message
+    assert "BEGIN AGE" not in message
