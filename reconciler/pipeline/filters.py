@@ -733,7 +733,8 @@ def _ipaddr_one(value: Any, query: str) -> Any:
     if query in ("ipv4", "ipv6"):
         return plain if net.version == int(query[-1]) else False
     if query == "private":
-        return plain if iface.ip.is_private else False
+        # Python counts ::1 and 127/8 private; ansible.utils (netaddr) does not.
+        return plain if iface.ip.is_private and not iface.ip.is_loopback else False
     if query == "public":
         return plain if iface.ip.is_global else False
     if query == "loopback":

@@ -157,3 +157,37 @@ def test_another_nodes_secret_stays_unreadable_through_filters(
     message = str(info.value)
     assert "nodes() never decrypts it" in message and "s3cr3t" not in message
     assert "BEGIN AGE" not in message
+
+
+TEST_LIST = ["192.24.2.1", "host.fqdn", "::1", "192.168.32.0/24", "fe80::100/10", True, ""]
+
+
+@pytest.mark.parametrize(
+    ("value", "query", "expected"),
+    [  # the examples of ansible.utils' ipaddr documentation (not in ansible-core)
+        (TEST_LIST, "", ["192.24.2.1", "::1", "192.168.32.0/24", "fe80::100/10"]),
+        (TEST_LIST, "ipv4", ["192.24.2.1", "192.168.32.0/24"]),
+        (TEST_LIST, "ipv6", ["::1", "fe80::100/10"]),
+        (TEST_LIST, "public", ["192.24.2.1"]),
+        (TEST_LIST, "private", ["192.168.32.0/24", "fe80::100/10"]),
+        ("192.24.2.1", "address", "192.24.2.1"),
+        ("192.168.32.0/24", "net", "192.168.32.0/24"),
+        ("192.168.32.1/24", "host", "192.168.32.1/24"),
+        ("192.168.32.0/24", "host", False),
+        ("192.0.2.5/24", "netmask", "255.255.255.0"),
+        ("192.0.2.5/24", "broadcast", "192.0.2.255"),
+        ("192.0.2.5/24", "network", "192.0.2.0"),
+        ("192.0.2.5/24", "prefix", 24),
+        ("192.0.2.5/24", "size", 256),
+        ("192.168.0.0/24", "5", "192.168.0.5/24"),
+        ("192.168.0.0/24", "-1", "192.168.0.255/24"),
+        ("192.0.2.1", "revdns", "1.2.0.192.in-addr.arpa."),
+        ("not an address", "", False),
+    ],
+)
+def test_ipaddr_answers_as_ansible_utils_documents(
+    value: object, query: str, expected: object
+) -> None:
+    from reconciler.pipeline.filters import ipaddr
+
+    assert ipaddr(value, query) == expected
