@@ -182,10 +182,15 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for change in outcome.plan.changes:
             t = outcome.target.files.get(change.path)
             secret = is_secret(change.path, outcome.target, managed)
-            if change.action in ("chmod", "chown"):
+            found = outcome.actual[change.path]
+            if change.action in ("chmod", "chown") or (
+                change.directory is not None and found.kind in ("missing", "dir")
+            ):
                 chunks.append(f"{change.action} {change.path}: {change.detail}\n")
                 continue
-            found = outcome.actual[change.path]
+            if found.kind == "dir":  # a directory a purge removes (SPEC §9), once empty
+                chunks.append(f"delete {change.path}/: {change.detail}\n")
+                continue
             old: bytes | LargeFile | None = None
             if found.kind == "symlink" and found.link is not None:
                 old = link_shown(found.link)  # read by the scan, never followed (SPEC §9)
@@ -274,6 +279,24 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 _write_link(dest, t.link)  # a real symlink, as the host will have it
             else:
                 atomic_write(dest, t.content, mode=t.mode)
+        for path, d in sorted(target.directories.items()):
+            # directories: (SPEC §9) as real directories, after the files below them
+            # (a mode such as 0555 would refuse those writes to a non-root operator).
+            dest = base.joinpath(*path.parts[1:])
+            dest.mkdir(parents=True, exist_ok=True)
+            if d.mode is not None:
+                os.chmod(dest, d.mode)
+    dirs = [
+        {
+            "path": str(d.path),
+            "mode": None if d.mode is None else f"{d.mode:04o}",
+            "owner": d.owner,
+            "group": d.group,
+            "purge": d.purge,
+            "app": d.app,
+        }
+        for d in target.directories.values()
+    ]
     rows = [
         {
             "path": str(t.path),
@@ -291,14 +314,20 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for t in target.files.values()
     ]
     if args.format == "json":
-        emit_json({"node": name, "state": node.state, "files": rows}, out)
+        emit_json({"node": name, "state": node.state, "files": rows, "directories": dirs}, out)
         return 0
     for r in rows:
         owner = f"{r['owner'] or '-'}:{r['group'] or '-'}"
         link = f" link → {r['link']}" if r["link"] is not None else ""
         out.write(f"{r['mode']} {owner:<14} {r['path']}{link}  [{r['app']}]\n")
+    for d in target.directories.values():
+        owner = f"{d.owner or '-'}:{d.group or '-'}"
+        mode = "-   " if d.mode is None else f"{d.mode:04o}"
+        purge = "  purge" if d.purge else ""
+        out.write(f"{mode} {owner:<14} {d.path}/{purge}  [{d.app}]\n")
     where = f" into {args.out}" if args.out else ""
-    out.write(f"{name}: {len(rows)} files rendered{where}\n")
+    made = f" and {len(dirs)} directories" if dirs else ""
+    out.write(f"{name}: {len(rows)} files{made} rendered{where}\n")
     return 0
 
 

@@ -82,6 +82,42 @@ class ManagedFile:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ManagedDir:
+    """A ManagedDir is how a directory of ``directories:`` (SPEC §9) looked when the last
+    run left it: what later differs is drift, not a desired change."""
+
+    mode: int
+    uid: int
+    gid: int
+    app: str
+
+    def to_json(self) -> list[Any]:
+        """``[mode, uid, gid, app]``: compact, as state.json keeps thousands of records."""
+        return [self.mode, self.uid, self.gid, self.app]
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ManagedDir:
+        """Parse :meth:`to_json`'s shape; TypeError for any other."""
+        if (
+            not isinstance(raw, list)
+            or len(raw) != 4
+            or not all(type(n) is int for n in raw[:3])
+            or not isinstance(raw[3], str)
+        ):
+            raise TypeError("a directory record is not [mode, uid, gid, app]")
+        return cls(mode=raw[0], uid=raw[1], gid=raw[2], app=raw[3])
+
+
+def _watch(raw: Any, name: str) -> dict[str, tuple[int, int]]:
+    """A watch map (destination path → [mtime_ns, ctime_ns]) from JSON; TypeError otherwise."""
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v) for v in raw.values()
+    ):
+        raise TypeError(f"{name} of the wrong type")
+    return {k: (v[0], v[1]) for k, v in raw.items()}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LocalState:
     """LocalState is the applied commit and the managed paths of the last run."""
 
@@ -102,6 +138,11 @@ class LocalState:
     # database) after the last full run: the no-op short cut's cheap signal that a
     # package was installed or removed since (reuse.py).
     package_db: str = ""
+    # directories: (SPEC §9): each managed directory as the last run left it.
+    directories: Mapping[str, ManagedDir] = field(default_factory=dict)
+    # purge: true (SPEC §9): every directory the purge walk listed → (mtime_ns,
+    # ctime_ns) after the last full run: an entry added below changes one of them.
+    purge_watch: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 _HINT = "move it away to start afresh (every managed path is then planned anew)"
@@ -168,7 +209,11 @@ def load_state(state_dir: StateDir) -> LocalState:
         node, commit = raw.get("node", ""), raw.get("applied_commit")
         fingerprint = raw.get("fingerprint", "")
         dirs, excluded = raw.get("created_dirs", []), raw.get("excluded", [])
-        watch = raw.get("absent_watch", {})
+        watch = _watch(raw.get("absent_watch", {}), "absent_watch")
+        purge_watch = _watch(raw.get("purge_watch", {}), "purge_watch")
+        directories = raw.get("directories", {})
+        if not isinstance(directories, dict):
+            raise TypeError("directories of the wrong type")
         resources, package_db = raw.get("resources", {}), raw.get("package_db", "")
         if not (
             isinstance(resources, dict)
@@ -176,11 +221,6 @@ def load_state(state_dir: StateDir) -> LocalState:
             and isinstance(package_db, str)
         ):
             raise TypeError("resources of the wrong type")
-        if not isinstance(watch, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v)
-            for v in watch.values()
-        ):
-            raise TypeError("absent_watch of the wrong type")
         if not (
             isinstance(node, str)
             and isinstance(commit, str | None)
@@ -197,9 +237,11 @@ def load_state(state_dir: StateDir) -> LocalState:
             created_dirs=tuple(dirs),
             fingerprint=fingerprint,
             excluded=tuple(excluded),
-            absent_watch={k: (v[0], v[1]) for k, v in watch.items()},
+            absent_watch=watch,
             resources=resources,
             package_db=package_db,
+            directories={k: ManagedDir.from_json(v) for k, v in directories.items()},
+            purge_watch=purge_watch,
         )
     except (TypeError, AttributeError) as exc:
         raise StateError(
@@ -228,6 +270,10 @@ def save_state(state_dir: StateDir, state: LocalState) -> None:
         "excluded": list(state.excluded),
         "absent_watch": {k: list(v) for k, v in sorted(state.absent_watch.items())},
     }
+    if state.directories:  # only then, as for resources: a state without them stays as it was
+        data["directories"] = {k: d.to_json() for k, d in sorted(state.directories.items())}
+    if state.purge_watch:
+        data["purge_watch"] = {k: list(v) for k, v in sorted(state.purge_watch.items())}
     if state.resources:  # only then: a state without packages stays as earlier versions wrote it
         data["resources"] = dict(sorted(state.resources.items()))
         data["package_db"] = state.package_db

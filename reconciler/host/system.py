@@ -465,8 +465,10 @@ class System(Protocol):
         """The target text of symlink ``path``."""
         ...
 
-    def listdir(self, path: str | Path) -> list[str]:
-        """Names in directory ``path``, in no particular order."""
+    def listdir(self, path: str | Path, *, most: int | None = None) -> list[str]:
+        """Names in directory ``path``, in no particular order; with ``most``, no more than
+        ``most + 1`` of them (read one at a time: a directory of a million entries is
+        never listed whole, and the caller sees it holds more than ``most``)."""
         ...
 
     # -------------------------------------------------------------- effects
@@ -1019,11 +1021,18 @@ class RealSystem:
         d, name = self._at(path)
         return os.readlink(name, dir_fd=d)
 
-    def listdir(self, path: str | Path) -> list[str]:
+    def listdir(self, path: str | Path, *, most: int | None = None) -> list[str]:
         rel = self._rel(path)
-        if rel is None:
-            return os.listdir(path)
-        return os.listdir(self._dir(rel, path, 0))
+        target: str | Path | int = path if rel is None else self._dir(rel, path, 0)
+        if most is None:
+            return os.listdir(target)
+        names: list[str] = []
+        with os.scandir(target) as entries:  # a dup of the descriptor, closed here
+            for entry in entries:
+                names.append(entry.name)
+                if len(names) > most:
+                    break
+        return names
 
     # -------------------------------------------------------------- effects
 
@@ -1442,8 +1451,8 @@ class _ReadThrough:
     def readlink(self, path: str | Path) -> str:
         return self._inner.readlink(path)
 
-    def listdir(self, path: str | Path) -> list[str]:
-        return self._inner.listdir(path)
+    def listdir(self, path: str | Path, *, most: int | None = None) -> list[str]:
+        return self._inner.listdir(path, most=most)
 
     def query(self, argv: tuple[str, ...], *, timeout: float) -> CommandRun:
         return self._inner.query(argv, timeout=timeout)

@@ -65,7 +65,13 @@ from reconciler.pipeline.inventory import (
     load_inventory,
 )
 from reconciler.pipeline.plan import exclude_matcher
-from reconciler.pipeline.render import Decryption, RenderLimits, TargetFile, render_target
+from reconciler.pipeline.render import (
+    Decryption,
+    RenderLimits,
+    TargetDir,
+    TargetFile,
+    render_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -694,16 +700,40 @@ def _render_all(
     for name in inventory.nodes:
         try:
             node = effective_node(inventory, snapshot, name)
-            files = render_target(
+            target = render_target(
                 snapshot, node, facts, limits=limits, decryption=decryption, inventory=inventory
-            ).files
+            )
             excluded = exclude_matcher(node.exclude)
+            files = {**target.files, **{p: _as_file(d) for p, d in target.directories.items()}}
             out[name] = {
                 p: t for p, t in files.items() if not excluded.match_file(str(p).lstrip("/"))
             }
         except ReconcilerError as exc:
             out[name] = str(exc)
     return out, inventory.nodes
+
+
+def _as_file(d: TargetDir) -> TargetFile:
+    """A ``directories:`` entry (SPEC §9) as ``impact`` compares it: what it declares as
+    text (a purge turned on or off shows as a changed line), its mode and owner as a
+    file's. ``impact`` has no host disk: it cannot say what a purge would delete there,
+    only that one now applies (``diff`` and ``--dry-run`` on the host list each entry)."""
+    text = "directory\n" + (
+        f"purge: true — every entry below {d.path} that the node does not manage is deleted\n"
+        if d.purge
+        else ""
+    )
+    return TargetFile(
+        path=d.path,
+        content=text.encode(),
+        mode=d.mode if d.mode is not None else 0o755,
+        owner=d.owner,
+        group=d.group,
+        secret=False,
+        policy="enforce",
+        app=d.app,
+        template=d.origin,
+    )
 
 
 def _compare(old: TargetFile | None, new: TargetFile | None, *, shown: bool) -> FileImpact | None:

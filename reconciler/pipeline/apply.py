@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from reconciler.errors import ApplyError, PathError, ReconcilerError, ScriptError, UnsafePathError
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, Snapshot
-from reconciler.host.state import LocalState, ManagedFile
+from reconciler.host.state import LocalState, ManagedDir, ManagedFile
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import ScriptRun, System
 from reconciler.pipeline.blocks import markers_of, removal_only
@@ -35,7 +36,7 @@ from reconciler.pipeline.ensure import (
     ensure_packages,
     resolve_pending,
 )
-from reconciler.pipeline.journal import Journal, restore_entry
+from reconciler.pipeline.journal import Journal, dest_of, restore_entry
 from reconciler.pipeline.packages import ResourceChange
 from reconciler.pipeline.plan import Change, Plan
 from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
@@ -66,6 +67,7 @@ class ApplyResult:
     scripts: list[ScriptRun] = field(default_factory=list)
     errors: list[ReconcilerError] = field(default_factory=list)  # Apply/Path/ScriptError
     managed: dict[str, ManagedFile] = field(default_factory=dict)
+    directories: dict[str, ManagedDir] = field(default_factory=dict)  # directories: (SPEC §9)
     created_dirs: set[str] = field(default_factory=set)
     stopped: bool = False  # a pre script failed: later apps were not applied
     post_reached: set[str] = field(default_factory=set)  # apps whose post phase was reached
@@ -177,6 +179,8 @@ def _execute(
     host = host_path(ctx.root, change.path)
     backup = ctx.state_dir.backup_file(ctx.run_id, change.path)
     same = (actual.dev, actual.ino)  # back up only the inode the scan saw
+    if change.directory is not None:
+        return _execute_dir(change, actual, ctx, system, created, journal)
     if change.action in ("create", "update"):
         assert change.target is not None
         made_dirs = (
@@ -219,12 +223,63 @@ def _execute(
     if change.action == "delete":
         # Only a regular file or a managed symlink is deleted (plan.py); the System
         # refuses to back up anything swapped in since the scan (another inode).
+        # A directory only by a purge (SPEC §9), after its content and only when
+        # empty (rmdir): its mode and owner are in the journal (restore_entry).
+        if actual.kind == "dir":
+            return system.remove(host)
         if actual.kind == "symlink":
             system.backup_link(host, backup, expect=same)
         else:
             system.backup(host, backup, expect=same)
         return system.remove(host)
     return True
+
+
+def _execute_dir(
+    change: Change,
+    actual: ActualFile,
+    ctx: RunContext,
+    system: System,
+    created: set[str],
+    journal: Journal | None,
+) -> bool:
+    """Carry out a ``directories:`` change (SPEC §9); False on a dry run.
+
+    A file or symlink in its place is backed up (a link as a link, never
+    followed) and removed; the directory and its missing parents are made as
+    ``mkdir -p`` does, each journaled first (a killed run leaves none that
+    recovery does not know of; ``rollback`` removes them when empty); then
+    its mode and owner are set, through descriptors opened without following
+    a symlink. Parents made are reconciler's (pruned when a prune empties
+    them); the managed directory itself never is.
+    """
+    d = change.directory
+    assert d is not None
+    host = host_path(ctx.root, change.path)
+    if actual.kind in ("file", "symlink"):
+        backup = ctx.state_dir.backup_file(ctx.run_id, change.path)
+        same = (actual.dev, actual.ino)
+        if actual.kind == "file":
+            system.backup(host, backup, expect=same)
+        else:
+            system.backup_link(host, backup, expect=same)
+        system.remove(host)
+    if actual.kind != "dir":
+        made = (
+            journal.make_dirs(system, host, ctx.root)
+            if journal is not None
+            else system.make_dirs(host)
+        )
+        created.update(dest_of(ctx.root, m) for m in made)
+        created.discard(str(change.path))
+    fresh = actual.kind != "dir"
+    if d.mode is not None and (fresh or actual.mode != d.mode):
+        system.chmod(host, d.mode)
+    if (change.uid is not None and (fresh or change.uid != actual.uid)) or (
+        change.gid is not None and (fresh or change.gid != actual.gid)
+    ):
+        system.chown(host, change.uid, change.gid)
+    return not system.dry_run
 
 
 def _exists(system: System, host: Path) -> bool:
@@ -367,7 +422,12 @@ def apply_plan(
     (SPEC §11, order in pipeline/ensure.py).
     """
     force_post = force_post or {}
-    result = ApplyResult(created_dirs=set(previous.created_dirs))
+    # A directory of directories: is managed, never one of reconciler's own to prune.
+    result = ApplyResult(
+        created_dirs={
+            d for d in previous.created_dirs if PurePosixPath(d) not in target.directories
+        }
+    )
     apps = list(target.apps)
     known = {a.name for a in apps}
     for change in plan.changes:  # deletions of apps the node no longer has: no scripts
@@ -431,9 +491,12 @@ def apply_plan(
                 break
         if todo and journal is not None:
             journal.mark("files", app.name)
-        writes = [c for c in todo if c.action != "delete"]
+        # directories: first, shallowest first, so the files below land in them.
+        dirs = sorted((c for c in todo if c.directory is not None), key=lambda c: len(c.path.parts))
+        writes = [c for c in todo if c.action != "delete" and c.directory is None]
         steps = [
-            *_in_the_way(writes, deletes, done),
+            *_in_the_way(writes, [d for d in deletes if d.reason != "purge"], done),
+            *dirs,
             *writes,
             *(c for c in todo if c.action == "delete" and c.path not in done),
         ]
@@ -453,6 +516,8 @@ def apply_plan(
             if change.action == "delete":
                 result.applied.add(change.path)
                 deleted.append(change.path)
+            elif change.directory is not None:
+                result.applied.add(change.path)
             else:
                 written.append(change)
         _publish(written, system, ctx, result)
@@ -488,6 +553,7 @@ def apply_plan(
     if deleted:
         _prune_dirs(deleted, result.created_dirs, ctx, system)
     result.managed = _new_records(plan, target, actual, previous, result, ctx)
+    result.directories = _dir_records(plan, target, previous, result, ctx, system)
     return result
 
 
@@ -530,6 +596,37 @@ def _ensure_packages(
         result.stopped = True
         return None
     return done
+
+
+def _dir_records(
+    plan: Plan,
+    target: TargetState,
+    previous: LocalState,
+    result: ApplyResult,
+    ctx: RunContext,
+    system: System,
+) -> dict[str, ManagedDir]:
+    """How each ``directories:`` entry is left (SPEC §9): lstat'ed again, except one whose
+    change was not applied (audit, a failure), which keeps its previous record so
+    that its drift is still drift next time; one that is not a directory has none."""
+    planned = {c.path for c in plan.changes}
+    out: dict[str, ManagedDir] = {}
+    for path, d in target.directories.items():
+        key = str(path)
+        old = previous.directories.get(key)
+        if path in planned and path not in result.applied:
+            if old is not None:
+                out[key] = old
+            continue
+        try:
+            st = system.lstat(host_path(ctx.root, path))
+        except (OSError, PathError):
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            out[key] = ManagedDir(
+                mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, app=d.app
+            )
+    return out
 
 
 def _kind(t: TargetFile) -> str:

@@ -61,6 +61,7 @@ class JournalEntry:
     new_sha256: str | None = None  # None for delete
     new_mode: int | None = None
     new_link: str | None = None  # a desired symlink's target text (SPEC §9)
+    new_dir: bool = False  # a directory of directories: (SPEC §9)
     record: dict[str, Any] | None = None  # the managed record before the run
     # The target's metadata, so a record rolled forward by recovery keeps it.
     owner: str | None = None
@@ -169,6 +170,27 @@ def make_entries(
                 link = system.readlink(host_path(root, c.path))
             except (OSError, PathError):
                 link = None
+        d = getattr(c, "directory", None)
+        if d is not None:
+            # directories: (SPEC §9): how it looked before is enough to undo it; a
+            # directory it makes is in the log too (Journal.make_dirs).
+            out.append(
+                JournalEntry(
+                    path=str(c.path),
+                    action=c.action,
+                    app=c.app,
+                    before=a.kind,
+                    mode=a.mode,
+                    uid=a.uid,
+                    gid=a.gid,
+                    link=link,
+                    new_mode=d.mode,
+                    new_dir=True,
+                    owner=d.owner,
+                    group=d.group,
+                )
+            )
+            continue
         out.append(
             JournalEntry(
                 path=str(c.path),
@@ -498,10 +520,15 @@ def restore_entry(
     uid = entry.uid if entry.uid >= 0 else None
     gid = entry.gid if entry.gid >= 0 else None
     now = look(system, host)
-    if entry.action in ("chmod", "chown") and entry.before == "file":
-        if now.kind != "file" or now.st is None:
-            # No longer a regular file: nothing of ours to give the old mode back to.
-            raise OSError(errno.ENOENT, f"{entry.path} is no longer a regular file")
+    if entry.new_dir and entry.before == "missing":
+        # A directory of directories: the run made (SPEC §9): removed only when empty,
+        # as the directories made for files are; what others put there since stays.
+        return now.kind == "dir" and system.remove_empty_dir(host)
+    if entry.action in ("chmod", "chown") and entry.before in ("file", "dir"):
+        if now.kind != entry.before or now.st is None:
+            # No longer of its kind: nothing of ours to give the old mode back to.
+            what = "a regular file" if entry.before == "file" else "a directory"
+            raise OSError(errno.ENOENT, f"{entry.path} is no longer {what}")
         done = False
         if stat.S_IMODE(now.st.st_mode) != entry.mode:
             system.chmod(host, entry.mode)

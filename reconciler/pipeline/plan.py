@@ -24,9 +24,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from reconciler.errors import InventoryError, PathError, ReconcilerError
-from reconciler.host.state import LocalState, ManagedFile
+from reconciler.host.state import LocalState, ManagedDir, ManagedFile
 from reconciler.pipeline.packages import ResourceChange, ResourceDrift
-from reconciler.pipeline.render import AbsentRule, TargetFile, TargetState
+from reconciler.pipeline.render import AbsentRule, TargetDir, TargetFile, TargetState
 from reconciler.pipeline.scan import ActualFile
 
 ACTIONS = ("create", "update", "delete", "chmod", "chown")
@@ -49,6 +49,7 @@ class Change:
     # The owner or group does not exist yet and a package of this run is to be
     # installed first (SPEC §11): resolved by the apply stage after the packages.
     pending_ids: bool = False
+    directory: TargetDir | None = None  # a directory of directories: (SPEC §9)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +58,108 @@ class DriftItem:
 
     path: PurePosixPath
     kind: str  # content | mode | owner | missing | type | target (a symlink's, SPEC §9)
+
+
+def _dir_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, int | None]]:
+    """uid/gid of each ``directories:`` entry's owner and group, resolved as files' are
+    (:func:`resolve_ids`). Raises InventoryError naming the app.yaml, the directory and
+    the node for an unknown user or group, before anything is written."""
+    out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
+    for path, d in target.directories.items():
+        uid = gid = None
+        if d.owner is not None:
+            uid = _resolve(
+                d.owner, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid
+            )
+            if uid is None:
+                raise InventoryError(
+                    f"{d.origin}: directories: {path}: owner {d.owner!r} does not exist on "
+                    f"this host (node {target.node}) — create the user or change its owner"
+                )
+        if d.group is not None:
+            gid = _resolve(
+                d.group, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid
+            )
+            if gid is None:
+                raise InventoryError(
+                    f"{d.origin}: directories: {path}: group {d.group!r} does not exist on "
+                    f"this host (node {target.node}) — create the group or change its group"
+                )
+        out[path] = (uid, gid)
+    return out
+
+
+def _plan_dir(
+    d: TargetDir,
+    a: ActualFile,
+    m: ManagedDir | None,
+    ids: tuple[int | None, int | None],
+    mode: str,
+) -> tuple[Change | None, list[DriftItem], ReconcilerError | None]:
+    """The change (if any), drift and refusal for one ``directories:`` entry (SPEC §9).
+
+    Drift kinds: ``missing`` (gone since the last run made it), ``type`` (a
+    file or symlink in its place: backed up as files are, then replaced; a
+    symlink is never followed), ``mode`` and ``owner`` (changed since the
+    last run left it; a difference the last run did not leave is a desired
+    change). A device, FIFO or socket in its place is refused (nothing to
+    back it up as), as is a path whose parent leads outside the root.
+    """
+    uid, gid = ids
+    kinds: list[str] = []
+    details: list[str] = []
+    if a.kind == "unsafe":
+        return None, [], PathError(f"refused — {a.problem} (no directory made)", path=d.path)
+    if a.kind == "other":
+        return (
+            None,
+            [],
+            PathError(
+                "refused — a device, FIFO or socket stands where directories: wants a "
+                "directory; remove it by hand",
+                path=d.path,
+            ),
+        )
+    shown = f"directory{f' mode {d.mode:04o}' if d.mode is not None else ''}"
+    if a.kind == "missing":
+        action, desired_changed = "create", m is None
+        if m is not None:
+            kinds.append("missing")
+        details.append(shown)
+    elif a.kind != "dir":
+        action, desired_changed = "update", m is None
+        kinds.append("type")
+        details.append(f"replace {a.kind} with {shown}")
+    else:
+        action, desired_changed = "", False
+        if d.mode is not None and a.mode != d.mode:
+            action = "chmod"
+            desired_changed = m is None or m.mode != d.mode
+            if m is not None and a.mode != m.mode:
+                kinds.append("mode")
+            details.append(f"mode {a.mode:04o} → {d.mode:04o}")
+        if (uid is not None and a.uid != uid) or (gid is not None and a.gid != gid):
+            action = action or "chown"
+            want = (uid if uid is not None else a.uid, gid if gid is not None else a.gid)
+            desired_changed = desired_changed or m is None or (m.uid, m.gid) != want
+            if m is not None and (a.uid, a.gid) != (m.uid, m.gid):
+                kinds.append("owner")
+            details.append(f"owner {a.uid}:{a.gid} → {want[0]}:{want[1]}")
+        if not action:
+            return None, [], None
+    change = Change(
+        path=d.path,
+        action=action,
+        reason=_reason(bool(kinds), desired_changed),
+        app=d.app,
+        kinds=tuple(kinds),
+        apply=mode == "enforce",
+        uid=uid,
+        gid=gid,
+        detail="; ".join(details),
+        directory=d,
+    )
+    return change, [DriftItem(path=d.path, kind=k) for k in kinds], None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -403,6 +506,7 @@ def make_plan(
     mode: str,
     absent: Mapping[PurePosixPath, AbsentRule] | None = None,
     coming: Mapping[str, Sequence[str]] | None = None,
+    purge: Mapping[PurePosixPath, PurePosixPath] | None = None,
 ) -> Plan:
     """Compute the Plan of SPEC §4 step 5.
 
@@ -422,10 +526,17 @@ def make_plan(
     wins; a directory is never deleted — an error when the pattern names it
     exactly, skipped when a glob matches it (Puppet's ``ensure => absent``
     refuses directories without ``force``; files and links only here).
+    ``target.directories`` (SPEC §9, each in ``actual``): created, replaced,
+    chmod'ed or chown'ed (:func:`_plan_dir`). ``purge``: what ``purge: true``
+    directories hold that the node does not manage, each → its purged
+    directory (scan.find_purge, in deletion order; each in ``actual``): a
+    ``delete`` of reason ``purge``; ``exclude`` wins; a path this plan
+    already deletes (pruned, absent) is not planned twice.
     Raises InventoryError for an unknown owner or group.
     """
     pending: dict[PurePosixPath, str] = {}
     ids = resolve_ids(target, coming, pending)
+    dir_ids = _dir_ids(target)
     changes: list[Change] = []
     drift: list[DriftItem] = []
     excluded: list[PurePosixPath] = []
@@ -462,10 +573,23 @@ def make_plan(
         if change is not None:
             changes.append(change)
 
+    for path, d in target.directories.items():
+        if is_excluded(path):
+            excluded.append(path)
+            continue
+        change, found, refused = _plan_dir(
+            d, actual[path], previous.directories.get(str(path)), dir_ids[path], mode
+        )
+        drift.extend(found)
+        if refused is not None:
+            errors.append(refused)
+        if change is not None:
+            changes.append(change)
+
     for key, m in sorted(previous.managed.items()):
         path = PurePosixPath(key)
-        if path in target.files:
-            continue
+        if path in target.files or path in target.directories:
+            continue  # a directory in its place: replaced, with a backup, by _plan_dir
         if is_excluded(path):
             excluded.append(path)
             continue
@@ -511,6 +635,27 @@ def make_plan(
                     "absent: deletes files and links only; remove the directory by hand "
                     "or name the files in it",
                     path=path,
+                )
+            )
+        elif a.kind == "unsafe":
+            errors.append(PathError(f"refused — {a.problem} (nothing deleted there)", path=path))
+    planned = {c.path for c in changes}
+    for path, top in (purge or {}).items():
+        if path in target.files or path in target.directories or path in planned:
+            continue
+        if is_excluded(path):
+            excluded.append(path)
+            continue
+        a = actual[path]
+        if a.kind in ("file", "symlink", "dir"):
+            changes.append(
+                Change(
+                    path=path,
+                    action="delete",
+                    reason="purge",
+                    app=target.directories[top].app,
+                    apply=mode == "enforce",
+                    detail=f"purge: {top}",
                 )
             )
         elif a.kind == "unsafe":

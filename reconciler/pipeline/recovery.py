@@ -546,6 +546,7 @@ def _roll_forward(
             sorted({*(d for d in previous.created_dirs if d not in dirs_removed), *dirs_left})
         ),
         excluded=previous.excluded,
+        directories=previous.directories,
     )
     # Order matters (module docstring): state, then what is owed, then the journal.
     save_state(state_dir, state)

@@ -138,6 +138,53 @@ class AbsentRule:
     origin: str  # the file that lists it: hosts/<file>.yaml or templates/<app>/app.yaml
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetDir:
+    """A TargetDir is a directory a node should have, with the mode and owner it should
+    have and whether what it holds that the node does not manage is purged (SPEC §9)."""
+
+    path: PurePosixPath  # absolute destination path, e.g. /etc/nginx/conf.d
+    mode: int | None  # permission bits, None: not enforced (made 0755)
+    owner: str | None  # None: not enforced
+    group: str | None
+    purge: bool
+    app: str  # the app whose app.yaml declares it
+    origin: str  # templates/<app>/app.yaml
+
+
+# Directories a purge may never empty (docs/spec.md §9 "Directories as built"): a purge
+# of one of these would delete what packages installed there, not stray files of one
+# app. Every directory of depth one (/etc, /usr, /var, /home, …) is refused too.
+PROTECTED_FROM_PURGE = frozenset(
+    {
+        "/usr/bin",
+        "/usr/include",
+        "/usr/lib",
+        "/usr/lib64",
+        "/usr/libexec",
+        "/usr/local",
+        "/usr/sbin",
+        "/usr/share",
+        "/usr/src",
+        "/var/backups",
+        "/var/cache",
+        "/var/lib",
+        "/var/local",
+        "/var/log",
+        "/var/mail",
+        "/var/opt",
+        "/var/spool",
+        "/var/tmp",
+        "/etc/default",
+        "/etc/init.d",
+        "/etc/pam.d",
+        "/etc/security",
+        "/etc/ssl",
+        "/etc/systemd",
+    }
+)
+
+
 # The app a host file's absent: deletions are reported under: not an app name
 # (names are [A-Za-z0-9_.-]), so it has no scripts and never meets a real app.
 HOST_APP = "(node)"
@@ -152,6 +199,8 @@ class TargetState:
     files: Mapping[PurePosixPath, TargetFile]
     apps: tuple[AppSettings, ...]
     absent: tuple[AbsentRule, ...] = ()
+    # directories: of the node's apps (SPEC §9), by path.
+    directories: Mapping[PurePosixPath, TargetDir] = field(default_factory=dict)
 
 
 def _encrypted(repo_path: str) -> bool:
@@ -1591,7 +1640,11 @@ def render_target(
     absent = absent_rules(snapshot, node)
     check_absent(absent, files, node.name)
     return TargetState(
-        node=node.name, files=files, apps=load_app_settings(snapshot, node), absent=absent
+        node=node.name,
+        files=files,
+        apps=load_app_settings(snapshot, node),
+        absent=absent,
+        directories=directory_targets(snapshot, node, files),
     )
 
 
@@ -1655,6 +1708,59 @@ def _block_files(
             blocks=blocks,
             mode_set=mode is not None,
         )
+    return out
+
+
+def directory_targets(
+    snapshot: Snapshot, node: Node, files: Mapping[PurePosixPath, TargetFile]
+) -> dict[PurePosixPath, TargetDir]:
+    """The ``directories:`` of ``node``'s apps' ``app.yaml`` (SPEC §9), by path.
+
+    The schema has already refused a relative path, one with ``.``, ``..``
+    or an empty component, ``/`` itself and a mode that is not an octal
+    string. Raises InventoryError (one line naming the app.yaml, the node
+    and what to do) for a directory that is also a file or symlink of the
+    target state or lies below one, a directory two apps declare, and
+    ``purge: true`` on a directory of depth one (``/etc``, ``/usr``, …) or
+    of :data:`PROTECTED_FROM_PURGE` — a purge there would delete what
+    packages installed, and no peer would stop it (Puppet allows anything).
+    """
+    out: dict[PurePosixPath, TargetDir] = {}
+    for app in node.apps:
+        origin = f"templates/{app.name}/app.yaml"
+        for text, meta in load_app_config(snapshot, app.name).get("directories", {}).items():
+            path = PurePosixPath(text)
+            where = f"{origin}: directories: {text}"
+            other = out.get(path)
+            if other is not None:
+                raise InventoryError(
+                    f"{where}: also declared by {other.origin} (node {node.name}) — "
+                    "declare each directory in one app"
+                )
+            clash = next((p for p in (path, *path.parents) if p in files), None)
+            if clash is not None:
+                what = "a symlink" if files[clash].link is not None else "a file"
+                problem = "is" if clash == path else f"lies below {clash}, which is"
+                raise InventoryError(
+                    f"{where}: {problem} also {what} of node {node.name} "
+                    f"({files[clash].template}) — keep one of them"
+                )
+            purge = bool(meta.get("purge", False))
+            if purge and (len(path.parts) <= 2 or text in PROTECTED_FROM_PURGE):
+                raise InventoryError(
+                    f"{where}: purge: true would delete what packages installed in {text} "
+                    f"(node {node.name}) — purge a directory the app owns, such as "
+                    "/etc/nginx/conf.d, or set purge: false"
+                )
+            out[path] = TargetDir(
+                path=path,
+                mode=parse_mode(meta["mode"], where=where) if "mode" in meta else None,
+                owner=meta.get("owner"),
+                group=meta.get("group"),
+                purge=purge,
+                app=app.name,
+                origin=origin,
+            )
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -22,6 +23,7 @@ from reconciler.host.state import RACY_WINDOW_NS, LocalState
 
 if TYPE_CHECKING:
     from reconciler.host.system import System
+    from reconciler.pipeline.render import TargetState
     from reconciler.pipeline.run import RunOptions
 
 
@@ -84,9 +86,28 @@ def absent_watch(system: System, root: Path, patterns: list[str]) -> dict[str, t
     }
 
 
+def purge_watch(
+    system: System, root: Path, target: TargetState, excludes: Any
+) -> dict[str, tuple[int, int]]:
+    """What the no-op short cut compares for ``purge: true`` directories (SPEC §9): every
+    directory the purge walk lists (scan.find_purge_of's ``watched``), taken after the
+    apply; racily recent ones as (-2, -2), as :func:`absent_watch` does."""
+    from reconciler.pipeline.scan import find_purge_of
+
+    if not any(d.purge for d in target.directories.values()):
+        return {}
+    soon = time.time_ns() - RACY_WINDOW_NS
+    return {
+        k: (v if v[1] < soon else (-2, -2))
+        for k, v in find_purge_of(system, root, target, excludes).watched.items()
+    }
+
+
 def unchanged(system: System, root: Path, previous: LocalState) -> bool:
     """True when every managed path still has the settled stat signature we recorded,
-    and nothing that ``absent:`` patterns looked at has changed since (SPEC §9).
+    and nothing that ``absent:`` patterns looked at has changed since, and every
+    ``directories:`` entry is as the last run left it and nothing was added to or
+    removed from what a purge listed (SPEC §9).
 
     Each lstat goes through ``system`` (from the root, without following a
     symlink another user could have made), with plain string joins, not
@@ -114,7 +135,21 @@ def unchanged(system: System, root: Path, previous: LocalState) -> bool:
             return False
     # absent: (SPEC §9): a path named absent that came back (a package upgrade
     # restoring sites-enabled/default) changes a watched directory or path.
-    for key, seen in previous.absent_watch.items():
+    # directories: (SPEC §9): each as the last run left it; a purged one's listing
+    # (and its subdirectories') changes when an entry is added or removed below.
+    for key, d in previous.directories.items():
+        try:
+            st = lstat(base + key)
+        except (OSError, PathError):
+            return False
+        if (
+            not stat.S_ISDIR(st.st_mode)
+            or st.st_mode & 0o7777 != d.mode
+            or st.st_uid != d.uid
+            or st.st_gid != d.gid
+        ):
+            return False
+    for key, seen in (*previous.absent_watch.items(), *previous.purge_watch.items()):
         try:
             st = lstat(base + key)
             now = (st.st_mtime_ns, st.st_ctime_ns)

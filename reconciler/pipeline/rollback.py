@@ -254,7 +254,7 @@ def _own_entry(e: JournalEntry, root: Path, system: System) -> JournalEntry:
         path=e.path,
         action=(
             e.action
-            if e.action in ("chmod", "chown") and now.kind == "file"
+            if e.action in ("chmod", "chown") and now.kind == e.before
             else "delete"
             if e.before == "missing"
             else "update"
@@ -337,8 +337,8 @@ def _complete(
                 restore_meta(system, host_path(root, path), e)
             restored.append(e)
             continue
-        if attempt(e) and e.before == "dir":
-            moved_back.append(path)
+        if attempt(e) and e.before == "dir" and e.action not in ("chmod", "chown"):
+            moved_back.append(path)  # moved back whole: with the backups below it
     try:
         system.flush()
     except OSError as exc:
@@ -369,6 +369,10 @@ def _complete(
         created_dirs=tuple(
             sorted({*(d for d in previous.created_dirs if d not in removed), *journal.created})
         ),
+        # A restored directory of directories: (SPEC §9) is planned anew, not as drift.
+        directories={
+            k: v for k, v in previous.directories.items() if k not in {e.path for e in restored}
+        },
     )
     save_state(state_dir, state)
     atomic_write(

@@ -64,7 +64,13 @@ from reconciler.pipeline.facts import gather_facts
 from reconciler.pipeline.notify import ping
 from reconciler.pipeline.record import after_run, history_lost, push_reports
 from reconciler.pipeline.recovery import Recovery, recover, settle_owed
-from reconciler.pipeline.reuse import absent_watch, run_fingerprint, unchanged, written_output
+from reconciler.pipeline.reuse import (
+    absent_watch,
+    purge_watch,
+    run_fingerprint,
+    unchanged,
+    written_output,
+)
 from reconciler.report import Report, build_report, commit_report
 
 if TYPE_CHECKING:
@@ -564,7 +570,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     )
     from reconciler.pipeline.plan import exclude_matcher, make_plan
     from reconciler.pipeline.render import Decryption, RenderLimits, render_target
-    from reconciler.pipeline.scan import find_absent, scan
+    from reconciler.pipeline.scan import find_absent, find_purge_of, scan
 
     state_dir, root = setting.state_dir, setting.root
     mode = config.mode
@@ -624,9 +630,14 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         # absent: (SPEC §9): what its patterns name on disk now, scanned like the rest.
         rules = {r.pattern: r for r in reversed(target.absent)}  # the first listing wins
         named = {p: rules[pat] for p, pat in find_absent(system, root, rules).paths.items()}
+        excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
+        # directories: and what their purges delete (SPEC §9), scanned like the rest.
+        purged = find_purge_of(system, root, target, excludes)
         known = set(paths)
-        paths += [p for p in named if p not in known]
+        extra = [*named, *target.directories, *purged.paths]
+        paths += [p for p in dict.fromkeys(extra) if p not in known]
         actual = scan(root, paths, previous.managed, system)
+        errors.extend(purged.errors)
         if any(t.blocks for t in target.files.values()) or any(
             m.block for m in previous.managed.values()
         ):
@@ -636,7 +647,6 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             target, actual, previous = resolve(
                 target, actual, previous, root, system, max_size=config.max_file_size
             )
-        excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
         # Packages and services (SPEC §11): what the host has, read once per run.
         host_res = None
         res_changes: tuple[ResourceChange, ...] = ()
@@ -660,7 +670,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         for r in res_changes:
             if r.kind == "package" and r.action == "install":
                 coming.setdefault(r.app, []).append(r.name)
-        plan = make_plan(target, actual, previous, excludes, mode, named, coming=coming)
+        plan = make_plan(
+            target, actual, previous, excludes, mode, named, coming=coming, purge=purged.paths
+        )
         plan = dataclasses.replace(plan, resources=res_changes, resource_drift=res_drift)
         errors.extend(plan.errors)
         captures = drift_captures(
@@ -777,6 +789,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             absent_watch=absent_watch(system, root, [r.pattern for r in target.absent]),
             resources=resources,
             package_db=package_db_stamp(system, root) if resources else "",
+            directories=applied.directories,
+            purge_watch=purge_watch(system, root, target, excludes),
         ),
         settled=settled,
         lift_hold=prepared.hold_check is not None and hold_unchanged is None,

@@ -21,16 +21,17 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import PathError, UnsafePathError
 from reconciler.host.state import ManagedFile
 
 if TYPE_CHECKING:
     from reconciler.host.system import System
+    from reconciler.pipeline.render import TargetState
 
 KINDS = ("missing", "file", "symlink", "dir", "other", "unsafe")
 
@@ -279,3 +280,196 @@ def find_absent(system: System, root: Path, patterns: Iterable[str]) -> AbsentFo
     for pattern in patterns:
         walk("/", tuple(pattern.strip("/").split("/")), pattern)
     return AbsentFound(paths=paths, watched=watched)
+
+
+# ------------------------------------------------------------------ purge
+
+# Bounds of one purge walk (docs/spec.md §9 "Directories as built"): past them the
+# purge of that directory is refused with an error naming it, and nothing in it is
+# deleted; memory and descriptors stay bounded whatever a directory holds.
+MAX_PURGE_ENTRIES = 10_000  # entries listed below one purged directory, all levels
+MAX_PURGE_DIRS = 500  # directories listed below one purged directory, itself included
+
+
+class _PurgeBound(Exception):
+    """A purge walk passed one of its bounds (the message says which)."""
+
+
+class _PurgeWalk:
+    """The walk of one purged directory at a time (mutable; :func:`find_purge`)."""
+
+    def __init__(
+        self,
+        *,
+        system: System,
+        base: str,
+        keep: set[str],
+        leading: set[str],
+        stop: set[str],
+        is_excluded: Callable[[PurePosixPath, bool], bool],
+    ) -> None:
+        self.system, self.base, self.keep, self.leading, self.stop = (
+            system,
+            base,
+            keep,
+            leading,
+            stop,
+        )
+        self.is_excluded = is_excluded
+        self.start(PurePosixPath("/"))
+
+    def start(self, top: PurePosixPath) -> None:
+        """Begin the walk of purged directory ``top``: nothing found, nothing counted."""
+        self.top = top
+        self.found: dict[PurePosixPath, PurePosixPath] = {}
+        self.seen: dict[str, tuple[int, int]] = {}
+        self.errors: list[PathError] = []
+        self.entries = self.dirs = 0
+
+    def walk(self, directory: str) -> bool:
+        """List ``directory``; True when everything in it is to be deleted. Raises
+        _PurgeBound past MAX_PURGE_DIRS or MAX_PURGE_ENTRIES."""
+        self.dirs += 1
+        if self.dirs > MAX_PURGE_DIRS:
+            raise _PurgeBound(f"more than {MAX_PURGE_DIRS} directories")
+        try:
+            st = self.system.lstat(self.base + directory)
+            names = self.system.listdir(self.base + directory, most=MAX_PURGE_ENTRIES)
+        except (OSError, PathError):
+            return False  # unreadable or unsafe now: nothing below it is touched
+        self.seen[directory] = (st.st_mtime_ns, st.st_ctime_ns)
+        self.entries += len(names)
+        if self.entries > MAX_PURGE_ENTRIES:
+            raise _PurgeBound(f"more than {MAX_PURGE_ENTRIES} entries")
+        emptied = True
+        for name in sorted(names):
+            child = f"{directory}/{name}"
+            if child in self.keep or child in self.stop:
+                emptied = False
+                continue
+            try:
+                cst = self.system.lstat(self.base + child)
+            except (OSError, PathError):
+                emptied = False
+                continue
+            is_dir = stat.S_ISDIR(cst.st_mode)  # lstat: a symlink is never entered
+            if self.is_excluded(PurePosixPath(child), is_dir):
+                emptied = False
+            elif is_dir:
+                if self.walk(child) and child not in self.leading:
+                    self.found[PurePosixPath(child)] = self.top  # after its content
+                else:
+                    emptied = False
+            elif stat.S_ISREG(cst.st_mode) or stat.S_ISLNK(cst.st_mode):
+                self.found[PurePosixPath(child)] = self.top
+            else:
+                emptied = False
+                self.errors.append(
+                    PathError(
+                        f"left alone by the purge of {self.top} — not a file, symlink or "
+                        "directory (a device, FIFO or socket); remove it by hand",
+                        path=PurePosixPath(child),
+                    )
+                )
+        return emptied
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PurgeFound:
+    """PurgeFound is what ``purge: true`` directories hold that the node does not manage.
+
+    ``paths``: each entry to delete → the purged directory it lies below, in
+    deletion order (a directory's content before the directory); ``watched``:
+    every directory listed, destination path → (mtime_ns, ctime_ns), which an
+    entry added or removed changes (the no-op short cut, reuse.unchanged);
+    ``errors``: a PathError per purged directory refused (a bound passed) or
+    entry left alone (a device, FIFO or socket: nothing to back it up as).
+    """
+
+    paths: Mapping[PurePosixPath, PurePosixPath]
+    watched: Mapping[str, tuple[int, int]]
+    errors: tuple[PathError, ...] = ()
+
+
+def find_purge(
+    system: System,
+    root: Path,
+    purged: Iterable[PurePosixPath],
+    keep: Iterable[PurePosixPath],
+    bounded: Iterable[PurePosixPath],
+    is_excluded: Callable[[PurePosixPath, bool], bool],
+) -> PurgeFound:
+    """Walk each of ``purged`` (directories of ``purge: true``) through ``system`` for
+    the entries the node does not manage (SPEC §9).
+
+    ``keep``: the paths the node manages (files, symlinks, directories of its
+    target state): each is kept and so is every directory leading to it.
+    ``bounded``: managed directories whose content is theirs to decide (a
+    nested ``directories:`` entry — with ``purge: true`` walked on its own,
+    with ``purge: false`` left alone): never entered. ``is_excluded(path,
+    is_dir)``: an excluded entry is never touched, nor entered, nor any
+    directory leading to it. Never through a symlink: an entry is lstat'ed
+    and only a real directory is entered; a symlink is an entry to delete as
+    a link. A directory is deleted only when nothing below it is kept.
+    Reads only; bounded by :data:`MAX_PURGE_ENTRIES` and
+    :data:`MAX_PURGE_DIRS` per purged directory.
+    """
+    keep_set = {str(p) for p in keep}
+    walker = _PurgeWalk(
+        system=system,
+        base=os.fspath(root).rstrip("/"),
+        keep=keep_set,
+        leading={str(parent) for p in keep_set for parent in PurePosixPath(p).parents},
+        stop={str(p) for p in bounded},
+        is_excluded=is_excluded,
+    )
+    paths: dict[PurePosixPath, PurePosixPath] = {}
+    watched: dict[str, tuple[int, int]] = {}
+    errors: list[PathError] = []
+    for top in sorted(purged):
+        try:
+            st = system.lstat(walker.base + str(top))
+        except (OSError, PathError):
+            continue  # missing (made by this run: nothing to purge) or unsafe (the plan says)
+        if not stat.S_ISDIR(st.st_mode):
+            continue  # a file or link in its place: replaced by the plan first
+        walker.start(top)
+        try:
+            walker.walk(str(top))
+        except _PurgeBound as exc:
+            errors.append(
+                PathError(
+                    f"purge refused — it holds {exc} (the bound of one purge); nothing "
+                    "below it is deleted — clean it up by hand or set purge: false",
+                    path=top,
+                )
+            )
+            continue
+        finally:
+            errors.extend(walker.errors)
+        paths.update(walker.found)
+        watched.update(walker.seen)
+    return PurgeFound(paths=paths, watched=watched, errors=tuple(errors))
+
+
+def find_purge_of(system: System, root: Path, target: TargetState, excludes: Any) -> PurgeFound:
+    """:func:`find_purge` for the ``purge: true`` directories of ``target`` (SPEC §9):
+    what the node manages is kept (its files, symlinks and directories), nested
+    managed directories are never entered, and ``excludes`` (an
+    ``exclude_matcher``) win: an excluded purged directory is not walked."""
+
+    def is_excluded(path: PurePosixPath, is_dir: bool) -> bool:
+        rel = str(path).lstrip("/")
+        return bool(excludes.match_file(rel) or (is_dir and excludes.match_file(rel + "/")))
+
+    purged = [p for p, d in target.directories.items() if d.purge and not is_excluded(p, True)]
+    if not purged:
+        return PurgeFound(paths={}, watched={})
+    return find_purge(
+        system,
+        root,
+        purged,
+        keep=[*target.files, *target.directories],
+        bounded=target.directories,
+        is_excluded=is_excluded,
+    )

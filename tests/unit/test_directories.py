@@ -1,0 +1,359 @@
+"""``directories:`` and ``purge: true`` (SPEC §9) on real temp roots: the bad input,
+the purge walk, the plan, the apply with its backups, the bounds and the no-op
+short cut."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from reconciler.errors import InventoryError
+from reconciler.host.state import LocalState, ManagedDir
+from reconciler.host.system import RealSystem
+from reconciler.pipeline import scan as scan_module
+from reconciler.pipeline.apply import apply_plan
+from reconciler.pipeline.plan import exclude_matcher, make_plan
+from reconciler.pipeline.render import TargetDir, TargetState
+from reconciler.pipeline.reuse import purge_watch, unchanged
+from reconciler.pipeline.scan import find_purge_of, scan
+from tests.unit.helpers import render, run_context, write_repo
+from tests.unit.test_apply import target_of, tfile
+
+P = PurePosixPath
+CONF = P("/etc/app/conf.d")
+
+
+@pytest.mark.parametrize(
+    ("directories", "named"),
+    [
+        ("/etc: {purge: true}", "/etc"),
+        ("/var/lib: {purge: true}", "/var/lib"),
+        ("/usr/share: {purge: true}", "/usr/share"),
+        ("/: {purge: true}", "/"),
+        ("etc/x: {}", "etc/x"),
+        ("/etc/../x: {}", "/etc/../x"),
+        ("/etc/x/: {}", "/etc/x/"),
+        ("/etc/x: {mode: rwx}", "rwx"),
+        ("/etc/x: {mode: '0999'}", "0999"),
+        ("/etc/x: {purge: 'yes'}", "purge"),
+        ("/etc/x: {recurse: true}", "recurse"),
+        ("/etc/app/conf.d/site.conf: {}", "/etc/app/conf.d/site.conf"),
+        ("/etc/app/conf.d/site.conf/sub: {}", "/etc/app/conf.d/site.conf"),
+    ],
+)
+def test_a_bad_directories_entry_is_one_line_naming_app_yaml_and_node(tmp_path, directories, named):
+    snap = write_repo(
+        tmp_path / "repo",
+        {
+            "hosts/n.yaml": "apps: [a]\n",
+            "templates/a/default/etc/app/conf.d/site.conf": "site\n",
+            "templates/a/app.yaml": f"directories:\n  {directories}\n",
+        },
+    )
+    with pytest.raises(InventoryError) as info:
+        render(snap, "n")
+    message = str(info.value)
+    assert message.startswith("templates/a/app.yaml"), message
+    assert named in message and "\n" not in message and " — " in message, message
+
+
+def test_two_apps_declaring_one_directory_and_a_purge_of_etc_name_the_node(tmp_path):
+    snap = write_repo(
+        tmp_path / "repo",
+        {
+            "hosts/n.yaml": "apps: [a, b]\n",
+            "templates/a/default/etc/a": "a\n",
+            "templates/b/default/etc/b": "b\n",
+            "templates/a/app.yaml": "directories:\n  /etc/shared: {}\n",
+            "templates/b/app.yaml": "directories:\n  /etc/shared: {mode: '0700'}\n",
+        },
+    )
+    with pytest.raises(InventoryError) as info:
+        render(snap, "n")
+    assert str(info.value).startswith(
+        "templates/b/app.yaml: directories: /etc/shared: also declared by "
+        "templates/a/app.yaml (node n)"
+    ), info.value
+    (tmp_path / "repo/templates/b/app.yaml").write_text("directories:\n  /etc: {purge: true}\n")
+    with pytest.raises(InventoryError, match=r"node n\) — purge a directory the app owns"):
+        render(snap, "n")
+
+
+def test_directories_render_with_their_metadata(tmp_path):
+    snap = write_repo(
+        tmp_path / "repo",
+        {
+            "hosts/n.yaml": "apps: [a]\n",
+            "templates/a/default/etc/app/conf.d/site.conf": "site\n",
+            "templates/a/app.yaml": (
+                "directories:\n"
+                "  /etc/app/conf.d: {mode: '0750', owner: root, group: '0', purge: true}\n"
+                "  /srv/a: {}\n"
+            ),
+        },
+    )
+    dirs = render(snap, "n").directories
+    assert dirs[CONF] == TargetDir(
+        path=CONF,
+        mode=0o750,
+        owner="root",
+        group="0",
+        purge=True,
+        app="a",
+        origin="templates/a/app.yaml",
+    )
+    assert (dirs[P("/srv/a")].mode, dirs[P("/srv/a")].purge) == (None, False)
+
+
+def _dir(path: str, *, purge: bool = True, mode: int | None = 0o750, owner=None) -> TargetDir:
+    return TargetDir(
+        path=P(path),
+        mode=mode,
+        owner=owner,
+        group=None,
+        purge=purge,
+        app="app",
+        origin="templates/app/app.yaml",
+    )
+
+
+def _with_dirs(target: TargetState, *dirs: TargetDir) -> TargetState:
+    return TargetState(
+        node=target.node,
+        files=target.files,
+        apps=target.apps,
+        directories={d.path: d for d in dirs},
+    )
+
+
+def _root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    conf = root / "etc/app/conf.d"
+    (conf / "olddir/deeper").mkdir(parents=True)
+    (conf / "olddir/deeper/x.conf").write_bytes(b"x\n")
+    (conf / "old.conf").write_bytes(b"old\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.conf").write_bytes(b"not ours\n")
+    os.symlink(outside, conf / "linked")  # a link to a directory: deleted, never entered
+    (conf / "nested").mkdir()
+    (conf / "nested/theirs.conf").write_bytes(b"a nested managed directory's\n")
+    (conf / "keep").mkdir()
+    (conf / "keep/local.conf").write_bytes(b"excluded\n")
+    (conf / "keep/stray.conf").write_bytes(b"stray\n")
+    (conf / "want").mkdir()
+    (conf / "want/stray.conf").write_bytes(b"stray\n")
+    os.mkfifo(conf / "fifo")
+    return root
+
+
+def _target() -> TargetState:
+    return _with_dirs(
+        target_of(
+            tfile("/etc/app/conf.d/site.conf", b"site\n"), tfile("/etc/app/conf.d/want/x", b"x\n")
+        ),
+        _dir("/etc/app/conf.d"),
+        _dir("/etc/app/conf.d/nested", purge=False, mode=None),
+    )
+
+
+def test_the_purge_walk_keeps_what_the_node_manages_and_excluded_paths(tmp_path):
+    root = _root(tmp_path)
+    with RealSystem(root=root) as system:
+        found = find_purge_of(
+            system, root, _target(), exclude_matcher(["/etc/app/conf.d/keep/local.conf"])
+        )
+    base = "/etc/app/conf.d"
+    assert [str(p) for p in found.paths] == [
+        f"{base}/keep/stray.conf",  # keep/ stays: it leads to an excluded file
+        f"{base}/linked",  # the link, not what it points to
+        f"{base}/old.conf",
+        f"{base}/olddir/deeper/x.conf",  # content before its directory
+        f"{base}/olddir/deeper",
+        f"{base}/olddir",
+        f"{base}/want/stray.conf",  # want/ stays: it leads to a managed file
+    ]
+    assert set(found.paths.values()) == {P(base)}
+    assert [str(e.path) for e in found.errors] == [f"{base}/fifo"]
+    assert "remove it by hand" in str(found.errors[0])
+    assert set(found.watched) == {
+        base,
+        f"{base}/keep",
+        f"{base}/olddir",
+        f"{base}/olddir/deeper",
+        f"{base}/want",
+    }
+
+
+def test_a_purge_deletes_with_backups_and_makes_the_directory_with_its_mode(tmp_path):
+    root = _root(tmp_path)
+    os.chmod(root / "etc/app/conf.d", 0o755)
+    target = _with_dirs(_target(), *_target().directories.values(), _dir("/srv/new/made"))
+    excludes = exclude_matcher(["/etc/app/conf.d/keep/local.conf"])
+    with RealSystem(root=root) as system:
+        found = find_purge_of(system, root, target, excludes)
+    paths = sorted({*target.files, *target.directories, *found.paths})
+    actual = scan(root, paths, {})
+    plan = make_plan(target, actual, LocalState(), excludes, "enforce", purge=found.paths)
+    assert plan.errors == ()
+    by_path = {str(c.path): c for c in plan.changes}
+    assert (by_path["/etc/app/conf.d"].action, by_path["/etc/app/conf.d"].detail) == (
+        "chmod",
+        "mode 0755 → 0750",
+    )
+    assert by_path["/srv/new/made"].action == "create"
+    purged = [c for c in plan.changes if c.reason == "purge"]
+    assert len(purged) == 7 and all(c.action == "delete" for c in purged)
+    assert all(c.detail == "purge: /etc/app/conf.d" for c in purged)
+    ctx = run_context(tmp_path, root)
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    result = apply_plan(plan, target, actual, LocalState(), repo, RealSystem(root=root), ctx)
+    assert result.errors == []
+    conf = root / "etc/app/conf.d"
+    assert sorted(os.listdir(conf)) == ["fifo", "keep", "nested", "site.conf", "want"]
+    assert os.listdir(conf / "keep") == ["local.conf"]
+    assert sorted(os.listdir(conf / "want")) == ["x"]
+    assert (tmp_path / "outside/victim.conf").read_bytes() == b"not ours\n"
+    assert conf.stat().st_mode & 0o7777 == 0o750
+    made = root / "srv/new/made"
+    assert made.is_dir() and made.stat().st_mode & 0o7777 == 0o750
+    assert "/srv/new/made" not in result.created_dirs  # managed: never pruned as ours
+    assert "/srv/new" in result.created_dirs  # a parent made for it: reconciler's
+    assert set(result.directories) == {"/etc/app/conf.d", "/etc/app/conf.d/nested", "/srv/new/made"}
+    kept = tmp_path / "state/backups/r1/files/etc/app/conf.d"
+    assert (kept / "old.conf").read_bytes() == b"old\n"
+    assert (kept / "olddir/deeper/x.conf").read_bytes() == b"x\n"
+    assert os.readlink(kept / "linked") == str(tmp_path / "outside")
+
+
+def test_a_file_or_link_where_a_directory_should_be_is_replaced_with_a_backup(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/app").mkdir(parents=True)
+    (root / "etc/app/conf.d").write_bytes(b"a file\n")
+    os.symlink("/elsewhere", root / "etc/app/linkdir")
+    target = _with_dirs(target_of(), _dir("/etc/app/conf.d"), _dir("/etc/app/linkdir"))
+    actual = scan(root, sorted(target.directories), {})
+    plan = make_plan(target, actual, LocalState(), exclude_matcher([]), "enforce")
+    assert {(str(c.path), c.action, c.kinds) for c in plan.changes} == {
+        ("/etc/app/conf.d", "update", ("type",)),
+        ("/etc/app/linkdir", "update", ("type",)),
+    }
+    ctx = run_context(tmp_path, root)
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    result = apply_plan(plan, target, actual, LocalState(), repo, RealSystem(root=root), ctx)
+    assert result.errors == []
+    assert (root / "etc/app/conf.d").is_dir() and not (root / "etc/app/linkdir").is_symlink()
+    kept = tmp_path / "state/backups/r1/files/etc/app"
+    assert (kept / "conf.d").read_bytes() == b"a file\n"
+    assert os.readlink(kept / "linkdir") == "/elsewhere"
+
+
+def test_an_unknown_owner_is_one_line_naming_app_yaml_directory_and_node(tmp_path):
+    target = _with_dirs(target_of(), _dir("/etc/x", owner="no-such-user"))
+    actual = scan(tmp_path, sorted(target.directories), {})
+    with pytest.raises(InventoryError) as info:
+        make_plan(target, actual, LocalState(), exclude_matcher([]), "enforce")
+    assert str(info.value).startswith(
+        "templates/app/app.yaml: directories: /etc/x: owner 'no-such-user' does not exist "
+        "on this host (node n)"
+    ), info.value
+
+
+def test_a_purge_past_its_bound_is_refused_and_deletes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(scan_module, "MAX_PURGE_ENTRIES", 5)
+    root = _root(tmp_path)
+    with RealSystem(root=root) as system:
+        found = find_purge_of(system, root, _target(), exclude_matcher([]))
+    assert found.paths == {}
+    assert [str(e.path) for e in found.errors] == ["/etc/app/conf.d"]
+    assert "more than 5 entries" in str(found.errors[0])
+
+
+def test_the_no_op_short_cut_notices_a_stray_entry_and_a_mode_change(tmp_path):
+    root = _root(tmp_path)
+    target = _target()
+    excludes = exclude_matcher([])
+    conf = root / "etc/app/conf.d"
+    time.sleep(0.15)  # past the racy window: the stats taken now are trusted
+    with RealSystem(root=root) as system:
+        record = ManagedDir(mode=conf.stat().st_mode & 0o7777, uid=0, gid=0, app="app")
+        state = LocalState(
+            directories={str(CONF): record},
+            purge_watch=purge_watch(system, root, target, excludes),
+        )
+        assert unchanged(system, root, state)
+        (conf / "olddir/deeper/new.conf").write_bytes(b"a stray, two levels down\n")
+        assert not unchanged(system, root, state)
+        (conf / "olddir/deeper/new.conf").unlink()
+        time.sleep(0.15)
+        state = LocalState(
+            directories={str(CONF): record},
+            purge_watch=purge_watch(system, root, target, excludes),
+        )
+        assert unchanged(system, root, state)
+        os.chmod(conf, 0o700 if record.mode != 0o700 else 0o755)
+        assert not unchanged(system, root, state)
+
+
+def _fleet(base: Path, app_yaml: str) -> dict[str, str]:
+    return {
+        "hosts/n.yaml": "apps: [a]\n",
+        "templates/a/default/etc/app/conf.d/site.conf": "site\n",
+        "templates/a/app.yaml": app_yaml,
+    }
+
+
+def test_impact_shows_a_purge_turned_on_and_a_directory_added(tmp_path):
+    from reconciler.ops.change import impact
+    from tests.unit.helpers import FACTS
+
+    base = write_repo(tmp_path / "base", _fleet(tmp_path, "directories:\n  /etc/app/conf.d: {}\n"))
+    head = write_repo(
+        tmp_path / "head",
+        _fleet(
+            tmp_path,
+            "directories:\n  /etc/app/conf.d: {purge: true}\n  /srv/a: {mode: '0700'}\n",
+        ),
+    )
+    impacted, unchanged_nodes, _ = impact(base, head, FACTS)
+    assert unchanged_nodes == []
+    [node] = impacted
+    files = {f.path: f for f in node.files}
+    assert set(files) == {"/etc/app/conf.d", "/srv/a"}
+    assert files["/srv/a"].change == "added" and files["/srv/a"].new_mode == 0o700
+    assert files["/etc/app/conf.d"].change == "changed"
+    assert "+purge: true — every entry below /etc/app/conf.d" in files["/etc/app/conf.d"].diff
+
+
+def test_render_out_writes_directories_with_their_mode_and_lists_them(tmp_path):
+    import json
+
+    from tests.unit.test_cli import run_cli
+
+    write_repo(
+        tmp_path / "repo",
+        _fleet(tmp_path, "directories:\n  /srv/a/b: {mode: '0700', purge: true}\n"),
+    )
+    out = tmp_path / "out"
+    code, printed, err = run_cli(
+        "render", "n", "--repo", str(tmp_path / "repo"), "--out", str(out), "--format", "json"
+    )
+    assert code == 0, err
+    assert json.loads(printed)["directories"] == [
+        {
+            "path": "/srv/a/b",
+            "mode": "0700",
+            "owner": None,
+            "group": None,
+            "purge": True,
+            "app": "a",
+        }
+    ]
+    assert (out / "srv/a/b").is_dir() and (out / "srv/a/b").stat().st_mode & 0o7777 == 0o700
+    code, printed, err = run_cli("render", "n", "--repo", str(tmp_path / "repo"))
+    assert code == 0, err
+    assert "0700 -:-            /srv/a/b/  purge  [a]" in printed
+    assert printed.endswith("n: 1 files and 1 directories rendered\n"), printed
