@@ -598,7 +598,12 @@ def build_report(
             )
             for c in plan.changes
         )
-        done = resources if resources is not None else [(r, False) for r in plan.resources]
+        # The plan's order, each as the apply left it, then what the apply added
+        # (reloads, restarts); a change the apply never reached: not applied.
+        left = {(r.kind, r.name, r.action): (r, ok) for r, ok in resources or ()}
+        planned = [(r.kind, r.name, r.action) for r in plan.resources]
+        done = [left.get(k, (r, False)) for k, r in zip(planned, plan.resources, strict=True)]
+        done += [v for k, v in left.items() if k not in set(planned)]
         changes += tuple(
             ReportChange(
                 path=r.name,

@@ -591,6 +591,7 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         "error": n.error,
                         "counts": n.counts(),
                         "files": [f.as_json(with_diff=not args.stat) for f in n.files],
+                        "resources": list(n.resources),
                     }
                     for n in impacted
                 ],
@@ -608,9 +609,13 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"{n.node}: cannot render at {n.error}\n")
             continue
         counts = ", ".join(f"{v} {k}" for k, v in n.counts().items() if v)
+        if n.resources:
+            counts += f"{', ' if counts else ''}{len(n.resources)} package/service lines"
         out.write(f"{n.node}: {counts}\n")
         if args.stat:
             continue
+        for line in n.resources:
+            out.write(f"  {line}\n")
         for f in n.files:
             mode = ""
             if f.old_mode != f.new_mode and f.old_mode is not None and f.new_mode is not None:

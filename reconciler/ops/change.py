@@ -64,6 +64,7 @@ from reconciler.pipeline.inventory import (
     effective_node,
     load_inventory,
 )
+from reconciler.pipeline.packages import resource_record
 from reconciler.pipeline.plan import exclude_matcher
 from reconciler.pipeline.render import (
     Decryption,
@@ -679,6 +680,9 @@ class NodeImpact:
     node: str
     files: tuple[FileImpact, ...]
     error: str | None = None  # the node does not load or render at HEAD (or at BASE)
+    # Packages and services whose declared state differs (SPEC §11), as
+    # "+ package nginx present", "- service nginx.service enabled running".
+    resources: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
         """Number of files per kind of change."""
@@ -689,9 +693,15 @@ class NodeImpact:
 
 
 def _render_all(
-    snapshot: Snapshot, facts: Mapping[str, Any], limits: RenderLimits, decryption: Decryption
+    snapshot: Snapshot,
+    facts: Mapping[str, Any],
+    limits: RenderLimits,
+    decryption: Decryption,
+    resources: dict[str, dict[str, str]] | None = None,
 ) -> tuple[dict[str, Mapping[PurePosixPath, TargetFile] | str], list[str]]:
-    """node → target files (or the error text), and the node names; "*" holds an inventory error."""
+    """node → target files (or the error text), and the node names; "*" holds an inventory
+    error. ``resources`` is filled with each node's declared packages and services
+    (``pipeline.packages.resource_record``: from git alone, SPEC §11)."""
     try:
         inventory = load_inventory(snapshot)
     except ReconcilerError as exc:
@@ -703,6 +713,11 @@ def _render_all(
             target = render_target(
                 snapshot, node, facts, limits=limits, decryption=decryption, inventory=inventory
             )
+            if resources is not None:
+                resources[name] = resource_record(
+                    [p for a in target.apps for p in a.packages],
+                    [s for a in target.apps for s in a.services],
+                )
             excluded = exclude_matcher(node.exclude)
             files = {**target.files, **{p: _as_file(d) for p, d in target.directories.items()}}
             out[name] = {
@@ -829,8 +844,10 @@ def impact(
     """
     limits = limits or RenderLimits()
     decryption = decryption or Decryption(placeholder=True)
-    old, old_names = _render_all(with_source(base, head.info), facts, limits, decryption)
-    new, new_names = _render_all(head, facts, limits, decryption)
+    old_res: dict[str, dict[str, str]] = {}
+    new_res: dict[str, dict[str, str]] = {}
+    old, old_names = _render_all(with_source(base, head.info), facts, limits, decryption, old_res)
+    new, new_names = _render_all(head, facts, limits, decryption, new_res)
     if "*" in new:
         return [NodeImpact(node="*", files=(), error=f"HEAD: {new['*']}")], [], []
     impacted: list[NodeImpact] = []
@@ -849,8 +866,9 @@ def impact(
             item = _compare(before.get(path), after.get(path), shown=not decryption.placeholder)
             if item is not None:
                 files.append(item)
-        if files:
-            impacted.append(NodeImpact(node=name, files=tuple(files)))
+        res = _resources_changed(old_res.get(name, {}), new_res.get(name, {}))
+        if files or res:
+            impacted.append(NodeImpact(node=name, files=tuple(files), resources=res))
         else:
             unchanged.append(name)
     source_only: list[str] = []
@@ -866,6 +884,21 @@ def impact(
                 source_only.append(name)
         unchanged = [n for n in unchanged if n not in source_only]
     return impacted, unchanged, source_only
+
+
+def _resources_changed(before: Mapping[str, str], after: Mapping[str, str]) -> tuple[str, ...]:
+    """``- package apache2 present``, ``+ package apache2 absent``: what a node's declared
+    packages and services become, from git alone (SPEC §11 ``impact``)."""
+    out: list[str] = []
+    for key in sorted({*before, *after}):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if old is not None:
+            out.append(f"- {key} {old}")
+        if new is not None:
+            out.append(f"+ {key} {new}")
+    return tuple(out)
 
 
 def resolve_range(repo: Repo, spec: str | None) -> tuple[str, str]:

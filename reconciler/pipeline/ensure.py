@@ -24,14 +24,16 @@ from reconciler.errors import ApplyError, ReconcilerError
 from reconciler.host.packages import (
     PackageError,
     journal_tail,
+    read_services,
     run_transaction,
     service_command,
 )
 from reconciler.host.system import ScriptRun, System
-from reconciler.pipeline.packages import ResourceChange, ServiceSpec
+from reconciler.pipeline.packages import NOT_FOUND, ResourceChange, ServiceSpec
 from reconciler.pipeline.plan import Change
 
 SERVICE_TIMEOUT_S = 120.0
+UNIT_ABSENT = "root is not /: no unit file there, not enabled"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,13 +131,26 @@ def enforce_services(
     for change in planned:
         if change.kind != "service":
             continue
+        if change.action == "start":  # starting reads the new files: no reload after
+            started.add(change.name)
         if not change.apply:
+            result.done.append((change, False))
+            continue
+        if change.detail == NOT_FOUND and not _unit_known(system, change.name, root):
+            if str(root) != "/":  # no package brings it there: planned only (SPEC §11)
+                result.done.append((replace(change, detail=UNIT_ABSENT), False))
+                continue
+            errors.append(
+                ApplyError(
+                    f"service {change.name} of app {change.app} does not exist after the "
+                    "packages and files of this run — add the package that ships it to "
+                    "packages:, or ship the unit file in the app's files"
+                )
+            )
             result.done.append((change, False))
             continue
         ok = _run(system, change, root, errors, scripts)
         result.done.append((change, ok and not system.dry_run))
-        if change.action == "start":
-            started.add(change.name)
     if not files_changed:
         return errors
     live = str(root) == "/"
@@ -159,6 +174,11 @@ def enforce_services(
         ok = _run(system, change, root, errors, scripts)
         result.done.append((change, ok and not system.dry_run))
     return errors
+
+
+def _unit_known(system: System, unit: str, root: Path) -> bool:
+    """True when systemctl (of ``root``) knows ``unit`` now."""
+    return read_services(system, [unit], root)[unit].enabled != "not-found"
 
 
 def _run(

@@ -48,6 +48,7 @@ UNIT_SUFFIXES = (
     ".target",
 )
 _MAX_UNIT = 255
+NOT_FOUND = "unit not found yet"  # the detail of an enable planned before the unit exists
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -313,10 +314,10 @@ def plan_resources(
                     ("enable" if s.enabled else "disable", enforce, f"is-enabled: {status.enabled}")
                 )
         elif status.enabled == "not-found" and s.enabled:
-            # Live, its package may bring it this run: enabled after the packages.
-            # Under another root no package is ever installed: planned only.
-            why = "unit not found yet" if host.live else "root is not /: unit not found there"
-            steps.append(("enable", enforce and host.live, why))
+            # Its package or the app's own files may bring it this run: enabled after
+            # them (ensure.py looks again; under another root, where no package is
+            # ever installed, a unit still missing then is left alone).
+            steps.append(("enable", enforce, NOT_FOUND))
         if status.active == "unknown":
             if s.running:
                 steps.append(("start", False, "root is not /: planned, never started"))
@@ -341,7 +342,7 @@ def plan_resources(
                 app=s.app,
                 apply=apply,
                 detail=detail,
-                offline=not host.live and not apply,
+                offline=not host.live and (not apply or detail == NOT_FOUND),
             )
             for action, apply, detail in steps
         )

@@ -99,3 +99,23 @@ def test_a_node_that_no_longer_renders_fails_the_impact(fleet):
     assert "db1: cannot render at HEAD: templates/motd/default/etc/motd.j2" in out
     bad = impact(fleet, "nosuchrev..HEAD")
     assert bad[0] == 2 and "nosuchrev" in bad[2]
+
+
+def test_packages_and_services_an_app_declares_are_shown_from_git_alone(fleet):
+    """SPEC §11: declaring a package and a service impacts the app's nodes, no file."""
+    app = fleet.read("templates/chrony/app.yaml")
+    fleet.write("templates/chrony/app.yaml", app + "packages: [chrony]\nservices: {chrony: {}}\n")
+    fleet.commit("chrony: its package and service")
+
+    _, out, err = impact(fleet, "--format", "json")
+
+    nodes = {n["node"]: n for n in json.loads(out)["nodes"]}
+    for name in ("db1", "dhcp"):  # web1/web2's rendering is not this test's business
+        assert nodes[name]["error"] is None, err
+        assert nodes[name]["files"] == []
+        assert nodes[name]["resources"] == [
+            "+ package chrony present",
+            "+ service chrony.service enabled running",
+        ]
+    _, out, _ = impact(fleet)
+    assert "db1: 2 package/service lines\n  + package chrony present\n" in out

@@ -202,3 +202,55 @@ def _scenario(tmp_path: Path, git_daemon: GitDaemon, before: dict[str, str]) -> 
     assert code == 0, report["errors"]
     assert BETA not in _installed() or not _installed()[BETA].endswith("ii ")
     assert {k: v for k, v in _installed().items() if k not in (ALPHA, BETA)} == before
+
+
+def test_services_enabled_and_disabled_with_systemctl_root(
+    tmp_path: Path, git_daemon: GitDaemon
+) -> None:
+    """Under a root other than /, enablement is written there with ``systemctl --root``
+    (SPEC §11) — a throwaway root holding the unit, shipped by the app's own files —
+    and nothing is ever started: the start is planned and reported, not applied."""
+    work = tmp_path / "fleet"
+    unit = work / "templates/svc/default/etc/systemd/system/rctest.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text(
+        "[Unit]\nDescription=reconciler test\n[Service]\nExecStart=/bin/true\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    (work / "hosts").mkdir()
+    (work / "hosts/svc.yaml").write_text("apps: [svc]\n")
+    app_yaml = work / "templates/svc/app.yaml"
+    app_yaml.write_text("services:\n  rctest: {enabled: true, running: true}\n")
+    name = f"svc-{os.getpid()}.git"
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "services", cwd=work)
+    git("init", "-q", "--bare", str(git_daemon.base / name))
+    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    root = tmp_path / "root"
+    root.mkdir()
+    host = Host(
+        node="svc",
+        root=root,
+        state_dir=tmp_path / "state",
+        exclude_file=tmp_path / "exclude",
+        url=git_daemon.url(name),
+    )
+    wants = root / "etc/systemd/system/multi-user.target.wants/rctest.service"
+
+    code, report = host.pull_json()
+    assert code == 0, report["errors"]
+    svc = [(c["action"], c["applied"]) for c in report["changes"] if c.get("kind") == "service"]
+    assert svc == [("enable", True), ("start", False)]
+    assert wants.is_symlink()
+    code, report = host.pull_json()
+    assert (code, report["result"]) == (0, "ok")  # the start under another root: reported only
+    assert [c["action"] for c in report["changes"]] == ["start"]
+
+    app_yaml.write_text("services:\n  rctest: {enabled: false, running: false}\n")
+    git("commit", "-qam", "disable", cwd=work)
+    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    code, report = host.pull_json()
+    assert code == 0, report["errors"]
+    assert [(c["action"], c["applied"]) for c in report["changes"]] == [("disable", True)]
+    assert not wants.exists() and not wants.is_symlink()
