@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a real reconcile of the example fleet, entirely inside .demo/.
 #  1. publish hosts/, templates/, scripts/ as a bare desired-state repository
-#  2. `reconciler pull` node web1 into a sandbox root (.demo/root)
+#  2. `reconciler pull` node web1 into a sandbox root (.demo/root); its /etc/hosts
+#     keeps the installer's lines and gets the site's names as a managed block
 #  3. pull again: a no-op
 #  4. hand-edit a managed file, pull: the drift is reported and repaired
 #  5. show the report branch that the runs pushed back to the repository
@@ -18,7 +19,10 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { local shown; shown=$(printf '%q ' "$@"); printf '$ %s\n' "${shown% }"; "$@"; }
 
 rm -rf "$demo"
-mkdir -p "$demo/work" "$demo/root"
+mkdir -p "$demo/work" "$demo/root/etc"
+# What the installer left in /etc/hosts: the host's own lines, which reconciler
+# keeps; the fleet-hosts app adds the site's names as a managed block (SPEC §9).
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tweb1.fra1.example.com web1\n' > "$demo/root/etc/hosts"
 export GIT_AUTHOR_NAME="Demo Operator" GIT_AUTHOR_EMAIL="ops@example.com"
 export GIT_COMMITTER_NAME="Demo Operator" GIT_COMMITTER_EMAIL="ops@example.com"
 
@@ -53,6 +57,8 @@ printf '$ export RECONCILER_CONFIG=%q\n' "$RECONCILER_CONFIG"
 
 step "2. First run: web1 converges into the sandbox root"
 run "$reconciler" pull
+echo "/etc/hosts: the installer's lines kept, the site's names added as a managed block:"
+sed 's/^/    /' "$demo/root/etc/hosts"
 
 step "3. Second run: nothing changed, nothing rewritten, no new report commit"
 run "$reconciler" pull

@@ -310,15 +310,18 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "secret": t.secret,
             "policy": t.policy,
             "link": t.link,
+            "blocks": [b.marker for b in t.blocks],  # managed blocks (SPEC §9)
         }
         for t in target.files.values()
     ]
     if args.format == "json":
         emit_json({"node": name, "state": node.state, "files": rows, "directories": dirs}, out)
         return 0
-    for r in rows:
+    for r, t in zip(rows, target.files.values(), strict=True):
         owner = f"{r['owner'] or '-'}:{r['group'] or '-'}"
         link = f" link → {r['link']}" if r["link"] is not None else ""
+        if t.blocks:
+            link = f" blocks: {', '.join(repr(b.marker) for b in t.blocks)}"
         out.write(f"{r['mode']} {owner:<14} {r['path']}{link}  [{r['app']}]\n")
     for d in target.directories.values():
         owner = f"{d.owner or '-'}:{d.group or '-'}"

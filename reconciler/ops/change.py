@@ -602,7 +602,21 @@ def adopt(
             f"{dest}: a desired symlink (link → {t.link}) — commit the link you want "
             "under templates/ instead (git mode 120000)"
         )
-    diff = file_diff(dest, t.content, captured, secret=False, old_label="desired", new_label="host")
+    desired = t.content
+    if t.blocks:
+        # A managed block (SPEC §9): the capture is the blocks' view; what goes back
+        # into the template is the text between one block's marker lines.
+        from reconciler.pipeline.blocks import inside
+
+        found = inside(captured, t.blocks[0]) if len(t.blocks) == 1 else None
+        if found is None:
+            raise UsageError(
+                f"{dest}: the capture holds no single block {t.blocks[0].marker!r} "
+                f"({len(t.blocks)} app(s) manage blocks of it) — edit "
+                f"{', '.join(b.template for b in t.blocks)} by hand"
+            )
+        desired, captured = t.blocks[0].content, found
+    diff = file_diff(dest, desired, captured, secret=False, old_label="desired", new_label="host")
     if not diff:
         raise UsageError(f"{dest}: the captured file equals the desired state at {head[:12]}")
     written = t.template + ".adopted" if t.template.endswith(".j2") else t.template

@@ -223,6 +223,17 @@ def splice(data: bytes, blocks: Sequence[Block], gone: Sequence[str]) -> bytes:
     return body
 
 
+def inside(shown: bytes, block: Block) -> bytes | None:
+    """The text between ``block``'s marker lines in ``shown`` (a view, as captured),
+    without them; None when they are not there once each (``adopt``)."""
+    try:
+        lines = shown.splitlines(keepends=True)
+        ((start, stop),) = _regions(lines, [(block.begin, block.end)])
+    except BlockError:
+        return None
+    return None if start < 0 else b"".join(lines[start + 1 : stop - 1])
+
+
 def removal_only(t: TargetFile) -> bool:
     """True for the TargetFile that only removes blocks which left the target state
     (blockfiles.resolve): written, never recorded as managed."""

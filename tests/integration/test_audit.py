@@ -15,7 +15,7 @@ def test_audit_run_on_an_empty_root_reports_pending_changes_and_writes_nothing(f
     assert report["mode"] == "audit"
     assert report["result"] == "changed"
     assert "/etc/postgresql/15/main/pg_hba.conf" in changes(report)
-    assert len(report["changes"]) == 8
+    assert len(report["changes"]) == 9  # db1: 8 files and the /etc/hosts block (SPEC §9)
     assert all(c["applied"] is False for c in report["changes"])
     assert report["scripts"] == []  # nothing changed, so no script ran
     assert (

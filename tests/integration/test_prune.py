@@ -25,7 +25,7 @@ def test_removed_app_is_deleted_with_backups_and_its_created_dirs_pruned(fleet, 
     by_path = changes(report)
     # /etc/motd lists the node's apps, so it is updated too.
     assert set(by_path) == {f"{PG}/pg_hba.conf", f"{PG}/postgresql.conf", "/etc/motd"}
-    assert "apps:   motd, chrony, sshd\n" in host.path("/etc/motd").read_text()
+    assert "apps:   motd, chrony, sshd, fleet-hosts\n" in host.path("/etc/motd").read_text()
     for change in (by_path[f"{PG}/pg_hba.conf"], by_path[f"{PG}/postgresql.conf"]):
         assert (change["action"], change["reason"], change["applied"]) == (
             "delete",

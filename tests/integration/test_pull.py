@@ -22,6 +22,7 @@ WEB1_FILES = {
     "etc/nginx/sites-available/status",
     "var/www/html/favicon.ico",
     "var/www/html/index.html",
+    "etc/hosts",  # created holding the fleet-hosts block (SPEC §9)
 }
 DB1_FILES = {
     "etc/motd",
@@ -32,6 +33,7 @@ DB1_FILES = {
     "etc/ssh/sshd_config",
     "etc/postgresql/15/main/pg_hba.conf",
     "etc/postgresql/15/main/postgresql.conf",
+    "etc/hosts",  # created holding the fleet-hosts block (SPEC §9)
 }
 
 
@@ -79,7 +81,7 @@ def test_web_and_db_nodes_get_their_own_rendered_files_and_modes(fleet, make_hos
 
     motd = web1.path("/etc/motd").read_text()
     assert motd.startswith("Example Corp · web1.fra1.example.com\n")
-    assert "apps:   motd, chrony, sshd, nginx\n" in motd
+    assert "apps:   motd, chrony, sshd, fleet-hosts, nginx\n" in motd
     assert "Example Corp · db1.fra1.example.com\n" in db1.path("/etc/motd").read_text()
 
     assert "AllowTcpForwarding no\n" in web1.path("/etc/ssh/sshd_config").read_text()

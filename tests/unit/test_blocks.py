@@ -119,3 +119,12 @@ def test_two_apps_with_one_marker_and_content_holding_a_marker_are_refused():
         check_blocks([_block(b"x", app="a"), _block(b"y", app="b")], DEST, "n")
     with pytest.raises(RenderError, match="marker line"):
         check_blocks([_block(b"x\n# END reconciler net\n")], DEST, "n")
+
+
+def test_adopt_takes_the_text_between_one_blocks_markers_from_a_capture():
+    from reconciler.pipeline.blocks import inside
+
+    block = _block(b"x")
+    assert inside(NEW, block) == b"10.0.0.1 a\n"
+    assert inside(b"", block) is None
+    assert inside(NEW + NEW, block) is None
