@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -22,7 +23,13 @@ from reconciler.config import AgentConfig
 from reconciler.host.system import FaultInjected, FaultySystem
 from reconciler.pipeline.run import reconcile_once
 from tests.conftest import Fleet, Host, git
-from tests.integration._helpers import assert_clean_error, changes, drift_kinds, pull_report
+from tests.integration._helpers import (
+    assert_clean_error,
+    changes,
+    drift_kinds,
+    imported_by_run,
+    pull_report,
+)
 
 NODE = "blk"
 HOSTS = "/etc/hosts"
@@ -69,11 +76,16 @@ def test_a_block_is_appended_left_alone_repaired_removed_and_rolled_back(fleet, 
     # of its own text): not drift, never written over.
     edited = b"192.168.1.9\tprinter\n" + PACKAGE + BLOCK + b"# local note"
     hosts.write_bytes(edited)
+    time.sleep(0.2)  # past the racily-clean window (state.RACY_WINDOW_NS) of the record
     outside = os.stat(hosts)
     third = pull_report(host)
     assert third["changes"] == [] and third["drift"] == [], third
     assert hosts.read_bytes() == edited
     assert os.stat(hosts).st_ino == outside.st_ino
+    # That run recorded the new stat signature: the next one is the no-op short
+    # cut again (nothing loaded, nothing rendered: SPEC §7).
+    imported = imported_by_run(host, "pull")
+    assert "reconciler.pipeline.render" not in imported, "not the no-op short cut"
 
     # An edit inside: drift of kind content, captured as the block found, repaired,
     # and the text outside kept byte for byte.
