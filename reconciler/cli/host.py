@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -254,6 +256,7 @@ def _tree(args: argparse.Namespace) -> Any:
 
 def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.system import atomic_write
+    from reconciler.ops.nodefacts import local_note, node_facts, open_reports
     from reconciler.pipeline.facts import gather_facts
     from reconciler.pipeline.inventory import effective_node, load_inventory
     from reconciler.pipeline.render import render_target
@@ -262,10 +265,17 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     name = args.node_name or args.node or config_from_args(args).node
     inventory = load_inventory(snapshot)
     node = effective_node(inventory, snapshot, name, args.state)
+    # SPEC §10 operators' facts: the node's last report's, else this machine's; said.
+    reports = open_reports(Path(args.repo or "."))
+    chosen = node_facts(reports, name, lambda: gather_facts(operator_facts_dir(args)))
+    said = chosen.origin + ("" if chosen.from_report else f" ({local_note(reports)})")
+    if args.format != "json":
+        # On stdout, before rendering: a render error stays stderr's one line (SPEC §3).
+        out.write(f"facts: {said}\n")
     target = render_target(
         snapshot,
         node,
-        gather_facts(operator_facts_dir(args)),
+        chosen.facts,
         limits=render_limits(args),
         decryption=operator_decryption(args),
         inventory=inventory,
@@ -315,7 +325,10 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for t in target.files.values()
     ]
     if args.format == "json":
-        emit_json({"node": name, "state": node.state, "files": rows, "directories": dirs}, out)
+        emit_json(
+            {"node": name, "state": node.state, "facts": said, "files": rows, "directories": dirs},
+            out,
+        )
         return 0
     for r, t in zip(rows, target.files.values(), strict=True):
         owner = f"{r['owner'] or '-'}:{r['group'] or '-'}"
@@ -385,6 +398,25 @@ def _nodes_note(nodes: list[str]) -> str:
     return f"[nodes {named}]"
 
 
+def facts_note(
+    origins: Mapping[bool, list[str]], reports: Any, local: Callable[[], Mapping[str, Any]]
+) -> str:
+    """The one line saying which facts the nodes rendered with (SPEC §10 operators' facts):
+    ``origins`` maps "from its last report" to the nodes; "" when none rendered."""
+    from reconciler.ops.nodefacts import local_note
+
+    parts = []
+    if origins[True]:
+        parts.append(
+            f"each node's last report for {len(origins[True])} {_nodes_note(origins[True])}"
+        )
+    if origins[False]:
+        every = "every node" if not origins[True] else _nodes_note(origins[False])
+        here = local().get("hostname", "?")
+        parts.append(f"this machine's ({here}) for {every} ({local_note(reports)})")
+    return "; ".join(parts)
+
+
 def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Check a working tree: every host-file problem and every render error at once.
 
@@ -406,6 +438,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """
     from reconciler.git.snapshot import with_source
     from reconciler.ops.change import commit_dependent, mentions_source, other_commit
+    from reconciler.ops.nodefacts import node_facts, open_reports
     from reconciler.pipeline.facts import gather_facts
     from reconciler.pipeline.inventory import Node, check_hosts, effective_node
     from reconciler.pipeline.render import Decryption, render_problems, render_target
@@ -427,12 +460,17 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     probe = (
         with_source(snapshot, other_commit(snapshot.info)) if mentions_source(snapshot) else None
     )
+    reports = open_reports(Path(args.repo or "."))
+    local = functools.cache(lambda: gather_facts(operator_facts_dir(args)))
+    origins: dict[bool, list[str]] = {True: [], False: []}  # from a report? → nodes
     if check.renderable:
-        facts = gather_facts(operator_facts_dir(args))
         for name in check.renderable:
             found: tuple[ReconcilerError, ...] = ()
             try:
                 node = effective_node(inventory, snapshot, name)
+                chosen = node_facts(reports, name, local)
+                facts = chosen.facts
+                origins[chosen.from_report].append(name)
             except ReconcilerError as exc:
                 found = (exc,)
             else:
@@ -481,6 +519,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "problems": problems,
                 "warnings": warnings,
                 "files_rendered": rendered,
+                "facts": facts_note(origins, reports, local),
             },
             out,
         )
@@ -492,6 +531,10 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if len(problems) > MAX_PROBLEMS_SHOWN:
             more = len(problems) - MAX_PROBLEMS_SHOWN
             err.write(f"… and {more} more problem(s) — fix these first, or see --format json\n")
+        if origins[True]:
+            # Said when some node used its report's facts; with none, every node used
+            # this machine's, as validate always did (JSON says so in either case).
+            out.write(f"facts: {facts_note(origins, reports, local)}\n")
         if not problems:
             out.write(
                 f"ok: {len(inventory.nodes)} nodes, {len(inventory.meta_nodes)} meta-nodes, "

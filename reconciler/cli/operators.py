@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -549,6 +550,7 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.git.repo import discover
     from reconciler.git.snapshot import DirSnapshot, GitSnapshot, SourceInfo
     from reconciler.ops.change import impact, resolve_range
+    from reconciler.ops.nodefacts import NodeFacts, local_note, node_facts
     from reconciler.pipeline.facts import gather_facts
 
     where = Path(args.repo or ".")
@@ -573,13 +575,31 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         label = f"{base_id[:12]}..{head_id[:12]}"
     base_snapshot = GitSnapshot(repo, base_id, SourceInfo(url=url, branch=branch, commit=base_id))
     limits = render_limits(args)
+    # SPEC §10 operators' facts: each node's last report's, else this machine's; said per node.
+    local = functools.cache(lambda: gather_facts(operator_facts_dir(args)))
+    chosen: dict[str, NodeFacts] = {}
+
+    def facts_for(node: str) -> Mapping[str, Any]:
+        if node not in chosen:
+            chosen[node] = node_facts(repo, node, local)
+        return chosen[node].facts
+
     impacted, unchanged, source_only = impact(
         base_snapshot,
         head_snapshot,
-        gather_facts(operator_facts_dir(args)),
+        facts_for,
         limits=limits,
         decryption=operator_decryption(args),
     )
+    # Which facts each node rendered with: a line per node with a report, one for the rest.
+    said = [f"facts: {c.origin}" for _, c in sorted(chosen.items()) if c.from_report]
+    here = [n for n, c in sorted(chosen.items()) if not c.from_report]
+    if here:
+        every = "every node" if len(here) == len(chosen) else ", ".join(here)
+        said.append(
+            f"facts: this machine's ({local().get('hostname', '?')}) for {every} "
+            f"({local_note(repo)})"
+        )
     failed = any(n.error and n.error.startswith("HEAD") for n in impacted)
     if args.format == "json":
         _emit(
@@ -597,12 +617,15 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 ],
                 "unchanged": unchanged,
                 "source_only": source_only,
+                "facts": {n: c.origin for n, c in sorted(chosen.items())},
             },
             out,
         )
         return 1 if failed else 0
     total = len(impacted) + len(unchanged) + len(source_only)
     out.write(f"impact of {label}: {len(impacted)} of {total} nodes change\n")
+    # On stderr, as notes: stdout is the impact itself, which reviewers and scripts read.
+    err.writelines(f"{line}\n" for line in said)
     symbol = {"added": "+", "removed": "-", "changed": "~", "mode": "m", "owner": "o"}
     for n in impacted:
         if n.error:

@@ -708,7 +708,7 @@ class NodeImpact:
 
 def _render_all(
     snapshot: Snapshot,
-    facts: Mapping[str, Any],
+    facts: Callable[[str], Mapping[str, Any]],
     limits: RenderLimits,
     decryption: Decryption,
     resources: dict[str, dict[str, str]] | None = None,
@@ -725,7 +725,12 @@ def _render_all(
         try:
             node = effective_node(inventory, snapshot, name)
             target = render_target(
-                snapshot, node, facts, limits=limits, decryption=decryption, inventory=inventory
+                snapshot,
+                node,
+                facts(name),
+                limits=limits,
+                decryption=decryption,
+                inventory=inventory,
             )
             if resources is not None:
                 resources[name] = resource_record(
@@ -831,15 +836,16 @@ def commit_dependent(
 def impact(
     base: Snapshot,
     head: Snapshot,
-    facts: Mapping[str, Any],
+    facts: Callable[[str], Mapping[str, Any]],
     *,
     limits: RenderLimits | None = None,
     decryption: Decryption | None = None,
 ) -> tuple[list[NodeImpact], list[str], list[str]]:
     """Per node, the destination files whose target state differs between ``base`` and ``head``.
 
-    Every node of either side is rendered with the same ``facts`` and with
-    the head's ``source`` (SPEC §10 "Commit-dependent output"): a template
+    Every node of either side is rendered with the same facts, ``facts(node)``
+    (SPEC §10 operators' facts: its last report's, else the local machine's),
+    and with the head's ``source`` (SPEC §10 "Commit-dependent output"): a template
     that writes ``source.commit`` would otherwise list every node running
     it on every range. Paths the node excludes are left out. Returns
     (impacted nodes, unchanged nodes, source-only nodes), each sorted by
