@@ -833,18 +833,24 @@ def commit_dependent(
     return [t for path, t in new.items() if path in old and old[path].shown() != t.shown()]
 
 
+def _same(facts: Mapping[str, Any]) -> Callable[[str], Mapping[str, Any]]:
+    """``facts`` for every node."""
+    return lambda _node: facts
+
+
 def impact(
     base: Snapshot,
     head: Snapshot,
-    facts: Callable[[str], Mapping[str, Any]],
+    facts: Mapping[str, Any] | Callable[[str], Mapping[str, Any]],
     *,
     limits: RenderLimits | None = None,
     decryption: Decryption | None = None,
 ) -> tuple[list[NodeImpact], list[str], list[str]]:
     """Per node, the destination files whose target state differs between ``base`` and ``head``.
 
-    Every node of either side is rendered with the same facts, ``facts(node)``
+    Every node of either side is rendered with the same facts: ``facts(node)``
     (SPEC §10 operators' facts: its last report's, else the local machine's),
+    or ``facts`` itself when it is a mapping,
     and with the head's ``source`` (SPEC §10 "Commit-dependent output"): a template
     that writes ``source.commit`` would otherwise list every node running
     it on every range. Paths the node excludes are left out. Returns
@@ -864,6 +870,8 @@ def impact(
     """
     limits = limits or RenderLimits()
     decryption = decryption or Decryption(placeholder=True)
+    if not callable(facts):
+        facts = _same(facts)
     old_res: dict[str, dict[str, str]] = {}
     new_res: dict[str, dict[str, str]] = {}
     old, old_names = _render_all(with_source(base, head.info), facts, limits, decryption, old_res)
