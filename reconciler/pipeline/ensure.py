@@ -31,6 +31,7 @@ from reconciler.host.packages import (
 from reconciler.host.system import ScriptRun, System
 from reconciler.pipeline.packages import NOT_FOUND, ResourceChange, ServiceSpec
 from reconciler.pipeline.plan import Change
+from reconciler.pipeline.render import TargetFile
 
 SERVICE_TIMEOUT_S = 120.0
 UNIT_ABSENT = "root is not /: no unit file there, not enabled"
@@ -90,8 +91,10 @@ def resolve_pending(change: Change) -> Change | ApplyError:
     """A change whose owner or group did not exist at planning time (a package of this
     run was to create it), resolved now that the packages are in; an ApplyError
     naming the path when it still does not exist."""
-    t = change.target
+    t = change.target if change.target is not None else change.directory
     assert t is not None
+    # A directories: entry (SPEC §9) is named by its app.yaml, a file by its template.
+    where, key = (t.template, "files") if isinstance(t, TargetFile) else (t.origin, "directories")
     uid, gid = change.uid, change.gid
     try:
         if uid is None and t.owner is not None:
@@ -101,8 +104,8 @@ def resolve_pending(change: Change) -> Change | ApplyError:
     except KeyError:
         return ApplyError(
             f"owner {t.owner!r} or group {t.group!r} still does not exist after the "
-            f"packages of this run (app {change.app}, {t.template}) — create it, or change "
-            "files: owner/group",
+            f"packages of this run (app {change.app}, {where}) — create it, or change "
+            f"{key}: owner/group",
             path=change.path,
         )
     return replace(change, uid=uid, gid=gid)

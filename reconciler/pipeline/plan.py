@@ -60,10 +60,16 @@ class DriftItem:
     kind: str  # content | mode | owner | missing | type | target (a symlink's, SPEC §9)
 
 
-def _dir_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, int | None]]:
+def _dir_ids(
+    target: TargetState,
+    coming: Mapping[str, Sequence[str]] | None = None,
+    pending: dict[PurePosixPath, str] | None = None,
+) -> dict[PurePosixPath, tuple[int | None, int | None]]:
     """uid/gid of each ``directories:`` entry's owner and group, resolved as files' are
-    (:func:`resolve_ids`). Raises InventoryError naming the app.yaml, the directory and
-    the node for an unknown user or group, before anything is written."""
+    (:func:`resolve_ids`, ``coming`` and ``pending`` included: an owner that a
+    package of this run creates is resolved after the packages). Raises
+    InventoryError naming the app.yaml, the directory and the node for an unknown
+    user or group, before anything is written."""
     out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
     for path, d in target.directories.items():
         uid = gid = None
@@ -71,7 +77,7 @@ def _dir_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, int |
             uid = _resolve(
                 d.owner, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid
             )
-            if uid is None:
+            if uid is None and not _coming(pending, coming, path, "user", d.owner, d.app):
                 raise InventoryError(
                     f"{d.origin}: directories: {path}: owner {d.owner!r} does not exist on "
                     f"this host (node {target.node}) — create the user or change its owner"
@@ -80,13 +86,29 @@ def _dir_ids(target: TargetState) -> dict[PurePosixPath, tuple[int | None, int |
             gid = _resolve(
                 d.group, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid
             )
-            if gid is None:
+            if gid is None and not _coming(pending, coming, path, "group", d.group, d.app):
                 raise InventoryError(
                     f"{d.origin}: directories: {path}: group {d.group!r} does not exist on "
                     f"this host (node {target.node}) — create the group or change its group"
                 )
         out[path] = (uid, gid)
     return out
+
+
+def _pending_dir(change: Change | None, d: TargetDir, note: str, mode: str) -> Change:
+    """``change`` (or a chown when the directory is as wanted otherwise) marked to resolve
+    its owner or group after the packages of this run (SPEC §11), as :func:`_pending`."""
+    if change is None:
+        change = Change(
+            path=d.path,
+            action="chown",
+            reason="desired",
+            app=d.app,
+            apply=mode == "enforce",
+            directory=d,
+        )
+    detail = f"{change.detail}; {note}" if change.detail else note
+    return replace(change, pending_ids=True, detail=detail)
 
 
 def _plan_dir(
@@ -536,7 +558,7 @@ def make_plan(
     """
     pending: dict[PurePosixPath, str] = {}
     ids = resolve_ids(target, coming, pending)
-    dir_ids = _dir_ids(target)
+    dir_ids = _dir_ids(target, coming, pending)
     changes: list[Change] = []
     drift: list[DriftItem] = []
     excluded: list[PurePosixPath] = []
@@ -583,6 +605,8 @@ def make_plan(
         drift.extend(found)
         if refused is not None:
             errors.append(refused)
+        elif path in pending:
+            change = _pending_dir(change, d, pending[path], mode)
         if change is not None:
             changes.append(change)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -357,3 +358,22 @@ def test_render_out_writes_directories_with_their_mode_and_lists_them(tmp_path):
     assert code == 0, err
     assert "0700 -:-            /srv/a/b/  purge  [a]" in printed
     assert printed.endswith("n: 1 files and 1 directories rendered\n"), printed
+
+
+def test_an_owner_a_package_of_this_run_creates_is_resolved_after_the_packages(tmp_path):
+    from reconciler.errors import ApplyError
+    from reconciler.pipeline.ensure import resolve_pending
+
+    target = _with_dirs(target_of(), _dir("/srv/x", owner="no-such-user-yet"))
+    actual = scan(tmp_path, sorted(target.directories), {})
+    plan = make_plan(
+        target, actual, LocalState(), exclude_matcher([]), "enforce", coming={"app": ["pkg"]}
+    )
+    [change] = plan.changes
+    assert (change.action, change.pending_ids) == ("create", True)
+    assert "user no-such-user-yet does not exist yet; package(s) pkg of app app" in change.detail
+    still = resolve_pending(change)
+    assert isinstance(still, ApplyError)
+    assert "templates/app/app.yaml" in str(still) and "directories: owner/group" in str(still)
+    ok = resolve_pending(replace(change, directory=_dir("/srv/x", owner="root")))
+    assert not isinstance(ok, ApplyError) and ok.uid == 0
