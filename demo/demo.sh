@@ -4,7 +4,8 @@
 #  2. `reconciler pull` node web1 into a sandbox root (.demo/root); its /etc/hosts
 #     keeps the installer's lines and gets the site's names as a managed block
 #  3. pull again: a no-op
-#  4. hand-edit a managed file, pull: the drift is reported and repaired
+#  4. hand-edit a managed file and leave a stray file in nginx's purged conf.d,
+#     pull: the drift is reported and repaired, the stray file deleted
 #  5. show the report branch that the runs pushed back to the repository
 #  6. a secret in git: `reconciler keygen` makes web1's age identity in .demo/,
 #     a TLS key encrypted to it is committed and rendered on the host only
@@ -63,9 +64,11 @@ sed 's/^/    /' "$demo/root/etc/hosts"
 step "3. Second run: nothing changed, nothing rewritten, no new report commit"
 run "$reconciler" pull
 
-step "4. Someone hand-edits /etc/motd and loosens /etc/ssh/sshd_config"
+step "4. Someone hand-edits /etc/motd, loosens /etc/ssh/sshd_config, leaves conf.d/old.conf"
 echo "temporary note from a sysadmin" | tee -a "$demo/root/etc/motd" >/dev/null
 chmod 0644 "$demo/root/etc/ssh/sshd_config"
+# conf.d is purged (templates/nginx/app.yaml directories:): what we do not manage goes.
+echo "# left by an old package" >"$demo/root/etc/nginx/conf.d/old.conf"
 run "$reconciler" diff
 set +e
 run "$reconciler" pull --detailed-exitcode
@@ -73,6 +76,8 @@ code=$?
 set -e
 echo "exit code $code (3 = the run succeeded and found changes or drift)"
 [ "$code" -eq 3 ]
+[ ! -e "$demo/root/etc/nginx/conf.d/old.conf" ]
+echo "conf.d/old.conf deleted by the purge (kept in the run's backups)"
 
 step "5. The report branch in the desired-state repository"
 run git --git-dir "$demo/fleet.git" log --format='%h %s' reports/web1

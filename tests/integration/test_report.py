@@ -54,7 +54,8 @@ def test_first_run_report_has_every_spec_field_and_lands_on_its_own_branch(fleet
     assert report["result"] == "changed"
     assert report["drift"] == [] and report["errors"] == []
     assert report["excluded"] == ["/etc/nginx/conf.d/local-overrides.conf"]
-    assert len(report["changes"]) == 14  # web1: 11 files, the status site, its link, /etc/hosts
+    # web1: 11 files, the status site, its link, /etc/hosts, nginx's purged conf.d (SPEC §9)
+    assert len(report["changes"]) == 15
     for change in report["changes"]:
         assert {"path", "action", "reason", "applied"} <= set(change)
         assert change["path"].startswith("/etc/") or change["path"].startswith("/var/")
@@ -76,7 +77,7 @@ def test_first_run_report_has_every_spec_field_and_lands_on_its_own_branch(fleet
     assert isinstance(report["reconciler_version"], str) and report["reconciler_version"]
 
     # One commit, subject "<node>: <result> at <short> (<n> changed, <m> drifted)".
-    assert fleet.report_log("web1") == [f"web1: changed at {head[:7]} (14 changed, 0 drifted)"]
+    assert fleet.report_log("web1") == [f"web1: changed at {head[:7]} (15 changed, 0 drifted)"]
     assert fleet.report_files("web1") == ["report.json"]
     # Its own history: it never merges with main.
     report_commits = set(git("rev-list", "reports/web1", cwd=fleet.bare).split())

@@ -82,7 +82,7 @@ def test_pull_over_ssh_applies_and_pushes_the_report_back_over_ssh(
     assert host.path("/etc/nginx/nginx.conf").is_file()
     # The report went back over SSH into the git user's bare repository.
     assert ssh_fleet.report("web1") == report
-    assert ssh_fleet.report_log("web1") == [f"web1: changed at {head[:7]} (13 changed, 0 drifted)"]
+    assert ssh_fleet.report_log("web1") == [f"web1: changed at {head[:7]} (15 changed, 0 drifted)"]
     assert host.last_run()["pushed"] is True
 
     # Nothing changed: one ref advertisement over SSH, no fetch, no new report.
