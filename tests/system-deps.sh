@@ -25,6 +25,7 @@ NEEDS=(
   "gnupg:gpg"                          # GPG-signed commits
   "strace:strace"                      # the report-durability test watches fsyncs
   "age:age"                            # secrets (SPEC §8): interop with the reference age CLI
+  "dpkg-dev:dpkg-scanpackages"         # packages (SPEC §11): the test's own apt repository
 )
 
 missing=()
