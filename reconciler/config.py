@@ -149,7 +149,9 @@ class BackupsConfig:
 class AgentConfig:
     """The agent's whole configuration after file, environment and flags are merged."""
 
-    repo: str | None = None
+    # One URL, or mirrors in the order they are polled (SPEC §12): the first is
+    # the primary, the only one reports are pushed to. repo_urls() reads either.
+    repo: str | tuple[str, ...] | None = None
     branch: str = "main"
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     root: str = "/"
@@ -177,6 +179,17 @@ class AgentConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     backups: BackupsConfig = field(default_factory=BackupsConfig)
+
+    def repo_urls(self) -> tuple[str, ...]:
+        """``repo`` as the URLs to poll, in order: the primary first; () when unset."""
+        if self.repo is None:
+            return ()
+        return (self.repo,) if isinstance(self.repo, str) else self.repo
+
+    def primary_repo(self) -> str | None:
+        """The first URL of ``repo``: where reports go and operators read (SPEC §12)."""
+        urls = self.repo_urls()
+        return urls[0] if urls else None
 
 
 SCALAR_KEYS: tuple[str, ...] = (
@@ -219,8 +232,30 @@ _NESTED: dict[str, type[Any]] = {
 }
 
 
+def _repo(value: object) -> str | tuple[str, ...]:
+    """``repo``: one URL, or a list of mirror URLs (SPEC §12); a list of one is that URL.
+
+    The flag gives a list too (``--repo`` repeated). Raises ConfigError for an
+    empty list, a non-string or empty entry, or the same URL twice.
+    """
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) and v for v in value):
+        urls = tuple(str(v) for v in value)
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"the same URL twice in {list(urls)!r}", where="repo")
+        return urls[0] if len(urls) == 1 else urls
+    raise ConfigError(
+        f"expected a URL or a list of mirror URLs, got {value!r}",
+        where="repo",
+        hint="e.g. repo: [git://primary/fleet.git, git://mirror/fleet.git]",
+    )
+
+
 def _coerce(key: str, value: object, default: object) -> object:
     """Check ``value`` against the type of ``default``; durations become seconds."""
+    if key == "repo":
+        return _repo(value)
     if key.rsplit(".", 1)[-1] in _DURATION_KEYS:
         return parse_duration(value, key=key)
     if key.rsplit(".", 1)[-1] in _SIZE_KEYS:

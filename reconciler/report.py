@@ -85,10 +85,14 @@ class ReportSource:
     branch: str
     commit: str | None  # 40 hex; "" when nothing was ever fetched
     fetched: bool  # False: the fetch failed, the last fetched commit was used
+    mirror: str | None = None  # the URL of repo that served (SPEC §12); None: none did
 
     def to_json(self) -> dict[str, Any]:
-        """``{url, branch, commit, fetched}``."""
-        return asdict(self)  # every field, by its own name
+        """``{url, branch, commit, fetched}``, and ``mirror`` when one served (SPEC §12)."""
+        data = asdict(self)  # every field, by its own name
+        if data["mirror"] is None:
+            del data["mirror"]  # no URL served: the key is absent, as in reports before mirrors
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReportSource:
@@ -98,6 +102,7 @@ class ReportSource:
             branch=str(data.get("branch") or ""),
             commit=data.get("commit"),
             fetched=bool(data.get("fetched", True)),
+            mirror=data.get("mirror") if isinstance(data.get("mirror"), str) else None,
         )
 
 
@@ -537,7 +542,11 @@ def recovered_note(recovered: Mapping[str, Any]) -> str:
 
 def _source(source: SourceInfo) -> ReportSource:
     return ReportSource(
-        url=source.url, branch=source.branch, commit=source.commit, fetched=source.fetched
+        url=source.url,
+        branch=source.branch,
+        commit=source.commit,
+        fetched=source.fetched,
+        mirror=source.mirror,
     )
 
 

@@ -63,6 +63,26 @@ _SCHEDULE = "schedule"
 _RENDER = "templates (untrusted: sandboxed and bounded)"
 _OUTPUT = "output"
 
+
+class _Mirrors(argparse.Action):
+    """``--repo``: one URL stays a string; repeated, the URLs in order (SPEC §12 mirrors)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is None:
+            setattr(namespace, self.dest, values)
+        else:
+            setattr(
+                namespace, self.dest, [*([before] if isinstance(before, str) else before), values]
+            )
+
+
 # name → (heading, option strings, add_argument keywords)
 _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "config": (
@@ -74,7 +94,16 @@ _FLAGS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
             "/etc/reconciler/config.yaml)",
         },
     ),
-    "repo": (_SOURCE, ("--repo",), {"help": "desired-state repository URL or path"}),
+    "repo": (
+        _SOURCE,
+        ("--repo",),
+        {
+            "action": _Mirrors,
+            "metavar": "URL",
+            "help": "desired-state repository URL or path; repeat for mirrors, polled in "
+            "order, the first the primary (SPEC §12)",
+        },
+    ),
     "tree_repo": (
         _SOURCE,
         ("--repo",),

@@ -74,6 +74,13 @@ def _history_lost(node: str, lost: Mapping[str, Any]) -> str:
     )
 
 
+def _served_by(source: Any) -> str:
+    """`` (served by mirror URL)`` when a mirror other than the primary served (SPEC §12)."""
+    if source.mirror and source.mirror != source.url:
+        return f" (served by mirror {source.mirror})"
+    return ""
+
+
 def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     from reconciler.report import recovered_note
 
@@ -81,7 +88,8 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     src = report.source
     commit = (src.commit or "none")[:12]
     if src.fetched:
-        fetched = ""
+        # A mirror served (SPEC §12): say which, the primary being down or behind.
+        fetched = f", served by mirror {src.mirror}" if src.mirror and src.mirror != src.url else ""
     elif src.commit:
         fetched = ", NOT fetched: using the last fetched commit"
     else:
@@ -603,7 +611,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         f"{recovered})\n"
         f"source:     {report.source.url} {report.source.branch} "
         f"{(report.source.commit or 'none')[:12]}"
-        f"{'' if report.source.fetched else ' (not fetched)'}\n"
+        f"{'' if report.source.fetched else ' (not fetched)'}"
+        f"{_served_by(report.source)}\n"
         f"applied:    {(report.applied_commit or 'none')[:12]}\n"
         f"report:     {(last.report_commit or 'unchanged')[:12]}"
         f"{' (push pending)' if last.pushed is False else ''}\n"
@@ -705,6 +714,12 @@ def cmd_init(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     if not args.repo:
         raise UsageError("init: --repo URL is required — see reconciler init --help")
+    if not isinstance(args.repo, str):
+        # The deploy key and host key are set up for one server; mirrors are added after.
+        raise UsageError(
+            "init: --repo given more than once — init sets up the primary; add the mirrors "
+            "to repo: in the written config (docs/configuration.md)"
+        )
     named = chosen_config_path(args.config)
     # The units and later shells run elsewhere: every path is kept absolute.
     absolute = {

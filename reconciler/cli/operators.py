@@ -61,7 +61,7 @@ def _upstream(args: argparse.Namespace) -> Any:
 
     config = config_from_args(args)
     set_net_timeout(config.net_timeout)  # a hung server must not hang an operator's shell
-    return open_upstream(config.repo, config.branch, args.state_dir, config.auth)
+    return open_upstream(config.primary_repo(), config.branch, args.state_dir, config.auth)
 
 
 def _emit(data: Any, out: TextIO) -> None:

@@ -37,6 +37,10 @@ class SourceInfo:
     branch: str
     commit: str  # full 40-hex, or "" for a working tree
     fetched: bool = True
+    # The URL of ``repo`` that served this run (a mirror, SPEC §12); None: none did.
+    mirror: str | None = None
+    # The primary answered this run, its report tip fetched: reports may be pushed.
+    reports_fetched: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -59,8 +59,14 @@ def fetch(
     node: str,
     *,
     attempts: int = NET_ATTEMPTS,
+    reports: bool = True,
 ) -> FetchResult:
     """Fetch ``branch`` and ``reports/<node>`` from ``remote`` into ``repo``.
+
+    ``reports=False`` (a mirror other than the primary, SPEC §12): the branch
+    only. Reports go to the primary alone, so only the primary's report tip
+    may move the local record of what the server holds; a mirror's copy may
+    lag behind it.
 
     First one ref advertisement (ls-remote): when the branch and the report
     branch are where we have them, nothing is fetched (issue #5: a no-change
@@ -86,13 +92,16 @@ def fetch(
             raise SourceError(missing)
         if heads[f"refs/heads/{branch}"] != ref_target(repo, tracking_ref(branch)):
             return True
+        if not reports:
+            return False
         tip = heads.get(report_ref(node))
+        # Under uploadpack.hideRefs=refs/heads/reports/ the tip is not advertised:
+        # the local record of the last push stands (SPEC §12).
         return tip is not None and tip != ref_target(repo, remote_report_ref(node))
 
-    refspecs = [
-        f"+refs/heads/{branch}:{tracking_ref(branch)}",
-        f"+{report_ref(node)}:{remote_report_ref(node)}",
-    ]
+    refspecs = [f"+refs/heads/{branch}:{tracking_ref(branch)}"]
+    if reports:
+        refspecs.append(f"+{report_ref(node)}:{remote_report_ref(node)}")
     error: str | None = None
     received = 0
     try:

@@ -599,4 +599,4 @@ def next_steps(
 
 def repo_of(config: AgentConfig) -> str:
     """The configured repository URL (init always sets one)."""
-    return config.repo or ""
+    return config.primary_repo() or ""

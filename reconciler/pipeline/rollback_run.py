@@ -61,7 +61,8 @@ def rollback_once(
         started = dt.datetime.now(dt.UTC)
         _, recovery = recover(state_dir, root, system, exclude=exclude)
         finished = recovery.rollback if recovery is not None else None
-        url = remote_url(config.repo) if config.repo else ""
+        primary = config.primary_repo()
+        url = remote_url(primary) if primary else ""
         # Checked and, when corrupt, rebuilt as a run does (issue 11). Opened before
         # the restore: the hold keeps the branch head fetched so far (issue 12).
         repo, rebuilt = open_state_repo(

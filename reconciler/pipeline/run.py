@@ -46,8 +46,8 @@ from reconciler.errors import (
     UsageError,
 )
 from reconciler.git.cache import CacheRebuild, open_state_repo, rebuild_state_repo
-from reconciler.git.remote import NET_ATTEMPTS, Remote, set_net_timeout
-from reconciler.git.repo import Repo, is_descendant
+from reconciler.git.remote import NET_ATTEMPTS, Remote, set_net_timeout, tracking_ref
+from reconciler.git.repo import Repo, is_descendant, ref_target
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import FetchResult, check_descends, fetch, remote_url
 from reconciler.git.trust import verify_commit
@@ -144,6 +144,9 @@ class Setting:
     facts_error: ReconcilerError | None = None
     exclude_lines: tuple[str, ...] = ()  # the host-local exclude file, read once a run
     rebuilt: CacheRebuild | None = None
+    # The other URLs of ``repo``, polled in order after ``remote`` (SPEC §12);
+    # read-only for the agent: reports go to ``remote`` alone.
+    mirrors: tuple[Remote, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,9 +259,11 @@ def reconcile_once(
     ``failed`` and the error text.
     """
     options = options or RunOptions()
-    if not config.repo:
+    urls = config.repo_urls()
+    if not urls:
         raise ConfigError("config: repo is not set — pass --repo URL or set repo: in the config")
-    remote = Remote.for_agent(remote_url(config.repo), config.auth)  # ConfigError: exit 2
+    # Credentials and host keys per URL, as for one (ConfigError: exit 2).
+    remote, *mirrors = (Remote.for_agent(remote_url(u), config.auth) for u in urls)
     set_net_timeout(config.net_timeout)
     state_dir = StateDir.at(config.state_dir)
     # Absolute: scripts run with cwd set to their own directory, and
@@ -277,6 +282,7 @@ def reconcile_once(
             # only): its System changes nothing, and no ping, no recovery, no
             # no-op short cut (a diff needs the plan), nothing recorded.
             setting = _setting(config, options, remote, state_dir, root, started, clock)
+            setting = dataclasses.replace(setting, mirrors=tuple(mirrors))
             prepared = prepare(setting, load_state(state_dir), None)
             converged = converge(setting, prepared, system, journal=False)
             report = _report(setting, prepared, converged, converged.errors)
@@ -288,6 +294,7 @@ def reconcile_once(
             )
         ping(config.report.ping_url, "start")
         setting = _setting(config, options, remote, state_dir, root, started, clock)
+        setting = dataclasses.replace(setting, mirrors=tuple(mirrors))
         # Recovery before the fetch: an interrupted run is finished or undone
         # whatever the source says now (SPEC §4).
         previous, recovery = recover(state_dir, root, system, exclude=setting.exclude_lines)
@@ -353,14 +360,20 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
     # Corrupt state files recovery moved aside: reported once, as errors of this run.
     errors: list[ReconcilerError] = list(recovery.errors) if recovery is not None else []
     try:
-        fetched = _fetch(setting.repo, setting.remote, config, boot=options.boot)
+        polled = _poll(setting, previous)
+        fetched = polled.fetched
         if fetched.error:
             # Reported once, as an error of the run (printed by the CLI), not logged too.
             errors.append(SourceError(fetched.error, hint="enforcing the last fetched commit"))
         source = SourceInfo(
-            url=url, branch=config.branch, commit=fetched.commit, fetched=fetched.fetched
+            url=url,
+            branch=config.branch,
+            commit=fetched.commit,
+            fetched=fetched.fetched,
+            mirror=polled.mirror,
+            reports_fetched=polled.reports_fetched,
         )
-        commit, refusal = trusted_commit(setting.repo, fetched.commit, config, previous)
+        commit, refusal = polled.commit, polled.refusal
         if refusal is not None:
             errors.append(refusal)
         if setting.facts_error is not None:
@@ -900,7 +913,9 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
     push_error: str | None = None
     # A repository rebuilt just now has not fetched the server's report branch:
     # the report stays queued, and the next run's fetch puts it on the server's tip.
-    if config.report.push and prepared.source.fetched and not rebuilt_now:
+    # Only the primary receives reports, and only once its report tip was fetched
+    # this run: while a mirror serves, they queue as when the server is down.
+    if config.report.push and prepared.source.reports_fetched and not rebuilt_now:
         pushed, push_error = push_reports(repo, setting.remote, config.node)
     elif config.report.push:
         pushed = False
@@ -957,7 +972,129 @@ def _report(
 BOOT_BACKOFF_CAP_S = 30.0
 
 
-def _fetch(repo: Repo, remote: Remote, config: AgentConfig, *, boot: bool) -> FetchResult:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Polled:
+    """What polling ``repo``'s URLs settled (SPEC §4 steps 1–2, §12).
+
+    ``fetched``: the fetch whose commit the run considers (the serving
+    mirror's, else the first refused one's, else the last fetched commit
+    with every mirror's failure); ``mirror``: the URL that served, None when
+    none did; ``commit``/``refusal`` as :func:`trusted_commit`;
+    ``reports_fetched``: the primary answered, so its report tip is known
+    and a push may go.
+    """
+
+    fetched: FetchResult
+    mirror: str | None
+    commit: str
+    refusal: UntrustedCommitError | None
+    reports_fetched: bool
+
+
+def _poll(setting: Setting, previous: LocalState) -> Polled:
+    """Poll the primary, then each mirror in order; the first whose commit is
+    trusted serves (SPEC §12: "the first that answers").
+
+    A mirror that fails to answer (down, timeout, refused, no such branch) or
+    whose commit fails the trust checks (a signature, a rewind behind the last
+    applied commit: a lagging mirror) is logged in one line naming it and the
+    next is tried. When every one failed to answer: the last fetched commit,
+    with one error naming every mirror. When some answered but none was
+    trusted: the first refusal, as with one URL. Raises SourceError when
+    nothing was ever fetched, UntrustedCommitError when nothing trusted was
+    ever applied (as :func:`trusted_commit`).
+    """
+    config, repo = setting.config, setting.repo
+    remotes = (setting.remote, *setting.mirrors)
+    if len(remotes) == 1:  # one URL: exactly as before mirrors
+        fetched = _fetch(repo, setting.remote, config, boot=setting.options.boot)
+        commit, refusal = trusted_commit(repo, fetched.commit, config, previous)
+        url = setting.remote.url if fetched.fetched else None
+        return Polled(
+            fetched=fetched,
+            mirror=url,
+            commit=commit,
+            refusal=refusal,
+            reports_fetched=fetched.fetched,
+        )
+    failures: list[str] = []
+    notes: list[str] = []  # one line per mirror skipped, in order, logged once one answered
+    refused: Polled | None = None
+    first_refusal = -1
+    refused_error: UntrustedCommitError | None = None
+    reports_fetched = False
+    for index, remote in enumerate(remotes):
+        primary = index == 0
+        try:
+            fetched = _fetch(repo, remote, config, boot=setting.options.boot, reports=primary)
+        except SourceError as exc:  # nothing fetched ever, from this one
+            fetched = FetchResult(commit="", fetched=False, error=str(exc))
+        if not fetched.fetched:
+            failures.append(fetched.error or f"{remote.url}: no answer")
+            notes.append(f"mirror skipped: {failures[-1]} — trying the next")
+            continue
+        reports_fetched = reports_fetched or primary
+        try:
+            commit, refusal = trusted_commit(repo, fetched.commit, config, previous)
+        except UntrustedCommitError as exc:  # nothing applied yet to fall back on
+            commit, refusal = fetched.commit, exc
+            refused_error = refused_error or exc
+        if refusal is None:
+            _skipped(notes)
+            return Polled(
+                fetched=fetched,
+                mirror=remote.url,
+                commit=commit,
+                refusal=None,
+                reports_fetched=reports_fetched,
+            )
+        if refused is None:
+            first_refusal = len(notes)
+            refused = Polled(
+                fetched=fetched,
+                mirror=None,
+                commit=commit,
+                refusal=refusal,
+                reports_fetched=False,
+            )
+        notes.append(f"mirror {remote.url} refused: {refusal} — trying the next")
+    if refused is not None:
+        # Some answered, none was trusted: as with one URL, the first refusal.
+        # The tracking ref holds the last one fetched; rewind protection judges
+        # against the applied commit, never the tracking ref.
+        # The first refusal is the run's error: not logged twice.
+        _skipped([note for i, note in enumerate(notes) if i != first_refusal])
+        if refused_error is not None and previous.applied_commit is None:
+            raise refused_error
+        return dataclasses.replace(refused, reports_fetched=reports_fetched)
+    everyone = "; ".join(failures)
+    last = ref_target(repo, tracking_ref(config.branch))
+    if last is None:
+        raise SourceError(
+            f"no mirror of repo served: {everyone} — and no earlier fetch to fall back on"
+        )
+    commit, refusal = trusted_commit(repo, last, config, previous)
+    return Polled(
+        fetched=FetchResult(
+            commit=last, fetched=False, error=f"no mirror of repo served: {everyone}"
+        ),
+        mirror=None,
+        commit=commit,
+        refusal=refusal,
+        reports_fetched=False,
+    )
+
+
+def _skipped(notes: list[str]) -> None:
+    """One warning line per mirror skipped, once another one answered; when none
+    did, the run's one error names them all instead (never both)."""
+    for note in notes:
+        log.warning("%s", note)
+
+
+def _fetch(
+    repo: Repo, remote: Remote, config: AgentConfig, *, boot: bool, reports: bool = True
+) -> FetchResult:
     """Fetch once, or with ``boot`` retry with capped exponential back-off until
     the fetch succeeds or ``boot_timeout`` has passed (SPEC §3 ``pull --boot``:
     at boot the network and the git server may come late)."""
@@ -971,6 +1108,7 @@ def _fetch(repo: Repo, remote: Remote, config: AgentConfig, *, boot: bool) -> Fe
                 config.branch,
                 config.node,
                 attempts=1 if boot else NET_ATTEMPTS,
+                reports=reports,
             )
             if result.fetched or time.monotonic() >= deadline:
                 return result

@@ -225,7 +225,12 @@ def test_a_misspelt_config_key_says_did_you_mean(tmp_path, text, needle):
     ("text", "needle"),
     [
         pytest.param("branch: 5\n", "branch", id="branch-int"),
-        pytest.param("repo: [a, b]\n", "repo", id="repo-list"),
+        # A list of URLs is valid since mirrors (SPEC §12); a bad list is not.
+        pytest.param("repo: []\n", "repo", id="repo-empty-list"),
+        pytest.param("repo: [a, 5]\n", "repo", id="repo-list-int"),
+        pytest.param("repo: [a, '']\n", "repo", id="repo-list-empty-url"),
+        pytest.param("repo: [a, a]\n", "repo", id="repo-list-twice"),
+        pytest.param("repo: {a: b}\n", "repo", id="repo-mapping"),
         pytest.param("root: ''\n", "root", id="root-empty"),
         pytest.param("allow_rewind: maybe\n", "allow_rewind", id="bool-word"),
         pytest.param("allow_rewind: 2\n", "allow_rewind", id="bool-int"),
@@ -394,3 +399,26 @@ def test_a_wrong_flag_value_names_the_flag(tmp_path, overrides, flag):
         load_config(config_file(tmp_path, ""), overrides, environ={})
     assert str(info.value).startswith(f"{flag} "), str(info.value)
     assert "config: " not in str(info.value)
+
+
+def test_repo_may_be_a_list_of_mirrors_polled_in_order(tmp_path):
+    """SPEC §12: ``repo`` as a list; the first URL is the primary."""
+    path = config_file(tmp_path, "repo: [git://a/fleet.git, git://b/fleet.git]\n")
+    config = load_config(path, environ={})
+    assert config.repo_urls() == ("git://a/fleet.git", "git://b/fleet.git")
+    assert config.primary_repo() == "git://a/fleet.git"
+    one = load_config(config_file(tmp_path, "repo: [git://a/fleet.git]\n"), environ={})
+    assert one.repo == "git://a/fleet.git"  # a list of one is that URL
+
+
+def test_repeated_repo_flag_gives_the_mirrors_in_order(tmp_path):
+    from reconciler.cli.main import parse_args
+    from reconciler.config import config_from_args
+
+    path = config_file(tmp_path, "repo: git://file/fleet.git\n")
+    args = parse_args(
+        ["pull", "--config", path, "--repo", "git://a/fleet.git", "--repo", "git://b/fleet.git"]
+    )
+    assert config_from_args(args).repo_urls() == ("git://a/fleet.git", "git://b/fleet.git")
+    single = parse_args(["pull", "--config", path, "--repo", "git://a/fleet.git"])
+    assert config_from_args(single).repo == "git://a/fleet.git"
