@@ -373,6 +373,8 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
             mirror=polled.mirror,
             reports_fetched=polled.reports_fetched,
         )
+        if polled.fatal is not None:
+            raise polled.fatal  # after ``source``: the report names what was fetched
         commit, refusal = polled.commit, polled.refusal
         if refusal is not None:
             errors.append(refusal)
@@ -989,6 +991,19 @@ class Polled:
     commit: str
     refusal: UntrustedCommitError | None
     reports_fetched: bool
+    # Untrusted, and nothing applied to fall back on: prepare raises it once
+    # ``source`` is set (the report names the commit refused).
+    fatal: UntrustedCommitError | None = None
+
+
+def _trusted(
+    repo: Repo, commit: str, config: AgentConfig, previous: LocalState
+) -> tuple[str, UntrustedCommitError | None, UntrustedCommitError | None]:
+    """:func:`trusted_commit`, its raise returned as the third item (``fatal``)."""
+    try:
+        return (*trusted_commit(repo, commit, config, previous), None)
+    except UntrustedCommitError as exc:
+        return commit, exc, exc
 
 
 def _poll(setting: Setting, previous: LocalState) -> Polled:
@@ -1002,13 +1017,13 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
     with one error naming every mirror. When some answered but none was
     trusted: the first refusal, as with one URL. Raises SourceError when
     nothing was ever fetched, UntrustedCommitError when nothing trusted was
-    ever applied (as :func:`trusted_commit`).
+    ever applied: as ``fatal`` (:func:`trusted_commit` raises it).
     """
     config, repo = setting.config, setting.repo
     remotes = (setting.remote, *setting.mirrors)
     if len(remotes) == 1:  # one URL: exactly as before mirrors
         fetched = _fetch(repo, setting.remote, config, boot=setting.options.boot)
-        commit, refusal = trusted_commit(repo, fetched.commit, config, previous)
+        commit, refusal, fatal = _trusted(repo, fetched.commit, config, previous)
         url = setting.remote.url if fetched.fetched else None
         return Polled(
             fetched=fetched,
@@ -1016,12 +1031,12 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
             commit=commit,
             refusal=refusal,
             reports_fetched=fetched.fetched,
+            fatal=fatal,
         )
     failures: list[str] = []
     notes: list[str] = []  # one line per mirror skipped, in order, logged once one answered
     refused: Polled | None = None
     first_refusal = -1
-    refused_error: UntrustedCommitError | None = None
     reports_fetched = False
     for index, remote in enumerate(remotes):
         primary = index == 0
@@ -1034,11 +1049,7 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
             notes.append(f"mirror skipped: {failures[-1]} — trying the next")
             continue
         reports_fetched = reports_fetched or primary
-        try:
-            commit, refusal = trusted_commit(repo, fetched.commit, config, previous)
-        except UntrustedCommitError as exc:  # nothing applied yet to fall back on
-            commit, refusal = fetched.commit, exc
-            refused_error = refused_error or exc
+        commit, refusal, fatal = _trusted(repo, fetched.commit, config, previous)
         if refusal is None:
             _skipped(notes)
             return Polled(
@@ -1056,6 +1067,7 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
                 commit=commit,
                 refusal=refusal,
                 reports_fetched=False,
+                fatal=fatal,
             )
         notes.append(f"mirror {remote.url} refused: {refusal} — trying the next")
     if refused is not None:
@@ -1064,8 +1076,6 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
         # against the applied commit, never the tracking ref.
         # The first refusal is the run's error: not logged twice.
         _skipped([note for i, note in enumerate(notes) if i != first_refusal])
-        if refused_error is not None and previous.applied_commit is None:
-            raise refused_error
         return dataclasses.replace(refused, reports_fetched=reports_fetched)
     everyone = "; ".join(failures)
     last = ref_target(repo, tracking_ref(config.branch))
@@ -1073,7 +1083,7 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
         raise SourceError(
             f"no mirror of repo served: {everyone} — and no earlier fetch to fall back on"
         )
-    commit, refusal = trusted_commit(repo, last, config, previous)
+    commit, refusal, fatal = _trusted(repo, last, config, previous)
     return Polled(
         fetched=FetchResult(
             commit=last, fetched=False, error=f"no mirror of repo served: {everyone}"
@@ -1082,6 +1092,7 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
         commit=commit,
         refusal=refusal,
         reports_fetched=False,
+        fatal=fatal,
     )
 
 
