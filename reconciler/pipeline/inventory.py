@@ -12,6 +12,7 @@ meta-node of any node (SPEC §6: fail closed).
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import heapq
 import json
@@ -382,12 +383,28 @@ def parse_yaml(text: bytes, path: str) -> Any:
         loader.dispose()
 
 
+# app.yaml by git blob id → its parsed and checked data. The render stage asks for
+# an app's app.yaml about six times (settings, files:, when:, directories:,
+# absent:, Jinja2 settings), and an agent asks again every run: one parse and
+# one schema check per blob (SPEC §7). A blob id names the bytes, and the
+# checks are this process's code, so a verdict cannot go stale; only valid
+# files are kept (a bad one fails, naming its line, on every call). Bounded:
+# emptied when full, an agent's repository changes its app.yaml rarely.
+_APP_CONFIGS: dict[str, Any] = {}
+_APP_CONFIGS_MAX = 512
+
+
 def load_app_config(snapshot: Snapshot, app: str) -> Mapping[str, Any]:
     """Parse and check ``templates/<app>/app.yaml``; {} when there is none.
 
+    Returns a fresh copy on every call (a caller may change it); the parse
+    and the schema check run once per git blob (a working tree: every call).
     Raises InventoryError naming the file and line (SPEC §1 app.yaml).
     """
     path = f"templates/{app}/app.yaml"
+    blob = snapshot.blob_id(path)
+    if blob is not None and blob in _APP_CONFIGS:
+        return copy.deepcopy(_APP_CONFIGS[blob])
     try:
         raw = snapshot.read(path)
     except KeyError:
@@ -398,6 +415,10 @@ def load_app_config(snapshot: Snapshot, app: str) -> Mapping[str, Any]:
     problems = _schema_problems(_validators()[1], data, raw.decode("utf-8", "replace"), path)
     if problems:
         raise InventoryError(problems[0])
+    if blob is not None:
+        if len(_APP_CONFIGS) >= _APP_CONFIGS_MAX:
+            _APP_CONFIGS.clear()
+        _APP_CONFIGS[blob] = copy.deepcopy(data)
     return data  # type: ignore[no-any-return]
 
 

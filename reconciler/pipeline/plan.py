@@ -206,11 +206,25 @@ class Plan:
         return not self.changes and not self.resources
 
 
+class _NoPatterns:
+    """The matcher of no pattern at all: what an empty GitIgnoreSpec answers, without
+    importing pathspec (SPEC §7: a run pays only for what it uses)."""
+
+    def match_file(self, file: str) -> bool:
+        """False: no pattern matches ``file``."""
+        return False
+
+
 def exclude_matcher(patterns: Iterable[str]) -> Any:
-    """Compile gitignore-style patterns on destination paths (SPEC §1 ``exclude``, §2)."""
+    """Compile gitignore-style patterns on destination paths (SPEC §1 ``exclude``, §2).
+
+    Returns an object with pathspec's ``match_file(path) -> bool``; with no
+    pattern (blank and ``#`` lines only), one that matches nothing."""
+    lines = [p.strip() for p in patterns if p.strip() and not p.lstrip().startswith("#")]
+    if not lines:
+        return _NoPatterns()
     import pathspec
 
-    lines = [p.strip() for p in patterns if p.strip() and not p.lstrip().startswith("#")]
     return pathspec.GitIgnoreSpec.from_lines(lines)
 
 

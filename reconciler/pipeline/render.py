@@ -224,6 +224,8 @@ def dest_path(relative: str, *, where: str) -> PurePosixPath:
 
 def _compile(patterns: Mapping[str, Mapping[str, Any]]) -> list[tuple[Any, Mapping[str, Any]]]:
     """gitignore-style globs of ``files:`` compiled once: [(spec, metadata)]."""
+    if not patterns:
+        return []  # pathspec is imported only when there is a glob to match (SPEC §7)
     import pathspec
 
     return [(pathspec.GitIgnoreSpec.from_lines([p]), v) for p, v in patterns.items()]
@@ -1358,11 +1360,14 @@ def _conditions(
     ``files:``; the last match wins. The file is ``templates/<app>/app.yaml``
     or the host file whose ``files:`` entry won (SPEC §9 bad input names it).
     """
-    import pathspec
 
     def rules(
         patterns: Mapping[str, Mapping[str, Any]], origin: Callable[[str], str]
     ) -> list[tuple[Any, Any, str]]:
+        if not any("when" in v for v in patterns.values()):
+            return []  # pathspec only for a when: to match (SPEC §7)
+        import pathspec
+
         return [
             (pathspec.GitIgnoreSpec.from_lines([p]), v["when"], f"{origin(p)} (files: {p})")
             for p, v in patterns.items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -681,3 +682,58 @@ def test_missing_hosts_directory_is_a_problem(tmp_path: Path):
     inventory, problems = inventory_problems(snap)
     assert inventory is None
     assert problems and "hosts/" in problems[0]
+
+
+# ------------------------------------------------------- app.yaml, memoised
+
+
+def test_app_yaml_is_parsed_once_per_blob_and_each_caller_gets_its_own_copy(tmp_path, monkeypatch):
+    # The render stage reads an app's app.yaml about six times per app (SPEC §7 "one
+    # variable changed"); a blob is parsed and schema-checked once, by blob id.
+    # A spy that calls through to the real parser counts the parses.
+    from reconciler.git.repo import discover
+    from reconciler.git.snapshot import GitSnapshot, SourceInfo
+    from reconciler.pipeline import inventory
+
+    parsed: list[str] = []
+    real = inventory.parse_yaml
+
+    def counting(raw: bytes, path: str) -> object:
+        parsed.append(path)
+        return real(raw, path)
+
+    monkeypatch.setattr(inventory, "parse_yaml", counting)
+    work = tmp_path / "repo"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@x", "-C", str(work)]
+
+    def commit(files: dict[str, str]) -> GitSnapshot:
+        for rel, text in files.items():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_text(text)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", "step", "--allow-empty"], check=True)
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        repo = discover(work)
+        assert repo is not None
+        return GitSnapshot(repo, head, SourceInfo(url="x", branch="main", commit=head))
+
+    work.mkdir()
+    subprocess.run([*git, "init", "-q"], check=True)
+    text = "files:\n  /etc/a.conf: {mode: '0600'}\nscripts: {timeout: 12}\n"
+    first = commit({**_ok_node(), "templates/a/app.yaml": f"# {tmp_path}\n{text}"})
+    one = load_app_config(first, "a")
+    assert one["files"]["/etc/a.conf"] == {"mode": "0600"}
+    one["files"]["/etc/a.conf"]["mode"] = "0777"  # a caller that mutates its copy
+    second = commit({"hosts/n.yaml": "apps: [a]\nvars: {x: 1}\n"})  # app.yaml unchanged
+    two = load_app_config(second, "a")
+    assert two == {"files": {"/etc/a.conf": {"mode": "0600"}}, "scripts": {"timeout": 12}}
+    assert len(parsed) == 1, parsed
+
+    # Another blob is parsed (and checked) again; a bad one fails on every call.
+    third = commit({"templates/a/app.yaml": f"# {tmp_path}\nscirpts: {{}}\n"})
+    for _ in range(2):
+        with pytest.raises(InventoryError, match="unknown key 'scirpts'"):
+            load_app_config(third, "a")
+    assert len(parsed) == 3, parsed
