@@ -12,18 +12,18 @@ import json
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
 from reconciler.config import AgentConfig
-from reconciler.errors import PathError
+from reconciler.errors import InventoryError, PathError
 from reconciler.host.state import RACY_WINDOW_NS, LocalState
 
 if TYPE_CHECKING:
     from reconciler.host.system import System
-    from reconciler.pipeline.render import TargetState
+    from reconciler.pipeline.render import AbsentRule, TargetState
     from reconciler.pipeline.run import RunOptions
 
 
@@ -70,20 +70,25 @@ def written_output(
     return found.content if found.sha256 == record.sha256 else None
 
 
-def absent_watch(system: System, root: Path, patterns: list[str]) -> dict[str, tuple[int, int]]:
-    """What the no-op short cut compares for ``absent:`` patterns (scan.find_absent's
+def absent_watch(
+    system: System, root: Path, rules: Sequence[AbsentRule], *, node: str
+) -> dict[str, tuple[int, int]]:
+    """What the no-op short cut compares for ``absent:`` ``rules`` (scan.find_absent's
     ``watched``), taken after the apply. A stat taken within RACY_WINDOW_NS of its
     change is recorded as (-2, -2), which nothing matches: like a racily clean
-    file (state.ManagedFile.settled), the next run looks again in full."""
+    file (state.ManagedFile.settled), the next run looks again in full. So is
+    the root when a pattern now lists too many entries (a post script grew the
+    tree): the next run walks again and reports it."""
     from reconciler.pipeline.scan import find_absent
 
-    if not patterns:
+    if not rules:
         return {}
     soon = time.time_ns() - RACY_WINDOW_NS
-    return {
-        k: (v if v[1] < soon else (-2, -2))
-        for k, v in find_absent(system, root, patterns).watched.items()
-    }
+    try:
+        watched = find_absent(system, root, rules, node=node).watched
+    except InventoryError:
+        return {"/": (-2, -2)}
+    return {k: (v if v[1] < soon else (-2, -2)) for k, v in watched.items()}
 
 
 def purge_watch(

@@ -644,7 +644,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         ]
         # absent: (SPEC §9): what its patterns name on disk now, scanned like the rest.
         rules = {r.pattern: r for r in reversed(target.absent)}  # the first listing wins
-        named = {p: rules[pat] for p, pat in find_absent(system, root, rules).paths.items()}
+        found = find_absent(system, root, rules.values(), node=config.node)
+        named = {p: rules[pat] for p, pat in found.paths.items()}
         excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
         # directories: and what their purges delete (SPEC §9), scanned like the rest.
         purged = find_purge_of(system, root, target, excludes)
@@ -801,7 +802,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             excluded=tuple(str(p) for p in plan.excluded),
             # Looked at again after the apply: the no-op short cut compares these
             # directories' and paths' stats to notice an absent path coming back.
-            absent_watch=absent_watch(system, root, [r.pattern for r in target.absent]),
+            absent_watch=absent_watch(system, root, target.absent, node=config.node),
             resources=resources,
             package_db=package_db_stamp(system, root) if resources else "",
             directories=applied.directories,

@@ -26,12 +26,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from reconciler.errors import PathError, UnsafePathError
+from reconciler.errors import InventoryError, PathError, UnsafePathError
 from reconciler.host.state import ManagedFile
 
 if TYPE_CHECKING:
     from reconciler.host.system import System
-    from reconciler.pipeline.render import TargetState
+    from reconciler.pipeline.render import AbsentRule, TargetState
 
 KINDS = ("missing", "file", "symlink", "dir", "other", "unsafe")
 
@@ -176,6 +176,15 @@ def scan(
 
 _GLOB = frozenset("*?[")
 
+# The most directory entries one ``absent:`` pattern may list in a run (SPEC §9):
+# ``/etc/**/*.dpkg-old`` lists /etc once (a thousand-odd entries on a Debian
+# server, a few thousand on a busy one); ``/**/core`` would list the whole
+# disk on every run, and again for the no-op short cut's watch. Ten thousand
+# keeps a pattern's walk to a fraction of a second; past it the run stops
+# before changing anything (Puppet's ``tidy`` and Ansible's ``find`` walk
+# without a bound and make the run as slow as the tree is big).
+ABSENT_WALK_LIMIT = 10_000
+
 
 def _has_glob(part: str) -> bool:
     return not _GLOB.isdisjoint(part)
@@ -212,18 +221,24 @@ class AbsentFound:
     watched: Mapping[str, tuple[int, int]]
 
 
-def find_absent(system: System, root: Path, patterns: Iterable[str]) -> AbsentFound:
-    """Walk the disk under ``root`` through ``system`` for what ``patterns`` name.
+def find_absent(
+    system: System, root: Path, rules: Iterable[AbsentRule], *, node: str
+) -> AbsentFound:
+    """Walk the disk under ``root`` through ``system`` for what ``rules`` name.
 
     Only the directories a pattern reaches are looked at: a literal
     component is one lstat, a glob one listdir, ``**`` a walk below. The
     walk never enters a symlink (a symlinked directory is matched as the
     link itself, never followed), and a path the System refuses (a parent
     leading outside the root) is skipped. Reads only.
+    Raises InventoryError naming the rule's file, the pattern and ``node``
+    when one pattern lists more than ABSENT_WALK_LIMIT directory entries.
     """
     base = os.fspath(root).rstrip("/")
     paths: dict[PurePosixPath, str] = {}
     watched: dict[str, tuple[int, int]] = {}
+    listed = 0  # directory entries the current pattern listed
+    listings: dict[str, list[str]] = {}  # the current pattern's, by destination directory
 
     def stat_of(dest: str) -> os.stat_result | None:
         try:
@@ -272,14 +287,36 @@ def find_absent(system: System, root: Path, patterns: Iterable[str]) -> AbsentFo
                 watch(child)  # missing (or not a directory) now: watched for its arrival
 
     def _names(directory: str) -> list[str]:
+        nonlocal listed
+        if directory in listings:  # ``**`` meets a directory more than once
+            return listings[directory]
         try:
-            return sorted(system.listdir(base + directory))
+            names = sorted(system.listdir(base + directory))
         except (OSError, PathError):
-            return []
+            names = []
+        listed += len(names)
+        if listed > ABSENT_WALK_LIMIT:
+            raise _TooMany()
+        listings[directory] = names
+        return names
 
-    for pattern in patterns:
-        walk("/", tuple(pattern.strip("/").split("/")), pattern)
+    for rule in rules:
+        listed, listings = 0, {}
+        try:
+            walk("/", tuple(rule.pattern.strip("/").split("/")), rule.pattern)
+        except _TooMany:
+            raise InventoryError(
+                f"absent: pattern {rule.pattern} lists more than {ABSENT_WALK_LIMIT} "
+                f"directory entries on node {node}",
+                where=rule.origin,
+                hint="name the directories it looks in more exactly "
+                "(`/etc/**/*.dpkg-old`, not `/**/*.dpkg-old`)",
+            ) from None
     return AbsentFound(paths=paths, watched=watched)
+
+
+class _TooMany(Exception):
+    """Raised inside find_absent's walk when a pattern lists too many entries."""
 
 
 # ------------------------------------------------------------------ purge
