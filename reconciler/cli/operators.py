@@ -120,8 +120,13 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         from reconciler.ops.history import drift_diffs
         from reconciler.ops.page import fleet_page
 
+        reports = {
+            r.node: read_report(up.repo, r.report_commit)
+            for r in rows
+            if (r.drifted or r.changed) and r.report_commit
+        }
         drift = {
-            r.node: drift_diffs(up, r.report_commit, read_report(up.repo, r.report_commit))
+            r.node: drift_diffs(up, r.report_commit, reports[r.node])
             for r in rows
             if r.drifted and r.report_commit
         }
@@ -130,6 +135,7 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             rows,
             meta_nodes=metas,
             drift=drift,
+            changes={node: report.changes for node, report in reports.items() if report.changes},
             title=f"Fleet — {up.url} ({up.branch})",
             subtitle=f"head {head[:12]} · generated {_now():%Y-%m-%d %H:%M:%S} UTC · "
             + summary(rows),
@@ -612,6 +618,7 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         "counts": n.counts(),
                         "files": [f.as_json(with_diff=not args.stat) for f in n.files],
                         "resources": list(n.resources),
+                        "absent": [a.as_json() for a in n.absent],
                     }
                     for n in impacted
                 ],
@@ -631,10 +638,12 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if n.error:
             out.write(f"{n.node}: cannot render at {n.error}\n")
             continue
-        counts = ", ".join(f"{v} {k}" for k, v in n.counts().items() if v)
+        parts = [f"{v} {k}" for k, v in n.counts().items() if v]
         if n.resources:
-            counts += f"{', ' if counts else ''}{len(n.resources)} package/service lines"
-        out.write(f"{n.node}: {counts}\n")
+            parts.append(f"{len(n.resources)} package/service lines")
+        if n.absent:
+            parts.append(f"{len(n.absent)} absent pattern(s)")
+        out.write(f"{n.node}: {', '.join(parts)}\n")
         if args.stat:
             continue
         for line in n.resources:
@@ -645,6 +654,8 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 mode = f" (mode {f.old_mode:04o} → {f.new_mode:04o})"
             secret = " [secret: hashes only]" if f.secret else ""
             out.write(f"  {symbol[f.change]} {f.path}{mode}{secret}\n")
+        for a in n.absent:  # patterns only: what they delete is known on the host (SPEC §9)
+            out.write(f"  absent: {a.pattern} ({a.change}; {a.origin})\n")
         for f in n.files:
             if f.diff:
                 out.write(f.diff)

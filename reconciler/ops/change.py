@@ -688,6 +688,21 @@ class FileImpact:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AbsentImpact:
+    """An AbsentImpact is one ``absent:`` pattern (SPEC §9) a node gains or loses between
+    two commits. ``impact`` has no host disk, so the pattern is all it can show: what
+    it deletes is known only where the agent runs (``diff``, ``pull --dry-run``)."""
+
+    pattern: str
+    change: Literal["new", "dropped"]
+    origin: str  # the file that lists it: hosts/<file>.yaml or templates/<app>/app.yaml
+
+    def as_json(self) -> dict[str, str]:
+        """JSON shape of one ``impact --format json`` ``absent`` entry."""
+        return {"pattern": self.pattern, "change": self.change, "origin": self.origin}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeImpact:
     """A NodeImpact is every changed destination of one node, or why it could not be rendered."""
 
@@ -697,6 +712,7 @@ class NodeImpact:
     # Packages and services whose declared state differs (SPEC §11), as
     # "+ package nginx present", "- service nginx.service enabled running".
     resources: tuple[str, ...] = ()
+    absent: tuple[AbsentImpact, ...] = ()  # absent: patterns gained or lost (SPEC §9)
 
     def counts(self) -> dict[str, int]:
         """Number of files per kind of change."""
@@ -706,21 +722,30 @@ class NodeImpact:
         return out
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Rendered:
+    """One node's target as ``impact`` compares it: files (excluded ones left out) and
+    ``absent:`` patterns, each with the file that lists it."""
+
+    files: Mapping[PurePosixPath, TargetFile]
+    absent: Mapping[str, str]
+
+
 def _render_all(
     snapshot: Snapshot,
     facts: Callable[[str], Mapping[str, Any]],
     limits: RenderLimits,
     decryption: Decryption,
     resources: dict[str, dict[str, str]] | None = None,
-) -> tuple[dict[str, Mapping[PurePosixPath, TargetFile] | str], list[str]]:
-    """node → target files (or the error text), and the node names; "*" holds an inventory
-    error. ``resources`` is filled with each node's declared packages and services
+) -> tuple[dict[str, _Rendered | str], list[str]]:
+    """node → its rendered target (or the error text), and the node names; "*" holds an
+    inventory error. ``resources`` is filled with each node's declared packages and services
     (``pipeline.packages.resource_record``: from git alone, SPEC §11)."""
     try:
         inventory = load_inventory(snapshot)
     except ReconcilerError as exc:
         return {"*": str(exc)}, []
-    out: dict[str, Mapping[PurePosixPath, TargetFile] | str] = {}
+    out: dict[str, _Rendered | str] = {}
     for name in inventory.nodes:
         try:
             node = effective_node(inventory, snapshot, name)
@@ -739,9 +764,12 @@ def _render_all(
                 )
             excluded = exclude_matcher(node.exclude)
             files = {**target.files, **{p: _as_file(d) for p, d in target.directories.items()}}
-            out[name] = {
-                p: t for p, t in files.items() if not excluded.match_file(str(p).lstrip("/"))
-            }
+            out[name] = _Rendered(
+                files={
+                    p: t for p, t in files.items() if not excluded.match_file(str(p).lstrip("/"))
+                },
+                absent={r.pattern: r.origin for r in reversed(target.absent)},
+            )
         except ReconcilerError as exc:
             out[name] = str(exc)
     return out, inventory.nodes
@@ -846,7 +874,8 @@ def impact(
     limits: RenderLimits | None = None,
     decryption: Decryption | None = None,
 ) -> tuple[list[NodeImpact], list[str], list[str]]:
-    """Per node, the destination files whose target state differs between ``base`` and ``head``.
+    """Per node, the destination files whose target state differs between ``base`` and ``head``,
+    and the ``absent:`` patterns it gains or loses (SPEC §9; no disk, so patterns only).
 
     Every node of either side is rendered with the same facts: ``facts(node)``
     (SPEC §10 operators' facts: its last report's, else the local machine's),
@@ -881,8 +910,9 @@ def impact(
     impacted: list[NodeImpact] = []
     unchanged: list[str] = []
     for name in sorted({*old_names, *new_names}):
-        before = old["*"] if "*" in old else old.get(name, {})
-        after = new.get(name, {})
+        nothing = _Rendered(files={}, absent={})
+        before = old["*"] if "*" in old else old.get(name, nothing)
+        after = new.get(name, nothing)
         if isinstance(after, str):
             impacted.append(NodeImpact(node=name, files=(), error=f"HEAD: {after}"))
             continue
@@ -890,13 +920,24 @@ def impact(
             impacted.append(NodeImpact(node=name, files=(), error=f"BASE: {before}"))
             continue
         files = []
-        for path in sorted({*before, *after}):
-            item = _compare(before.get(path), after.get(path), shown=not decryption.placeholder)
+        for path in sorted({*before.files, *after.files}):
+            item = _compare(
+                before.files.get(path), after.files.get(path), shown=not decryption.placeholder
+            )
             if item is not None:
                 files.append(item)
         res = _resources_changed(old_res.get(name, {}), new_res.get(name, {}))
-        if files or res:
-            impacted.append(NodeImpact(node=name, files=tuple(files), resources=res))
+        absent = [
+            AbsentImpact(pattern=p, change="new", origin=after.absent[p])
+            for p in sorted(after.absent.keys() - before.absent.keys())
+        ] + [
+            AbsentImpact(pattern=p, change="dropped", origin=before.absent[p])
+            for p in sorted(before.absent.keys() - after.absent.keys())
+        ]
+        if files or res or absent:
+            impacted.append(
+                NodeImpact(node=name, files=tuple(files), resources=res, absent=tuple(absent))
+            )
         else:
             unchanged.append(name)
     source_only: list[str] = []
@@ -905,9 +946,9 @@ def impact(
         for name in unchanged:
             other, same = probe.get(name), new[name]
             if (
-                isinstance(other, Mapping)
-                and isinstance(same, Mapping)
-                and commit_dependent(other, same)
+                isinstance(other, _Rendered)
+                and isinstance(same, _Rendered)
+                and commit_dependent(other.files, same.files)
             ):
                 source_only.append(name)
         unchanged = [n for n in unchanged if n not in source_only]

@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING
 
 from reconciler.ops.fleet import NEVER, FleetRow, human_age
 from reconciler.ops.history import DriftDiff
-from reconciler.report import recovered_note
+from reconciler.report import ReportChange, recovered_note
 
 if TYPE_CHECKING:
     from jinja2 import Template
 
+# Changes listed per node: a first run lists every file of the node, and a page
+# of 10,000 nodes must stay loadable (SPEC §12); the rest is in ``history``.
+MAX_CHANGES_SHOWN = 50
 RESULTS = ("ok", "changed", "drift", "failed", NEVER)
 TEMPLATE = "page.html.j2"  # package data: the markup, the CSS and the filter script
 
@@ -78,12 +81,16 @@ def fleet_page(
     drift: Mapping[str, Sequence[DriftDiff]],
     title: str,
     subtitle: str,
+    changes: Mapping[str, Sequence[ReportChange]] | None = None,
 ) -> str:
     """The fleet page as one HTML document (UTF-8 text), rendered from ``page.html.j2``.
 
     ``meta_nodes``: meta-node → member nodes (for the filter); ``drift``:
-    node → its last report's drift diffs, shown collapsed per node. Every
-    value is HTML-escaped by Jinja2's autoescape (markupsafe).
+    node → its last report's drift diffs, shown collapsed per node;
+    ``changes``: node → its last report's changes (SPEC §5), shown collapsed
+    per node as path, action, reason and detail (``link → target``, ``absent:
+    <pattern>`` for a delete of SPEC §9). Every value is HTML-escaped by
+    Jinja2's autoescape (markupsafe).
     """
     present = [r for r in RESULTS if any(row.result == r for row in rows)]
     present += sorted({row.result for row in rows} - set(RESULTS))
@@ -99,6 +106,9 @@ def fleet_page(
         metas=[(m, len(meta_nodes[m])) for m in sorted(meta_nodes)],
         drift=drift,
         drift_nodes={node for node, diffs in drift.items() if diffs},
+        changes=changes or {},
+        max_changes=MAX_CHANGES_SHOWN,
+        change_nodes={node for node, listed in (changes or {}).items() if listed},
         metas_of=metas_of,
         when=_when,
         human_age=human_age,
