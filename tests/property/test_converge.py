@@ -3,14 +3,18 @@
 Hypothesis draws target states (nested paths from a small alphabet, text and
 binary content, modes, policies, desired symlinks of SPEC §9) and actual states under a real temp root
 (missing, wrong content, wrong mode, a symlink pointing outside the root, an
-empty directory), plus exclude patterns. A second phase moves to another
+empty directory), plus exclude patterns and ``absent:`` patterns of SPEC §9
+(exact paths and globs, ``**`` included) over files, symlinks (one leading
+outside the root) and directories the host grew. A second phase moves to another
 target state from the disk the first left behind, with fresh perturbations,
 so deletions of paths no longer in the target are exercised too.
 
 After each apply: a fresh scan + plan with the new LocalState has no changes
 and no drift (the must-have "run twice" property, docs/architecture.md); excluded paths
 are byte-identical; nothing outside the root changed; a target below a
-symlinked directory that leads outside the root is refused, not written.
+symlinked directory that leads outside the root is refused, not written;
+every file or link an ``absent:`` pattern names is gone, a directory it
+matches is left, and nothing else is touched.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
 from reconciler.pipeline.apply import ApplyResult, RunContext, apply_plan
 from reconciler.pipeline.plan import Plan, exclude_matcher, make_plan
-from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
-from reconciler.pipeline.scan import scan
+from reconciler.pipeline.render import HOST_APP, AbsentRule, AppSettings, TargetFile, TargetState
+from reconciler.pipeline.scan import find_absent, scan
 from tests.conftest import tree_snapshot
 
 P = PurePosixPath
@@ -57,6 +61,19 @@ entries = st.one_of(
 )
 specs = st.dictionaries(rel_paths, entries, max_size=8)
 
+# absent: (SPEC §9). Its names never meet FILES, so a pattern never names a
+# rendered path (render refuses that); each pattern with an independent oracle.
+ABSENT_PATHS = ("a/gone", "b/a/gone", "b/gone", "a/old.bak", "b/old.bak", "a/b/old.bak")
+ABSENT_PATTERNS = {
+    "/a/gone": lambda rel: rel == "a/gone",
+    "/b/a/gone": lambda rel: rel == "b/a/gone",
+    "/a/*.bak": lambda rel: rel.count("/") == 1 and rel.startswith("a/") and rel.endswith(".bak"),
+    "/**/*.bak": lambda rel: rel.endswith(".bak"),
+    "/b/**/gone": lambda rel: rel.startswith("b/") and rel.endswith("/gone") or rel == "b/gone",
+}
+# what the host grew there: a directory only where no exact pattern names it
+ABSENT_SITUATIONS = ("missing", "file", "symlink", "dir")
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -65,6 +82,8 @@ class Phase:
     spec: dict[str, tuple[bytes, int, str]]
     situations: dict[str, str]
     patterns: tuple[str, ...]
+    absent: tuple[str, ...] = ()  # absent: patterns (keys of ABSENT_PATTERNS)
+    grown: tuple[tuple[str, str], ...] = ()  # (ABSENT_PATHS entry, ABSENT_SITUATIONS entry)
 
 
 @st.composite
@@ -76,7 +95,20 @@ def phases(draw: st.DrawFn, previous: frozenset[str] = frozenset()) -> Phase:
         {"/" + p.rsplit("/", 1)[0] + "/" for p in paths if "/" in p}
     )
     patterns = draw(st.lists(st.sampled_from(candidates), max_size=3, unique=True)) if paths else []
-    return Phase(spec=spec, situations=situations, patterns=tuple(patterns))
+    absent = draw(st.lists(st.sampled_from(sorted(ABSENT_PATTERNS)), max_size=3, unique=True))
+    grown = []
+    for rel in ABSENT_PATHS:
+        situation = draw(st.sampled_from(ABSENT_SITUATIONS), label=rel)
+        if situation == "dir" and rel.endswith("gone"):
+            situation = "file"  # "/a/gone" names it exactly: a directory there is an error
+        grown.append((rel, situation))
+    return Phase(
+        spec=spec,
+        situations=situations,
+        patterns=tuple(patterns),
+        absent=tuple(absent),
+        grown=tuple(grown),
+    )
 
 
 def is_excluded(rel: str, patterns: tuple[str, ...]) -> bool:
@@ -84,7 +116,7 @@ def is_excluded(rel: str, patterns: tuple[str, ...]) -> bool:
     return any(("/" + rel).startswith(p) if p.endswith("/") else "/" + rel == p for p in patterns)
 
 
-def target_of(spec: dict[str, tuple[bytes, int, str]]) -> TargetState:
+def target_of(spec: dict[str, tuple[bytes, int, str]], absent: tuple[str, ...] = ()) -> TargetState:
     files = {}
     for rel, (content, mode, policy) in {**spec, REFUSED: (b"never\n", 0o644, "enforce")}.items():
         app = "alpha" if rel.startswith("a") else "beta"
@@ -100,7 +132,15 @@ def target_of(spec: dict[str, tuple[bytes, int, str]]) -> TargetState:
             template=f"templates/{app}/default/{rel}",
             link=content.decode() if mode == LINK else None,
         )
-    return TargetState(node="prop", files=files, apps=APPS)
+    rules = tuple(
+        AbsentRule(
+            pattern=pattern,
+            app="beta" if "bak" in pattern else HOST_APP,
+            origin="templates/beta/app.yaml" if "bak" in pattern else "hosts/prop.yaml",
+        )
+        for pattern in absent
+    )
+    return TargetState(node="prop", files=files, apps=APPS, absent=rules)
 
 
 def entry(path: Path) -> tuple[str, int, bytes | str] | None:
@@ -149,11 +189,38 @@ def perturb(
         host.chmod(mode)
 
 
+def absent_named(root: Path, target: TargetState) -> dict[PurePosixPath, AbsentRule]:
+    """What ``target``'s absent: patterns name on disk now (scan.find_absent)."""
+    rules = {r.pattern: r for r in target.absent}
+    with RealSystem(root=root) as system:
+        found = find_absent(system, root, target.absent, node="prop")
+    return {p: rules[pattern] for p, pattern in found.paths.items()}
+
+
 def fresh_plan(root: Path, target: TargetState, managed: dict, patterns) -> Plan:
     state = LocalState(node="prop", managed=managed)
-    paths = set(target.files) | {P(k) for k in managed}
+    named = absent_named(root, target)
+    paths = set(target.files) | {P(k) for k in managed} | set(named)
     actual = scan(root, sorted(paths), managed)
-    return make_plan(target, actual, state, exclude_matcher(patterns), "enforce")
+    return make_plan(target, actual, state, exclude_matcher(patterns), "enforce", named)
+
+
+def grow(root: Path, rel: str, situation: str, victim: Path) -> None:
+    """Put what the host grew at an absent: candidate path."""
+    host = root / rel
+    if host.is_dir() and not host.is_symlink():
+        host.rmdir()
+    elif os.path.lexists(host):
+        host.unlink()
+    if situation == "missing":
+        return
+    host.parent.mkdir(parents=True, exist_ok=True)
+    if situation == "file":
+        host.write_bytes(b"left by a package\n")
+    elif situation == "symlink":
+        os.symlink(victim, host)  # deleted as a link, never followed
+    else:
+        host.mkdir()
 
 
 def run_phase(
@@ -163,16 +230,20 @@ def run_phase(
     victim = outside / "victim"
     for rel, situation in phase.situations.items():
         perturb(root, rel, situation, phase.spec.get(rel), victim)
+    for rel, situation in phase.grown:
+        grow(root, rel, situation, victim)
 
-    target = target_of(phase.spec)
+    target = target_of(phase.spec, phase.absent)
     before = {rel: entry(root / rel) for rel in phase.situations}
+    grown_before = {rel: entry(root / rel) for rel, _ in phase.grown}
     outside_before = tree_snapshot(outside)
     beside_before = (base / "beside-root.txt").read_bytes()
     unrelated_before = tree_snapshot(root / "keep")
 
-    paths = set(target.files) | {P(k) for k in previous.managed}
+    named = absent_named(root, target)
+    paths = set(target.files) | {P(k) for k in previous.managed} | set(named)
     actual = scan(root, sorted(paths), previous.managed)
-    plan = make_plan(target, actual, previous, exclude_matcher(phase.patterns), "enforce")
+    plan = make_plan(target, actual, previous, exclude_matcher(phase.patterns), "enforce", named)
     ctx = RunContext(
         node="prop",
         state="default",
@@ -225,6 +296,14 @@ def run_phase(
             assert after[rel] in (exact, before[rel]), (rel, policy)
             if "/" + rel not in previous.managed:
                 assert after[rel] == exact, (rel, policy)
+
+    for rel, _ in phase.grown:
+        now, was = entry(root / rel), grown_before[rel]
+        named_here = any(ABSENT_PATTERNS[p](rel) for p in phase.absent)
+        if named_here and not is_excluded(rel, phase.patterns) and was and was[0] != "dir":
+            assert now is None, f"absent {rel} ({was[0]}) should have been deleted"
+        else:
+            assert now == was, f"{rel} changed: {was} → {now} (absent {phase.absent})"
 
     again = fresh_plan(root, target, result.managed, phase.patterns)
     assert again.changes == (), [(c.path, c.action, c.reason, c.kinds) for c in again.changes]
