@@ -10,6 +10,16 @@ lasts milliseconds because writes are batched). The run that recovers may be
 killed too (up to three kills in a row, the way a flapping power supply
 would); then a normal run must finish the job and a further run must find
 nothing to do.
+
+Each round also carries every change kind of SPEC §9 (``EXTRA`` paths each):
+desired symlinks retargeted, created and pruned, ``[VAR]`` files created and
+pruned (a key of the mapping replaced), and ``absent:`` paths deleted (files
+the host grew since the last round). Some kills are anchored on the first
+link replaced, the first pruned path gone and the first absent path gone, so
+they land in the middle of those kinds; after every kill each such path is
+wholly old or new (a link's target text is the old or the new one, never
+missing unless it was missing before; a deleted absent path is in the run's
+backups byte for byte), and the run that recovers converges all of them.
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ from tests.integration._agent import start
 from tests.integration._helpers import pull_report
 
 FILES = 500
-KILLS = 30
+KILLS = 34
+EXTRA = 3  # paths of each SPEC §9 change kind per round
 CHAIN = 3  # kills in a row before a run is let finish
 BULK_DIR = "templates/bulk/default"
 
@@ -85,6 +96,7 @@ def import_versions(fleet: Fleet, first: int, last: int) -> list[str]:
                 f"M 100644 inline {BULK_DIR}{dest(i)}\n".encode()
                 + b"data %d\n%s\n" % (len(data), data)
             )
+        chunks.extend(extras_of(k))
     proc = subprocess.run(
         ["git", "fast-import", "--quiet"],
         cwd=fleet.work,
@@ -98,6 +110,96 @@ def import_versions(fleet: Fleet, first: int, last: int) -> list[str]:
     assert len(commits) == last - first + 1
     git("push", "-q", "origin", "bulk-versions:refs/heads/bulk-versions", cwd=fleet.work)
     return commits
+
+
+def host_file(k: int) -> str:
+    """hosts/bulkhost.yaml at version ``k``: its ``[VAR]`` mapping holds keys of version k only."""
+    items = ", ".join(f"k{k}m{m}: v{k}" for m in range(EXTRA))
+    return f"apps: [bulk]\nabsent: ['/srv/gone/*.old']\nvars:\n  items: {{{items}}}\n"
+
+
+# A plain file under a [VAR] path is copied once per key (SPEC §9): no template,
+# so these runs never import Jinja2 (a tenth of a second each, ~80 runs).
+ITEM_FILE = "an item\n"
+
+
+def extras_of(k: int) -> list[bytes]:
+    """The fast-import commands that move the SPEC §9 paths from version k-1 to k."""
+    links = f"{BULK_DIR}/srv/links"
+    out = []
+    for j in range(EXTRA):
+        out.append(
+            f"M 120000 inline {links}/l{j}\n".encode() + b"data %d\n%s\n" % _data(f"t{k}/{j}")
+        )
+        out.append(f"D {links}/new{k - 1}-{j}\n".encode())
+        out.append(
+            f"M 120000 inline {links}/new{k}-{j}\n".encode() + b"data %d\n%s\n" % _data(f"n{k}")
+        )
+    out.append(b"M 100644 inline hosts/bulkhost.yaml\n" + b"data %d\n%s\n" % _data(host_file(k)))
+    return out
+
+
+def _data(text: str) -> tuple[int, bytes]:
+    return len(text.encode()), text.encode()
+
+
+Entry = tuple[str, str | bytes] | None  # ("link", target text) or ("file", bytes); None: absent
+
+
+def extra_paths(k: int) -> dict[str, list[tuple[str, Entry, Entry]]]:
+    """Per SPEC §9 change kind, its paths in the round from version k to k+1: (path, old, new)."""
+
+    item: Entry = ("file", ITEM_FILE.encode())
+    return {
+        "link retarget": [
+            (f"/srv/links/l{j}", ("link", f"t{k}/{j}"), ("link", f"t{k + 1}/{j}"))
+            for j in range(EXTRA)
+        ],
+        "link create": [
+            (f"/srv/links/new{k + 1}-{j}", None, ("link", f"n{k + 1}")) for j in range(EXTRA)
+        ],
+        "link prune": [(f"/srv/links/new{k}-{j}", ("link", f"n{k}"), None) for j in range(EXTRA)],
+        "[VAR] create": [(f"/srv/items/k{k + 1}m{m}.conf", None, item) for m in range(EXTRA)],
+        "[VAR] prune": [(f"/srv/items/k{k}m{m}.conf", item, None) for m in range(EXTRA)],
+        "absent delete": [
+            (f"/srv/gone/g{k}-{m}.old", ("file", f"left by the package {k} {m}\n".encode()), None)
+            for m in range(EXTRA)
+        ],
+    }
+
+
+def entry_at(path: Path) -> Entry:
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    return ("file", path.read_bytes()) if path.exists() else None
+
+
+def extras_old(host: Host, k: int) -> dict[str, int]:
+    """Per SPEC §9 change kind, how many of its paths are still old; fails for a path
+    neither old nor new, and for an absent path deleted without its backup."""
+    counts = {}
+    for kind, paths in extra_paths(k).items():
+        counts[kind] = 0
+        for dest_, old, new in paths:
+            now = entry_at(host.path(dest_))
+            if now == old and old != new:
+                counts[kind] += 1
+            elif now != new:
+                raise AssertionError(f"{kind} {dest_} is neither {old} nor {new}: {now}")
+            elif kind == "absent delete":
+                assert old is not None
+                kept = [p.read_bytes() for p in host.state_dir.glob(f"backups/*/files{dest_}")]
+                assert old[1] in kept, f"{dest_} deleted, but not in any run's backups: {kept}"
+    return counts
+
+
+def grow_absent(host: Host, k: int) -> None:
+    """What a package left on the host since the last round: paths ``absent:`` names."""
+    for dest_, old, _ in extra_paths(k)["absent delete"]:
+        assert old is not None
+        path = host.path(dest_)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(old[1])
 
 
 def publish(fleet: Fleet, commit: str) -> None:
@@ -131,6 +233,13 @@ ORDER = sorted(range(FILES), key=lambda i: PurePosixPath(dest(i)))  # the order 
 def inode(path: Path) -> int | None:
     try:
         return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def link_inode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_ino
     except FileNotFoundError:
         return None
 
@@ -195,6 +304,7 @@ class Tally:
     files_done: list[str] = field(default_factory=list)  # all new, journal still there
     after_finish: list[str] = field(default_factory=list)  # all new, journal archived
     chained: int = 0  # kills of a run that was itself recovering a killed one
+    kinds_mid: dict[str, list[str]] = field(default_factory=dict)  # SPEC §9 kinds cut in two
     temp_left_by_kill: int = 0
     state_dir_temp: set[str] = field(default_factory=set)
     seconds: dict[str, float] = field(
@@ -223,15 +333,22 @@ class Tally:
             f"{len(self.after_finish)} after the journal was archived; "
             f"{self.temp_left_by_kill} temp files found under the root right after kills; "
             f"kill points {dict(zip(LANDED, self.buckets(), strict=True))}; "
+            f"SPEC §9 kinds killed mid-way (some paths old, some new): {self.kinds_mid}; "
             f"seconds spent { ({k: round(v, 1) for k, v in self.seconds.items()}) }"
         )
 
 
+ANCHORS = ("journal", "rename", "link", "prune", "absent")
+KIND_WINDOW = 0.002  # seconds after a SPEC §9 kind's first effect: its others are under way
+
+
 class KillPlan:
     """Kill points: a time sweep of the whole run from its start, then points anchored
-    on the journal (the staging of temp files) and on the first replaced file (the
-    burst of renames). The windows shrink when a kill lands after them: the load
-    of the machine changes how long a run takes."""
+    on the journal (the staging of temp files), on the first replaced file (the
+    burst of renames), on the first desired link replaced or created, the first
+    pruned ``[VAR]`` file or link gone and the first ``absent:`` path gone (SPEC
+    §9: a millisecond or two after, while the others of their kind are under way). The windows shrink when a
+    kill lands after them: the load of the machine changes how long a run takes."""
 
     def __init__(self, timeline: Timeline) -> None:
         end = timeline.end or 1.0
@@ -240,6 +357,7 @@ class KillPlan:
         self.staging = max((timeline.first_rename or end) - (timeline.journal or 0.0), 0.01)
         self.burst = max((timeline.last_rename or end) - (timeline.first_rename or end), 0.002)
         self.n = 0
+        self.anchored = 0  # kills anchored on an event (not on the start, not recovering)
 
     def next(self, *, recovering: bool) -> tuple[str, float, str | None]:
         """(label, delay, anchor kind); a recovering run is killed in its renames."""
@@ -250,9 +368,13 @@ class KillPlan:
         if self.sweep:
             delay = self.sweep.pop(0)
             return f"t+{delay:.2f}", delay, None
-        if self.n % 2 == 0:
+        self.anchored += 1
+        anchor = ANCHORS[self.anchored % len(ANCHORS)]
+        if anchor == "journal":
             return f"journal+{self.staging * u:.3f}", self.staging * u, "journal"
-        return f"rename+{self.burst * u:.4f}", self.burst * u, "rename"
+        if anchor == "rename":
+            return f"rename+{self.burst * u:.4f}", self.burst * u, "rename"
+        return f"{anchor}+{KIND_WINDOW * u:.4f}", KIND_WINDOW * u, anchor
 
     def observe(self, kind: str | None, delay: float, all_new: bool) -> None:
         """A kill after ``delay`` found every file replaced: the window is shorter."""
@@ -269,10 +391,15 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
 ):
     test_started = time.monotonic()
     marks = tmp_path / "post-marks"
-    fleet.write("hosts/bulkhost.yaml", "apps: [bulk]\n")
+    fleet.write("hosts/bulkhost.yaml", host_file(0))
     fleet.write("scripts/post/bulk/10-mark", MARK_SCRIPT.format(marks=marks), executable=True)
     for i in range(FILES):
         fleet.write(f"{BULK_DIR}{dest(i)}", body(i, 0))
+    fleet.write(f"{BULK_DIR}/srv/items/[items].conf", ITEM_FILE)
+    (fleet.work / BULK_DIR / "srv/links").mkdir(parents=True)
+    for j in range(EXTRA):
+        os.symlink(f"t0/{j}", fleet.work / BULK_DIR / f"srv/links/l{j}")
+        os.symlink("n0", fleet.work / BULK_DIR / f"srv/links/new0-{j}")
     fleet.commit("bulk app, version 0")
     versions = [fleet.head(), *import_versions(fleet, 1, KILLS + 2)]  # [v]: version v
     host = make_host("bulkhost")
@@ -292,8 +419,12 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
     kills = 0
     k = 1  # the version on disk before the round
     while kills < KILLS:
+        grow_absent(host, k)
         publish(fleet, versions[k + 1])
         old = list(ORDER)  # files still at version k
+        assert extras_old(host, k) == dict.fromkeys(extra_paths(k), EXTRA)
+        extras = extra_paths(k)
+        gone = [host.path(p) for p, _, _ in extras["absent delete"]]
         chain = 0  # kills in this round that got into the run
         while kills < KILLS:
             old_before = len(old)
@@ -302,18 +433,29 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
             journal_ino = inode(journal)
             anchor_file = host.path(dest(old[0]))
             anchor_ino = inode(anchor_file)
+            # Kills anchored on links and prunes alternate between the two kinds of each.
+            first_link = host.path(extras[("link retarget", "link create")[kills % 2]][0][0])
+            link_ino = link_inode(first_link)
+            pruned = [host.path(p) for p, _, _ in extras[("[VAR] prune", "link prune")[kills % 2]]]
             anchor = {
                 None: None,
                 "journal": lambda: inode(journal) not in (None, journal_ino),  # noqa: B023
                 "rename": lambda: inode(anchor_file) != anchor_ino,  # noqa: B023
+                "link": lambda: link_inode(first_link) != link_ino,  # noqa: B023
+                "prune": lambda: not all(map(os.path.lexists, pruned)),  # noqa: B023
+                "absent": lambda: not all(map(os.path.lexists, gone)),  # noqa: B023
             }[kind]
             t0 = time.monotonic()
             run_and_kill(host, delay, anchor)
             tally.seconds["killed"] += time.monotonic() - t0
             kills += 1
 
-            # As the kill left it: every file whole, old or new.
+            # As the kill left it: every file whole, old or new; so is every SPEC §9 path.
             old = still_old(host, k)
+            left = extras_old(host, k)
+            for extra_kind, n in left.items():
+                if 0 < n < EXTRA:
+                    tally.kinds_mid.setdefault(extra_kind, []).append(label)
             plan.observe(kind, delay, all_new=not old)
             tally.temp_left_by_kill += len(temp_files(host.root))
             killed_run = json.loads(journal.read_bytes())["run_id"] if journal.exists() else None
@@ -324,6 +466,8 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
             )
             if killed_run is None and len(old) not in (old_before, 0):
                 raise AssertionError(f"{where}: files changed but no journal to finish the run")
+            if killed_run is None:  # nothing done yet, or all of it
+                assert set(left.values()) == {EXTRA if old else 0}, (where, left)
             if killed_run is None and len(old) == old_before:
                 tally.before_journal.append(label)
                 continue  # it changed nothing: the next run faces the same commit
@@ -345,6 +489,7 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
         tally.seconds["recovering"] += time.monotonic() - t0
         assert recovering["errors"] == [], where
         assert still_old(host, k) == [], where
+        assert set(extras_old(host, k).values()) == {0}, where
         assert temp_files(host.root) == [], where
         assert not journal.exists(), where
         assert recovering["applied_commit"] == versions[k + 1], where
