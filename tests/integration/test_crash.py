@@ -13,13 +13,15 @@ nothing to do.
 
 Each round also carries every change kind of SPEC §9 (``EXTRA`` paths each):
 desired symlinks retargeted, created and pruned, ``[VAR]`` files created and
-pruned (a key of the mapping replaced), and ``absent:`` paths deleted (files
-the host grew since the last round). Some kills are anchored on the first
+pruned (a key of the mapping replaced), ``absent:`` paths deleted (files
+the host grew since the last round), and managed blocks edited inside files
+the host owns. Some kills are anchored on the first
 link replaced, the first pruned path gone and the first absent path gone, so
 they land in the middle of those kinds; after every kill each such path is
 wholly old or new (a link's target text is the old or the new one, never
 missing unless it was missing before; a deleted absent path is in the run's
-backups byte for byte), and the run that recovers converges all of them.
+backups byte for byte; a block file old or new byte for byte, the host's own
+lines kept), and the run that recovers converges all of them.
 """
 
 from __future__ import annotations
@@ -135,8 +137,33 @@ def extras_of(k: int) -> list[bytes]:
         out.append(
             f"M 120000 inline {links}/new{k}-{j}\n".encode() + b"data %d\n%s\n" % _data(f"n{k}")
         )
+        out.append(
+            f"M 100644 inline {BULK_DIR}/srv/blocks/b{j}.conf\n".encode()
+            + b"data %d\n%s\n" % _data(block_text(j, k))
+        )
     out.append(b"M 100644 inline hosts/bulkhost.yaml\n" + b"data %d\n%s\n" % _data(host_file(k)))
     return out
+
+
+def block_text(j: int, k: int) -> str:
+    """Version ``k`` of the managed block (SPEC §9) of ``/srv/blocks/b{j}.conf``."""
+    return f"block {j} v{k}\n"
+
+
+# The host's own text around the blocks (a package's file), never rewritten.
+PACKAGE_TEXT = b"# the package's own settings\nkeep = yes\n"
+BLOCKS_META = "files:\n" + "".join(
+    f"  /srv/blocks/b{j}.conf: {{block: true}}\n" for j in range(EXTRA)
+)
+
+
+def block_file(j: int, k: int) -> bytes:
+    return (
+        PACKAGE_TEXT
+        + b"# BEGIN reconciler bulk\n"
+        + block_text(j, k).encode()
+        + b"# END reconciler bulk\n"
+    )
 
 
 def _data(text: str) -> tuple[int, bytes]:
@@ -161,6 +188,10 @@ def extra_paths(k: int) -> dict[str, list[tuple[str, Entry, Entry]]]:
         "link prune": [(f"/srv/links/new{k}-{j}", ("link", f"n{k}"), None) for j in range(EXTRA)],
         "[VAR] create": [(f"/srv/items/k{k + 1}m{m}.conf", None, item) for m in range(EXTRA)],
         "[VAR] prune": [(f"/srv/items/k{k}m{m}.conf", item, None) for m in range(EXTRA)],
+        "block edit": [
+            (f"/srv/blocks/b{j}.conf", ("file", block_file(j, k)), ("file", block_file(j, k + 1)))
+            for j in range(EXTRA)
+        ],
         "absent delete": [
             (f"/srv/gone/g{k}-{m}.old", ("file", f"left by the package {k} {m}\n".encode()), None)
             for m in range(EXTRA)
@@ -396,6 +427,9 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
     for i in range(FILES):
         fleet.write(f"{BULK_DIR}{dest(i)}", body(i, 0))
     fleet.write(f"{BULK_DIR}/srv/items/[items].conf", ITEM_FILE)
+    fleet.write("templates/bulk/app.yaml", BLOCKS_META)
+    for j in range(EXTRA):
+        fleet.write(f"{BULK_DIR}/srv/blocks/b{j}.conf", block_text(j, 0))
     (fleet.work / BULK_DIR / "srv/links").mkdir(parents=True)
     for j in range(EXTRA):
         os.symlink(f"t0/{j}", fleet.work / BULK_DIR / f"srv/links/l{j}")
@@ -403,7 +437,11 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
     fleet.commit("bulk app, version 0")
     versions = [fleet.head(), *import_versions(fleet, 1, KILLS + 2)]  # [v]: version v
     host = make_host("bulkhost")
+    for j in range(EXTRA):  # what the package installed: the blocks go into it
+        host.path(f"/srv/blocks/b{j}.conf").parent.mkdir(parents=True, exist_ok=True)
+        host.path(f"/srv/blocks/b{j}.conf").write_bytes(PACKAGE_TEXT)
     pull_report(host)
+    assert host.path("/srv/blocks/b0.conf").read_bytes() == block_file(0, 0)
     assert len(still_old(host, 0)) == FILES
 
     # An unkilled run that rewrites all 500 files (version 0 → 1), watched.

@@ -5,7 +5,10 @@ binary content, modes, policies, desired symlinks of SPEC §9) and actual states
 (missing, wrong content, wrong mode, a symlink pointing outside the root, an
 empty directory), plus exclude patterns and ``absent:`` patterns of SPEC §9
 (exact paths and globs, ``**`` included) over files, symlinks (one leading
-outside the root) and directories the host grew. A second phase moves to another
+outside the root) and directories the host grew, and managed blocks of SPEC
+§9 in files the host owns (missing, the host's text only, the block in sync,
+edited inside, the host's text edited around it; a block that leaves the
+target state). A second phase moves to another
 target state from the disk the first left behind, with fresh perturbations,
 so deletions of paths no longer in the target are exercised too.
 
@@ -14,7 +17,8 @@ and no drift (the must-have "run twice" property, docs/architecture.md); exclude
 are byte-identical; nothing outside the root changed; a target below a
 symlinked directory that leads outside the root is refused, not written;
 every file or link an ``absent:`` pattern names is gone, a directory it
-matches is left, and nothing else is touched.
+matches is left, and nothing else is touched; a block file holds the host's
+text byte for byte with the desired block (or none) in it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from reconciler.host.state import LocalState
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
 from reconciler.pipeline.apply import ApplyResult, RunContext, apply_plan
+from reconciler.pipeline.blockfiles import resolve
+from reconciler.pipeline.blocks import Block
 from reconciler.pipeline.plan import Plan, exclude_matcher, make_plan
 from reconciler.pipeline.render import HOST_APP, AbsentRule, AppSettings, TargetFile, TargetState
 from reconciler.pipeline.scan import find_absent, scan
@@ -74,6 +80,14 @@ ABSENT_PATTERNS = {
 # what the host grew there: a directory only where no exact pattern names it
 ABSENT_SITUATIONS = ("missing", "file", "symlink", "dir")
 
+# Managed blocks (SPEC §9): files the host owns, a block of app alpha in each.
+BLOCK_PATHS = ("a/hosts.blk", "b/a/hosts.blk")
+HOST_TEXT = b"127.0.0.1 localhost\n"  # the host's own text before the block
+HOST_TAIL = b"# added by another tool\n"  # and after it, in situation "outside"
+BLOCK_SITUATIONS = ("missing", "host_only", "correct", "edited_inside", "outside")
+BLOCK_CONTENTS = (None, b"10.0.0.1 web1\n", b"a\nb\n", b"")  # None: not in the target
+MARKER = "# {mark} reconciler alpha"
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -84,6 +98,7 @@ class Phase:
     patterns: tuple[str, ...]
     absent: tuple[str, ...] = ()  # absent: patterns (keys of ABSENT_PATTERNS)
     grown: tuple[tuple[str, str], ...] = ()  # (ABSENT_PATHS entry, ABSENT_SITUATIONS entry)
+    blocks: tuple[tuple[str, bytes | None, str], ...] = ()  # (path, content or None, situation)
 
 
 @st.composite
@@ -102,13 +117,54 @@ def phases(draw: st.DrawFn, previous: frozenset[str] = frozenset()) -> Phase:
         if situation == "dir" and rel.endswith("gone"):
             situation = "file"  # "/a/gone" names it exactly: a directory there is an error
         grown.append((rel, situation))
+    blocks = tuple(
+        (
+            rel,
+            draw(st.sampled_from(BLOCK_CONTENTS), label=rel),
+            draw(st.sampled_from(BLOCK_SITUATIONS), label=f"{rel} on disk"),
+        )
+        for rel in BLOCK_PATHS
+    )
     return Phase(
         spec=spec,
         situations=situations,
         patterns=tuple(patterns),
         absent=tuple(absent),
         grown=tuple(grown),
+        blocks=blocks,
     )
+
+
+def block_text(content: bytes) -> bytes:
+    return b"# BEGIN reconciler alpha\n" + content + b"# END reconciler alpha\n"
+
+
+def block_file(situation: str, inside: bytes | None) -> bytes | None:
+    """The host's file in ``situation`` holding a block with ``inside`` (None: no block)."""
+    block = b"" if inside is None else block_text(inside)
+    return {
+        "missing": None if inside is None else block,
+        "host_only": HOST_TEXT + block,
+        "correct": HOST_TEXT + block,
+        "edited_inside": HOST_TEXT + block,
+        "outside": HOST_TEXT + block + HOST_TAIL,
+    }[situation]
+
+
+def put_block_file(root: Path, rel: str, want: bytes | None, situation: str) -> None:
+    """Put the drawn host file at ``rel`` (its block as drawn, or stale, or edited)."""
+    host = root / rel
+    if host.exists():
+        host.unlink()
+    inside = want if want is not None else b"stale\n"
+    if situation == "edited_inside":
+        inside += b"drift\n"
+    data = block_file(situation, None if situation in ("missing", "host_only") else inside)
+    if data is None:
+        return
+    host.parent.mkdir(parents=True, exist_ok=True)
+    host.write_bytes(data)
+    host.chmod(0o640)  # the host's mode: a block file keeps it (no mode metadata)
 
 
 def is_excluded(rel: str, patterns: tuple[str, ...]) -> bool:
@@ -116,7 +172,11 @@ def is_excluded(rel: str, patterns: tuple[str, ...]) -> bool:
     return any(("/" + rel).startswith(p) if p.endswith("/") else "/" + rel == p for p in patterns)
 
 
-def target_of(spec: dict[str, tuple[bytes, int, str]], absent: tuple[str, ...] = ()) -> TargetState:
+def target_of(
+    spec: dict[str, tuple[bytes, int, str]],
+    absent: tuple[str, ...] = (),
+    blocks: tuple[tuple[str, bytes | None, str], ...] = (),
+) -> TargetState:
     files = {}
     for rel, (content, mode, policy) in {**spec, REFUSED: (b"never\n", 0o644, "enforce")}.items():
         app = "alpha" if rel.startswith("a") else "beta"
@@ -131,6 +191,23 @@ def target_of(spec: dict[str, tuple[bytes, int, str]], absent: tuple[str, ...] =
             app=app,
             template=f"templates/{app}/default/{rel}",
             link=content.decode() if mode == LINK else None,
+        )
+    for rel, content, _ in blocks:
+        if content is None:
+            continue  # not in the target state: a block managed before is removed
+        block = Block(app="alpha", marker=MARKER, content=content, template=f"t/{rel}")
+        files[P("/" + rel)] = TargetFile(
+            path=P("/" + rel),
+            content=block.text(),
+            mode=0o644,
+            mode_set=False,
+            owner=None,
+            group=None,
+            secret=False,
+            policy="enforce",
+            app="alpha",
+            template=f"templates/alpha/default/{rel}",
+            blocks=(block,),
         )
     rules = tuple(
         AbsentRule(
@@ -197,11 +274,18 @@ def absent_named(root: Path, target: TargetState) -> dict[PurePosixPath, AbsentR
     return {p: rules[pattern] for p, pattern in found.paths.items()}
 
 
+def with_blocks(root: Path, target: TargetState, actual, previous: LocalState):
+    """blockfiles.resolve between scan and plan, as the agent runs it (SPEC §9)."""
+    with RealSystem(root=root) as system:
+        return resolve(target, actual, previous, root, system, max_size=1 << 20)
+
+
 def fresh_plan(root: Path, target: TargetState, managed: dict, patterns) -> Plan:
     state = LocalState(node="prop", managed=managed)
     named = absent_named(root, target)
     paths = set(target.files) | {P(k) for k in managed} | set(named)
     actual = scan(root, sorted(paths), managed)
+    target, actual, state = with_blocks(root, target, actual, state)
     return make_plan(target, actual, state, exclude_matcher(patterns), "enforce", named)
 
 
@@ -232,8 +316,11 @@ def run_phase(
         perturb(root, rel, situation, phase.spec.get(rel), victim)
     for rel, situation in phase.grown:
         grow(root, rel, situation, victim)
+    for rel, content, situation in phase.blocks:
+        put_block_file(root, rel, content, situation)
 
-    target = target_of(phase.spec, phase.absent)
+    target = target_of(phase.spec, phase.absent, phase.blocks)
+    blocks_before = {rel: entry(root / rel) for rel in BLOCK_PATHS}
     before = {rel: entry(root / rel) for rel in phase.situations}
     grown_before = {rel: entry(root / rel) for rel, _ in phase.grown}
     outside_before = tree_snapshot(outside)
@@ -243,7 +330,8 @@ def run_phase(
     named = absent_named(root, target)
     paths = set(target.files) | {P(k) for k in previous.managed} | set(named)
     actual = scan(root, sorted(paths), previous.managed)
-    plan = make_plan(target, actual, previous, exclude_matcher(phase.patterns), "enforce", named)
+    written, actual, resolved = with_blocks(root, target, actual, previous)
+    plan = make_plan(written, actual, resolved, exclude_matcher(phase.patterns), "enforce", named)
     ctx = RunContext(
         node="prop",
         state="default",
@@ -254,9 +342,9 @@ def run_phase(
     )
     result = apply_plan(
         plan,
-        target,
+        written,
         actual,
-        previous,
+        resolved,
         DirSnapshot(base / "empty-repo"),
         RealSystem(batch=batch),  # batch: the agent's own write path (staged, one flush)
         ctx,
@@ -305,6 +393,18 @@ def run_phase(
         else:
             assert now == was, f"{rel} changed: {was} → {now} (absent {phase.absent})"
 
+    for rel, content, situation in phase.blocks:
+        now, was = entry(root / rel), blocks_before[rel]
+        record = previous.managed.get("/" + rel)
+        if is_excluded(rel, phase.patterns) or (content is None and not (record and record.block)):
+            assert now == was, f"block file {rel} changed: {was} → {now}"
+        elif content is None:  # the block left the target state: its region removed
+            assert was is None or now == ("file", 0o640, block_file(situation, None)), (rel, now)
+        else:
+            assert now is not None and now[2] == block_file(situation, content), (rel, was, now)
+            if was is not None:
+                assert now[1] == 0o640, f"{rel}: the host's mode not kept"
+
     again = fresh_plan(root, target, result.managed, phase.patterns)
     assert again.changes == (), [(c.path, c.action, c.reason, c.kinds) for c in again.changes]
     assert again.drift == ()
@@ -336,7 +436,8 @@ def test_apply_converges_respects_excludes_and_stays_in_root(data):
         make_base(base)
         result, _, _ = run_phase(base, first, LocalState(node="prop"), "run-1", batch=batch)
 
-        managed = frozenset(k.lstrip("/") for k in result.managed)
+        # block files have their own situations (put_block_file), not the whole-file ones
+        managed = frozenset(k.lstrip("/") for k in result.managed) - set(BLOCK_PATHS)
         second = data.draw(phases(managed), label="second")
         previous = LocalState(
             node="prop", managed=result.managed, created_dirs=tuple(result.created_dirs)
