@@ -12,9 +12,11 @@ to the report branch and pushes it.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from reconciler.config import AgentConfig
 from reconciler.errors import ApplyError, ReconcilerError
@@ -31,6 +33,19 @@ from reconciler.pipeline.recovery import recover
 from reconciler.pipeline.rollback import RollbackResult, rollback
 from reconciler.pipeline.run import RunOutcome, new_run_id
 from reconciler.report import build_rollback_report, commit_report
+
+log = logging.getLogger(__name__)
+
+
+def _facts(facts_dir: str) -> dict[str, Any]:
+    """The host's facts for a rollback's report, its local facts included (SPEC §10:
+    operators render with the last report's facts). A failing local fact source
+    does not stop a rollback, which renders nothing: its report then has none."""
+    try:
+        return gather_facts(facts_dir)
+    except ReconcilerError as exc:
+        log.warning("local facts not read for the rollback's report: %s", exc)
+        return gather_facts()
 
 
 def rollback_once(
@@ -105,7 +120,7 @@ def rollback_once(
                 *result.errors,
                 *script_errors,
             ),
-            facts=gather_facts(),
+            facts=_facts(config.facts_dir),
             cache_rebuilt=rebuilt.to_json() if rebuilt is not None else None,
             scripts=scripts,
         )

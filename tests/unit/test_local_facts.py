@@ -145,3 +145,12 @@ def test_render_uses_facts_local_and_a_failing_source_writes_nothing(tmp_path):
         "and fix it or remove it"
     ]
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_rollback_report_carries_local_facts_and_a_broken_source_does_not_stop_it(tmp_path):
+    from reconciler.pipeline.rollback_run import _facts
+
+    d = _facts_dir(tmp_path / "facts.d", {"rack.yaml": "row: 3\n"})
+    assert _facts(str(d))["local"] == {"rack": {"row": 3}}
+    (d / "bad.json").write_text("{")
+    assert _facts(str(d))["local"] == {}  # the rollback goes on; its report has none
