@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import heapq
 import json
 from collections.abc import Iterable, Mapping
@@ -574,6 +575,20 @@ class _Scan:
 CHECKS_VERSION = "2"
 
 
+@cache
+def checks_key() -> str:
+    """The inventory cache's key prefix: CHECKS_VERSION and a digest of the schemas
+    the verdicts were checked against (``reconciler/schemas/``), so a verdict of
+    other schemas (an upgrade, a local patch) is never trusted, whether or not
+    CHECKS_VERSION was bumped. Reads the schema files, never imports jsonschema
+    (SPEC §7: a run whose host files are all cached does not pay for it)."""
+    base = resources.files("reconciler") / "schemas"
+    digest = hashlib.sha256()
+    for name in ("node.schema.json", "app.schema.json"):
+        digest.update((base / name).read_bytes())
+    return f"{CHECKS_VERSION}-{digest.hexdigest()[:16]}"
+
+
 def _content_problems(data: Any, raw: bytes, path: str) -> list[str]:
     """What is wrong with one parsed host file's content, whatever its name."""
     found = _schema_problems(_validators()[0], data, raw.decode("utf-8", "replace"), path)
@@ -619,7 +634,7 @@ def _scan_hosts(snapshot: Snapshot, cache: dict[str, Any] | None) -> _Scan:
         path = f"hosts/{name}"
         stem = name[: -len(".yaml")]
         blob = snapshot.blob_id(path)
-        key = f"{CHECKS_VERSION}:{blob}" if cache is not None and blob is not None else None
+        key = f"{checks_key()}:{blob}" if cache is not None and blob is not None else None
         if key is not None and cache is not None and key in cache:
             data = cache[key]
             found = []

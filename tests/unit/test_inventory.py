@@ -737,3 +737,44 @@ def test_app_yaml_is_parsed_once_per_blob_and_each_caller_gets_its_own_copy(tmp_
         with pytest.raises(InventoryError, match="unknown key 'scirpts'"):
             load_app_config(third, "a")
     assert len(parsed) == 3, parsed
+
+
+def test_a_verdict_cached_under_other_schemas_is_checked_again(tmp_path):
+    # The inventory cache trusts a host file's verdict by blob id (SPEC §7); the key
+    # must name the checks that gave it — the schemas' content included — or an
+    # upgrade with a stricter schema would let a cached invalid file through.
+    from reconciler.git.repo import discover
+    from reconciler.git.snapshot import GitSnapshot, SourceInfo
+    from reconciler.pipeline import inventory
+
+    work = tmp_path / "repo"
+    files = {**_ok_node(), "hosts/n.yaml": "apps: [a]\nzzzzzz: 1\n"}
+    for rel, text in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@x", "-C", str(work)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    repo = discover(work)
+    assert repo is not None
+    snap = GitSnapshot(repo, head, SourceInfo(url="x", branch="main", commit=head))
+    blob = snap.blob_id("hosts/n.yaml")
+    # What an agent whose schema allowed zzzzzz would have cached (same checks version).
+    cache = {f"{inventory.CHECKS_VERSION}:{blob}": {"apps": ["a"], "zzzzzz": 1}}
+    with pytest.raises(InventoryError, match="unknown key 'zzzzzz'"):
+        load_inventory(snap, cache)
+    # And this version's verdict is cached under its own key, and trusted.
+    fine = {**files, "hosts/n.yaml": "apps: [a]\n"}
+    (work / "hosts/n.yaml").write_text(fine["hosts/n.yaml"])
+    subprocess.run([*git, "commit", "-qam", "two"], check=True)
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    snap = GitSnapshot(repo, head, SourceInfo(url="x", branch="main", commit=head))
+    cache = {}
+    load_inventory(snap, cache)
+    assert list(cache) == [f"{inventory.checks_key()}:{snap.blob_id('hosts/n.yaml')}"]
