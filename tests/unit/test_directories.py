@@ -377,3 +377,40 @@ def test_an_owner_a_package_of_this_run_creates_is_resolved_after_the_packages(t
     assert "templates/app/app.yaml" in str(still) and "directories: owner/group" in str(still)
     ok = resolve_pending(replace(change, directory=_dir("/srv/x", owner="root")))
     assert not isinstance(ok, ApplyError) and ok.uid == 0
+
+
+def test_restore_entry_gives_a_directory_its_mode_back_and_removes_one_made_only_when_empty(
+    tmp_path,
+):
+    from reconciler.pipeline.journal import JournalEntry, restore_entry
+
+    root = tmp_path / "root"
+    (root / "etc/app").mkdir(parents=True)
+    os.chmod(root / "etc/app", 0o700)
+    (root / "srv/made").mkdir(parents=True)
+    st = (root / "etc/app").stat()
+    chmod = JournalEntry(
+        path="/etc/app",
+        action="chmod",
+        app="app",
+        before="dir",
+        mode=0o755,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        new_mode=0o700,
+        new_dir=True,
+    )
+    made = JournalEntry(
+        path="/srv/made", action="create", app="app", before="missing", new_dir=True
+    )
+    run_dir = tmp_path / "state/backups/r1"
+    with RealSystem(root=root) as system:
+        assert restore_entry(chmod, run_dir, root, system)
+        assert (root / "etc/app").stat().st_mode & 0o7777 == 0o755
+        assert not restore_entry(chmod, run_dir, root, system)  # idempotent
+        (root / "srv/made/theirs").write_bytes(b"put there since\n")
+        assert not restore_entry(made, run_dir, root, system)  # not empty: stays
+        assert (root / "srv/made/theirs").exists()
+        (root / "srv/made/theirs").unlink()
+        assert restore_entry(made, run_dir, root, system)
+    assert not (root / "srv/made").exists()
