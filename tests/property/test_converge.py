@@ -8,7 +8,9 @@ empty directory), plus exclude patterns and ``absent:`` patterns of SPEC §9
 outside the root) and directories the host grew, and managed blocks of SPEC
 §9 in files the host owns (missing, the host's text only, the block in sync,
 edited inside, the host's text edited around it; a block that leaves the
-target state). A second phase moves to another
+target state), and ``directories:`` of SPEC §9 (one made or chmod'ed, one
+with ``purge: true`` holding a file, a link leading outside the root and a
+subdirectory the host grew). A second phase moves to another
 target state from the disk the first left behind, with fresh perturbations,
 so deletions of paths no longer in the target are exercised too.
 
@@ -18,7 +20,8 @@ are byte-identical; nothing outside the root changed; a target below a
 symlinked directory that leads outside the root is refused, not written;
 every file or link an ``absent:`` pattern names is gone, a directory it
 matches is left, and nothing else is touched; a block file holds the host's
-text byte for byte with the desired block (or none) in it.
+text byte for byte with the desired block (or none) in it; a directory has its
+mode, and a purged one holds nothing the node does not manage.
 """
 
 from __future__ import annotations
@@ -40,8 +43,15 @@ from reconciler.pipeline.apply import ApplyResult, RunContext, apply_plan
 from reconciler.pipeline.blockfiles import resolve
 from reconciler.pipeline.blocks import Block
 from reconciler.pipeline.plan import Plan, exclude_matcher, make_plan
-from reconciler.pipeline.render import HOST_APP, AbsentRule, AppSettings, TargetFile, TargetState
-from reconciler.pipeline.scan import find_absent, scan
+from reconciler.pipeline.render import (
+    HOST_APP,
+    AbsentRule,
+    AppSettings,
+    TargetDir,
+    TargetFile,
+    TargetState,
+)
+from reconciler.pipeline.scan import find_absent, find_purge_of, scan
 from tests.conftest import tree_snapshot
 
 P = PurePosixPath
@@ -88,6 +98,12 @@ BLOCK_SITUATIONS = ("missing", "host_only", "correct", "edited_inside", "outside
 BLOCK_CONTENTS = (None, b"10.0.0.1 web1\n", b"a\nb\n", b"")  # None: not in the target
 MARKER = "# {mark} reconciler alpha"
 
+# directories: (SPEC §9), never at depth one (a purge there is refused) and never
+# under DIRS: a made directory (mode drawn) and a purged one with strays in it.
+MADE, PURGED = "q/made", "q/purged"
+DIR_MODES = (None, 0o755, 0o750, 0o700)  # None: not in the target state
+STRAYS = ("q/purged/stray.conf", "q/purged/link", "q/purged/sub/x")
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -99,6 +115,9 @@ class Phase:
     absent: tuple[str, ...] = ()  # absent: patterns (keys of ABSENT_PATTERNS)
     grown: tuple[tuple[str, str], ...] = ()  # (ABSENT_PATHS entry, ABSENT_SITUATIONS entry)
     blocks: tuple[tuple[str, bytes | None, str], ...] = ()  # (path, content or None, situation)
+    made_mode: int | None = None  # mode of directories: entry MADE; None: not declared
+    purge: bool = False  # PURGED declared with purge: true (else not declared)
+    strays: bool = False  # the host grew STRAYS in PURGED
 
 
 @st.composite
@@ -132,6 +151,9 @@ def phases(draw: st.DrawFn, previous: frozenset[str] = frozenset()) -> Phase:
         absent=tuple(absent),
         grown=tuple(grown),
         blocks=blocks,
+        made_mode=draw(st.sampled_from(DIR_MODES), label=MADE),
+        purge=draw(st.booleans(), label=f"{PURGED} purged"),
+        strays=draw(st.booleans(), label="strays"),
     )
 
 
@@ -176,6 +198,8 @@ def target_of(
     spec: dict[str, tuple[bytes, int, str]],
     absent: tuple[str, ...] = (),
     blocks: tuple[tuple[str, bytes | None, str], ...] = (),
+    made_mode: int | None = None,
+    purge: bool = False,
 ) -> TargetState:
     files = {}
     for rel, (content, mode, policy) in {**spec, REFUSED: (b"never\n", 0o644, "enforce")}.items():
@@ -217,7 +241,22 @@ def target_of(
         )
         for pattern in absent
     )
-    return TargetState(node="prop", files=files, apps=APPS, absent=rules)
+    declared = {MADE: made_mode} if made_mode is not None else {}
+    if purge:
+        declared[PURGED] = None
+    directories = {
+        P("/" + rel): TargetDir(
+            path=P("/" + rel),
+            mode=mode,
+            owner=None,
+            group=None,
+            purge=rel == PURGED,
+            app="beta",
+            origin="templates/beta/app.yaml",
+        )
+        for rel, mode in declared.items()
+    }
+    return TargetState(node="prop", files=files, apps=APPS, absent=rules, directories=directories)
 
 
 def entry(path: Path) -> tuple[str, int, bytes | str] | None:
@@ -280,13 +319,24 @@ def with_blocks(root: Path, target: TargetState, actual, previous: LocalState):
         return resolve(target, actual, previous, root, system, max_size=1 << 20)
 
 
-def fresh_plan(root: Path, target: TargetState, managed: dict, patterns) -> Plan:
-    state = LocalState(node="prop", managed=managed)
+def purge_found(root: Path, target: TargetState, excludes) -> dict:
+    """What the purges of ``target`` delete on disk now (scan.find_purge_of)."""
+    with RealSystem(root=root) as system:
+        found = find_purge_of(system, root, target, excludes)
+    assert not found.errors, found.errors
+    return dict(found.paths)
+
+
+def fresh_plan(root: Path, target: TargetState, managed: dict, patterns, previous=None) -> Plan:
+    state = LocalState(node="prop", managed=managed, **(previous or {}))
     named = absent_named(root, target)
+    excludes = exclude_matcher(patterns)
+    purged = purge_found(root, target, excludes)
     paths = set(target.files) | {P(k) for k in managed} | set(named)
+    paths |= set(target.directories) | set(purged)
     actual = scan(root, sorted(paths), managed)
     target, actual, state = with_blocks(root, target, actual, state)
-    return make_plan(target, actual, state, exclude_matcher(patterns), "enforce", named)
+    return make_plan(target, actual, state, excludes, "enforce", named, purge=purged)
 
 
 def grow(root: Path, rel: str, situation: str, victim: Path) -> None:
@@ -318,8 +368,17 @@ def run_phase(
         grow(root, rel, situation, victim)
     for rel, content, situation in phase.blocks:
         put_block_file(root, rel, content, situation)
+    if phase.strays:
+        (root / "q/purged/sub").mkdir(parents=True, exist_ok=True)
+        (root / "q/purged/stray.conf").write_bytes(b"left by a package\n")
+        (root / "q/purged/sub/x").write_bytes(b"x\n")
+        if not os.path.lexists(root / "q/purged/link"):
+            os.symlink(victim, root / "q/purged/link")  # deleted as a link, never followed
+    if (root / MADE).is_dir() and phase.made_mode is not None:
+        (root / MADE).chmod(0o711)  # drift of kind mode
 
-    target = target_of(phase.spec, phase.absent, phase.blocks)
+    target = target_of(phase.spec, phase.absent, phase.blocks, phase.made_mode, phase.purge)
+    strays_before = {rel: entry(root / rel) for rel in STRAYS}
     blocks_before = {rel: entry(root / rel) for rel in BLOCK_PATHS}
     before = {rel: entry(root / rel) for rel in phase.situations}
     grown_before = {rel: entry(root / rel) for rel, _ in phase.grown}
@@ -328,10 +387,13 @@ def run_phase(
     unrelated_before = tree_snapshot(root / "keep")
 
     named = absent_named(root, target)
+    excludes = exclude_matcher(phase.patterns)
+    purged = purge_found(root, target, excludes)
     paths = set(target.files) | {P(k) for k in previous.managed} | set(named)
+    paths |= set(target.directories) | set(purged)
     actual = scan(root, sorted(paths), previous.managed)
     written, actual, resolved = with_blocks(root, target, actual, previous)
-    plan = make_plan(written, actual, resolved, exclude_matcher(phase.patterns), "enforce", named)
+    plan = make_plan(written, actual, resolved, excludes, "enforce", named, purge=purged)
     ctx = RunContext(
         node="prop",
         state="default",
@@ -405,7 +467,21 @@ def run_phase(
             if was is not None:
                 assert now[1] == 0o640, f"{rel}: the host's mode not kept"
 
-    again = fresh_plan(root, target, result.managed, phase.patterns)
+    if phase.made_mode is not None:
+        assert entry(root / MADE) == ("dir", phase.made_mode, ""), entry(root / MADE)
+    for rel in STRAYS:
+        if phase.purge and strays_before[rel] is not None:
+            assert entry(root / rel) is None, f"{rel} not purged"
+        else:
+            assert entry(root / rel) == strays_before[rel], f"{rel} changed without a purge"
+
+    again = fresh_plan(
+        root,
+        target,
+        result.managed,
+        phase.patterns,
+        {"created_dirs": tuple(result.created_dirs)},
+    )
     assert again.changes == (), [(c.path, c.action, c.reason, c.kinds) for c in again.changes]
     assert again.drift == ()
     assert [str(e).split(":")[0] for e in again.errors] == [f"/{REFUSED}"]
