@@ -14,14 +14,17 @@ nothing to do.
 Each round also carries every change kind of SPEC §9 (``EXTRA`` paths each):
 desired symlinks retargeted, created and pruned, ``[VAR]`` files created and
 pruned (a key of the mapping replaced), ``absent:`` paths deleted (files
-the host grew since the last round), and managed blocks edited inside files
-the host owns. Some kills are anchored on the first
+the host grew since the last round), managed blocks edited inside files
+the host owns, ``directories:`` made and chmod'ed, and a ``purge: true``
+directory emptied of what the host grew in it. Some kills are anchored on the first
 link replaced, the first pruned path gone and the first absent path gone, so
 they land in the middle of those kinds; after every kill each such path is
 wholly old or new (a link's target text is the old or the new one, never
 missing unless it was missing before; a deleted absent path is in the run's
 backups byte for byte; a block file old or new byte for byte, the host's own
-lines kept), and the run that recovers converges all of them.
+lines kept; a directory made or not, its mode old or new; a purged file there
+intact or in the run's backups), and the run that recovers converges all of
+them.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ def extras_of(k: int) -> list[bytes]:
             + b"data %d\n%s\n" % _data(block_text(j, k))
         )
     out.append(b"M 100644 inline hosts/bulkhost.yaml\n" + b"data %d\n%s\n" % _data(host_file(k)))
+    out.append(b"M 100644 inline templates/bulk/app.yaml\n" + b"data %d\n%s\n" % _data(app_yaml(k)))
     return out
 
 
@@ -155,6 +159,17 @@ PACKAGE_TEXT = b"# the package's own settings\nkeep = yes\n"
 BLOCKS_META = "files:\n" + "".join(
     f"  /srv/blocks/b{j}.conf: {{block: true}}\n" for j in range(EXTRA)
 )
+DIR_MODES = (0o750, 0o755)  # a directories: entry's mode at even and odd versions
+
+
+def app_yaml(k: int) -> str:
+    """templates/bulk/app.yaml at version ``k``: blocks, and directories (SPEC §9): new
+    ones each version, modes that flip, one purged directory."""
+    made = "".join(f"  /srv/made/v{k}-{j}: {{mode: '0750'}}\n" for j in range(EXTRA))
+    modes = "".join(
+        f"  /srv/modes/m{j}: {{mode: '{DIR_MODES[k % 2]:04o}'}}\n" for j in range(EXTRA)
+    )
+    return BLOCKS_META + "directories:\n" + made + modes + "  /srv/purged: {purge: true}\n"
 
 
 def block_file(j: int, k: int) -> bytes:
@@ -192,6 +207,15 @@ def extra_paths(k: int) -> dict[str, list[tuple[str, Entry, Entry]]]:
             (f"/srv/blocks/b{j}.conf", ("file", block_file(j, k)), ("file", block_file(j, k + 1)))
             for j in range(EXTRA)
         ],
+        "dir create": [(f"/srv/made/v{k + 1}-{j}", None, ("dir", 0o750)) for j in range(EXTRA)],
+        "dir chmod": [
+            (f"/srv/modes/m{j}", ("dir", DIR_MODES[k % 2]), ("dir", DIR_MODES[(k + 1) % 2]))
+            for j in range(EXTRA)
+        ],
+        "purge": [
+            (f"/srv/purged/s{k}-{m}", ("file", f"stray {k} {m}\n".encode()), None)
+            for m in range(EXTRA)
+        ],
         "absent delete": [
             (f"/srv/gone/g{k}-{m}.old", ("file", f"left by the package {k} {m}\n".encode()), None)
             for m in range(EXTRA)
@@ -202,6 +226,8 @@ def extra_paths(k: int) -> dict[str, list[tuple[str, Entry, Entry]]]:
 def entry_at(path: Path) -> Entry:
     if path.is_symlink():
         return ("link", os.readlink(path))
+    if path.is_dir():
+        return ("dir", path.stat().st_mode & 0o7777)
     return ("file", path.read_bytes()) if path.exists() else None
 
 
@@ -217,7 +243,7 @@ def extras_old(host: Host, k: int) -> dict[str, int]:
                 counts[kind] += 1
             elif now != new:
                 raise AssertionError(f"{kind} {dest_} is neither {old} nor {new}: {now}")
-            elif kind == "absent delete":
+            elif kind in ("absent delete", "purge"):
                 assert old is not None
                 kept = [p.read_bytes() for p in host.state_dir.glob(f"backups/*/files{dest_}")]
                 assert old[1] in kept, f"{dest_} deleted, but not in any run's backups: {kept}"
@@ -225,8 +251,9 @@ def extras_old(host: Host, k: int) -> dict[str, int]:
 
 
 def grow_absent(host: Host, k: int) -> None:
-    """What a package left on the host since the last round: paths ``absent:`` names."""
-    for dest_, old, _ in extra_paths(k)["absent delete"]:
+    """What a package left on the host since the last round: paths ``absent:`` names,
+    strays in the purged directory."""
+    for dest_, old, _ in [*extra_paths(k)["absent delete"], *extra_paths(k)["purge"]]:
         assert old is not None
         path = host.path(dest_)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -376,9 +403,10 @@ KIND_WINDOW = 0.002  # seconds after a SPEC §9 kind's first effect: its others 
 class KillPlan:
     """Kill points: a time sweep of the whole run from its start, then points anchored
     on the journal (the staging of temp files), on the first replaced file (the
-    burst of renames), on the first desired link replaced or created, the first
-    pruned ``[VAR]`` file or link gone and the first ``absent:`` path gone (SPEC
-    §9: a millisecond or two after, while the others of their kind are under way). The windows shrink when a
+    burst of renames), on the first desired link replaced or created or directory
+    made, the first pruned ``[VAR]`` file or link gone and the first ``absent:``
+    or purged path gone (SPEC §9: a millisecond or two after, while the others of
+    their kind are under way). The windows shrink when a
     kill lands after them: the load of the machine changes how long a run takes."""
 
     def __init__(self, timeline: Timeline) -> None:
@@ -427,7 +455,7 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
     for i in range(FILES):
         fleet.write(f"{BULK_DIR}{dest(i)}", body(i, 0))
     fleet.write(f"{BULK_DIR}/srv/items/[items].conf", ITEM_FILE)
-    fleet.write("templates/bulk/app.yaml", BLOCKS_META)
+    fleet.write("templates/bulk/app.yaml", app_yaml(0))
     for j in range(EXTRA):
         fleet.write(f"{BULK_DIR}/srv/blocks/b{j}.conf", block_text(j, 0))
     (fleet.work / BULK_DIR / "srv/links").mkdir(parents=True)
@@ -462,7 +490,6 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
         old = list(ORDER)  # files still at version k
         assert extras_old(host, k) == dict.fromkeys(extra_paths(k), EXTRA)
         extras = extra_paths(k)
-        gone = [host.path(p) for p, _, _ in extras["absent delete"]]
         chain = 0  # kills in this round that got into the run
         while kills < KILLS:
             old_before = len(old)
@@ -472,8 +499,11 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
             anchor_file = host.path(dest(old[0]))
             anchor_ino = inode(anchor_file)
             # Kills anchored on links and prunes alternate between the two kinds of each.
-            first_link = host.path(extras[("link retarget", "link create")[kills % 2]][0][0])
+            first_link = host.path(
+                extras[("link retarget", "link create", "dir create")[kills % 3]][0][0]
+            )
             link_ino = link_inode(first_link)
+            gone = [host.path(p) for p, _, _ in extras[("absent delete", "purge")[kills % 2]]]
             pruned = [host.path(p) for p, _, _ in extras[("[VAR] prune", "link prune")[kills % 2]]]
             anchor = {
                 None: None,
