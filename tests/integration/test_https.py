@@ -72,6 +72,7 @@ def test_pull_over_https_applies_pushes_the_report_and_never_shows_the_token(
         "branch": "main",
         "commit": head,
         "fetched": True,
+        "mirror": https_fleet.url,  # the one URL of repo served (SPEC §12)
     }
     assert report["applied_commit"] == head and report["result"] == "changed"
     assert host.path("/etc/postgresql/15/main/postgresql.conf").is_file()

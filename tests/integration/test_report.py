@@ -48,7 +48,13 @@ def test_first_run_report_has_every_spec_field_and_lands_on_its_own_branch(fleet
     assert report["run_id"]
     assert ISO_UTC.match(report["started_at"]) and ISO_UTC.match(report["finished_at"])
     assert report["started_at"] <= report["finished_at"]
-    assert report["source"] == {"url": fleet.url, "branch": "main", "commit": head, "fetched": True}
+    assert report["source"] == {
+        "url": fleet.url,
+        "branch": "main",
+        "commit": head,
+        "fetched": True,
+        "mirror": fleet.url,  # the one URL of repo served (SPEC §12)
+    }
     assert HEX40.match(report["applied_commit"]) and report["applied_commit"] == head
     assert report["mode"] == "enforce"
     assert report["result"] == "changed"

@@ -75,6 +75,7 @@ def test_pull_over_ssh_applies_and_pushes_the_report_back_over_ssh(
         "branch": "main",
         "commit": head,
         "fetched": True,
+        "mirror": ssh_fleet.url,  # the one URL of repo served (SPEC §12)
     }
     assert report["applied_commit"] == head
     assert report["result"] == "changed" and report["errors"] == []
