@@ -226,6 +226,15 @@ def _execute(
         # A directory only by a purge (SPEC §9), after its content and only when
         # empty (rmdir): its mode and owner are in the journal (restore_entry).
         if actual.kind == "dir":
+            # Only the directory the scan saw: one swapped since for a file or a link
+            # (never backed up) is refused, not unlinked.
+            now = system.lstat(host)
+            if not stat.S_ISDIR(now.st_mode) or (now.st_dev, now.st_ino) != same:
+                raise PathError(
+                    "no longer the directory the scan saw — nothing deleted; the next run "
+                    "looks again",
+                    path=change.path,
+                )
             return system.remove(host)
         if actual.kind == "symlink":
             system.backup_link(host, backup, expect=same)

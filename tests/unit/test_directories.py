@@ -414,3 +414,26 @@ def test_restore_entry_gives_a_directory_its_mode_back_and_removes_one_made_only
         (root / "srv/made/theirs").unlink()
         assert restore_entry(made, run_dir, root, system)
     assert not (root / "srv/made").exists()
+
+
+def test_a_purged_directory_swapped_for_a_file_after_the_plan_is_not_deleted(tmp_path):
+    # TOCTOU: the plan deletes an empty stray directory; before apply the host puts a
+    # file of that name in its place. The file was never scanned nor backed up: it
+    # must not be unlinked.
+    root = tmp_path / "root"
+    conf = root / "etc/app/conf.d"
+    (conf / "gone").mkdir(parents=True)
+    target = _with_dirs(target_of(), _dir("/etc/app/conf.d", mode=None))
+    excludes = exclude_matcher([])
+    with RealSystem(root=root) as system:
+        found = find_purge_of(system, root, target, excludes)
+    assert [str(p) for p in found.paths] == ["/etc/app/conf.d/gone"]
+    actual = scan(root, sorted({*target.directories, *found.paths}), {})
+    plan = make_plan(target, actual, LocalState(), excludes, "enforce", purge=found.paths)
+    (conf / "gone").rmdir()
+    (conf / "gone").write_bytes(b"the host's, never scanned\n")
+    ctx = run_context(tmp_path, root)
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    result = apply_plan(plan, target, actual, LocalState(), repo, RealSystem(root=root), ctx)
+    assert (conf / "gone").read_bytes() == b"the host's, never scanned\n"
+    assert [str(e.path) for e in result.errors] == ["/etc/app/conf.d/gone"]
