@@ -32,7 +32,8 @@ RESOURCE_ACTIONS = ("install", "remove", "enable", "disable", "start", "stop", "
 # Debian policy §5.6.7: [a-z0-9][a-z0-9+.-]+; rpm also allows capitals and "_"
 # (perl-Data-Dumper, NetworkManager). The union, and never a leading "-": a name is
 # one argument of apt-get/dnf, which would read "-x" as an option (no shell is used).
-_PACKAGE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_+.-]*\Z")
+# Nor a trailing "-": apt-get install reads "nginx-" as "remove nginx".
+_PACKAGE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_+.-]*[A-Za-z0-9_+.])?\Z")
 _DEBIAN_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+\Z")
 # systemd's unit_name_is_valid(): [A-Za-z0-9:_.\\-] plus one "@" for templates,
 # at most 255 bytes, a known type suffix; "systemd-escape" makes any string one.
@@ -143,8 +144,9 @@ def parse_resources(
 
     Raises InventoryError naming ``templates/<app>/app.yaml``, the app and the
     node for a package name outside the Debian/rpm grammar (shell
-    metacharacters, a leading ``-``), a unit name systemd would refuse, or one
-    package listed twice with different states.
+    metacharacters, a leading ``-``, a trailing ``-``: apt's "remove"), a
+    unit name systemd would refuse, or one package listed twice with
+    different states.
     """
     packages: dict[str, PackageSpec] = {}
     for item in data.get("packages") or ():
@@ -162,7 +164,7 @@ def parse_resources(
                 node,
                 f"package name {name!r} is not a package name",
                 "use the package's name as apt or dnf knows it: letters, digits, "
-                "'+', '.', '_', '-', not starting with '-'",
+                "'+', '.', '_', '-', not starting or ending with '-'",
             )
         old = packages.get(name)
         if old is not None and old.state != state:

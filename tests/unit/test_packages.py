@@ -51,6 +51,9 @@ def test_parse_names_and_states() -> None:
         {"packages": ["nginx; rm -rf /"]},
         {"packages": ["-oDebug::pkgProblemResolver=1"]},
         {"packages": ["$(reboot)"]},
+        # apt-get install reads a trailing "-" as "remove": declared present, it removed strace
+        {"packages": ["strace-"]},
+        {"packages": [{"name": "strace-", "state": "absent"}]},
         {"packages": [{"name": "a b"}]},
         {"packages": ["nginx", {"name": "nginx", "state": "absent"}]},
         {"services": {"nginx service": {}}},
