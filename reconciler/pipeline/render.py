@@ -2027,13 +2027,17 @@ class _RenderJob:
             return self.env, settings, ends
         env = self._envs.get(settings)
         if env is None:
+            # A parse with other delimiters or line prefixes (a #jinja2: line) reads
+            # what the templates it includes say under those: not what they read as
+            # their own destinations. Their analyses come from the default parse.
+            lexed = any(key != "newline_sequence" for key, _ in settings.lexer)
             env = self._envs[settings] = _environment(
                 self.snapshot,
                 self.cache_dir,
                 self.limits,
                 self.secrets,
                 self.fleet,
-                on_parse=self._parsed,
+                on_parse=None if lexed else self._parsed,
                 settings=settings,
             )
         return env, settings, ends

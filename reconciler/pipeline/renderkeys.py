@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from reconciler.pipeline.inventory import Inventory
 
 # Bump when what analyse() records changes: older cache entries are then ignored.
-ANALYSIS_VERSION = 2
+# 3: a #jinja2: line with delimiters is always rendered, and no analysis comes from
+# a parse with other delimiters (version 2 entries may hold one: never trusted).
+ANALYSIS_VERSION = 3
 
 # Names through which a template can read a top-level name that its AST does
 # not show: ``self`` (the template reference: blocks, and with ``extends``
@@ -61,7 +63,9 @@ FILTER_READS: dict[str, tuple[str, ...]] = {"password_hash": ("node",)}
 
 # Ansible's per-template header (``#jinja2: trim_blocks: True``): the keys that
 # change only whitespace, never which names a template reads. Any other key
-# (delimiters, say) makes the AST read here unreliable: the whole context then.
+# (delimiters, say) makes the AST read here unreliable — names and includes
+# alike (an include written ``[% include %]`` is text to the default lexer) —
+# so such a template is always rendered.
 _HEADER = re.compile(r"#jinja2:([^\n]*)")
 _WHITESPACE_KEYS = frozenset(
     {"trim_blocks", "lstrip_blocks", "keep_trailing_newline", "newline_sequence"}
@@ -75,10 +79,10 @@ class Analysis:
     ``names``: every name it loads (a superset of the top-level names it reads,
     with no global left out: a var may shadow ``range``); ``includes``: template
     names (relative to ``templates/``) it includes, imports or extends;
-    ``whole``: it can read names dynamically (:data:`DYNAMIC_NAMES`, an
-    unknown ``#jinja2:`` key), so its key holds the whole context;
-    ``always``: never reused (an include by a computed name, a syntax
-    error); ``nodes``: the literal NAMEs of its ``nodes(NAME)`` calls, None
+    ``whole``: it can read names dynamically (:data:`DYNAMIC_NAMES`), so
+    its key holds the whole context; ``always``: never reused (an include
+    by a computed name, a syntax error, a ``#jinja2:`` key beyond the
+    whitespace ones); ``nodes``: the literal NAMEs of its ``nodes(NAME)`` calls, None
     when it uses ``nodes`` any other way.
     """
 
@@ -176,7 +180,8 @@ def analyse_ast(ast: Any, text: str) -> Analysis:
     header = _HEADER.match(text)
     if header is not None:
         keys = {part.split(":", 1)[0].strip() for part in header.group(1).split(",")}
-        whole = not keys <= _WHITESPACE_KEYS
+        if not keys <= _WHITESPACE_KEYS:
+            return Analysis(always=True)
     includes = list(meta.find_referenced_templates(ast))
     names: set[str] = set()
     for used in ast.find_all(jn.Filter):

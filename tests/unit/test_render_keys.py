@@ -199,6 +199,33 @@ def test_what_cannot_be_known_before_rendering_is_always_rendered(tmp_path, temp
     assert target.files[P("/etc/web/dyn.conf")].render_key == ""
 
 
+DELIMITERS = (
+    "#jinja2: block_start_string: '[%', block_end_string: '%]', "
+    "variable_start_string: '[[', variable_end_string: ']]'\n"
+)
+
+
+def test_a_template_parsed_with_other_delimiters_keys_each_use_by_its_own_reads(tmp_path):
+    # plain.j2 reads name as its own destination, port when a template with other
+    # delimiters includes it. The analysis of the include's parse (port) must not
+    # become plain's (stale: name changed, plain reused), nor an include written
+    # with other delimiters be missed by a parse with the default ones.
+    repo = Repo(tmp_path / "r")
+    repo.step(
+        {
+            "hosts/n.yaml": HOST,
+            f"{APP}/z.conf.j2": DELIMITERS + "[% include 'web/default/etc/web/plain.j2' %]",
+            f"{APP}/plain.j2": "{{ name }} [[ port ]]\n",
+        }
+    )
+    assert repo.target.files[P("/etc/web/z.conf")].content == b"{{ name }} 80\n"
+    repo.step({"hosts/n.yaml": HOST.replace("alpha", "beta")})
+    assert repo.target.files[P("/etc/web/plain")].content == b"beta [[ port ]]\n"
+    repo.step({f"{APP}/plain.j2": "{{ name }} v2 [[ port ]]\n"})
+    assert repo.target.files[P("/etc/web/z.conf")].content == b"{{ name }} v2 80\n"
+    assert repo.target.files[P("/etc/web/plain")].content == b"beta v2 [[ port ]]\n"
+
+
 def test_where_jinja_settings_live_is_in_the_key(tmp_path):
     repo = Repo(tmp_path / "r")
     repo.step({"hosts/n.yaml": HOST, f"{APP}/port.conf.j2": "{{ port }}\n"})
