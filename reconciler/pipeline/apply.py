@@ -36,7 +36,7 @@ from reconciler.pipeline.ensure import (
     ensure_packages,
     resolve_pending,
 )
-from reconciler.pipeline.journal import Journal, dest_of, restore_entry
+from reconciler.pipeline.journal import Journal, dest_of, exists, restore_entry, restore_meta
 from reconciler.pipeline.packages import ResourceChange
 from reconciler.pipeline.plan import Change, Plan
 from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
@@ -344,12 +344,23 @@ def _roll_back_app(
         return []
     restored = []
     run_dir = ctx.state_dir.backup_dir(ctx.run_id)
+    moved_back: list[PurePosixPath] = []  # directories restored whole, with backups below
     for entry in reversed(journal.manifest.entries):
         path = PurePosixPath(entry.path)
         if entry.app != app or path not in result.applied:
             continue
         try:
-            restore_entry(entry, run_dir, ctx.root, system)
+            host = host_path(ctx.root, path)
+            if any(d in path.parents for d in moved_back) and exists(system, host):
+                # A purge's entry (SPEC §9): its backup came back inside the directory
+                # moved back before it (reversed order); only its mode and owner are left.
+                restore_meta(system, host, entry)
+            else:
+                whole = entry.before == "dir" and entry.action not in ("chmod", "chown")
+                whole = whole and exists(system, run_dir.joinpath("files", *path.parts[1:]))
+                restore_entry(entry, run_dir, ctx.root, system)
+                if whole:
+                    moved_back.append(path)
         except OSError as exc:
             result.errors.append(ApplyError(f"rollback failed: {exc.strerror or exc}", path=path))
             continue

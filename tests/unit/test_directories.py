@@ -437,3 +437,54 @@ def test_a_purged_directory_swapped_for_a_file_after_the_plan_is_not_deleted(tmp
     result = apply_plan(plan, target, actual, LocalState(), repo, RealSystem(root=root), ctx)
     assert (conf / "gone").read_bytes() == b"the host's, never scanned\n"
     assert [str(e.path) for e in result.errors] == ["/etc/app/conf.d/gone"]
+
+
+def test_a_purge_undone_by_on_post_failure_puts_every_entry_back_with_its_mode(tmp_path):
+    # on_post_failure: rollback walks the journal backwards: the purged directory
+    # comes back first, bringing the backups below it along; the files below it
+    # must still get their own mode back, and no "rollback failed" be reported.
+    from reconciler.pipeline.journal import Journal, Manifest, make_entries
+
+    root = tmp_path / "root"
+    conf = root / "etc/app/conf.d"
+    (conf / "olddir").mkdir(parents=True)
+    (conf / "olddir/x.conf").write_bytes(b"x\n")
+    (conf / "olddir/empty/deeper").mkdir(parents=True)  # no backup below them: made again
+    os.chmod(conf / "olddir/x.conf", 0o640)
+    os.chmod(conf / "olddir", 0o755)
+    target = _with_dirs(target_of(), _dir("/etc/app/conf.d", mode=None))
+    target = replace(
+        target,
+        apps=tuple(replace(a, on_post_failure="rollback") for a in target.apps),
+    )
+    excludes = exclude_matcher([])
+    with RealSystem(root=root) as system:
+        found = find_purge_of(system, root, target, excludes)
+    actual = scan(root, sorted({*target.directories, *found.paths}), {})
+    plan = make_plan(target, actual, LocalState(), excludes, "enforce", purge=found.paths)
+    ctx = run_context(tmp_path, root)
+    repo = write_repo(
+        tmp_path / "repo",
+        {"hosts/n.yaml": "{}\n", "scripts/post/app/10-fail": "#!/bin/sh\nexit 1\n"},
+        executable=("scripts/post/app/10-fail",),
+    )
+    system = RealSystem(root=root, trusted=(tmp_path / "state",))
+    ctx.state_dir.ensure_dir(ctx.state_dir.backups)
+    journal = Journal(
+        state_dir=ctx.state_dir,
+        manifest=Manifest(
+            run_id="r1",
+            kind="run",
+            commit="c",
+            previous_commit=None,
+            entries=make_entries(plan.changes, actual, LocalState(), root, system),
+        ),
+    )
+    with system:
+        result = apply_plan(plan, target, actual, LocalState(), repo, system, ctx, journal=journal)
+        journal.close()
+    assert not [e for e in result.errors if "rollback failed" in str(e)], result.errors
+    assert (conf / "olddir/x.conf").read_bytes() == b"x\n"
+    assert (conf / "olddir/x.conf").stat().st_mode & 0o7777 == 0o640
+    assert (conf / "olddir").stat().st_mode & 0o7777 == 0o755
+    assert (conf / "olddir/empty/deeper").is_dir()
