@@ -30,10 +30,19 @@ log = logging.getLogger(__name__)
 def remote_url(repo: str) -> str:
     """Normalise ``--repo``: a URL stays; a local path becomes absolute.
 
-    Raises ConfigError for schemes reconciler cannot use safely yet (SPEC §2).
+    Raises ConfigError for schemes reconciler cannot use safely yet (SPEC §2),
+    and for a URL holding a password: the URL is in every report
+    (``source.url``, ``source.mirror``) and log line, a password is not (SPEC §8).
     """
-    scheme = urlsplit(repo).scheme
+    parts = urlsplit(repo)
+    scheme = parts.scheme
     if scheme in ("file", "git", "http", "https", "ssh"):
+        if parts.password is not None:
+            shown = parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
+            raise ConfigError(
+                f"repo: {shown.geturl()}: the URL holds a password, which would reach "
+                "every report and log line — remove it and put the token in auth.token_file"
+            )
         return repo
     if "://" not in repo and is_ssh(repo):
         return repo  # scp-like [user@]host:path, relative or absolute (git's rule)

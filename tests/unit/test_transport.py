@@ -79,3 +79,15 @@ def test_an_scp_like_address_with_an_absolute_path_is_kept_as_given(tmp_path):
     assert remote_url(str(tmp_path)) == str(tmp_path)
     with pytest.raises(ConfigError, match="unsupported URL scheme 'htps'"):
         remote_url("htps://git.example.com/fleet.git")
+
+
+def test_a_url_with_a_password_is_refused_without_echoing_it() -> None:
+    # The URL is the report's source.url / source.mirror and is in log lines: a
+    # password in it was pushed to the git server in every report.
+    with pytest.raises(ConfigError, match="auth.token_file") as exc:
+        remote_url("https://deploy:s3cr3t-token@git.example.com/fleet.git")
+    assert "s3cr3t" not in str(exc.value)
+    # A login name alone is no secret: kept.
+    assert remote_url("https://deploy@git.example.com/fleet.git") == (
+        "https://deploy@git.example.com/fleet.git"
+    )
