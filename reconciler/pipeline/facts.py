@@ -192,6 +192,7 @@ def _read_fact(path: str, suffix: str) -> Any:
     import yaml
 
     from reconciler.host.system import open_regular
+    from reconciler.pipeline.inventory import _normalise
 
     try:
         fd = open_regular(path)
@@ -208,7 +209,9 @@ def _read_fact(path: str, suffix: str) -> Any:
     try:
         if suffix == "json":
             return json.loads(data)
-        return yaml.load(data, Loader=yaml.CSafeLoader)
+        # JSON-shaped as host files are (dates as ISO text, keys as text): the run's
+        # fingerprint and the report dump facts as JSON with sorted keys.
+        return _normalise(yaml.load(data, Loader=yaml.CSafeLoader))
     except (ValueError, yaml.YAMLError) as exc:
         mark = getattr(exc, "problem_mark", None)
         line = getattr(exc, "lineno", None) or (mark.line + 1 if mark is not None else None)

@@ -7,6 +7,7 @@ Real directories, real files, real executables run as subprocesses.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def test_yaml_json_and_executables_become_facts_local_by_name(tmp_path):
     }
     assert gather_facts(str(d))["local"]["rack"]["row"] == 3
     assert local_facts(str(tmp_path / "missing")) == {} == gather_facts()["local"]
+
+
+def test_a_yaml_fact_with_dates_or_number_keys_stays_json_shaped(tmp_path):
+    # A date (YAML timestamp) or mixed int/str keys made the run's fingerprint and
+    # the report (json.dumps, sort_keys) fail with a traceback: read as host files are.
+    d = _facts_dir(
+        tmp_path / "facts.d", {"hw.yaml": "bought: 2024-05-01\nports: {80: a, web: b}\n"}
+    )
+    facts = gather_facts(str(d))
+    assert facts["local"] == {"hw": {"bought": "2024-05-01", "ports": {"80": "a", "web": "b"}}}
+    json.dumps(facts, sort_keys=True)
 
 
 @pytest.mark.parametrize(
