@@ -50,6 +50,7 @@ from reconciler.pipeline.journal import (
     Journal,
     JournalEntry,
     Manifest,
+    exists,
     look,
     read_log,
     remove_created_dirs,
@@ -330,8 +331,10 @@ def _complete(
         if e.path in gone:
             continue
         path = PurePosixPath(e.path)
-        if any(d in path.parents for d in moved_back):
+        if any(d in path.parents for d in moved_back) and exists(system, host_path(root, path)):
             # Its backup was inside the directory moved back: only its mode and owner.
+            # (Not there: nothing of it was below, such as an empty directory a purge
+            # removed; restored on its own below.)
             # A failure leaves the backup's mode: still the content from before the run.
             with contextlib.suppress(OSError, PathError):
                 restore_meta(system, host_path(root, path), e)

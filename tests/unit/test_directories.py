@@ -488,3 +488,40 @@ def test_a_purge_undone_by_on_post_failure_puts_every_entry_back_with_its_mode(t
     assert (conf / "olddir/x.conf").stat().st_mode & 0o7777 == 0o640
     assert (conf / "olddir").stat().st_mode & 0o7777 == 0o755
     assert (conf / "olddir/empty/deeper").is_dir()
+
+
+def test_the_rollback_command_makes_a_purged_empty_directory_again(tmp_path):
+    # `reconciler rollback` of a purge: the purged directory comes back whole with the
+    # backups below it, but an empty directory the purge removed below it has no
+    # backup there: it must be made again, not only given its mode.
+    from reconciler.pipeline.journal import Journal, Manifest, make_entries
+    from reconciler.pipeline.rollback import rollback
+
+    root = tmp_path / "root"
+    conf = root / "etc/app/conf.d"
+    (conf / "olddir/empty/deeper").mkdir(parents=True)
+    (conf / "olddir/x.conf").write_bytes(b"x\n")
+    target = _with_dirs(target_of(), _dir("/etc/app/conf.d", mode=None))
+    excludes = exclude_matcher([])
+    with RealSystem(root=root) as system:
+        found = find_purge_of(system, root, target, excludes)
+    actual = scan(root, sorted({*target.directories, *found.paths}), {})
+    plan = make_plan(target, actual, LocalState(), excludes, "enforce", purge=found.paths)
+    ctx = run_context(tmp_path, root)
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    with RealSystem(root=root, trusted=(tmp_path / "state",)) as system:
+        ctx.state_dir.ensure_dir(ctx.state_dir.backups)
+        entries = make_entries(plan.changes, actual, LocalState(), root, system)
+        journal = Journal(
+            state_dir=ctx.state_dir,
+            manifest=Manifest(
+                run_id="r1", kind="run", commit="c" * 40, previous_commit=None, entries=entries
+            ),
+        )
+        result = apply_plan(plan, target, actual, LocalState(), repo, system, ctx, journal=journal)
+        journal.finish()
+    assert result.errors == [] and not (conf / "olddir").exists()
+    with RealSystem(root=root, trusted=(tmp_path / "state",)) as system:
+        rollback(ctx.state_dir, root, "n", "r1", "r2", system, hold=False)
+    assert (conf / "olddir/x.conf").read_bytes() == b"x\n"
+    assert (conf / "olddir/empty/deeper").is_dir()
