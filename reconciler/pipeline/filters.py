@@ -309,6 +309,10 @@ class _Counted:
 def _bounded_json(a: Any, chars: Check, kwargs: dict[str, Any]) -> str:
     """``json.dumps(a, **kwargs)`` with its output counted chunk by chunk: a list holding one
     large string a hundred thousand times must fail at the bound, not after it."""
+    indent = kwargs.get("indent")
+    if isinstance(indent, int) and not isinstance(indent, bool):
+        # json makes ' ' * indent in one C call, before any chunk can be counted.
+        chars(indent)
     try:
         encoder = json.JSONEncoder(**kwargs)
     except TypeError as exc:
@@ -617,7 +621,9 @@ def _comment(text: str, style: str, kw: Mapping[str, Any], chars: Check) -> str:
     if prefix:
         head = (f"{prefix}{nl}" if prefix != nl else nl) * prefix_count
     body = (deco + text.replace(nl, nl + deco)).replace(deco + nl, deco.rstrip() + nl)
-    tail = nl.join(["", *[postfix] * postfix_count])
+    # nl.join(["", *[postfix] * postfix_count]) without the list: empty parts are
+    # counted as 0 characters above, but a list of 10**9 of them is gigabytes.
+    tail = (nl + postfix) * postfix_count
     end = f"{nl}{p['end']}" if p["end"] else ""
     return f"{beginning}{head}{body}{tail}{end}"
 

@@ -60,6 +60,49 @@ def test_a_filter_stops_at_the_bound_before_making_the_value(tmp_path: Path, att
     assert "max_file_size" in message or "items" in message
 
 
+_UNDER_RLIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from pathlib import Path
+from reconciler.errors import RenderError
+from reconciler.pipeline.render import RenderLimits, render_target
+from tests.unit.helpers import FACTS, node_of, write_repo
+from tests.unit.test_filters import T
+base = Path(sys.argv[1])
+for i, template in enumerate(sys.argv[2:]):
+    snap = write_repo(base / str(i), {T: template, "hosts/n.yaml": "apps: [a]\\n"})
+    try:
+        render_target(snap, node_of(snap, "n"), FACTS, limits=RenderLimits(max_file_size=65536))
+        print("rendered")
+    except RenderError as exc:
+        print(exc)
+"""
+
+
+def test_a_filter_never_allocates_what_its_output_does_not_hold(tmp_path: Path) -> None:
+    # Gigabytes made in one C call (a list of 10**9 empty postfixes, an indent of
+    # 10**10 spaces) are never seen by the memory bound's tick: on a host they meet
+    # the OOM killer. Under a 2 GiB address-space limit here, they fail at the bound.
+    import subprocess
+    import sys
+
+    attacks = [
+        "{{ 'x' | comment(postfix='', newline='', postfix_count=10 ** 9) | length }}",
+        "{{ [[1]] | to_json(indent=10 ** 10) | length }}",
+        "{{ [[1]] | to_nice_json(indent=10 ** 10) | length }}",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", _UNDER_RLIMIT, str(tmp_path), *attacks],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+    )
+    comment, *json_lines = run.stdout.splitlines()
+    assert comment == "rendered", run.stdout  # its output is empty: nothing to refuse
+    assert len(json_lines) == 2 and all("max_file_size" in x for x in json_lines), run.stdout
+
+
 @pytest.mark.parametrize(
     "escape",
     [
