@@ -175,7 +175,9 @@ def transaction_argv(
     version), ``--force-confdef --force-confold`` (Puppet's apt provider:
     never prompt, never replace a conffile the host changed — reconciler
     writes its own files after the packages anyway), ``DPkg::Lock::Timeout``
-    so that a held dpkg lock is waited for ``lock_timeout``. dnf: ``dnf -y
+    so that a held dpkg lock is waited for ``lock_timeout``,
+    ``APT::Cmd::Pattern-Only`` so that a name is a name, never a regex or a
+    glob (apt's fallback for a name no package has). dnf: ``dnf -y
     install`` or ``remove`` (:func:`transactions` runs both when both are
     needed). Returns the argument list and the environment.
     """
@@ -192,6 +194,10 @@ def transaction_argv(
             "Dpkg::Options::=--force-confold",
             "-o",
             f"DPkg::Lock::Timeout={max(0, int(lock_timeout))}",
+            # A name no package has is refused, never widened: without this apt
+            # reads one with "." as a regex ("nginx." installs every nginx*).
+            "-o",
+            "APT::Cmd::Pattern-Only=true",
             "--no-upgrade",
             "install",
             "--",

@@ -112,6 +112,15 @@ def test_apt_command_never_upgrades_never_prompts_and_waits_for_the_lock() -> No
     assert env["DEBIAN_FRONTEND"] == "noninteractive"
 
 
+def test_apt_reads_a_name_as_a_name_never_as_a_regex() -> None:
+    # apt 2.6 falls back to a regex for a name with "." that no package has: "nginx."
+    # (or a typo such as "python3.1") installed 124 packages (checked with apt-get -s).
+    argv, _ = transaction_argv("apt", ["nginx."], [], lock_timeout=60)
+    assert "APT::Cmd::Pattern-Only=true" in argv
+    assert argv.index("APT::Cmd::Pattern-Only=true") < argv.index("--")
+    assert argv[argv.index("APT::Cmd::Pattern-Only=true") - 1] == "-o"
+
+
 def _host(installed: set[str], services: dict | None = None, *, live: bool = True):
     return HostResources(
         manager="apt", installed=frozenset(installed), services=services or {}, live=live
