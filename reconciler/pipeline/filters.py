@@ -492,6 +492,9 @@ def _compile(pattern: Any, flags: int) -> re.Pattern[str]:
         raise FilterError(f"invalid regular expression {pattern!r}: {exc}") from None
 
 
+_GROUP_REFS = re.compile(r"\\(?:\d|g<)")  # what re's expand() reads as a group: \1, \g<name>
+
+
 def _regex_replace(
     value: str,
     pattern: str,
@@ -507,9 +510,16 @@ def _regex_replace(
     size = 0
     end = 0
     subs = 0
+    # expand() makes a match's text in one C call: 32,000 "\1" of a 65,000-character
+    # group are 2 GB before it could be counted. Each group reference is counted at
+    # the longest group of the match first (an escaped backslash counts too: a bound).
+    refs = len(_GROUP_REFS.findall(replacement)) if isinstance(replacement, str) else 0
     for match in regex.finditer(value):
         if count and subs >= count:
             break
+        if refs:
+            longest = max([len(match.group()), *(len(g) for g in match.groups(default=""))])
+            chars(size + match.start() - end + len(replacement) + refs * longest)
         try:
             new = match.expand(replacement)
         except (re.error, IndexError) as exc:

@@ -90,6 +90,8 @@ def test_a_filter_never_allocates_what_its_output_does_not_hold(tmp_path: Path) 
         "{{ 'x' | comment(postfix='', newline='', postfix_count=10 ** 9) | length }}",
         "{{ [[1]] | to_json(indent=10 ** 10) | length }}",
         "{{ [[1]] | to_nice_json(indent=10 ** 10) | length }}",
+        # one match expanded to 32,000 copies of 65,000 characters: 2 GB in one call
+        "{{ ('x' * 65000) | regex_replace('(.+)', '\\\\1' * 32000) | length }}",
     ]
     run = subprocess.run(
         [sys.executable, "-c", _UNDER_RLIMIT, str(tmp_path), *attacks],
@@ -100,7 +102,7 @@ def test_a_filter_never_allocates_what_its_output_does_not_hold(tmp_path: Path) 
     )
     comment, *json_lines = run.stdout.splitlines()
     assert comment == "rendered", run.stdout  # its output is empty: nothing to refuse
-    assert len(json_lines) == 2 and all("max_file_size" in x for x in json_lines), run.stdout
+    assert len(json_lines) == 3 and all("max_file_size" in x for x in json_lines), run.stdout
 
 
 @pytest.mark.parametrize(
