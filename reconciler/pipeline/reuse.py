@@ -12,7 +12,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +92,12 @@ def absent_watch(
 
 
 def purge_watch(
-    system: System, root: Path, target: TargetState, excludes: Any
+    system: System,
+    root: Path,
+    target: TargetState,
+    excludes: Any,
+    *,
+    spare: Iterable[PurePosixPath] = (),
 ) -> dict[str, tuple[int, int]]:
     """What the no-op short cut compares for ``purge: true`` directories (SPEC §9): every
     directory the purge walk lists (scan.find_purge_of's ``watched``), taken after the
@@ -104,7 +109,7 @@ def purge_watch(
     soon = time.time_ns() - RACY_WINDOW_NS
     return {
         k: (v if v[1] < soon else (-2, -2))
-        for k, v in find_purge_of(system, root, target, excludes).watched.items()
+        for k, v in find_purge_of(system, root, target, excludes, spare=spare).watched.items()
     }
 
 

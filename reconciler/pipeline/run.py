@@ -647,8 +647,11 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         found = find_absent(system, root, rules.values(), node=config.node)
         named = {p: rules[pat] for p, pat in found.paths.items()}
         excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
+        # The state directory under the root (root "/"): never purged (backups, journal).
+        where = os.path.relpath(state_dir.path, root)
+        own_state = () if where.startswith("..") else (PurePosixPath("/", where),)
         # directories: and what their purges delete (SPEC §9), scanned like the rest.
-        purged = find_purge_of(system, root, target, excludes)
+        purged = find_purge_of(system, root, target, excludes, spare=own_state)
         known = set(paths)
         extra = [*named, *target.directories, *purged.paths]
         paths += [p for p in dict.fromkeys(extra) if p not in known]
@@ -806,7 +809,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             resources=resources,
             package_db=package_db_stamp(system, root) if resources else "",
             directories=applied.directories,
-            purge_watch=purge_watch(system, root, target, excludes),
+            purge_watch=purge_watch(system, root, target, excludes, spare=own_state),
         ),
         settled=settled,
         lift_hold=prepared.hold_check is not None and hold_unchanged is None,

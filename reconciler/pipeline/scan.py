@@ -489,24 +489,44 @@ def find_purge(
     return PurgeFound(paths=paths, watched=watched, errors=tuple(errors))
 
 
-def find_purge_of(system: System, root: Path, target: TargetState, excludes: Any) -> PurgeFound:
+def find_purge_of(
+    system: System,
+    root: Path,
+    target: TargetState,
+    excludes: Any,
+    *,
+    spare: Iterable[PurePosixPath] = (),
+) -> PurgeFound:
     """:func:`find_purge` for the ``purge: true`` directories of ``target`` (SPEC §9):
     what the node manages is kept (its files, symlinks and directories), nested
     managed directories are never entered, and ``excludes`` (an
-    ``exclude_matcher``) win: an excluded purged directory is not walked."""
+    ``exclude_matcher``) win: an excluded purged directory is not walked.
+    ``spare``: destination paths never purged nor entered, nor a directory
+    leading to them (the agent's own state directory when it lies under the
+    root: a purge must not delete its backups, journal and local state)."""
+    spared = tuple(spare)
 
     def is_excluded(path: PurePosixPath, is_dir: bool) -> bool:
         rel = str(path).lstrip("/")
         return bool(excludes.match_file(rel) or (is_dir and excludes.match_file(rel + "/")))
 
-    purged = [p for p, d in target.directories.items() if d.purge and not is_excluded(p, True)]
+    purged = [
+        p
+        for p, d in target.directories.items()
+        if d.purge and not is_excluded(p, True) and not any(_below(p, x) for x in spared)
+    ]
     if not purged:
         return PurgeFound(paths={}, watched={})
     return find_purge(
         system,
         root,
         purged,
-        keep=[*target.files, *target.directories],
+        keep=[*target.files, *target.directories, *spared],
         bounded=target.directories,
         is_excluded=is_excluded,
     )
+
+
+def _below(path: PurePosixPath, top: PurePosixPath) -> bool:
+    """True when ``path`` is ``top`` or lies below it."""
+    return path == top or top in path.parents

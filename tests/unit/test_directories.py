@@ -525,3 +525,24 @@ def test_the_rollback_command_makes_a_purged_empty_directory_again(tmp_path):
         rollback(ctx.state_dir, root, "n", "r1", "r2", system, hold=False)
     assert (conf / "olddir/x.conf").read_bytes() == b"x\n"
     assert (conf / "olddir/empty/deeper").is_dir()
+
+
+def test_a_purge_spares_the_agent_state_directory_under_the_root(tmp_path):
+    # Root "/" and state_dir /var/lib/reconciler (or one below a purged directory):
+    # the purge walk must never list the agent's backups, journal and local state.
+    root = tmp_path / "root"
+    state = root / "srv/agent/state"
+    (state / "backups/r1").mkdir(parents=True)
+    (state / "state.json").write_text("{}\n")
+    (root / "srv/agent/stray.conf").write_text("stray\n")
+    for target in (
+        _with_dirs(target_of(), _dir("/srv/agent", mode=None)),  # a purge around it
+        _with_dirs(target_of(), _dir("/srv/agent/state")),  # a purge of it
+    ):
+        with RealSystem(root=root, trusted=(state,)) as system:
+            found = find_purge_of(
+                system, root, target, exclude_matcher([]), spare=[P("/srv/agent/state")]
+            )
+        assert [str(p) for p in found.paths] == (
+            ["/srv/agent/stray.conf"] if P("/srv/agent") in target.directories else []
+        )
