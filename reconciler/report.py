@@ -106,6 +106,25 @@ class ReportSource:
         )
 
 
+# The one-letter mark of each action in the text views (`pull`, `show`, `log`).
+_ACTION_SYMBOL = {
+    "create": "+",
+    "update": "~",
+    "delete": "-",
+    "chmod": "m",
+    "chown": "o",
+    # packages and services (SPEC §11)
+    "install": "+",
+    "remove": "-",
+    "enable": "e",
+    "disable": "d",
+    "start": ">",
+    "stop": "x",
+    "reload": "r",
+    "restart": "r",
+}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReportChange:
     """A ReportChange is one planned change and whether the run applied it (SPEC §5 ``changes``)."""
@@ -126,6 +145,11 @@ class ReportChange:
     def subject(self) -> str:
         """What the text views print: the path, or ``package nginx`` / ``service x.service``."""
         return f"{self.kind} {self.path}" if self.kind else self.path
+
+    @property
+    def symbol(self) -> str:
+        """The action's one-letter mark in the text views (``+``, ``~``, ``-``…; ``?`` unknown)."""
+        return _ACTION_SYMBOL.get(self.action, "?")
 
     def to_json(self) -> dict[str, Any]:
         """``{path, action, reason, applied, app}`` plus ``rolled_back``, ``detail`` and

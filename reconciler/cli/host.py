@@ -46,23 +46,6 @@ if TYPE_CHECKING:
 
 # ------------------------------------------------------------------- pull/diff
 
-_SYMBOL = {
-    "create": "+",
-    "update": "~",
-    "delete": "-",
-    "chmod": "m",
-    "chown": "o",
-    # packages and services (SPEC §11)
-    "install": "+",
-    "remove": "-",
-    "enable": "e",
-    "disable": "d",
-    "start": ">",
-    "stop": "x",
-    "reload": "r",
-    "restart": "r",
-}
-
 
 def _history_lost(node: str, lost: Mapping[str, Any]) -> str:
     """The one line ``pull`` and ``status`` print for a report's ``history_lost`` (issue 11)."""
@@ -113,10 +96,7 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
         if kinds:
             reason += f": {', '.join(kinds)}"
         detail = f"  {c.detail}" if c.detail else ""
-        out.write(
-            f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.subject}  "
-            f"[{c.app}, {reason}]{detail}{status}\n"
-        )
+        out.write(f"  {c.symbol} {c.action:<6} {c.subject}  [{c.app}, {reason}]{detail}{status}\n")
     planned = {c.subject for c in report.changes}
     for d in report.drift:
         if d.subject not in planned and d.path not in planned:

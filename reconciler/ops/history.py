@@ -430,23 +430,6 @@ def drift_diffs(
 
 # ------------------------------------------------------------------ printing
 
-_SYMBOL = {
-    "create": "+",
-    "update": "~",
-    "delete": "-",
-    "chmod": "m",
-    "chown": "o",
-    # packages and services (SPEC §11)
-    "install": "+",
-    "remove": "-",
-    "enable": "e",
-    "disable": "d",
-    "start": ">",
-    "stop": "x",
-    "reload": "r",
-    "restart": "r",
-}
-
 
 def format_report(report: Report, report_commit: str) -> str:
     """A report as text: source, result, changes, drift, scripts, errors (SPEC §5 fields)."""
@@ -467,9 +450,7 @@ def format_report(report: Report, report_commit: str) -> str:
     for c in report.changes:
         flag = "" if c.applied else "  (not applied)"
         detail = f"  {c.detail}" if c.detail else ""  # mode, owner: what the diff cannot show
-        lines.append(
-            f"  {_SYMBOL.get(c.action, '?')} {c.action:<6} {c.subject}  [{c.reason}]{detail}{flag}"
-        )
+        lines.append(f"  {c.symbol} {c.action:<6} {c.subject}  [{c.reason}]{detail}{flag}")
     for d in report.drift:
         lines.append(f"  ! drift  {d.subject}  [{d.kind}]")
     for s in report.scripts:
