@@ -170,53 +170,42 @@ def make_entries(
                 link = system.readlink(host_path(root, c.path))
             except (OSError, PathError):
                 link = None
+        # What any entry holds: how the path looked before, enough to undo the change.
+        before: dict[str, Any] = {
+            "path": str(c.path),
+            "action": c.action,
+            "app": c.app,
+            "before": a.kind,
+            "mode": a.mode,
+            "uid": a.uid,
+            "gid": a.gid,
+            "link": link,
+        }
         d = getattr(c, "directory", None)
+        t = c.target
         if d is not None:
-            # directories: (SPEC §9): how it looked before is enough to undo it; a
-            # directory it makes is in the log too (Journal.make_dirs).
-            out.append(
-                JournalEntry(
-                    path=str(c.path),
-                    action=c.action,
-                    app=c.app,
-                    before=a.kind,
-                    mode=a.mode,
-                    uid=a.uid,
-                    gid=a.gid,
-                    link=link,
-                    new_mode=d.mode,
-                    new_dir=True,
-                    owner=d.owner,
-                    group=d.group,
-                )
+            # directories: (SPEC §9): a directory it makes is in the log too
+            # (Journal.make_dirs).
+            entry = JournalEntry(
+                **before, new_mode=d.mode, new_dir=True, owner=d.owner, group=d.group
             )
-            continue
-        out.append(
-            JournalEntry(
-                path=str(c.path),
-                action=c.action,
-                app=c.app,
-                before=a.kind,
-                mode=a.mode,
-                uid=a.uid,
-                gid=a.gid,
-                link=link,
-                new_sha256=sha256(c.target.written()) if c.target is not None else None,
-                new_mode=c.target.mode if c.target is not None else None,
-                new_link=c.target.link if c.target is not None else None,
+        elif t is None:  # a delete
+            entry = JournalEntry(**before, record=asdict(record) if record is not None else None)
+        else:
+            entry = JournalEntry(
+                **before,
+                new_sha256=sha256(t.written()),
+                new_mode=t.mode,
+                new_link=t.link,
                 record=asdict(record) if record is not None else None,
-                owner=c.target.owner if c.target is not None else None,
-                group=c.target.group if c.target is not None else None,
-                secret=bool(c.target.secret) if c.target is not None else False,
-                policy=c.target.policy if c.target is not None else None,
-                block_sha256=(
-                    sha256(c.target.content)
-                    if c.target is not None and c.target.whole is not None
-                    else None
-                ),
-                block=markers_of(c.target) if c.target is not None else "",
+                owner=t.owner,
+                group=t.group,
+                secret=bool(t.secret),
+                policy=t.policy,
+                block_sha256=sha256(t.content) if t.whole is not None else None,
+                block=markers_of(t),
             )
-        )
+        out.append(entry)
     return tuple(out)
 
 
