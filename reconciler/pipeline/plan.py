@@ -72,25 +72,17 @@ def _dir_ids(
     user or group, before anything is written."""
     out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
     for path, d in target.directories.items():
-        uid = gid = None
-        if d.owner is not None:
-            uid = _resolve(
-                d.owner, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid
-            )
-            if uid is None and not _coming(pending, coming, path, "user", d.owner, d.app):
-                raise InventoryError(
-                    f"{d.origin}: directories: {path}: owner {d.owner!r} does not exist on "
-                    f"this host (node {target.node}) — create the user or change its owner"
-                )
-        if d.group is not None:
-            gid = _resolve(
-                d.group, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid
-            )
-            if gid is None and not _coming(pending, coming, path, "group", d.group, d.app):
-                raise InventoryError(
-                    f"{d.origin}: directories: {path}: group {d.group!r} does not exist on "
-                    f"this host (node {target.node}) — create the group or change its group"
-                )
+        uid, gid = _ids(
+            d.owner,
+            d.group,
+            path,
+            d.app,
+            pending,
+            coming,
+            where=f"{d.origin}: directories: {path}",
+            context=f"node {target.node}",
+            change="its ",
+        )
         out[path] = (uid, gid)
     return out
 
@@ -259,27 +251,54 @@ def resolve_ids(
     """
     out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
     for path, t in target.files.items():
-        uid = gid = None
-        if t.owner is not None:
-            uid = _resolve(
-                t.owner, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid
-            )
-            if uid is None and not _coming(pending, coming, path, "user", t.owner, t.app):
-                raise InventoryError(
-                    f"{path}: owner {t.owner!r} does not exist on this host (node "
-                    f"{target.node}, {t.template}) — create the user or change files: owner"
-                )
-        if t.group is not None:
-            gid = _resolve(
-                t.group, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid
-            )
-            if gid is None and not _coming(pending, coming, path, "group", t.group, t.app):
-                raise InventoryError(
-                    f"{path}: group {t.group!r} does not exist on this host (node "
-                    f"{target.node}, {t.template}) — create the group or change files: group"
-                )
+        uid, gid = _ids(
+            t.owner,
+            t.group,
+            path,
+            t.app,
+            pending,
+            coming,
+            where=str(path),
+            context=f"node {target.node}, {t.template}",
+            change="files: ",
+        )
         out[path] = (uid, gid)
     return out
+
+
+def _ids(
+    owner: str | None,
+    group: str | None,
+    path: PurePosixPath,
+    app: str,
+    pending: dict[PurePosixPath, str] | None,
+    coming: Mapping[str, Sequence[str]] | None,
+    *,
+    where: str,
+    context: str,
+    change: str,
+) -> tuple[int | None, int | None]:
+    """uid and gid of ``owner`` and ``group`` (None: not set, or a package of this run
+    may create it, see :func:`_coming`). Raises InventoryError "{where}: owner 'x' does
+    not exist on this host ({context}) — create the user or change {change}owner"
+    (group alike) for one that does not exist."""
+
+    def unknown(kind: str, name: str, field: str) -> InventoryError:
+        return InventoryError(
+            f"{where}: {field} {name!r} does not exist on this host ({context}) — "
+            f"create the {kind} or change {change}{field}"
+        )
+
+    uid = gid = None
+    if owner is not None:
+        uid = _resolve(owner, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid)
+        if uid is None and not _coming(pending, coming, path, "user", owner, app):
+            raise unknown("user", owner, "owner")
+    if group is not None:
+        gid = _resolve(group, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid)
+        if gid is None and not _coming(pending, coming, path, "group", group, app):
+            raise unknown("group", group, "group")
+    return uid, gid
 
 
 def _coming(
