@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from tests.conftest import GIT_ENV, Fleet, Host, git
@@ -140,3 +142,77 @@ def imported_by_run(host: Host, command: str, *args: str) -> set[str]:
     }
     assert "reconciler.pipeline.run" in imported, "no import list: -X importtime did not work"
     return imported
+
+
+def path_now(host: Host, path: str) -> str | bytes | None:
+    """What a destination path holds: a link's target text, a file's bytes, or None."""
+    p = host.path(path)
+    if p.is_symlink():
+        return os.readlink(p)
+    return p.read_bytes() if p.exists() else None
+
+
+def sweep_stopped_runs(
+    host: Host,
+    tmp_path: Path,
+    points: Iterable[int],
+    *,
+    old: Mapping[str, str | bytes | None],
+    new: Mapping[str, str | bytes | None],
+    then: Callable[[Host], None] | None = None,
+) -> list[int]:
+    """Stop a run after each effect in ``points`` and check the crash-safety promise.
+
+    ``host`` holds the old state, converged, with its upstream already moved to
+    the new commit. For each stopping point n, a copy of the host (root, state
+    dir, exclude file) runs the pull in process with ``FaultySystem(n)``, which
+    stops it after its n-th effect as SIGKILL would (nothing after runs, the
+    journal is left open). Then every path of ``old`` is wholly old or new
+    (:func:`path_now`); the next run says it recovered exactly when a journal
+    was left, converges to ``new`` without errors, ``then`` (extra checks) holds,
+    and the run after changes nothing. The sweep ends at the first run that
+    completes (past the last effect). Returns the points that stopped a run.
+    """
+    # Imported here: the integration helpers are also imported by tests that
+    # only run the agent as a subprocess.
+    from reconciler.config import AgentConfig
+    from reconciler.host.system import FaultInjected, FaultySystem
+    from reconciler.pipeline.run import reconcile_once
+
+    stopped: list[int] = []
+    for fail_after in points:
+        base = tmp_path / f"k{fail_after}"
+        shutil.copytree(host.root.parent, base, symlinks=True)
+        h = Host(
+            node=host.node,
+            root=base / "root",
+            state_dir=base / "state",
+            exclude_file=base / "exclude",
+            url=host.url,
+        )
+        config = AgentConfig(
+            repo=h.url,
+            node=h.node,
+            root=str(h.root),
+            state_dir=str(h.state_dir),
+            exclude_file=str(h.exclude_file),
+        )
+        try:
+            reconcile_once(config, wrap=lambda s, n=fail_after: FaultySystem(s, n))
+        except FaultInjected:
+            stopped.append(fail_after)
+        else:
+            break  # past the last effect: every stopping point was tried
+        for path in old:
+            found = path_now(h, path)
+            assert found in (old[path], new[path]), (fail_after, path, found)
+        journaled = (h.state_dir / "journal.json").exists()
+        # In process: a pull's cost without a Python start-up per stopping point.
+        recovering = reconcile_once(config).report
+        assert (recovering.recovered is not None) == journaled, (fail_after, recovering)
+        assert recovering.errors == (), (fail_after, recovering.errors)
+        assert {p: path_now(h, p) for p in new} == dict(new), fail_after
+        if then is not None:
+            then(h)
+        assert reconcile_once(config).report.changes == (), fail_after
+    return stopped

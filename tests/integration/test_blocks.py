@@ -14,14 +14,10 @@ stopped after any effect leaves the file wholly old or new.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import pytest
 
-from reconciler.config import AgentConfig
-from reconciler.host.system import FaultInjected, FaultySystem
-from reconciler.pipeline.run import reconcile_once
 from tests.conftest import Fleet, Host, git
 from tests.integration._helpers import (
     assert_clean_error,
@@ -29,6 +25,7 @@ from tests.integration._helpers import (
     drift_kinds,
     imported_by_run,
     pull_report,
+    sweep_stopped_runs,
 )
 
 NODE = "blk"
@@ -212,34 +209,5 @@ def test_a_run_stopped_after_any_effect_leaves_the_block_file_old_or_new(fleet, 
     new = PACKAGE + BLOCK.replace(b"web2", b"db1")
     assert host.path(HOSTS).read_bytes() == old
     git("push", "-q", "-f", "origin", f"{new_commit}:refs/heads/main", cwd=fleet.work)
-    stopped = []
-    for fail_after in range(40):
-        base = tmp_path / f"k{fail_after}"
-        shutil.copytree(host.root.parent, base, symlinks=True)
-        h = Host(
-            node=NODE,
-            root=base / "root",
-            state_dir=base / "state",
-            exclude_file=base / "exclude",
-            url=host.url,
-        )
-        config = AgentConfig(
-            repo=h.url,
-            node=NODE,
-            root=str(h.root),
-            state_dir=str(h.state_dir),
-            exclude_file=str(h.exclude_file),
-        )
-        try:
-            reconcile_once(config, wrap=lambda s, n=fail_after: FaultySystem(s, n))
-        except FaultInjected:
-            stopped.append(fail_after)
-        else:
-            break
-        assert h.path(HOSTS).read_bytes() in (old, new), fail_after
-        journaled = (h.state_dir / "journal.json").exists()
-        recovering = pull_report(h)
-        assert (recovering["recovered"] is not None) == journaled, (fail_after, recovering)
-        assert h.path(HOSTS).read_bytes() == new, fail_after
-        assert pull_report(h)["changes"] == [], fail_after
+    stopped = sweep_stopped_runs(host, tmp_path, range(40), old={HOSTS: old}, new={HOSTS: new})
     assert len(stopped) >= 3, stopped

@@ -15,15 +15,17 @@ changed; a run stopped after any effect converges on the next one.
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-from reconciler.config import AgentConfig
-from reconciler.host.system import FaultInjected, FaultySystem
-from reconciler.pipeline.run import reconcile_once
 from tests.conftest import Fleet, Host, git
-from tests.integration._helpers import assert_clean_error, drift_kinds, mode_of, pull_report
+from tests.integration._helpers import (
+    assert_clean_error,
+    drift_kinds,
+    mode_of,
+    pull_report,
+    sweep_stopped_runs,
+)
 
 NODE = "dirs"
 STEP = 3  # every third stopping point of the crash sweep (each costs three runs)
@@ -192,44 +194,9 @@ def test_a_run_stopped_after_any_effect_converges_on_the_next(fleet, host, tmp_p
         f"{CONF}/site.conf": b"site\n",
     }
 
-    def now(h: Host, path: str) -> str | bytes | None:
-        p = h.path(path)
-        if p.is_symlink():
-            return os.readlink(p)
-        return p.read_bytes() if p.exists() else None
+    def then(h: Host) -> None:
+        assert mode_of(h.path(CONF)) == 0o750
+        assert not h.path(f"{CONF}/olddir").exists()
 
-    stopped = []
-    for fail_after in range(0, 60, STEP):
-        base = tmp_path / f"k{fail_after}"
-        shutil.copytree(host.root.parent, base, symlinks=True)
-        h = Host(
-            node=NODE,
-            root=base / "root",
-            state_dir=base / "state",
-            exclude_file=base / "exclude",
-            url=host.url,
-        )
-        config = AgentConfig(
-            repo=h.url,
-            node=NODE,
-            root=str(h.root),
-            state_dir=str(h.state_dir),
-            exclude_file=str(h.exclude_file),
-        )
-        try:
-            reconcile_once(config, wrap=lambda s, n=fail_after: FaultySystem(s, n))
-        except FaultInjected:
-            stopped.append(fail_after)
-        else:
-            break  # past the last effect: every stopping point was tried
-        for path in old:
-            assert now(h, path) in (old[path], new[path]), (fail_after, path, now(h, path))
-        journaled = (h.state_dir / "journal.json").exists()
-        recovering = reconcile_once(config).report  # in process: a pull's cost without python's
-        assert (recovering.recovered is not None) == journaled, (fail_after, recovering)
-        assert recovering.errors == (), (fail_after, recovering.errors)
-        assert {p: now(h, p) for p in new} == new, fail_after
-        assert mode_of(h.path(CONF)) == 0o750, fail_after
-        assert not h.path(f"{CONF}/olddir").exists(), fail_after
-        assert reconcile_once(config).report.changes == (), fail_after
+    stopped = sweep_stopped_runs(host, tmp_path, range(0, 60, STEP), old=old, new=new, then=then)
     assert len(stopped) >= 5, stopped

@@ -12,15 +12,11 @@ new, and the next run converges and says it recovered.
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-from reconciler.config import AgentConfig
-from reconciler.host.system import FaultInjected, FaultySystem
-from reconciler.pipeline.run import reconcile_once
 from tests.conftest import Fleet, Host, git
-from tests.integration._helpers import pull_report
+from tests.integration._helpers import path_now, pull_report, sweep_stopped_runs
 
 NODE = "lnk"
 STEP = 2  # every other stopping point of the crash sweep (a pull costs seconds)
@@ -124,48 +120,12 @@ def test_a_run_stopped_after_any_effect_leaves_links_old_or_new_and_recovers(fle
         "/etc/lnk/gone": None,
     }
 
-    def now(h: Host, path: str) -> str | bytes | None:
-        p = h.path(path)
-        if p.is_symlink():
-            return os.readlink(p)
-        return p.read_bytes() if p.exists() else None
-
     # The old state, converged once and copied for each stopping point (a pull costs
     # a second; the sweep stays within the suite's budget by sampling every STEP).
     git("push", "-q", "-f", "origin", f"{old_commit}:refs/heads/main", cwd=fleet.work)
     pull_report(host)
     host.path("/etc/lnk/gone").write_bytes(b"gone\n")  # what the package left
-    assert {p: now(host, p) for p in old} == old
+    assert {p: path_now(host, p) for p in old} == old
     git("push", "-q", "-f", "origin", f"{new_commit}:refs/heads/main", cwd=fleet.work)
-    stopped = []
-    for fail_after in range(0, 80, STEP):
-        base = tmp_path / f"k{fail_after}"
-        shutil.copytree(host.root.parent, base, symlinks=True)
-        h = Host(
-            node=NODE,
-            root=base / "root",
-            state_dir=base / "state",
-            exclude_file=base / "exclude",
-            url=host.url,
-        )
-        config = AgentConfig(
-            repo=h.url,
-            node=NODE,
-            root=str(h.root),
-            state_dir=str(h.state_dir),
-            exclude_file=str(h.exclude_file),
-        )
-        try:
-            reconcile_once(config, wrap=lambda s, n=fail_after: FaultySystem(s, n))
-        except FaultInjected:
-            stopped.append(fail_after)
-        else:
-            break  # past the last effect: every stopping point was tried
-        for path in old:
-            assert now(h, path) in (old[path], new[path]), (fail_after, path, now(h, path))
-        journaled = (h.state_dir / "journal.json").exists()
-        recovering = pull_report(h)
-        assert (recovering["recovered"] is not None) == journaled, (fail_after, recovering)
-        assert {p: now(h, p) for p in new} == new, fail_after
-        assert pull_report(h)["changes"] == [], fail_after
+    stopped = sweep_stopped_runs(host, tmp_path, range(0, 80, STEP), old=old, new=new)
     assert len(stopped) >= 3, stopped
