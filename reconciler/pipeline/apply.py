@@ -27,8 +27,8 @@ from reconciler.errors import ApplyError, PathError, ReconcilerError, ScriptErro
 from reconciler.git.snapshot import GIT_FILEMODE_EXEC, Snapshot
 from reconciler.host.state import LocalState, ManagedDir, ManagedFile
 from reconciler.host.statedir import StateDir
-from reconciler.host.system import ScriptRun, System
-from reconciler.pipeline.blocks import markers_of, removal_only
+from reconciler.host.system import ScriptRun, StatId, System
+from reconciler.pipeline.blocks import BlockError, markers_of, removal_only, splice
 from reconciler.pipeline.ensure import (
     PackageSettings,
     ResourceResult,
@@ -207,7 +207,10 @@ def _execute(
         else:
             # t.written(): for a file holding managed blocks, the whole file with the
             # blocks spliced in (SPEC §9), written atomically like any other.
-            done = system.write_file(host, t.written(), t.mode, change.uid, change.gid)
+            data = t.written()
+            if t.whole is not None and actual.kind == "file":
+                data = _respliced(system, host, same, t, change.path)
+            done = system.write_file(host, data, t.mode, change.uid, change.gid)
         created.discard(str(change.path))  # a created directory replaced by a file
         return done
     if change.action in ("chmod", "chown"):
@@ -242,6 +245,37 @@ def _execute(
             system.backup(host, backup, expect=same)
         return system.remove(host)
     return True
+
+
+def _respliced(
+    system: System, host: Path, same: StatId, t: TargetFile, path: PurePosixPath
+) -> bytes:
+    """The blocks of ``t`` spliced into the file as it is now, just before it is written.
+
+    The plan spliced them into the file as the scan read it; another writer (a
+    package, an admin, the app's own pre script) may have added a line since.
+    Splicing again keeps that line, as Ansible's ``blockinfile`` does by reading
+    the file in the same task that writes it. Only the inode the scan saw is
+    read (it was just backed up), at most 1 MiB more than planned. Raises
+    PathError when the file grew past that or its markers broke meanwhile:
+    nothing is written there and the next run looks again.
+    """
+    assert t.whole is not None
+    read = system.digest(host, expect=same, keep=len(t.whole) + (1 << 20))
+    if read.content is None:
+        raise PathError(
+            f"grew to {read.size} bytes since the run was planned — nothing written; "
+            "the next run looks again",
+            path=path,
+        )
+    try:
+        return splice(read.content, t.blocks, t.unblocks)
+    except BlockError as exc:
+        raise PathError(
+            f"changed since the run was planned ({exc}) — nothing written; fix the "
+            "markers by hand, the next run looks again",
+            path=path,
+        ) from exc
 
 
 def _execute_dir(

@@ -211,3 +211,21 @@ def test_a_run_stopped_after_any_effect_leaves_the_block_file_old_or_new(fleet, 
     git("push", "-q", "-f", "origin", f"{new_commit}:refs/heads/main", cwd=fleet.work)
     stopped = sweep_stopped_runs(host, tmp_path, range(40), old={HOSTS: old}, new={HOSTS: new})
     assert len(stopped) >= 3, stopped
+
+
+def test_a_line_added_to_the_file_after_planning_is_kept_by_the_block_write(fleet, host):
+    """The file is spliced again when it is written, not only when the run is
+    planned: a line another writer adds in between (here the app's own pre script,
+    which runs after planning and before the app's files) stays in the file, beside
+    the block, instead of being overwritten with the planned bytes."""
+    fleet.write(
+        "scripts/pre/net/10-add-host",
+        '#!/bin/sh\nprintf "10.9.9.9\\tadded-by-pre\\n" >> "$RECONCILER_ROOT/etc/hosts"\n',
+        executable=True,
+    )
+    fleet.commit("net: a pre script that adds a host line")
+    report = pull_report(host)
+    assert HOSTS in {c["path"] for c in report["changes"]}
+    assert host.path(HOSTS).read_bytes() == PACKAGE + b"10.9.9.9\tadded-by-pre\n" + BLOCK
+    assert report["errors"] == []
+    assert [c for c in pull_report(host)["changes"] if c["path"] == HOSTS] == []
