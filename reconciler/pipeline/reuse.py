@@ -71,21 +71,27 @@ def written_output(
 
 
 def absent_watch(
-    system: System, root: Path, rules: Sequence[AbsentRule], *, node: str
+    system: System,
+    root: Path,
+    rules: Sequence[AbsentRule],
+    *,
+    node: str,
+    spare: Iterable[PurePosixPath] = (),
 ) -> dict[str, tuple[int, int]]:
     """What the no-op short cut compares for ``absent:`` ``rules`` (scan.find_absent's
     ``watched``), taken after the apply. A stat taken within RACY_WINDOW_NS of its
     change is recorded as (-2, -2), which nothing matches: like a racily clean
     file (state.ManagedFile.settled), the next run looks again in full. So is
     the root when a pattern now lists too many entries (a post script grew the
-    tree): the next run walks again and reports it."""
+    tree): the next run walks again and reports it. ``spare`` as for find_absent:
+    the state directory changes every run and must not defeat the short cut."""
     from reconciler.pipeline.scan import find_absent
 
     if not rules:
         return {}
     soon = time.time_ns() - RACY_WINDOW_NS
     try:
-        watched = find_absent(system, root, rules, node=node).watched
+        watched = find_absent(system, root, rules, node=node, spare=spare).watched
     except InventoryError:
         return {"/": (-2, -2)}
     return {k: (v if v[1] < soon else (-2, -2)) for k, v in watched.items()}

@@ -644,12 +644,13 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         ]
         # absent: (SPEC §9): what its patterns name on disk now, scanned like the rest.
         rules = {r.pattern: r for r in reversed(target.absent)}  # the first listing wins
-        found = find_absent(system, root, rules.values(), node=config.node)
-        named = {p: rules[pat] for p, pat in found.paths.items()}
-        excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
-        # The state directory under the root (root "/"): never purged (backups, journal).
+        # The state directory under the root (root "/"): never deleted by absent: nor
+        # purged (backups, journal, state.json).
         where = os.path.relpath(state_dir.path, root)
         own_state = () if where.startswith("..") else (PurePosixPath("/", where),)
+        found = find_absent(system, root, rules.values(), node=config.node, spare=own_state)
+        named = {p: rules[pat] for p, pat in found.paths.items()}
+        excludes = exclude_matcher([*node.exclude, *prepared.exclude_lines])
         # directories: and what their purges delete (SPEC §9), scanned like the rest.
         purged = find_purge_of(system, root, target, excludes, spare=own_state)
         known = set(paths)
@@ -805,7 +806,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             excluded=tuple(str(p) for p in plan.excluded),
             # Looked at again after the apply: the no-op short cut compares these
             # directories' and paths' stats to notice an absent path coming back.
-            absent_watch=absent_watch(system, root, target.absent, node=config.node),
+            absent_watch=absent_watch(
+                system, root, target.absent, node=config.node, spare=own_state
+            ),
             resources=resources,
             package_db=package_db_stamp(system, root) if resources else "",
             directories=applied.directories,

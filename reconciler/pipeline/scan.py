@@ -222,7 +222,12 @@ class AbsentFound:
 
 
 def find_absent(
-    system: System, root: Path, rules: Iterable[AbsentRule], *, node: str
+    system: System,
+    root: Path,
+    rules: Iterable[AbsentRule],
+    *,
+    node: str,
+    spare: Iterable[PurePosixPath] = (),
 ) -> AbsentFound:
     """Walk the disk under ``root`` through ``system`` for what ``rules`` name.
 
@@ -230,13 +235,21 @@ def find_absent(
     component is one lstat, a glob one listdir, ``**`` a walk below. The
     walk never enters a symlink (a symlinked directory is matched as the
     link itself, never followed), and a path the System refuses (a parent
-    leading outside the root) is skipped. Reads only.
+    leading outside the root) is skipped. Paths at or below ``spare`` (the
+    agent's own state directory when it lies under the root) are never
+    listed nor entered: ``absent: [/**/*.dpkg-old]`` must not delete the
+    backups of the files it deleted. Reads only.
     Raises InventoryError naming the rule's file, the pattern and ``node``
     when one pattern lists more than ABSENT_WALK_LIMIT directory entries.
     """
     base = os.fspath(root).rstrip("/")
+    spared = tuple(str(p).rstrip("/") for p in spare)
     paths: dict[PurePosixPath, str] = {}
     watched: dict[str, tuple[int, int]] = {}
+
+    def kept(dest: str) -> bool:
+        return any(dest == s or dest.startswith(s + "/") for s in spared)
+
     listed = 0  # directory entries the current pattern listed
     listings: dict[str, list[str]] = {}  # the current pattern's, by destination directory
 
@@ -264,6 +277,8 @@ def find_absent(
                 walk(directory, tail, pattern)
             for name in _names(directory):
                 child = f"{here}/{name}"
+                if kept(child):
+                    continue
                 if is_dir(child):
                     walk(child, rest, pattern)
                 elif not tail:
@@ -276,6 +291,8 @@ def find_absent(
         )
         for name in names:
             child = f"{here}/{name}"
+            if kept(child):
+                continue
             if not tail:
                 if not _has_glob(head):
                     watch(child)  # an exact path: its own arrival is seen by lstat

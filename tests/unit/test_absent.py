@@ -226,3 +226,26 @@ def test_a_pattern_listing_more_than_the_walk_limit_is_one_line_and_changes_noth
         )
     assert sorted(map(str, narrow.paths)) == ["/etc/deep/a/old.dpkg-old"]
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
+
+
+def test_absent_never_names_nor_watches_the_agent_state_directory_under_the_root(tmp_path):
+    # Root "/" and state_dir /var/lib/reconciler: a glob such as /**/*.dpkg-old must not
+    # delete the backups of the very files it deleted, nor the journal or state.json,
+    # and the state directory (changed by every run) must not defeat the no-op short cut.
+    root = tmp_path / "root"
+    state = root / "var/lib/reconciler"
+    (state / "backups/r1/files/etc").mkdir(parents=True)
+    (state / "backups/r1/files/etc/x.dpkg-old").write_bytes(b"old\n")
+    (state / "state.json").write_text("{}\n")
+    (root / "etc").mkdir()
+    (root / "etc/y.dpkg-old").write_bytes(b"old\n")
+    rules = [_rule("/**/*.dpkg-old"), _rule("/var/lib/reconciler/state.json")]
+    own = [P("/var/lib/reconciler")]
+    with RealSystem(root=root, trusted=(state,)) as system:
+        found = find_absent(system, root, rules, node="n", spare=own)
+        watched = absent_watch(system, root, rules, node="n", spare=own)
+        unspared = find_absent(system, root, rules, node="n")
+    assert sorted(map(str, found.paths)) == ["/etc/y.dpkg-old"]
+    assert not [w for w in watched if w.startswith("/var/lib/reconciler")]
+    # Without spare= the walk would have listed them: the test can fail.
+    assert "/var/lib/reconciler/backups/r1/files/etc/x.dpkg-old" in map(str, unspared.paths)
