@@ -129,6 +129,9 @@ class ReportConfig:
     # keys/operators/*.pub of the commit run, so the git server never sees a host's
     # file contents (vakap encrypts client-side likewise).
     encrypt_captures: bool = False
+    # SPEC §12: where this host's reports go, winning over fleet.yaml's
+    # reports.repo (a site's own server); may hold {shard}. None: fleet.yaml's.
+    repo: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -401,6 +404,12 @@ def build_config(
         flag = f"--{key.replace('_', '-')} ({key})"
         values[key] = _in_file(flag, _coerce, key, value, getattr(config, key), key_named=False)
     config = replace(config, **values)  # type: ignore[arg-type]
+    if config.report.repo is not None:
+        # Checked here, before any run; {shard} against fleet.yaml's shards is
+        # checked when a run reads fleet.yaml (reconciler/git/shards.py).
+        from reconciler.git.shards import check_no_password
+
+        check_no_password(config.report.repo, where=where, key="report.repo")
     if config.mode not in MODES:
         raise ConfigError(f"{where}: mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
     if not config.node or "/" in config.node or config.node.startswith(("_", ".")):
