@@ -108,6 +108,7 @@ def fetch(
     refspecs: Sequence[str],
     *,
     wanted: Callable[[Mapping[str, str]], bool] | None = None,
+    choose: Callable[[Mapping[str, str]], Sequence[str]] | None = None,
     prune: bool = False,
     attempts: int = NET_ATTEMPTS,
 ) -> int:
@@ -119,20 +120,29 @@ def fetch(
     ``wanted`` raises is final (a RemoteError with its text,
     ``refused="checks"``). ``prune`` deletes local refs whose remote
     counterpart is gone. Raises RemoteError (``refused`` when final) — see
-    the module docstring for the retry policy.
+    the module docstring for the retry policy. ``choose`` (instead of
+    ``refspecs``, which it receives no say in): the advertisement comes first
+    and the refspecs it returns are fetched, nothing when it returns none —
+    explicit refspecs for refs the server may not have (SPEC §13: the
+    earlier waves' report branches).
     """
     received = 0
 
     def attempt(callbacks: Callbacks) -> None:
         nonlocal received
         handle = repo.raw.remotes.create_anonymous(remote.url)
-        if wanted is not None:
+        specs = list(refspecs)
+        if wanted is not None or choose is not None:
             heads = {str(h.name): str(h.oid) for h in handle.list_heads(callbacks=callbacks)}
-            if not wanted(heads):  # a SourceError from it is final, as our own checks are
+            if wanted is not None and not wanted(heads):  # a SourceError from it is final
                 return
+            if choose is not None:
+                specs = list(choose(heads))
+                if not specs:
+                    return
             callbacks.begin()
         progress = handle.fetch(
-            list(refspecs),
+            specs,
             callbacks=callbacks,
             prune=pygit2.enums.FetchPrune.PRUNE if prune else pygit2.enums.FetchPrune.UNSPECIFIED,
         )

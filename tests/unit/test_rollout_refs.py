@@ -1,0 +1,73 @@
+"""Rollout refs in git (SPEC §13): explicit report refspecs and the halt marker.
+
+A real bare repository (file://) holding report branches written with the
+git CLI, fetched by :func:`fetch_rollout_refs` into a real state repository:
+only the nodes asked for, only the refs that moved, a vanished branch
+forgotten, and the marker read back. (Hidden report refs need a real
+upload-pack, libgit2's file:// does not run one: tests/integration/test_rollout.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from reconciler.config import AuthConfig
+from reconciler.git.remote import Remote
+from reconciler.git.repo import open_bare, refs_under
+from reconciler.git.rollout import (
+    FETCHED_PREFIX,
+    control_marker,
+    fetch_rollout_refs,
+    fetched_reports,
+)
+from reconciler.pipeline.rollout import HaltMarker, ReportView
+
+
+def _git(*args: str, cwd: Path, data: bytes | None = None) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "HOME": str(cwd)}
+    env |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com", "PATH": "/usr/bin"}
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, input=data, env=env
+    )
+    return done.stdout.decode().strip()
+
+
+def _branch(server: Path, ref: str, name: str, data: bytes) -> None:
+    """Commit ``name`` holding ``data`` as the only file of orphan branch ``ref`` on ``server``."""
+    blob = _git("hash-object", "-w", "--stdin", cwd=server, data=data)
+    tree = _git("mktree", cwd=server, data=f"100644 blob {blob}\t{name}\n".encode())
+    commit = _git("commit-tree", tree, "-m", ref, cwd=server)
+    _git("update-ref", ref, commit, cwd=server)
+
+
+def _report(node: str, commit: str) -> bytes:
+    body = {"node": node, "applied_commit": commit, "result": "changed"}
+    return json.dumps({**body, "finished_at": "2026-11-30T20:00:00Z"}).encode()
+
+
+def test_fetch_only_the_named_report_branches_and_the_marker(tmp_path: Path) -> None:
+    server = tmp_path / "server.git"
+    _git("init", "-q", "--bare", str(server), cwd=tmp_path)
+    for node in ("web1", "web2", "db1"):
+        _branch(server, f"refs/heads/reports/{node}", "report.json", _report(node, "a" * 40))
+    marker = HaltMarker(halted=True, at="2026-11-30T20:00:00Z", by="alice", reason="slow")
+    _branch(server, "refs/heads/rollout/control", "rollout.json", marker.to_json())
+    repo = open_bare(tmp_path / "state" / "repo.git", durable=False)
+    remote = Remote.for_agent(f"file://{server}", AuthConfig())
+
+    got = fetch_rollout_refs(repo, remote, ["web1", "gone"])
+    assert got.missing == ("gone",) and not got.hidden and got.received_bytes > 0
+    assert sorted(refs_under(repo, FETCHED_PREFIX)) == ["control", "reports/web1"]
+    reports = fetched_reports(repo, ["web1", "gone"])
+    view = ReportView.from_report_json(reports["web1"], node="web1")
+    assert view is not None and view.applied_commit == "a" * 40
+    held = control_marker(repo)
+    assert held is not None and HaltMarker.from_json(held[1], where="rollout.json") == marker
+
+    # Nothing moved: nothing fetched. The branch deleted on the server: forgotten here.
+    assert fetch_rollout_refs(repo, remote, ["web1"]).received_bytes == 0
+    _git("update-ref", "-d", "refs/heads/reports/web1", cwd=server)
+    assert fetch_rollout_refs(repo, remote, ["web1"]).missing == ("web1",)
+    assert fetched_reports(repo, ["web1"]) == {}
