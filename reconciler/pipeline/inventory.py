@@ -395,12 +395,15 @@ _APP_CONFIGS: dict[str, Any] = {}
 _APP_CONFIGS_MAX = 512
 
 
-def load_app_config(snapshot: Snapshot, app: str) -> Mapping[str, Any]:
+def load_app_config(snapshot: Snapshot, app: str, *, node: str | None = None) -> Mapping[str, Any]:
     """Parse and check ``templates/<app>/app.yaml``; {} when there is none.
 
     Returns a fresh copy on every call (a caller may change it); the parse
     and the schema check run once per git blob (a working tree: every call).
-    Raises InventoryError naming the file and line (SPEC §1 app.yaml).
+    Raises InventoryError naming the file and line (SPEC §1 app.yaml), and
+    with ``node`` the app and the node whose run read it: an app.yaml is
+    shared by many nodes, and the operator reading a host's report must see
+    it is this host's.
     """
     path = f"templates/{app}/app.yaml"
     blob = snapshot.blob_id(path)
@@ -415,7 +418,9 @@ def load_app_config(snapshot: Snapshot, app: str) -> Mapping[str, Any]:
         return {}
     problems = _schema_problems(_validators()[1], data, raw.decode("utf-8", "replace"), path)
     if problems:
-        raise InventoryError(problems[0])
+        problem, dash, hint = problems[0].partition(" — ")
+        whose = f" (app {app}, node {node})" if node is not None else ""
+        raise InventoryError(problem + whose + dash + hint)
     if blob is not None:
         if len(_APP_CONFIGS) >= _APP_CONFIGS_MAX:
             _APP_CONFIGS.clear()

@@ -426,7 +426,7 @@ def load_app_settings(snapshot: Snapshot, node: Node) -> tuple[AppSettings, ...]
     contradict each other on a package or a service."""
     out = []
     for app in node.apps:
-        data = load_app_config(snapshot, app.name)
+        data = load_app_config(snapshot, app.name, node=node.name)
         scripts = data.get("scripts", {})
         packages, services = parse_resources(data, app=app.name, node=node.name)
         out.append(
@@ -1377,7 +1377,7 @@ def _conditions(
     node_rules = rules(node.files, lambda p: node.files_origin.get(p, f"hosts/{node.name}.yaml"))
     app_rules = {
         a.name: rules(
-            load_app_config(snapshot, a.name).get("files", {}),
+            load_app_config(snapshot, a.name, node=node.name).get("files", {}),
             lambda _, a=a.name: f"templates/{a}/app.yaml",  # type: ignore[misc]
         )
         for a in node.apps
@@ -1400,7 +1400,10 @@ def _jinja_settings(
     ``app.yaml``'s, SPEC §10), for the destinations whose settings are not the
     defaults. Raises InventoryError naming ``fleet.yaml`` or the ``app.yaml`` and line."""
     fleet = fleet_settings(snapshot)
-    apps = {a.name: app_settings(fleet, load_app_config(snapshot, a.name)) for a in node.apps}
+    apps = {
+        a.name: app_settings(fleet, load_app_config(snapshot, a.name, node=node.name))
+        for a in node.apps
+    }
     return {
         dest: apps[app]
         for dest, (app, _, _) in sources.items()
@@ -1426,7 +1429,8 @@ def _prepare(
     Raises as :func:`_collect` and ``load_app_config`` do."""
     items: Items = {}
     app_globs = {
-        a.name: _compile(load_app_config(snapshot, a.name).get("files", {})) for a in node.apps
+        a.name: _compile(load_app_config(snapshot, a.name, node=node.name).get("files", {}))
+        for a in node.apps
     }
     node_globs = _compile(node.files)
 
@@ -1733,7 +1737,9 @@ def directory_targets(
     out: dict[PurePosixPath, TargetDir] = {}
     for app in node.apps:
         origin = f"templates/{app.name}/app.yaml"
-        for text, meta in load_app_config(snapshot, app.name).get("directories", {}).items():
+        for text, meta in (
+            load_app_config(snapshot, app.name, node=node.name).get("directories", {}).items()
+        ):
             path = PurePosixPath(text)
             where = f"{origin}: directories: {text}"
             other = out.get(path)
@@ -1775,7 +1781,7 @@ def absent_rules(snapshot: Snapshot, node: Node) -> tuple[AbsentRule, ...]:
     (SPEC §9). Raises InventoryError for a bad app.yaml."""
     rules = [AbsentRule(pattern=p, app=HOST_APP, origin=o) for p, o in node.absent]
     for app in node.apps:
-        for pattern in load_app_config(snapshot, app.name).get("absent", ()):
+        for pattern in load_app_config(snapshot, app.name, node=node.name).get("absent", ()):
             rules.append(
                 AbsentRule(pattern=pattern, app=app.name, origin=f"templates/{app.name}/app.yaml")
             )

@@ -158,6 +158,8 @@ def test_a_bad_jinja_key_names_the_file_and_line(
     with pytest.raises(InventoryError) as info:
         _files(tmp_path, {"templates/a/default/etc/x.j2": "x\n", path: text})
     assert problem in str(info.value) and "\n" not in str(info.value)
+    # An app.yaml is shared by many nodes: its error says whose run read it.
+    assert ("(app a, node n) — " in str(info.value)) == path.endswith("app.yaml")
 
 
 def test_settings_are_part_of_the_render_key(tmp_path: Path) -> None:
