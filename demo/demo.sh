@@ -46,7 +46,8 @@ identity: $demo/identity.age
 facts_dir: $demo/facts.d
 YAML
 # A local fact (SPEC §10): what only the host knows, read by templates/motd as
-# facts.local.location. Root-owned and not world-writable, or it is refused.
+# facts.local.location. Writable by its owner only (root or the agent's user), as
+# are the directories above it, or it is refused.
 mkdir -m 0755 "$demo/facts.d"
 printf 'room: DC2 hall B\nrack: R12\n' > "$demo/facts.d/location.yaml"
 echo "agent configuration ($demo/config.yaml):"

@@ -103,6 +103,38 @@ def _others_could_write(st: os.stat_result) -> str | None:
     return None
 
 
+def _check_parents(base: Path) -> None:
+    """Refuse ``base`` when a directory above it (as named, and once symlinks are
+    resolved) is one another user could write: they could rename ``base`` away and
+    put a directory of their own, with an executable in it, in its place.
+
+    The rule of OpenSSH's ``StrictModes`` and sudo's for their files: every
+    ancestor owned by root (or us) and writable by nobody else; a sticky
+    directory owned by root (``/tmp``) is accepted, since nobody can rename an
+    entry there that is not theirs. Raises FactsError naming the directory.
+    """
+    seen: set[str] = set()
+    for start in (Path(os.path.abspath(base)), Path(os.path.realpath(base))):
+        for parent in start.parents:
+            if str(parent) in seen:
+                continue
+            seen.add(str(parent))
+            try:
+                st = os.stat(parent)
+            except OSError as exc:
+                raise FactsError(f"cannot read: {exc.strerror}", where=str(parent)) from exc
+            why = _others_could_write(st)
+            if why is None or (st.st_mode & stat.S_ISVTX and st.st_uid == 0 and "owned" not in why):
+                continue
+            raise FactsError(
+                f"facts_dir lies in {parent}, which is {why}: another user could put a "
+                "directory of their own in its place",
+                where=str(base),
+                hint="keep facts_dir under directories only root can write "
+                "(the default /etc/reconciler/facts.d)",
+            )
+
+
 def _refuse(path: str, why: str) -> FactsError:
     return FactsError(
         f"local fact source is {why}: another user could change what root's templates read",
@@ -149,6 +181,7 @@ def local_facts(facts_dir: str | None, *, timeout: float = FACT_TIMEOUT) -> dict
     why = _others_could_write(st)
     if why is not None:
         raise _refuse(str(base), why)
+    _check_parents(base)
     found: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for entry in sorted(os.scandir(base), key=lambda e: e.name):

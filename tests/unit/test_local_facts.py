@@ -121,6 +121,32 @@ def test_a_world_writable_source_or_directory_is_refused(tmp_path):
         local_facts(str(d))
 
 
+def test_a_facts_dir_inside_a_directory_others_could_write_is_refused(tmp_path):
+    # Another user could rename facts.d away and put their own, with an executable
+    # in it, in its place: refused as OpenSSH's StrictModes refuses such a parent.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    d = _facts_dir(shared / "facts.d", {"rack.yaml": "row: 3\n"})
+    os.chmod(shared, 0o777)
+    with pytest.raises(FactsError, match=r"facts.d: facts_dir lies in .*shared, which is world-"):
+        local_facts(str(d))
+    os.chmod(shared, 0o775)
+    os.chown(shared, os.geteuid(), 12345)  # a group other than root's or ours
+    with pytest.raises(FactsError, match=r"which is writable by group 12345"):
+        local_facts(str(d))
+    # Reached through a symlink: the directories of the link's target count too.
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    with pytest.raises(FactsError, match=r"which is writable by group 12345"):
+        local_facts(str(link))
+    # A sticky directory owned by root (/tmp) is safe: nobody renames what is not theirs.
+    os.chmod(shared, 0o1777)
+    if os.geteuid() == 0:
+        assert local_facts(str(d)) == {"rack": {"row": 3}}
+    os.chmod(shared, 0o755)
+    assert local_facts(str(d)) == {"rack": {"row": 3}}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_an_executable_another_user_owns_is_never_run(tmp_path):
     marker = tmp_path / "ran"
