@@ -153,6 +153,35 @@ def _check_trust_file(path: str, key: str, commit: str) -> None:
         )
 
 
+def split_signature(raw: bytes) -> tuple[bytes | None, bytes]:
+    """(the ``gpgsig`` header's armored text, the signed bytes) of a commit object's bytes,
+    as git splits them: the signed bytes are the object without that header.
+
+    In Python, from the exact bytes of the object, rather than pygit2's
+    ``Commit.gpg_signature``: libgit2 extracts the message part with a
+    ``strlen``, and an object read through our own loose-object backend
+    (:mod:`reconciler.git.objects`, a pygit2 ``OdbBackend``) is not
+    NUL-terminated, so a byte past its end could join the signed data and a
+    good signature fail to verify (seen with a marker pushed loose, issue 18).
+    """
+    head, sep, message = raw.partition(b"\n\n")
+    kept: list[bytes] = []
+    signature: list[bytes] = []
+    inside = False
+    for line in head.split(b"\n"):
+        if line.startswith(b"gpgsig "):
+            inside = True
+            signature.append(line[len(b"gpgsig ") :])
+        elif inside and line.startswith(b" "):
+            signature.append(line[1:])
+        else:
+            inside = False
+            kept.append(line)
+    if not signature:
+        return None, raw
+    return b"\n".join(signature) + b"\n", b"\n".join(kept) + sep + message
+
+
 def verify_commit(repo: Repo, commit: str, verify: VerifyConfig) -> str | None:
     """Check ``commit``'s signature when verification is configured.
 
@@ -171,7 +200,10 @@ def verify_commit(repo: Repo, commit: str, verify: VerifyConfig) -> str | None:
     if verify.gpg_keyring:
         _check_trust_file(verify.gpg_keyring, "gpg_keyring", commit)
     with map_git_errors(f"commit {commit}", "fetch again"):
-        signature, data = repo.raw[commit].peel(pygit2.Commit).gpg_signature
+        kind, raw = repo.raw.read(commit)
+    if kind != pygit2.enums.ObjectType.COMMIT:
+        raise UntrustedCommitError(f"untrusted commit {commit}: not a commit object")
+    signature, data = split_signature(raw)
     if not signature:
         raise UntrustedCommitError(
             f"untrusted commit {commit}: it is not signed — sign it (git commit -S) with a key "
