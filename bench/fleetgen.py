@@ -111,7 +111,6 @@ def reads_rare(spec: FleetSpec, a: int, f: int) -> bool:
     return (a * spec.files_per_app + f) % 100 == 0
 
 
-
 def app_vars(a: int) -> dict[str, Any]:
     return {
         "listen": "0.0.0.0",
@@ -193,83 +192,185 @@ def effective_vars(spec: FleetSpec, i: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- templates
 
 
-def template_text(spec: FleetSpec, a: int, f: int) -> str:
-    """A distinct template of about ``spec.template_lines`` lines for file ``f`` of app ``a``.
+def _template_lines(spec: FleetSpec, a: int, f: int) -> list[tuple[str, str]]:
+    """The lines of file ``f`` of app ``a`` as (Jinja2, EPP) pairs: one template, two languages.
 
     Built from blocks chosen per file (seeded), each using only vars; the
-    constants differ per file so no two templates are alike.
+    constants differ per file so no two templates are alike. Each EPP line
+    renders, from the same vars, the bytes its Jinja2 line renders
+    (bench/run.py checks Puppet's output against reconciler's byte for byte):
+
+    * A Jinja2 line that starts with ``{%-`` strips the newline before it
+      (``trim_blocks`` is off, so the newline after its tag stays): its EPP
+      line is joined to the previous one (see :func:`epp_text`);
+    * Python's ``str(True)`` is ``True`` where Puppet prints ``true``: a
+      value that may be a boolean goes through a selector (PY_STR);
+    * ``dictsort`` sorts keys without case, Puppet's ``sort`` with it: the
+      option keys are lower case;
+    * macros are inlined, ``set`` becomes a variable named once per template
+      (Puppet variables cannot be re-assigned, and a block may occur twice).
     """
     rng = random.Random(f"{spec.seed}:{a}:{f}")
     A = app_name(a)
+    P = f"${A}"  # the app's hash in EPP
     tag = f"{A}_{f:04d}"
-    out: list[str] = [
-        f"# {{{{ organization }}}}: {A} file {f:04d} (bench/fleetgen.py)",
-        "# site {{ site }}, node {{ node_index }} ({{ node_ip }}), domain {{ domain }}",
-        f"[{tag}]",
+    out: list[tuple[str, str]] = [
+        (
+            f"# {{{{ organization }}}}: {A} file {f:04d} (bench/fleetgen.py)",
+            f"# <%= $organization %>: {A} file {f:04d} (bench/fleetgen.py)",
+        ),
+        (
+            "# site {{ site }}, node {{ node_index }} ({{ node_ip }}), domain {{ domain }}",
+            "# site <%= $site %>, node <%= $node_index %> (<%= $node_ip %>), domain <%= $domain %>",
+        ),
+        (f"[{tag}]", f"[{tag}]"),
     ]
     if reads_rare(spec, a, f):
-        out.append(f"rare = {{{{ {RARE} }}}}")
+        out.append((f"rare = {{{{ {RARE} }}}}", f"rare = <%= ${RARE} %>"))
+    uses = iter(range(1000))  # one name per `set` in the EPP text
+
+    def b_listen() -> list[tuple[str, str]]:
+        k = 1 + f % 3
+        return [
+            (
+                f"listen = {{{{ {A}.listen }}}}:{{{{ {A}.port + {f} }}}}",
+                f"listen = <%= {P}['listen'] %>:<%= {P}['port'] + {f} %>",
+            ),
+            (
+                f"workers = {{{{ ({A}.workers * {k}) if {A}.workers > 2 else 1 }}}}",
+                f"workers = <%= if {P}['workers'] > 2 {{ {P}['workers'] * {k} }} else {{ 1 }} %>",
+            ),
+            (
+                f"log_level = {{{{ {A}.log_level | upper }}}}",
+                f"log_level = <%= upcase({P}['log_level']) %>",
+            ),
+        ]
+
+    def b_tls() -> list[tuple[str, str]]:
+        return [
+            (f"{{%- if {A}.tls %}}", f"<% if {P}['tls'] {{ %>"),
+            (f"tls_cert = /etc/{A}/tls/{f:04d}.pem",) * 2,
+            (
+                f'tls_protocols = {{{{ {A}.tls_protocols | join(" ") }}}}',
+                f"tls_protocols = <%= join({P}['tls_protocols'], ' ') %>",
+            ),
+            ("{%- else %}", "<% } else { %>"),
+            (f"tls = off  # {tag}",) * 2,
+            ("{%- endif %}", "<% } %>"),
+        ]
+
+    def b_backends() -> list[tuple[str, str]]:
+        return [
+            (f"{{%- for b in {A}.backends %}}", f"<% {P}['backends'].each |$b| {{ %>"),
+            (
+                f"backend {{{{ b.name }}}}_{f} {{{{ b.host }}}}:{{{{ b.port + {f % 7} }}}}"
+                " weight={{ b.weight }}{% if b.backup %} backup{% endif %}",
+                f"backend <%= $b['name'] %>_{f} <%= $b['host'] %>:<%= $b['port'] + {f % 7} %>"
+                " weight=<%= $b['weight'] %><% if $b['backup'] { %> backup<% } %>",
+            ),
+            ("{%- endfor %}", "<% } %>"),
+        ]
+
+    def b_options() -> list[tuple[str, str]]:
+        group = rng.choice(["net", "io", "rt", "q"])
+        return [
+            (
+                f"{{%- for k, v in {A}.options | dictsort %}}",
+                f"<% sort(keys({P}['options'])).each |$k| {{ $v = {P}['options'][$k] %>",
+            ),
+            (f"option.{group}.{{{{ k }}}} = {{{{ v }}}}", f"option.{group}.<%= $k %> = {PY_STR}"),
+            ("{%- endfor %}", "<% } %>"),
+        ]
+
+    def b_features() -> list[tuple[str, str]]:
+        return [
+            (
+                f"{{%- for feature in {A}.features %}}",
+                f"<% {P}['features'].each |$i, $feature| {{ %>",
+            ),
+            (
+                f"feature[{{{{ loop.index }}}}] = {{{{ feature }}}}"
+                f"{{% if loop.last %}}  # {len(A) + f} in total{{% endif %}}",
+                f"feature[<%= $i + 1 %>] = <%= $feature %>"
+                f"<% if $i == length({P}['features']) - 1 {{ %>  # {len(A) + f} in total<% }} %>",
+            ),
+            ("{%- endfor %}", "<% } %>"),
+        ]
+
+    def b_servers() -> list[tuple[str, str]]:
+        return [
+            ("{%- for s in dns_servers %}", "<% $dns_servers.each |$i, $s| { %>"),
+            (
+                f"resolver{{{{ loop.index0 }}}} = {{{{ s }}}}  # {tag}",
+                f"resolver<%= $i %> = <%= $s %>  # {tag}",
+            ),
+            ("{%- endfor %}", "<% } %>"),
+            ("{%- for s in ntp_servers %}", "<% $ntp_servers.each |$s| { %>"),
+            ("ntp = {{ s }}", "ntp = <%= $s %>"),
+            ("{%- endfor %}", "<% } %>"),
+        ]
+
+    def b_macro() -> list[tuple[str, str]]:
+        # The macro is inlined in EPP: its definition renders nothing.
+        return [
+            (
+                f"{{%- macro kv(key, value) %}}{{{{ key }}}}.{f} = {{{{ value }}}}{{% endmacro %}}",
+                "",
+            ),
+            (f"{{{{ kv('port', {A}.port) }}}}", f"port.{f} = <%= {P}['port'] %>"),
+            (
+                f"{{{{ kv('timeout', {A}.options.timeout * {1 + f % 5}) }}}}",
+                f"timeout.{f} = <%= {P}['options']['timeout'] * {1 + f % 5} %>",
+            ),
+            (
+                f"{{{{ kv('name', '{tag}' | replace('_', '-')) }}}}",
+                f"name.{f} = <%= regsubst('{tag}', '_', '-', 'G') %>",
+            ),
+        ]
+
+    def b_weights() -> list[tuple[str, str]]:
+        total = f"$total_{next(uses)}"
+        limit = rng.randint(3, 9)
+        return [
+            (
+                f"{{%- set total = {A}.backends | map(attribute='weight') | sum %}}",
+                f"<% {total} = {P}['backends'].map |$x| {{ $x['weight'] }}"
+                ".reduce(0) |$m, $w| { $m + $w } %>",
+            ),
+            (
+                f"total_weight = {{{{ total + {f % 11} }}}}",
+                f"total_weight = <%= {total} + {f % 11} %>",
+            ),
+            (f"{{%- if total > {limit} %}}", f"<% if {total} > {limit} {{ %>"),
+            ("balance = weighted",) * 2,
+            ("{%- else %}", "<% } else { %>"),
+            ("balance = round-robin",) * 2,
+            ("{%- endif %}", "<% } %>"),
+        ]
+
+    def b_primaries() -> list[tuple[str, str]]:
+        primary = f"$primary_{next(uses)}"
+        return [
+            (
+                f"{{%- set primary = {A}.backends | rejectattr('backup') | list %}}",
+                f"<% {primary} = {P}['backends'].filter |$x| {{ !$x['backup'] }} %>",
+            ),
+            (
+                "primaries = {{ primary | map(attribute='host') | join(',') }}",
+                f"primaries = <%= join({primary}.map |$x| {{ $x['host'] }}, ',') %>",
+            ),
+            (
+                f"spare = {{{{ {A}.backends | selectattr('backup') | map(attribute='name') | first"
+                " | default('none') }}",
+                f"spare = <%= ({P}['backends'].filter |$x| {{ $x['backup'] }}"
+                ".map |$x| { $x['name'] } + ['none'])[0] %>",
+            ),
+        ]
+
     blocks = [
-        lambda: [
-            f"listen = {{{{ {A}.listen }}}}:{{{{ {A}.port + {f} }}}}",
-            f"workers = {{{{ ({A}.workers * {1 + f % 3}) if {A}.workers > 2 else 1 }}}}",
-            f"log_level = {{{{ {A}.log_level | upper }}}}",
-        ],
-        lambda: [
-            f"{{%- if {A}.tls %}}",
-            f"tls_cert = /etc/{A}/tls/{f:04d}.pem",
-            f'tls_protocols = {{{{ {A}.tls_protocols | join(" ") }}}}',
-            "{%- else %}",
-            f"tls = off  # {tag}",
-            "{%- endif %}",
-        ],
-        lambda: [
-            f"{{%- for b in {A}.backends %}}",
-            f"backend {{{{ b.name }}}}_{f} {{{{ b.host }}}}:{{{{ b.port + {f % 7} }}}}"
-            " weight={{ b.weight }}{% if b.backup %} backup{% endif %}",
-            "{%- endfor %}",
-        ],
-        lambda: [
-            f"{{%- for k, v in {A}.options | dictsort %}}",
-            f"option.{rng.choice(['net', 'io', 'rt', 'q'])}.{{{{ k }}}} = {{{{ v }}}}",
-            "{%- endfor %}",
-        ],
-        lambda: [
-            f"{{%- for feature in {A}.features %}}",
-            f"feature[{{{{ loop.index }}}}] = {{{{ feature }}}}"
-            f"{{% if loop.last %}}  # {len(A) + f} in total{{% endif %}}",
-            "{%- endfor %}",
-        ],
-        lambda: [
-            "{%- for s in dns_servers %}",
-            f"resolver{{{{ loop.index0 }}}} = {{{{ s }}}}  # {tag}",
-            "{%- endfor %}",
-            "{%- for s in ntp_servers %}",
-            "ntp = {{ s }}",
-            "{%- endfor %}",
-        ],
-        lambda: [
-            f"{{%- macro kv(key, value) %}}{{{{ key }}}}.{f} = {{{{ value }}}}{{% endmacro %}}",
-            f"{{{{ kv('port', {A}.port) }}}}",
-            f"{{{{ kv('timeout', {A}.options.timeout * {1 + f % 5}) }}}}",
-            f"{{{{ kv('name', '{tag}' | replace('_', '-')) }}}}",
-        ],
-        lambda: [
-            f"{{%- set total = {A}.backends | map(attribute='weight') | sum %}}",
-            f"total_weight = {{{{ total + {f % 11} }}}}",
-            f"{{%- if total > {rng.randint(3, 9)} %}}",
-            "balance = weighted",
-            "{%- else %}",
-            "balance = round-robin",
-            "{%- endif %}",
-        ],
-        lambda: [
-            f"{{%- set primary = {A}.backends | rejectattr('backup') | list %}}",
-            "primaries = {{ primary | map(attribute='host') | join(',') }}",
-            f"spare = {{{{ {A}.backends | selectattr('backup') | map(attribute='name') | first"
-            " | default('none') }}",
-        ],
-    ]
+        b_listen, b_tls, b_backends, b_options, b_features, b_servers, b_macro, b_weights,
+        b_primaries,
+    ]  # fmt: skip
     # Keep adding shuffled blocks until the template is about template_lines long.
     order = list(range(len(blocks)))
     while len(out) < spec.template_lines - 1:
@@ -278,8 +379,44 @@ def template_text(spec: FleetSpec, a: int, f: int) -> str:
             if len(out) >= spec.template_lines - 1:
                 break
             out.extend(blocks[k]())
-    out.append(f"# end of {tag}")
-    return "\n".join(out) + "\n"
+    out.append((f"# end of {tag}",) * 2)
+    return out
+
+
+# Python's str() of a value that may be a boolean (Jinja2 prints True, Puppet true).
+PY_STR = "<%= $v ? { true => 'True', false => 'False', default => $v } %>"
+
+
+def template_text(spec: FleetSpec, a: int, f: int) -> str:
+    """The Jinja2 template of file ``f`` of app ``a`` (about ``spec.template_lines`` lines)."""
+    return "\n".join(j for j, _ in _template_lines(spec, a, f)) + "\n"
+
+
+def _epp_join(pairs: Iterable[tuple[str, str]]) -> str:
+    """EPP text of (Jinja2, EPP) line pairs: a line whose Jinja2 starts with
+    ``{%-`` is joined to the one before (that tag strips the newline before it)."""
+    text = ""
+    for jinja, epp in pairs:
+        text += epp if jinja.startswith("{%-") and text else ("\n" if text else "") + epp
+    return text + "\n"
+
+
+def epp_text(spec: FleetSpec, a: int, f: int, changes: Iterable[int] = ()) -> str:
+    """The EPP equivalent of :func:`template_text` for Puppet (bench/puppet.py),
+    with the "desired change" K of each K in ``changes`` that edits this file."""
+    pairs = _template_lines(spec, a, f)
+    pairs += [change_line(spec, k)[1] for k in changes if change_line(spec, k)[0] == (a, f)]
+    return _epp_join(pairs)
+
+
+def change_line(spec: FleetSpec, k: int) -> tuple[tuple[int, int], tuple[str, str]]:
+    """Desired change K: ((app, file) it edits, the (Jinja2, EPP) line it appends)."""
+    a, f = k % spec.apps, (k * 7919) % spec.files_per_app
+    A = app_name(a)
+    return (a, f), (
+        f"# desired change {k}: timeout {{{{ {A}.options.timeout }}}}",
+        f"# desired change {k}: timeout <%= ${A}['options']['timeout'] %>",
+    )
 
 
 # ---------------------------------------------------------------- writing
@@ -354,10 +491,12 @@ def commit_change(out: Path, k: int) -> str:
     out = out.resolve()
     spec = load_spec(out)
     work = out / "work"
-    a, f = k % spec.apps, (k * 7919) % spec.files_per_app
+    (a, f), (line, _) = change_line(spec, k)
     p = work / template_path(a, f)
-    text = p.read_text()
-    p.write_text(text + f"# desired change {k}: timeout {{{{ {app_name(a)}.options.timeout }}}}\n")
+    p.write_text(p.read_text() + line + "\n")
+    changes = out / "changes.json"  # for Puppet's EPP copy of the templates
+    done = json.loads(changes.read_text()) if changes.exists() else []
+    changes.write_text(json.dumps([*done, k]) + "\n")
     git(["commit", "-q", "-am", f"one desired change {k}"], cwd=work)
     git(["push", "-q", str(out / "fleet.git"), "main:main"], cwd=work)
     return dest_path(a, f)
