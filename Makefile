@@ -67,7 +67,9 @@ $(BENCH_STAMP): bench/requirements.txt
 	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements.txt
 	touch $(BENCH_STAMP)
 
-# < 10 minutes on 2 cores: table on stdout and in bench/results/ (results.md, scaling.png).
+# < 15 minutes on 2 cores: table on stdout and in bench/results/ (results.md, scaling.png).
+# Installs Debian's puppet package when it is missing (as root: apt-get), for
+# puppet apply side by side; BENCH_PUPPET=off leaves Puppet out.
 # BENCH_ANSIBLE=full also runs Ansible's cold apply (~3 more minutes); BENCH_BUDGET=seconds.
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/run.py

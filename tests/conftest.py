@@ -66,6 +66,7 @@ TOOLS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
     "strace": ((("strace",), "strace"),),
     "age": ((("age",), "age"), (("age-keygen",), "age")),
     "systemd_analyze": ((("systemd-analyze", "/usr/bin/systemd-analyze"), "systemd"),),
+    "puppet": ((("/usr/bin/puppet",), "puppet"),),
 }
 
 # Fixtures that start a tool: a test using one must carry the marker, or a

@@ -26,6 +26,7 @@ NEEDS=(
   "strace:strace"                      # the report-durability test watches fsyncs
   "age:age"                            # secrets (SPEC §8): interop with the reference age CLI
   "dpkg-dev:dpkg-scanpackages"         # packages (SPEC §11): the test's own apt repository
+  "puppet:/usr/bin/puppet"             # bench (SPEC §7): the EPP copy of the templates, byte for byte
 )
 
 missing=()
