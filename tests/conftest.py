@@ -67,6 +67,7 @@ TOOLS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
     "age": ((("age",), "age"), (("age-keygen",), "age")),
     "systemd_analyze": ((("systemd-analyze", "/usr/bin/systemd-analyze"), "systemd"),),
     "puppet": ((("/usr/bin/puppet",), "puppet"),),
+    "nspawn": ((("systemd-nspawn",), "systemd-container"), (("nsenter",), "util-linux")),
 }
 
 # Fixtures that start a tool: a test using one must carry the marker, or a

@@ -27,6 +27,7 @@ NEEDS=(
   "age:age"                            # secrets (SPEC §8): interop with the reference age CLI
   "dpkg-dev:dpkg-scanpackages"         # packages (SPEC §11): the test's own apt repository
   "puppet:/usr/bin/puppet"             # bench (SPEC §7): the EPP copy of the templates, byte for byte
+  "systemd-container:systemd-nspawn"   # services (SPEC §11): a throwaway systemd booted by the test
 )
 
 missing=()
