@@ -366,6 +366,9 @@ class Report:
     # The state repository was corrupt and rebuilt (issue 11; CacheRebuild.to_json() of
     # reconciler.git.cache). Written only when set.
     cache_rebuilt: Mapping[str, Any] | None = None
+    # SPEC §13: the commit this host holds back for its rollout wave: {state: pending |
+    # halted, commit, wave, waiting_for, reason[, warning]}. Written only when set.
+    rollout: Mapping[str, Any] | None = None
     # Keys this version does not know (a newer agent wrote them): kept, written back last.
     unknown: Mapping[str, Any] = field(default_factory=dict)
 
@@ -416,6 +419,10 @@ class Report:
             dict(self.cache_rebuilt) if self.cache_rebuilt else None,
             tuple((s.phase, s.app, s.name, s.exit_code) for s in self.scripts if s.exit_code != 0),
             dict(self.history_lost) if self.history_lost else None,
+            # The rollout's state, never its reason text (it names how many are behind).
+            tuple(self.rollout.get(k) for k in ("state", "commit", "wave", "waiting_for"))
+            if self.rollout
+            else None,
         )
 
     def eventful(self) -> bool:
@@ -477,6 +484,8 @@ class Report:
             out["history_lost"] = dict(self.history_lost)
         if self.cache_rebuilt:  # only when it happened: every other report stays byte-identical
             out["cache_rebuilt"] = dict(self.cache_rebuilt)
+        if self.rollout:
+            out["rollout"] = dict(self.rollout)
         for key, value in self.unknown.items():
             out.setdefault(key, value)
         return out
@@ -506,6 +515,7 @@ class Report:
             cache_rebuilt=(
                 dict(data["cache_rebuilt"]) if _mapping(data.get("cache_rebuilt")) else None
             ),
+            rollout=dict(data["rollout"]) if _mapping(data.get("rollout")) else None,
             result=str(data.get("result") or "failed"),
             changes=tuple(ReportChange.from_json(_mapping(c)) for c in _list(data.get("changes"))),
             drift=tuple(ReportDrift.from_json(_mapping(d)) for d in _list(data.get("drift"))),
@@ -597,8 +607,12 @@ def build_report(
     history_lost: Mapping[str, Any] | None = None,
     cache_rebuilt: Mapping[str, Any] | None = None,
     resources: Sequence[tuple[ResourceChange, bool]] | None = None,
+    rollout: Mapping[str, Any] | None = None,
 ) -> Report:
     """The Report of a reconcile run (SPEC §4, §5).
+
+    ``rollout``: the commit held back for this node's rollout wave (SPEC §13,
+    ``pipeline/admission.py``), None when nothing is held.
 
     ``resources``: the package and service changes (SPEC §11) and whether each
     was applied, as the apply stage left them (reloads and restarts included);
@@ -673,6 +687,7 @@ def build_report(
         errors=tuple(str(e) for e in errors),
         facts=dict(facts),
         history_lost=dict(history_lost) if history_lost else None,
+        rollout=dict(rollout) if rollout else None,
     )
 
 

@@ -405,6 +405,31 @@ def facts_note(
     return "; ".join(parts)
 
 
+def rollout_waves(snapshot: Snapshot, inventory: Any, problems: list[str]) -> dict[str, Any] | None:
+    """``validate``'s view of ``rollout:`` (SPEC §13): ``{waves: [{name, nodes}], soak_s,
+    max_failed}`` with each wave's nodes sorted; None when there is no rollout. A bad
+    ``rollout:`` is appended to ``problems`` (one line naming fleet.yaml), and None."""
+    from reconciler.pipeline.admission import rollout_of
+    from reconciler.pipeline.rollout import wave_nodes
+
+    try:
+        found = rollout_of(snapshot, inventory)
+    except ReconcilerError as exc:
+        problems.append(str(exc))
+        return None
+    if found is None:
+        return None
+    rollout, wave_of = found
+    return {
+        "waves": [
+            {"name": w.name, "nodes": nodes}
+            for w, nodes in zip(rollout.waves, wave_nodes(rollout, wave_of), strict=True)
+        ],
+        "soak_s": rollout.soak_s,
+        "max_failed": rollout.max_failed,
+    }
+
+
 def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Check a working tree: every host-file problem and every render error at once.
 
@@ -438,6 +463,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     problems = list(check.problems)
     problems += adopted_leftovers(snapshot)
     inventory = check.inventory
+    waves = rollout_waves(snapshot, inventory, problems) if not check.problems else None
     rendered = 0
     limits = render_limits(args)
     failures: dict[str, list[str]] = {}  # problem → the nodes it affects, in first-seen order
@@ -508,6 +534,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "warnings": warnings,
                 "files_rendered": rendered,
                 "facts": facts_note(origins, reports, local),
+                "rollout": waves,
             },
             out,
         )
@@ -519,6 +546,10 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if len(problems) > MAX_PROBLEMS_SHOWN:
             more = len(problems) - MAX_PROBLEMS_SHOWN
             err.write(f"… and {more} more problem(s) — fix these first, or see --format json\n")
+        for wave in (waves or {}).get("waves", []):
+            names = wave["nodes"]
+            shown = _nodes_note(names) if names else "[no node]"
+            out.write(f"rollout: wave {wave['name']} {shown}\n")
         if origins[True]:
             # Said when some node used its report's facts; with none, every node used
             # this machine's, as validate always did (JSON says so in either case).

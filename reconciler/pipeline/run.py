@@ -173,6 +173,9 @@ class Prepared:
     exclude_lines: tuple[str, ...] = ()
     fingerprint: str = ""
     errors: tuple[ReconcilerError, ...] = ()
+    # SPEC §13: the commit the branch moved to, held back for this node's rollout wave
+    # (the report's ``rollout``); ``commit`` is then the one applied before.
+    rollout: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +209,7 @@ class Converged:
     settled: frozenset[str] | None = None
     lift_hold: bool = False
     hold_unchanged: str | None = None
+    rollout: Mapping[str, Any] | None = None  # Prepared.rollout, unless the commit changes nothing
 
 
 def new_run_id(now: dt.datetime) -> str:
@@ -378,6 +382,7 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
         commit, refusal = polled.commit, polled.refusal
         if refusal is not None:
             errors.append(refusal)
+        rollout, commit = _admission(setting, previous, commit, refusal, errors)
         if setting.facts_error is not None:
             raise setting.facts_error  # nothing is enforced without the host's facts
         hold = read_hold(setting.state_dir)
@@ -406,7 +411,33 @@ def prepare(setting: Setting, previous: LocalState, recovery: Recovery | None) -
         exclude_lines=exclude_lines,
         fingerprint=fingerprint,
         errors=tuple(errors),
+        rollout=rollout,
     )
+
+
+def _admission(
+    setting: Setting,
+    previous: LocalState,
+    commit: str,
+    refusal: UntrustedCommitError | None,
+    errors: list[ReconcilerError],
+) -> tuple[Mapping[str, Any] | None, str]:
+    """The rollout gate (SPEC §13): (the held record or None, the commit to enforce).
+
+    Gated: a trusted commit other than the applied one, on a host that applied
+    one before (a brand-new host converges at once: nothing to protect), not
+    pinned by ``--state`` (a pin is an operator's explicit choice). A check
+    that cannot decide holds the commit and adds its error (the run fails).
+    """
+    applied = previous.applied_commit
+    if refusal is not None or applied is None or commit == applied or setting.options.state:
+        return None, commit
+    from reconciler.pipeline.admission import check_admission
+
+    checked = check_admission(setting.repo, commit, applied, setting.config, setting.remote)
+    if checked.error is not None:
+        errors.append(checked.error)
+    return checked.held, checked.commit
 
 
 def trusted_commit(
@@ -462,18 +493,27 @@ def held_by(
 def _held_target_unchanged(
     setting: Setting, hold: Mapping[str, Any], target: TargetState, cache: dict[str, Any]
 ) -> bool:
-    """True when the hold's commit renders ``target`` for this node: a newer commit
-    that leaves this node's target as rolled back does not lift the hold (issue 12).
+    """True when the hold's commit renders ``target`` for this node (:func:`_renders_same`)."""
+    return _renders_same(setting, str(hold.get("commit")), target, cache)
+
+
+def _renders_same(
+    setting: Setting, commit: str, target: TargetState, cache: dict[str, Any]
+) -> bool:
+    """True when ``commit`` renders ``target`` for this node: a newer commit that leaves
+    this node's target as rolled back does not lift a rollback's hold (issue 12); a
+    rollout commit that leaves it as applied is not held for its wave (SPEC §13).
 
     Same target: the same destination paths with the same content, mode,
-    owner, group, policy and secrecy, and the same app settings (scripts).
-    A held commit that cannot be read or rendered any more counts as changed
-    (the hold lifts, as it did for every new commit before).
+    owner, group, policy and secrecy, the same directories and ``absent:``
+    rules, and the same app settings (scripts, packages, services). A commit
+    that cannot be read or rendered counts as changed (a hold lifts, as it
+    did for every new commit before; a rollout commit stays held).
     """
     from reconciler.pipeline.inventory import effective_node, load_inventory
     from reconciler.pipeline.render import Decryption, RenderLimits, render_target
 
-    config, commit = setting.config, str(hold.get("commit"))
+    config = setting.config
     try:
         snapshot = GitSnapshot(
             setting.repo,
@@ -494,7 +534,7 @@ def _held_target_unchanged(
             inventory=inventory,
         )
     except ReconcilerError as exc:
-        log.warning("held commit %s no longer renders (%s): the hold lifts", commit[:12], exc)
+        log.warning("commit %s does not render here (%s): counted as a change", commit[:12], exc)
         return False
 
     def shape(t: TargetState) -> tuple[object, ...]:
@@ -502,7 +542,7 @@ def _held_target_unchanged(
             p: (f.content, f.mode, f.owner, f.group, f.policy, f.secret, f.app)
             for p, f in t.files.items()
         }
-        return (files, t.apps)
+        return (files, t.apps, t.directories, t.absent)
 
     return shape(held) == shape(target)
 
@@ -521,6 +561,8 @@ def is_noop(setting: Setting, prepared: Prepared, system: System) -> bool:
         and prepared.recovery is None
         and prepared.held is None
         and prepared.hold_check is None
+        # A held rollout commit may change nothing for this node: converge renders it.
+        and prepared.rollout is None
         and previous.fingerprint == prepared.fingerprint
         and previous.applied_commit == prepared.commit
         and unchanged(system, setting.root, previous)
@@ -549,6 +591,7 @@ def unchanged_host(setting: Setting, prepared: Prepared) -> Converged:
         applied_commit=prepared.previous.applied_commit,
         errors=prepared.errors,
         excluded=prepared.previous.excluded,
+        rollout=prepared.rollout,
     )
 
 
@@ -568,7 +611,10 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     commit = prepared.commit
     if commit is None:
         return Converged(
-            mode=config.mode, applied_commit=previous.applied_commit, errors=prepared.errors
+            mode=config.mode,
+            applied_commit=previous.applied_commit,
+            errors=prepared.errors,
+            rollout=prepared.rollout,
         )
     from reconciler.host.packages import package_db_stamp, read_host
     from reconciler.pipeline.apply import RunContext, apply_plan
@@ -597,6 +643,8 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
     captures: Captures | None = None
     recovery = prepared.recovery
     hold_unchanged: str | None = None
+    rollout = prepared.rollout
+    moved_to: str | None = None  # the held rollout commit, found to change nothing here
     try:
         snapshot = GitSnapshot(
             setting.repo,
@@ -637,6 +685,11 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
                 "or pull --release-hold",
                 "until": None,
             }
+        rollout = prepared.rollout
+        if rollout is not None and _renders_same(setting, str(rollout["commit"]), target, cache):
+            # SPEC §13: a commit that changes nothing for this node has nothing to protect.
+            log.info("rollout: %s changes nothing for this node: applied", rollout["commit"])
+            moved_to, rollout = str(rollout["commit"]), None
         if suspended:
             mode = "audit"  # fetch and report, change nothing
         paths = list(target.files) + [
@@ -759,10 +812,13 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             suspended=suspended,
             captures=captures,
             hold_unchanged=hold_unchanged,
+            rollout=rollout,
         )
     errors.extend(applied.errors)
     pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
     applied_commit = commit if not errors and not pending else previous.applied_commit
+    if moved_to is not None and applied_commit == commit:
+        applied_commit = moved_to  # its target is the one just enforced
     # The no-op short cut skips scripts too: never for apps with post_always.
     always = any(a.post_always for a in target.apps)
     # Packages and services: what this run left as declared is recorded as ensured (a
@@ -817,6 +873,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         settled=settled,
         lift_hold=prepared.hold_check is not None and hold_unchanged is None,
         hold_unchanged=hold_unchanged,
+        rollout=rollout,
     )
 
 
@@ -975,6 +1032,7 @@ def _report(
         history_lost=history_lost,
         cache_rebuilt=rebuilt.to_json() if rebuilt is not None else None,
         resources=applied.resources if applied else None,
+        rollout=converged.rollout,
     )
 
 

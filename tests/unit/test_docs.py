@@ -266,6 +266,14 @@ def _run_report() -> Any:
         ],
         history_lost={"pushed": A, "server": A, "noticed_at": "2026-11-21T14:05:03Z"},
         cache_rebuilt={"problem": "truncated object"},
+        rollout={
+            "state": "pending",
+            "commit": A,
+            "wave": "everyone",
+            "waiting_for": "canary",
+            "reason": "waiting for wave 'canary': web1 not yet on " + A[:12],
+            "warning": "halt marker ignored",
+        },
     )
 
 

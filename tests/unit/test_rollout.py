@@ -258,3 +258,43 @@ def test_report_view_reads_report_json() -> None:
     assert view.finished_at == 1796068800.0
     assert ReportView.from_report_json(b"not json", node="web1") is None
     assert ReportView.from_report_json(b'{"result": "ok"}', node="web1") is None
+
+
+def _validate(tmp_path, fleet: str, *extra: str) -> tuple[int, str, str]:
+    import io
+
+    from reconciler.cli.main import main
+    from tests.unit.helpers import write_repo
+
+    files = {"templates/a/default/etc/a": "a\n", "fleet.yaml": fleet}
+    files |= {f"hosts/web{i}.yaml": "apps: [a]\n" for i in range(1, 5)}
+    files |= {"hosts/webservers.yaml": "include_nodes: [web1, web2]\n"}
+    write_repo(tmp_path, files)
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["validate", "--repo", str(tmp_path), "--config", "/dev/null", *extra]
+    return main(argv, out, err), out.getvalue(), err.getvalue()
+
+
+def test_validate_shows_each_wave_and_refuses_a_bad_rollout(tmp_path) -> None:
+    import json
+
+    fleet = "rollout:\n  waves:\n    - {name: canary, nodes: [webservers]}\n"
+    fleet += "    - {name: rest, percent: 100}\n  soak: 1m\n"
+    code, out, _ = _validate(tmp_path, fleet)
+    assert code == 0
+    assert "rollout: wave canary [nodes web1, web2]\n" in out
+    assert "rollout: wave rest [nodes web3, web4]\n" in out
+    code, out, _ = _validate(tmp_path, fleet, "--format", "json")
+    assert json.loads(out)["rollout"] == {
+        "waves": [
+            {"name": "canary", "nodes": ["web1", "web2"]},
+            {"name": "rest", "nodes": ["web3", "web4"]},
+        ],
+        "soak_s": 60.0,
+        "max_failed": 0,
+    }
+    code, out, err = _validate(tmp_path, fleet.replace("[webservers]", "[dbservers]"))
+    assert code == 1
+    assert err.startswith("fleet.yaml: rollout wave 'canary' names 'dbservers'")
+    code, out, err = _validate(tmp_path, fleet.replace("percent: 100", "percent: 0"))
+    assert code == 1 and err.startswith("fleet.yaml:") and "percent" in err
