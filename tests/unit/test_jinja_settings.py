@@ -148,7 +148,7 @@ def test_a_bad_header_names_the_template_line_and_node(
             "jinja:\n  extensions: [jinja2.ext.debug]\n",
             "fleet.yaml:2: jinja.extensions",
         ),
-        ("fleet.yaml", "jinja: {}\nrollout: {}\n", "fleet.yaml:2: unknown key 'rollout'"),
+        ("fleet.yaml", "jinja: {}\nrollouts: {}\n", "fleet.yaml:2: unknown key 'rollouts'"),
         ("fleet.yaml", "- a list\n", "fleet.yaml"),
     ],
 )
