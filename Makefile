@@ -59,7 +59,7 @@ deb-check:
 BENCH_VENV  := bench/.venv-ansible
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: bench bench-soak
+.PHONY: bench bench-soak bench-fleet
 
 $(BENCH_STAMP): bench/requirements.txt
 	$(PY) -m venv $(BENCH_VENV)
@@ -77,3 +77,10 @@ bench: $(STAMP) $(BENCH_STAMP)
 # The agent over 1,000 runs: bench/results/soak.md (RSS start, peak, end, trend).
 bench-soak: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/soak.py
+
+# What a fleet costs its git server (issue 17, SPEC §7, §12), < 10 minutes on 2 cores,
+# loopback only: bytes and server CPU per poll and per report push with 0–10,000 nodes
+# reporting, single repository vs hidden report refs vs shards, a 1,000-host swarm,
+# 50 pushes at once, dulwich's v2 ls-refs: bench/results/fleet.md and fleet.json.
+bench-fleet: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/fleet.py

@@ -138,38 +138,96 @@ class CountingProxy:
         self._listener.close()
 
 
+@dataclass
+class GitDaemon:
+    """A running ``git daemon`` on 127.0.0.1:``port`` (URL: git://127.0.0.1:PORT/…)."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + sys) the daemon has used so far, with its connections'.
+
+        See :func:`group_cpu_s`: the daemon forks ``git daemon --serve`` per
+        connection, which runs ``git upload-pack``/``receive-pack`` and waits for
+        it, and the daemon reaps the ``--serve`` child, so a finished poll's CPU
+        ends up in the daemon's ``cutime``/``cstime``.
+        """
+        return group_cpu_s(self.proc.pid)
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds of the processes of group ``pgid``: user + sys of each living
+    process, plus the children each has reaped (``/proc/<pid>/stat`` fields 14–17,
+    utime stime cutime cstime, in clock ticks). A reaped child is no longer in
+    /proc, so nothing is counted twice; a child not yet reaped counts itself.
+    """
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = raw.rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 onwards
+        if int(fields[2]) != pgid:  # field 5: pgrp
+            continue
+        ticks += sum(int(x) for x in fields[11:15])  # fields 14..17
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def git_daemon(
+    base: Path,
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    max_connections: int | None = None,
+) -> Iterator[GitDaemon]:
+    """``git daemon`` serving ``base`` on 127.0.0.1 (receive-pack on), in its own
+    process group; ``env`` adds variables (e.g. GIT_CONFIG_COUNT… for
+    ``uploadpack.hideRefs``); ``max_connections`` is ``--max-connections`` (git's
+    default, 32, when None)."""
+    port = free_port()
+    logf = open(log, "ab")  # noqa: SIM115 - closed in finally
+    argv = [
+        "git",
+        "daemon",
+        "--reuseaddr",
+        f"--base-path={base}",
+        "--export-all",
+        "--enable=receive-pack",
+        "--listen=127.0.0.1",
+        f"--port={port}",
+    ]
+    if max_connections is not None:
+        argv.append(f"--max-connections={max_connections}")
+    daemon = subprocess.Popen(
+        [*argv, str(base)],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **env} if env else None,
+    )
+    try:
+        _wait_listening(port)
+        yield GitDaemon(port=port, proc=daemon)
+    finally:
+        stop_group(daemon)
+        logf.close()
+
+
 @contextlib.contextmanager
 def git_server(base: Path, log: Path) -> Iterator[CountingProxy]:
     """``git daemon`` serving ``base`` on 127.0.0.1 (receive-pack on, for report
     pushes) behind a CountingProxy; yields the proxy (URL: git://127.0.0.1:PORT/…)."""
-    port = free_port()
-    logf = open(log, "ab")  # noqa: SIM115 - closed in finally
-    daemon = subprocess.Popen(
-        [
-            "git",
-            "daemon",
-            "--reuseaddr",
-            f"--base-path={base}",
-            "--export-all",
-            "--enable=receive-pack",
-            "--listen=127.0.0.1",
-            f"--port={port}",
-            str(base),
-        ],
-        stdout=logf,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    proxy: CountingProxy | None = None
-    try:
-        _wait_listening(port)
-        proxy = CountingProxy(port)
-        yield proxy
-    finally:
-        if proxy is not None:
+    with git_daemon(base, log) as daemon:
+        proxy = CountingProxy(daemon.port)
+        try:
+            yield proxy
+        finally:
             proxy.close()
-        stop_group(daemon)
-        logf.close()
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:

@@ -56,7 +56,7 @@ SCANNED = (
     "hosts",
 )
 SCANNED_FILES = ("README.md", "Makefile", "pyproject.toml")
-SKIPPED_DIRS = {"__pycache__", ".venv", ".git", ".demo", "node_modules"}
+SKIPPED_DIRS = {"__pycache__", ".venv", ".venv-ansible", ".git", ".demo", "node_modules"}
 TEXT_SUFFIXES = {".py", ".md", ".j2", ".json", ".yaml", ".yml", ".sh", ".toml", ".txt", ""}
 
 
