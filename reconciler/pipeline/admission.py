@@ -86,6 +86,7 @@ def check_admission(
     remote: Remote,
     *,
     now: float | None = None,
+    inventory_cache: dict[str, Any] | None = None,
 ) -> AdmissionCheck:
     """Whether this host (``config.node``) applies ``commit`` now, or keeps ``previous``.
 
@@ -98,6 +99,9 @@ def check_admission(
     ``fleet.yaml`` or ``hosts/`` invalid, a reports server that does not
     answer, report refs hidden by ``uploadpack.hideRefs``) holds C with
     ``error`` set, so the host keeps enforcing ``previous`` and says why.
+    ``inventory_cache``: the state directory's checked host files by blob id
+    (``StateDir.read_inventory_cache``): with it only the host files C changed
+    are parsed again (1,000 canaries: the check's cost is otherwise theirs).
     """
     from reconciler.git.rollout import fetch_rollout_refs, fetched_reports
     from reconciler.git.shards import SHARD, reports_location
@@ -127,7 +131,7 @@ def check_admission(
         snapshot = GitSnapshot(
             repo, commit, SourceInfo(url=remote.url, branch=config.branch, commit=commit)
         )
-        inventory = load_inventory(snapshot)
+        inventory = load_inventory(snapshot, inventory_cache)
         found = rollout_of(snapshot, inventory)
         if found is None:
             return AdmissionCheck(commit=commit, duration_ms=elapsed())

@@ -434,7 +434,14 @@ def _admission(
         return None, commit
     from reconciler.pipeline.admission import check_admission
 
-    checked = check_admission(setting.repo, commit, applied, setting.config, setting.remote)
+    checked = check_admission(
+        setting.repo,
+        commit,
+        applied,
+        setting.config,
+        setting.remote,
+        inventory_cache=setting.state_dir.read_inventory_cache(),
+    )
     if checked.error is not None:
         errors.append(checked.error)
     return checked.held, checked.commit

@@ -11,9 +11,12 @@ nothing for a node is applied at once; report refs hidden by
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
-from tests.conftest import git
+from reconciler.pipeline.rollout import HaltMarker
+from tests.conftest import GIT_ENV, git
 
 ROLLOUT = """\
 rollout:
@@ -24,6 +27,27 @@ rollout:
   max_failed: 0
 """
 MOTD = "templates/motd/default/etc/motd.j2"
+
+
+def _marker(fleet, marker: HaltMarker) -> None:
+    """Commit ``rollout.json`` on ``refs/heads/rollout/control`` of the server, as
+    ``rollout halt``/``resume`` do (built with git plumbing: the harness)."""
+    env = {**os.environ, **GIT_ENV}
+
+    def run(*args: str, data: bytes | None = None) -> str:
+        out = subprocess.run(["git", *args], cwd=fleet.bare, env=env, input=data, check=True,
+                             capture_output=True)  # fmt: skip
+        return out.stdout.decode().strip()
+
+    blob = run("hash-object", "-w", "--stdin", data=marker.to_json())
+    tree = run("mktree", data=f"100644 blob {blob}\trollout.json\n".encode())
+    parent = (
+        run("rev-parse", "-q", "--verify", "refs/heads/rollout/control^{commit}")
+        if (fleet.bare / "refs/heads/rollout/control").exists()
+        else ""
+    )
+    commit = run("commit-tree", tree, *(["-p", parent] if parent else []), "-m", "rollout")
+    run("update-ref", "refs/heads/rollout/control", commit)
 
 
 def _start(fleet, make_host):
@@ -120,3 +144,23 @@ def test_hidden_report_refs_hold_the_commit_with_a_clear_error(fleet, make_host)
     assert "hideRefs" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert waiter.last_run()["applied_commit"] == first
     assert "Hidden." not in waiter.path("/etc/motd").read_text()
+
+
+def test_an_operator_halt_holds_wave_two_until_resumed(fleet, make_host) -> None:
+    _, canary, waiter = _start(fleet, make_host)
+    fleet.write(MOTD, fleet.read(MOTD) + "Halted by hand.\n")
+    second = fleet.commit("motd: halted by the operator")
+    assert canary.pull().returncode == 0
+    at = "2026-11-30T20:00:00Z"
+    _marker(fleet, HaltMarker(halted=True, at=at, by="alice", reason="latency"))
+    time.sleep(1.1)  # soak passed: only the marker holds wave 2
+
+    proc = waiter.pull()
+    assert proc.returncode == 0, proc.stderr
+    rollout = fleet.report("web2")["rollout"]
+    assert rollout["state"] == "halted" and "alice" in rollout["reason"]
+    assert "Halted by hand." not in waiter.path("/etc/motd").read_text()
+
+    _marker(fleet, HaltMarker(halted=False, at=at, by="alice", reason="fixed"))
+    assert waiter.pull().returncode == 0
+    assert fleet.report("web2")["applied_commit"] == second
