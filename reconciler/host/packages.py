@@ -270,6 +270,24 @@ def service_command(action: str, unit: str, root: Path) -> tuple[str, ...]:
     return (*_systemctl(root), action, "--", unit)
 
 
+def needs_daemon_reload(system: System, units: Sequence[str]) -> bool:
+    """True when systemd (on ``/``) says a unit file of ``units`` changed on disk since it
+    loaded it (``NeedDaemonReload``): one batched ``systemctl show``. A start or restart
+    then would run the old definition (systemd only warns). Puppet's systemd provider
+    asks the same property before acting; Ansible leaves it to ``daemon_reload: true``.
+    Never raises: an unreadable answer reads as False."""
+    if not units:
+        return False
+    run = system.query(
+        ("systemctl", "show", "--property=NeedDaemonReload", "--value", "--", *units),
+        timeout=SERVICE_TIMEOUT_S,
+    )
+    return run.ok and "yes" in run.output.split()
+
+
+DAEMON_RELOAD: tuple[str, ...] = ("systemctl", "daemon-reload")
+
+
 def journal_tail(system: System, unit: str) -> str:
     """The last JOURNAL_LINES lines of ``unit``'s journal (host output: reported as a
     script's output tail is)."""

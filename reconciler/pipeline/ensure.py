@@ -22,8 +22,10 @@ from pathlib import Path
 
 from reconciler.errors import ApplyError, ReconcilerError
 from reconciler.host.packages import (
+    DAEMON_RELOAD,
     PackageError,
     journal_tail,
+    needs_daemon_reload,
     read_services,
     run_transaction,
     service_command,
@@ -131,6 +133,7 @@ def enforce_services(
     """
     errors: list[ReconcilerError] = []
     started: set[str] = set()
+    _daemon_reload(services, planned, files_changed, system, root, errors)
     for change in planned:
         if change.kind != "service":
             continue
@@ -177,6 +180,38 @@ def enforce_services(
         ok = _run(system, change, root, errors, scripts)
         result.done.append((change, ok and not system.dry_run))
     return errors
+
+
+def _daemon_reload(
+    services: Sequence[ServiceSpec],
+    planned: Sequence[ResourceChange],
+    files_changed: bool,
+    system: System,
+    root: Path,
+    errors: list[ReconcilerError],
+) -> None:
+    """``systemctl daemon-reload`` before the app's services are acted on, when systemd
+    says a unit file of theirs changed on disk (the app's files, a package): else a
+    start or restart would run the old definition. On ``/`` only (``--root`` has no
+    running systemd); a failure is an error of the run, and the actions still run."""
+    if str(root) != "/":
+        return
+    units = {c.name for c in planned if c.kind == "service" and c.apply}
+    if files_changed:
+        units.update(s.unit for s in services if s.running and s.on_change != "none")
+    if not needs_daemon_reload(system, sorted(units)):
+        return
+    run = system.run_command(DAEMON_RELOAD, env=None, timeout=SERVICE_TIMEOUT_S)
+    if not run.ok:
+        why = "timed out" if run.timed_out else f"exit {run.exit_code}"
+        last = (run.errors.strip().splitlines() or [why])[-1]
+        app = next((c.app for c in planned), None) or next((s.app for s in services), "?")
+        errors.append(
+            ApplyError(
+                f"systemctl daemon-reload failed ({why}: {last}) before the services of "
+                f"app {app} — see systemd's own journal lines (journalctl _PID=1)"
+            )
+        )
 
 
 def _unit_known(system: System, unit: str, root: Path) -> bool:

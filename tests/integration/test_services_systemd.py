@@ -286,13 +286,16 @@ def test_service_started_enabled_reloaded_restarted_and_stopped(container: Conta
         f"trap 'echo reloaded >> {marker}' HUP; echo started; "
         "while :; do sleep 0.2 & wait $$!; done"  # $$: systemd's escape of $
     )
+    unit_text = (
+        "[Unit]\nDescription=reconciler test daemon\n"
+        f'[Service]\nExecStart=/bin/sh -c "{daemon}"\nExecReload=/bin/kill -HUP $MAINPID\n'
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
     agent = _agent(
         box,
         node,
         "hello",
-        "[Unit]\nDescription=reconciler test daemon\n"
-        f'[Service]\nExecStart=/bin/sh -c "{daemon}"\nExecReload=/bin/kill -HUP $MAINPID\n'
-        "[Install]\nWantedBy=multi-user.target\n",
+        unit_text,
         f"services:\n  {node}: {{enabled: true, running: true, on_change: reload}}\n",
     )
     agent.write("templates/hello/default/etc/rctest/hello.conf", "greeting = hello\n")
@@ -319,19 +322,27 @@ def test_service_started_enabled_reloaded_restarted_and_stopped(container: Conta
     assert _wait_for(marker) == "reloaded\n"
     assert box.unit(unit, "MainPID") == pid
 
-    # on_change: restart → a new process; the HUP handler did not run again.
+    # on_change: restart → a new process; the HUP handler did not run again. The unit
+    # file changed too: systemd reloads it before the restart (Puppet's systemd
+    # provider does daemon-reload when NeedDaemonReload), so the new process runs
+    # the new definition.
     agent.write(
         "templates/hello/app.yaml",
         f"services:\n  {node}: {{enabled: true, running: true, on_change: restart}}\n",
     )
     agent.write("templates/hello/default/etc/rctest/hello.conf", "greeting = hey\n")
+    unit_file = f"templates/hello/default/etc/systemd/system/{unit}"
+    agent.write(unit_file, unit_text.replace("[Service]\n", "[Service]\nEnvironment=RCTEST=2\n"))
     agent.commit()
     code, report, err = agent.pull()
     assert code == 0, (report["errors"], err)
     assert _services(report) == [(unit, "restart", True)]
     assert box.unit(unit, "ActiveState") == "active"
-    assert box.unit(unit, "MainPID") not in (pid, "0")
+    new_pid = box.unit(unit, "MainPID")
+    assert new_pid not in (pid, "0")
     assert marker.read_text() == "reloaded\n"
+    assert box.unit(unit, "NeedDaemonReload") == "no"
+    assert "RCTEST=2" in box.sh(f"tr '\\0' '\\n' < /proc/{new_pid}/environ")
 
     # running: false, enabled: false → stopped and disabled; then a no-op.
     agent.write(
