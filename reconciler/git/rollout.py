@@ -41,8 +41,9 @@ class RolloutFetch:
     ``received_bytes``: pack bytes received; ``missing``: nodes whose report
     branch the server does not advertise (never reported, or hidden);
     ``hidden``: the server advertises no ``refs/heads/reports/`` at all
-    while nodes were asked for — ``uploadpack.hideRefs`` (SPEC §12), under
-    which the check cannot see any report; ``control``: the marker's
+    while nodes were asked for — in the desired-state repository, where
+    the asking host's own branch is, that is ``uploadpack.hideRefs`` (SPEC
+    §12), under which the check cannot see any report; ``control``: the marker's
     commit, None when there is none.
     """
 

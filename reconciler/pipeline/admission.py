@@ -154,7 +154,10 @@ def check_admission(
             there = remote if url == remote.url else Remote.for_agent(url, config.auth)
             got = fetch_rollout_refs(repo, there, nodes, control=url == control_url)
             received += got.received_bytes
-            if got.hidden:
+            # In the desired-state repository this host's own report branch is there
+            # (it applied a commit, so it reported): none at all means hideRefs. A
+            # reports repository of its own may simply have no report yet.
+            if got.hidden and url == remote.url:
                 hidden.append(url)
         if hidden:
             raise SourceError(
@@ -169,7 +172,7 @@ def check_admission(
             view = ReportView.from_report_json(data, node=n)
             if view is not None:
                 views[n] = view
-        marker, warning = _marker(repo, config)
+        marker, warning = read_halt_marker(repo, config)
         answer = admit(
             rollout,
             waves,
@@ -206,8 +209,9 @@ def check_admission(
     )
 
 
-def _marker(repo: Repo, config: AgentConfig) -> tuple[HaltMarker | bool, str | None]:
-    """The operator's halt marker as fetched, and a warning when it is ignored.
+def read_halt_marker(repo: Repo, config: AgentConfig) -> tuple[HaltMarker | bool, str | None]:
+    """The operator's halt marker as fetched (``refs/rollout/control``), and a warning when
+    it is ignored; (False, None) when there is none.
 
     With ``verify`` configured the marker's commit must carry a trusted
     signature (SPEC §4 trust applies to what steers the host); an unsigned,

@@ -71,3 +71,20 @@ def test_fetch_only_the_named_report_branches_and_the_marker(tmp_path: Path) -> 
     _git("update-ref", "-d", "refs/heads/reports/web1", cwd=server)
     assert fetch_rollout_refs(repo, remote, ["web1"]).missing == ("web1",)
     assert fetched_reports(repo, ["web1"]) == {}
+
+
+def test_an_unsigned_halt_marker_is_ignored_when_the_host_verifies(tmp_path: Path) -> None:
+    from reconciler.config import AgentConfig, VerifyConfig
+    from reconciler.git.rollout import FETCHED_CONTROL
+    from reconciler.pipeline.admission import read_halt_marker
+
+    repo = open_bare(tmp_path / "state" / "repo.git", durable=False)
+    marker = HaltMarker(halted=True, at="2026-11-30T20:00:00Z", by="mallory", reason="stop")
+    _branch(repo.path, FETCHED_CONTROL, "rollout.json", marker.to_json())
+    assert read_halt_marker(repo, AgentConfig(node="w2")) == (marker, None)
+    signers = tmp_path / "allowed_signers"
+    signers.write_text("ops@example.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTest\n")
+    verifying = AgentConfig(node="w2", verify=VerifyConfig(allowed_signers=str(signers)))
+    halted, warning = read_halt_marker(repo, verifying)
+    assert halted is False
+    assert warning is not None and "ignored" in warning and "not signed" in warning
