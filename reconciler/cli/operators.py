@@ -14,6 +14,8 @@ flags it takes (:mod:`reconciler.cli.flags`):
 ``impact [BASE..HEAD]``    per node, the destination files a range of commits changes
 ``adopt NODE PATH``        a captured drifted file back into the desired state, on a branch
 ``forget NODE``            delete a decommissioned node's report branch on the server
+``rollout status``         the rollout in progress: waves, nodes, admitted or not (SPEC §13)
+``rollout halt|resume``    record the operator's decision on the control branch
 ``secret …``               encrypt, edit, rekey, show secrets in a working tree (SPEC §8)
 =========================  ==================================================
 
@@ -391,6 +393,119 @@ def cmd_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         out.write(f"forget {args.target}: deleted {done.describe()} on {up.url}\n")
     return 0
+
+
+# ------------------------------------------------------------------- rollout
+
+
+def _control(args: argparse.Namespace, up: Any, head: str) -> tuple[Any, Any]:
+    """(where the halt marker lives, the marker as fetched): SPEC §13 on the report side."""
+    from reconciler.ops.rollout import control_place, fetch_control, read_control
+
+    place = control_place(up, head, config_from_args(args).report.repo)
+    if not place.own:  # fetch_upstream fetched the desired-state repository's already
+        fetch_control(up, place)
+    return place, read_control(up.repo, place.tracking)
+
+
+def cmd_rollout_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``rollout status``: each wave of the rolling commit, its nodes and state (SPEC §13)."""
+    from reconciler.ops.fleet import fetch_upstream
+    from reconciler.ops.rollout import format_status, marker_line, rollout_status
+
+    up = _upstream(args)
+    head = fetch_upstream(up)
+    _, control = _control(args, up, head)
+    status = rollout_status(up, head, now=_now(), control=control)
+    if args.format == "json":
+        if status is None:
+            _emit(
+                {
+                    "commit": None,
+                    "head": head,
+                    "soak_s": None,
+                    "max_failed": None,
+                    "halted": control.halted,
+                    "complete": True,
+                    "marker": control.as_json(),
+                    "waves": [],
+                },
+                out,
+            )
+        else:
+            _emit(status.as_json(), out)
+        return 0
+    if status is None:
+        out.write(
+            f"no rollout: fleet.yaml at {head[:12]} sets no rollout: — every node applies a "
+            f"new commit at once\nmarker: {marker_line(control)}\n"
+        )
+        return 0
+    out.write(format_status(status))
+    return 0
+
+
+def cmd_rollout_decide(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``rollout halt`` / ``rollout resume``: a commit of rollout.json on the control branch."""
+    from reconciler.ops.fleet import fetch_upstream
+    from reconciler.ops.rollout import control_place, decide
+
+    up = _upstream(args)
+    head = fetch_upstream(up, reports=False)  # fleet.yaml says where reports live
+    place = control_place(up, head, config_from_args(args).report.repo)
+    halt = args.action == "halt"
+    d = decide(up, place, halt=halt, reason=args.reason or "", now=_now())
+    if args.format == "json":
+        _emit(d.as_json(), out)
+        return 0
+    if d.commit is None:
+        out.write(f"rollout resume: {d.note} — no commit\n")
+        return 0
+    word = "halted" if halt else "resumed"
+    signed = "signed" if d.signed else "unsigned"
+    why = f": {d.marker.reason}" if d.marker.reason else ""
+    out.write(
+        f"rollout {word} by {d.marker.by} at {d.marker.at}{why}\n"
+        f"  {d.commit} ({signed}) pushed to {d.ref} of {d.url}\n"
+    )
+    if halt:
+        out.write(
+            "  hosts of the second and later waves hold their commit from their next run; "
+            "the first wave still applies (a fix must reach it) — reconciler rollout resume "
+            "lets the rollout go on\n"
+        )
+    if not d.signed:
+        out.write(
+            "  note: unsigned (commit.gpgsign is not set): hosts that verify signatures "
+            "(verify.allowed_signers, verify.gpg_keyring) ignore it\n"
+        )
+    return 0
+
+
+def _add_rollout_commands(sub: argparse._SubParsersAction[Any], upstream: tuple[str, ...]) -> None:
+    """``reconciler rollout status|halt|resume`` (SPEC §13), each with its own flags."""
+    rollout = sub.add_parser(
+        "rollout",
+        parents=[flags()],
+        help="a progressive rollout: status, halt, resume (SPEC §13)",
+        description="The rollout of the branch head in waves (SPEC §13).",
+    )
+    actions = rollout.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    actions.required = True
+    status = actions.add_parser(
+        "status",
+        parents=[flags(*upstream, *OUTPUT)],
+        help="each wave, its nodes and whether it is admitted, waiting or halted",
+    )
+    status.set_defaults(handler=cmd_rollout_status)
+    helps = {
+        "halt": "hold the second and later waves (a signed commit when commit.gpgsign is set)",
+        "resume": "let a halted rollout go on (nothing when it is not halted)",
+    }
+    for action, text in helps.items():
+        p = actions.add_parser(action, parents=[flags(*upstream, *OUTPUT)], help=text)
+        p.add_argument("--reason", help="why (recorded with who and when)")
+        p.set_defaults(handler=cmd_rollout_decide)
 
 
 # ------------------------------------------------------------------- trigger
@@ -982,4 +1097,5 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     adopt.add_argument("--no-push", action="store_true", help="create the branch in the cache only")
     adopt.set_defaults(handler=cmd_adopt)
 
+    _add_rollout_commands(sub, upstream)
     _add_secret_commands(sub)

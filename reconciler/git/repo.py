@@ -202,6 +202,16 @@ def is_descendant(repo: Repo, commit: str, ancestor: str) -> bool:
         return False
 
 
+def is_signed(repo: Repo, commit: str) -> bool:
+    """True when ``commit`` carries a signature (``gpgsig``); whether it verifies is
+    :mod:`reconciler.git.trust`'s question. False too when the commit is unknown."""
+    try:
+        with map_git_errors(commit):
+            return bool(repo.raw[commit].peel(pygit2.Commit).gpg_signature[0])
+    except SourceError:
+        return False
+
+
 def ahead_count(repo: Repo, head: str, base: str) -> int | None:
     """Commits reachable from ``head`` but not from ``base``; None when either is unknown."""
     try:

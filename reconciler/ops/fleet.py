@@ -39,6 +39,9 @@ from reconciler.report import FUTURE_SKEW_S, Report, recovered_note
 log = logging.getLogger(__name__)
 
 NEVER = "never"
+# The operator's rollout halt marker (SPEC §13, :mod:`reconciler.ops.rollout`): fetched with
+# the report branches, by pattern (a missing branch is no error) and pruned with them.
+CONTROL_REFSPEC = "+refs/heads/rollout/*:refs/remotes/origin/rollout/*"
 
 
 # ------------------------------------------------------------------ upstream
@@ -108,7 +111,8 @@ def open_upstream(
 
 
 def fetch_upstream(up: Upstream, *, reports: bool = True) -> str:
-    """Fetch the branch (and with ``reports`` every report branch) into the cache.
+    """Fetch the branch (and with ``reports`` every report branch and the rollout's
+    control branch, SPEC §13) into the cache.
 
     Report branches deleted on the server are pruned from the cache. Returns
     the fetched head commit (40 hex). Failures are retried as the agent's
@@ -118,7 +122,7 @@ def fetch_upstream(up: Upstream, *, reports: bool = True) -> str:
     """
     refspecs = [f"+refs/heads/{up.branch}:{up.tracking}"]
     if reports:
-        refspecs.append(f"+refs/heads/reports/*:{REPORTS_PREFIX}*")
+        refspecs += [f"+refs/heads/reports/*:{REPORTS_PREFIX}*", CONTROL_REFSPEC]
     try:
         fetch(up.repo, up.remote, refspecs, prune=True)
     except RemoteError as exc:

@@ -1,0 +1,182 @@
+"""Operators' side of a progressive rollout (issue 18, SPEC §13): ``rollout status``,
+``rollout halt`` and ``rollout resume`` against the real git daemon.
+
+Reports are crafted on the server with git plumbing (``write_report``), so each
+wave's state is set exactly, without agent runs; the hosts' side of the same
+marker is tested with real agent runs at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Fleet, git
+from tests.integration.servers import keygen, require
+from tests.integration.test_operate_support import operator, write_report
+
+# The example fleet's four nodes: web1 the canary, then 10 % of the other three
+# (ceil: one node), then everyone else (two).
+ROLLOUT = """\
+rollout:
+  waves:
+    - {name: canary, nodes: [web1]}
+    - {name: ten-percent, percent: 10}
+    - {name: everyone, percent: 100}
+  soak: 60s
+  max_failed: 0
+"""
+
+
+def report(commit: str | None, result: str, when: float) -> dict:
+    """The report.json keys the admission check reads (SPEC §5)."""
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    return {"result": result, "applied_commit": commit, "finished_at": finished}
+
+
+@pytest.fixture
+def op(fleet, tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Ops Laptop")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "ops@laptop.example")
+    return operator(fleet, tmp_path / "cache")
+
+
+@pytest.fixture
+def rolling(fleet: Fleet) -> str:
+    """The commit that sets ``rollout:``: the one rolling out."""
+    fleet.write("fleet.yaml", ROLLOUT)
+    return fleet.commit("roll out in waves")
+
+
+def control_log(fleet: Fleet) -> list[str]:
+    out = git("log", "--format=%s", "refs/heads/rollout/control", cwd=fleet.bare, check=False)
+    return [line for line in out.splitlines() if line]
+
+
+def marker_on_server(fleet: Fleet) -> dict:
+    return json.loads(git("show", "rollout/control:rollout.json", cwd=fleet.bare))
+
+
+def test_status_halt_and_resume(fleet, op, rolling):
+    status = op("rollout", "status", "--format", "json")
+    assert status.code == 0, status.err
+    data = status.json()
+    assert set(data) == {
+        "commit", "head", "soak_s", "max_failed", "halted", "complete", "marker", "waves"
+    }  # fmt: skip
+    assert data["commit"] == data["head"] == rolling
+    assert (data["soak_s"], data["max_failed"], data["marker"]) == (60.0, 0, None)
+    waves = data["waves"]
+    assert [w["name"] for w in waves] == ["canary", "ten-percent", "everyone"]
+    assert [len(w["nodes"]) for w in waves] == [1, 1, 2]
+    assert waves[0]["nodes"][0] == {
+        "node": "web1", "applied_commit": None, "has_commit": False, "result": "never",
+        "since": None,
+    }  # fmt: skip
+    assert [w["state"] for w in waves] == ["admitted", "waiting", "waiting"]
+    assert waves[1]["waiting_for"] == "canary"
+    assert set(waves[1]) == {
+        "name", "state", "reason", "waiting_for", "done", "pending", "failed", "nodes"
+    }  # fmt: skip
+
+    # The canary reports the commit, two minutes ago: past the soak, wave 2 is admitted.
+    old = time.time() - 120
+    write_report(fleet, "web1", report(rolling, "changed", old), when=int(old))
+    second = op("rollout", "status", "--format", "json").json()["waves"]
+    assert [w["state"] for w in second] == ["admitted", "admitted", "waiting"]
+    assert second[0]["nodes"][0]["has_commit"] is True
+    assert (second[0]["done"], second[0]["pending"], second[0]["failed"]) == (1, 0, 0)
+    wave2 = second[1]["nodes"][0]["node"]
+
+    halted = op("rollout", "halt", "--reason", "latency up on web1")
+    assert halted.code == 0, halted.err
+    assert "rollout halted by Ops Laptop <ops@laptop.example>" in halted.out
+    assert "unsigned" in halted.out
+    marker = marker_on_server(fleet)
+    assert marker["halted"] is True and marker["reason"] == "latency up on web1"
+    assert marker["by"] == "Ops Laptop <ops@laptop.example>"
+    assert control_log(fleet) == ["rollout halt: latency up on web1"]
+    # The halt holds wave 2 even though the canary succeeded; the canary stays admitted.
+    data = op("rollout", "status", "--format", "json").json()
+    assert data["halted"] is True
+    assert [w["state"] for w in data["waves"]] == ["admitted", "halted", "halted"]
+    assert data["marker"]["reason"] == "latency up on web1"
+    assert data["marker"]["signed"] is False
+    text = op("rollout", "status").out
+    assert "HALTED by Ops Laptop <ops@laptop.example>" in text
+    assert "wave 2 ten-percent: HALTED" in text and wave2 in text
+
+    resumed = op("rollout", "resume", "--reason", "fixed in the next commit", "--format", "json")
+    assert resumed.code == 0, resumed.err
+    assert resumed.json()["halted"] is False and resumed.json()["pushed"] is True
+    assert control_log(fleet) == [
+        "rollout resume: fixed in the next commit",
+        "rollout halt: latency up on web1",
+    ]
+    states = [w["state"] for w in op("rollout", "status", "--format", "json").json()["waves"]]
+    assert states == ["admitted", "admitted", "waiting"]
+
+    # Resuming what is not halted: said, exit 0, no commit.
+    again = op("rollout", "resume")
+    assert again.code == 0, again.err
+    assert "not halted: nothing to resume — no commit" in again.out
+    assert len(control_log(fleet)) == 2
+
+
+def test_a_failed_canary_halts_later_waves_and_status_without_rollout(fleet, op, rolling):
+    now = time.time()
+    write_report(fleet, "web1", report(rolling, "failed", now), when=int(now))
+    data = op("rollout", "status", "--format", "json").json()
+    assert [w["state"] for w in data["waves"]] == ["admitted", "halted", "halted"]
+    assert data["halted"] is True and data["marker"] is None
+    assert data["waves"][0]["failed"] == 1
+    assert "max_failed" in data["waves"][1]["reason"]
+
+    # The next commit drops rollout: — no rollout in progress.
+    fleet.remove("fleet.yaml")
+    head = fleet.commit("no more waves")
+    plain = op("rollout", "status")
+    assert plain.code == 0, plain.err
+    assert plain.out.startswith(f"no rollout: fleet.yaml at {head[:12]}")
+    assert op("rollout", "status", "--format", "json").json()["commit"] is None
+
+
+def test_the_marker_is_signed_as_git_signs_and_hosts_verify_it(fleet, op, rolling, tmp_path):
+    """commit.gpgsign + gpg.format ssh in the operator's git configuration: the marker's commit
+    carries an SSH signature that the hosts' own check (git/trust.py) accepts."""
+    require("ssh-keygen", "openssh-client")
+    key = tmp_path / "signer"
+    public = keygen(key, "ops")
+    op("rollout", "status")  # makes the cache
+    cache = tmp_path / "cache" / "operator.git"
+    for k, v in (("commit.gpgsign", "true"), ("gpg.format", "ssh"), ("user.signingkey", key)):
+        git("config", k, str(v), cwd=cache)
+    halted = op("rollout", "halt", "--reason", "signed halt", "--format", "json")
+    assert halted.code == 0, halted.err
+    assert halted.json()["signed"] is True
+    commit = halted.json()["commit"]
+    assert git("rev-parse", "refs/heads/rollout/control", cwd=fleet.bare).strip() == commit
+
+    from reconciler.config import VerifyConfig
+    from reconciler.git.repo import open_bare
+    from reconciler.git.trust import verify_commit
+
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f'ops@example.com namespaces="git" {public}\n')
+    repo = open_bare(Path(fleet.bare), durable=False)
+    assert verify_commit(repo, commit, VerifyConfig(allowed_signers=str(allowed))) == (
+        "ops@example.com"
+    )
+    data = op("rollout", "status", "--format", "json").json()
+    assert data["marker"]["signed"] is True and data["marker"]["halted"] is True
+
+    # A key that cannot sign: one line naming the program, nothing pushed.
+    git("config", "user.signingkey", str(tmp_path / "no-such-key"), cwd=cache)
+    failed = op("rollout", "resume")
+    assert failed.code == 1
+    assert "ssh-keygen: cannot sign the commit" in failed.err
+    assert "check user.signingkey" in failed.err
+    assert git("rev-parse", "refs/heads/rollout/control", cwd=fleet.bare).strip() == commit
