@@ -116,8 +116,12 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         stale_after_s=stale_after,
         defined_nodes=hosts.nodes,
     )
+    rollout = _fleet_rollout(args, up, head, err)
     if args.format == "json":
-        text = json.dumps({"nodes": [r.as_json() for r in rows]}, indent=2) + "\n"
+        data: dict[str, Any] = {"nodes": [r.as_json() for r in rows]}
+        if rollout is not None:  # only while fleet.yaml sets rollout: (SPEC §6 shape otherwise)
+            data["rollout"] = rollout.as_json()
+        text = json.dumps(data, indent=2) + "\n"
     elif args.format == "html":
         from reconciler.ops.history import drift_diffs
         from reconciler.ops.page import fleet_page
@@ -138,12 +142,17 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             meta_nodes=metas,
             drift=drift,
             changes={node: report.changes for node, report in reports.items() if report.changes},
+            rollout=rollout,
             title=f"Fleet — {up.url} ({up.branch})",
             subtitle=f"head {head[:12]} · generated {_now():%Y-%m-%d %H:%M:%S} UTC · "
             + summary(rows),
         )
     else:
         text = format_table(rows)
+        if rollout is not None:
+            from reconciler.ops.rollout import marker_line, summary_line
+
+            text += f"{summary_line(rollout)}\n  marker: {marker_line(rollout.control)}\n"
     if args.out:
         from reconciler.host.system import atomic_write
 
@@ -152,6 +161,23 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         out.write(text)
     return 0
+
+
+def _fleet_rollout(args: argparse.Namespace, up: Any, head: str, err: TextIO) -> Any:
+    """The rollout in progress for ``fleet`` (SPEC §13), or None when fleet.yaml sets none.
+
+    ``fleet`` shows every node even when the rollout cannot be read: a
+    ``fleet.yaml`` or ``hosts/`` that does not load is one warning line, and
+    no rollout section.
+    """
+    from reconciler.ops.rollout import rollout_status
+
+    try:
+        _, control = _control(args, up, head)
+        return rollout_status(up, head, now=_now(), control=control)
+    except ReconcilerError as exc:
+        err.write(f"reconciler: warning: rollout at {head[:12]} not shown: {exc}\n")
+        return None
 
 
 # ------------------------------------------------------------------- history

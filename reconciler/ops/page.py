@@ -28,6 +28,8 @@ from reconciler.report import ReportChange, recovered_note
 if TYPE_CHECKING:
     from jinja2 import Template
 
+    from reconciler.ops.rollout import RolloutStatus
+
 # Changes listed per node: a first run lists every file of the node, and a page
 # of 10,000 nodes must stay loadable (SPEC §12); the rest is in ``history``.
 MAX_CHANGES_SHOWN = 50
@@ -82,6 +84,7 @@ def fleet_page(
     title: str,
     subtitle: str,
     changes: Mapping[str, Sequence[ReportChange]] | None = None,
+    rollout: RolloutStatus | None = None,
 ) -> str:
     """The fleet page as one HTML document (UTF-8 text), rendered from ``page.html.j2``.
 
@@ -89,9 +92,13 @@ def fleet_page(
     node → its last report's drift diffs, shown collapsed per node;
     ``changes``: node → its last report's changes (SPEC §5), shown collapsed
     per node as path, action, reason and detail (``link → target``, ``absent:
-    <pattern>`` for a delete of SPEC §9). Every value is HTML-escaped by
-    Jinja2's autoescape (markupsafe).
+    <pattern>`` for a delete of SPEC §9); ``rollout``: the rollout in
+    progress (SPEC §13), shown above the table — the commit, each wave's
+    state and its done/pending/failed counts, the operator's halt marker.
+    Every value is HTML-escaped by Jinja2's autoescape (markupsafe).
     """
+    from reconciler.ops.rollout import marker_line
+
     present = [r for r in RESULTS if any(row.result == r for row in rows)]
     present += sorted({row.result for row in rows} - set(RESULTS))
 
@@ -114,4 +121,6 @@ def fleet_page(
         human_age=human_age,
         recovered_note=recovered_note,
         diff_lines=_diff_lines,
+        rollout=rollout,
+        marker_line=marker_line,
     )

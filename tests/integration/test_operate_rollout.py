@@ -108,6 +108,17 @@ def test_status_halt_and_resume(fleet, op, rolling):
     text = op("rollout", "status").out
     assert "HALTED by Ops Laptop <ops@laptop.example>" in text
     assert "wave 2 ten-percent: HALTED" in text and wave2 in text
+    # fleet and the fleet page show the rollout in progress.
+    fleet_json = op("fleet", "--format", "json").json()
+    assert fleet_json["rollout"]["halted"] is True
+    assert [w["state"] for w in fleet_json["rollout"]["waves"]] == ["admitted", "halted", "halted"]
+    table = op("fleet").out
+    assert f"rollout of {rolling[:12]}; HALTED: canary admitted (1 done, 0 pending" in table
+    assert "marker: HALTED by Ops Laptop" in table
+    page = op("fleet", "--format", "html").out
+    assert f"Rollout of <code>{rolling[:12]}</code>" in page
+    assert '<tr data-wave="ten-percent" data-state="halted">' in page
+    assert "latency up on web1" in page
 
     resumed = op("rollout", "resume", "--reason", "fixed in the next commit", "--format", "json")
     assert resumed.code == 0, resumed.err
@@ -135,13 +146,17 @@ def test_a_failed_canary_halts_later_waves_and_status_without_rollout(fleet, op,
     assert data["waves"][0]["failed"] == 1
     assert "max_failed" in data["waves"][1]["reason"]
 
-    # The next commit drops rollout: — no rollout in progress.
+    assert op("fleet", "--format", "json").json()["rollout"]["waves"][0]["failed"] == 1
+
+    # The next commit drops rollout: — no rollout in progress; fleet keeps its shape.
     fleet.remove("fleet.yaml")
     head = fleet.commit("no more waves")
     plain = op("rollout", "status")
     assert plain.code == 0, plain.err
     assert plain.out.startswith(f"no rollout: fleet.yaml at {head[:12]}")
     assert op("rollout", "status", "--format", "json").json()["commit"] is None
+    assert set(op("fleet", "--format", "json").json()) == {"nodes"}
+    assert "id=rollout" not in op("fleet", "--format", "html").out
 
 
 def test_the_marker_is_signed_as_git_signs_and_hosts_verify_it(fleet, op, rolling, tmp_path):
