@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration clean system-deps deb deb-check
+.PHONY: demo demo-rollout test lint unit integration clean system-deps deb deb-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	bash demo/demo.sh
+
+# A three-wave rollout (SPEC §13) of the example fleet: four hosts with their own
+# roots, a git daemon on loopback, rollout status at each step (docs/rollout.md).
+demo-rollout: $(STAMP)
+	bash demo/rollout.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check reconciler tests
@@ -42,7 +47,7 @@ integration: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS) tests/integration
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache build/deb reconciler_*.deb
+	rm -rf $(VENV) .demo .demo-rollout .pytest_cache .mypy_cache .ruff_cache build/deb reconciler_*.deb
 
 # The Debian package (docs/install.md): reconciler_<version>_amd64.deb here, with
 # its own Python environment under /opt/reconciler (debian/, dh-virtualenv).
