@@ -534,6 +534,32 @@ def http_server(base: Path, repos: Path) -> Iterator[HttpServer]:
 # ---------------------------------------------------------------- the swarm
 
 
+@contextmanager
+def inetd_daemon(base: Path, log: Path, *, backlog: int) -> Iterator[GitDaemon]:
+    """``git daemon --inetd``, one per connection, behind an inetd-style listener
+    with a listen backlog of ``backlog``: socat forks per connection and execs
+    the daemon with the connection's socket as its stdin and stdout (``nofork``),
+    what inetd or a systemd socket unit with ``Accept=yes`` do. ``git daemon``'s
+    own listener has a backlog of 5 (``ss -ltn`` shows it): a burst of
+    connections beyond it waits for SYN retransmits (1 s, 2 s, 4 s…)."""
+    port = free_port()
+    serve = f"git daemon --inetd --base-path={base} --export-all --enable=receive-pack {base}"
+    logf = open(log, "ab")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog={backlog}",
+         f"EXEC:{serve},nofork"],
+        stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        from harness import _wait_listening
+
+        _wait_listening(port)
+        yield GitDaemon(port=port, proc=proc)
+    finally:
+        stop_group(proc)
+        logf.close()
+
+
 class _Retries(logging.Handler):
     """Counts reconciler.git.remote's "(try n of m)" records: a try that failed
     and was retried under the agent's retry policy."""
@@ -607,7 +633,8 @@ class SwarmResult:
     hosts: int
     processes: int
     seconds: float
-    max_connections: int | None
+    server: str  # which server configuration (SERVERS)
+    probe: bool  # a short run at git daemon's defaults: failures there are a finding, not an error
     polls: int
     failures: int
     retries: int
@@ -632,9 +659,11 @@ def swarm(
     seconds: float,
     reports: bool,
     net_timeout: float,
-    max_connections: int | None,
+    server: str,
+    probe: bool,
+    tag: str,
 ) -> SwarmResult:
-    hosts_dir = tmp / f"swarm-{max_connections}"
+    hosts_dir = tmp / f"swarm-{tag}"
     hosts_dir.mkdir()
     names = [f"s{i:05d}" for i in range(hosts)]
     per = [names[i::processes] for i in range(processes)]
@@ -688,7 +717,8 @@ def swarm(
         hosts=hosts,
         processes=len(workers),
         seconds=seconds,
-        max_connections=max_connections,
+        server=server,
+        probe=probe,
         polls=len(polls),
         failures=len(failures),
         retries=retries,
@@ -713,7 +743,8 @@ class PushesResult:
     seconds: float
     p50_s: float
     max_s: float
-    max_connections: int | None
+    server: str
+    probe: bool
     errors: list[str]
 
 
@@ -725,7 +756,9 @@ def concurrent_pushes(
     tmp: Path,
     *,
     count: int,
-    max_connections: int | None,
+    server: str,
+    probe: bool,
+    tag: str,
 ) -> PushesResult:
     """``count`` hosts, each with its own state repository, push one report commit
     each to their own branch at the same moment (threads released by one
@@ -736,7 +769,7 @@ def concurrent_pushes(
     remote_log.setLevel(logging.INFO)
     remote_log.addHandler(retries)
     remote_log.propagate = False
-    tag = f"p{max_connections}-{into.split('/')[0].removesuffix('.git')}"
+    tag = f"p{tag}-{into.split('/')[0].removesuffix('.git')}"
     hosts = [Host(tmp / "pushers" / f"{tag}-{i:03d}.git", f"{tag}-{i:03d}") for i in range(count)]
     barrier = threading.Barrier(count)
     errors: list[str] = []
@@ -767,7 +800,7 @@ def concurrent_pushes(
         landed += len(refs.split()) if refs else 0
     return PushesResult(pushers=count, into=into, landed=landed, failed=len(errors), retries=retries.count,
                         seconds=elapsed, p50_s=median(took), max_s=max(took, default=float("nan")),
-                        max_connections=max_connections, errors=sorted(set(errors))[:5])  # fmt: skip
+                        server=server, probe=probe, errors=sorted(set(errors))[:5])  # fmt: skip
 
 
 # ---------------------------------------------------------------- dulwich
@@ -863,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the swarm at git daemon's default --max-connections first (0: skip)")  # fmt: skip
     p.add_argument("--max-connections", type=int, default=1024,
                    help="the operator's --max-connections for the swarm (0: unlimited)")  # fmt: skip
+    p.add_argument("--inetd", choices=("auto", "off"), default="auto",
+                   help="the swarm also against git daemon --inetd behind socat (when installed)")  # fmt: skip
     p.add_argument("--pushers", type=int, default=50, help="hosts pushing a report at once")
     p.add_argument("--http", choices=("auto", "off"), default="auto")
     p.add_argument("--dulwich", choices=("auto", "off"), default="auto")
@@ -1015,17 +1050,26 @@ def main(argv: list[str] | None = None) -> int:
     Host(template, "template").poll(f"file://{srv / built[min(sizes)].desired}", reports=False)
     swarms: list[SwarmResult] = []
     pushes: list[PushesResult] = []
-    limits: list[int | None] = ([None] if args.probe_seconds > 0 else []) + [args.max_connections]
-    for limit in limits:
-        seconds = args.probe_seconds if limit is None else args.seconds
-        with git_daemon(srv, tmp / f"daemon-swarm-{limit}.log", max_connections=limit) as daemon:
+    servers: list[
+        tuple[str, str, bool, float, Callable[[], Any]]
+    ] = []  # tag, label, probe, seconds, start
+    if args.probe_seconds > 0:
+        servers.append(("default", "git daemon, --max-connections 32 (its default)", True, args.probe_seconds,
+                        lambda: git_daemon(srv, tmp / "daemon-swarm-default.log")))  # fmt: skip
+    servers.append((f"max{args.max_connections}", f"git daemon --max-connections {args.max_connections}",
+                    False, args.seconds,
+                    lambda: git_daemon(srv, tmp / "daemon-swarm.log", max_connections=args.max_connections)))  # fmt: skip
+    if args.inetd == "auto" and shutil.which("socat"):
+        servers.append(("inetd", f"git daemon --inetd per connection, listen backlog {args.max_connections} (socat)",
+                        False, args.seconds,
+                        lambda: inetd_daemon(srv, tmp / "daemon-inetd.log", backlog=args.max_connections)))  # fmt: skip
+    for tag, label, probe, seconds, start_server in servers:
+        with start_server() as daemon:
             if args.swarm > 0:
-                say(
-                    f"swarm: {args.swarm} hosts for {seconds:.0f}s, --max-connections {limit or 'default (32)'}"
-                )
+                say(f"swarm: {args.swarm} hosts for {seconds:.0f}s, {label}")
                 r = swarm(daemon, f"git://127.0.0.1:{daemon.port}/{built[min(sizes)].desired}", tmp, template,
                           hosts=args.swarm, processes=args.swarm_procs, seconds=seconds, reports=False,
-                          net_timeout=float(net_timeout), max_connections=limit)  # fmt: skip
+                          net_timeout=float(net_timeout), server=label, probe=probe, tag=tag)  # fmt: skip
                 swarms.append(r)
                 say(f"  {r.polls} polls, {r.polls_per_s:.0f}/s, {r.failures} failures, {r.retries} retries, "
                     f"p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms, cpu {r.cpu_ms_per_poll:.1f} ms/poll")  # fmt: skip
@@ -1044,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
                                   lambda node, t=tpl, c=count: t.format(shard=shard_of(node, c))))  # fmt: skip
                 for into, target in cases:
                     r2 = concurrent_pushes(srv, into, target, f"git://127.0.0.1:{daemon.port}/{{repo}}", tmp,
-                                           count=args.pushers, max_connections=limit)  # fmt: skip
+                                           count=args.pushers, server=label, probe=probe, tag=tag)  # fmt: skip
                     pushes.append(r2)
                     say(f"  {r2.pushers} pushes at once into {into}: {r2.landed} landed, {r2.retries} retries, "
                         f"{r2.seconds:.1f}s")  # fmt: skip
@@ -1075,8 +1119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     say(f"done in {elapsed:.0f}s: {args.out / 'fleet.md'}")
     shutil.rmtree(tmp, ignore_errors=True)
-    bad = [x for x in swarms if x.max_connections is not None and x.failures] + [
-        x for x in pushes if x.max_connections is not None and x.landed != x.pushers
+    bad = [x for x in swarms if not x.probe and x.failures] + [
+        x for x in pushes if not x.probe and x.landed != x.pushers
     ]
     return 1 if bad else 0
 
@@ -1171,23 +1215,18 @@ def render(raw: dict[str, Any], cells: list[Cell], sizes: list[int]) -> str:
             "that failed after the retries (the host would run on its last commit); *retries*: tries "
             "that failed and were retried.",
             "",
-            "| hosts × processes | git daemon --max-connections | seconds | polls | polls/s | lowest 5 s | failures | retries | p50 | p99 | max | server CPU / poll |",
+            "| hosts × processes | server | seconds | polls | polls/s | lowest 5 s | failures | retries | p50 | p99 | max | server CPU / poll |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for x in raw["swarms"]:
-            limit = (
-                "32 (default)"
-                if x["max_connections"] is None
-                else str(x["max_connections"] or "0 (none)")
-            )
             lines.append(
-                f"| {x['hosts']:,} × {x['processes']} | {limit} | {x['seconds']:.0f} | {x['polls']:,} | "
+                f"| {x['hosts']:,} × {x['processes']} | {x['server']} | {x['seconds']:.0f} | {x['polls']:,} | "
                 f"{x['polls_per_s']:.0f} | {x['min_polls_per_s_5s']:.0f} | {x['failures']} | {x['retries']} | "
                 f"{x['p50_ms']:.0f} ms | {x['p99_ms']:.0f} ms | {x['max_ms']:.0f} ms | {x['cpu_ms_per_poll']:.1f} ms |"
             )
         for x in raw["swarms"]:
             if x["failure_sample"]:
-                lines += ["", f"Failures at --max-connections {x['max_connections'] or 'default'}, e.g.: "
+                lines += ["", f"Failures with {x['server']}, e.g.: "
                           + "; ".join(f"`{e[:160]}`" for e in x["failure_sample"][:2])]  # fmt: skip
         lines.append("")
     if raw["pushes"]:
@@ -1195,19 +1234,17 @@ def render(raw: dict[str, Any], cells: list[Cell], sizes: list[int]) -> str:
                   "Each host a thread with its own state repository; all released at once by a barrier; "
                   "each pushes one report commit to its own new branch with the agent's push. *landed*: "
                   "branches found on the server afterwards.", "",
-                  "| pushes at once | into | git daemon --max-connections | landed | failed | retries | all done in | push p50 | push max |",
+                  "| pushes at once | into | server | landed | failed | retries | all done in | push p50 | push max |",
                   "|---:|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for x in raw["pushes"]:
-            limit = (
-                "32 (default)"
-                if x["max_connections"] is None
-                else str(x["max_connections"] or "0 (none)")
-            )
-            lines.append(f"| {x['pushers']} | `{x['into']}` | {limit} | {x['landed']} | {x['failed']} | "
+            lines.append(f"| {x['pushers']} | `{x['into']}` | {x['server']} | {x['landed']} | {x['failed']} | "
                          f"{x['retries']} | {x['seconds']:.1f} s | {x['p50_s']:.1f} s | {x['max_s']:.1f} s |")  # fmt: skip
         for x in raw["pushes"]:
             if x["errors"]:
-                lines += ["", f"Failed pushes into `{x['into']}`, e.g.: `{x['errors'][0][:200]}`"]
+                lines += [
+                    "",
+                    f"Failed pushes into `{x['into']}` ({x['server']}), e.g.: `{x['errors'][0][:200]}`",
+                ]
         lines.append("")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ def test_bench_fleet_runs_at_toy_sizes(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "bench" / "fleet.py"),
          "--nodes", "0,10", "--shards", "16", "--reps", "1", "--cpu-polls", "1", "--settle", "0",
          "--swarm", "4", "--swarm-procs", "1", "--seconds", "0.5", "--probe-seconds", "0",
-         "--pushers", "2", "--http", "off", "--dulwich", "off",
+         "--pushers", "2", "--http", "off", "--dulwich", "off", "--inetd", "off",
          "--tmp", str(tmp_path / "scratch"), "--out", str(out)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
