@@ -1173,7 +1173,9 @@ def render(raw: dict[str, Any], cells: list[Cell], sizes: list[int]) -> str:
         "upload-pack still reads every ref to hide it. CPU is user + sys of the server's processes "
         "(git daemon, its per-connection `git daemon --serve` and `git upload-pack`/`receive-pack`; over "
         "HTTP nginx, fcgiwrap and git-http-backend), at 10 ms clock-tick resolution, divided by the "
-        "number of polls or pushes.",
+        "number of polls or pushes. Over HTTP the CPU reads lower than is plausible "
+        "(below git daemon's for the same work): fcgiwrap's CGI children seem not all "
+        "accounted to its process group; docs/scale.md uses git daemon's figures.",
         "",
     ]
     if raw["http_note"]:
