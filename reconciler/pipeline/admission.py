@@ -95,10 +95,11 @@ def check_admission(
     marker are fetched and :func:`admit` decides. The halt marker, when
     commits are verified (``verify``), counts only when its commit carries a
     trusted signature; else it is ignored with a ``warning`` in the record.
-    Never raises a ReconcilerError: a check that cannot decide (C's
-    ``fleet.yaml`` or ``hosts/`` invalid, a reports server that does not
-    answer, report refs hidden by ``uploadpack.hideRefs``) holds C with
-    ``error`` set, so the host keeps enforcing ``previous`` and says why.
+    Never raises a ReconcilerError: a check that cannot decide holds C with
+    ``error`` set — a SourceError (a reports server that does not answer,
+    report refs hidden by ``uploadpack.hideRefs``: the host keeps enforcing
+    ``previous`` and says why) or an InventoryError (C's ``fleet.yaml``,
+    ``rollout:`` or ``hosts/`` invalid: the caller changes nothing, SPEC §4).
     ``inventory_cache``: the state directory's checked host files by blob id
     (``StateDir.read_inventory_cache``): with it only the host files C changed
     are parsed again (1,000 canaries: the check's cost is otherwise theirs).

@@ -427,7 +427,11 @@ def _admission(
     Gated: a trusted commit other than the applied one, on a host that applied
     one before (a brand-new host converges at once: nothing to protect), not
     pinned by ``--state`` (a pin is an operator's explicit choice). A check
-    that cannot decide holds the commit and adds its error (the run fails).
+    that cannot reach the reports (a server down, hidden report refs) holds
+    the commit and adds its error (the run fails, drift is still repaired).
+    A commit the check finds invalid (``hosts/``, ``fleet.yaml``, its
+    ``rollout:``) raises the error: as for any invalid repository, the run
+    changes nothing (SPEC §4).
     """
     applied = previous.applied_commit
     if refusal is not None or applied is None or commit == applied or setting.options.state:
@@ -442,6 +446,8 @@ def _admission(
         setting.remote,
         inventory_cache=setting.state_dir.read_inventory_cache(),
     )
+    if checked.error is not None and not isinstance(checked.error, SourceError):
+        raise checked.error
     if checked.error is not None:
         errors.append(checked.error)
     return checked.held, checked.commit

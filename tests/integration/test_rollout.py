@@ -102,6 +102,19 @@ def test_the_canary_first_then_wave_two_after_soak_and_drift_repaired_meanwhile(
     assert report["applied_commit"] == second and "rollout" not in report
     assert "Wave by wave." in motd.read_text()
 
+    # A rollout naming no node is an invalid repository: nothing changes, not even
+    # the drift repair of the commit held (SPEC §4), and the error names fleet.yaml.
+    fleet.write("fleet.yaml", ROLLOUT.replace("[db1]", "[db9]"))
+    fleet.write(MOTD, fleet.read(MOTD) + "Never applied.\n")
+    fleet.commit("rollout: a wave naming no node")
+    motd.write_text("tampered\n")
+    proc = waiter.pull()
+    assert proc.returncode == 1
+    assert len(proc.stderr.splitlines()) == 1
+    assert "node web2: fleet.yaml: rollout wave 'canary' names 'db9'" in proc.stderr
+    assert motd.read_text() == "tampered\n"
+    assert fleet.report("web2")["applied_commit"] == second
+
 
 def test_a_failed_canary_halts_wave_two_and_a_commit_that_changes_nothing_applies(
     fleet, make_host
