@@ -64,6 +64,17 @@ def _served_by(source: Any) -> str:
     return ""
 
 
+def rollout_note(rollout: Mapping[str, Any]) -> str:
+    """One line for a held rollout commit (SPEC §13): ``pending: commit 0123456789ab held
+    in wave everyone — waiting for wave 'canary': …``."""
+    commit = str(rollout.get("commit") or "")[:12]
+    wave = f" in wave {rollout['wave']}" if rollout.get("wave") else ""
+    note = f"{rollout.get('state')}: commit {commit} held{wave} — {rollout.get('reason', '')}"
+    if rollout.get("warning"):
+        note += f" ({rollout['warning']})"
+    return note
+
+
 def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     from reconciler.report import recovered_note
 
@@ -80,6 +91,8 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     out.write(f"{report.node}: {src.branch} at {commit}{fetched}\n")
     if report.suspended:
         out.write(f"  suspended: {report.suspended.get('reason', '')} — nothing is changed\n")
+    if report.rollout:
+        out.write(f"  rollout {rollout_note(report.rollout)}\n")
     if report.history_lost:
         out.write(f"  ! {_history_lost(report.node, report.history_lost)}\n")
     if report.cache_rebuilt:
@@ -640,6 +653,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     else:
         out.write("next run:   no agent running (reconciler run / the timer)\n")
+    if report.rollout:
+        out.write(f"rollout:    {rollout_note(report.rollout)}\n")
     if report.history_lost:
         out.write(f"warning:    {_history_lost(report.node, report.history_lost)}\n")
     for error in report.errors:

@@ -84,6 +84,8 @@ def test_the_canary_first_then_wave_two_after_soak_and_drift_repaired_meanwhile(
     )
     assert "db1" in rollout["reason"]
     assert motd.read_text() == before
+    status = waiter.run("status").stdout
+    assert f"rollout:    pending: commit {second[:12]} held in wave everyone — waiting" in status
 
     motd.write_text("tampered\n")  # drift repair is never held back: against `first`
     proc = waiter.pull()
