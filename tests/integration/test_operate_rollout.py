@@ -195,3 +195,134 @@ def test_the_marker_is_signed_as_git_signs_and_hosts_verify_it(fleet, op, rollin
     assert "ssh-keygen: cannot sign the commit" in failed.err
     assert "check user.signingkey" in failed.err
     assert git("rev-parse", "refs/heads/rollout/control", cwd=fleet.bare).strip() == commit
+
+
+def test_with_reports_in_shards_the_marker_lives_in_shard_zero(fleet, op):
+    """SPEC §12: reports in 16 repositories; the marker goes where every host can read it,
+    the repository of shard 0, and status reads it from there."""
+    base = fleet.name.removesuffix(".git")
+    shard0 = fleet.daemon.base / f"{base}-reports-0.git"
+    git("init", "-q", "--bare", str(shard0))
+    url = f"{fleet.daemon.url(base)}-reports-{{shard}}.git"
+    fleet.write("fleet.yaml", ROLLOUT + f"reports: {{repo: '{url}', shards: 16}}\n")
+    fleet.commit("rollout, reports in 16 shards")
+    halted = op("rollout", "halt", "--reason", "sharded", "--format", "json")
+    assert halted.code == 0, halted.err
+    assert halted.json()["url"] == url.replace("{shard}", "0")
+    assert (
+        json.loads(git("show", "rollout/control:rollout.json", cwd=shard0))["reason"] == "sharded"
+    )
+    assert not git("for-each-ref", "refs/heads/rollout/", cwd=fleet.bare).strip()
+    status = op("rollout", "status", "--format", "json").json()
+    assert status["marker"]["halted"] is True and status["marker"]["reason"] == "sharded"
+
+
+# ------------------------------------------------------- with the hosts' own runs
+
+TWO_WAVES = """\
+rollout:
+  waves:
+    - {name: canary, nodes: [web1]}
+    - {name: everyone, percent: 100}
+  soak: 1s
+  max_failed: 0
+"""
+MOTD = "templates/motd/default/etc/motd.j2"
+
+
+def pulled(host, *args: str) -> dict:
+    proc = host.run("pull", "--format", "json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_halt_holds_wave_two_resume_lets_it_apply_and_a_revert_rolls_out_the_same_way(
+    fleet, make_host, op
+):
+    fleet.write("fleet.yaml", TWO_WAVES)
+    first = fleet.commit("rollout: canary web1, then everyone")
+    canary, waiter = make_host("web1"), make_host("web2")
+    assert pulled(canary)["applied_commit"] == pulled(waiter)["applied_commit"] == first
+    fleet.write(MOTD, fleet.read(MOTD) + "Wave by wave.\n")
+    second = fleet.commit("motd: a new line")
+    assert pulled(canary)["applied_commit"] == second
+
+    # The canary succeeded and soaked, but the operator halted: wave 2 holds.
+    assert op("rollout", "halt", "--reason", "watching web1").code == 0
+    time.sleep(1.1)
+    report = pulled(waiter)
+    assert report["applied_commit"] == first
+    assert report["rollout"]["state"] == "halted" and "watching web1" in report["rollout"]["reason"]
+    assert "Wave by wave." not in waiter.path("/etc/motd").read_text()
+    status = op("rollout", "status", "--format", "json").json()
+    assert [w["state"] for w in status["waves"]] == ["admitted", "halted"]
+    assert status["halted"] is True and status["marker"]["reason"] == "watching web1"
+    wave2 = {n["node"]: n for n in status["waves"][1]["nodes"]}
+    assert (wave2["web2"]["applied_commit"], wave2["web2"]["has_commit"]) == (first, False)
+    assert wave2["db1"]["result"] == "never"  # no host of its own in this test
+
+    # Resumed: the next run applies it.
+    assert op("rollout", "resume", "--reason", "web1 looks fine").code == 0
+    assert pulled(waiter)["applied_commit"] == second
+    assert "Wave by wave." in waiter.path("/etc/motd").read_text()
+    status = op("rollout", "status", "--format", "json").json()
+    assert [w["state"] for w in status["waves"]] == ["admitted", "admitted"]
+    assert {n["node"]: n["has_commit"] for n in status["waves"][1]["nodes"]}["web2"] is True
+
+    # The way back is a revert commit: a forward change, through the same waves.
+    git("revert", "--no-edit", "HEAD", cwd=fleet.work)
+    git("push", "-q", "origin", "HEAD:refs/heads/main", cwd=fleet.work)
+    revert = fleet.head()
+    report = pulled(waiter)  # before the canary: held, still on the change
+    assert report["applied_commit"] == second and report["rollout"]["state"] == "pending"
+    assert report["rollout"]["waiting_for"] == "canary"
+    assert pulled(canary)["applied_commit"] == revert
+    waves = op("rollout", "status", "--format", "json").json()["waves"]
+    assert waves[0]["done"] == 1  # wave 2 waits for its soak (1s: too short to assert on)
+    assert {n["node"]: n["has_commit"] for n in waves[1]["nodes"]}["web2"] is False
+    time.sleep(1.1)
+    assert pulled(waiter)["applied_commit"] == revert
+    assert "Wave by wave." not in waiter.path("/etc/motd").read_text()
+
+
+def test_hosts_that_verify_ignore_an_unsigned_marker_and_obey_a_signed_one(
+    fleet, make_host, op, tmp_path
+):
+    from tests.integration.test_signed import allowed_signers, ssh_signed_commit, verify_config
+
+    require("ssh-keygen", "openssh-client")
+    key = tmp_path / "ops"
+    public = keygen(key, "ops@example.com")
+    signers = str(allowed_signers(tmp_path / "signers", public))
+    fleet.write("fleet.yaml", TWO_WAVES)
+    ssh_signed_commit(fleet, key, "rollout: canary web1, then everyone")
+    canary, waiter = make_host("web1"), make_host("web2")
+    configs = {h.node: verify_config(h, allowed_signers=signers) for h in (canary, waiter)}
+    for host in (canary, waiter):
+        pulled(host, "--config", configs[host.node])
+
+    # An unsigned halt: the verifying host ignores it, says so, and applies.
+    fleet.write(MOTD, fleet.read(MOTD) + "Signed rollouts.\n")
+    second = ssh_signed_commit(fleet, key, "motd: a signed change")
+    assert pulled(canary, "--config", configs["web1"])["applied_commit"] == second
+    halted = op("rollout", "halt", "--reason", "unsigned", "--format", "json")
+    assert halted.code == 0 and halted.json()["signed"] is False
+    time.sleep(1.1)
+    proc = waiter.run("pull", "--format", "json", "--config", configs["web2"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["applied_commit"] == second
+    assert "halt marker" in proc.stderr and "ignored" in proc.stderr
+
+    # Signed with the operator's key (commit.gpgsign in git's configuration): obeyed.
+    cache = tmp_path / "cache" / "operator.git"
+    for k, v in (("commit.gpgsign", "true"), ("gpg.format", "ssh"), ("user.signingkey", key)):
+        git("config", k, str(v), cwd=cache)
+    fleet.write(MOTD, fleet.read(MOTD) + "Held by a signed halt.\n")
+    third = ssh_signed_commit(fleet, key, "motd: held")
+    assert pulled(canary, "--config", configs["web1"])["applied_commit"] == third
+    halted = op("rollout", "halt", "--reason", "signed", "--format", "json")
+    assert halted.code == 0 and halted.json()["signed"] is True
+    time.sleep(1.1)
+    report = pulled(waiter, "--config", configs["web2"])
+    assert report["applied_commit"] == second and report["rollout"]["state"] == "halted"
+    assert "warning" not in report["rollout"]
