@@ -170,9 +170,11 @@ def _fleet_rollout(args: argparse.Namespace, up: Any, head: str, err: TextIO) ->
     ``fleet.yaml`` or ``hosts/`` that does not load is one warning line, and
     no rollout section.
     """
-    from reconciler.ops.rollout import rollout_status
+    from reconciler.ops.rollout import rolling_commit, rollout_status
 
     try:
+        if rolling_commit(up, head) is None:  # no rollout: no fetch of the marker's shard
+            return None
         _, control = _control(args, up, head)
         return rollout_status(up, head, now=_now(), control=control)
     except ReconcilerError as exc:

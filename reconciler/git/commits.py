@@ -200,11 +200,19 @@ def write_commit(
 
 
 def replay(
-    repo: Repo, commits: Sequence[str], onto: str, committer: Identity, *, branch: str
+    repo: Repo,
+    commits: Sequence[str],
+    onto: str,
+    committer: Identity,
+    *,
+    branch: str,
+    signing: Signing | None = None,
 ) -> str:
     """Replay ``commits`` (oldest first) onto ``onto`` by three-way tree merges; the new tip.
 
-    Each keeps its author and message; the committer is ``committer``.
+    Each keeps its author and message; the committer is ``committer``; each is
+    signed anew when ``signing`` is given (a replayed commit is a new object:
+    the old signature does not cover it).
     Raises SourceError on a conflict, naming the commit and the way out
     (``branch`` is the branch whose new head ``onto`` is).
     """
@@ -223,7 +231,5 @@ def replay(
             )
         with map_git_errors(f"{repo.path}: cannot replay {commit_id[:12]}", "re-run"):
             tree = index.write_tree(repo.raw)
-            tip = str(
-                repo.raw.create_commit(None, commit.author, signature, commit.message, tree, [tip])
-            )
+            tip = _create(repo, commit.author, signature, commit.message, tree, [tip], signing)
     return tip

@@ -34,7 +34,7 @@ from reconciler.errors import (
     SourceError,
     UsageError,
 )
-from reconciler.git.commits import identity, replay, write_commit
+from reconciler.git.commits import identity, replay, signing_of, write_commit
 from reconciler.git.remote import push
 from reconciler.git.repo import (
     Repo,
@@ -171,7 +171,18 @@ def _refetch(up: Upstream, pending: Sequence[str], origin: str) -> bool:
         moved[:12],
     )
     # Earlier unpushed commits are replayed; the command's own edit is recomputed on top.
-    tip = replay(up.repo, pending, moved, identity(up.repo), branch=up.branch) if pending else moved
+    tip = (
+        replay(
+            up.repo,
+            pending,
+            moved,
+            identity(up.repo),
+            branch=up.branch,
+            signing=signing_of(up.repo),
+        )
+        if pending
+        else moved
+    )
     set_ref(up.repo, up.local, tip)
     return True
 
@@ -228,6 +239,9 @@ def commit_and_push(
         fresh = True
     remote_ref = f"refs/heads/{up.branch}"
     author = identity(up.repo)
+    # Signed as `git commit` would sign (commit.gpgsign): hosts that verify (SPEC §4)
+    # refuse an unsigned commit, so an operator who signs by hand signs here too.
+    signing = signing_of(up.repo)
     error = ""
     for attempt in range(attempts):
         origin = tracking_head(up)
@@ -239,7 +253,7 @@ def commit_and_push(
             notes: tuple[str, ...] = ()
             new = base
             if edit is not None:
-                new = write_commit(up.repo, base, edit.files, edit.message, author)
+                new = write_commit(up.repo, base, edit.files, edit.message, author, signing=signing)
                 notes = edit.notes
                 if check is not None:
                     notes = (*notes, *check(up.snapshot(new)))
@@ -632,7 +646,9 @@ def adopt(
     edit = Edit(
         files={written: captured}, message=f"{node}: adopt {dest} as found on the host\n\n{body}"
     )
-    commit = write_commit(up.repo, head, edit.files, edit.message, identity(up.repo))
+    commit = write_commit(
+        up.repo, head, edit.files, edit.message, identity(up.repo), signing=signing_of(up.repo)
+    )
     local = f"refs/heads/{branch}"
     set_ref(up.repo, local, commit)
     pushed = False

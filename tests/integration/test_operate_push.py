@@ -291,3 +291,28 @@ def test_an_unpushed_commit_is_not_pushed_by_the_next_unrelated_command(fleet, o
     assert both.code == 0, both.err
     assert "including unpushed" in both.out and "web1: suspend — now" in both.out
     assert 'reason: "now"' in server_file(fleet, "hosts/web1.yaml")
+
+
+def test_push_signs_as_git_does_when_commit_gpgsign_is_set_and_replays_signed(fleet, op, tmp_path):
+    """Hosts that verify (SPEC §4) refuse unsigned commits: with commit.gpgsign in the
+    operator's git configuration, push signs (ssh) — its replay after a lost race too."""
+    from tests.integration.servers import keygen, require
+
+    require("ssh-keygen", "openssh-client")
+    key = tmp_path / "ops-key"
+    public = keygen(key, "ops")
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f'ops@example.com namespaces="git" {public}\n')
+    assert op("push", "web1", "default", "--no-push").code == 0  # makes the cache
+    cache = tmp_path / "cache" / "operator.git"
+    for k, v in (("commit.gpgsign", "true"), ("gpg.format", "ssh"), ("user.signingkey", key)):
+        git("config", k, str(v), cwd=cache)
+    fleet.write("hosts/db1.yaml", fleet.read("hosts/db1.yaml") + "\n# theirs\n")
+    fleet.commit("db1: a comment")  # the unpushed commit is replayed onto it
+
+    result = op("push", "web2", "default", "--push-pending", "--format", "json")
+    assert result.code == 0, result.err
+    assert result.json()["retries"] == 1
+    verify = ("-c", f"gpg.ssh.allowedSignersFile={allowed}", "verify-commit")
+    git(*verify, "main", cwd=fleet.bare)  # ours
+    git(*verify, "main^", cwd=fleet.bare)  # the replayed --no-push commit, signed anew
