@@ -20,7 +20,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from reconciler.errors import ApplyError, PathError, ReconcilerError, ScriptError, UnsafePathError
@@ -41,6 +41,7 @@ from reconciler.pipeline.packages import ResourceChange
 from reconciler.pipeline.plan import Change, Plan
 from reconciler.pipeline.render import AppSettings, TargetFile, TargetState
 from reconciler.pipeline.scan import ActualFile, host_path
+from reconciler.secrets.redact import Redaction
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class RunContext:
     run_id: str
     root: Path
     state_dir: StateDir
+    # The secret text of the run (SPEC §8), cut out of scripts' and units' output.
+    redaction: Redaction = Redaction()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -137,6 +140,8 @@ def _run_scripts(
             env=env,
             timeout=app.timeout,
         )
+        # Host output goes into the report and the error's text: never a secret (SPEC §8).
+        run = replace(run, output_tail=ctx.redaction.apply(run.output_tail))
         runs.append(run)
         if not run.ok:
             break
@@ -526,6 +531,7 @@ def apply_plan(
                         ctx.root,
                         resources,
                         result.scripts,
+                        ctx.redaction,
                     )
                 )
             continue
@@ -598,6 +604,7 @@ def apply_plan(
                     ctx.root,
                     resources,
                     result.scripts,
+                    ctx.redaction,
                 )
             )
         if journal is not None and (todo or owed):

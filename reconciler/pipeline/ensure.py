@@ -34,6 +34,7 @@ from reconciler.host.system import ScriptRun, System
 from reconciler.pipeline.packages import NOT_FOUND, ResourceChange, ServiceSpec
 from reconciler.pipeline.plan import Change
 from reconciler.pipeline.render import TargetFile
+from reconciler.secrets.redact import Redaction
 
 SERVICE_TIMEOUT_S = 120.0
 UNIT_ABSENT = "root is not /: no unit file there, not enabled"
@@ -121,6 +122,7 @@ def enforce_services(
     root: Path,
     result: ResourceResult,
     scripts: list[ScriptRun],
+    redaction: Redaction,
 ) -> list[ReconcilerError]:
     """One app's services after its files and post scripts (SPEC §11).
 
@@ -129,7 +131,8 @@ def enforce_services(
     and a service is to run and was not started just now, its ``on_change``
     (reload or restart). A service that fails to start or reload fails the
     run: its error, and the last journal lines of the unit as a ``service``
-    entry of ``scripts`` (host output: reported as a script's output tail).
+    entry of ``scripts`` (host output: reported as a script's output tail, with
+    the run's secret text cut out by ``redaction``, SPEC §8).
     """
     errors: list[ReconcilerError] = []
     started: set[str] = set()
@@ -155,7 +158,7 @@ def enforce_services(
             )
             result.done.append((change, False))
             continue
-        ok = _run(system, change, root, errors, scripts)
+        ok = _run(system, change, root, errors, scripts, redaction)
         result.done.append((change, ok and not system.dry_run))
     if not files_changed:
         return errors
@@ -177,7 +180,7 @@ def enforce_services(
         if not live:
             result.done.append((change, False))
             continue
-        ok = _run(system, change, root, errors, scripts)
+        ok = _run(system, change, root, errors, scripts, redaction)
         result.done.append((change, ok and not system.dry_run))
     return errors
 
@@ -225,6 +228,7 @@ def _run(
     root: Path,
     errors: list[ReconcilerError],
     scripts: list[ScriptRun],
+    redaction: Redaction,
 ) -> bool:
     run = system.run_command(
         service_command(change.action, change.name, root), env=None, timeout=SERVICE_TIMEOUT_S
@@ -240,11 +244,11 @@ def _run(
             name=change.name,
             exit_code=run.exit_code,
             duration_s=run.duration_s,
-            output_tail=tail or run.errors,
+            output_tail=redaction.apply(tail or run.errors),
             timed_out=run.timed_out,
         )
     )
-    last = (run.errors.strip().splitlines() or [why])[-1]
+    last = redaction.apply((run.errors.strip().splitlines() or [why])[-1])
     errors.append(
         ApplyError(
             f"systemctl {change.action} {change.name} failed ({why}: {last}) (app "

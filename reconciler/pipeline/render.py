@@ -201,6 +201,9 @@ class TargetState:
     absent: tuple[AbsentRule, ...] = ()
     # directories: of the node's apps (SPEC §9), by path.
     directories: Mapping[PurePosixPath, TargetDir] = field(default_factory=dict)
+    # Every plaintext this render decrypted (SPEC §8): kept in memory only, so that host
+    # output can be redacted (secrets/redact.py); never written, never reported.
+    secret_values: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def _encrypted(repo_path: str) -> bool:
@@ -534,6 +537,10 @@ class _Secrets:
             raise type(exc)(f"{on}: {detail}", where=where, hint=hint) from None
         self._plain[key] = plain
         return plain
+
+    def plaintexts(self) -> list[bytes]:
+        """Every plaintext decrypted so far (none with placeholders)."""
+        return list(self._plain.values())
 
 
 class _SecretValue:
@@ -1558,8 +1565,9 @@ def render_target(
                 rendered[j[0]] = kept
         jobs = todo
     log.debug("%s: rendering %d template(s), %d reused", node.name, len(jobs), len(rendered))
+    opened: list[bytes] = []  # plaintexts decrypted in forked workers
     if workers > 1 and len(jobs) >= PARALLEL_MIN_TEMPLATES:
-        done, tainted = _render_parallel(job, jobs, workers)
+        done, tainted, opened = _render_parallel(job, jobs, workers)
         rendered.update(done)
     else:
         done, failed = job.render(jobs)
@@ -1654,6 +1662,7 @@ def render_target(
         apps=load_app_settings(snapshot, node),
         absent=absent,
         directories=directory_targets(snapshot, node, files),
+        secret_values=(*opened, *secrets.plaintexts()),
     )
 
 
@@ -2114,20 +2123,30 @@ def _worker_render(
     tuple[PurePosixPath, str] | None,
     set[PurePosixPath],
     dict[str, Any],
+    list[bytes],
 ]:
     job = _worker_job[0]
     out, failed = job.render(jobs)
     # The error goes back as its text (a RenderError made with keywords does
     # not unpickle), with the destination that failed: never parsed. The
     # destinations that read a secret go back too (the taint, SPEC §8), and
-    # what the templates it parsed read (the render keys' cache).
-    return out, (failed[0], str(failed[1])) if failed else None, job.tainted, job.analysed
+    # what the templates it parsed read (the render keys' cache), and the
+    # plaintexts it decrypted (the parent redacts host output with them).
+    return (
+        out,
+        (failed[0], str(failed[1])) if failed else None,
+        job.tainted,
+        job.analysed,
+        job.secrets.plaintexts(),
+    )
 
 
 def _render_parallel(
     job: _RenderJob, jobs: list[Job], workers: int
-) -> tuple[dict[PurePosixPath, bytes], set[PurePosixPath]]:
+) -> tuple[dict[PurePosixPath, bytes], set[PurePosixPath], list[bytes]]:
     """Split ``jobs`` over ``workers`` forked processes; the first error in job order wins.
+    Returns the rendered bytes, the destinations that read a secret, and the plaintexts
+    the workers decrypted (for redaction, secrets/redact.py).
 
     Each worker bounds its templates as the agent does (:class:`_Alarm` in
     the worker's main thread).
@@ -2149,14 +2168,16 @@ def _render_parallel(
             pool.join()
     finally:
         gc.unfreeze()  # the agent lives on: its garbage must stay collectable
-    failures = [failed for _, failed, _, _ in results if failed]
+    failures = [failed for _, failed, _, _, _ in results if failed]
     if failures:
         order = {dest: i for i, (dest, _, _) in enumerate(jobs)}
         raise RenderError(min(failures, key=lambda f: order[f[0]])[1])
     out: dict[PurePosixPath, bytes] = {}
     tainted: set[PurePosixPath] = set()
-    for part, _, read, analysed in results:
+    opened: list[bytes] = []
+    for part, _, read, analysed, plain in results:
         out.update(part)
         tainted |= read
         job.analysed.update(analysed)
-    return out, tainted
+        opened.extend(plain)
+    return out, tainted, opened

@@ -72,6 +72,7 @@ from reconciler.pipeline.reuse import (
     written_output,
 )
 from reconciler.report import Report, build_report, commit_report
+from reconciler.secrets.redact import Redaction
 
 if TYPE_CHECKING:
     from reconciler.pipeline.apply import ApplyResult
@@ -789,6 +790,9 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             run_id=setting.run_id,
             root=root,
             state_dir=state_dir,
+            redaction=Redaction.of(
+                [*target.secret_values, *(f.content for f in target.files.values() if f.secret)]
+            ),
         )
         # Post scripts owed by interrupted runs: run only when this run may change things.
         owed = dict(recovery.post_pending) if recovery and mode == "enforce" else {}

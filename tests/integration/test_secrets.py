@@ -240,3 +240,24 @@ def test_diff_of_a_secret_path_being_pruned_shows_no_content(fleet, make_host):
     assert DEST in diff and "secret" in diff, diff
     for argv, text in seen.texts:
         assert REPO_V1 not in text, f"secret leaked by `{argv}`"
+
+
+def test_script_output_that_prints_a_secret_is_redacted_in_the_report(fleet, make_host):
+    """A post script that prints the secret file it checks: its output tail in the
+    report and the JSON printed show ``<redacted>`` where the secret was (SPEC §8;
+    secrets/redact.py), never the secret."""
+    fleet.write(KEYS, keys_file(REPO_V1))
+    fleet.write(
+        "scripts/post/chrony/90-show-keys",
+        '#!/bin/sh\necho "checking keys:"\ncat "${RECONCILER_ROOT%/}/etc/chrony/chrony.keys"\n',
+        executable=True,
+    )
+    fleet.commit("chrony: a real key, and a script that shows it")
+    host = make_host("web1")
+    proc = host.run("pull", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert REPO_V1 not in proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    [show] = [s for s in report["scripts"] if s["name"] == "90-show-keys"]
+    assert show["output_tail"] == "checking keys:\n<redacted>"  # the file whole: one mark
+    assert REPO_V1 not in json.dumps(fleet.report("web1"))

@@ -23,6 +23,7 @@ from reconciler.errors import (
 )
 from reconciler.pipeline.render import Decryption, render_problems, render_target
 from reconciler.secrets import age
+from reconciler.secrets.redact import MARK, Redaction
 from tests.unit.helpers import FACTS, node_of, write_repo
 
 PASSWORD = "pa55-Wörd-7f3a9c"  # the plaintext every test looks for where it must not be
@@ -305,3 +306,19 @@ def test_an_age_value_is_one_value_in_merges_and_survives_the_json_inventory_cac
     assert merged["db"]["password"] == {"user": "x"}
     back = deep_merge({"db": {"password": {"user": "x"}}}, data["vars"])
     assert back["db"]["password"] == value
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_values_a_render_decrypted_are_kept_for_redacting_host_output(
+    tmp_path: Path, keys: dict[str, Path], workers: int
+) -> None:
+    """TargetState.secret_values: every plaintext decrypted, by the render or by its
+    forked workers, so that a script or unit printing the bare value is redacted
+    (secrets/redact.py) — the file's line alone would not catch it."""
+    many = {f"templates/db/default/etc/many/{i:03}.j2": f"{i}\n" for i in range(70)}
+    snap = _repo(tmp_path, keys, **many)
+    target = _render(snap, "db1", keys["db1"], workers=workers)
+    assert PASSWORD.encode() in target.secret_values
+    assert PASSWORD not in repr(target)  # a debug log of the value shows none
+    cut = Redaction.of(target.secret_values).apply(f"auth {PASSWORD} refused")
+    assert cut == f"auth {MARK} refused"

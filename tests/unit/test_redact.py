@@ -1,0 +1,82 @@
+"""Secret text cut out of host output (SPEC §8, secrets/redact.py): the table of what a
+Redaction cuts, and the journal lines of a unit that failed to start (SPEC §11) read
+through a real System from real ``systemctl``/``journalctl`` executables — stand-ins
+on PATH that print what a unit logging its secret would (no systemd runs here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.host.system import RealSystem, ScriptRun
+from reconciler.pipeline.ensure import ResourceResult, enforce_services
+from reconciler.pipeline.packages import ResourceChange, ServiceSpec
+from reconciler.secrets.redact import MARK, Redaction
+
+SECRET = "s3cr3t-Pa55-7f1c"
+
+
+@pytest.mark.parametrize(
+    ("secrets", "text", "expected"),
+    [
+        ([SECRET.encode()], f"connecting with {SECRET} failed", f"connecting with {MARK} failed"),
+        # A multi-line plaintext: each line, and the whole, wherever they show up.
+        ([b"user = app\npassword = hunter22\n"], "read password = hunter22", f"read {MARK}"),
+        ([b"user = app\npassword = hunter22\n"], "user = app", MARK),
+        # Pieces shorter than MIN_CHARS are left alone: "}" would cut every brace out.
+        ([b"{\n  key: abcd\n}\n"], "} done", "} done"),
+        # The longest first: the line holding a value is cut whole.
+        ([b"hunter22", b"password = hunter22"], "password = hunter22!", f"{MARK}!"),
+        ([], "nothing to cut", "nothing to cut"),
+        # Bytes that are not UTF-8 are matched as output is decoded: replaced.
+        ([b"\xffsecret-bytes"], "got \ufffdsecret-bytes", f"got {MARK}"),
+    ],
+)
+def test_redaction_cuts_every_secret_piece(secrets, text, expected):
+    assert Redaction.of(secrets).apply(text) == expected
+
+
+def _stand_in(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+def test_journal_lines_of_a_unit_that_failed_to_start_are_redacted(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # systemctl: nothing to daemon-reload, and the start fails; journalctl: the unit's
+    # last lines, one of them printing a secret value the run decrypted.
+    _stand_in(
+        bin_dir,
+        "systemctl",
+        'case "$1" in show) echo no ;; start) echo "Job for x failed." >&2; exit 1 ;; esac',
+    )
+    _stand_in(
+        bin_dir,
+        "journalctl",
+        f"echo 'rctest[42]: starting'\necho 'rctest[42]: login as app/{SECRET} refused'",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    unit = "rctest-secret.service"
+    change = ResourceChange(
+        kind="service", name=unit, action="start", reason="desired", app="db", apply=True
+    )
+    spec = ServiceSpec(unit=unit, enabled=False, running=True, on_change="none", app="db")
+    scripts: list[ScriptRun] = []
+    errors = enforce_services(
+        [spec],
+        [change],
+        False,
+        RealSystem(root="/"),  # no file is touched: only the stand-ins run
+        Path("/"),
+        ResourceResult(),
+        scripts,
+        Redaction.of([SECRET.encode()]),
+    )
+    assert [type(e).__name__ for e in errors] == ["ApplyError"]
+    [run] = scripts
+    assert (run.phase, run.app, run.name, run.exit_code) == ("service", "db", unit, 1)
+    assert run.output_tail == f"rctest[42]: starting\nrctest[42]: login as app/{MARK} refused"
+    assert all(SECRET not in str(e) for e in errors)
