@@ -11,16 +11,18 @@ commit ids and times.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pygit2
 
-from reconciler.errors import SourceError
+from reconciler.errors import RemoteError, SourceError
 from reconciler.git.errors import map_git_errors
-from reconciler.git.remote import Remote, push
+from reconciler.git.remote import Remote, fetch, push
 from reconciler.git.repo import Repo, ref_target, refs_under, restore_ref, set_ref, walk
 
 log = logging.getLogger(__name__)
@@ -293,10 +295,47 @@ def push_reports(repo: Repo, remote: Remote, node: str) -> None:
     set_ref(repo, pushed_report_ref(node), local)
 
 
+# ------------------------------------------ agent: the reports location (§12)
+
+
+def fetch_report_tip(repo: Repo, remote: Remote, node: str) -> None:
+    """Fetch ``refs/heads/reports/<node>`` alone from ``remote`` (the node's report
+    repository, SPEC §12) into :func:`remote_report_ref`.
+
+    One ref advertisement first; nothing is transferred when the server's tip
+    is ours or not advertised (a new, empty shard; ``uploadpack.hideRefs``):
+    the local record then stands. Raises RemoteError
+    (:func:`reconciler.git.remote.fetch`).
+    """
+
+    def wanted(heads: Mapping[str, str]) -> bool:
+        tip = heads.get(report_ref(node))
+        return tip is not None and tip != ref_target(repo, remote_report_ref(node))
+
+    fetch(repo, remote, [f"+{report_ref(node)}:{remote_report_ref(node)}"], wanted=wanted)
+
+
+def forget_server_tip(repo: Repo, node: str) -> None:
+    """The reports location moved (SPEC §12): forget the old server's tip and the pushed
+    marker, which describe the old repository, never the new one.
+
+    The local branch keeps the whole history, queued and pushed alike; with
+    nothing known of the new server, the next push carries all of it there
+    (or, when the new server already has a branch that is not an ancestor,
+    :func:`report_parent` replays every commit it lacks on its tip). The
+    record of lost history (:func:`lost_reports_ref`) stays: it is this
+    host's, not a server's.
+    """
+    restore_ref(repo, remote_report_ref(node), None)
+    restore_ref(repo, pushed_report_ref(node), None)
+
+
 # -------------------------------------------------------- operators: forget
 
 
-def delete_report_branch(repo: Repo, remote: Remote, node: str) -> None:
+def delete_report_branch(
+    repo: Repo, remote: Remote, node: str, *, cache_ref: str | None = None
+) -> None:
     """Delete ``reports/<node>`` on the server, then the cache's fetched copy (issue 12).
 
     ``reconciler forget NODE``: a push of the delete refspec
@@ -305,18 +344,89 @@ def delete_report_branch(repo: Repo, remote: Remote, node: str) -> None:
     (:func:`reconciler.git.remote.push`): ``refused="rejected"`` with the
     server's reason when it refuses deletions (``receive.denyDeletes``, a
     gitolite rule without ``D``); the cache is then left as it was.
+    ``cache_ref``: the cache's ref of that branch when ``remote`` is a report
+    repository (:func:`shard_prefix`); default the desired-state repository's.
     """
     ref = report_ref(node)
     push(repo, remote, f":{ref}")
-    restore_ref(repo, remote_report_ref(node), None)
+    # ``cache_ref``: the cache's copy of a report repository's branch (SPEC §12).
+    restore_ref(repo, cache_ref or remote_report_ref(node), None)
 
 
 # ---------------------------------------------------------- operators: read
 
 
+SHARDS_NS = "refs/reconciler/shards/"  # an operator's cache: <digest of a URL>/<node>
+SHARD_WORKERS = 8  # report repositories fetched at once by an operator's command
+
+
+def shard_prefix(url: str) -> str:
+    """The cache's refs of one report repository: ``refs/reconciler/shards/<16 hex>/``,
+    the first 16 hex digits of sha256(url); one prefix per URL, so that one
+    shard's prune never deletes another's refs."""
+    return f"{SHARDS_NS}{hashlib.sha256(url.encode()).hexdigest()[:16]}/"
+
+
+def fetch_report_shards(repo: Repo, remotes: Sequence[Remote]) -> dict[str, RemoteError]:
+    """Fetch ``refs/heads/reports/*`` of every report repository in ``remotes`` into
+    :func:`shard_prefix` of its URL, SHARD_WORKERS at once (SPEC §12: operators
+    read every shard); the refs of repositories not in ``remotes`` (an old
+    location) are deleted. Returns URL → the error of each that failed (its
+    refs from an earlier fetch are kept; the others are read as usual).
+
+    Threads, not processes: libgit2 releases the GIL while it waits on the
+    network, so the fetches overlap (docs/scale.md gives the measure); each
+    thread opens its own handle on the cache, as libgit2 wants one
+    repository object per thread.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reconciler.git.repo import open_bare
+
+    def one(remote: Remote) -> RemoteError | None:
+        own = open_bare(Path(repo.path), durable=False)
+        try:
+            fetch(
+                own,
+                remote,
+                [f"+refs/heads/reports/*:{shard_prefix(remote.url)}*"],
+                prune=True,
+            )
+        except RemoteError as exc:
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(SHARD_WORKERS, max(1, len(remotes)))) as pool:
+        results = list(pool.map(one, remotes))
+    current = {shard_prefix(r.url) for r in remotes}
+    for name in list(repo.raw.references):
+        if name.startswith(SHARDS_NS) and name[: len(SHARDS_NS) + 17] not in current:
+            restore_ref(repo, name, None)
+    return {r.url: e for r, e in zip(remotes, results, strict=True) if e is not None}
+
+
 def report_tips(repo: Repo) -> dict[str, str]:
-    """node → tip commit of its fetched report branch, sorted by node."""
-    return refs_under(repo, REPORTS_PREFIX)
+    """node → tip commit of its fetched report branch, sorted by node.
+
+    Every location is read: the desired-state repository's branches and
+    each report repository's (:func:`fetch_report_shards`). A node found in
+    two — a move under way (SPEC §12), the old location keeps its copy — is
+    the tip with the newer commit time, the one the host wrote last.
+    """
+    tips = refs_under(repo, REPORTS_PREFIX)
+    for name, commit in refs_under(repo, SHARDS_NS).items():
+        node = name.split("/", 1)[1]
+        if node not in tips or _newer(repo, commit, tips[node]):
+            tips[node] = commit
+    return dict(sorted(tips.items()))
+
+
+def _newer(repo: Repo, one: str, other: str) -> bool:
+    with map_git_errors(f"report commit {one}", "fetch again"):
+        return bool(
+            repo.raw[one].peel(pygit2.Commit).commit_time
+            > repo.raw[other].peel(pygit2.Commit).commit_time
+        )
 
 
 def report_commits(repo: Repo, tip: str, *, by_time: bool = False) -> Iterator[str]:

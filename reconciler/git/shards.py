@@ -105,6 +105,13 @@ def reports_location(
             where=fleet_where,
             hint="write reports: {repo: URL, shards: N}",
         )
+    unknown = sorted(str(k) for k in section if k not in ("repo", "shards"))
+    if unknown:
+        raise InventoryError(
+            f"reports: unknown key {unknown[0]!r}",
+            where=fleet_where,
+            hint="reports: takes repo and shards",
+        )
     shards = section.get("shards", 1)
     if isinstance(shards, bool) or shards not in SHARD_COUNTS:
         raise InventoryError(

@@ -134,6 +134,12 @@ class StateDir:
         return self.path / "agent.json"
 
     @property
+    def reports_location(self) -> Path:
+        # The report repository repo.git's fetched report tip and pushed marker
+        # describe (SPEC §12): a move of the reports location is noticed by it.
+        return self.path / "reports-location.json"
+
+    @property
     def backups(self) -> Path:
         return self.path / "backups"
 

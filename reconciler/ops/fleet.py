@@ -132,7 +132,57 @@ def fetch_upstream(up: Upstream, *, reports: bool = True) -> str:
     head = tracking_head(up)
     if head is None:
         raise SourceError(f"{up.url}: branch {up.branch!r} not found — check --branch and --repo")
+    if reports:
+        fetch_report_repositories(up, head)
     return head
+
+
+def fetch_report_repositories(up: Upstream, head: str) -> None:
+    """Fetch every report repository ``fleet.yaml`` names at ``head`` (SPEC §12), in parallel.
+
+    None named: nothing (the desired-state repository's branches, fetched
+    with it, are all). A repository that cannot be fetched is one warning
+    line naming it; the others' reports are read, and its own as last
+    fetched, if ever (the partial-failure rule of ``fleet``: exit 0 with a
+    warning, as for an invalid host file). A bad ``reports:`` is one warning
+    too: the desired-state repository's report branches are still read.
+    """
+    from reconciler.git.reports import fetch_report_shards
+    from reconciler.pipeline.jinja_settings import fleet_reports
+
+    try:
+        where = fleet_reports(up.snapshot(head), None)
+        remotes = [Remote.for_operator(remote_url(url), up.remote.auth) for url in where.urls()]
+    except ReconcilerError as exc:
+        log.warning("%s — reading the report branches of %s alone", exc, up.url)
+        remotes = []
+    failed = fetch_report_shards(up.repo, remotes)
+    for error in failed.values():
+        log.warning("%s — the reports of its nodes are not shown (or as last fetched)", error)
+    if failed:
+        log.warning("%d of %d report repositories could not be read", len(failed), len(remotes))
+
+
+def report_branches(up: Upstream, head: str, node: str) -> list[tuple[Remote, str]]:
+    """Where ``node``'s report branch was found by the last fetch, as (the server, the
+    cache's ref of it): the desired-state repository's, and the node's report
+    repository at ``head`` (SPEC §12) — both during a move. For ``forget``."""
+    from reconciler.git.reports import remote_report_ref, shard_prefix
+    from reconciler.pipeline.jinja_settings import fleet_reports
+
+    found = []
+    if ref_target(up.repo, remote_report_ref(node)) is not None:
+        found.append((up.remote, remote_report_ref(node)))
+    try:
+        url = fleet_reports(up.snapshot(head), None).url_for(node)
+    except ReconcilerError:
+        url = None  # fetch_upstream said so already
+    if url is not None:
+        url = remote_url(url)
+        ref = shard_prefix(url) + node
+        if ref_target(up.repo, ref) is not None:
+            found.append((Remote.for_operator(url, up.remote.auth), ref))
+    return found
 
 
 def tracking_head(up: Upstream) -> str | None:

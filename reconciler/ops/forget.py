@@ -21,8 +21,20 @@ from typing import Any
 
 from reconciler.errors import RemoteError, SourceError, UsageError
 from reconciler.git.repo import valid_node_name
-from reconciler.git.reports import delete_report_branch, report_commits, report_ref, report_tips
-from reconciler.ops.fleet import Upstream, fetch_upstream, read_report
+from reconciler.git.reports import (
+    delete_report_branch,
+    remote_report_ref,
+    report_commits,
+    report_ref,
+    report_tips,
+)
+from reconciler.ops.fleet import (
+    Upstream,
+    fetch_upstream,
+    read_report,
+    report_branches,
+    tracking_head,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,8 +119,12 @@ def forget(up: Upstream, plan: Forgotten) -> Forgotten:
     gitolite rule without delete permission — docs/least-privilege.md says
     which rule lets an operator delete) or cannot be reached.
     """
+    head = tracking_head(up)
+    # Every location holding it (SPEC §12: the node's shard; both during a move).
+    found = report_branches(up, head, plan.node) if head is not None else []
     try:
-        delete_report_branch(up.repo, up.remote, plan.node)
+        for remote, cache_ref in found or [(up.remote, remote_report_ref(plan.node))]:
+            delete_report_branch(up.repo, remote, plan.node, cache_ref=cache_ref)
     except RemoteError as exc:
         if exc.refused != "rejected":
             raise  # unreachable, credentials, host key: the message says what to do

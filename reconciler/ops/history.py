@@ -37,8 +37,8 @@ from reconciler.errors import (
     SourceError,
     UsageError,
 )
-from reconciler.git.repo import has_commit, ref_target
-from reconciler.git.reports import drift_captures, remote_report_ref, report_commits
+from reconciler.git.repo import has_commit
+from reconciler.git.reports import drift_captures, report_commits, report_tips
 from reconciler.ops.fleet import Upstream, read_report
 from reconciler.pipeline.capture import AGE_SUFFIX
 from reconciler.pipeline.inventory import effective_node, load_inventory
@@ -262,7 +262,8 @@ class ReportEntry:
 
 def report_tip(up: Upstream, node: str) -> str:
     """The fetched tip of ``reports/<node>``; SourceError naming the branch when there is none."""
-    tip = ref_target(up.repo, remote_report_ref(node))
+    # Every location's (SPEC §12): the desired-state repository's, each shard's.
+    tip = report_tips(up.repo).get(node)
     if tip is None:
         raise SourceError(
             f"reports/{node}: no report branch on {up.url} — the node never reported "

@@ -16,10 +16,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import InventoryError, RenderError
 from reconciler.git.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from reconciler.git.shards import ReportsLocation
 
 # The extensions a repository may turn on (SPEC §10): an allow-list of names,
 # never a dotted import path from the repository (that would import any module).
@@ -121,6 +124,31 @@ def load_fleet(snapshot: Snapshot) -> Mapping[str, Any]:
     if problems:
         raise InventoryError(problems[0])
     return data  # type: ignore[no-any-return]
+
+
+def fleet_reports(
+    snapshot: Snapshot, report_repo: str | None, *, config_where: str = "report.repo"
+) -> ReportsLocation:
+    """Where reports go at this commit (SPEC §12): ``reports:`` of its ``fleet.yaml``,
+    ``report_repo`` (the agent configuration's ``report.repo``) winning over its URL.
+
+    Reads the file with the repository's YAML loader only, never the schema
+    (jsonschema stays unloaded on a no-op run, SPEC §7); the values that
+    matter are checked by :func:`reconciler.git.shards.reports_location`, the
+    rest of the file by :func:`load_fleet` when templates render. Raises
+    InventoryError naming ``fleet.yaml``, ConfigError naming ``config_where``.
+    """
+    from reconciler.git.shards import reports_location
+    from reconciler.pipeline.inventory import parse_yaml
+
+    try:
+        raw = snapshot.read(FLEET_FILE)
+    except KeyError:
+        raw = b""
+    data = parse_yaml(raw, FLEET_FILE) if raw else None
+    if data is not None and not isinstance(data, Mapping):
+        raise InventoryError(f"{FLEET_FILE}: expected a mapping of settings")
+    return reports_location(data or {}, report_repo, config_where=config_where)
 
 
 def fleet_settings(snapshot: Snapshot) -> JinjaSettings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from reconciler.config import AgentConfig
@@ -112,6 +113,135 @@ def push_reports(repo: Repo, remote: Remote, node: str) -> tuple[bool, str | Non
         log.warning("%s", error)
         return False, error
     return True, None
+
+
+DEFAULT_LOCATION = "."  # reports-location.json: the desired-state repository itself
+FLEET_FILE = "fleet.yaml"  # the file reports: is read from (SPEC §12)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportsTarget:
+    """A ReportsTarget is where this run pushes its reports (SPEC §12), as far as it is known.
+
+    ``remote``: the node's report repository (the primary for the
+    desired-state repository); ``fetched``: its report tip was fetched this
+    run (or the poll fetched it), so a push may go; ``location``: its URL,
+    or ``"."`` for the desired-state repository; ``error``: why nothing may
+    be pushed (unreachable, a bad ``reports:``), the reports then queue.
+    """
+
+    remote: Remote
+    fetched: bool
+    location: str
+    error: ReconcilerError | None = None
+
+
+def _read_record(state_dir: StateDir) -> dict[str, Any] | None:
+    """``reports-location.json`` as a mapping; {} when there is none, None when unreadable."""
+    try:
+        data = state_dir.read_json(state_dir.reports_location, hint="it is written anew")
+    except StateError as exc:
+        log.warning("%s", exc)
+        return None
+    if data is None:
+        return {}
+    return data if isinstance(data, dict) else None
+
+
+def recorded_location(state_dir: StateDir) -> str | None:
+    """The report repository ``repo.git``'s report refs describe (``reports-location.json``):
+    ``"."`` when there is no record (reports always lived in the desired-state
+    repository before SPEC §12), None when it cannot be read (a move, then)."""
+    data = _read_record(state_dir)
+    if data is None:
+        return None
+    location = data.get("url", DEFAULT_LOCATION)
+    return location if isinstance(location, str) and location else None
+
+
+def reports_target(
+    config: AgentConfig,
+    state_dir: StateDir,
+    repo: Repo,
+    primary: Remote,
+    *,
+    commit: str | None,
+    primary_fetched: bool,
+) -> ReportsTarget:
+    """Where this run's reports go, its server tip fetched, a move settled (SPEC §12).
+
+    ``commit``: the commit whose ``fleet.yaml`` says where reports go (the one
+    applied, or the last applied when the poll failed); None: the recorded
+    location stands. ``primary_fetched``: the poll fetched the primary's
+    report tip (it does only while reports live there). A location other
+    than the recorded one is a move: the old server's tip and pushed marker
+    are forgotten (:func:`reconciler.git.reports.forget_server_tip`) and the
+    record rewritten, so the next push carries the whole history there — no
+    report lost. A location that cannot be reached, or a bad ``reports:``,
+    leaves the reports queued, as when the server is down. Never raises.
+
+    The record keeps what the location was computed from (the node,
+    ``report.repo``, ``fleet.yaml``'s blob id): while they stay, ``fleet.yaml``
+    is not parsed again, so a no-op run loads no YAML stage (SPEC §7).
+    """
+    from reconciler.git.repo import ref_target
+    from reconciler.git.reports import fetch_report_tip, forget_server_tip, report_ref
+    from reconciler.git.snapshot import GitSnapshot, SourceInfo
+    from reconciler.git.source import remote_url
+
+    record = _read_record(state_dir)
+    recorded = recorded_location(state_dir) if record is not None else None
+    location = recorded or DEFAULT_LOCATION
+    basis: dict[str, Any] = {}
+    try:
+        if commit is not None:
+            info = SourceInfo(url=primary.url, branch=config.branch, commit=commit)
+            snapshot = GitSnapshot(repo, commit, info)
+            basis = {
+                "node": config.node,
+                "report_repo": config.report.repo,
+                "fleet_blob": snapshot.blob_id(FLEET_FILE),
+            }
+            if (
+                record is None
+                or recorded is None
+                or any(record.get(k) != v for k, v in basis.items())
+            ):
+                from reconciler.pipeline.jinja_settings import fleet_reports
+
+                url = fleet_reports(snapshot, config.report.repo).url_for(config.node)
+                location = DEFAULT_LOCATION if url is None else remote_url(url)
+        remote = primary
+        if location != DEFAULT_LOCATION:
+            remote = Remote.for_agent(location, config.auth)
+    except ReconcilerError as exc:
+        return ReportsTarget(remote=primary, fetched=False, location=location, error=exc)
+    moved = location != recorded
+    if moved:
+        try:
+            forget_server_tip(repo, config.node)
+        except ReconcilerError as exc:
+            return ReportsTarget(remote=remote, fetched=False, location=location, error=exc)
+        # A host with no report yet has nothing to carry: not worth a warning.
+        say = log.warning if ref_target(repo, report_ref(config.node)) else log.info
+        say(
+            "reports of %s move from %s to %s: the whole report history is pushed there",
+            config.node,
+            "the desired-state repository" if recorded == DEFAULT_LOCATION else recorded,
+            "the desired-state repository" if location == DEFAULT_LOCATION else location,
+        )
+    if moved or record is None or any(record.get(k) != v for k, v in basis.items()):
+        try:
+            state_dir.write_json(state_dir.reports_location, {"url": location, **basis})
+        except ReconcilerError as exc:
+            return ReportsTarget(remote=remote, fetched=False, location=location, error=exc)
+    if location == DEFAULT_LOCATION and not moved:
+        return ReportsTarget(remote=primary, fetched=primary_fetched, location=location)
+    try:
+        fetch_report_tip(repo, remote, config.node)
+    except ReconcilerError as exc:
+        return ReportsTarget(remote=remote, fetched=False, location=location, error=exc)
+    return ReportsTarget(remote=remote, fetched=True, location=location)
 
 
 def history_lost(

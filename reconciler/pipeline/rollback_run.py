@@ -28,7 +28,12 @@ from reconciler.git.source import remote_url
 from reconciler.host.statedir import StateDir, read_exclude_file
 from reconciler.host.system import RealSystem, ScriptRun, System
 from reconciler.pipeline.facts import gather_facts
-from reconciler.pipeline.record import after_run, push_reports
+from reconciler.pipeline.record import (
+    DEFAULT_LOCATION,
+    after_run,
+    push_reports,
+    recorded_location,
+)
 from reconciler.pipeline.recovery import recover
 from reconciler.pipeline.rollback import RollbackResult, rollback
 from reconciler.pipeline.run import RunOutcome, new_run_id
@@ -129,8 +134,13 @@ def rollback_once(
         )
         pushed: bool | None = None
         push_error: str | None = None
-        if config.report.push and url and rebuilt is None:
-            remote = Remote.for_agent(url, config.auth)
+        # Reports go where the last run pushed them (SPEC §12); a location not on
+        # record is settled by the next pull, which pushes this report then.
+        location = recorded_location(state_dir)
+        if config.report.push and url and rebuilt is None and location is not None:
+            remote = Remote.for_agent(
+                url if location == DEFAULT_LOCATION else location, config.auth
+            )
             pushed, push_error = push_reports(repo, remote, config.node)
         elif config.report.push and url:
             pushed = False  # rebuilt: the next pull fetches the server's branch, then pushes

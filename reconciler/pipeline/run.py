@@ -62,7 +62,15 @@ from reconciler.host.statedir import (
 from reconciler.host.system import DryRunSystem, RealSystem, System
 from reconciler.pipeline.facts import gather_facts
 from reconciler.pipeline.notify import ping
-from reconciler.pipeline.record import after_run, history_lost, push_reports
+from reconciler.pipeline.record import (
+    DEFAULT_LOCATION,
+    ReportsTarget,
+    after_run,
+    history_lost,
+    push_reports,
+    recorded_location,
+    reports_target,
+)
 from reconciler.pipeline.recovery import Recovery, recover, settle_owed
 from reconciler.pipeline.reuse import (
     absent_watch,
@@ -148,6 +156,10 @@ class Setting:
     # The other URLs of ``repo``, polled in order after ``remote`` (SPEC §12);
     # read-only for the agent: reports go to ``remote`` alone.
     mirrors: tuple[Remote, ...] = ()
+    # Reports lived in the desired-state repository at the last push (SPEC §12):
+    # only then does the poll fetch this node's report tip too; elsewhere, the
+    # poll pays for the branch alone and the record stage fetches the tip there.
+    poll_reports: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -344,6 +356,7 @@ def _setting(
         facts=facts,
         facts_error=facts_error,
         exclude_lines=tuple(read_exclude_file(config.exclude_file)),
+        poll_reports=recorded_location(state_dir) == DEFAULT_LOCATION,
     )
 
 
@@ -942,6 +955,18 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
         # Found after the open (a fetch's negotiation, render): rebuilt now, so the
         # report lands in a sound repository and the next run fetches afresh.
         repo, rebuilt = rebuild_state_repo(state_dir.repo, node=config.node, cause=corrupt)
+    target: ReportsTarget | None = None
+    if config.report.push and not rebuilt_now:
+        # Before the report commit: its parent is the tip of the server it goes to.
+        source = prepared.source
+        target = reports_target(
+            config,
+            state_dir,
+            repo,
+            setting.remote,
+            commit=prepared.commit if source.fetched else prepared.previous.applied_commit,
+            primary_fetched=source.reports_fetched,
+        )
     lost = history_lost(
         repo, config.node, now=dt.datetime.now(dt.UTC), heartbeat_s=config.report.heartbeat
     )
@@ -996,12 +1021,17 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
     push_error: str | None = None
     # A repository rebuilt just now has not fetched the server's report branch:
     # the report stays queued, and the next run's fetch puts it on the server's tip.
-    # Only the primary receives reports, and only once its report tip was fetched
-    # this run: while a mirror serves, they queue as when the server is down.
-    if config.report.push and prepared.source.reports_fetched and not rebuilt_now:
-        pushed, push_error = push_reports(repo, setting.remote, config.node)
+    # Only the report repository receives reports (the primary, or reports:'s, SPEC
+    # §12), and only once its report tip was fetched this run: while a mirror
+    # serves, or the report repository does not answer, they queue as when the
+    # server is down.
+    if target is not None and target.fetched:
+        pushed, push_error = push_reports(repo, target.remote, config.node)
     elif config.report.push:
         pushed = False
+        if target is not None and target.error is not None:
+            push_error = f"{target.error} — the report stays queued and is pushed next run"
+            log.warning("%s", push_error)
     state_dir.prune_backups(config.backups.keep)
     outcome = RunOutcome(
         report=report,
@@ -1104,7 +1134,9 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
     config, repo = setting.config, setting.repo
     remotes = (setting.remote, *setting.mirrors)
     if len(remotes) == 1:  # one URL: exactly as before mirrors
-        fetched = _fetch(repo, setting.remote, config, boot=setting.options.boot)
+        fetched = _fetch(
+            repo, setting.remote, config, boot=setting.options.boot, reports=setting.poll_reports
+        )
         commit, refusal, fatal = _trusted(repo, fetched.commit, config, previous)
         url = setting.remote.url if fetched.fetched else None
         return Polled(
@@ -1123,7 +1155,13 @@ def _poll(setting: Setting, previous: LocalState) -> Polled:
     for index, remote in enumerate(remotes):
         primary = index == 0
         try:
-            fetched = _fetch(repo, remote, config, boot=setting.options.boot, reports=primary)
+            fetched = _fetch(
+                repo,
+                remote,
+                config,
+                boot=setting.options.boot,
+                reports=primary and setting.poll_reports,
+            )
         except SourceError as exc:  # nothing fetched ever, from this one
             fetched = FetchResult(commit="", fetched=False, error=str(exc))
         if not fetched.fetched:
