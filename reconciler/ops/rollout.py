@@ -123,12 +123,13 @@ def control_place(up: Upstream, head: str, config_report_repo: str | None) -> Co
     configuration's ``report.repo``) wins over its ``reports.repo``. Raises
     InventoryError/ConfigError for a bad ``reports:``."""
     from reconciler.git.shards import reports_location
+    from reconciler.git.source import remote_url
     from reconciler.pipeline.jinja_settings import load_fleet
 
     location = reports_location(load_fleet(up.snapshot(head)), config_report_repo)
     if location.url is None:
         return ControlPlace(url=up.url, remote=up.remote, tracking=CONTROL_TRACKING, own=True)
-    url = location.urls()[0]
+    url = remote_url(location.urls()[0])  # as fetch_upstream names the report repositories
     remote = Remote.for_operator(url, up.remote.auth)
     return ControlPlace(url=url, remote=remote, tracking=CONTROL_IN_REPORTS, own=False)
 

@@ -216,6 +216,16 @@ def test_with_reports_in_shards_the_marker_lives_in_shard_zero(fleet, op):
     status = op("rollout", "status", "--format", "json").json()
     assert status["marker"]["halted"] is True and status["marker"]["reason"] == "sharded"
 
+    # web1's report lives in its shard (sha256("web1") starts with 6): status reads it there.
+    shard6 = fleet.daemon.base / f"{base}-reports-6.git"
+    git("init", "-q", "--bare", str(shard6))
+    now = time.time()
+    write_report(fleet, "web1", report(fleet.head(), "changed", now), when=int(now))
+    git("push", "-q", str(shard6), "refs/heads/reports/web1", cwd=fleet.bare)
+    git("update-ref", "-d", "refs/heads/reports/web1", cwd=fleet.bare)
+    canary = op("rollout", "status", "--format", "json").json()["waves"][0]
+    assert (canary["done"], canary["nodes"][0]["has_commit"]) == (1, True)
+
 
 # ------------------------------------------------------- with the hosts' own runs
 
