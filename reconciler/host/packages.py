@@ -290,7 +290,14 @@ DAEMON_RELOAD: tuple[str, ...] = ("systemctl", "daemon-reload")
 
 def journal_tail(system: System, unit: str) -> str:
     """The last JOURNAL_LINES lines of ``unit``'s journal (host output: reported as a
-    script's output tail is)."""
+    script's output tail is).
+
+    ``journalctl --sync`` first: journald reads a unit's output from its stream
+    asynchronously, so the lines a unit printed just before it failed may not be
+    in the journal yet when ``systemctl start`` returns; journald handles the sync
+    request after the input it has queued. Its failure is ignored (an old journald:
+    the lines are read as they are)."""
+    system.query(("journalctl", "--sync"), timeout=SERVICE_TIMEOUT_S)
     run = system.query(
         ("journalctl", "-u", unit, "-n", str(JOURNAL_LINES), "--no-pager", "-q"),
         timeout=SERVICE_TIMEOUT_S,
