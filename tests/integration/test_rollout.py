@@ -161,6 +161,11 @@ def test_hidden_report_refs_hold_the_commit_with_a_clear_error(fleet, make_host)
     assert waiter.last_run()["applied_commit"] == first
     assert "Hidden." not in waiter.path("/etc/motd").read_text()
 
+    # --state pins the node: an operator's explicit choice, not gated (SPEC §13).
+    proc = waiter.pull("--state", "production")
+    assert proc.returncode == 0, proc.stderr
+    assert "Hidden." in waiter.path("/etc/motd").read_text()
+
 
 def test_an_operator_halt_holds_wave_two_until_resumed(fleet, make_host) -> None:
     _, canary, waiter = _start(fleet, make_host)
