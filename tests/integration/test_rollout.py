@@ -188,30 +188,31 @@ def test_an_operator_halt_holds_wave_two_until_resumed(fleet, make_host) -> None
 
 
 def test_a_host_in_another_shard_reads_the_canary_report_from_its_shard(fleet, make_host) -> None:
-    """Reports in 16 shards (SPEC §12): db1's is reports-…-8, web2's -1, the halt
-    marker's -0. The canary pushes its report to its shard alone; the waiter finds
-    it there (the desired-state repository holds no report branch)."""
+    """Reports in 16 shards (SPEC §12): db1's go to reports-…-8, web2's to -1, the
+    halt marker lives in -0; web2 reads db1's branch from db1's shard."""
     base = fleet.name.removesuffix(".git")
-    for shard in ("0", "1", "8"):
-        git("init", "-q", "--bare", str(fleet.daemon.base / f"{base}-reports-{shard}.git"))
+    shards = {s: fleet.daemon.base / f"{base}-reports-{s}.git" for s in ("0", "1", "8")}
+    for bare in shards.values():
+        git("init", "-q", "--bare", str(bare))
     sharded = f"reports: {{repo: '{fleet.daemon.url(base)}-reports-{{shard}}.git', shards: 16}}\n"
     fleet.write("fleet.yaml", ROLLOUT + sharded)
     fleet.commit("rollout, reports in 16 shards")
-
-    def report(node: str, shard: str) -> dict:
-        bare = fleet.daemon.base / f"{base}-reports-{shard}.git"
-        return json.loads(git("show", f"reports/{node}:report.json", cwd=bare))
-
     canary, waiter = make_host("db1"), make_host("web2")
     for host in (canary, waiter):
-        assert host.pull().returncode == 0
+        proc = host.pull()
+        assert proc.returncode == 0, proc.stderr
+
+    def report(node: str, shard: str) -> dict:
+        return json.loads(git("show", f"reports/{node}:report.json", cwd=shards[shard]))
+
     fleet.write(MOTD, fleet.read(MOTD) + "Sharded.\n")
     second = fleet.commit("motd: through the shards")
-    assert canary.pull().returncode == 0
-    assert report("db1", "8")["applied_commit"] == second  # in its shard
-    assert fleet.report_log("db1") == []  # never in the desired-state repository
-    time.sleep(1.1)
+    assert waiter.pull().returncode == 0  # the canary has not run: held
+    assert report("web2", "1")["rollout"]["waiting_for"] == "canary"
 
+    assert canary.pull().returncode == 0
+    assert report("db1", "8")["applied_commit"] == second
+    time.sleep(1.1)
     proc = waiter.pull()
     assert proc.returncode == 0, proc.stderr
     assert report("web2", "1")["applied_commit"] == second
