@@ -189,7 +189,8 @@ def test_an_operator_halt_holds_wave_two_until_resumed(fleet, make_host) -> None
 
 def test_a_host_in_another_shard_reads_the_canary_report_from_its_shard(fleet, make_host) -> None:
     """Reports in 16 shards (SPEC §12): db1's go to reports-…-8, web2's to -1, the
-    halt marker lives in -0; web2 reads db1's branch from db1's shard."""
+    halt marker lives in -0; web2 is held until db1's report is in db1's shard,
+    then reads it there and applies."""
     base = fleet.name.removesuffix(".git")
     shards = {s: fleet.daemon.base / f"{base}-reports-{s}.git" for s in ("0", "1", "8")}
     for bare in shards.values():
@@ -211,7 +212,8 @@ def test_a_host_in_another_shard_reads_the_canary_report_from_its_shard(fleet, m
     assert report("web2", "1")["rollout"]["waiting_for"] == "canary"
 
     assert canary.pull().returncode == 0
-    assert report("db1", "8")["applied_commit"] == second
+    assert report("db1", "8")["applied_commit"] == second  # in its shard
+    assert fleet.report_log("db1") == []  # never in the desired-state repository
     time.sleep(1.1)
     proc = waiter.pull()
     assert proc.returncode == 0, proc.stderr
