@@ -8,6 +8,7 @@ key; fleet.yaml's reports: is checked by its schema as well.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,138 @@ def test_the_fleet_schema_accepts_reports(tmp_path: Path) -> None:
     snap = write_repo(tmp_path / "repo", {"hosts/n.yaml": "apps: []\n", "fleet.yaml": text})
     where = reports_location(load_fleet(snap), None)
     assert where.url_for("db2") == "git://h/r-00.git"
+
+
+# ------------------------------------------------ the agent's side: moves (SPEC §12)
+#
+# Real bare repositories in a temp dir stand for the servers (local paths are
+# URLs to libgit2); the state repository is a real one; reports are real
+# report commits. Nothing here is a mock: the pushes are libgit2's.
+
+
+def _agent(tmp_path: Path, fleet_yaml: str) -> tuple[object, object, str]:
+    """(state dir, state repo, the commit holding ``fleet_yaml``) for node web1."""
+    from reconciler.git.repo import open_bare
+    from reconciler.host.statedir import StateDir
+    from tests.conftest import git
+
+    work = tmp_path / "work"
+    if not work.exists():
+        work.mkdir()
+        git("init", "-q", "-b", "main", cwd=work)
+    (work / "fleet.yaml").write_text(fleet_yaml)
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "--allow-empty", "-m", "fleet", cwd=work)
+    state = StateDir.at(tmp_path / "state")
+    state.ensure()
+    repo = open_bare(state.repo, durable=False)
+    git("push", "-q", str(state.repo), "HEAD:refs/remotes/origin/main", cwd=work)
+    return state, repo, git("rev-parse", "HEAD", cwd=work).strip()
+
+
+def _run(tmp_path: Path, fleet_yaml: str, reports: int, *, primary_fetched: bool = False):
+    """One location settled as a run's record stage does, ``reports`` report commits
+    made, then pushed: the ReportsTarget."""
+    import datetime as dt
+
+    from reconciler.config import AgentConfig, AuthConfig
+    from reconciler.git.remote import Remote
+    from reconciler.pipeline.record import push_reports, reports_target
+    from reconciler.report import Report, ReportSource, commit_report
+
+    state, repo, commit = _agent(tmp_path, fleet_yaml)
+    desired = tmp_path / "desired.git"
+    config = AgentConfig(node="web1", repo=str(desired))
+    target = reports_target(
+        config,
+        state,
+        repo,
+        Remote.for_agent(str(desired), AuthConfig()),
+        commit=commit,
+        primary_fetched=primary_fetched,
+    )
+    for n in range(reports):
+        report = Report(
+            node="web1",
+            run_id=f"R{n}",
+            started_at="2026-11-30T10:00:00Z",
+            finished_at="2026-11-30T10:00:01Z",
+            source=ReportSource(url=str(desired), branch="main", commit=commit, fetched=True),
+            applied_commit=commit,
+            mode="enforce",
+            result="ok",
+            errors=[f"run {len(list(tmp_path.glob('*')))}-{n}"],  # each a new report
+        )
+        now = dt.datetime.now(dt.UTC)
+        assert commit_report(repo, report, {}, heartbeat_s=1, now=now) is not None
+    if target.fetched:
+        assert push_reports(repo, target.remote, "web1") == (True, None)
+    return target
+
+
+def _reports_on(bare: Path) -> list[str]:
+    """The run ids of every report on ``reports/web1`` of a server, oldest first."""
+    from tests.conftest import git
+
+    out = git("log", "--reverse", "--format=%H", "refs/heads/reports/web1", cwd=bare, check=False)
+    return [json.loads(git("show", f"{c}:report.json", cwd=bare))["errors"][0] for c in out.split()]
+
+
+def _servers(tmp_path: Path, *names: str) -> None:
+    from tests.conftest import git
+
+    for name in names:
+        git("init", "-q", "--bare", str(tmp_path / name))
+
+
+def test_a_move_from_16_to_256_shards_carries_every_report(tmp_path: Path) -> None:
+    _servers(tmp_path, "desired.git", "r-6.git", "r-65.git")
+    url = str(tmp_path / "r-{shard}.git")
+    sixteen = _run(tmp_path, f"reports: {{repo: '{url}', shards: 16}}\n", 2)
+    assert sixteen.fetched and sixteen.location == str(tmp_path / "r-6.git")
+    before = _reports_on(tmp_path / "r-6.git")
+    assert len(before) == 2
+
+    moved = _run(tmp_path, f"reports: {{repo: '{url}', shards: 256}}\n", 1)
+    assert moved.fetched and moved.location == str(tmp_path / "r-65.git")
+    after = _reports_on(tmp_path / "r-65.git")
+    assert after[:2] == before and len(after) == 3  # the history went along
+    assert _reports_on(tmp_path / "r-6.git") == before  # the old copy stays
+    assert _reports_on(tmp_path / "desired.git") == []
+    record = json.loads((tmp_path / "state" / "reports-location.json").read_text())
+    assert record["url"] == moved.location
+
+
+def test_a_move_onto_a_branch_that_is_not_an_ancestor_replays_every_report(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import git
+
+    _servers(tmp_path, "desired.git", "new.git")
+    _run(tmp_path, "", 2, primary_fetched=True)  # in the desired-state repository
+    before = _reports_on(tmp_path / "desired.git")
+    assert len(before) == 2
+    # The new location already holds a branch of web1 with another history.
+    seed = tmp_path / "seed"
+    git("init", "-q", "-b", "x", str(seed))
+    (seed / "report.json").write_text('{"errors": ["elsewhere"]}')
+    git("add", "-A", cwd=seed)
+    git("commit", "-q", "-m", "elsewhere", cwd=seed)
+    git("push", "-q", str(tmp_path / "new.git"), "HEAD:refs/heads/reports/web1", cwd=seed)
+
+    moved = _run(tmp_path, f"reports: {{repo: '{tmp_path / 'new.git'}'}}\n", 1)
+    assert moved.fetched
+    assert _reports_on(tmp_path / "new.git") == [
+        "elsewhere",
+        *before,
+        _reports_on(tmp_path / "new.git")[-1],
+    ]
+    assert len(_reports_on(tmp_path / "new.git")) == 4  # none lost, none twice
+
+
+def test_an_unreachable_location_queues_and_a_bad_one_says_where(tmp_path: Path) -> None:
+    _servers(tmp_path, "desired.git")
+    down = _run(tmp_path, f"reports: {{repo: '{tmp_path / 'missing.git'}'}}\n", 1)
+    assert not down.fetched and "missing.git" in str(down.error)
+    bad = _run(tmp_path, "reports: {repo: 'git://h/r.git', shards: 16}\n", 1)
+    assert not bad.fetched and str(bad.error).startswith("fleet.yaml: reports.repo")
