@@ -592,11 +592,12 @@ _REAP_S = 5.0  # how long a SIGKILLed script may take to be gone
 
 
 def _keep_tail(tail: bytearray, chunk: bytes) -> None:
-    """Append ``chunk`` to ``tail``, trimmed to its last OUTPUT_TAIL_BYTES now and then
-    (a bounded buffer: at most twice the tail, whatever flows through)."""
+    """Append ``chunk`` to ``tail``, trimmed to its last OUTPUT_TAIL_BYTES + 1 now and then
+    (a bounded buffer: at most twice the tail, whatever flows through). The byte before
+    the tail is kept: it tells whether the tail starts a line (see run_script)."""
     tail += chunk
     if len(tail) > 2 * OUTPUT_TAIL_BYTES:
-        del tail[:-OUTPUT_TAIL_BYTES]
+        del tail[: -(OUTPUT_TAIL_BYTES + 1)]
 
 
 def _read_some(fd: int, tail: bytearray) -> bool:
@@ -1393,7 +1394,12 @@ class RealSystem:
                 log.warning("%s script %s/%s: killed but still not gone", phase, app, name)
         finally:
             proc.stdout.close()  # a process left behind that writes to it gets EPIPE
-        tail_bytes = output[-OUTPUT_TAIL_BYTES:]
+        tail_bytes = bytes(output[-OUTPUT_TAIL_BYTES:])
+        if len(output) > OUTPUT_TAIL_BYTES and output[-OUTPUT_TAIL_BYTES - 1] != ord("\n"):
+            # The cut fell inside a line: that piece goes. Redaction matches whole
+            # secret values and lines (SPEC §8); the second half of a value cut here
+            # would match none and reach the report.
+            tail_bytes = tail_bytes.partition(b"\n")[2]
         tail = "\n".join(tail_bytes.decode("utf-8", "replace").splitlines()[-OUTPUT_TAIL_LINES:])
         run = ScriptRun(
             phase=phase,

@@ -651,7 +651,7 @@ def _ensure_packages(
             )
             result.stopped = True
             return None
-    error = ensure_packages(plan.resources, system, settings, resources)
+    error = ensure_packages(plan.resources, system, settings, resources, ctx.redaction)
     if error is not None:
         result.errors.append(error)
         result.stopped = True

@@ -62,12 +62,16 @@ def ensure_packages(
     system: System,
     settings: PackageSettings,
     result: ResourceResult,
+    redaction: Redaction,
 ) -> PackageError | None:
     """Install and remove every package change to apply, in one transaction.
 
     Appends each change with whether it was applied (a dry run: False) to
     ``result``; returns the PackageError when the manager failed (the run
-    stops: nothing after it is applied), None otherwise.
+    stops: nothing after it is applied), None otherwise. The error quotes the
+    manager's own line, with the run's secret text cut out by ``redaction``
+    (SPEC §8): apt names the URI it failed to fetch, and a repository's path
+    may hold a token.
     """
     todo = [c for c in changes if c.kind == "package" and c.apply]
     if not todo:
@@ -85,7 +89,7 @@ def ensure_packages(
         )
     except PackageError as exc:
         result.done.extend((c, False) for c in todo)
-        return exc
+        return PackageError(redaction.apply(str(exc)))
     result.done.extend((c, not system.dry_run) for c in todo)
     return None
 

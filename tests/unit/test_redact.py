@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.host.system import RealSystem, ScriptRun
-from reconciler.pipeline.ensure import ResourceResult, enforce_services
+from reconciler.host.system import OUTPUT_TAIL_BYTES, RealSystem, ScriptRun
+from reconciler.pipeline.ensure import (
+    PackageSettings,
+    ResourceResult,
+    enforce_services,
+    ensure_packages,
+)
 from reconciler.pipeline.packages import ResourceChange, ServiceSpec
 from reconciler.secrets.redact import MARK, Redaction
 
@@ -80,3 +85,55 @@ def test_journal_lines_of_a_unit_that_failed_to_start_are_redacted(tmp_path, mon
     assert (run.phase, run.app, run.name, run.exit_code) == ("service", "db", unit, 1)
     assert run.output_tail == f"rctest[42]: starting\nrctest[42]: login as app/{MARK} refused"
     assert all(SECRET not in str(e) for e in errors)
+
+
+def test_package_manager_error_line_is_redacted(tmp_path, monkeypatch):
+    # apt names the URI it failed to fetch in its E: line; a repository whose path
+    # holds a token (the token an !age value of the run, templated into the
+    # sources.list) would put that token into the run's error, hence the report.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stand_in(
+        bin_dir,
+        "apt-get",
+        f"echo 'E: Failed to fetch https://apt.example.com/{SECRET}/pool/n/nginx.deb  "
+        "401  Unauthorized' >&2; exit 100",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    change = ResourceChange(
+        kind="package", name="nginx", action="install", reason="desired", app="web", apply=True
+    )
+    result = ResourceResult()
+    error = ensure_packages(
+        [change],
+        RealSystem(root="/"),  # only the stand-in runs
+        PackageSettings(manager="apt", lock_timeout=0, node="web1"),
+        result,
+        Redaction.of([SECRET.encode()]),
+    )
+    assert error is not None
+    assert SECRET not in str(error)
+    assert f"https://apt.example.com/{MARK}/pool" in str(error)
+    assert result.done == [(change, False)]
+
+
+def test_script_output_cut_inside_a_secret_leaves_no_piece_of_it(tmp_path):
+    # The tail keeps the last OUTPUT_TAIL_BYTES of output: a cut that falls inside a
+    # secret would leave its second half, which no needle matches, in the report.
+    tail_from = 8  # the cut falls after SECRET[:8]
+    filler = ("y" * 199 + "\n") * 18
+    first = f"token {SECRET}" + "p" * (
+        OUTPUT_TAIL_BYTES - len(SECRET[tail_from:]) - len(filler) - 1
+    )
+    out = f"{first}\n{filler}".encode()
+    assert out[-OUTPUT_TAIL_BYTES:].startswith(SECRET[tail_from:].encode())
+    (tmp_path / "out.txt").write_bytes(b"x" * 10_000 + b"\n" + out)
+    script = tmp_path / "show"
+    script.write_text("#!/bin/sh\ncat out.txt\nexit 1\n")
+    script.chmod(0o755)
+    run = RealSystem(root="/").run_script(
+        phase="post", app="db", name="show", directory=tmp_path, env={}, timeout=30
+    )
+    tail = Redaction.of([SECRET.encode()]).apply(run.output_tail)
+    assert SECRET[tail_from:] not in tail
+    assert tail.splitlines()[-1] == "y" * 199  # the tail itself is still there
