@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import ApplyError
+from reconciler.host.system import OUTPUT_TAIL_BYTES
 from reconciler.pipeline.packages import HostResources, ServiceStatus
 
 if TYPE_CHECKING:
@@ -289,8 +290,8 @@ DAEMON_RELOAD: tuple[str, ...] = ("systemctl", "daemon-reload")
 
 
 def journal_tail(system: System, unit: str) -> str:
-    """The last JOURNAL_LINES lines of ``unit``'s journal (host output: reported as a
-    script's output tail is).
+    """The last JOURNAL_LINES lines of ``unit``'s journal, at most OUTPUT_TAIL_BYTES of
+    whole lines (host output: reported as a script's output tail is).
 
     ``journalctl --sync`` first: journald reads a unit's output from its stream
     asynchronously, so the lines a unit printed just before it failed may not be
@@ -302,7 +303,14 @@ def journal_tail(system: System, unit: str) -> str:
         ("journalctl", "-u", unit, "-n", str(JOURNAL_LINES), "--no-pager", "-q"),
         timeout=SERVICE_TIMEOUT_S,
     )
-    return run.output.strip() if run.exit_code not in (None, 127) else ""
+    if run.exit_code in (None, 127):
+        return ""
+    # ``-n`` counts entries, not lines or bytes (one entry may be a whole traceback):
+    # bounded as a script's tail is, whole lines only, the last that fit.
+    lines = run.output.strip().splitlines()[-JOURNAL_LINES:]
+    while lines and len("\n".join(lines).encode()) > OUTPUT_TAIL_BYTES:
+        del lines[0]
+    return "\n".join(lines)
 
 
 # dpkg rewrites its status file on every install and removal (rename over it); rpm's

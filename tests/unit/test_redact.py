@@ -137,3 +137,46 @@ def test_script_output_cut_inside_a_secret_leaves_no_piece_of_it(tmp_path):
     tail = Redaction.of([SECRET.encode()]).apply(run.output_tail)
     assert SECRET[tail_from:] not in tail
     assert tail.splitlines()[-1] == "y" * 199  # the tail itself is still there
+
+
+def test_journal_tail_of_a_failed_unit_is_bounded_like_a_scripts(tmp_path, monkeypatch):
+    # journalctl -n 20 counts entries, not lines or bytes: one entry a unit logged
+    # (a traceback sent whole, a long JSON line) may be many lines and many KiB. The
+    # report's output_tail is "the last 4 KiB (at most 20 lines)" for every entry.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stand_in(
+        bin_dir,
+        "systemctl",
+        'case "$1" in show) echo no ;; start) echo "Job for x failed." >&2; exit 1 ;; esac',
+    )
+    _stand_in(
+        bin_dir,
+        "journalctl",
+        'case "$1" in --sync) exit 0 ;; esac\n'
+        "i=0; while [ $i -lt 60 ]; do printf 'rctest[42]: %0500d\\n' $i; i=$((i+1)); done\n"
+        "echo 'rctest[42]: the end'",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    unit = "rctest-long.service"
+    change = ResourceChange(
+        kind="service", name=unit, action="start", reason="desired", app="db", apply=True
+    )
+    spec = ServiceSpec(unit=unit, enabled=False, running=True, on_change="none", app="db")
+    scripts: list[ScriptRun] = []
+    enforce_services(
+        [spec],
+        [change],
+        False,
+        RealSystem(root="/"),
+        Path("/"),
+        ResourceResult(),
+        scripts,
+        Redaction(),
+    )
+    [run] = scripts
+    lines = run.output_tail.splitlines()
+    assert len(run.output_tail.encode()) <= OUTPUT_TAIL_BYTES
+    assert len(lines) <= 20
+    assert lines[-1] == "rctest[42]: the end"
+    assert all(len(line) == len("rctest[42]: ") + 500 for line in lines[:-1])  # whole lines
