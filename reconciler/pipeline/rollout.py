@@ -77,12 +77,15 @@ class ReportView:
             finished = dt.datetime.fromisoformat(str(raw["finished_at"]).replace("Z", "+00:00"))
             applied = raw.get("applied_commit")
             result = raw["result"]
-        except (ValueError, KeyError, TypeError, AttributeError):
+            if finished.tzinfo is None:
+                finished = finished.replace(tzinfo=dt.UTC)
+            # A time with no UTC year 1–9999 (0001-01-01T00:00+14:00) cannot be shown.
+            finished = finished.astimezone(dt.UTC)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+            # RecursionError: JSON nested deeper than the parser's stack (a hostile branch).
             return None
         if not isinstance(result, str) or not (applied is None or isinstance(applied, str)):
             return None
-        if finished.tzinfo is None:
-            finished = finished.replace(tzinfo=dt.UTC)
         return cls(
             node=node, applied_commit=applied, result=result, finished_at=finished.timestamp()
         )
@@ -124,7 +127,7 @@ class HaltMarker:
         object with a boolean ``halted`` and string ``at``, ``by``, ``reason``."""
         try:
             raw = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise InventoryError(
                 f"not JSON ({exc})", where=where, hint="run reconciler rollout halt or resume"
             ) from exc
@@ -189,6 +192,13 @@ def load_rollout(fleet: Mapping[str, Any], *, where: str = FLEET_FILE) -> Rollou
         soak = parse_duration(raw.get("soak", 0), key="rollout.soak")
     except ConfigError as exc:
         raise _bad(exc.problem, "write soak: 15m (s, m, h, d or plain seconds)", where) from exc
+    if not math.isfinite(soak):
+        # .nan would admit every wave at once (now < nan is false); .inf never ends.
+        raise _bad(
+            f"rollout.soak: {soak!r} is no finite duration",
+            "write soak: 15m (s, m, h, d or plain seconds)",
+            where,
+        )
     max_failed = raw.get("max_failed", 0)
     if isinstance(max_failed, bool) or not isinstance(max_failed, int) or max_failed < 0:
         raise _bad(
@@ -324,8 +334,12 @@ def _few(nodes: Sequence[str]) -> str:
     return shown + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
 
 
+_LAST_SECOND = dt.datetime.max.replace(microsecond=0, tzinfo=dt.UTC).timestamp()
+
+
 def _iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # A report's finished_at in the year 9999 plus soak is past what datetime shows.
+    return dt.datetime.fromtimestamp(min(t, _LAST_SECOND), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def admit(

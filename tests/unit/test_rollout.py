@@ -298,3 +298,33 @@ def test_validate_shows_each_wave_and_refuses_a_bad_rollout(tmp_path) -> None:
     assert err.startswith("fleet.yaml: rollout wave 'canary' names 'dbservers'")
     code, out, err = _validate(tmp_path, fleet.replace("percent: 100", "percent: 0"))
     assert code == 1 and err.startswith("fleet.yaml:") and "percent" in err
+
+
+def test_a_report_with_a_time_out_of_range_or_deep_json_holds_the_wave_without_a_crash() -> None:
+    """A canary's report.json (its host writes it) with ``finished_at`` in the year 9999,
+    before the year 1 in UTC, or nested 100,000 deep crashed every later wave's run
+    (ValueError, OverflowError, RecursionError: an internal error, no report, no drift
+    repaired). Now: unreadable → no report (the wave waits), far future → soaking."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert ReportView.from_report_json(deep, node="web1") is None
+    early = b'{"applied_commit": "' + C.encode() + b'", "result": "ok", '
+    early += b'"finished_at": "0001-01-01T00:00:00+14:00"}'
+    assert ReportView.from_report_json(early, node="web1") is None
+    late = early.replace(b"0001-01-01T00:00:00+14:00", b"9999-12-31T23:59:59Z")
+    view = ReportView.from_report_json(late, node="web1")
+    assert view is not None
+    got = _admit({"web1": view})
+    assert not got.admitted and "soaking until 9999-12-31T23:59:59Z" in got.reason
+
+
+@pytest.mark.parametrize("soak", [float("nan"), float("inf")])
+def test_a_soak_that_is_no_finite_duration_is_refused(soak: float) -> None:
+    """``soak: .nan`` admitted every wave at once (``now < nan`` is false); ``.inf`` crashed
+    the hosts formatting the end of the soak."""
+    with pytest.raises(InventoryError, match=r"^fleet\.yaml: rollout\.soak"):
+        load_rollout({"rollout": {"waves": ONE, "soak": soak}})
+
+
+def test_a_halt_marker_nested_deep_is_refused_in_one_line() -> None:
+    with pytest.raises(InventoryError, match=r"^rollout\.json: "):
+        HaltMarker.from_json(b"[" * 100_000 + b"]" * 100_000, where="rollout.json")
