@@ -366,8 +366,9 @@ def admit(
     wave has more than ``max_failed`` nodes whose last report is ``failed``;
     else admitted when every other node of the earlier waves reports
     ``applied_commit`` = ``commit`` or a descendant (failed nodes up to
-    ``max_failed`` are tolerated, else the setting would mean nothing), and
-    the latest ``finished_at`` of those reports is at least ``soak_s`` ago.
+    ``max_failed`` are tolerated, else the setting would mean nothing — but
+    not a whole wave: at least one node of each earlier wave must have it),
+    and the latest ``finished_at`` of those reports is at least ``soak_s`` ago.
     Otherwise waiting, naming the first earlier wave not ready.
     """
     last = len(rollout.waves) - 1
@@ -409,6 +410,7 @@ def admit(
                 "a new commit, or revert",
             )
         behind = []
+        done_here = 0
         for n in members:
             seen = reports.get(n)
             if seen is None or seen.result == "failed":
@@ -421,7 +423,17 @@ def admit(
             if not done:
                 behind.append(n)
             else:
+                done_here += 1
                 latest = max(latest, seen.finished_at)
+        if members and not done_here and not behind:
+            # Every node failed, within max_failed: no evidence for C, and no soak to time.
+            return Admission(
+                admitted=False,
+                wave=wave,
+                waiting_for=name,
+                reason=f"waiting for wave {name!r}: no node of it reports {commit[:12]} "
+                f"applied and not failed ({_few(failed)} failed)",
+            )
         if behind:
             return Admission(
                 admitted=False,

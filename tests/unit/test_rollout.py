@@ -328,3 +328,19 @@ def test_a_soak_that_is_no_finite_duration_is_refused(soak: float) -> None:
 def test_a_halt_marker_nested_deep_is_refused_in_one_line() -> None:
     with pytest.raises(InventoryError, match=r"^rollout\.json: "):
         HaltMarker.from_json(b"[" * 100_000 + b"]" * 100_000, where="rollout.json")
+
+
+def test_a_wave_whose_every_node_failed_within_max_failed_does_not_open_the_gate() -> None:
+    """max_failed 1 and a one-node canary that failed (on C, or still on the old commit):
+    no node of the wave has C, and the soak ran from the epoch — wave 2 applied C at once,
+    on no evidence at all. Now it waits for a node of the wave to report C healthy."""
+    rollout = Rollout(waves=TWO.waves, soak_s=60.0, max_failed=1)
+    for failed in (_seen("web1", C, "failed", at=900.0), _seen("web1", OLD, "failed")):
+        got = admit(
+            rollout, WAVES, "web2", C, {"web1": failed}, descends=_descends, halted=False, now=1e3
+        )
+        assert not got.admitted and not got.halted and got.waiting_for == "canary"
+        assert "no node" in got.reason
+    healthy = {"web1": _seen("web1", C, at=900.0)}
+    got = admit(rollout, WAVES, "web2", C, healthy, descends=_descends, halted=False, now=1e3)
+    assert got.admitted
