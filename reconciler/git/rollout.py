@@ -128,6 +128,25 @@ def fetched_reports(repo: Repo, nodes: Iterable[str]) -> dict[str, bytes]:
     return out
 
 
+def earlier_markers(repo: Repo, commit: str, limit: int) -> list[tuple[str, bytes | None]]:
+    """(commit, ``rollout.json`` or None) of the first-parent ancestors of ``commit``, newest
+    first, at most ``limit`` of them (the halt marker's history: each halt and resume is a
+    commit on the last). Raises SourceError (a corrupt or missing object)."""
+    out: list[tuple[str, bytes | None]] = []
+    with map_git_errors(f"{CONTROL_BRANCH} at {commit}", "fetch again"):
+        parents = repo.raw[commit].peel(pygit2.Commit).parent_ids
+        while parents and len(out) < limit:
+            found = repo.raw[parents[0]].peel(pygit2.Commit)
+            try:
+                entry = found.tree[CONTROL_FILE]
+            except KeyError:
+                entry = None
+            data = bytes(entry.data) if isinstance(entry, pygit2.Blob) else None
+            out.append((str(found.id), data))
+            parents = found.parent_ids
+    return out
+
+
 def control_marker(repo: Repo, ref: str = FETCHED_CONTROL) -> tuple[str, bytes] | None:
     """(commit, ``rollout.json``) of the halt marker at ``ref`` (the host's fetched copy
     by default; an operator passes ``refs/remotes/origin/rollout/control``); None when

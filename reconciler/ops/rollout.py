@@ -496,7 +496,9 @@ def marker_line(control: Control) -> str:
     if not m.halted:
         text += ")"
     if not control.signed:
-        text += " [unsigned: hosts that verify signatures ignore it]"
+        text += (
+            " [unsigned: hosts that verify signatures ignore it and keep the last signed marker]"
+        )
     return text
 
 

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Commits of rollout/control searched for the newest trusted marker behind an untrusted
+# tip: years of halts and resumes; the walk reads objects only, verifying is per commit.
+MARKER_WALK = 1000
+
 
 def rollout_of(snapshot: Snapshot, inventory: Inventory) -> tuple[Rollout, dict[str, int]] | None:
     """The rollout of a tree and each node's wave index; None when ``fleet.yaml`` sets none.
@@ -215,11 +219,15 @@ def read_halt_marker(repo: Repo, config: AgentConfig) -> tuple[HaltMarker | bool
     it is ignored; (False, None) when there is none.
 
     With ``verify`` configured the marker's commit must carry a trusted
-    signature (SPEC §4 trust applies to what steers the host); an unsigned,
-    untrusted or unreadable marker is ignored (the rollout goes on, as without
-    one) and the warning says so.
+    signature (SPEC §4 trust applies to what steers the host); an unsigned or
+    untrusted marker is ignored and the newest trusted one before it on the
+    branch (first parents) counts instead — else an unsigned "resume" pushed
+    on a signed halt would lift it — or none when there is none (the rollout
+    goes on, as without a marker); past :data:`MARKER_WALK` commits without
+    a trusted one the rollout is held (an attacker could push that many).
+    An unreadable marker is ignored. The warning says what was ignored.
     """
-    from reconciler.git.rollout import CONTROL_FILE, control_marker
+    from reconciler.git.rollout import CONTROL_FILE, control_marker, earlier_markers
     from reconciler.git.trust import verify_commit
 
     got = control_marker(repo)
@@ -231,5 +239,28 @@ def read_halt_marker(repo: Repo, config: AgentConfig) -> tuple[HaltMarker | bool
         return HaltMarker.from_json(data, where=f"rollout/control:{CONTROL_FILE}"), None
     except (UntrustedCommitError, InventoryError) as exc:
         text = f"halt marker {commit[:12]} ignored: {exc}"
-        log.warning("%s", text)
-        return False, text
+        untrusted = isinstance(exc, UntrustedCommitError)
+    marker: HaltMarker | bool = False
+    if untrusted:
+        history = earlier_markers(repo, commit, MARKER_WALK)
+        for older, body in history:
+            try:
+                verify_commit(repo, older, config.verify)
+            except UntrustedCommitError:
+                continue
+            if body is not None:
+                where = f"rollout/control:{CONTROL_FILE} at {older[:12]}"
+                try:
+                    marker = HaltMarker.from_json(body, where=where)
+                    text += f"; the last trusted marker, {older[:12]}, counts"
+                except InventoryError as exc:
+                    text += f"; the last trusted marker is unreadable: {exc}"
+            break
+        else:
+            if len(history) >= MARKER_WALK:
+                marker = HaltMarker(
+                    halted=True, reason=f"no trusted marker in {MARKER_WALK} commits"
+                )
+                text += f"; no trusted marker in the {MARKER_WALK} commits before it: held"
+    log.warning("%s", text)
+    return marker, text

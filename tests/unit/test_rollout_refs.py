@@ -88,3 +88,53 @@ def test_an_unsigned_halt_marker_is_ignored_when_the_host_verifies(tmp_path: Pat
     halted, warning = read_halt_marker(repo, verifying)
     assert halted is False
     assert warning is not None and "ignored" in warning and "not signed" in warning
+
+
+def test_an_unsigned_resume_on_a_signed_halt_does_not_lift_it(tmp_path: Path) -> None:
+    """Whoever can push rollout/control (a host key on a server without per-ref rules)
+    pushed an unsigned "resume" on top of the operator's signed halt: the host that
+    verifies ignored the tip — and with it the halt, so the later waves went on. Now the
+    newest trusted marker of the branch's history counts."""
+    import shutil
+
+    import pytest
+
+    from reconciler.config import AgentConfig, VerifyConfig
+    from reconciler.git.commits import Identity, signing_of, write_commit
+    from reconciler.git.repo import set_ref
+    from reconciler.git.rollout import FETCHED_CONTROL
+    from reconciler.pipeline.admission import read_halt_marker
+
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("needs ssh-keygen")
+    key = tmp_path / "signer"
+    keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ops", "-f", str(key)]
+    subprocess.run(keygen, check=True)
+    public = " ".join(key.with_name("signer.pub").read_text().split()[:2])
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f'ops@example.com namespaces="git" {public}\n')
+    state = tmp_path / "state" / "repo.git"
+    repo = open_bare(state, durable=False)
+    for k, v in (("gpg.format", "ssh"), ("user.signingkey", str(key))):
+        _git("config", k, v, cwd=state)
+    _git("config", "commit.gpgsign", "true", cwd=state)
+    repo = open_bare(state, durable=False)
+    ops = Identity(name="Ops", email="ops@example.com")
+    halt = HaltMarker(halted=True, at="2026-11-30T20:00:00Z", by="ops", reason="latency")
+    signed = write_commit(
+        repo, None, {"rollout.json": halt.to_json()}, "halt\n", ops, signing=signing_of(repo)
+    )
+    resume = HaltMarker(halted=False, at="2026-11-30T20:01:00Z", by="ops", reason="forged")
+    forged = write_commit(repo, signed, {"rollout.json": resume.to_json()}, "resume\n", ops)
+    set_ref(repo, FETCHED_CONTROL, forged)
+    verifying = AgentConfig(node="w2", verify=VerifyConfig(allowed_signers=str(allowed)))
+
+    marker, warning = read_halt_marker(repo, verifying)
+    assert marker == halt
+    assert warning is not None and forged[:12] in warning and "not signed" in warning
+    assert signed[:12] in warning
+    # The signed tip itself counts, and without verify the tip counts whatever it is.
+    set_ref(repo, FETCHED_CONTROL, signed)
+    assert read_halt_marker(repo, verifying) == (halt, None)
+    set_ref(repo, FETCHED_CONTROL, forged)
+    assert read_halt_marker(repo, AgentConfig(node="w2")) == (resume, None)
