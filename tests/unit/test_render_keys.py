@@ -290,6 +290,29 @@ def test_analyse_reports_the_names_a_template_reads(text, names, nodes):
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{% extends "a" %}{% import "b" as b %}{% from "c" import m %}'
+        '{% include ["d", x, 3, "d2"] %}{% include "e" %}{% include ("f", "g") %}',
+        '{% macro m() %}{% include "in-macro" %}{% endmacro %}'
+        '{% for i in l %}{% include "loop" %}{% endfor %}{% include "last" ignore missing %}',
+        '{% if a %}{% include "i1" %}{% else %}{% include "i2" %}{% endif %}{% include 5 %}',
+        '{% include name %}{% include "after" %}',
+    ],
+)
+def test_analyse_finds_the_includes_as_jinja2_meta_does(text):
+    """One walk of the AST finds what ``jinja2.meta.find_referenced_templates`` finds,
+    in its order (issue 19: the analysis walked every AST five times)."""
+    from jinja2 import meta
+
+    env = _analysis_environment()
+    expected = list(meta.find_referenced_templates(env.parse(text)))
+    found = analyse(text, env)
+    assert list(found.includes) == [name for name in expected if name is not None]
+    assert found.always == (None in expected)
+
+
 # ------------------------------------------------------------------ nodes()
 
 FLEET = {
