@@ -76,7 +76,7 @@ from reconciler.pipeline.reuse import (
     absent_watch,
     purge_watch,
     run_fingerprint,
-    unchanged,
+    still,
     written_output,
 )
 from reconciler.report import Report, build_report, commit_report
@@ -316,8 +316,9 @@ def reconcile_once(
         # whatever the source says now (SPEC §4).
         previous, recovery = recover(state_dir, root, system, exclude=setting.exclude_lines)
         prepared = prepare(setting, previous, recovery)
-        if is_noop(setting, prepared, system):
-            converged = unchanged_host(setting, prepared)
+        kept = noop_state(setting, prepared, system)
+        if kept is not None:
+            converged = unchanged_host(setting, prepared, kept)
         else:
             converged = converge(setting, prepared, system, journal=True)
         return record(setting, prepared, converged)
@@ -580,10 +581,22 @@ def _renders_same(
 def is_noop(setting: Setting, prepared: Prepared, system: System) -> bool:
     """The no-op short cut of SPEC §7: same commit and inputs as the last clean run,
     nothing to recover, no hold, and no managed file touched since (stat
-    signatures). Then nothing is loaded, rendered or hashed.
+    signatures). Then nothing is loaded, rendered or hashed (:func:`noop_state`).
+    """
+    return noop_state(setting, prepared, system) is not None
+
+
+def noop_state(setting: Setting, prepared: Prepared, system: System) -> LocalState | None:
+    """The local state a no-op run keeps (SPEC §7), or None when the run is not one.
+
+    A no-op: same commit and inputs as the last clean run, nothing to recover,
+    no hold, and no managed file touched since (``reuse.still``: stat
+    signatures; the files an apply just wrote, racily clean, hashed once).
+    The state is ``prepared.previous``, with those files' records settled;
+    None is returned before any file is looked at when an input changed.
     """
     previous = prepared.previous
-    return (
+    if not (
         prepared.commit is not None
         and prepared.recovery is None
         and prepared.held is None
@@ -592,9 +605,14 @@ def is_noop(setting: Setting, prepared: Prepared, system: System) -> bool:
         and prepared.rollout is None
         and previous.fingerprint == prepared.fingerprint
         and previous.applied_commit == prepared.commit
-        and unchanged(system, setting.root, previous)
-        and _resources_unchanged(system, setting.root, previous)
-    )
+    ):
+        return None
+    resettled = still(system, setting.root, previous)
+    if resettled is None or not _resources_unchanged(system, setting.root, previous):
+        return None
+    if not resettled:
+        return previous
+    return dataclasses.replace(previous, managed={**previous.managed, **resettled})
 
 
 def _resources_unchanged(system: System, root: Path, previous: LocalState) -> bool:
@@ -611,14 +629,23 @@ def _resources_unchanged(system: System, root: Path, previous: LocalState) -> bo
     )
 
 
-def unchanged_host(setting: Setting, prepared: Prepared) -> Converged:
-    """The Converged of a no-op run: the last run's applied commit and excluded paths."""
+def unchanged_host(
+    setting: Setting, prepared: Prepared, kept: LocalState | None = None
+) -> Converged:
+    """The Converged of a no-op run: the last run's applied commit and excluded paths.
+
+    ``kept``: the local state :func:`noop_state` found; saved by the record
+    stage only when it differs from the last run's (racily clean records
+    settled), so a plain no-op writes nothing in ``state_dir`` but its report.
+    """
+    previous = prepared.previous
     return Converged(
         mode=setting.config.mode,
-        applied_commit=prepared.previous.applied_commit,
+        applied_commit=previous.applied_commit,
         errors=prepared.errors,
-        excluded=prepared.previous.excluded,
+        excluded=previous.excluded,
         rollout=prepared.rollout,
+        state=kept if kept is not None and kept is not previous else None,
     )
 
 

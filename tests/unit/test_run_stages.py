@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from reconciler.errors import UntrustedCommitError
 from reconciler.git.remote import Remote
 from reconciler.git.repo import open_bare
 from reconciler.git.snapshot import SourceInfo
-from reconciler.host.state import LocalState, ManagedFile
+from reconciler.host.state import RACY_WINDOW_NS, LocalState, ManagedFile
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
 from reconciler.pipeline.recovery import Recovery
@@ -30,6 +31,7 @@ from reconciler.pipeline.run import (
     converge,
     held_by,
     is_noop,
+    noop_state,
     prepare,
     trusted_commit,
     unchanged_host,
@@ -326,3 +328,51 @@ def test_a_managed_file_touched_since_the_last_run_is_not_a_noop(noop):
     (s.root / "etc" / "motd").write_text("edited\n")
 
     assert not noop_through_the_root(s, prepared)
+
+
+def just_written(prepared: Prepared, content: bytes) -> Prepared:
+    """``prepared`` whose record of /etc/motd is an apply's: taken right after writing
+    ``content`` (racily clean: within RACY_WINDOW_NS of the file's ctime)."""
+    record = prepared.previous.managed["/etc/motd"]
+    record = dataclasses.replace(
+        record, sha256=hashlib.sha256(content).hexdigest(), recorded_ns=record.ctime_ns
+    )
+    previous = dataclasses.replace(prepared.previous, managed={"/etc/motd": record})
+    return dataclasses.replace(prepared, previous=previous)
+
+
+def noop_state_through_the_root(s: Setting, prepared: Prepared) -> LocalState | None:
+    with RealSystem(root=s.root, trusted=(s.state_dir.path,)) as system:
+        return noop_state(s, prepared, system)
+
+
+def test_the_first_run_after_an_apply_hashes_what_it_wrote_once_then_trusts_it(noop):
+    """A file the apply just wrote is racily clean; the first run past the racy
+    window hashes it, finds the recorded bytes, and is a no-op that settles the
+    record (git's racily clean index entries; issue 19: it rendered everything)."""
+    s, prepared = noop
+    prepared = just_written(prepared, b"hello\n")
+    assert not prepared.previous.managed["/etc/motd"].settled()
+    if time.time_ns() - os.lstat(s.root / "etc" / "motd").st_ctime_ns < RACY_WINDOW_NS:
+        # Still within the window: an edit now would keep the signature.
+        assert noop_state_through_the_root(s, prepared) is None
+    time.sleep(RACY_WINDOW_NS / 1e9 + 0.02)
+
+    kept = noop_state_through_the_root(s, prepared)
+
+    assert kept is not None and kept.managed["/etc/motd"].settled()
+    assert dataclasses.replace(kept.managed["/etc/motd"], recorded_ns=0) == dataclasses.replace(
+        prepared.previous.managed["/etc/motd"], recorded_ns=0
+    )
+    converged = unchanged_host(s, prepared, kept)
+    assert converged.state is kept  # saved by the record stage
+    assert unchanged_host(s, prepared, prepared.previous).state is None  # nothing to save
+
+
+def test_an_edit_in_the_tick_of_the_write_is_found_by_the_first_run_after_it(noop):
+    """Same size, same stat signature, other bytes than the apply recorded: not a no-op."""
+    s, prepared = noop
+    prepared = just_written(prepared, b"HELLO\n")
+    time.sleep(RACY_WINDOW_NS / 1e9 + 0.02)
+
+    assert noop_state_through_the_root(s, prepared) is None
