@@ -125,7 +125,8 @@ class ReportsTarget:
 
     ``remote``: the node's report repository (the primary for the
     desired-state repository); ``fetched``: its report tip was fetched this
-    run (or the poll fetched it), so a push may go; ``location``: its URL,
+    run by the poll, so a push may go; ``fetch_first``: it is fetched just
+    before a push (:func:`push_to_target`); ``location``: its URL,
     or ``"."`` for the desired-state repository; ``error``: why nothing may
     be pushed (unreachable, a bad ``reports:``), the reports then queue.
     """
@@ -134,6 +135,9 @@ class ReportsTarget:
     fetched: bool
     location: str
     error: ReconcilerError | None = None
+    # A report repository of its own: its tip is fetched just before a push
+    # (:func:`push_to_target`), never by a run with nothing to push.
+    fetch_first: bool = False
 
 
 def _read_record(state_dir: StateDir) -> dict[str, Any] | None:
@@ -177,15 +181,15 @@ def reports_target(
     than the recorded one is a move: the old server's tip and pushed marker
     are forgotten (:func:`reconciler.git.reports.forget_server_tip`) and the
     record rewritten, so the next push carries the whole history there — no
-    report lost. A location that cannot be reached, or a bad ``reports:``,
-    leaves the reports queued, as when the server is down. Never raises.
+    report lost. A bad ``reports:`` leaves the reports queued (``error``).
+    No connection is made here. Never raises.
 
     The record keeps what the location was computed from (the node,
     ``report.repo``, ``fleet.yaml``'s blob id): while they stay, ``fleet.yaml``
     is not parsed again, so a no-op run loads no YAML stage (SPEC §7).
     """
     from reconciler.git.repo import ref_target
-    from reconciler.git.reports import fetch_report_tip, forget_server_tip, report_ref
+    from reconciler.git.reports import forget_server_tip, report_ref
     from reconciler.git.snapshot import GitSnapshot, SourceInfo
     from reconciler.git.source import remote_url
 
@@ -237,11 +241,42 @@ def reports_target(
             return ReportsTarget(remote=remote, fetched=False, location=location, error=exc)
     if location == DEFAULT_LOCATION and not moved:
         return ReportsTarget(remote=primary, fetched=primary_fetched, location=location)
-    try:
-        fetch_report_tip(repo, remote, config.node)
-    except ReconcilerError as exc:
-        return ReportsTarget(remote=remote, fetched=False, location=location, error=exc)
-    return ReportsTarget(remote=remote, fetched=True, location=location)
+    # Elsewhere (or just moved): the tip is fetched by push_to_target, and only
+    # when there is something to push — a quiet run costs the shard nothing.
+    return ReportsTarget(remote=remote, fetched=False, location=location, fetch_first=True)
+
+
+def push_to_target(repo: Repo, target: ReportsTarget, node: str) -> tuple[bool, str | None]:
+    """Push the queued reports to ``target`` (SPEC §5, §12); (pushed, the error text).
+
+    When reports live in their own repository (``fetch_first``), nothing
+    queued is nothing to do (no connection at all); else the node's branch
+    there is fetched first — one advertisement of its shard — the queue
+    replayed on it if it moved (:func:`reconciler.git.reports.report_parent`),
+    then pushed. A repository that does not answer leaves the reports queued
+    (never fails the run), as :func:`push_reports` does for a failed push;
+    so does a ``target`` with an ``error``, or whose tip the poll could not
+    fetch (nothing pushed, no error: the run's fetch error says why).
+    """
+    from reconciler.git.reports import fetch_report_tip, report_parent
+
+    if target.error is not None:
+        error = f"{target.error} — the report stays queued and is pushed next run"
+        log.warning("%s", error)
+        return False, error
+    if not (target.fetched or target.fetch_first):
+        return False, None  # the server's tip is unknown this run (offline, a mirror served)
+    if target.fetch_first:
+        if queue_length(repo, node) == 0:
+            return True, None
+        try:
+            fetch_report_tip(repo, target.remote, node)
+            report_parent(repo, node)  # replays the queue on a moved tip
+        except ReconcilerError as exc:
+            error = f"{exc} — the report stays queued and is pushed next run"
+            log.warning("%s", error)
+            return False, error
+    return push_reports(repo, target.remote, node)
 
 
 def history_lost(

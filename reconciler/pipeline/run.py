@@ -67,7 +67,7 @@ from reconciler.pipeline.record import (
     ReportsTarget,
     after_run,
     history_lost,
-    push_reports,
+    push_to_target,
     recorded_location,
     reports_target,
 )
@@ -1052,13 +1052,10 @@ def record(setting: Setting, prepared: Prepared, converged: Converged) -> RunOut
     # §12), and only once its report tip was fetched this run: while a mirror
     # serves, or the report repository does not answer, they queue as when the
     # server is down.
-    if target is not None and target.fetched:
-        pushed, push_error = push_reports(repo, target.remote, config.node)
+    if target is not None and not rebuilt_now:
+        pushed, push_error = push_to_target(repo, target, config.node)
     elif config.report.push:
         pushed = False
-        if target is not None and target.error is not None:
-            push_error = f"{target.error} — the report stays queued and is pushed next run"
-            log.warning("%s", push_error)
     state_dir.prune_backups(config.backups.keep)
     outcome = RunOutcome(
         report=report,

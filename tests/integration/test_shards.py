@@ -97,6 +97,13 @@ def test_two_hosts_in_two_shards_and_a_shard_that_is_down(fleet, make_host, tmp_
     web1, web2 = make_host("web1"), make_host("web2")
     assert web1.pull().returncode == 0
     assert len(_log(_shard_bare(fleet, "web1"), "web1")) == 1
+    # A quiet run has nothing to push: it never connects to its shard.
+    shard1 = _shard_bare(fleet, "web1")
+    shard1.rename(shard1.with_suffix(".away"))
+    proc = web1.pull()
+    shard1.with_suffix(".away").rename(shard1)
+    assert proc.returncode == 0 and shard1.name not in proc.stderr, proc.stderr
+    assert web1.last_run()["pushed"] is True and web1.last_run()["queued"] == 0
 
     # web2's shard does not answer: the run applies, the report queues.
     proc = web2.pull()

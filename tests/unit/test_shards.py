@@ -140,12 +140,12 @@ def _agent(tmp_path: Path, fleet_yaml: str) -> tuple[object, object, str]:
 
 def _run(tmp_path: Path, fleet_yaml: str, reports: int, *, primary_fetched: bool = False):
     """One location settled as a run's record stage does, ``reports`` report commits
-    made, then pushed: the ReportsTarget."""
+    made, then pushed: the ReportsTarget and (pushed, the push error)."""
     import datetime as dt
 
     from reconciler.config import AgentConfig, AuthConfig
     from reconciler.git.remote import Remote
-    from reconciler.pipeline.record import push_reports, reports_target
+    from reconciler.pipeline.record import push_to_target, reports_target
     from reconciler.report import Report, ReportSource, commit_report
 
     state, repo, commit = _agent(tmp_path, fleet_yaml)
@@ -173,9 +173,7 @@ def _run(tmp_path: Path, fleet_yaml: str, reports: int, *, primary_fetched: bool
         )
         now = dt.datetime.now(dt.UTC)
         assert commit_report(repo, report, {}, heartbeat_s=1, now=now) is not None
-    if target.fetched:
-        assert push_reports(repo, target.remote, "web1") == (True, None)
-    return target
+    return target, push_to_target(repo, target, "web1")
 
 
 def _reports_on(bare: Path) -> list[str]:
@@ -196,13 +194,13 @@ def _servers(tmp_path: Path, *names: str) -> None:
 def test_a_move_from_16_to_256_shards_carries_every_report(tmp_path: Path) -> None:
     _servers(tmp_path, "desired.git", "r-6.git", "r-65.git")
     url = str(tmp_path / "r-{shard}.git")
-    sixteen = _run(tmp_path, f"reports: {{repo: '{url}', shards: 16}}\n", 2)
-    assert sixteen.fetched and sixteen.location == str(tmp_path / "r-6.git")
+    sixteen, pushed = _run(tmp_path, f"reports: {{repo: '{url}', shards: 16}}\n", 2)
+    assert pushed == (True, None) and sixteen.location == str(tmp_path / "r-6.git")
     before = _reports_on(tmp_path / "r-6.git")
     assert len(before) == 2
 
-    moved = _run(tmp_path, f"reports: {{repo: '{url}', shards: 256}}\n", 1)
-    assert moved.fetched and moved.location == str(tmp_path / "r-65.git")
+    moved, pushed = _run(tmp_path, f"reports: {{repo: '{url}', shards: 256}}\n", 1)
+    assert pushed == (True, None) and moved.location == str(tmp_path / "r-65.git")
     after = _reports_on(tmp_path / "r-65.git")
     assert after[:2] == before and len(after) == 3  # the history went along
     assert _reports_on(tmp_path / "r-6.git") == before  # the old copy stays
@@ -228,15 +226,15 @@ def test_a_move_onto_a_branch_that_is_not_an_ancestor_replays_every_report(
     git("commit", "-q", "-m", "elsewhere", cwd=seed)
     git("push", "-q", str(tmp_path / "new.git"), "HEAD:refs/heads/reports/web1", cwd=seed)
 
-    moved = _run(tmp_path, f"reports: {{repo: '{tmp_path / 'new.git'}'}}\n", 1)
-    assert moved.fetched
+    _, pushed = _run(tmp_path, f"reports: {{repo: '{tmp_path / 'new.git'}'}}\n", 1)
+    assert pushed == (True, None)
     on_new = _reports_on(tmp_path / "new.git")
     assert on_new[:3] == ["elsewhere", *before] and len(on_new) == 4  # none lost, none twice
 
 
 def test_an_unreachable_location_queues_and_a_bad_one_says_where(tmp_path: Path) -> None:
     _servers(tmp_path, "desired.git")
-    down = _run(tmp_path, f"reports: {{repo: '{tmp_path / 'missing.git'}'}}\n", 1)
-    assert not down.fetched and "missing.git" in str(down.error)
-    bad = _run(tmp_path, "reports: {repo: 'git://h/r.git', shards: 16}\n", 1)
+    _, (pushed, error) = _run(tmp_path, f"reports: {{repo: '{tmp_path / 'missing.git'}'}}\n", 1)
+    assert pushed is False and "missing.git" in str(error) and "queued" in str(error)
+    bad, _ = _run(tmp_path, "reports: {repo: 'git://h/r.git', shards: 16}\n", 1)
     assert not bad.fetched and str(bad.error).startswith("fleet.yaml: reports.repo")
