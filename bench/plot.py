@@ -87,6 +87,8 @@ def main() -> int:
         ("naive", "noop"): ("naive Jinja2 loop no-op", "tab:green", ":", "s"),
         ("ansible", "cold"): ("ansible cold", "tab:red", "--", "D"),
         ("ansible", "noop"): ("ansible no-op", "tab:purple", "--", "D"),
+        ("puppet", "cold"): ("puppet apply cold", "tab:brown", "-.", "v"),
+        ("puppet", "noop"): ("puppet apply no-op", "tab:olive", "-.", "v"),
     }
     for (tool, scen), (label, color, ls, mk) in styles.items():
         x, y = series(tool, scen, by="files", fixed=few)
