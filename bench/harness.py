@@ -294,8 +294,11 @@ def measure(
         timed_out = threading.Event()
 
         def on_timeout() -> None:
+            # Kill only: the wait4 below reaps the child. stop_group() would
+            # reap it here (proc.wait), and wait4 would then fail with ECHILD.
             timed_out.set()
-            stop_group(proc)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
         timer = threading.Timer(timeout, on_timeout)
         timer.start()

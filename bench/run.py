@@ -1268,6 +1268,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.run()
     except KeyboardInterrupt:
         bench.say("interrupted: writing what was measured")
+    except Exception as exc:  # a bench bug must not lose the run's figures
+        bench.say(f"failed ({type(exc).__name__}: {exc}): writing what was measured")
     md = write_results(bench, started, load)
     print(md)
     if not args.no_plot:
