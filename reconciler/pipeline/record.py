@@ -253,8 +253,9 @@ def push_to_target(repo: Repo, target: ReportsTarget, node: str) -> tuple[bool, 
     queued is nothing to do (no connection at all); else the node's branch
     there is fetched first — one advertisement of its shard — the queue
     replayed on it if it moved (:func:`reconciler.git.reports.report_parent`),
-    then pushed. A repository that does not answer leaves the reports queued
-    (never fails the run), as :func:`push_reports` does for a failed push;
+    then pushed; a tip behind what this host pushed is recorded as lost
+    history first (:func:`reconciler.git.reports.notice_lost_reports`). A
+    repository that does not answer leaves the reports queued (never fails the run), as :func:`push_reports` does for a failed push;
     so does a ``target`` with an ``error``, or whose tip the poll could not
     fetch (nothing pushed, no error: the run's fetch error says why).
     """
@@ -271,6 +272,9 @@ def push_to_target(repo: Repo, target: ReportsTarget, node: str) -> tuple[bool, 
             return True, None
         try:
             fetch_report_tip(repo, target.remote, node)
+            # The first sight of this server's tip this run: a branch restored behind
+            # what this host pushed is recorded (and kept locally) before the replay.
+            notice_lost_reports(repo, node, now=int(dt.datetime.now(dt.UTC).timestamp()))
             report_parent(repo, node)  # replays the queue on a moved tip
         except ReconcilerError as exc:
             error = f"{exc} — the report stays queued and is pushed next run"

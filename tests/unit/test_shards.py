@@ -238,3 +238,29 @@ def test_an_unreachable_location_queues_and_a_bad_one_says_where(tmp_path: Path)
     assert pushed is False and "missing.git" in str(error) and "queued" in str(error)
     bad, _ = _run(tmp_path, "reports: {repo: 'git://h/r.git', shards: 16}\n", 1)
     assert not bad.fetched and str(bad.error).startswith("fleet.yaml: reports.repo")
+
+
+def test_a_report_repository_restored_behind_what_was_pushed_keeps_the_lost_reports(
+    tmp_path: Path,
+) -> None:
+    # A report repository of its own is fetched only just before a push: the
+    # loss (issue 11) must be noticed there, or the replay drops the reports
+    # the server lost from the local branch with no record of them.
+    from reconciler.git.reports import lost_reports_ref
+    from tests.conftest import git
+
+    _servers(tmp_path, "desired.git", "r.git")
+    fleet = f"reports: {{repo: '{tmp_path / 'r.git'}'}}\n"
+    assert _run(tmp_path, fleet, 1)[1] == (True, None)
+    first = git("rev-parse", "refs/heads/reports/web1", cwd=tmp_path / "r.git").strip()
+    assert _run(tmp_path, fleet, 2)[1] == (True, None)
+    lost = git("rev-parse", "refs/heads/reports/web1", cwd=tmp_path / "r.git").strip()
+    # The server is restored from a backup that predates the last two reports.
+    git("update-ref", "refs/heads/reports/web1", first, cwd=tmp_path / "r.git")
+
+    assert _run(tmp_path, fleet, 1)[1] == (True, None)
+    assert len(_reports_on(tmp_path / "r.git")) == 2  # the new one, on the server's tip
+    state = tmp_path / "state" / "repo.git"
+    record = git("rev-parse", "-q", "--verify", lost_reports_ref("web1"), cwd=state, check=False)
+    assert record.strip(), "the loss was not recorded"
+    git("merge-base", "--is-ancestor", lost, record.strip(), cwd=state)  # kept locally
