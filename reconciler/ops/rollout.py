@@ -220,7 +220,9 @@ def decide(
     <email>``; ``at``: ``now``) and pushes it, not forced. A halt is always
     recorded (a second halt says again who and why); a resume when the
     rollout is not halted records nothing (``commit`` None, ``note`` says
-    so). When the push loses a race the branch is fetched again and the
+    so) — unless the tip is unsigned and this operator signs: hosts that
+    verify ignore that tip and keep the last signed marker, so the resume
+    is recorded. When the push loses a race the branch is fetched again and the
     decision made again on the new tip, up to ``attempts`` times. Signed as
     :func:`reconciler.git.commits.signing_of` says. Raises RemoteError/
     SourceError when the fetch or the push fails (the cache's own ref is then
@@ -236,7 +238,10 @@ def decide(
     for attempt in range(attempts):
         fetch_control(up, place)
         control = read_control(up.repo, place.tracking)
-        if not halt and not control.halted:
+        # An unsigned tip while this operator signs: hosts that verify ignore it and keep
+        # the last signed marker, maybe a halt — record the signed resume.
+        overruled = control.tip is not None and not control.signed and signing is not None
+        if not halt and not control.halted and not overruled:
             state = "never halted" if control.tip is None else "not halted"
             return Decision(
                 marker=control.marker or marker,

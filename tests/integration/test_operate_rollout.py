@@ -336,3 +336,29 @@ def test_hosts_that_verify_ignore_an_unsigned_marker_and_obey_a_signed_one(
     report = pulled(waiter, "--config", configs["web2"])
     assert report["applied_commit"] == second and report["rollout"]["state"] == "halted"
     assert "warning" not in report["rollout"]
+
+    # An unsigned resume pushed on the signed halt (any key that may push the branch): the
+    # verifying host keeps to the signed halt; the operator's signed resume is recorded
+    # (the unsigned tip does not make it "nothing to resume") and lifts it.
+    from reconciler.git.commits import Identity, write_commit
+    from reconciler.git.repo import open_bare
+
+    server = open_bare(fleet.bare, durable=False)
+    forged = _marker_bytes(by="mallory", reason="go on")
+    tip = git("rev-parse", "refs/heads/rollout/control", cwd=fleet.bare).strip()
+    mallory = Identity(name="Mallory", email="m@example.com")
+    unsigned = write_commit(server, tip, {"rollout.json": forged}, "resume\n", mallory)
+    git("update-ref", "refs/heads/rollout/control", unsigned, tip, cwd=fleet.bare)
+    report = pulled(waiter, "--config", configs["web2"])
+    assert report["applied_commit"] == second and report["rollout"]["state"] == "halted"
+    assert unsigned[:12] in report["rollout"]["warning"]
+    resumed = op("rollout", "resume", "--reason", "signed resume", "--format", "json")
+    assert resumed.code == 0 and resumed.json()["pushed"] is True
+    assert resumed.json()["signed"] is True
+    time.sleep(1.1)
+    assert pulled(waiter, "--config", configs["web2"])["applied_commit"] == third
+
+
+def _marker_bytes(**fields: object) -> bytes:
+    body = {"halted": False, "at": "2026-11-30T20:00:00Z", "by": "", "reason": "", **fields}
+    return (json.dumps(body) + "\n").encode()
