@@ -251,11 +251,18 @@ def run_transaction(
         if not run.ok:
             words = _apt_error(run)
             hint = "check the package names and the host's package sources"
-            if "lock" in words.lower():
+            # apt's own words for a held lock, not "lock" anywhere: a package named
+            # vlock or lockfile-progs that cannot be found is not a held lock.
+            if any(w in words.lower() for w in _LOCK_WORDS):
                 hint = (
                     f"another package manager held the lock past lock_timeout ({lock_timeout:g}s)"
                 )
             raise PackageError(f"{argv[0]} exit {run.exit_code}: {words} (node {node}) — {hint}")
+
+
+# apt-get's messages for a dpkg lock another process holds (apt-pkg/contrib/fileutl.cc,
+# apt-pkg/deb/debsystem.cc).
+_LOCK_WORDS = ("could not get lock", "unable to acquire the dpkg", "unable to lock")
 
 
 def _apt_error(run: CommandRun) -> str:

@@ -9,8 +9,9 @@ from pathlib import PurePosixPath
 import pytest
 
 from reconciler.errors import InventoryError
-from reconciler.host.packages import manager_for, transaction_argv
+from reconciler.host.packages import PackageError, manager_for, run_transaction, transaction_argv
 from reconciler.host.state import LocalState
+from reconciler.host.system import RealSystem
 from reconciler.pipeline.packages import (
     HostResources,
     ServiceStatus,
@@ -214,3 +215,27 @@ def _nothing():
     from reconciler.pipeline.plan import exclude_matcher
 
     return exclude_matcher([])
+
+
+@pytest.mark.parametrize(
+    ("said", "lock_hint"),
+    [
+        ("E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 7", True),
+        ("E: Unable to acquire the dpkg frontend lock (/var/lib/dpkg/lock-frontend)", True),
+        # A package whose name holds "lock" is not a held lock: the hint must say
+        # to check the names and sources, not to wait for another manager.
+        ("E: Unable to locate package vlock", False),
+        ("E: Unable to locate package lockfile-progs", False),
+    ],
+)
+def test_the_hint_of_a_failed_transaction_says_lock_only_for_a_held_lock(
+    tmp_path, monkeypatch, said: str, lock_hint: bool
+) -> None:
+    apt = tmp_path / "apt-get"
+    apt.write_text(f"#!/bin/sh\necho '{said}' >&2\nexit 100\n")
+    apt.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with pytest.raises(PackageError) as info:
+        run_transaction(RealSystem(root="/"), "apt", ["x"], [], lock_timeout=5, node="n1")
+    assert said[3:] in str(info.value)
+    assert ("held the lock past lock_timeout" in str(info.value)) is lock_hint
