@@ -9,6 +9,7 @@ keys and wrong types are :class:`ConfigError` (exit 2).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -44,19 +45,35 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, No
 def parse_duration(value: object, *, key: str) -> float:
     """Return seconds for ``30s``, ``5m``, ``1h``, ``1d``, ``250ms`` or a bare number.
 
-    Raises ConfigError naming ``key`` for anything else (SPEC §2 durations).
+    Raises ConfigError naming ``key`` for anything else (SPEC §2 durations),
+    and for NaN, infinity (YAML's ``.nan``, ``.inf``) or more than
+    :data:`MAX_DURATION_S`: NaN compares false with everything, so a timeout
+    of NaN never fires, and an infinite or huge one overflows the clock
+    arithmetic (``time.sleep``, datetime) into a traceback.
     """
     if isinstance(value, bool):
         raise ConfigError(f"expected a duration like 30s, 5m or 1h, got {value!r}", where=key)
     if isinstance(value, int | float):
         if value < 0:
             raise ConfigError(f"a duration cannot be negative, got {value}", where=key)
-        return float(value)
+        return _bounded(float(value), value, key)
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            return _bounded(float(match.group(1)) * _UNIT_SECONDS[match.group(2)], value, key)
     raise ConfigError(f"expected a duration like 30s, 5m or 1h, got {value!r}", where=key)
+
+
+MAX_DURATION_S = 10 * 366 * 86400  # ten years: anything longer is a typo
+
+
+def _bounded(seconds: float, value: object, key: str) -> float:
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
+        raise ConfigError(
+            f"a duration must be a finite number of seconds up to ten years, got {value!r}",
+            where=key,
+        )
+    return seconds
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)

@@ -191,14 +191,11 @@ def load_rollout(fleet: Mapping[str, Any], *, where: str = FLEET_FILE) -> Rollou
     try:
         soak = parse_duration(raw.get("soak", 0), key="rollout.soak")
     except ConfigError as exc:
-        raise _bad(exc.problem, "write soak: 15m (s, m, h, d or plain seconds)", where) from exc
-    if not math.isfinite(soak):
-        # .nan would admit every wave at once (now < nan is false); .inf never ends.
+        # parse_duration refuses .nan (it would admit every wave at once: now < nan is
+        # false) and .inf (it never ends, and overflows the datetime of its end).
         raise _bad(
-            f"rollout.soak: {soak!r} is no finite duration",
-            "write soak: 15m (s, m, h, d or plain seconds)",
-            where,
-        )
+            f"rollout.soak: {exc.problem}", "write soak: 15m (s, m, h, d or plain seconds)", where
+        ) from exc
     max_failed = raw.get("max_failed", 0)
     if isinstance(max_failed, bool) or not isinstance(max_failed, int) or max_failed < 0:
         raise _bad(

@@ -45,7 +45,13 @@ def test_durations(tmp_path, value, seconds):
 
 
 @pytest.mark.parametrize(
-    "value", ["5 minutes", "abc", "5x", "-5s", "", "1h30m", "m", True, None, [1], -1, "s5"]
+    "value",
+    [
+        *("5 minutes", "abc", "5x", "-5s", "", "1h30m", "m", True, None, [1], -1, "s5"),
+        # NaN never compares true (a timeout that never fires); infinity or a huge
+        # value overflowed time.sleep and datetime into a traceback.
+        *(float("nan"), float("inf"), "1" + "0" * 400 + "d", 11 * 366 * 86400, "4000d"),
+    ],
 )
 def test_bad_duration_is_a_config_error_naming_the_key(value):
     with pytest.raises(ConfigError) as info:
@@ -55,9 +61,10 @@ def test_bad_duration_is_a_config_error_naming_the_key(value):
 
 
 @pytest.mark.parametrize("key", ["interval", "splay", "lock_timeout", "boot_timeout"])
-def test_bad_duration_in_the_file_is_a_config_error(tmp_path, key):
+@pytest.mark.parametrize("text", ["soon", ".nan", ".inf"])
+def test_bad_duration_in_the_file_is_a_config_error(tmp_path, key, text):
     with pytest.raises(ConfigError, match=key):
-        load_config(config_file(tmp_path, f"{key}: soon\n"), environ={})
+        load_config(config_file(tmp_path, f"{key}: {text}\n"), environ={})
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("12h", 43200.0), ("30m", 1800.0), (3600, 3600.0)])
