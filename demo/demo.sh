@@ -2,7 +2,8 @@
 # `make demo`: a real reconcile of the example fleet, entirely inside .demo/.
 #  1. publish hosts/, templates/, scripts/ as a bare desired-state repository
 #  2. `reconciler pull` node web1 into a sandbox root (.demo/root); its /etc/hosts
-#     keeps the installer's lines and gets the site's names as a managed block
+#     keeps the installer's lines and gets the site's names as a managed block;
+#     the apps' packages and services are planned, never touched outside /
 #  3. pull again: a no-op
 #  4. hand-edit a managed file and leave a stray file in nginx's purged conf.d,
 #     pull: the drift is reported and repaired, the stray file deleted
@@ -59,6 +60,8 @@ printf '$ export RECONCILER_CONFIG=%q\n' "$RECONCILER_CONFIG"
 
 step "2. First run: web1 converges into the sandbox root"
 run "$reconciler" pull
+echo "packages and services (templates/*/app.yaml): listed as planned only, since the"
+echo "root is .demo/root; on / they would be installed, enabled, started and reloaded"
 echo "/etc/hosts: the installer's lines kept, the site's names added as a managed block:"
 sed 's/^/    /' "$demo/root/etc/hosts"
 

@@ -140,6 +140,9 @@ class ReportChange:
     # package's or the unit's name and ``action`` install | remove | enable | disable |
     # start | stop | reload | restart.
     kind: str = ""
+    # A package or service step under a root other than /: never done there (SPEC §11),
+    # planned and reported only; ``applied`` is then false.
+    offline: bool = False
 
     @property
     def subject(self) -> str:
@@ -152,8 +155,8 @@ class ReportChange:
         return _ACTION_SYMBOL.get(self.action, "?")
 
     def to_json(self) -> dict[str, Any]:
-        """``{path, action, reason, applied, app}`` plus ``rolled_back``, ``detail`` and
-        ``kind`` when set."""
+        """``{path, action, reason, applied, app}`` plus ``rolled_back``, ``detail``,
+        ``kind`` and ``offline`` when set."""
         out: dict[str, Any] = {
             "path": self.path,
             "action": self.action,
@@ -167,6 +170,8 @@ class ReportChange:
             out["detail"] = self.detail
         if self.kind:
             out["kind"] = self.kind
+        if self.offline:
+            out["offline"] = True
         return out
 
     @classmethod
@@ -181,6 +186,7 @@ class ReportChange:
             rolled_back=bool(data.get("rolled_back")),
             detail=str(data.get("detail") or ""),
             kind=str(data.get("kind") or ""),
+            offline=bool(data.get("offline")),
         )
 
 
@@ -660,6 +666,7 @@ def build_report(
                 app=r.app,
                 detail=r.detail,
                 kind=r.kind,
+                offline=r.offline,
             )
             for r, ok in done
         )

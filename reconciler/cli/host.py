@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from reconciler.git.snapshot import Snapshot
     from reconciler.pipeline.run import RunOutcome
+    from reconciler.report import ReportChange
 
 # ------------------------------------------------------------------- pull/diff
 
@@ -102,14 +103,29 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
             f"({rebuilt.get('reports_carried')} queued report(s) carried over, "
             f"{rebuilt.get('reports_lost')} unreadable)\n"
         )
-    for c in report.changes:
+
+    def row(c: ReportChange, indent: str, detail: str) -> str:
         status = "" if c.applied else "  (not applied)"
         reason = c.reason
         kinds = [d.kind for d in report.drift if d.path == c.path and d.subject == c.subject]
         if kinds:
             reason += f": {', '.join(kinds)}"
-        detail = f"  {c.detail}" if c.detail else ""
-        out.write(f"  {c.symbol} {c.action:<6} {c.subject}  [{c.app}, {reason}]{detail}{status}\n")
+        shown = f"  {detail}" if detail else ""
+        return f"{indent}{c.symbol} {c.action:<6} {c.subject}  [{c.app}, {reason}]{shown}{status}\n"
+
+    for c in report.changes:
+        if not c.offline:
+            out.write(row(c, "  ", c.detail))
+    offline = [c for c in report.changes if c.offline]
+    if offline:
+        # Said once, not on every line: under a test or image root these steps are
+        # planned on every run and would bury the file changes (SPEC §11).
+        out.write(
+            "  planned only, the root is not /: packages are never installed or removed "
+            "there, services never started, stopped or reloaded (enabled only when their "
+            "unit file is in the root):\n"
+        )
+        out.writelines(row(c, "    ", "") for c in offline)
     planned = {c.subject for c in report.changes}
     for d in report.drift:
         if d.subject not in planned and d.path not in planned:

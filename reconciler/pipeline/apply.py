@@ -8,7 +8,8 @@ Order, app by app in node order: pre scripts (only if the app has changes to
 apply), writes, deletions, post scripts (if the app changed, or always with
 ``post_always``). A pre-script failure stops the run before that app's files
 are touched; later apps are not applied either. A post-script failure fails
-the run but later apps still converge. Every path's previous content is
+the run but later apps still converge; that app's services are left alone (a
+post script validates the files a reload would read). Every path's previous content is
 copied durably to ``<state_dir>/backups/<run-id>/files/`` before it changes,
 and the run is journaled (``journal.py``) so a crash can be recovered.
 """
@@ -583,17 +584,24 @@ def apply_plan(
         _publish(written, system, ctx, result)
         written = []
         result.post_reached.add(app.name)
+        post_failed: ScriptRun | None = None
         if scripted and (todo or has_packages or app.post_always or owed):
             runs = _run_scripts("post", app, changed, ctx, snapshot, system)
             result.scripts.extend(runs)
-            failed = next((r for r in runs if not r.ok), None)
-            if failed is not None:
+            post_failed = next((r for r in runs if not r.ok), None)
+            if post_failed is not None:
                 consequence = None
                 if app.on_post_failure == "rollback":
                     restored = _roll_back_app(app.name, journal, result, ctx, system)
                     consequence = f"app {app.name} rolled back ({len(restored)} paths restored)"
-                result.errors.append(_script_failure(failed, consequence))
-        if scripted:
+                result.errors.append(_script_failure(post_failed, consequence))
+        if scripted and post_failed is not None:
+            resources.done.extend(
+                _services_held(
+                    app, app_resources, post_failed, any(c.path in result.applied for c in todo)
+                )
+            )
+        elif scripted:
             files_changed = any(c.path in result.applied for c in todo)
             result.errors.extend(
                 enforce_services(
@@ -616,6 +624,44 @@ def apply_plan(
     result.managed = _new_records(plan, target, actual, previous, result, ctx)
     result.directories = _dir_records(plan, target, previous, result, ctx, system)
     return result
+
+
+def _services_held(
+    app: AppSettings,
+    planned: list[ResourceChange],
+    failed: ScriptRun,
+    files_changed: bool,
+) -> list[tuple[ResourceChange, bool]]:
+    """The app's service steps left undone because post script ``failed`` failed, each
+    saying so: its planned enable/disable/start/stop and the ``on_change`` reload or
+    restart its files would have caused.
+
+    A post script is where an app validates its files (``nginx -t``): a failure
+    means the service would read a broken configuration, so it is not touched
+    (Puppet skips a service whose file failed; Ansible runs no handler of a
+    failed play). Packages were ensured before any file: they stay.
+    """
+    why = f"post script {failed.app}/{failed.name} failed: the service is left alone"
+    held = [(replace(c, detail=why, offline=False), False) for c in planned if c.kind == "service"]
+    if files_changed:  # as enforce_services: a unit to start gets no reload after
+        started = {c.name for c in planned if c.kind == "service" and c.action == "start"}
+        held += [
+            (
+                ResourceChange(
+                    kind="service",
+                    name=s.unit,
+                    action=s.on_change,
+                    reason="desired",
+                    app=s.app,
+                    apply=False,
+                    detail=why,
+                ),
+                False,
+            )
+            for s in app.services
+            if s.running and s.on_change != "none" and s.unit not in started
+        ]
+    return held
 
 
 def _ensure_packages(

@@ -180,6 +180,7 @@ def enforce_services(
             detail="the app's files changed"
             if live
             else "the app's files changed; root is not /: never reloaded",
+            offline=not live,
         )
         if not live:
             result.done.append((change, False))

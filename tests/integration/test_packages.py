@@ -254,3 +254,59 @@ def test_services_enabled_and_disabled_with_systemctl_root(
     assert code == 0, report["errors"]
     assert [(c["action"], c["applied"]) for c in report["changes"]] == [("disable", True)]
     assert not wants.exists() and not wants.is_symlink()
+
+
+def test_a_failed_post_script_leaves_the_apps_services_alone(
+    tmp_path: Path, git_daemon: GitDaemon
+) -> None:
+    """A post script is where an app validates its files (``nginx -t``, ``sshd -t``):
+    when it fails, the app's services are not touched (no enable, start, reload or
+    restart), as Puppet skips a service whose file failed and Ansible never runs the
+    handlers of a failed play; each planned step is reported not applied, saying why.
+    Under a test root the one step applied for real is the enable (``systemctl
+    --root``), so that is what this test watches."""
+    work = tmp_path / "fleet"
+    unit = work / "templates/svc/default/etc/systemd/system/rctest.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text(
+        "[Unit]\nDescription=reconciler test\n[Service]\nExecStart=/bin/true\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    (work / "hosts").mkdir()
+    (work / "hosts/svc.yaml").write_text("apps: [svc]\n")
+    (work / "templates/svc/app.yaml").write_text(
+        "services:\n  rctest: {enabled: true, running: true, on_change: reload}\n"
+    )
+    post = work / "scripts/post/svc/10-validate"
+    post.parent.mkdir(parents=True)
+    post.write_text("#!/bin/sh\necho 'rctest.conf: invalid' >&2\nexit 1\n")
+    post.chmod(0o755)
+    name = f"svc-post-{os.getpid()}.git"
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "services", cwd=work)
+    git("init", "-q", "--bare", str(git_daemon.base / name))
+    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    root = tmp_path / "root"
+    root.mkdir()
+    host = Host(
+        node="svc",
+        root=root,
+        state_dir=tmp_path / "state",
+        exclude_file=tmp_path / "exclude",
+        url=git_daemon.url(name),
+    )
+
+    code, report = host.pull_json()
+    assert code == 1 and report["result"] == "failed"
+    assert (root / "etc/systemd/system/rctest.service").is_file()  # the files are written
+    wants = root / "etc/systemd/system/multi-user.target.wants/rctest.service"
+    assert not wants.exists() and not wants.is_symlink()
+    svc = [
+        (c["action"], c["applied"], c["detail"])
+        for c in report["changes"]
+        if c.get("kind") == "service"
+    ]
+    why = "post script svc/10-validate failed: the service is left alone"
+    assert svc == [("enable", False, why), ("start", False, why)]
+    assert any("svc/10-validate" in e for e in report["errors"])

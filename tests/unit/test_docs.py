@@ -225,6 +225,16 @@ def _run_report() -> Any:
                 app="web",
                 apply=True,
             ),
+            ResourceChange(
+                kind="service",
+                name="nginx.service",
+                action="start",
+                reason="desired",
+                app="web",
+                apply=False,
+                detail="root is not /: planned, never started",
+                offline=True,
+            ),
         ),
     )
     return build_report(
