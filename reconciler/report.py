@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -188,6 +188,34 @@ class ReportChange:
             kind=str(data.get("kind") or ""),
             offline=bool(data.get("offline")),
         )
+
+
+def resource_steps(changes: Iterable[ReportChange]) -> list[tuple[str, str]]:
+    """The package and service steps among ``changes`` (SPEC §11) as (``packages`` |
+    ``services``, steps) pairs, steps of one action and one status grouped in the
+    report's order: ``install chrony, nginx (not applied: root is not /)``, ``enable
+    nginx.service; reload nginx.service``. Empty without any."""
+    out = []
+    for kind, label in (("package", "packages"), ("service", "services")):
+        groups: dict[tuple[str, str], list[str]] = {}
+        for c in changes:
+            if c.kind != kind:
+                continue
+            if c.applied:
+                status = ""
+            else:
+                status = " (not applied: root is not /)" if c.offline else " (not applied)"
+            groups.setdefault((c.action, status), []).append(c.path)
+        if groups:
+            parts = [f"{a} {', '.join(names)}{status}" for (a, status), names in groups.items()]
+            out.append((label, "; ".join(parts)))
+    return out
+
+
+def resource_summary(changes: Iterable[ReportChange]) -> list[str]:
+    """:func:`resource_steps` as lines, as ``fleet`` and the page print them:
+    ``packages: install chrony, nginx (not applied: root is not /)``."""
+    return [f"{label}: {steps}" for label, steps in resource_steps(changes)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

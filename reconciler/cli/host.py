@@ -622,7 +622,7 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.agent import agent_running, read_agent_file
     from reconciler.host.statedir import StateDir
-    from reconciler.report import read_last_run, recovered_note
+    from reconciler.report import read_last_run, recovered_note, resource_steps
 
     config = config_from_args(args)
     state_dir = StateDir.at(config.state_dir)
@@ -644,11 +644,14 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     report = last.report
     counts = report.counts()
     recovered = f"; {recovered_note(report.recovered)}" if report.recovered else ""
+    # As pull says it: "0 changed" alone read as "nothing to do" when the run planned
+    # packages it could not install (a root other than /, audit, a failure; SPEC §11).
+    pending = f", {counts.pending} not applied" if counts.pending else ""
     out.write(
         f"node:       {report.node}\n"
         f"last run:   {report.finished_at} ({report.run_id})\n"
-        f"result:     {report.result} ({counts.changed} changed, {counts.drifted} drifted"
-        f"{recovered})\n"
+        f"result:     {report.result} ({counts.changed} changed{pending}, "
+        f"{counts.drifted} drifted{recovered})\n"
         f"source:     {report.source.url} {report.source.branch} "
         f"{(report.source.commit or 'none')[:12]}"
         f"{'' if report.source.fetched else ' (not fetched)'}"
@@ -657,6 +660,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         f"report:     {(last.report_commit or 'unchanged')[:12]}"
         f"{' (push pending)' if last.pushed is False else ''}\n"
     )
+    for label, steps in resource_steps(report.changes):  # SPEC §11, as fleet lists them
+        out.write(f"{label + ':':<12}{steps}\n")
     queued = last.queued
     if queued:
         out.write(f"queued:     {queued} report commit(s) waiting to be pushed\n")

@@ -34,7 +34,13 @@ from reconciler.git.reports import REPORTS_PREFIX, report_json, report_tips
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import remote_url
 from reconciler.pipeline.inventory import Inventory, check_hosts, effective_node
-from reconciler.report import FUTURE_SKEW_S, Report, recovered_note
+from reconciler.report import (
+    FUTURE_SKEW_S,
+    Report,
+    ReportChange,
+    recovered_note,
+    resource_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +260,9 @@ class FleetRow:
     # The report's ``recovered``: the last run recovered an interrupted run or
     # rollback (issue 12: such a run otherwise reads like a clean one).
     recovered: Mapping[str, Any] | None = None
+    # The last report's package and service steps (SPEC §11), each with its action and
+    # whether it was applied; the counts above include them.
+    resources: tuple[ReportChange, ...] = ()
 
     @classmethod
     def of_report(
@@ -300,12 +309,15 @@ class FleetRow:
             defined=defined,
             history_lost=report.history_lost,
             recovered=report.recovered,
+            resources=tuple(c for c in report.changes if c.kind in ("package", "service")),
         )
 
     def as_json(self) -> dict[str, Any]:
         """The keys of SPEC §6 ``fleet --format json``, then ``history_lost`` (issue 11):
-        null, or ``{pushed, server, noticed_at}``, and ``recovered`` (issue 12): null, or
-        the last report's ``recovered`` (SPEC §5)."""
+        null, or ``{pushed, server, noticed_at}``, ``recovered`` (issue 12): null, or
+        the last report's ``recovered`` (SPEC §5), and ``resources`` (SPEC §11): the last
+        report's package and service steps, ``{kind, name, action, reason, applied,
+        offline}`` each."""
         return {
             "node": self.node,
             "result": self.result,
@@ -319,6 +331,17 @@ class FleetRow:
             "suspended": dict(self.suspended) if self.suspended else None,
             "history_lost": dict(self.history_lost) if self.history_lost else None,
             "recovered": dict(self.recovered) if self.recovered else None,
+            "resources": [
+                {
+                    "kind": c.kind,
+                    "name": c.path,
+                    "action": c.action,
+                    "reason": c.reason,
+                    "applied": c.applied,
+                    "offline": c.offline,
+                }
+                for c in self.resources
+            ],
         }
 
 
@@ -495,10 +518,14 @@ def history_lost_note(node: str, lost: Mapping[str, Any]) -> str:
 
 
 def format_table(rows: Sequence[FleetRow]) -> str:
-    """The text table of ``reconciler fleet``: a header, one line per node, a summary."""
+    """The text table of ``reconciler fleet``: a header, one line per node (then, indented,
+    its last report's packages and services: :func:`resource_summary`), a summary."""
     header = ("NODE", "RESULT", "LAST RUN", "AGE", "COMMIT", "BEHIND", "CHANGED", "DRIFTED", "")
     lines: list[tuple[str, ...]] = [header]
+    below: dict[int, list[str]] = {}  # line index → the lines printed under it
     for r in rows:
+        if r.resources:
+            below[len(lines)] = resource_summary(r.resources)
         notes = []
         if r.stale:
             notes.append("STALE")
@@ -531,8 +558,9 @@ def format_table(rows: Sequence[FleetRow]) -> str:
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     text = []
-    for line in lines:
+    for n, line in enumerate(lines):
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(line[:-1])]
         text.append(("  ".join(cells) + "  " + line[-1]).rstrip())
+        text.extend(f"  {sub}" for sub in below.get(n, ()))
     text.append(summary(rows))
     return "\n".join(text) + "\n"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.ops.fleet import NEVER, FleetRow, human_age
 from reconciler.ops.history import DriftDiff
-from reconciler.report import ReportChange, recovered_note
+from reconciler.report import ReportChange, recovered_note, resource_summary
 
 if TYPE_CHECKING:
     from jinja2 import Template
@@ -92,7 +92,9 @@ def fleet_page(
     node → its last report's drift diffs, shown collapsed per node;
     ``changes``: node → its last report's changes (SPEC §5), shown collapsed
     per node as path, action, reason and detail (``link → target``, ``absent:
-    <pattern>`` for a delete of SPEC §9); ``rollout``: the rollout in
+    <pattern>`` for a delete of SPEC §9; ``package nginx`` and "not applied: root is
+    not /" for a package or service step, SPEC §11); each row's notes list its
+    packages and services (``resource_summary``); ``rollout``: the rollout in
     progress (SPEC §13), shown above the table — the commit, each wave's
     state and its done/pending/failed counts, the operator's halt marker.
     Every value is HTML-escaped by Jinja2's autoescape (markupsafe).
@@ -120,6 +122,7 @@ def fleet_page(
         when=_when,
         human_age=human_age,
         recovered_note=recovered_note,
+        resource_summary=resource_summary,
         diff_lines=_diff_lines,
         rollout=rollout,
         marker_line=marker_line,

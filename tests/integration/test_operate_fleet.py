@@ -44,6 +44,7 @@ SPEC_ROW_KEYS = {
     "suspended",
     "history_lost",  # issue 11: null unless the node's report branch lost history it pushed
     "recovered",  # issue 12: null unless the last run recovered an interrupted one
+    "resources",  # issue 16: the last report's package and service steps
 }
 MOTD_EDIT = "hand edit on db1\n"
 FLEET_SCRIPT_EDIT = "echo 'kept by hand on db1'\n"
@@ -135,6 +136,21 @@ def test_fleet_json_has_one_row_per_node_with_the_spec_shape(scene):
     assert web1["stale"] is False and web1["suspended"] is None
     assert all(row["history_lost"] is None for row in data["nodes"])
     assert 0 <= web1["age_s"] < 600
+    # Its apps' packages and services (SPEC §11), planned under a test root, never done.
+    steps = {(r["kind"], r["name"], r["action"]): r for r in web1["resources"]}
+    assert steps[("package", "nginx", "install")] == {
+        "kind": "package",
+        "name": "nginx",
+        "action": "install",
+        "reason": "desired",
+        "applied": False,
+        "offline": True,
+    }
+    assert {("service", "nginx.service", "enable"), ("service", "nginx.service", "start")} <= set(
+        steps
+    )
+    assert {k[1] for k in steps if k[0] == "package"} == {"chrony", "openssh-server", "nginx"}
+    assert rows["dhcp"]["resources"] == []  # never reported
 
     db1 = rows["db1"]
     assert db1["result"] == "drift"
@@ -194,6 +210,13 @@ def test_fleet_text_table_names_results_staleness_and_summary(scene):
     assert "STALE" in by_node["mail1"]
     assert "never" in by_node["dhcp"]
     assert "no_such_variable" in by_node["web2"]  # the failed run's first error
+    # Under each node's line, its last report's packages and services (SPEC §11).
+    web1 = lines.index(by_node["web1"])
+    assert lines[web1 + 1] == (
+        "  packages: install chrony, openssh-server, nginx (not applied: root is not /)"
+    )
+    assert lines[web1 + 2].startswith("  services: enable chrony.service, ssh.service, ")
+    assert "(not applied: root is not /)" in lines[web1 + 2]
     assert lines[-1] == "5 nodes: 1 ok, 1 changed, 1 drift, 1 failed, 1 never; 1 stale, 0 suspended"
 
 
@@ -375,6 +398,15 @@ def test_fleet_page_in_headless_chromium_shows_the_rows_and_filters(scene, tmp_p
     for needle in ("src=", 'href="http', "@import", "url("):
         assert needle not in text
     assert "<script>" in text and "<style>" in text
+    # web1's packages and services (SPEC §11): in its row's notes, and in its changes.
+    assert (
+        '<div class="resources">packages: install chrony, openssh-server, nginx '
+        "(not applied: root is not /)</div>"
+    ) in text
+    assert (
+        "<li><code>package nginx</code> <strong>install</strong> (desired, not applied: "
+        "root is not /) · nginx</li>"
+    ) in text
 
     # A link to a node's drift opens its collapsed section; it filters nothing.
     dom = dump_dom(page.as_uri() + "#drift-db1", tmp_path / "profile")

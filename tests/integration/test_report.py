@@ -154,6 +154,16 @@ def test_status_shows_the_last_run_and_diff_shows_drift_without_changing_anythin
     status = host.run("status")
     assert status.returncode == 0, status.stderr
     assert "changed" in status.stdout and first["run_id"] in status.stdout
+    # The packages and services web1's apps declare (SPEC §11): planned, never done
+    # under a test root; status says so rather than counting them as nothing.
+    assert "(15 changed, 9 not applied, 0 drifted)" in status.stdout
+    assert (
+        "packages:   install chrony, openssh-server, nginx (not applied: root is not /)\n"
+    ) in status.stdout
+    assert (
+        "services:   enable chrony.service, ssh.service, nginx.service (not applied: root is not /); start chrony.service"
+        in status.stdout
+    )
 
     motd = host.path("/etc/motd")
     lines = motd.read_text().splitlines(keepends=True)
