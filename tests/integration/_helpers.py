@@ -24,6 +24,50 @@ def pull_report(host: Host, *args: str, expect: int = 0) -> dict:
     return json.loads(proc.stdout)
 
 
+# The package and service steps each node of the example fleet plans (templates/*/app.yaml,
+# SPEC §11) in node order of its apps (motd, chrony, sshd, fleet-hosts, then its own), as
+# a run under a test root reports them on every run: planned, never done there (offline).
+_COMMON = (("package", "chrony"), ("package", "openssh-server"))
+_OWN = {
+    "web1": ("nginx", "nginx"),
+    "web2": ("nginx", "nginx"),
+    "db1": ("postgresql-15", "postgresql"),
+    "dhcp": ("isc-dhcp-server", "isc-dhcp-server"),
+}
+
+
+def offline_steps(node: str | None) -> list[tuple[str, str, str]]:
+    """(kind, name, action) of the package and service steps ``node`` of the example fleet
+    plans under a root other than /, in report order; a node a test adds has the apps of
+    hosts/_defaults.yaml only, as does None."""
+    packages = [name for _, name in _COMMON]
+    units = ["chrony.service", "ssh.service"]
+    if node in _OWN:
+        packages.append(_OWN[node][0])
+        units.append(f"{_OWN[node][1]}.service")
+    return [
+        *(("package", name, "install") for name in packages),
+        *(("service", u, action) for u in units for action in ("enable", "start")),
+    ]
+
+
+def file_changes(report: dict, *, defaults_only: bool = False) -> list[dict]:
+    """The report's changes of destination paths, after asserting that the others are
+    exactly the example fleet's planned-only package and service steps of its node
+    (:func:`offline_steps`: reported, never applied under a test root); with
+    ``defaults_only``, those of the apps of hosts/_defaults.yaml only (a test took the
+    node's own apps away)."""
+    steps = [
+        (c["kind"], c["path"], c["action"], c["applied"], c.get("offline"))
+        for c in report["changes"]
+        if c.get("kind")
+    ]
+    assert steps == [
+        (*s, False, True) for s in offline_steps(None if defaults_only else report["node"])
+    ], steps
+    return [c for c in report["changes"] if not c.get("kind")]
+
+
 def changes(report: dict) -> dict[str, dict]:
     """Report changes keyed by destination path."""
     return {c["path"]: c for c in report["changes"]}
@@ -214,5 +258,6 @@ def sweep_stopped_runs(
         assert {p: path_now(h, p) for p in new} == dict(new), fail_after
         if then is not None:
             then(h)
-        assert reconcile_once(config).report.changes == (), fail_after
+        # Nothing but the node's planned-only packages and services (SPEC §11).
+        assert file_changes(reconcile_once(config).report.to_json()) == [], fail_after
     return stopped

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from tests.conftest import Fleet, Host
-from tests.integration._helpers import assert_clean_error, pull_report
+from tests.integration._helpers import assert_clean_error, file_changes, pull_report
 
 NODE = "abs"
 
@@ -64,12 +64,12 @@ def test_absent_paths_are_deleted_with_backups_exclude_wins_and_they_stay_gone(f
     backups = host.state_dir / "backups" / first["run_id"] / "files/etc/abs"
     assert os.readlink(backups / "sites-enabled/default") == "../sites-available/default"
 
-    assert pull_report(host)["changes"] == []
+    assert file_changes(pull_report(host)) == []
 
     # A package upgrade puts its default site back: the next run deletes it again.
     os.symlink("../sites-available/default", etc / "sites-enabled/default")
     again = pull_report(host)
-    assert [(c["path"], c["action"]) for c in again["changes"]] == [
+    assert [(c["path"], c["action"]) for c in file_changes(again)] == [
         ("/etc/abs/sites-enabled/default", "delete")
     ]
     rolled = host.run("rollback", "--format", "json")

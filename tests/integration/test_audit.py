@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.conftest import tree_snapshot
-from tests.integration._helpers import changes, drift_kinds, pull_report
+from tests.integration._helpers import changes, drift_kinds, file_changes, pull_report
 
 
 def test_audit_run_on_an_empty_root_reports_pending_changes_and_writes_nothing(fleet, make_host):
@@ -15,7 +15,8 @@ def test_audit_run_on_an_empty_root_reports_pending_changes_and_writes_nothing(f
     assert report["mode"] == "audit"
     assert report["result"] == "changed"
     assert "/etc/postgresql/15/main/pg_hba.conf" in changes(report)
-    assert len(report["changes"]) == 9  # db1: 8 files and the /etc/hosts block (SPEC §9)
+    # db1: 8 files and the /etc/hosts block (SPEC §9), and its packages and services
+    assert len(file_changes(report)) == 9
     assert all(c["applied"] is False for c in report["changes"])
     assert report["scripts"] == []  # nothing changed, so no script ran
     assert (

@@ -23,6 +23,7 @@ from tests.integration._helpers import (
     assert_clean_error,
     changes,
     drift_kinds,
+    file_changes,
     imported_by_run,
     pull_report,
     sweep_stopped_runs,
@@ -65,7 +66,7 @@ def test_a_block_is_appended_left_alone_repaired_removed_and_rolled_back(fleet, 
     before = os.stat(hosts)
 
     second = pull_report(host)
-    assert second["changes"] == [] and second["drift"] == []
+    assert file_changes(second) == [] and second["drift"] == []
     after = os.stat(hosts)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
@@ -76,7 +77,7 @@ def test_a_block_is_appended_left_alone_repaired_removed_and_rolled_back(fleet, 
     time.sleep(0.2)  # past the racily-clean window (state.RACY_WINDOW_NS) of the record
     outside = os.stat(hosts)
     third = pull_report(host)
-    assert third["changes"] == [] and third["drift"] == [], third
+    assert file_changes(third) == [] and third["drift"] == [], third
     assert hosts.read_bytes() == edited
     assert os.stat(hosts).st_ino == outside.st_ino
     # That run recorded the new stat signature: the next one is the no-op short
@@ -121,7 +122,7 @@ def test_a_block_is_appended_left_alone_repaired_removed_and_rolled_back(fleet, 
     gone = pull_report(host, "--release-hold")
     assert HOSTS in {c["path"] for c in gone["changes"]}, gone
     assert hosts.read_bytes() == b"192.168.1.9\tprinter\n" + PACKAGE + b"# local note"
-    assert pull_report(host)["changes"] == []
+    assert file_changes(pull_report(host)) == []
 
 
 def test_a_missing_file_is_created_holding_the_block_and_two_apps_share_a_file(fleet, make_host):
@@ -145,7 +146,7 @@ def test_a_missing_file_is_created_holding_the_block_and_two_apps_share_a_file(f
     text = h.path(HOSTS).read_bytes()
     assert text == BLOCK + b"## BEGIN extra hosts\n10.9.9.9\tbackup\n## END extra hosts\n"
     assert os.stat(h.path(HOSTS)).st_mode & 0o7777 == 0o644
-    assert pull_report(h)["changes"] == []
+    assert file_changes(pull_report(h)) == []
 
     # One app leaves: only its block goes.
     fleet.write(f"hosts/{NODE}.yaml", _node(apps="[net]"))

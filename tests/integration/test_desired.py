@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.integration._helpers import changes, drift_kinds, pull_report
+from tests.integration._helpers import changes, drift_kinds, file_changes, pull_report
 
 
 def test_changed_var_is_a_desired_update_of_only_that_file(fleet, make_host):
@@ -20,7 +20,7 @@ def test_changed_var_is_a_desired_update_of_only_that_file(fleet, make_host):
     assert report["applied_commit"] == head
     assert report["result"] == "changed"
     assert report["drift"] == []
-    assert list(changes(report)) == ["/etc/nginx/nginx.conf"]
+    assert [c["path"] for c in file_changes(report)] == ["/etc/nginx/nginx.conf"]
     change = changes(report)["/etc/nginx/nginx.conf"]
     assert (change["action"], change["reason"], change["applied"]) == ("update", "desired", True)
     assert "worker_processes 7;\n" in web1.path("/etc/nginx/nginx.conf").read_text()

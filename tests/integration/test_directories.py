@@ -22,6 +22,7 @@ from tests.conftest import Fleet, Host, git
 from tests.integration._helpers import (
     assert_clean_error,
     drift_kinds,
+    file_changes,
     mode_of,
     pull_report,
     sweep_stopped_runs,
@@ -108,7 +109,7 @@ def test_directories_are_made_kept_repaired_and_purged_with_backups(fleet, host)
 
     # The run after: nothing to do, the directory untouched (same inode and mtime).
     before = conf.stat()
-    assert pull_report(host)["changes"] == []
+    assert file_changes(pull_report(host)) == []
     after = conf.stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
 
@@ -117,23 +118,25 @@ def test_directories_are_made_kept_repaired_and_purged_with_backups(fleet, host)
     (conf / "again.conf").write_bytes(b"again\n")
     fixed = pull_report(host)
     assert drift_kinds(fixed) == {CONF: {"mode"}}, fixed["drift"]
-    assert {(c["path"], c["action"], c["reason"]) for c in fixed["changes"]} == {
+    assert {(c["path"], c["action"], c["reason"]) for c in file_changes(fixed)} == {
         (CONF, "chmod", "drift"),
         (f"{CONF}/again.conf", "delete", "purge"),
     }
     assert mode_of(conf) == 0o750 and not (conf / "again.conf").exists()
 
     # A stray file alone: the no-op short cut must not hide it (the mtime watch).
-    assert pull_report(host)["changes"] == []
+    assert file_changes(pull_report(host)) == []
     (conf / "late.conf").write_bytes(b"late\n")
     late = pull_report(host)
-    assert [(c["path"], c["reason"]) for c in late["changes"]] == [(f"{CONF}/late.conf", "purge")]
+    assert [(c["path"], c["reason"]) for c in file_changes(late)] == [
+        (f"{CONF}/late.conf", "purge")
+    ]
 
     fleet.write("templates/dirs/app.yaml", APP_YAML + "  /srv/dirs/made: {}\n")
     fleet.commit("dirs: one more directory")
     (conf / "late.conf").write_bytes(b"late\n")
     both = pull_report(host)
-    assert {(c["path"], c["action"], c["reason"]) for c in both["changes"]} == {
+    assert {(c["path"], c["action"], c["reason"]) for c in file_changes(both)} == {
         (f"{CONF}/late.conf", "delete", "purge"),
         ("/srv/dirs/made", "create", "desired"),
     }

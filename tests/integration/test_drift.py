@@ -7,6 +7,7 @@ from tests.integration._helpers import (
     all_objects_text,
     changes,
     drift_kinds,
+    file_changes,
     mode_of,
     pull_report,
     report_history,
@@ -34,7 +35,7 @@ def test_edited_and_chmodded_files_are_repaired_and_reported(fleet, make_host):
     assert kinds["/etc/motd"] == {"content"}
     assert kinds["/etc/chrony/chrony.conf"] == {"mode"}
     assert set(kinds) == {"/etc/motd", "/etc/chrony/chrony.conf"}
-    by_path = changes(report)
+    by_path = {c["path"]: c for c in file_changes(report)}
     assert set(by_path) == {"/etc/motd", "/etc/chrony/chrony.conf"}
     for change in by_path.values():
         assert change["reason"] == "drift"

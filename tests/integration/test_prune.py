@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.integration._helpers import changes, mode_of, pull_report
+from tests.integration._helpers import file_changes, mode_of, pull_report
 
 PG = "/etc/postgresql/15/main"
 
@@ -22,7 +22,8 @@ def test_removed_app_is_deleted_with_backups_and_its_created_dirs_pruned(fleet, 
 
     report = pull_report(host)
 
-    by_path = changes(report)
+    # Its packages stay (an app leaving a node removes none: state: absent does).
+    by_path = {c["path"]: c for c in file_changes(report, defaults_only=True)}
     # /etc/motd lists the node's apps, so it is updated too.
     assert set(by_path) == {f"{PG}/pg_hba.conf", f"{PG}/postgresql.conf", "/etc/motd"}
     assert "apps:   motd, chrony, sshd, fleet-hosts\n" in host.path("/etc/motd").read_text()
@@ -42,7 +43,7 @@ def test_removed_app_is_deleted_with_backups_and_its_created_dirs_pruned(fleet, 
     assert (backups / PG.lstrip("/") / "postgresql.conf").read_bytes() == conf
 
     # Pruned paths are no longer managed: the next run is a no-op.
-    assert pull_report(host)["changes"] == []
+    assert file_changes(pull_report(host), defaults_only=True) == []
 
 
 def test_removed_template_file_is_deleted_and_its_nonempty_dir_kept(fleet, make_host):
@@ -54,7 +55,7 @@ def test_removed_template_file_is_deleted_and_its_nonempty_dir_kept(fleet, make_
 
     report = pull_report(host)
 
-    assert [(c["path"], c["action"], c["reason"]) for c in report["changes"]] == [
+    assert [(c["path"], c["action"], c["reason"]) for c in file_changes(report)] == [
         ("/etc/nginx/conf.d/app.conf", "delete", "desired")
     ]
     assert not host.path("/etc/nginx/conf.d/app.conf").exists()

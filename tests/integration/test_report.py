@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from tests.conftest import git, tree_snapshot
-from tests.integration._helpers import HEX40, ISO_UTC, mode_of, pull_report
+from tests.integration._helpers import HEX40, ISO_UTC, file_changes, mode_of, pull_report
 from tests.integration._service import host_argv, reconciler_env
 
 SPEC_KEYS = {
@@ -61,8 +61,9 @@ def test_first_run_report_has_every_spec_field_and_lands_on_its_own_branch(fleet
     assert report["drift"] == [] and report["errors"] == []
     assert report["excluded"] == ["/etc/nginx/conf.d/local-overrides.conf"]
     # web1: 11 files, the status site, its link, /etc/hosts, nginx's purged conf.d (SPEC §9)
-    assert len(report["changes"]) == 15
-    for change in report["changes"]:
+    # and its apps' packages and services, planned only under a test root (SPEC §11)
+    assert len(file_changes(report)) == 15
+    for change in file_changes(report):
         assert {"path", "action", "reason", "applied"} <= set(change)
         assert change["path"].startswith("/etc/") or change["path"].startswith("/var/")
         assert str(host.root) not in change["path"]  # destination paths, not host paths

@@ -49,6 +49,7 @@ from reconciler.report import (
     build_report,
     build_rollback_report,
     read_last_run,
+    resource_steps,
     write_last_run,
 )
 
@@ -645,3 +646,28 @@ def test_script_error_keeps_the_last_lines_of_output():
 
     assert error.last_lines(3) == ["line 17", "line 18", "line 19"]
     assert len(error.last_lines()) == 10
+
+
+def _step(path: str, action: str, kind: str = "package", **kw: bool) -> ReportChange:
+    return ReportChange(path=path, action=action, reason="desired", app="a", kind=kind, **kw)
+
+
+def test_package_and_service_steps_are_grouped_by_action_and_whether_applied() -> None:
+    """SPEC §11: what fleet, the page and status print of a report's packages and
+    services; a step under a root other than / (offline) says why it was not applied,
+    and survives the report's JSON."""
+    steps = [
+        _step("chrony", "install", applied=False, offline=True),
+        _step("/etc/x.conf", "update", kind="", applied=True),
+        _step("nginx", "install", applied=False, offline=True),
+        _step("apache2", "remove", applied=True),
+        _step("nginx.service", "enable", kind="service", applied=True),
+        _step("nginx.service", "reload", kind="service", applied=False),
+    ]
+    assert resource_steps(steps) == [
+        ("packages", "install chrony, nginx (not applied: root is not /); remove apache2"),
+        ("services", "enable nginx.service; reload nginx.service (not applied)"),
+    ]
+    assert resource_steps(steps[1:2]) == []
+    assert steps[0].to_json()["offline"] is True and "offline" not in steps[3].to_json()
+    assert ReportChange.from_json(steps[0].to_json()) == steps[0]
