@@ -103,8 +103,15 @@ def test_a_node_that_no_longer_renders_fails_the_impact(fleet):
 
 def test_packages_and_services_an_app_declares_are_shown_from_git_alone(fleet):
     """SPEC §11: declaring a package and a service impacts the app's nodes, no file."""
+    declared = (
+        "packages: [chrony]\nservices:\n"
+        "  chrony: {enabled: true, running: true, on_change: restart}\n"
+    )
     app = fleet.read("templates/chrony/app.yaml")
-    fleet.write("templates/chrony/app.yaml", app + "packages: [chrony]\nservices: {chrony: {}}\n")
+    assert declared in app  # the example fleet declares them: the test takes them away first
+    fleet.write("templates/chrony/app.yaml", app.replace(declared, ""))
+    fleet.commit("chrony: no package, no service")
+    fleet.write("templates/chrony/app.yaml", app)
     fleet.commit("chrony: its package and service")
 
     _, out, err = impact(fleet, "--format", "json")
