@@ -429,7 +429,9 @@ class Report:
         Only what SPEC §5 lists counts — result, source commit, changes, drift,
         excluded, errors, scripts' exit codes — plus the states ``applied_commit``,
         ``suspended`` and ``recovered`` (``fleet`` must see them change). Never
-        ``run_id``, timestamps, durations or output tails. ``history_lost`` counts:
+        ``run_id``, timestamps, durations or output tails, nor a package or service
+        step planned only under a root other than / (``offline``, SPEC §11: the no-op
+        short cut plans nothing, so reports none). ``history_lost`` counts:
         the first report that says so is a commit, the ones repeating it are not.
 
         ``ok`` and ``changed`` are one class here: a run that converged the disk
@@ -444,7 +446,9 @@ class Report:
             "converged" if self.result in ("ok", "changed") else self.result,
             self.source.commit,
             self.applied_commit,
-            tuple(c for c in self.changes if not c.applied),
+            # A step planned only under a root other than / (SPEC §11) is no news: a full
+            # run plans it again, the no-op short cut (which plans nothing) does not.
+            tuple(c for c in self.changes if not c.applied and not c.offline),
             self.drift,
             self.excluded,
             self.errors,

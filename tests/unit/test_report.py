@@ -543,6 +543,25 @@ SIGNIFICANCE = [
     ("facts", {"facts": {"hostname": "web1", "mem_total_kb": 1}}, False),
     ("ok → changed (converged both times)", {"result": "changed"}, False),
     ("scripts that succeed (post_always) vanish", {"scripts": ()}, False),
+    (
+        # SPEC §11 under a test root: planned by a full run, absent from the no-op short
+        # cut's report (it plans nothing): never news, or every other run made a commit.
+        "a package step planned only (root is not /)",
+        {
+            "changes": (
+                ReportChange(
+                    path="nginx",
+                    action="install",
+                    reason="desired",
+                    applied=False,
+                    app="web",
+                    kind="package",
+                    offline=True,
+                ),
+            )
+        },
+        False,
+    ),
     ("reconciler_version", {"reconciler_version": "9.9.9"}, False),
     ("result drift", {"result": "drift"}, True),
     ("result failed", {"result": "failed"}, True),
