@@ -9,7 +9,12 @@ import json
 import time
 
 from tests.conftest import tree_snapshot
-from tests.integration._helpers import assert_clean_error, changes, mode_of, pull_report
+from tests.integration._helpers import (
+    assert_clean_error,
+    file_changes,
+    mode_of,
+    pull_report,
+)
 
 APP = "templates/rb/default"
 
@@ -60,7 +65,7 @@ def test_rollback_restores_every_path_byte_for_byte_and_holds_until_released(fle
     change_rb(fleet)
     next_second()  # see test_backups_and_rollback_follow_the_order_of_runs_within_a_second
     run = pull_report(host)
-    assert {p: c["action"] for p, c in changes(run).items()} == EXPECTED_CHANGES
+    assert {c["path"]: c["action"] for c in file_changes(run)} == EXPECTED_CHANGES
     after = tree_snapshot(host.root)
     assert after != before
 
@@ -141,7 +146,7 @@ def test_rollback_of_an_older_run_by_id_restores_only_its_paths_and_holds(fleet,
     fleet.write(f"{APP}/etc/rb/keep.conf", "touched later\n")
     fleet.commit("rb: keep.conf")
     later = pull_report(host)
-    assert set(changes(later)) == {"/etc/rb/keep.conf"}
+    assert [c["path"] for c in file_changes(later)] == ["/etc/rb/keep.conf"]
 
     proc = host.run("rollback", run["run_id"])
 
@@ -210,7 +215,7 @@ def test_on_post_failure_rollback_puts_the_apps_files_back(fleet, make_host):
     assert report["result"] == "failed"
     assert any("rolled back" in e and "10-check" in e for e in report["errors"]), report["errors"]
     assert "rolled back" in proc.stderr
-    by_path = changes(report)
+    by_path = {c["path"]: c for c in file_changes(report)}
     assert set(by_path) == set(EXPECTED_CHANGES)
     for path, change in by_path.items():
         assert change.get("rolled_back") is True, (path, change)
