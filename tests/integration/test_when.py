@@ -9,7 +9,7 @@ nothing on disk changes.
 from __future__ import annotations
 
 from tests.conftest import Fleet, Host
-from tests.integration._helpers import assert_clean_error
+from tests.integration._helpers import assert_clean_error, file_changes
 
 NODE = "cond"
 CONF = "/etc/cond/extra.conf"
@@ -40,7 +40,7 @@ def test_a_file_whose_when_turns_false_is_pruned_with_a_backup(fleet, make_host)
     fleet.commit("cond: extra off")
     code, second = host.pull_json()
     assert code == 0, second
-    assert [(c["path"], c["action"]) for c in second["changes"]] == [(CONF, "delete")]
+    assert [(c["path"], c["action"]) for c in file_changes(second)] == [(CONF, "delete")]
     assert not host.path(CONF).exists() and host.path("/etc/cond/base.conf").exists()
     backup = host.state_dir / "backups" / second["run_id"] / "files" / CONF.lstrip("/")
     assert backup.read_text() == "extra True\n"
