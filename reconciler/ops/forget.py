@@ -122,14 +122,17 @@ def forget(up: Upstream, plan: Forgotten) -> Forgotten:
     head = tracking_head(up)
     # Every location holding it (SPEC §12: the node's shard; both during a move).
     found = report_branches(up, head, plan.node) if head is not None else []
+    deleted: list[str] = []  # the servers whose copy went before one refused
     try:
         for remote, cache_ref in found or [(up.remote, remote_report_ref(plan.node))]:
             delete_report_branch(up.repo, remote, plan.node, cache_ref=cache_ref)
+            deleted.append(remote.url)
     except RemoteError as exc:
         if exc.refused != "rejected":
             raise  # unreachable, credentials, host key: the message says what to do
+        what = f"deleted on {', '.join(deleted)} only" if deleted else "nothing deleted"
         raise RemoteError(
-            f"{exc} — nothing deleted: the server lets no one delete report branches; give "
+            f"{exc} — {what}: the server lets no one delete report branches; give "
             "the operator a delete rule for refs/heads/reports/ (docs/least-privilege.md, "
             "decommissioning) or delete it on the server",
             detail=exc.detail,

@@ -143,3 +143,24 @@ def test_two_hosts_in_two_shards_and_a_shard_that_is_down(fleet, make_host, tmp_
     assert proc.returncode == 0, proc.stderr
     assert _log(_shard_bare(fleet, "web2"), "web2") == []
     assert _log(_shard_bare(fleet, "web1"), "web1") != []
+
+
+def test_forget_refused_by_the_shard_after_the_old_copy_went_says_what_was_deleted(fleet, tmp_path):
+    # A move under way: web2's branch is in the desired-state repository and
+    # in its shard, which refuses deletions. The old copy goes first; the
+    # error must not then say that nothing was deleted.
+    _shard_fleet(fleet, _shards(fleet))
+    shard = _shard_bare(fleet, "web2")
+    git("update-ref", "refs/heads/reports/web2", fleet.head(), cwd=fleet.bare)
+    git("push", "-q", str(shard), f"{fleet.head()}:refs/heads/reports/web2", cwd=fleet.bare)
+    git("config", "receive.denyDeletes", "true", cwd=shard)
+    fleet.remove("hosts/web2.yaml")
+    meta = fleet.read("hosts/webservers.yaml").replace("[web1, web2]", "[web1]")
+    fleet.write("hosts/webservers.yaml", meta)
+    fleet.commit("web2 decommissioned")
+
+    proc = _operator(fleet, tmp_path / "ops", "forget", "web2", "--yes")
+    assert proc.returncode != 0 and _log(shard, "web2") != []
+    assert _log(fleet.bare, "web2") == []  # the desired-state repository's copy went
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "nothing deleted:" not in proc.stderr and f"deleted on {fleet.url}" in proc.stderr
