@@ -20,13 +20,15 @@ import pygit2
 from reconciler.git.errors import map_git_errors
 from reconciler.git.remote import NET_ATTEMPTS, Remote
 from reconciler.git.remote import fetch as fetch_refs
-from reconciler.git.repo import Repo, ref_target, restore_ref
+from reconciler.git.repo import Repo, is_descendant, ref_target, restore_ref, set_ref
 from reconciler.git.reports import REPORT_FILE, report_ref
 
 CONTROL_BRANCH = "refs/heads/rollout/control"
 CONTROL_FILE = "rollout.json"
 FETCHED_PREFIX = "refs/rollout/"
 FETCHED_CONTROL = f"{FETCHED_PREFIX}control"
+# Where a new tip of the marker branch lands before it is taken (fetch_rollout_refs).
+FETCHED_CONTROL_NEW = f"{FETCHED_PREFIX}control-new"
 
 
 def fetched_report_ref(node: str) -> str:
@@ -44,13 +46,15 @@ class RolloutFetch:
     while nodes were asked for — in the desired-state repository, where
     the asking host's own branch is, that is ``uploadpack.hideRefs`` (SPEC
     §12), under which the check cannot see any report; ``control``: the marker's
-    commit, None when there is none.
+    commit, None when there is none; ``control_note``: why the host kept the
+    marker it held (the branch rewound, rewritten or deleted on the server).
     """
 
     received_bytes: int
     missing: tuple[str, ...] = ()
     hidden: bool = False
     control: str | None = None
+    control_note: str | None = None
 
 
 def fetch_rollout_refs(
@@ -67,7 +71,12 @@ def fetch_rollout_refs(
     One advertisement, then only the refs that moved (a tip already held is not
     asked for again). A node whose branch is not advertised has its private
     copy deleted: a report that vanished on the server (``forget``) never
-    admits anything. Raises RemoteError (:func:`reconciler.git.remote.fetch`).
+    admits anything. The marker is only ever moved forward, as the desired
+    branch is (rewind protection, SPEC §4): a tip that does not descend from
+    the one held, or a branch deleted on the server, leaves the held marker in
+    force with a ``control_note`` — else deleting or force-pushing the branch
+    would lift an operator's halt, signed or not. Raises RemoteError
+    (:func:`reconciler.git.remote.fetch`).
     """
     wanted = sorted(set(nodes))
     found: dict[str, object] = {}
@@ -81,7 +90,7 @@ def fetch_rollout_refs(
                 specs.append(f"+{report_ref(node)}:{fetched_report_ref(node)}")
         tip = heads.get(CONTROL_BRANCH)
         if control and tip is not None and tip != ref_target(repo, FETCHED_CONTROL):
-            specs.append(f"+{CONTROL_BRANCH}:{FETCHED_CONTROL}")
+            specs.append(f"+{CONTROL_BRANCH}:{FETCHED_CONTROL_NEW}")
         return specs
 
     received = fetch_refs(repo, remote, [], choose=choose, attempts=attempts)
@@ -89,14 +98,50 @@ def fetch_rollout_refs(
     missing = tuple(n for n in wanted if report_ref(n) not in heads)
     for node in missing:
         restore_ref(repo, fetched_report_ref(node), None)
-    if control and CONTROL_BRANCH not in heads:
-        restore_ref(repo, FETCHED_CONTROL, None)
+    note = _take_control(repo, remote.url, CONTROL_BRANCH in heads) if control else None
     hidden = bool(wanted) and not any(h.startswith("refs/heads/reports/") for h in heads)
     return RolloutFetch(
         received_bytes=received,
         missing=missing,
         hidden=hidden,
         control=ref_target(repo, FETCHED_CONTROL) if control else None,
+        control_note=note,
+    )
+
+
+# The repository the held marker came from, in the state repository's git config:
+# after a move of the reports (SPEC §12) the marker branch is another one, with a
+# history of its own, and is taken as it is.
+CONTROL_URL_KEY = "reconciler.rolloutcontrolurl"
+
+
+def _take_control(repo: Repo, url: str, advertised: bool) -> str | None:
+    """Move the held marker to the fetched tip when that descends from it; else keep
+    the held one and say why (:func:`fetch_rollout_refs`). None when nothing to say."""
+    config = repo.raw.config
+    try:
+        came_from: str | None = config[CONTROL_URL_KEY]
+    except KeyError:
+        came_from = None
+    if came_from != url:
+        restore_ref(repo, FETCHED_CONTROL, None)  # another location: nothing held there
+        config[CONTROL_URL_KEY] = url
+    held = ref_target(repo, FETCHED_CONTROL)
+    new = ref_target(repo, FETCHED_CONTROL_NEW)
+    restore_ref(repo, FETCHED_CONTROL_NEW, None)
+    fix = "a halt is lifted by a new commit on top (rollout resume), never by rewriting it"
+    if not advertised:
+        if held is None:
+            return None
+        return f"{CONTROL_BRANCH} is gone from the server: the marker held here ({held[:12]}) stays in force — {fix}"
+    if new is None or new == held:
+        return None
+    if held is None or is_descendant(repo, new, held):
+        set_ref(repo, FETCHED_CONTROL, new)
+        return None
+    return (
+        f"{CONTROL_BRANCH} on the server ({new[:12]}) does not descend from the marker "
+        f"held here ({held[:12]}): that one stays in force — {fix}"
     )
 
 

@@ -155,9 +155,11 @@ def check_admission(
         control_url = (location.url or remote.url).replace(SHARD, "0" * digits)
         groups.setdefault(control_url, [])
         hidden: list[str] = []
+        kept: str | None = None  # why the marker held here stays (rewound, deleted)
         for url, nodes in sorted(groups.items()):
             there = remote if url == remote.url else Remote.for_agent(url, config.auth)
             got = fetch_rollout_refs(repo, there, nodes, control=url == control_url)
+            kept = kept or got.control_note
             received += got.received_bytes
             # In the desired-state repository this host's own report branch is there
             # (it applied a commit, so it reported): none at all means hideRefs. A
@@ -178,6 +180,9 @@ def check_admission(
             if view is not None:
                 views[n] = view
         marker, warning = read_halt_marker(repo, config)
+        if kept is not None:
+            log.warning("rollout: %s", kept)
+            warning = f"{kept}; {warning}" if warning else kept
         answer = admit(
             rollout,
             waves,

@@ -138,3 +138,54 @@ def test_an_unsigned_resume_on_a_signed_halt_does_not_lift_it(tmp_path: Path) ->
     assert read_halt_marker(repo, verifying) == (halt, None)
     set_ref(repo, FETCHED_CONTROL, forged)
     assert read_halt_marker(repo, AgentConfig(node="w2")) == (resume, None)
+
+
+def test_a_halt_is_not_lifted_by_deleting_or_rewinding_the_marker_branch(tmp_path: Path) -> None:
+    """The host forgot a marker branch deleted on the server and took any tip it was
+    force-pushed to, so whoever could delete or rewind rollout/control lifted the
+    operator's halt, signed or not. The marker now only moves forward, as the
+    desired branch does (rewind protection); another location starts afresh."""
+    server = tmp_path / "server.git"
+    _git("init", "-q", "--bare", str(server), cwd=tmp_path)
+    go = HaltMarker(halted=False, at="2026-11-30T19:00:00Z", by="ops", reason="go")
+    _branch(server, "refs/heads/rollout/control", "rollout.json", go.to_json())
+    first = _git("rev-parse", "refs/heads/rollout/control", cwd=server)
+    halt = HaltMarker(halted=True, at="2026-11-30T20:00:00Z", by="ops", reason="latency")
+    blob = _git("hash-object", "-w", "--stdin", cwd=server, data=halt.to_json())
+    tree = _git("mktree", cwd=server, data=f"100644 blob {blob}\trollout.json\n".encode())
+    halted = _git("commit-tree", tree, "-p", first, "-m", "halt", cwd=server)
+    _git("update-ref", "refs/heads/rollout/control", halted, cwd=server)
+    repo = open_bare(tmp_path / "state" / "repo.git", durable=False)
+    remote = Remote.for_agent(f"file://{server}", AuthConfig())
+
+    def marker() -> HaltMarker:
+        held = control_marker(repo)
+        assert held is not None
+        return HaltMarker.from_json(held[1], where="rollout.json")
+
+    assert fetch_rollout_refs(repo, remote, []).control_note is None
+    assert marker() == halt
+    # Rewound to the commit before the halt: the halt stays, and the host says why.
+    _git("update-ref", "refs/heads/rollout/control", first, cwd=server)
+    got = fetch_rollout_refs(repo, remote, [])
+    assert got.control == halted and marker() == halt
+    assert got.control_note is not None and "does not descend" in got.control_note
+    # Deleted: the halt stays.
+    _git("update-ref", "-d", "refs/heads/rollout/control", cwd=server)
+    got = fetch_rollout_refs(repo, remote, [])
+    assert got.control == halted and marker() == halt
+    assert got.control_note is not None and "gone from the server" in got.control_note
+    # A resume on top is taken.
+    resume = HaltMarker(halted=False, at="2026-11-30T21:00:00Z", by="ops", reason="fixed")
+    blob = _git("hash-object", "-w", "--stdin", cwd=server, data=resume.to_json())
+    tree = _git("mktree", cwd=server, data=f"100644 blob {blob}\trollout.json\n".encode())
+    on_top = _git("commit-tree", tree, "-p", halted, "-m", "resume", cwd=server)
+    _git("update-ref", "refs/heads/rollout/control", on_top, cwd=server)
+    got = fetch_rollout_refs(repo, remote, [])
+    assert got.control == on_top and got.control_note is None and marker() == resume
+    # Reports moved to another repository (SPEC §12): its marker branch is taken as it is.
+    other = tmp_path / "shard0.git"
+    _git("init", "-q", "--bare", str(other), cwd=tmp_path)
+    _branch(other, "refs/heads/rollout/control", "rollout.json", halt.to_json())
+    got = fetch_rollout_refs(repo, Remote.for_agent(f"file://{other}", AuthConfig()), [])
+    assert got.control_note is None and marker() == halt
