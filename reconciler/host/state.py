@@ -20,6 +20,18 @@ from reconciler.host.statedir import StateDir
 
 STATE_VERSION = 1
 RACY_WINDOW_NS = 100_000_000  # 100 ms: above the kernel's coarse clock tick
+# A stamp of whole seconds comes from a filesystem with 1 s or 2 s timestamps
+# (ext2/3 with small inodes, FAT, old NFS servers): the file may change until the
+# end of that 2 s slot and keep the stamp, so its window is that long.
+COARSE_WINDOW_NS = 2_000_000_000 + RACY_WINDOW_NS
+
+
+def racy_window_ns(stamp_ns: int) -> int:
+    """How long after a file's ``stamp_ns`` (its ctime, in ns) an edit can still keep
+    its stat signature: RACY_WINDOW_NS, or COARSE_WINDOW_NS when the stamp has no
+    sub-second part (a coarse-timestamp filesystem; on a fine one that costs one
+    rehash in a billion). Git's racily clean index entries, SPEC §7."""
+    return RACY_WINDOW_NS if stamp_ns % 1_000_000_000 else COARSE_WINDOW_NS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,7 +90,7 @@ class ManagedFile:
         "racily clean" index entries, a record taken less than RACY_WINDOW_NS
         after the file last changed is re-hashed on the next scan.
         """
-        return self.ctime_ns < self.recorded_ns - RACY_WINDOW_NS
+        return self.ctime_ns < self.recorded_ns - racy_window_ns(self.ctime_ns)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler import __version__
 from reconciler.config import AgentConfig
 from reconciler.errors import InventoryError, PathError
-from reconciler.host.state import RACY_WINDOW_NS, LocalState, ManagedFile
+from reconciler.host.state import LocalState, ManagedFile, racy_window_ns
 
 if TYPE_CHECKING:
     from reconciler.host.system import System
@@ -90,12 +90,12 @@ def absent_watch(
 
     if not rules:
         return {}
-    soon = time.time_ns() - RACY_WINDOW_NS
+    now = time.time_ns()
     try:
         watched = find_absent(system, root, rules, node=node, spare=spare).watched
     except InventoryError:
         return {"/": (-2, -2)}
-    return {k: (v if v[1] < soon else (-2, -2)) for k, v in watched.items()}
+    return {k: (v if v[1] < now - racy_window_ns(v[1]) else (-2, -2)) for k, v in watched.items()}
 
 
 def purge_watch(
@@ -113,9 +113,9 @@ def purge_watch(
 
     if not any(d.purge for d in target.directories.values()):
         return {}
-    soon = time.time_ns() - RACY_WINDOW_NS
+    now = time.time_ns()
     return {
-        k: (v if v[1] < soon else (-2, -2))
+        k: (v if v[1] < now - racy_window_ns(v[1]) else (-2, -2))
         for k, v in find_purge_of(system, root, target, excludes, spare=spare).watched.items()
     }
 
@@ -172,7 +172,7 @@ def still(system: System, root: Path, previous: LocalState) -> dict[str, Managed
             return None
         if not record.settled():
             now = time.time_ns()  # before the read: what the new record vouches for
-            if record.ctime_ns >= now - RACY_WINDOW_NS:
+            if record.ctime_ns >= now - racy_window_ns(record.ctime_ns):
                 return None  # still within the window: an edit now would keep the stat
             try:
                 if record.link:  # a desired symlink: the sha256 of its target text

@@ -24,6 +24,7 @@ from reconciler.host.state import RACY_WINDOW_NS, LocalState, ManagedFile
 from reconciler.host.statedir import StateDir
 from reconciler.host.system import RealSystem
 from reconciler.pipeline.recovery import Recovery
+from reconciler.pipeline.reuse import still
 from reconciler.pipeline.run import (
     Prepared,
     RunOptions,
@@ -376,3 +377,53 @@ def test_an_edit_in_the_tick_of_the_write_is_found_by_the_first_run_after_it(noo
     time.sleep(RACY_WINDOW_NS / 1e9 + 0.02)
 
     assert noop_state_through_the_root(s, prepared) is None
+
+
+@pytest.fixture
+def coarse_root(tmp_path):
+    """A root on a filesystem whose timestamps have 1 s granularity (ext2 with
+    128-byte inodes, loop-mounted), as /boot, old NFS servers or FAT (2 s) have."""
+    image, mnt = tmp_path / "coarse.img", tmp_path / "coarse"
+    mnt.mkdir()
+    made = subprocess.run(
+        ["mke2fs", "-q", "-F", "-I", "128", "-t", "ext2", str(image), "4M"], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"mke2fs: {made.stderr.decode()}")
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount here: {mounted.stderr.decode()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_settled_record_on_a_coarse_clock_filesystem_still_sees_an_edit_in_that_second(
+    coarse_root,
+):
+    """On a filesystem with 1 s timestamps a file's ctime is its second, not its
+    instant: 100 ms after the write an edit of the same size in that second keeps
+    the whole stat signature. The settle must not vouch for such a record, or the
+    edit after it is trusted as clean forever (SPEC §7)."""
+    (coarse_root / "etc").mkdir()
+    motd = coarse_root / "etc" / "motd"
+    # Start just after a second boundary so the whole test fits in one second.
+    time.sleep(1 - (time.time() % 1) + 0.01)
+    motd.write_bytes(b"hello\n")
+    st = os.lstat(motd)
+    assert st.st_ctime_ns % 10**9 == 0  # the filesystem is indeed coarse
+    record = dataclasses.replace(
+        managed_record(motd),
+        sha256=hashlib.sha256(b"hello\n").hexdigest(),
+        recorded_ns=time.time_ns(),
+    )
+    previous = LocalState(node="web1", applied_commit="c1", managed={"/etc/motd": record})
+    time.sleep(RACY_WINDOW_NS / 1e9 + 0.02)
+    with RealSystem(root=coarse_root) as system:
+        resettled = still(system, coarse_root, previous)
+        state = dataclasses.replace(previous, managed={**previous.managed, **(resettled or {})})
+        motd.write_bytes(b"HELLO\n")  # same size, same second
+        assert time.time_ns() // 10**9 == st.st_ctime_ns // 10**9, "too slow a machine"
+        assert os.lstat(motd)[8:] == st[8:] and os.lstat(motd).st_ino == st.st_ino
+        assert still(system, coarse_root, state) is None
