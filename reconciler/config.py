@@ -118,6 +118,10 @@ class AuthConfig:
     known_hosts: str | None = None
     token_file: str | None = None
     ca_file: str | None = None
+    # Hosts (``host`` or ``host:port``) the token of ``token_file`` is offered to; the
+    # primary repository's host is always one (build_config adds it). A mirror, a
+    # shard or a reports URL a commit names elsewhere never gets it unless listed.
+    token_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -421,6 +425,11 @@ def build_config(
         flag = f"--{key.replace('_', '-')} ({key})"
         values[key] = _in_file(flag, _coerce, key, value, getattr(config, key), key_named=False)
     config = replace(config, **values)  # type: ignore[arg-type]
+    if config.repo:
+        primary = config.repo if isinstance(config.repo, str) else config.repo[0]
+        config = replace(
+            config, auth=replace(config.auth, token_hosts=_with_host(config.auth, primary))
+        )
     if config.report.repo is not None:
         # Checked here, before any run; {shard} against fleet.yaml's shards is
         # checked when a run reads fleet.yaml (reconciler/git/shards.py).
@@ -453,6 +462,17 @@ def build_config(
                 hint="rename hosts/<node>.yaml and set node: to the new name",
             )
     return config
+
+
+def _with_host(auth: AuthConfig, url: str) -> tuple[str, ...]:
+    """``auth.token_hosts`` with the host of ``url`` (the primary repository) added."""
+    from reconciler.git.auth import parse_remote, token_host
+
+    try:
+        host = token_host(parse_remote(url))
+    except ValueError:
+        return auth.token_hosts  # a bad port: the fetch names it
+    return auth.token_hosts if host in auth.token_hosts else (*auth.token_hosts, host)
 
 
 # A node name made of these is always a valid ref component.

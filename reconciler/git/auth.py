@@ -87,6 +87,22 @@ class Endpoint:
 _SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>[^@/:]+):(?P<path>.+)$")
 
 
+def token_host(endpoint: Endpoint) -> str:
+    """``host`` or ``host:port`` of ``endpoint``, as ``auth.token_hosts`` names hosts."""
+    host = endpoint.host.lower()
+    return f"{host}:{endpoint.port}" if endpoint.port else host
+
+
+def token_allowed(endpoint: Endpoint, hosts: tuple[str, ...]) -> bool:
+    """True when the token may go to ``endpoint``: its ``host:port``, or its host for an
+    entry without a port, is in ``hosts`` (``auth.token_hosts``, the primary's host
+    included). git's credential helpers scope a password to its URL's host the same
+    way; a token offered to any server that asks would go to a mirror or a reports
+    URL named by an unverified commit (SPEC §12: a mirror needs no trust)."""
+    wanted = {h.lower() for h in hosts}
+    return token_host(endpoint) in wanted or endpoint.host.lower() in wanted
+
+
 def parse_remote(url: str) -> Endpoint:
     """Split ``ssh://user@host:port/path``, ``[user@]host:path`` or an http(s)/git/file URL.
 
@@ -302,6 +318,12 @@ class Callbacks(pygit2.RemoteCallbacks):
             public = private + ".pub"
             user = self.ssh_user(username_from_url)
             return pygit2.Keypair(user, public if os.path.exists(public) else None, private, "")
+        if self.auth.token_file and not token_allowed(self.endpoint, self.auth.token_hosts):
+            raise SourceError(
+                f"{self.url}: the server asks for credentials, and auth.token_file is offered "
+                f"only to {', '.join(self.auth.token_hosts) or 'no host'}"
+                f" — add {token_host(self.endpoint)} to auth.token_hosts if it should get it"
+            )
         if self.auth.token_file:
             try:
                 token = read_regular(self.auth.token_file).decode("utf-8").strip()

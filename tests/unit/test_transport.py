@@ -91,3 +91,42 @@ def test_a_url_with_a_password_is_refused_without_echoing_it() -> None:
     assert remote_url("https://deploy@git.example.com/fleet.git") == (
         "https://deploy@git.example.com/fleet.git"
     )
+
+
+def test_the_token_goes_only_to_the_primarys_host_and_the_hosts_listed(tmp_path) -> None:
+    # The one token of auth.token_file went to any https server that asked: a mirror
+    # (which needs no trust, SPEC §12) or a reports URL that an unverified commit's
+    # fleet.yaml names, read by an operator's fleet, got the primary's token.
+    from reconciler.config import build_config
+    from reconciler.errors import SourceError
+    from reconciler.git.auth import Callbacks
+
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    token.chmod(0o600)
+    raw = {
+        "repo": ["https://git.example.com/fleet.git", "https://mirror.example.org/fleet.git"],
+        "auth": {"token_file": str(token), "token_hosts": ["reports.example.com:8443"]},
+    }
+    auth = build_config(raw, where="config.yaml").auth
+    assert auth.token_hosts == ("reports.example.com:8443", "git.example.com")
+    asked = pygit2.enums.CredentialType.USERPASS_PLAINTEXT
+
+    def offered(url: str) -> object:
+        return Callbacks(url, auth).credentials(url, None, asked)
+
+    for url in ("https://git.example.com/fleet.git", "https://reports.example.com:8443/r.git"):
+        given = offered(url)
+        assert isinstance(given, pygit2.UserPass) and given.credential_tuple[1] == "s3cret-token"
+    for url in (
+        "https://mirror.example.org/fleet.git",
+        "https://reports.example.com/r.git",  # the listed host on another port
+        "https://evil.example.net/git.example.com/r.git",
+    ):
+        with pytest.raises(SourceError, match="add [a-z.]+ to auth.token_hosts") as info:
+            offered(url)
+        assert "s3cret" not in str(info.value)
+    # A listed host without a port: every port of it.
+    raw["auth"]["token_hosts"] = ["mirror.example.org"]
+    auth = build_config(raw, where="config.yaml").auth
+    assert isinstance(offered("https://mirror.example.org:444/fleet.git"), pygit2.UserPass)
