@@ -473,8 +473,10 @@ class System(Protocol):
 
     # -------------------------------------------------------------- effects
 
-    def make_dirs(self, path: Path) -> list[Path]:
-        """Create missing directories down to ``path`` with mode 0755; return those made."""
+    def make_dirs(self, path: Path, *, mode: int = 0o755) -> list[Path]:
+        """Create missing directories down to ``path`` with mode 0755, ``path`` itself with
+        ``mode`` from its mkdir on (a ``directories:`` entry: a run killed right after
+        leaves it with its own mode, not 0755 awaiting a chmod); return those made."""
         ...
 
     def write_file(
@@ -1064,7 +1066,7 @@ class RealSystem:
                     os.close(d)
             self.close()
 
-    def make_dirs(self, path: Path) -> list[Path]:
+    def make_dirs(self, path: Path, *, mode: int = 0o755) -> list[Path]:
         rel = self._rel(path)
         if rel is None:
             make_private_dirs(Path(path))
@@ -1084,10 +1086,11 @@ class RealSystem:
             except FileNotFoundError:
                 pass
             pfd = self._dir("/".join(parts[:i]), path, 0)
-            os.mkdir(part, 0o755, dir_fd=pfd)
+            wanted = mode if i == len(parts) - 1 else 0o755
+            os.mkdir(part, wanted, dir_fd=pfd)
             fd = os.open(part, _DIR_FLAGS, dir_fd=pfd)
             try:
-                os.fchmod(fd, 0o755)  # mkdir's mode is filtered by the umask
+                os.fchmod(fd, wanted)  # mkdir's mode is filtered by the umask
             finally:
                 os.close(fd)
             shown = Path(f"{self._prefix}/{sub}")
@@ -1478,7 +1481,7 @@ class DryRunSystem(_ReadThrough):
         self.effects.append(what % args)
         log.info("would " + what, *args)
 
-    def make_dirs(self, path: Path) -> list[Path]:
+    def make_dirs(self, path: Path, *, mode: int = 0o755) -> list[Path]:
         return []
 
     def write_file(
@@ -1569,9 +1572,9 @@ class FaultySystem(_ReadThrough):
             raise FaultInjected(f"{what} {path}: interrupted after {self.fail_after} effects")
         self.effects.append(f"{what} {path}")
 
-    def make_dirs(self, path: Path) -> list[Path]:
+    def make_dirs(self, path: Path, *, mode: int = 0o755) -> list[Path]:
         self._effect("make_dirs", path)
-        return self._inner.make_dirs(path)
+        return self._inner.make_dirs(path, mode=mode)
 
     def write_file(
         self, path: Path, content: bytes, mode: int, uid: int | None, gid: int | None

@@ -314,10 +314,13 @@ def _execute_dir(
             system.backup_link(host, backup, expect=same)
         system.remove(host)
     if actual.kind != "dir":
+        # Made with its own mode: a run killed before the chmod below must not
+        # leave it 0755 (each path is wholly old or new, SPEC §6).
+        leaf = d.mode if d.mode is not None else 0o755
         made = (
-            journal.make_dirs(system, host, ctx.root)
+            journal.make_dirs(system, host, ctx.root, mode=leaf)
             if journal is not None
-            else system.make_dirs(host)
+            else system.make_dirs(host, mode=leaf)
         )
         created.update(dest_of(ctx.root, m) for m in made)
         created.discard(str(change.path))

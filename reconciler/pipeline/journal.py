@@ -270,8 +270,10 @@ class Journal:
             return
         self._append([f"{phase} {app}"])
 
-    def make_dirs(self, system: System, directory: Path, root: Path) -> list[Path]:
-        """``system.make_dirs(directory)``, each missing directory journaled first.
+    def make_dirs(
+        self, system: System, directory: Path, root: Path, *, mode: int = 0o755
+    ) -> list[Path]:
+        """``system.make_dirs(directory, mode=mode)``, each missing directory journaled first.
 
         The directories that do not exist yet are logged durably before the
         first mkdir, so recovery removes those a killed run left empty
@@ -283,7 +285,7 @@ class Journal:
             missing = missing_dirs(system, directory, root)
             if missing:
                 self._append(f"{MKDIR} {dest_of(root, p)}" for p in missing)
-        made = system.make_dirs(directory)
+        made = system.make_dirs(directory, mode=mode)
         self.created.extend(dest_of(root, p) for p in made)
         return made
 

@@ -546,3 +546,36 @@ def test_a_purge_spares_the_agent_state_directory_under_the_root(tmp_path):
         assert [str(p) for p in found.paths] == (
             ["/srv/agent/stray.conf"] if P("/srv/agent") in target.directories else []
         )
+
+
+def test_a_directory_is_made_with_its_mode_so_a_run_stopped_before_the_chmod_leaves_it_so(
+    tmp_path,
+):
+    # The directory was made 0755 and chmodded after: a run killed between the two
+    # (seen in test_crash's kill -9 sweep) left /srv/new/made neither absent nor 0750.
+    from reconciler.host.system import FaultInjected, FaultySystem
+
+    target = _with_dirs(target_of(), _dir("/srv/new/made", purge=False))
+    seen = []
+    for fail_after in range(12):
+        base = tmp_path / f"k{fail_after}"
+        root = base / "root"
+        root.mkdir(parents=True)
+        actual = scan(root, [P("/srv/new/made")], {})
+        plan = make_plan(target, actual, LocalState(), exclude_matcher([]), "enforce")
+        ctx = run_context(base, root)
+        repo = write_repo(base / "repo", {"hosts/n.yaml": "{}\n"})
+        system = FaultySystem(RealSystem(root=root), fail_after)
+        try:
+            apply_plan(plan, target, actual, LocalState(), repo, system, ctx)
+            done = True
+        except FaultInjected:
+            done = False
+        made = root / "srv/new/made"
+        if made.exists():
+            seen.append(fail_after)
+            assert made.stat().st_mode & 0o7777 == 0o750, fail_after
+            assert (root / "srv/new").stat().st_mode & 0o7777 == 0o755, fail_after  # a parent
+        if done:
+            break
+    assert seen and seen[0] < max(seen), seen  # stopped right after the mkdir at least once
