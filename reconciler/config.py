@@ -466,7 +466,7 @@ def build_config(
 
 def _with_host(auth: AuthConfig, url: str) -> tuple[str, ...]:
     """``auth.token_hosts`` with the host of ``url`` (the primary repository) added."""
-    from reconciler.git.auth import parse_remote, token_host
+    from reconciler.git.url import parse_remote, token_host
 
     try:
         host = token_host(parse_remote(url))

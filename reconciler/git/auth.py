@@ -26,18 +26,17 @@ import base64
 import hashlib
 import logging
 import os
-import re
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pygit2
 
 from reconciler.config import AuthConfig
 from reconciler.errors import ConfigError, SourceError
+from reconciler.git.url import Endpoint, parse_remote, token_host
 from reconciler.host.system import read_regular
 
 log = logging.getLogger(__name__)
@@ -71,28 +70,6 @@ def require_hostkey_layout(url: str, version: tuple[int, ...] = pygit2.LIBGIT2_V
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Endpoint:
-    """An Endpoint is a remote URL taken apart: scheme, user, host, port."""
-
-    scheme: str  # ssh | https | http | git | file
-    user: str | None
-    host: str
-    port: int | None
-
-
-# git's own rule (connect.c, url_is_local_not_ssh): without "://", a colon with no
-# slash before it makes an scp-like SSH address — [user@]host:path, the path
-# relative to the login directory or absolute (git@host:/srv/fleet.git).
-_SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>[^@/:]+):(?P<path>.+)$")
-
-
-def token_host(endpoint: Endpoint) -> str:
-    """``host`` or ``host:port`` of ``endpoint``, as ``auth.token_hosts`` names hosts."""
-    host = endpoint.host.lower()
-    return f"{host}:{endpoint.port}" if endpoint.port else host
-
-
 def token_allowed(endpoint: Endpoint, hosts: tuple[str, ...]) -> bool:
     """True when the token may go to ``endpoint``: its ``host:port``, or its host for an
     entry without a port, is in ``hosts`` (``auth.token_hosts``, the primary's host
@@ -101,28 +78,6 @@ def token_allowed(endpoint: Endpoint, hosts: tuple[str, ...]) -> bool:
     URL named by an unverified commit (SPEC §12: a mirror needs no trust)."""
     wanted = {h.lower() for h in hosts}
     return token_host(endpoint) in wanted or endpoint.host.lower() in wanted
-
-
-def parse_remote(url: str) -> Endpoint:
-    """Split ``ssh://user@host:port/path``, ``[user@]host:path`` or an http(s)/git/file URL.
-
-    Which form is which follows git: a URL has ``://`` (or is ``file:``); else
-    a colon with no slash before it is an scp-like SSH address, whether its
-    path is relative or absolute; anything else is a local path (scheme
-    ``file``). Raises ValueError from urlsplit for a bad port.
-    """
-    if "://" in url or url.startswith("file:"):
-        parts = urlsplit(url)
-        return Endpoint(
-            scheme=parts.scheme,
-            user=parts.username,
-            host=parts.hostname or "",
-            port=parts.port,
-        )
-    match = _SCP_LIKE.match(url)
-    if match:
-        return Endpoint(scheme="ssh", user=match.group("user"), host=match.group("host"), port=None)
-    return Endpoint(scheme="file", user=None, host="", port=None)
 
 
 def is_ssh(url: str) -> bool:

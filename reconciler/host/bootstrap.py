@@ -143,7 +143,7 @@ def check_repo(url: str) -> tuple[str, str]:
     bad port, whitespace, and a local path that is not a directory (SPEC §2
     ``repo``: file://, git://, ssh://, https://).
     """
-    from reconciler.git.auth import parse_remote
+    from reconciler.git.url import parse_remote
 
     forms = (
         "give ssh://[user@]host[:port]/path, user@host:path, https://, git://, file:// or a path"
@@ -247,7 +247,8 @@ def generate_deploy_key(path: Path, *, comment: str) -> DeployKey:
 def host_pinned(known_hosts: Path, url: str) -> bool:
     """True when ``known_hosts`` exists and lists a key for the URL's host (and port),
     as the agent looks it up (:func:`reconciler.git.auth.known_host_keys`)."""
-    from reconciler.git.auth import known_host_keys, parse_remote
+    from reconciler.git.auth import known_host_keys
+    from reconciler.git.url import parse_remote
 
     if not known_hosts.is_file():
         return False
@@ -490,7 +491,8 @@ def next_steps(
     again (into /etc/systemd/system, which overrides a package's); then
     enable the boot run and the timer — never done here.
     """
-    from reconciler.git.auth import host_spec, parse_remote
+    from reconciler.git.auth import host_spec
+    from reconciler.git.url import parse_remote
 
     path = request.config_path
     named = "" if path == DEFAULT_CONFIG_PATH else f" --config {shlex.quote(str(path))}"

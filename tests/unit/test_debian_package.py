@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 import tomllib
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from reconciler.config import SCALAR_KEYS, AgentConfig, load_config
@@ -59,6 +59,10 @@ def test_example_config_loads_and_shows_the_defaults() -> None:
             continue
         assert getattr(config, key) == getattr(defaults, key), key
     for section in ("auth", "verify", "report", "backups", "metrics"):
+        if section == "auth":  # the primary's host is always a token host (build_config)
+            assert config.auth.token_hosts == ("git.example.com",)
+            assert replace(config.auth, token_hosts=()) == defaults.auth
+            continue
         assert getattr(config, section) == getattr(defaults, section), section
     # Every top-level key a new operator needs is written out (node is optional).
     written = set(re.findall(r"^([a-z_]+):", example.read_text(), re.MULTILINE))

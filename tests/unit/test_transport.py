@@ -6,8 +6,9 @@ import pygit2
 import pytest
 
 from reconciler.errors import ConfigError
-from reconciler.git.auth import hostkey_layout_supported, parse_remote, require_hostkey_layout
+from reconciler.git.auth import hostkey_layout_supported, require_hostkey_layout
 from reconciler.git.source import remote_url
+from reconciler.git.url import parse_remote
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,56 @@
+"""Remote addresses taken apart as git takes them: scheme, user, host, port.
+
+Its own module, importing nothing of reconciler: the configuration reads the
+primary repository's host (``auth.token_hosts``) and the transport layer
+(:mod:`reconciler.git.auth`) the rest, without an import cycle.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    """An Endpoint is a remote URL taken apart: scheme, user, host, port."""
+
+    scheme: str  # ssh | https | http | git | file
+    user: str | None
+    host: str
+    port: int | None
+
+
+# git's own rule (connect.c, url_is_local_not_ssh): without "://", a colon with no
+# slash before it makes an scp-like SSH address — [user@]host:path, the path
+# relative to the login directory or absolute (git@host:/srv/fleet.git).
+_SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>[^@/:]+):(?P<path>.+)$")
+
+
+def token_host(endpoint: Endpoint) -> str:
+    """``host`` or ``host:port`` of ``endpoint``, as ``auth.token_hosts`` names hosts."""
+    host = endpoint.host.lower()
+    return f"{host}:{endpoint.port}" if endpoint.port else host
+
+
+def parse_remote(url: str) -> Endpoint:
+    """Split ``ssh://user@host:port/path``, ``[user@]host:path`` or an http(s)/git/file URL.
+
+    Which form is which follows git: a URL has ``://`` (or is ``file:``); else
+    a colon with no slash before it is an scp-like SSH address, whether its
+    path is relative or absolute; anything else is a local path (scheme
+    ``file``). Raises ValueError from urlsplit for a bad port.
+    """
+    if "://" in url or url.startswith("file:"):
+        parts = urlsplit(url)
+        return Endpoint(
+            scheme=parts.scheme,
+            user=parts.username,
+            host=parts.hostname or "",
+            port=parts.port,
+        )
+    match = _SCP_LIKE.match(url)
+    if match:
+        return Endpoint(scheme="ssh", user=match.group("user"), host=match.group("host"), port=None)
+    return Endpoint(scheme="file", user=None, host="", port=None)
