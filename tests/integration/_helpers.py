@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from tests.conftest import GIT_ENV, Fleet, Host, git
@@ -263,3 +267,25 @@ def sweep_stopped_runs(
         # Nothing but the node's planned-only packages and services (SPEC §11).
         assert file_changes(reconcile_once(config).report.to_json()) == [], fail_after
     return stopped
+
+
+@contextlib.contextmanager
+def machine_lock(name: str, what: str, timeout: float = 300) -> Iterator[None]:
+    """Hold the machine-wide lock ``name`` (a file in the temp dir) while a test does
+    what two checkouts must not do at once: boot a container in the shared cgroup,
+    install and purge real packages. Raises AssertionError naming ``what`` when
+    another holder keeps it past ``timeout`` seconds."""
+    with open(os.path.join(tempfile.gettempdir(), f"reconciler-test-{name}.lock"), "a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"another {what} held the lock") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -11,20 +11,16 @@ finally with the packages and the group the postinst made.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import grp
 import os
 import subprocess
-import tempfile
 import textwrap
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import GitDaemon, Host, git
+from tests.integration._helpers import machine_lock
 
 pytestmark = [pytest.mark.root]
 
@@ -73,26 +69,6 @@ def _cleanup(source: Path, repo: Path) -> None:
         f.unlink()
 
 
-@contextlib.contextmanager
-def _apt_to_ourselves(timeout: float = 300) -> Iterator[None]:
-    """A machine-wide lock held while the test installs and removes: two checkouts
-    running it at once would install, find and purge each other's packages."""
-    with open(os.path.join(tempfile.gettempdir(), "reconciler-test-apt.lock"), "a") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("another real-apt test held the lock") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _clear_leftovers() -> None:
     """Undo what a run of this test killed before its finally left behind (its
     packages, their group, its apt source): the names are this test's own."""
@@ -108,7 +84,7 @@ def _clear_leftovers() -> None:
 def test_packages_installed_repaired_removed_with_real_apt(
     tmp_path: Path, git_daemon: GitDaemon
 ) -> None:
-    with _apt_to_ourselves():
+    with machine_lock("apt", "real-apt test"):
         _clear_leftovers()
         _packages_installed_repaired_removed(tmp_path, git_daemon)
 

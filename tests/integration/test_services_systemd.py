@@ -27,14 +27,12 @@ to its PID 1.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROJECT, git
+from tests.integration._helpers import machine_lock
 
 pytestmark = [pytest.mark.nspawn, pytest.mark.root]
 
@@ -152,31 +151,11 @@ def _stop(proc: subprocess.Popen[bytes], leader: int | None) -> None:
     proc.wait(timeout=10)
 
 
-@contextlib.contextmanager
-def _one_container_at_a_time(timeout: float = 300) -> Iterator[None]:
-    """A machine-wide lock held while a container lives. With ``--keep-unit`` and no
-    systemd on the machine, nspawn puts the container in ``payload/`` under its
-    caller's cgroup: two at once from the same cgroup would share it, and their
-    systemds would manage one tree (checkouts running this module side by side)."""
-    with open(os.path.join(tempfile.gettempdir(), "reconciler-test-nspawn.lock"), "a") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("another systemd-nspawn test held the lock") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    with _one_container_at_a_time():
+    # With --keep-unit and no systemd on the machine, nspawn puts the container in
+    # payload/ under its caller's cgroup: two at once from one cgroup would share it.
+    with machine_lock("nspawn", "systemd-nspawn test"):
         yield from _container(tmp_path_factory)
 
 
