@@ -35,6 +35,7 @@ from reconciler.pipeline.ensure import (
     ResourceResult,
     enforce_services,
     ensure_packages,
+    reload_steps,
     resolve_pending,
 )
 from reconciler.pipeline.journal import Journal, dest_of, exists, restore_entry, restore_meta
@@ -648,22 +649,7 @@ def _services_held(
     held = [(replace(c, detail=why, offline=False), False) for c in planned if c.kind == "service"]
     if files_changed:  # as enforce_services: a unit to start gets no reload after
         started = {c.name for c in planned if c.kind == "service" and c.action == "start"}
-        held += [
-            (
-                ResourceChange(
-                    kind="service",
-                    name=s.unit,
-                    action=s.on_change,
-                    reason="desired",
-                    app=s.app,
-                    apply=False,
-                    detail=why,
-                ),
-                False,
-            )
-            for s in app.services
-            if s.running and s.on_change != "none" and s.unit not in started
-        ]
+        held += [(c, False) for c in reload_steps(app.services, started, apply=False, detail=why)]
     return held
 
 

@@ -167,27 +167,40 @@ def enforce_services(
     if not files_changed:
         return errors
     live = str(root) == "/"
-    for s in services:
-        if not s.running or s.on_change == "none" or s.unit in started:
-            continue
-        change = ResourceChange(
-            kind="service",
-            name=s.unit,
-            action=s.on_change,
-            reason="desired",
-            app=s.app,
-            apply=live,
-            detail="the app's files changed"
-            if live
-            else "the app's files changed; root is not /: never reloaded",
-            offline=not live,
-        )
+    detail = "the app's files changed" + ("" if live else "; root is not /: never reloaded")
+    for change in reload_steps(services, started, apply=live, detail=detail, offline=not live):
         if not live:
             result.done.append((change, False))
             continue
         ok = _run(system, change, root, errors, scripts, redaction)
         result.done.append((change, ok and not system.dry_run))
     return errors
+
+
+def reload_steps(
+    services: Sequence[ServiceSpec],
+    started: set[str],
+    *,
+    apply: bool,
+    detail: str,
+    offline: bool = False,
+) -> list[ResourceChange]:
+    """The ``on_change`` reload or restart of each running service whose app's files
+    changed, but not of a unit ``started`` this run (starting reads the new files)."""
+    return [
+        ResourceChange(
+            kind="service",
+            name=s.unit,
+            action=s.on_change,
+            reason="desired",
+            app=s.app,
+            apply=apply,
+            detail=detail,
+            offline=offline,
+        )
+        for s in services
+        if s.running and s.on_change != "none" and s.unit not in started
+    ]
 
 
 def _daemon_reload(
