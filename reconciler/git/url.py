@@ -1,6 +1,6 @@
 """Remote addresses taken apart as git takes them: scheme, user, host, port.
 
-Its own module, importing nothing of reconciler: the configuration reads the
+Its own module, importing only :mod:`reconciler.errors`: the configuration reads the
 primary repository's host (``auth.token_hosts``) and the transport layer
 (:mod:`reconciler.git.auth`) the rest, without an import cycle.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from reconciler.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,15 +42,21 @@ def parse_remote(url: str) -> Endpoint:
     Which form is which follows git: a URL has ``://`` (or is ``file:``); else
     a colon with no slash before it is an scp-like SSH address, whether its
     path is relative or absolute; anything else is a local path (scheme
-    ``file``). Raises ValueError from urlsplit for a bad port.
+    ``file``). Raises ConfigError naming the URL for a port urlsplit refuses
+    (``https://host:99999/x``): every caller reaches here from a configured
+    URL, and a ValueError ended the run as an internal error.
     """
     if "://" in url or url.startswith("file:"):
         parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"{url}: {exc}", hint="fix the port in the repository URL") from None
         return Endpoint(
             scheme=parts.scheme,
             user=parts.username,
             host=parts.hostname or "",
-            port=parts.port,
+            port=port,
         )
     match = _SCP_LIKE.match(url)
     if match:

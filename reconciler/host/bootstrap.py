@@ -152,8 +152,8 @@ def check_repo(url: str) -> tuple[str, str]:
         raise UsageError(f"--repo {url!r}: not a repository URL — {forms}")
     try:
         endpoint = parse_remote(url)
-    except ValueError as exc:  # urlsplit's port: ssh://host:99999/x
-        raise UsageError(f"--repo {url}: {exc} — {forms}") from None
+    except ConfigError as exc:  # urlsplit's port: ssh://host:99999/x
+        raise UsageError(f"--repo {exc.problem} — {forms}") from None
     scheme = endpoint.scheme
     if scheme not in SCHEMES:
         raise UsageError(f"--repo {url}: unknown scheme {scheme}:// — {forms}")

@@ -131,3 +131,24 @@ def test_the_token_goes_only_to_the_primarys_host_and_the_hosts_listed(tmp_path)
     raw["auth"]["token_hosts"] = ["mirror.example.org"]
     auth = build_config(raw, where="config.yaml").auth
     assert isinstance(offered("https://mirror.example.org:444/fleet.git"), pygit2.UserPass)
+
+
+def test_a_repository_url_with_a_bad_port_is_one_line_exit_2(tmp_path) -> None:
+    # urlsplit's ValueError ended pull as "internal error: ValueError" (Remote.for_agent).
+    import os
+    import subprocess
+    import sys
+
+    from reconciler.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"https://h:99999/x: Port out of range"):
+        parse_remote("https://h:99999/x")
+    env = {**os.environ, "RECONCILER_CONFIG": "/dev/null"}
+    argv = [sys.executable, "-m", "reconciler", "pull", "--repo", "https://h:99999/x"]
+    argv += ["--node", "n", "--root", str(tmp_path / "root"), "--state-dir", str(tmp_path / "s")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "reconciler: https://h:99999/x: Port out of range 0-65535 — fix the port in the "
+        "repository URL"
+    ]
