@@ -48,16 +48,22 @@ def _stand_in(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def test_journal_lines_of_a_unit_that_failed_to_start_are_redacted(tmp_path, monkeypatch):
+def _failing_systemctl(tmp_path: Path) -> Path:
+    """A bin dir whose systemctl finds nothing to daemon-reload and fails every start."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    # systemctl: nothing to daemon-reload, and the start fails; journalctl: the unit's
-    # last lines, one of them printing a secret value the run decrypted.
     _stand_in(
         bin_dir,
         "systemctl",
         'case "$1" in show) echo no ;; start) echo "Job for x failed." >&2; exit 1 ;; esac',
     )
+    return bin_dir
+
+
+def test_journal_lines_of_a_unit_that_failed_to_start_are_redacted(tmp_path, monkeypatch):
+    # systemctl: nothing to daemon-reload, and the start fails; journalctl: the unit's
+    # last lines, one of them printing a secret value the run decrypted.
+    bin_dir = _failing_systemctl(tmp_path)
     _stand_in(
         bin_dir,
         "journalctl",
@@ -143,13 +149,7 @@ def test_journal_tail_of_a_failed_unit_is_bounded_like_a_scripts(tmp_path, monke
     # journalctl -n 20 counts entries, not lines or bytes: one entry a unit logged
     # (a traceback sent whole, a long JSON line) may be many lines and many KiB. The
     # report's output_tail is "the last 4 KiB (at most 20 lines)" for every entry.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _stand_in(
-        bin_dir,
-        "systemctl",
-        'case "$1" in show) echo no ;; start) echo "Job for x failed." >&2; exit 1 ;; esac',
-    )
+    bin_dir = _failing_systemctl(tmp_path)
     _stand_in(
         bin_dir,
         "journalctl",
