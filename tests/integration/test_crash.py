@@ -50,6 +50,11 @@ from tests.integration._helpers import file_changes, pull_report
 
 FILES = 500
 KILLS = 34
+# Where a kill lands depends on the machine's load. When the 34 kills left a kind of
+# kill point short of its minimum (see Tally.short), up to this many more are made,
+# anchored where the short kind lands, so the coverage asserted below does not
+# hinge on luck (a CI run once got 4 mid-apply kills of the 6 required).
+MAX_KILLS = KILLS + 16
 EXTRA = 3  # paths of each SPEC §9 change kind per round
 CHAIN = 3  # kills in a row before a run is let finish
 BULK_DIR = "templates/bulk/default"
@@ -381,6 +386,16 @@ class Tally:
     def total(self) -> int:
         return sum(len(x) for x in self.buckets())
 
+    def short(self) -> str | None:
+        """The kind of kill point still below the minimum the test asserts, or None."""
+        if len(self.mid_apply) < MIN_MID_APPLY or self.chained < MIN_CHAINED:
+            return "rename"
+        if not self.journal_no_files:
+            return "journal"
+        if len(self.before_journal) < MIN_BEFORE_JOURNAL:
+            return "start"
+        return None
+
     def summary(self) -> str:
         return (
             f"{self.total()} kills ({self.chained} of a recovering run): "
@@ -397,6 +412,9 @@ class Tally:
 
 
 ANCHORS = ("journal", "rename", "link", "prune", "absent")
+MIN_MID_APPLY = 6  # kills that leave files at both versions
+MIN_BEFORE_JOURNAL = 5  # kills before the journal: nothing changed
+MIN_CHAINED = 2  # kills of a run that was recovering a killed one
 KIND_WINDOW = 0.002  # seconds after a SPEC §9 kind's first effect: its others are under way
 
 
@@ -418,17 +436,22 @@ class KillPlan:
         self.n = 0
         self.anchored = 0  # kills anchored on an event (not on the start, not recovering)
 
-    def next(self, *, recovering: bool) -> tuple[str, float, str | None]:
-        """(label, delay, anchor kind); a recovering run is killed in its renames."""
+    def next(self, *, recovering: bool, short: str | None = None) -> tuple[str, float, str | None]:
+        """(label, delay, anchor kind); a recovering run is killed in its renames.
+
+        ``short`` (from Tally.short, once the planned kills are made) asks for a
+        kill where that kind lands: "start" (early in the run), "journal" or "rename"."""
         self.n += 1
         u = (self.n * 0.6180339887) % 1.0
         if recovering:
             return f"rename+{self.burst * u:.4f} (recovering run)", self.burst * u, "rename"
+        if short == "start":
+            return f"t+{0.01 * u:.3f} (extra)", 0.01 * u, None
         if self.sweep:
             delay = self.sweep.pop(0)
             return f"t+{delay:.2f}", delay, None
         self.anchored += 1
-        anchor = ANCHORS[self.anchored % len(ANCHORS)]
+        anchor = short or ANCHORS[self.anchored % len(ANCHORS)]
         if anchor == "journal":
             return f"journal+{self.staging * u:.3f}", self.staging * u, "journal"
         if anchor == "rename":
@@ -463,7 +486,7 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
         os.symlink(f"t0/{j}", fleet.work / BULK_DIR / f"srv/links/l{j}")
         os.symlink("n0", fleet.work / BULK_DIR / f"srv/links/new0-{j}")
     fleet.commit("bulk app, version 0")
-    versions = [fleet.head(), *import_versions(fleet, 1, KILLS + 2)]  # [v]: version v
+    versions = [fleet.head(), *import_versions(fleet, 1, MAX_KILLS + 2)]  # [v]: version v
     host = make_host("bulkhost")
     for j in range(EXTRA):  # what the package installed: the blocks go into it
         host.path(f"/srv/blocks/b{j}.conf").parent.mkdir(parents=True, exist_ok=True)
@@ -483,17 +506,23 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
     journal = host.state_dir / "journal.json"
     journal_log = host.state_dir / "journal.log"
     kills = 0
+
+    def more() -> bool:
+        return kills < KILLS or (kills < MAX_KILLS and tally.short() is not None)
+
     k = 1  # the version on disk before the round
-    while kills < KILLS:
+    while more():
         grow_absent(host, k)
         publish(fleet, versions[k + 1])
         old = list(ORDER)  # files still at version k
         assert extras_old(host, k) == dict.fromkeys(extra_paths(k), EXTRA)
         extras = extra_paths(k)
         chain = 0  # kills in this round that got into the run
-        while kills < KILLS:
+        while more():
             old_before = len(old)
-            label, delay, kind = plan.next(recovering=chain > 0)
+            label, delay, kind = plan.next(
+                recovering=chain > 0, short=tally.short() if kills >= KILLS else None
+            )
             tally.chained += chain > 0
             journal_ino = inode(journal)
             anchor_file = host.path(dest(old[0]))
@@ -595,11 +624,11 @@ def test_kill_9_at_any_point_leaves_old_or_new_files_and_the_next_run_recovers(
     print(tally.summary())
     if tally.state_dir_temp:
         print(f"temp files left in the state dir: {sorted(tally.state_dir_temp)}")
-    assert tally.total() == KILLS
-    assert len(tally.mid_apply) >= 6, tally.summary()
-    assert len(tally.before_journal) >= 5, tally.summary()
+    assert KILLS <= tally.total() <= MAX_KILLS
+    assert len(tally.mid_apply) >= MIN_MID_APPLY, tally.summary()
+    assert len(tally.before_journal) >= MIN_BEFORE_JOURNAL, tally.summary()
     assert tally.journal_no_files, tally.summary()
-    assert tally.chained >= 2, tally.summary()
+    assert tally.chained >= MIN_CHAINED, tally.summary()
 
 
 # Post script of app `owed`: records its pid, waits while the gate file exists,
