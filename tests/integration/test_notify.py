@@ -309,9 +309,13 @@ def test_a_hanging_or_dead_webhook_and_a_dead_ping_do_not_hold_up_or_fail_the_ru
     outputs = {key: proc.communicate(timeout=10) for key, proc in procs.items()}
     assert set(took) == set(procs), f"still running after 60s: {set(procs) - set(took)}"
 
-    assert took["hang"] < 20, f"the run took {took['hang']:.1f}s behind a silent webhook"
-    assert took["dead"] < 15, f"the run took {took['dead']:.1f}s with a closed webhook port"
     assert accepted, "the hanging webhook was never tried"
+    # What the notifications added to the run: the process's time less the run's own
+    # (duration_s ends before the webhook), so a loaded machine does not fail it.
+    # A webhook awaited for good would add minutes: its deadline is 10 s, the ping's 5 s.
+    beyond = {key: took[key] - hosts[key].last_run()["duration_s"] for key in hosts}
+    assert beyond["hang"] < 20, f"{beyond['hang']:.1f}s beyond the run behind a silent webhook"
+    assert beyond["dead"] < 15, f"{beyond['dead']:.1f}s beyond the run with a closed port"
     for key, host in hosts.items():
         stdout, stderr = outputs[key]
         assert procs[key].returncode == 0, (key, stderr)  # drift, no --detailed-exitcode: 0
@@ -344,9 +348,13 @@ def test_a_trickling_webhook_is_cut_at_its_deadline_and_a_trickling_body_is_not_
         (first,) = agent.wait_runs(1, timeout=60)
         took = time.monotonic() - started
         assert first.result == "changed", first.line
-        # 10 s webhook deadline; two pings that waited for their bodies would add 2 × 5 s.
-        assert WEBHOOK_DEADLINE_S <= took < WEBHOOK_DEADLINE_S + 6, (took, agent.context())
         last = host.last_run()
+        # 10 s webhook deadline; two pings that waited for their bodies would add 2 × 5 s.
+        # The run's own time (duration_s ends before the webhook) is taken off, so a
+        # loaded machine's slow run does not fail it.
+        beyond = took - last["duration_s"]
+        assert took >= WEBHOOK_DEADLINE_S, (took, agent.context())
+        assert beyond < WEBHOOK_DEADLINE_S + 6, (took, last["duration_s"], agent.context())
         assert "no complete answer within 10s" in (last.get("webhook_error") or ""), last
         assert fleet.report("web1")["run_id"] == first.run_id  # reported before notifying
         assert sorted(trickler.paths) == ["/body/ping", "/body/ping/start", "/head/hook"]

@@ -456,6 +456,14 @@ def test_validate_names_the_nodes_whose_templates_read_an_age_value_they_cannot_
     )
 
 
+def _ignores(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores ``signum`` (the SigIgn mask of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
 def _wait_for_editor(started: Path, proc: subprocess.Popen[str]) -> None:
     """Wait (20 s at most) until the editor script wrote its file's path to ``started``."""
     deadline = time.monotonic() + 20
@@ -639,6 +647,12 @@ def test_ctrl_c_while_the_editor_runs_is_the_editors(
         text=True,
     )
     _wait_for_editor(started, proc)
+    # The command ignores SIGINT once the editor is started (after the fork, as git
+    # does): wait until the kernel shows it ignored, or a loaded machine sends it early.
+    deadline = time.monotonic() + 20
+    while not _ignores(proc.pid, signal.SIGINT):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     go.touch()
