@@ -11,20 +11,22 @@ to the report branch and pushes it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reconciler.config import AgentConfig
-from reconciler.errors import ApplyError, ReconcilerError
+from reconciler.errors import ApplyError, PathError, ReconcilerError
 from reconciler.git.cache import open_state_repo
 from reconciler.git.remote import Remote, set_net_timeout, tracking_ref
 from reconciler.git.repo import Repo, ref_target
 from reconciler.git.snapshot import GitSnapshot, SourceInfo
 from reconciler.git.source import remote_url
+from reconciler.host.state import LocalState
 from reconciler.host.statedir import StateDir, read_exclude_file
 from reconciler.host.system import RealSystem, ScriptRun, System
 from reconciler.pipeline.facts import gather_facts
@@ -37,7 +39,9 @@ from reconciler.pipeline.record import (
 from reconciler.pipeline.recovery import recover
 from reconciler.pipeline.rollback import RollbackResult, rollback
 from reconciler.pipeline.run import RunOutcome, new_run_id
+from reconciler.pipeline.scan import host_path
 from reconciler.report import build_rollback_report, commit_report
+from reconciler.secrets.redact import Redaction
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +201,7 @@ def _post_scripts(
             run_id=run_id,
             root=root,
             state_dir=state_dir,
+            redaction=_secret_text(config.identity, node.vars, result.state, root, system),
         )
         state_dir.ensure_dir(state_dir.run_dir(run_id).parent)
         try:
@@ -224,3 +229,51 @@ def _post_scripts(
             )
         )
     return runs, errors
+
+
+def _secret_text(
+    identity: str, values: Any, state: LocalState, root: Path, system: System
+) -> Redaction:
+    """The secret text a rollback knows, cut out of its post scripts' output (SPEC §8).
+
+    A rollback renders nothing, so it has none of the plaintexts a run's render
+    decrypted (run.py builds its Redaction from them); it reads back the same
+    two kinds of text: every ``!age`` value of the node's ``values`` (its vars at
+    the commit restored) that the host's ``identity`` opens, and the content of
+    every destination ``state`` records as secret, as the disk holds it after
+    the restore (through the System). A value the identity cannot open (another
+    node's, or no identity at all) is skipped: this host never had its
+    plaintext. Never raises.
+    """
+    from reconciler.errors import SecretError
+    from reconciler.secrets import age
+
+    texts: list[bytes] = []
+    payloads: list[tuple[bytes, str]] = []
+    todo = [values]
+    while todo:  # the vars' tree, for every !age marker in it
+        value = todo.pop()
+        if age.is_age_marker(value):
+            payloads.append(age.marker_parts(value))
+        elif isinstance(value, Mapping):
+            todo.extend(value.values())
+        elif isinstance(value, list | tuple):
+            todo.extend(value)
+    keys: tuple[age.Identity, ...] = ()
+    if payloads:
+        # No identity here: no value was ever opened on this host.
+        with contextlib.suppress(SecretError):
+            keys = (age.load_identity(identity),)
+    if keys:
+        for payload, where in payloads:
+            try:
+                texts.append(age.decrypt(payload, keys, where=where))
+            except SecretError:
+                continue
+    for path, record in state.managed.items():
+        if record.secret:
+            try:
+                texts.append(system.read_bytes(host_path(root, PurePosixPath(path))))
+            except (OSError, PathError):
+                continue  # not restored, or not a regular file now: nothing to read
+    return Redaction.of(texts)

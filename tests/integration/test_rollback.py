@@ -347,3 +347,47 @@ def test_a_post_script_failing_after_a_rollback_fails_it_and_keeps_the_files(fle
     assert [s["exit_code"] for s in report["scripts"]] == [1]
     assert any("10-reload" in e for e in report["errors"]), report["errors"]
     assert all(c["applied"] for c in report["changes"])
+
+
+def test_post_scripts_of_a_rollback_never_report_a_secret(fleet, make_host, tmp_path):
+    """SPEC §8: a rollback's post scripts print what they like, as a run's do — here
+    the password of the file the rollback put back, alone on its line and within the
+    file's text. The rollback's report shows ``<redacted>`` where each was: the `!age`
+    values its identity opens, and every secret file as the rollback left it."""
+    from reconciler.secrets import age
+
+    identity = tmp_path / "rbhost.age"
+    to = [age.parse_recipient(age.keygen(identity), where="rbhost")]
+    config = tmp_path / "rbhost.yaml"
+    config.write_text(f"identity: {identity}\n")
+    old, new = "pw-old-5e2b9d71c4", "pw-new-0a8c3f64d2"
+
+    def password(value: str) -> None:
+        payload = age.encrypt(value.encode(), to).decode().replace("\n", "\n      ")
+        fleet.write(
+            "hosts/rbhost.yaml",
+            f"apps: [vault]\nvars:\n  vault:\n    password: !age |\n      {payload}\n",
+        )
+
+    fleet.write("templates/vault/default/etc/vault/db.conf.j2", "pw={{ vault.password }}\n")
+    fleet.write(
+        "scripts/post/vault/10-check",
+        '#!/bin/sh\nconf="${RECONCILER_ROOT%/}/etc/vault/db.conf"\n'
+        'echo "checking:"\ncat "$conf"\necho "value: $(cut -d= -f2 "$conf")"\n',
+        executable=True,
+    )
+    host = make_host("rbhost")
+    for change in (old, new):
+        password(change)
+        fleet.commit("vault: a password")
+        proc = host.run("pull", "--format", "json", "--config", str(config))
+        assert proc.returncode == 0, proc.stderr
+    assert host.path("/etc/vault/db.conf").read_text() == f"pw={new}\n"
+
+    proc = host.run("rollback", "--format", "json", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert host.path("/etc/vault/db.conf").read_text() == f"pw={old}\n"
+    [check] = json.loads(proc.stdout)["scripts"]
+    assert check["output_tail"] == "checking:\n<redacted>\nvalue: <redacted>"
+    for text in (proc.stdout, proc.stderr, json.dumps(fleet.report("rbhost"))):
+        assert old not in text and new not in text
