@@ -150,7 +150,10 @@ def fetch_report_repositories(up: Upstream, head: str) -> None:
     with it, are all). A repository that cannot be fetched is one warning
     line naming it; the others' reports are read, and its own as last
     fetched, if ever (the partial-failure rule of ``fleet``: exit 0 with a
-    warning, as for an invalid host file). A bad ``reports:`` is one warning
+    warning, as for an invalid host file). When not one of them can be
+    fetched, nothing shown would be current: SourceError, as when the
+    desired-state repository cannot be fetched (``git fetch`` fails too;
+    an operator gets no stale fallback). A bad ``reports:`` is one warning
     too: the desired-state repository's report branches are still read.
     """
     from reconciler.git.reports import fetch_report_shards
@@ -165,6 +168,13 @@ def fetch_report_repositories(up: Upstream, head: str) -> None:
     failed = fetch_report_shards(up.repo, remotes)
     for error in failed.values():
         log.warning("%s — the reports of its nodes are not shown (or as last fetched)", error)
+    if remotes and len(failed) == len(remotes):
+        raise SourceError(
+            f"no report repository could be read ({len(remotes)} in fleet.yaml at {head[:12]}, "
+            f"e.g. {remotes[0].url})",
+            where=up.url,
+            hint="check that the report servers are up and reachable, then run it again",
+        )
     if failed:
         log.warning("%d of %d report repositories could not be read", len(failed), len(remotes))
 

@@ -1,0 +1,45 @@
+"""Sharded reports when things go wrong (SPEC §12, issue 17's review), on a real ``git daemon``.
+
+Every report repository down (``fleet`` must not say all is well), a bad
+``reports:`` in ``fleet.yaml`` (one line, the operator's cache untouched) and
+the agent's rollback whose push cannot even be set up (queued, as a run's).
+The operators' commands run in-process through ``main`` (cheap); the report
+repositories are bare repositories beside the fleet's, or a port nothing
+listens on (127.0.0.1 only).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from reconciler.cli.main import main
+from tests.conftest import Fleet, free_port
+from tests.integration._helpers import assert_clean_error
+
+
+def _fleet(fleet: Fleet, cache: Path) -> tuple[int, str, str]:
+    """``reconciler fleet --format json`` over the fleet, the cache in ``cache``: (code, out, err)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["fleet", "--repo", fleet.url, "--state-dir", str(cache), "--format", "json"]
+    code = main([*argv, "--config", "/dev/null"], out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _reports_in(fleet: Fleet, url: str, shards: int = 1) -> None:
+    fleet.write("fleet.yaml", f"reports:\n  repo: '{url}'\n  shards: {shards}\n")
+    fleet.commit(f"reports in {url}")
+
+
+def test_fleet_fails_when_no_report_repository_can_be_read(fleet, tmp_path):
+    # reports: in a repository of their own that does not answer: nothing the
+    # operator sees would be current, so the command fails as a failed fetch does.
+    down = f"git://127.0.0.1:{free_port()}/reports.git"
+    _reports_in(fleet, down)
+
+    code, out, err = _fleet(fleet, tmp_path / "ops")
+
+    assert code == 1, err
+    assert out == ""
+    lines = assert_clean_error(err, down)
+    assert "no report repository could be read" in lines[-1], lines
