@@ -140,7 +140,7 @@ def enforce_services(
     """
     errors: list[ReconcilerError] = []
     started: set[str] = set()
-    _daemon_reload(services, planned, files_changed, system, root, errors)
+    _daemon_reload(services, planned, files_changed, system, root, errors, redaction)
     for change in planned:
         if change.kind != "service":
             continue
@@ -210,11 +210,15 @@ def _daemon_reload(
     system: System,
     root: Path,
     errors: list[ReconcilerError],
+    redaction: Redaction,
 ) -> None:
     """``systemctl daemon-reload`` before the app's services are acted on, when systemd
     says a unit file of theirs changed on disk (the app's files, a package): else a
     start or restart would run the old definition. On ``/`` only (``--root`` has no
-    running systemd); a failure is an error of the run, and the actions still run."""
+    running systemd); a failure is an error of the run, and the actions still run.
+    The error quotes systemd's last line with the run's secret text cut out by
+    ``redaction`` (SPEC §8): a unit file it cannot parse may be one the run
+    rendered from a secret (``Environment=``)."""
     if str(root) != "/":
         return
     units = {c.name for c in planned if c.kind == "service" and c.apply}
@@ -225,7 +229,7 @@ def _daemon_reload(
     run = system.run_command(DAEMON_RELOAD, env=None, timeout=SERVICE_TIMEOUT_S)
     if not run.ok:
         why = "timed out" if run.timed_out else f"exit {run.exit_code}"
-        last = (run.errors.strip().splitlines() or [why])[-1]
+        last = redaction.apply((run.errors.strip().splitlines() or [why])[-1])
         app = next((c.app for c in planned), None) or next((s.app for s in services), "?")
         errors.append(
             ApplyError(

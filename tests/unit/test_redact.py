@@ -17,7 +17,10 @@ from reconciler.pipeline.ensure import (
     ensure_packages,
 )
 from reconciler.pipeline.packages import ResourceChange, ServiceSpec
+from reconciler.pipeline.render import Decryption, render_target
+from reconciler.secrets import age
 from reconciler.secrets.redact import MARK, Redaction
+from tests.unit.helpers import FACTS, node_of, write_repo
 
 SECRET = "s3cr3t-Pa55-7f1c"
 
@@ -180,3 +183,57 @@ def test_journal_tail_of_a_failed_unit_is_bounded_like_a_scripts(tmp_path, monke
     assert len(lines) <= 20
     assert lines[-1] == "rctest[42]: the end"
     assert all(len(line) == len("rctest[42]: ") + 500 for line in lines[:-1])  # whole lines
+
+
+@pytest.fixture(scope="module")
+def decrypted(tmp_path_factory: pytest.TempPathFactory) -> Redaction:
+    """The Redaction a run builds (pipeline/run.py) from a real render that decrypted
+    SECRET: a ``!age`` value of db1's host file, encrypted to a real age key."""
+    base = tmp_path_factory.mktemp("age")
+    recipient = age.parse_recipient(age.keygen(base / "db1.age"), where="db1")
+    payload = age.encrypt(SECRET.encode(), [recipient]).decode().replace("\n", "\n      ")
+    snap = write_repo(
+        base / "repo",
+        {
+            "hosts/db1.yaml": f"apps: [db]\nvars:\n  db:\n    password: !age |\n      {payload}\n",
+            "templates/db/default/etc/db/pass.conf.j2": "password={{ db.password }}\n",
+        },
+    )
+    target = render_target(
+        snap, node_of(snap, "db1"), FACTS, decryption=Decryption(identity=str(base / "db1.age"))
+    )
+    return Redaction.of(
+        [*target.secret_values, *(f.content for f in target.files.values() if f.secret)]
+    )
+
+
+def test_a_failed_daemon_reload_line_is_redacted(tmp_path, monkeypatch, decrypted):
+    # systemd says a unit file changed (NeedDaemonReload=yes); daemon-reload fails, its
+    # stderr naming what systemd choked on: a unit whose Environment= holds the value.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stand_in(
+        bin_dir,
+        "systemctl",
+        'case "$1" in show) echo yes ;; daemon-reload) '
+        f"echo 'Failed to parse Environment=DB_PASSWORD={SECRET}' >&2; exit 1 ;; esac",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    unit = "rctest-reload.service"
+    change = ResourceChange(
+        kind="service", name=unit, action="start", reason="desired", app="db", apply=True
+    )
+    spec = ServiceSpec(unit=unit, enabled=False, running=True, on_change="none", app="db")
+    errors = enforce_services(
+        [spec],
+        [change],
+        False,
+        RealSystem(root="/"),  # no file is touched: only the stand-in runs
+        Path("/"),
+        ResourceResult(),
+        [],
+        decrypted,
+    )
+    [error] = [str(e) for e in errors if "daemon-reload" in str(e)]
+    assert SECRET not in error
+    assert f"Environment=DB_PASSWORD={MARK}" in error
