@@ -352,8 +352,9 @@ class CommandRun:
 
     ``exit_code``: None when it was not run (dry run) or was killed at its
     timeout; 127 when it could not be executed (``output`` says why);
-    ``output``: its stdout (a query's whole answer) and ``errors`` its
-    stderr's last OUTPUT_TAIL_LINES lines.
+    ``output``: its stdout (a query's whole answer, at most MAX_QUERY_OUTPUT
+    bytes: a longer one fails the run, see :func:`run_command`) and ``errors``
+    its stderr's last OUTPUT_TAIL_LINES lines.
     """
 
     argv: tuple[str, ...]
@@ -370,41 +371,86 @@ class CommandRun:
 
 
 # A query's answer is read whole (dpkg-query of a few thousand packages: ~100 KB);
-# past this it is a host tool gone wrong, not an answer.
+# past this it is a host tool gone wrong, not an answer: never read further.
 MAX_QUERY_OUTPUT = 64 << 20
+# Of stderr only the last lines are shown: this much of its end is kept to find them.
+_ERRORS_KEPT = 16 * OUTPUT_TAIL_BYTES
+# One read of a command's pipe: os.read allocates this much before it shrinks.
+_PIPE_READ = 1 << 16
 
 
-def run_command(argv: tuple[str, ...], *, env: dict[str, str] | None, timeout: float) -> CommandRun:
-    """Run ``argv`` (never a shell), stdin closed, for at most ``timeout`` seconds."""
+def run_command(
+    argv: tuple[str, ...],
+    *,
+    env: dict[str, str] | None,
+    timeout: float,
+    most: int = MAX_QUERY_OUTPUT,
+) -> CommandRun:
+    """Run ``argv`` (never a shell), stdin closed, for at most ``timeout`` seconds.
+
+    Memory stays bounded whatever the tool prints: at most ``most`` + 1 bytes
+    of stdout are read (one more tells an answer of exactly ``most`` bytes from
+    a longer one) and the last ``_ERRORS_KEPT`` bytes of stderr. A tool that
+    prints more than ``most`` bytes is killed, as at its timeout, and its run
+    fails (``exit_code`` -9 whenever it ended, the reason as the last line of
+    ``errors``): a cut answer (half of dpkg's package list) must never read as
+    a whole one.
+    """
     started = time.monotonic()
+    deadline = started + timeout
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             argv,
             env=env,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
     except FileNotFoundError as exc:
         return CommandRun(argv=argv, exit_code=127, output="", errors=f"{exc.strerror}: {argv[0]}")
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stderr or b"").decode("utf-8", "replace")
-        return CommandRun(
-            argv=argv,
-            exit_code=None,
-            output="",
-            errors="\n".join(tail.splitlines()[-OUTPUT_TAIL_LINES:]),
-            duration_s=round(time.monotonic() - started, 3),
-            timed_out=True,
-        )
-    stderr = proc.stderr.decode("utf-8", "replace")
+    out, err = bytearray(), bytearray()
+    stopped: str | None = None  # why it was killed: None, "timeout" or "output"
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc, selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, out)
+        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        while sel.get_map() and stopped is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                stopped = "timeout"
+                break
+            for key, _ in sel.select(left):
+                buf: bytearray = key.data
+                want = min(_PIPE_READ, most + 1 - len(out)) if buf is out else _PIPE_READ
+                chunk = os.read(key.fd, want)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                buf += chunk
+                if buf is err and len(err) > _ERRORS_KEPT:
+                    del err[:-_ERRORS_KEPT]
+                if len(out) > most:
+                    stopped = "output"
+                    break
+        if stopped is None:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stopped = "timeout"
+        if stopped is not None:
+            proc.kill()
+            proc.wait()
+    lines = err.decode("utf-8", "replace").splitlines()
+    if stopped == "output":
+        lines.append(f"printed more than {most} bytes on stdout: stopped, not read further")
     return CommandRun(
         argv=argv,
-        exit_code=proc.returncode,
-        output=proc.stdout[:MAX_QUERY_OUTPUT].decode("utf-8", "replace"),
-        errors="\n".join(stderr.splitlines()[-OUTPUT_TAIL_LINES:]),
+        # Killed at the cap: failed, even when it had exited by the time of the kill.
+        exit_code={"timeout": None, "output": -signal.SIGKILL}.get(stopped or "", proc.returncode),
+        output="" if stopped else out.decode("utf-8", "replace"),
+        errors="\n".join(lines[-OUTPUT_TAIL_LINES:]),
         duration_s=round(time.monotonic() - started, 3),
+        timed_out=stopped == "timeout",
     )
 
 

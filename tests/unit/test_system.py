@@ -19,11 +19,13 @@ import pytest
 
 from reconciler.errors import PathError, UnsafePathError
 from reconciler.host.system import (
+    MAX_QUERY_OUTPUT,
     DryRunSystem,
     FaultInjected,
     FaultySystem,
     RealSystem,
     atomic_write,
+    run_command,
 )
 from tests.conftest import tree_snapshot
 
@@ -707,3 +709,30 @@ def test_make_dirs_makes_a_missing_root_too(tmp_path):
     with RealSystem(root=root) as system:
         assert system.make_dirs(root / "etc" / "app") == [root / "etc", root / "etc" / "app"]
     assert (root / "etc" / "app").is_dir()
+
+
+def test_a_command_printing_more_than_the_cap_is_stopped_there_not_read_whole():
+    # 64 MiB + 1 bytes, then the tool hangs on: the answer is past the cap, so it is
+    # killed at once (not read to its end, nor waited for until the timeout), and the
+    # run fails — a cut answer must never read as a whole one.
+    argv = ("sh", "-c", f"head -c {MAX_QUERY_OUTPUT + 1} /dev/zero; exec sleep 30")
+    run = run_command(argv, env=None, timeout=20)
+    assert not run.timed_out and run.exit_code == -signal.SIGKILL and not run.ok
+    assert run.output == ""
+    assert run.errors.splitlines()[-1].startswith(f"printed more than {MAX_QUERY_OUTPUT} bytes")
+    assert run.duration_s < 5
+
+
+@pytest.mark.parametrize(("size", "ok"), [(4096, True), (4097, False), (16 << 20, False)])
+def test_a_commands_stdout_is_read_up_to_its_cap_plus_one_byte(size, ok):
+    # Exactly the cap is an answer; one byte more is not. Memory stays near the cap
+    # (tracemalloc sees the buffers), not the 16 MiB printed.
+    tracemalloc.start()
+    try:
+        run = run_command(("head", "-c", str(size), "/dev/zero"), env=None, timeout=20, most=4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert run.ok is ok
+    assert run.output == ("\0" * size if ok else "")
+    assert peak < 1 << 20
