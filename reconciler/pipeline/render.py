@@ -1538,6 +1538,7 @@ def render_target(
     rendered: dict[PurePosixPath, bytes] = {}
     every = jobs
     cache: dict[str, Any] = {} if analyses is None else analyses
+    memo: dict[str, Any] = {}  # shared by both passes: the second computes only unknowns
 
     def make_keys(parse: bool) -> dict[PurePosixPath, str | None]:
         from reconciler import __version__
@@ -1551,6 +1552,7 @@ def render_target(
             fleet=job.fleet,
             version=__version__,
             parse=parse,
+            memo=memo,
         )
         for dest, jinja in settings.items():
             # Its app's Jinja2 settings shape its output too (SPEC §10): a change of

@@ -249,6 +249,20 @@ def test_the_analysis_is_cached_by_blob_and_trusted(tmp_path):
     assert blob not in repo.analyses and len(repo.analyses) == 1
 
 
+def test_a_changed_template_keys_the_rest_as_a_cold_render_would_and_keeps_the_cache(tmp_path):
+    # A new blob is unknown to the cache: the render computes keys in two passes
+    # (the second after the render parsed it), the second reusing the first's.
+    templates = {f"{APP}/t{i}.conf.j2": f"{{{{ port }}}} {i} {{{{ name }}}}\n" for i in range(6)}
+    repo = Repo(tmp_path / "r")
+    repo.step({"hosts/n.yaml": HOST, **templates})
+    assert repo.step({f"{APP}/t3.conf.j2": "{{ other }} changed\n"}) == {"/etc/web/t3.conf"}
+    assert len(repo.analyses) == 6  # no template's analysis was dropped
+    cold = Repo(tmp_path / "cold")
+    cold.step({"hosts/n.yaml": HOST, **templates, f"{APP}/t3.conf.j2": "{{ other }} changed\n"})
+    assert repo.keys == cold.keys and all(repo.keys.values())
+    assert repo.step({"hosts/n.yaml": HOST.replace("other: 1", "other: 2")}) == {"/etc/web/t3.conf"}
+
+
 def test_the_render_fills_the_cache_and_a_compiled_template_is_parsed_once(tmp_path):
     repo = Repo(tmp_path / "r")
     snap = repo.commit({"hosts/n.yaml": HOST, f"{APP}/port.conf.j2": "{{ port }}\n"})
