@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,9 +50,13 @@ log = logging.getLogger(__name__)
 MARKER_WALK = 1000
 
 
-def rollout_of(snapshot: Snapshot, inventory: Inventory) -> tuple[Rollout, dict[str, int]] | None:
+def rollout_of(
+    snapshot: Snapshot, inventory: Inventory | Callable[[], Inventory]
+) -> tuple[Rollout, dict[str, int]] | None:
     """The rollout of a tree and each node's wave index; None when ``fleet.yaml`` sets none.
 
+    ``inventory``: the tree's, or what loads it — called only when there is a
+    rollout (a fleet without one, most of them, never loads every host file for it).
     Raises InventoryError naming ``fleet.yaml`` (bad ``rollout:``, a wave naming
     an unknown node or meta-node, an empty wave): ``validate`` shows it, the
     host holds the commit and fails the run.
@@ -63,6 +67,8 @@ def rollout_of(snapshot: Snapshot, inventory: Inventory) -> tuple[Rollout, dict[
     rollout = load_rollout(fleet, where=FLEET_FILE)
     if rollout is None:
         return None
+    if callable(inventory):
+        inventory = inventory()
     check_rollout(rollout, inventory.files, where=FLEET_FILE)
     return rollout, assign_waves(rollout, inventory.nodes, inventory.members, where=FLEET_FILE)
 
@@ -90,7 +96,7 @@ def check_admission(
     remote: Remote,
     *,
     now: float | None = None,
-    inventory_cache: dict[str, Any] | None = None,
+    inventory_cache: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
 ) -> AdmissionCheck:
     """Whether this host (``config.node``) applies ``commit`` now, or keeps ``previous``.
 
@@ -106,7 +112,10 @@ def check_admission(
     ``rollout:`` or ``hosts/`` invalid: the caller changes nothing, SPEC §4).
     ``inventory_cache``: the state directory's checked host files by blob id
     (``StateDir.read_inventory_cache``): with it only the host files C changed
-    are parsed again (1,000 canaries: the check's cost is otherwise theirs).
+    are parsed again (1,000 canaries: the check's cost is otherwise theirs);
+    or what reads it, called only when C has a rollout: without one the check
+    reads ``fleet.yaml`` alone (at 10,000 nodes, loading the inventory and its
+    cache cost every change run of a fleet without a rollout; issue 19).
     """
     from reconciler.git.rollout import fetch_rollout_refs, fetched_reports
     from reconciler.git.shards import SHARD, reports_location
@@ -136,7 +145,11 @@ def check_admission(
         snapshot = GitSnapshot(
             repo, commit, SourceInfo(url=remote.url, branch=config.branch, commit=commit)
         )
-        inventory = load_inventory(snapshot, inventory_cache)
+
+        def inventory() -> Inventory:
+            cache = inventory_cache() if callable(inventory_cache) else inventory_cache
+            return load_inventory(snapshot, cache)
+
         found = rollout_of(snapshot, inventory)
         if found is None:
             return AdmissionCheck(commit=commit, duration_ms=elapsed())

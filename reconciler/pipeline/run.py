@@ -459,7 +459,7 @@ def _admission(
         applied,
         setting.config,
         setting.remote,
-        inventory_cache=setting.state_dir.read_inventory_cache(),
+        inventory_cache=setting.state_dir.read_inventory_cache,
     )
     if checked.error is not None and not isinstance(checked.error, SourceError):
         raise checked.error
