@@ -74,6 +74,9 @@ class JournalEntry:
     block: str = ""
 
 
+_ENTRY_FIELDS = fields(JournalEntry)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
     """A Manifest is the journal of one run or rollback: its entries and where it came from.
@@ -97,8 +100,20 @@ class Manifest:
     hold: bool = False  # kind rollback: hold the commit afterwards
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        return json.dumps(data, indent=1).encode()
+        """The manifest as JSON (:meth:`from_json` reads it): one entry per line.
+
+        Encoded by ``json``'s C encoder, entry by entry: ``indent=`` makes
+        ``json`` fall back to its pure-Python encoder, and ``asdict`` deep-copies
+        every value — 139 ms for 2,000 entries, twice per cold run (begin and
+        archive), against 19 ms this way (issue 19). One line per entry keeps
+        the journal readable with grep and less.
+        """
+        head = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "entries"}
+        lines = [
+            json.dumps({f.name: getattr(e, f.name) for f in _ENTRY_FIELDS}) for e in self.entries
+        ]
+        body = "\n" + ",\n".join(lines) + "\n" if lines else ""
+        return f'{json.dumps(head)[:-1]}, "entries": [{body}]}}\n'.encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:

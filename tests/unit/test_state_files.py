@@ -18,6 +18,7 @@ truncated, binary garbage, a directory in its place) and runs ``pull`` twice:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -388,3 +389,45 @@ def test_status_names_a_broken_record_in_one_line(base, case, name, kind):
     code = main(["status", "--node", "h1", "--state-dir", str(case.state)], io.StringIO(), err)
     lines = assert_clean(err.getvalue())
     assert code == 1 and len(lines) == 1 and str(case.sd.path / name) in lines[0], lines
+
+
+def test_a_manifest_round_trips_with_one_entry_per_line():
+    """journal.json is written entry by entry by json's C encoder (issue 19): every
+    field, a path with a newline, quotes and non-ASCII, reads back the same, and
+    each entry is one line of the file (grep finds a path's entry)."""
+    entries = tuple(
+        JournalEntry(
+            path=f'/etc/odd\n"name"-é-{i}',
+            action="update",
+            app="two",
+            before="file",
+            mode=0o600,
+            uid=0,
+            gid=0,
+            new_sha256="ab" * 32,
+            new_mode=0o644,
+            record={"sha256": "cd" * 32, "size": 3, "app": "two", "render_key": ""},
+            owner="root",
+            secret=True,
+            policy="enforce",
+            block="# BEGIN x",
+        )
+        for i in range(3)
+    )
+    manifest = Manifest(
+        run_id="20261130T000000.000Z-dead",
+        kind="run",
+        commit="c" * 40,
+        previous_commit=None,
+        entries=entries,
+        created_dirs=("/etc/odd",),
+    )
+    raw = manifest.to_json()
+    assert Manifest.from_json(raw) == manifest
+    lines = raw.decode().splitlines()
+    assert len(lines) == 2 + len(entries)
+    assert [json.loads(line.rstrip(","))["path"] for line in lines[1:-1]] == [
+        e.path for e in entries
+    ]
+    empty = dataclasses.replace(manifest, entries=())
+    assert Manifest.from_json(empty.to_json()) == empty
