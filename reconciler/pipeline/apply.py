@@ -760,10 +760,11 @@ def _new_records(
                 managed[key] = old
             continue
         a = actual.get(path)
-        t_sha = sha256(t.content)
         if key in result.records:
             managed[key] = result.records[key]
         elif path not in planned and a is not None and a.kind == _kind(t):
+            # Hashed only here: a written path's record has its sha256 already.
+            t_sha = sha256(t.content)
             if a.sha256 == t_sha and (t.link is not None or a.mode == t.mode):
                 managed[key] = ManagedFile(
                     sha256=t_sha,
@@ -789,8 +790,10 @@ def _new_records(
         elif old is not None:
             managed[key] = old
     for key, old in previous.managed.items():
+        if key in managed:
+            continue  # most of them: tested before a path is made of each key
         path = PurePosixPath(key)
-        if path in target.files or path in excluded or key in managed:
+        if path in target.files or path in excluded:
             continue
         change = planned.get(path)
         if change is not None and path not in result.applied:
