@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.config import AuthConfig
-from reconciler.errors import InventoryError, ReconcilerError, RemoteError, SourceError, UsageError
+from reconciler.errors import (
+    ConfigError,
+    InventoryError,
+    ReconcilerError,
+    RemoteError,
+    SourceError,
+    UsageError,
+)
 from reconciler.git.remote import Remote, fetch, tracking_ref
 from reconciler.git.repo import Repo, ahead_count, open_bare, ref_target
 from reconciler.git.reports import REPORTS_PREFIX, report_json, report_tips
@@ -153,18 +160,25 @@ def fetch_report_repositories(up: Upstream, head: str) -> None:
     warning, as for an invalid host file). When not one of them can be
     fetched, nothing shown would be current: SourceError, as when the
     desired-state repository cannot be fetched (``git fetch`` fails too;
-    an operator gets no stale fallback). A bad ``reports:`` is one warning
-    too: the desired-state repository's report branches are still read.
+    an operator gets no stale fallback). A bad ``reports:`` (a wrong value
+    or type, a URL git cannot use) is an InventoryError naming ``fleet.yaml``,
+    raised before anything is fetched or pruned: bad input changes nothing,
+    and the cache of every report repository stays as last fetched.
     """
     from reconciler.git.reports import fetch_report_shards
     from reconciler.pipeline.jinja_settings import fleet_reports
 
+    where = fleet_reports(up.snapshot(head), None)  # InventoryError naming fleet.yaml
     try:
-        where = fleet_reports(up.snapshot(head), None)
         remotes = [Remote.for_operator(remote_url(url), up.remote.auth) for url in where.urls()]
-    except ReconcilerError as exc:
-        log.warning("%s — reading the report branches of %s alone", exc, up.url)
-        remotes = []
+    except ConfigError as exc:  # its URL (scheme, port) or what it needs to reach it
+        raise InventoryError(
+            f"reports.repo: {exc}",
+            where="fleet.yaml",
+            hint="correct reports: (the cached reports are kept as last fetched)",
+        ) from exc
+    # Only now, with every location known good: fetch_report_shards prunes the refs of
+    # report repositories fleet.yaml no longer names.
     failed = fetch_report_shards(up.repo, remotes)
     for error in failed.values():
         log.warning("%s — the reports of its nodes are not shown (or as last fetched)", error)

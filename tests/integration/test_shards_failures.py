@@ -14,7 +14,10 @@ import io
 from pathlib import Path
 
 from reconciler.cli.main import main
-from tests.conftest import Fleet, free_port
+from reconciler.config import AuthConfig
+from reconciler.git.reports import SHARDS_NS
+from reconciler.ops.fleet import fetch_upstream, open_upstream
+from tests.conftest import Fleet, free_port, git
 from tests.integration._helpers import assert_clean_error
 
 
@@ -31,6 +34,11 @@ def _reports_in(fleet: Fleet, url: str, shards: int = 1) -> None:
     fleet.commit(f"reports in {url}")
 
 
+def _shard_refs(cache: Path) -> dict[str, str]:
+    out = git("for-each-ref", "--format=%(refname) %(objectname)", SHARDS_NS, cwd=cache)
+    return dict(line.split() for line in out.splitlines())
+
+
 def test_fleet_fails_when_no_report_repository_can_be_read(fleet, tmp_path):
     # reports: in a repository of their own that does not answer: nothing the
     # operator sees would be current, so the command fails as a failed fetch does.
@@ -43,3 +51,28 @@ def test_fleet_fails_when_no_report_repository_can_be_read(fleet, tmp_path):
     assert out == ""
     lines = assert_clean_error(err, down)
     assert "no report repository could be read" in lines[-1], lines
+
+
+def test_a_bad_reports_value_fails_in_one_line_and_keeps_the_cached_shards(fleet, tmp_path):
+    reports = fleet.daemon.base / (fleet.name.removesuffix(".git") + "-reports.git")
+    git("init", "-q", "--bare", str(reports))
+    git("push", "-q", str(reports), f"{fleet.head()}:refs/heads/reports/web1", cwd=fleet.work)
+    _reports_in(fleet, fleet.daemon.url(reports.name))
+    cache = tmp_path / "ops"
+    up = open_upstream(fleet.url, "main", str(cache), AuthConfig())
+    fetch_upstream(up)
+    cached = _shard_refs(cache / "operator.git")
+    assert [name.rsplit("/", 1)[1] for name in cached] == ["web1"], cached
+
+    for bad in (
+        "reports:\n  repo: 'git://h/r-{shard}.git'\n  shards: 3\n",  # not 1, 16 or 256
+        "reports: [git://h/r.git]\n",  # a list where a mapping goes
+        "reports:\n  repo: 'ftp://h/reports.git'\n",  # a scheme git cannot use here
+    ):
+        fleet.write("fleet.yaml", bad)
+        fleet.commit("a bad reports:")
+        code, out, err = _fleet(fleet, cache)
+        assert _shard_refs(cache / "operator.git") == cached, (bad, err)
+        assert code != 0 and out == "", (bad, err)
+        lines = assert_clean_error(err, "fleet.yaml")
+        assert len(lines) == 1, (bad, lines)
