@@ -109,10 +109,17 @@ def push_reports(repo: Repo, remote: Remote, node: str) -> tuple[bool, str | Non
     try:
         git_push_reports(repo, remote, node)
     except ReconcilerError as exc:
-        error = f"{exc} — the report stays queued and is pushed next run"
-        log.warning("%s", error)
-        return False, error
+        return queued(exc)
     return True, None
+
+
+def queued(exc: ReconcilerError) -> tuple[bool, str]:
+    """(pushed, the error text) of a push that could not happen because of ``exc``
+    (unreachable, refused, or not even set up: auth, URL), said once as a warning;
+    the commits stay queued on the local branch (SPEC §5) for the next run."""
+    error = f"{exc} — the report stays queued and is pushed next run"
+    log.warning("%s", error)
+    return False, error
 
 
 DEFAULT_LOCATION = "."  # reports-location.json: the desired-state repository itself
@@ -262,9 +269,7 @@ def push_to_target(repo: Repo, target: ReportsTarget, node: str) -> tuple[bool, 
     from reconciler.git.reports import fetch_report_tip, report_parent
 
     if target.error is not None:
-        error = f"{target.error} — the report stays queued and is pushed next run"
-        log.warning("%s", error)
-        return False, error
+        return queued(target.error)
     if not (target.fetched or target.fetch_first):
         return False, None  # the server's tip is unknown this run (offline, a mirror served)
     if target.fetch_first:
@@ -277,9 +282,7 @@ def push_to_target(repo: Repo, target: ReportsTarget, node: str) -> tuple[bool, 
             notice_lost_reports(repo, node, now=int(dt.datetime.now(dt.UTC).timestamp()))
             report_parent(repo, node)  # replays the queue on a moved tip
         except ReconcilerError as exc:
-            error = f"{exc} — the report stays queued and is pushed next run"
-            log.warning("%s", error)
-            return False, error
+            return queued(exc)
     return push_reports(repo, target.remote, node)
 
 

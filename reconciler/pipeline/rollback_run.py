@@ -34,6 +34,7 @@ from reconciler.pipeline.record import (
     DEFAULT_LOCATION,
     after_run,
     push_reports,
+    queued,
     recorded_location,
 )
 from reconciler.pipeline.recovery import recover
@@ -142,10 +143,14 @@ def rollback_once(
         # record is settled by the next pull, which pushes this report then.
         location = recorded_location(state_dir)
         if config.report.push and url and rebuilt is None and location is not None:
-            remote = Remote.for_agent(
-                url if location == DEFAULT_LOCATION else location, config.auth
-            )
-            pushed, push_error = push_reports(repo, remote, config.node)
+            try:  # auth checked as a run's push is (record.reports_target): queued if unusable
+                remote = Remote.for_agent(
+                    url if location == DEFAULT_LOCATION else location, config.auth
+                )
+            except ReconcilerError as exc:
+                pushed, push_error = queued(exc)
+            else:
+                pushed, push_error = push_reports(repo, remote, config.node)
         elif config.report.push and url:
             pushed = False  # rebuilt: the next pull fetches the server's branch, then pushes
         outcome = RunOutcome(

@@ -14,9 +14,10 @@ import io
 from pathlib import Path
 
 from reconciler.cli.main import main
-from reconciler.config import AuthConfig
+from reconciler.config import AgentConfig, AuthConfig
 from reconciler.git.reports import SHARDS_NS
 from reconciler.ops.fleet import fetch_upstream, open_upstream
+from reconciler.pipeline.rollback_run import rollback_once
 from tests.conftest import Fleet, free_port, git
 from tests.integration._helpers import assert_clean_error
 
@@ -76,3 +77,33 @@ def test_a_bad_reports_value_fails_in_one_line_and_keeps_the_cached_shards(fleet
         assert code != 0 and out == "", (bad, err)
         lines = assert_clean_error(err, "fleet.yaml")
         assert len(lines) == 1, (bad, lines)
+
+
+def test_a_rollback_whose_push_cannot_be_set_up_queues_its_report(fleet, make_host, tmp_path):
+    # The report's push after a rollback is set up (auth checked) like a run's: an
+    # unusable auth setting is the push's error, the report queued — not an error
+    # of the whole rollback, whose restore is done and must be reported.
+    host = make_host("web1")
+    assert host.pull().returncode == 0
+    pushed = fleet.report_log("web1")
+    config = AgentConfig(
+        repo=host.url,
+        node=host.node,
+        root=str(host.root),
+        state_dir=str(host.state_dir),
+        exclude_file=str(host.exclude_file),
+        auth=AuthConfig(ca_file=str(tmp_path / "no-such-ca.pem")),
+    )
+
+    outcome = rollback_once(config, None)
+
+    assert outcome.pushed is False
+    assert outcome.push_error is not None and "no-such-ca.pem" in outcome.push_error
+    assert "queued" in outcome.push_error
+    last = host.last_run()
+    assert last["pushed"] is False and last["queued"] == 1, last
+    assert fleet.report_log("web1") == pushed  # nothing reached the server
+    # The next run, with a usable setting, pushes it: no report lost.
+    assert host.pull().returncode == 0
+    assert fleet.report_log("web1")[1:] and len(fleet.report_log("web1")) >= len(pushed) + 1
+    assert host.last_run()["queued"] == 0
