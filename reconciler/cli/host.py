@@ -34,7 +34,7 @@ from reconciler.cli.flags import (
     operator_facts_dir,
     render_limits,
 )
-from reconciler.cli.output import emit_json, error_line
+from reconciler.cli.output import emit_json, error_line, visible
 from reconciler.config import config_from_args
 from reconciler.errors import PathError, ReconcilerError, UsageError
 
@@ -647,39 +647,42 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # As pull says it: "0 changed" alone read as "nothing to do" when the run planned
     # packages it could not install (a root other than /, audit, a failure; SPEC §11).
     pending = f", {counts.pending} not applied" if counts.pending else ""
-    out.write(
-        f"node:       {report.node}\n"
-        f"last run:   {report.finished_at} ({report.run_id})\n"
+    lines = [
+        f"node:       {report.node}",
+        f"last run:   {report.finished_at} ({report.run_id})",
         f"result:     {report.result} ({counts.changed} changed{pending}, "
-        f"{counts.drifted} drifted{recovered})\n"
+        f"{counts.drifted} drifted{recovered})",
         f"source:     {report.source.url} {report.source.branch} "
         f"{(report.source.commit or 'none')[:12]}"
         f"{'' if report.source.fetched else ' (not fetched)'}"
-        f"{_served_by(report.source)}\n"
-        f"applied:    {(report.applied_commit or 'none')[:12]}\n"
+        f"{_served_by(report.source)}",
+        f"applied:    {(report.applied_commit or 'none')[:12]}",
         f"report:     {(last.report_commit or 'unchanged')[:12]}"
-        f"{' (push pending)' if last.pushed is False else ''}\n"
-    )
+        f"{' (push pending)' if last.pushed is False else ''}",
+    ]
     for label, steps in resource_steps(report.changes):  # SPEC §11, as fleet lists them
-        out.write(f"{label + ':':<12}{steps}\n")
+        lines.append(f"{label + ':':<12}{steps}")
     queued = last.queued
     if queued:
-        out.write(f"queued:     {queued} report commit(s) waiting to be pushed\n")
+        lines.append(f"queued:     {queued} report commit(s) waiting to be pushed")
     if agent:
-        out.write(f"next run:   {agent['next_run_at']} (agent pid {agent['pid']})\n")
+        lines.append(f"next run:   {agent['next_run_at']} (agent pid {agent['pid']})")
     elif stale is not None:
-        out.write(
+        lines.append(
             f"next run:   none, agent not running (pid {stale.get('pid')} in agent.json "
-            "is gone) — start reconciler run or the timer\n"
+            "is gone) — start reconciler run or the timer"
         )
     else:
-        out.write("next run:   no agent running (reconciler run / the timer)\n")
+        lines.append("next run:   no agent running (reconciler run / the timer)")
     if report.rollout:
-        out.write(f"rollout:    {rollout_note(report.rollout)}\n")
+        lines.append(f"rollout:    {rollout_note(report.rollout)}")
     if report.history_lost:
-        out.write(f"warning:    {_history_lost(report.node, report.history_lost)}\n")
+        lines.append(f"warning:    {_history_lost(report.node, report.history_lost)}")
     for error in report.errors:
-        out.write(f"error:      {error}\n")
+        lines.append(f"error:      {error}")
+    # What a run recorded may quote a server or a script (errors, package names): one line
+    # each, controls shown, as the operators' commands show a report (cli/output.py).
+    out.writelines(visible(line) + "\n" for line in lines)
     return 0
 
 

@@ -52,7 +52,7 @@ from reconciler.cli.flags import (
     operator_facts_dir,
     render_limits,
 )
-from reconciler.cli.output import emit_json
+from reconciler.cli.output import emit_json, visible
 from reconciler.config import config_from_args
 from reconciler.errors import ReconcilerError, UsageError
 
@@ -178,7 +178,7 @@ def _fleet_rollout(args: argparse.Namespace, up: Any, head: str, err: TextIO) ->
         _, control = _control(args, up, head)
         return rollout_status(up, head, now=_now(), control=control)
     except ReconcilerError as exc:
-        err.write(f"reconciler: warning: rollout at {head[:12]} not shown: {exc}\n")
+        err.write(f"reconciler: warning: rollout at {head[:12]} not shown: {visible(str(exc))}\n")
         return None
 
 
@@ -372,17 +372,18 @@ def cmd_adopt(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out,
         )
         return 0
-    out.write(a.diff)
+    out.write(visible(a.diff, multiline=True))  # the host's captured file
     where = "pushed" if a.pushed else "committed in the cache, not pushed"
-    out.write(f"{a.node}: {a.path} from run {a.run_id} → {a.written}\n")
+    lines = [f"{a.node}: {a.path} from run {a.run_id} → {a.written}"]
     if a.written != a.template:
-        out.write(
+        lines.append(
             f"  {a.template} is a template: merge the differences above into it by hand and "
-            f"delete {a.written} before merging\n"
+            f"delete {a.written} before merging"
         )
     else:
-        out.write(f"  rendered by: {', '.join(a.users) or a.node}\n")
-    out.write(f"branch {a.branch} at {a.commit}: {where}\n")
+        lines.append(f"  rendered by: {', '.join(a.users) or a.node}")
+    lines.append(f"branch {a.branch} at {a.commit}: {where}")
+    out.writelines(visible(line) + "\n" for line in lines)
     return 0
 
 
@@ -409,7 +410,7 @@ def cmd_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 where=f"forget {args.target}",
                 hint="pass --yes to delete it",
             )
-        err.write(f"forget {args.target}: deletes {plan.describe()} on {up.url}\n")
+        err.write(visible(f"forget {args.target}: deletes {plan.describe()} on {up.url}") + "\n")
         err.write("Delete it? [y/N] ")
         err.flush()
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
@@ -419,7 +420,7 @@ def cmd_forget(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.format == "json":
         _emit(done.as_json(), out)
     else:
-        out.write(f"forget {args.target}: deleted {done.describe()} on {up.url}\n")
+        out.write(visible(f"forget {args.target}: deleted {done.describe()} on {up.url}") + "\n")
     return 0
 
 
@@ -649,8 +650,12 @@ def cmd_trigger(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             code = "" if r.exit_code in (0, None) else f" exit {r.exit_code}"
             where = r.node if r.host == r.node else f"{r.node} ({r.host})"
             last = r.output_tail.splitlines()[-1] if r.output_tail else ""
+            # The host's own output: shown, never acted on by the operator's terminal.
             live.write(
-                f"{where}: {state}{code} in {r.duration_s:.1f}s{' — ' + last if last else ''}\n"
+                visible(
+                    f"{where}: {state}{code} in {r.duration_s:.1f}s{' — ' + last if last else ''}"
+                )
+                + "\n"
             )
             live.flush()
     failed = [r for r in results if not r.ok]
@@ -775,11 +780,11 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     total = len(impacted) + len(unchanged) + len(source_only)
     out.write(f"impact of {label}: {len(impacted)} of {total} nodes change\n")
     # On stderr, as notes: stdout is the impact itself, which reviewers and scripts read.
-    err.writelines(f"{line}\n" for line in said)
+    err.writelines(f"{visible(line)}\n" for line in said)  # facts from a host's report
     symbol = {"added": "+", "removed": "-", "changed": "~", "mode": "m", "owner": "o"}
     for n in impacted:
         if n.error:
-            out.write(f"{n.node}: cannot render at {n.error}\n")
+            out.write(visible(f"{n.node}: cannot render at {n.error}") + "\n")
             continue
         parts = [f"{v} {k}" for k, v in n.counts().items() if v]
         if n.resources:
@@ -790,18 +795,18 @@ def cmd_impact(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.stat:
             continue
         for line in n.resources:
-            out.write(f"  {line}\n")
+            out.write(f"  {visible(line)}\n")
         for f in n.files:
             mode = ""
             if f.old_mode != f.new_mode and f.old_mode is not None and f.new_mode is not None:
                 mode = f" (mode {f.old_mode:04o} → {f.new_mode:04o})"
             secret = " [secret: hashes only]" if f.secret else ""
-            out.write(f"  {symbol[f.change]} {f.path}{mode}{secret}\n")
+            out.write(f"  {symbol[f.change]} {visible(f.path)}{mode}{secret}\n")
         for a in n.absent:  # patterns only: what they delete is known on the host (SPEC §9)
-            out.write(f"  absent: {a.pattern} ({a.change}; {a.origin})\n")
+            out.write(visible(f"  absent: {a.pattern} ({a.change}; {a.origin})") + "\n")
         for f in n.files:
-            if f.diff:
-                out.write(f.diff)
+            if f.diff:  # rendered with a host's reported facts (SPEC §10): host text too
+                out.write(visible(f.diff, multiline=True))
     if source_only:
         # SPEC §10: one line, not a diff per node, for what every commit changes.
         out.write(

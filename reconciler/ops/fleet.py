@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reconciler.cli.output import visible
 from reconciler.config import AuthConfig
 from reconciler.errors import (
     ConfigError,
@@ -524,7 +525,11 @@ def summary(rows: Sequence[FleetRow]) -> str:
     for r in rows:
         counts[r.result] = counts.get(r.result, 0) + 1
     order = ["ok", "changed", "drift", "failed", NEVER]
-    parts = [f"{counts[k]} {k}" for k in [*order, *sorted(set(counts) - set(order))] if k in counts]
+    parts = [
+        f"{counts[k]} {visible(k)}"
+        for k in [*order, *sorted(set(counts) - set(order))]
+        if k in counts
+    ]
     stale = sum(1 for r in rows if r.stale)
     suspended = sum(1 for r in rows if r.suspended)
     lost = sum(1 for r in rows if r.history_lost)
@@ -543,13 +548,16 @@ def history_lost_note(node: str, lost: Mapping[str, Any]) -> str:
 
 def format_table(rows: Sequence[FleetRow]) -> str:
     """The text table of ``reconciler fleet``: a header, one line per node (then, indented,
-    its last report's packages and services: :func:`resource_summary`), a summary."""
+    its last report's packages and services: :func:`resource_summary`), a summary.
+
+    Every cell and note is host text shown by :func:`~reconciler.cli.output.visible`:
+    one line per node whatever a report holds, no control reaching the terminal."""
     header = ("NODE", "RESULT", "LAST RUN", "AGE", "COMMIT", "BEHIND", "CHANGED", "DRIFTED", "")
     lines: list[tuple[str, ...]] = [header]
     below: dict[int, list[str]] = {}  # line index → the lines printed under it
     for r in rows:
         if r.resources:
-            below[len(lines)] = resource_summary(r.resources)
+            below[len(lines)] = [visible(line) for line in resource_summary(r.resources)]
         notes = []
         if r.stale:
             notes.append("STALE")
@@ -567,19 +575,18 @@ def format_table(rows: Sequence[FleetRow]) -> str:
             notes.append("not in hosts/")
         if r.result == "failed" and r.errors:
             notes.append(r.errors[0])
-        lines.append(
-            (
-                r.node,
-                r.result,
-                r.last_run or "-",
-                human_age(r.age_s),
-                (r.commit or "-")[:12],
-                "-" if r.behind is None else str(r.behind),
-                str(r.changed),
-                str(r.drifted),
-                "; ".join(notes),
-            )
+        row = (
+            r.node,
+            r.result,
+            r.last_run or "-",
+            human_age(r.age_s),
+            (r.commit or "-")[:12],
+            "-" if r.behind is None else str(r.behind),
+            str(r.changed),
+            str(r.drifted),
+            "; ".join(notes),
         )
+        lines.append(tuple(visible(cell) for cell in row))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     text = []
     for n, line in enumerate(lines):

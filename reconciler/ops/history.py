@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from reconciler.cli.output import visible
 from reconciler.errors import (
     NotRecipientError,
     ReconcilerError,
@@ -433,7 +434,9 @@ def drift_diffs(
 
 
 def format_report(report: Report, report_commit: str) -> str:
-    """A report as text: source, result, changes, drift, scripts, errors (SPEC §5 fields)."""
+    """A report as text: source, result, changes, drift, scripts, errors (SPEC §5 fields).
+
+    Each line is host text shown by :func:`~reconciler.cli.output.visible`."""
     src = report.source
     counts = report.counts()
     lines = [
@@ -458,29 +461,31 @@ def format_report(report: Report, report_commit: str) -> str:
         lines.append(f"  > {s.phase} {s.app}/{s.name}: exit {s.exit_code}")
     for e in report.errors:
         lines.append(f"  error: {e}")
-    return "\n".join(lines) + "\n"
+    return "".join(visible(line) + "\n" for line in lines)
 
 
 def format_drift(report: Report, diffs: Sequence[DriftDiff]) -> str:
     """The drift sections of ``show`` (and ``log -p``): per drifted path its kinds,
-    a change's detail, the diff desired → host, and the note."""
+    a change's detail, the diff desired → host, and the note; host text shown by
+    :func:`~reconciler.cli.output.visible` (the diff keeps its lines and tabs)."""
     # A change's detail (mode, owner) is what the content diff cannot show (issue 12);
     # it reads host → desired, as the change repairing the drift does.
     details = {c.path: c.detail for c in report.changes if c.detail}
     parts: list[str] = []
     for d in diffs:
-        parts.append(f"\ndrift {d.path} [{', '.join(d.kinds)}]\n")
+        parts.append(f"\ndrift {visible(d.path)} [{visible(', '.join(d.kinds))}]\n")
         if d.path in details:
-            parts.append(f"  {details[d.path]} (host → desired)\n")
+            parts.append(f"  {visible(details[d.path])} (host → desired)\n")
         if d.diff:
-            parts.append(d.diff)
+            parts.append(visible(d.diff, multiline=True))
         if d.note:
-            parts.append(f"  ({d.note})\n")
+            parts.append(f"  ({visible(d.note)})\n")
     return "".join(parts)
 
 
 def format_log(node: str, entries: Sequence[ReportEntry]) -> str:
-    """``reconciler log`` as text: one line per report commit, newest first."""
+    """``reconciler log`` as text: one line per report commit, newest first (host text
+    shown by :func:`~reconciler.cli.output.visible`)."""
     lines = []
     for e in entries:
         lines.append(
@@ -489,4 +494,4 @@ def format_log(node: str, entries: Sequence[ReportEntry]) -> str:
         )
     if not lines:
         lines.append(f"reports/{node}: no reports")
-    return "\n".join(lines) + "\n"
+    return "".join(visible(line) + "\n" for line in lines)

@@ -12,8 +12,10 @@ without JavaScript; the script only filters rows by result, staleness and meta-n
 filter in the URL fragment (``#result=drift,failed&meta=webservers``) so a
 filtered view can be linked, and shows how many nodes are visible.
 Everything taken from reports is HTML-escaped by Jinja2's autoescape, text
-and attribute values alike; secrets never reach a page (drift captures hold
-none, SPEC §5).
+and attribute values alike, after its control characters are shown as escapes
+(``finalize``: :func:`~reconciler.cli.output.visible` — a bidi override
+reorders text in a browser as in a terminal); secrets never reach a page
+(drift captures hold none, SPEC §5).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from reconciler.cli.output import visible
 from reconciler.ops.fleet import NEVER, FleetRow, human_age
 from reconciler.ops.history import DriftDiff
 from reconciler.report import ReportChange, recovered_note, resource_summary
@@ -59,6 +62,14 @@ def _when(iso: str | None) -> str:
     return iso.replace("T", " ") if iso else "—"
 
 
+def _shown(value: object) -> object:
+    """Each ``{{ … }}`` value before autoescape: a string with its controls as escapes
+    (lines and tabs kept: a diff line); markup the template made itself as it is."""
+    if isinstance(value, str) and not hasattr(value, "__html__"):
+        return visible(value, multiline=True)
+    return value
+
+
 def _template() -> Template:
     """The page template, shipped as package data beside this module (``page.html.j2``)."""
     from importlib.resources import files
@@ -72,6 +83,7 @@ def _template() -> Template:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         undefined=StrictUndefined,  # a misspelt name is a bug, not an empty cell
+        finalize=_shown,  # host text: controls shown, never acted on (cli/output.py)
     )
     return env.from_string(source)
 

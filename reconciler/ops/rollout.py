@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.cli.output import visible
 from reconciler.errors import InventoryError, RemoteError, SourceError
 from reconciler.git.commits import identity, signing_of, write_commit
 from reconciler.git.remote import Remote, fetch, push
@@ -492,9 +493,10 @@ def _node_status(node: str, view: ReportView | None, commit: str, descends: Any)
 
 def marker_line(control: Control) -> str:
     """``halted by NAME at TIME: REASON`` / ``resumed by …`` / ``not halted``, plus the
-    marker's problems (unsigned; unreadable) — one line for text output."""
+    marker's problems (unsigned; unreadable) — one line for text output, its host text
+    shown by :func:`~reconciler.cli.output.visible` (the marker lives on the report side)."""
     if control.marker is None:
-        return control.problem or "not halted (no rollout halt recorded)"
+        return visible(control.problem or "not halted (no rollout halt recorded)")
     m = control.marker
     word = "HALTED" if m.halted else "not halted (resumed"
     text = f"{word} by {m.by} at {m.at}" + (f": {m.reason}" if m.reason else "")
@@ -504,12 +506,13 @@ def marker_line(control: Control) -> str:
         text += (
             " [unsigned: hosts that verify signatures ignore it and keep the last signed marker]"
         )
-    return text
+    return visible(text)
 
 
 def format_status(status: RolloutStatus) -> str:
     """The text of ``rollout status``: the commit, the marker, then per wave its state and
-    one line per node (applied commit, has it, result, since)."""
+    one line per node (applied commit, has it, result, since); host text shown by
+    :func:`~reconciler.cli.output.visible`."""
     soak = f"soak {status.soak_s:g}s, max_failed {status.max_failed}"
     lines = [f"rollout of {status.commit[:12]} ({soak})"]
     if status.head != status.commit:
@@ -529,7 +532,7 @@ def format_status(status: RolloutStatus) -> str:
                 f"  {n.node.ljust(width)}  {applied.ljust(12)}  {has.ljust(7)}  "
                 f"{n.result.ljust(8)}  {n.since or '-'}"
             )
-    return "\n".join(lines) + "\n"
+    return "".join(visible(line) + "\n" for line in lines)
 
 
 def summary_line(status: RolloutStatus) -> str:
@@ -542,7 +545,7 @@ def summary_line(status: RolloutStatus) -> str:
             f"{c['failed']} failed)"
         )
     halted = "; HALTED" if status.halted else ""
-    return f"rollout of {status.commit[:12]}{halted}: " + ", ".join(parts)
+    return visible(f"rollout of {status.commit[:12]}{halted}: " + ", ".join(parts))
 
 
 def waves_summary(status: RolloutStatus) -> Sequence[Mapping[str, Any]]:
