@@ -292,3 +292,36 @@ def test_help_shows_the_defaults_of_the_configuration_flags(command):
     assert shown, command
     for option, text in shown.items():
         assert "default: " in text and HELP_DEFAULTS[option] in text, (option, text)
+
+
+# Host text on the operator's terminal (issues 17/18 follow-up): cli/output.visible.
+@pytest.mark.parametrize(
+    ("text", "one_line", "lines"),
+    [
+        ("web1 ok", "web1 ok", "web1 ok"),
+        ("\x1b]0;title\x07", "\\x1b]0;title\\x07", "\\x1b]0;title\\x07"),
+        ("hidden\rshown", "hidden\\rshown", "hidden\\rshown"),
+        ("a\tb\nc", "a\\tb\\nc", "a\tb\nc"),  # a diff keeps its lines and tabs
+        ("\x00\x7f\x80\x9b\x9f", "\\x00\\x7f\\x80\\x9b\\x9f", "\\x00\\x7f\\x80\\x9b\\x9f"),
+        ("\u202aa\u202eb\u2066c\u2069", "\\u202aa\\u202eb\\u2066c\\u2069", None),
+        ("café → ü \u200b C:\\path", "café → ü \u200b C:\\path", None),  # printable: as is
+    ],
+)
+def test_visible_shows_controls_as_escapes_and_keeps_printable_text(text, one_line, lines):
+    from reconciler.cli.output import visible
+
+    assert visible(text) == one_line
+    assert visible(text, multiline=True) == (one_line if lines is None else lines)
+
+
+def test_emit_json_escapes_what_json_does_not_and_parses_back_exactly():
+    from reconciler.cli.output import emit_json
+
+    value = {"e": "\x1b[2J\x7f\x9b\u202e ünïcode"}
+    for ensure_ascii in (True, False):
+        out = io.StringIO()
+        emit_json(value, out, ensure_ascii=ensure_ascii)
+        text = out.getvalue()
+        assert json.loads(text) == value
+        assert not any(c in text for c in "\x1b\x7f\x9b\u202e"), text
+    assert "ünïcode" in text  # ensure_ascii=False keeps readable text readable
