@@ -35,8 +35,13 @@ from reconciler.cli.flags import (
     render_limits,
 )
 from reconciler.cli.output import emit_json, error_line, visible
-from reconciler.config import config_from_args
-from reconciler.errors import PathError, ReconcilerError, UsageError
+from reconciler.config import (
+    DEFAULT_CONFIG_PATH,
+    AgentConfig,
+    chosen_config_path,
+    config_from_args,
+)
+from reconciler.errors import ConfigError, PathError, ReconcilerError, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -159,10 +164,27 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     out.write(line + "\n")
 
 
+def _require_repo(args: argparse.Namespace, config: AgentConfig, command: str) -> None:
+    """ConfigError (exit 2) naming the configuration file when no ``repo`` is set.
+
+    A run needs the desired-state repository; the line names the file to set
+    it in (``--config``, else ``RECONCILER_CONFIG``, else the default path,
+    existing or not), as every other bad configuration does.
+    """
+    if config.repo_urls():
+        return
+    where = chosen_config_path(getattr(args, "config", None)) or str(DEFAULT_CONFIG_PATH)
+    raise ConfigError(
+        f"{where}: repo is not set (reconciler {command} needs the desired-state "
+        "repository) — pass --repo URL or set repo: in this file"
+    )
+
+
 def cmd_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.pipeline.run import RunOptions, reconcile_once
 
     config = config_from_args(args)
+    _require_repo(args, config, "pull")
     options = RunOptions(
         dry_run=args.dry_run, state=args.state, boot=args.boot, release_hold=args.release_hold
     )
@@ -187,6 +209,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.pipeline.scan import host_path, link_shown
 
     config = config_from_args(args)
+    _require_repo(args, config, "diff")
     outcome = reconcile_once(config, RunOptions(dry_run=True, state=args.state))
     for error in outcome.report.errors:
         err.write(f"reconciler: node {config.node}: {error}\n")
@@ -691,8 +714,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from reconciler.host.agent import Agent
 
     agent = Agent(lambda: config_from_args(args), notifier=sdnotify.from_os())
-    if not agent.config.repo:
-        raise UsageError("run: repo is not set — pass --repo URL or set repo: in the config")
+    _require_repo(args, agent.config, "run")
     agent.install_signal_handlers()
     return agent.serve(max_runs=args.max_runs)
 

@@ -429,3 +429,19 @@ def test_repeated_repo_flag_gives_the_mirrors_in_order(tmp_path):
     assert config_from_args(args).repo_urls() == ("git://a/fleet.git", "git://b/fleet.git")
     single = parse_args(["pull", "--config", path, "--repo", "git://a/fleet.git"])
     assert config_from_args(single).repo == "git://a/fleet.git"
+
+
+@pytest.mark.parametrize("command", ["pull", "diff", "run"])
+def test_a_run_without_repo_names_the_config_file_and_changes_nothing(tmp_path, command):
+    """One line naming the file to set ``repo:`` in (it used to say "config:"), exit 2,
+    nothing created: neither the root nor the state directory."""
+    cfg = config_file(tmp_path, "node: web1\n")
+    err = io.StringIO()
+    argv = [command, "--config", str(cfg), "--root", str(tmp_path / "root")]
+    code = main([*argv, "--state-dir", str(tmp_path / "state")], io.StringIO(), err)
+    assert code == 2
+    assert err.getvalue().splitlines() == [
+        f"reconciler: {cfg}: repo is not set (reconciler {command} needs the desired-state "
+        "repository) — pass --repo URL or set repo: in this file"
+    ], err.getvalue()
+    assert not (tmp_path / "root").exists() and not (tmp_path / "state").exists()
