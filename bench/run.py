@@ -1212,8 +1212,9 @@ bench/run.py takes longer than its budget); the budget only limits repeats.
     if problems:
         md += "## Rows that did not do what the scenario expects\n\n" + "\n".join(problems) + "\n\n"
     md += "Scaling plot: `scaling.png` (no-op and cold vs files per node and vs nodes in the repository).\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.md").write_text(md)
+    out = a.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(md)
     raw = {
         "started": started.isoformat(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
@@ -1221,7 +1222,7 @@ bench/run.py takes longer than its budget); the budget only limits repeats.
         "floor": b.floor_by_fleet,
         "cases": [asdict(c) | {"median": c.median} for c in b.cases],
     }
-    (RESULTS / "results.json").write_text(json.dumps(raw, indent=1))
+    (out / "results.json").write_text(json.dumps(raw, indent=1))
     return md
 
 
@@ -1251,6 +1252,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="reconciler scenarios to run (default: all; cold always runs)")  # fmt: skip
     p.add_argument("--python", default=sys.executable, help="the project's venv python")
     p.add_argument("--tmp", type=Path, default=RESULTS / "tmp")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="where results.md, results.json and scaling.png go (default "
+        "bench/results: a partial run given another --out leaves the committed "
+        "results alone)",
+    )
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
 
@@ -1275,7 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         plot_py = args.ansible_venv / "bin" / "python"
         if plot_py.exists():
-            subprocess.run([str(plot_py), str(BENCH / "plot.py"), str(RESULTS / "results.json")],
+            subprocess.run([str(plot_py), str(BENCH / "plot.py"), str(args.out / "results.json")],
                            check=False)  # fmt: skip
         else:
             print(f"(no plot: {plot_py} missing — make bench installs it)", file=sys.stderr)
