@@ -524,12 +524,12 @@ def format_status(status: RolloutStatus) -> str:
             f"wave {i} {wave.name}: {wave.state.upper()} — {c['done']} done, "
             f"{c['pending']} pending, {c['failed']} failed — {wave.reason}"
         )
-        width = max((len(n.node) for n in wave.nodes), default=0)
+        width = max((len(visible(n.node)) for n in wave.nodes), default=0)
         for n in wave.nodes:
             applied = (n.applied_commit or "-")[:12]
             has = "has it" if n.has_commit else "not yet"
             lines.append(
-                f"  {n.node.ljust(width)}  {applied.ljust(12)}  {has.ljust(7)}  "
+                f"  {visible(n.node).ljust(width)}  {applied.ljust(12)}  {has.ljust(7)}  "
                 f"{n.result.ljust(8)}  {n.since or '-'}"
             )
     return "".join(visible(line) + "\n" for line in lines)

@@ -26,6 +26,7 @@ from tests.conftest import Fleet
 from tests.integration._helpers import pull_report
 from tests.integration.test_operate_fleet import _fabricated_report
 from tests.integration.test_operate_support import operator, write_report
+from tests.integration.test_operate_trigger import install_fake_ssh
 
 # What a compromised host puts in its report: a window title (OSC 0), a screen
 # clear, a cursor move up and a line erase over the row above, a carriage return
@@ -178,6 +179,17 @@ def test_status_shows_the_last_runs_controls_as_escapes(fleet, make_host):
     for raw in RAW:
         assert raw not in status.stdout + status.stderr, raw
     assert f"error:      {SHOWN}\n" in status.stdout
+
+
+def test_trigger_shows_a_hosts_output_as_escapes(fleet, tmp_path, monkeypatch):
+    install_fake_ssh(tmp_path, monkeypatch)  # a real shell runs the command "on the host"
+    said = r"printf 'done\033]0;owned\007 \342\200\256evil\n'"  # \342\200\256: U+202E
+
+    proc = reconciler(
+        "trigger", "dhcp", "--command", said, "--repo", fleet.url, "--state-dir", str(tmp_path)
+    )
+
+    assert_visible(proc, "dhcp: ok in ", " — done\\x1b]0;owned\\x07 \\u202eevil\n")
 
 
 def test_an_error_line_shows_host_text_as_escapes(fleet, tmp_path):
