@@ -311,7 +311,7 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     said = chosen.origin + ("" if chosen.from_report else f" ({local_note(reports)})")
     if args.format != "json":
         # On stdout, before rendering: a render error stays stderr's one line (SPEC §3).
-        out.write(f"facts: {said}\n")
+        out.write(f"facts: {visible(said)}\n")  # a report's time: host text
     target = render_target(
         snapshot,
         node,
@@ -605,7 +605,7 @@ def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if origins[True]:
             # Said when some node used its report's facts; with none, every node used
             # this machine's, as validate always did (JSON says so in either case).
-            out.write(f"facts: {facts_note(origins, reports, local)}\n")
+            out.write(f"facts: {visible(facts_note(origins, reports, local))}\n")
         if not problems:
             out.write(
                 f"ok: {len(inventory.nodes)} nodes, {len(inventory.meta_nodes)} meta-nodes, "

@@ -43,7 +43,7 @@ def _cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _repo(work: Path) -> Path:
+def _repo(work: Path, report: dict = REPORT) -> Path:
     write_repo(work, FILES)
     git("init", "-q", "-b", "main", cwd=work)
     git("add", "-A", cwd=work)
@@ -52,7 +52,7 @@ def _repo(work: Path) -> Path:
     # web1's report branch, as its agent pushed it: report.json at the top of its tree.
     blob = subprocess.run(
         ["git", "hash-object", "-w", "--stdin"],
-        input=json.dumps(REPORT),
+        input=json.dumps(report),
         cwd=work,
         capture_output=True,
         text=True,
@@ -119,3 +119,12 @@ def test_impact_says_which_facts_per_node(tmp_path):
         "db1": f"this machine's ({HERE})",
         "web1": "web1's last report (reports/web1, 2026-11-30T10:00:02Z)",
     }
+
+
+def test_render_shows_the_reports_host_text_with_its_controls_as_escapes(tmp_path):
+    # The report's time is the host's text: it must not retitle the operator's window.
+    work = _repo(tmp_path / "work", {**REPORT, "finished_at": "2026\x1b]0;owned\x07\u202e"})
+    code, text, err = _cli("render", "web1", "--repo", str(work), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert "(reports/web1, 2026\\x1b]0;owned\\x07\\u202e)" in text, text
+    assert "\x1b" not in text + err and "\u202e" not in text + err
