@@ -110,8 +110,11 @@ def file_diff(
     larger than ``limit`` bytes, or given as a :class:`LargeFile`, makes the
     diff one line of sizes and hashes ("binary or large file"); text that
     lacks a final newline is marked as git does. Returns "" when both sides
-    are equal.
+    are equal. ``path`` is shown with its control characters as escapes
+    (:func:`visible`): a host-supplied path holding a newline must not add a
+    line of its own to the diff's header.
     """
+    path = visible(path)
     if (
         isinstance(old, LargeFile)
         or isinstance(new, LargeFile)

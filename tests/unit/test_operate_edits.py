@@ -373,3 +373,17 @@ def test_ssh_argv_never_prompts_and_ends_options_before_the_host():
     ]
     argv = ssh_argv("ssh", "h", "c", user="ops", options=["Port=2222"])
     assert argv[5:] == ["-o", "Port=2222", "-l", "ops", "--", "h", "c"]
+
+
+def test_a_path_with_a_newline_adds_no_line_to_the_diffs_header():
+    """A host-supplied path (a drift capture's) holding ``\\n+++ b/etc/shadow`` must
+    not forge a header line: it is shown with its controls as escapes."""
+    path = "/etc/x\n+++ b/etc/shadow\x1b[2J"
+    for secret in (False, True):
+        diff = file_diff(path, b"old\n", b"new\n", secret=secret)
+        header = diff.splitlines()[:2]
+        assert header == [
+            "--- a/etc/x\\n+++ b/etc/shadow\\x1b[2J",
+            "+++ b/etc/x\\n+++ b/etc/shadow\\x1b[2J",
+        ], diff
+        assert "\x1b" not in diff
