@@ -61,7 +61,9 @@ def run_result(*, errors: Sequence[object], plan: Plan | None) -> str:
         return "failed"
     if plan is not None and (plan.drift or plan.resource_drift):
         return "drift"
-    if plan is not None and (plan.changes or any(not r.offline for r in plan.resources)):
+    if plan is not None and (
+        any(not c.offline for c in plan.changes) or any(not r.offline for r in plan.resources)
+    ):
         return "changed"
     return "ok"
 
@@ -141,7 +143,8 @@ class ReportChange:
     # start | stop | reload | restart.
     kind: str = ""
     # A package or service step under a root other than /: never done there (SPEC §11),
-    # planned and reported only; ``applied`` is then false.
+    # planned and reported only; ``applied`` is then false. So is a path's owner or group
+    # that only a package planned there could create: left to a run on /.
     offline: bool = False
 
     @property
@@ -680,6 +683,7 @@ def build_report(
                 app=c.app,
                 rolled_back=bool(rolled_back and c.path in rolled_back),
                 detail=c.detail,
+                offline=c.offline,
             )
             for c in plan.changes
         )

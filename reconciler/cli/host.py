@@ -128,7 +128,8 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
         out.write(
             "  planned only, the root is not /: packages are never installed or removed "
             "there, services never started, stopped or reloaded (enabled only when their "
-            "unit file is in the root):\n"
+            "unit file is in the root), owners and groups only such a package could create "
+            "never set:\n"
         )
         out.writelines(row(c, "    ", "") for c in offline)
     planned = {c.subject for c in report.changes}

@@ -513,7 +513,10 @@ def apply_plan(
         apps = []
     else:
         for path, c in list(changes.items()):
-            if c.pending_ids:  # its owner or group was to come with a package (SPEC §11)
+            # Its owner or group was to come with a package (SPEC §11): looked up now
+            # that the packages are in — only if they really are. Audit and a dry run
+            # install nothing, and a change they do not carry out needs no id.
+            if c.pending_ids and c.apply and not system.dry_run:
                 resolved = resolve_pending(c)
                 if isinstance(resolved, ApplyError):
                     result.errors.append(resolved)

@@ -14,8 +14,6 @@ the run before any file changed.
 
 from __future__ import annotations
 
-import grp
-import pwd
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +30,7 @@ from reconciler.host.packages import (
 )
 from reconciler.host.system import ScriptRun, System
 from reconciler.pipeline.packages import NOT_FOUND, ResourceChange, ServiceSpec
-from reconciler.pipeline.plan import Change
+from reconciler.pipeline.plan import Change, group_id, user_id
 from reconciler.pipeline.render import TargetFile
 from reconciler.secrets.redact import Redaction
 
@@ -96,23 +94,28 @@ def ensure_packages(
 
 def resolve_pending(change: Change) -> Change | ApplyError:
     """A change whose owner or group did not exist at planning time (a package of this
-    run was to create it), resolved now that the packages are in; an ApplyError
-    naming the path when it still does not exist."""
+    run was to create it), resolved now that the packages are in, by the planning rule
+    (``plan.user_id``, ``plan.group_id``: a name, or an id that must exist); an
+    ApplyError naming the path and what is still missing when it does not exist."""
     t = change.target if change.target is not None else change.directory
     assert t is not None
     # A directories: entry (SPEC §9) is named by its app.yaml, a file by its template.
     where, key = (t.template, "files") if isinstance(t, TargetFile) else (t.origin, "directories")
     uid, gid = change.uid, change.gid
-    try:
-        if uid is None and t.owner is not None:
-            uid = int(t.owner) if t.owner.isdigit() else pwd.getpwnam(t.owner).pw_uid
-        if gid is None and t.group is not None:
-            gid = int(t.group) if t.group.isdigit() else grp.getgrnam(t.group).gr_gid
-    except KeyError:
+    missing = []
+    if uid is None and t.owner is not None:
+        uid = user_id(t.owner)
+        if uid is None:
+            missing.append(f"owner {t.owner!r}")
+    if gid is None and t.group is not None:
+        gid = group_id(t.group)
+        if gid is None:
+            missing.append(f"group {t.group!r}")
+    if missing:
         return ApplyError(
-            f"owner {t.owner!r} or group {t.group!r} still does not exist after the "
-            f"packages of this run (app {change.app}, {where}) — create it, or change "
-            f"{key}: owner/group",
+            f"{' and '.join(missing)} still {'do' if len(missing) > 1 else 'does'} not exist "
+            f"after the packages of this run (app {change.app}, {where}) — create it, or "
+            f"change {key}: owner/group",
             path=change.path,
         )
     return replace(change, uid=uid, gid=gid)

@@ -50,6 +50,10 @@ class Change:
     # installed first (SPEC §11): resolved by the apply stage after the packages.
     pending_ids: bool = False
     directory: TargetDir | None = None  # a directory of directories: (SPEC §9)
+    # Only an owner or group left to a run on / (SPEC §11): the package that may create
+    # it is planned only under this root. Reported, never applied; no "changed" result,
+    # no bar to the no-op short cut — as a package step under such a root.
+    offline: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,10 +68,12 @@ def _dir_ids(
     target: TargetState,
     coming: Mapping[str, Sequence[str]] | None = None,
     pending: dict[PurePosixPath, str] | None = None,
+    *,
+    planned_only: bool = False,
 ) -> dict[PurePosixPath, tuple[int | None, int | None]]:
     """uid/gid of each ``directories:`` entry's owner and group, resolved as files' are
-    (:func:`resolve_ids`, ``coming`` and ``pending`` included: an owner that a
-    package of this run creates is resolved after the packages). Raises
+    (:func:`resolve_ids`, ``coming``, ``pending`` and ``planned_only`` included: an
+    owner that a package of this run creates is resolved after the packages). Raises
     InventoryError naming the app.yaml, the directory and the node for an unknown
     user or group, before anything is written."""
     out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
@@ -79,6 +85,7 @@ def _dir_ids(
             d.app,
             pending,
             coming,
+            planned_only,
             where=f"{d.origin}: directories: {path}",
             context=f"node {target.node}",
             change="its ",
@@ -87,7 +94,9 @@ def _dir_ids(
     return out
 
 
-def _pending_dir(change: Change | None, d: TargetDir, note: str, mode: str) -> Change:
+def _pending_dir(
+    change: Change | None, d: TargetDir, note: str, mode: str, planned_only: bool
+) -> Change:
     """``change`` (or a chown when the directory is as wanted otherwise) marked to resolve
     its owner or group after the packages of this run (SPEC §11), as :func:`_pending`."""
     if change is None:
@@ -96,11 +105,12 @@ def _pending_dir(change: Change | None, d: TargetDir, note: str, mode: str) -> C
             action="chown",
             reason="desired",
             app=d.app,
-            apply=mode == "enforce",
+            apply=mode == "enforce" and not planned_only,
             directory=d,
+            offline=planned_only,
         )
     detail = f"{change.detail}; {note}" if change.detail else note
-    return replace(change, pending_ids=True, detail=detail)
+    return replace(change, pending_ids=not planned_only, detail=detail)
 
 
 def _plan_dir(
@@ -237,6 +247,8 @@ def resolve_ids(
     target: TargetState,
     coming: Mapping[str, Sequence[str]] | None = None,
     pending: dict[PurePosixPath, str] | None = None,
+    *,
+    planned_only: bool = False,
 ) -> dict[PurePosixPath, tuple[int | None, int | None]]:
     """uid/gid of every owner/group named in metadata, by name or number on this host.
 
@@ -247,7 +259,14 @@ def resolve_ids(
     anything is written (issue #3: resolve names up front) — unless
     ``coming`` (app → packages this run installs, SPEC §11) is not empty:
     a package's postinst may create it, so the path goes into ``pending``
-    with the words to show, its id None, resolved again after the packages.
+    with the words to show, its id None, resolved again after the packages —
+    or, ``planned_only`` (no package is installed under a root other than /),
+    left unset for a run on / to set, the words saying so.
+
+    "This host" even under ``--root``: the ids are this machine's user and
+    group databases, never ``<root>/etc/passwd`` — the rule since issue #3, the
+    one the apply stage resolves pending ids by, and what ``chown`` under a
+    test or image root means (ids as this machine reads them).
     """
     out: dict[PurePosixPath, tuple[int | None, int | None]] = {}
     for path, t in target.files.items():
@@ -258,6 +277,7 @@ def resolve_ids(
             t.app,
             pending,
             coming,
+            planned_only,
             where=str(path),
             context=f"node {target.node}, {t.template}",
             change="files: ",
@@ -273,6 +293,7 @@ def _ids(
     app: str,
     pending: dict[PurePosixPath, str] | None,
     coming: Mapping[str, Sequence[str]] | None,
+    planned_only: bool,
     *,
     where: str,
     context: str,
@@ -291,12 +312,12 @@ def _ids(
 
     uid = gid = None
     if owner is not None:
-        uid = _resolve(owner, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid)
-        if uid is None and not _coming(pending, coming, path, "user", owner, app):
+        uid = user_id(owner)
+        if uid is None and not _coming(pending, coming, planned_only, path, "user", owner, app):
             raise unknown("user", owner, "owner")
     if group is not None:
-        gid = _resolve(group, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid)
-        if gid is None and not _coming(pending, coming, path, "group", group, app):
+        gid = group_id(group)
+        if gid is None and not _coming(pending, coming, planned_only, path, "group", group, app):
             raise unknown("group", group, "group")
     return uid, gid
 
@@ -304,6 +325,7 @@ def _ids(
 def _coming(
     pending: dict[PurePosixPath, str] | None,
     coming: Mapping[str, Sequence[str]] | None,
+    planned_only: bool,
     path: PurePosixPath,
     what: str,
     name: str,
@@ -311,14 +333,32 @@ def _coming(
 ) -> bool:
     """Note that ``what`` ``name`` of ``path`` may come with this run's packages (SPEC §11):
     we cannot know which package creates it, so every app's are named, the file's
-    app's first. False when no package is installed this run."""
+    app's first; ``planned_only``: they are never installed here, so it is left to a
+    run on /. False when the run plans no package to install."""
     if pending is None or not coming:
         return False
     order = sorted(coming.items(), key=lambda kv: kv[0] != app)
     named = "; ".join(f"package(s) {', '.join(p)} of app {a}" for a, p in order)
-    note = f"{what} {name} does not exist yet; {named} are to be installed first"
+    if planned_only:
+        note = (
+            f"{what} {name} not set: it does not exist, and {named} that may create it "
+            "are not installed: root is not / (a run on / sets it)"
+        )
+    else:
+        note = f"{what} {name} does not exist yet; {named} are to be installed first"
     pending[path] = f"{pending[path]}; {note}" if path in pending else note
     return True
+
+
+def user_id(text: str) -> int | None:
+    """The uid of user ``text`` (a name, or ASCII digits: an id that must exist) on this
+    host, or None when there is no such user (:func:`resolve_ids`)."""
+    return _resolve(text, lambda n: pwd.getpwuid(n).pw_uid, lambda s: pwd.getpwnam(s).pw_uid)
+
+
+def group_id(text: str) -> int | None:
+    """The gid of group ``text`` on this host, or None: :func:`user_id` for groups."""
+    return _resolve(text, lambda n: grp.getgrgid(n).gr_gid, lambda s: grp.getgrnam(s).gr_gid)
 
 
 def _resolve(text: str, by_id: Callable[[int], int], by_name: Callable[[str], int]) -> int | None:
@@ -495,9 +535,16 @@ def _plan_link(
     return change, drift
 
 
-def _pending(change: Change | None, t: TargetFile, note: str, mode: str) -> Change:
+def _pending(
+    change: Change | None, t: TargetFile, note: str, mode: str, planned_only: bool
+) -> Change:
     """``change`` (or a chown when the content is in sync) marked to resolve its owner
-    or group after the packages of this run, ``note`` saying why (SPEC §11)."""
+    or group after the packages of this run, ``note`` saying why (SPEC §11).
+
+    ``planned_only``: no package is installed this run (a root other than /), so the
+    id cannot come: the change applies its content and mode, its unknown owner or
+    group stays unset (None), and a change that would only set them is ``offline``,
+    reported and never applied, as a package step under such a root."""
     if change is None:
         change = Change(
             path=t.path,
@@ -505,10 +552,11 @@ def _pending(change: Change | None, t: TargetFile, note: str, mode: str) -> Chan
             reason="desired",
             app=t.app,
             target=t,
-            apply=mode == "enforce",
+            apply=mode == "enforce" and not planned_only,
+            offline=planned_only,
         )
     detail = f"{change.detail}; {note}" if change.detail else note
-    return replace(change, pending_ids=True, detail=detail)
+    return replace(change, pending_ids=not planned_only, detail=detail)
 
 
 def _as_desired(t: TargetFile, ids: tuple[int | None, int | None], a: ActualFile) -> ManagedFile:
@@ -562,12 +610,16 @@ def make_plan(
     absent: Mapping[PurePosixPath, AbsentRule] | None = None,
     coming: Mapping[str, Sequence[str]] | None = None,
     purge: Mapping[PurePosixPath, PurePosixPath] | None = None,
+    planned_only: bool = False,
 ) -> Plan:
     """Compute the Plan of SPEC §4 step 5.
 
     ``coming``: app → the packages this run installs (SPEC §11): an owner
     or group unknown now is then no error but a change marked
     ``pending_ids`` whose detail says so (:func:`resolve_ids`).
+    ``planned_only``: those packages are planned, never installed (a root
+    other than /, SPEC §11): such an owner or group is left to a run on /
+    (:func:`_pending`), the rest of the change applied.
 
     ``actual`` must hold every target path and every previously managed
     path; ``excludes`` is an :func:`exclude_matcher`; ``mode`` is ``enforce``
@@ -590,8 +642,8 @@ def make_plan(
     Raises InventoryError for an unknown owner or group.
     """
     pending: dict[PurePosixPath, str] = {}
-    ids = resolve_ids(target, coming, pending)
-    dir_ids = _dir_ids(target, coming, pending)
+    ids = resolve_ids(target, coming, pending, planned_only=planned_only)
+    dir_ids = _dir_ids(target, coming, pending, planned_only=planned_only)
     changes: list[Change] = []
     drift: list[DriftItem] = []
     excluded: list[PurePosixPath] = []
@@ -624,7 +676,7 @@ def make_plan(
         change, found = _plan_target(t, a, m, ids[path], mode)
         drift.extend(found)
         if path in pending:
-            change = _pending(change, t, pending[path], mode)
+            change = _pending(change, t, pending[path], mode, planned_only)
         if change is not None:
             changes.append(change)
 
@@ -639,7 +691,7 @@ def make_plan(
         if refused is not None:
             errors.append(refused)
         elif path in pending:
-            change = _pending_dir(change, d, pending[path], mode)
+            change = _pending_dir(change, d, pending[path], mode, planned_only)
         if change is not None:
             changes.append(change)
 

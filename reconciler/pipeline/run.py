@@ -798,7 +798,17 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             if r.kind == "package" and r.action == "install":
                 coming.setdefault(r.app, []).append(r.name)
         plan = make_plan(
-            target, actual, previous, excludes, mode, named, coming=coming, purge=purged.paths
+            target,
+            actual,
+            previous,
+            excludes,
+            mode,
+            named,
+            coming=coming,
+            purge=purged.paths,
+            # Under a root other than / no package is installed (SPEC §11): an owner
+            # one of them would create is left to a run on /, the rest applied.
+            planned_only=host_res is not None and not host_res.live,
         )
         plan = dataclasses.replace(plan, resources=res_changes, resource_drift=res_drift)
         errors.extend(plan.errors)
@@ -872,7 +882,10 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             rollout=rollout,
         )
     errors.extend(applied.errors)
-    pending = any(c.reason != "drift" and c.path not in applied.applied for c in plan.changes)
+    pending = any(
+        c.reason != "drift" and c.path not in applied.applied and not c.offline
+        for c in plan.changes
+    )
     applied_commit = commit if not errors and not pending else previous.applied_commit
     if moved_to is not None and applied_commit == commit:
         applied_commit = moved_to  # its target is the one just enforced

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import subprocess
 import textwrap
 from pathlib import Path
@@ -331,3 +332,86 @@ def test_a_failed_post_script_leaves_the_apps_services_alone(
     why = "post script svc/10-validate failed: the service is left alone"
     assert svc == [("enable", False, why), ("start", False, why)]
     assert any("svc/10-validate" in e for e in report["errors"])
+
+
+def test_an_owner_only_a_planned_package_would_create_leaves_the_rest_applied(
+    tmp_path: Path, git_daemon: GitDaemon
+) -> None:
+    """Under a root other than / no package is ever installed (SPEC §11), so a user or
+    group that one of the run's packages would create cannot exist there: the file's
+    content and mode are written, its owner and group are reported not applied
+    (``offline``, saying which package was not installed), the result is not failed,
+    and the next run is a no-op. Puppet applies the rest of a catalog around a
+    resource it cannot apply; here the ownership is unknowable, not wrong. Before the
+    fix every such run failed with "does not exist after the packages of this run"."""
+    user, group = "rctest-owner-nosuch", "rctest-group-nosuch"
+    for lookup, name in ((pwd.getpwnam, user), (grp.getgrnam, group)):
+        with pytest.raises(KeyError):
+            lookup(name)
+    work = tmp_path / "fleet"
+    base = work / "templates/db/default/etc/db"
+    base.mkdir(parents=True)
+    (base / "db.conf").write_text("port = 5432\n")
+    (base / "hba.conf").write_text("local all all peer\n")
+    (work / "hosts").mkdir()
+    (work / "hosts/db.yaml").write_text("apps: [db]\n")
+    (work / "templates/db/app.yaml").write_text(
+        "packages: [reconciler-test-owner-pkg]\n"
+        "files:\n"
+        f"  /etc/db/db.conf: {{mode: '0640', owner: {user}, group: {group}}}\n"
+        f"  /etc/db/hba.conf: {{mode: '0640', group: {group}}}\n"
+        "directories:\n"
+        f"  /var/lib/db: {{mode: '0700', owner: {user}}}\n"
+    )
+    name = f"owner-{os.getpid()}.git"
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "owners of a package", cwd=work)
+    git("init", "-q", "--bare", str(git_daemon.base / name))
+    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    root = tmp_path / "root"
+    (root / "etc/db").mkdir(parents=True)
+    hba = root / "etc/db/hba.conf"  # content and mode as wanted: only its group is left
+    hba.write_text("local all all peer\n")
+    hba.chmod(0o640)
+    host = Host(
+        node="db",
+        root=root,
+        state_dir=tmp_path / "state",
+        exclude_file=tmp_path / "exclude",
+        url=git_daemon.url(name),
+    )
+    why = "not installed: root is not /"
+
+    for flags in (("--dry-run",), ("--mode", "audit")):
+        code, report = host.pull_json(*flags)
+        assert (code, report["errors"]) == (0, []), flags
+        assert not (root / "etc/db/db.conf").exists() and not (root / "var/lib/db").exists()
+
+    code, report = host.pull_json()
+    assert (code, report["result"], report["errors"]) == (0, "changed", [])
+    conf = root / "etc/db/db.conf"
+    assert conf.read_text() == "port = 5432\n" and conf.stat().st_mode & 0o7777 == 0o640
+    assert (conf.stat().st_uid, conf.stat().st_gid) == (os.getuid(), os.getgid())
+    data = root / "var/lib/db"
+    assert data.is_dir() and data.stat().st_mode & 0o7777 == 0o700
+    files = {c["path"]: c for c in report["changes"] if not c.get("kind")}
+    assert {p: (c["action"], c["applied"]) for p, c in files.items()} == {
+        "/etc/db/db.conf": ("create", True),
+        "/etc/db/hba.conf": ("chown", False),
+        "/var/lib/db": ("create", True),
+    }
+    assert files["/etc/db/hba.conf"].get("offline") is True
+    for c in files.values():
+        assert why in c["detail"] and "reconciler-test-owner-pkg of app db" in c["detail"]
+    assert f"user {user}" in files["/etc/db/db.conf"]["detail"]
+    assert f"group {group}" in files["/etc/db/hba.conf"]["detail"]
+    # A new commit: a full run (not the no-op short cut), which plans the owner steps
+    # again, planned only: no change, no failure, never news.
+    git("commit", "-q", "--allow-empty", "-m", "again", cwd=work)
+    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    proc = host.pull()
+    assert proc.returncode == 0, proc.stderr
+    assert "result: ok (0 changed, 4 not applied, 0 drifted)" in proc.stdout, proc.stdout
+    offline = proc.stdout.split("owners and groups only such a package could create never set:")
+    assert "o chown  /etc/db/hba.conf  [db, desired]  (not applied)" in offline[1], proc.stdout

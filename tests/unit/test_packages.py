@@ -239,3 +239,67 @@ def test_the_hint_of_a_failed_transaction_says_lock_only_for_a_held_lock(
         run_transaction(RealSystem(root="/"), "apt", ["x"], [], lock_timeout=5, node="n1")
     assert said[3:] in str(info.value)
     assert ("held the lock past lock_timeout" in str(info.value)) is lock_hint
+
+
+@pytest.mark.parametrize("how", ["dry-run", "audit", "installed"])
+def test_a_pending_group_is_an_error_only_after_a_real_transaction(
+    tmp_path, monkeypatch, how: str
+) -> None:
+    """A group a package of this run was to create is looked up after the packages
+    only when they were installed for real: still missing then is an error (a broken
+    package, a typo); a dry run or audit installs nothing, so the run does not fail
+    (SPEC §11, issue 16). ``installed``: a stand-in apt-get that succeeds and creates
+    nothing, as a package whose postinst forgot the group."""
+    from dataclasses import replace
+
+    from reconciler.host.system import DryRunSystem
+    from reconciler.pipeline.apply import apply_plan
+    from reconciler.pipeline.ensure import PackageSettings
+    from reconciler.pipeline.packages import ResourceChange
+    from reconciler.pipeline.scan import scan
+    from tests.unit.helpers import run_context, write_repo
+
+    apt = tmp_path / "bin/apt-get"
+    apt.parent.mkdir()
+    apt.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "apt-args"}\n')
+    apt.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{apt.parent}:/usr/bin:/bin")
+    root = tmp_path / "root"
+    root.mkdir()
+    mode = "audit" if how == "audit" else "enforce"
+    target = _target("rctest-nosuch-group")
+    actual = scan(root, sorted(target.files), {})
+    plan = make_plan(target, actual, LocalState(), _nothing(), mode, coming={"chrony": ["chrony"]})
+    install = ResourceChange(
+        kind="package",
+        name="chrony",
+        action="install",
+        reason="desired",
+        app="chrony",
+        apply=mode == "enforce",
+    )
+    plan = replace(plan, resources=(install,))
+    real = RealSystem(root=root)
+    system = DryRunSystem(real) if how == "dry-run" else real
+    result = apply_plan(
+        plan,
+        target,
+        actual,
+        LocalState(),
+        write_repo(tmp_path / "repo", {"hosts/n1.yaml": "apps: [chrony]\n"}),
+        system,
+        run_context(tmp_path, root),
+        packages=PackageSettings(manager="apt", lock_timeout=5, node="n1"),
+    )
+    written = (root / "etc/chrony/chrony.conf").exists()
+    if how == "installed":
+        assert (tmp_path / "apt-args").read_text().endswith("install -- chrony\n")
+        (error,) = result.errors
+        assert "group 'rctest-nosuch-group' still does not exist after the packages of " in str(
+            error
+        )
+        assert "None" not in str(error)
+        assert not written
+    else:
+        assert result.errors == [] and not written
+        assert not (tmp_path / "apt-args").exists()
