@@ -125,11 +125,13 @@ def _print_run(outcome: RunOutcome, out: TextIO) -> None:
     if offline:
         # Said once, not on every line: under a test or image root these steps are
         # planned on every run and would bury the file changes (SPEC §11).
+        owners = any(not c.kind for c in offline)  # a chown left to a run on /
         out.write(
             "  planned only, the root is not /: packages are never installed or removed "
             "there, services never started, stopped or reloaded (enabled only when their "
-            "unit file is in the root), owners and groups only such a package could create "
-            "never set:\n"
+            "unit file is in the root)"
+            + (", owners and groups only such a package could create never set" * owners)
+            + ":\n"
         )
         out.writelines(row(c, "    ", "") for c in offline)
     planned = {c.subject for c in report.changes}
