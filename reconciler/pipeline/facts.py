@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,14 @@ def _mem_total_kb() -> int:
     return 0
 
 
-def gather_facts(facts_dir: str | None = None) -> dict[str, Any]:
+def gather_facts(
+    facts_dir: str | None = None, *, redact: Callable[[str], str] | None = None
+) -> dict[str, Any]:
     """Return this host's facts; every key is present even when a source is missing.
 
     ``local``: the local facts of ``facts_dir`` (:func:`local_facts`; {} for
-    None or a missing directory). Raises FactsError as :func:`local_facts` does.
+    None or a missing directory). Raises FactsError as :func:`local_facts` does,
+    the stderr line it quotes passed through ``redact``.
     """
     hostname = socket.gethostname().split(".")[0]
     try:
@@ -67,7 +71,7 @@ def gather_facts(facts_dir: str | None = None) -> dict[str, Any]:
         "arch": platform.machine(),
         "cpu_count": os.cpu_count() or 1,
         "mem_total_kb": _mem_total_kb(),
-        "local": local_facts(facts_dir),
+        "local": local_facts(facts_dir, redact=redact),
     }
 
 
@@ -143,7 +147,12 @@ def _refuse(path: str, why: str) -> FactsError:
     )
 
 
-def local_facts(facts_dir: str | None, *, timeout: float = FACT_TIMEOUT) -> dict[str, Any]:
+def local_facts(
+    facts_dir: str | None,
+    *,
+    timeout: float = FACT_TIMEOUT,
+    redact: Callable[[str], str] | None = None,
+) -> dict[str, Any]:
     """``facts.local``: name → value of each source in ``facts_dir`` (SPEC §10).
 
     Sources, by file name (``name`` = the name without its last extension):
@@ -154,6 +163,11 @@ def local_facts(facts_dir: str | None, *, timeout: float = FACT_TIMEOUT) -> dict
     be a mapping. Hidden files (``.name``) and other names (``README``,
     ``x.dpkg-old``, ``x~``) are ignored, as run-parts ignores them.
     A missing directory (or None) is no local facts: {}.
+
+    An executable that fails is a FactsError quoting its last stderr line,
+    passed through ``redact`` first (SPEC §8: the agent's run gives the secret
+    text the host holds; called only then, and before the line is cut to 200
+    characters, so no half of a secret is left).
 
     Read as given, never under ``root``: facts describe the machine the agent
     runs on, as its configuration and ``exclude_file`` do.
@@ -209,7 +223,7 @@ def local_facts(facts_dir: str | None, *, timeout: float = FACT_TIMEOUT) -> dict
                 where=path,
                 hint="rename or remove one of them",
             )
-        value = _run_fact(path, timeout) if runs else _read_fact(path, suffix)
+        value = _run_fact(path, timeout, redact) if runs else _read_fact(path, suffix)
         if not isinstance(value, dict):
             raise FactsError(
                 f"gives {type(value).__name__}, not a mapping",
@@ -253,7 +267,7 @@ def _read_fact(path: str, suffix: str) -> Any:
         raise FactsError(f"invalid {kind}", where=where, hint="fix the syntax") from exc
 
 
-def _run_fact(path: str, timeout: float) -> Any:
+def _run_fact(path: str, timeout: float, redact: Callable[[str], str] | None) -> Any:
     """Run an executable fact (see :func:`local_facts`); its stdout parsed as JSON."""
     try:
         proc = subprocess.Popen(
@@ -288,7 +302,10 @@ def _run_fact(path: str, timeout: float) -> Any:
         )
     if proc.returncode != 0:
         tail = err.decode("utf-8", "replace").strip().splitlines()
-        said = f": {tail[-1][:200]}" if tail else ""
+        last = tail[-1] if tail else ""
+        if last and redact is not None:
+            last = redact(last)
+        said = f": {last[:200]}" if last else ""
         raise FactsError(
             f"exited with status {proc.returncode}{said}",
             where=path,

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reconciler.config import AgentConfig
-from reconciler.errors import ApplyError, PathError, ReconcilerError
+from reconciler.errors import ApplyError, ReconcilerError
 from reconciler.git.cache import open_state_repo
 from reconciler.git.remote import Remote, set_net_timeout, tracking_ref
 from reconciler.git.repo import Repo, ref_target
@@ -40,19 +40,20 @@ from reconciler.pipeline.record import (
 from reconciler.pipeline.recovery import recover
 from reconciler.pipeline.rollback import RollbackResult, rollback
 from reconciler.pipeline.run import RunOutcome, new_run_id
-from reconciler.pipeline.scan import host_path
+from reconciler.pipeline.scan import secret_contents
 from reconciler.report import build_rollback_report, commit_report
 from reconciler.secrets.redact import Redaction
 
 log = logging.getLogger(__name__)
 
 
-def _facts(facts_dir: str) -> dict[str, Any]:
+def _facts(facts_dir: str, redact: Callable[[str], str] | None = None) -> dict[str, Any]:
     """The host's facts for a rollback's report, its local facts included (SPEC §10:
     operators render with the last report's facts). A failing local fact source
-    does not stop a rollback, which renders nothing: its report then has none."""
+    does not stop a rollback, which renders nothing: its report then has none, and
+    its error is logged, the line it quotes through ``redact`` (SPEC §8)."""
     try:
-        return gather_facts(facts_dir)
+        return gather_facts(facts_dir, redact=redact)
     except ReconcilerError as exc:
         log.warning("local facts not read for the rollback's report: %s", exc)
         return gather_facts()
@@ -130,7 +131,12 @@ def rollback_once(
                 *result.errors,
                 *script_errors,
             ),
-            facts=_facts(config.facts_dir),
+            facts=_facts(
+                config.facts_dir,
+                lambda text: Redaction.of(
+                    secret_contents(result.state.managed, root, system)
+                ).apply(text),
+            ),
             cache_rebuilt=rebuilt.to_json() if rebuilt is not None else None,
             scripts=scripts,
         )
@@ -275,10 +281,4 @@ def _secret_text(
                 texts.append(age.decrypt(payload, keys, where=where))
             except SecretError:
                 continue
-    for path, record in state.managed.items():
-        if record.secret:
-            try:
-                texts.append(system.read_bytes(host_path(root, PurePosixPath(path))))
-            except (OSError, PathError):
-                continue  # not restored, or not a regular file now: nothing to read
-    return Redaction.of(texts)
+    return Redaction.of([*texts, *secret_contents(state.managed, root, system)])

@@ -298,7 +298,7 @@ def reconcile_once(
             # The one place a dry run differs (SPEC §3: plan and report to stdout
             # only): its System changes nothing, and no ping, no recovery, no
             # no-op short cut (a diff needs the plan), nothing recorded.
-            setting = _setting(config, options, remote, state_dir, root, started, clock)
+            setting = _setting(config, options, remote, state_dir, root, system, started, clock)
             setting = dataclasses.replace(setting, mirrors=tuple(mirrors))
             prepared = prepare(setting, load_state(state_dir), None)
             converged = converge(setting, prepared, system, journal=False)
@@ -310,7 +310,7 @@ def reconcile_once(
                 actual=converged.actual,
             )
         ping(config.report.ping_url, "start")
-        setting = _setting(config, options, remote, state_dir, root, started, clock)
+        setting = _setting(config, options, remote, state_dir, root, system, started, clock)
         setting = dataclasses.replace(setting, mirrors=tuple(mirrors))
         # Recovery before the fetch: an interrupted run is finished or undone
         # whatever the source says now (SPEC §4).
@@ -330,6 +330,7 @@ def _setting(
     remote: Remote,
     state_dir: StateDir,
     root: Path,
+    system: System,
     started: dt.datetime,
     clock: float,
 ) -> Setting:
@@ -338,9 +339,22 @@ def _setting(
     repo, rebuilt = open_state_repo(
         state_dir.repo, node=config.node, branch=config.branch, heal=not options.dry_run
     )
+
+    def redact(text: str) -> str:
+        # A failing fact executable's line, quoted in the run's error (SPEC §8). Facts
+        # come before any render (they are its input): the secret text the host knows
+        # then is its secret destinations as the last run left them, read back.
+        from reconciler.pipeline.scan import secret_contents
+
+        try:
+            managed = load_state(state_dir).managed
+        except ReconcilerError:
+            return text  # a corrupt state file: recovery moves it aside next
+        return Redaction.of(secret_contents(managed, root, system)).apply(text)
+
     facts_error: ReconcilerError | None = None
     try:
-        facts = gather_facts(config.facts_dir)
+        facts = gather_facts(config.facts_dir, redact=redact)
     except ReconcilerError as exc:
         facts, facts_error = gather_facts(None), exc
     return Setting(

@@ -75,6 +75,22 @@ def host_path(root: Path, dest: PurePosixPath) -> Path:
     return root.joinpath(*dest.parts[1:])
 
 
+def secret_contents(managed: Mapping[str, ManagedFile], root: Path, system: System) -> list[bytes]:
+    """The bytes of every destination of ``managed`` recorded ``secret``, as the disk
+    holds them now (through ``system``): the secret text a host knows without
+    decrypting (SPEC §8), for redacting what runs before a render (local facts)
+    or without one (a rollback). A path that is gone or no longer a regular
+    file is skipped. Never raises."""
+    out = []
+    for path, record in managed.items():
+        if record.secret:
+            try:
+                out.append(system.read_bytes(host_path(root, PurePosixPath(path))))
+            except (OSError, PathError):
+                continue
+    return out
+
+
 def _unsafe(dest: PurePosixPath, exc: PathError) -> ActualFile:
     """The ActualFile of a path the System cannot reach safely (SPEC §6)."""
     if isinstance(exc, UnsafePathError):

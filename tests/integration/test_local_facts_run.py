@@ -36,3 +36,38 @@ def test_a_failing_local_fact_fails_the_run_and_changes_nothing(make_host, tmp_p
     assert code == 0, report["errors"]
     assert "  where:  DC2 hall B, rack R12\n" in host.path("/etc/motd").read_text()
     assert report["facts"]["local"] == {"location": {"room": "DC2 hall B", "rack": "R12"}}
+
+
+def test_a_failing_facts_line_quoting_a_secret_file_is_redacted(fleet, make_host, tmp_path):
+    """SPEC §8: a fact executable that reads a secret file the last run wrote and fails
+    quoting its line: the run's error (stderr, report) shows ``<redacted>`` there.
+    Facts run before any render, so the secret text the host knows then is its
+    secret destinations, read back as the last run left them."""
+    from reconciler.secrets import age
+
+    identity = tmp_path / "web1.age"
+    to = [age.parse_recipient(age.keygen(identity), where="web1")]
+    config = tmp_path / "web1.yaml"
+    config.write_text(f"identity: {identity}\n")
+    secret = "pw-facts-3c9e1b7a05"
+    payload = age.encrypt(secret.encode(), to).decode().replace("\n", "\n      ")
+    fleet.write(
+        "hosts/web1.yaml",
+        f"apps: [vault]\nvars:\n  vault:\n    password: !age |\n      {payload}\n",
+    )
+    fleet.write("templates/vault/default/etc/vault/db.conf.j2", "pw={{ vault.password }}\n")
+    fleet.commit("vault: a password")
+    host = make_host("web1")
+    assert host.pull("--config", str(config)).returncode == 0
+    facts = tmp_path / "facts.d"
+    facts.mkdir(mode=0o755)
+    os.chmod(facts, 0o755)
+    conf = host.path("/etc/vault/db.conf")
+    (facts / "db.sh").write_text(f'#!/bin/sh\necho "no database for $(cat {conf})" >&2\nexit 3\n')
+    os.chmod(facts / "db.sh", 0o755)
+
+    proc = host.run("pull", "--format", "json", "--facts-dir", str(facts), "--config", str(config))
+    assert proc.returncode == 1
+    assert "exited with status 3: no database for <redacted>" in proc.stderr, proc.stderr
+    for text in (proc.stdout, proc.stderr, str(fleet.report("web1"))):
+        assert secret not in text
