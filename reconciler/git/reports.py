@@ -358,6 +358,11 @@ def delete_report_branch(
 
 SHARDS_NS = "refs/reconciler/shards/"  # an operator's cache: <digest of a URL>/<node>
 SHARD_WORKERS = 8  # report repositories fetched at once by an operator's command
+# Shards of one server that failed, none of its shards having answered, after which
+# its other shards are not tried: a server that is down costs one round of fetches
+# (SHARD_WORKERS at once), not one per shard (256 refusing shards: 54 s; black-holed,
+# each try waiting net_timeout: ~96 min).
+SERVER_GIVE_UP = SHARD_WORKERS
 
 
 def shard_prefix(url: str) -> str:
@@ -378,12 +383,35 @@ def fetch_report_shards(repo: Repo, remotes: Sequence[Remote]) -> dict[str, Remo
     network, so the fetches overlap (docs/scale.md gives the measure); each
     thread opens its own handle on the cache, as libgit2 wants one
     repository object per thread.
+
+    A server (scheme, host, port) whose shards failed SERVER_GIVE_UP times
+    while none of its shards answered is taken for down: its shards not yet
+    fetched are not tried, each given an error saying so. libgit2 tells a
+    refused or silent server from a missing repository only in its text,
+    which is never parsed (git/errors.py); so the rule counts failures of
+    any kind, and one answer from the server keeps every shard of it tried.
     """
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from reconciler.git.repo import open_bare
+    from reconciler.git.url import parse_remote
+
+    lock = threading.Lock()
+    failures: dict[tuple[str, str, int | None], int] = {}  # a server: its shards that failed
+    answered: set[tuple[str, str, int | None]] = set()  # servers with a shard fetched
 
     def one(remote: Remote) -> RemoteError | None:
+        at = parse_remote(remote.url)
+        server = (at.scheme, at.host, at.port)
+        with lock:
+            given_up = server not in answered and failures.get(server, 0) >= SERVER_GIVE_UP
+        if given_up:
+            text = (
+                f"{remote.url}: not fetched: {SERVER_GIVE_UP} report repositories of its "
+                "server failed and none answered"
+            )
+            return RemoteError(text, detail=text)
         own = open_bare(Path(repo.path), durable=False)
         try:
             fetch(
@@ -393,7 +421,11 @@ def fetch_report_shards(repo: Repo, remotes: Sequence[Remote]) -> dict[str, Remo
                 prune=True,
             )
         except RemoteError as exc:
+            with lock:
+                failures[server] = failures.get(server, 0) + 1
             return exc
+        with lock:
+            answered.add(server)
         return None
 
     with ThreadPoolExecutor(max_workers=min(SHARD_WORKERS, max(1, len(remotes)))) as pool:
