@@ -217,7 +217,14 @@ def _execute(
             data = t.written()
             if t.whole is not None and actual.kind == "file":
                 data = _respliced(system, host, same, t, change.path)
-            done = system.write_file(host, data, t.mode, change.uid, change.gid)
+            # An owner or group the metadata does not set stays as the file had it:
+            # the temp file is this process's (root's), and renamed over the file it
+            # would hand the file to root. Puppet's replace_file and Ansible's
+            # atomic_move keep the existing owner the same way.
+            kept = actual.kind == "file"
+            uid = actual.uid if change.uid is None and kept else change.uid
+            gid = actual.gid if change.gid is None and kept else change.gid
+            done = system.write_file(host, data, t.mode, uid, gid)
         created.discard(str(change.path))  # a created directory replaced by a file
         return done
     if change.action in ("chmod", "chown"):

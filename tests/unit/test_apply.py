@@ -223,3 +223,29 @@ def test_a_file_swapped_after_the_scan_is_neither_backed_up_nor_followed(tmp_pat
     kept = [p.read_bytes() for p in backups.rglob("*") if p.is_file()] if backups.exists() else []
     assert all(b"ROOT-ONLY" not in k for k in kept)
     assert secret.read_bytes() == b"ROOT-ONLY\n"
+
+
+def test_an_owner_the_metadata_does_not_set_is_kept_when_the_content_is_replaced(tmp_path):
+    """A managed file without owner:/group: keeps the owner the host gave it when its
+    content is rewritten (it used to become root's: the temp file renamed over it is
+    this process's), as Puppet's and Ansible's file writes keep it."""
+    repo = write_repo(tmp_path / "repo", {"hosts/n.yaml": "{}\n"})
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "a.conf").write_bytes(b"hand written\n")
+    os.chown(root / "etc" / "a.conf", 1234, 5678)
+    _, _, state = reconcile(
+        tmp_path, target_of(tfile("/etc/a.conf", b"new\n")), LocalState(), repo, "r1"
+    )
+    st = (root / "etc" / "a.conf").stat()
+    assert (root / "etc" / "a.conf").read_bytes() == b"new\n"
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert (state.managed["/etc/a.conf"].uid, state.managed["/etc/a.conf"].gid) == (1234, 5678)
+    _, _, state = reconcile(
+        tmp_path,
+        target_of(tfile("/etc/a.conf", b"new\n"), tfile("/etc/new.conf", b"x\n")),
+        state,
+        repo,
+        "r2",
+    )
+    assert (root / "etc" / "new.conf").stat().st_uid == os.getuid()  # a new file: as before
