@@ -684,7 +684,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             errors=prepared.errors,
             rollout=prepared.rollout,
         )
-    from reconciler.host.packages import package_db_stamp, read_host
+    from reconciler.host.packages import PackageError, package_db_stamp, read_host
     from reconciler.pipeline.apply import RunContext, apply_plan
     from reconciler.pipeline.capture import drift_captures, seal_captures
     from reconciler.pipeline.ensure import PackageSettings
@@ -744,6 +744,10 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             analyses=analyses,
         )
         state_dir.write_template_cache(analyses, changed=analyses != analysed)
+        # The run's secret text (SPEC §8), cut out of host output from here on.
+        redaction = Redaction.of(
+            [*target.secret_values, *(f.content for f in target.files.values() if f.secret)]
+        )
         hold = prepared.hold_check
         if hold is not None and _held_target_unchanged(setting, hold, target, cache):
             hold_unchanged = commit
@@ -795,14 +799,17 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
         specs_p = [p for a in target.apps for p in a.packages]
         specs_s = [s for a in target.apps for s in a.services]
         if specs_p or specs_s:
-            host_res = read_host(
-                system,
-                setting.facts.get("os_release") or {},
-                root,
-                packages=bool(specs_p),
-                units=[s.unit for s in specs_s],
-                node=config.node,
-            )
+            try:
+                host_res = read_host(
+                    system,
+                    setting.facts.get("os_release") or {},
+                    root,
+                    packages=bool(specs_p),
+                    units=[s.unit for s in specs_s],
+                    node=config.node,
+                )
+            except PackageError as exc:  # it quotes dpkg-query's or rpm's own line
+                raise PackageError(redaction.apply(str(exc))) from None
             check_for_manager(specs_p, host_res.manager, node=config.node)
             res_changes, res_drift = plan_resources(
                 specs_p, specs_s, host_res, previous.resources, mode
@@ -854,9 +861,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             run_id=setting.run_id,
             root=root,
             state_dir=state_dir,
-            redaction=Redaction.of(
-                [*target.secret_values, *(f.content for f in target.files.values() if f.secret)]
-            ),
+            redaction=redaction,
         )
         # Post scripts owed by interrupted runs: run only when this run may change things.
         owed = dict(recovery.post_pending) if recovery and mode == "enforce" else {}

@@ -261,3 +261,43 @@ def test_script_output_that_prints_a_secret_is_redacted_in_the_report(fleet, mak
     [show] = [s for s in report["scripts"] if s["name"] == "90-show-keys"]
     assert show["output_tail"] == "checking keys:\n<redacted>"  # the file whole: one mark
     assert REPO_V1 not in json.dumps(fleet.report("web1"))
+
+
+def test_a_package_databases_error_line_is_redacted(fleet, make_host, tmp_path, monkeypatch):
+    """SPEC §8, §11: the line a failing dpkg-query prints is quoted in the run's error;
+    the run has decrypted its secrets by then (host resources are read after the
+    render), so a line holding one shows ``<redacted>`` there. dpkg-query is a
+    stand-in on PATH: the real one's database is under the test's root."""
+    from reconciler.secrets import age
+
+    identity = tmp_path / "web1.age"
+    to = [age.parse_recipient(age.keygen(identity), where="web1")]
+    config = tmp_path / "web1.yaml"
+    config.write_text(f"identity: {identity}\n")
+    secret = "pw-dpkg-61f0c2a9e4"
+    payload = age.encrypt(secret.encode(), to).decode().replace("\n", "\n      ")
+    fleet.write(
+        "hosts/web1.yaml",
+        f"apps: [vault]\nvars:\n  vault:\n    password: !age |\n      {payload}\n",
+    )
+    fleet.write("templates/vault/default/etc/vault/db.conf.j2", "pw={{ vault.password }}\n")
+    fleet.write("templates/vault/app.yaml", "packages: [vault-client]\n")
+    fleet.commit("vault: a password and its client")
+    host = make_host("web1")
+    (host.root / "var/lib/dpkg").mkdir(parents=True)
+    (host.root / "var/lib/dpkg/status").write_text("")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg-query").write_text(
+        "#!/bin/sh\necho \"dpkg-query: error: parsing file 'status' near line 3 "
+        f"package 'vault-client': Description: pw={secret}\" >&2\nexit 2\n"
+    )
+    (bin_dir / "dpkg-query").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    proc = host.run("pull", "--format", "json", "--config", str(config))
+    assert proc.returncode == 1
+    [error] = json.loads(proc.stdout)["errors"]
+    assert "Description: <redacted>" in error, error
+    for text in (proc.stdout, proc.stderr, json.dumps(fleet.report("web1"))):
+        assert secret not in text
