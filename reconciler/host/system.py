@@ -412,34 +412,38 @@ def run_command(
     stopped: str | None = None  # why it was killed: None, "timeout" or "output"
     assert proc.stdout is not None and proc.stderr is not None
     with proc, selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ, out)
-        sel.register(proc.stderr, selectors.EVENT_READ, err)
-        while sel.get_map() and stopped is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                stopped = "timeout"
-                break
-            for key, _ in sel.select(left):
-                buf: bytearray = key.data
-                want = min(_PIPE_READ, most + 1 - len(out)) if buf is out else _PIPE_READ
-                chunk = os.read(key.fd, want)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    continue
-                buf += chunk
-                if buf is err and len(err) > _ERRORS_KEPT:
-                    del err[:-_ERRORS_KEPT]
-                if len(out) > most:
-                    stopped = "output"
+        try:
+            sel.register(proc.stdout, selectors.EVENT_READ, out)
+            sel.register(proc.stderr, selectors.EVENT_READ, err)
+            while sel.get_map() and stopped is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    stopped = "timeout"
                     break
-        if stopped is None:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                stopped = "timeout"
-        if stopped is not None:
-            proc.kill()
-            proc.wait()
+                for key, _ in sel.select(left):
+                    buf: bytearray = key.data
+                    want = min(_PIPE_READ, most + 1 - len(out)) if buf is out else _PIPE_READ
+                    chunk = os.read(key.fd, want)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    buf += chunk
+                    if buf is err and len(err) > _ERRORS_KEPT:
+                        del err[:-_ERRORS_KEPT]
+                    if len(out) > most:
+                        stopped = "output"
+                        break
+            if stopped is None:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    stopped = "timeout"
+            if stopped is not None:
+                proc.kill()
+                proc.wait()
+        except BaseException:
+            proc.kill()  # as subprocess.run: never left running behind an exception
+            raise
     lines = err.decode("utf-8", "replace").splitlines()
     if stopped == "output":
         lines.append(f"printed more than {most} bytes on stdout: stopped, not read further")
