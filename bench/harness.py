@@ -271,8 +271,17 @@ def measure(
     process's resident pages in its ``ru_maxrss`` (Linux keeps the high-water
     mark of the pre-exec copy), which puts a floor of ~20 MiB under every
     figure. Without GNU time: wait4's ``ru_maxrss``, with that caveat.
+
+    Dirty pages are written back first (``sync``): a run's flush (syncfs, a
+    directory's fsync) waits for every dirty page of its filesystem, so what
+    the bench (or anything before it: a venv just installed) left unwritten
+    would be timed as the run's own (the 200-file cases measured right after
+    ``make bench`` had installed its venvs ran ~10 % slower than in the run
+    before, every other case faster).
     """
     import tempfile
+
+    os.sync()
 
     with (
         tempfile.TemporaryFile() as out,
