@@ -19,8 +19,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from reconciler.config import AgentConfig
 
 PROJECT = Path(__file__).resolve().parent.parent
 GIT_ENV = {
@@ -294,6 +298,20 @@ class Host:
         }
         taken = _HOST_FLAGS.get(command, tuple(every))
         return [word for flag in taken for word in (flag, every[flag])]
+
+    def config(self, **more: object) -> AgentConfig:
+        """This host's AgentConfig for an in-process run (``reconcile_once``), as its
+        flags set it; ``more``: other keys (``auth=``, ``mode=``…)."""
+        from reconciler.config import AgentConfig
+
+        return AgentConfig(
+            repo=self.url,
+            node=self.node,
+            root=str(self.root),
+            state_dir=str(self.state_dir),
+            exclude_file=str(self.exclude_file),
+            **more,  # type: ignore[arg-type]
+        )
 
     def run(
         self, command: str, *args: str, timeout: float = 120

@@ -225,7 +225,6 @@ def sweep_stopped_runs(
     """
     # Imported here: the integration helpers are also imported by tests that
     # only run the agent as a subprocess.
-    from reconciler.config import AgentConfig
     from reconciler.host.system import FaultInjected, FaultySystem
     from reconciler.pipeline.run import reconcile_once
 
@@ -240,13 +239,7 @@ def sweep_stopped_runs(
             exclude_file=base / "exclude",
             url=host.url,
         )
-        config = AgentConfig(
-            repo=h.url,
-            node=h.node,
-            root=str(h.root),
-            state_dir=str(h.state_dir),
-            exclude_file=str(h.exclude_file),
-        )
+        config = h.config()
         try:
             reconcile_once(config, wrap=lambda s, n=fail_after: FaultySystem(s, n))
         except FaultInjected:
@@ -289,3 +282,23 @@ def machine_lock(name: str, what: str, timeout: float = 300) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def vault_password(fleet: Fleet, tmp_path: Path, secret: str) -> Path:
+    """web1's desired state holding ``secret`` as the ``!age`` value ``vault.password``
+    (a real age key of web1's), and the template that writes it to
+    /etc/vault/db.conf; returns the agent configuration naming web1's identity.
+    Nothing is committed: the caller adds what its test needs, then commits."""
+    from reconciler.secrets import age
+
+    identity = tmp_path / "web1.age"
+    to = [age.parse_recipient(age.keygen(identity), where="web1")]
+    config = tmp_path / "web1.yaml"
+    config.write_text(f"identity: {identity}\n")
+    payload = age.encrypt(secret.encode(), to).decode().replace("\n", "\n      ")
+    fleet.write(
+        "hosts/web1.yaml",
+        f"apps: [vault]\nvars:\n  vault:\n    password: !age |\n      {payload}\n",
+    )
+    fleet.write("templates/vault/default/etc/vault/db.conf.j2", "pw={{ vault.password }}\n")
+    return config

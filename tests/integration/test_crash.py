@@ -41,7 +41,6 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from reconciler.config import AgentConfig
 from reconciler.host.system import FaultInjected, FaultySystem
 from reconciler.pipeline.run import reconcile_once
 from tests.conftest import GIT_ENV, Fleet, Host, git
@@ -736,13 +735,7 @@ def test_pull_and_status_say_a_run_recovered_an_interrupted_one(fleet, make_host
     template = "templates/motd/default/etc/motd.j2"
     fleet.write(template, fleet.read(template) + "a new line\n")
     fleet.commit("motd: a new line")
-    config = AgentConfig(
-        repo=host.url,
-        node=host.node,
-        root=str(host.root),
-        state_dir=str(host.state_dir),
-        exclude_file=str(host.exclude_file),
-    )
+    config = host.config()
     with pytest.raises(FaultInjected):
         reconcile_once(config, wrap=lambda system: FaultySystem(system, fail_after=1))
 

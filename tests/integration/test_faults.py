@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.config import AgentConfig
 from reconciler.host.system import FaultInjected, FaultySystem, System
 from reconciler.pipeline.run import reconcile_once
 from tests.conftest import Fleet, Host, git
@@ -41,16 +40,6 @@ def publish(fleet: Fleet, commit: str) -> None:
     git("push", "-q", "-f", "origin", f"{commit}:refs/heads/main", cwd=fleet.work)
 
 
-def config_of(host: Host) -> AgentConfig:
-    return AgentConfig(
-        repo=host.url,
-        node=host.node,
-        root=str(host.root),
-        state_dir=str(host.state_dir),
-        exclude_file=str(host.exclude_file),
-    )
-
-
 def prepared(fleet: Fleet, tmp_path: Path, n: int, old: str, new: str) -> Host:
     """A host converged on ``old``, then drifted, with ``new`` published."""
     base = tmp_path / f"n{n}"
@@ -63,7 +52,7 @@ def prepared(fleet: Fleet, tmp_path: Path, n: int, old: str, new: str) -> Host:
     )
     host.root.mkdir(parents=True)
     publish(fleet, old)
-    assert reconcile_once(config_of(host)).result == "changed"
+    assert reconcile_once(host.config()).result == "changed"
     srv = host.path("/srv/small")
     (srv / "c.conf").chmod(0o600)  # drift: a chmod to repair
     (srv / "d.conf").mkdir()  # a directory in the way of a new file
@@ -125,7 +114,7 @@ def test_a_run_interrupted_after_each_effect_leaves_old_or_new_and_the_next_run_
         return counting[0]
 
     host = prepared(fleet, tmp_path, -1, old, new)
-    outcome = reconcile_once(config_of(host), wrap=count)
+    outcome = reconcile_once(host.config(), wrap=count)
     assert outcome.result == "drift", outcome.report.errors
     assert_new(host, "uninterrupted")
     effects = counting[0].effects
@@ -136,7 +125,7 @@ def test_a_run_interrupted_after_each_effect_leaves_old_or_new_and_the_next_run_
         host = prepared(fleet, tmp_path, n, old, new)
         with pytest.raises(FaultInjected):
             reconcile_once(
-                config_of(host), wrap=lambda system, n=n: FaultySystem(system, fail_after=n)
+                host.config(), wrap=lambda system, n=n: FaultySystem(system, fail_after=n)
             )
         where = f"interrupted before effect {n}: {effects[n]}"
         assert_old_or_new(host, where)

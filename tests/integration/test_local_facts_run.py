@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from tests.conftest import tree_snapshot
+from tests.integration._helpers import vault_password
 
 
 def test_a_failing_local_fact_fails_the_run_and_changes_nothing(make_host, tmp_path):
@@ -43,19 +44,8 @@ def test_a_failing_facts_line_quoting_a_secret_file_is_redacted(fleet, make_host
     quoting its line: the run's error (stderr, report) shows ``<redacted>`` there.
     Facts run before any render, so the secret text the host knows then is its
     secret destinations, read back as the last run left them."""
-    from reconciler.secrets import age
-
-    identity = tmp_path / "web1.age"
-    to = [age.parse_recipient(age.keygen(identity), where="web1")]
-    config = tmp_path / "web1.yaml"
-    config.write_text(f"identity: {identity}\n")
     secret = "pw-facts-3c9e1b7a05"
-    payload = age.encrypt(secret.encode(), to).decode().replace("\n", "\n      ")
-    fleet.write(
-        "hosts/web1.yaml",
-        f"apps: [vault]\nvars:\n  vault:\n    password: !age |\n      {payload}\n",
-    )
-    fleet.write("templates/vault/default/etc/vault/db.conf.j2", "pw={{ vault.password }}\n")
+    config = vault_password(fleet, tmp_path, secret)
     fleet.commit("vault: a password")
     host = make_host("web1")
     assert host.pull("--config", str(config)).returncode == 0

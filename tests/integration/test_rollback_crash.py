@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from reconciler.config import AgentConfig
 from reconciler.host.system import FaultInjected, FaultySystem
 from reconciler.pipeline.rollback_run import rollback_once
 from tests.conftest import tree_snapshot
@@ -43,16 +42,6 @@ def many_host(fleet, make_host, files: int):
     fleet.write(f"{APP}/srv/many/new/deeper/added.conf", "added in v1\n")
     fleet.commit("many: version 1")
     return host, before
-
-
-def config_of(host) -> AgentConfig:
-    return AgentConfig(
-        repo=host.url,
-        node=host.node,
-        root=str(host.root),
-        state_dir=str(host.state_dir),
-        exclude_file=str(host.exclude_file),
-    )
 
 
 def assert_finished(host, before, rolled_back_run: str, where: str) -> dict:
@@ -94,7 +83,7 @@ def test_a_rollback_stopped_after_n_effects_is_finished_by_the_next_run(fleet, m
             return faulty[-1]
 
         with pytest.raises(FaultInjected):
-            rollback_once(config_of(host), None, wrap=wrap)
+            rollback_once(host.config(), None, wrap=wrap)
         where = f"rollback stopped after {fail_after} effects: {faulty[0].effects[-3:]}"
         stopped_at.append(fail_after)
         assert_finished(host, before, run["run_id"], where)

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import git
 from tests.integration._agent import run
-from tests.integration._helpers import assert_clean_error, changes, drift_kinds
+from tests.integration._helpers import assert_clean_error, changes, drift_kinds, vault_password
 
 KEYS = "templates/chrony/default/etc/chrony/chrony.keys"
 DEST = "/etc/chrony/chrony.keys"
@@ -268,19 +268,8 @@ def test_a_package_databases_error_line_is_redacted(fleet, make_host, tmp_path, 
     the run has decrypted its secrets by then (host resources are read after the
     render), so a line holding one shows ``<redacted>`` there. dpkg-query is a
     stand-in on PATH: the real one's database is under the test's root."""
-    from reconciler.secrets import age
-
-    identity = tmp_path / "web1.age"
-    to = [age.parse_recipient(age.keygen(identity), where="web1")]
-    config = tmp_path / "web1.yaml"
-    config.write_text(f"identity: {identity}\n")
     secret = "pw-dpkg-61f0c2a9e4"
-    payload = age.encrypt(secret.encode(), to).decode().replace("\n", "\n      ")
-    fleet.write(
-        "hosts/web1.yaml",
-        f"apps: [vault]\nvars:\n  vault:\n    password: !age |\n      {payload}\n",
-    )
-    fleet.write("templates/vault/default/etc/vault/db.conf.j2", "pw={{ vault.password }}\n")
+    config = vault_password(fleet, tmp_path, secret)
     fleet.write("templates/vault/app.yaml", "packages: [vault-client]\n")
     fleet.commit("vault: a password and its client")
     host = make_host("web1")

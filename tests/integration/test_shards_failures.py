@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from reconciler.cli.main import main
-from reconciler.config import AgentConfig, AuthConfig
+from reconciler.config import AuthConfig
 from reconciler.git.reports import SHARDS_NS
 from reconciler.ops.fleet import fetch_upstream, open_upstream
 from reconciler.pipeline.rollback_run import rollback_once
@@ -87,14 +87,7 @@ def test_a_rollback_whose_push_cannot_be_set_up_queues_its_report(fleet, make_ho
     host = make_host("web1")
     assert host.pull().returncode == 0
     pushed = fleet.report_log("web1")
-    config = AgentConfig(
-        repo=host.url,
-        node=host.node,
-        root=str(host.root),
-        state_dir=str(host.state_dir),
-        exclude_file=str(host.exclude_file),
-        auth=AuthConfig(ca_file=str(tmp_path / "no-such-ca.pem")),
-    )
+    config = host.config(auth=AuthConfig(ca_file=str(tmp_path / "no-such-ca.pem")))
 
     outcome = rollback_once(config, None)
 
