@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.errors import ReconcilerError
 from reconciler.host.system import OUTPUT_TAIL_BYTES, RealSystem, ScriptRun
 from reconciler.pipeline.ensure import (
     PackageSettings,
@@ -63,17 +64,11 @@ def _failing_systemctl(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def test_journal_lines_of_a_unit_that_failed_to_start_are_redacted(tmp_path, monkeypatch):
-    # systemctl: nothing to daemon-reload, and the start fails; journalctl: the unit's
-    # last lines, one of them printing a secret value the run decrypted.
-    bin_dir = _failing_systemctl(tmp_path)
-    _stand_in(
-        bin_dir,
-        "journalctl",
-        f"echo 'rctest[42]: starting'\necho 'rctest[42]: login as app/{SECRET} refused'",
-    )
-    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    unit = "rctest-secret.service"
+def _enforce_start(
+    unit: str, redaction: Redaction
+) -> tuple[list[ReconcilerError], list[ScriptRun]]:
+    """``enforce_services`` on ``/`` for one planned start of ``unit`` (app db), with
+    the systemctl and journalctl first on PATH: (its errors, its script runs)."""
     change = ResourceChange(
         kind="service", name=unit, action="start", reason="desired", app="db", apply=True
     )
@@ -87,8 +82,23 @@ def test_journal_lines_of_a_unit_that_failed_to_start_are_redacted(tmp_path, mon
         Path("/"),
         ResourceResult(),
         scripts,
-        Redaction.of([SECRET.encode()]),
+        redaction,
     )
+    return errors, scripts
+
+
+def test_journal_lines_of_a_unit_that_failed_to_start_are_redacted(tmp_path, monkeypatch):
+    # systemctl: nothing to daemon-reload, and the start fails; journalctl: the unit's
+    # last lines, one of them printing a secret value the run decrypted.
+    bin_dir = _failing_systemctl(tmp_path)
+    _stand_in(
+        bin_dir,
+        "journalctl",
+        f"echo 'rctest[42]: starting'\necho 'rctest[42]: login as app/{SECRET} refused'",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    unit = "rctest-secret.service"
+    errors, scripts = _enforce_start(unit, Redaction.of([SECRET.encode()]))
     assert [type(e).__name__ for e in errors] == ["ApplyError"]
     [run] = scripts
     assert (run.phase, run.app, run.name, run.exit_code) == ("service", "db", unit, 1)
@@ -161,22 +171,7 @@ def test_journal_tail_of_a_failed_unit_is_bounded_like_a_scripts(tmp_path, monke
         "echo 'rctest[42]: the end'",
     )
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    unit = "rctest-long.service"
-    change = ResourceChange(
-        kind="service", name=unit, action="start", reason="desired", app="db", apply=True
-    )
-    spec = ServiceSpec(unit=unit, enabled=False, running=True, on_change="none", app="db")
-    scripts: list[ScriptRun] = []
-    enforce_services(
-        [spec],
-        [change],
-        False,
-        RealSystem(root="/"),
-        Path("/"),
-        ResourceResult(),
-        scripts,
-        Redaction(),
-    )
+    _, scripts = _enforce_start("rctest-long.service", Redaction())
     [run] = scripts
     lines = run.output_tail.splitlines()
     assert len(run.output_tail.encode()) <= OUTPUT_TAIL_BYTES
@@ -219,21 +214,7 @@ def test_a_failed_daemon_reload_line_is_redacted(tmp_path, monkeypatch, decrypte
         f"echo 'Failed to parse Environment=DB_PASSWORD={SECRET}' >&2; exit 1 ;; esac",
     )
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    unit = "rctest-reload.service"
-    change = ResourceChange(
-        kind="service", name=unit, action="start", reason="desired", app="db", apply=True
-    )
-    spec = ServiceSpec(unit=unit, enabled=False, running=True, on_change="none", app="db")
-    errors = enforce_services(
-        [spec],
-        [change],
-        False,
-        RealSystem(root="/"),  # no file is touched: only the stand-in runs
-        Path("/"),
-        ResourceResult(),
-        [],
-        decrypted,
-    )
+    errors, _ = _enforce_start("rctest-reload.service", decrypted)
     [error] = [str(e) for e in errors if "daemon-reload" in str(e)]
     assert SECRET not in error
     assert f"Environment=DB_PASSWORD={MARK}" in error
