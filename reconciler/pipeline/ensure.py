@@ -28,7 +28,7 @@ from reconciler.host.packages import (
     run_transaction,
     service_command,
 )
-from reconciler.host.system import ScriptRun, System
+from reconciler.host.system import CommandRun, ScriptRun, System
 from reconciler.pipeline.packages import NOT_FOUND, ResourceChange, ServiceSpec
 from reconciler.pipeline.plan import Change, group_id, user_id
 from reconciler.pipeline.render import TargetFile
@@ -231,8 +231,7 @@ def _daemon_reload(
         return
     run = system.run_command(DAEMON_RELOAD, env=None, timeout=SERVICE_TIMEOUT_S)
     if not run.ok:
-        why = "timed out" if run.timed_out else f"exit {run.exit_code}"
-        last = redaction.apply((run.errors.strip().splitlines() or [why])[-1])
+        why, last = _failure(run, redaction)
         app = next((c.app for c in planned), None) or next((s.app for s in services), "?")
         errors.append(
             ApplyError(
@@ -240,6 +239,14 @@ def _daemon_reload(
                 f"app {app} — see systemd's own journal lines (journalctl _PID=1)"
             )
         )
+
+
+def _failure(run: CommandRun, redaction: Redaction) -> tuple[str, str]:
+    """(why, last) of a failed systemctl: ``timed out`` or ``exit N``, and its last
+    stderr line (``why`` when it printed none) with the run's secret text cut out
+    (SPEC §8), as the error of a failed start, reload or daemon-reload quotes them."""
+    why = "timed out" if run.timed_out else f"exit {run.exit_code}"
+    return why, redaction.apply((run.errors.strip().splitlines() or [why])[-1])
 
 
 def _unit_known(system: System, unit: str, root: Path) -> bool:
@@ -260,7 +267,7 @@ def _run(
     )
     if run.ok:
         return True
-    why = "timed out" if run.timed_out else f"exit {run.exit_code}"
+    why, last = _failure(run, redaction)
     tail = journal_tail(system, change.name) if str(root) == "/" else ""
     scripts.append(
         ScriptRun(
@@ -273,7 +280,6 @@ def _run(
             timed_out=run.timed_out,
         )
     )
-    last = redaction.apply((run.errors.strip().splitlines() or [why])[-1])
     errors.append(
         ApplyError(
             f"systemctl {change.action} {change.name} failed ({why}: {last}) (app "
