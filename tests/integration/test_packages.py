@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GitDaemon, Host, git
+from tests.conftest import Fleet, GitDaemon, Host, git
 from tests.integration._helpers import machine_lock
 
 pytestmark = [pytest.mark.root]
@@ -82,6 +82,35 @@ def _clear_leftovers() -> None:
             stale.unlink(missing_ok=True)
 
 
+UNIT = (
+    "[Unit]\nDescription=reconciler test\n[Service]\nExecStart=/bin/true\n"
+    "[Install]\nWantedBy=multi-user.target\n"
+)
+
+
+def _served(work: Path, git_daemon: GitDaemon, stem: str, message: str) -> Fleet:
+    """The small fleet a test wrote in ``work``, committed and pushed to a new repository
+    on the daemon: a Fleet (tests/conftest.py) whose ``commit()`` pushes each change."""
+    name = f"{stem}-{os.getpid()}.git"
+    git("init", "-q", "-b", "main", cwd=work)
+    git("init", "-q", "--bare", str(git_daemon.base / name))
+    git("remote", "add", "origin", str(git_daemon.base / name), cwd=work)
+    fleet = Fleet(git_daemon, name, work)
+    fleet.commit(message)
+    return fleet
+
+
+def _host(tmp_path: Path, node: str, fleet: Fleet, root: Path) -> Host:
+    """The node ``node`` of ``fleet`` on ``root``, its state and exclude file in tmp_path."""
+    return Host(
+        node=node,
+        root=root,
+        state_dir=tmp_path / "state",
+        exclude_file=tmp_path / "exclude",
+        url=fleet.url,
+    )
+
+
 def test_packages_installed_repaired_removed_with_real_apt(
     tmp_path: Path, git_daemon: GitDaemon
 ) -> None:
@@ -137,7 +166,6 @@ def _scenario(tmp_path: Path, git_daemon: GitDaemon, before: dict[str, str]) -> 
     record = tmp_path / "pre-record"
     work = tmp_path / "fleet"
     work.mkdir()
-    git("init", "-q", "-b", "main", cwd=work)
     (work / "hosts").mkdir()
     (work / "hosts/pk.yaml").write_text("apps: [pk]\n")
     tpl = work / "templates/pk/default" / str(dest).lstrip("/")
@@ -161,22 +189,9 @@ def _scenario(tmp_path: Path, git_daemon: GitDaemon, before: dict[str, str]) -> 
         """)
     )
     pre.chmod(0o755)
-    name = f"pk-{os.getpid()}.git"
-    git("add", "-A", cwd=work)
-    git("commit", "-q", "-m", "packages", cwd=work)
-    git("init", "-q", "--bare", str(git_daemon.base / name))
-    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
-    host = Host(
-        node="pk",
-        root=Path("/"),
-        state_dir=tmp_path / "state",
-        exclude_file=tmp_path / "exclude",
-        url=git_daemon.url(name),
-    )
-
-    def commit() -> None:
-        git("commit", "-qam", "change", cwd=work)
-        git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    fleet = _served(work, git_daemon, "pk", "packages")
+    host = _host(tmp_path, "pk", fleet, Path("/"))
+    commit = fleet.commit
 
     # 1. Installs both in one transaction; the pre script ran before the package; the
     #    file's group, made by the postinst, is resolved after the packages.
@@ -233,29 +248,15 @@ def test_services_enabled_and_disabled_with_systemctl_root(
     work = tmp_path / "fleet"
     unit = work / "templates/svc/default/etc/systemd/system/rctest.service"
     unit.parent.mkdir(parents=True)
-    unit.write_text(
-        "[Unit]\nDescription=reconciler test\n[Service]\nExecStart=/bin/true\n"
-        "[Install]\nWantedBy=multi-user.target\n"
-    )
+    unit.write_text(UNIT)
     (work / "hosts").mkdir()
     (work / "hosts/svc.yaml").write_text("apps: [svc]\n")
     app_yaml = work / "templates/svc/app.yaml"
     app_yaml.write_text("services:\n  rctest: {enabled: true, running: true}\n")
-    name = f"svc-{os.getpid()}.git"
-    git("init", "-q", "-b", "main", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "-q", "-m", "services", cwd=work)
-    git("init", "-q", "--bare", str(git_daemon.base / name))
-    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    fleet = _served(work, git_daemon, "svc", "services")
     root = tmp_path / "root"
     root.mkdir()
-    host = Host(
-        node="svc",
-        root=root,
-        state_dir=tmp_path / "state",
-        exclude_file=tmp_path / "exclude",
-        url=git_daemon.url(name),
-    )
+    host = _host(tmp_path, "svc", fleet, root)
     wants = root / "etc/systemd/system/multi-user.target.wants/rctest.service"
 
     code, report = host.pull_json()
@@ -270,8 +271,7 @@ def test_services_enabled_and_disabled_with_systemctl_root(
     assert [c["action"] for c in report["changes"]] in (["start"], [])
 
     app_yaml.write_text("services:\n  rctest: {enabled: false, running: false}\n")
-    git("commit", "-qam", "disable", cwd=work)
-    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    fleet.commit("disable")
     code, report = host.pull_json()
     assert code == 0, report["errors"]
     assert [(c["action"], c["applied"]) for c in report["changes"]] == [("disable", True)]
@@ -290,10 +290,7 @@ def test_a_failed_post_script_leaves_the_apps_services_alone(
     work = tmp_path / "fleet"
     unit = work / "templates/svc/default/etc/systemd/system/rctest.service"
     unit.parent.mkdir(parents=True)
-    unit.write_text(
-        "[Unit]\nDescription=reconciler test\n[Service]\nExecStart=/bin/true\n"
-        "[Install]\nWantedBy=multi-user.target\n"
-    )
+    unit.write_text(UNIT)
     (work / "hosts").mkdir()
     (work / "hosts/svc.yaml").write_text("apps: [svc]\n")
     (work / "templates/svc/app.yaml").write_text(
@@ -303,21 +300,10 @@ def test_a_failed_post_script_leaves_the_apps_services_alone(
     post.parent.mkdir(parents=True)
     post.write_text("#!/bin/sh\necho 'rctest.conf: invalid' >&2\nexit 1\n")
     post.chmod(0o755)
-    name = f"svc-post-{os.getpid()}.git"
-    git("init", "-q", "-b", "main", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "-q", "-m", "services", cwd=work)
-    git("init", "-q", "--bare", str(git_daemon.base / name))
-    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    fleet = _served(work, git_daemon, "svc-post", "services")
     root = tmp_path / "root"
     root.mkdir()
-    host = Host(
-        node="svc",
-        root=root,
-        state_dir=tmp_path / "state",
-        exclude_file=tmp_path / "exclude",
-        url=git_daemon.url(name),
-    )
+    host = _host(tmp_path, "svc", fleet, root)
 
     code, report = host.pull_json()
     assert code == 1 and report["result"] == "failed"
@@ -363,24 +349,13 @@ def test_an_owner_only_a_planned_package_would_create_leaves_the_rest_applied(
         "directories:\n"
         f"  /var/lib/db: {{mode: '0700', owner: {user}}}\n"
     )
-    name = f"owner-{os.getpid()}.git"
-    git("init", "-q", "-b", "main", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "-q", "-m", "owners of a package", cwd=work)
-    git("init", "-q", "--bare", str(git_daemon.base / name))
-    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    fleet = _served(work, git_daemon, "owner", "owners of a package")
     root = tmp_path / "root"
     (root / "etc/db").mkdir(parents=True)
     hba = root / "etc/db/hba.conf"  # content and mode as wanted: only its group is left
     hba.write_text("local all all peer\n")
     hba.chmod(0o640)
-    host = Host(
-        node="db",
-        root=root,
-        state_dir=tmp_path / "state",
-        exclude_file=tmp_path / "exclude",
-        url=git_daemon.url(name),
-    )
+    host = _host(tmp_path, "db", fleet, root)
     why = "not installed: root is not /"
 
     for flags in (("--dry-run",), ("--mode", "audit")):
@@ -408,8 +383,7 @@ def test_an_owner_only_a_planned_package_would_create_leaves_the_rest_applied(
     assert f"group {group}" in files["/etc/db/hba.conf"]["detail"]
     # A new commit: a full run (not the no-op short cut), which plans the owner steps
     # again, planned only: no change, no failure, never news.
-    git("commit", "-q", "--allow-empty", "-m", "again", cwd=work)
-    git("push", "-q", str(git_daemon.base / name), "HEAD:refs/heads/main", cwd=work)
+    fleet.commit("again")
     proc = host.pull()
     assert proc.returncode == 0, proc.stderr
     assert "result: ok (0 changed, 4 not applied, 0 drifted)" in proc.stdout, proc.stdout
