@@ -163,10 +163,14 @@ def recorded_location(state_dir: StateDir) -> str | None:
     """The report repository ``repo.git``'s report refs describe (``reports-location.json``):
     ``"."`` when there is no record (reports always lived in the desired-state
     repository before SPEC §12), None when it cannot be read (a move, then)."""
-    data = _read_record(state_dir)
-    if data is None:
+    return _location_of(_read_record(state_dir))
+
+
+def _location_of(record: dict[str, Any] | None) -> str | None:
+    """The URL a record (:func:`_read_record`) names; None for an unreadable record."""
+    if record is None:
         return None
-    location = data.get("url", DEFAULT_LOCATION)
+    location = record.get("url", DEFAULT_LOCATION)
     return location if isinstance(location, str) and location else None
 
 
@@ -201,7 +205,7 @@ def reports_target(
     from reconciler.git.source import remote_url
 
     record = _read_record(state_dir)
-    recorded = recorded_location(state_dir) if record is not None else None
+    recorded = _location_of(record)  # the one read of the record: no second open
     location = recorded or DEFAULT_LOCATION
     basis: dict[str, Any] = {}
     try:
