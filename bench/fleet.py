@@ -64,7 +64,16 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(PROJECT))
 
-from harness import CountingProxy, GitDaemon, free_port, git_daemon, group_cpu_s, stop_group  # noqa: E402
+from harness import (  # noqa: E402
+    CountingProxy,
+    GitDaemon,
+    _wait_listening,
+    free_port,
+    git_daemon,
+    group_cpu_s,
+    listening,
+    stop_group,
+)
 
 HIDE_ENV = {
     "GIT_CONFIG_COUNT": "1",
@@ -538,8 +547,6 @@ def http_server(base: Path, repos: Path) -> Iterator[HttpServer]:
         conf = base / "nginx.conf"
         conf.write_text(NGINX_CONF.format(base=base, port=port, backend=HTTP_BACKEND, repos=repos))
         procs.append(start([NGINX, "-c", str(conf), "-p", str(base)]))
-        from harness import _wait_listening
-
         _wait_listening(port)
         yield HttpServer(port=port, procs=procs, cgroup=cgroup)
     finally:
@@ -567,20 +574,10 @@ def inetd_daemon(base: Path, log: Path, *, backlog: int) -> Iterator[GitDaemon]:
     connections beyond it waits for SYN retransmits (1 s, 2 s, 4 s…)."""
     port = free_port()
     serve = f"git daemon --inetd --base-path={base} --export-all --enable=receive-pack {base}"
-    logf = open(log, "ab")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog={backlog}",
-         f"EXEC:{serve},nofork"],
-        stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        from harness import _wait_listening
-
-        _wait_listening(port)
-        yield GitDaemon(port=port, proc=proc)
-    finally:
-        stop_group(proc)
-        logf.close()
+    argv = ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog={backlog}",
+            f"EXEC:{serve},nofork"]  # fmt: skip
+    with listening(argv, port, log) as daemon:
+        yield daemon
 
 
 class _Retries(logging.Handler):

@@ -190,7 +190,6 @@ def git_daemon(
     ``uploadpack.hideRefs``); ``max_connections`` is ``--max-connections`` (git's
     default, 32, when None)."""
     port = free_port()
-    logf = open(log, "ab")  # noqa: SIM115 - closed in finally
     argv = [
         "git",
         "daemon",
@@ -203,18 +202,33 @@ def git_daemon(
     ]
     if max_connections is not None:
         argv.append(f"--max-connections={max_connections}")
-    daemon = subprocess.Popen(
-        [*argv, str(base)],
-        stdout=logf,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, **env} if env else None,
-    )
+    with listening([*argv, str(base)], port, log, env=env) as daemon:
+        yield daemon
+
+
+@contextlib.contextmanager
+def listening(
+    argv: list[str], port: int, log: Path, *, env: Mapping[str, str] | None = None
+) -> Iterator[GitDaemon]:
+    """``argv`` started in its own process group, its output appended to ``log``,
+    yielded once something accepts connections on 127.0.0.1:``port``; its whole
+    group stopped on exit (:func:`stop_group`). ``env`` adds variables. The one
+    way every git server of the benchmarks is run (``git daemon``, inetd-style)."""
+    logf = open(log, "ab")  # noqa: SIM115 - closed in finally
     try:
-        _wait_listening(port)
-        yield GitDaemon(port=port, proc=daemon)
+        proc = subprocess.Popen(
+            argv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env} if env else None,
+        )
+        try:
+            _wait_listening(port)
+            yield GitDaemon(port=port, proc=proc)
+        finally:
+            stop_group(proc)
     finally:
-        stop_group(daemon)
         logf.close()
 
 
