@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,16 @@ import pygit2
 from reconciler.errors import RemoteError, SourceError
 from reconciler.git.errors import map_git_errors
 from reconciler.git.remote import Remote, fetch, push
-from reconciler.git.repo import Repo, ref_target, refs_under, restore_ref, set_ref, walk
+from reconciler.git.repo import (
+    Repo,
+    open_bare,
+    ref_target,
+    refs_under,
+    restore_ref,
+    set_ref,
+    walk,
+)
+from reconciler.git.url import parse_remote
 
 log = logging.getLogger(__name__)
 
@@ -391,11 +401,8 @@ def fetch_report_shards(repo: Repo, remotes: Sequence[Remote]) -> dict[str, Remo
     which is never parsed (git/errors.py); so the rule counts failures of
     any kind, and one answer from the server keeps every shard of it tried.
     """
-    import threading
+    # Lazy: only operators' commands fetch shards; an agent's run never starts a pool.
     from concurrent.futures import ThreadPoolExecutor
-
-    from reconciler.git.repo import open_bare
-    from reconciler.git.url import parse_remote
 
     lock = threading.Lock()
     failures: dict[tuple[str, str, int | None], int] = {}  # a server: its shards that failed
