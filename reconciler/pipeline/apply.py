@@ -658,8 +658,7 @@ def _services_held(
     why = f"post script {failed.app}/{failed.name} failed: the service is left alone"
     held = [(replace(c, detail=why, offline=False), False) for c in planned if c.kind == "service"]
     if files_changed:  # as enforce_services: a unit to start gets no reload after
-        started = {c.name for c in planned if c.kind == "service" and c.action == "start"}
-        held += [(c, False) for c in reload_steps(app.services, started, apply=False, detail=why)]
+        held += [(c, False) for c in reload_steps(app.services, planned, apply=False, detail=why)]
     return held
 
 

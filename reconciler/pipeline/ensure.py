@@ -142,13 +142,10 @@ def enforce_services(
     the run's secret text cut out by ``redaction``, SPEC §8).
     """
     errors: list[ReconcilerError] = []
-    started: set[str] = set()
     _daemon_reload(services, planned, files_changed, system, root, errors, redaction)
     for change in planned:
         if change.kind != "service":
             continue
-        if change.action == "start":  # starting reads the new files: no reload after
-            started.add(change.name)
         if not change.apply:
             result.done.append((change, False))
             continue
@@ -171,7 +168,7 @@ def enforce_services(
         return errors
     live = str(root) == "/"
     detail = "the app's files changed" + ("" if live else "; root is not /: never reloaded")
-    for change in reload_steps(services, started, apply=live, detail=detail, offline=not live):
+    for change in reload_steps(services, planned, apply=live, detail=detail, offline=not live):
         if not live:
             result.done.append((change, False))
             continue
@@ -182,14 +179,16 @@ def enforce_services(
 
 def reload_steps(
     services: Sequence[ServiceSpec],
-    started: set[str],
+    planned: Sequence[ResourceChange],
     *,
     apply: bool,
     detail: str,
     offline: bool = False,
 ) -> list[ResourceChange]:
     """The ``on_change`` reload or restart of each running service whose app's files
-    changed, but not of a unit ``started`` this run (starting reads the new files)."""
+    changed, but not of a unit ``planned`` to start this run, applied or not
+    (starting reads the new files: no reload after)."""
+    started = {c.name for c in planned if c.kind == "service" and c.action == "start"}
     return [
         ResourceChange(
             kind="service",
