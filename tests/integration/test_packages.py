@@ -82,12 +82,6 @@ def _clear_leftovers() -> None:
             stale.unlink(missing_ok=True)
 
 
-UNIT = (
-    "[Unit]\nDescription=reconciler test\n[Service]\nExecStart=/bin/true\n"
-    "[Install]\nWantedBy=multi-user.target\n"
-)
-
-
 def _served(work: Path, git_daemon: GitDaemon, stem: str, message: str) -> Fleet:
     """The small fleet a test wrote in ``work``, committed and pushed to a new repository
     on the daemon: a Fleet (tests/conftest.py) whose ``commit()`` pushes each change."""
@@ -98,6 +92,22 @@ def _served(work: Path, git_daemon: GitDaemon, stem: str, message: str) -> Fleet
     fleet = Fleet(git_daemon, name, work)
     fleet.commit(message)
     return fleet
+
+
+def _svc_app(work: Path, app_yaml: str) -> Path:
+    """Node svc's one app svc in ``work``: the rctest unit in its files, ``app_yaml``
+    as its app.yaml (returned, to change it later)."""
+    unit = work / "templates/svc/default/etc/systemd/system/rctest.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text(
+        "[Unit]\nDescription=reconciler test\n[Service]\nExecStart=/bin/true\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    (work / "hosts").mkdir()
+    (work / "hosts/svc.yaml").write_text("apps: [svc]\n")
+    path = work / "templates/svc/app.yaml"
+    path.write_text(app_yaml)
+    return path
 
 
 def _host(tmp_path: Path, node: str, fleet: Fleet, root: Path) -> Host:
@@ -246,13 +256,7 @@ def test_services_enabled_and_disabled_with_systemctl_root(
     (SPEC §11) — a throwaway root holding the unit, shipped by the app's own files —
     and nothing is ever started: the start is planned and reported, not applied."""
     work = tmp_path / "fleet"
-    unit = work / "templates/svc/default/etc/systemd/system/rctest.service"
-    unit.parent.mkdir(parents=True)
-    unit.write_text(UNIT)
-    (work / "hosts").mkdir()
-    (work / "hosts/svc.yaml").write_text("apps: [svc]\n")
-    app_yaml = work / "templates/svc/app.yaml"
-    app_yaml.write_text("services:\n  rctest: {enabled: true, running: true}\n")
+    app_yaml = _svc_app(work, "services:\n  rctest: {enabled: true, running: true}\n")
     fleet = _served(work, git_daemon, "svc", "services")
     root = tmp_path / "root"
     root.mkdir()
@@ -288,14 +292,7 @@ def test_a_failed_post_script_leaves_the_apps_services_alone(
     Under a test root the one step applied for real is the enable (``systemctl
     --root``), so that is what this test watches."""
     work = tmp_path / "fleet"
-    unit = work / "templates/svc/default/etc/systemd/system/rctest.service"
-    unit.parent.mkdir(parents=True)
-    unit.write_text(UNIT)
-    (work / "hosts").mkdir()
-    (work / "hosts/svc.yaml").write_text("apps: [svc]\n")
-    (work / "templates/svc/app.yaml").write_text(
-        "services:\n  rctest: {enabled: true, running: true, on_change: reload}\n"
-    )
+    _svc_app(work, "services:\n  rctest: {enabled: true, running: true, on_change: reload}\n")
     post = work / "scripts/post/svc/10-validate"
     post.parent.mkdir(parents=True)
     post.write_text("#!/bin/sh\necho 'rctest.conf: invalid' >&2\nexit 1\n")
