@@ -118,9 +118,9 @@ def check_admission(
     cache cost every change run of a fleet without a rollout; issue 19).
     """
     from reconciler.git.rollout import fetch_rollout_refs, fetched_reports
-    from reconciler.git.shards import SHARD, reports_location
+    from reconciler.git.shards import SHARD
     from reconciler.pipeline.inventory import load_inventory
-    from reconciler.pipeline.jinja_settings import load_fleet
+    from reconciler.pipeline.jinja_settings import fleet_reports
 
     clock = time.monotonic()
     node = config.node
@@ -158,7 +158,8 @@ def check_admission(
         if index == 0:
             return AdmissionCheck(commit=commit, duration_ms=elapsed())
         earlier = sorted(n for n, i in waves.items() if i < index)
-        location = reports_location(load_fleet(snapshot), config.report.repo)
+        # rollout_of has checked fleet.yaml against its schema: read reports: only.
+        location = fleet_reports(snapshot, config.report.repo)
         groups: dict[str, list[str]] = {}
         for n in earlier:
             groups.setdefault(location.url_for(n) or remote.url, []).append(n)
