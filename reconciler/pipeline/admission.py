@@ -118,7 +118,6 @@ def check_admission(
     cache cost every change run of a fleet without a rollout; issue 19).
     """
     from reconciler.git.rollout import fetch_rollout_refs, fetched_reports
-    from reconciler.git.shards import SHARD
     from reconciler.pipeline.inventory import load_inventory
     from reconciler.pipeline.jinja_settings import fleet_reports
 
@@ -164,9 +163,9 @@ def check_admission(
         for n in earlier:
             groups.setdefault(location.url_for(n) or remote.url, []).append(n)
         # The marker lives with the reports: the desired-state repository, or the shard
-        # of all-zero digits (SPEC §13, as rollout halt writes it).
-        digits = len(location.shard_of(node))
-        control_url = (location.url or remote.url).replace(SHARD, "0" * digits)
+        # of all-zero digits, the first of urls() (SPEC §13, as rollout halt writes it:
+        # reconciler.ops.rollout.control_place).
+        control_url = (location.urls() or [remote.url])[0]
         groups.setdefault(control_url, [])
         hidden: list[str] = []
         kept: str | None = None  # why the marker held here stays (rewound, deleted)
