@@ -42,7 +42,6 @@ from reconciler.git.repo import (
     ref_target,
     restore_ref,
     set_ref,
-    walk,
 )
 from reconciler.git.reports import report_json, report_tips
 from reconciler.git.rollout import CONTROL_BRANCH, CONTROL_FILE, control_marker
@@ -347,8 +346,8 @@ class RolloutStatus:
     """A RolloutStatus is the rollout in progress: the commit rolling out, its waves and the
     operator's halt marker."""
 
-    commit: str  # the branch's newest commit whose fleet.yaml has rollout:
-    head: str  # the branch head
+    commit: str  # the commit rolling out: the branch head (rolling_commit)
+    head: str  # the branch head (the same; both are keys of the JSON, docs/commands.md)
     soak_s: float
     max_failed: int
     waves: tuple[WaveStatus, ...]
@@ -379,22 +378,14 @@ class RolloutStatus:
 
 
 def rolling_commit(up: Upstream, head: str) -> tuple[str, Rollout] | None:
-    """The newest commit of the branch (from ``head``) whose ``fleet.yaml`` sets ``rollout:``,
-    with that rollout; None when no commit does. A ``fleet.yaml`` that does not load is an
-    InventoryError naming it (``validate`` says the same)."""
+    """The branch head with the rollout its ``fleet.yaml`` sets; None when it sets none: every
+    node applies the head at once (SPEC §13 is about the commits that do; an older commit's
+    rollout is history, not a rollout in progress). A ``fleet.yaml`` that does not load is
+    an InventoryError naming it (``validate`` says the same)."""
     from reconciler.pipeline.jinja_settings import load_fleet
 
-    for commit in walk(up.repo, head):
-        rollout = load_rollout(
-            load_fleet(up.snapshot(commit)), where=f"fleet.yaml at {commit[:12]}"
-        )
-        if rollout is not None:
-            return commit, rollout
-        if commit == head:
-            # The head has no rollout: every node applies it at once (SPEC §13 is about
-            # the commits that do). Older commits are history, not a rollout in progress.
-            return None
-    return None
+    rollout = load_rollout(load_fleet(up.snapshot(head)), where=f"fleet.yaml at {head[:12]}")
+    return None if rollout is None else (head, rollout)
 
 
 def rollout_status(
@@ -515,8 +506,6 @@ def format_status(status: RolloutStatus) -> str:
     :func:`~reconciler.cli.output.visible`."""
     soak = f"soak {status.soak_s:g}s, max_failed {status.max_failed}"
     lines = [f"rollout of {status.commit[:12]} ({soak})"]
-    if status.head != status.commit:
-        lines[0] += f"; branch head {status.head[:12]}"
     lines.append(f"marker: {marker_line(status.control)}")
     for i, wave in enumerate(status.waves, 1):
         c = wave.counts()
