@@ -173,10 +173,11 @@ def _fleet_rollout(args: argparse.Namespace, up: Any, head: str, err: TextIO) ->
     from reconciler.ops.rollout import rolling_commit, rollout_status
 
     try:
-        if rolling_commit(up, head) is None:  # no rollout: no fetch of the marker's shard
+        found = rolling_commit(up, head)
+        if found is None:  # no rollout: no fetch of the marker's shard
             return None
         _, control = _control(args, up, head)
-        return rollout_status(up, head, now=_now(), control=control)
+        return rollout_status(up, head, found, now=_now(), control=control)
     except ReconcilerError as exc:
         err.write(f"reconciler: warning: rollout at {head[:12]} not shown: {visible(str(exc))}\n")
         return None
@@ -440,12 +441,13 @@ def _control(args: argparse.Namespace, up: Any, head: str) -> tuple[Any, Any]:
 def cmd_rollout_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``rollout status``: each wave of the rolling commit, its nodes and state (SPEC §13)."""
     from reconciler.ops.fleet import fetch_upstream
-    from reconciler.ops.rollout import format_status, marker_line, rollout_status
+    from reconciler.ops.rollout import format_status, marker_line, rolling_commit, rollout_status
 
     up = _upstream(args)
     head = fetch_upstream(up)
     _, control = _control(args, up, head)
-    status = rollout_status(up, head, now=_now(), control=control)
+    found = rolling_commit(up, head)
+    status = None if found is None else rollout_status(up, head, found, now=_now(), control=control)
     if args.format == "json":
         if status is None:
             _emit(

@@ -389,10 +389,16 @@ def rolling_commit(up: Upstream, head: str) -> tuple[str, Rollout] | None:
 
 
 def rollout_status(
-    up: Upstream, head: str, *, now: dt.datetime, control: Control | None = None
-) -> RolloutStatus | None:
-    """The state of the rollout of the branch head (None when its ``fleet.yaml`` has no
-    ``rollout:``), from the fetched report branches and control branch.
+    up: Upstream,
+    head: str,
+    found: tuple[str, Rollout],
+    *,
+    now: dt.datetime,
+    control: Control | None = None,
+) -> RolloutStatus:
+    """The state of the rollout ``found`` (:func:`rolling_commit` of the branch ``head``:
+    the caller asks it first, as ``fleet`` does to skip the marker's fetch when there is
+    no rollout), from the fetched report branches and control branch.
 
     Waves are assigned over the nodes of ``hosts/`` at the rolling commit
     (:func:`~reconciler.pipeline.rollout.assign_waves`); a wave's state is
@@ -401,9 +407,6 @@ def rollout_status(
     """
     from reconciler.pipeline.inventory import load_inventory
 
-    found = rolling_commit(up, head)
-    if found is None:
-        return None
     commit, rollout = found
     inventory = load_inventory(up.snapshot(commit))
     wave_of = assign_waves(
