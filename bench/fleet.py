@@ -582,16 +582,26 @@ def inetd_daemon(base: Path, log: Path, *, backlog: int) -> Iterator[GitDaemon]:
 
 class _Retries(logging.Handler):
     """Counts reconciler.git.remote's "(try n of m)" records: a try that failed
-    and was retried under the agent's retry policy."""
+    and was retried under the agent's retry policy. Thread-safe as it is:
+    ``Handler.handle`` holds the handler's own lock around ``emit``."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.count = 0
-        self.lock2 = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        with self.lock2:
-            self.count += 1
+        self.count += 1
+
+    @classmethod
+    def attached(cls) -> tuple[_Retries, logging.Logger]:
+        """A new counter on reconciler.git.remote's logger (INFO on, not propagated:
+        its lines are counted, not printed); (the counter, the logger)."""
+        retries = cls()
+        remote_log = logging.getLogger("reconciler.git.remote")
+        remote_log.setLevel(logging.INFO)
+        remote_log.addHandler(retries)
+        remote_log.propagate = False
+        return retries, remote_log
 
 
 def swarm_worker() -> int:
@@ -603,11 +613,7 @@ def swarm_worker() -> int:
     from reconciler.git.auth import set_net_timeout
 
     set_net_timeout(job["net_timeout"])  # what the agent sets (config net_timeout)
-    retries = _Retries()
-    remote_log = logging.getLogger("reconciler.git.remote")
-    remote_log.setLevel(logging.INFO)
-    remote_log.addHandler(retries)
-    remote_log.propagate = False
+    retries, _ = _Retries.attached()
     logging.getLogger("reconciler").propagate = False
     hosts = []
     for node in job["nodes"]:
@@ -784,11 +790,7 @@ def concurrent_pushes(
     each to their own branch at the same moment (threads released by one
     barrier); ``target(node)`` is the repository (path under ``base``) its
     branch lives in. Afterwards the servers' refs say how many landed (SPEC §7)."""
-    retries = _Retries()
-    remote_log = logging.getLogger("reconciler.git.remote")
-    remote_log.setLevel(logging.INFO)
-    remote_log.addHandler(retries)
-    remote_log.propagate = False
+    retries, remote_log = _Retries.attached()
     tag = f"p{tag}-{into.split('/')[0].removesuffix('.git')}"
     hosts = [Host(tmp / "pushers" / f"{tag}-{i:03d}.git", f"{tag}-{i:03d}") for i in range(count)]
     barrier = threading.Barrier(count)
