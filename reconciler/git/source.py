@@ -15,7 +15,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from reconciler.errors import ConfigError, SourceError, UntrustedCommitError
 from reconciler.git.auth import is_ssh
@@ -23,6 +22,7 @@ from reconciler.git.remote import NET_ATTEMPTS, Remote, tracking_ref
 from reconciler.git.remote import fetch as fetch_refs
 from reconciler.git.repo import Repo, is_descendant, ref_target
 from reconciler.git.reports import remote_report_ref, report_ref
+from reconciler.git.url import split_url
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,10 @@ def remote_url(repo: str) -> str:
 
     Raises ConfigError for schemes reconciler cannot use safely yet (SPEC §2),
     and for a URL holding a password: the URL is in every report
-    (``source.url``, ``source.mirror``) and log line, a password is not (SPEC §8).
+    (``source.url``, ``source.mirror``) and log line, a password is not (SPEC §8);
+    and for a URL urlsplit cannot split (:func:`reconciler.git.url.split_url`).
     """
-    parts = urlsplit(repo)
+    parts = split_url(repo)
     scheme = parts.scheme
     if scheme in ("file", "git", "http", "https", "ssh"):
         if parts.password is not None:

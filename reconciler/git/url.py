@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from reconciler.errors import ConfigError
 
@@ -36,6 +36,17 @@ def token_host(endpoint: Endpoint) -> str:
     return f"{host}:{endpoint.port}" if endpoint.port else host
 
 
+def split_url(url: str) -> SplitResult:
+    """``urlsplit(url)``, or ConfigError naming the URL for one it refuses (an unbalanced
+    ``[`` in the host: "Invalid IPv6 URL"): every URL split here comes from the
+    configuration or ``fleet.yaml``, where a ValueError ended a run or a command as
+    an internal error."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        raise ConfigError(f"{url}: {exc}", hint="fix the host in the repository URL") from None
+
+
 def parse_remote(url: str) -> Endpoint:
     """Split ``ssh://user@host:port/path``, ``[user@]host:path`` or an http(s)/git/file URL.
 
@@ -43,11 +54,12 @@ def parse_remote(url: str) -> Endpoint:
     a colon with no slash before it is an scp-like SSH address, whether its
     path is relative or absolute; anything else is a local path (scheme
     ``file``). Raises ConfigError naming the URL for a port urlsplit refuses
-    (``https://host:99999/x``): every caller reaches here from a configured
-    URL, and a ValueError ended the run as an internal error.
+    (``https://host:99999/x``) or a host it cannot split (:func:`split_url`):
+    every caller reaches here from a configured URL, and a ValueError ended the
+    run as an internal error.
     """
     if "://" in url or url.startswith("file:"):
-        parts = urlsplit(url)
+        parts = split_url(url)
         try:
             port = parts.port
         except ValueError as exc:

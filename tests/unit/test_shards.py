@@ -240,6 +240,17 @@ def test_an_unreachable_location_queues_and_a_bad_one_says_where(tmp_path: Path)
     assert not bad.fetched and str(bad.error).startswith("fleet.yaml: reports.repo")
 
 
+def test_a_reports_url_with_a_broken_host_queues_the_reports_in_one_line(tmp_path: Path) -> None:
+    # urlsplit's ValueError (an unbalanced "[") escaped the record stage's
+    # ReconcilerError handling: one bad fleet.yaml commit ended every host's run
+    # after the apply as "internal error: ValueError", its report never made.
+    _servers(tmp_path, "desired.git")
+    target, (pushed, error) = _run(tmp_path, "reports: {repo: 'https://[::1/r.git'}\n", 1)
+    assert target.error is not None and pushed is False
+    assert "https://[::1/r.git" in str(error) and "queued" in str(error)
+    assert "\n" not in str(error)
+
+
 def test_a_report_repository_restored_behind_what_was_pushed_keeps_the_lost_reports(
     tmp_path: Path,
 ) -> None:

@@ -152,3 +152,15 @@ def test_a_repository_url_with_a_bad_port_is_one_line_exit_2(tmp_path) -> None:
         "reconciler: https://h:99999/x: Port out of range 0-65535 — fix the port in the "
         "repository URL"
     ]
+
+
+@pytest.mark.parametrize("url", ["https://[::1/fleet.git", "ssh://git@[fe80::1/fleet.git"])
+def test_a_url_with_an_unbalanced_bracket_is_a_config_error(url: str) -> None:
+    # urlsplit raises ValueError("Invalid IPv6 URL"): it reached the user as
+    # "internal error: ValueError" from --repo, report.repo or fleet.yaml's reports.repo.
+    with pytest.raises(ConfigError, match=r"Invalid IPv6 URL — fix the host") as exc:
+        parse_remote(url)
+    assert str(exc.value).startswith(url)
+    with pytest.raises(ConfigError, match=r"Invalid IPv6 URL — fix the host") as exc:
+        remote_url(url)
+    assert url in str(exc.value)
