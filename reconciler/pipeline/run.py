@@ -757,7 +757,6 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
                 "or pull --release-hold",
                 "until": None,
             }
-        rollout = prepared.rollout
         if rollout is not None and _renders_same(setting, str(rollout["commit"]), target, cache):
             # SPEC §13: a commit that changes nothing for this node has nothing to protect.
             log.info("rollout: %s changes nothing for this node: applied", rollout["commit"])
