@@ -532,13 +532,6 @@ def held_by(
     }
 
 
-def _held_target_unchanged(
-    setting: Setting, hold: Mapping[str, Any], target: TargetState, cache: dict[str, Any]
-) -> bool:
-    """True when the hold's commit renders ``target`` for this node (:func:`_renders_same`)."""
-    return _renders_same(setting, str(hold.get("commit")), target, cache)
-
-
 def _renders_same(
     setting: Setting, commit: str, target: TargetState, cache: dict[str, Any]
 ) -> bool:
@@ -749,7 +742,7 @@ def converge(setting: Setting, prepared: Prepared, system: System, *, journal: b
             [*target.secret_values, *(f.content for f in target.files.values() if f.secret)]
         )
         hold = prepared.hold_check
-        if hold is not None and _held_target_unchanged(setting, hold, target, cache):
+        if hold is not None and _renders_same(setting, str(hold.get("commit")), target, cache):
             hold_unchanged = commit
             suspended = suspended or {
                 "reason": f"held after rollback of run {hold.get('rolled_back_run')}: commit "
