@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING, Any
 from reconciler.config import AgentConfig
 from reconciler.errors import ReconcilerError, StateError
 from reconciler.git.remote import Remote
-from reconciler.git.repo import Repo
-from reconciler.git.reports import notice_lost_reports, queue_length
+from reconciler.git.repo import Repo, ref_target
+from reconciler.git.reports import (
+    fetch_report_tip,
+    forget_server_tip,
+    notice_lost_reports,
+    queue_length,
+    report_parent,
+    report_ref,
+)
 from reconciler.git.reports import push_reports as git_push_reports
 from reconciler.host.statedir import StateDir
 from reconciler.pipeline.notify import ping, send_webhook, write_metrics
@@ -199,8 +206,6 @@ def reports_target(
     ``report.repo``, ``fleet.yaml``'s blob id): while they stay, ``fleet.yaml``
     is not parsed again, so a no-op run loads no YAML stage (SPEC §7).
     """
-    from reconciler.git.repo import ref_target
-    from reconciler.git.reports import forget_server_tip, report_ref
     from reconciler.git.snapshot import GitSnapshot, SourceInfo
     from reconciler.git.source import remote_url
 
@@ -270,8 +275,6 @@ def push_to_target(repo: Repo, target: ReportsTarget, node: str) -> tuple[bool, 
     so does a ``target`` with an ``error``, or whose tip the poll could not
     fetch (nothing pushed, no error: the run's fetch error says why).
     """
-    from reconciler.git.reports import fetch_report_tip, report_parent
-
     if target.error is not None:
         return queued(target.error)
     if not (target.fetched or target.fetch_first):
