@@ -439,7 +439,12 @@ def fetch_report_shards(repo: Repo, remotes: Sequence[Remote]) -> dict[str, Remo
         results = list(pool.map(one, remotes))
     current = {shard_prefix(r.url) for r in remotes}
     for name in list(repo.raw.references):
-        if name.startswith(SHARDS_NS) and name[: len(SHARDS_NS) + 17] not in current:
+        if not name.startswith(SHARDS_NS):
+            continue
+        # The ref's own prefix (SHARDS_NS, the digest, "/"), not a length that
+        # shard_prefix() would have to keep: a node name may hold "/" itself.
+        digest = name[len(SHARDS_NS) :].split("/", 1)[0]
+        if f"{SHARDS_NS}{digest}/" not in current:
             restore_ref(repo, name, None)
     return {r.url: e for r, e in zip(remotes, results, strict=True) if e is not None}
 

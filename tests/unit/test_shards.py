@@ -275,3 +275,35 @@ def test_a_report_repository_restored_behind_what_was_pushed_keeps_the_lost_repo
     record = git("rev-parse", "-q", "--verify", lost_reports_ref("web1"), cwd=state, check=False)
     assert record.strip(), "the loss was not recorded"
     git("merge-base", "--is-ancestor", lost, record.strip(), cwd=state)  # kept locally
+
+
+def test_operators_cache_keeps_the_named_shards_and_drops_an_old_locations(
+    tmp_path: Path,
+) -> None:
+    # fetch_report_shards prunes the refs of report repositories fleet.yaml no
+    # longer names, by their prefix (shard_prefix of the URL), and only those.
+    from reconciler.config import AuthConfig
+    from reconciler.git.remote import Remote
+    from reconciler.git.repo import open_bare
+    from reconciler.git.reports import SHARDS_NS, fetch_report_shards, shard_prefix
+    from tests.conftest import git
+
+    work = tmp_path / "work"
+    work.mkdir()
+    git("init", "-q", "-b", "main", cwd=work)
+    git("commit", "-q", "--allow-empty", "-m", "report", cwd=work)
+    urls = []
+    for name, node in (("old.git", "web1"), ("new.git", "team/web2")):
+        _servers(tmp_path, name)
+        git("push", "-q", str(tmp_path / name), f"HEAD:refs/heads/reports/{node}", cwd=work)
+        urls.append(str(tmp_path / name))
+    cache = open_bare(tmp_path / "ops.git", durable=False)
+    remotes = [Remote.for_operator(url, AuthConfig()) for url in urls]
+
+    def cached() -> list[str]:
+        return sorted(n for n in cache.raw.references if n.startswith(SHARDS_NS))
+
+    assert fetch_report_shards(cache, remotes) == {}
+    assert cached() == sorted([shard_prefix(urls[0]) + "web1", shard_prefix(urls[1]) + "team/web2"])
+    assert fetch_report_shards(cache, remotes[1:]) == {}
+    assert cached() == [shard_prefix(urls[1]) + "team/web2"]
