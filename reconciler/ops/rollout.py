@@ -56,6 +56,7 @@ from reconciler.pipeline.rollout import (
     load_rollout,
     wave_nodes,
 )
+from reconciler.report import utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,6 @@ class Decision:
         }
 
 
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def decide(
     up: Upstream,
     place: ControlPlace,
@@ -231,7 +228,7 @@ def decide(
     author = identity(up.repo)
     signing = signing_of(up.repo)
     marker = HaltMarker(
-        halted=halt, at=_iso(now), by=f"{author.name} <{author.email}>", reason=reason
+        halted=halt, at=utc_iso(now), by=f"{author.name} <{author.email}>", reason=reason
     )
     before = ref_target(up.repo, CONTROL_LOCAL)
     error = ""
