@@ -12,12 +12,11 @@ nothing for a node is applied at once; report refs hidden by
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 from reconciler.pipeline.rollout import HaltMarker
-from tests.conftest import GIT_ENV, git
+from tests.conftest import git
+from tests.integration._helpers import git_stdin
 
 ROLLOUT = """\
 rollout:
@@ -33,22 +32,14 @@ MOTD = "templates/motd/default/etc/motd.j2"
 def _marker(fleet, marker: HaltMarker) -> None:
     """Commit ``rollout.json`` on ``refs/heads/rollout/control`` of the server, as
     ``rollout halt``/``resume`` do (built with git plumbing: the harness)."""
-    env = {**os.environ, **GIT_ENV}
-
-    def run(*args: str, data: bytes | None = None) -> str:
-        out = subprocess.run(["git", *args], cwd=fleet.bare, env=env, input=data, check=True,
-                             capture_output=True)  # fmt: skip
-        return out.stdout.decode().strip()
-
-    blob = run("hash-object", "-w", "--stdin", data=marker.to_json())
-    tree = run("mktree", data=f"100644 blob {blob}\trollout.json\n".encode())
-    parent = (
-        run("rev-parse", "-q", "--verify", "refs/heads/rollout/control^{commit}")
-        if (fleet.bare / "refs/heads/rollout/control").exists()
-        else ""
-    )
-    commit = run("commit-tree", tree, *(["-p", parent] if parent else []), "-m", "rollout")
-    run("update-ref", "refs/heads/rollout/control", commit)
+    bare = fleet.bare
+    blob = git_stdin("hash-object", "-w", "--stdin", cwd=bare, stdin=marker.to_json().decode())
+    tree = git_stdin("mktree", cwd=bare, stdin=f"100644 blob {blob.strip()}\trollout.json\n")
+    tip = "refs/heads/rollout/control"
+    parent = git("rev-parse", "-q", "--verify", f"{tip}^{{commit}}", cwd=bare, check=False).strip()
+    parents = ["-p", parent] if parent else []
+    commit = git("commit-tree", tree.strip(), *parents, "-m", "rollout", cwd=bare).strip()
+    git("update-ref", tip, commit, cwd=bare)
 
 
 def _start(fleet, make_host):
