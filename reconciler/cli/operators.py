@@ -116,7 +116,9 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         stale_after_s=stale_after,
         defined_nodes=hosts.nodes,
     )
-    rollout = _fleet_rollout(args, up, head, err)
+    # A partial inventory (some host file invalid) is not the rollout's: it loads its own,
+    # and says why it cannot.
+    rollout = _fleet_rollout(args, up, head, err, None if hosts.problems else inventory)
     if args.format == "json":
         data: dict[str, Any] = {"nodes": [r.as_json() for r in rows]}
         if rollout is not None:  # only while fleet.yaml sets rollout: (SPEC §6 shape otherwise)
@@ -163,12 +165,15 @@ def cmd_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _fleet_rollout(args: argparse.Namespace, up: Any, head: str, err: TextIO) -> Any:
+def _fleet_rollout(
+    args: argparse.Namespace, up: Any, head: str, err: TextIO, inventory: Any
+) -> Any:
     """The rollout in progress for ``fleet`` (SPEC §13), or None when fleet.yaml sets none.
 
     ``fleet`` shows every node even when the rollout cannot be read: a
     ``fleet.yaml`` or ``hosts/`` that does not load is one warning line, and
-    no rollout section.
+    no rollout section. ``inventory``: the head's, when every host file loaded (None:
+    the rollout loads its own).
     """
     from reconciler.ops.rollout import rolling_commit, rollout_status
 
@@ -177,7 +182,7 @@ def _fleet_rollout(args: argparse.Namespace, up: Any, head: str, err: TextIO) ->
         if found is None:  # no rollout: no fetch of the marker's shard
             return None
         _, control = _control(args, up, head)
-        return rollout_status(up, head, found, now=_now(), control=control)
+        return rollout_status(up, head, found, now=_now(), control=control, inventory=inventory)
     except ReconcilerError as exc:
         err.write(f"reconciler: warning: rollout at {head[:12]} not shown: {visible(str(exc))}\n")
         return None
