@@ -47,9 +47,13 @@ def origin(url: str) -> str:
     """``scheme://host[:port]`` of ``url``: what logs and reports may say about it.
 
     The path, query and ``user:pass@`` are dropped: webhook services put their
-    secret there.
+    secret there. A URL that cannot be split (``http://[::1/x``: ValueError) is
+    "(unparsable URL)" too, never an error of the run that reports it.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
     host = parts.netloc.rpartition("@")[2]
     return f"{parts.scheme}://{host}" if parts.scheme and host else "(unparsable URL)"
 

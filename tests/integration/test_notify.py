@@ -558,3 +558,22 @@ def test_log_format_json_also_for_the_errors_of_a_failed_run(fleet, make_host):
     proc = run(host, "--verbose", "--log-format", "json", expect=1)
     records = assert_json_lines(proc.stderr)
     assert any(r["level"] == "error" and "hosts/web1.yaml" in r["msg"] for r in records), records
+
+
+def test_a_webhook_url_that_cannot_be_split_is_named_unparsable_not_an_internal_error(
+    fleet, make_host, tmp_path
+):
+    """``http://[::1/hook`` (an unbalanced bracket) made urlsplit raise ValueError where
+    the failed post is named: the run ended "internal error: ValueError" after its
+    work. Now the webhook fails as any unreachable one does and the run is reported."""
+    host = make_host("web1")
+    cfg = write_config(
+        tmp_path / "bad-url.yaml",
+        report={"webhook": "http://[::1/hook", "notify_on": ["changed", "drift", "failed"]},
+    )
+    proc = host.run("pull", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+    last = host.last_run()
+    assert "(unparsable URL)" in (last.get("webhook_error") or ""), last
+    assert fleet.report("web1")["run_id"] == last["run_id"]
