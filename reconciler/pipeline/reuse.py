@@ -1,7 +1,7 @@
 """Work a run can skip: the no-op short cut and render reuse (SPEC §7).
 
 Prepare stage. Takes the last run's LocalState and the disk; says whether
-nothing can have changed (``unchanged``, ``still``), and hands the render stage the
+nothing can have changed (``still``), and hands the render stage the
 bytes it wrote last time for a template whose render key is the same.
 """
 
@@ -118,11 +118,6 @@ def purge_watch(
         k: (v if v[1] < now - racy_window_ns(v[1]) else (-2, -2))
         for k, v in find_purge_of(system, root, target, excludes, spare=spare).watched.items()
     }
-
-
-def unchanged(system: System, root: Path, previous: LocalState) -> bool:
-    """True when nothing managed changed since the last run (:func:`still`)."""
-    return still(system, root, previous) is not None
 
 
 def still(system: System, root: Path, previous: LocalState) -> dict[str, ManagedFile] | None:

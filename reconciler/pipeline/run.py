@@ -8,7 +8,7 @@ System (a RealSystem of the root; inside a DryRunSystem for a dry run):
   the inputs of the target (exclude lines, fingerprint): a :class:`Prepared`.
   Nothing on the host changes.
 * :func:`converge` loads, renders, scans, plans and applies through the
-  System — or the run takes the no-op short cut (:func:`is_noop`, SPEC §7):
+  System — or the run takes the no-op short cut (:func:`noop_state`, SPEC §7):
   a :class:`Converged`. An invalid repository fails before the first change.
 * :func:`record` makes the run durable: the local state, the journal's end,
   the hold lifted, the report committed and pushed, last-run.json, metrics,
@@ -585,16 +585,9 @@ def _renders_same(
 # ----------------------------------------------------------------- converge
 
 
-def is_noop(setting: Setting, prepared: Prepared, system: System) -> bool:
-    """The no-op short cut of SPEC §7: same commit and inputs as the last clean run,
-    nothing to recover, no hold, and no managed file touched since (stat
-    signatures). Then nothing is loaded, rendered or hashed (:func:`noop_state`).
-    """
-    return noop_state(setting, prepared, system) is not None
-
-
 def noop_state(setting: Setting, prepared: Prepared, system: System) -> LocalState | None:
-    """The local state a no-op run keeps (SPEC §7), or None when the run is not one.
+    """The local state a no-op run keeps (SPEC §7), or None when the run is not one:
+    the no-op short cut, where nothing is loaded, rendered or hashed.
 
     A no-op: same commit and inputs as the last clean run, nothing to recover,
     no hold, and no managed file touched since (``reuse.still``: stat

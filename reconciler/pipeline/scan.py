@@ -230,7 +230,7 @@ class AbsentFound:
     caller scans them); ``watched``: every directory looked into, as
     destination path → (mtime_ns, ctime_ns), or (-1, -1) when it did not
     exist — an entry appearing there changes them, so the no-op short cut
-    (reuse.unchanged) notices a path that came back without walking again.
+    (reuse.still) notices a path that came back without walking again.
     """
 
     paths: Mapping[PurePosixPath, str]
@@ -451,7 +451,7 @@ class PurgeFound:
     ``paths``: each entry to delete → the purged directory it lies below, in
     deletion order (a directory's content before the directory); ``watched``:
     every directory listed, destination path → (mtime_ns, ctime_ns), which an
-    entry added or removed changes (the no-op short cut, reuse.unchanged);
+    entry added or removed changes (the no-op short cut, reuse.still);
     ``errors``: a PathError per purged directory refused (a bound passed) or
     entry left alone (a device, FIFO or socket: nothing to back it up as).
     """

@@ -16,7 +16,7 @@ from reconciler.pipeline import scan as scan_module
 from reconciler.pipeline.apply import apply_plan
 from reconciler.pipeline.plan import exclude_matcher, make_plan
 from reconciler.pipeline.render import HOST_APP, AbsentRule, TargetState
-from reconciler.pipeline.reuse import absent_watch, unchanged
+from reconciler.pipeline.reuse import absent_watch, still
 from reconciler.pipeline.scan import absent_match, find_absent, scan
 from tests.unit.helpers import render, run_context, write_repo
 from tests.unit.test_apply import target_of
@@ -178,16 +178,16 @@ def test_the_no_op_short_cut_notices_an_absent_path_coming_back(tmp_path):
     time.sleep(0.15)  # past the racy window: the stats taken now are trusted
     with RealSystem(root=root) as system:
         state = LocalState(absent_watch=absent_watch(system, root, patterns, node="n"))
-        assert unchanged(system, root, state)
+        assert still(system, root, state) is not None
         (root / "etc/deep/a/new.dpkg-old").write_bytes(b"back\n")
-        assert not unchanged(system, root, state)
+        assert still(system, root, state) is None
         (root / "etc/deep/a/new.dpkg-old").unlink()
         state = LocalState(absent_watch=absent_watch(system, root, patterns, node="n"))
         time.sleep(0.15)
         state = LocalState(absent_watch=absent_watch(system, root, patterns, node="n"))
-        assert unchanged(system, root, state)
+        assert still(system, root, state) is not None
         (root / "etc/nginx/sites-enabled/default").write_bytes(b"reinstalled\n")
-        assert not unchanged(system, root, state)
+        assert still(system, root, state) is None
 
 
 def test_a_pattern_listing_more_than_the_walk_limit_is_one_line_and_changes_nothing(

@@ -18,7 +18,7 @@ from reconciler.pipeline import scan as scan_module
 from reconciler.pipeline.apply import apply_plan
 from reconciler.pipeline.plan import exclude_matcher, make_plan
 from reconciler.pipeline.render import TargetDir, TargetState
-from reconciler.pipeline.reuse import purge_watch, unchanged
+from reconciler.pipeline.reuse import purge_watch, still
 from reconciler.pipeline.scan import find_purge_of, scan
 from tests.unit.helpers import render, run_context, write_repo
 from tests.unit.test_apply import target_of, tfile
@@ -285,18 +285,18 @@ def test_the_no_op_short_cut_notices_a_stray_entry_and_a_mode_change(tmp_path):
             directories={str(CONF): record},
             purge_watch=purge_watch(system, root, target, excludes),
         )
-        assert unchanged(system, root, state)
+        assert still(system, root, state) is not None
         (conf / "olddir/deeper/new.conf").write_bytes(b"a stray, two levels down\n")
-        assert not unchanged(system, root, state)
+        assert still(system, root, state) is None
         (conf / "olddir/deeper/new.conf").unlink()
         time.sleep(0.15)
         state = LocalState(
             directories={str(CONF): record},
             purge_watch=purge_watch(system, root, target, excludes),
         )
-        assert unchanged(system, root, state)
+        assert still(system, root, state) is not None
         os.chmod(conf, 0o700 if record.mode != 0o700 else 0o755)
-        assert not unchanged(system, root, state)
+        assert still(system, root, state) is None
 
 
 def _fleet(base: Path, app_yaml: str) -> dict[str, str]:

@@ -32,7 +32,6 @@ from reconciler.pipeline.run import (
     Setting,
     converge,
     held_by,
-    is_noop,
     noop_state,
     prepare,
     trusted_commit,
@@ -290,9 +289,9 @@ def noop(tmp_path):
 
 
 def noop_through_the_root(s: Setting, prepared: Prepared) -> bool:
-    """is_noop with the System a run has: a RealSystem of the root."""
+    """noop_state with the System a run has (a RealSystem of the root): a no-op?"""
     with RealSystem(root=s.root, trusted=(s.state_dir.path,)) as system:
-        return is_noop(s, prepared, system)
+        return noop_state(s, prepared, system) is not None
 
 
 def test_a_run_with_the_same_commit_inputs_and_files_is_a_noop(noop):
