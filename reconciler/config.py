@@ -471,7 +471,7 @@ def _with_host(auth: AuthConfig, url: str) -> tuple[str, ...]:
     try:
         host = token_host(parse_remote(url))
     except ConfigError:
-        return auth.token_hosts  # a bad port: the run names it, in one line
+        return auth.token_hosts  # a bad port or host: the run names it, in one line
     return auth.token_hosts if host in auth.token_hosts else (*auth.token_hosts, host)
 
 

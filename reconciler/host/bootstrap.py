@@ -152,7 +152,7 @@ def check_repo(url: str) -> tuple[str, str]:
         raise UsageError(f"--repo {url!r}: not a repository URL — {forms}")
     try:
         endpoint = parse_remote(url)
-    except ConfigError as exc:  # urlsplit's port: ssh://host:99999/x
+    except ConfigError as exc:  # urlsplit's port or host: ssh://host:99999/x, https://[::1/x
         raise UsageError(f"--repo {exc.problem} — {forms}") from None
     scheme = endpoint.scheme
     if scheme not in SCHEMES:
